@@ -1,0 +1,75 @@
+"""Loading and saving models as safetensors + JSON (never pickles).
+
+A checkpoint is either a run folder (``model.safetensors`` + ``config.json``)
+or a bare ``.safetensors`` file whose metadata holds ``lmckit_model`` (the
+model config); :func:`save_model` writes both kinds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .errors import LmcError
+from .models import model_from_config
+from .store import load_state, read_json, save_state
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        f = p / "model.safetensors"
+        if not f.exists():
+            raise LmcError(f"{p} is not a finished lmckit run folder (no model.safetensors)",
+                           "pass the folder that `lmckit train` printed, or a .safetensors file")
+        return f
+    return p
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return ``(state_dict, info)``: ``info`` has ``model`` (config) and, for run folders, ``config``."""
+    p = Path(path)
+    f = checkpoint_file(p)
+    state, meta = load_state(f)
+    info: dict[str, Any] = {"path": str(p)}
+    model_cfg = meta.get("lmckit_model")
+    if p.is_dir() and (p / "config.json").exists():
+        cfg = read_json(p / "config.json", "run config")
+        info["config"] = cfg
+        model_cfg = model_cfg or (cfg.get("model") if isinstance(cfg, dict) else None)
+    if not isinstance(model_cfg, dict) or "name" not in model_cfg:
+        raise LmcError(f"checkpoint {f} carries no lmckit model config (a foreign safetensors file?)",
+                       "lmckit reads checkpoints written by `lmckit train` or lmckit.checkpoint.save_model")
+    info["model"] = model_cfg
+    if "dataset" in meta:
+        info["dataset"] = meta["dataset"]
+    return state, info
+
+
+def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None, where: str = "checkpoint") -> nn.Module:
+    model = model_from_config(dict(model_cfg))
+    if state is not None:
+        from .perm import spec_for
+
+        spec_for(model).check_state(state, where)
+        model.load_state_dict(dict(state))
+    return model
+
+
+def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Load a model with its weights from a run folder or a .safetensors file."""
+    state, info = load_checkpoint(path)
+    model = build_model(info["model"], state, str(path))
+    model.lmckit_info = info
+    return model.to(device)
+
+
+def save_model(path: str | Path, model: nn.Module, state: Mapping[str, torch.Tensor] | None = None,
+               **metadata: Any) -> Path:
+    """Save a model (or ``state`` for it) as a self-describing safetensors file."""
+    cfg = getattr(model, "lmckit_config", None)
+    if cfg is None:
+        raise ValueError("model was not built by lmckit.models.create_model; cannot record its config")
+    return save_state(path, state if state is not None else model.state_dict(), {"lmckit_model": cfg, **metadata})

@@ -1,0 +1,72 @@
+"""IDX files (MNIST, Fashion-MNIST), gzipped or not."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import LmcError
+
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_bytes(path: Path) -> bytes:
+    """Read a file, decompressing ``.gz``; errors name the file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LmcError(f"dataset file {path} does not exist") from None
+    except OSError as e:
+        raise LmcError(f"cannot read dataset file {path}: {e}") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise LmcError(f"dataset file {path} is a corrupt or truncated gzip file ({e})",
+                           "delete it and install or download the dataset again") from None
+    return raw
+
+
+def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
+    """Parse IDX bytes into a numpy array, validating magic, dims and length."""
+    if len(data) < 4:
+        raise LmcError(f"{where} is too short to be an IDX file ({len(data)} bytes)", "the file is truncated; get it again")
+    if data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
+        raise LmcError(f"{where} has a wrong magic number {data[:4].hex()} (expected 0000 08 0N for an IDX file)",
+                       "this is not an IDX file; check the dataset folder")
+    ndim = data[3]
+    if ndim == 0 or ndim > 4:
+        raise LmcError(f"{where} declares {ndim} dimensions; IDX image/label files have 1 to 4")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise LmcError(f"{where} is truncated inside its header", "get the file again")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(_DTYPES[data[2]])
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise LmcError(f"{where} is {what}: header {dims} needs {expected} bytes, file has {len(data)}",
+                       "delete it and install or download the dataset again")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+
+
+def load_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """Images (N, 1, H, W) uint8 and labels (N,) int64 from a pair of IDX files."""
+    ib, lb = read_bytes(images_path), read_bytes(labels_path)
+    images = parse_idx(ib, f"IDX file {images_path}")
+    labels = parse_idx(lb, f"IDX file {labels_path}")
+    if images.ndim != 3:
+        raise LmcError(f"IDX file {images_path} has shape {images.shape}; expected (N, H, W) images",
+                       "images and labels files may be swapped")
+    if labels.ndim != 1:
+        raise LmcError(f"IDX file {labels_path} has shape {labels.shape}; expected (N,) labels")
+    if images.shape[0] != labels.shape[0]:
+        raise LmcError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels",
+                       "the files come from different datasets or splits")
+    sums = {images_path.name: hashlib.sha256(ib).hexdigest(), labels_path.name: hashlib.sha256(lb).hexdigest()}
+    x = torch.from_numpy(images.astype(np.uint8, copy=True)).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return x, y, sums

@@ -1,0 +1,158 @@
+"""Dataset registry and search path.
+
+Search order for a dataset's folder: ``data_dir`` argument (``--data-dir``),
+the ``LMCKIT_DATA`` environment variable (a folder holding ``<name>/`` or the
+files themselves), system data folders (Debian's ``dataset-fashion-mnist``
+installs under ``/usr/share/datasets/fashion-mnist``), then the user cache
+(``$XDG_CACHE_HOME/lmckit/datasets/<name>``, default ``~/.cache``).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import LmcError
+from .dataset import Dataset
+from .idx import load_idx_pair
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    files: tuple[str, ...]  # file names (without .gz) that must be present
+    loader: Callable[[Path], tuple[dict, dict, dict, dict]]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    system_dirs: tuple[str, ...] = ()
+    install_hint: str = ""
+    generated: bool = False  # made in memory (no files): the synthetic test datasets
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmckit" / "datasets"
+
+
+def _load_idx_folder(folder: Path):
+    images, labels, source, sums = {}, {}, {}, {}
+    for split, (img, lab) in IDX_FILES.items():
+        ip, lp = _find_file(folder, img), _find_file(folder, lab)
+        x, y, s = load_idx_pair(ip, lp)
+        images[split], labels[split], source[split] = x, y, str(ip)
+        sums.update(s)
+    return images, labels, source, sums
+
+
+def _find_file(folder: Path, stem: str) -> Path:
+    for cand in (folder / stem, folder / f"{stem}.gz"):
+        if cand.is_file():
+            return cand
+    raise LmcError(f"dataset file {stem}[.gz] not found in {folder}")
+
+
+DATASETS: dict[str, DatasetInfo] = {}
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    DATASETS[info.name] = info
+    return info
+
+
+register_dataset(DatasetInfo(
+    "fashion-mnist", 10, tuple(f for pair in IDX_FILES.values() for f in pair), _load_idx_folder,
+    (0.2860,), (0.3530,), ("/usr/share/datasets/fashion-mnist",),
+    "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (Debian), or run `lmckit data download fashion-mnist` when online",
+))
+register_dataset(DatasetInfo(
+    "mnist", 10, tuple(f for pair in IDX_FILES.values() for f in pair), _load_idx_folder,
+    (0.1307,), (0.3081,), ("/usr/share/datasets/mnist",),
+    "put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir, or run `lmckit data download mnist` when online",
+))
+
+
+def _synthetic(channels: int, size: int, n_train: int, n_test: int):
+    def load(_folder: Path):
+        from .dataset import synthetic_images
+
+        x, y = synthetic_images(n_train + n_test, channels, size, 10, seed=1234)
+        return ({"train": x[:n_train], "test": x[n_train:]}, {"train": y[:n_train], "test": y[n_train:]},
+                {"train": "generated", "test": "generated"}, {})
+
+    return load
+
+
+register_dataset(DatasetInfo("synthetic", 10, (), _synthetic(1, 28, 2000, 500), (0.5,), (0.25,), generated=True,
+                             install_hint="generated in memory"))
+register_dataset(DatasetInfo("synthetic-rgb", 10, (), _synthetic(3, 32, 1000, 300), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                             generated=True, install_hint="generated in memory"))
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, list(DATASETS), n=1)
+        raise LmcError(f"unknown dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                       f"known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    info = dataset_info(name)
+    out: list[Path] = []
+    for base in ([Path(data_dir)] if data_dir else []) + ([Path(os.environ["LMCKIT_DATA"])] if os.environ.get("LMCKIT_DATA") else []):
+        out += [base / name, base]
+    out += [Path(d) for d in info.system_dirs]
+    out.append(cache_root() / name)
+    return out
+
+
+def _has_files(folder: Path, files: tuple[str, ...]) -> bool:
+    return folder.is_dir() and all((folder / f).is_file() or (folder / f"{f}.gz").is_file() for f in files)
+
+
+def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The first folder on the search path holding all of the dataset's files."""
+    info = dataset_info(name)
+    if info.generated:
+        return Path("<generated>")
+    tried = candidate_dirs(name, data_dir)
+    for folder in tried:
+        if _has_files(folder, info.files):
+            return folder
+    raise LmcError(f"dataset {name} not found; looked in: {', '.join(str(t) for t in tried)}", info.install_hint)
+
+
+_CACHE: dict[tuple, Dataset] = {}
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size: int = 0, val_seed: int = 0) -> Dataset:
+    """Load a dataset into memory (cached per process).
+
+    ``val_size > 0`` holds out that many training images (a seeded random
+    subset) as a ``val`` split; the rest stay in ``train``.
+    """
+    folder = find_dataset(name, data_dir)
+    key = (name, str(folder.absolute()), val_size, val_seed)
+    if key in _CACHE:
+        return _CACHE[key]
+    info = dataset_info(name)
+    images, labels, source, sums = info.loader(folder)
+    if val_size < 0 or val_size >= images["train"].shape[0]:
+        raise LmcError(f"validation size {val_size} must be between 0 and the training set size {images['train'].shape[0]}")
+    if val_size:
+        perm = torch.randperm(images["train"].shape[0], generator=torch.Generator().manual_seed(val_seed))
+        vi, ti = perm[:val_size].sort().values, perm[val_size:].sort().values
+        images["val"], labels["val"] = images["train"][vi], labels["train"][vi]
+        images["train"], labels["train"] = images["train"][ti], labels["train"][ti]
+    ds = Dataset(name, images, labels, info.num_classes, info.mean, info.std, source, sums)
+    _CACHE[key] = ds
+    return ds

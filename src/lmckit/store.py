@@ -1,0 +1,220 @@
+"""Run folders, safetensors I/O, config hashing and atomic writes.
+
+Conventions
+-----------
+* A stage's output folder is ``ROOT/<kind>/<hash>`` where ``hash`` is
+  :func:`config_hash` of the fully resolved config (defaults included, plus
+  :data:`SCHEMA_VERSION`). The folder exists only when complete: work happens
+  in ``<hash>.partial`` and is renamed into place at the end, so a killed
+  stage never leaves a folder that looks complete.
+* Checkpoints are safetensors files plus JSON. Nothing here unpickles.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from .errors import LmcError
+
+SCHEMA_VERSION = 1
+_PICKLE_MAGICS = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, torch.save zip archive
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the input of :func:`config_hash`."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def config_hash(config: Mapping[str, Any], length: int = 16) -> str:
+    """Stable hash of a resolved config (schema version included)."""
+    payload = canonical_json({"schema": SCHEMA_VERSION, "config": config})
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+
+
+# --------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LmcError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmcError(f"cannot read {what} {path}: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LmcError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})",
+                       "regenerate it with lmckit or fix the file") from None
+
+
+# --------------------------------------------------------------------------- safetensors
+def save_state(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save a state dict as safetensors (atomically). ``metadata`` values are JSON-encoded."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {k: json.dumps(v, default=_json_default) for k, v in (metadata or {}).items()}
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _sniff(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file written by lmckit") from None
+    if path.is_dir():
+        raise LmcError(f"{path} is a folder without model.safetensors", "pass a finished run folder (lmckit train prints it)")
+    if size == 0:
+        raise LmcError(f"checkpoint {path} is empty (0 bytes)", "the file was truncated; re-create it (lmckit train resumes killed runs)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if any(head.startswith(m) for m in _PICKLE_MAGICS):
+        raise LmcError(f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files (they can run arbitrary code)",
+                       "convert it yourself in a trusted session with safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')")
+    if len(head) < 8:
+        raise LmcError(f"checkpoint {path} is truncated ({size} bytes)", "re-create it")
+    n = int.from_bytes(head, "little")
+    if n <= 1 or 8 + n > size:
+        raise LmcError(f"checkpoint {path} is not a safetensors file (bad header length {n} for a {size}-byte file)",
+                       "pass a .safetensors file written by lmckit; it may be truncated or of another format")
+
+
+def load_state(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors checkpoint and its JSON metadata, refusing anything else.
+
+    Raises :class:`LmcError` for missing, empty, truncated, pickled, corrupt or
+    non-finite checkpoints.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    _sniff(path)
+    try:
+        state: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
+    except LmcError:
+        raise
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise LmcError(f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})", "re-create it") from None
+    meta: dict[str, Any] = {}
+    for k, v in raw_meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    if check_finite:
+        check_state_finite(state, str(path))
+    return state, meta
+
+
+def check_state_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`LmcError` naming the first tensor with NaN or inf values."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise LmcError(f"{where}: tensor {k!r} has {bad} NaN/inf values",
+                           "the model diverged or the file is damaged; retrain it or use another checkpoint")
+
+
+# --------------------------------------------------------------------------- run folders
+def stage_dir(root: str | os.PathLike, kind: str, config: Mapping[str, Any]) -> Path:
+    """``ROOT/kind/hash`` for a resolved config (the folder may not exist yet)."""
+    return Path(root) / kind / config_hash(config)
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and (folder / "config.json").is_file() and not folder.name.endswith(".partial")
+
+
+def partial_dir(final: Path) -> Path:
+    return final.with_name(final.name + ".partial")
+
+
+def finalize_dir(partial: Path, final: Path) -> Path:
+    """Atomically publish a finished ``.partial`` folder under its final name."""
+    if final.exists():  # someone finished it meanwhile: keep theirs
+        shutil.rmtree(partial, ignore_errors=True)
+        return final
+    os.replace(partial, final)
+    return final
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output folder") -> Iterator[None]:
+    """An advisory exclusive lock (``fcntl.flock``) on ``path``.
+
+    With ``wait=False`` a held lock raises :class:`LmcError` instead of blocking.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, flags)
+        except BlockingIOError:
+            raise LmcError(f"another lmckit process is using the {what} {path.parent}",
+                           "wait for it to finish, or use another --out folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def finite_or_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
