@@ -1,0 +1,232 @@
+"""Executors: run a graph of stages in dependency order, in process or in a process pool.
+
+The graph is implicit in the specs (see :func:`lmckit.pipeline.stages.dependencies`).
+:func:`plan` flattens the targets into a topologically ordered list without
+duplicates. An :class:`Executor` subclass only decides *where* one stage runs:
+it implements :meth:`Executor._submit`, returning a
+:class:`concurrent.futures.Future` of a :class:`StageOutcome`; the shared
+scheduling loop in :meth:`Executor.run` starts every stage whose inputs are
+done, up to ``jobs`` at a time, and drives one overall progress display.
+A Ray executor would wrap ``ray.remote(run_stage).remote(...).future()``.
+
+Stages talk only through their folders under the output root, so any
+executor whose workers see that folder can run them.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from ..errors import LmcError
+from ..progress import Progress
+from ..store import is_complete
+from .stages import Runtime, Stage, StageOutcome, dependencies, run_stage, stage_label, stage_path
+
+__all__ = ["plan", "PlanEntry", "dry_run", "RunSummary", "Executor", "InProcessExecutor", "ProcessPoolExecutor",
+           "make_executor"]
+
+
+def plan(targets: Iterable[Stage]) -> list[Stage]:
+    """All stages needed for ``targets``, each once, every stage after its inputs."""
+    order: list[Stage] = []
+    seen: set[Stage] = set()
+    visiting: set[Stage] = set()
+
+    def visit(s: Stage) -> None:
+        if s in seen:
+            return
+        if s in visiting:  # impossible with frozen specs, but cheap to check
+            raise ValueError(f"dependency cycle through {stage_label(s)}")
+        visiting.add(s)
+        for d in dependencies(s):
+            visit(d)
+        visiting.discard(s)
+        seen.add(s)
+        order.append(s)
+
+    for t in targets:
+        visit(t)
+    return order
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    spec: Stage
+    path: Path
+    cached: bool
+
+
+def dry_run(targets: Iterable[Stage], root: str | os.PathLike) -> list[PlanEntry]:
+    """Every stage of the plan with its folder and whether it is already complete."""
+    return [PlanEntry(s, stage_path(root, s), is_complete(stage_path(root, s))) for s in plan(targets)]
+
+
+@dataclass
+class RunSummary:
+    outcomes: list[StageOutcome] = field(default_factory=list)
+
+    @property
+    def ran(self) -> list[StageOutcome]:
+        return [o for o in self.outcomes if o.status == "ran"]
+
+    @property
+    def cached(self) -> list[StageOutcome]:
+        return [o for o in self.outcomes if o.status == "cached"]
+
+    @property
+    def failed(self) -> list[StageOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+class Executor:
+    """Base executor: dependency-ordered scheduling over :meth:`_submit`.
+
+    Parameters
+    ----------
+    jobs:
+        Most stages in flight at once.
+    """
+
+    jobs: int = 1
+
+    def _submit(self, spec: Stage, root: Path, runtime: Runtime) -> "cf.Future[StageOutcome]":
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, targets: Sequence[Stage], root: str | os.PathLike, runtime: Runtime | None = None,
+            on_done: Callable[[StageOutcome], None] | None = None) -> RunSummary:
+        """Run everything ``targets`` need; complete stages are skipped without starting a worker.
+
+        The first failure stops new submissions; stages already running
+        finish, then :class:`LmcError` (for user errors) or ``RuntimeError``
+        (for bugs, with the worker's traceback) is raised naming the stage
+        and its log file.
+        """
+        runtime = runtime or Runtime()
+        root = Path(root)
+        order = plan(targets)
+        summary = RunSummary()
+        todo: list[Stage] = []
+        for s in order:
+            if is_complete(stage_path(root, s)):
+                summary.outcomes.append(StageOutcome(s.KIND, stage_path(root, s).name, stage_label(s), "cached"))
+            else:
+                todo.append(s)
+        if not todo:
+            return summary
+        done: set[Stage] = {s for s in order if s not in todo}
+        pending = list(todo)
+        running: dict[cf.Future, Stage] = {}
+        failure: StageOutcome | None = None
+        with Progress(len(todo), "stages", every=0.0, unit="stage") as bar:
+            while (pending and failure is None) or running:
+                if failure is None:
+                    for s in list(pending):
+                        if len(running) >= max(1, self.jobs):
+                            break
+                        if all(d in done for d in dependencies(s)):
+                            pending.remove(s)
+                            bar.write(f"[lmckit] start {stage_label(s)}")
+                            running[self._submit(s, root, runtime)] = s
+                if not running:  # nothing runnable: cannot happen for a valid plan
+                    raise RuntimeError("pipeline scheduler stalled")
+                finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    s = running.pop(fut)
+                    try:
+                        out = fut.result()
+                    except Exception as e:  # the worker itself died
+                        out = StageOutcome(s.KIND, stage_path(root, s).name, stage_label(s), "failed",
+                                           error=f"worker crashed: {type(e).__name__}: {e}")
+                    summary.outcomes.append(out)
+                    if on_done is not None:
+                        on_done(out)
+                    if out.status == "failed":
+                        failure = failure or out
+                        bar.write(f"[lmckit] FAILED {out.label}")
+                    else:
+                        done.add(s)
+                        bar.update(1, last=f"{out.label.split()[0]} {out.seconds:.1f}s")
+                        bar.write(f"[lmckit] {out.status} {out.label} ({out.seconds:.1f}s)")
+        if failure is not None:
+            where = f" (log: {failure.log})" if failure.log else ""
+            if failure.user_error:
+                raise LmcError(f"stage {failure.label} failed: {failure.error}{where}", failure.hint)
+            raise RuntimeError(f"stage {failure.label} failed{where}: {failure.error}")
+        return summary
+
+
+class InProcessExecutor(Executor):
+    """Runs stages one after another in this process (the default for ``--jobs 1``)."""
+
+    jobs = 1
+
+    def _submit(self, spec: Stage, root: Path, runtime: Runtime) -> "cf.Future[StageOutcome]":
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(run_stage(spec, root, runtime))
+        except BaseException as e:  # noqa: BLE001 - handed to the scheduler
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            fut.set_exception(e)
+        return fut
+
+
+def _worker_init(threads: int | None) -> None:
+    os.environ.setdefault("LMCKIT_NO_PROGRESS", "0")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class ProcessPoolExecutor(Executor):
+    """Runs up to ``jobs`` independent stages at once in spawned worker processes.
+
+    Each worker gets ``max(1, cpu_count // jobs)`` torch threads unless the
+    runtime names a count. Workers are spawned (not forked) so no torch or
+    OpenMP state is inherited.
+    """
+
+    def __init__(self, jobs: int):
+        if jobs < 1:
+            raise LmcError(f"--jobs must be at least 1 (got {jobs})")
+        self.jobs = jobs
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._threads: int | None = None
+
+    def _ensure(self, runtime: Runtime) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._threads = runtime.threads or max(1, (os.cpu_count() or 1) // self.jobs)
+            self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_init, initargs=(self._threads,))
+        return self._pool
+
+    def _submit(self, spec: Stage, root: Path, runtime: Runtime) -> "cf.Future[StageOutcome]":
+        pool = self._ensure(runtime)
+        rt = runtime if runtime.threads else Runtime(runtime.device, runtime.data_dir, self._threads, runtime.quiet)
+        return pool.submit(run_stage, spec, root, rt)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def make_executor(jobs: int = 1) -> Executor:
+    """``jobs == 1``: in process; more: a local process pool. (A Ray executor can slot in here.)"""
+    if jobs < 1:
+        raise LmcError(f"--jobs must be at least 1 (got {jobs})")
+    return InProcessExecutor() if jobs == 1 else ProcessPoolExecutor(jobs)
