@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ def read_bytes(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise LmcError(f"dataset file {path} is a corrupt or truncated gzip file ({e})",
                            "delete it and install or download the dataset again") from None
     return raw
@@ -45,7 +47,7 @@ def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
         raise LmcError(f"{where} is truncated inside its header", "get the file again")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     dtype = np.dtype(_DTYPES[data[2]])
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
         raise LmcError(f"{where} is {what}: header {dims} needs {expected} bytes, file has {len(data)}",
@@ -58,6 +60,12 @@ def load_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, t
     ib, lb = read_bytes(images_path), read_bytes(labels_path)
     images = parse_idx(ib, f"IDX file {images_path}")
     labels = parse_idx(lb, f"IDX file {labels_path}")
+    if images.dtype != np.uint8:
+        raise LmcError(f"IDX file {images_path} holds {images.dtype} values; image files hold unsigned bytes (type 0x08)",
+                       "images and labels files may be swapped, or the file is not an image file")
+    if labels.dtype.kind not in "iu":
+        raise LmcError(f"IDX file {labels_path} holds {labels.dtype} values; label files hold integers",
+                       "check the dataset folder")
     if images.ndim != 3:
         raise LmcError(f"IDX file {images_path} has shape {images.shape}; expected (N, H, W) images",
                        "images and labels files may be swapped")

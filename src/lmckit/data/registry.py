@@ -4,7 +4,9 @@ Search order for a dataset's folder: ``data_dir`` argument (``--data-dir``),
 the ``LMCKIT_DATA`` environment variable (a folder holding ``<name>/`` or the
 files themselves), system data folders (Debian's ``dataset-fashion-mnist``
 installs under ``/usr/share/datasets/fashion-mnist``), then the user cache
-(``$XDG_CACHE_HOME/lmckit/datasets/<name>``, default ``~/.cache``).
+(``$XDG_CACHE_HOME/lmckit/datasets/<name>``, default ``~/.cache``). Each of
+these is tried as ``<dir>/<name>`` and ``<dir>`` itself, and for datasets that
+unpack into a subfolder (CIFAR-10's ``cifar-10-batches-py``) also beneath it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..errors import LmcError
+from . import cifar
 from .dataset import Dataset
 from .idx import load_idx_pair
 
@@ -37,6 +40,13 @@ class DatasetInfo:
     system_dirs: tuple[str, ...] = ()
     install_hint: str = ""
     generated: bool = False  # made in memory (no files): the synthetic test datasets
+    subdirs: tuple[str, ...] = ()  # subfolders an archive unpacks into, also searched
+    present: Callable[[Path], bool] | None = None  # folder holds a complete copy (default: all ``files``)
+
+    def is_present(self, folder: Path) -> bool:
+        if not folder.is_dir():
+            return False
+        return self.present(folder) if self.present else _has_files(folder, self.files)
 
 
 def cache_root() -> Path:
@@ -74,6 +84,14 @@ register_dataset(DatasetInfo(
     "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (Debian), or run `lmckit data download fashion-mnist` when online",
 ))
 register_dataset(DatasetInfo(
+    "cifar10", 10, cifar.PY_FILES["train"] + cifar.PY_FILES["test"], cifar.load_cifar_folder,
+    # per-channel mean and std over all pixels of the 50000 training images
+    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (),
+    "put cifar-10-batches-py/ (from cifar-10-python.tar.gz) or cifar-10-batches-bin/ in a folder and pass --data-dir, "
+    "or run `lmckit data download cifar10` when online",
+    subdirs=(cifar.PY_DIR, cifar.BIN_DIR), present=lambda f: cifar.cifar_layout(f) is not None,
+))
+register_dataset(DatasetInfo(
     "mnist", 10, tuple(f for pair in IDX_FILES.values() for f in pair), _load_idx_folder,
     (0.1307,), (0.3081,), ("/usr/share/datasets/mnist",),
     "put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir, or run `lmckit data download mnist` when online",
@@ -108,10 +126,15 @@ def dataset_info(name: str) -> DatasetInfo:
 def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     info = dataset_info(name)
     out: list[Path] = []
+    roots: list[Path] = []
     for base in ([Path(data_dir)] if data_dir else []) + ([Path(os.environ["LMCKIT_DATA"])] if os.environ.get("LMCKIT_DATA") else []):
-        out += [base / name, base]
-    out += [Path(d) for d in info.system_dirs]
-    out.append(cache_root() / name)
+        roots += [base / name, base]
+    roots += [Path(d) for d in info.system_dirs]
+    roots.append(cache_root() / name)
+    for r in roots:
+        for d in [r] + [r / sub for sub in info.subdirs]:
+            if d not in out:
+                out.append(d)
     return out
 
 
@@ -126,12 +149,37 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
         return Path("<generated>")
     tried = candidate_dirs(name, data_dir)
     for folder in tried:
-        if _has_files(folder, info.files):
+        if info.is_present(folder):
             return folder
-    raise LmcError(f"dataset {name} not found; looked in: {', '.join(str(t) for t in tried)}", info.install_hint)
+    partial = [(t, missing) for t in tried if t.is_dir()
+               for missing in [[f for f in info.files if not ((t / f).is_file() or (t / f"{f}.gz").is_file())]]
+               if len(missing) < len(info.files)]
+    detail = "".join(f"; {t} has only some of its files (missing {', '.join(m)})" for t, m in partial)
+    if data_dir and not Path(data_dir).is_dir():
+        detail += f"; --data-dir {data_dir} is not a folder"
+    raise LmcError(f"dataset {name} not found; looked in: {', '.join(str(t) for t in tried)}{detail}", info.install_hint)
 
 
 _CACHE: dict[tuple, Dataset] = {}
+
+
+def _validate(info: DatasetInfo, folder: Path, images: dict, labels: dict, source: dict) -> None:
+    """Every split non-empty, one image size and channel count, labels in ``[0, num_classes)``."""
+    shapes = set()
+    for split, x in images.items():
+        where = source.get(split, str(folder))
+        if x.shape[0] == 0:
+            raise LmcError(f"the {split} split of {info.name} in {where} is empty", "the file is truncated or wrong; get it again")
+        shapes.add(tuple(x.shape[1:]))
+        y = labels[split]
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= info.num_classes:
+            raise LmcError(f"labels of the {split} split of {info.name} ({where}) span {lo}..{hi}; "
+                           f"{info.name} has classes 0..{info.num_classes - 1}",
+                           "the label file is corrupt or belongs to another dataset")
+    if len(shapes) > 1:
+        raise LmcError(f"the splits of {info.name} in {folder} have different image shapes {sorted(shapes)}",
+                       "the files come from different datasets; check the folder")
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size: int = 0, val_seed: int = 0) -> Dataset:
@@ -146,6 +194,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
         return _CACHE[key]
     info = dataset_info(name)
     images, labels, source, sums = info.loader(folder)
+    _validate(info, folder, images, labels, source)
     if val_size < 0 or val_size >= images["train"].shape[0]:
         raise LmcError(f"validation size {val_size} must be between 0 and the training set size {images['train'].shape[0]}")
     if val_size:
