@@ -1,0 +1,151 @@
+"""Which state-dict entries are "layers" for the SVD analyses, and how they read as matrices.
+
+Rule (PAPER.md, "Setting"): every entry named ``*.weight`` with two or more
+axes is a layer ``W_l``. Its rows are moved by ``P`` = the group of axis 0
+(``None``: identity) and its columns by ``Q`` = the group of axis 1
+(``None``: identity). A conv kernel ``(out, in, kh, kw)`` is read as the
+``out x (in*kh*kw)`` matrix ``W.reshape(out, -1)``; the permutation of input
+channels then acts on whole groups of ``kh*kw`` columns, i.e. as the
+Kronecker product ``Q ⊗ I_{kh*kw}``. lmckit never builds that matrix: it
+permutes the kernel's axis 1 (or the rows of ``V`` viewed as
+``(in, kh*kw, r)``) and reshapes.
+
+The output layer is the layer whose axis-0 group is ``None`` (its rows are
+the logits, which no permutation moves).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from ..perm import PermutationSpec
+
+# Buffers that are statistics, not trainable parameters: excluded from distances.
+STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One weight matrix of the network.
+
+    Attributes
+    ----------
+    key: state-dict key of the weight (``fc1.weight``).
+    name: its module prefix (``fc1``).
+    shape: the tensor's shape (``(out, in)`` or ``(out, in, kh, kw)``).
+    out_group, in_group: permutation groups of axes 0 and 1 (``None``: identity).
+    """
+
+    key: str
+    name: str
+    shape: tuple[int, ...]
+    out_group: str | None
+    in_group: str | None
+
+    @property
+    def is_output(self) -> bool:
+        return self.out_group is None
+
+    @property
+    def rows(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def cols(self) -> int:
+        n = 1
+        for s in self.shape[1:]:
+            n *= int(s)
+        return n
+
+    @property
+    def kernel(self) -> int:
+        """``kh*kw`` for a conv kernel, 1 for a linear layer."""
+        return self.cols // int(self.shape[1])
+
+    @property
+    def rank(self) -> int:
+        """Number of singular values: ``min(out, in*k*k)``."""
+        return min(self.rows, self.cols)
+
+
+def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = None) -> list[Layer]:
+    """The layers of a model, in state-dict order.
+
+    Shapes come from ``state`` when given, else from ``spec.shapes``. Raises
+    ``ValueError`` if a spec permutes a kernel's spatial axes (no zoo or
+    traced model does; such a layer could not be read as ``P W Q^T``).
+    """
+    out: list[Layer] = []
+    for key, axes in spec.axes.items():
+        if not key.endswith(".weight") and key != "weight":
+            continue
+        shape = tuple(state[key].shape) if state is not None and key in state else tuple(spec.shapes.get(key, ()))
+        if len(shape) < 2:
+            continue
+        if state is not None and key in state and not state[key].is_floating_point():
+            continue
+        if any(g is not None for g in axes[2:]):
+            raise ValueError(f"{key}: a permutation on a spatial axis is not supported by the SVD analyses")
+        name = key[: -len(".weight")] if key.endswith(".weight") else ""
+        out.append(Layer(key, name, shape, axes[0] if axes else None, axes[1] if len(axes) > 1 else None))
+    return out
+
+
+def as_matrix(w: torch.Tensor) -> torch.Tensor:
+    """``(out, in, ...)`` -> ``(out, in*prod(...))`` (a view where possible)."""
+    return w.reshape(w.shape[0], -1)
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """``P x`` for ``x`` with rows indexed by units: row ``i`` becomes row ``perm[i]``."""
+    return x if perm is None else x.index_select(0, perm.to(x.device))
+
+
+def permute_kron_rows(x: torch.Tensor, perm: torch.Tensor | None, kernel: int) -> torch.Tensor:
+    """``(Q ⊗ I_k) x`` for ``x`` of shape ``(in*k, r)``, without building the Kronecker product.
+
+    Rows are grouped in blocks of ``k`` consecutive entries (one input channel
+    of a conv kernel read as ``out x (in*k)``); block ``c`` of the result is
+    block ``perm[c]`` of ``x``.
+    """
+    if perm is None:
+        return x
+    n = x.shape[0] // kernel
+    return x.reshape(n, kernel, -1).index_select(0, perm.to(x.device)).reshape(x.shape[0], -1)
+
+
+def perms_for(layer: Layer, perms: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(p, q)`` index vectors of the layer's output and input groups (``None`` = identity)."""
+    if perms is None:
+        return None, None
+    p = perms[layer.out_group] if layer.out_group is not None else None
+    q = perms[layer.in_group] if layer.in_group is not None else None
+    return p, q
+
+
+def is_stat_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in STAT_SUFFIXES
+
+
+def module_of(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def midpoint_state(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], lam: float = 0.5) -> dict[str, torch.Tensor]:
+    """``(1 - lam) theta_a + lam theta_b`` on floating-point entries; integer entries are taken from ``a``.
+
+    New tensors; neither input is modified. Pass ``pi(theta_b)`` as ``sd_b`` for
+    the permuted midpoint. BatchNorm running statistics are averaged too; they
+    are only meaningful after a BN reset.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, a in sd_a.items():
+        b = sd_b[k]
+        out[k] = torch.lerp(a, b.to(a.device, a.dtype), lam) if a.is_floating_point() else a.clone()
+    return out
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,0 +1,115 @@
+"""The whole analysis of one pair of models, as used by ``lmckit analyze`` (and reusable by pipelines)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from ..perm import PermutationSpec, apply_permutation
+from .distance import distances
+from .layers import has_batchnorm, midpoint_state
+from .projection import input_projections, projection_summary
+from .rank import bn_reset_function, rank_sweep
+from .svd import DEFAULT_GAMMAS, SVDAlignment, gamma_key, svd_alignment
+from .taylor import taylor_midpoint
+
+
+@dataclass
+class PairAnalysis:
+    """Everything :func:`analyze_pair` computed: ``summary`` (JSON-ready) and the objects the plots need."""
+
+    summary: dict[str, Any]
+    svd: SVDAlignment
+    projections: dict[str, Any] | None = None
+    sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor],
+                 sd_b: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor] | None = None, *,
+                 dataset=None, gammas: Iterable[float] = DEFAULT_GAMMAS, rank_fractions: Iterable[float] = (),
+                 rank_split: str = "test", eval_limit: int | None = None, projection_batches: int = 4,
+                 taylor: bool = False, taylor_samples: int = 10000, taylor_batch_size: int = 1000,
+                 device: torch.device | str | None = None, seed: int = 0) -> PairAnalysis:
+    """Distances, SVD alignment, and (with a dataset) input projections, rank sweeps and the Taylor estimate.
+
+    ``perms`` permutes ``theta_b`` (``None``: identity, so "after" equals
+    "before"). Rank sweeps run on model A and on the midpoint
+    ``(theta_a + pi(theta_b)) / 2``, at each gamma of ``gammas`` (skipping 0,
+    which keeps everything) and each of ``rank_fractions``. A BatchNorm model's
+    midpoint sweep needs a BN reset (``lmckit.lmc.reset_bn_stats``); without it
+    the midpoint sweep is skipped with a note.
+
+    Returns
+    -------
+    :class:`PairAnalysis`. ``summary`` has ``l2_before``, ``l2_after``,
+    ``reduction``, ``R`` (gamma key -> before/after), ``per_layer``, ``notes``,
+    ``timings`` and, when computed, ``rank_sweep``, ``input_projections``,
+    ``taylor_midpoint``/``measured_midpoint``/``taylor``.
+    """
+    gammas = tuple(float(g) for g in gammas)
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    dist = distances(spec, sd_a, sd_b, perms)
+    timings["distances"] = time.perf_counter() - t
+    t = time.perf_counter()
+    svd = svd_alignment(spec, sd_a, sd_b, perms, gammas)
+    timings["svd"] = time.perf_counter() - t
+    if perms is None:
+        notes.append("no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)")
+
+    dist_by_name = {r["name"]: r for r in dist["per_layer"]}
+    per_layer: list[dict[str, Any]] = []
+    seen = set()
+    for la in svd.layers:
+        d = dist_by_name.get(la.layer.name, {})
+        seen.add(la.layer.name)
+        per_layer.append({"name": la.layer.name, "shape": list(la.layer.shape), "output_layer": la.layer.is_output,
+                          "l2_before": d.get("l2_before"), "l2_after": d.get("l2_after"), "reduction": d.get("reduction"),
+                          "R": la.R, "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
+                          "rank": la.layer.rank})
+    for name, d in dist_by_name.items():  # norm layers: distances only
+        if name not in seen:
+            per_layer.append({"name": name, "shape": d["shape"], "output_layer": False, "l2_before": d["l2_before"],
+                              "l2_after": d["l2_after"], "reduction": d["reduction"], "R": None, "kept": None, "rank": None})
+    summary: dict[str, Any] = {"l2_before": dist["l2_before"], "l2_after": dist["l2_after"], "reduction": dist["reduction"],
+                               "R": svd.R, "gammas": [gamma_key(g) for g in gammas], "per_layer": per_layer,
+                               "entries_counted": len(dist["entries"])}
+    result = PairAnalysis(summary, svd)
+
+    if dataset is not None:
+        t = time.perf_counter()
+        proj = input_projections(model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed)
+        timings["input_projections"] = time.perf_counter() - t
+        result.projections = proj
+        summary["input_projections"] = projection_summary(proj)
+
+        t = time.perf_counter()
+        sweep_gammas = [g for g in gammas if g > 0]
+        fractions = list(rank_fractions)
+        sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else dict(sd_b)
+        bn = has_batchnorm(model)
+        can_reset = bn_reset_function() is not None
+        if sweep_gammas or fractions:
+            kw = dict(gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit)
+            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn and can_reset, **kw)
+            if bn and not can_reset:
+                notes.append("BatchNorm model: the midpoint rank sweep needs a BN reset (lmckit.lmc.reset_bn_stats), "
+                             "which is not available; skipped")
+            else:
+                result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
+            summary["rank_sweep"] = result.sweeps
+            timings["rank_sweep"] = time.perf_counter() - t
+        if taylor:
+            tay = taylor_midpoint(model, spec, sd_a, sd_bp, dataset, num_samples=taylor_samples, seed=seed,
+                                  batch_size=taylor_batch_size, device=device)
+            summary["taylor"] = tay
+            summary["taylor_midpoint"] = tay["taylor_midpoint"]
+            summary["measured_midpoint"] = tay["measured_midpoint"]
+            timings["taylor"] = tay["seconds"]
+    summary["notes"] = notes
+    summary["timings"] = timings
+    return result

@@ -1,0 +1,134 @@
+"""Projections of layer inputs onto right-singular vectors (PAPER.md, Claim 4).
+
+For a layer ``W = sum_i sigma_i u_i v_i^T`` and its input vectors ``z`` over
+training data, we report
+
+    p_i = mean_z |v_i . z|       for each singular index i (sorted by sigma_i),
+
+beside the same quantity for ``r`` random unit directions ``d_j`` (a seeded
+Gaussian baseline: for inputs spread evenly over all directions the two
+would match). Inputs concentrating on the top singular directions show as
+``p_i`` falling with ``i`` and ``p_top >> p_random``.
+
+The input vector of a linear layer is its input row (``(N, ..., in)``
+flattened to rows). For a conv layer it is the unfolded ``in*k*k`` patch at
+each output position (``torch.nn.functional.unfold`` with the layer's
+kernel size, dilation, padding and stride), matching the ``out x (in*k*k)``
+reading of the kernel; when a batch has more than ``max_positions`` patch
+vectors a seeded random subset is used. The forward passes run in eval mode
+(BatchNorm uses its stored statistics) through
+``torch.func.functional_call`` so the caller's model keeps its weights.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..perm import PermutationSpec
+from .layers import layers_of
+from .svd import layer_svd
+
+
+def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, torch.Tensor], dataset,
+                      num_batches: int = 4, batch_size: int = 500, device: torch.device | str | None = None,
+                      split: str = "train", max_positions: int = 4096, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Mean ``|v_i . z|`` of each layer's inputs ``z`` against singular index ``i``.
+
+    Parameters
+    ----------
+    model: module of the architecture (its weights are not used or changed).
+    spec: its permutation spec (defines the layers).
+    sd: the weights to analyse.
+    dataset: a :class:`lmckit.data.Dataset`; ``num_batches`` seeded random
+        batches of ``batch_size`` images of ``split`` are used.
+    max_positions: per batch and conv layer, at most this many patch vectors.
+    seed: seeds the batches, the position subsample and the random directions.
+
+    Returns
+    -------
+    layer name -> ``{"sigma", "mean_abs", "random_mean_abs"}`` (lists, length
+    ``r``) plus ``"mean_norm"`` (mean ``||z||``) and ``"count"`` (vectors
+    used). Layers that are not ``nn.Linear`` / ungrouped ``nn.Conv2d`` are skipped.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    targets: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for layer in layers_of(spec, sd):
+        try:
+            mod = model.get_submodule(layer.name)
+        except AttributeError:
+            continue
+        if not (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                                and mod.padding_mode == "zeros" and isinstance(mod.padding, tuple))):
+            continue
+        _, s, v = layer_svd(sd[layer.key])
+        rnd = torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=torch.float64)
+        rnd = rnd / rnd.norm(dim=0, keepdim=True)
+        targets[layer.name] = (mod, s.float(), v.float().to(dev), rnd.float().to(dev))
+    acc = {n: {"abs": torch.zeros(t[2].shape[1], device=dev), "rnd": torch.zeros(t[3].shape[1], device=dev),
+               "norm": 0.0, "count": 0} for n, t in targets.items()}
+
+    def hook_for(name: str, mod: nn.Module):
+        _, _, v, rnd = targets[name]
+
+        def hook(_m, inputs, _out):
+            x = inputs[0].detach()
+            if isinstance(mod, nn.Conv2d):
+                z = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+                z = z.transpose(1, 2).reshape(-1, z.shape[1])
+                if z.shape[0] > max_positions:
+                    idx = torch.randperm(z.shape[0], generator=gen)[:max_positions].to(z.device)
+                    z = z.index_select(0, idx)
+            else:
+                z = x.reshape(-1, x.shape[-1])
+            z = z.to(v.dtype)
+            a = acc[name]
+            a["abs"] += (z @ v).abs().sum(0)
+            a["rnd"] += (z @ rnd).abs().sum(0)
+            a["norm"] += float(z.norm(dim=1).sum())
+            a["count"] += int(z.shape[0])
+
+        return hook
+
+    handles = [t[0].register_forward_hook(hook_for(n, t[0])) for n, t in targets.items()]
+    was_training = model.training
+    model.eval()
+    params = {k: t.to(dev) for k, t in sd.items()}
+    try:
+        with torch.no_grad():
+            batches = dataset.batches(split, batch_size, shuffle=True, generator=gen, device=dev)
+            for i, (x, _y) in enumerate(batches):
+                if i >= num_batches:
+                    break
+                torch.func.functional_call(model, params, (x,))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out: dict[str, dict[str, Any]] = {}
+    for name, a in acc.items():
+        n = max(a["count"], 1)
+        out[name] = {"sigma": targets[name][1].tolist(), "mean_abs": (a["abs"] / n).cpu().tolist(),
+                     "random_mean_abs": (a["rnd"] / n).cpu().tolist(), "mean_norm": a["norm"] / n, "count": a["count"]}
+    return out
+
+
+def projection_summary(proj: Mapping[str, Mapping[str, Any]], top_fraction: float = 0.1) -> list[dict[str, Any]]:
+    """Per layer: mean ``|v_i . z|`` over the top ``top_fraction`` of indices, over the bottom half,
+    over random directions, and ``top / random``."""
+    rows = []
+    for name, d in proj.items():
+        m = torch.tensor(d["mean_abs"])
+        r = len(m)
+        if r == 0:
+            continue
+        k = max(1, int(round(top_fraction * r)))
+        top, bottom = float(m[:k].mean()), float(m[r // 2:].mean()) if r > 1 else float(m.mean())
+        rnd = float(torch.tensor(d["random_mean_abs"]).mean())
+        rows.append({"name": name, "rank": r, "top_k": k, "top_mean": top, "bottom_half_mean": bottom,
+                     "random_mean": rnd, "top_over_random": top / rnd if rnd > 0 else float("inf"),
+                     "mean_norm": d["mean_norm"]})
+    return rows
