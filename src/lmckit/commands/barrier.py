@@ -1,0 +1,119 @@
+"""``lmckit barrier A B [--perm PERM.json]``: loss/accuracy along the linear path."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import add_data, add_device, add_json, print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("barrier", help="loss and accuracy barriers along the linear path between two models",
+                       description="Evaluate (1 - lambda) A + lambda pi(B) on a lambda grid and report loss/accuracy "
+                                   "barriers. pi is the permutation in --perm (identity without it).")
+    p.add_argument("a", metavar="A", help="model A: a run folder or a .safetensors file written by lmckit")
+    p.add_argument("b", metavar="B", help="model B: a run folder or a .safetensors file (same architecture)")
+    p.add_argument("--perm", default=None, help="permutation JSON (lmckit match) applied to B before interpolating")
+    p.add_argument("--points", type=int, default=25, help="lambdas on [0, 1], ends included; 0.5 is always added (default 25)")
+    p.add_argument("--split", choices=("test", "train", "both"), default="test", help="data split(s) to evaluate (default test)")
+    p.add_argument("--bn-reset", choices=("auto", "on", "off", "repair"), default="auto",
+                   help="recompute BatchNorm statistics at interior points (auto: when the model has BN), or REPAIR")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="write a figure of loss and accuracy against lambda")
+    p.add_argument("--compare-naive", action="store_true", help="also evaluate the unpermuted path A -> B (needs --perm)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of each split only")
+    p.add_argument("--batch-size", type=int, default=5000, help="evaluation batch size (default 5000)")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded with model A)")
+    add_data(p)
+    add_json(p)
+    add_device(p)
+    p.set_defaults(func=run)
+
+
+def _dataset_name(info: dict[str, Any], explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    cfg = info.get("config")
+    if isinstance(cfg, dict):
+        ds = cfg.get("dataset")
+        if isinstance(ds, str):
+            return ds
+        if isinstance(ds, dict) and isinstance(ds.get("name"), str):
+            return ds["name"]
+    ds = info.get("dataset")
+    if isinstance(ds, str):
+        return ds
+    if isinstance(ds, dict) and isinstance(ds.get("name"), str):
+        return ds["name"]
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import build_model, load_checkpoint
+    from ..data import load_dataset
+    from ..device import resolve_device
+    from ..errors import LmcError
+    from ..lmc import barrier_curve
+    from ..perm import apply_permutation, load_perms, spec_for
+
+    if args.compare_naive and not args.perm:
+        raise LmcError("--compare-naive needs --perm (without a permutation the path is already the naive one)",
+                       "pass --perm PERM.json from lmckit match, or drop --compare-naive")
+    if args.limit is not None and args.limit < 1:
+        raise LmcError(f"--limit must be positive (got {args.limit})")
+    device = resolve_device(args.device)
+    sd_a, info_a = load_checkpoint(args.a)
+    sd_b, info_b = load_checkpoint(args.b)
+    if info_a["model"] != info_b["model"]:
+        raise LmcError(f"models A ({args.a}) and B ({args.b}) have different architectures: {info_a['model']} vs {info_b['model']}",
+                       "interpolate two models of the same architecture and width")
+    model = build_model(info_a["model"], sd_a, f"model A ({args.a})")
+    spec = spec_for(model)
+    spec.check_state(sd_b, f"model B ({args.b})")
+    name = _dataset_name(info_a, args.dataset)
+    if name is None:
+        raise LmcError(f"model A ({args.a}) does not record its dataset", "pass --dataset NAME (e.g. fashion-mnist)")
+    dataset = load_dataset(name, data_dir=args.data_dir)
+    in_ch, size = model.lmckit_config.get("in_channels"), model.lmckit_config.get("image_size")
+    if (in_ch is not None and in_ch != dataset.in_channels) or (size is not None and size != dataset.image_size):
+        raise LmcError(f"dataset {name} has {dataset.in_channels}x{dataset.image_size}x{dataset.image_size} images, "
+                       f"the model expects {in_ch}x{size}x{size}", "pass the --dataset the models were trained on")
+    splits = ["train", "test"] if args.split == "both" else [args.split]
+
+    curves = {}
+    common = dict(splits=splits, points=args.points, bn_reset=args.bn_reset, batch_size=args.batch_size,
+                  limit=args.limit, device=device)
+    if args.compare_naive:
+        curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", **common)
+    sd_bp = sd_b
+    if args.perm:
+        perms = load_perms(args.perm, spec)
+        sd_bp = apply_permutation(spec, perms, sd_b)
+    label = "permuted" if args.perm else "naive"
+    curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", **common)
+    main = curves[label]
+
+    out = main.to_dict(collapse=len(splits) == 1)
+    out.update({"a": str(args.a), "b": str(args.b), "perm": args.perm, "dataset": name})
+    if args.compare_naive:
+        out["naive"] = curves["naive"].to_dict(collapse=len(splits) == 1)
+    if args.plot:
+        from ..lmc.plot import plot_curves
+
+        plot_curves(curves, args.plot, split="all" if len(splits) > 1 else splits[0])
+        out["plot"] = str(args.plot)
+    if args.json:
+        print_json(out)
+        return 0
+    rows = []
+    for lab, res in curves.items():
+        for s in splits:
+            c = res.curves[s]
+            rows.append({"path": lab, "split": s, "loss_barrier": c.loss_barrier, "acc_barrier": c.accuracy_barrier,
+                         "mid_loss": c.midpoint_loss, "mid_acc": c.midpoint_accuracy,
+                         "loss_A": c.endpoint_loss[0], "loss_B": c.endpoint_loss[1],
+                         "acc_A": c.endpoint_accuracy[0], "acc_B": c.endpoint_accuracy[1]})
+    print(f"dataset {name}, {len(main.lambdas)} lambdas, BN reset: {main.bn_reset}")
+    print_table(rows)
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,125 @@
+"""Figures for interpolation curves and plane landscapes.
+
+Drawn on bare :class:`matplotlib.figure.Figure` objects rendered by the Agg
+canvas: no pyplot global state, no GUI backend, safe in threads and notebooks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import LmcError
+from .barrier import BarrierResult
+from .landscape import LandscapeResult
+
+
+def _figure(**kw):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _bn_label(mode: bool | str) -> str:
+    return {True: "BN statistics reset", False: "no BN reset", "repair": "REPAIR"}.get(mode, str(mode))
+
+
+def _save(fig, path: str | Path) -> Path:
+    from ..store import atomic_write_bytes
+    import io
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
+    except ValueError as e:
+        raise LmcError(f"cannot write a plot as {path.name}: {e}", "use a .png, .pdf or .svg file name") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: str | None = None,
+                title: str | None = None) -> Path:
+    """Loss (left) and accuracy (right) against lambda, one line per labelled result.
+
+    Parameters
+    ----------
+    results:
+        ``{label: BarrierResult}``, e.g. ``{"naive": r0, "weight matching": r1}``.
+    path:
+        Output image (.png, .pdf, .svg), written atomically.
+    split:
+        Which split to draw (default: the first split of the first result).
+        With ``split="all"`` every split of every result is drawn
+        (test solid, train dashed).
+    """
+    if not results:
+        raise ValueError("no curves to plot")
+    first = next(iter(results.values()))
+    fig = _figure(figsize=(10, 4))
+    ax_l, ax_a = fig.subplots(1, 2)
+    styles = {"test": "-", "train": "--", "val": ":"}
+    for k, (label, res) in enumerate(results.items()):
+        color = f"C{k}"
+        if split == "all":
+            splits = res.splits
+        else:
+            s = split or first.splits[0]
+            if s not in res.curves:
+                raise LmcError(f"curve {label!r} has no {s!r} split (it has {', '.join(res.splits)})")
+            splits = [s]
+        for s in splits:
+            c = res.curves[s]
+            lab = label if len(splits) == 1 else f"{label} ({s})"
+            ls = styles.get(s, "-")
+            lab_l = f"{lab}: barrier {c.loss_barrier:.3f}"
+            lab_a = f"{lab}: barrier {100 * c.accuracy_barrier:.1f} pts"
+            ax_l.plot(c.lambdas, c.loss, ls, color=color, marker=".", label=lab_l)
+            ax_a.plot(c.lambdas, [100 * a for a in c.accuracy], ls, color=color, marker=".", label=lab_a)
+            for ax, vals in ((ax_l, c.endpoint_loss), (ax_a, [100 * v for v in c.endpoint_accuracy])):
+                ax.plot([0.0, 1.0], list(vals), "o", color=color, markersize=8, markeredgecolor="black")
+    shown = split if split not in (None, "all") else (first.splits[0] if split is None else "train/test")
+    for ax, ylabel in ((ax_l, f"{shown} loss (cross-entropy)"), (ax_a, f"{shown} accuracy (%)")):
+        ax.set_xlabel("interpolation coefficient $\\lambda$")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_xticklabels(["0\n(model A)", "0.25", "0.5", "0.75", "1\n(model B)"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"Linear interpolation between two models ({_bn_label(first.bn_reset)})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "loss", title: str | None = None,
+                   levels: int = 20) -> Path:
+    """Filled contour plot of ``metric`` ("loss" or "accuracy") over the plane, models marked."""
+    if metric not in ("loss", "accuracy"):
+        raise LmcError(f"unknown landscape metric {metric!r}", "use loss or accuracy")
+    import numpy as np
+
+    z = np.asarray(result.loss if metric == "loss" else result.accuracy, dtype=float)
+    if metric == "accuracy":
+        z = 100 * z
+    fig = _figure(figsize=(6, 5))
+    ax = fig.subplots()
+    cs = ax.contourf(result.xs, result.ys, z, levels=levels, cmap="viridis_r" if metric == "loss" else "viridis")
+    cbar = fig.colorbar(cs, ax=ax)
+    cbar.set_label(f"{result.split} {'loss' if metric == 'loss' else 'accuracy (%)'}")
+    pts = list(result.models.items())
+    tri = [p for _, p in pts] + [pts[0][1]]
+    ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", linewidth=1)
+    for label, (x, y) in pts:
+        ax.plot(x, y, "o", color="white", markeredgecolor="black", markersize=9)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontsize=11,
+                    fontweight="bold")
+    ax.set_xlabel("plane coordinate 1 (along B - A)")
+    ax.set_ylabel("plane coordinate 2")
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_title(title or f"{result.split} {metric} on the plane of three models\n({_bn_label(result.bn_reset)})")
+    fig.tight_layout()
+    return _save(fig, path)
