@@ -45,16 +45,17 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
     dataset: a :class:`lmckit.data.Dataset`; ``num_batches`` seeded random
         batches of ``batch_size`` images of ``split`` are used.
     max_positions: per batch and conv layer, at most this many patch vectors.
-    seed: seeds the batches, the position subsample and the random directions.
+    seed: the batches are ``dataset.batches(split, batch_size, shuffle=True)`` with a generator
+        seeded ``seed``; the position subsample and random directions use ``seed + 1``.
 
     Returns
     -------
-    layer name -> ``{"sigma", "mean_abs", "random_mean_abs"}`` (lists, length
-    ``r``) plus ``"mean_norm"`` (mean ``||z||``) and ``"count"`` (vectors
+    layer name -> ``{"sigma", "mean_abs", "mean_sq", "random_mean_abs"}``
+    (lists, length ``r``; ``mean_sq`` is mean ``(v_i . z)^2``) plus ``"mean_norm"`` (mean ``||z||``) and ``"count"`` (vectors
     used). Layers that are not ``nn.Linear`` / ungrouped ``nn.Conv2d`` are skipped.
     """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)  # random directions and position subsample
     targets: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for layer in layers_of(spec, sd):
         try:
@@ -68,8 +69,8 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
         rnd = torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=torch.float64)
         rnd = rnd / rnd.norm(dim=0, keepdim=True)
         targets[layer.name] = (mod, s.float(), v.float().to(dev), rnd.float().to(dev))
-    acc = {n: {"abs": torch.zeros(t[2].shape[1], device=dev), "rnd": torch.zeros(t[3].shape[1], device=dev),
-               "norm": 0.0, "count": 0} for n, t in targets.items()}
+    acc = {n: {"abs": torch.zeros(t[2].shape[1], device=dev), "sq": torch.zeros(t[2].shape[1], device=dev),
+               "rnd": torch.zeros(t[3].shape[1], device=dev), "norm": 0.0, "count": 0} for n, t in targets.items()}
 
     def hook_for(name: str, mod: nn.Module):
         _, _, v, rnd = targets[name]
@@ -86,7 +87,9 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
                 z = x.reshape(-1, x.shape[-1])
             z = z.to(v.dtype)
             a = acc[name]
-            a["abs"] += (z @ v).abs().sum(0)
+            zv = z @ v
+            a["abs"] += zv.abs().sum(0)
+            a["sq"] += (zv ** 2).sum(0)
             a["rnd"] += (z @ rnd).abs().sum(0)
             a["norm"] += float(z.norm(dim=1).sum())
             a["count"] += int(z.shape[0])
@@ -99,7 +102,8 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
     params = {k: t.to(dev) for k, t in sd.items()}
     try:
         with torch.no_grad():
-            batches = dataset.batches(split, batch_size, shuffle=True, generator=gen, device=dev)
+            batches = dataset.batches(split, batch_size, shuffle=True, device=dev,
+                                      generator=torch.Generator().manual_seed(seed))
             for i, (x, _y) in enumerate(batches):
                 if i >= num_batches:
                     break
@@ -112,6 +116,7 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
     for name, a in acc.items():
         n = max(a["count"], 1)
         out[name] = {"sigma": targets[name][1].tolist(), "mean_abs": (a["abs"] / n).cpu().tolist(),
+                     "mean_sq": (a["sq"] / n).cpu().tolist(),
                      "random_mean_abs": (a["rnd"] / n).cpu().tolist(), "mean_norm": a["norm"] / n, "count": a["count"]}
     return out
 
