@@ -208,3 +208,20 @@ def test_process_pool_runs_independent_stages_in_parallel(tmp_path):
     with ProcessPoolExecutor(2) as ex:
         with pytest.raises(LmcError, match="bad.user"):
             ex.run([Bad(), Source(99)], tmp_path)
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # Regression: a trained tiny model's checkpoint was refused as "a pickle" because the
+    # little-endian header length began with byte 0x80 (pickle's protocol marker).
+    import torch
+
+    from lmckit.store import load_state, save_state
+
+    for pad in range(300):
+        path = save_state(tmp_path / "m.safetensors", {"w": torch.ones(2)}, {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("could not craft the header length")
+    state, meta = load_state(path)
+    assert torch.equal(state["w"], torch.ones(2)) and meta["pad"] == "x" * pad

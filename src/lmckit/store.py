@@ -116,6 +116,9 @@ def _sniff(path: Path) -> None:
         raise LmcError(f"checkpoint {path} is empty (0 bytes)", "the file was truncated; re-create it (lmckit train resumes killed runs)")
     with open(path, "rb") as f:
         head = f.read(8)
+        first = f.read(1)
+    if len(head) == 8 and first == b"{" and 8 + int.from_bytes(head, "little") <= size:
+        return  # a safetensors header (its length's low byte may well be 0x80, like a pickle's first byte)
     if any(head.startswith(m) for m in _PICKLE_MAGICS):
         raise LmcError(f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files (they can run arbitrary code)",
                        "convert it yourself in a trusted session with safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')")
