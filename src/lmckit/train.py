@@ -1,0 +1,647 @@
+"""Seeded, resumable training of zoo models into hashed run folders.
+
+A training run is a pure function of a :class:`TrainConfig` (model, dataset,
+seed, optimiser, schedule, ...). Its output folder is
+``ROOT/train/<config_hash>`` (:func:`lmckit.store.stage_dir` of the fully
+resolved config, model defaults included) and holds
+
+* ``model.safetensors``: the final weights, self-describing (model config in
+  the metadata, so :func:`lmckit.load` rebuilds the model);
+* ``config.json``: the resolved config, the model config, the final metrics and
+  provenance (lmckit/torch versions, dataset checksums, device, wall time);
+* ``metrics.jsonl``: one JSON line per epoch.
+
+How to run (device, threads, progress, data folder, output root) never enters
+the hash.
+
+Determinism
+-----------
+The model is initialised under ``torch.manual_seed(seed)`` inside
+:func:`torch.random.fork_rng` (the caller's global RNG state is untouched);
+the batch order and augmentation draw from a private ``torch.Generator``
+seeded with ``seed``. On CPU the same config therefore gives bit-identical
+weights. Work happens in ``<hash>.partial/``; after every epoch a checkpoint
+(model, optimiser state, generator state, epoch, metrics; safetensors + JSON
+metadata, no pickles) is written atomically, so a killed run resumes from its
+last finished epoch and ends with the same weights as an uninterrupted run.
+
+Learning-rate schedules (per optimiser step ``t``, ``T`` steps in all, ``W``
+warm-up steps, base rate ``eta``):
+
+* warm-up, ``t < W``: ``eta * (t + 1) / W``;
+* ``constant``: ``eta``;
+* ``linear``: ``eta * (1 - (t - W) / (T - W))`` (reaches 0 at ``t = T``);
+* ``cosine``: ``eta * (1 + cos(pi * (t - W) / (T - W))) / 2``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import LmcError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "linear", "cosine")
+# Model-factory options set from the dataset, never by the user.
+DATASET_OPTIONS = ("in_channels", "image_size", "num_classes")
+# Convenience keys of make_config / the CLI that are model options.
+MODEL_OPTION_KEYS = ("width", "width_mult", "norm", "depth", "activation")
+CHECKPOINT = "checkpoint.safetensors"
+
+
+# --------------------------------------------------------------------------- config
+def _model_options(model: str, given: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Resolve a model's options: factory defaults overridden by ``given``.
+
+    Options set from the dataset (:data:`DATASET_OPTIONS`) are excluded; an
+    int given for a float option is stored as float so ``1`` and ``1.0``
+    hash alike.
+    """
+    from .models.registry import model_entry
+
+    entry = model_entry(model)
+    params = {n: p for n, p in inspect.signature(entry.factory).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in DATASET_OPTIONS}
+    for k in given:
+        if k in DATASET_OPTIONS:
+            raise LmcError(f"model option {k!r} is set from the dataset, not by hand", f"remove {k} from the model options")
+        if k not in params:
+            raise LmcError(f"model {model!r} has no option {k!r}",
+                           f"its options are: {', '.join(params) or '(none)'}")
+    out: dict[str, Any] = {}
+    for n, p in params.items():
+        v = given.get(n, p.default)
+        if v is inspect.Parameter.empty:
+            raise LmcError(f"model {model!r} needs option {n!r}")
+        if isinstance(p.default, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        d = p.default
+        ok = (v is None or d is None or d is inspect.Parameter.empty or
+              (isinstance(v, bool) if isinstance(d, bool) else
+               isinstance(v, float) if isinstance(d, float) else
+               (isinstance(v, int) and not isinstance(v, bool)) if isinstance(d, int) else isinstance(v, type(d))))
+        if not ok or not isinstance(v, (str, int, float, bool, type(None))):
+            raise LmcError(f"model option {n}={v!r} should be {type(d).__name__}", f"fix the {n} setting")
+        out[n] = v
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train: every field enters the run folder's hash.
+
+    Parameters
+    ----------
+    model, model_kwargs:
+        Registered model name and its options (``width_mult``, ``norm``, ...;
+        a mapping, stored resolved with the factory's defaults as sorted
+        pairs). ``in_channels``/``image_size``/``num_classes`` come from the
+        dataset.
+    dataset, val_size:
+        Dataset name; ``val_size`` training images held out as ``val``.
+    seed:
+        Seeds the model initialisation and the batch order / augmentation.
+    epochs, batch_size:
+        Passes over the training split and images per step (the last batch of
+        an epoch may be smaller).
+    optimizer, lr, momentum, nesterov, weight_decay:
+        ``sgd`` (with momentum/nesterov), ``adam`` or ``adamw`` (betas 0.9,
+        0.999); ``momentum``/``nesterov`` are used by SGD only.
+    schedule, warmup_epochs:
+        Learning-rate schedule per step (see the module docstring); the
+        warm-up may be fractional.
+    augment:
+        Random crop (pad 4) and horizontal flip of training batches.
+    eval_batch_size:
+        Batch size of the per-epoch evaluations.
+    """
+
+    model: str = "mlp"
+    model_kwargs: Any = ()
+    dataset: str = "fashion-mnist"
+    val_size: int = 0
+    seed: int = 0
+    epochs: int = 5
+    batch_size: int = 500
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    augment: bool = False
+    eval_batch_size: int = 2000
+
+    def __post_init__(self) -> None:
+        kw = self.model_kwargs
+        if isinstance(kw, Mapping):
+            kw = dict(kw)
+        elif isinstance(kw, (tuple, list)):
+            try:
+                kw = dict(kw)
+            except (TypeError, ValueError):
+                raise LmcError(f"model_kwargs {self.model_kwargs!r} is not a mapping of option -> value") from None
+        else:
+            raise LmcError(f"model_kwargs {self.model_kwargs!r} is not a mapping of option -> value")
+        set_ = object.__setattr__
+        set_(self, "model_kwargs", _model_options(self.model, kw))
+        for f in dataclasses.fields(self):
+            if f.name == "model_kwargs":
+                continue
+            v = getattr(self, f.name)
+            typ = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}.get(str(f.type))
+            if typ is float and isinstance(v, int) and not isinstance(v, bool):
+                set_(self, f.name, float(v))
+            elif typ is int and isinstance(v, float) and v.is_integer():
+                set_(self, f.name, int(v))
+            elif typ is not None and not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+                raise LmcError(f"training setting {f.name}={v!r} should be {getattr(typ, '__name__', typ)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LmcError(f"unknown optimizer {self.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise LmcError(f"unknown schedule {self.schedule!r}", f"choose one of {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise LmcError(f"training setting {name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LmcError(f"learning rate must be a positive number, got {self.lr}")
+        if self.val_size < 0 or self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
+            raise LmcError("val_size, weight_decay, momentum and warmup_epochs must not be negative")
+        if self.warmup_epochs > self.epochs:
+            raise LmcError(f"warm-up ({self.warmup_epochs} epochs) is longer than training ({self.epochs} epochs)",
+                           "shorten the warm-up or train longer")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise LmcError("nesterov needs the sgd optimizer with momentum > 0")
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """The resolved model options as a dict."""
+        return dict(self.model_kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (the hash input); :meth:`from_dict` inverts it."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model_kwargs"] = self.model_options
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise LmcError(f"unknown training settings: {', '.join(unknown)}", f"known settings: {', '.join(sorted(names))}")
+        return cls(**dict(d))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return make_config(None, base=self, **changes)
+
+    def hash(self) -> str:
+        from .store import config_hash
+
+        return config_hash(self.to_dict())
+
+
+# --------------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's MLP recipe (MNIST / Fashion-MNIST).
+    "mlp-fmnist": dict(model="mlp", model_kwargs={}, dataset="fashion-mnist", epochs=5, batch_size=500,
+                       optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False),
+    # The paper's CIFAR-10 recipes (need a GPU).
+    "vgg11-cifar10": dict(model="vgg11", model_kwargs={"width_mult": 4.0, "norm": "batchnorm"}, dataset="cifar10", epochs=100,
+                          batch_size=500, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4, schedule="linear",
+                          warmup_epochs=5.0, augment=True),
+    "resnet20-cifar10": dict(model="resnet20", model_kwargs={"width_mult": 16.0, "norm": "batchnorm"}, dataset="cifar10",
+                             epochs=100, batch_size=500, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4,
+                             schedule="linear", warmup_epochs=5.0, augment=True),
+    # CPU-sized conv recipes on Fashion-MNIST.
+    "vgg11-fmnist": dict(model="vgg11", model_kwargs={"width_mult": 1.0, "norm": "batchnorm"}, dataset="fashion-mnist",
+                         epochs=5, batch_size=500, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                         schedule="linear", warmup_epochs=1.0, augment=False),
+    "resnet20-fmnist": dict(model="resnet20", model_kwargs={"width_mult": 1.0, "norm": "batchnorm"}, dataset="fashion-mnist",
+                            epochs=5, batch_size=500, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                            schedule="linear", warmup_epochs=1.0, augment=False),
+    # Seconds-long recipe for tests and smoke runs.
+    "tiny": dict(model="mlp_tiny", model_kwargs={}, dataset="synthetic", epochs=2, batch_size=100, optimizer="adam",
+                 lr=1e-2, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False, eval_batch_size=500),
+}
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_for(model: str, dataset: str) -> str | None:
+    """The preset whose model and dataset are these, if any."""
+    for name, p in PRESETS.items():
+        if p["model"] == model and p["dataset"] == dataset:
+            return name
+    return None
+
+
+def make_config(preset: str | None = None, *, base: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """A config from a preset (or ``base``, or the defaults) plus overrides.
+
+    ``None`` overrides are ignored. The keys ``width``, ``width_mult``,
+    ``norm``, ``depth`` and ``activation`` are model options and merge into
+    ``model_kwargs`` (as does a ``model_kwargs`` mapping).
+    """
+    if preset is not None and base is not None:
+        raise ValueError("give a preset or a base config, not both")
+    if preset is not None:
+        if preset not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(preset, list(PRESETS), n=1)
+            raise LmcError(f"unknown training preset {preset!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                           f"presets: {', '.join(PRESETS)}")
+        d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset].items()}
+    elif base is not None:
+        d = base.to_dict()
+    else:
+        d = {}
+    kw = dict(d.get("model_kwargs", {}))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    kw.update(overrides.pop("model_kwargs", {}) or {})
+    for k in MODEL_OPTION_KEYS:
+        if k in overrides:
+            kw[k] = overrides.pop(k)
+    if "model" in overrides and overrides["model"] != d.get("model", TrainConfig.model):
+        # Another model: keep only the options it also has.
+        from .models.registry import model_entry
+
+        accepted = set(inspect.signature(model_entry(overrides["model"]).factory).parameters)
+        base_kw = dict(d.get("model_kwargs", {}))
+        kw = {k: v for k, v in kw.items() if k in accepted or k not in base_kw}
+    d.update(overrides)
+    d["model_kwargs"] = kw
+    try:
+        return TrainConfig.from_dict(d)
+    except TypeError as e:  # pragma: no cover - from_dict checks names first
+        raise LmcError(f"bad training settings: {e}") from None
+
+
+# --------------------------------------------------------------------------- schedule
+def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate used at optimiser step ``step`` (0-based); see the module docstring."""
+    total = config.epochs * steps_per_epoch
+    warm = int(round(config.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    if config.schedule == "constant":
+        return config.lr
+    frac = (step - warm) / max(total - warm, 1)
+    if config.schedule == "linear":
+        return config.lr * max(0.0, 1.0 - frac)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_untrained(config: TrainConfig, dataset) -> nn.Module:
+    """The model at initialisation: seeded by ``config.seed``, global RNG state untouched."""
+    from .models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return create_model(config.model, in_channels=dataset.in_channels, image_size=dataset.image_size,
+                            num_classes=dataset.num_classes, **config.model_options)
+
+
+# --------------------------------------------------------------------------- checkpoints (no pickles)
+def _json_scalar(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_json_scalar(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, list):
+        return [_json_scalar(x) for x in v]
+    raise TypeError(f"optimizer state value {v!r} is neither a tensor nor a JSON scalar")
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                    epoch: int, extra: Mapping[str, Any]) -> Path:
+    """Write model, optimiser and generator state to one safetensors file (atomically).
+
+    Tensors: ``model/<key>``, ``optim/<param index>/<name>``, ``rng/state``.
+    Metadata (JSON): ``epoch``, the optimiser's param groups and non-tensor
+    state values, and ``extra``.
+    """
+    from .store import save_state
+
+    tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.state_dict().items()}
+    osd = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in osd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{idx}/{name}"] = v
+            else:
+                scalars.setdefault(str(idx), {})[name] = _json_scalar(v)
+    groups = [{k: _json_scalar(v) for k, v in g.items()} for g in osd["param_groups"]]
+    tensors["rng/state"] = generator.get_state()
+    meta = {"epoch": epoch, "optimizer": {"param_groups": groups, "scalars": scalars,
+                                          "tensor_states": sorted({k.split("/", 2)[1] for k in tensors if k.startswith("optim/")})},
+            **extra}
+    return save_state(path, tensors, meta)
+
+
+def load_checkpoint_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         generator: torch.Generator) -> dict[str, Any]:
+    """Restore a :func:`save_checkpoint` file; returns its metadata."""
+    from .store import load_state
+
+    tensors, meta = load_state(path)
+    dev = next(model.parameters()).device
+    prefix = "model/"
+    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    ometa = meta["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, idx, name = k.split("/", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, d in ometa.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(d)
+    groups = []
+    for g in ometa["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for st in optimizer.state.values():  # optimizer.load_state_dict keeps 'step' where it was loaded (CPU)
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor) and name != "step" and v.device != dev:
+                st[name] = v.to(dev)
+    generator.set_state(tensors["rng/state"])
+    return meta
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of :func:`train`. ``cached`` is True when the run folder already existed."""
+
+    run_dir: Path
+    test_loss: float
+    test_accuracy: float
+    train_loss: float
+    train_accuracy: float
+    seconds: float
+    cached: bool
+    config: TrainConfig | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "test_loss": self.test_loss, "test_accuracy": self.test_accuracy,
+                "train_loss": self.train_loss, "train_accuracy": self.train_accuracy, "seconds": self.seconds,
+                "cached": self.cached, "config": self.config.to_dict() if self.config else None}
+
+
+def run_dir_for(config: TrainConfig, out_root: str | os.PathLike = "runs") -> Path:
+    """``out_root/train/<hash>``: where :func:`train` puts (or found) this config's run."""
+    from .store import stage_dir
+
+    return stage_dir(out_root, "train", config.to_dict())
+
+
+def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
+    """Read the :class:`TrainResult` of a finished run folder."""
+    from .store import read_json
+
+    run_dir = Path(run_dir)
+    info = read_json(run_dir / "config.json", "run config")
+    try:
+        r = info["result"]
+        cfg = TrainConfig.from_dict(info["config"])
+        return TrainResult(run_dir, float(r["test_loss"]), float(r["test_accuracy"]), float(r["train_loss"]),
+                           float(r["train_accuracy"]), float(info["provenance"]["wall_seconds"]), cached, cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LmcError(f"{run_dir}/config.json is not an lmckit training record ({type(e).__name__}: {e})",
+                       "delete the folder and train again") from None
+
+
+class _Silent:
+    def update(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def write(self, msg: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- training
+def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str | torch.device = "auto",
+          progress: bool = True, *, data_dir: str | os.PathLike | None = None, threads: int | None = None,
+          callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train ``config`` into ``out_root/train/<hash>`` (or return the finished run).
+
+    Parameters
+    ----------
+    config:
+        What to train.
+    out_root:
+        Root of the run store.
+    device:
+        ``auto``, ``cpu``, ``cuda``, ... (not part of the hash; bit-identical
+        results are guaranteed on CPU only).
+    progress:
+        Per-epoch progress lines / bar (see :mod:`lmckit.progress`).
+    data_dir:
+        Where to look for the dataset first.
+    threads:
+        ``torch.set_num_threads`` for the run (restored afterwards).
+    callback:
+        ``callback(epoch, metrics)`` after each epoch's checkpoint is written
+        (epochs count from 1). An exception raised there stops training; the
+        checkpoint stays and a rerun resumes after that epoch.
+
+    Returns
+    -------
+    TrainResult
+        Final test metrics (of the last epoch's evaluation), train metrics
+        (a clean evaluation pass over the training split in eval mode), wall
+        seconds spent training (summed over resumes), and ``cached``.
+    """
+    from .store import file_lock, is_complete, partial_dir
+
+    final = run_dir_for(config, out_root)
+    if is_complete(final):
+        return load_result(final, cached=True)
+    if final.exists():
+        raise LmcError(f"{final} exists but is not a finished run (no config.json)",
+                       "delete that folder and run again")
+    with file_lock(final.with_name(final.name + ".lock"), what="training run"):
+        if is_complete(final):  # another process finished it while we waited
+            return load_result(final, cached=True)
+        old_threads = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            return _train_locked(config, final, partial_dir(final), device, progress, data_dir, callback)
+        finally:
+            if threads:
+                torch.set_num_threads(old_threads)
+
+
+def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str | torch.device, progress: bool,
+                  data_dir: str | os.PathLike | None, callback) -> TrainResult:
+    from . import __version__
+    from .checkpoint import save_model
+    from .data import load_dataset
+    from .device import resolve_device
+    from .evaluate import evaluate
+    from .progress import Progress
+    from .store import SCHEMA_VERSION, atomic_write_json, atomic_write_text, config_hash, finalize_dir
+
+    dev = resolve_device(device)
+    cfg_dict = config.to_dict()
+    h = config_hash(cfg_dict)
+    ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
+    model = build_untrained(config, ds).to(dev)
+    optimizer = make_optimizer(config, model.parameters())
+    gen = torch.Generator().manual_seed(config.seed)
+
+    partial.mkdir(parents=True, exist_ok=True)
+    ckpt = partial / CHECKPOINT
+    start_epoch, metrics, elapsed, resumed = 0, [], 0.0, []
+    if ckpt.exists():
+        try:
+            meta = load_checkpoint_into(ckpt, model, optimizer, gen)
+        except LmcError as e:
+            raise LmcError(f"cannot resume from {ckpt}: {e.message}", f"delete {partial} to restart this run") from None
+        if meta.get("config_hash") != h:
+            raise LmcError(f"checkpoint {ckpt} belongs to another config ({meta.get('config_hash')})",
+                           f"delete {partial} to restart this run")
+        start_epoch, metrics, elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
+        resumed = list(meta.get("resumed", [])) + [start_epoch]
+    else:  # a fresh start: clear leftovers of a run killed before its first checkpoint
+        for p in partial.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    x_u8, y_all = ds.images["train"], ds.labels["train"].to(dev)
+    n = int(x_u8.shape[0])
+    # Whole split normalised once (no per-batch conversion) unless batches are augmented.
+    x_all = None if config.augment else ds.normalize(x_u8.to(dev))
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    bar = (Progress(config.epochs, f"train {config.model} seed={config.seed}", every=0.0, unit="epoch")
+           if progress else _Silent())
+    if start_epoch:
+        bar.write(f"[train] resuming {final.name} after epoch {start_epoch}")
+        bar.update(start_epoch)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            train_loss, train_acc, lr = _train_epoch(model, optimizer, config, gen, x_all, x_u8, y_all, ds, dev,
+                                                     epoch, steps_per_epoch)
+            train_seconds = time.perf_counter() - t0
+            if not math.isfinite(train_loss):
+                raise LmcError(f"training diverged in epoch {epoch + 1} (loss {train_loss})",
+                               f"lower the learning rate (now {config.lr}); the last good checkpoint is in {partial}")
+            row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
+            if "val" in ds.images:
+                row["val_loss"], row["val_acc"] = evaluate(model, ds, "val", batch_size=config.eval_batch_size, device=dev)
+            row["test_loss"], row["test_acc"] = evaluate(model, ds, "test", batch_size=config.eval_batch_size, device=dev)
+            row["seconds"] = train_seconds
+            row["eval_seconds"] = time.perf_counter() - t0 - train_seconds
+            metrics.append(row)
+            elapsed += time.perf_counter() - t0
+            save_checkpoint(ckpt, model, optimizer, gen, epoch + 1,
+                            {"metrics": metrics, "elapsed": elapsed, "config_hash": h, "resumed": resumed})
+            atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+            bar.update(1, loss=train_loss, test_acc=row["test_acc"])
+            if callback is not None:
+                callback(epoch + 1, row)
+    finally:
+        bar.close()
+
+    t0 = time.perf_counter()
+    train_eval = evaluate(model, ds, "train", batch_size=config.eval_batch_size, device=dev)
+    elapsed += time.perf_counter() - t0
+    last = metrics[-1]
+    result = {"test_loss": last["test_loss"], "test_accuracy": last["test_acc"], "train_loss": train_eval[0],
+              "train_accuracy": train_eval[1], "epochs": config.epochs}
+    if "val_loss" in last:
+        result["val_loss"], result["val_accuracy"] = last["val_loss"], last["val_acc"]
+    save_model(partial / "model.safetensors", model, dataset=config.dataset, lmckit_train=cfg_dict, config_hash=h)
+    record = {
+        "kind": "lmckit.train", "schema": SCHEMA_VERSION, "hash": h,
+        "config": cfg_dict, "model": model.lmckit_config, "dataset": config.dataset, "seed": config.seed,
+        "result": result,
+        "provenance": {
+            "lmckit_version": __version__, "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "platform": platform.platform(), "device": str(dev), "threads": torch.get_num_threads(),
+            "wall_seconds": elapsed, "resumed_after_epochs": resumed,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "dataset": {"name": ds.name, "checksums": dict(ds.checksums), "sources": dict(ds.source),
+                        "sizes": {s: ds.size(s) for s in ds.splits()}},
+        },
+    }
+    ckpt.unlink(missing_ok=True)
+    for p in partial.glob(".*.tmp"):  # temp files of writes interrupted by an earlier kill
+        p.unlink(missing_ok=True)
+    atomic_write_json(partial / "config.json", record)
+    final = finalize_dir(partial, final)
+    return TrainResult(final, float(result["test_loss"]), float(result["test_accuracy"]), float(result["train_loss"]),
+                       float(result["train_accuracy"]), elapsed, False, config)
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, gen: torch.Generator,
+                 x_all: torch.Tensor | None, x_u8: torch.Tensor, y_all: torch.Tensor, ds, dev: torch.device,
+                 epoch: int, steps_per_epoch: int) -> tuple[float, float, float]:
+    """One pass over the shuffled training split; returns (mean loss, accuracy, last lr).
+
+    Loss and correct counts are accumulated on the device and read once at
+    the end (no per-step host sync).
+    """
+    from .data import random_crop_flip
+
+    n, bs = int(x_u8.shape[0]), config.batch_size
+    order = torch.randperm(n, generator=gen)
+    order_dev = order.to(dev)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    groups = optimizer.param_groups
+    lr = config.lr
+    for i, start in enumerate(range(0, n, bs)):
+        idx = order_dev[start:start + bs]
+        if x_all is not None:
+            xb = x_all.index_select(0, idx)
+        else:
+            xb = ds.normalize(random_crop_flip(x_u8[order[start:start + bs]], gen).to(dev))
+        yb = y_all.index_select(0, idx)
+        lr = lr_at(config, epoch * steps_per_epoch + i, steps_per_epoch)
+        for g in groups:
+            g["lr"] = lr
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum += loss.detach() * yb.shape[0]
+            correct += (out.argmax(1) == yb).sum()
+    return float(loss_sum) / n, int(correct) / n, lr
