@@ -29,3 +29,19 @@ def spec_for(model, example_input=None) -> PermutationSpec:
     from .trace import trace_spec  # noqa: WPS433  (fx tracing, only when needed)
 
     return trace_spec(model, example_input)
+
+
+# fx tracing and the invariance check, imported on first use (torch.fx is only needed for them)
+_LAZY = {
+    "trace_spec": "trace", "trace_streams": "trace", "activation_sites": "trace", "example_input_for": "trace",
+    "SpecWarning": "trace", "TraceResult": "trace", "check_spec": "check", "CheckReport": "check",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

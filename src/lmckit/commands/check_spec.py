@@ -1,0 +1,79 @@
+"""``lmckit check-spec``: does a random permutation leave the model's function unchanged?"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_device, add_json, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-spec", help="check a model's permutation spec (coverage, and outputs unchanged under a random permutation)",
+        description="Permute a model's hidden units at random with its permutation spec and compare outputs "
+                    "(train and eval mode) and BatchNorm running statistics with the original. Exit 0 when the "
+                    "function is preserved, 1 when it changes.")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
+                   help="a registered model name (see `lmckit models`), a run folder or a .safetensors checkpoint")
+    p.add_argument("--in-channels", type=int, default=None, help="input channels (model names only)")
+    p.add_argument("--image-size", type=int, default=None, help="input height = width (model names only)")
+    p.add_argument("--num-classes", type=int, default=None, help="output classes (model names only)")
+    p.add_argument("--norm", default=None, choices=("none", "batchnorm", "layernorm"), help="norm layers (model names only)")
+    p.add_argument("--width-mult", type=float, default=None, help="width multiplier (model names only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random permutation and input batch")
+    p.add_argument("--batch", type=int, default=8, help="size of the random input batch (>= 2 for BatchNorm)")
+    p.add_argument("--tol", type=float, default=1e-5, help="tolerance on the relative output difference")
+    p.add_argument("--traced", action="store_true", help="check the torch.fx-traced spec instead of the model's own rules")
+    add_device(p)
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def _load_model(args: argparse.Namespace):
+    from ..errors import LmcError
+    from ..models import create_model, list_models
+
+    opts = {k: getattr(args, a) for k, a in (("in_channels", "in_channels"), ("image_size", "image_size"),
+                                               ("num_classes", "num_classes"), ("norm", "norm"),
+                                               ("width_mult", "width_mult")) if getattr(args, a) is not None}
+    if args.model in list_models():
+        return create_model(args.model, **opts), "model"
+    path = Path(args.model)
+    if path.exists():
+        if opts:
+            raise LmcError(f"options {', '.join('--' + k.replace('_', '-') for k in opts)} apply to model names, "
+                           f"not to the checkpoint {path}", "drop them: a checkpoint records its own architecture")
+        from ..checkpoint import load
+
+        return load(path), "checkpoint"
+    import difflib
+
+    close = difflib.get_close_matches(args.model, list_models(), n=1)
+    raise LmcError(f"{args.model!r} is neither a registered model" + (f" (did you mean {close[0]!r}?)" if close else "")
+                   + " nor an existing checkpoint",
+                   "run `lmckit models` for model names, or pass a run folder / .safetensors file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from ..device import resolve_device
+    from ..errors import LmcError
+    from ..perm.check import check_spec
+    from ..perm.trace import SpecWarning, example_input_for
+
+    if args.batch < 1:
+        raise LmcError(f"--batch must be at least 1, got {args.batch}")
+    model, kind = _load_model(args)
+    device = resolve_device(args.device)
+    model = model.to(device)
+    x = example_input_for(model, batch=args.batch, seed=args.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecWarning)  # reported in the summary instead
+        report = check_spec(model, x, seed=args.seed, tol=args.tol, traced=args.traced)
+    if args.json:
+        print_json({"model": args.model, "kind": kind, **report.to_dict()})
+    else:
+        print(f"{args.model} ({kind}, {type(model).__name__})")
+        print(report.summary())
+    return 0 if report.ok else 1

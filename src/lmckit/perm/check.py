@@ -1,0 +1,227 @@
+"""The function-preservation check: a random permutation must not change a model.
+
+For a correct spec and any permutation ``pi``, the permuted parameters
+``pi(theta)`` (``W_l -> P_l W_l P_{l-1}^T``, norm entries and running statistics
+following their channels) compute exactly the same function as ``theta``.
+:func:`check_spec` draws a random ``pi`` and measures, on one batch ``x``,
+
+- train mode: ``max |f_theta(x) - f_pi(theta)(x)| / max |f_theta(x)|`` with both
+  models in train mode (BatchNorm normalises with batch statistics), and the
+  running statistics the forward pass updated, compared after un-permuting
+  the permuted model's buffers (``pi^{-1}``);
+- eval mode: the same output difference with both models in eval mode.
+
+Dropout modules are kept in eval mode during the train-mode pass (their masks
+are drawn per position, so a permuted model would draw different masks per
+unit). The check runs in float64 by default so that summation-order noise
+(~1e-16 relative) is far below ``tol`` and any real spec error (O(1)) is far
+above it.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import LmcError
+from .spec import PermutationSpec, apply_permutation, identity_permutation, invert_permutation, random_permutation
+
+__all__ = ["CheckReport", "check_spec"]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass
+class CheckReport:
+    """Outcome of :func:`check_spec`.
+
+    ``train_diff`` / ``eval_diff``: max absolute output difference relative to the
+    largest absolute output. ``stats_diff``: max absolute difference of the
+    updated buffers (BatchNorm running statistics) after un-permuting, relative
+    to that buffer's largest value; ``stats_key`` names the worst one.
+    ``culprits``: when the check fails, the groups whose permutation alone
+    changes the output.
+    """
+
+    ok: bool
+    tol: float
+    seed: int
+    train_diff: float
+    eval_diff: float
+    stats_diff: float
+    stats_key: str | None
+    coverage: dict[str, Any]
+    groups: dict[str, int]
+    moved_units: int
+    spec_source: str
+    warnings: list[str] = field(default_factory=list)
+    culprits: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        c = self.coverage
+        frac = c["elements_permuted"] / max(c["elements"], 1)
+        lines = [
+            f"spec ({self.spec_source}): {c['groups']} groups, {c['units']} units; "
+            f"{c['entries_permuted']}/{c['entries']} entries and {c['elements_permuted']:,}/{c['elements']:,} "
+            f"elements permuted ({frac:.1%})",
+            f"random permutation (seed {self.seed}) moved {self.moved_units} of {c['units']} units",
+            f"train mode: max relative output diff {self.train_diff:.3g}, running-stats diff {self.stats_diff:.3g}"
+            + (f" ({self.stats_key})" if self.stats_key and self.stats_diff > self.tol else ""),
+            f"eval mode:  max relative output diff {self.eval_diff:.3g}",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        if self.ok:
+            lines.append(f"function preserved (tol {self.tol:g})")
+        else:
+            lines.append(f"FUNCTION CHANGED (tol {self.tol:g})"
+                         + (f": groups responsible: {', '.join(self.culprits)}" if self.culprits else ""))
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> "CheckReport":
+        if not self.ok:
+            raise LmcError(
+                f"the permutation spec does not preserve the model's function: relative output diff "
+                f"{max(self.train_diff, self.eval_diff):.3g} (train {self.train_diff:.3g}, eval {self.eval_diff:.3g}), "
+                f"running statistics {self.stats_diff:.3g}, tolerance {self.tol:g}"
+                + (f"; groups responsible: {', '.join(self.culprits)}" if self.culprits else ""),
+                "the spec is wrong for this architecture: fix its permutation_spec() rule, or use "
+                "lmckit.perm.trace_spec and report the model if tracing is wrong")
+        return self
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _rel_diff(a: Any, b: Any) -> float:
+    """``max |a - b| / max |a|`` over all output tensors (inf when shapes differ)."""
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return float("inf")
+    if not ta:
+        return 0.0
+    diff = max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(ta, tb))
+    scale = max(float(x.double().abs().max()) if x.numel() else 0.0 for x in ta)
+    return diff / max(scale, 1e-30) if diff > 0 else 0.0
+
+
+def _forward(model: nn.Module, x: torch.Tensor, train: bool) -> Any:
+    model.train(train)
+    if train:
+        for m in model.modules():
+            if isinstance(m, _DROPOUT):
+                m.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _compare(model: nn.Module, spec: PermutationSpec, perms: dict[str, torch.Tensor], x: torch.Tensor,
+             dtype: torch.dtype | None) -> tuple[float, float, float, str | None]:
+    a = copy.deepcopy(model)
+    if dtype is not None:
+        a = a.to(dtype)
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_permutation(spec, perms, a.state_dict()))
+    train_diff = _rel_diff(_forward(a, x, True), _forward(b, x, True))
+    sa = a.state_dict()
+    sb = apply_permutation(spec, invert_permutation(perms), b.state_dict())
+    stats_diff, stats_key = 0.0, None
+    for k, va in sa.items():
+        vb = sb[k]
+        if va.is_floating_point():
+            d = float((va.double() - vb.double()).abs().max()) if va.numel() else 0.0
+            d = d / max(float(va.double().abs().max()), 1e-30) if d > 0 else 0.0
+        else:
+            d = 0.0 if torch.equal(va, vb) else float("inf")
+        if d > stats_diff:
+            stats_diff, stats_key = d, k
+    eval_diff = _rel_diff(_forward(a, x, False), _forward(b, x, False))
+    return train_diff, eval_diff, stats_diff, stats_key
+
+
+def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec: PermutationSpec | None = None,
+               seed: int = 0, tol: float = 1e-5, dtype: torch.dtype | None = torch.float64,
+               raise_on_fail: bool = False, traced: bool = False) -> CheckReport:
+    """Check that a random permutation of ``model`` by ``spec`` leaves its function unchanged.
+
+    Parameters
+    ----------
+    model:
+        The model (not modified: the check works on deep copies).
+    example_input:
+        A batch (batch size >= 2 for BatchNorm in train mode); derived from the
+        config for zoo models when omitted.
+    spec:
+        The spec to check; by default :func:`lmckit.perm.spec_for` (the model's
+        own rules, else tracing), or :func:`~lmckit.perm.trace.trace_spec` when
+        ``traced`` is true.
+    seed, tol:
+        Seed of the random permutation; tolerance on every relative difference.
+    dtype:
+        Precision of the check (float64 by default; ``None`` keeps the model's).
+    raise_on_fail:
+        Raise :class:`LmcError` instead of returning ``ok=False``.
+
+    Returns
+    -------
+    CheckReport
+        ``ok`` iff train- and eval-mode outputs and the updated running
+        statistics agree within ``tol``; with the spec's coverage.
+    """
+    from . import spec_for
+    from .trace import SpecWarning, example_input_for, trace_spec
+
+    if example_input is None:
+        example_input = example_input_for(model)
+    source = "given"
+    caught: list[str] = []
+    if spec is None:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always", SpecWarning)
+            if traced or not hasattr(model, "permutation_spec"):
+                spec, source = trace_spec(model, example_input), "traced"
+            else:
+                spec, source = spec_for(model, example_input), "rules"
+        for w in rec:
+            if issubclass(w.category, SpecWarning):
+                caught.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for msg in caught:
+            warnings.warn(msg, SpecWarning, stacklevel=2)
+    spec.check_state(model.state_dict(), f"{type(model).__name__} state dict")
+    x = example_input
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
+    perms = random_permutation(spec, seed)
+    ident = identity_permutation(spec)
+    moved = int(sum(int((perms[g] != ident[g]).sum()) for g in spec.sizes))
+    train_diff, eval_diff, stats_diff, stats_key = _compare(model, spec, perms, x, dtype)
+    ok = max(train_diff, eval_diff, stats_diff) <= tol
+    culprits: list[str] = []
+    if not ok and len(spec.sizes) <= 64:
+        for g in spec.sizes:  # which groups break the function on their own
+            only = {h: (perms[h] if h == g else ident[h]) for h in spec.sizes}
+            d = _compare(model, spec, only, x, dtype)
+            if max(d[0], d[1], d[2]) > tol:
+                culprits.append(g)
+    report = CheckReport(ok=ok, tol=tol, seed=seed, train_diff=train_diff, eval_diff=eval_diff,
+                         stats_diff=stats_diff, stats_key=stats_key, coverage=spec.coverage(),
+                         groups=dict(spec.sizes), moved_units=moved, spec_source=source, warnings=caught,
+                         culprits=culprits)
+    if raise_on_fail:
+        report.raise_if_failed()
+    return report

@@ -1,0 +1,999 @@
+"""Permutation specs for arbitrary models, derived by torch.fx tracing.
+
+Idea
+----
+Trace ``model.forward`` with :mod:`torch.fx`, run the graph once on an example
+input to learn every tensor's shape (``ShapeProp``), then walk the graph and
+record, for every tensor, which of its axes are *equivariant* under hidden-unit
+permutations: if the weights are permuted by ``pi``, the permuted model's value
+of that tensor equals the original value with axis ``d`` re-indexed by the
+permutation of some unit space ``s`` (``t' = t.index_select(d, p_s)``). Every
+tensor therefore carries a map ``{axis: stream}``; an empty map means the tensor
+is *invariant* (unchanged by the permutation), like the model input.
+
+Streams, state-dict axes ``(key, axis)`` and a special ``PINNED`` element are
+the elements of a union-find. Rules join them:
+
+- a Linear / Conv / Embedding output starts a new stream (a *producer*) joined
+  with the layer's ``weight`` axis 0 (1 for ConvTranspose / Embedding) and its
+  bias; the input stream is joined with ``weight`` axis 1 (0 for ConvTranspose).
+  In matrix form ``W' = P_out W P_in^T``, ``b' = P_out b``.
+- elementwise ops (activations, dropout, arithmetic, ``torch.where``...) join
+  the streams of their broadcast-aligned tensor operands: a residual ``x + f(x)``
+  merges the two streams into one group. Adding a tensor that is invariant but
+  varies along a stream axis (size > 1 there) would break equivariance, so that
+  stream is pinned.
+- BatchNorm / InstanceNorm (weight, bias, running_mean, running_var; never
+  ``num_batches_tracked``), LayerNorm (its affine axes that cover the stream
+  axis), GroupNorm with ``num_groups`` 1 or ``C`` and PReLU join their per-channel
+  entries to the stream. Other GroupNorms are refused (pinned with a warning).
+- pooling, upsampling, softmax / normalize (equivariant along every axis),
+  reductions (reducing over the stream axis gives an invariant tensor),
+  transposes and reshapes (the stream axis must survive as an axis of the same
+  size with the same prefix product; ``flatten`` of a ``C x 1 x 1`` map does,
+  of a ``C x H x W`` map with ``H*W > 1`` does not and pins the stream),
+  ``torch.cat`` (the concatenation axis's streams are pinned: block
+  permutations are not implemented), ``stack``, ``getitem`` with full slices.
+- the model output is invariant: streams reaching it are pinned (silently;
+  that is the output layer). Any op the tracer cannot see through pins every
+  stream flowing into it, with a :class:`SpecWarning` naming the op (or an
+  :class:`~lmckit.errors.LmcError` with ``strict=True``); its output is then
+  invariant, which is exact because all its inputs are.
+
+A pinned stream's permutation is the identity, which is always consistent,
+so the spec is never silently wrong: at worst it permutes less (and says so).
+Every class of the union-find that holds a producer and is not pinned becomes
+one permutation group, named after its first producer module in graph order
+(``"fc1"``, ``"layer1.0.conv1"``).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from ..errors import LmcError
+from .spec import PermutationSpec
+
+__all__ = ["SpecWarning", "TraceResult", "trace_streams", "trace_spec", "activation_sites", "example_input_for"]
+
+
+class SpecWarning(UserWarning):
+    """Part of a model cannot be permuted; its units are left in place."""
+
+
+# --------------------------------------------------------------------------- op tables
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+                nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+                nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU)
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                 nn.FeatureAlphaDropout)
+_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Softmin)
+_CHANNELWISE_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                        nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+                        nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d,
+                        nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+                        nn.ReplicationPad1d, nn.ReplicationPad2d)
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
+               nn.InstanceNorm2d, nn.InstanceNorm3d)
+_RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+
+_ELEMENTWISE_FUNCS = {
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu,
+    F.hardtanh, F.softplus, F.mish, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign, F.tanhshrink,
+    F.hardshrink, F.softshrink, F.threshold, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, torch.exp, torch.log,
+    torch.abs, torch.sqrt, torch.rsqrt, torch.neg, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp,
+    torch.clip, torch.pow, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+    torch.sign, torch.reciprocal, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.feature_alpha_dropout, operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    operator.pos, operator.abs, operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+}
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs", "neg", "sqrt", "rsqrt",
+    "square", "clamp", "clamp_", "clip", "clip_", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
+    "pow", "maximum", "minimum", "sin", "cos", "erf", "where", "sign", "reciprocal", "masked_fill",
+}
+_SELF_METHODS = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach",
+                 "requires_grad_", "cpu", "cuda"}
+_SOFTMAX_FUNCS = {F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, F.normalize}
+_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+_CHANNELWISE_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+                      F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate,
+                      F.upsample, F.upsample_nearest, F.upsample_bilinear}
+_RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as",
+                    "squeeze_", "unsqueeze_"}
+_ALIGN_METHODS = {"expand", "expand_as", "repeat"}
+_REDUCE_NAMES = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "nansum", "nanmean", "norm"}
+_REDUCE_FUNCS = {getattr(torch, n) for n in _REDUCE_NAMES}
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "get_device", "nelement"}
+_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
+_TRANSPOSE_FUNCS = {torch.transpose, torch.swapaxes, torch.swapdims}
+_TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
+
+_PINNED = 0  # union-find element standing for "identity permutation"
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class TraceResult:
+    """Everything the tracer learned about a model.
+
+    Attributes
+    ----------
+    spec:
+        The permutation spec (groups in network order).
+    warnings:
+        One message per stream that could have been permuted but was pinned.
+    sites:
+        Group -> names of submodules whose output carries that group's units on
+        axis 1 (see :func:`activation_sites`).
+    producers:
+        Group -> every module (or weight key prefix, for functional layers)
+        whose output starts that group's units, in graph order.
+    """
+
+    spec: PermutationSpec
+    warnings: list[str] = field(default_factory=list)
+    sites: dict[str, list[str]] = field(default_factory=dict)
+    producers: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = [0]  # element 0 is PINNED
+
+    def make(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if rb == _PINNED or (ra != _PINNED and rb < ra):  # keep PINNED (and older elements) as roots
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        return ra
+
+
+def _prod(xs: Iterable[int]) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def _flat_nodes(arg: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(arg, lambda n: out.append(n) or n)
+    return out
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    t = node.target
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__name__", str(t))
+    if mod.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    if mod.startswith("torch") or mod == "" or mod == "builtins":
+        return f"torch.{name}" if mod.startswith("torch") else name
+    if mod == "_operator":
+        return f"operator.{name}"
+    return f"{mod}.{name}"
+
+
+class _RecordingUnionFind(_UnionFind):
+    """Union-find that remembers every union (to name streams as they were before pinning)."""
+
+    def __init__(self, log: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.log = log
+
+    def union(self, a: int, b: int) -> int:
+        self.log.append((a, b))
+        return super().union(a, b)
+
+
+class _Tracer:
+    """Walks a shape-propagated fx graph and builds the stream union-find."""
+
+    def __init__(self, gm: fx.GraphModule, state: dict[str, torch.Tensor], strict: bool):
+        self.gm = gm
+        self.state = state
+        self.strict = strict
+        self._unions: list[tuple[int, int]] = []
+        self.uf: _UnionFind = _RecordingUnionFind(self._unions)
+        self.key_elem: dict[tuple[str, int], int] = {}
+        self.producer_name: dict[int, str] = {}  # producer element -> module name
+        self.producer_order: list[int] = []
+        self.pin_reasons: list[tuple[int, str, bool]] = []
+        self.info: dict[fx.Node, Any] = {}
+        self.module_calls: dict[str, int] = {}
+        self.site_nodes: list[tuple[fx.Node, str]] = []  # (call_module node, kind)
+        self._alias_keys()
+
+    # ---------------------------------------------------------------- elements
+    def _alias_keys(self) -> None:
+        """Tied tensors (two keys, one storage) must move together."""
+        seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+        for k, v in self.state.items():
+            if v.dim() == 0 or v.numel() == 0:
+                continue
+            sig = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
+            if sig in seen:
+                for ax in range(v.dim()):
+                    self.uf.union(self.key(seen[sig], ax), self.key(k, ax))
+            else:
+                seen[sig] = k
+
+    def key(self, key: str, axis: int) -> int:
+        e = self.key_elem.get((key, axis))
+        if e is None:
+            e = self.key_elem[(key, axis)] = self.uf.make()
+        return e
+
+    def join_key(self, stream: int | None, key: str, axis: int) -> None:
+        if stream is not None and key in self.state and axis < self.state[key].dim():
+            self.uf.union(stream, self.key(key, axis))
+
+    def producer(self, name: str, keys: list[tuple[str, int]]) -> int:
+        p = self.uf.make()
+        self.producer_name[p] = name
+        self.producer_order.append(p)
+        for k, ax in keys:
+            self.join_key(p, k, ax)
+        return p
+
+    def pin(self, stream: int, reason: str, warn: bool = True) -> None:
+        self.pin_reasons.append((stream, reason, warn))
+        if warn and self.strict:
+            self._strict_fail(stream, reason)
+        self.uf.union(_PINNED, stream)
+
+    def _strict_fail(self, stream: int, reason: str) -> None:
+        root = self.uf.find(stream)
+        names = [self.producer_name[p] for p in self.producer_order if self.uf.find(p) == root]
+        what = f"the units of {names[0]!r}" if names else "a stream of units"
+        raise LmcError(f"cannot build a permutation spec: {what} cannot be permuted: {reason}",
+                       "write a permutation_spec() method for this model, or call trace_spec(strict=False) "
+                       "to leave those units unpermuted")
+
+    def pin_all(self, arg: Any, reason: str, warn: bool = True) -> None:
+        for n in _flat_nodes(arg):
+            self._pin_info(self.info.get(n), reason, warn)
+
+    def _pin_info(self, inf: Any, reason: str, warn: bool) -> None:
+        if isinstance(inf, dict):
+            for e in inf.values():
+                self.pin(e, reason, warn)
+        elif isinstance(inf, (tuple, list)):
+            for i in inf:
+                self._pin_info(i, reason, warn)
+
+    # ---------------------------------------------------------------- node facts
+    def shape(self, arg: Any) -> tuple[int, ...] | None:
+        if isinstance(arg, fx.Node):
+            tm = arg.meta.get("tensor_meta")
+            if isinstance(tm, TensorMetadata):
+                return tuple(int(s) for s in tm.shape)
+            return None
+        if isinstance(arg, (int, float, bool)):
+            return ()
+        return None
+
+    def tinfo(self, arg: Any) -> dict[int, int]:
+        if isinstance(arg, fx.Node):
+            inf = self.info.get(arg)
+            return inf if isinstance(inf, dict) else {}
+        return {}
+
+    def invariant_like(self, node: fx.Node) -> Any:
+        tm = node.meta.get("tensor_meta")
+        return self._inv(tm)
+
+    def _inv(self, tm: Any) -> Any:
+        if isinstance(tm, TensorMetadata):
+            return {}
+        if isinstance(tm, (tuple, list)):
+            return tuple(self._inv(t) for t in tm)
+        if isinstance(tm, dict):
+            return {"__dict__": {k: self._inv(v) for k, v in tm.items()}}
+        return None
+
+    # ---------------------------------------------------------------- rules
+    def opaque(self, node: fx.Node, why: str | None = None) -> Any:
+        reason = why or f"{_op_name(node)} at node {node.name!r} is not understood by the tracer"
+        self.pin_all((node.args, node.kwargs), reason)
+        return self.invariant_like(node)
+
+    def broadcast(self, node: fx.Node, operands: list[Any]) -> dict[int, int]:
+        """Elementwise op: join the streams of broadcast-aligned operands per output axis."""
+        out_shape = self.shape(node)
+        if out_shape is None:
+            return self.opaque(node)
+        n = len(out_shape)
+        out: dict[int, int] = {}
+        for d in range(n):
+            streams: list[int] = []
+            invariant_varies = False
+            for a in operands:
+                s = self.shape(a)
+                if s is None:
+                    continue
+                i = d - (n - len(s))
+                if i < 0 or (s[i] == 1 and out_shape[d] != 1):
+                    continue
+                inf = self.tinfo(a)
+                if i in inf:
+                    streams.append(inf[i])
+                else:
+                    invariant_varies = True
+            if not streams:
+                continue
+            for e in streams[1:]:
+                self.uf.union(streams[0], e)
+            if invariant_varies and out_shape[d] > 1:
+                self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} combines it with a tensor that does "
+                                     f"not move with these units (axis {d})")
+            out[d] = streams[0]
+        return out
+
+    def align(self, node: fx.Node, src: Any) -> dict[int, int]:
+        """Single-tensor op keeping axes aligned from the right (expand, repeat, dtype casts)."""
+        out_shape, in_shape = self.shape(node), self.shape(src)
+        if out_shape is None or in_shape is None:
+            return self.opaque(node)
+        off = len(out_shape) - len(in_shape)
+        out: dict[int, int] = {}
+        for d, e in self.tinfo(src).items():
+            if d + off >= 0 and out_shape[d + off] == in_shape[d]:
+                out[d + off] = e
+            else:
+                self.pin(e, f"{_op_name(node)} at node {node.name!r} changes the size of axis {d}")
+        return out
+
+    def channelwise(self, node: fx.Node, src: Any) -> dict[int, int]:
+        """Op acting per (batch, channel) on the trailing axes: pools, upsampling, padding modules."""
+        out: dict[int, int] = {}
+        for d, e in self.tinfo(src).items():
+            if d in (0, 1):
+                out[d] = e
+            else:
+                self.pin(e, f"{_op_name(node)} at node {node.name!r} mixes axis {d}, which carries units")
+        return out
+
+    def reshape(self, node: fx.Node, src: Any) -> dict[int, int]:
+        """A unit axis survives a reshape iff some output axis has its size and the same prefix product.
+
+        Row-major layout: element ``(pre, c, post)`` sits at ``pre*C*POST + c*POST + post``;
+        an output axis ``j`` with ``prod(out[:j]) == prod(in[:d])`` and ``out[j] == C``
+        has the same offsets, so the units keep their axis (flatten of ``C x 1 x 1``).
+        """
+        in_shape, out_shape = self.shape(src), self.shape(node)
+        if in_shape is None or out_shape is None:
+            return self.opaque(node)
+        out: dict[int, int] = {}
+        for d, e in self.tinfo(src).items():
+            pre, c = _prod(in_shape[:d]), in_shape[d]
+            j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
+            if j is None:
+                self.pin(e, f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
+                            f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
+                            f"larger than 1x1 into a Linear)")
+            else:
+                out[j] = e
+        return out
+
+    def reduce(self, node: fx.Node, src: Any, dim: Any, keepdim: bool) -> dict[int, int] | None:
+        in_shape, out_shape = self.shape(src), self.shape(node)
+        if in_shape is None or out_shape is None:
+            return None
+        n = len(in_shape)
+        if dim is None:
+            dims = set(range(n))
+        elif isinstance(dim, int):
+            dims = {dim % n}
+        elif isinstance(dim, (tuple, list)) and all(isinstance(x, int) for x in dim):
+            dims = {x % n for x in dim}
+        else:
+            return None
+        expect = n if keepdim else n - len(dims)
+        if len(out_shape) != expect:
+            return None
+        out: dict[int, int] = {}
+        for d, e in self.tinfo(src).items():
+            if d in dims:
+                continue  # reducing over units is permutation invariant
+            out[d if keepdim else d - sum(1 for r in dims if r < d)] = e
+        return out
+
+    def transpose(self, node: fx.Node, src: Any, order: list[int]) -> dict[int, int]:
+        """Output axis ``i`` is input axis ``order[i]``."""
+        inv = {o: i for i, o in enumerate(order)}
+        return {inv[d]: e for d, e in self.tinfo(src).items()}
+
+    def cat(self, node: fx.Node, tensors: list[Any], dim: int) -> dict[int, int]:
+        out_shape = self.shape(node)
+        if out_shape is None:
+            return self.opaque(node)
+        n = len(out_shape)
+        dim %= n
+        if len(tensors) == 1:
+            return dict(self.tinfo(tensors[0]))
+        out: dict[int, int] = {}
+        for d in range(n):
+            if d == dim:
+                for t in tensors:
+                    if d in self.tinfo(t):
+                        self.pin(self.tinfo(t)[d], f"{_op_name(node)} at node {node.name!r} concatenates these units "
+                                                   f"with others along axis {d} (block permutations are not implemented)")
+                continue
+            streams = [self.tinfo(t)[d] for t in tensors if d in self.tinfo(t)]
+            if not streams:
+                continue
+            for e in streams[1:]:
+                self.uf.union(streams[0], e)
+            if len(streams) < len(tensors) and out_shape[d] > 1:
+                self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} concatenates them with a tensor that "
+                                     f"does not move with these units")
+            out[d] = streams[0]
+        return out
+
+    def stack(self, node: fx.Node, tensors: list[Any], dim: int) -> dict[int, int]:
+        out_shape = self.shape(node)
+        if out_shape is None:
+            return self.opaque(node)
+        dim %= len(out_shape)
+        per_dim: dict[int, list[int]] = {}
+        for t in tensors:
+            for d, e in self.tinfo(t).items():
+                per_dim.setdefault(d if d < dim else d + 1, []).append(e)
+        out: dict[int, int] = {}
+        for d, streams in per_dim.items():
+            for e in streams[1:]:
+                self.uf.union(streams[0], e)
+            if len(streams) < len(tensors) and out_shape[d] > 1:
+                self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} stacks them with a tensor that does not "
+                                     f"move with these units")
+            out[d] = streams[0]
+        return out
+
+    def getitem(self, node: fx.Node) -> Any:
+        src, idx = node.args[0], node.args[1]
+        inf = self.info.get(src) if isinstance(src, fx.Node) else None
+        if isinstance(inf, (tuple, list)):
+            return inf[idx] if isinstance(idx, int) and -len(inf) <= idx < len(inf) else self.opaque(node)
+        if isinstance(inf, dict) and "__dict__" in inf:
+            return inf["__dict__"].get(idx, self.opaque(node))
+        in_shape = self.shape(src)
+        if in_shape is None or not isinstance(inf, dict):
+            return self.invariant_like(node) if inf is None and not _flat_nodes(idx) else self.opaque(node)
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if any(isinstance(i, fx.Node) or not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
+            return self.opaque(node, f"{_op_name(node)} at node {node.name!r} indexes the tensor with another tensor")
+        if Ellipsis in items:
+            k = items.index(Ellipsis)
+            used = sum(1 for i in items if i is not None and i is not Ellipsis)
+            items = items[:k] + [slice(None)] * (len(in_shape) - used) + items[k + 1:]
+        out: dict[int, int] = {}
+        d_in = d_out = 0
+        for it in items:
+            if it is None:
+                d_out += 1
+                continue
+            e = inf.get(d_in)
+            if isinstance(it, int):
+                if e is not None:
+                    self.pin(e, f"indexing at node {node.name!r} selects single units of axis {d_in}")
+                d_in += 1
+                continue
+            full = it == slice(None) or (it.start in (None, 0) and it.step in (None, 1)
+                                         and (it.stop is None or it.stop >= in_shape[d_in]))
+            if e is not None:
+                if full:
+                    out[d_out] = e
+                else:
+                    self.pin(e, f"slicing at node {node.name!r} selects a subset of the units of axis {d_in}")
+            d_in += 1
+            d_out += 1
+        for d in range(d_in, len(in_shape)):
+            if d in inf:
+                out[d_out + d - d_in] = inf[d]
+        return out
+
+    # ---------------------------------------------------------------- layers
+    def linear_like(self, node: fx.Node, name: str, src: Any, w: str, b: str | None) -> dict[int, int]:
+        """``y = x W^T + b`` over the last axis: ``W' = P_out W P_in^T``."""
+        inf = self.tinfo(src)
+        s = self.shape(src)
+        last = (len(s) - 1) if s else 0
+        if last in inf:
+            self.join_key(inf[last], w, 1)
+        keys = [(w, 0)] + ([(b, 0)] if b else [])
+        p = self.producer(name, keys)
+        out = {d: e for d, e in inf.items() if d != last}
+        out[last] = p
+        return out
+
+    def conv_like(self, node: fx.Node, name: str, src: Any, w: str, b: str | None, groups: int,
+                  transposed: bool = False) -> dict[int, int]:
+        inf = self.tinfo(src)
+        for d, e in inf.items():
+            if d != 1:
+                self.pin(e, f"convolution {name!r} mixes axis {d}, which carries units")
+        in_e = inf.get(1)
+        w_shape = tuple(self.state[w].shape) if w in self.state else None
+        if w_shape is None:
+            return self.opaque(node)
+        cin = w_shape[0] if transposed else w_shape[1] * groups
+        cout = w_shape[1] * groups if transposed else w_shape[0]
+        if groups == 1:
+            self.join_key(in_e, w, 0 if transposed else 1)
+            keys = [(w, 1 if transposed else 0)] + ([(b, 0)] if b else [])
+            return {1: self.producer(name, keys)}
+        if not transposed and groups == cin == cout:  # depthwise: channel c only reads channel c
+            if in_e is None:
+                return {}
+            self.join_key(in_e, w, 0)
+            if b:
+                self.join_key(in_e, b, 0)
+            return {1: in_e}
+        if in_e is not None:
+            self.pin(in_e, f"grouped convolution {name!r} (groups={groups}) mixes channels within groups only")
+        return {}
+
+    def per_channel(self, node: fx.Node, prefix: str, src: Any, axis_of_stream: int = 1) -> dict[int, int]:
+        """Norm layers with one entry per channel on axis 0 of every (non-scalar) parameter and buffer."""
+        inf = dict(self.tinfo(src))
+        e = inf.get(axis_of_stream)
+        if e is not None:
+            for k, v in self.state.items():
+                if k.rsplit(".", 1)[0] == prefix and v.dim() >= 1:
+                    self.join_key(e, k, 0)
+        return inf
+
+    def call_module(self, node: fx.Node) -> Any:
+        name = str(node.target)
+        m = self.gm.get_submodule(name)
+        self.module_calls[name] = self.module_calls.get(name, 0) + 1
+        src = node.args[0] if node.args else None
+        has_bias = lambda mod: getattr(mod, "bias", None) is not None  # noqa: E731
+        if isinstance(m, nn.Linear):
+            self.site_nodes.append((node, "producer"))
+            return self.linear_like(node, name, src, f"{name}.weight", f"{name}.bias" if has_bias(m) else None)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            self.site_nodes.append((node, "producer"))
+            return self.conv_like(node, name, src, f"{name}.weight", f"{name}.bias" if has_bias(m) else None, m.groups)
+        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            self.site_nodes.append((node, "producer"))
+            if m.groups != 1:
+                return self.opaque(node, f"grouped transposed convolution {name!r} is not supported")
+            return self.conv_like(node, name, src, f"{name}.weight", f"{name}.bias" if has_bias(m) else None, 1, True)
+        if isinstance(m, nn.Embedding):
+            self.pin_all(src, f"embedding {name!r} takes indices")
+            s = self.shape(node)
+            self.site_nodes.append((node, "producer"))
+            return {len(s) - 1: self.producer(name, [(f"{name}.weight", 1)])} if s else self.opaque(node)
+        if isinstance(m, _BN_MODULES):
+            self.site_nodes.append((node, "norm"))
+            return self.per_channel(node, name, src)
+        if isinstance(m, nn.GroupNorm):
+            self.site_nodes.append((node, "norm"))
+            if m.num_groups in (1, m.num_channels):
+                return self.per_channel(node, name, src)
+            inf = self.tinfo(src)
+            if 1 in inf:
+                self.pin(inf[1], f"GroupNorm {name!r} normalises groups of {m.num_channels // m.num_groups} channels "
+                                 f"together (num_groups={m.num_groups}; only 1 or num_channels={m.num_channels} "
+                                 f"commute with channel permutations)")
+            return dict(inf)
+        if isinstance(m, nn.LayerNorm):
+            self.site_nodes.append((node, "norm"))
+            inf = dict(self.tinfo(src))
+            s = self.shape(src) or ()
+            k = len(m.normalized_shape)
+            for d, e in inf.items():
+                if d >= len(s) - k:  # unit axis is among the normalised axes: its affine entries move with it
+                    self.join_key(e, f"{name}.weight", d - (len(s) - k))
+                    self.join_key(e, f"{name}.bias", d - (len(s) - k))
+            return inf
+        if isinstance(m, nn.PReLU):
+            self.site_nodes.append((node, "act"))
+            inf = dict(self.tinfo(src))
+            if m.num_parameters > 1:
+                if 1 in inf:
+                    self.join_key(inf[1], f"{name}.weight", 0)
+                else:
+                    return self.broadcast(node, [src])
+            return inf
+        if isinstance(m, _ACT_MODULES):
+            self.site_nodes.append((node, "act"))
+            return self.broadcast(node, [src])
+        if isinstance(m, _PASS_MODULES) or isinstance(m, _SOFTMAX_MODULES):
+            return dict(self.tinfo(src))
+        if isinstance(m, _CHANNELWISE_MODULES):
+            return self.channelwise(node, src)
+        if isinstance(m, _RESHAPE_MODULES):
+            return self.reshape(node, src)
+        return self.opaque(node, f"module {name!r} ({type(m).__name__}) is not understood by the tracer")
+
+    # ---------------------------------------------------------------- functions and methods
+    def _dim_arg(self, node: fx.Node, pos: int, default: Any = None, kw: str = "dim") -> Any:
+        if kw in node.kwargs:
+            return node.kwargs[kw]
+        return node.args[pos] if len(node.args) > pos else default
+
+    def _keyed(self, arg: Any) -> str | None:
+        """State-dict key behind a ``get_attr`` node (for functional layers)."""
+        if isinstance(arg, fx.Node) and arg.op == "get_attr" and str(arg.target) in self.state:
+            return str(arg.target)
+        return None
+
+    def call_function(self, node: fx.Node) -> Any:
+        t = node.target
+        a = node.args
+        src = a[0] if a else None
+        if t is operator.getitem:
+            return self.getitem(node)
+        if t is getattr:
+            return None
+        if t in (F.linear, F.conv1d, F.conv2d, F.conv3d):
+            w = self._keyed(a[1] if len(a) > 1 else node.kwargs.get("weight"))
+            b_arg = a[2] if len(a) > 2 else node.kwargs.get("bias")
+            b = self._keyed(b_arg)
+            if w is None or (b_arg is not None and b is None):
+                return self.opaque(node, f"{_op_name(node)} at node {node.name!r} uses weights that are not module "
+                                         f"parameters")
+            name = w.rsplit(".", 1)[0] if "." in w else w
+            if t is F.linear:
+                return self.linear_like(node, name, src, w, b)
+            groups = self._dim_arg(node, 6, 1, "groups")
+            return self.conv_like(node, name, src, w, b, int(groups))
+        if t in _ELEMENTWISE_FUNCS:
+            return self.broadcast(node, list(a) + list(node.kwargs.values()))
+        if t in _SOFTMAX_FUNCS:
+            return dict(self.tinfo(src))
+        if t in _CHANNELWISE_FUNCS:
+            return self.channelwise(node, src)
+        if t is F.pad:
+            return self.pad(node, src, a[1] if len(a) > 1 else node.kwargs.get("pad"))
+        if t in _RESHAPE_FUNCS:
+            return self.reshape(node, src)
+        if t in _CAT_FUNCS:
+            return self.cat(node, list(src), int(self._dim_arg(node, 1, 0)))
+        if t is torch.stack:
+            return self.stack(node, list(src), int(self._dim_arg(node, 1, 0)))
+        if t in _TRANSPOSE_FUNCS:
+            return self.swap(node, src, a[1], a[2])
+        if t is torch.permute:
+            return self.transpose(node, src, [int(x) % len(self.shape(src)) for x in a[1]])
+        if t in _REDUCE_FUNCS or t in (torch.max, torch.min):
+            return self.reduce_call(node, getattr(t, "__name__", ""), src)
+        return self.opaque(node)
+
+    def call_method(self, node: fx.Node) -> Any:
+        m = str(node.target)
+        a = node.args
+        src = a[0]
+        if m in _SHAPE_METHODS:
+            return None
+        if m in _ELEMENTWISE_METHODS:
+            return self.broadcast(node, list(a) + list(node.kwargs.values()))
+        if m in _SELF_METHODS:
+            return self.align(node, src)
+        if m in _SOFTMAX_METHODS:
+            return dict(self.tinfo(src))
+        if m in _RESHAPE_METHODS:
+            return self.reshape(node, src)
+        if m in _ALIGN_METHODS:
+            return self.align(node, src)
+        if m in _TRANSPOSE_METHODS:
+            return self.swap(node, src, a[1], a[2])
+        if m == "t":
+            return self.transpose(node, src, [1, 0]) if len(self.shape(src) or ()) == 2 else dict(self.tinfo(src))
+        if m == "permute":
+            dims = a[1] if len(a) == 2 and isinstance(a[1], (tuple, list)) else a[1:]
+            return self.transpose(node, src, [int(x) % len(self.shape(src)) for x in dims])
+        if m in _REDUCE_NAMES or m in ("max", "min"):
+            return self.reduce_call(node, m, src)
+        return self.opaque(node)
+
+    def swap(self, node: fx.Node, src: Any, d0: int, d1: int) -> dict[int, int]:
+        n = len(self.shape(src) or ())
+        order = list(range(n))
+        d0, d1 = d0 % n, d1 % n
+        order[d0], order[d1] = order[d1], order[d0]
+        return self.transpose(node, src, order)
+
+    def pad(self, node: fx.Node, src: Any, pad: Any) -> dict[int, int]:
+        s = self.shape(src)
+        if s is None or not isinstance(pad, (tuple, list)):
+            return self.opaque(node)
+        out: dict[int, int] = {}
+        for d, e in self.tinfo(src).items():
+            k = len(s) - 1 - d  # pad lists (left, right) pairs from the last axis backwards
+            if 2 * k + 1 < len(pad) and (pad[2 * k] or pad[2 * k + 1]):
+                self.pin(e, f"F.pad at node {node.name!r} pads axis {d}, which carries units")
+            else:
+                out[d] = e
+        return out
+
+    def reduce_call(self, node: fx.Node, name: str, src: Any) -> Any:
+        a = node.args
+        if name in ("max", "min"):
+            if len(a) >= 2 and isinstance(a[1], fx.Node):  # torch.max(a, b): elementwise
+                return self.broadcast(node, [a[0], a[1]])
+            if len(a) == 1 and not node.kwargs:
+                return {}  # max of all elements: invariant
+            return self.opaque(node, f"{_op_name(node)} at node {node.name!r} with a dim returns indices, which "
+                                     f"depend on the unit order")
+        if name == "norm":
+            dim, keepdim = self._dim_arg(node, 2), self._dim_arg(node, 3, False, "keepdim")
+        else:
+            dim, keepdim = self._dim_arg(node, 1), self._dim_arg(node, 2, False, "keepdim")
+        if not isinstance(keepdim, bool):
+            return self.opaque(node)
+        res = self.reduce(node, src, dim, keepdim)
+        return self.opaque(node) if res is None else res
+
+    # ---------------------------------------------------------------- walk
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.info[node] = self.invariant_like(node)
+            elif node.op == "get_attr":
+                key = str(node.target)
+                s = self.shape(node)
+                if key in self.state and s is not None:
+                    self.info[node] = {i: self.key(key, i) for i in range(len(s)) if s[i] > 1}
+                else:
+                    self.info[node] = self.invariant_like(node)
+            elif node.op == "call_module":
+                self.info[node] = self.call_module(node)
+            elif node.op == "call_function":
+                self.info[node] = self.call_function(node)
+            elif node.op == "call_method":
+                self.info[node] = self.call_method(node)
+            elif node.op == "output":
+                self.pin_all(node.args, "model output", warn=False)
+            if self.info.get(node) is None and node.op not in ("output",) and node.meta.get("tensor_meta") is not None:
+                # a tensor-valued result we could not describe: treat as opaque
+                if not (node.op == "call_function" and node.target is getattr) and not (
+                        node.op == "call_method" and node.target in _SHAPE_METHODS):
+                    self.info[node] = self.opaque(node)
+
+    def build(self) -> TraceResult:
+        uf = self.uf
+        pinned_root = uf.find(_PINNED)
+        members: dict[int, list[tuple[str, int]]] = {}
+        for (k, ax), e in self.key_elem.items():
+            members.setdefault(uf.find(e), []).append((k, ax))
+        producers: dict[int, list[str]] = {}
+        for p in self.producer_order:
+            r = uf.find(p)
+            producers.setdefault(r, [])
+            if self.producer_name[p] not in producers[r]:
+                producers[r].append(self.producer_name[p])
+        # One warning per stream that had producers with >1 unit and was pinned for a reason
+        # (pinning by the model output is expected and silent).
+        why_by_label: dict[str, list[str]] = {}
+        for e, why, warn in self.pin_reasons:
+            if not warn:
+                continue
+            size = self._size(e)
+            if size is not None and size <= 1:
+                continue
+            lst = why_by_label.setdefault(self._label(e), [])
+            if why not in lst:
+                lst.append(why)
+        msgs: list[str] = [f"{label} left unpermuted: {'; '.join(whys)}" for label, whys in why_by_label.items()]
+
+        sizes: dict[str, int] = {}
+        root_group: dict[int, str] = {}
+        for p in self.producer_order:
+            r = uf.find(p)
+            if r == pinned_root or r in root_group or r not in members:
+                continue
+            size_set = {int(self.state[k].shape[ax]) for k, ax in members[r]}
+            if len(size_set) != 1:
+                msg = (f"units of {self.producer_name[p]!r} left unpermuted: the tracer joined axes of different "
+                       f"sizes {sorted(size_set)} ({', '.join(f'{k}[{ax}]' for k, ax in members[r][:4])})")
+                if self.strict:
+                    raise LmcError("cannot build a permutation spec: " + msg)
+                msgs.append(msg)
+                continue
+            g = self.producer_name[p]
+            base, i = g, 2
+            while g in sizes:
+                g, i = f"{base}#{i}", i + 1
+            root_group[r] = g
+            sizes[g] = size_set.pop()
+        axes: dict[str, list[str | None]] = {k: [None] * v.dim() for k, v in self.state.items()}
+        for r, g in root_group.items():
+            for k, ax in members[r]:
+                axes[k][ax] = g
+        spec = PermutationSpec(axes={k: tuple(v) for k, v in axes.items()}, sizes=sizes,
+                               shapes={k: tuple(v.shape) for k, v in self.state.items()})
+        spec.validate()
+        res = TraceResult(spec=spec, warnings=msgs,
+                          producers={root_group[r]: producers[r] for r in root_group})
+        res.sites = self._sites(root_group)
+        return res
+
+    def _label(self, e: int) -> str:
+        """Readable name for the stream of element ``e`` at the time it was pinned: its producers."""
+        names = [self.producer_name[p] for p in self.producer_order if self._same_before_pin(p, e)]
+        if names:
+            return "units of " + ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
+        keys = [f"{k}[{ax}]" for (k, ax), x in self.key_elem.items() if self._same_before_pin(x, e)]
+        return "entries " + ", ".join(keys[:3]) if keys else f"stream #{e}"
+
+    def _same_before_pin(self, a: int, b: int) -> bool:
+        return self._unpinned_root(a) == self._unpinned_root(b)
+
+    def _unpinned_root(self, e: int) -> int:
+        if not hasattr(self, "_shadow"):
+            self._shadow = self._shadow_uf()
+        return self._shadow.find(e)
+
+    def _shadow_uf(self) -> _UnionFind:
+        """The union-find replayed without any pinning (unions through PINNED dropped)."""
+        sh = _UnionFind()
+        sh.parent = list(range(len(self.uf.parent)))
+        for a, b in self._unions:
+            if a != _PINNED and b != _PINNED:
+                sh.union(a, b)
+        return sh
+
+    def _size(self, e: int) -> int | None:
+        for (k, ax), x in self.key_elem.items():
+            if self._same_before_pin(x, e):
+                return int(self.state[k].shape[ax])
+        return None
+
+    def _sites(self, root_group: dict[int, str]) -> dict[str, list[str]]:
+        rank = {"act": 0, "norm": 1, "producer": 2}
+        best: dict[str, tuple[int, list[str]]] = {}
+        for node, kind in self.site_nodes:
+            name = str(node.target)
+            if self.module_calls.get(name, 0) != 1:
+                continue  # a module called twice cannot be hooked unambiguously
+            inf = self.info.get(node)
+            if not isinstance(inf, dict) or 1 not in inf:
+                continue
+            g = root_group.get(self.uf.find(inf[1]))
+            if g is None:
+                continue
+            r = rank[kind]
+            cur = best.get(g)
+            if cur is None or r < cur[0]:
+                best[g] = (r, [name])
+            elif r == cur[0] and name not in cur[1]:
+                cur[1].append(name)
+        return {g: list(best[g][1]) if g in best else [] for g in root_group.values()}
+
+
+# --------------------------------------------------------------------------- entry points
+def example_input_for(model: nn.Module, batch: int = 8, seed: int = 0) -> torch.Tensor:
+    """A random ``(batch, C, S, S)`` input for a zoo model, from its config and factory defaults.
+
+    Raises :class:`LmcError` for models not built by :func:`lmckit.models.create_model`.
+    """
+    cfg = getattr(model, "lmckit_config", None)
+    if not isinstance(cfg, dict) or "name" not in cfg:
+        raise LmcError(f"no example input given for {type(model).__name__}, and it is not an lmckit zoo model",
+                       "pass example_input (a batch the model accepts, e.g. torch.randn(8, 3, 32, 32))")
+    from ..models import model_entry
+
+    params = inspect.signature(model_entry(cfg["name"]).factory).parameters
+    c = cfg.get("in_channels", params["in_channels"].default if "in_channels" in params else 3)
+    s = cfg.get("image_size", params["image_size"].default if "image_size" in params else 32)
+    p = next(model.parameters(), None)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, int(c), int(s), int(s), generator=gen)
+    return x.to(p.device) if p is not None else x
+
+
+def trace_streams(model: nn.Module, example_input: torch.Tensor | None = None, strict: bool = False) -> TraceResult:
+    """Trace ``model`` and return its spec, the warnings and the activation sites.
+
+    The model is not modified (its train/eval flags are restored and no
+    running statistics are updated). See the module docstring for the rules.
+    """
+    if example_input is None:
+        example_input = example_input_for(model)
+    try:
+        gm = fx.symbolic_trace(model)
+    except LmcError:
+        raise
+    except Exception as e:  # noqa: BLE001  (fx raises many types)
+        raise LmcError(f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}",
+                       "remove data-dependent Python control flow from forward(), or give the model a "
+                       "permutation_spec() method") from None
+    modes = {m: m.training for m in model.modules()}
+    try:
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as e:  # noqa: BLE001
+        raise LmcError(f"the example input of shape {tuple(example_input.shape)} does not run through "
+                       f"{type(model).__name__}: {type(e).__name__}: {e}",
+                       "pass an example input the model accepts") from None
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    state = model.state_dict()
+    tr = _Tracer(gm, state, strict)
+    tr.run()
+    return tr.build()
+
+
+def trace_spec(model: nn.Module, example_input: torch.Tensor | None = None, strict: bool = False) -> PermutationSpec:
+    """Permutation spec of an arbitrary model by torch.fx tracing.
+
+    Parameters
+    ----------
+    model:
+        Any ``nn.Module`` that ``torch.fx.symbolic_trace`` can trace.
+    example_input:
+        A batch the model accepts (shapes drive the reshape and broadcast rules);
+        derived from the config for zoo models when omitted.
+    strict:
+        Raise :class:`LmcError` instead of warning when some units cannot be
+        permuted.
+
+    Returns
+    -------
+    PermutationSpec
+        Covers every state-dict key. Streams the tracer cannot see through are
+        left unpermuted and each is reported by a :class:`SpecWarning`.
+    """
+    res = trace_streams(model, example_input, strict)
+    for msg in res.warnings:
+        warnings.warn(f"trace_spec({type(model).__name__}): {msg}", SpecWarning, stacklevel=2)
+    return res.spec
+
+
+def activation_sites(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, list[str]]:
+    """Group -> names of submodules whose outputs carry that group's units (for activation matching).
+
+    The units sit on axis 1 of each site's output (the last axis for ``(N, C)``
+    tensors). Zoo models answer from ``model.hidden_modules()`` (the
+    post-activation modules). Traced models use, per group, the elementwise
+    activation modules (ReLU, GELU, ...) carrying it; when there is none (e.g.
+    the activation is a functional ``F.relu``) the norm layers carrying it, and
+    failing those the producing Linear/Conv layers (pre-activation outputs).
+    Modules called more than once are skipped (a hook on them would see several
+    streams). A group that only functional layers produce gets an empty list.
+    """
+    if hasattr(model, "hidden_modules"):
+        names: dict[int, str] = {}
+        for n, m in model.named_modules():
+            names.setdefault(id(m), n)
+        out: dict[str, list[str]] = {}
+        for g, mods in model.hidden_modules().items():
+            mods = mods if isinstance(mods, (list, tuple)) else [mods]
+            out[g] = [names[id(m)] for m in mods]
+        return out
+    return trace_streams(model, example_input).sites
