@@ -1,0 +1,183 @@
+"""From a :class:`~lmckit.pipeline.recipe.Recipe` to the graph of stages that reproduces it.
+
+For every model entry of the recipe (and every width of the width sweep):
+
+* one :class:`TrainStage` per seed;
+* model pairs from the seeds (``match.pairs``: disjoint ``(s0, s1), (s2, s3)``
+  or all pairs);
+* per pair and method: ``match.searches`` weight-matching searches (seeds
+  0..searches-1), one search for activation matching and STE (naive needs none);
+* per pair and method, a :class:`BarrierStage` for the first search and an
+  :class:`AnalysisStage` for every search (R's mean and std run over pairs
+  and searches). The first search of weight matching also carries the
+  data-dependent analyses the recipe enables (spectra, projections, rank
+  sweep); every method's first search carries the Taylor estimate.
+* the three-model experiment on the first model entry.
+
+Methods whose library is not in this build are left out, with a note.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LmcError
+from .recipe import ModelEntry, Recipe
+from .stages import Stage
+from .tasks import AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, method_available, train_stage
+
+__all__ = ["Experiment", "Plan", "build_plan", "check_data"]
+
+Key = tuple[tuple[int, int], str, int]  # (pair, method, search)
+
+
+@dataclass
+class Experiment:
+    """The stages of one model configuration (one model entry at one width)."""
+
+    label: str
+    width_mult: float
+    trains: dict[int, TrainStage]
+    pairs: list[tuple[int, int]]
+    methods: list[str]
+    matches: dict[Key, MatchStage] = field(default_factory=dict)
+    barriers: dict[Key, BarrierStage] = field(default_factory=dict)
+    analyses: dict[Key, AnalysisStage] = field(default_factory=dict)
+
+    def stages(self) -> list[Stage]:
+        return [*self.trains.values(), *self.matches.values(), *self.barriers.values(), *self.analyses.values()]
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    experiments: list[Experiment]
+    three: dict[str, ThreeModelStage] = field(default_factory=dict)
+    width: list[Experiment] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def targets(self) -> list[Stage]:
+        out: list[Stage] = []
+        for e in self.experiments + self.width:
+            out += e.stages()
+        out += list(self.three.values())
+        return out
+
+
+def check_data(recipe: Recipe, data_dir: str | None = None) -> None:
+    """Fail fast, before any stage starts, when the recipe's dataset cannot be found."""
+    from ..data import find_dataset
+
+    try:
+        find_dataset(recipe.data.dataset, data_dir)
+    except LmcError as e:
+        raise LmcError(f"recipe {recipe.name!r} needs the {recipe.data.dataset} dataset, which is not available: {e.message}",
+                       e.hint or "pass --data-dir") from None
+
+
+def _train_overrides(recipe: Recipe, m: ModelEntry, width_mult: float, seed: int) -> dict[str, Any]:
+    kw = dict(m.options)
+    kw["width_mult"] = float(width_mult)
+    kw["norm"] = m.norm
+    over: dict[str, Any] = {"model": m.name, "dataset": recipe.data.dataset, "seed": seed}
+    over.update({k: _thaw(v) for k, v in recipe.train.overrides})
+    over.update({k: _thaw(v) for k, v in m.overrides})
+    extra_kw = over.pop("model_kwargs", {}) or {}
+    kw.update(extra_kw)
+    over["model_kwargs"] = {k: _thaw(v) for k, v in kw.items()}
+    return over
+
+
+def _thaw(v: Any) -> Any:
+    if isinstance(v, tuple) and v and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in v):
+        return {k: _thaw(x) for k, x in v}
+    if isinstance(v, tuple):
+        return [_thaw(x) for x in v]
+    return v
+
+
+def _match_options(recipe: Recipe, method: str) -> tuple:
+    m = recipe.match
+    if method == "weight":
+        return (("max_iter", m.max_iter),)
+    if method == "activation":
+        return (("samples", m.am_samples),)
+    if method == "ste":
+        s = m.ste
+        return (("batch_size", s.batch_size), ("epochs", s.epochs), ("lr", s.lr), ("max_iter", s.max_iter))
+    return ()
+
+
+def _experiment(recipe: Recipe, m: ModelEntry, width_mult: float, methods: list[str], seeds: tuple[int, ...],
+                pairs: list[tuple[int, int]], full: bool, label: str) -> Experiment:
+    preset = m.preset or recipe.train.preset
+    trains = {s: train_stage(preset, _train_overrides(recipe, m, width_mult, s)) for s in seeds}
+    exp = Experiment(label, width_mult, trains, pairs, methods)
+    an = recipe.analysis
+    b = recipe.barrier
+    for pair in pairs:
+        ta, tb = trains[pair[0]], trains[pair[1]]
+        for method in methods:
+            searches = recipe.match.searches if method == "weight" else 1
+            for search in range(searches):
+                key = (pair, method, search)
+                match = None
+                if method != "naive":
+                    match = MatchStage(ta, tb, method, search, _match_options(recipe, method))
+                    exp.matches[key] = match
+                if search == 0:
+                    exp.barriers[key] = BarrierStage(ta, tb, match, b.lambdas, b.splits, b.limit, b.bn_batches)
+                if an.enabled and method != "naive":
+                    first_wm = full and search == 0 and method == "weight" and pair == pairs[0]
+                    exp.analyses[key] = AnalysisStage(
+                        ta, tb, match, an.gammas, arrays=first_wm and an.spectra,
+                        taylor=full and search == 0 and an.taylor, taylor_samples=an.taylor_samples,
+                        projections=first_wm and an.projections, projection_batches=max(1, an.projection_samples // 500),
+                        rank=first_wm and an.rank, rank_fractions=an.rank_fractions if first_wm and an.rank else (),
+                        eval_limit=an.eval_limit)
+        if an.enabled and an.taylor and full and "naive" in methods:
+            exp.analyses[(pair, "naive", 0)] = AnalysisStage(ta, tb, None, an.gammas, taylor=True,
+                                                             taylor_samples=an.taylor_samples, eval_limit=an.eval_limit)
+    return exp
+
+
+def build_plan(recipe: Recipe) -> Plan:
+    """The stage graph of a recipe (nothing runs)."""
+    notes: list[str] = []
+    methods = []
+    for meth in recipe.match.methods:
+        if method_available(meth):
+            methods.append(meth)
+        else:
+            notes.append(f"method {meth!r} skipped: its library (lmckit.match) is not in this build")
+    pairs = recipe.pairs()
+    exps = [_experiment(recipe, m, m.width_mult, methods, recipe.train.seeds, pairs, True, m.display())
+            for m in recipe.models]
+    plan = Plan(recipe, exps, notes=notes)
+    t = recipe.three_models
+    if t.enabled:
+        if not method_available("anchor"):
+            notes.append("three-model experiment skipped: lmckit.match.multi (anchor matching, MergeMany) is not in this build")
+        else:
+            trains = [exps[0].trains[s] for s in recipe.train.seeds[: t.models]]
+            three_methods = [m for m in t.methods if method_available(m)] + (["merge_many"] if t.merge_many else [])
+            b = recipe.barrier
+            for meth in three_methods:
+                opts = _match_options(recipe, "weight" if meth == "merge_many" else meth)
+                matches: tuple = ()
+                if meth != "merge_many":  # pairwise matchings to the anchor: shared, cached match stages
+                    matches = (None,) + tuple(MatchStage(trains[0], tr, meth, 0, opts) for tr in trains[1:])
+                plan.three[meth] = ThreeModelStage(tuple(trains), meth, matches, 0, opts if meth == "merge_many" else (),
+                                                   b.lambdas, ("test",), t.grid if t.landscape else 0, b.limit,
+                                                   b.bn_batches)
+    w = recipe.width_sweep
+    if w.enabled:
+        m0 = recipe.models[0]
+        seeds = recipe.train.seeds[: 2 * w.pairs]
+        wpairs = [(seeds[2 * i], seeds[2 * i + 1]) for i in range(w.pairs)]
+        wmethods = [m for m in w.methods if method_available(m)]
+        wrecipe = recipe
+        for width in w.widths:
+            plan.width.append(_experiment(wrecipe, m0, width * m0.width_mult, wmethods, seeds, wpairs, False,
+                                          f"{m0.name} x{width * m0.width_mult:g}"))
+    return plan

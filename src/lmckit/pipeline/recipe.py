@@ -1,0 +1,358 @@
+"""Recipes: TOML files describing a whole reproduction, parsed into a validated dataclass tree.
+
+A recipe is data, never code: it is read with :mod:`tomllib` and checked
+field by field against the dataclasses below. Unknown keys raise
+:class:`~lmckit.errors.LmcError` with a "did you mean" hint, wrong types and
+out-of-range values raise it naming the dotted key.
+
+Shipped recipes live in ``lmckit/recipes/<name>.toml``; any other file is
+passed by path. ``--set key=value`` overrides are applied to the parsed TOML
+before validation (dotted keys, list items by index: ``models.0.width_mult``);
+values are TOML literals (``3``, ``0.5``, ``[0, 1]``, ``"mnist"``, ``true``),
+and a value that is not a TOML literal is taken as a plain string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import LmcError
+
+__all__ = ["Recipe", "DataSection", "ModelEntry", "TrainSection", "MatchSection", "SteSection", "BarrierSection",
+           "AnalysisSection", "ThreeModelSection", "WidthSweepSection", "load_recipe", "parse_recipe",
+           "recipe_names", "apply_overrides", "recipe_to_dict"]
+
+METHODS = ("naive", "weight", "activation", "ste")
+
+
+def _f(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
+       choices: Sequence[str] | None = None, mapping: bool = False, help: str = "") -> Any:
+    meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "mapping": mapping, "help": help}
+    if isinstance(default, (list, dict, tuple)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        d = default
+        return field(default_factory=lambda: d, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str = _f("fashion-mnist", help="dataset name (lmckit data list)")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str = _f("mlp", help="registered model (lmckit models)")
+    label: str = _f("", help="name shown in the report (default: the model name and width)")
+    width_mult: float = _f(1.0, min=1e-6)
+    norm: str = _f("none", choices=("none", "batchnorm", "layernorm"))
+    options: tuple = _f((), mapping=True, help="extra create_model keyword arguments, e.g. {depth = 3, width = 512}")
+    preset: str = _f("", help="lmckit.train preset for this model (default: train.preset)")
+    overrides: tuple = _f((), mapping=True, help="training overrides for this model, on top of train.overrides")
+
+    def display(self) -> str:
+        return self.label or (self.name if self.width_mult == 1.0 else f"{self.name} x{self.width_mult:g}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    preset: str = _f("mlp-fmnist", help="lmckit.train preset name")
+    seeds: tuple[int, ...] = _f((0, 1, 2, 3), min=0, help="one model per seed")
+    overrides: tuple = _f((), mapping=True, help="TrainConfig fields to override, e.g. {epochs = 5}")
+
+
+@dataclass(frozen=True)
+class SteSection:
+    epochs: int = _f(1, min=1)
+    lr: float = _f(1e-3, min=1e-12)
+    batch_size: int = _f(256, min=1)
+    max_iter: int = _f(30, min=1, help="weight-matching sweeps per projection")
+
+
+@dataclass(frozen=True)
+class MatchSection:
+    methods: tuple[str, ...] = _f(METHODS, choices=METHODS)
+    pairs: str = _f("disjoint", choices=("disjoint", "all"),
+                    help="model pairs from train.seeds: (s0,s1), (s2,s3), ... or every pair")
+    searches: int = _f(3, min=1, help="weight-matching seeds per pair (mean/std of R over searches)")
+    max_iter: int = _f(100, min=1, help="weight-matching sweeps")
+    am_samples: int = _f(5000, min=1, help="training images for activation statistics")
+    ste: SteSection = _f(SteSection())
+
+
+@dataclass(frozen=True)
+class BarrierSection:
+    lambdas: int = _f(25, min=2, help="evenly spaced interpolation points including both ends")
+    splits: tuple[str, ...] = _f(("train", "test"), choices=("train", "test", "val"))
+    limit: int = _f(10000, min=0, help="images per split and evaluation point (0: all)")
+    bn_batches: int = _f(10, min=1, help="training batches for the BatchNorm reset at each point")
+
+
+@dataclass(frozen=True)
+class AnalysisSection:
+    enabled: bool = _f(True)
+    gammas: tuple[float, ...] = _f((0.0, 0.3), min=0.0, max=1.0)
+    spectra: bool = _f(True, help="singular-value spectra and per-index alignment")
+    alignment: bool = _f(True, help="alignment score R(gamma) per method")
+    taylor: bool = _f(True, help="second-order Taylor estimate of the midpoint barrier")
+    taylor_samples: int = _f(2000, min=1)
+    projections: bool = _f(True, help="input projections onto right-singular vectors")
+    projection_samples: int = _f(2000, min=1)
+    rank: bool = _f(True, help="accuracy against kept rank")
+    rank_gammas: tuple[float, ...] = _f((0.0, 0.05, 0.1, 0.2, 0.3, 0.5), min=0.0, max=1.0)
+    rank_fractions: tuple[float, ...] = _f((0.05, 0.1, 0.25, 0.5, 1.0), min=0.0, max=1.0)
+    eval_limit: int = _f(0, min=0, help="test images for rank-k accuracy (0: all)")
+
+
+@dataclass(frozen=True)
+class ThreeModelSection:
+    enabled: bool = _f(True)
+    models: int = _f(3, min=3, help="models matched to the anchor (the first seed)")
+    methods: tuple[str, ...] = _f(("weight", "ste"), choices=("weight", "ste"))
+    landscape: bool = _f(True)
+    grid: int = _f(9, min=3, help="points per side of the loss-landscape grid")
+    merge_many: bool = _f(True, help="also run MergeMany")
+
+
+@dataclass(frozen=True)
+class WidthSweepSection:
+    enabled: bool = _f(False)
+    widths: tuple[float, ...] = _f((0.25, 0.5, 1.0, 2.0), min=1e-6)
+    methods: tuple[str, ...] = _f(("naive", "weight"), choices=("naive", "weight", "activation"))
+    pairs: int = _f(1, min=1, help="model pairs per width")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = _f("custom")
+    description: str = _f("")
+    data: DataSection = _f(DataSection())
+    models: tuple[ModelEntry, ...] = _f((ModelEntry(),))
+    train: TrainSection = _f(TrainSection())
+    match: MatchSection = _f(MatchSection())
+    barrier: BarrierSection = _f(BarrierSection())
+    analysis: AnalysisSection = _f(AnalysisSection())
+    three_models: ThreeModelSection = _f(ThreeModelSection())
+    width_sweep: WidthSweepSection = _f(WidthSweepSection())
+
+    def pairs(self) -> list[tuple[int, int]]:
+        s = self.train.seeds
+        if self.match.pairs == "all":
+            return [(s[i], s[j]) for i in range(len(s)) for j in range(i + 1, len(s))]
+        return [(s[i], s[i + 1]) for i in range(0, len(s) - 1, 2)]
+
+
+# --------------------------------------------------------------------------- validation
+def _bad(msg: str, hint: str | None = None, source: str = "") -> LmcError:
+    return LmcError(f"recipe {source}: {msg}" if source else f"recipe: {msg}", hint)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _check_scalar(tp: Any, value: Any, key: str, meta: Mapping[str, Any], source: str) -> Any:
+    name = getattr(tp, "__name__", str(tp))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(f"{key} must be a number, got {value!r}", source=source)
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _bad(f"{key} must be finite, got {value!r}", source=source)
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(f"{key} must be an integer, got {value!r}", source=source)
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(f"{key} must be true or false, got {value!r}", source=source)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise _bad(f"{key} must be a string, got {value!r}", source=source)
+    else:  # pragma: no cover - schema bug
+        raise TypeError(f"unsupported recipe field type {name}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise _bad(f"{key} must be at least {meta['min']:g}, got {value!r}", source=source)
+    if meta.get("max") is not None and value > meta["max"]:
+        raise _bad(f"{key} must be at most {meta['max']:g}, got {value!r}", source=source)
+    if meta.get("choices") and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        raise _bad(f"{key} = {value!r} is not one of {', '.join(meta['choices'])}",
+                   f"did you mean {close[0]!r}?" if close else None, source)
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise _bad(f"{prefix or 'the recipe'} must be a table, got {raw!r}", source=source)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            close = difflib.get_close_matches(k, list(fields), n=1, cutoff=0.5)
+            raise _bad(f"unknown key {key!r}",
+                       (f"did you mean {prefix}{close[0]!r}? " if close else "") + f"known keys here: {', '.join(fields)}", source)
+        f = fields[k]
+        kwargs[k] = _value(hints[k], v, key, f.metadata, source)
+    return cls(**kwargs)
+
+
+def _value(tp: Any, v: Any, key: str, meta: Mapping[str, Any], source: str) -> Any:
+    if meta.get("mapping"):
+        if not isinstance(v, dict):
+            raise _bad(f"{key} must be a table like {{epochs = 5}}, got {v!r}", source=source)
+        return _freeze(v)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, f"{key}.", source)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        if not isinstance(v, list):
+            raise _bad(f"{key} must be a list, got {v!r}", source=source)
+        if dataclasses.is_dataclass(inner):
+            return tuple(_build(inner, x, f"{key}.{i}.", source) for i, x in enumerate(v))
+        return tuple(_check_scalar(inner, x, f"{key}[{i}]", meta, source) for i, x in enumerate(v))
+    return _check_scalar(tp, v, key, meta, source)
+
+
+def _cross_checks(r: Recipe, source: str) -> None:
+    from ..data import dataset_info
+    from ..models.registry import model_entry
+
+    try:
+        dataset_info(r.data.dataset)
+    except LmcError as e:
+        raise _bad(f"data.dataset: {e.message}", e.hint, source) from None
+    if not r.models:
+        raise _bad("models is empty", "add at least one [[models]] table", source)
+    for i, m in enumerate(r.models):
+        try:
+            model_entry(m.name)
+        except LmcError as e:
+            raise _bad(f"models.{i}.name: {e.message}", e.hint, source) from None
+    seeds = r.train.seeds
+    if len(seeds) < 2:
+        raise _bad(f"train.seeds needs at least two seeds, got {list(seeds)}", source=source)
+    if len(set(seeds)) != len(seeds):
+        raise _bad(f"train.seeds has duplicates: {list(seeds)}", source=source)
+    if not r.match.methods:
+        raise _bad("match.methods is empty", f"choose from {', '.join(METHODS)}", source)
+    if r.three_models.enabled and r.three_models.models > len(seeds):
+        raise _bad(f"three_models.models = {r.three_models.models} needs as many train.seeds (have {len(seeds)})",
+                   "add seeds or lower three_models.models", source)
+    if r.width_sweep.enabled and not r.width_sweep.widths:
+        raise _bad("width_sweep.widths is empty", source=source)
+    if r.width_sweep.enabled and 2 * r.width_sweep.pairs > len(seeds):
+        raise _bad(f"width_sweep.pairs = {r.width_sweep.pairs} needs {2 * r.width_sweep.pairs} train.seeds", source=source)
+
+
+def parse_recipe(raw: Mapping[str, Any], source: str = "") -> Recipe:
+    """Validate a parsed TOML mapping into a :class:`Recipe` (raises :class:`LmcError`)."""
+    r = _build(Recipe, dict(raw), "", source)
+    _cross_checks(r, source)
+    return r
+
+
+# --------------------------------------------------------------------------- files and overrides
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped in the package."""
+    folder = resources.files("lmckit") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    p = Path(name_or_path)
+    if name_or_path.endswith(".toml") or p.is_file() or "/" in name_or_path:
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise LmcError(f"recipe file {p} does not exist", f"shipped recipes: {', '.join(recipe_names())}") from None
+        source = str(p)
+    else:
+        f = resources.files("lmckit") / "recipes" / f"{name_or_path}.toml"
+        if not f.is_file():
+            names = recipe_names()
+            close = difflib.get_close_matches(name_or_path, names, n=1)
+            raise LmcError(f"unknown recipe {name_or_path!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                           f"shipped recipes: {', '.join(names)}; or pass a .toml file")
+        text = f.read_text()
+        source = name_or_path
+    try:
+        return tomllib.loads(text), source
+    except tomllib.TOMLDecodeError as e:
+        raise LmcError(f"recipe {source} is not valid TOML: {e}", "fix the file (see the shipped recipes for examples)") from None
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``key=value`` overrides applied (dotted keys, list indices)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in sets:
+        if "=" not in item:
+            raise LmcError(f"--set {item!r} is not key=value", "e.g. --set train.seeds=[0,1] or --set match.searches=5")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not key or any(not p for p in parts):
+            raise LmcError(f"--set {item!r}: bad key {key!r}")
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise LmcError(f"--set {key}: {where} is not an index of a list of {len(node)} items")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise LmcError(f"--set {key}: {where} is a value, not a table")
+        last = parts[-1]
+        value = _parse_literal(text.strip())
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise LmcError(f"--set {key}: {last!r} is not an index of a list of {len(node)} items")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return out
+
+
+def load_recipe(name_or_path: str = "quick", sets: Sequence[str] = ()) -> Recipe:
+    """Read a shipped recipe by name or a TOML file by path, apply ``--set`` overrides, validate."""
+    raw, source = _read_toml(name_or_path)
+    # [[models]] arrays need to exist before "models.0.x" overrides
+    if "models" not in raw and any(s.startswith("models.") for s in sets):
+        raw["models"] = [{}]
+    raw = apply_overrides(raw, sets)
+    return parse_recipe(raw, source)
+
+
+def recipe_to_dict(r: Any) -> Any:
+    """A JSON-able view of a recipe (mappings back as dicts)."""
+    if dataclasses.is_dataclass(r) and not isinstance(r, type):
+        out = {}
+        for f in dataclasses.fields(r):
+            v = getattr(r, f.name)
+            out[f.name] = dict((k, recipe_to_dict(x)) for k, x in v) if f.metadata.get("mapping") else recipe_to_dict(v)
+        return out
+    if isinstance(r, tuple):
+        return [recipe_to_dict(x) for x in r]
+    return r

@@ -1,0 +1,76 @@
+"""``lmckit reproduce``: recipe -> stage graph -> cached execution -> report folder.
+
+Steps: read and validate the recipe (with ``--set`` overrides), check that
+its dataset is findable (before any stage starts), build the stage graph,
+take the report folder's lock (non-blocking: a second process on the same
+``--out`` fails at once with a clear message), run the missing stages
+(in process, or ``jobs`` at a time in a process pool), then aggregate every
+stage's outputs into ``results.json``, figures, ``report.md`` and
+``report.html``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..store import file_lock
+from .build import Plan, build_plan, check_data
+from .executor import PlanEntry, RunSummary, dry_run, make_executor
+from .recipe import Recipe, load_recipe
+from .stages import Runtime
+
+__all__ = ["ReproduceResult", "reproduce", "prepare"]
+
+
+@dataclass
+class ReproduceResult:
+    recipe: Recipe
+    plan: Plan
+    out: Path
+    cache: Path
+    entries: list[PlanEntry] = field(default_factory=list)  # the dry-run listing
+    summary: RunSummary | None = None
+    results: dict | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def prepare(recipe: str = "quick", sets: Sequence[str] = (), data_dir: str | None = None) -> tuple[Recipe, Plan]:
+    """Load and validate the recipe, check its data is present, build its stage graph."""
+    r = load_recipe(recipe, sets)
+    check_data(r, data_dir)
+    return r, build_plan(r)
+
+
+def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache: str | os.PathLike = "runs",
+              sets: Sequence[str] = (), jobs: int = 1, dry: bool = False, device: str = "auto",
+              data_dir: str | None = None) -> ReproduceResult:
+    """Run (or, with ``dry``, list) every stage of a recipe and write its report.
+
+    ``out`` defaults to ``reports/<recipe name>``; ``cache`` is the stage
+    output root shared by all recipes (stages are keyed by content, so
+    recipes that share a stage share its folder).
+    """
+    from ..device import resolve_device
+    from ..report import collect, timings, write_report
+
+    t0 = time.time()
+    r, plan = prepare(recipe, sets, data_dir)
+    out_dir = Path(out) if out is not None else Path("reports") / r.name
+    cache = Path(cache)
+    res = ReproduceResult(r, plan, out_dir, cache)
+    res.entries = dry_run(plan.targets(), cache)
+    if dry:
+        return res
+    resolve_device(device)  # fail fast on a bad --device
+    with file_lock(out_dir / ".lmckit.lock", wait=False, what="report folder"):
+        runtime = Runtime(device=device, data_dir=data_dir)
+        with make_executor(jobs) as ex:
+            res.summary = ex.run(plan.targets(), cache, runtime)
+        res.results = collect(plan, cache)
+        res.files = write_report(res.results, out_dir, timings(plan, cache), cache=str(cache))
+    res.seconds = time.time() - t0
+    return res

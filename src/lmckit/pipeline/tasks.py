@@ -1,0 +1,384 @@
+"""The stages of a reproduction: train, match, barrier, analyse, three models.
+
+Each stage is a thin, cached wrapper around a library call (``lmckit.train``,
+``lmckit.match``, ``lmckit.lmc``, ``lmckit.analysis``); the algorithms live
+there. Every stage reads its inputs from their folders under the output root
+and writes ``result.json`` (plus ``perms.json`` for matches) into its own.
+
+Method-specific settings of a match are kept in ``options`` (sorted
+``(key, value)`` pairs) so that, e.g., changing STE's epochs changes the STE
+stages' hashes but not those of weight matching.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import LmcError
+from ..store import atomic_write_json
+from .stages import Stage, StageContext
+
+__all__ = ["TrainStage", "MatchStage", "BarrierStage", "AnalysisStage", "ThreeModelStage", "method_available",
+           "train_stage", "load_model_of"]
+
+
+def method_available(method: str) -> bool:
+    """Whether the library behind a matching method is importable in this build."""
+    mod = {"naive": None, "weight": "lmckit.match.weight", "activation": "lmckit.match.activation",
+           "ste": "lmckit.match.ste", "merge_many": "lmckit.match.multi", "anchor": "lmckit.match.multi"}.get(method, "?")
+    if mod is None:
+        return True
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _pairs(d: Mapping[str, Any]) -> tuple:
+    return tuple(sorted((k, _pairs(v) if isinstance(v, Mapping) else (tuple(v) if isinstance(v, list) else v))
+                        for k, v in d.items()))
+
+
+def _unpairs(p: tuple) -> dict[str, Any]:
+    return {k: (_unpairs(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) and len(v[0]) == 2
+                and isinstance(v[0][0], str) else v) for k, v in p}
+
+
+def _clean(x: Any) -> Any:
+    """JSON-ready copy with NaN/inf turned into None (results.json must be NaN-free)."""
+    import math
+
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "tolist"):
+        return _clean(x.tolist())
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _write(ctx: StageContext, obj: Any, name: str = "result.json") -> None:
+    atomic_write_json(ctx.dir / name, _clean(obj))
+
+
+# --------------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class TrainStage(Stage):
+    """Train one model with :func:`lmckit.train.train`.
+
+    ``config`` holds every field of the resolved :class:`lmckit.train.TrainConfig`
+    as sorted pairs. The checkpoint goes where ``lmckit train`` would put it
+    (``ROOT/train/<config hash>``, resumable per epoch); this stage's folder
+    records the path and the final metrics.
+    """
+
+    KIND = "model"
+    config: tuple = ()
+
+    def train_config(self):
+        from ..train import TrainConfig
+
+        return TrainConfig.from_dict(_unpairs(self.config))
+
+    def label(self) -> str:
+        d = _unpairs(self.config)
+        kw = d.get("model_kwargs", {})
+        w = kw.get("width_mult", 1.0) if isinstance(kw, dict) else 1.0
+        return f"{d.get('model')} x{w:g} on {d.get('dataset')} seed {d.get('seed')}"
+
+    def run(self, ctx: StageContext) -> None:
+        from ..train import train
+
+        cfg = self.train_config()
+        res = train(cfg, out_root=ctx.root, device=ctx.runtime.device, progress=True, data_dir=ctx.runtime.data_dir)
+        rel = os.path.relpath(res.run_dir, ctx.root)
+        _write(ctx, {"run_dir": rel, "test_loss": res.test_loss, "test_accuracy": res.test_accuracy,
+                     "train_loss": res.train_loss, "train_accuracy": res.train_accuracy, "seed": cfg.seed})
+
+
+def train_stage(preset: str | None, overrides: Mapping[str, Any]) -> TrainStage:
+    """A :class:`TrainStage` from a preset plus overrides (resolved through :func:`lmckit.train.make_config`)."""
+    from ..train import make_config
+
+    cfg = make_config(preset, **dict(overrides))
+    return TrainStage(_pairs(cfg.to_dict()))
+
+
+def load_model_of(ctx: StageContext, t: TrainStage):
+    """``(state_dict, model config, train config)`` of a finished train stage."""
+    from ..checkpoint import load_checkpoint
+
+    rec = json.loads((ctx.input(t) / "result.json").read_text())
+    sd, info = load_checkpoint(ctx.root / rec["run_dir"])
+    return sd, info["model"], t.train_config()
+
+
+class _Pair:
+    """Models A and B (B un-permuted), their spec, a workspace model and the dataset."""
+
+    def __init__(self, ctx: StageContext, a: TrainStage, b: TrainStage, match: "MatchStage | None" = None):
+        from ..checkpoint import build_model
+        from ..data import load_dataset
+        from ..perm import load_perms, spec_for
+
+        self.sd_a, model_cfg, cfg = load_model_of(ctx, a)
+        self.sd_b, model_cfg_b, _ = load_model_of(ctx, b)
+        if model_cfg != model_cfg_b:
+            raise LmcError(f"models {a.label()} and {b.label()} have different architectures")
+        self.device = ctx.device
+        self.model = build_model(model_cfg, self.sd_a, a.label()).to(self.device)
+        self.spec = spec_for(self.model)
+        self.dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
+        self.perms = load_perms(ctx.input(match) / "perms.json", self.spec) if match is not None else None
+
+    def sd_b_aligned(self):
+        from ..perm import apply_permutation
+
+        return apply_permutation(self.spec, self.perms, self.sd_b) if self.perms is not None else dict(self.sd_b)
+
+
+# --------------------------------------------------------------------------- match
+@dataclass(frozen=True)
+class MatchStage(Stage):
+    """Find the permutation of B that aligns it to A: ``weight``, ``activation`` or ``ste``.
+
+    Writes ``perms.json`` (:func:`lmckit.perm.save_perms`) and ``result.json``
+    (:meth:`lmckit.match.MatchResult.to_dict`). ``options`` holds the
+    method's own settings (weight: max_iter; activation: samples;
+    ste: epochs, lr, batch_size, max_iter).
+    """
+
+    KIND = "match"
+    a: TrainStage = TrainStage()
+    b: TrainStage = TrainStage()
+    method: str = "weight"
+    seed: int = 0
+    options: tuple = ()
+
+    def label(self) -> str:
+        return f"{self.method} seed {self.seed}: {self.a.label()} vs seed {_unpairs(self.b.config).get('seed')}"
+
+    def run(self, ctx: StageContext) -> None:
+        from ..perm import save_perms
+
+        p = _Pair(ctx, self.a, self.b)
+        opt = dict(self.options)
+        if self.method == "weight":
+            from ..match import weight_matching
+
+            res = weight_matching(p.spec, p.sd_a, p.sd_b, seed=self.seed, max_iter=int(opt.get("max_iter", 100)),
+                                  device=p.device)
+        elif self.method == "activation":
+            from ..match import activation_matching
+            from ..checkpoint import build_model
+
+            model_b = build_model(p.model.lmckit_config, p.sd_b, self.b.label()).to(p.device)
+            res = activation_matching(p.model, model_b, p.dataset, **_activation_kwargs(opt, self.seed, p.device))
+        elif self.method == "ste":
+            from ..match.ste import ste_matching
+
+            res = ste_matching(p.model, p.sd_a, p.sd_b, p.dataset, spec=p.spec, epochs=int(opt["epochs"]),
+                               lr=float(opt["lr"]), batch_size=int(opt["batch_size"]), seed=self.seed, device=p.device,
+                               state_dir=ctx.dir / "ste", progress=True, wm_max_iter=int(opt.get("max_iter", 100)))
+        else:
+            raise LmcError(f"unknown matching method {self.method!r}", "use weight, activation or ste")
+        save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)
+        d = res.to_dict()
+        d.pop("seconds", None)
+        _write(ctx, d)
+        atomic_write_json(ctx.dir / "timing.json", {"seconds": float(res.seconds)})
+
+
+def _activation_kwargs(opt: Mapping[str, Any], seed: int, device) -> dict[str, Any]:
+    """``samples`` training images as batches of at most 500 for :func:`lmckit.match.activation_matching`."""
+    samples = int(opt.get("samples", 5000))
+    batch = min(500, samples)
+    return {"num_batches": -(-samples // batch), "batch_size": batch, "seed": seed, "device": device}
+
+
+# --------------------------------------------------------------------------- barrier
+@dataclass(frozen=True)
+class BarrierStage(Stage):
+    """Loss/accuracy along ``(1 - l) theta_a + l pi(theta_b)`` (:func:`lmckit.lmc.barrier_curve`).
+
+    ``match=None`` is the naive (identity) path. BatchNorm models get their
+    statistics reset at interior points (``bn_reset="auto"``).
+    """
+
+    KIND = "barrier"
+    a: TrainStage = TrainStage()
+    b: TrainStage = TrainStage()
+    match: MatchStage | None = None
+    points: int = 25
+    splits: tuple[str, ...] = ("train", "test")
+    limit: int = 0
+    bn_batches: int = 10
+
+    def label(self) -> str:
+        m = self.match.method if self.match else "naive"
+        return f"{m} path, seed {_unpairs(self.a.config).get('seed')}-{_unpairs(self.b.config).get('seed')}"
+
+    def run(self, ctx: StageContext) -> None:
+        from ..lmc import barrier_curve
+
+        p = _Pair(ctx, self.a, self.b, self.match)
+        res = barrier_curve(p.model, p.sd_a, p.sd_b_aligned(), p.dataset, splits=self.splits, points=self.points,
+                            limit=self.limit or None, device=p.device, bn_batches=self.bn_batches, progress=True)
+        _write(ctx, res.to_dict())
+
+
+# --------------------------------------------------------------------------- analysis
+@dataclass(frozen=True)
+class AnalysisStage(Stage):
+    """Distances and SVD alignment of a matched pair, plus optional data-dependent analyses.
+
+    Always: :func:`lmckit.analysis.distances` and :func:`lmckit.analysis.svd_alignment`
+    (R before/after at ``gammas``, per layer). ``arrays``: spectra and per-index
+    alignment. ``taylor``: :func:`lmckit.analysis.taylor_midpoint` on the
+    aligned pair. ``projections``: :func:`lmckit.analysis.input_projections`
+    of model A. ``rank``: :func:`lmckit.analysis.rank_sweep` of model A and of
+    the aligned midpoint at ``rank_fractions`` and the nonzero ``gammas``.
+    """
+
+    KIND = "analysis"
+    a: TrainStage = TrainStage()
+    b: TrainStage = TrainStage()
+    match: MatchStage | None = None
+    gammas: tuple[float, ...] = (0.0, 0.3)
+    arrays: bool = False
+    taylor: bool = False
+    taylor_samples: int = 2000
+    projections: bool = False
+    projection_batches: int = 4
+    rank: bool = False
+    rank_fractions: tuple[float, ...] = ()
+    eval_limit: int = 0
+    seed: int = 0
+
+    def label(self) -> str:
+        m = self.match.method if self.match else "naive"
+        return f"{m} analysis, seed {_unpairs(self.a.config).get('seed')}-{_unpairs(self.b.config).get('seed')}"
+
+    def run(self, ctx: StageContext) -> None:
+        from ..analysis import distances, input_projections, rank_sweep, svd_alignment, taylor_midpoint
+        from ..analysis.layers import has_batchnorm, midpoint_state
+
+        p = _Pair(ctx, self.a, self.b, self.match)
+        out: dict[str, Any] = {}
+        dist = distances(p.spec, p.sd_a, p.sd_b, p.perms)
+        out["l2_before"], out["l2_after"], out["reduction"] = dist["l2_before"], dist["l2_after"], dist["reduction"]
+        out["distance_per_layer"] = dist["per_layer"]
+        svd = svd_alignment(p.spec, p.sd_a, p.sd_b, p.perms, self.gammas)
+        s = svd.summary(arrays=self.arrays)
+        out["R"], out["R_per_layer"] = s["R"], s["per_layer"]
+        if self.taylor:
+            out["taylor"] = taylor_midpoint(p.model, p.spec, p.sd_a, p.sd_b_aligned(), p.dataset,
+                                            num_samples=self.taylor_samples, seed=self.seed, device=p.device)
+        if self.projections:
+            proj = input_projections(p.model, p.spec, p.sd_a, p.dataset, num_batches=self.projection_batches,
+                                     device=p.device, seed=self.seed)
+            out["projections"] = {name: {"mean_abs": d["mean_abs"], "random_mean_abs": d["random_mean_abs"]}
+                                  for name, d in proj.items()}
+        if self.rank:
+            bn = has_batchnorm(p.model)
+            kw = dict(gammas=[g for g in self.gammas if g > 0], fractions=list(self.rank_fractions), split="test",
+                      spec=p.spec, device=p.device, limit=self.eval_limit or None, reset_bn=bn)
+            out["rank_sweep"] = {"A": rank_sweep(p.model, p.sd_a, p.dataset, **kw),
+                                 "midpoint": rank_sweep(p.model, midpoint_state(p.sd_a, p.sd_b_aligned()), p.dataset, **kw)}
+        _write(ctx, out)
+
+
+# --------------------------------------------------------------------------- three models
+@dataclass(frozen=True)
+class ThreeModelStage(Stage):
+    """Several models brought into one unit order, then barrier, landscape and merged accuracy.
+
+    ``models[0]`` is the anchor theta_a. For ``weight`` and ``ste``,
+    ``matches[i]`` is the :class:`MatchStage` aligning ``models[i]`` to the
+    anchor (``None`` for the anchor itself): the pairwise matchings are
+    ordinary cached stages, shared with the two-model experiment, which is
+    what anchor matching (:func:`lmckit.match.anchor_matching`) computes.
+    For ``merge_many`` the stage runs :func:`lmckit.match.merge_many` itself
+    (``matches`` empty). Measured on the aligned models theta_i' = pi_i(theta_i):
+
+    * the barrier between ``theta_1'`` and ``theta_2'`` (neither is the anchor;
+      :func:`lmckit.lmc.barrier_curve`);
+    * with ``grid > 0``, the loss landscape on the plane through the first
+      three aligned models (:func:`lmckit.lmc.plane_landscape`);
+    * the test loss/accuracy of the uniform average of the first ``n`` aligned
+      models, ``n = 1 .. len(models)`` (:func:`lmckit.lmc.mix_states`, then
+      a BatchNorm reset for BN models).
+    """
+
+    KIND = "three"
+    models: tuple[TrainStage, ...] = ()
+    method: str = "weight"
+    matches: tuple[MatchStage | None, ...] = ()
+    seed: int = 0
+    options: tuple = ()
+    points: int = 25
+    splits: tuple[str, ...] = ("test",)
+    grid: int = 0
+    limit: int = 0
+    bn_batches: int = 10
+
+    def label(self) -> str:
+        return f"{self.method}, {len(self.models)} models"
+
+    def run(self, ctx: StageContext) -> None:
+        from ..checkpoint import build_model
+        from ..data import load_dataset
+        from ..evaluate import evaluate
+        from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
+        from ..perm import apply_permutation, load_perms, spec_for
+
+        if len(self.models) < 3:
+            raise LmcError(f"the three-model experiment needs at least 3 models, got {len(self.models)}")
+        loaded = [load_model_of(ctx, t) for t in self.models]
+        states = [sd for sd, _, _ in loaded]
+        model_cfg, cfg = loaded[0][1], loaded[0][2]
+        dev = ctx.device
+        model = build_model(model_cfg, states[0], self.models[0].label()).to(dev)
+        spec = spec_for(model)
+        dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
+        out: dict[str, Any] = {"method": self.method, "n_models": len(self.models)}
+        if self.method == "merge_many":
+            from ..match import merge_many
+
+            res = merge_many(spec, states, seed=self.seed, wm_max_iter=int(dict(self.options).get("max_iter", 100)),
+                             device=dev)
+            perms = res.perms
+            out["passes"], out["converged"], out["objective"] = res.passes, res.converged, res.objective
+        else:
+            if len(self.matches) != len(self.models) or self.matches[0] is not None:
+                raise ValueError("ThreeModelStage needs matches = (None, match of model 1, match of model 2, ...)")
+            perms = [None] + [load_perms(ctx.input(m) / "perms.json", spec) for m in self.matches[1:]]
+        aligned = [apply_permutation(spec, p, sd) if p is not None else dict(sd) for p, sd in zip(perms, states)]
+        bar = barrier_curve(model, aligned[1], aligned[2], dataset, splits=self.splits, points=self.points,
+                            limit=self.limit or None, device=dev, bn_batches=self.bn_batches, progress=True)
+        out["pair_barrier"] = bar.to_dict()
+        if self.grid:
+            from ..lmc.landscape import plane_landscape
+
+            land = plane_landscape(model, aligned[0], aligned[1], aligned[2], dataset, grid=self.grid, split="test",
+                                   limit=self.limit or None, device=dev, bn_batches=self.bn_batches, progress=True)
+            out["landscape"] = land.to_dict()
+        merged = []
+        bn = has_batchnorm(model)
+        for n in range(1, len(aligned) + 1):
+            sd = mix_states(aligned[:n], [1.0 / n] * n)
+            m = build_model(model_cfg, sd, f"average of {n} models").to(dev)
+            if bn and n > 1:
+                reset_bn_stats(m, dataset, num_batches=self.bn_batches, device=dev)
+            loss, acc = evaluate(m, dataset, "test", device=dev, limit=self.limit or None)
+            merged.append({"n": n, "loss": loss, "accuracy": acc})
+        out["merged"] = merged
+        _write(ctx, out)

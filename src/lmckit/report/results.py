@@ -1,0 +1,267 @@
+"""Collect the outputs of a finished pipeline into one results tree, and judge the paper's claims.
+
+Everything here reads stage folders (``result.json``) by path; nothing is
+recomputed. Aggregates are ``{"mean", "std", "n", "values"}`` over model
+pairs (and weight-matching searches where there are several); ``std`` is the
+sample standard deviation (0 for a single value).
+
+Each claim of PAPER.md is judged from the numbers with a criterion written
+next to it (``criterion``), never in advance. The criteria are the project's
+reading of the paper's words ("near 0", "clearly differs", ...), stated in
+the report so a reader can disagree.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..pipeline.build import Experiment, Plan
+from ..pipeline.stages import stage_path
+
+__all__ = ["collect", "stats", "judge_claims", "timings"]
+
+
+def stats(values: Iterable[float]) -> dict[str, Any]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    if not n:
+        return {"mean": 0.0, "std": 0.0, "n": 0, "values": []}
+    mean = sum(vals) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "values": vals}
+
+
+def _read(root: Path, spec) -> dict[str, Any]:
+    return json.loads((stage_path(root, spec) / "result.json").read_text())
+
+
+def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    cols = list(zip(*curves))
+    s = [stats(c) for c in cols]
+    return [x["mean"] for x in s], [x["std"] for x in s]
+
+
+def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"label": e.label, "width_mult": e.width_mult, "pairs": [list(p) for p in e.pairs]}
+    out["models"] = [{"seed": s, **{k: v for k, v in _read(root, t).items() if k in ("test_accuracy", "test_loss",
+                                                                                      "train_accuracy", "train_loss")}}
+                     for s, t in e.trains.items()]
+    methods: dict[str, Any] = {}
+    for method in e.methods:
+        m: dict[str, Any] = {}
+        bars = [_read(root, b) for (p, meth, s), b in e.barriers.items() if meth == method]
+        if bars:
+            splits = bars[0]["splits"]
+            m["barrier"] = {sp: {q: stats(b[q][sp] for b in bars)
+                                 for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")}
+                            for sp in splits}
+            m["curves"] = {"lambdas": bars[0]["lambdas"]}
+            for sp in splits:
+                lm, ls = _mean_curve([b["loss"][sp] for b in bars])
+                am, as_ = _mean_curve([b["accuracy"][sp] for b in bars])
+                m["curves"][sp] = {"loss_mean": lm, "loss_std": ls, "accuracy_mean": am, "accuracy_std": as_}
+        ans = [(k, _read(root, a)) for k, a in e.analyses.items() if k[1] == method]
+        if ans:
+            gammas = list(ans[0][1]["R"])
+            m["R"] = {g: {w: stats(a["R"][g][w] for _, a in ans) for w in ("before", "after")} for g in gammas}
+            m["distance"] = {q: stats(a[q] for _, a in ans) for q in ("l2_before", "l2_after", "reduction")}
+            tay = [a["taylor"] for _, a in ans if "taylor" in a]
+            if tay:
+                m["taylor"] = {q: stats(t[q] for t in tay) for q in ("taylor_midpoint", "measured_midpoint", "dHd",
+                                                                     "delta_norm")}
+        matches = [_read(root, st) for k, st in e.matches.items() if k[1] == method]
+        if matches:
+            m["match"] = {"sweeps": stats(x.get("sweeps", 1) for x in matches),
+                          "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x)}
+        methods[method] = m
+    out["methods"] = methods
+    if full:
+        for k, a in e.analyses.items():
+            if e.analyses[k].arrays or e.analyses[k].projections or e.analyses[k].rank:
+                d = _read(root, a)
+                if e.analyses[k].arrays:
+                    out["spectra"] = {la["name"]: {"sigma_a": la["sigma_a"], "sigma_b": la["sigma_b"],
+                                                   "per_index_before": la["per_index"]["before"],
+                                                   "per_index_after": la["per_index"]["after"]}
+                                      for la in d["R_per_layer"] if "sigma_a" in la}
+                    out["R_per_layer"] = {la["name"]: la["R"] for la in d["R_per_layer"]}
+                if "projections" in d:
+                    out["projections"] = d["projections"]
+                if "rank_sweep" in d:
+                    out["rank_sweep"] = {who: [{"kind": r["kind"], "threshold": r["threshold"] if r["threshold"] is not None else 1.0,
+                                                "kept_fraction": r["kept_total"] / max(r["rank_total"], 1),
+                                                "accuracy": r["acc"], "loss": r["loss"]} for r in recs]
+                                         for who, recs in d["rank_sweep"].items()}
+                break
+    return out
+
+
+def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
+    """The results tree of a finished plan (no timings: see :func:`timings`)."""
+    root = Path(root)
+    from ..pipeline.recipe import recipe_to_dict
+
+    res: dict[str, Any] = {"recipe": recipe_to_dict(plan.recipe), "notes": list(plan.notes)}
+    res["experiments"] = [_experiment(root, e, True) for e in plan.experiments]
+    if plan.three:
+        three = {}
+        for meth, st in plan.three.items():
+            d = _read(root, st)
+            pb = d["pair_barrier"]
+            sp = pb["splits"][0]
+            three[meth] = {"pair_loss_barrier": pb["loss_barrier"][sp], "pair_accuracy_barrier": pb["accuracy_barrier"][sp],
+                           "pair_curve": {"lambdas": pb["lambdas"], "loss": pb["loss"][sp], "accuracy": pb["accuracy"][sp]},
+                           "merged": d["merged"], "split": sp}
+            if "landscape" in d:
+                ld = d["landscape"]
+                three[meth]["landscape"] = {k: ld[k] for k in ("xs", "ys", "loss", "accuracy", "models")}
+        res["three_models"] = three
+    if plan.width:
+        res["width_sweep"] = [_experiment(root, e, False) for e in plan.width]
+    res["claims"] = judge_claims(res)
+    return res
+
+
+def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
+    """Seconds per stage kind (from each folder's ``stage.json``): kept out of results.json."""
+    root = Path(root)
+    from ..pipeline.executor import plan as order
+
+    per: dict[str, float] = {}
+    for s in order(plan.targets()):
+        f = stage_path(root, s) / "stage.json"
+        if f.exists():
+            per[s.KIND] = per.get(s.KIND, 0.0) + float(json.loads(f.read_text()).get("seconds", 0.0))
+    return {"stage_seconds_by_kind": per, "stage_seconds_total": sum(per.values())}
+
+
+# --------------------------------------------------------------------------- claims
+def _get(d: Any, *path: Any, default: Any = None) -> Any:
+    for p in path:
+        if isinstance(d, dict) and p in d:
+            d = d[p]
+        else:
+            return default
+    return d
+
+
+def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per claim the recipe's results can speak to: id, figure, sentence, held, criterion, numbers."""
+    claims: list[dict[str, Any]] = []
+    if not res.get("experiments"):
+        return claims
+    e = res["experiments"][0]
+    M = e["methods"]
+    split = "test" if "test" in _get(M, "naive", "barrier", default={}) else next(iter(_get(M, "naive", "barrier", default={"": 0})))
+
+    def bar(method: str) -> float | None:
+        return _get(M, method, "barrier", split, "loss_barrier", "mean")
+
+    def R(method: str, g: str, when: str = "after") -> float | None:
+        return _get(M, method, "R", g, when, "mean")
+
+    nb, wb = bar("naive"), bar("weight")
+    red = _get(M, "weight", "distance", "reduction", "mean")
+    if nb is not None and wb is not None and red is not None:
+        held = wb <= 0.2 * nb and red <= 0.3
+        claims.append({"id": "1", "figure": "interpolation", "held": bool(held),
+                       "criterion": "WM loss barrier <= 0.2 x naive barrier and L2 distance reduction <= 30%",
+                       "numbers": {"naive_barrier": nb, "wm_barrier": wb, "reduction": red},
+                       "text": (f"WM lowered the {split} loss barrier from {nb:.3f} (naive) to {wb:.3f} while reducing the "
+                                f"L2 distance by only {100 * red:.1f}%: claim 1 {'held' if held else 'did not hold'} in this run.")})
+    tay = _get(M, "weight", "taylor")
+    if tay:
+        t, m = tay["taylor_midpoint"]["mean"], tay["measured_midpoint"]["mean"]
+        rel = abs(t - m) / max(abs(m), 1e-12)
+        held = rel > 0.5
+        claims.append({"id": "2", "figure": "table", "held": bool(held),
+                       "criterion": "|Taylor estimate - measured midpoint barrier| > 50% of the measured one (after WM)",
+                       "numbers": {"taylor": t, "measured": m, "relative_difference": rel},
+                       "text": (f"The second-order Taylor estimate of the WM midpoint barrier is {t:.3f} against {m:.3f} "
+                                f"measured ({100 * rel:.0f}% apart): claim 2 {'held' if held else 'did not hold'}.")})
+    gam = list(_get(M, "weight", "R", default={}) or {})
+    if len(gam) >= 2 and e.get("spectra"):
+        g0, g1 = gam[0], gam[-1]
+        rise0 = R("weight", g0) - R("weight", g0, "before")
+        rise1 = R("weight", g1) - R("weight", g1, "before")
+        diffs = []
+        for la in e["spectra"].values():
+            sa, sb = la["sigma_a"], la["sigma_b"]
+            k = max(1, len(sa) // 10)
+            diffs += [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(sa[:k], sb[:k])]
+        spec_diff = sum(diffs) / len(diffs) if diffs else 0.0
+        held = rise1 > rise0 and spec_diff < 0.1
+        claims.append({"id": "3", "figure": "R_bars", "held": bool(held),
+                       "criterion": f"WM raises R more at gamma={g1} than at gamma={g0}, and the top 10% singular values "
+                                    "of corresponding layers differ by < 10% on average",
+                       "numbers": {"R_rise_low_gamma": rise0, "R_rise_high_gamma": rise1, "top_sigma_rel_diff": spec_diff},
+                       "text": (f"WM raised R by {rise1:.3f} at gamma={g1} and by {rise0:.3f} at gamma={g0}; leading singular "
+                                f"values differ by {100 * spec_diff:.1f}% across seeds: claim 3 "
+                                f"{'held' if held else 'did not hold'}.")})
+    proj, rank = e.get("projections"), e.get("rank_sweep")
+    if proj and rank:
+        ratios = []
+        for d in proj.values():
+            v = d["mean_abs"]
+            k = max(1, len(v) // 10)
+            top = sum(v[:k]) / k
+            rest = v[len(v) // 2:] or v
+            ratios.append(top / max(sum(rest) / len(rest), 1e-12))
+        ratio = sum(ratios) / len(ratios)
+        recs = rank["A"]
+        full = next(r["accuracy"] for r in recs if r["kind"] == "full")
+        small = [r for r in recs if r["kind"] != "full" and r["kept_fraction"] <= 0.25]
+        best_small = max((r["accuracy"] for r in small), default=0.0)
+        held = ratio > 2.0 and best_small >= 0.9 * full
+        claims.append({"id": "4", "figure": "projections", "held": bool(held),
+                       "criterion": "inputs project > 2x more on the top 10% right-singular vectors than on the bottom half, "
+                                    "and some truncation keeping <= 25% of hidden ranks keeps >= 90% of accuracy",
+                       "numbers": {"projection_ratio": ratio, "full_accuracy": full, "best_accuracy_at_25pct_rank": best_small},
+                       "text": (f"Layer inputs project {ratio:.1f}x more on the leading right-singular vectors than on the "
+                                f"trailing half, and keeping at most a quarter of the rank keeps {best_small:.3f} of "
+                                f"{full:.3f} accuracy: claim 4 {'held' if held else 'did not hold'}.")})
+    if len(gam) >= 1 and R("activation", gam[-1]) is not None:
+        g = gam[-1]
+        rw, ra = R("weight", g), R("activation", g)
+        held = abs(ra - rw) <= 0.5 * abs(rw)
+        claims.append({"id": "5a", "figure": "R_bars", "held": bool(held),
+                       "criterion": f"|R_AM - R_WM| <= 50% of R_WM at gamma={g}",
+                       "numbers": {"R_wm": rw, "R_am": ra},
+                       "text": (f"AM reached R({g}) = {ra:.3f} against WM's {rw:.3f}: claim 5 (AM behaves like WM) "
+                                f"{'held' if held else 'did not hold'}.")})
+    if len(gam) >= 1 and R("ste", gam[-1]) is not None and nb is not None and bar("ste") is not None:
+        g = gam[-1]
+        rw, rs, sb = R("weight", g), R("ste", g), bar("ste")
+        lmc = sb <= 0.2 * nb
+        low = rs <= 0.5 * rw
+        held = lmc and low
+        claims.append({"id": "5b", "figure": "R_bars", "held": bool(held),
+                       "criterion": f"STE loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
+                       "numbers": {"ste_barrier": sb, "naive_barrier": nb, "R_ste": rs, "R_wm": rw},
+                       "text": (f"STE's barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
+                                f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
+                                f"{'stayed low' if low else 'did not stay low'}; claim 5 (STE) {'held' if held else 'did not hold'}.")})
+    three = res.get("three_models", {})
+    if "weight" in three and "ste" in three:
+        w, s = three["weight"]["pair_loss_barrier"], three["ste"]["pair_loss_barrier"]
+        held = w < s
+        claims.append({"id": "6", "figure": "three_models", "held": bool(held),
+                       "criterion": "barrier between the two anchor-matched models: WM < STE",
+                       "numbers": {"wm_pair_barrier": w, "ste_pair_barrier": s},
+                       "text": (f"Between two models matched to a common anchor, the barrier is {w:.3f} with WM and {s:.3f} "
+                                f"with STE: claim 6 (WM does better) {'held' if held else 'did not hold'}.")})
+    ws = res.get("width_sweep")
+    if ws and len(ws) >= 2:
+        ws = sorted(ws, key=lambda x: x["width_mult"])
+        b = [_get(x, "methods", "weight", "barrier", split, "loss_barrier", "mean") for x in ws]
+        if all(v is not None for v in b):
+            held = b[-1] < b[0]
+            claims.append({"id": "width", "figure": "width_sweep", "held": bool(held),
+                           "criterion": "WM barrier at the largest width < at the smallest",
+                           "numbers": {"widths": [x["width_mult"] for x in ws], "wm_barrier": b},
+                           "text": (f"The WM barrier went from {b[0]:.3f} at width x{ws[0]['width_mult']:g} to {b[-1]:.3f} at "
+                                    f"x{ws[-1]['width_mult']:g}: wider models {'were' if held else 'were not'} more "
+                                    "linearly connected after WM.")})
+    return claims
