@@ -182,6 +182,13 @@ def _validate(info: DatasetInfo, folder: Path, images: dict, labels: dict, sourc
                        "the files come from different datasets; check the folder")
 
 
+def _folder_signature(folder: Path) -> tuple:
+    """Names, sizes and mtimes of the files in ``folder``: a changed file invalidates the in-process cache."""
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() if p.is_file() for st in [p.stat()]))
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size: int = 0, val_seed: int = 0) -> Dataset:
     """Load a dataset into memory (cached per process).
 
@@ -189,7 +196,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
     subset) as a ``val`` split; the rest stay in ``train``.
     """
     folder = find_dataset(name, data_dir)
-    key = (name, str(folder.absolute()), val_size, val_seed)
+    key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed)
     if key in _CACHE:
         return _CACHE[key]
     info = dataset_info(name)
