@@ -152,7 +152,7 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
         if info.is_present(folder):
             return folder
     partial = [(t, missing) for t in tried if t.is_dir()
-               for missing in [[f for f in info.files if not ((t / f).is_file() or (t / f"{f}.gz").is_file())]]
+               for missing in [[f for f in info.files if not any((t / f"{f}{ext}").is_file() for ext in ("", ".gz", ".bin"))]]
                if len(missing) < len(info.files)]
     detail = "".join(f"; {t} has only some of its files (missing {', '.join(m)})" for t, m in partial)
     if data_dir and not Path(data_dir).is_dir():
