@@ -127,7 +127,7 @@ class BarrierResult:
     """Curves along one linear path, per split.
 
     ``curves[split]`` is a :class:`SplitCurve`; ``bn_reset`` records what was
-    done at interior points: ``True`` (BN statistics recomputed), ``False``
+    done at the points of the curve: ``True`` (BN statistics recomputed), ``False``
     (nothing) or ``"repair"``.
     """
 
@@ -183,7 +183,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
                   splits: Sequence[str] = ("test",), points: int = 25, bn_reset: str | bool = "auto", *,
                   lambdas: Sequence[float] | None = None, batch_size: int = 5000, limit: int | None = None,
                   device: torch.device | str | None = None, bn_batches: int = 10, bn_batch_size: int = 500,
-                  seed: int = 0, progress: bool | str = True) -> BarrierResult:
+                  seed: int = 0, reset_endpoints: bool = True, progress: bool | str = True) -> BarrierResult:
     """Evaluate loss and accuracy along ``(1 - l) sd_a + l sd_b``.
 
     Parameters
@@ -204,8 +204,14 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
     bn_reset:
         ``"auto"`` (reset BN statistics when the model has BatchNorm), ``"on"``,
         ``"off"``, or ``"repair"`` (REPAIR, Jordan et al. 2023; see
-        :mod:`lmckit.lmc.bn`). Applied at interior points only: the endpoints
-        are evaluated exactly as given.
+        :mod:`lmckit.lmc.bn`). REPAIR is applied at interior points only
+        (at the ends its target is the model's own statistics).
+    reset_endpoints:
+        With BN reset on, also recompute the endpoints' statistics (default
+        True), so every point of the curve has its statistics estimated the
+        same way and a model interpolated with (a permuted copy of) itself
+        gives an exactly flat curve. False evaluates the endpoints with their
+        trained running statistics.
     batch_size:
         Evaluation batch size (large is faster on CPU).
     limit:
@@ -246,7 +252,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
     try:
         batches = None
         repairer = None
-        if mode is not False and any(0.0 < l < 1.0 for l in lams):
+        if mode is not False and (reset_endpoints or any(0.0 < l < 1.0 for l in lams)):
             batches = training_batches(dataset, bn_batches, bn_batch_size, seed, device)
             if mode == "repair":
                 repairer = Repairer(model, [sa, sb], batches)
@@ -257,7 +263,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
                 if interior and repairer is not None:
                     state = repairer(state, lam)
                 model.load_state_dict(state)
-                if interior and mode is True:
+                if mode is True and (interior or reset_endpoints):
                     reset_bn_stats(model, batches=batches)
                 for s in splits:
                     loss, acc = evaluate(model, dataset, s, batch_size=batch_size, device=device, limit=limit)

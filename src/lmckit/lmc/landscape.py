@@ -65,7 +65,7 @@ def plane_basis(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tenso
     cx = float(v @ e1)
     w = v - cx * e1
     cy = float(w.norm())
-    if cy <= 1e-9 * max(nab, float(v.norm())):
+    if cy <= 1e-5 * max(nab, float(v.norm())):  # float32 round-off leaves ~1e-7
         raise LmcError("the three models are (nearly) collinear; they span no plane", "pass three different models")
     e2 = w / cy
     return PlaneBasis(e1, e2, [(0.0, 0.0), (nab, 0.0), (cx, cy)], nab)
@@ -121,9 +121,9 @@ def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Ma
         How far beyond the models' bounding box the grid reaches, as a
         fraction of the box's extent on each axis.
     split, bn_reset, batch_size, limit, device, bn_batches, bn_batch_size, seed:
-        As in :func:`lmckit.lmc.barrier_curve`. BN reset / REPAIR are applied
-        at every grid point that is not exactly one of the three models; for
-        REPAIR the target statistics are the barycentric mixture of the three
+        As in :func:`lmckit.lmc.barrier_curve`. BN reset is applied at every
+        grid point; REPAIR at every point that is not exactly one of the three
+        models, with target statistics the barycentric mixture of the three
         models' statistics.
     """
     if int(grid) != grid or grid < 2:
@@ -164,7 +164,7 @@ def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Ma
                     if repairer is not None and not is_model:
                         state = repairer(state, w)
                     model.load_state_dict(state)
-                    if mode is True and not is_model:
+                    if mode is True:
                         reset_bn_stats(model, batches=batches)
                     loss[i][j], acc[i][j] = evaluate(model, dataset, split, batch_size=batch_size, device=device, limit=limit)
                     bar.update(1, loss=loss[i][j])
