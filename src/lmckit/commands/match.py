@@ -1,0 +1,210 @@
+"""``lmckit match``: permutations that align model B (or several models) to model A."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import add_data, add_device, add_json, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "match", help="find permutations aligning model B (or B, C, ...) to model A",
+        description="Weight matching (WM) or activation matching (AM) between two checkpoints; with --multi, "
+                    "three or more checkpoints matched to an anchor or by MergeMany. A perm file applies to the "
+                    "second model: apply_permutation(spec, perms, B) is aligned to A.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
+    p.add_argument("--method", choices=["weight", "activation"], default="weight", help="weight (default) or activation matching")
+    p.add_argument("--multi", choices=["anchor", "mergemany"], default=None,
+                   help="several models: match each to the first (anchor) or run MergeMany (weight matching only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the group / model / batch order (default 0)")
+    p.add_argument("--restarts", type=int, default=1, help="WM: independent descents, best kept (default 1)")
+    p.add_argument("--max-iter", type=int, default=100, help="WM: maximum sweeps (MergeMany: passes) (default 100)")
+    p.add_argument("--similarity", choices=["pearson", "cross_moment"], default="pearson", help="AM: unit similarity (default pearson)")
+    p.add_argument("--num-batches", type=int, default=10, help="AM: training batches used (default 10)")
+    p.add_argument("--batch-size", type=int, default=500, help="AM: batch size (default 500)")
+    p.add_argument("--dataset", default=None, help="AM: dataset name (default: the one recorded in checkpoint A)")
+    add_data(p)
+    p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
+    add_device(p)
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def _load_all(paths: list[str]):
+    from ..checkpoint import build_model, load_checkpoint
+    from ..errors import LmcError
+
+    states, infos, models = [], [], []
+    for path in paths:
+        if not Path(path).exists():
+            raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file")
+        sd, info = load_checkpoint(path)
+        states.append(sd)
+        infos.append(info)
+    ref = infos[0]["model"]
+    for path, info in zip(paths[1:], infos[1:]):
+        if info["model"] != ref:
+            raise LmcError(f"{paths[0]} and {path} are different models ({_describe(ref)} vs {_describe(info['model'])})",
+                           "match checkpoints of the same architecture and width")
+    for path, sd, info in zip(paths, states, infos):
+        models.append(build_model(info["model"], sd, str(path)))
+    return states, infos, models
+
+
+def _abs(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def _describe(cfg: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
+    return f"{cfg.get('name')}({opts})"
+
+
+def _dataset_name(args: argparse.Namespace, info: dict[str, Any]) -> str:
+    from ..errors import LmcError
+
+    if args.dataset:
+        return args.dataset
+    for cand in ((info.get("config") or {}).get("dataset"), info.get("dataset")):
+        if isinstance(cand, dict):
+            cand = cand.get("name")
+        if isinstance(cand, str) and cand:
+            return cand
+    raise LmcError(f"activation matching needs data, and checkpoint {info['path']} records no dataset",
+                   "pass --dataset NAME (e.g. fashion-mnist)")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    from ..errors import LmcError
+
+    for name in ("restarts", "max_iter", "num_batches", "batch_size"):
+        if getattr(args, name) < 1:
+            raise LmcError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..device import resolve_device
+    from ..errors import LmcError
+
+    _check_numbers(args)
+    if len(args.models) < 2:
+        raise LmcError("lmckit match needs at least two checkpoints", "lmckit match A B --out perm.json")
+    if len(args.models) > 2 and args.multi is None:
+        raise LmcError(f"{len(args.models)} checkpoints given without --multi",
+                       "add --multi anchor (match all to the first) or --multi mergemany, with --out FOLDER")
+    if args.multi == "mergemany" and args.method != "weight":
+        raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
+    device = resolve_device(args.device)
+    states, infos, models = _load_all(args.models)
+    from ..perm import spec_for
+
+    spec = spec_for(models[0])
+    dataset = None
+    if args.method == "activation":
+        from ..data import load_dataset
+
+        dataset = load_dataset(_dataset_name(args, infos[0]), args.data_dir)
+    if args.multi is None:
+        return _run_pair(args, spec, states, models, dataset, device)
+    return _run_multi(args, spec, states, models, dataset, device)
+
+
+def _match_pair(args, spec, sd_a, sd_b, model_a, model_b, dataset, device):
+    if args.method == "weight":
+        from ..match import weight_matching
+
+        return weight_matching(spec, sd_a, sd_b, seed=args.seed, max_iter=args.max_iter, restarts=args.restarts,
+                               device=device, progress=not args.json)
+    from ..match import activation_matching
+
+    return activation_matching(model_a, model_b, dataset, spec=spec, num_batches=args.num_batches,
+                               batch_size=args.batch_size, method=args.similarity, seed=args.seed, device=device)
+
+
+def _run_pair(args, spec, states, models, dataset, device) -> int:
+    from ..match import l2_distance
+    from ..perm import apply_permutation, save_perms
+
+    sd_a, sd_b = states
+    res = _match_pair(args, spec, sd_a, sd_b, models[0], models[1], dataset, device)
+    aligned = apply_permutation(spec, res.perms, sd_b)
+    l2_before, l2_after = l2_distance(spec, sd_a, sd_b), l2_distance(spec, sd_a, aligned)
+    cov = spec.coverage()
+    extra = {"method": res.method, "seed": args.seed, "model_a": _abs(args.models[0]), "model_b": _abs(args.models[1]),
+             "model": models[0].lmckit_config, "objective_before": res.initial_objective,
+             "objective_after": res.final_objective, "l2_before": l2_before, "l2_after": l2_after, "sweeps": res.sweeps}
+    if res.method == "weight":
+        extra.update(restarts=args.restarts, max_iter=args.max_iter)
+    else:
+        extra.update(similarity=args.similarity, dataset=dataset.name, num_batches=res.extra["batches"],
+                     batch_size=args.batch_size)
+    out = save_perms(args.out, res.perms, **extra)
+    summary = {"method": res.method, "objective": res.final_objective, "objective_before": res.initial_objective,
+               "objective_history": res.objective, "l2_before": l2_before, "l2_after": l2_after,
+               "l2_reduction": (1 - l2_after / l2_before) if l2_before > 0 else 0.0, "sweeps": res.sweeps,
+               "converged": res.converged, "seconds": res.seconds, "coverage": cov, "out": str(out)}
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"model:       {_describe(models[0].lmckit_config)}")
+    print(f"spec:        {cov['groups']} groups, {cov['units']} units; permutes {cov['entries_permuted']}/{cov['entries']} "
+          f"entries, {cov['elements_permuted']}/{cov['elements']} elements")
+    what = "sum <A, pi(B)>" if res.method == "weight" else f"summed {args.similarity} similarity"
+    print(f"method:      {res.method} matching (seed {args.seed})")
+    print(f"objective:   {res.initial_objective:.6g} -> {res.final_objective:.6g}  ({what})")
+    print(f"L2 distance: {l2_before:.6g} -> {l2_after:.6g}  (reduction {100 * summary['l2_reduction']:.2f}%)")
+    print(f"sweeps:      {res.sweeps}{'' if res.converged else ' (max-iter reached, not converged)'}")
+    print(f"seconds:     {res.seconds:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_multi(args, spec, states, models, dataset, device) -> int:
+    from ..match import anchor_matching, l2_distance, merge_many
+    from ..perm import apply_permutation, save_perms
+    from ..store import atomic_write_json
+
+    if args.multi == "anchor":
+        matcher = None
+        if args.method == "activation":
+            from ..match import activation_matching
+
+            def matcher(i, _sd_ref, _sd_i):
+                return activation_matching(models[0], models[i], dataset, spec=spec, num_batches=args.num_batches,
+                                           batch_size=args.batch_size, method=args.similarity, seed=args.seed,
+                                           device=device)
+        res = anchor_matching(spec, states, anchor=0, method=args.method, matcher=matcher, seed=args.seed,
+                              max_iter=args.max_iter, restarts=args.restarts, device=device)
+    else:
+        res = merge_many(spec, states, seed=args.seed, max_iter=args.max_iter, device=device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        from ..errors import LmcError
+
+        raise LmcError(f"--out {out} is a file; with --multi it must be a folder", "pass a folder path")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (path, sd, perms) in enumerate(zip(args.models, states, res.perms)):
+        aligned = apply_permutation(spec, perms, sd)
+        before, after = l2_distance(spec, states[0], sd), l2_distance(spec, states[0], aligned)
+        f = save_perms(out / f"perm_{i}.json", perms, method=res.method, seed=args.seed, model=_abs(path),
+                       reference=_abs(args.models[0]), index=i, l2_to_reference_before=before, l2_to_reference_after=after)
+        rows.append({"index": i, "model": str(path), "perm_file": str(f), "l2_to_reference_before": before,
+                     "l2_to_reference_after": after})
+    summary = {"method": res.method, "models": rows, "objective": res.objective, "passes": res.passes,
+               "converged": res.converged, "seconds": res.seconds, "seed": args.seed, "coverage": spec.coverage(),
+               "model": models[0].lmckit_config}
+    atomic_write_json(out / "summary.json", summary)
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"model:   {_describe(models[0].lmckit_config)}; {len(states)} checkpoints, reference {args.models[0]}")
+    print(f"method:  {res.method} (seed {args.seed}); {res.passes} passes, {res.seconds:.3f}s"
+          + ("" if res.converged else " (max-iter reached, not converged)"))
+    print(f"objective: {res.objective[0]:.6g} -> {res.objective[-1]:.6g}")
+    for r in rows:
+        print(f"  [{r['index']}] {r['model']}: L2 to reference {r['l2_to_reference_before']:.6g} -> {r['l2_to_reference_after']:.6g}")
+    print(f"wrote {len(rows)} perm files and summary.json to {out}")
+    return 0
