@@ -73,10 +73,6 @@ def run(args: argparse.Namespace) -> int:
     if name is None:
         raise LmcError(f"model A ({args.a}) does not record its dataset", "pass --dataset NAME (e.g. fashion-mnist)")
     dataset = load_dataset(name, data_dir=args.data_dir)
-    in_ch, size = model.lmckit_config.get("in_channels"), model.lmckit_config.get("image_size")
-    if (in_ch is not None and in_ch != dataset.in_channels) or (size is not None and size != dataset.image_size):
-        raise LmcError(f"dataset {name} has {dataset.in_channels}x{dataset.image_size}x{dataset.image_size} images, "
-                       f"the model expects {in_ch}x{size}x{size}", "pass the --dataset the models were trained on")
     splits = ["train", "test"] if args.split == "both" else [args.split]
 
     curves = {}

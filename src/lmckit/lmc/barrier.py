@@ -160,6 +160,27 @@ class BarrierResult:
         return out
 
 
+def check_model_fits(model: nn.Module, dataset, split: str, device: torch.device | str | None = None) -> None:
+    """Raise :class:`LmcError` when ``model`` cannot take ``dataset``'s images (one-image probe)."""
+    device = device or next(model.parameters()).device
+    x, _ = dataset.tensors(split, device=device, limit=2)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as e:
+        shape = "x".join(str(int(s)) for s in x.shape[1:])
+        raise LmcError(f"dataset {dataset.name} ({shape} images) does not fit the model ({type(model).__name__}, "
+                       f"{getattr(model, 'lmckit_config', '')}): {str(e).splitlines()[0]}",
+                       "pass the --dataset the models were trained on") from None
+    finally:
+        model.train(was_training)
+    if out.dim() != 2 or out.shape[1] != dataset.num_classes:
+        raise LmcError(f"the model outputs {tuple(out.shape[1:])} logits, dataset {dataset.name} has {dataset.num_classes} classes",
+                       "pass the --dataset the models were trained on")
+
+
 def resolve_bn_mode(model: nn.Module, mode: str | bool) -> bool | str:
     """Map ``auto|on|off|repair`` to what is done: ``True``, ``False`` or ``"repair"``."""
     if mode is True or mode is False:
@@ -234,6 +255,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
     for s in splits:
         dataset.size(s)  # raises LmcError naming the available splits
     check_compatible([sd_a, sd_b], ["model A", "model B"])
+    check_model_fits(model, dataset, splits[0], device)
     lams = lambda_grid(points) if lambdas is None else [float(x) for x in lambdas]
     _endpoint_index(lams)
     if 0.5 not in lams:

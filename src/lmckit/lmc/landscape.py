@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..errors import LmcError
 from ..evaluate import evaluate
 from ..progress import Progress
-from .barrier import resolve_bn_mode
+from .barrier import check_model_fits, resolve_bn_mode
 from .bn import Repairer, reset_bn_stats, training_batches
 from .interpolate import check_compatible, copy_state, float_keys, mix_states, state_vector
 
@@ -136,6 +136,7 @@ def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Ma
     device = torch.device(device)
     dataset.size(split)
     check_compatible([sd_a, sd_b, sd_c], [f"model {l}" for l in labels])
+    check_model_fits(model, dataset, split, device)
     mode = resolve_bn_mode(model, bn_reset)
     states = [{k: v.detach().to(device, copy=True) for k, v in s.items()} for s in (sd_a, sd_b, sd_c)]
     basis = plane_basis(*states)
