@@ -20,3 +20,4 @@ def __getattr__(name):  # lazy: activation/multi import models and data only whe
 
         return getattr(multi, name)
     raise AttributeError(name)
+from .ste import ste_matching  # noqa: E402  (STE, lmckit.match.ste)
