@@ -125,6 +125,10 @@ _TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
 _PINNED = 0  # union-find element standing for "identity permutation"
 
 
+class _DictInfo(dict):
+    """Stream info of a dict-valued result (key -> info of that entry), not of a tensor."""
+
+
 # --------------------------------------------------------------------------- result
 @dataclass
 class TraceResult:
@@ -284,7 +288,10 @@ class _Tracer:
             self._pin_info(self.info.get(n), reason, warn)
 
     def _pin_info(self, inf: Any, reason: str, warn: bool) -> None:
-        if isinstance(inf, dict):
+        if isinstance(inf, _DictInfo):
+            for i in inf.values():
+                self._pin_info(i, reason, warn)
+        elif isinstance(inf, dict):
             for e in inf.values():
                 self.pin(e, reason, warn)
         elif isinstance(inf, (tuple, list)):
@@ -305,7 +312,7 @@ class _Tracer:
     def tinfo(self, arg: Any) -> dict[int, int]:
         if isinstance(arg, fx.Node):
             inf = self.info.get(arg)
-            return inf if isinstance(inf, dict) else {}
+            return inf if isinstance(inf, dict) and not isinstance(inf, _DictInfo) else {}
         return {}
 
     def invariant_like(self, node: fx.Node) -> Any:
@@ -318,7 +325,7 @@ class _Tracer:
         if isinstance(tm, (tuple, list)):
             return tuple(self._inv(t) for t in tm)
         if isinstance(tm, dict):
-            return {"__dict__": {k: self._inv(v) for k, v in tm.items()}}
+            return _DictInfo({k: self._inv(v) for k, v in tm.items()})
         return None
 
     # ---------------------------------------------------------------- rules
@@ -484,8 +491,8 @@ class _Tracer:
         inf = self.info.get(src) if isinstance(src, fx.Node) else None
         if isinstance(inf, (tuple, list)):
             return inf[idx] if isinstance(idx, int) and -len(inf) <= idx < len(inf) else self.opaque(node)
-        if isinstance(inf, dict) and "__dict__" in inf:
-            return inf["__dict__"].get(idx, self.opaque(node))
+        if isinstance(inf, _DictInfo):
+            return inf[idx] if idx in inf else self.opaque(node)
         in_shape = self.shape(src)
         if in_shape is None or not isinstance(inf, dict):
             return self.invariant_like(node) if inf is None and not _flat_nodes(idx) else self.opaque(node)
@@ -657,7 +664,7 @@ class _Tracer:
         if t is operator.getitem:
             return self.getitem(node)
         if t is getattr:
-            return None
+            return self.attribute(node)
         if t in (F.linear, F.conv1d, F.conv2d, F.conv3d):
             w = self._keyed(a[1] if len(a) > 1 else node.kwargs.get("weight"))
             b_arg = a[2] if len(a) > 2 else node.kwargs.get("bias")
@@ -719,6 +726,20 @@ class _Tracer:
             return self.reduce_call(node, m, src)
         return self.opaque(node)
 
+    def attribute(self, node: fx.Node) -> Any:
+        """``getattr(x, name)``: shape-like attributes are not tensors; ``.T``/``.mT`` transpose."""
+        src, attr = node.args[0], node.args[1]
+        if node.meta.get("tensor_meta") is None:
+            return None  # .shape, .dtype, .device, .ndim ...
+        n = len(self.shape(src) or ())
+        if attr == "T":
+            return self.transpose(node, src, list(range(n))[::-1])
+        if attr == "mT" and n >= 2:
+            return self.transpose(node, src, list(range(n - 2)) + [n - 1, n - 2])
+        if attr in ("data", "real"):
+            return dict(self.tinfo(src))
+        return self.opaque(node)
+
     def swap(self, node: fx.Node, src: Any, d0: int, d1: int) -> dict[int, int]:
         n = len(self.shape(src) or ())
         order = list(range(n))
@@ -778,10 +799,8 @@ class _Tracer:
             elif node.op == "output":
                 self.pin_all(node.args, "model output", warn=False)
             if self.info.get(node) is None and node.op not in ("output",) and node.meta.get("tensor_meta") is not None:
-                # a tensor-valued result we could not describe: treat as opaque
-                if not (node.op == "call_function" and node.target is getattr) and not (
-                        node.op == "call_method" and node.target in _SHAPE_METHODS):
-                    self.info[node] = self.opaque(node)
+                # a tensor-valued result no rule described: never let it pass as invariant silently
+                self.info[node] = self.opaque(node)
 
     def build(self) -> TraceResult:
         uf = self.uf
@@ -802,8 +821,8 @@ class _Tracer:
             if not warn:
                 continue
             size = self._size(e)
-            if size is not None and size <= 1:
-                continue
+            if (size is not None and size <= 1) or not any(self._same_before_pin(p, e) for p in self.producer_order):
+                continue  # single units, or parameter axes that never were a unit space
             lst = why_by_label.setdefault(self._label(e), [])
             if why not in lst:
                 lst.append(why)
