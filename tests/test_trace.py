@@ -340,3 +340,45 @@ def test_activation_sites_functional_relu_falls_back_to_producers():
     om = ODD_MODELS["skip_cnn"]  # one ReLU module called three times cannot be hooked: norms instead
     assert activation_sites(om.factory(), om.example_input()) == {"stem": ["stem_bn"], "conv1": ["bn1"],
                                                                   "conv2": ["bn2", "proj.1"]}
+
+
+class _TiedAndDict(nn.Module):
+    """Weight tying across two layers, a dict-valued submodule output, ``.mT`` transposes, a 2-D input."""
+
+    def __init__(self, tie_first: bool):
+        super().__init__()
+        self.fc0 = nn.Linear(6, 5)
+        self.fc_a = nn.Linear(5, 5)
+        self.fc_b = nn.Linear(5, 5)
+        self.fc_b.weight = self.fc_a.weight if not tie_first else self.fc_b.weight
+        if tie_first:  # tie fc_b to the layer that reads the (unpermuted) input
+            self.fc0 = nn.Linear(5, 5)
+            self.fc_b.weight = self.fc0.weight
+        self.head = nn.Linear(5, 2)
+
+    def inner(self, x):
+        h = torch.relu(self.fc_a(torch.relu(self.fc0(x))))
+        return {"h": torch.relu(self.fc_b(h)).mT.mT}
+
+    def forward(self, x):
+        return self.head(self.inner(x)["h"])
+
+
+def test_tied_weights_move_together_or_not_at_all():
+    m = _TiedAndDict(tie_first=False)
+    x = torch.randn(4, 3, 6)
+    spec = _no_spec_warnings(trace_spec, m, x)
+    # fc_a and fc_b share W: y = W relu(W h) forces one permutation on both axes of W and on fc0's output
+    assert spec.axes["fc_a.weight"] == spec.axes["fc_b.weight"] == ("fc0", "fc0")
+    assert spec.sizes == {"fc0": 5}
+    assert check_spec(m, x).ok
+
+    m = _TiedAndDict(tie_first=True)
+    x = torch.randn(4, 3, 5)
+    with pytest.warns(SpecWarning, match="units of 'fc_a' left unpermuted: 'fc0' reads an unpermuted input with weights tied"):
+        spec = trace_spec(m, x)
+    # W's columns read the input (fixed), so fc_a's units, which W's columns also read in fc_b, cannot move;
+    # W's rows (fc0 and fc_b outputs) still can, together.
+    assert spec.axes["fc0.weight"] == spec.axes["fc_b.weight"] == ("fc0", None)
+    assert spec.axes["fc_a.weight"] == (None, "fc0") and spec.sizes == {"fc0": 5}
+    assert check_spec(m, x).ok

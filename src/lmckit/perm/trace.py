@@ -271,17 +271,7 @@ class _Tracer:
 
     def pin(self, stream: int, reason: str, warn: bool = True) -> None:
         self.pin_reasons.append((stream, reason, warn))
-        if warn and self.strict:
-            self._strict_fail(stream, reason)
         self.uf.union(_PINNED, stream)
-
-    def _strict_fail(self, stream: int, reason: str) -> None:
-        root = self.uf.find(stream)
-        names = [self.producer_name[p] for p in self.producer_order if self.uf.find(p) == root]
-        what = f"the units of {names[0]!r}" if names else "a stream of units"
-        raise LmcError(f"cannot build a permutation spec: {what} cannot be permuted: {reason}",
-                       "write a permutation_spec() method for this model, or call trace_spec(strict=False) "
-                       "to leave those units unpermuted")
 
     def pin_all(self, arg: Any, reason: str, warn: bool = True) -> None:
         for n in _flat_nodes(arg):
@@ -537,6 +527,8 @@ class _Tracer:
         last = (len(s) - 1) if s else 0
         if last in inf:
             self.join_key(inf[last], w, 1)
+        elif w in self.state:  # reads an unpermuted axis: those weight columns stay (matters for tied weights)
+            self.pin(self.key(w, 1), f"{name!r} reads an unpermuted input with weights tied to these units")
         keys = [(w, 0)] + ([(b, 0)] if b else [])
         p = self.producer(name, keys)
         out = {d: e for d, e in inf.items() if d != last}
@@ -556,7 +548,11 @@ class _Tracer:
         cin = w_shape[0] if transposed else w_shape[1] * groups
         cout = w_shape[1] * groups if transposed else w_shape[0]
         if groups == 1:
-            self.join_key(in_e, w, 0 if transposed else 1)
+            if in_e is not None:
+                self.join_key(in_e, w, 0 if transposed else 1)
+            else:
+                self.pin(self.key(w, 0 if transposed else 1),
+                         f"{name!r} reads an unpermuted input with weights tied to these units")
             keys = [(w, 1 if transposed else 0)] + ([(b, 0)] if b else [])
             return {1: self.producer(name, keys)}
         if not transposed and groups == cin == cout:  # depthwise: channel c only reads channel c
@@ -855,6 +851,10 @@ class _Tracer:
         spec = PermutationSpec(axes={k: tuple(v) for k, v in axes.items()}, sizes=sizes,
                                shapes={k: tuple(v.shape) for k, v in self.state.items()})
         spec.validate()
+        if self.strict and msgs:
+            raise LmcError("cannot build a complete permutation spec: " + "; ".join(msgs),
+                           "write a permutation_spec() method for this model, or trace with strict=False to "
+                           "leave those units unpermuted")
         res = TraceResult(spec=spec, warnings=msgs,
                           producers={root_group[r]: producers[r] for r in root_group})
         res.sites = self._sites(root_group)
