@@ -13,7 +13,7 @@ from .distance import distances
 from .layers import has_batchnorm, midpoint_state
 from .projection import input_projections, projection_summary
 from .rank import bn_reset_function, rank_sweep
-from .svd import DEFAULT_GAMMAS, SVDAlignment, gamma_key, svd_alignment
+from .svd import DEFAULT_GAMMAS, SVDAlignment, gamma_key, state_svds, svd_alignment
 from .taylor import taylor_midpoint
 
 
@@ -56,7 +56,8 @@ def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
     dist = distances(spec, sd_a, sd_b, perms)
     timings["distances"] = time.perf_counter() - t
     t = time.perf_counter()
-    svd = svd_alignment(spec, sd_a, sd_b, perms, gammas)
+    svds_a, svds_b = state_svds(spec, sd_a), state_svds(spec, sd_b)
+    svd = svd_alignment(spec, sd_a, sd_b, perms, gammas, svds_a=svds_a, svds_b=svds_b)
     timings["svd"] = time.perf_counter() - t
     if perms is None:
         notes.append("no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)")
@@ -82,7 +83,8 @@ def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
 
     if dataset is not None:
         t = time.perf_counter()
-        proj = input_projections(model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed)
+        proj = input_projections(model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed,
+                                 svds=svds_a)
         timings["input_projections"] = time.perf_counter() - t
         result.projections = proj
         summary["input_projections"] = projection_summary(proj)
@@ -95,7 +97,7 @@ def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
         can_reset = bn_reset_function() is not None
         if sweep_gammas or fractions:
             kw = dict(gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit)
-            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn and can_reset, **kw)
+            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn and can_reset, svds=svds_a, **kw)
             if bn and not can_reset:
                 notes.append("BatchNorm model: the midpoint rank sweep needs a BN reset (lmckit.lmc.reset_bn_stats), "
                              "which is not available; skipped")

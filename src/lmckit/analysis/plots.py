@@ -12,6 +12,7 @@ Each function writes one file and returns its path:
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,11 +42,19 @@ def _save(fig, path: Path) -> Path:
     from ..store import atomic_write_bytes
     import io
 
-    fig.tight_layout()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # colorbar axes are not tight_layout-compatible; the result is fine
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     _plt().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    out = atomic_write_bytes(path, buf.getvalue())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # figures are for reading: not the temp file's 0600
+    return out
 
 
 def plot_spectra(svd: SVDAlignment, path: str | Path, labels: Sequence[str] = ("A", "B")) -> Path:
@@ -140,6 +149,9 @@ def plot_rank_sweep(sweeps: Mapping[str, Sequence[Mapping[str, Any]]], path: str
         if full is not None:
             ax.axhline(full["acc"], color=f"C{i}", ls=":", lw=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("kept directions / full rank (hidden layers)")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7)

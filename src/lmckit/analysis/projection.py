@@ -29,12 +29,13 @@ import torch.nn.functional as F
 
 from ..perm import PermutationSpec
 from .layers import layers_of
-from .svd import layer_svd
+from .svd import SVDs, layer_svd
 
 
 def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, torch.Tensor], dataset,
                       num_batches: int = 4, batch_size: int = 500, device: torch.device | str | None = None,
-                      split: str = "train", max_positions: int = 4096, seed: int = 0) -> dict[str, dict[str, Any]]:
+                      split: str = "train", max_positions: int = 4096, seed: int = 0,
+                      svds: SVDs | None = None) -> dict[str, dict[str, Any]]:
     """Mean ``|v_i . z|`` of each layer's inputs ``z`` against singular index ``i``.
 
     Parameters
@@ -44,6 +45,7 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
     sd: the weights to analyse.
     dataset: a :class:`lmckit.data.Dataset`; ``num_batches`` seeded random
         batches of ``batch_size`` images of ``split`` are used.
+    svds: precomputed :func:`~lmckit.analysis.svd.state_svds` of ``sd`` (optional).
     max_positions: per batch and conv layer, at most this many patch vectors.
     seed: the batches are ``dataset.batches(split, batch_size, shuffle=True)`` with a generator
         seeded ``seed``; the position subsample and random directions use ``seed + 1``.
@@ -65,7 +67,7 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
         if not (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
                                                 and mod.padding_mode == "zeros" and isinstance(mod.padding, tuple))):
             continue
-        _, s, v = layer_svd(sd[layer.key])
+        _, s, v = svds[layer.key] if svds is not None else layer_svd(sd[layer.key])
         rnd = torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=torch.float64)
         rnd = rnd / rnd.norm(dim=0, keepdim=True)
         targets[layer.name] = (mod, s.float(), v.float().to(dev), rnd.float().to(dev))

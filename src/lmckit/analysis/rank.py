@@ -25,11 +25,11 @@ import torch.nn as nn
 from ..errors import LmcError
 from ..perm import PermutationSpec, spec_for
 from .layers import has_batchnorm, layers_of
-from .svd import kept_count, layer_svd
+from .svd import SVDs, kept_count, layer_svd, state_svds
 
 
 def truncate_state(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma: float | None = None,
-                   fraction: float | None = None, keep_output_layer: bool = True
+                   fraction: float | None = None, keep_output_layer: bool = True, svds: SVDs | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
     """Replace each (hidden) layer's weight by its dominant singular part.
 
@@ -40,6 +40,7 @@ def truncate_state(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma:
     gamma: keep ``sigma_i >= gamma * sigma_max``, ``gamma`` in [0, 1]; or
     fraction: keep the top ``ceil(fraction * r)`` directions, ``fraction`` in (0, 1].
     keep_output_layer: leave the output layer (rows = logits) whole.
+    svds: precomputed :func:`~lmckit.analysis.svd.state_svds` of ``sd`` (optional; reused by sweeps).
 
     Returns
     -------
@@ -58,7 +59,7 @@ def truncate_state(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma:
         if keep_output_layer and layer.is_output:
             continue
         w = sd[layer.key]
-        u, s, v = layer_svd(w)
+        u, s, v = svds[layer.key] if svds is not None else layer_svd(w)
         k = kept_count(s, gamma) if gamma is not None else min(layer.rank, math.ceil(fraction * layer.rank - 1e-9))
         w_k = (u[:, :k] * s[:k]) @ v[:, :k].mT
         out[layer.key] = w_k.reshape(w.shape).to(w.device, w.dtype)
@@ -92,7 +93,7 @@ def _evaluate_state(model: nn.Module, sd: Mapping[str, torch.Tensor], dataset, s
 def rank_sweep(model: nn.Module, sd: Mapping[str, torch.Tensor], dataset, gammas: Iterable[float] | None = None,
                fractions: Iterable[float] | None = None, split: str = "test", *, spec: PermutationSpec | None = None,
                keep_output_layer: bool = True, batch_size: int = 2000, device: torch.device | str | None = None,
-               limit: int | None = None, reset_bn: bool = False) -> list[dict[str, Any]]:
+               limit: int | None = None, reset_bn: bool = False, svds: SVDs | None = None) -> list[dict[str, Any]]:
     """Loss and accuracy of the rank-truncated model against the threshold.
 
     Parameters
@@ -123,9 +124,10 @@ def rank_sweep(model: nn.Module, sd: Mapping[str, torch.Tensor], dataset, gammas
     full_rank = sum(l.rank for l in layers_of(spec, sd) if not (keep_output_layer and l.is_output))
     records = [{"kind": "full", "threshold": None, "kept": {}, "kept_total": full_rank, "rank_total": full_rank,
                 "loss": loss, "acc": acc}]
+    svds = svds if svds is not None else state_svds(spec, sd)
     todo = [("gamma", float(g)) for g in (gammas or ())] + [("fraction", float(f)) for f in (fractions or ())]
     for kind, t in todo:
-        sd_k, kept = truncate_state(spec, sd, **{kind: t}, keep_output_layer=keep_output_layer)
+        sd_k, kept = truncate_state(spec, sd, **{kind: t}, keep_output_layer=keep_output_layer, svds=svds)
         loss, acc = _evaluate_state(model, sd_k, **ev)
         records.append({"kind": kind, "threshold": t,
                         "kept": {n: v["kept"] for n, v in kept.items()},

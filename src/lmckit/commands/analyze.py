@@ -1,0 +1,178 @@
+"""``lmckit analyze A B [--perm P.json]``: distance reduction, SVD alignment R, rank-k and Taylor analyses."""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Any
+
+from .common import add_data, add_device, add_json, print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="distances, SVD alignment R(gamma), input projections, rank-k, Taylor estimate",
+                       description="Analyse a pair of models before and after a permutation of model B "
+                                   "(PAPER.md Definitions and Claims 1-4).")
+    p.add_argument("a", metavar="A", help="model A: run folder or .safetensors")
+    p.add_argument("b", metavar="B", help="model B: run folder or .safetensors")
+    p.add_argument("--perm", default=None, help="permutation of B (JSON from `lmckit match`); default: identity")
+    p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="thresholds gamma for R and truncation (default 0 0.3)")
+    p.add_argument("--rank-fractions", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.25, 0.5],
+                   help="fractions of each hidden layer's rank to keep in the rank-k sweep (none: only the gammas)")
+    p.add_argument("--taylor", action="store_true", help="also compute the Taylor estimate of the midpoint barrier")
+    p.add_argument("--taylor-samples", type=int, default=10000, help="training images for the Taylor estimate (default 10000)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the rank sweep on the first N test images only")
+    p.add_argument("--projection-batches", type=int, default=4, help="batches of 500 training images for input projections")
+    p.add_argument("--dataset", default=None, help="dataset for the data-dependent analyses (default: A's recorded dataset)")
+    p.add_argument("--no-data", action="store_true", help="weights-only analyses (distances and SVD)")
+    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG figures into DIR")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data subsets and random baselines")
+    add_data(p)
+    add_device(p)
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def _recorded_dataset(info: dict[str, Any]) -> str | None:
+    cfg = info.get("config")
+    name = None
+    if isinstance(cfg, dict):
+        d = cfg.get("dataset")
+        name = d.get("name") if isinstance(d, dict) else d
+    name = name or info.get("dataset")
+    if isinstance(name, dict):
+        name = name.get("name")
+    return name if isinstance(name, str) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis import analyze_pair
+    from ..checkpoint import build_model, load_checkpoint
+    from ..device import resolve_device
+    from ..errors import LmcError
+    from ..perm import load_perms, spec_for
+
+    t0 = time.perf_counter()
+    for g in args.gamma:
+        if not 0.0 <= g <= 1.0:
+            raise LmcError(f"--gamma {g} is outside [0, 1]", "gamma is a fraction of the largest singular value, e.g. 0 or 0.3")
+    for f in args.rank_fractions:
+        if not 0.0 < f <= 1.0:
+            raise LmcError(f"--rank-fractions {f} is outside (0, 1]", "pass fractions such as 0.05 0.1 0.5")
+    if args.taylor_samples <= 0:
+        raise LmcError(f"--taylor-samples must be positive, got {args.taylor_samples}")
+    device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmcError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sd_a, info_a = load_checkpoint(args.a)
+    sd_b, info_b = load_checkpoint(args.b)
+    if info_a["model"] != info_b["model"]:
+        raise LmcError(f"models differ: A ({args.a}) is {info_a['model']}, B ({args.b}) is {info_b['model']}",
+                       "analyse two models of the same architecture and width")
+    model = build_model(info_a["model"], sd_a, f"model A ({args.a})")
+    spec = spec_for(model)
+    spec.check_state(sd_b, f"model B ({args.b})")
+    model = model.to(device)
+    perms = load_perms(args.perm, spec) if args.perm else None
+
+    dataset = None
+    if not args.no_data:
+        name = args.dataset or _recorded_dataset(info_a)
+        if name is None:
+            if args.taylor:
+                raise LmcError(f"--taylor needs data, and {args.a} records no dataset", "pass --dataset NAME")
+        else:
+            from ..data import load_dataset
+
+            dataset = load_dataset(name, data_dir=args.data_dir)
+            _check_input(model, dataset, name, device)
+    res = analyze_pair(model, spec, sd_a, sd_b, perms, dataset=dataset, gammas=args.gamma,
+                       rank_fractions=args.rank_fractions, eval_limit=args.eval_limit,
+                       projection_batches=args.projection_batches, taylor=args.taylor,
+                       taylor_samples=args.taylor_samples, device=device, seed=args.seed)
+    s = res.summary
+    if dataset is None and not args.no_data:
+        s["notes"].append("no dataset recorded in A and none given (--dataset): data-dependent analyses skipped")
+    s["a"], s["b"], s["perm"] = str(args.a), str(args.b), args.perm
+    s["dataset"] = dataset.name if dataset is not None else None
+    if args.plots:
+        from ..analysis.plots import write_plots
+
+        t = time.perf_counter()
+        paths = write_plots(args.plots, res.svd, res.projections, res.sweeps)
+        s["plots"] = [str(p) for p in paths]
+        s["timings"]["plots"] = time.perf_counter() - t
+    s["timings"]["total"] = time.perf_counter() - t0
+    if args.json:
+        print_json(s)
+    else:
+        _print_readable(s)
+    return 0
+
+
+def _check_input(model, dataset, name: str, device) -> None:
+    """One forward pass on one image: a dataset whose image shape the model cannot take is a user error."""
+    import torch
+
+    from ..errors import LmcError
+
+    x, _ = dataset.tensors("train", device=device, limit=1)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as e:
+        raise LmcError(f"the models cannot take images of dataset {name} ({dataset.in_channels}x{dataset.image_size}x"
+                       f"{dataset.image_size}): {str(e).splitlines()[0]}; they expect other inputs",
+                       "pass the dataset the models were trained on (--dataset)") from None
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.4f}"
+    return str(x)
+
+
+def _print_readable(s: dict[str, Any]) -> None:
+    gk = s["gammas"]
+    print(f"A: {s['a']}\nB: {s['b']}\npermutation: {s['perm'] or 'identity'}")
+    print(f"\nL2 distance {s['l2_before']:.4f} -> {s['l2_after']:.4f}  (reduction {s['reduction']:.4f}, "
+          f"{s['entries_counted']} parameter entries)")
+    for g in gk:
+        print(f"R(gamma={g}): before {s['R'][g]['before']:.4f}  after {s['R'][g]['after']:.4f}")
+    rows = []
+    for r in s["per_layer"]:
+        row = {"layer": r["name"], "shape": "x".join(map(str, r["shape"])), "l2 before": _fmt(r["l2_before"]),
+               "l2 after": _fmt(r["l2_after"]), "reduction": _fmt(r["reduction"])}
+        for g in gk:
+            row[f"R({g}) before"] = _fmt(r["R"][g]["before"]) if r["R"] else "-"
+            row[f"R({g}) after"] = _fmt(r["R"][g]["after"]) if r["R"] else "-"
+            row[f"kept({g}) a/b"] = f"{r['kept'][g]['a']}/{r['kept'][g]['b']}" if r["kept"] else "-"
+        rows.append(row)
+    print()
+    print_table(rows)
+    if s.get("input_projections"):
+        print("\nInput projections, mean |v_i . z| (top 10% of singular directions vs random directions):")
+        print_table([{"layer": r["name"], "rank": r["rank"], "top 10%": r["top_mean"], "bottom half": r["bottom_half_mean"],
+                      "random": r["random_mean"], "top/random": r["top_over_random"]} for r in s["input_projections"]])
+    for label, recs in (s.get("rank_sweep") or {}).items():
+        print(f"\nRank-k truncation ({label}; hidden layers, output layer whole):")
+        print_table([{"threshold": "full" if r["kind"] == "full" else f"{r['kind']}={r['threshold']:g}",
+                      "kept": f"{r['kept_total']}/{r['rank_total']}",
+                      "per layer": "/".join(str(v) for v in r["kept"].values()) or "-",
+                      "loss": r["loss"], "acc": r["acc"]} for r in recs])
+    if "taylor" in s:
+        t = s["taylor"]
+        print(f"\nMidpoint barrier on {t['num_samples']} {t['split']} images: measured {t['measured_midpoint']:.4f}, "
+              f"Taylor -(1/8) d^T H d = {t['taylor_midpoint']:.4f}  (|d| = {t['delta_norm']:.3f}, {t['seconds']:.1f}s)")
+    if s.get("plots"):
+        print(f"\nplots: {', '.join(s['plots'])}")
+    for n in s["notes"]:
+        print(f"note: {n}")
+    print(f"({s['timings']['total']:.1f}s)")
