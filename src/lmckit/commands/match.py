@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "three or more checkpoints matched to an anchor or by MergeMany. A perm file applies to the "
                     "second model: apply_permutation(spec, perms, B) is aligned to A.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
-    p.add_argument("--method", choices=["weight", "activation"], default="weight", help="weight (default) or activation matching")
+    p.add_argument("--method", choices=["weight", "activation", "ste"], default="weight",
+                   help="weight (default), activation matching, or ste (straight-through estimator)")
     p.add_argument("--multi", choices=["anchor", "mergemany"], default=None,
                    help="several models: match each to the first (anchor) or run MergeMany (weight matching only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the group / model / batch order (default 0)")
@@ -24,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--similarity", choices=["pearson", "cross_moment"], default="pearson", help="AM: unit similarity (default pearson)")
     p.add_argument("--num-batches", type=int, default=10, help="AM: training batches used (default 10)")
     p.add_argument("--batch-size", type=int, default=500, help="AM: batch size (default 500)")
-    p.add_argument("--dataset", default=None, help="AM: dataset name (default: the one recorded in checkpoint A)")
+    p.add_argument("--dataset", default=None, help="AM/STE: dataset name (default: the one recorded in checkpoint A)")
+    p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default="adam",
+                   help="STE: optimiser preset (adam: Adam 1e-3, batch 256, 10 epochs; git-re-basin: SGD 1e-2 m0.9, batch 1000)")
+    p.add_argument("--epochs", type=int, default=None, help="STE: epochs (default: the preset's)")
+    p.add_argument("--ste-state", default=None, help="STE: folder for the resumable state and drift.json/png")
     add_data(p)
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
     add_device(p)
@@ -72,7 +77,7 @@ def _dataset_name(args: argparse.Namespace, info: dict[str, Any]) -> str:
             cand = cand.get("name")
         if isinstance(cand, str) and cand:
             return cand
-    raise LmcError(f"activation matching needs data, and checkpoint {info['path']} records no dataset",
+    raise LmcError(f"{args.method} matching needs data, and checkpoint {info['path']} records no dataset",
                    "pass --dataset NAME (e.g. fashion-mnist)")
 
 
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = spec_for(models[0])
     dataset = None
-    if args.method == "activation":
+    if args.method in ("activation", "ste"):
         from ..data import load_dataset
 
         dataset = load_dataset(_dataset_name(args, infos[0]), args.data_dir)
@@ -117,6 +122,11 @@ def _match_pair(args, spec, sd_a, sd_b, model_a, model_b, dataset, device):
 
         return weight_matching(spec, sd_a, sd_b, seed=args.seed, max_iter=args.max_iter, restarts=args.restarts,
                                device=device, progress=not args.json)
+    if args.method == "ste":
+        from ..match.ste import ste_matching
+
+        return ste_matching(model_a, sd_a, sd_b, dataset, spec=spec, preset=args.ste_preset, epochs=args.epochs,
+                            seed=args.seed, device=device, state_dir=args.ste_state, progress=not args.json)
     from ..match import activation_matching
 
     return activation_matching(model_a, model_b, dataset, spec=spec, num_batches=args.num_batches,
@@ -137,6 +147,9 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
              "objective_after": res.final_objective, "l2_before": l2_before, "l2_after": l2_after, "sweeps": res.sweeps}
     if res.method == "weight":
         extra.update(restarts=args.restarts, max_iter=args.max_iter)
+    elif res.method == "ste":
+        extra.update(dataset=dataset.name, ste_preset=args.ste_preset, ste_settings=res.extra["settings"],
+                     heldout_loss=res.final_objective, changed_vs_wm=res.extra["changed_vs_wm"])
     else:
         extra.update(similarity=args.similarity, dataset=dataset.name, num_batches=res.extra["batches"],
                      batch_size=args.batch_size)
@@ -151,7 +164,8 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     print(f"model:       {_describe(models[0].lmckit_config)}")
     print(f"spec:        {cov['groups']} groups, {cov['units']} units; permutes {cov['entries_permuted']}/{cov['entries']} "
           f"entries, {cov['elements_permuted']}/{cov['elements']} elements")
-    what = "sum <A, pi(B)>" if res.method == "weight" else f"summed {args.similarity} similarity"
+    what = ("sum <A, pi(B)>" if res.method == "weight" else "held-out midpoint loss, best so far" if res.method == "ste"
+            else f"summed {args.similarity} similarity")
     print(f"method:      {res.method} matching (seed {args.seed})")
     print(f"objective:   {res.initial_objective:.6g} -> {res.final_objective:.6g}  ({what})")
     print(f"L2 distance: {l2_before:.6g} -> {l2_after:.6g}  (reduction {100 * summary['l2_reduction']:.2f}%)")
@@ -168,6 +182,14 @@ def _run_multi(args, spec, states, models, dataset, device) -> int:
 
     if args.multi == "anchor":
         matcher = None
+        if args.method == "ste":
+            from ..match.ste import ste_matching
+
+            def matcher(i, sd_ref, sd_i):
+                state = None if args.ste_state is None else Path(args.ste_state) / f"model_{i}"
+                return ste_matching(models[0], sd_ref, sd_i, dataset, spec=spec, preset=args.ste_preset,
+                                    epochs=args.epochs, seed=args.seed, device=device, state_dir=state,
+                                    progress=not args.json)
         if args.method == "activation":
             from ..match import activation_matching
 

@@ -1,0 +1,79 @@
+"""``lmckit landscape``: loss and accuracy on the plane through three (aligned) models."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_data, add_device, add_json, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "landscape", help="loss/accuracy landscape on the plane of three models",
+        description="Evaluate loss and accuracy on a grid over the plane through models A, B, C (B and C permuted "
+                    "by --perms first, e.g. the perm files of `lmckit match --multi anchor` or `lmckit merge`), and "
+                    "plot it. The loss plot goes to --plot, the accuracy plot next to it (NAME-accuracy.png).")
+    p.add_argument("models", nargs=3, metavar="MODEL", help="three run folders or .safetensors checkpoints: A B C")
+    p.add_argument("--perms", nargs=2, metavar=("PB", "PC"), default=None,
+                   help="permutation files aligning B and C to A (default: no permutation)")
+    p.add_argument("--grid", type=int, default=11, help="grid points per axis (default 11)")
+    p.add_argument("--margin", type=float, default=0.2, help="how far the grid reaches beyond the three models (default 0.2)")
+    p.add_argument("--split", default="test", help="split to evaluate on (default test)")
+    p.add_argument("--bn-reset", choices=["auto", "on", "off", "repair"], default="auto",
+                   help="BatchNorm statistics at grid points (default auto: reset when the model has BN)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of the split only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the BN-reset batches (default 0)")
+    p.add_argument("--plot", required=True, help="PNG file for the loss landscape")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in model A)")
+    add_data(p)
+    add_device(p)
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import load_dataset
+    from ..device import resolve_device
+    from ..errors import LmcError
+    from ..lmc.landscape import plane_landscape
+    from ..lmc.plot import plot_landscape
+    from ..perm import apply_permutation, load_perms, spec_for
+    from .merge import check_fits, dataset_name, describe, load_models
+
+    if args.grid < 2:
+        raise LmcError(f"--grid must be at least 2, got {args.grid}")
+    if args.limit is not None and args.limit < 1:
+        raise LmcError(f"--limit must be at least 1, got {args.limit}")
+    plot = Path(args.plot)
+    if plot.suffix.lower() != ".png":
+        raise LmcError(f"--plot {plot} must be a .png file")
+    device = resolve_device(args.device)
+    states, infos, model = load_models(args.models)
+    spec = spec_for(model)
+    dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
+    check_fits(model, dataset, args.models[0])
+    sd_a, sd_b, sd_c = states
+    if args.perms:
+        sd_b = apply_permutation(spec, load_perms(args.perms[0], spec), sd_b)
+        sd_c = apply_permutation(spec, load_perms(args.perms[1], spec), sd_c)
+    res = plane_landscape(model, sd_a, sd_b, sd_c, dataset, grid=args.grid, margin=args.margin, split=args.split,
+                          bn_reset=args.bn_reset, limit=args.limit, device=device, seed=args.seed,
+                          progress=False if args.json else "landscape")
+    aligned = "aligned" if args.perms else "unaligned"
+    loss_plot = plot_landscape(res, plot, "loss", title=f"{args.split} loss on the plane of three {aligned} models")
+    acc_plot = plot_landscape(res, plot.with_name(plot.stem + "-accuracy.png"), "accuracy",
+                              title=f"{args.split} accuracy on the plane of three {aligned} models")
+    d = res.to_dict()
+    summary = {**d, "models_files": [str(Path(p).resolve()) for p in args.models],
+               "perm_files": [str(Path(p).resolve()) for p in args.perms] if args.perms else None,
+               "loss_plot": str(loss_plot), "accuracy_plot": str(acc_plot), "model": model.lmckit_config}
+    if args.json:
+        print_json(summary)
+        return 0
+    flat_l = [v for row in res.loss for v in row]
+    flat_a = [v for row in res.accuracy for v in row]
+    print(f"model:  {describe(model.lmckit_config)}; {aligned}; {args.grid}x{args.grid} grid on {args.split}")
+    print(f"loss:     min {min(flat_l):.4f}, max {max(flat_l):.4f}")
+    print(f"accuracy: min {100 * min(flat_a):.2f}%, max {100 * max(flat_a):.2f}%")
+    print(f"wrote {loss_plot} and {acc_plot}")
+    return 0

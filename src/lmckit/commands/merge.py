@@ -1,0 +1,168 @@
+"""``lmckit merge``: align several checkpoints, average them into one loadable model, and measure."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import add_data, add_device, add_json, print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge", help="merge several models: align, average uniformly, report accuracies and barriers",
+        description="Align every model to the first (anchor) with weight matching, activation matching or STE (or "
+                    "all together by MergeMany), write the uniform average as DIR/merged.safetensors (BatchNorm "
+                    "statistics recomputed), one perm JSON per model, DIR/merge.json and the merged-accuracy curve "
+                    "DIR/merged_accuracy.png (average of the first n aligned models vs the naive average).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
+    p.add_argument("--method", choices=["weight", "activation", "ste"], default="weight", help="alignment method (default weight)")
+    p.add_argument("--multi", choices=["anchor", "mergemany"], default="anchor",
+                   help="anchor: match each model to the first (default); mergemany: weight matching to the mean of the others")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", default="test", help="split to evaluate on (default test)")
+    p.add_argument("--points", type=int, default=25, help="lambdas per pairwise barrier (default 25)")
+    p.add_argument("--bn-reset", choices=["auto", "on", "off"], default="auto",
+                   help="recompute BatchNorm statistics of averaged models (default auto: when the model has BN)")
+    p.add_argument("--seed", type=int, default=0, help="seed of matching, STE and BN-reset batches (default 0)")
+    p.add_argument("--max-iter", type=int, default=100, help="WM sweeps / MergeMany passes (default 100)")
+    p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default="adam", help="STE optimiser preset (default adam)")
+    p.add_argument("--epochs", type=int, default=None, help="STE epochs (default: the preset's)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of the split only")
+    p.add_argument("--no-curve", action="store_true", help="skip the merged-accuracy curve")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in the first checkpoint)")
+    add_data(p)
+    add_device(p)
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- shared with `lmckit landscape`
+def load_models(paths: list[str]):
+    """``(states, infos, model)`` for checkpoints of one architecture (``LmcError`` otherwise)."""
+    from ..checkpoint import build_model, load_checkpoint
+    from ..errors import LmcError
+
+    states, infos = [], []
+    for path in paths:
+        if not Path(path).exists():
+            raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file")
+        sd, info = load_checkpoint(path)
+        states.append(sd)
+        infos.append(info)
+    ref = infos[0]["model"]
+    for path, info in zip(paths[1:], infos[1:]):
+        if info["model"] != ref:
+            raise LmcError(f"{paths[0]} and {path} are different models ({describe(ref)} vs {describe(info['model'])})",
+                           "pass checkpoints of the same architecture and width")
+    model = build_model(ref, states[0], str(paths[0]))
+    for path, sd in zip(paths[1:], states[1:]):
+        from ..perm import spec_for
+
+        spec_for(model).check_state(sd, str(path))
+    return states, infos, model
+
+
+def describe(cfg: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
+    return f"{cfg.get('name')}({opts})"
+
+
+def dataset_name(given: str | None, info: dict[str, Any]) -> str:
+    from ..errors import LmcError
+
+    if given:
+        return given
+    for cand in (info.get("dataset"), (info.get("config") or {}).get("dataset")):
+        if isinstance(cand, dict):
+            cand = cand.get("name")
+        if isinstance(cand, str) and cand:
+            return cand
+    raise LmcError(f"checkpoint {info['path']} records no dataset", "pass --dataset NAME (e.g. fashion-mnist)")
+
+
+def check_fits(model, dataset, path: str) -> None:
+    """Fail clearly when the dataset's images do not fit the model (instead of a shape traceback)."""
+    import torch
+
+    from ..errors import LmcError
+
+    x, _ = dataset.tensors("train", limit=2)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as e:
+        raise LmcError(f"dataset {dataset.name} ({dataset.in_channels}x{dataset.image_size}x{dataset.image_size}) "
+                       f"does not fit the model of {path} ({e.__class__.__name__})",
+                       "pass the dataset the models were trained on (--dataset)") from None
+
+
+# --------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import save_model
+    from ..data import load_dataset
+    from ..device import resolve_device
+    from ..errors import LmcError
+    from ..merge import merge_models, plot_merged_accuracy
+    from ..perm import save_perms
+    from ..store import atomic_write_json, file_lock
+
+    if len(args.models) < 2:
+        raise LmcError("lmckit merge needs at least two checkpoints", "lmckit merge A B C --out DIR")
+    if args.multi == "mergemany" and args.method != "weight":
+        raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
+    if args.points < 2:
+        raise LmcError(f"--points must be at least 2, got {args.points}")
+    if args.max_iter < 1:
+        raise LmcError(f"--max-iter must be at least 1, got {args.max_iter}")
+    if args.limit is not None and args.limit < 1:
+        raise LmcError(f"--limit must be at least 1, got {args.limit}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LmcError(f"--out {out} is a file", "pass a folder path")
+    device = resolve_device(args.device)
+    states, infos, model = load_models(args.models)
+    dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
+    check_fits(model, dataset, args.models[0])
+    out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out / ".lock", wait=False):
+        res = merge_models(model, states, dataset, method=args.method, multi=args.multi, split=args.split,
+                           points=args.points, bn_reset=args.bn_reset, seed=args.seed, device=device,
+                           curve=not args.no_curve, limit=args.limit, max_iter=args.max_iter,
+                           ste_kwargs={"preset": args.ste_preset, "epochs": args.epochs},
+                           state_dir=out / "ste" if args.method == "ste" else None, progress=not args.json)
+        paths = [str(Path(p).resolve()) for p in args.models]
+        perm_files = []
+        for i, (path, perms) in enumerate(zip(paths, res.perms)):
+            perm_files.append(str(save_perms(out / f"perm_{i}.json", perms, method=res.method, multi=res.multi,
+                                             seed=args.seed, model=path, reference=paths[0], index=i)))
+        merged_file = save_model(out / "merged.safetensors", model, res.merged, dataset=dataset.name,
+                                 lmckit_merge={"models": paths, "method": args.method, "multi": args.multi,
+                                               "seed": args.seed, "bn_reset": args.bn_reset})
+        summary = res.to_dict()
+        summary.update(models=paths, perm_files=perm_files, merged_checkpoint=str(merged_file), dataset=dataset.name,
+                       model=model.lmckit_config, seed=args.seed)
+        if args.method == "ste":
+            summary["ste"] = {"preset": args.ste_preset, "epochs": args.epochs}
+        if res.curve:
+            plot = plot_merged_accuracy(res.curve, out / "merged_accuracy.png",
+                                        title=f"uniform average of n models ({args.split})",
+                                        model_accuracies=summary["model_accuracies"])
+            summary["merged_accuracy_plot"] = str(plot)
+        atomic_write_json(out / "merge.json", summary)
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"model:  {describe(model.lmckit_config)}; {len(states)} checkpoints; dataset {dataset.name} ({args.split})")
+    print(f"method: {args.method} ({args.multi}), seed {args.seed}; {res.seconds:.1f}s")
+    print_table([{"model": i, "loss": m["loss"], "accuracy": m["accuracy"]} for i, m in enumerate(res.model_metrics)]
+                + [{"model": "merged", "loss": res.merged_loss, "accuracy": res.merged_accuracy}])
+    if res.pairwise_barriers or res.anchor_barriers:
+        print("barriers between aligned models:")
+        print_table([{"pair": f"{b['models'][0]}-{b['models'][1]}" + (" (anchor)" if b in res.anchor_barriers else ""),
+                      "loss_barrier": b["loss_barrier"], "accuracy_barrier": b["accuracy_barrier"]}
+                     for b in res.pairwise_barriers + res.anchor_barriers])
+    for label, rows in res.curve.items():
+        print(f"merged accuracy ({label}): " + ", ".join(f"n={r['n']}: {100 * r['accuracy']:.2f}%" for r in rows))
+    print(f"wrote {merged_file}, {len(perm_files)} perm files and merge.json to {out}")
+    return 0

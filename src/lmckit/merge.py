@@ -1,0 +1,336 @@
+"""Merging three or more models: align, average uniformly, measure (PAPER.md claim 6).
+
+Given N models of one architecture with states ``theta_0 .. theta_{N-1}``:
+
+1. *Align* them into one common unit order, by
+
+   - ``anchor`` matching: ``pi_i = M(theta_0, theta_i)`` for every ``i > 0``
+     with the two-model method ``M`` (weight matching, activation matching
+     or STE), ``pi_0`` the identity; or
+   - ``mergemany`` (weight matching only): match each model to the mean of
+     the others until nothing changes (:func:`lmckit.match.merge_many`).
+
+2. *Merge* by the uniform average ``theta_merged = (1/N) sum_i pi_i(theta_i)``
+   (floating-point entries; integer buffers from model 0), followed by a
+   BatchNorm reset on training data for models with BatchNorm (the
+   averaged running statistics are meaningless, as on a linear path).
+
+3. *Measure*: each model's loss/accuracy; the merged model's; the loss and
+   accuracy barrier (as in :func:`lmckit.lmc.barrier_curve`) between every
+   pair of aligned *non-anchor* models ``pi_i(theta_i)``, ``pi_j(theta_j)``
+   (for MergeMany, every pair: there is no anchor), plus anchor-to-model
+   barriers; and the *merged-accuracy curve*: loss and accuracy of the
+   uniform average of the first ``n`` aligned models for ``n = 2 .. N``
+   (:func:`merged_accuracy_curve`), for the alignment and for the naive
+   (unaligned) average.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import LmcError
+from .perm import PermutationSpec, Perms, apply_permutation, spec_for
+
+State = Mapping[str, torch.Tensor]
+METHODS = ("weight", "activation", "ste")
+MULTI = ("anchor", "mergemany")
+
+
+# --------------------------------------------------------------------------- alignment
+def align_models(model: nn.Module, states: Sequence[State], method: str = "weight", multi: str = "anchor",
+                 dataset=None, spec: PermutationSpec | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, max_iter: int = 100,
+                 ste_kwargs: Mapping[str, Any] | None = None, am_kwargs: Mapping[str, Any] | None = None,
+                 state_dir: str | Path | None = None, progress: bool = True):
+    """Bring all ``states`` into the unit order of ``states[0]``.
+
+    Parameters
+    ----------
+    model:
+        A module of the architecture (a template; not modified).
+    states:
+        N >= 2 state dicts (not modified).
+    method:
+        ``weight``, ``activation`` or ``ste`` (two-model method used against the anchor).
+    multi:
+        ``anchor`` (match each model to model 0) or ``mergemany`` (weight only).
+    dataset:
+        Needed by ``activation`` and ``ste``.
+    ste_kwargs, am_kwargs:
+        Extra options of :func:`lmckit.match.ste.ste_matching` /
+        :func:`lmckit.match.activation_matching`.
+    state_dir:
+        STE only: model ``i``'s resumable state goes to ``state_dir/model_i``.
+
+    Returns
+    -------
+    MultiMatchResult
+        ``perms[i]`` puts model ``i`` in model 0's order (identity for model 0).
+    """
+    from .match import anchor_matching, merge_many
+
+    if method not in METHODS:
+        raise LmcError(f"unknown merge method {method!r}", f"choose one of {', '.join(METHODS)}")
+    if multi not in MULTI:
+        raise LmcError(f"unknown multi-model scheme {multi!r}", f"choose one of {', '.join(MULTI)}")
+    if len(states) < 2:
+        raise LmcError(f"merging needs at least two models, got {len(states)}")
+    spec = spec if spec is not None else spec_for(model)
+    if multi == "mergemany":
+        if method != "weight":
+            raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
+        return merge_many(spec, states, seed=seed, max_iter=max_iter, device=device)
+    if method in ("activation", "ste") and dataset is None:
+        raise LmcError(f"{method} matching needs a dataset")
+    matcher: Callable | None = None
+    if method == "ste":
+        from .match.ste import ste_matching
+
+        def matcher(i, sd_ref, sd_i):
+            sdir = None if state_dir is None else Path(state_dir) / f"model_{i}"
+            return ste_matching(model, sd_ref, sd_i, dataset, spec=spec, seed=seed, device=device, state_dir=sdir,
+                                progress=progress, **dict(ste_kwargs or {}))
+    elif method == "activation":
+        from .checkpoint import build_model
+        from .match import activation_matching
+
+        cfg = getattr(model, "lmckit_config", None)
+
+        def _net(sd):
+            if cfg is not None:
+                return build_model(cfg, sd)
+            m = copy.deepcopy(model)
+            m.load_state_dict(dict(sd))
+            return m
+
+        def matcher(i, sd_ref, sd_i):
+            return activation_matching(_net(sd_ref), _net(sd_i), dataset, spec=spec, seed=seed, device=device,
+                                       **dict(am_kwargs or {}))
+    return anchor_matching(spec, states, anchor=0, method=method, matcher=matcher, seed=seed, max_iter=max_iter,
+                           device=device)
+
+
+def aligned_states(spec: PermutationSpec, states: Sequence[State], perms: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """``[pi_i(theta_i)]`` as new state dicts."""
+    if len(perms) != len(states):
+        raise ValueError(f"{len(perms)} permutations for {len(states)} models")
+    return [apply_permutation(spec, p, sd) for p, sd in zip(perms, states)]
+
+
+# --------------------------------------------------------------------------- averaging and evaluation
+def average_states(states: Sequence[State]) -> dict[str, torch.Tensor]:
+    """Uniform average ``(1/N) sum_i theta_i`` of floating entries; integer entries from ``states[0]``."""
+    from .lmc import mix_states
+
+    n = len(states)
+    if n == 0:
+        raise ValueError("no state dicts to average")
+    return mix_states(states, [1.0 / n] * n, require_affine=False)
+
+
+def _workspace(model: nn.Module, device: torch.device) -> nn.Module:
+    return copy.deepcopy(model).to(device)
+
+
+def merged_state(model: nn.Module, states: Sequence[State], dataset=None, bn_reset: str | bool = "auto",
+                 device: torch.device | str | None = None, seed: int = 0, bn_batches: int = 10,
+                 bn_batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """The uniform average of ``states``, with BatchNorm statistics recomputed on training data.
+
+    ``bn_reset``: ``auto`` (reset when the model has BatchNorm), ``on``, ``off``.
+    The reset uses the fixed seeded batches of :func:`lmckit.lmc.training_batches`.
+    """
+    from .lmc import reset_bn_stats, resolve_bn_mode, training_batches
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    avg = average_states(states)
+    mode = resolve_bn_mode(model, bn_reset)
+    if mode == "repair":
+        raise LmcError("REPAIR is not offered for merged models", "use --bn-reset auto, on or off")
+    if mode is not True:
+        return avg
+    if dataset is None:
+        raise LmcError("resetting BatchNorm statistics of the merged model needs the training data")
+    net = _workspace(model, dev)
+    net.load_state_dict({k: v.to(dev) for k, v in avg.items()})
+    reset_bn_stats(net, batches=training_batches(dataset, bn_batches, bn_batch_size, seed, dev))
+    return {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
+
+
+def evaluate_state(model: nn.Module, state: State, dataset, split: str = "test",
+                   device: torch.device | str | None = None, limit: int | None = None,
+                   batch_size: int = 2000) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` with weights ``state`` (eval mode, state used as given)."""
+    from .evaluate import evaluate
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    net = _workspace(model, dev)
+    net.load_state_dict({k: v.to(dev) for k, v in state.items()})
+    return evaluate(net, dataset, split, batch_size=batch_size, device=dev, limit=limit)
+
+
+def merged_accuracy_curve(model: nn.Module, states: Sequence[State], dataset, split: str = "test",
+                          bn_reset: str | bool = "auto", device: torch.device | str | None = None, seed: int = 0,
+                          limit: int | None = None, start: int = 2) -> list[dict[str, float]]:
+    """Loss and accuracy of the uniform average of the first ``n`` states, ``n = start .. N``.
+
+    .. math:: \\theta^{(n)} = \\frac1n \\sum_{i<n} \\theta_i
+
+    Pass aligned states (``pi_i(theta_i)``) for a method's curve and the raw
+    states for the naive one. Each average gets a BN reset as in
+    :func:`merged_state`.
+
+    Returns
+    -------
+    list of ``{"n": n, "loss": ..., "accuracy": ...}``.
+    """
+    if len(states) < start:
+        raise LmcError(f"the merged-accuracy curve needs at least {start} models, got {len(states)}")
+    out = []
+    for n in range(start, len(states) + 1):
+        st = merged_state(model, states[:n], dataset, bn_reset, device, seed)
+        loss, acc = evaluate_state(model, st, dataset, split, device, limit)
+        out.append({"n": n, "loss": loss, "accuracy": acc})
+    return out
+
+
+def pairwise_barriers(model: nn.Module, states: Sequence[State], dataset, pairs: Sequence[tuple[int, int]],
+                      split: str = "test", points: int = 25, bn_reset: str | bool = "auto",
+                      device: torch.device | str | None = None, seed: int = 0, limit: int | None = None,
+                      progress: bool = False) -> list[dict[str, Any]]:
+    """Loss and accuracy barrier on ``split`` along the linear path between ``states[i]`` and ``states[j]``.
+
+    Returns ``[{"models": [i, j], "loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy"}]``.
+    """
+    from .lmc import barrier_curve
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    net = _workspace(model, dev)
+    out = []
+    for i, j in pairs:
+        res = barrier_curve(net, states[i], states[j], dataset, splits=(split,), points=points, bn_reset=bn_reset,
+                            device=dev, seed=seed, limit=limit, progress=f"barrier {i}-{j}" if progress else False)
+        c = res[split]
+        out.append({"models": [int(i), int(j)], "loss_barrier": c.loss_barrier, "accuracy_barrier": c.accuracy_barrier,
+                    "midpoint_loss": c.midpoint_loss, "midpoint_accuracy": c.midpoint_accuracy})
+    return out
+
+
+# --------------------------------------------------------------------------- the whole merge
+@dataclass
+class MergeResult:
+    """Outcome of :func:`merge_models` (see the module docstring)."""
+
+    method: str
+    multi: str
+    perms: list[Perms]
+    merged: dict[str, torch.Tensor]
+    split: str
+    model_metrics: list[dict[str, float]]
+    merged_loss: float
+    merged_accuracy: float
+    pairwise_barriers: list[dict[str, Any]]
+    anchor_barriers: list[dict[str, Any]]
+    curve: dict[str, list[dict[str, float]]]
+    seconds: float
+    match: Any = field(repr=False, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "multi": self.multi, "split": self.split, "num_models": len(self.perms),
+                "model_accuracies": [m["accuracy"] for m in self.model_metrics],
+                "model_losses": [m["loss"] for m in self.model_metrics],
+                "merged_accuracy": self.merged_accuracy, "merged_loss": self.merged_loss,
+                "pairwise_barriers": self.pairwise_barriers, "anchor_barriers": self.anchor_barriers,
+                "merged_accuracy_curve": self.curve, "seconds": self.seconds,
+                "match": None if self.match is None else self.match.to_dict()}
+
+
+def merge_models(model: nn.Module, states: Sequence[State], dataset, method: str = "weight", multi: str = "anchor",
+                 split: str = "test", points: int = 25, bn_reset: str | bool = "auto", seed: int = 0,
+                 device: torch.device | str | None = None, curve: bool = True, limit: int | None = None,
+                 max_iter: int = 100, ste_kwargs: Mapping[str, Any] | None = None,
+                 am_kwargs: Mapping[str, Any] | None = None, state_dir: str | Path | None = None,
+                 progress: bool = True) -> MergeResult:
+    """Align ``states`` (:func:`align_models`), average them, and measure everything (module docstring).
+
+    ``split``/``limit`` choose the evaluation data; ``points`` the lambda grid of
+    the barriers; ``curve`` adds the merged-accuracy curves for this method
+    and for the naive average.
+    """
+    from .lmc import check_compatible
+
+    t0 = time.time()
+    check_compatible(list(states), [f"model {i}" for i in range(len(states))])
+    dataset.size(split)
+    spec = spec_for(model)
+    for i, sd in enumerate(states):
+        spec.check_state(sd, f"model {i}")
+    res = align_models(model, states, method, multi, dataset, spec, seed, device, max_iter, ste_kwargs, am_kwargs,
+                       state_dir, progress)
+    aligned = aligned_states(spec, states, res.perms)
+    metrics = []
+    for sd in states:
+        loss, acc = evaluate_state(model, sd, dataset, split, device, limit)
+        metrics.append({"loss": loss, "accuracy": acc})
+    merged = merged_state(model, aligned, dataset, bn_reset, device, seed)
+    m_loss, m_acc = evaluate_state(model, merged, dataset, split, device, limit)
+    n = len(states)
+    if multi == "anchor":
+        pairs = [(i, j) for i in range(1, n) for j in range(i + 1, n)]
+        anchor_pairs = [(0, i) for i in range(1, n)]
+    else:
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        anchor_pairs = []
+    kw = dict(split=split, points=points, bn_reset=bn_reset, device=device, seed=seed, limit=limit, progress=progress)
+    pb = pairwise_barriers(model, aligned, dataset, pairs, **kw)
+    ab = pairwise_barriers(model, aligned, dataset, anchor_pairs, **kw)
+    curves: dict[str, list[dict[str, float]]] = {}
+    if curve:
+        label = method if multi == "anchor" else "mergemany"
+        curves[label] = merged_accuracy_curve(model, aligned, dataset, split, bn_reset, device, seed, limit)
+        curves["naive"] = merged_accuracy_curve(model, list(states), dataset, split, bn_reset, device, seed, limit)
+    return MergeResult(method, multi, [dict(p) for p in res.perms], merged, split, metrics, m_loss, m_acc, pb, ab,
+                       curves, time.time() - t0, res)
+
+
+# --------------------------------------------------------------------------- plot
+def plot_merged_accuracy(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                         title: str | None = None, model_accuracies: Sequence[float] | None = None) -> Path:
+    """Accuracy of the uniform average against the number of merged models, one line per curve.
+
+    ``curves`` maps a label (``weight``, ``ste``, ``naive``, ...) to the output
+    of :func:`merged_accuracy_curve`; ``model_accuracies`` draws the mean
+    accuracy of the individual models as a reference line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .store import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, rows in curves.items():
+        ax.plot([r["n"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=label)
+    if model_accuracies:
+        ax.axhline(100 * sum(model_accuracies) / len(model_accuracies), color="gray", ls="--", label="mean single model")
+    ax.set_xlabel("number of models averaged")
+    ax.set_ylabel("accuracy (%)")
+    ns = sorted({r["n"] for rows in curves.values() for r in rows})
+    if ns:
+        ax.set_xticks(ns)
+    ax.set_title(title or "accuracy of the uniform average")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
