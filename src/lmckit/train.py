@@ -20,7 +20,8 @@ The model is initialised under ``torch.manual_seed(seed)`` inside
 :func:`torch.random.fork_rng` (the caller's global RNG state is untouched);
 the batch order and augmentation draw from a private ``torch.Generator``
 seeded with ``seed``. On CPU the same config therefore gives bit-identical
-weights. Work happens in ``<hash>.partial/``; after every epoch a checkpoint
+weights (for one torch thread count: threaded float sums may round
+differently). Work happens in ``<hash>.partial/``; after every epoch a checkpoint
 (model, optimiser state, generator state, epoch, metrics; safetensors + JSON
 metadata, no pickles) is written atomically, so a killed run resumes from its
 last finished epoch and ends with the same weights as an uninterrupted run.
@@ -527,7 +528,7 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
 
     partial.mkdir(parents=True, exist_ok=True)
     ckpt = partial / CHECKPOINT
-    start_epoch, metrics, elapsed, resumed = 0, [], 0.0, []
+    start_epoch, metrics, elapsed, resumed, resume_note = 0, [], 0.0, [], None
     if ckpt.exists():
         try:
             meta = load_checkpoint_into(ckpt, model, optimizer, gen)
@@ -538,6 +539,11 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
                            f"delete {partial} to restart this run")
         start_epoch, metrics, elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
         resumed = list(meta.get("resumed", [])) + [start_epoch]
+        where = {"device": str(dev), "threads": torch.get_num_threads()}
+        if meta.get("where", where) != where:  # still correct, but float sums may round differently
+            note = (f"[train] note: resuming on {where} but epochs 1-{start_epoch} ran on {meta['where']}; "
+                    "the weights will not be bit-identical to an uninterrupted run")
+            resume_note = note
     else:  # a fresh start: clear leftovers of a run killed before its first checkpoint
         for p in partial.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -551,6 +557,8 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
            if progress else _Silent())
     if start_epoch:
         bar.write(f"[train] resuming {final.name} after epoch {start_epoch}")
+        if resume_note:
+            bar.write(resume_note)
         bar.update(start_epoch)
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -571,7 +579,8 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
             metrics.append(row)
             elapsed += time.perf_counter() - t0
             save_checkpoint(ckpt, model, optimizer, gen, epoch + 1,
-                            {"metrics": metrics, "elapsed": elapsed, "config_hash": h, "resumed": resumed})
+                            {"metrics": metrics, "elapsed": elapsed, "config_hash": h, "resumed": resumed,
+                             "where": {"device": str(dev), "threads": torch.get_num_threads()}})
             atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
             bar.update(1, loss=train_loss, test_acc=row["test_acc"])
             if callback is not None:
