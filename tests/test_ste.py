@@ -14,7 +14,7 @@ from lmckit.models import create_model
 from lmckit.perm import apply_permutation, identity_permutation, spec_for, validate_perms
 
 
-def _train(name: str, ds, seed: int, epochs: int = 3, **kw) -> dict[str, torch.Tensor]:
+def _train(name: str, ds, seed: int, epochs: int = 3, limit: int | None = None, **kw) -> dict[str, torch.Tensor]:
     """A few epochs of Adam on the synthetic data (in memory, well under a second for the tiny MLP)."""
     torch.manual_seed(seed)
     model = create_model(name, in_channels=ds.in_channels, image_size=ds.image_size, num_classes=ds.num_classes, **kw)
@@ -22,7 +22,7 @@ def _train(name: str, ds, seed: int, epochs: int = 3, **kw) -> dict[str, torch.T
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        for x, y in ds.batches("train", 100, shuffle=True, generator=gen):
+        for x, y in ds.batches("train", 100, shuffle=True, generator=gen, limit=limit):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
@@ -98,7 +98,7 @@ def test_ste_valid_and_never_worse_than_identity_or_wm(mlp_pair, synthetic, tmp_
 
 def test_ste_deterministic_for_a_seed(mlp_pair, synthetic):
     model, sd_a, sd_b = mlp_pair
-    kw = dict(epochs=1, batch_size=200, progress=False, track_alignment=False)
+    kw = dict(epochs=1, batch_size=200, progress=False, track_alignment=False, train_limit=1000)
     r1 = ste_matching(model, sd_a, sd_b, synthetic, seed=3, **kw)
     r2 = ste_matching(model, sd_a, sd_b, synthetic, seed=3, **kw)
     assert all(torch.equal(r1.perms[g], r2.perms[g]) for g in r1.perms)
@@ -107,16 +107,16 @@ def test_ste_deterministic_for_a_seed(mlp_pair, synthetic):
 
 def test_ste_resume_after_kill_equals_uninterrupted(mlp_pair, synthetic, tmp_path, monkeypatch):
     model, sd_a, sd_b = mlp_pair
-    kw = dict(epochs=3, batch_size=250, lr=1e-2, seed=1, progress=False, track_alignment=False)
+    kw = dict(epochs=3, batch_size=250, lr=1e-2, seed=1, progress=False, track_alignment=False, train_limit=1000)
     full = ste_matching(model, sd_a, sd_b, synthetic, **kw)
 
     real = ste_mod._project
     calls = {"n": 0}
-    steps = 8  # 2000 / 250 training steps per epoch, plus one projection at each epoch's end
+    steps = 4  # 1000 / 250 training steps per epoch, plus one projection at each epoch's end
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 1 + (steps + 1) + 5:  # initial WM, epoch 1, then 5 steps into epoch 2
+        if calls["n"] == 1 + (steps + 1) + 3:  # initial WM, epoch 1, then 3 steps into epoch 2
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -135,18 +135,20 @@ def test_ste_resume_after_kill_equals_uninterrupted(mlp_pair, synthetic, tmp_pat
     assert again.objective == full.objective
     with pytest.raises(LmcError, match="another run"):
         ste_matching(model, sd_a, sd_b, synthetic, state_dir=tmp_path, **{**kw, "seed": 2})
+    with pytest.raises(LmcError, match="already holds 3 epochs"):
+        ste_matching(model, sd_a, sd_b, synthetic, state_dir=tmp_path, **{**kw, "epochs": 2})
 
 
 def test_ste_vgg_tiny_batchnorm(synthetic):
     kw = dict(in_channels=1, image_size=28, num_classes=10, norm="batchnorm")
     model = create_model("vgg_tiny", **kw)
-    sd_a = _train("vgg_tiny", synthetic, 0, epochs=1, norm="batchnorm")
-    sd_b = _train("vgg_tiny", synthetic, 1, epochs=1, norm="batchnorm")
+    sd_a = _train("vgg_tiny", synthetic, 0, epochs=1, limit=500, norm="batchnorm")
+    sd_b = _train("vgg_tiny", synthetic, 1, epochs=1, limit=500, norm="batchnorm")
     before = {k: v.clone() for k, v in sd_b.items()}
     model_before = {k: v.clone() for k, v in model.state_dict().items()}
     spec = spec_for(model)
     res = ste_matching(model, sd_a, sd_b, synthetic, epochs=1, batch_size=250, seed=0, progress=False,
-                       heldout_size=500, track_alignment=False)
+                       heldout_size=500, track_alignment=False, train_limit=500)
     validate_perms(spec, {g: p.tolist() for g, p in res.perms.items()})
     assert all(torch.equal(before[k], sd_b[k]) for k in sd_b)
     assert all(torch.equal(model_before[k], v) for k, v in model.state_dict().items())

@@ -208,7 +208,7 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                  lr: float | None = None, batch_size: int | None = None, seed: int = 0,
                  device: torch.device | str | None = None, state_dir: str | Path | None = None,
                  progress: bool = True, heldout_size: int = 5000, wm_max_iter: int = 100,
-                 track_alignment: bool = True):
+                 track_alignment: bool = True, train_limit: int | None = None):
     """Find the permutation of model B by the straight-through estimator.
 
     Parameters
@@ -238,6 +238,8 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         Sweep limit of each warm-started projection.
     track_alignment:
         Compute R(0.3) of the current permutation every epoch.
+    train_limit:
+        Train on the first ``train_limit`` training images only (quick runs, tests).
 
     Returns
     -------
@@ -299,7 +301,8 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
     # ---------------------------------------------------------------- state (fresh or resumed)
     fingerprint = {"version": STATE_VERSION, "optimizer": cfg.optimizer, "lr": cfg.lr, "batch_size": cfg.batch_size,
                    "momentum": cfg.momentum, "seed": int(seed), "heldout_size": int(heldout_size),
-                   "wm_max_iter": int(wm_max_iter), "a": _state_digest(sd_a), "b": _state_digest(sd_b),
+                   "wm_max_iter": int(wm_max_iter), "train_limit": train_limit,
+                   "a": _state_digest(sd_a), "b": _state_digest(sd_b),
                    "dataset": getattr(dataset, "name", "?")}
     tilde = {k: sd_a[k].detach().clone().requires_grad_(True) for k in param_keys}
     opt = _make_optimizer(cfg, [tilde[k] for k in param_keys])
@@ -325,7 +328,10 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
     # ---------------------------------------------------------------- training
     from torch.func import functional_call
 
-    n_train = dataset.size("train")
+    if start_epoch > cfg.epochs:
+        raise LmcError(f"the STE state in {state_dir} already holds {start_epoch} epochs, more than the {cfg.epochs} asked for",
+                       "ask for at least that many epochs, or use another state folder")
+    n_train = dataset.size("train") if train_limit is None else min(int(train_limit), dataset.size("train"))
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     a_norm = math.sqrt(sum(float(sd_a[k].double().pow(2).sum()) for k in param_keys))
     todo = max(0, cfg.epochs - start_epoch) * steps_per_epoch
@@ -333,7 +339,8 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             loss_sum, n_seen = 0.0, 0
-            for step, (x, y) in enumerate(dataset.batches("train", cfg.batch_size, shuffle=True, generator=gen, device=dev)):
+            for step, (x, y) in enumerate(dataset.batches("train", cfg.batch_size, shuffle=True, generator=gen, device=dev,
+                                                                limit=n_train)):
                 with torch.no_grad():
                     tilde_sd = dict(sd_a)
                     tilde_sd.update({k: tilde[k].detach() for k in param_keys})
