@@ -147,3 +147,22 @@ def test_match_cli_method_ste(ckpts, tmp_path, capsys):
 
     validate_perms(spec_for(lmckit.load(ckpts[0])), raw["perms"])
     assert (tmp_path / "state" / "drift.png").exists()
+
+
+def test_merge_models_activation_library(ckpts, synthetic):
+    """Library path with activation matching: anchor gets the identity, every perm is valid."""
+    import lmckit
+    from lmckit.checkpoint import load_checkpoint
+    from lmckit.merge import merge_models
+    from lmckit.perm import validate_perms
+
+    model = lmckit.load(ckpts[0])
+    states = [load_checkpoint(p)[0] for p in ckpts]
+    res = merge_models(model, states, synthetic, method="activation", points=3, curve=False, progress=False)
+    spec = spec_for(model)
+    for p in res.perms:
+        validate_perms(spec, {g: v.tolist() for g, v in p.items()})
+    assert all(torch.equal(v, torch.arange(v.numel())) for v in res.perms[0].values())
+    d = res.to_dict()
+    assert d["match"]["method"] == "anchor-activation" and len(d["model_accuracies"]) == 3
+    assert [b["models"] for b in d["pairwise_barriers"]] == [[1, 2]]
