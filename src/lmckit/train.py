@@ -495,6 +495,11 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
     if final.exists():
         raise LmcError(f"{final} exists but is not a finished run (no config.json)",
                        "delete that folder and run again")
+    from .data import load_dataset
+
+    # Bad or missing data fails here, before anything is written under out_root
+    # (the dataset is cached per process: the run below reuses this load).
+    load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
     with file_lock(final.with_name(final.name + ".lock"), what="training run"):
         if is_complete(final):  # another process finished it while we waited
             return load_result(final, cached=True)
