@@ -1,0 +1,149 @@
+"""Shared helpers of the reliability tests: folder snapshots, CLI runners, tiny checkpoints and hostile files."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+# --------------------------------------------------------------------------- snapshots
+def snapshot(folder: str | os.PathLike) -> dict[str, str]:
+    """Every file and folder under ``folder``: relative path -> sha256 of its bytes ("<dir>" for folders).
+
+    Two equal snapshots mean nothing was created, deleted, renamed or rewritten
+    with other content (lock files and temp files included).
+    """
+    root = Path(folder)
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "<link>" + os.readlink(p)
+        elif p.is_dir():
+            out[rel] = "<dir>"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def snapshot_diff(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """Human-readable list of what changed between two :func:`snapshot` results."""
+    diff = [f"+ {k}" for k in sorted(set(after) - set(before))]
+    diff += [f"- {k}" for k in sorted(set(before) - set(after))]
+    diff += [f"~ {k}" for k in sorted(set(before) & set(after)) if before[k] != after[k]]
+    return diff
+
+
+# --------------------------------------------------------------------------- running the CLI
+def run_cli(argv: Sequence[str], capsys) -> tuple[int, str, str]:
+    """``lmckit.cli.main(argv)`` in process; returns (status, stdout, stderr).
+
+    argparse errors (``SystemExit``) are returned as their exit status.
+    """
+    from lmckit.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse usage errors
+        rc = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``python -m lmckit.cli`` child: one torch thread, no progress bars."""
+    env = dict(os.environ)
+    env.update({"LMCKIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"})
+    env.update(extra)
+    return env
+
+
+def lmckit_cmd(*args: Any) -> list[str]:
+    return [PYTHON, "-m", "lmckit.cli", *(str(a) for a in args)]
+
+
+def run_subprocess(args: Sequence[Any], cwd: str | os.PathLike | None = None, timeout: float = 120,
+                   env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(lmckit_cmd(*args), cwd=cwd, env=dict(env or subprocess_env()), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def make_checkpoint(path: Path, name: str = "mlp_tiny", seed: int = 0, dataset: str = "synthetic",
+                    state_edit=None, **model_kw: Any) -> Path:
+    """A self-describing safetensors checkpoint of an untrained zoo model (synthetic-data sized).
+
+    ``state_edit(state) -> state`` may damage the weights before saving (NaN, missing keys, ...).
+    """
+    from lmckit.checkpoint import save_model
+    from lmckit.models import create_model
+
+    channels, size = (3, 32) if dataset == "synthetic-rgb" else (1, 28)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(name, in_channels=channels, image_size=size, num_classes=10, **model_kw)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if state_edit is not None:
+        state = state_edit(state)
+    # save_state (not save_model) so damaged states are written as they are, with the same metadata
+    from lmckit.store import save_state
+
+    return save_state(path, state, {"lmckit_model": model.lmckit_config, "dataset": dataset})
+
+
+def foreign_safetensors(path: Path) -> Path:
+    """A valid safetensors file that lmckit did not write (no model config in its metadata)."""
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.randn(4, 4), "bias": torch.zeros(4)}, str(path), metadata={"producer": "someone else"})
+    return path
+
+
+class MarkerPayload:
+    """Unpickling this object creates the file ``marker`` (a stand-in for arbitrary code execution)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def hostile_pickle(path: Path, marker: Path, protocol: int = 2) -> Path:
+    """A raw pickle file whose loading would create ``marker``."""
+    path.write_bytes(pickle.dumps({"weight": MarkerPayload(marker)}, protocol=protocol))
+    return path
+
+
+def hostile_torch_save(path: Path, marker: Path) -> Path:
+    """A ``torch.save`` zip archive whose (full, non-weights-only) loading would create ``marker``."""
+    torch.save({"weight": torch.zeros(2), "payload": MarkerPayload(marker)}, str(path))
+    return path
+
+
+def write_perms(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as JSON, or as raw text when it is a ``str``."""
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def good_perms(checkpoint: Path) -> dict[str, list[int]]:
+    """The identity permutation of a checkpoint's model as a JSON-ready dict."""
+    from lmckit.checkpoint import load
+    from lmckit.perm import identity_permutation, spec_for
+
+    spec = spec_for(load(checkpoint))
+    return {g: p.tolist() for g, p in identity_permutation(spec).items()}

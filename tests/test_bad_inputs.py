@@ -1,0 +1,599 @@
+"""Table-driven bad-input suite: every row must end in exit status 2, a one-paragraph message naming the
+file or setting (a regex), no traceback, and an unchanged workspace (inputs and output folder: file list and
+sha256 of every file, lock and temp files included).
+
+Rows cover checkpoints (corrupt, truncated, empty, foreign, pickled, other architecture or width, NaN/inf,
+missing or misshapen tensors), permutation JSON (not a permutation, wrong groups, not JSON, not an object),
+dataset files (IDX and CIFAR: wrong magic, wrong counts, truncated), recipes (unknown keys with "did you
+mean", wrong types, negative sizes, bad --set), training settings and missing datasets. Most rows run
+``lmckit.cli.main`` in process; a few run the real executable to check the process exit status.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from reliability_helpers import (foreign_safetensors, good_perms, hostile_pickle, hostile_torch_save, make_checkpoint,
+                                 run_cli, run_subprocess, snapshot, snapshot_diff, subprocess_env, write_perms)
+from test_data_helpers import IDX_NAMES, idx_bytes, planted_images, py3_cifar_pickle, write_cifar_dataset, write_idx_dataset
+
+
+class Workspace:
+    """One row's sandbox: ``in/`` holds inputs, ``out/`` is the output folder (with an earlier file in it)."""
+
+    def __init__(self, root: Path, monkeypatch):
+        self.root = root
+        self.inp = root / "in"
+        self.out = root / "out"
+        self.inp.mkdir(parents=True)
+        self.out.mkdir()
+        (self.out / "earlier-result.txt").write_text("must survive a failed command\n")
+        self.marker = root.parent / f"{root.name}-PWNED"  # outside the snapshot: its absence is checked separately
+        self.empty = root / "empty"
+        self.empty.mkdir()
+        self.monkeypatch = monkeypatch
+        monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+        monkeypatch.setenv("LMCKIT_DATA", str(self.empty))
+        monkeypatch.setenv("LMCKIT_NO_PROGRESS", "1")
+        self._a: Path | None = None
+
+    @property
+    def a(self) -> Path:
+        if self._a is None:
+            self._a = make_checkpoint(self.inp / "a.safetensors", seed=0)
+        return self._a
+
+    def ckpt(self, filename: str, **kw) -> Path:
+        return make_checkpoint(self.inp / filename, **kw)
+
+    def file(self, name: str, data: bytes | str) -> Path:
+        p = self.inp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+        return p
+
+    def barrier(self, a: Path, b: Path, *extra) -> list:
+        return ["barrier", a, b, "--dataset", "synthetic", "--points", "3", "--limit", "50",
+                "--plot", self.out / "curve.png", *extra]
+
+    def perm_row(self, obj) -> list:
+        return self.barrier(self.a, self.ckpt("b.safetensors", seed=1), "--perm", write_perms(self.inp / "p.json", obj))
+
+    def train_on(self, dataset: str, data_dir: Path) -> list:
+        return ["train", "--model", "mlp_tiny", "--dataset", dataset, "--data-dir", data_dir, "--out", self.out,
+                "--epochs", "1", "--quiet"]
+
+    def recipe(self, text: str, *sets: str) -> list:
+        p = self.file("recipe.toml", text)
+        return ["reproduce", "--recipe", p, "--out", self.out / "report", "--cache", self.out / "cache",
+                *[f"--set={s}" for s in sets]]
+
+
+TINY_RECIPE = (Path(__file__).resolve().parents[1] / "src/lmckit/recipes/tiny.toml").read_text()
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    build: Callable[[Workspace], list]
+    pattern: str  # regex that stderr must match (re.S | re.I)
+
+
+ROWS: list[Row] = []
+
+
+def row(id: str, pattern: str):
+    def deco(fn):
+        ROWS.append(Row(id, fn, pattern))
+        return fn
+    return deco
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _valid_bytes(ws: Workspace) -> bytes:
+    return make_checkpoint(ws.root / "tmp-valid.safetensors", seed=1).read_bytes()
+
+
+@row("ckpt-corrupt-header", r"b\.safetensors.*(corrupt|not a safetensors)")
+def _(ws):
+    data = bytearray(_valid_bytes(ws))
+    (ws.root / "tmp-valid.safetensors").unlink()
+    n = int.from_bytes(data[:8], "little")
+    data[8 + 1: 8 + n - 1] = b"#" * (n - 2)  # keep the braces and length, garble the JSON header
+    return ws.barrier(ws.a, ws.file("b.safetensors", bytes(data)))
+
+
+@row("ckpt-corrupt-body-offsets", r"b\.safetensors.*(corrupt|not a safetensors)")
+def _(ws):
+    data = _valid_bytes(ws)
+    (ws.root / "tmp-valid.safetensors").unlink()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 10 ** 6  # points far past the end of the file
+    h = json.dumps(header).encode()
+    return ws.barrier(ws.a, ws.file("b.safetensors", len(h).to_bytes(8, "little") + h + data[8 + n:]))
+
+
+@row("ckpt-truncated", r"b\.safetensors.*(truncated|not a safetensors|corrupt)")
+def _(ws):
+    data = _valid_bytes(ws)
+    (ws.root / "tmp-valid.safetensors").unlink()
+    return ws.barrier(ws.a, ws.file("b.safetensors", data[: len(data) // 2]))
+
+
+@row("ckpt-truncated-to-5-bytes", r"b\.safetensors.*truncated")
+def _(ws):
+    return ws.barrier(ws.a, ws.file("b.safetensors", b"\x10\x00\x00\x00\x00"))
+
+
+@row("ckpt-empty", r"b\.safetensors.*empty")
+def _(ws):
+    return ws.barrier(ws.a, ws.file("b.safetensors", b""))
+
+
+@row("ckpt-missing", r"nothere\.safetensors.*does not exist")
+def _(ws):
+    return ws.barrier(ws.a, ws.inp / "nothere.safetensors")
+
+
+@row("ckpt-folder-without-model", r"runfolder.*(not a finished|no model\.safetensors)")
+def _(ws):
+    (ws.inp / "runfolder").mkdir()
+    return ws.barrier(ws.a, ws.inp / "runfolder")
+
+
+@row("ckpt-foreign-safetensors", r"b\.safetensors.*no lmckit model config")
+def _(ws):
+    return ws.barrier(ws.a, foreign_safetensors(ws.inp / "b.safetensors"))
+
+
+@row("ckpt-pickle", r"b\.pt.*pickle")
+def _(ws):
+    return ws.barrier(ws.a, hostile_pickle(ws.inp / "b.pt", ws.marker))
+
+
+@row("ckpt-pickle-protocol-0", r"b\.pkl.*(pickle|not a safetensors)")
+def _(ws):
+    return ws.barrier(ws.a, hostile_pickle(ws.inp / "b.pkl", ws.marker, protocol=0))
+
+
+@row("ckpt-torch-save-zip", r"b\.pth.*pickle")
+def _(ws):
+    return ws.barrier(ws.a, hostile_torch_save(ws.inp / "b.pth", ws.marker))
+
+
+@row("ckpt-pickle-to-match", r"b\.pt.*pickle")
+def _(ws):
+    return ["match", ws.a, hostile_pickle(ws.inp / "b.pt", ws.marker), "--out", ws.out / "perm.json"]
+
+
+@row("ckpt-pickle-to-check-spec", r"m\.pt.*pickle")
+def _(ws):
+    return ["check-spec", hostile_pickle(ws.inp / "m.pt", ws.marker)]
+
+
+@row("ckpt-other-architecture", r"b\.safetensors.*different architectures.*vgg_tiny")
+def _(ws):
+    return ws.barrier(ws.a, ws.ckpt("b.safetensors", name="vgg_tiny", seed=1))
+
+
+@row("ckpt-other-width", r"b\.safetensors.*different architectures.*width_mult': 2\.0")
+def _(ws):
+    return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1, width_mult=2.0))
+
+
+@row("ckpt-other-width-to-match", r"b\.safetensors are different models.*width_mult=2\.0")
+def _(ws):
+    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1, width_mult=2.0), "--out", ws.out / "perm.json"]
+
+
+@row("ckpt-nan-weights", r"b\.safetensors.*NaN")
+def _(ws):
+    def edit(sd):
+        k = next(iter(sd))
+        sd[k][0] = float("nan")
+        return sd
+    return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit))
+
+
+@row("ckpt-inf-weights-to-analyze", r"b\.safetensors.*(NaN|inf)")
+def _(ws):
+    def edit(sd):
+        k = list(sd)[-1]
+        sd[k][-1] = float("inf")
+        return sd
+    return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit), "--no-data",
+            "--plots", ws.out / "plots"]
+
+
+@row("ckpt-missing-tensor", r"b\.safetensors.*missing 1 entries.*fc0\.weight")
+def _(ws):
+    return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=lambda sd: dict(list(sd.items())[1:])))
+
+
+@row("ckpt-misshapen-tensor", r"b\.safetensors.*fc0\.weight.*shape \(17, 784\).*expects \(16, 784\)")
+def _(ws):
+    def edit(sd):
+        k = next(iter(sd))
+        sd[k] = torch.zeros(sd[k].shape[0] + 1, *sd[k].shape[1:])
+        return sd
+    return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit))
+
+
+# --------------------------------------------------------------------------- permutation JSON
+def _perm(ws: Workspace, edit) -> dict:
+    perms = good_perms(ws.a)
+    edit(perms)
+    return {"format": "lmckit.permutation", "version": 1, "perms": perms}
+
+
+def _first(p: dict) -> str:
+    return next(iter(p))
+
+
+@row("perm-duplicates", r"p\.json.*not a permutation")
+def _(ws):
+    def edit(p):
+        g = _first(p)
+        p[g][1] = p[g][0]
+    return ws.perm_row(_perm(ws, edit))
+
+
+@row("perm-out-of-range", r"p\.json.*outside")
+def _(ws):
+    def edit(p):
+        g = _first(p)
+        p[g][0] = len(p[g])
+    return ws.perm_row(_perm(ws, edit))
+
+
+@row("perm-negative", r"p\.json.*outside")
+def _(ws):
+    def edit(p):
+        g = _first(p)
+        p[g][0] = -1
+    return ws.perm_row(_perm(ws, edit))
+
+
+@row("perm-wrong-length", r"p\.json.*entries.*units")
+def _(ws):
+    def edit(p):
+        g = _first(p)
+        p[g] = p[g][:-1]
+    return ws.perm_row(_perm(ws, edit))
+
+
+@row("perm-unknown-group", r"p\.json.*unknown groups")
+def _(ws):
+    return ws.perm_row(_perm(ws, lambda p: p.__setitem__("no_such_layer", [0, 1])))
+
+
+@row("perm-missing-group", r"p\.json.*missing groups")
+def _(ws):
+    return ws.perm_row(_perm(ws, lambda p: p.pop(_first(p))))
+
+
+@row("perm-other-model-groups", r"p\.json.*(unknown|missing) groups")
+def _(ws):
+    other = good_perms(ws.ckpt("vgg.safetensors", name="vgg_tiny"))
+    return ws.perm_row({"format": "lmckit.permutation", "version": 1, "perms": other})
+
+
+@row("perm-floats", r"p\.json.*non-integer")
+def _(ws):
+    def edit(p):
+        g = _first(p)
+        p[g] = [float(i) + 0.5 for i in p[g]]
+    return ws.perm_row(_perm(ws, edit))
+
+
+@row("perm-not-a-list", r"p\.json.*expected a list")
+def _(ws):
+    return ws.perm_row(_perm(ws, lambda p: p.__setitem__(_first(p), "0 1 2")))
+
+
+@row("perm-not-json", r"p\.json.*not valid JSON")
+def _(ws):
+    return ws.perm_row("{'perms': [0, 1, 2]")
+
+
+@row("perm-empty-file", r"p\.json.*not valid JSON")
+def _(ws):
+    return ws.perm_row("")
+
+
+@row("perm-not-an-object", r"p\.json.*'perms'")
+def _(ws):
+    return ws.perm_row([[0, 1, 2]])
+
+
+@row("perm-perms-not-a-mapping", r"p\.json.*(mapping|expected)")
+def _(ws):
+    return ws.perm_row({"perms": [[0, 1, 2]]})
+
+
+@row("perm-missing-file", r"nope\.json.*does not exist")
+def _(ws):
+    return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1), "--perm", ws.inp / "nope.json")
+
+
+# --------------------------------------------------------------------------- dataset files (IDX, CIFAR)
+def _idx(ws: Workspace, edit=None) -> list:
+    folder = ws.inp / "mnist"
+    write_idx_dataset(folder, n_train=20, n_test=10, size=8)
+    if edit is not None:
+        edit(folder)
+    return ws.train_on("mnist", folder)
+
+
+@row("idx-wrong-magic", r"train-images-idx3-ubyte.*magic")
+def _(ws):
+    def edit(f):
+        p = f / IDX_NAMES["train"][0]
+        p.write_bytes(b"\x08\x03\x00\x00" + p.read_bytes()[4:])
+    return _idx(ws, edit)
+
+
+@row("idx-wrong-counts", r"(t10k-images|t10k-labels).*(images but|labels)")
+def _(ws):
+    def edit(f):
+        x, y = planted_images(7, 8, 1, 0)
+        (f / IDX_NAMES["test"][1]).write_bytes(idx_bytes(y))
+    return _idx(ws, edit)
+
+
+@row("idx-truncated-body", r"train-labels-idx1-ubyte.*truncated")
+def _(ws):
+    def edit(f):
+        p = f / IDX_NAMES["train"][1]
+        p.write_bytes(p.read_bytes()[:-3])
+    return _idx(ws, edit)
+
+
+@row("idx-truncated-gzip", r"t10k-images-idx3-ubyte\.gz.*(corrupt|truncated)")
+def _(ws):
+    def edit(f):
+        p = f / IDX_NAMES["test"][0]
+        g = gzip.compress(p.read_bytes())
+        p.unlink()
+        (f / (IDX_NAMES["test"][0] + ".gz")).write_bytes(g[: len(g) // 2])
+    return _idx(ws, edit)
+
+
+@row("idx-dims-overflow", r"train-images-idx3-ubyte.*(truncated|header)")
+def _(ws):
+    def edit(f):
+        p = f / IDX_NAMES["train"][0]
+        d = p.read_bytes()
+        p.write_bytes(d[:4] + struct.pack(">I", 2 ** 31) + d[8:])
+    return _idx(ws, edit)
+
+
+@row("idx-labels-out-of-range", r"labels.*span")
+def _(ws):
+    def edit(f):
+        x, y = planted_images(10, 8, 1, 1000)
+        y[3] = 200
+        (f / IDX_NAMES["test"][1]).write_bytes(idx_bytes(y))
+    return _idx(ws, edit)
+
+
+def _cifar(ws: Workspace, edit) -> list:
+    write_cifar_dataset(ws.inp / "c", per_batch=4, layout="python", py2=True)
+    edit(ws.inp / "c" / "cifar-10-batches-py")
+    return ws.train_on("cifar10", ws.inp / "c")
+
+
+@row("cifar-hostile-pickle", r"data_batch_2.*(not allowed|refus|forbidden|global)")
+def _(ws):
+    return _cifar(ws, lambda f: hostile_pickle(f / "data_batch_2", ws.marker))
+
+
+@row("cifar-wrong-label-count", r"data_batch_3.*(labels|count|images)")
+def _(ws):
+    def edit(f):
+        x, y = planted_images(4, 32, 3, 0)
+        (f / "data_batch_3").write_bytes(py3_cifar_pickle(x.reshape(4, -1), list(y[:3])))
+    return _cifar(ws, edit)
+
+
+@row("cifar-truncated-pickle", r"test_batch.*(truncated|corrupt|pickle)")
+def _(ws):
+    def edit(f):
+        p = f / "test_batch"
+        p.write_bytes(p.read_bytes()[:100])
+    return _cifar(ws, edit)
+
+
+@row("cifar-bin-truncated", r"data_batch_1\.bin.*(3073|record|truncated|multiple)")
+def _(ws):
+    write_cifar_dataset(ws.inp / "c", per_batch=4, layout="binary")
+    p = ws.inp / "c" / "cifar-10-batches-bin" / "data_batch_1.bin"
+    p.write_bytes(p.read_bytes()[:-10])
+    return ws.train_on("cifar10", ws.inp / "c")
+
+
+# --------------------------------------------------------------------------- missing datasets, training settings
+@row("data-missing-mnist-train", r"dataset mnist not found.*empty")
+def _(ws):
+    return ["train", "--model", "mlp_tiny", "--dataset", "mnist", "--data-dir", ws.empty, "--out", ws.out, "--quiet"]
+
+
+@row("data-missing-cifar10-reproduce", r"cifar10.*not available")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, 'data.dataset="cifar10"')
+
+
+@row("data-dir-not-a-folder", r"--data-dir .*not a folder")
+def _(ws):
+    return ws.train_on("mnist", ws.inp / "no-such-dir")
+
+
+@row("train-unknown-dataset", r"unknown dataset 'fashion_mnist'.*did you mean 'fashion-mnist'")
+def _(ws):
+    return ["train", "--model", "mlp_tiny", "--dataset", "fashion_mnist", "--out", ws.out, "--quiet"]
+
+
+@row("train-unknown-model", r"mlp_tinyy.*mlp_tiny")
+def _(ws):
+    return ["train", "--model", "mlp_tinyy", "--dataset", "synthetic", "--out", ws.out, "--quiet"]
+
+
+@row("train-negative-epochs", r"epochs must be positive")
+def _(ws):
+    return ["train", "--preset", "tiny", "--epochs", "-1", "--out", ws.out, "--quiet"]
+
+
+@row("train-zero-batch-size", r"batch_size must be positive")
+def _(ws):
+    return ["train", "--preset", "tiny", "--batch-size", "0", "--out", ws.out, "--quiet"]
+
+
+@row("train-negative-lr", r"learning rate")
+def _(ws):
+    return ["train", "--preset", "tiny", "--lr", "-0.1", "--out", ws.out, "--quiet"]
+
+
+@row("train-val-size-too-big", r"validation size")
+def _(ws):
+    return ["train", "--preset", "tiny", "--val-size", "999999", "--out", ws.out, "--quiet"]
+
+
+# --------------------------------------------------------------------------- recipes
+@row("recipe-unknown-key-did-you-mean", r"recipe\.toml.*unknown key 'train\.seed'.*did you mean train\.'seeds'")
+def _(ws):
+    return ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seed = [0, 1, 2]"))
+
+
+@row("recipe-unknown-section", r"recipe\.toml.*unknown key 'trian'.*did you mean 'train'")
+def _(ws):
+    return ws.recipe(TINY_RECIPE + "\n[trian]\nseeds = [0, 1]\n")
+
+
+@row("recipe-wrong-type", r"recipe\.toml.*match\.searches must be an integer")
+def _(ws):
+    return ws.recipe(TINY_RECIPE.replace("searches = 2", 'searches = "two"'))
+
+
+@row("recipe-wrong-type-list", r"recipe\.toml.*train\.seeds must be a list")
+def _(ws):
+    return ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seeds = 3"))
+
+
+@row("recipe-negative-size", r"recipe\.toml.*barrier\.lambdas must be at least 2")
+def _(ws):
+    return ws.recipe(TINY_RECIPE.replace("lambdas = 5", "lambdas = -5"))
+
+
+@row("recipe-negative-limit", r"recipe\.toml.*barrier\.limit must be at least 0")
+def _(ws):
+    return ws.recipe(TINY_RECIPE.replace("limit = 500", "limit = -1"))
+
+
+@row("recipe-bad-choice", r"recipe\.toml.*match\.methods.*did you mean 'weight'")
+def _(ws):
+    return ws.recipe(TINY_RECIPE.replace('methods = ["naive", "weight", "activation", "ste"]', 'methods = ["wieght"]'))
+
+
+@row("recipe-not-toml", r"recipe\.toml.*not valid TOML")
+def _(ws):
+    return ws.recipe("[train\nseeds = [0, 1]\n")
+
+
+@row("recipe-missing-file", r"nope\.toml does not exist")
+def _(ws):
+    return ["reproduce", "--recipe", ws.inp / "nope.toml", "--out", ws.out / "r", "--cache", ws.out / "c"]
+
+
+@row("recipe-set-unknown-key", r"unknown key 'match\.serches'.*did you mean match\.'searches'")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, "match.serches=3")
+
+
+@row("recipe-set-not-key-value", r"--set 'train\.seeds' is not key=value")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, "train.seeds")
+
+
+@row("recipe-set-one-seed", r"train\.seeds needs at least two seeds")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, "train.seeds=[0]")
+
+
+@row("recipe-set-nan", r"must be finite")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, "match.ste.lr=nan")
+
+
+@row("recipe-set-bad-list-index", r"models\.5.*not an index")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, "models.5.width_mult=2.0")
+
+
+# --------------------------------------------------------------------------- the table
+def test_table_has_enough_rows():
+    assert len(ROWS) >= 30
+    assert len({r.id for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("case", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input(case: Row, tmp_path, monkeypatch, capsys):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    argv = case.build(ws)
+    before = snapshot(ws.root)
+    rc, out, err = run_cli(argv, capsys)
+    after = snapshot(ws.root)
+    assert rc == 2, f"exit status {rc}, stderr:\n{err}\nstdout:\n{out[-2000:]}"
+    assert re.search(case.pattern, err, re.S | re.I), f"message does not match {case.pattern!r}:\n{err}"
+    assert err.startswith("lmckit ") and "error:" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3, f"not one paragraph:\n{err}"
+    assert snapshot_diff(before, after) == [], "the failed command changed files"
+    assert not ws.marker.exists(), "a pickle was loaded: its payload ran"
+
+
+# --------------------------------------------------------------------------- the real process
+SUBPROCESS_ROWS = ["ckpt-pickle", "recipe-unknown-key-did-you-mean"]
+
+
+@pytest.mark.parametrize("row_id", SUBPROCESS_ROWS)
+def test_bad_input_real_process(row_id, tmp_path, monkeypatch):
+    case = next(r for r in ROWS if r.id == row_id)
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    argv = case.build(ws)
+    before = snapshot(ws.root)
+    env = subprocess_env(XDG_CACHE_HOME=str(ws.root / "xdg"), LMCKIT_DATA=str(ws.empty))
+    proc = run_subprocess(argv, cwd=ws.root, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(case.pattern, proc.stderr, re.S | re.I), proc.stderr
+    assert snapshot_diff(before, snapshot(ws.root)) == []
+    assert not ws.marker.exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Anything that is not an LmcError is a bug: the CLI must not swallow it into a status-2 message."""
+    script = ("import sys, lmckit.commands.models as m\n"
+              "def boom(args): raise ZeroDivisionError('planted bug')\n"
+              "orig = m.register\n"
+              "def register(sub):\n"
+              "    orig(sub)\n"
+              "    sub.choices['models'].set_defaults(func=boom)\n"
+              "m.register = register\n"
+              "from lmckit.cli import main\n"
+              "sys.exit(main(['models']))\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert proc.returncode not in (0, 2)
+    assert "Traceback" in proc.stderr and "ZeroDivisionError: planted bug" in proc.stderr
