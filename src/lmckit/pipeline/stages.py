@@ -244,7 +244,7 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
         work = partial_dir(final)
         work.mkdir(parents=True, exist_ok=True)
         logf = work / "log.txt"
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         prev_threads = None
         try:
             if runtime.threads:
@@ -275,7 +275,7 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
                 import torch
 
                 torch.set_num_threads(prev_threads)
-        atomic_write_json(work / "stage.json", {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        atomic_write_json(work / "stage.json", {"seconds": seconds, "cpu_seconds": time.process_time() - c0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                                 "pid": os.getpid(), "lmckit": _version()})
         # config.json last: its presence (outside .partial) marks the folder complete.
         atomic_write_json(work / "config.json", readable_config(spec))
