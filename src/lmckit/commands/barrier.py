@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write a figure of loss and accuracy against lambda")
     p.add_argument("--compare-naive", action="store_true", help="also evaluate the unpermuted path A -> B (needs --perm)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of each split only")
-    p.add_argument("--batch-size", type=int, default=5000, help="evaluation batch size (default 5000)")
+    p.add_argument("--batch-size", type=int, default=2000, help="evaluation batch size (default 2000)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded with model A)")
     add_data(p)
     add_json(p)
@@ -63,12 +63,15 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     sd_a, info_a = load_checkpoint(args.a)
     sd_b, info_b = load_checkpoint(args.b)
-    if info_a["model"] != info_b["model"]:
-        raise LmcError(f"models A ({args.a}) and B ({args.b}) have different architectures: {info_a['model']} vs {info_b['model']}",
-                       "interpolate two models of the same architecture and width")
     model = build_model(info_a["model"], sd_a, f"model A ({args.a})")
     spec = spec_for(model)
-    spec.check_state(sd_b, f"model B ({args.b})")
+    try:
+        if info_a["model"].get("name") != info_b["model"].get("name"):
+            raise LmcError(f"model A is a {info_a['model'].get('name')}, model B a {info_b['model'].get('name')}")
+        spec.check_state(sd_b, f"model B ({args.b})")  # configs may differ only in spelled-out defaults
+    except LmcError as e:
+        raise LmcError(f"models A ({args.a}) and B ({args.b}) have different architectures: {info_a['model']} vs "
+                       f"{info_b['model']} ({e.message})", "interpolate two models of the same architecture and width") from None
     name = _dataset_name(info_a, args.dataset)
     if name is None:
         raise LmcError(f"model A ({args.a}) does not record its dataset", "pass --dataset NAME (e.g. fashion-mnist)")

@@ -202,7 +202,7 @@ def resolve_bn_mode(model: nn.Module, mode: str | bool) -> bool | str:
 
 def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], dataset,
                   splits: Sequence[str] = ("test",), points: int = 25, bn_reset: str | bool = "auto", *,
-                  lambdas: Sequence[float] | None = None, batch_size: int = 5000, limit: int | None = None,
+                  lambdas: Sequence[float] | None = None, batch_size: int = 2000, limit: int | None = None,
                   device: torch.device | str | None = None, bn_batches: int = 10, bn_batch_size: int = 500,
                   seed: int = 0, reset_endpoints: bool = True, progress: bool | str = True) -> BarrierResult:
     """Evaluate loss and accuracy along ``(1 - l) sd_a + l sd_b``.

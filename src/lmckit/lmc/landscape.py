@@ -104,7 +104,7 @@ def _axis(lo: float, hi: float, margin: float, n: int) -> list[float]:
 
 def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
                     sd_c: Mapping[str, torch.Tensor], dataset, grid: int = 11, margin: float = 0.2, split: str = "test",
-                    bn_reset: str | bool = "auto", *, labels: Sequence[str] = ("A", "B", "C"), batch_size: int = 5000,
+                    bn_reset: str | bool = "auto", *, labels: Sequence[str] = ("A", "B", "C"), batch_size: int = 2000,
                     limit: int | None = None, device: torch.device | str | None = None, bn_batches: int = 10,
                     bn_batch_size: int = 500, seed: int = 0, progress: bool | str = True) -> LandscapeResult:
     """Evaluate loss and accuracy on a ``grid x grid`` lattice of the plane through three models.
