@@ -75,6 +75,8 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
         if matches:
             m["match"] = {"sweeps": stats(x.get("sweeps", 1) for x in matches),
                           "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x)}
+            if method == "ste":  # how far STE's permutation drifted from plain WM's (fraction of units)
+                m["match"]["changed_vs_wm"] = stats(x.get("changed_vs_wm") for x in matches)
         methods[method] = m
     out["methods"] = methods
     if full:
@@ -237,12 +239,15 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
         lmc = sb <= 0.2 * nb
         low = rs <= 0.5 * rw
         held = lmc and low
+        drift = _get(M, "ste", "match", "changed_vs_wm", "mean", default=0.0)
         claims.append({"id": "5b", "figure": "R_bars", "held": bool(held),
                        "criterion": f"STE loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
-                       "numbers": {"ste_barrier": sb, "naive_barrier": nb, "R_ste": rs, "R_wm": rw},
+                       "numbers": {"ste_barrier": sb, "naive_barrier": nb, "R_ste": rs, "R_wm": rw,
+                                   "ste_units_changed_vs_wm": drift},
                        "text": (f"STE's barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
                                 f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
-                                f"{'stayed low' if low else 'did not stay low'}; claim 5 (STE) {'held' if held else 'did not hold'}.")})
+                                f"{'stayed low' if low else 'did not stay low'} (its permutation differs from WM's on "
+                                f"{100 * drift:.0f}% of units); claim 5 (STE) {'held' if held else 'did not hold'}.")})
     three = res.get("three_models", {})
     if "weight" in three and "ste" in three:
         w, s = three["weight"]["pair_loss_barrier"], three["ste"]["pair_loss_barrier"]
