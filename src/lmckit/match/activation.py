@@ -37,12 +37,13 @@ from .weight import _lap, check_finite
 METHODS = ("pearson", "cross_moment")
 
 
-def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
+def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, Any] | None = None,
+                  example_input: torch.Tensor | None = None) -> dict[str, list[str]]:
     """Group -> names of the modules whose outputs carry that group's units.
 
     ``sites`` (group -> module name or list of names) overrides; otherwise
     ``model.hidden_modules()`` (zoo models), otherwise
-    ``lmckit.perm.trace.activation_sites(model)`` where it exists.
+    ``lmckit.perm.trace.activation_sites(model, example_input)`` (fx tracing).
     """
     names = {id(m): n for n, m in model.named_modules()}
 
@@ -70,7 +71,7 @@ def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, A
         if fn is None:
             raise LmcError(f"{type(model).__name__} does not say where its hidden activations are",
                            "pass sites={group: [module names]} (CLI: use --method weight)")
-        raw_sites = fn(model)
+        raw_sites = fn(model, example_input)
     out = {g: as_names(v, g) for g, v in raw_sites.items()}
     unknown = [g for g in out if g not in spec.sizes]
     missing = [g for g in spec.sizes if g not in out or not out[g]]
@@ -162,16 +163,6 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
         raise LmcError(f"unknown activation-matching method {method!r}", f"choose one of {', '.join(METHODS)}")
     if num_batches is not None and int(num_batches) < 1:
         raise LmcError(f"num_batches must be at least 1, got {num_batches}")
-    if spec is None:
-        from ..perm import spec_for
-
-        spec = spec_for(model_a)
-    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    spec.check_state(sd_a, "model A")
-    spec.check_state(sd_b, "model B")
-    check_finite(sd_a, "model A")
-    check_finite(sd_b, "model B")
-    sites_a = resolve_sites(model_a, spec, sites)
     if device is None:
         p0 = next(model_a.parameters(), None)
         dev = p0.device if p0 is not None else torch.device("cpu")
@@ -179,6 +170,19 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
         from ..device import resolve_device
 
         dev = resolve_device(device)
+    example = None
+    if spec is None or (sites is None and not hasattr(model_a, "hidden_modules")):
+        example = dataset.tensors(split, limit=2)[0]  # for fx tracing of non-zoo models
+    if spec is None:
+        from ..perm import spec_for
+
+        spec = spec_for(model_a, example)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    spec.check_state(sd_a, "model A")
+    spec.check_state(sd_b, "model B")
+    check_finite(sd_a, "model A")
+    check_finite(sd_b, "model B")
+    sites_a = resolve_sites(model_a, spec, sites, example)
     ma, mb = _on_device(model_a, dev), _on_device(model_b, dev)
     names = {n for lst in sites_a.values() for n in lst}
     rec_a, rec_b = _Recorder(ma, names), _Recorder(mb, names)
