@@ -388,6 +388,7 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
         dev = resolve_device(device)
     keys = objective_keys(spec, sd_a, include_buffers)
     prob = _Problem(spec, sd_a, sd_b, keys, dev)
+    setup = time.perf_counter() - t0
     best = None
     finals = []
     bar = None
@@ -412,7 +413,7 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
     extra = {"seed": int(seed), "restarts": int(restarts), "best_restart": int(best_r),
              "restart_objectives": [float(v) for v in finals], "max_iter": int(max_iter),
              "solves": stats["solves"], "skipped_solves": stats["skipped"], "moves": stats["moves"],
-             "device": str(dev), "objective_entries": len(keys)}
+             "device": str(dev), "objective_entries": len(keys), "setup_seconds": setup}
     if prob.unmatched:
         extra["unmatched_groups"] = list(prob.unmatched)
     return MatchResult(perms=perms, objective=[float(v) for v in history], sweeps=sweeps,
