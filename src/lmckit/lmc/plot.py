@@ -97,7 +97,10 @@ def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: s
 
 def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "loss", title: str | None = None,
                    levels: int = 20) -> Path:
-    """Filled contour plot of ``metric`` ("loss" or "accuracy") over the plane, models marked."""
+    """Filled contour plot of ``metric`` ("loss" or "accuracy") over the plane, models marked.
+
+    Loss is drawn on log-spaced levels, accuracy (in %) on linear ones.
+    """
     if metric not in ("loss", "accuracy"):
         raise LmcError(f"unknown landscape metric {metric!r}", "use loss or accuracy")
     import numpy as np
@@ -107,8 +110,21 @@ def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "los
         z = 100 * z
     fig = _figure(figsize=(6, 5))
     ax = fig.subplots()
-    cs = ax.contourf(result.xs, result.ys, z, levels=levels, cmap="viridis_r" if metric == "loss" else "viridis")
-    cbar = fig.colorbar(cs, ax=ax)
+    if metric == "loss":
+        # Log-spaced levels: losses far outside the triangle are orders of magnitude
+        # above those near the models and would flatten a linear colour scale.
+        from matplotlib.colors import LogNorm
+
+        z = np.clip(z, 1e-4, None)
+        lo, hi = float(z.min()), float(z.max())
+        lv = np.geomspace(lo, hi if hi > lo * 1.001 else lo * 1.001, levels)
+        from matplotlib.ticker import LogFormatterSciNotation, LogLocator
+
+        cs = ax.contourf(result.xs, result.ys, z, levels=lv, norm=LogNorm(vmin=lv[0], vmax=lv[-1]), cmap="viridis_r")
+        cbar = fig.colorbar(cs, ax=ax, shrink=0.85, ticks=LogLocator(subs=(1.0, 3.0)), format=LogFormatterSciNotation())
+    else:
+        cs = ax.contourf(result.xs, result.ys, z, levels=levels, cmap="viridis")
+        cbar = fig.colorbar(cs, ax=ax, shrink=0.85)
     cbar.set_label(f"{result.split} {'loss' if metric == 'loss' else 'accuracy (%)'}")
     pts = list(result.models.items())
     tri = [p for _, p in pts] + [pts[0][1]]
