@@ -147,3 +147,108 @@ def good_perms(checkpoint: Path) -> dict[str, list[int]]:
 
     spec = spec_for(load(checkpoint))
     return {g: p.tolist() for g, p in identity_permutation(spec).items()}
+
+
+# --------------------------------------------------------------------------- a pre-imported process that forks CLI runs
+class Zygote:
+    """A Python process that imports lmckit and torch once, then forks one ``lmckit`` CLI run per request.
+
+    Every run is a real, separate process (``os.fork`` of the zygote) executing
+    ``lmckit.cli.main(argv)``, so a ``SIGKILL`` hits it exactly as it would hit
+    ``lmckit ...`` started from a shell, without paying the interpreter and
+    torch start-up (seconds on a loaded machine) for each of many kill points.
+
+    Protocol (one run at a time): the test writes a JSON request, the zygote
+    forks and answers the child's pid, waits for the child to exit *without
+    reaping it* (``waitid(..., WNOWAIT)``: a zombie keeps its pid, so a late
+    ``kill`` can never hit a recycled pid), and reaps it only after the test
+    writes ``reap``, answering the exit code.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self.proc = subprocess.Popen([PYTHON, __file__, "zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=dict(env or subprocess_env()), bufsize=1)
+        ready = self.proc.stdout.readline().strip()
+        if ready != "ready":
+            raise RuntimeError(f"zygote failed to start: {ready!r}")
+
+    def start(self, argv: Sequence[Any], cwd: str | os.PathLike, log: str | os.PathLike) -> int:
+        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    @staticmethod
+    def running(pid: int) -> bool:
+        """True while the child runs (a zombie, i.e. finished but not reaped, counts as not running)."""
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return False
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+    def finish(self, pid: int) -> int:
+        """Reap the child (after it exited or was killed); returns its exit code (``-9`` for SIGKILL)."""
+        self.proc.stdin.write("reap\n")
+        self.proc.stdin.flush()
+        pid_back, code = self.proc.stdout.readline().split()
+        assert int(pid_back) == pid
+        return int(code)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def _zygote_main() -> None:  # pragma: no cover - runs in the zygote process
+    import signal
+    import traceback
+
+    os.environ.setdefault("LMCKIT_NO_PROGRESS", "1")
+    import torch as _torch  # noqa: F401 - the point is to import before forking
+    import torch._dynamo  # noqa: F401 - torch.optim imports it on first use (seconds)
+    import lmckit.cli
+    import lmckit.data
+    import lmckit.pipeline.reproduce  # noqa: F401
+    import lmckit.train  # noqa: F401
+
+    _torch.set_num_threads(1)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                os.chdir(req["cwd"])
+                fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                sys.stdin = open(os.devnull)
+                try:
+                    code = lmckit.cli.main(req["argv"])
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else 1
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        print(pid, flush=True)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        ack = sys.stdin.readline()
+        _, status = os.waitpid(pid, 0)
+        print(pid, os.waitstatus_to_exitcode(status), flush=True)
+        if not ack:
+            break
+
+
+if __name__ == "__main__":  # pragma: no cover
+    if sys.argv[1:] == ["zygote"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        _zygote_main()
