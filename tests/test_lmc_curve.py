@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lmckit.errors import LmcError
 from lmckit.evaluate import evaluate
-from lmckit.lmc import (Repairer, barrier_curve, interpolate_states, loss_barrier, mix_states, repair_sites,
+from lmckit.lmc import (Repairer, barrier_curve, interpolate_states, mix_states, repair_sites,
                         reset_bn_stats, site_stats, state_vector, training_batches)
 from lmckit.lmc.landscape import plane_basis, plane_landscape
 from lmckit.lmc.plot import plot_curves, plot_landscape
