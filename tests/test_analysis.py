@@ -252,3 +252,22 @@ def test_input_projections_conv_energy(synthetic):
     est = sum(s ** 2 * q for s, q in zip(p["sigma"], p["mean_sq"]))
     assert est == pytest.approx(energy, rel=1e-4)
     assert p["count"] == 20 * 14 * 14
+
+
+def test_analyze_pair_batchnorm_midpoint_uses_bn_reset(synthetic):
+    lmc = pytest.importorskip("lmckit.lmc")
+    from lmckit.analysis import analyze_pair, midpoint_state
+    from lmckit.evaluate import evaluate
+
+    kw = {"in_channels": 1, "image_size": 28, "norm": "batchnorm"}
+    a, b = _model("vgg_tiny", 0, **kw), _model("vgg_tiny", 1, **kw)
+    spec = spec_for(a)
+    res = analyze_pair(a, spec, a.state_dict(), b.state_dict(), None, dataset=synthetic, rank_fractions=(0.5,),
+                       eval_limit=100, projection_batches=1)
+    sweep = res.summary["rank_sweep"]
+    assert set(sweep) == {"A", "midpoint"} and res.summary["notes"] == ["no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)"]
+    mid = _model("vgg_tiny", 2, **kw)
+    mid.load_state_dict(midpoint_state(a.state_dict(), b.state_dict()))
+    lmc.reset_bn_stats(mid, synthetic)
+    loss, acc = evaluate(mid, synthetic, "test", limit=100)
+    assert sweep["midpoint"][0]["loss"] == pytest.approx(loss, rel=1e-5) and sweep["midpoint"][0]["acc"] == acc

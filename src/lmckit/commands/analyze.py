@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device)
     perms = load_perms(args.perm, spec) if args.perm else None
 
+    if args.taylor and args.no_data:
+        raise LmcError("--taylor needs data, but --no-data was given", "drop --no-data (and pass --dataset if A records none)")
     dataset = None
     if not args.no_data:
         name = args.dataset or _recorded_dataset(info_a)
