@@ -15,6 +15,7 @@ executor whose workers see that folder can run them.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import multiprocessing
 import os
 from dataclasses import dataclass, field
@@ -216,7 +217,7 @@ class ProcessPoolExecutor(Executor):
 
     def _submit(self, spec: Stage, root: Path, runtime: Runtime) -> "cf.Future[StageOutcome]":
         pool = self._ensure(runtime)
-        rt = runtime if runtime.threads else Runtime(runtime.device, runtime.data_dir, self._threads, runtime.quiet)
+        rt = runtime if runtime.threads else dataclasses.replace(runtime, threads=self._threads)
         return pool.submit(run_stage, spec, root, rt)
 
     def close(self) -> None:

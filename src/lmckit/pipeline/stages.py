@@ -95,7 +95,6 @@ class Runtime:
     device: str = "auto"
     data_dir: str | None = None
     threads: int | None = None  # torch intra-op threads inside a stage; None keeps torch's default
-    quiet: bool = False
 
 
 @dataclass(frozen=True)
