@@ -62,20 +62,17 @@ def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
     if perms is None:
         notes.append("no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)")
 
-    dist_by_name = {r["name"]: r for r in dist["per_layer"]}
+    # One record per module in state-dict (network) order: distances for all, SVD fields for weight layers.
+    svd_by_name = {la.layer.name: la for la in svd.layers}
     per_layer: list[dict[str, Any]] = []
-    seen = set()
-    for la in svd.layers:
-        d = dist_by_name.get(la.layer.name, {})
-        seen.add(la.layer.name)
-        per_layer.append({"name": la.layer.name, "shape": list(la.layer.shape), "output_layer": la.layer.is_output,
-                          "l2_before": d.get("l2_before"), "l2_after": d.get("l2_after"), "reduction": d.get("reduction"),
-                          "R": la.R, "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
-                          "rank": la.layer.rank})
-    for name, d in dist_by_name.items():  # norm layers: distances only
-        if name not in seen:
-            per_layer.append({"name": name, "shape": d["shape"], "output_layer": False, "l2_before": d["l2_before"],
-                              "l2_after": d["l2_after"], "reduction": d["reduction"], "R": None, "kept": None, "rank": None})
+    for d in dist["per_layer"]:
+        la = svd_by_name.get(d["name"])
+        rec = {"name": d["name"], "shape": d["shape"], "output_layer": False, "l2_before": d["l2_before"],
+               "l2_after": d["l2_after"], "reduction": d["reduction"], "R": None, "kept": None, "rank": None}
+        if la is not None:
+            rec.update(shape=list(la.layer.shape), output_layer=la.layer.is_output, R=la.R, rank=la.layer.rank,
+                       kept={g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()})
+        per_layer.append(rec)
     summary: dict[str, Any] = {"l2_before": dist["l2_before"], "l2_after": dist["l2_after"], "reduction": dist["reduction"],
                                "R": svd.R, "gammas": [gamma_key(g) for g in gammas], "per_layer": per_layer,
                                "entries_counted": len(dist["entries"])}
