@@ -49,11 +49,26 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None, where: str = "checkpoint") -> nn.Module:
-    model = model_from_config(dict(model_cfg))
+    """The model a config describes, with ``state`` loaded (checked against the architecture first).
+
+    With a ``state``, the config is first built on the ``meta`` device (no memory) and checked against the
+    state's keys and shapes, so a file whose metadata claims a huge model fails with :class:`LmcError`
+    instead of allocating it.
+    """
     if state is not None:
         from .perm import spec_for
 
-        spec_for(model).check_state(state, where)
+        try:
+            with torch.device("meta"):
+                skeleton = model_from_config(dict(model_cfg))
+        except LmcError:
+            raise
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as e:  # e.g. absurd sizes in the metadata
+            raise LmcError(f"{where}: its model config {dict(model_cfg)} cannot be built ({type(e).__name__}: {e})",
+                           "the checkpoint's metadata is damaged; re-create it") from None
+        spec_for(skeleton).check_state(state, where)
+    model = model_from_config(dict(model_cfg))
+    if state is not None:
         model.load_state_dict(dict(state))
     return model
 
