@@ -230,6 +230,36 @@ def _(ws):
     return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit))
 
 
+def _with_model_config(ws: Workspace, **cfg) -> Path:
+    """A checkpoint whose tensors are mlp_tiny's but whose metadata claims another model config."""
+    from lmckit.store import load_state, save_state
+
+    sd, meta = load_state(make_checkpoint(ws.root / "tmp-src.safetensors", seed=1))
+    (ws.root / "tmp-src.safetensors").unlink()
+    return save_state(ws.inp / "b.safetensors", sd, {"lmckit_model": {**meta["lmckit_model"], **cfg}})
+
+
+@row("ckpt-metadata-huge-model", r"b\.safetensors.*(cannot be built|expects)")
+def _(ws):
+    return ws.barrier(_with_model_config(ws, width_mult=1e4), ws.a)  # would allocate ~100 GB if built blindly
+
+
+@row("ckpt-metadata-absurd-model", r"b\.safetensors.*cannot be built")
+def _(ws):
+    return ws.barrier(_with_model_config(ws, width_mult=1e9), ws.a)
+
+
+@row("ckpt-metadata-code-as-option", r"unknown activation")
+def _(ws):
+    code = f"__import__('pathlib').Path({str(ws.marker)!r}).touch()"
+    return ws.barrier(_with_model_config(ws, activation=code), ws.a)
+
+
+@row("ckpt-metadata-unknown-model", r"unknown model 'os\.system'")
+def _(ws):
+    return ws.barrier(_with_model_config(ws, name="os.system"), ws.a)
+
+
 # --------------------------------------------------------------------------- permutation JSON
 def _perm(ws: Workspace, edit) -> dict:
     perms = good_perms(ws.a)
