@@ -96,6 +96,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     except json.JSONDecodeError as e:
         raise LmcError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})",
                        "regenerate it with lmckit or fix the file") from None
+    except RecursionError:  # e.g. 100000 nested brackets
+        raise LmcError(f"{what} {path} is nested too deeply to be an lmckit file",
+                       "regenerate it with lmckit or fix the file") from None
 
 
 # --------------------------------------------------------------------------- safetensors
