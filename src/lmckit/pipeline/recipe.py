@@ -56,7 +56,15 @@ class ModelEntry:
     overrides: tuple = _f((), mapping=True, help="training overrides for this model, on top of train.overrides")
 
     def display(self) -> str:
-        return self.label or (self.name if self.width_mult == 1.0 else f"{self.name} x{self.width_mult:g}")
+        """``label``, else e.g. ``mlp depth=3 width=512`` / ``vgg11 batchnorm x4``, built from the settings."""
+        if self.label:
+            return self.label
+        parts = [self.name] + [f"{k}={v}" for k, v in self.options]
+        if self.norm != "none":
+            parts.append(self.norm)
+        if self.width_mult != 1.0:
+            parts.append(f"x{self.width_mult:g}")
+        return " ".join(parts)
 
 
 @dataclass(frozen=True)
