@@ -85,7 +85,7 @@ def spectra(exp: Mapping[str, Any], path: Path) -> Path:
 def r_bars(exp: Mapping[str, Any], path: Path) -> Path:
     """R(gamma) before matching and after each method, mean +- std over pairs and searches."""
     plt = _plt()
-    methods = [m for m, d in exp["methods"].items() if "R" in d]
+    methods = [m for m, d in exp["methods"].items() if "R" in d and m != "naive"]  # naive = "no permutation"
     gammas = list(exp["methods"][methods[0]]["R"])
     series = [("no permutation", exp["methods"][methods[0]]["R"], "before", "0.6")]
     series += [(METHOD_LABEL.get(m, m), exp["methods"][m]["R"], "after", METHOD_COLOR.get(m)) for m in methods]

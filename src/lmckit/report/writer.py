@@ -139,8 +139,8 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
                 "Singular values of corresponding layers of two independently trained models (first pair).",
                 lambda p, e=e: F.spectra(e, p))
             fig(f"{pre}per_index.png", f"{e['label']}: per-index alignment",
-                "Per-index alignment (u_i . P u'_i)(v_i . Q v'_i) against singular-value rank, before and after WM: "
-                "WM aligns the leading directions most.", lambda p, e=e: F.per_index(e, p))
+                "Per-index alignment (u_i . P u'_i)(v_i . Q v'_i) against singular-value rank, before and after WM. "
+                + _per_index_sentence(e["spectra"]), lambda p, e=e: F.per_index(e, p))
         if e.get("projections"):
             fig(f"{pre}projections.png", f"{e['label']}: input projections", _caption(
                 res, "projections", "Mean |v_i . z| of each layer's inputs z on its right-singular vectors, against "
@@ -148,8 +148,9 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
                 lambda p, e=e: F.projections(e, p))
         if e.get("rank_sweep"):
             fig(f"{pre}rank.png", f"{e['label']}: accuracy against kept rank",
-                "Test accuracy of model A and of the WM midpoint when each hidden layer keeps only its leading "
-                "singular directions (output layer whole).", lambda p, e=e: F.rank(e, p))
+                _caption(res, "projections", "Test accuracy of model A and of the WM midpoint when each hidden layer keeps "
+                         "only its leading singular directions (output layer whole).") if i == 0 else
+                "Test accuracy against kept rank.", lambda p, e=e: F.rank(e, p))
     three = res.get("three_models")
     if three:
         md += ["", "## Three models", "", "Models 1 and 2 matched to the anchor (model 0); barrier between the two "
@@ -182,6 +183,20 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
     if timing is not None:
         written["timings.json"] = atomic_write_json(out / "timings.json", timing)
     return written
+
+
+def _per_index_sentence(spectra: dict[str, Any]) -> str:
+    """Mean per-index alignment over the leading 10% and the trailing half of indices, after WM, all layers."""
+    lead, tail = [], []
+    for d in spectra.values():
+        v = d["per_index_after"]
+        k = max(1, len(v) // 10)
+        lead += v[:k]
+        tail += v[len(v) // 2:]
+    a = sum(lead) / max(len(lead), 1)
+    b = sum(tail) / max(len(tail), 1)
+    return (f"After WM the leading 10% of singular directions have mean alignment {a:.3f} against {b:.3f} for the "
+            f"trailing half: WM {'aligns the dominant directions far more' if a > 2 * abs(b) else 'does not single out the dominant directions'} in this run.")
 
 
 def _mid_barrier(d: dict[str, Any], split: str) -> dict[str, Any] | None:
