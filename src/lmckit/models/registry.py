@@ -44,9 +44,33 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+# Size options shared by the zoo and the smallest value each may take.
+_SIZE_MINIMA = {"width": 1, "depth": 0, "in_channels": 1, "image_size": 1, "num_classes": 1}
+
+
+def check_size_options(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`LmcError` for a size option out of range (``width=-3`` would otherwise be clamped to 1).
+
+    ``width_mult`` must be a finite number > 0; ``width`` >= 1, ``depth`` >= 0, ``in_channels``,
+    ``image_size``, ``num_classes`` >= 1 (integers).
+    """
+    import math
+
+    if "width_mult" in kwargs:
+        v = kwargs["width_mult"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise LmcError(f"model {name!r}: width_mult must be a positive number, got {v!r}", "fix the width_mult setting")
+    for key, lo in _SIZE_MINIMA.items():
+        if key in kwargs:
+            v = kwargs[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise LmcError(f"model {name!r}: {key} must be an integer >= {lo}, got {v!r}", f"fix the {key} setting")
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model. ``model.lmckit_config`` records how to rebuild it."""
     entry = model_entry(name)
+    check_size_options(name, kwargs)
     try:
         model = entry.factory(**kwargs)
     except TypeError as e:
