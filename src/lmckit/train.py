@@ -97,6 +97,9 @@ def _model_options(model: str, given: Mapping[str, Any]) -> tuple[tuple[str, Any
         if not ok or not isinstance(v, (str, int, float, bool, type(None))):
             raise LmcError(f"model option {n}={v!r} should be {type(d).__name__}", f"fix the {n} setting")
         out[n] = v
+    from .models.registry import check_size_options
+
+    check_size_options(model, out)
     return tuple(sorted(out.items()))
 
 
