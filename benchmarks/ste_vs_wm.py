@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["ste_changed_vs_wm"] = rb["changed_vs_wm"]
                 row["ste_drift_changed_vs_wm"] = rb["drift_changed_vs_wm"]
         row["R0.3_before"] = match(a, b, "wm")["R0.3_before"]
+        # baseline for the drift numbers: WM itself is a local search; two WM seeds differ too
+        other = weight_matching(spec, states[a], states[b], seed=args.seed + 1).perms
+        row["wm_seed_changed"] = perm_changed_units(match(a, b, "wm")["perms"], other)
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[key] = {"wm": [mw, sw], "ste": [mst, sst]}
         print(f"{label:44s} {mw:9.4f} ± {sw:6.4f} {mst:9.4f} ± {sst:6.4f}")
     for label, key in (("R(0.3) before permutation", "R0.3_before"), ("accuracy of the naive average of 3", "naive_merged3_acc"),
-                       ("STE units reassigned vs WM (a, b)", "ste_changed_vs_wm")):
+                       ("STE units reassigned vs WM (a, b)", "ste_changed_vs_wm"),
+                       ("WM seed s vs seed s+1 units reassigned (a, b)", "wm_seed_changed")):
         m, s = ms(key)
         summary[key] = [m, s]
         print(f"{label:44s} {m:9.4f} ± {s:6.4f}")

@@ -426,8 +426,8 @@ def _load_state(path: Path, fingerprint: dict, tilde: dict, opt: torch.optim.Opt
     tensors, meta = load_state(path)
     if meta.get("format") != "lmckit.ste_state":
         raise LmcError(f"{path} is not an lmckit STE state file", "use another state folder")
-    if meta.get("fingerprint") != fingerprint:
-        old = meta.get("fingerprint") or {}
+    old = {"train_limit": None, **(meta.get("fingerprint") or {})}  # states written before train_limit existed
+    if old != fingerprint:
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         raise LmcError(f"STE state in {path.parent} belongs to another run (differs in: {', '.join(diff)})",
                        "use another state folder, or delete it to start over")
