@@ -570,6 +570,21 @@ def _(ws):
     return ws.recipe(TINY_RECIPE, "models.5.width_mult=2.0")
 
 
+@row("recipe-negative-width", r"width must be an integer >= 1, got -1")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, "models.0.options={width=-1}")
+
+
+@row("recipe-zero-width-mult", r"models\.0\.width_mult must be at least")
+def _(ws):
+    return ws.recipe(TINY_RECIPE, "models.0.width_mult=0")
+
+
+@row("train-negative-width", r"width must be an integer >= 1, got -5")
+def _(ws):
+    return ["train", "--preset", "tiny", "--width", "-5", "--out", ws.out, "--quiet"]
+
+
 # --------------------------------------------------------------------------- the table
 def test_table_has_enough_rows():
     assert len(ROWS) >= 30
