@@ -59,6 +59,8 @@ def config_hash(config: Mapping[str, Any], length: int = 16) -> str:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
     path = Path(path)
+    if path.is_dir():
+        raise LmcError(f"cannot write {path}: it is a folder", "give a file name (e.g. a name inside that folder)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
