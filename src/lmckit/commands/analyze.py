@@ -54,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from ..perm import load_perms, spec_for
 
     t0 = time.perf_counter()
+    if args.plots:
+        from pathlib import Path
+
+        if Path(args.plots).exists() and not Path(args.plots).is_dir():
+            raise LmcError(f"--plots {args.plots} is a file", "pass a folder for the figures")
     for g in args.gamma:
         if not 0.0 <= g <= 1.0:
             raise LmcError(f"--gamma {g} is outside [0, 1]", "gamma is a fraction of the largest singular value, e.g. 0 or 0.3")
