@@ -492,6 +492,8 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
     """
     from .store import file_lock, is_complete, partial_dir
 
+    if Path(out_root).exists() and not Path(out_root).is_dir():
+        raise LmcError(f"output folder {out_root} is a file", "pass a folder for the run store (--out)")
     final = run_dir_for(config, out_root)
     if is_complete(final):
         return load_result(final, cached=True)
