@@ -41,7 +41,8 @@ class Workspace:
         self.empty = root / "empty"
         self.empty.mkdir()
         self.monkeypatch = monkeypatch
-        monkeypatch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+        # an empty user cache outside the snapshot (matplotlib may put its font cache there: not our output)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(root.parent / "xdg"))
         monkeypatch.setenv("LMCKIT_DATA", str(self.empty))
         monkeypatch.setenv("LMCKIT_NO_PROGRESS", "1")
         self._a: Path | None = None
@@ -86,14 +87,15 @@ class Row:
     id: str
     build: Callable[[Workspace], list]
     pattern: str  # regex that stderr must match (re.S | re.I)
+    xfail: str | None = None  # a known bug in a file still being written by another helper (reported)
 
 
 ROWS: list[Row] = []
 
 
-def row(id: str, pattern: str):
+def row(id: str, pattern: str, xfail: str | None = None):
     def deco(fn):
-        ROWS.append(Row(id, fn, pattern))
+        ROWS.append(Row(id, fn, pattern, xfail))
         return fn
     return deco
 
@@ -585,13 +587,85 @@ def _(ws):
     return ["train", "--preset", "tiny", "--width", "-5", "--out", ws.out, "--quiet"]
 
 
+# --------------------------------------------------------------------------- output paths, merge, landscape, STE
+@row("match-out-is-a-folder", r"cannot write .*out: it is a folder")
+def _(ws):
+    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1), "--out", ws.out]
+
+
+@row("barrier-plot-is-a-folder", r"cannot write .*out: it is a folder")
+def _(ws):
+    return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1))[:-2] + ["--plot", ws.out]
+
+
+@row("analyze-plots-is-a-file", r"--plots .*earlier-result\.txt is a file")
+def _(ws):
+    return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1), "--no-data", "--plots", ws.out / "earlier-result.txt"]
+
+
+@row("train-out-is-a-file", r"output folder .*earlier-result\.txt is a file")
+def _(ws):
+    return ["train", "--preset", "tiny", "--out", ws.out / "earlier-result.txt", "--quiet"]
+
+
+@row("reproduce-out-is-a-file", r"earlier-result\.txt",
+     xfail="pipeline bug (reported): reproduce --out naming a file raises FileExistsError (traceback)")
+def _(ws):
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "earlier-result.txt", "--cache", ws.out / "cache"]
+
+
+@row("merge-pickle", r"b\.pt.*pickle")
+def _(ws):
+    return ["merge", ws.a, hostile_pickle(ws.inp / "b.pt", ws.marker), "--out", ws.out / "merged"]
+
+
+@row("merge-one-model", r"at least two checkpoints")
+def _(ws):
+    return ["merge", ws.a, "--out", ws.out / "merged"]
+
+
+@row("merge-bad-split", r"no 'tset' split",
+     xfail="merge bug (reported): the output folder and its .lock are created before the split is checked")
+def _(ws):
+    return ["merge", ws.a, ws.ckpt("b.safetensors", seed=1), "--out", ws.out / "merged", "--split", "tset",
+            "--dataset", "synthetic"]
+
+
+@row("landscape-bad-perm", r"pb\.json.*not a permutation")
+def _(ws):
+    b, c = ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)
+    perms = good_perms(ws.a)
+    g = _first(perms)
+    bad = write_perms(ws.inp / "pb.json", {"perms": {**perms, g: [0] * len(perms[g])}})
+    good = write_perms(ws.inp / "pc.json", {"perms": perms})
+    return ["landscape", ws.a, b, c, "--perms", bad, good, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
+
+
+@row("landscape-grid-too-small", r"--grid must be at least 2")
+def _(ws):
+    b, c = ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)
+    return ["landscape", ws.a, b, c, "--grid", "1", "--plot", ws.out / "l.png", "--dataset", "synthetic"]
+
+
+@row("ste-missing-dataset", r"dataset mnist not found")
+def _(ws):
+    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1), "--method", "ste", "--dataset", "mnist",
+            "--out", ws.out / "p.json"]
+
+
+@row("barrier-wrong-dataset-for-model", r"(--dataset|dataset).*(fit|shape|trained)")
+def _(ws):
+    return ["barrier", ws.a, ws.ckpt("b.safetensors", seed=1), "--dataset", "synthetic-rgb", "--points", "3"]
+
+
 # --------------------------------------------------------------------------- the table
 def test_table_has_enough_rows():
     assert len(ROWS) >= 30
     assert len({r.id for r in ROWS}) == len(ROWS)
 
 
-@pytest.mark.parametrize("case", ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.parametrize("case", [pytest.param(r, id=r.id, marks=[pytest.mark.xfail(strict=True, reason=r.xfail)]
+                                               if r.xfail else []) for r in ROWS])
 def test_bad_input(case: Row, tmp_path, monkeypatch, capsys):
     ws = Workspace(tmp_path / "ws", monkeypatch)
     argv = case.build(ws)
@@ -616,7 +690,7 @@ def test_bad_input_real_process(row_id, tmp_path, monkeypatch):
     ws = Workspace(tmp_path / "ws", monkeypatch)
     argv = case.build(ws)
     before = snapshot(ws.root)
-    env = subprocess_env(XDG_CACHE_HOME=str(ws.root / "xdg"), LMCKIT_DATA=str(ws.empty))
+    env = subprocess_env(XDG_CACHE_HOME=str(ws.root.parent / "xdg"), LMCKIT_DATA=str(ws.empty))
     proc = run_subprocess(argv, cwd=ws.root, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
