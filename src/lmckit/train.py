@@ -620,6 +620,8 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
                         "sizes": {s: ds.size(s) for s in ds.splits()}},
         },
     }
+    # metrics.jsonl again: a kill between the last checkpoint and its metrics line must not lose that line
+    atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
     ckpt.unlink(missing_ok=True)
     for p in partial.glob(".*.tmp"):  # temp files of writes interrupted by an earlier kill
         p.unlink(missing_ok=True)
