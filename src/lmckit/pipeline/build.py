@@ -104,7 +104,8 @@ def _match_options(recipe: Recipe, method: str) -> tuple:
         return (("samples", m.am_samples),)
     if method == "ste":
         s = m.ste
-        return (("batch_size", s.batch_size), ("epochs", s.epochs), ("lr", s.lr), ("max_iter", s.max_iter))
+        return (("batch_size", s.batch_size), ("epochs", s.epochs), ("lr", s.lr), ("max_iter", s.max_iter),
+                ("train_limit", s.train_limit))
     return ()
 
 

@@ -80,6 +80,7 @@ class SteSection:
     lr: float = _f(1e-3, min=1e-12)
     batch_size: int = _f(256, min=1)
     max_iter: int = _f(30, min=1, help="weight-matching sweeps per projection")
+    train_limit: int = _f(0, min=0, help="train STE on the first N training images only (0: all)")
 
 
 @dataclass(frozen=True)
