@@ -119,7 +119,8 @@ def _check_partial_is_resumable(out: Path) -> str:
     if not ckpt.exists():
         return "before the first checkpoint"
     _, meta = load_state(ckpt)  # never half-written (atomic write): a truncated file would raise here
-    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    mfile = partial / "metrics.jsonl"
+    lines = mfile.read_text().splitlines() if mfile.exists() else []
     # metrics.jsonl is written just after the checkpoint: it may lag it by one epoch (the resume reads the
     # metrics from the checkpoint and rewrites the file)
     epochs = [json.loads(x)["epoch"] for x in lines]
