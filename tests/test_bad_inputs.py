@@ -608,8 +608,7 @@ def _(ws):
     return ["train", "--preset", "tiny", "--out", ws.out / "earlier-result.txt", "--quiet"]
 
 
-@row("reproduce-out-is-a-file", r"earlier-result\.txt",
-     xfail="pipeline bug (reported): reproduce --out naming a file raises FileExistsError (traceback)")
+@row("reproduce-out-is-a-file", r"earlier-result\.txt")
 def _(ws):
     return ["reproduce", "--recipe", "tiny", "--out", ws.out / "earlier-result.txt", "--cache", ws.out / "cache"]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import LmcError
 from ..store import file_lock
 from .build import Plan, build_plan, check_data
 from .executor import PlanEntry, RunSummary, dry_run, make_executor
@@ -61,6 +62,11 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
     r, plan = prepare(recipe, sets, data_dir)
     out_dir = Path(out) if out is not None else Path("reports") / r.name
     cache = Path(cache)
+    for what, path, flag in (("report folder", out_dir, "--out"), ("stage cache", cache, "--cache")):
+        for p in (path, *path.parents):
+            if p.exists() and not p.is_dir():
+                raise LmcError(f"the {what} {path} cannot be created: {p} is a file",
+                               f"pass a folder path to {flag} (it is created if missing)")
     res = ReproduceResult(r, plan, out_dir, cache)
     res.entries = dry_run(plan.targets(), cache)
     if dry:
