@@ -275,8 +275,6 @@ def test_random_recipe_text_loads_or_raises_lmcerror(tmp_path_factory, text):
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline bug (reported to the lead): recipe._read_toml lets tomllib's "
-                                       "RecursionError through (a traceback instead of LmcError)")
 def test_deeply_nested_recipe_is_a_user_error(tmp_path):
     from lmckit.pipeline.recipe import load_recipe
 
@@ -286,8 +284,6 @@ def test_deeply_nested_recipe_is_a_user_error(tmp_path):
         load_recipe(str(p))
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline bug (reported to the lead): build._train_overrides does "
-                                       "kw.update(model_kwargs) unchecked: a TypeError traceback, not LmcError")
 @pytest.mark.parametrize("value", ["5", "[1]", '"x"'])
 def test_model_kwargs_override_that_is_not_a_table_is_a_user_error(value):
     from lmckit.pipeline.build import build_plan
@@ -297,9 +293,6 @@ def test_model_kwargs_override_that_is_not_a_table_is_a_user_error(value):
         build_plan(load_recipe("tiny", [f"train.overrides={{model_kwargs={value}}}"]))
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline bug (reported to the lead): train.overrides / models.N.overrides "
-                                       "may set seed or dataset, silently overriding train.seeds (every model gets "
-                                       "the same seed) or data.dataset (the data check looked at another dataset)")
 @pytest.mark.parametrize("override", ["train.overrides={seed=1}", 'models.0.overrides={dataset="cifar10"}'])
 def test_overrides_cannot_contradict_seeds_or_dataset(override):
     from lmckit.pipeline.build import build_plan

@@ -262,9 +262,6 @@ def test_recipe_strings_are_never_evaluated(tmp_path):
 ESCAPES = ["../../escaped-report", "/tmp/lmckit-escaped-report", "reports/../../escaped", "..", "a/../../b"]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline bug (reported to the lead): the report folder defaults to "
-                                       "reports/<recipe name> and the name is not checked, so a recipe or --set "
-                                       "can send the report anywhere (absolute path, '..')")
 @pytest.mark.parametrize("name", ESCAPES)
 def test_recipe_name_cannot_place_the_report_outside_reports(name, tmp_path):
     from lmckit.pipeline.recipe import load_recipe
@@ -273,8 +270,6 @@ def test_recipe_name_cannot_place_the_report_outside_reports(name, tmp_path):
         load_recipe("tiny", [f'name="{name}"'])
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline bug (reported to the lead): see the test above; the CLI "
-                                       "accepts a report name outside reports/ (this dry run exits 0)")
 def test_cli_refuses_a_report_name_outside_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc, out, err = run_cli(["reproduce", "--recipe", "tiny", "--set", 'name="../outside"', "--cache", tmp_path / "c",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LmcError
-from .recipe import ModelEntry, Recipe
+from .recipe import RESERVED_OVERRIDES, ModelEntry, Recipe
 from .stages import Stage
 from .tasks import AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, method_available, train_stage
 
@@ -77,13 +77,22 @@ def check_data(recipe: Recipe, data_dir: str | None = None) -> None:
 
 def _train_overrides(recipe: Recipe, m: ModelEntry, width_mult: float, seed: int) -> dict[str, Any]:
     kw = dict(m.options)
-    kw["width_mult"] = float(width_mult)
-    kw["norm"] = m.norm
-    over: dict[str, Any] = {"model": m.name, "dataset": recipe.data.dataset, "seed": seed}
+    over: dict[str, Any] = {}
     over.update({k: _thaw(v) for k, v in recipe.train.overrides})
     over.update({k: _thaw(v) for k, v in m.overrides})
+    # the recipe validates these (recipe._check_overrides); re-checked here for recipes built by hand
+    for k, where in RESERVED_OVERRIDES.items():
+        if k in over:
+            raise LmcError(f"recipe: training overrides may not set {k!r}: it is set by {where}",
+                           f"remove {k} from the overrides")
     extra_kw = over.pop("model_kwargs", {}) or {}
+    if not isinstance(extra_kw, dict):
+        raise LmcError(f"recipe: overrides model_kwargs must be a table, got {extra_kw!r}",
+                       "e.g. model_kwargs = {depth = 3}, or use models.N.options")
     kw.update(extra_kw)
+    kw["width_mult"] = float(width_mult)
+    kw["norm"] = m.norm
+    over.update({"model": m.name, "dataset": recipe.data.dataset, "seed": seed})
     over["model_kwargs"] = {k: _thaw(v) for k, v in kw.items()}
     return over
 

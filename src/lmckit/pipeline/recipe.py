@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -30,10 +31,23 @@ __all__ = ["Recipe", "DataSection", "ModelEntry", "TrainSection", "MatchSection"
 
 METHODS = ("naive", "weight", "activation", "ste")
 
+#: a recipe name is one safe path component: it names the default report folder ``reports/<name>``
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+#: training settings the recipe sets elsewhere: an override may not contradict them (key -> where to set it)
+RESERVED_OVERRIDES = {"seed": "train.seeds (one model per seed)", "dataset": "data.dataset",
+                      "model": "models.N.name"}
+#: create_model options the recipe sets elsewhere (in model_kwargs overrides and models.N.options)
+RESERVED_MODEL_KWARGS = {"width_mult": "models.N.width_mult (or width_sweep.widths)", "norm": "models.N.norm",
+                         "in_channels": "data.dataset (it follows the dataset)",
+                         "image_size": "data.dataset (it follows the dataset)",
+                         "num_classes": "data.dataset (it follows the dataset)"}
+
 
 def _f(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
-       choices: Sequence[str] | None = None, mapping: bool = False, help: str = "") -> Any:
-    meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "mapping": mapping, "help": help}
+       choices: Sequence[str] | None = None, mapping: bool = False, help: str = "", check: str = "") -> Any:
+    meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "mapping": mapping, "help": help,
+            "check": check}
     if isinstance(default, (list, dict, tuple)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
         d = default
         return field(default_factory=lambda: d, metadata=meta)
@@ -51,9 +65,11 @@ class ModelEntry:
     label: str = _f("", help="name shown in the report (default: the model name and width)")
     width_mult: float = _f(1.0, min=1e-6)
     norm: str = _f("none", choices=("none", "batchnorm", "layernorm"))
-    options: tuple = _f((), mapping=True, help="extra create_model keyword arguments, e.g. {depth = 3, width = 512}")
+    options: tuple = _f((), mapping=True, check="model_kwargs",
+                        help="extra create_model keyword arguments, e.g. {depth = 3, width = 512}")
     preset: str = _f("", help="lmckit.train preset for this model (default: train.preset)")
-    overrides: tuple = _f((), mapping=True, help="training overrides for this model, on top of train.overrides")
+    overrides: tuple = _f((), mapping=True, check="overrides",
+                          help="training overrides for this model, on top of train.overrides")
 
     def display(self) -> str:
         """``label``, else e.g. ``mlp depth=3 width=512`` / ``vgg11 batchnorm x4``, built from the settings."""
@@ -71,7 +87,8 @@ class ModelEntry:
 class TrainSection:
     preset: str = _f("mlp-fmnist", help="lmckit.train preset name")
     seeds: tuple[int, ...] = _f((0, 1, 2, 3), min=0, help="one model per seed")
-    overrides: tuple = _f((), mapping=True, help="TrainConfig fields to override, e.g. {epochs = 5}")
+    overrides: tuple = _f((), mapping=True, check="overrides",
+                          help="TrainConfig fields to override, e.g. {epochs = 5}")
 
 
 @dataclass(frozen=True)
@@ -138,7 +155,7 @@ class WidthSweepSection:
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = _f("custom")
+    name: str = _f("custom", check="name", help="letters, digits, '-', '_', '.'; the report goes to reports/<name>")
     description: str = _f("")
     data: DataSection = _f(DataSection())
     models: tuple[ModelEntry, ...] = _f((ModelEntry(),))
@@ -199,6 +216,35 @@ def _check_scalar(tp: Any, value: Any, key: str, meta: Mapping[str, Any], source
     return value
 
 
+def _check_name(v: Any, key: str, source: str) -> None:
+    """A recipe name must be one safe path component (it names the report folder ``reports/<name>``)."""
+    if not isinstance(v, str) or not NAME_RE.fullmatch(v) or v in (".", ".."):
+        raise _bad(f"{key} = {v!r} is not a safe report name",
+                   "use 1-100 letters, digits, '-', '_' or '.' (not '.' or '..'); the report goes to "
+                   "reports/<name>; pass --out to write it elsewhere", source)
+
+
+def _check_model_kwargs(v: dict[str, Any], key: str, source: str) -> None:
+    for k in v:
+        if k in RESERVED_MODEL_KWARGS:
+            raise _bad(f"{key}.{k} cannot be set here: the recipe sets it in {RESERVED_MODEL_KWARGS[k]}",
+                       f"remove {k} from {key} and set {RESERVED_MODEL_KWARGS[k].split(' ')[0]} instead", source)
+
+
+def _check_overrides(v: dict[str, Any], key: str, source: str) -> None:
+    """Training overrides may not contradict what the recipe sets elsewhere (seeds, dataset, model)."""
+    for k, x in v.items():
+        if k in RESERVED_OVERRIDES:
+            where = RESERVED_OVERRIDES[k]
+            raise _bad(f"{key}.{k} cannot be overridden: the recipe sets it in {where}",
+                       f"remove {k} from {key} and set {where.split(' ')[0]} instead", source)
+        if k == "model_kwargs":
+            if not isinstance(x, dict):
+                raise _bad(f"{key}.model_kwargs must be a table like {{depth = 3}}, got {x!r}",
+                           "e.g. model_kwargs = {depth = 3}, or set create_model options in models.N.options", source)
+            _check_model_kwargs(x, f"{key}.model_kwargs", source)
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise _bad(f"{prefix or 'the recipe'} must be a table, got {raw!r}", source=source)
@@ -220,7 +266,13 @@ def _value(tp: Any, v: Any, key: str, meta: Mapping[str, Any], source: str) -> A
     if meta.get("mapping"):
         if not isinstance(v, dict):
             raise _bad(f"{key} must be a table like {{epochs = 5}}, got {v!r}", source=source)
+        if meta.get("check") == "overrides":
+            _check_overrides(v, key, source)
+        elif meta.get("check") == "model_kwargs":
+            _check_model_kwargs(v, key, source)
         return _freeze(v)
+    if meta.get("check") == "name":
+        _check_name(v, key, source)
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, f"{key}.", source)
     origin = typing.get_origin(tp)
@@ -267,7 +319,10 @@ def _cross_checks(r: Recipe, source: str) -> None:
 
 def parse_recipe(raw: Mapping[str, Any], source: str = "") -> Recipe:
     """Validate a parsed TOML mapping into a :class:`Recipe` (raises :class:`LmcError`)."""
-    r = _build(Recipe, dict(raw), "", source)
+    try:
+        r = _build(Recipe, dict(raw), "", source)
+    except RecursionError:
+        raise _too_deep(source) from None
     _cross_checks(r, source)
     return r
 
@@ -300,6 +355,13 @@ def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
         return tomllib.loads(text), source
     except tomllib.TOMLDecodeError as e:
         raise LmcError(f"recipe {source} is not valid TOML: {e}", "fix the file (see the shipped recipes for examples)") from None
+    except RecursionError:
+        raise _too_deep(source) from None
+
+
+def _too_deep(source: str) -> LmcError:
+    return LmcError(f"recipe {source} is nested too deeply to read",
+                    "a recipe needs only a few levels of tables and lists (see the shipped recipes)")
 
 
 def _parse_literal(text: str) -> Any:
@@ -307,6 +369,8 @@ def _parse_literal(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise LmcError(f"--set value {text[:40]!r}... is nested too deeply", "pass a plain value, list or table") from None
 
 
 def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
@@ -350,8 +414,11 @@ def load_recipe(name_or_path: str = "quick", sets: Sequence[str] = ()) -> Recipe
     # [[models]] arrays need to exist before "models.0.x" overrides
     if "models" not in raw and any(s.startswith("models.") for s in sets):
         raw["models"] = [{}]
-    raw = apply_overrides(raw, sets)
-    return parse_recipe(raw, source)
+    try:  # deeply nested values (from the file or --set) would recurse in the copy, freeze and checks
+        raw = apply_overrides(raw, sets)
+        return parse_recipe(raw, source)
+    except RecursionError:
+        raise _too_deep(source) from None
 
 
 def recipe_to_dict(r: Any) -> Any:

@@ -60,7 +60,13 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
 
     t0 = time.time()
     r, plan = prepare(recipe, sets, data_dir)
-    out_dir = Path(out) if out is not None else Path("reports") / r.name
+    if out is not None:
+        out_dir = Path(out)
+    else:  # the recipe name is checked to be one safe path component; confine it to reports/ regardless
+        out_dir = Path("reports") / r.name
+        if not out_dir.resolve().is_relative_to(Path("reports").resolve()) or out_dir.resolve() == Path("reports").resolve():
+            raise LmcError(f"recipe name {r.name!r} would place the report outside reports/",
+                           "set name to letters, digits, '-', '_' or '.', or pass --out")
     cache = Path(cache)
     for what, path, flag in (("report folder", out_dir, "--out"), ("stage cache", cache, "--cache")):
         for p in (path, *path.parents):

@@ -84,8 +84,17 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
     written: dict[str, Path] = {}
     figs: list[tuple[str, str, str]] = []  # (file, title, caption)
 
+    root = out.resolve()
+
+    def inside(name: str) -> Path:
+        """``out / name``, refusing a name that would leave the report folder."""
+        p = out / name
+        if Path(name).is_absolute() or not p.resolve().is_relative_to(root) or p.resolve() == root:
+            raise ValueError(f"report file name {name!r} leaves the report folder {out}")
+        return p
+
     def fig(name: str, title: str, caption: str, draw: Callable[[Path], Path]) -> None:
-        written[name] = draw(out / name)
+        written[name] = draw(inside(name))
         figs.append((name, title, caption))
 
     r = res["recipe"]
@@ -176,12 +185,12 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
         md += ["", "## Timings", "", f"Stage compute time (from the cache; 0 for stages reused): "
                + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timing["stage_seconds_by_kind"].items()))]
     text = "\n".join(md) + "\n"
-    written["report.md"] = atomic_write_text(out / "report.md", text)
-    written["report.html"] = atomic_write_text(out / "report.html", _html(text, r["name"]))
-    written["results.json"] = atomic_write_text(out / "results.json",
+    written["report.md"] = atomic_write_text(inside("report.md"), text)
+    written["report.html"] = atomic_write_text(inside("report.html"), _html(text, r["name"]))
+    written["results.json"] = atomic_write_text(inside("results.json"),
                                                 json.dumps(res, indent=1, sort_keys=True, allow_nan=False) + "\n")
     if timing is not None:
-        written["timings.json"] = atomic_write_json(out / "timings.json", timing)
+        written["timings.json"] = atomic_write_json(inside("timings.json"), timing)
     return written
 
 
