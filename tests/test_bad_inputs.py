@@ -623,8 +623,7 @@ def _(ws):
     return ["merge", ws.a, "--out", ws.out / "merged"]
 
 
-@row("merge-bad-split", r"no 'tset' split",
-     xfail="merge bug (reported): the output folder and its .lock are created before the split is checked")
+@row("merge-bad-split", r"no 'tset' split")
 def _(ws):
     return ["merge", ws.a, ws.ckpt("b.safetensors", seed=1), "--out", ws.out / "merged", "--split", "tset",
             "--dataset", "synthetic"]

@@ -44,6 +44,50 @@ METHODS = ("weight", "activation", "ste")
 MULTI = ("anchor", "mergemany")
 
 
+# --------------------------------------------------------------------------- input checks
+def check_merge_inputs(model: nn.Module, states: Sequence[State], dataset, method: str = "weight",
+                       multi: str = "anchor", split: str = "test", bn_reset: str | bool = "auto",
+                       ste_kwargs: Mapping[str, Any] | None = None) -> PermutationSpec:
+    """Validate everything :func:`merge_models` needs, before any work or any file is written.
+
+    Checks the method and multi-model scheme, that there are at least two
+    states of one architecture matching the model's permutation spec, that the
+    dataset has the evaluation ``split`` (and a ``train`` split where
+    activation matching, STE or a BatchNorm reset need training data), and the
+    STE options. Raises :class:`~lmckit.errors.LmcError`; returns the spec.
+    """
+    from .lmc import check_compatible
+
+    if method not in METHODS:
+        raise LmcError(f"unknown merge method {method!r}", f"choose one of {', '.join(METHODS)}")
+    if multi not in MULTI:
+        raise LmcError(f"unknown multi-model scheme {multi!r}", f"choose one of {', '.join(MULTI)}")
+    if multi == "mergemany" and method != "weight":
+        raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
+    if len(states) < 2:
+        raise LmcError(f"merging needs at least two models, got {len(states)}")
+    if bn_reset not in ("auto", "on", "off", True, False):
+        raise LmcError(f"bn_reset must be auto, on or off, got {bn_reset!r}")
+    check_compatible(list(states), [f"model {i}" for i in range(len(states))])
+    spec = spec_for(model)
+    for i, sd in enumerate(states):
+        spec.check_state(sd, f"model {i}")
+    if dataset is None:
+        raise LmcError("merging needs a dataset to evaluate on")
+    dataset.size(split)
+    needs_train = method in ("activation", "ste") or (
+        bn_reset in ("on", True) or (bn_reset == "auto" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                                 for m in model.modules())))
+    if needs_train:
+        dataset.size("train")
+    if method == "ste":
+        from .match.ste import resolve_preset
+
+        kw = dict(ste_kwargs or {})
+        resolve_preset(kw.get("preset", "adam"), kw.get("epochs"), kw.get("lr"), kw.get("batch_size"))
+    return spec
+
+
 # --------------------------------------------------------------------------- alignment
 def align_models(model: nn.Module, states: Sequence[State], method: str = "weight", multi: str = "anchor",
                  dataset=None, spec: PermutationSpec | None = None, seed: int = 0,
@@ -265,14 +309,8 @@ def merge_models(model: nn.Module, states: Sequence[State], dataset, method: str
     the barriers; ``curve`` adds the merged-accuracy curves for this method
     and for the naive average.
     """
-    from .lmc import check_compatible
-
     t0 = time.time()
-    check_compatible(list(states), [f"model {i}" for i in range(len(states))])
-    dataset.size(split)
-    spec = spec_for(model)
-    for i, sd in enumerate(states):
-        spec.check_state(sd, f"model {i}")
+    spec = check_merge_inputs(model, states, dataset, method, multi, split, bn_reset, ste_kwargs)
     res = align_models(model, states, method, multi, dataset, spec, seed, device, max_iter, ste_kwargs, am_kwargs,
                        state_dir, progress)
     aligned = aligned_states(spec, states, res.perms)

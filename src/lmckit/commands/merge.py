@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
     from ..device import resolve_device
     from ..errors import LmcError
-    from ..merge import merge_models, plot_merged_accuracy
+    from ..merge import check_merge_inputs, merge_models, plot_merged_accuracy
     from ..perm import save_perms
     from ..store import atomic_write_json, file_lock
 
@@ -120,10 +120,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise LmcError(f"--out {out} is a file", "pass a folder path")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise LmcError(f"--out {out} cannot be created: {parent} is a file", "pass a folder path")
     device = resolve_device(args.device)
+    # every input is checked before anything is created (a failed command leaves no folder or lock behind)
     states, infos, model = load_models(args.models)
     dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
     check_fits(model, dataset, args.models[0])
+    check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset,
+                       {"preset": args.ste_preset, "epochs": args.epochs})
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".lock", wait=False):
         res = merge_models(model, states, dataset, method=args.method, multi=args.multi, split=args.split,
