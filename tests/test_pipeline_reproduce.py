@@ -16,7 +16,7 @@ from lmckit.pipeline.tasks import MatchStage
 from lmckit.store import file_lock
 
 FIGURES = ["interpolation.png", "R_bars.png", "spectra.png", "per_index.png", "projections.png", "rank.png",
-           "three_models.png", "landscape.png", "width_sweep.png"]
+           "three_models.png", "landscape.png", "ste_drift.png", "width_sweep.png"]
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,29 @@ def test_missing_dataset_fails_before_any_stage(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "cifar10" in err and "not available" in err and "fix:" in err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
+def test_ste_drift_is_reported_beside_the_wm_baseline(tiny):
+    """The drift figure's numbers are the STE stages' own records, and the baseline is recomputed from WM's perms."""
+    from lmckit.report.results import changed_fraction
+
+    root, res = tiny
+    r = json.loads((root / "report" / "results.json").read_text())
+    d = r["ste_drift"]
+    e = res.plan.experiments[0]
+    ste = e.matches[((0, 1), "ste", 0)]
+    rec = json.loads((stage_path(root / "cache", ste) / "result.json").read_text())["drift"]
+    run = d["runs"][0]
+    assert run["pair"] == [0, 1] and run["epoch"] == rec["epoch"] == [0, 1]
+    assert run["changed_vs_wm"] == rec["changed_vs_wm"] and run["r03"] == rec["r03"]
+    assert run["changed_vs_wm"][0] == 0.0 and run["tilde_dist"][0] == 0.0  # STE starts at theta_a with WM's perm
+    assert run["train_epoch"] == [1] and len(run["train_midpoint_loss"]) == 1
+    assert [x["pair"] for x in d["runs"]] == [[0, 1], [0, 2]]  # the three-model STE match to the anchor too
+    wm = [json.loads((stage_path(root / "cache", e.matches[((0, 1), "weight", s)]) / "perms.json").read_text())["perms"]
+          for s in (0, 1)]
+    assert d["wm_vs_wm"]["values"] == [changed_fraction(wm[0], wm[1])]
+    end = [x["changed_vs_wm"][-1] for x in d["runs"]]
+    assert d["summary"]["changed_vs_wm_end"]["mean"] == pytest.approx(sum(end) / len(end))
+    md = (root / "report" / "report.md").read_text()
+    assert f"differs from plain WM's on {sum(end) / len(end):.1%} of units" in md
+    assert f"against {d['wm_vs_wm']['mean']:.1%} between two WM searches" in md

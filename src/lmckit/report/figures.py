@@ -210,3 +210,35 @@ def width_sweep(ws: list[Mapping[str, Any]], path: Path, split: str = "test", ga
     a2.set_ylabel("R(gamma)")
     fig.suptitle("Width sweep", fontsize=9)
     return _save(fig, path)
+
+
+def ste_drift(drift: Mapping[str, Any], path: Path) -> Path:
+    """STE drift against epoch, one line per STE run, in four panels.
+
+    Panels: fraction of units assigned differently from plain WM (with the
+    WM-vs-WM seed-to-seed baseline as a dashed line, shaded +-1 std),
+    ``||theta~ - theta_a|| / ||theta_a||``, R(0.3) of the current permutation,
+    and the held-out midpoint loss ``L((theta_a + pi(theta_b)) / 2)``.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    runs = drift["runs"]
+    fig, axes = _grid(4)
+    panels = [("changed_vs_wm", "units reassigned vs WM"), ("tilde_rel_dist", "||theta~ - theta_a|| / ||theta_a||"),
+              ("r03", "R(0.3) of current permutation"), ("heldout_loss", "held-out midpoint loss")]
+    for ax, (k, title) in zip(axes, panels):
+        for i, r in enumerate(runs):
+            ax.plot(r["epoch"], r[k], marker="o", ms=3, lw=1.2, color=f"C{i % 10}", label=r["label"])
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("STE epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    base = drift.get("wm_vs_wm")
+    if base and base.get("n"):
+        ep = sorted({e for r in runs for e in r["epoch"]})
+        lo, hi = ep[0], ep[-1]
+        axes[0].axhline(base["mean"], color="k", ls="--", lw=1, label=f"WM vs WM, other seed (n={base['n']})")
+        axes[0].axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="k", alpha=0.1, lw=0)
+        axes[0].set_xlim(lo - 0.1, hi + 0.1)
+    axes[0].set_ylim(bottom=0)
+    axes[0].legend(fontsize=6)
+    return _save(fig, path)

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 from ..pipeline.build import Experiment, Plan
 from ..pipeline.stages import stage_path
 
-__all__ = ["collect", "stats", "judge_claims", "timings"]
+__all__ = ["collect", "stats", "judge_claims", "timings", "ste_drift", "changed_fraction"]
 
 
 def stats(values: Iterable[float]) -> dict[str, Any]:
@@ -122,8 +122,120 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
         res["three_models"] = three
     if plan.width:
         res["width_sweep"] = [_experiment(root, e, False) for e in plan.width]
+    drift = ste_drift(plan, root)
+    if drift:
+        res["ste_drift"] = drift
     res["claims"] = judge_claims(res)
     return res
+
+
+# --------------------------------------------------------------------------- STE drift and the WM baseline
+DRIFT_SERIES = ("changed_vs_wm", "tilde_dist", "tilde_rel_dist", "r03", "heldout_loss")
+
+
+def _perm_lists(root: Path, spec) -> dict[str, list[int]]:
+    return json.loads((stage_path(root, spec) / "perms.json").read_text())["perms"]
+
+
+def changed_fraction(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
+    """Fraction of all units whose assignment differs between two permutation sets (JSON lists).
+
+    .. math:: \\frac{\\sum_g |\\{i : \\pi^a_g(i) \\ne \\pi^b_g(i)\\}|}{\\sum_g n_g}
+
+    the same quantity as :func:`lmckit.perm.perm_changed_units`, which STE records against plain WM.
+    """
+    if set(a) != set(b):
+        raise ValueError(f"permutation sets of different groups: {sorted(a)} vs {sorted(b)}")
+    tot = sum(len(a[g]) for g in a)
+    diff = sum(sum(x != y for x, y in zip(a[g], b[g])) for g in a)
+    return diff / max(tot, 1)
+
+
+def _wm_vs_wm(root: Path, e: Experiment) -> list[float]:
+    """Fraction of units differing between every two WM searches (different seeds) of the same pair."""
+    by_pair: dict[tuple[int, int], list[dict[str, list[int]]]] = {}
+    for (pair, meth, _search), st in sorted(e.matches.items(), key=lambda kv: kv[0][2]):
+        if meth == "weight":
+            by_pair.setdefault(pair, []).append(_perm_lists(root, st))
+    out = []
+    for perms in by_pair.values():
+        out += [changed_fraction(perms[i], perms[j]) for i in range(len(perms)) for j in range(i + 1, len(perms))]
+    return out
+
+
+def _drift_run(label: str, pair: Sequence[int], d: dict[str, Any]) -> dict[str, Any] | None:
+    dr = d.get("drift")
+    if not isinstance(dr, dict) or not dr.get("epoch"):
+        return None
+    run: dict[str, Any] = {"label": label, "pair": list(pair), "epoch": list(dr["epoch"])}
+    for k in DRIFT_SERIES:
+        run[k] = [float(v) for v in dr[k]]
+    # epoch 0 (the start) has no running training loss: keep that series with its own epochs
+    tr = [(ep, v) for ep, v in zip(dr["epoch"], dr["train_midpoint_loss"]) if v is not None]
+    run["train_epoch"] = [ep for ep, _ in tr]
+    run["train_midpoint_loss"] = [float(v) for _, v in tr]
+    run["identity_heldout_loss"] = float(dr["identity_heldout_loss"])
+    return run
+
+
+def ste_drift(plan: Plan, root: str | Path) -> dict[str, Any]:
+    """Per-epoch drift of every STE run of the plan, beside the WM seed-to-seed baseline.
+
+    ``runs``: one record per distinct STE match stage (the experiments' pairs,
+    then the three-model matches to the anchor not already listed) with the
+    series :func:`lmckit.match.ste.drift_history` records per epoch (epoch 0 =
+    the start, ``theta~ = theta_a``, ``pi = WM``): ``changed_vs_wm`` (fraction
+    of units assigned differently from plain WM), ``tilde_dist`` /
+    ``tilde_rel_dist`` (``||theta~ - theta_a||_2``, absolute and relative to
+    ``||theta_a||_2``), ``r03`` (R(0.3) of the current permutation) and the
+    held-out and running training midpoint losses. ``wm_vs_wm``: stats of the
+    fraction of units differing between two weight-matching searches with
+    different seeds on the same pair (every two searches of every pair), the
+    scale against which STE's reassignment is judged. ``summary``: stats over
+    runs of the first and last values. Empty when the plan has no STE run.
+    """
+    root = Path(root)
+    from ..pipeline.stages import stage_hash
+
+    runs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    wm: list[float] = []
+
+    def add(label: str, st) -> None:
+        h = stage_hash(st)
+        if h in seen:
+            return
+        seen.add(h)
+        a, b = (_unpair_seed(t) for t in (st.a, st.b))
+        run = _drift_run(label, [a, b], _read(root, st))
+        if run is not None:
+            runs.append(run)
+
+    for e in plan.experiments + plan.width:
+        for (pair, meth, _s), st in e.matches.items():
+            if meth == "ste":
+                add(f"{e.label}: seeds {pair[0]}-{pair[1]}", st)
+    for e in plan.experiments:  # the baseline from the same models as the STE runs (not the width sweep's)
+        wm += _wm_vs_wm(root, e)
+    for meth, three in plan.three.items():
+        for st in three.matches:
+            if st is not None and getattr(st, "method", None) == "ste":
+                a, b = _unpair_seed(st.a), _unpair_seed(st.b)
+                add(f"{plan.experiments[0].label}: seeds {a}-{b} (three models)", st)
+    if not runs:
+        return {}
+    out: dict[str, Any] = {"runs": runs}
+    if wm:
+        out["wm_vs_wm"] = stats(wm)
+    out["summary"] = {f"{k}_{w}": stats(r[k][i] for r in runs) for k in ("changed_vs_wm", "tilde_rel_dist", "r03",
+                                                                         "heldout_loss")
+                      for w, i in (("start", 0), ("end", -1))}
+    out["summary"]["epochs"] = max(r["epoch"][-1] for r in runs)
+    return out
+
+
+def _unpair_seed(t) -> int:
+    return int(dict(t.config).get("seed", -1))
 
 
 def timings(plan: Plan, root: str | Path) -> dict[str, Any]:

@@ -173,6 +173,18 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
         if any("landscape" in d for d in three.values()):
             fig("landscape.png", "Three models: loss landscape", "Loss (log scale) on the plane through the three aligned "
                 "models (triangles), per matching method.", lambda p: F.landscape(three, p))
+    drift = res.get("ste_drift")
+    if drift:
+        md += ["", "## STE drift", "", "How far STE moved from plain weight matching, per epoch (epoch 0: the start, "
+               "where STE's permutation is WM's):", ""]
+        md += _table([{"run": r["label"], "epochs": r["epoch"][-1],
+                       "units reassigned vs WM": f"{r['changed_vs_wm'][-1]:.1%}",
+                       "||theta~ - theta_a|| / ||theta_a||": f"{r['tilde_rel_dist'][-1]:.4f}",
+                       "R(0.3) start -> end": f"{r['r03'][0]:.3f} -> {r['r03'][-1]:.3f}",
+                       "held-out midpoint loss start -> end": f"{r['heldout_loss'][0]:.4f} -> {r['heldout_loss'][-1]:.4f}"}
+                      for r in drift["runs"]])
+        fig("ste_drift.png", "STE drift from weight matching", _drift_sentence(drift),
+            lambda p: F.ste_drift(drift, p))
     ws = res.get("width_sweep")
     if ws:
         fig("width_sweep.png", "Width sweep", _caption(res, "width_sweep", "Loss barrier and R against the width "
@@ -192,6 +204,26 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
     if timing is not None:
         written["timings.json"] = atomic_write_json(inside("timings.json"), timing)
     return written
+
+
+def _drift_sentence(drift: dict[str, Any]) -> str:
+    """One sentence from the drift numbers: reassignment after the last epoch against the WM seed-to-seed baseline."""
+    sm = drift["summary"]
+    n = len(drift["runs"])
+    ch, r0, r1 = sm["changed_vs_wm_end"]["mean"], sm["r03_start"]["mean"], sm["r03_end"]["mean"]
+    dist = sm["tilde_rel_dist_end"]["mean"]
+    text = (f"After {sm['epochs']} STE epoch(s) the permutation differs from plain WM's on {ch:.1%} of units "
+            f"(mean over {n} run{'s' if n != 1 else ''}; theta~ moved {dist:.1%} of ||theta_a|| from A, R(0.3) went "
+            f"from {r0:.3f} to {r1:.3f})")
+    base = drift.get("wm_vs_wm")
+    if base and base.get("n"):
+        b = base["mean"]
+        verdict = ("more than" if ch > b + base["std"] else "less than" if ch < b - base["std"] else "about as much as")
+        text += (f", against {b:.1%} between two WM searches with different seeds: STE reassigned {verdict} WM's own "
+                 "seed-to-seed variation.")
+    else:
+        text += "; no WM seed-to-seed baseline in this recipe (match.searches = 1)."
+    return text
 
 
 def _per_index_sentence(spectra: dict[str, Any]) -> str:
