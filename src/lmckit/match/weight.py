@@ -227,11 +227,7 @@ class _Problem:
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         for k, a, am in self.mats[g]:
-            b = bp[k]
-            if b.dim() == 2 and a == 1:
-                c += (am.t() @ b).double()  # (in x out) @ (out x in)
-            else:
-                c += (am @ _flat(b, a).t()).double()
+            c += self.contribution(k, a, am, bp[k])
         if self.vec_a[g] is not None:
             bv = torch.stack([bp[k] for k in self.vec_keys[g]], 1)
             c += (self.vec_a[g] @ bv.t()).double()
@@ -240,6 +236,46 @@ class _Problem:
             cq = torch.zeros(n, n, dtype=torch.float64, device=self.device)
             for k, a, am in self.quad[g]:
                 cq += (am @ _flat(bp[k], a).t()).double()
+        return c, cq
+
+    @staticmethod
+    def contribution(k: str, a: int, am: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """One (entry, axis) term of a group's cost: ``<A slice i, B slice j>`` for all i, j."""
+        if b.dim() == 2 and a == 1:
+            return (am.t() @ b).double()  # (in x out) @ (out x in)
+        return (am @ _flat(b, a).t()).double()
+
+    def cost_original(self, g: str, bp: Mapping[str, torch.Tensor], inv_g: torch.Tensor,
+                      stamps: Mapping[str, int], cache: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(C_lin, C_quad)`` against B's *original* unit order of ``g``.
+
+        Each (entry, axis) term, re-ordered to B's original units of ``g``,
+        depends only on the permutations of the entry's *other* axes, so it is
+        cached and recomputed only when one of those groups has moved since:
+        a group whose neighbour on one side moved pays for one matrix product,
+        not all of them. ``stamps[h]`` counts the moves of group ``h``.
+        """
+        n = self.spec.sizes[g]
+        c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        for k, a, am in self.mats[g]:
+            stamp = tuple(stamps[h] for i, h in enumerate(self.axes[k]) if h is not None and i != a)
+            hit = cache.get((k, a))
+            if hit is None or hit[0] != stamp:
+                hit = (stamp, self.contribution(k, a, am, bp[k])[:, inv_g])
+                cache[(k, a)] = hit
+            c += hit[1]
+        if self.vec_a[g] is not None:
+            hit = cache.get((g, "vec"))
+            if hit is None:  # biases / norm vectors: only g moves them, so the term never changes
+                bv = torch.stack([bp[k] for k in self.vec_keys[g]], 1)
+                hit = cache[(g, "vec")] = (self.vec_a[g] @ bv.t()).double()[:, inv_g]
+            c += hit
+        cq = None
+        if self.quad[g]:
+            cq = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+            for k, a, am in self.quad[g]:
+                cq += (am @ _flat(bp[k], a).t()).double()
+            cq = cq[:, inv_g]
         return c, cq
 
     def reindex(self, g: str, q: torch.Tensor, bp: dict[str, torch.Tensor], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -272,6 +308,8 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
     history = [total]
     clock = 0  # counts accepted moves
     moved_at = {g: 0 for g in prob.groups}
+    moved_at_any = {g: 0 for g in prob.spec.sizes}  # per-group move counter (cache stamps)
+    cost_cache: dict = {}
     solved_at: dict[str, int] = {}
     stats = {"solves": 0, "skipped": 0, "moves": 0}
     solvable = [g for g in prob.groups if prob.spec.sizes[g] > 1]
@@ -286,10 +324,9 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                 continue
             solved_at[g] = clock
             stats["solves"] += 1
-            c_lin, c_quad = prob.cost_full(g, bp)
             inv_g = inv[g]
-            c_lin = c_lin[:, inv_g]
-            c_all = c_lin if c_quad is None else c_lin + c_quad[:, inv_g]
+            c_lin, c_quad = prob.cost_original(g, bp, inv_g, moved_at_any, cost_cache)
+            c_all = c_lin if c_quad is None else c_lin + c_quad
             c_np = c_all.cpu().numpy()
             p_old = perms_np[g]
             p_new = _lap(c_np)
@@ -314,6 +351,7 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
             total += delta
             clock += 1
             moved_at[g] = clock
+            moved_at_any[g] += 1
             stats["moves"] += 1
             changed = True
         sweeps += 1
