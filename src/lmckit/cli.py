@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except LmcError as e:
         print(f"lmckit {args.command}: error: {e.render()}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"lmckit {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
