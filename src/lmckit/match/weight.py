@@ -65,7 +65,9 @@ a move is accepted, so the objective still never decreases.
 """
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
 import numpy as np
@@ -296,6 +298,33 @@ def _lap(cost: np.ndarray) -> np.ndarray:
     return col
 
 
+def _lap_workers() -> int:
+    """Assignment problems solved at once (one per core, at most 4)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _lap_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_lap_workers(), thread_name_prefix="lmckit-lap")
+    return _POOL
+
+
+def _independent_runs(order: list[str], neighbours: Mapping[str, set[str]], limit: int) -> list[list[str]]:
+    """Split a visiting order into maximal consecutive runs of mutually non-neighbouring groups."""
+    runs: list[list[str]] = []
+    for g in order:
+        cur = runs[-1] if runs else None
+        if cur is not None and len(cur) < limit and all(g not in neighbours[h] and h not in neighbours[g] for h in cur):
+            cur.append(g)
+        else:
+            runs.append([g])
+    return runs
+
+
 def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: int, tol: float,
              progress: Any = None) -> tuple[Perms, list[float], int, bool, dict[str, int]]:
     """One coordinate-descent run from ``init``; returns perms, objective history, sweeps, converged, counters."""
@@ -316,44 +345,54 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
     sweeps, converged = 0, False
     for _ in range(max_iter):
         changed = False
-        for idx in rng.permutation(len(solvable)):
-            g = solvable[idx]
-            last = solved_at.get(g)
-            if last is not None and all(moved_at[h] <= last for h in prob.neighbours[g]):
-                stats["skipped"] += 1
-                continue
-            solved_at[g] = clock
-            stats["solves"] += 1
-            inv_g = inv[g]
-            c_lin, c_quad = prob.cost_original(g, bp, inv_g, moved_at_any, cost_cache)
-            c_all = c_lin if c_quad is None else c_lin + c_quad
-            c_np = c_all.cpu().numpy()
-            p_old = perms_np[g]
-            p_new = _lap(c_np)
-            if np.array_equal(p_new, p_old):
-                continue
-            rows = np.arange(len(p_new))
-            lin_np = c_np if c_quad is None else c_lin.cpu().numpy()
-            delta = float(lin_np[rows, p_new].sum() - lin_np[rows, p_old].sum())
-            p_new_t = torch.from_numpy(p_new).to(dev)
-            q = inv_g[p_new_t]  # positions in bp of the new units
-            new_quad = None
-            if c_quad is not None:
-                new_quad = prob.reindex(g, q, bp, prob.quad_keys[g])
-                delta += sum(float(torch.sum(prob.A[k].double() * (new_quad[k].double() - bp[k].double())))
-                             for k in new_quad)
-            if not delta > tol * prob.scale[g]:
-                continue
-            bp.update(prob.reindex(g, q, bp, [k for k in {k for k, _ in prob.members[g]} if new_quad is None or k not in new_quad]))
-            if new_quad is not None:
-                bp.update(new_quad)
-            perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
-            total += delta
-            clock += 1
-            moved_at[g] = clock
-            moved_at_any[g] += 1
-            stats["moves"] += 1
-            changed = True
+        order = [solvable[i] for i in rng.permutation(len(solvable))]
+        for batch in _independent_runs(order, prob.neighbours, _lap_workers()):
+            # Groups in a batch are consecutive in the visiting order and share no
+            # tensor, so neither's cost depends on the other's move: solving their
+            # assignment problems concurrently (scipy releases the GIL) and then
+            # accepting the moves in order is exactly the sequential sweep.
+            jobs = []
+            for g in batch:
+                last = solved_at.get(g)
+                if last is not None and all(moved_at[h] <= last for h in prob.neighbours[g]):
+                    stats["skipped"] += 1
+                    continue
+                solved_at[g] = clock
+                stats["solves"] += 1
+                inv_g = inv[g]
+                c_lin, c_quad = prob.cost_original(g, bp, inv_g, moved_at_any, cost_cache)
+                c_all = c_lin if c_quad is None else c_lin + c_quad
+                jobs.append((g, inv_g, c_lin, c_quad, c_all.cpu().numpy()))
+            if len(jobs) > 1:
+                solutions = list(_lap_pool().map(_lap, [job[4] for job in jobs]))
+            else:
+                solutions = [_lap(job[4]) for job in jobs]
+            for (g, inv_g, c_lin, c_quad, c_np), p_new in zip(jobs, solutions):
+                p_old = perms_np[g]
+                if np.array_equal(p_new, p_old):
+                    continue
+                rows = np.arange(len(p_new))
+                lin_np = c_np if c_quad is None else c_lin.cpu().numpy()
+                delta = float(lin_np[rows, p_new].sum() - lin_np[rows, p_old].sum())
+                p_new_t = torch.from_numpy(p_new).to(dev)
+                q = inv_g[p_new_t]  # positions in bp of the new units
+                new_quad = None
+                if c_quad is not None:
+                    new_quad = prob.reindex(g, q, bp, prob.quad_keys[g])
+                    delta += sum(float(torch.sum(prob.A[k].double() * (new_quad[k].double() - bp[k].double())))
+                                 for k in new_quad)
+                if not delta > tol * prob.scale[g]:
+                    continue
+                bp.update(prob.reindex(g, q, bp, [k for k in {k for k, _ in prob.members[g]} if new_quad is None or k not in new_quad]))
+                if new_quad is not None:
+                    bp.update(new_quad)
+                perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
+                total += delta
+                clock += 1
+                moved_at[g] = clock
+                moved_at_any[g] += 1
+                stats["moves"] += 1
+                changed = True
         sweeps += 1
         history.append(total)
         if progress is not None:
