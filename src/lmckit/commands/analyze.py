@@ -6,7 +6,8 @@ import math
 import time
 from typing import Any
 
-from .common import add_data, add_device, add_json, print_json, print_table
+from .common import (add_data, add_device, add_json, check_dataset_fits, load_checkpoints, print_json, print_table,
+                     recorded_dataset)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,24 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _recorded_dataset(info: dict[str, Any]) -> str | None:
-    cfg = info.get("config")
-    name = None
-    if isinstance(cfg, dict):
-        d = cfg.get("dataset")
-        name = d.get("name") if isinstance(d, dict) else d
-    name = name or info.get("dataset")
-    if isinstance(name, dict):
-        name = name.get("name")
-    return name if isinstance(name, str) else None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze_pair
-    from ..checkpoint import build_model, load_checkpoint
     from ..device import resolve_device
     from ..errors import LmcError
-    from ..perm import load_perms, spec_for
+    from ..perm import load_perms
 
     t0 = time.perf_counter()
     if args.plots:
@@ -74,14 +62,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    sd_a, info_a = load_checkpoint(args.a)
-    sd_b, info_b = load_checkpoint(args.b)
-    if info_a["model"] != info_b["model"]:
-        raise LmcError(f"models differ: A ({args.a}) is {info_a['model']}, B ({args.b}) is {info_b['model']}",
-                       "analyse two models of the same architecture and width")
-    model = build_model(info_a["model"], sd_a, f"model A ({args.a})")
-    spec = spec_for(model)
-    spec.check_state(sd_b, f"model B ({args.b})")
+    (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
+        [args.a, args.b], labels=["model A", "model B"], hint="analyse two models of the same architecture and width")
     model = model.to(device)
     perms = load_perms(args.perm, spec) if args.perm else None
 
@@ -89,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise LmcError("--taylor needs data, but --no-data was given", "drop --no-data (and pass --dataset if A records none)")
     dataset = None
     if not args.no_data:
-        name = args.dataset or _recorded_dataset(info_a)
+        name = args.dataset or recorded_dataset(info_a)
         if name is None:
             if args.taylor:
                 raise LmcError(f"--taylor needs data, and {args.a} records no dataset", "pass --dataset NAME")
@@ -97,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             from ..data import load_dataset
 
             dataset = load_dataset(name, data_dir=args.data_dir)
-            _check_input(model, dataset, name, device)
+            check_dataset_fits(model, dataset, str(args.a), device)
     res = analyze_pair(model, spec, sd_a, sd_b, perms, dataset=dataset, gammas=args.gamma,
                        rank_fractions=args.rank_fractions, eval_limit=args.eval_limit,
                        projection_batches=args.projection_batches, taylor=args.taylor,
@@ -120,22 +102,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_readable(s)
     return 0
-
-
-def _check_input(model, dataset, name: str, device) -> None:
-    """One forward pass on one image: a dataset whose image shape the model cannot take is a user error."""
-    import torch
-
-    from ..errors import LmcError
-
-    x, _ = dataset.tensors("train", device=device, limit=1)
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    except RuntimeError as e:
-        raise LmcError(f"the models cannot take images of dataset {name} ({dataset.in_channels}x{dataset.image_size}x"
-                       f"{dataset.image_size}): {str(e).splitlines()[0]}; they expect other inputs",
-                       "pass the dataset the models were trained on (--dataset)") from None
 
 
 def _fmt(x: Any) -> str:

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from .common import add_data, add_device, add_json, print_json, print_table
+from .common import add_data, add_device, add_json, load_checkpoints, print_json, print_table, recorded_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,31 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _dataset_name(info: dict[str, Any], explicit: str | None) -> str | None:
-    if explicit:
-        return explicit
-    cfg = info.get("config")
-    if isinstance(cfg, dict):
-        ds = cfg.get("dataset")
-        if isinstance(ds, str):
-            return ds
-        if isinstance(ds, dict) and isinstance(ds.get("name"), str):
-            return ds["name"]
-    ds = info.get("dataset")
-    if isinstance(ds, str):
-        return ds
-    if isinstance(ds, dict) and isinstance(ds.get("name"), str):
-        return ds["name"]
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import build_model, load_checkpoint
     from ..data import load_dataset
     from ..device import resolve_device
     from ..errors import LmcError
     from ..lmc import barrier_curve
-    from ..perm import apply_permutation, load_perms, spec_for
+    from ..perm import apply_permutation, load_perms
 
     if args.compare_naive and not args.perm:
         raise LmcError("--compare-naive needs --perm (without a permutation the path is already the naive one)",
@@ -61,18 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be positive (got {args.limit})")
     device = resolve_device(args.device)
-    sd_a, info_a = load_checkpoint(args.a)
-    sd_b, info_b = load_checkpoint(args.b)
-    model = build_model(info_a["model"], sd_a, f"model A ({args.a})")
-    spec = spec_for(model)
-    try:
-        if info_a["model"].get("name") != info_b["model"].get("name"):
-            raise LmcError(f"model A is a {info_a['model'].get('name')}, model B a {info_b['model'].get('name')}")
-        spec.check_state(sd_b, f"model B ({args.b})")  # configs may differ only in spelled-out defaults
-    except LmcError as e:
-        raise LmcError(f"models A ({args.a}) and B ({args.b}) have different architectures: {info_a['model']} vs "
-                       f"{info_b['model']} ({e.message})", "interpolate two models of the same architecture and width") from None
-    name = _dataset_name(info_a, args.dataset)
+    # configs may differ in spelled-out defaults: load_checkpoints compares them with defaults filled in
+    (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
+        [args.a, args.b], labels=["model A", "model B"], hint="interpolate two models of the same architecture and width")
+    name = args.dataset or recorded_dataset(info_a)
     if name is None:
         raise LmcError(f"model A ({args.a}) does not record its dataset", "pass --dataset NAME (e.g. fashion-mnist)")
     dataset = load_dataset(name, data_dir=args.data_dir)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from ..store import _json_default
 
@@ -36,3 +37,127 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, fl
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# --------------------------------------------------------------------------- checkpoint inputs
+def describe_model(cfg: Mapping[str, Any]) -> str:
+    """A model config as one short line, e.g. ``mlp_tiny(width_mult=2.0, norm=batchnorm)``."""
+    opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
+    return f"{cfg.get('name')}({opts})"
+
+
+def model_config_with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with every option of its model's factory spelled out (the factory's defaults filled in).
+
+    Two configs build the same architecture exactly when these are equal: ``{"name": "mlp_tiny"}`` and
+    ``{"name": "mlp_tiny", "norm": "none"}`` are the same model. Nothing is built or called (only the
+    factory's signature is read). A config whose name is unknown, or whose options the factory does not
+    take, is returned unchanged (it then equals only an identical config).
+    """
+    import inspect
+
+    from ..errors import LmcError
+    from ..models import model_entry
+
+    out = dict(cfg)
+    name = out.get("name")
+    if not isinstance(name, str):
+        return out
+    try:
+        bound = inspect.signature(model_entry(name).factory).bind(**{k: v for k, v in out.items() if k != "name"})
+    except (LmcError, TypeError, ValueError):
+        return out
+    bound.apply_defaults()
+    return {"name": name, **bound.arguments}
+
+
+def architecture_difference(cfg_a: Mapping[str, Any], cfg_b: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Options in which two model configs differ once defaults are spelled out: ``{key: (a, b)}``.
+
+    Empty when both configs build the same architecture (see :func:`model_config_with_defaults`).
+    """
+    full_a, full_b = model_config_with_defaults(cfg_a), model_config_with_defaults(cfg_b)
+    keys = list(full_a) + [k for k in full_b if k not in full_a]
+    return {k: (full_a.get(k), full_b.get(k)) for k in keys if full_a.get(k) != full_b.get(k)}
+
+
+def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None = None,
+                     hint: str = "pass checkpoints of the same architecture and width"):
+    """Load checkpoints that must hold one architecture: ``(states, infos, model, spec)``.
+
+    Each path must exist and load with :func:`lmckit.checkpoint.load_checkpoint`; the model of the first
+    is built with its weights (``model``, on the CPU) and ``spec = spec_for(model)``; every other
+    checkpoint must record the same architecture (configs equal once defaults are spelled out) and
+    hold tensors that fit ``spec``. Every failure is an :class:`LmcError` naming the file.
+
+    Parameters
+    ----------
+    paths : run folders or ``.safetensors`` files.
+    labels : optional names of the inputs (``"model A"``, ...); errors then say ``model A (PATH)``.
+    hint : the fix suggested when two checkpoints are different models.
+    """
+    from ..checkpoint import build_model, load_checkpoint
+    from ..errors import LmcError
+    from ..perm import spec_for
+
+    names = [str(p) if labels is None else f"{labels[i]} ({p})" for i, p in enumerate(paths)]
+    states, infos = [], []
+    for path in paths:
+        if not Path(path).exists():
+            raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file")
+        sd, info = load_checkpoint(path)
+        states.append(sd)
+        infos.append(info)
+    # the first model is built first, so a damaged config in it is reported as such, not as a mismatch
+    ref = infos[0]["model"]
+    model = build_model(ref, states[0], names[0])
+    spec = spec_for(model)
+    for name, sd, info in zip(names[1:], states[1:], infos[1:]):
+        diff = architecture_difference(ref, info["model"])
+        if diff:
+            detail = "" if "name" in diff else (f" (settings that differ: {({k: a for k, (a, _) in diff.items()})} "
+                                                 f"vs {({k: b for k, (_, b) in diff.items()})})")
+            raise LmcError(f"{names[0]} and {name} are different models with different architectures: "
+                           f"{describe_model(ref)} vs {describe_model(info['model'])}{detail}", hint)
+        spec.check_state(sd, name)
+    return states, infos, model, spec
+
+
+def recorded_dataset(info: Mapping[str, Any]) -> str | None:
+    """The dataset name a checkpoint records (run config first, then the file's metadata), else ``None``."""
+    for cand in ((info.get("config") or {}).get("dataset") if isinstance(info.get("config"), dict) else None,
+                 info.get("dataset")):
+        if isinstance(cand, dict):
+            cand = cand.get("name")
+        if isinstance(cand, str) and cand:
+            return cand
+    return None
+
+
+def dataset_name(given: str | None, info: Mapping[str, Any]) -> str:
+    """``given`` if set, else the dataset the checkpoint records; :class:`LmcError` when there is none."""
+    from ..errors import LmcError
+
+    name = given or recorded_dataset(info)
+    if name:
+        return name
+    raise LmcError(f"checkpoint {info['path']} records no dataset", "pass --dataset NAME (e.g. fashion-mnist)")
+
+
+def check_dataset_fits(model, dataset, where: str, device=None) -> None:
+    """Fail with :class:`LmcError` (not a shape traceback) when the dataset's images do not fit the model.
+
+    Runs the model in eval mode on two training images of ``dataset``.
+    """
+    import torch
+
+    from ..errors import LmcError
+
+    x, _ = dataset.tensors("train", device=device, limit=2)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except RuntimeError as e:
+        raise LmcError(f"dataset {dataset.name} ({dataset.in_channels}x{dataset.image_size}x{dataset.image_size} images) "
+                       f"does not fit the model of {where}: {str(e).splitlines()[0]}; the model expects other inputs",
+                       "pass the dataset the models were trained on (--dataset)") from None

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data, add_device, add_json, print_json
+from .common import (add_data, add_device, add_json, check_dataset_fits, dataset_name, describe_model, load_checkpoints,
+                     print_json)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import LmcError
     from ..lmc.landscape import plane_landscape
     from ..lmc.plot import plot_landscape
-    from ..perm import apply_permutation, load_perms, spec_for
-    from .merge import check_fits, dataset_name, describe, load_models
+    from ..perm import apply_permutation, load_perms
 
     if args.grid < 2:
         raise LmcError(f"--grid must be at least 2, got {args.grid}")
@@ -48,10 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if plot.suffix.lower() != ".png":
         raise LmcError(f"--plot {plot} must be a .png file")
     device = resolve_device(args.device)
-    states, infos, model = load_models(args.models)
-    spec = spec_for(model)
+    states, infos, model, spec = load_checkpoints(args.models)
     dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
-    check_fits(model, dataset, args.models[0])
+    check_dataset_fits(model, dataset, args.models[0])
     sd_a, sd_b, sd_c = states
     if args.perms:
         sd_b = apply_permutation(spec, load_perms(args.perms[0], spec), sd_b)
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     flat_l = [v for row in res.loss for v in row]
     flat_a = [v for row in res.accuracy for v in row]
-    print(f"model:  {describe(model.lmckit_config)}; {aligned}; {args.grid}x{args.grid} grid on {args.split}")
+    print(f"model:  {describe_model(model.lmckit_config)}; {aligned}; {args.grid}x{args.grid} grid on {args.split}")
     print(f"loss:     min {min(flat_l):.4f}, max {max(flat_l):.4f}")
     print(f"accuracy: min {100 * min(flat_a):.2f}%, max {100 * max(flat_a):.2f}%")
     print(f"wrote {loss_plot} and {acc_plot}")

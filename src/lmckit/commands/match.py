@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_data, add_device, add_json, print_json
+from .common import add_data, add_device, add_json, describe_model, load_checkpoints, print_json, recorded_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,46 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_all(paths: list[str]):
-    from ..checkpoint import build_model, load_checkpoint
-    from ..errors import LmcError
-
-    states, infos, models = [], [], []
-    for path in paths:
-        if not Path(path).exists():
-            raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file")
-        sd, info = load_checkpoint(path)
-        states.append(sd)
-        infos.append(info)
-    ref = infos[0]["model"]
-    for path, info in zip(paths[1:], infos[1:]):
-        if info["model"] != ref:
-            raise LmcError(f"{paths[0]} and {path} are different models ({_describe(ref)} vs {_describe(info['model'])})",
-                           "match checkpoints of the same architecture and width")
-    for path, sd, info in zip(paths, states, infos):
-        models.append(build_model(info["model"], sd, str(path)))
-    return states, infos, models
-
-
 def _abs(path: str) -> str:
     return str(Path(path).resolve())
-
-
-def _describe(cfg: dict[str, Any]) -> str:
-    opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
-    return f"{cfg.get('name')}({opts})"
 
 
 def _dataset_name(args: argparse.Namespace, info: dict[str, Any]) -> str:
     from ..errors import LmcError
 
-    if args.dataset:
-        return args.dataset
-    for cand in ((info.get("config") or {}).get("dataset"), info.get("dataset")):
-        if isinstance(cand, dict):
-            cand = cand.get("name")
-        if isinstance(cand, str) and cand:
-            return cand
+    name = args.dataset or recorded_dataset(info)
+    if name:
+        return name
     raise LmcError(f"{args.method} matching needs data, and checkpoint {info['path']} records no dataset",
                    "pass --dataset NAME (e.g. fashion-mnist)")
 
@@ -90,6 +60,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import build_model
     from ..device import resolve_device
     from ..errors import LmcError
 
@@ -102,10 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if args.multi == "mergemany" and args.method != "weight":
         raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
     device = resolve_device(args.device)
-    states, infos, models = _load_all(args.models)
-    from ..perm import spec_for
-
-    spec = spec_for(models[0])
+    states, infos, model, spec = load_checkpoints(args.models, hint="match checkpoints of the same architecture and width")
+    models = [model] + [build_model(model.lmckit_config, sd, str(path)) for path, sd in zip(args.models[1:], states[1:])]
     dataset = None
     if args.method in ("activation", "ste"):
         from ..data import load_dataset
@@ -161,7 +130,7 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     if args.json:
         print_json(summary)
         return 0
-    print(f"model:       {_describe(models[0].lmckit_config)}")
+    print(f"model:       {describe_model(models[0].lmckit_config)}")
     print(f"spec:        {cov['groups']} groups, {cov['units']} units; permutes {cov['entries_permuted']}/{cov['entries']} "
           f"entries, {cov['elements_permuted']}/{cov['elements']} elements")
     what = ("sum <A, pi(B)>" if res.method == "weight" else "held-out midpoint loss, best so far" if res.method == "ste"
@@ -222,7 +191,7 @@ def _run_multi(args, spec, states, models, dataset, device) -> int:
     if args.json:
         print_json(summary)
         return 0
-    print(f"model:   {_describe(models[0].lmckit_config)}; {len(states)} checkpoints, reference {args.models[0]}")
+    print(f"model:   {describe_model(models[0].lmckit_config)}; {len(states)} checkpoints, reference {args.models[0]}")
     print(f"method:  {res.method} (seed {args.seed}); {res.passes} passes, {res.seconds:.3f}s"
           + ("" if res.converged else " (max-iter reached, not converged)"))
     print(f"objective: {res.objective[0]:.6g} -> {res.objective[-1]:.6g}")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-from .common import add_data, add_device, add_json, print_json, print_table
+from .common import (add_data, add_device, add_json, check_dataset_fits, dataset_name, describe_model, load_checkpoints,
+                     print_json, print_table)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,66 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# --------------------------------------------------------------------------- shared with `lmckit landscape`
-def load_models(paths: list[str]):
-    """``(states, infos, model)`` for checkpoints of one architecture (``LmcError`` otherwise)."""
-    from ..checkpoint import build_model, load_checkpoint
-    from ..errors import LmcError
-
-    states, infos = [], []
-    for path in paths:
-        if not Path(path).exists():
-            raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file")
-        sd, info = load_checkpoint(path)
-        states.append(sd)
-        infos.append(info)
-    ref = infos[0]["model"]
-    for path, info in zip(paths[1:], infos[1:]):
-        if info["model"] != ref:
-            raise LmcError(f"{paths[0]} and {path} are different models ({describe(ref)} vs {describe(info['model'])})",
-                           "pass checkpoints of the same architecture and width")
-    model = build_model(ref, states[0], str(paths[0]))
-    for path, sd in zip(paths[1:], states[1:]):
-        from ..perm import spec_for
-
-        spec_for(model).check_state(sd, str(path))
-    return states, infos, model
-
-
-def describe(cfg: dict[str, Any]) -> str:
-    opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
-    return f"{cfg.get('name')}({opts})"
-
-
-def dataset_name(given: str | None, info: dict[str, Any]) -> str:
-    from ..errors import LmcError
-
-    if given:
-        return given
-    for cand in (info.get("dataset"), (info.get("config") or {}).get("dataset")):
-        if isinstance(cand, dict):
-            cand = cand.get("name")
-        if isinstance(cand, str) and cand:
-            return cand
-    raise LmcError(f"checkpoint {info['path']} records no dataset", "pass --dataset NAME (e.g. fashion-mnist)")
-
-
-def check_fits(model, dataset, path: str) -> None:
-    """Fail clearly when the dataset's images do not fit the model (instead of a shape traceback)."""
-    import torch
-
-    from ..errors import LmcError
-
-    x, _ = dataset.tensors("train", limit=2)
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    except RuntimeError as e:
-        raise LmcError(f"dataset {dataset.name} ({dataset.in_channels}x{dataset.image_size}x{dataset.image_size}) "
-                       f"does not fit the model of {path} ({e.__class__.__name__})",
-                       "pass the dataset the models were trained on (--dataset)") from None
-
-
 # --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
@@ -125,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
             raise LmcError(f"--out {out} cannot be created: {parent} is a file", "pass a folder path")
     device = resolve_device(args.device)
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)
-    states, infos, model = load_models(args.models)
+    states, infos, model, _ = load_checkpoints(args.models)
     dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
-    check_fits(model, dataset, args.models[0])
+    check_dataset_fits(model, dataset, args.models[0])
     check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset,
                        {"preset": args.ste_preset, "epochs": args.epochs})
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
-    print(f"model:  {describe(model.lmckit_config)}; {len(states)} checkpoints; dataset {dataset.name} ({args.split})")
+    print(f"model:  {describe_model(model.lmckit_config)}; {len(states)} checkpoints; dataset {dataset.name} ({args.split})")
     print(f"method: {args.method} ({args.multi}), seed {args.seed}; {res.seconds:.1f}s")
     print_table([{"model": i, "loss": m["loss"], "accuracy": m["accuracy"]} for i, m in enumerate(res.model_metrics)]
                 + [{"model": "merged", "loss": res.merged_loss, "accuracy": res.merged_accuracy}])
