@@ -27,7 +27,6 @@ Given N models of one architecture with states ``theta_0 .. theta_{N-1}``:
 from __future__ import annotations
 
 import copy
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,14 +347,9 @@ def plot_merged_accuracy(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
     of :func:`merged_accuracy_curve`; ``model_accuracies`` draws the mean
     accuracy of the individual models as a reference line.
     """
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .store import atomic_write_bytes
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = pyplot().subplots(figsize=(5.5, 4))
     for label, rows in curves.items():
         ax.plot([r["n"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=label)
     if model_accuracies:
@@ -367,8 +361,4 @@ def plot_merged_accuracy(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
         ax.set_xticks(ns)
     ax.set_title(title or "accuracy of the uniform average")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=100, tight_layout=True)

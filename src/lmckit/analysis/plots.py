@@ -12,20 +12,12 @@ Each function writes one file and returns its path:
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..plotting import pyplot as _plt
+from ..plotting import save_figure
 from .svd import SVDAlignment
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _grid(n: int, size: float = 3.2):
@@ -39,22 +31,7 @@ def _grid(n: int, size: float = 3.2):
 
 
 def _save(fig, path: Path) -> Path:
-    from ..store import atomic_write_bytes
-    import io
-
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # colorbar axes are not tight_layout-compatible; the result is fine
-        fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    _plt().close(fig)
-    out = atomic_write_bytes(path, buf.getvalue())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)  # figures are for reading: not the temp file's 0600
-    return out
+    return save_figure(fig, path, dpi=90, tight_layout=True)
 
 
 def plot_spectra(svd: SVDAlignment, path: str | Path, labels: Sequence[str] = ("A", "B")) -> Path:

@@ -27,18 +27,10 @@ def _bn_label(mode: bool | str) -> str:
 
 
 def _save(fig, path: str | Path) -> Path:
-    from ..store import atomic_write_bytes
-    import io
+    from ..plotting import save_figure
 
     path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
-    except ValueError as e:
-        raise LmcError(f"cannot write a plot as {path.name}: {e}", "use a .png, .pdf or .svg file name") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=150, fmt=path.suffix.lstrip(".").lower() or "png", bbox_inches="tight")
 
 
 def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: str | None = None,

@@ -473,17 +473,10 @@ def write_drift(folder: str | Path, drift: Mapping[str, Any]) -> None:
 
 
 def plot_drift(drift: Mapping[str, Any], path: str | Path) -> Path:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..store import atomic_write_bytes
+    from ..plotting import pyplot, save_figure
 
     ep = drift["epoch"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = pyplot().subplots(1, 4, figsize=(16, 3.6))
     panels = [("changed_vs_wm", "units reassigned vs WM"), ("tilde_dist", "||theta~ - theta_a||"),
               ("r03", "R(0.3) of current pi")]
     for ax, (k, title) in zip(axes, panels):
@@ -501,8 +494,4 @@ def plot_drift(drift: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_title("midpoint loss")
     ax.set_xlabel("epoch")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=100, tight_layout=True)

@@ -7,32 +7,19 @@ figures here. Each function writes one PNG (Agg backend) and returns its path.
 """
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..store import atomic_write_bytes
+from ..plotting import pyplot as _plt
+from ..plotting import save_figure
 
 METHOD_LABEL = {"naive": "naive", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
 METHOD_COLOR = {"naive": "0.5", "weight": "C3", "activation": "C0", "ste": "C2", "merge_many": "C4"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
-    _plt().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=90, tight_layout=True, metadata={"Software": None})
 
 
 def _grid(n: int, size: float = 3.0):
