@@ -70,6 +70,25 @@ class Progress:
         self.close()
 
 
+class NullProgress:
+    """A :class:`Progress` that reports nothing (for ``progress=False``)."""
+
+    def update(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def write(self, msg: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "NullProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
 def track(it: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
     with Progress(total if total is not None else (len(it) if hasattr(it, "__len__") else None), desc) as p:  # type: ignore[arg-type]
         for x in it:

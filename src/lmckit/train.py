@@ -446,17 +446,6 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
                        "delete the folder and train again") from None
 
 
-class _Silent:
-    def update(self, *a: Any, **k: Any) -> None:
-        pass
-
-    def write(self, msg: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 # --------------------------------------------------------------------------- training
 def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str | torch.device = "auto",
           progress: bool = True, *, data_dir: str | os.PathLike | None = None, threads: int | None = None,
@@ -525,7 +514,7 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
     from .data import load_dataset
     from .device import resolve_device
     from .evaluate import evaluate
-    from .progress import Progress
+    from .progress import NullProgress, Progress
     from .store import SCHEMA_VERSION, atomic_write_json, atomic_write_text, config_hash, finalize_dir
 
     dev = resolve_device(device)
@@ -564,7 +553,7 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
     x_all = None if config.augment else ds.normalize(x_u8.to(dev))
     steps_per_epoch = math.ceil(n / config.batch_size)
     bar = (Progress(config.epochs, f"train {config.model} seed={config.seed}", every=0.0, unit="epoch")
-           if progress else _Silent())
+           if progress else NullProgress())
     if start_epoch:
         bar.write(f"[train] resuming {final.name} after epoch {start_epoch}")
         if resume_note:

@@ -6,7 +6,7 @@ import math
 import time
 from typing import Any
 
-from .common import (add_data, add_device, add_json, check_dataset_fits, load_checkpoints, print_json, print_table,
+from .common import (add_data, add_device, add_json, load_checkpoints, print_json, print_table,
                      recorded_dataset)
 
 
@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
                 raise LmcError(f"--taylor needs data, and {args.a} records no dataset", "pass --dataset NAME")
         else:
             from ..data import load_dataset
+            from ..lmc import check_model_fits
 
             dataset = load_dataset(name, data_dir=args.data_dir)
-            check_dataset_fits(model, dataset, str(args.a), device)
+            check_model_fits(model, dataset, "train", device, where=str(args.a))
     res = analyze_pair(model, spec, sd_a, sd_b, perms, dataset=dataset, gammas=args.gamma,
                        rank_fractions=args.rank_fractions, eval_limit=args.eval_limit,
                        projection_batches=args.projection_batches, taylor=args.taylor,

@@ -142,22 +142,3 @@ def dataset_name(given: str | None, info: Mapping[str, Any]) -> str:
     if name:
         return name
     raise LmcError(f"checkpoint {info['path']} records no dataset", "pass --dataset NAME (e.g. fashion-mnist)")
-
-
-def check_dataset_fits(model, dataset, where: str, device=None) -> None:
-    """Fail with :class:`LmcError` (not a shape traceback) when the dataset's images do not fit the model.
-
-    Runs the model in eval mode on two training images of ``dataset``.
-    """
-    import torch
-
-    from ..errors import LmcError
-
-    x, _ = dataset.tensors("train", device=device, limit=2)
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    except RuntimeError as e:
-        raise LmcError(f"dataset {dataset.name} ({dataset.in_channels}x{dataset.image_size}x{dataset.image_size} images) "
-                       f"does not fit the model of {where}: {str(e).splitlines()[0]}; the model expects other inputs",
-                       "pass the dataset the models were trained on (--dataset)") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_data, add_device, add_json, check_dataset_fits, dataset_name, describe_model, load_checkpoints,
+from .common import (add_data, add_device, add_json, dataset_name, describe_model, load_checkpoints,
                      print_json)
 
 
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
+    from ..lmc import check_model_fits
     from ..device import resolve_device
     from ..errors import LmcError
     from ..lmc.landscape import plane_landscape
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(args.models)
     dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
-    check_dataset_fits(model, dataset, args.models[0])
+    check_model_fits(model, dataset, "train", where=args.models[0])
     sd_a, sd_b, sd_c = states
     if args.perms:
         sd_b = apply_permutation(spec, load_perms(args.perms[0], spec), sd_b)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_data, add_device, add_json, check_dataset_fits, dataset_name, describe_model, load_checkpoints,
+from .common import (add_data, add_device, add_json, dataset_name, describe_model, load_checkpoints,
                      print_json, print_table)
 
 
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
     from ..data import load_dataset
+    from ..lmc import check_model_fits
     from ..device import resolve_device
     from ..errors import LmcError
     from ..merge import check_merge_inputs, merge_models, plot_merged_accuracy
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)
     states, infos, model, _ = load_checkpoints(args.models)
     dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
-    check_dataset_fits(model, dataset, args.models[0])
+    check_model_fits(model, dataset, "train", where=args.models[0])
     check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset,
                        {"preset": args.ste_preset, "epochs": args.epochs})
     out.mkdir(parents=True, exist_ok=True)

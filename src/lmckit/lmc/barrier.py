@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..errors import LmcError
 from ..evaluate import evaluate
-from ..progress import Progress
+from ..progress import NullProgress, Progress
 from .bn import Repairer, has_batchnorm, reset_bn_stats, training_batches
 from .interpolate import check_compatible, copy_state, interpolate_states, lambda_grid
 
@@ -160,8 +160,13 @@ class BarrierResult:
         return out
 
 
-def check_model_fits(model: nn.Module, dataset, split: str, device: torch.device | str | None = None) -> None:
-    """Raise :class:`LmcError` when ``model`` cannot take ``dataset``'s images (one-image probe)."""
+def check_model_fits(model: nn.Module, dataset, split: str, device: torch.device | str | None = None,
+                     where: str | None = None) -> None:
+    """Raise :class:`LmcError` when ``model`` cannot take ``dataset``'s images or has another number of classes.
+
+    Probes the model (in eval mode, restored afterwards) on two images of ``split``. ``where`` (e.g. the
+    checkpoint's path) is named in the message.
+    """
     device = device or next(model.parameters()).device
     x, _ = dataset.tensors(split, device=device, limit=2)
     was_training = model.training
@@ -171,8 +176,9 @@ def check_model_fits(model: nn.Module, dataset, split: str, device: torch.device
             out = model(x)
     except RuntimeError as e:
         shape = "x".join(str(int(s)) for s in x.shape[1:])
-        raise LmcError(f"dataset {dataset.name} ({shape} images) does not fit the model ({type(model).__name__}, "
-                       f"{getattr(model, 'lmckit_config', '')}): {str(e).splitlines()[0]}",
+        of = f" of {where}" if where else ""
+        raise LmcError(f"dataset {dataset.name} ({shape} images) does not fit the model{of} ({type(model).__name__}, "
+                       f"{getattr(model, 'lmckit_config', '')}): {str(e).splitlines()[0]}; the model expects other inputs",
                        "pass the --dataset the models were trained on") from None
     finally:
         model.train(was_training)
@@ -278,7 +284,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
             batches = training_batches(dataset, bn_batches, bn_batch_size, seed, device)
             if mode == "repair":
                 repairer = Repairer(model, [sa, sb], batches)
-        with Progress(len(lams), desc) if progress else _NullProgress() as bar:
+        with Progress(len(lams), desc) if progress else NullProgress() as bar:
             for lam in lams:
                 state = interpolate_states(sa, sb, lam)
                 interior = 0.0 < lam < 1.0
@@ -297,14 +303,3 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
         model.to(home)
     curves = {s: SplitCurve(s, list(lams), v[0], v[1]) for s, v in values.items()}
     return BarrierResult(list(lams), curves, mode)
-
-
-class _NullProgress:
-    def update(self, *a: Any, **k: Any) -> None:
-        pass
-
-    def __enter__(self) -> "_NullProgress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import LmcError
 from ..evaluate import evaluate
-from ..progress import Progress
+from ..progress import NullProgress, Progress
 from .barrier import check_model_fits, resolve_bn_mode
 from .bn import Repairer, reset_bn_stats, training_batches
 from .interpolate import check_compatible, copy_state, float_keys, mix_states, state_vector
@@ -155,7 +155,7 @@ def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Ma
         batches = training_batches(dataset, bn_batches, bn_batch_size, seed, device) if mode is not False else None
         repairer = Repairer(model, states, batches) if mode == "repair" else None
         desc = progress if isinstance(progress, str) else "landscape"
-        with Progress(grid * grid, desc) if progress else _Null() as bar:
+        with Progress(grid * grid, desc) if progress else NullProgress() as bar:
             for i, y in enumerate(ys):
                 for j, x in enumerate(xs):
                     w = basis.weights(x, y)
@@ -174,14 +174,3 @@ def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Ma
         model.to(home)
     models = {lab: basis.coords[k] for k, lab in enumerate(labels)}
     return LandscapeResult(xs, ys, loss, acc, wts, models, split, mode)
-
-
-class _Null:
-    def update(self, *a: Any, **k: Any) -> None:
-        pass
-
-    def __enter__(self) -> "_Null":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
