@@ -293,9 +293,14 @@ def test_concurrent_assignment_solves_equal_the_sequential_sweep(monkeypatch):
     b = create_model("resnet_tiny", in_channels=1, image_size=28, norm="batchnorm")
     spec = spec_for(a)
     monkeypatch.setattr(wmod, "_lap_workers", lambda: 4)
+    monkeypatch.setattr(wmod, "_PARALLEL_MIN_UNITS", 1)  # tiny groups: force the thread pool
+    calls = []
+    real_pool = wmod._lap_pool
+    monkeypatch.setattr(wmod, "_lap_pool", lambda: calls.append(1) or real_pool())
     par = wmod.weight_matching(spec, a.state_dict(), b.state_dict(), seed=3)
     monkeypatch.setattr(wmod, "_lap_workers", lambda: 1)
     seq = wmod.weight_matching(spec, a.state_dict(), b.state_dict(), seed=3)
+    assert calls, "the concurrent path was never taken"
     assert par.objective == seq.objective
     assert all(torch.equal(par.perms[g], seq.perms[g]) for g in seq.perms)
 

@@ -304,6 +304,9 @@ def _lap_workers() -> int:
 
 
 _POOL: ThreadPoolExecutor | None = None
+# Below this size a solve takes well under a millisecond and a thread hand-off
+# costs more than it saves (ResNet-20 x1 groups have 16-64 units).
+_PARALLEL_MIN_UNITS = 128
 
 
 def _lap_pool() -> ThreadPoolExecutor:
@@ -363,7 +366,7 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                 c_lin, c_quad = prob.cost_original(g, bp, inv_g, moved_at_any, cost_cache)
                 c_all = c_lin if c_quad is None else c_lin + c_quad
                 jobs.append((g, inv_g, c_lin, c_quad, c_all.cpu().numpy()))
-            if len(jobs) > 1:
+            if sum(job[4].shape[0] >= _PARALLEL_MIN_UNITS for job in jobs) > 1:
                 solutions = list(_lap_pool().map(_lap, [job[4] for job in jobs]))
             else:
                 solutions = [_lap(job[4]) for job in jobs]
