@@ -15,7 +15,6 @@ groups of the ``out x (in*k*k)`` matrix.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping

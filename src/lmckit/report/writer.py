@@ -194,7 +194,7 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
     for name, title, caption in figs:
         md += ["", f"### {title}", "", f"![{title}]({name})", "", caption]
     if timing:
-        md += ["", "## Timings", "", f"Stage compute time (from the cache; 0 for stages reused): "
+        md += ["", "## Timings", "", "Stage compute time (from the cache; 0 for stages reused): "
                + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timing["stage_seconds_by_kind"].items()))]
     text = "\n".join(md) + "\n"
     written["report.md"] = atomic_write_text(inside("report.md"), text)
