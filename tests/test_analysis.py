@@ -199,6 +199,27 @@ def test_taylor_exact_for_quadratic_loss(synthetic):
     assert r["taylor_midpoint"] == pytest.approx(r["measured_midpoint"], rel=1e-6)
 
 
+def test_taylor_bn_model_uses_batch_statistics_and_leaves_states_alone(synthetic):
+    # The midpoint's stored BN statistics (an average of the endpoints') must not
+    # enter the estimate: corrupting them changes nothing, and the caller's
+    # tensors are not modified by train-mode BatchNorm.
+    torch.manual_seed(0)
+    a = create_model("vgg_tiny", in_channels=1, image_size=28, norm="batchnorm")
+    torch.manual_seed(1)
+    b = create_model("vgg_tiny", in_channels=1, image_size=28, norm="batchnorm")
+    spec = spec_for(a)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    before = {k: v.clone() for k, v in {**sd_a, **{"b." + k: v for k, v in sd_b.items()}}.items()}
+    r1 = taylor_midpoint(a, spec, sd_a, sd_b, synthetic, num_samples=200, batch_size=100)
+    assert all(torch.equal(v, before[k]) for k, v in sd_a.items())
+    assert all(torch.equal(v, before["b." + k]) for k, v in sd_b.items())
+    bad = {k: (v * 1e3 if "running_var" in k else v) for k, v in sd_b.items()}
+    r2 = taylor_midpoint(a, spec, sd_a, bad, synthetic, num_samples=200, batch_size=100)
+    assert r1["bn_batch_statistics"] is True
+    assert r2["measured_midpoint"] == pytest.approx(r1["measured_midpoint"], rel=1e-6, abs=1e-9)
+    assert r2["taylor_midpoint"] == pytest.approx(r1["taylor_midpoint"], rel=1e-6, abs=1e-9)
+
+
 def test_taylor_curvature_matches_finite_difference(synthetic):
     # Smooth (tanh) network: Delta^T H Delta equals the second difference of L along Delta at the midpoint.
     m = _model("mlp_tiny", 0, activation="tanh").double()

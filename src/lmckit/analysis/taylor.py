@@ -14,10 +14,14 @@ Implementation choices:
 
 - ``Delta`` runs over all trainable parameters (``model.named_parameters()``
   with ``requires_grad``); buffers (BatchNorm statistics) are not
-  differentiated. At the midpoint they are the average of the two models'
-  buffers, and every loss is evaluated in eval mode with those stored
-  statistics (no BN reset: a deliberate simplification, so that ``L`` is one
-  fixed function of the parameters on the subset).
+  differentiated. Models without BatchNorm are evaluated in eval mode.
+  Models with BatchNorm are evaluated with batch statistics (train-mode BN on
+  batches of ``batch_size``): the stored running statistics of the midpoint
+  are the average of the two models' and say nothing about the midpoint's
+  activations (that is why barriers use a BN reset), while batch statistics
+  give, for each batch, one fixed function of the parameters whose value at
+  the midpoint matches a BN reset up to batch-size effects. Running
+  statistics are neither read nor changed (buffers are cloned).
 - ``Delta^T H Delta`` is accumulated batch by batch with a Hessian-vector
   product by double backward (``grad(grad(L) . Delta) . Delta``); no dense
   Hessian is formed. Cost: about three forward passes worth per batch.
@@ -72,8 +76,10 @@ def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mappin
     loss_fn = loss_fn or _cross_entropy
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     trainable = [k for k, p in model.named_parameters() if p.requires_grad]
-    state_a = {k: v.detach().to(dev) for k, v in sd_a.items()}
-    state_b = {k: v.detach().to(dev) for k, v in sd_b_permuted.items()}
+    # clone: train-mode BatchNorm updates running statistics in place
+    state_a = {k: v.detach().to(dev).clone() for k, v in sd_a.items()}
+    state_b = {k: v.detach().to(dev).clone() for k, v in sd_b_permuted.items()}
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     state_m = {k: (torch.lerp(a, state_b[k], 0.5) if a.is_floating_point() else a) for k, a in state_a.items()}
     delta = {k: state_a[k] - state_b[k] for k in trainable}
     dtype = state_a[trainable[0]].dtype if trainable else torch.float32
@@ -89,7 +95,7 @@ def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mappin
             yield dataset.normalize(images[j].to(dev)).to(dtype), labels[j].to(dev)
 
     was_training = model.training
-    model.eval()
+    model.train(has_bn)
     try:
         def mean_loss(state: Mapping[str, torch.Tensor]) -> float:
             tot = 0.0
@@ -115,4 +121,5 @@ def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mappin
     dnorm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))) if delta else 0.0
     return {"taylor_midpoint": -quad / 8.0, "measured_midpoint": loss_m - 0.5 * (loss_a + loss_b),
             "loss_a": loss_a, "loss_b": loss_b, "loss_mid": loss_m, "dHd": quad, "delta_norm": dnorm,
-            "num_samples": n, "split": split, "seed": seed, "seconds": time.perf_counter() - t0}
+            "num_samples": n, "split": split, "seed": seed, "bn_batch_statistics": has_bn,
+            "seconds": time.perf_counter() - t0}
