@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..models.registry import model_config_with_defaults  # noqa: F401  (also re-exported for the commands)
 from ..store import _json_default
 
 
@@ -44,31 +45,6 @@ def describe_model(cfg: Mapping[str, Any]) -> str:
     """A model config as one short line, e.g. ``mlp_tiny(width_mult=2.0, norm=batchnorm)``."""
     opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
     return f"{cfg.get('name')}({opts})"
-
-
-def model_config_with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``cfg`` with every option of its model's factory spelled out (the factory's defaults filled in).
-
-    Two configs build the same architecture exactly when these are equal: ``{"name": "mlp_tiny"}`` and
-    ``{"name": "mlp_tiny", "norm": "none"}`` are the same model. Nothing is built or called (only the
-    factory's signature is read). A config whose name is unknown, or whose options the factory does not
-    take, is returned unchanged (it then equals only an identical config).
-    """
-    import inspect
-
-    from ..errors import LmcError
-    from ..models import model_entry
-
-    out = dict(cfg)
-    name = out.get("name")
-    if not isinstance(name, str):
-        return out
-    try:
-        bound = inspect.signature(model_entry(name).factory).bind(**{k: v for k, v in out.items() if k != "name"})
-    except (LmcError, TypeError, ValueError):
-        return out
-    bound.apply_defaults()
-    return {"name": name, **bound.arguments}
 
 
 def architecture_difference(cfg_a: Mapping[str, Any], cfg_b: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
@@ -85,3 +86,23 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
     if not isinstance(name, str):
         raise LmcError("model config has no 'name'", "the checkpoint was not written by lmckit")
     return create_model(name, **cfg)
+
+
+def model_config_with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with every option of its model's factory spelled out (the factory's defaults filled in).
+
+    Two configs build the same architecture exactly when these are equal: ``{"name": "mlp_tiny"}`` and
+    ``{"name": "mlp_tiny", "norm": "none"}`` are the same model. Nothing is built or called (only the
+    factory's signature is read). A config whose name is unknown, or whose options the factory does not
+    take, is returned unchanged (it then equals only an identical config).
+    """
+    out = dict(cfg)
+    name = out.get("name")
+    if not isinstance(name, str):
+        return out
+    try:
+        bound = inspect.signature(model_entry(name).factory).bind(**{k: v for k, v in out.items() if k != "name"})
+    except (LmcError, TypeError, ValueError):
+        return out
+    bound.apply_defaults()
+    return {"name": name, **bound.arguments}
