@@ -24,6 +24,22 @@ def pyplot():
     return plt
 
 
+def subplot_grid(n: int, size: float):
+    """A figure with ``n`` panels, at most 4 a row, each ``size`` x ``0.8 size`` inches; spare axes hidden.
+
+    Returns ``(fig, axes)`` with ``axes`` a flat list (``n >= 1`` of them visible; ``n = 0`` gives one hidden).
+    """
+    import math
+
+    plt = pyplot()
+    cols = min(max(n, 1), 4)
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * 0.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
 def save_figure(fig: Any, path: str | Path, dpi: int, *, fmt: str = "png", tight_layout: bool = False,
                 **savefig_kw: Any) -> Path:
     """Render ``fig`` and write it atomically to ``path``; close it (pyplot figures); return the path.

@@ -11,23 +11,16 @@ Each function writes one file and returns its path:
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..plotting import pyplot as _plt
-from ..plotting import save_figure
+from ..plotting import save_figure, subplot_grid
 from .svd import SVDAlignment
 
 
 def _grid(n: int, size: float = 3.2):
-    plt = _plt()
-    cols = min(n, 4)
-    rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, max(cols, 1), figsize=(size * max(cols, 1), size * 0.8 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat)
+    return subplot_grid(n, size)
 
 
 def _save(fig, path: Path) -> Path:

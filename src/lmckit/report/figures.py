@@ -7,12 +7,11 @@ figures here. Each function writes one PNG (Agg backend) and returns its path.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..plotting import pyplot as _plt
-from ..plotting import save_figure
+from ..plotting import save_figure, subplot_grid
 
 METHOD_LABEL = {"naive": "naive", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
 METHOD_COLOR = {"naive": "0.5", "weight": "C3", "activation": "C0", "ste": "C2", "merge_many": "C4"}
@@ -23,13 +22,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _grid(n: int, size: float = 3.0):
-    plt = _plt()
-    cols = min(max(n, 1), 4)
-    rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * 0.8 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat)
+    return subplot_grid(n, size)
 
 
 def interpolation(exp: Mapping[str, Any], path: Path) -> Path:
