@@ -135,11 +135,10 @@ class GELUMLP(nn.Module):
 
 
 class FlattenSpatialCNN(nn.Module):
-    """A conv whose 2x2 feature map is flattened into a Linear: flatten mixes channels and space.
+    """A conv whose 2x2 feature map is flattened into a Linear: flatten merges channels and space.
 
-    The conv's channels cannot be permuted by a per-axis spec (the Linear's input
-    axis has C*H*W entries); tracing must warn and leave them unpermuted.
-    Permutable group: fc1 (7) only.
+    The Linear's input axis has C*H*W entries, moved in blocks of H*W by the
+    conv's permutation (a block axis). Permutable groups: conv (4), fc1 (7).
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3):
@@ -157,9 +156,8 @@ class FlattenSpatialCNN(nn.Module):
 class ConcatNet(nn.Module):
     """Two branches concatenated along channels (DenseNet/Inception style).
 
-    The concatenation's units are the union of both branches; tracing may implement
-    block permutations or warn and leave both branches unpermuted.
-    Always permutable: fc_out (6).
+    The concatenation's units are the union of both branches: fc_out's input axis
+    is moved block-wise by a (4) and b (5). Permutable: a, b, fc_out (6).
     """
 
     def __init__(self, in_features: int = 64, num_classes: int = 3):
@@ -235,8 +233,8 @@ ODD_MODELS: dict[str, OddModel] = {m.name: m for m in [
     OddModel("layernorm_mlp", LayerNormMLP, (8, 1, 8, 8), "ok", groups=2, units=10 + 12),
     OddModel("functional_net", FunctionalNet, (8, 1, 8, 8), "ok", groups=3, units=4 + 6 + 7),
     OddModel("gelu_mlp", GELUMLP, (8, 1, 8, 8), "ok", groups=2, units=9 + 11),
-    OddModel("flatten_spatial_cnn", FlattenSpatialCNN, (8, 1, 8, 8), "warn", groups=1, units=7),
-    OddModel("concat_net", ConcatNet, (8, 1, 8, 8), "warn"),
+    OddModel("flatten_spatial_cnn", FlattenSpatialCNN, (8, 1, 8, 8), "ok", groups=2, units=4 + 7),
+    OddModel("concat_net", ConcatNet, (8, 1, 8, 8), "ok", groups=3, units=4 + 5 + 6),
     OddModel("groupnorm_net", GroupNormNet, (8, 1, 8, 8), "warn", groups=1, units=6),
     OddModel("unsupported_op", UnsupportedOpNet, (8, 1, 8, 8), "error"),
 ]}

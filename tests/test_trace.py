@@ -130,15 +130,14 @@ def test_odd_model_planted_groups():
     assert spec.axes["ln2.weight"] == ("fc2",) and spec.axes["ln2.bias"] == ("fc2",)
 
 
-@pytest.mark.parametrize("name, needle", [("flatten_spatial_cnn", "flatten"), ("concat_net", "cat"),
-                                          ("groupnorm_net", "GroupNorm"), ("unsupported_op", "cumsum")])
+@pytest.mark.parametrize("name, needle", [("groupnorm_net", "GroupNorm"), ("unsupported_op", "cumsum")])
 def test_unpermutable_streams_are_reported_by_name(name, needle):
     om = ODD_MODELS[name]
     with pytest.warns(SpecWarning, match=needle) as rec:
         spec = trace_spec(om.factory(), om.example_input())
     msg = " ".join(str(w.message) for w in rec)
     assert "left unpermuted" in msg
-    unpermuted = {"flatten_spatial_cnn": "conv", "concat_net": "a", "groupnorm_net": "conv2", "unsupported_op": "fc1"}[name]
+    unpermuted = {"groupnorm_net": "conv2", "unsupported_op": "fc1"}[name]
     assert repr(unpermuted) in msg
     assert spec.axes[f"{unpermuted}.weight"][0] is None
     assert unpermuted not in spec.sizes
@@ -221,12 +220,32 @@ def test_extra_ops_depthwise_shared_stack_pad():
     assert check_spec(m, x).ok
 
 
-def test_channel_slicing_is_pinned():
+def test_channel_slicing_permutes_the_read_block_and_fixes_the_rest():
     m = _Sliced()
     x = torch.randn(4, 1, 8, 8)
-    with pytest.warns(SpecWarning, match="slicing"):
+    spec = _no_spec_warnings(trace_spec, m, x)
+    # fc2's first 4 units (read by head) form a block of their own; units 4, 5 are never read and stay fixed
+    assert spec.sizes == {"fc1": 8, "fc2.0": 4}
+    assert spec.axes["fc2.weight"] == ((("fc2.0", 4, 1), (None, 2, 1)), "fc1")
+    assert spec.axes["head.weight"] == (None, "fc2.0")
+    assert check_spec(m, x).ok
+
+
+def test_strided_channel_slicing_is_pinned():
+    class Strided(_Sliced):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = F.relu(self.fc1(x.flatten(1)))
+            return self.head(F.relu(self.fc2(h))[:, ::2])
+
+    m = Strided()
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.warns(SpecWarning, match="strided"):
         spec = trace_spec(m, x)
-    assert spec.sizes == {"fc1": 8}
+    assert "fc2.0" not in spec.sizes
     assert check_spec(m, x).ok
 
 

@@ -32,8 +32,26 @@ the elements of a union-find. Rules join them:
   transposes and reshapes (the stream axis must survive as an axis of the same
   size with the same prefix product; ``flatten`` of a ``C x 1 x 1`` map does,
   of a ``C x H x W`` map with ``H*W > 1`` does not and pins the stream),
-  ``torch.cat`` (the concatenation axis's streams are pinned: block
-  permutations are not implemented), ``stack``, ``getitem`` with full slices.
+  ``torch.cat``, ``stack``, ``getitem``.
+- block permutations: a stream may be *refined* into consecutive pieces,
+  its permutation then being the block-diagonal composition of the pieces'
+  permutations (each piece its own stream, or ``None`` = fixed). ``torch.cat``
+  along a unit axis refines the result into its inputs' streams; ``F.pad``
+  (constant mode) along a unit axis adds fresh pieces for the zero channels
+  (they may permute only among themselves); ``flatten`` of a ``C x H x W`` map
+  gives a piece ``(c, C, H*W)`` (unit ``i`` owns the run ``i*H*W ...``);
+  ``split`` / ``chunk`` / slicing of a unit axis refine the sliced stream at
+  the cut points (unread ranges stay fixed). Axes of the state dict in a
+  refined stream are moved by segments (see :mod:`lmckit.perm.spec`).
+- ``nn.MultiheadAttention`` (self-attention, ``kdim == vdim == embed_dim``,
+  no ``add_bias_kv``): the input stream moves ``in_proj_weight``'s columns,
+  its rows are segments ``(qk, qk, vo)``, ``out_proj``'s columns are ``vo``
+  and its output a new stream; ``qk`` and ``vo`` share a head structure
+  (one head permutation, free permutations inside each head).
+- ``nn.LSTM`` / ``nn.GRU`` (unidirectional, no projection): layer ``l`` has
+  one hidden stream ``h_l``; every gate block of ``weight_ih_l``,
+  ``weight_hh_l`` and the biases is moved by it on axis 0, ``weight_hh_l``'s
+  columns and the next layer's input by it too.
 - the model output is invariant: streams reaching it are pinned (silently;
   that is the output layer). Any op the tracer cannot see through pins every
   stream flowing into it, with a :class:`SpecWarning` naming the op (or an
@@ -63,6 +81,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import LmcError
 from .spec import PermutationSpec
+from .spec import entry_groups as _entry_groups
 
 __all__ = ["SpecWarning", "TraceResult", "trace_streams", "trace_spec", "activation_sites", "example_input_for"]
 
@@ -235,6 +254,14 @@ class _Tracer:
         self.info: dict[fx.Node, Any] = {}
         self.module_calls: dict[str, int] = {}
         self.site_nodes: list[tuple[fx.Node, str]] = []  # (call_module node, kind)
+        self.refines: list[tuple[int, list[tuple[int | None, int, int]], str]] = []  # (elem, pieces, where)
+        self.slices: list[tuple[int, int, int, int, str]] = []  # (elem, start, stop, piece elem, where)
+        self.heads: list[tuple[str, int, list[int]]] = []  # (name, n_heads, member elems)
+        self.extra_sizes: dict[int, int] = {}  # element -> size, for elements without state-dict axes
+        # head-split streams: (flat stream, H, d, head-axis elem, within-head-axis elem); the head axis carries
+        # a plain permutation of the H heads, the within-head axis one permutation per head (never alone)
+        self.joints: list[tuple[int, int, int, int, int]] = []
+        self.w_partner: dict[int, int] = {}  # within-head elem -> its head elem
         self._alias_keys()
 
     # ---------------------------------------------------------------- elements
@@ -268,6 +295,22 @@ class _Tracer:
         for k, ax in keys:
             self.join_key(p, k, ax)
         return p
+
+    def fresh(self, size: int, name: str | None = None) -> int:
+        """A new stream of ``size`` units (a producer named ``name`` when given)."""
+        e = self.uf.make()
+        self.extra_sizes[e] = int(size)
+        if name is not None:
+            self.producer_name[e] = name
+            self.producer_order.append(e)
+        return e
+
+    def refined(self, pieces: list[tuple[int | None, int, int]], where: str) -> int:
+        """A new stream whose permutation is the block composition of ``pieces``."""
+        e = self.uf.make()
+        self.extra_sizes[e] = int(sum(n * inner for _, n, inner in pieces))
+        self.refines.append((e, list(pieces), where))
+        return e
 
     def pin(self, stream: int, reason: str, warn: bool = True) -> None:
         self.pin_reasons.append((stream, reason, warn))
@@ -391,10 +434,44 @@ class _Tracer:
         if in_shape is None or out_shape is None:
             return self.opaque(node)
         out: dict[int, int] = {}
-        for d, e in self.tinfo(src).items():
+        inf = self.tinfo(src)
+        done: set[int] = set()
+        for d, e in inf.items():  # head axis followed by its within-head axis merged back into one unit axis
+            w = inf.get(d + 1)
+            if w is not None and self.w_partner.get(w) is not None and self.uf.find(self.w_partner[w]) == self.uf.find(e):
+                pre, n = _prod(in_shape[:d]), in_shape[d] * in_shape[d + 1]
+                j = next((j for j in range(len(out_shape)) if out_shape[j] == n and _prod(out_shape[:j]) == pre), None)
+                if j is not None:
+                    f = self.uf.make()
+                    self.extra_sizes[f] = n
+                    self.joints.append((f, in_shape[d], in_shape[d + 1], e, w))
+                    out[j] = f
+                    done.update((d, d + 1))
+        for d, e in inf.items():
+            if d in done:
+                continue
             pre, c = _prod(in_shape[:d]), in_shape[d]
             j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
+            if j is None and self.w_partner.get(e) is None:
+                # a unit axis split into (heads, head dim): a head-structured stream
+                j3 = next((j for j in range(len(out_shape) - 1) if _prod(out_shape[:j]) == pre
+                           and out_shape[j] * out_shape[j + 1] == c and out_shape[j] > 1 and out_shape[j + 1] > 1), None)
+                if j3 is not None:
+                    H, dh = out_shape[j3], out_shape[j3 + 1]
+                    eh, ew = self.uf.make(), self.uf.make()
+                    self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
+                    self.w_partner[ew] = eh
+                    self.joints.append((e, H, dh, eh, ew))
+                    out[j3], out[j3 + 1] = eh, ew
+                    continue
             if j is None:
+                # the unit axis merged with the axes after it (flatten of C x H x W): blocks of H*W
+                j2 = next((j for j in range(len(out_shape)) if _prod(out_shape[:j]) == pre and out_shape[j] % c == 0
+                           and any(_prod(in_shape[d:k]) == out_shape[j] for k in range(d + 2, len(in_shape) + 1))), None)
+                if j2 is not None and not any(dd in self.tinfo(src) for dd in range(d + 1, len(in_shape))
+                                              if _prod(in_shape[d:dd + 1]) <= out_shape[j2]):
+                    out[j2] = self.refined([(e, c, out_shape[j2] // c)], f"{_op_name(node)} at node {node.name!r}")
+                    continue
                 self.pin(e, f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
                             f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
                             f"larger than 1x1 into a Linear)")
@@ -441,10 +518,14 @@ class _Tracer:
         out: dict[int, int] = {}
         for d in range(n):
             if d == dim:
-                for t in tensors:
-                    if d in self.tinfo(t):
-                        self.pin(self.tinfo(t)[d], f"{_op_name(node)} at node {node.name!r} concatenates these units "
-                                                   f"with others along axis {d} (block permutations are not implemented)")
+                if any(d in self.tinfo(t) for t in tensors):
+                    pieces = []
+                    for t in tensors:
+                        s = self.shape(t)
+                        if s is None:
+                            return self.opaque(node)
+                        pieces.append((self.tinfo(t).get(d), int(s[d]), 1))
+                    out[d] = self.refined(pieces, f"{_op_name(node)} at node {node.name!r}")
                 continue
             streams = [self.tinfo(t)[d] for t in tensors if d in self.tinfo(t)]
             if not streams:
@@ -511,13 +592,278 @@ class _Tracer:
                 if full:
                     out[d_out] = e
                 else:
-                    self.pin(e, f"slicing at node {node.name!r} selects a subset of the units of axis {d_in}")
+                    sl = self._slice_piece(node, e, it, in_shape[d_in])
+                    if sl is None:
+                        self.pin(e, f"slicing at node {node.name!r} selects a strided subset of the units of axis {d_in}")
+                    else:
+                        out[d_out] = sl
             d_in += 1
             d_out += 1
         for d in range(d_in, len(in_shape)):
             if d in inf:
                 out[d_out + d - d_in] = inf[d]
         return out
+
+    def _slice_piece(self, node: fx.Node, e: int, it: slice, n: int) -> int | None:
+        """A contiguous slice of stream ``e``: a new stream for that piece (``None`` for strided slices)."""
+        if not all(x is None or isinstance(x, int) for x in (it.start, it.stop, it.step)) or it.step not in (None, 1):
+            return None
+        start, stop, _ = it.indices(n)
+        if stop <= start:
+            return None
+        p = self.fresh(stop - start)
+        self.slices.append((e, start, stop, p, f"slicing at node {node.name!r}"))
+        return p
+
+    def split(self, node: fx.Node, src: Any, sizes: list[int], dim: int) -> Any:
+        """``split`` / ``chunk`` / ``unbind``-free splitting: one piece per output along ``dim``."""
+        s = self.shape(src)
+        inf = self.tinfo(src)
+        if s is None:
+            return self.opaque(node)
+        dim %= len(s)
+        outs = []
+        off = 0
+        for size in sizes:
+            o = {d: e for d, e in inf.items() if d != dim}
+            if dim in inf:
+                if size == s[dim]:
+                    o[dim] = inf[dim]
+                else:
+                    p = self.fresh(size)
+                    self.slices.append((inf[dim], off, off + size, p, f"{_op_name(node)} at node {node.name!r}"))
+                    o[dim] = p
+            outs.append(o)
+            off += size
+        return tuple(outs)
+
+    def split_call(self, node: fx.Node, method: bool) -> Any:
+        a = node.args
+        src = a[0]
+        name = str(node.target) if method else getattr(node.target, "__name__", "")
+        s = self.shape(src)
+        if s is None:
+            return self.opaque(node)
+        tm = node.meta.get("tensor_meta")
+        dim_raw = self._dim_arg(node, 2, 0)
+        if isinstance(tm, (tuple, list)) and all(isinstance(t, TensorMetadata) for t in tm) and isinstance(dim_raw, int):
+            return self.split(node, src, [int(t.shape[dim_raw % len(s)]) for t in tm], int(dim_raw))
+        if name == "chunk":
+            chunks = int(self._dim_arg(node, 1, None, "chunks"))
+            dim = int(self._dim_arg(node, 2, 0))
+            n = s[dim % len(s)]
+            step = -(-n // chunks)
+            sizes = [min(step, n - i) for i in range(0, n, step)]
+        else:
+            arg = self._dim_arg(node, 1, None, "split_size_or_sections" if not method else "split_size")
+            if arg is None:
+                arg = node.kwargs.get("split_size_or_sections")
+            dim = int(self._dim_arg(node, 2, 0))
+            n = s[dim % len(s)]
+            if isinstance(arg, int):
+                sizes = [min(arg, n - i) for i in range(0, n, arg)]
+            elif isinstance(arg, (list, tuple)) and all(isinstance(x, int) for x in arg):
+                sizes = list(arg)
+            else:
+                return self.opaque(node)
+        return self.split(node, src, sizes, dim)
+
+    def unbind(self, node: fx.Node, src: Any, dim: int) -> Any:
+        s = self.shape(src)
+        if s is None:
+            return self.opaque(node)
+        dim %= len(s)
+        inf = self.tinfo(src)
+        if dim in inf:
+            self.pin(inf[dim], f"{_op_name(node)} at node {node.name!r} takes single units apart")
+        return tuple({(d if d < dim else d - 1): e for d, e in inf.items() if d != dim} for _ in range(s[dim]))
+
+    def matmul(self, node: fx.Node, x: Any, y: Any) -> Any:
+        """``x @ y``: batch axes broadcast, the contracted axes' streams are joined (their sum is invariant)."""
+        sx, sy, so = self.shape(x), self.shape(y), self.shape(node)
+        if sx is None or sy is None or so is None or len(sx) < 2 or len(sy) < 2:
+            return self.opaque(node)
+        ix, iy = self.tinfo(x), self.tinfo(y)
+        nx, ny, n = len(sx), len(sy), len(so)
+        cx, cy = ix.get(nx - 1), iy.get(ny - 2)
+        if cx is not None and cy is not None:
+            self.uf.union(cx, cy)
+        elif cx is not None or cy is not None:
+            self.pin(cx if cx is not None else cy, f"{_op_name(node)} at node {node.name!r} contracts these units "
+                                                    f"with a tensor that does not move with them")
+        out: dict[int, int] = {}
+        for d in range(n - 2):  # batch axes, broadcast from the right
+            streams, varies = [], False
+            for inf, s in ((ix, sx), (iy, sy)):
+                i = d - (n - len(s))
+                if i < 0 or i >= len(s) - 2 or (s[i] == 1 and so[d] != 1):
+                    continue
+                if i in inf:
+                    streams.append(inf[i])
+                else:
+                    varies = True
+            if streams:
+                for e in streams[1:]:
+                    self.uf.union(streams[0], e)
+                if varies and so[d] > 1:
+                    self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} batches these units with a tensor "
+                                         f"that does not move with them")
+                out[d] = streams[0]
+        if nx - 2 in ix:
+            out[n - 2] = ix[nx - 2]
+        if ny - 1 in iy:
+            out[n - 1] = iy[ny - 1]
+        return out
+
+    def sdpa(self, node: fx.Node) -> Any:
+        """``F.scaled_dot_product_attention(q, k, v)``: ``softmax(q k^T / s) v`` over the last two axes."""
+        a = list(node.args)
+        q = a[0] if len(a) > 0 else node.kwargs.get("query")
+        k = a[1] if len(a) > 1 else node.kwargs.get("key")
+        v = a[2] if len(a) > 2 else node.kwargs.get("value")
+        mask = a[3] if len(a) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            self.pin_all(mask, "attention masks must not depend on unit order")
+        sq, sk, sv = self.shape(q), self.shape(k), self.shape(v)
+        if sq is None or sk is None or sv is None:
+            return self.opaque(node)
+        iq, ik, iv = self.tinfo(q), self.tinfo(k), self.tinfo(v)
+        n = len(sq)
+        eq, ek = iq.get(n - 1), ik.get(len(sk) - 1)
+        if eq is not None and ek is not None:
+            self.uf.union(eq, ek)
+        elif eq is not None or ek is not None:
+            self.pin(eq if eq is not None else ek, f"F.scaled_dot_product_attention at node {node.name!r}: "
+                                                    f"query and key features do not move together")
+        for inf, s in ((ik, sk), (iv, sv)):  # the key/value token axis is summed over
+            e = inf.get(len(s) - 2)
+            if e is not None:
+                self.pin(e, f"F.scaled_dot_product_attention at node {node.name!r} mixes the token axis")
+        out: dict[int, int] = {}
+        for d in range(n - 2):
+            streams = [inf[d] for inf in (iq, ik, iv) if d in inf]
+            if streams:
+                for e in streams[1:]:
+                    self.uf.union(streams[0], e)
+                if len(streams) < 3 and sq[d] > 1:
+                    self.pin(streams[0], f"F.scaled_dot_product_attention at node {node.name!r}: query, key and "
+                                         f"value heads do not move together")
+                out[d] = streams[0]
+        if n - 2 in iq:
+            out[n - 2] = iq[n - 2]
+        if len(sv) - 1 in iv:
+            out[n - 1] = iv[len(sv) - 1]
+        return out
+
+    def check_heads(self, node: fx.Node) -> None:
+        """A within-head axis must travel with its head axis (one permutation per head is no axis permutation)."""
+        inf = self.info.get(node)
+        if not isinstance(inf, dict) or isinstance(inf, _DictInfo):
+            return
+        heads = {self.uf.find(e) for e in inf.values()}
+        for d, e in inf.items():
+            h = self.w_partner.get(e)
+            if h is not None and self.uf.find(h) not in heads:
+                self.pin(e, f"{_op_name(node)} at node {node.name!r} separates a head's features from their head")
+
+    # ---------------------------------------------------------------- attention and recurrent layers
+    def mha(self, node: fx.Node, name: str, m: nn.MultiheadAttention) -> Any:
+        """Self-attention by ``nn.MultiheadAttention``: head-structured Q/K and V/O groups."""
+        a = list(node.args) + [None] * 3
+        q = a[0]
+        k = a[1] if a[1] is not None else node.kwargs.get("key")
+        v = a[2] if a[2] is not None else node.kwargs.get("value")
+        bad = None
+        if not m._qkv_same_embed_dim:
+            bad = "kdim/vdim differ from embed_dim"
+        elif m.bias_k is not None:
+            bad = "add_bias_kv is set"
+        extra = {kw: node.kwargs.get(kw) for kw in ("key_padding_mask", "attn_mask") if node.kwargs.get(kw) is not None}
+        extra_pos = [x for x in node.args[3:] if isinstance(x, fx.Node)]
+        if bad is not None:
+            return self.opaque(node, f"nn.MultiheadAttention {name!r}: {bad}")
+        s = self.shape(q)
+        if s is None or len(s) not in (2, 3):
+            return self.opaque(node)
+        last = len(s) - 1
+        streams = [self.tinfo(t) for t in (q, k, v)]
+        for inf in streams:
+            for d, e in inf.items():
+                if d != last:
+                    self.pin(e, f"nn.MultiheadAttention {name!r} mixes axis {d}, which carries units")
+        for t in list(extra.values()) + extra_pos:
+            self.pin_all(t, f"nn.MultiheadAttention {name!r}: masks must not depend on unit order")
+        ins = [inf.get(last) for inf in streams]
+        col = self.key(f"{name}.in_proj_weight", 1)
+        for e in ins:
+            if e is not None:
+                self.uf.union(col, e)
+        if any(e is None for e in ins):
+            self.pin(col, f"nn.MultiheadAttention {name!r} reads an unpermuted query/key/value")
+        E, H = m.embed_dim, m.num_heads
+        qk = self.fresh(E, f"{name}.qk")
+        vo = self.fresh(E, f"{name}.vo")
+        rows = self.refined([(qk, E, 1), (qk, E, 1), (vo, E, 1)], f"nn.MultiheadAttention {name!r}")
+        self.join_key(rows, f"{name}.in_proj_weight", 0)
+        self.join_key(rows, f"{name}.in_proj_bias", 0)
+        self.join_key(vo, f"{name}.out_proj.weight", 1)
+        self.heads.append((name, H, [qk, vo]))
+        keys = [(f"{name}.out_proj.weight", 0)] + ([(f"{name}.out_proj.bias", 0)] if m.out_proj.bias is not None else [])
+        out = self.producer(name, keys)
+        tm = node.meta.get("tensor_meta")
+        n_out = len(tm) if isinstance(tm, (tuple, list)) else 2
+        first = {last: out}
+        return (first,) + tuple({} for _ in range(n_out - 1))
+
+    def recurrent(self, node: fx.Node, name: str, m: nn.RNNBase) -> Any:
+        """``nn.LSTM`` / ``nn.GRU``: one hidden stream per layer, every gate block moved by it."""
+        if m.bidirectional or getattr(m, "proj_size", 0):
+            return self.opaque(node, f"{type(m).__name__} {name!r} is bidirectional or projected (not supported)")
+        gates = {"LSTM": 4, "GRU": 3}.get(m.mode, None)
+        if gates is None:
+            return self.opaque(node, f"{type(m).__name__} {name!r} ({m.mode}) is not supported")
+        src = node.args[0]
+        s = self.shape(src)
+        if s is None:
+            return self.opaque(node)
+        last = len(s) - 1
+        inf = self.tinfo(src)
+        for d, e in inf.items():
+            if d != last:
+                self.pin(e, f"{type(m).__name__} {name!r} mixes axis {d}, which carries units")
+        hx = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+        h = m.hidden_size
+        prev = inf.get(last)
+        if prev is not None:
+            self.join_key(prev, f"{name}.weight_ih_l0", 1)
+        else:
+            self.pin(self.key(f"{name}.weight_ih_l0", 1), f"{name!r} reads an unpermuted input")
+        layer_streams = []
+        for layer in range(m.num_layers):
+            hs = self.fresh(h, name if m.num_layers == 1 else f"{name}.l{layer}")
+            rows = self.refined([(hs, h, 1)] * gates, f"{type(m).__name__} {name!r} gates")
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                self.join_key(rows, f"{name}.{kind}_l{layer}", 0)
+            self.join_key(hs, f"{name}.weight_hh_l{layer}", 1)
+            if layer + 1 < m.num_layers:
+                self.join_key(hs, f"{name}.weight_ih_l{layer + 1}", 1)
+            layer_streams.append(hs)
+        if hx is not None:
+            for e in layer_streams:
+                self.pin(e, f"{type(m).__name__} {name!r} is given an initial state that does not move with its units")
+        out = {last: layer_streams[-1]}
+        uses_state = any((u.args[1] != 0 and len(u.users) > 0) if (u.op == "call_function" and u.target is operator.getitem)
+                         else True for u in node.users)
+        if m.num_layers == 1:
+            state_inf = {2: layer_streams[0]}
+        else:
+            state_inf = {}
+            if uses_state:
+                for e in layer_streams:
+                    self.pin(e, f"{type(m).__name__} {name!r}: its final state mixes the layers' units on one axis "
+                                f"(use the output sequence)")
+        hidden = (dict(state_inf), dict(state_inf)) if m.mode == "LSTM" else dict(state_inf)
+        return (out, hidden)
 
     # ---------------------------------------------------------------- layers
     def linear_like(self, node: fx.Node, name: str, src: Any, w: str, b: str | None) -> dict[int, int]:
@@ -598,6 +944,10 @@ class _Tracer:
             s = self.shape(node)
             self.site_nodes.append((node, "producer"))
             return {len(s) - 1: self.producer(name, [(f"{name}.weight", 1)])} if s else self.opaque(node)
+        if isinstance(m, nn.MultiheadAttention):
+            return self.mha(node, name, m)
+        if isinstance(m, (nn.LSTM, nn.GRU)):
+            return self.recurrent(node, name, m)
         if isinstance(m, _BN_MODULES):
             self.site_nodes.append((node, "norm"))
             return self.per_channel(node, name, src)
@@ -687,6 +1037,14 @@ class _Tracer:
             return self.cat(node, list(src), int(self._dim_arg(node, 1, 0)))
         if t is torch.stack:
             return self.stack(node, list(src), int(self._dim_arg(node, 1, 0)))
+        if t in (torch.matmul, operator.matmul, torch.bmm):
+            return self.matmul(node, a[0], a[1])
+        if t is F.scaled_dot_product_attention:
+            return self.sdpa(node)
+        if t in (torch.split, torch.chunk):
+            return self.split_call(node, False)
+        if t is torch.unbind:
+            return self.unbind(node, src, int(self._dim_arg(node, 1, 0)))
         if t in _TRANSPOSE_FUNCS:
             return self.swap(node, src, a[1], a[2])
         if t is torch.permute:
@@ -720,6 +1078,12 @@ class _Tracer:
             return self.transpose(node, src, [int(x) % len(self.shape(src)) for x in dims])
         if m in _REDUCE_NAMES or m in ("max", "min"):
             return self.reduce_call(node, m, src)
+        if m in ("matmul", "bmm"):
+            return self.matmul(node, a[0], a[1])
+        if m in ("split", "chunk"):
+            return self.split_call(node, True)
+        if m == "unbind":
+            return self.unbind(node, src, int(self._dim_arg(node, 1, 0)))
         return self.opaque(node)
 
     def attribute(self, node: fx.Node) -> Any:
@@ -744,14 +1108,26 @@ class _Tracer:
         return self.transpose(node, src, order)
 
     def pad(self, node: fx.Node, src: Any, pad: Any) -> dict[int, int]:
+        """Constant padding of a unit axis: the padded entries are equal, so they may permute among themselves."""
         s = self.shape(src)
-        if s is None or not isinstance(pad, (tuple, list)):
+        if s is None or not isinstance(pad, (tuple, list)) or not all(isinstance(x, int) for x in pad):
             return self.opaque(node)
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
         out: dict[int, int] = {}
         for d, e in self.tinfo(src).items():
             k = len(s) - 1 - d  # pad lists (left, right) pairs from the last axis backwards
             if 2 * k + 1 < len(pad) and (pad[2 * k] or pad[2 * k + 1]):
-                self.pin(e, f"F.pad at node {node.name!r} pads axis {d}, which carries units")
+                lo, hi = int(pad[2 * k]), int(pad[2 * k + 1])
+                if mode != "constant" or lo < 0 or hi < 0:
+                    self.pin(e, f"F.pad at node {node.name!r} pads axis {d}, which carries units, in mode {mode!r}")
+                    continue
+                pieces: list[tuple[int | None, int, int]] = []
+                if lo:
+                    pieces.append((self.fresh(lo, f"{node.name}.pad_lo"), lo, 1))
+                pieces.append((e, int(s[d]), 1))
+                if hi:
+                    pieces.append((self.fresh(hi, f"{node.name}.pad_hi"), hi, 1))
+                out[d] = self.refined(pieces, f"F.pad at node {node.name!r}")
             else:
                 out[d] = e
         return out
@@ -797,8 +1173,182 @@ class _Tracer:
             if self.info.get(node) is None and node.op not in ("output",) and node.meta.get("tensor_meta") is not None:
                 # a tensor-valued result no rule described: never let it pass as invariant silently
                 self.info[node] = self.opaque(node)
+            if self.w_partner:
+                self.check_heads(node)
+
+    # ---------------------------------------------------------------- block permutations
+    def _class_size(self, r: int) -> int | None:
+        for e, n in self.extra_sizes.items():
+            if self.uf.find(e) == r:
+                return n
+        for (k, ax), e in self.key_elem.items():
+            if self.uf.find(e) == r:
+                return int(self.state[k].shape[ax])
+        return None
+
+    def _resolve_blocks(self) -> None:
+        """Make refinements consistent per class (fixpoint): equal structures join piece by piece,
+        slices become refinements, conflicts and pinned refined streams pin their pieces."""
+        uf = self.uf
+        for _ in range(1000):
+            before = (tuple(uf.find(i) for i in range(len(uf.parent))), len(self.refines))
+            full: dict[int, list[tuple[list, str]]] = {}
+            for e, pieces, where in self.refines:
+                full.setdefault(uf.find(e), []).append((pieces, where))
+            sl: dict[int, list[tuple[int, int, int, str]]] = {}
+            for e, a, b, p, where in self.slices:
+                sl.setdefault(uf.find(e), []).append((a, b, p, where))
+            pinned = uf.find(_PINNED)
+            for r, lst in full.items():
+                all_pieces = [x for pieces, _ in lst for x, _, _ in pieces if x is not None]
+                if r == pinned:
+                    for x in all_pieces:
+                        if uf.find(x) != pinned:
+                            self.pin(x, f"{lst[0][1]}: the combined stream is left unpermuted")
+                    for a, b, p, where in sl.get(r, []):
+                        if uf.find(p) != pinned:
+                            self.pin(p, f"{where}: the sliced stream is left unpermuted")
+                    continue
+                ref, where0 = lst[0]
+                struct = [(n, inner) for _, n, inner in ref]
+                for other, where in lst[1:]:
+                    if [(n, inner) for _, n, inner in other] != struct:
+                        self.pin(r, f"{where} and {where0} split one stream into different blocks")
+                        break
+                    for (x, _, _), (y, _, _) in zip(ref, other):
+                        if x is not None and y is not None:
+                            uf.union(x, y)
+                        elif x is not None or y is not None:
+                            self.pin(x if x is not None else y, f"{where}: these units meet fixed units of {where0}")
+                offs, off = [], 0
+                for x, n, inner in ref:
+                    offs.append((off, off + n * inner, x, inner))
+                    off += n * inner
+                for a, b, p, where in sl.get(r, []):
+                    hit = next((x for o0, o1, x, inner in offs if o0 == a and o1 == b and inner == 1), "miss")
+                    if hit == "miss":
+                        self.pin(r, f"{where} cuts a block of {where0} (its cuts must fall between blocks)")
+                    elif hit is None:
+                        self.pin(p, f"{where} reads fixed units")
+                    else:
+                        uf.union(p, hit)
+            for r, lst in sl.items():
+                if r in full:
+                    continue
+                if r == pinned:
+                    for a, b, p, where in lst:
+                        if uf.find(p) != pinned:
+                            self.pin(p, f"{where}: the sliced stream is left unpermuted")
+                    continue
+                n = self._class_size(r)
+                ivs: dict[tuple[int, int], int] = {}
+                for a, b, p, where in lst:
+                    if (a, b) in ivs:
+                        uf.union(ivs[(a, b)], p)
+                    else:
+                        ivs[(a, b)] = p
+                order = sorted(ivs)
+                overlap = any(order[i][1] > order[i + 1][0] for i in range(len(order) - 1))
+                if n is None or overlap:
+                    self.pin(r, f"{lst[0][3]}: overlapping slices of one stream")
+                    continue
+                pieces: list[tuple[int | None, int, int]] = []
+                pos = 0
+                for a, b in order:
+                    if a > pos:
+                        pieces.append((None, a - pos, 1))
+                    pieces.append((ivs[(a, b)], b - a, 1))
+                    pos = b
+                if pos < n:
+                    pieces.append((None, n - pos, 1))
+                e = self.uf.make()
+                self.uf.union(e, r)
+                self.refines.append((e, pieces, lst[0][3]))
+            self._resolve_joints(full)
+            for name, _, elems in self.heads:
+                roots = {uf.find(x) for x in elems}
+                if pinned in roots or roots & set(full) or len(roots) < len(elems):
+                    for x in elems:
+                        if uf.find(x) != pinned:
+                            self.pin(x, f"attention heads of {name!r} cannot be permuted")
+            after = (tuple(uf.find(i) for i in range(len(uf.parent))), len(self.refines))
+            if after == before:
+                return
+
+    def _resolve_joints(self, full: dict[int, Any]) -> None:
+        """Head-split streams: joints sharing head and within-head axes are one flat stream; a family of
+        flat streams sharing one head axis becomes a head structure. Anything else touching the head or
+        within-head axes (parameters, plain streams, pinning) pins the whole family."""
+        if not self.joints:
+            return
+        uf = self.uf
+        pinned = uf.find(_PINNED)
+        by_hw: dict[tuple[int, int], list[int]] = {}
+        for f, H, d, h, w in self.joints:
+            by_hw.setdefault((uf.find(h), uf.find(w)), []).append(f)
+        for fs in by_hw.values():
+            for f in fs[1:]:
+                uf.union(fs[0], f)
+        allowed = {x for _, _, _, h, w in self.joints for x in (h, w)}
+        key_roots = {uf.find(e) for e in self.key_elem.values()}
+        other_roots = {uf.find(i) for i in range(1, len(uf.parent)) if i not in allowed}
+        fam: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for j in self.joints:
+            fam.setdefault(uf.find(j[3]), []).append(j)
+        for hr, js in fam.items():
+            bad = None
+            w_roots = {uf.find(j[4]) for j in js}
+            flat_roots = {uf.find(j[0]) for j in js}
+            if hr == pinned or pinned in w_roots or pinned in flat_roots:
+                bad = "the heads or their features are left unpermuted"
+            elif hr in other_roots or w_roots & other_roots or hr in key_roots:
+                bad = "the head axis or a head's feature axis meets other streams or parameters"
+            elif len({j[1] for j in js}) != 1:
+                bad = "different head counts"
+            elif flat_roots & set(full):
+                bad = "a head-split stream is itself split into blocks"
+            if bad is None:
+                for fr in flat_roots:
+                    if len({uf.find(j[4]) for j in js if uf.find(j[0]) == fr}) > 1:
+                        bad = "one stream is split into heads in two different ways"
+            if bad is not None:
+                for _, _, _, h, w in js:
+                    for x in (h, w):
+                        if uf.find(x) != pinned:
+                            self.pin(x, f"attention heads: {bad}")
+                for f, *_ in js:
+                    if uf.find(f) != pinned:
+                        self.pin(f, f"attention heads: {bad}")
+
+    def _expand(self, r: int, refined: dict[int, list], stack: tuple[int, ...] = ()) -> list[tuple[int | None, int, int]] | None:
+        """Segments (root or None, n, inner) of refined class ``r``, flattened; ``None`` on a cycle."""
+        pinned = self.uf.find(_PINNED)
+        out: list[tuple[int | None, int, int]] = []
+        for x, n, inner in refined[r]:
+            rx = self.uf.find(x) if x is not None else None
+            if rx is None or rx == pinned:
+                out.append((None, n, inner))
+            elif rx in refined:
+                if rx in stack or rx == r:
+                    return None
+                sub = self._expand(rx, refined, stack + (r,))
+                if sub is None:
+                    return None
+                out += [(y, m, k * inner) for y, m, k in sub]
+            else:
+                out.append((rx, n, inner))
+        merged: list[tuple[int | None, int, int]] = []  # adjacent fixed runs become one
+        for y, m, k in out:
+            if y is None and merged and merged[-1][0] is None:
+                merged[-1] = (None, merged[-1][1] * merged[-1][2] + m * k, 1)
+            elif y is None:
+                merged.append((None, m * k, 1))
+            else:
+                merged.append((y, m, k))
+        return merged
 
     def build(self) -> TraceResult:
+        self._resolve_blocks()
         uf = self.uf
         pinned_root = uf.find(_PINNED)
         members: dict[int, list[tuple[str, int]]] = {}
@@ -824,11 +1374,41 @@ class _Tracer:
                 lst.append(why)
         msgs: list[str] = [f"{label} left unpermuted: {'; '.join(whys)}" for label, whys in why_by_label.items()]
 
+        refined: dict[int, list] = {}
+        for e, pieces, _ in self.refines:
+            refined.setdefault(uf.find(e), pieces)
+        refined.pop(pinned_root, None)
+        seg_of: dict[int, list[tuple[int | None, int, int]]] = {}  # refined class with state axes -> segments
+        used_in_segments: dict[int, str] = {}  # piece root -> name of the refined class (for naming)
+        for r in refined:
+            if r not in members:
+                continue
+            segs = self._expand(r, refined)
+            total = sum(n * inner for _, n, inner in segs) if segs is not None else -1
+            sizes_k = {int(self.state[k].shape[ax]) for k, ax in members[r]}
+            if segs is None or sizes_k != {total}:
+                msgs.append(f"entries {', '.join(f'{k}[{ax}]' for k, ax in members[r][:3])} left unpermuted: "
+                            f"inconsistent block structure")
+                continue
+            seg_of[r] = segs
+            owner = (producers.get(r) or [members[r][0][0].rsplit(".", 1)[0]])[0]
+            for y, _, _ in segs:
+                if y is not None:
+                    used_in_segments.setdefault(y, owner)
+
         sizes: dict[str, int] = {}
         root_group: dict[int, str] = {}
         for p in self.producer_order:
             r = uf.find(p)
-            if r == pinned_root or r in root_group or r not in members:
+            if r == pinned_root or r in root_group or r in refined or (r not in members and r not in used_in_segments):
+                continue
+            if r not in members:
+                g = self.producer_name[p]
+                base, i = g, 2
+                while g in sizes:
+                    g, i = f"{base}#{i}", i + 1
+                root_group[r] = g
+                sizes[g] = self._class_size(r)
                 continue
             size_set = {int(self.state[k].shape[ax]) for k, ax in members[r]}
             if len(size_set) != 1:
@@ -844,19 +1424,57 @@ class _Tracer:
                 g, i = f"{base}#{i}", i + 1
             root_group[r] = g
             sizes[g] = size_set.pop()
-        axes: dict[str, list[str | None]] = {k: [None] * v.dim() for k, v in self.state.items()}
+        for r, owner in used_in_segments.items():  # pieces without a producer of their own
+            if r in root_group or r == pinned_root:
+                continue
+            size = self._class_size(r)
+            sz_members = {int(self.state[k].shape[ax]) for k, ax in members.get(r, [])}
+            if size is None or (sz_members and sz_members != {size}):
+                continue
+            g, i = f"{owner}.{0}", 0
+            while g in sizes:
+                i += 1
+                g = f"{owner}.{i}"
+            root_group[r] = g
+            sizes[g] = size
+        axes: dict[str, list[Any]] = {k: [None] * v.dim() for k, v in self.state.items()}
         for r, g in root_group.items():
-            for k, ax in members[r]:
+            for k, ax in members.get(r, []):
                 axes[k][ax] = g
+        for r, segs in seg_of.items():
+            entry = tuple((root_group.get(y) if y is not None else None, n, inner) for y, n, inner in segs)
+            if all(g is None for g, _, _ in entry):
+                continue
+            for k, ax in members[r]:
+                axes[k][ax] = entry[0][0] if (len(entry) == 1 and entry[0][2] == 1) else entry
+        heads: dict[str, tuple[int, tuple[str, ...]]] = {}
+        fam: dict[int, tuple[int, list[str]]] = {}
+        for f, H, d, h, w in self.joints:
+            g = root_group.get(uf.find(f))
+            if g is None or uf.find(h) == pinned_root:
+                continue
+            entry = fam.setdefault(uf.find(h), (H, []))
+            if g not in entry[1]:
+                entry[1].append(g)
+        for H, gs in fam.values():
+            heads[f"{gs[0]}.heads"] = (H, tuple(gs))
+        for name, h, elems in self.heads:
+            gs = [root_group.get(uf.find(x)) for x in elems]
+            if all(g is not None for g in gs):
+                heads[name] = (h, tuple(gs))
+        used = {g for ax in axes.values() for e in ax for g in _entry_groups(e)}
+        for g in [g for g in sizes if g not in used]:  # a stream whose every axis ended in fixed blocks
+            del sizes[g]
+        heads = {n: hv for n, hv in heads.items() if all(g in sizes for g in hv[1])}
         spec = PermutationSpec(axes={k: tuple(v) for k, v in axes.items()}, sizes=sizes,
-                               shapes={k: tuple(v.shape) for k, v in self.state.items()})
+                               shapes={k: tuple(v.shape) for k, v in self.state.items()}, heads=heads)
         spec.validate()
         if self.strict and msgs:
             raise LmcError("cannot build a complete permutation spec: " + "; ".join(msgs),
                            "write a permutation_spec() method for this model, or trace with strict=False to "
                            "leave those units unpermuted")
         res = TraceResult(spec=spec, warnings=msgs,
-                          producers={root_group[r]: producers[r] for r in root_group})
+                          producers={root_group[r]: producers.get(r, []) for r in root_group})
         res.sites = self._sites(root_group)
         return res
 
