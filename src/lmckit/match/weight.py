@@ -59,9 +59,37 @@ Speed
   only the LAP runs on the CPU.
 
 An entry moved by the same group on two axes (a square stream-to-stream
-weight) makes ``J`` quadratic in ``P_g``; its cost term is linearised at the
-current ``p_g`` (as in Git Re-Basin) and its exact change is evaluated before
-a move is accepted, so the objective still never decreases.
+weight, an LSTM's ``weight_hh``) makes ``J`` quadratic in ``P_g``; its cost
+term is linearised at the current ``p_g`` (as in Git Re-Basin) and its exact
+change is evaluated before a move is accepted, so the objective still never
+decreases.
+
+Block axes
+----------
+An axis moved by segments (``torch.cat``, padding, LSTM gate blocks, the fused
+``in_proj`` of attention, ``flatten`` of a feature map; see
+:mod:`lmckit.perm.spec`) contributes one term per segment of ``g``: the
+segment's rows of A and of ``pi_{-g}(B)``, each unit's run of ``inner``
+entries read as one row, ``A_seg^{(a)} Bp_seg^{(a)T}``.
+
+Attention heads
+---------------
+Groups under a head structure (``spec.heads``: ``H`` heads; members such as
+``qk`` and ``vo`` of sizes ``H*d_m``) are visited together as one coordinate.
+With the others fixed, ``J`` is ``sum_m sum_i C_m[i, p_m[i]]`` and a
+head-structured ``p_m`` is ``p_m[a*d_m + j] = h[a]*d_m + w_{m,a}[j]``, so
+
+.. math::
+
+    \max J = \max_h \sum_a S[a, h[a]], \qquad
+    S[a, b] = \sum_m \max_{w} \sum_j C_m[a d_m + j, b d_m + w[j]] ,
+
+solved exactly by ``H^2`` within-head assignment problems per member (one per
+pair of heads ``(a, b)``, on the ``d_m x d_m`` block of ``C_m``) and one
+``H x H`` assignment on their optimal values ``S``: the exact best move of the
+whole head structure, at a cost of ``H^2 * sum_m O(d_m^3)`` for the solves
+(less than one unconstrained ``O((H d)^3)`` solve) plus the members' usual
+cost products.
 """
 from __future__ import annotations
 
@@ -75,7 +103,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..errors import LmcError
-from ..perm.spec import PermutationSpec, Perms, identity_permutation, validate_perms
+from ..perm.spec import (PermutationSpec, Perms, axis_index, entry_groups, entry_segments, identity_permutation,
+                         is_segmented, validate_perms)
 from .result import MatchResult
 
 #: State-dict suffixes that are statistics, not parameters (left out of the WM objective by default).
@@ -94,7 +123,7 @@ def objective_keys(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | No
     """
     keys = []
     for k, ax in spec.axes.items():
-        if all(g is None for g in ax):
+        if all(not entry_groups(g) for g in ax):
             continue
         if not include_buffers and k.rsplit(".", 1)[-1] in STAT_SUFFIXES:
             continue
@@ -148,6 +177,11 @@ def l2_distance(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: M
 
 
 # --------------------------------------------------------------------------- problem
+def _segflat(t: torch.Tensor, axis: int, off: int, n: int, inner: int) -> torch.Tensor:
+    """Segment ``[off, off + n*inner)`` of ``axis`` as an ``(n, inner*rest)`` matrix (unit runs as rows)."""
+    return t.narrow(axis, off, n * inner).movedim(axis, 0).reshape(n, -1)
+
+
 def _flat(t: torch.Tensor, axis: int) -> torch.Tensor:
     """``t`` with ``axis`` first and the rest flattened: ``(n, m)`` (a view where possible)."""
     if t.dim() == 2 and axis == 1:
@@ -172,8 +206,8 @@ class _Problem:
         members: dict[str, list[tuple[str, int]]] = {g: [] for g in spec.sizes}
         for k in keys:
             for a, g in enumerate(self.axes[k]):
-                if g is not None:
-                    members[g].append((k, a))
+                for x in entry_groups(g):
+                    members[x].append((k, a))
         self.members = members
         self.groups = [g for g in spec.sizes if members[g]]  # groups that the objective can see
         self.unmatched = [g for g in spec.sizes if not members[g]]
@@ -186,12 +220,24 @@ class _Problem:
         self.scale: dict[str, float] = {}
         norms_a = {k: float(torch.linalg.vector_norm(self.A[k].double())) for k in keys}
         norms_b = {k: float(torch.linalg.vector_norm(self.B[k].double())) for k in keys}
+        self.segs: dict[str, list[tuple[str, int, int, int, int, torch.Tensor, bool]]] = {}
         for g in self.groups:
-            mats, vecs, quad, qkeys, nb = [], [], [], [], set()
+            mats, vecs, quad, qkeys, nb, segs = [], [], [], [], set(), []
             for k, a in members[g]:
-                gs = [x for x in self.axes[k] if x is not None]
+                per_axis = [entry_groups(x) for x in self.axes[k]]
+                gs = [x for lst in per_axis for x in lst]
                 nb.update(x for x in gs if x != g)
-                if gs.count(g) > 1:
+                is_quad = sum(1 for lst in per_axis if g in lst) > 1
+                if is_segmented(self.axes[k][a]):
+                    for sg, n, inner, off in entry_segments(self.axes[k][a], None, spec.sizes):
+                        if sg == g:
+                            segs.append((k, a, off, n, inner, _segflat(self.A[k], a, off, n, inner).contiguous(), is_quad))
+                    if is_quad:
+                        if k not in qkeys:
+                            qkeys.append(k)
+                        nb.add(g)
+                    continue
+                if is_quad:
                     quad.append((k, a, _flat(self.A[k], a).contiguous()))
                     if k not in qkeys:
                         qkeys.append(k)
@@ -202,6 +248,7 @@ class _Problem:
                     am = self.A[k] if (self.A[k].dim() == 2 and a == 1) else _flat(self.A[k], a).contiguous()
                     mats.append((k, a, am))
             self.mats[g], self.vec_keys[g], self.quad[g], self.quad_keys[g] = mats, vecs, quad, qkeys
+            self.segs[g] = segs
             self.vec_a[g] = torch.stack([self.A[k] for k in vecs], 1) if vecs else None
             self.neighbours[g] = nb
             self.scale[g] = sum(norms_a[k] * norms_b[k] for k in {k for k, _ in members[g]})
@@ -213,7 +260,7 @@ class _Problem:
             w = self.B[k]
             for a, g in enumerate(self.axes[k]):
                 if g is not None:
-                    w = w.index_select(a, perms[g])
+                    w = w.index_select(a, axis_index(g, perms, w.shape[a], w.device))
             out[k] = w
         return out
 
@@ -234,10 +281,16 @@ class _Problem:
             bv = torch.stack([bp[k] for k in self.vec_keys[g]], 1)
             c += (self.vec_a[g] @ bv.t()).double()
         cq = None
-        if self.quad[g]:
+        for k, a, off, m, inner, am, quad in self.segs[g]:
+            if not quad:
+                c += (am @ _segflat(bp[k], a, off, m, inner).t()).double()
+        if self.quad[g] or any(t[6] for t in self.segs[g]):
             cq = torch.zeros(n, n, dtype=torch.float64, device=self.device)
             for k, a, am in self.quad[g]:
                 cq += (am @ _flat(bp[k], a).t()).double()
+            for k, a, off, m, inner, am, quad in self.segs[g]:
+                if quad:
+                    cq += (am @ _segflat(bp[k], a, off, m, inner).t()).double()
         return c, cq
 
     @staticmethod
@@ -260,7 +313,7 @@ class _Problem:
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         for k, a, am in self.mats[g]:
-            stamp = tuple(stamps[h] for i, h in enumerate(self.axes[k]) if h is not None and i != a)
+            stamp = tuple(stamps[h] for i, e in enumerate(self.axes[k]) if i != a for h in entry_groups(e))
             hit = cache.get((k, a))
             if hit is None or hit[0] != stamp:
                 hit = (stamp, self.contribution(k, a, am, bp[k])[:, inv_g])
@@ -272,11 +325,23 @@ class _Problem:
                 bv = torch.stack([bp[k] for k in self.vec_keys[g]], 1)
                 hit = cache[(g, "vec")] = (self.vec_a[g] @ bv.t()).double()[:, inv_g]
             c += hit
+        for i, (k, a, off, m, inner, am, quad) in enumerate(self.segs[g]):
+            if quad:
+                continue
+            stamp = tuple(stamps[h] for j, e in enumerate(self.axes[k]) if j != a for h in entry_groups(e))
+            hit = cache.get((k, a, "seg", off))
+            if hit is None or hit[0] != stamp:
+                hit = (stamp, (am @ _segflat(bp[k], a, off, m, inner).t()).double()[:, inv_g])
+                cache[(k, a, "seg", off)] = hit
+            c += hit[1]
         cq = None
-        if self.quad[g]:
+        if self.quad[g] or any(t[6] for t in self.segs[g]):
             cq = torch.zeros(n, n, dtype=torch.float64, device=self.device)
             for k, a, am in self.quad[g]:
                 cq += (am @ _flat(bp[k], a).t()).double()
+            for k, a, off, m, inner, am, quad in self.segs[g]:
+                if quad:
+                    cq += (am @ _segflat(bp[k], a, off, m, inner).t()).double()
             cq = cq[:, inv_g]
         return c, cq
 
@@ -288,6 +353,9 @@ class _Problem:
             for a, x in enumerate(self.axes[k]):
                 if x == g:
                     w = w.index_select(a, q)
+                elif is_segmented(x) and g in entry_groups(x):
+                    pos = {h: (q if h == g else torch.arange(self.spec.sizes[h], device=q.device)) for h in entry_groups(x)}
+                    w = w.index_select(a, axis_index(x, pos, w.shape[a], q.device))
             changed[k] = w
         return changed
 
@@ -328,73 +396,148 @@ def _independent_runs(order: list[str], neighbours: Mapping[str, set[str]], limi
     return runs
 
 
+def _solve_heads(n_heads: int, costs: list[np.ndarray]) -> list[np.ndarray]:
+    """Exact best head-structured assignment for members sharing one head mapping.
+
+    ``costs[m]`` is member ``m``'s ``(H d_m) x (H d_m)`` cost; returns one flat
+    assignment per member, ``p[a*d + j] = h[a]*d + w_{m,a}[j]``, maximising the
+    summed cost (see the module docstring). Every solve goes through :func:`_lap`.
+    """
+    H = int(n_heads)
+    score = np.zeros((H, H))
+    within: list[np.ndarray] = []
+    for c in costs:
+        d = c.shape[0] // H
+        blocks = c.reshape(H, d, H, d)
+        w = np.zeros((H, H, d), dtype=np.int64)
+        rows = np.arange(d)
+        for a in range(H):
+            for b in range(H):
+                blk = np.ascontiguousarray(blocks[a, :, b, :])
+                col = _lap(blk) if d > 1 else np.zeros(1, dtype=np.int64)
+                w[a, b] = col
+                score[a, b] += blk[rows, col].sum()
+        within.append(w)
+    head = _lap(score) if H > 1 else np.zeros(1, dtype=np.int64)
+    out = []
+    for w in within:
+        d = w.shape[2]
+        out.append((head[:, None] * d + w[np.arange(H), head]).reshape(-1).astype(np.int64))
+    return out
+
+
+def _units(prob: _Problem) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Coordinates of the descent: one per free group, one per head structure (all its members at once)."""
+    units: dict[str, list[str]] = {}
+    heads: dict[str, int] = {}
+    in_heads = set()
+    for name, (h, members) in prob.spec.heads.items():
+        if not any(g in prob.groups for g in members):
+            continue
+        u = f"heads:{name}"
+        units[u] = list(members)
+        heads[u] = int(h)
+        in_heads.update(members)
+    for g in prob.groups:
+        if g not in in_heads and prob.spec.sizes[g] > 1:
+            units[g] = [g]
+    return units, heads
+
+
 def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: int, tol: float,
              progress: Any = None) -> tuple[Perms, list[float], int, bool, dict[str, int]]:
     """One coordinate-descent run from ``init``; returns perms, objective history, sweeps, converged, counters."""
     dev = prob.device
     perms = {g: p.to(dev) for g, p in init.items()}
     inv = {g: torch.argsort(p) for g, p in perms.items()}
-    perms_np = {g: perms[g].cpu().numpy() for g in prob.groups}
+    perms_np = {g: perms[g].cpu().numpy() for g in prob.spec.sizes}
     bp = prob.permuted_b(perms)
     total = prob.objective(bp)
     history = [total]
     clock = 0  # counts accepted moves
-    moved_at = {g: 0 for g in prob.groups}
+    moved_at = {g: 0 for g in prob.spec.sizes}
     moved_at_any = {g: 0 for g in prob.spec.sizes}  # per-group move counter (cache stamps)
     cost_cache: dict = {}
     solved_at: dict[str, int] = {}
     stats = {"solves": 0, "skipped": 0, "moves": 0}
-    solvable = [g for g in prob.groups if prob.spec.sizes[g] > 1]
+    units, unit_heads = _units(prob)
+    group_unit = {g: u for u, ms in units.items() for g in ms}
+    nb_groups = {u: set().union(*(prob.neighbours.get(g, set()) for g in ms)) for u, ms in units.items()}
+    for u, ms in units.items():
+        if u in unit_heads:
+            nb_groups[u] -= set(ms) - {g for g in ms if g in prob.neighbours and g in prob.neighbours[g]}
+    nb_units = {u: {group_unit[g] for g in nb_groups[u] if g in group_unit} for u in units}
+    solvable = list(units)
     sweeps, converged = 0, False
     t_loop = time.perf_counter()
+    n_units = prob.spec.sizes
     for _ in range(max_iter):
         changed = False
         order = [solvable[i] for i in rng.permutation(len(solvable))]
-        for batch in _independent_runs(order, prob.neighbours, _lap_workers()):
-            # Groups in a batch are consecutive in the visiting order and share no
+        for batch in _independent_runs(order, nb_units, _lap_workers()):
+            # Units in a batch are consecutive in the visiting order and share no
             # tensor, so neither's cost depends on the other's move: solving their
             # assignment problems concurrently (scipy releases the GIL) and then
             # accepting the moves in order is exactly the sequential sweep.
             jobs = []
-            for g in batch:
-                last = solved_at.get(g)
-                if last is not None and all(moved_at[h] <= last for h in prob.neighbours[g]):
+            for u in batch:
+                last = solved_at.get(u)
+                if last is not None and all(moved_at[h] <= last for h in nb_groups[u]):
                     stats["skipped"] += 1
                     continue
-                solved_at[g] = clock
+                solved_at[u] = clock
                 stats["solves"] += 1
-                inv_g = inv[g]
-                c_lin, c_quad = prob.cost_original(g, bp, inv_g, moved_at_any, cost_cache)
-                c_all = c_lin if c_quad is None else c_lin + c_quad
-                jobs.append((g, inv_g, c_lin, c_quad, c_all.cpu().numpy()))
-            if sum(job[4].shape[0] >= _PARALLEL_MIN_UNITS for job in jobs) > 1:
-                solutions = list(_lap_pool().map(_lap, [job[4] for job in jobs]))
+                parts = []
+                for g in units[u]:
+                    if g in prob.mats:
+                        c_lin, c_quad = prob.cost_original(g, bp, inv[g], moved_at_any, cost_cache)
+                    else:  # a member the objective cannot see
+                        c_lin = torch.zeros(n_units[g], n_units[g], dtype=torch.float64, device=dev)
+                        c_quad = None
+                    c_all = c_lin if c_quad is None else c_lin + c_quad
+                    parts.append((g, inv[g], c_lin, c_quad, c_all.cpu().numpy()))
+                jobs.append((u, parts))
+            plain = [(i, job[1][0][4]) for i, job in enumerate(jobs) if job[0] not in unit_heads]
+            if sum(c.shape[0] >= _PARALLEL_MIN_UNITS for _, c in plain) > 1:
+                sol_plain = dict(zip([i for i, _ in plain], _lap_pool().map(_lap, [c for _, c in plain])))
             else:
-                solutions = [_lap(job[4]) for job in jobs]
-            for (g, inv_g, c_lin, c_quad, c_np), p_new in zip(jobs, solutions):
-                p_old = perms_np[g]
-                if np.array_equal(p_new, p_old):
+                sol_plain = {i: _lap(c) for i, c in plain}
+            for i, (u, parts) in enumerate(jobs):
+                if u in unit_heads:
+                    news = _solve_heads(unit_heads[u], [pt[4] for pt in parts])
+                else:
+                    news = [sol_plain[i]]
+                moves = [(pt, p_new) for pt, p_new in zip(parts, news) if not np.array_equal(p_new, perms_np[pt[0]])]
+                if not moves:
                     continue
-                rows = np.arange(len(p_new))
-                lin_np = c_np if c_quad is None else c_lin.cpu().numpy()
-                delta = float(lin_np[rows, p_new].sum() - lin_np[rows, p_old].sum())
-                p_new_t = torch.from_numpy(p_new).to(dev)
-                q = inv_g[p_new_t]  # positions in bp of the new units
-                new_quad = None
-                if c_quad is not None:
-                    new_quad = prob.reindex(g, q, bp, prob.quad_keys[g])
-                    delta += sum(float(torch.sum(prob.A[k].double() * (new_quad[k].double() - bp[k].double())))
-                                 for k in new_quad)
-                if not delta > tol * prob.scale[g]:
+                delta = 0.0
+                trial = dict(bp)
+                updates: dict[str, torch.Tensor] = {}
+                for (g, inv_g, c_lin, c_quad, c_np), p_new in moves:
+                    rows = np.arange(len(p_new))
+                    lin_np = c_np if c_quad is None else c_lin.cpu().numpy()
+                    delta += float(lin_np[rows, p_new].sum() - lin_np[rows, perms_np[g]].sum())
+                    if c_quad is not None:
+                        q = inv_g[torch.from_numpy(p_new).to(dev)]
+                        new_quad = prob.reindex(g, q, trial, prob.quad_keys[g])
+                        delta += sum(float(torch.sum(prob.A[k].double() * (new_quad[k].double() - trial[k].double())))
+                                     for k in new_quad)
+                        trial.update(new_quad)
+                        updates.update(new_quad)
+                scale = sum(prob.scale.get(pt[0], 0.0) for pt, _ in moves)
+                if not delta > tol * scale:
                     continue
-                bp.update(prob.reindex(g, q, bp, [k for k in {k for k, _ in prob.members[g]} if new_quad is None or k not in new_quad]))
-                if new_quad is not None:
-                    bp.update(new_quad)
-                perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
+                for (g, inv_g, c_lin, c_quad, c_np), p_new in moves:
+                    p_new_t = torch.from_numpy(p_new).to(dev)
+                    q = inv_g[p_new_t]  # positions in bp of the new units
+                    keys = [k for k in {k for k, _ in prob.members[g]} if k not in updates]
+                    bp.update(prob.reindex(g, q, bp, keys))
+                    perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
+                    moved_at_any[g] += 1
+                    clock += 1
+                    moved_at[g] = clock
+                bp.update(updates)
                 total += delta
-                clock += 1
-                moved_at[g] = clock
-                moved_at_any[g] += 1
                 stats["moves"] += 1
                 changed = True
         sweeps += 1
@@ -489,8 +632,10 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
         if bar is not None:
             bar.close()
     perms, history, sweeps, converged, stats, best_r = best
+    in_heads = {g for _, (_, ms) in spec.heads.items() for g in ms}
     for g in prob.unmatched:
-        perms[g] = init[g].clone()
+        if g not in in_heads:  # head members move with their structure's head mapping
+            perms[g] = init[g].clone()
     perms = {g: perms[g] for g in spec.sizes}
     extra = {"seed": int(seed), "restarts": int(restarts), "best_restart": int(best_r),
              "restart_objectives": [float(v) for v in finals], "max_iter": int(max_iter),
@@ -518,12 +663,18 @@ def matching_floor_seconds(spec: PermutationSpec, sd_a: Mapping[str, torch.Tenso
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        for g in prob.groups:
-            if prob.spec.sizes[g] < 2:
-                continue
-            c, cq = prob.cost_full(g, bp)
-            if cq is not None:
-                c = c + cq
-            _lap(c.cpu().numpy())
+        units, unit_heads = _units(prob)
+        for u, members in units.items():
+            costs = []
+            for g in members:
+                if g in prob.mats:
+                    c, cq = prob.cost_full(g, bp)
+                    costs.append((c if cq is None else c + cq).cpu().numpy())
+                else:
+                    costs.append(np.zeros((prob.spec.sizes[g],) * 2))
+            if u in unit_heads:
+                _solve_heads(unit_heads[u], costs)
+            else:
+                _lap(costs[0])
         best = min(best, time.perf_counter() - t0)
     return best
