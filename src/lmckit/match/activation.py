@@ -12,8 +12,18 @@ With ``E`` the mean over samples:
   ``s`` the standard deviations (Ainsworth et al. 2023, Sec. 3.1; Li et al. 2015);
 - ``method="cross_moment"``: ``M_g[i, j] = E[z^a_i z^b_j]``.
 
+Groups without a site module (attention Q/K and V/O features, recurrent
+hidden states, blocks of concatenated or padded streams) are read where they
+are produced: the output rows of the Linear/Conv whose ``weight`` rows the
+group moves (the segment of a block axis: the group's channels only), the
+query/key/value projections of ``nn.MultiheadAttention`` computed from its
+input (a Q/K unit pools its query and key activations), and each layer's
+output sequence of ``nn.LSTM``/``nn.GRU`` (token axes are samples).
+
 Then ``p_g = argmax_p sum_i M_g[i, p[i]]``, one linear assignment problem per
-group (no coordinate descent: each group's statistics do not depend on the
+group; groups under a head structure are matched per head pair and then per
+head, exactly as in weight matching (:func:`lmckit.match.weight._solve_heads`
+on the members' similarity matrices) (no coordinate descent: each group's statistics do not depend on the
 other groups' permutations). Statistics are accumulated for all groups at once
 in one forward pass per model per batch (sums, sums of squares and cross
 products in float64). Models are evaluated in eval mode (BatchNorm uses its
@@ -30,9 +40,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
-from ..perm.spec import PermutationSpec
+from ..perm.spec import PermutationSpec, entry_segments, is_segmented
 from .result import MatchResult
-from .weight import _lap, check_finite
+from .weight import _lap, _solve_heads, check_finite
 
 METHODS = ("pearson", "cross_moment")
 
@@ -74,7 +84,8 @@ def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, A
         raw_sites = fn(model, example_input)
     out = {g: as_names(v, g) for g, v in raw_sites.items()}
     unknown = [g for g in out if g not in spec.sizes]
-    missing = [g for g in spec.sizes if g not in out or not out[g]]
+    derived = set(derived_sources(model, spec)) if sites is None else set()
+    missing = [g for g in spec.sizes if (g not in out or not out[g]) and g not in derived]
     if unknown:
         raise LmcError(f"activation sites name groups the permutation spec does not have: {unknown[:4]}",
                        f"the spec's groups are {list(spec.sizes)[:6]}")
@@ -89,13 +100,108 @@ def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, A
     return out
 
 
-class _Recorder:
-    """Forward hooks collecting each site module's outputs during one forward pass."""
+def _rows_segment(entry: Any, group: str, sizes: Mapping[str, int]) -> list[tuple[int, int]] | None:
+    """``(offset, n)`` of every block of ``group`` on an axis (``None`` if the group has runs of entries)."""
+    out = []
+    for g, n, inner, off in entry_segments(entry, None, sizes):
+        if g == group:
+            if inner != 1:
+                return None
+            out.append((off, n))
+    return out
 
-    def __init__(self, model: nn.Module, names: set[str]):
+
+def derived_sources(model: nn.Module, spec: PermutationSpec) -> dict[str, list[tuple[str, Any]]]:
+    """Group -> ``(module name, extractor)`` pairs reading the group's units where they are produced.
+
+    ``extractor(module, inputs, output)`` returns a list of ``(samples, n_units)``
+    tensors. See the module docstring for which layers are read.
+    """
+    out: dict[str, list[tuple[str, Any]]] = {}
+    sizes = spec.sizes
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and f"{name}.in_proj_weight" in spec.axes:
+            entry = spec.axes[f"{name}.in_proj_weight"][0]
+            if not is_segmented(entry):
+                continue
+            for g, _, _, _ in entry_segments(entry, None, sizes):
+                if g is None or g in out:
+                    continue
+                segs = _rows_segment(entry, g, sizes)
+                if segs:
+                    out[g] = [(name, _mha_extractor(segs))]
+        elif isinstance(m, (nn.LSTM, nn.GRU)):
+            for layer in range(m.num_layers):
+                e = spec.axes.get(f"{name}.weight_hh_l{layer}", (None, None))[1]
+                if isinstance(e, str) and e not in out:
+                    out[e] = [(name, _rnn_extractor(layer))]
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and f"{name}.weight" in spec.axes:
+            entry = spec.axes[f"{name}.weight"][0]
+            axis = -1 if isinstance(m, nn.Linear) else 1
+            for g in ([entry] if isinstance(entry, str) else [x for x, _, _ in entry] if is_segmented(entry) else []):
+                if g is None or g in out:
+                    continue
+                segs = [(0, sizes[g])] if isinstance(entry, str) else _rows_segment(entry, g, sizes)
+                if segs:
+                    out[g] = [(name, _output_extractor(axis, segs))]
+    return out
+
+
+def _take(t: torch.Tensor, axis: int, segs: list[tuple[int, int]]) -> list[torch.Tensor]:
+    flat = t.movedim(axis, -1)
+    flat = flat.reshape(-1, flat.shape[-1])
+    return [flat[:, o:o + n] for o, n in segs]
+
+
+def _output_extractor(axis: int, segs: list[tuple[int, int]]):
+    def fn(_m, _inputs, output):
+        return _take(output, axis, segs)
+    return fn
+
+
+def _mha_extractor(segs: list[tuple[int, int]]):
+    def fn(m, inputs, _output):
+        q = inputs[0]
+        proj = torch.nn.functional.linear(q, m.in_proj_weight, m.in_proj_bias)
+        parts = _take(proj, -1, segs)
+        return [torch.cat(parts, 0)] if len(parts) > 1 else parts  # a Q/K unit pools its query and key samples
+    return fn
+
+
+def _rnn_extractor(layer: int):
+    def fn(m, inputs, output):
+        if layer == m.num_layers - 1:
+            seq = output[0]
+        else:  # intermediate layers: rerun the stack one layer at a time (same weights)
+            seq = inputs[0]
+            for lyr in range(layer + 1):
+                single = type(m)(seq.shape[-1], m.hidden_size, 1, bias=m.bias, batch_first=m.batch_first).to(seq.device, seq.dtype)
+                with torch.no_grad():
+                    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        if hasattr(m, f"{kind}_l{lyr}"):
+                            getattr(single, f"{kind}_l0").copy_(getattr(m, f"{kind}_l{lyr}"))
+                seq = single(seq)[0]
+        return [seq.reshape(-1, seq.shape[-1])]
+    return fn
+
+
+class _Recorder:
+    """Forward hooks collecting each site module's outputs (and derived group features) during one forward pass."""
+
+    def __init__(self, model: nn.Module, names: set[str], derived: Mapping[str, list[tuple[str, Any]]] | None = None):
         mods = dict(model.named_modules())
         self.outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+        self.derived: dict[str, list[torch.Tensor]] = {}
+        for g, lst in (derived or {}).items():
+            self.derived[g] = []
+            for n, fn in lst:
+                self.handles.append(mods[n].register_forward_hook(self._dhook(g, fn)))
+
+    def _dhook(self, group: str, fn):
+        def hook(module, inputs, output):
+            self.derived[group].extend(x.detach() for x in fn(module, inputs, output))
+        return hook
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
@@ -107,6 +213,8 @@ class _Recorder:
 
     def clear(self) -> None:
         for v in self.outputs.values():
+            v.clear()
+        for v in self.derived.values():
             v.clear()
 
     def remove(self) -> None:
@@ -183,12 +291,15 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
     check_finite(sd_a, "model A")
     check_finite(sd_b, "model B")
     sites_a = resolve_sites(model_a, spec, sites, example)
+    derived_a = {g: v for g, v in derived_sources(model_a, spec).items() if not sites_a.get(g)} if sites is None else {}
+    sites_a = {g: v for g, v in sites_a.items() if v}
     ma, mb = _on_device(model_a, dev), _on_device(model_b, dev)
     names = {n for lst in sites_a.values() for n in lst}
-    rec_a, rec_b = _Recorder(ma, names), _Recorder(mb, names)
+    rec_a, rec_b = _Recorder(ma, names, derived_a), _Recorder(mb, names, derived_sources(mb, spec) and
+                                                              {g: derived_sources(mb, spec)[g] for g in derived_a})
     modes = [(m, m.training) for m in (ma, mb)]
     n_units = spec.sizes
-    stats: dict[str, dict[str, Any]] = {g: {"n": 0} for g in sites_a}
+    stats: dict[str, dict[str, Any]] = {g: {"n": 0} for g in list(sites_a) + list(derived_a)}
     gen = torch.Generator().manual_seed(int(seed))
     used = 0
     try:
@@ -207,9 +318,14 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
                     raise LmcError(f"the models cannot run on dataset {dataset.name!r} ({split} batches of shape "
                                    f"{tuple(x.shape)}): {str(e).splitlines()[0]}",
                                    "pass the dataset the models were trained on") from None
-                for g, lst in sites_a.items():
-                    fa = torch.cat([f for n in lst for f in _features(rec_a.outputs[n], n_units[g], g, n)]).double()
-                    fb = torch.cat([f for n in lst for f in _features(rec_b.outputs[n], n_units[g], g, n)]).double()
+                for g in stats:
+                    if g in derived_a:
+                        fa = torch.cat(rec_a.derived[g]).double()
+                        fb = torch.cat(rec_b.derived[g]).double()
+                    else:
+                        lst = sites_a[g]
+                        fa = torch.cat([f for n in lst for f in _features(rec_a.outputs[n], n_units[g], g, n)]).double()
+                        fb = torch.cat([f for n in lst for f in _features(rec_b.outputs[n], n_units[g], g, n)]).double()
                     s = stats[g]
                     if s["n"] == 0:
                         s.update(sa=torch.zeros(n_units[g], dtype=torch.float64, device=dev), sb=torch.zeros_like(fa[0]),
@@ -232,10 +348,14 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
     perms: dict[str, torch.Tensor] = {}
     before = after = 0.0
     per_group = {}
+    sims = {g: _similarity(stats[g], method, eps).cpu().numpy() for g in spec.sizes}
+    cols: dict[str, np.ndarray] = {}
+    for _, (h, members) in spec.heads.items():
+        for g, col in zip(members, _solve_heads(int(h), [sims[g] for g in members])):
+            cols[g] = col
     for g in spec.sizes:
-        s = stats[g]
-        m = _similarity(s, method, eps).cpu().numpy()
-        col = _lap(m) if n_units[g] > 1 else np.zeros(1, dtype=np.int64)
+        m = sims[g]
+        col = cols[g] if g in cols else _lap(m) if n_units[g] > 1 else np.zeros(1, dtype=np.int64)
         rows = np.arange(len(col))
         b, a = float(np.trace(m)), float(m[rows, col].sum())
         before += b
