@@ -1,10 +1,10 @@
-"""Model zoo: MLP, VGG-11/13/16, ResNet-20/32/44 (+ tiny test variants).
+"""Model zoo: MLP, VGG-11/13/16, ResNet-20/32/44, ViT, LSTM (+ tiny test variants).
 
 Every model takes image batches ``(N, C, H, W)`` and knows its permutation
 spec (``model.permutation_spec()``) and the modules whose outputs are each
 group's activations (``model.hidden_modules()``, for activation matching).
 """
-from . import mlp, resnet, vgg  # noqa: F401  (registration)
+from . import lstm, mlp, resnet, vgg, vit  # noqa: F401  (registration)
 from .registry import create_model, list_models, model_entry, model_from_config, register_model
 
 __all__ = ["create_model", "list_models", "model_entry", "model_from_config", "register_model"]
