@@ -239,6 +239,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "resnet20-fmnist": dict(model="resnet20", model_kwargs={"width_mult": 1.0, "norm": "batchnorm"}, dataset="fashion-mnist",
                             epochs=3, batch_size=500, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
                             schedule="linear", warmup_epochs=0.5, augment=False),
+    # Transformer and recurrent models on Fashion-MNIST, sized for a CPU (about 1-2 min an epoch on 2 cores).
+    "vit-fmnist": dict(model="vit", model_kwargs={}, dataset="fashion-mnist", epochs=5, batch_size=256,
+                       optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False),
+    "lstm-fmnist": dict(model="lstm", model_kwargs={}, dataset="fashion-mnist", epochs=5, batch_size=256,
+                        optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False),
     # Seconds-long recipe for tests and smoke runs.
     "tiny": dict(model="mlp_tiny", model_kwargs={}, dataset="synthetic", epochs=2, batch_size=100, optimizer="adam",
                  lr=1e-2, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False, eval_batch_size=500),

@@ -6,7 +6,7 @@ import math
 import time
 from typing import Any
 
-from .common import (add_data, add_device, add_json, load_checkpoints, print_json, print_table,
+from .common import (add_arch, add_data, add_device, add_json, load_checkpoints, print_json, print_table,
                      recorded_dataset)
 
 
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data subsets and random baselines")
     add_data(p)
     add_device(p)
+    add_arch(p)
     add_json(p)
     p.set_defaults(func=run)
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
-        [args.a, args.b], labels=["model A", "model B"], hint="analyse two models of the same architecture and width")
+        [args.a, args.b], labels=["model A", "model B"], hint="analyse two models of the same architecture and width", arch=args.arch)
     model = model.to(device)
     perms = load_perms(args.perm, spec) if args.perm else None
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data, add_device, add_json, load_checkpoints, print_json, print_table, recorded_dataset
+from .common import add_arch, add_data, add_device, add_json, load_checkpoints, print_json, print_table, recorded_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data(p)
     add_json(p)
     add_device(p)
+    add_arch(p)
     p.set_defaults(func=run)
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # configs may differ in spelled-out defaults: load_checkpoints compares them with defaults filled in
     (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
-        [args.a, args.b], labels=["model A", "model B"], hint="interpolate two models of the same architecture and width")
+        [args.a, args.b], labels=["model A", "model B"], hint="interpolate two models of the same architecture and width", arch=args.arch)
     name = args.dataset or recorded_dataset(info_a)
     if name is None:
         raise LmcError(f"model A ({args.a}) does not record its dataset", "pass --dataset NAME (e.g. fashion-mnist)")

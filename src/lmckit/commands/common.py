@@ -40,6 +40,84 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, fl
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+# --------------------------------------------------------------------------- user architectures (--arch)
+def add_arch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
+                   help="your own architecture: import MODULE (a dotted name on sys.path / PYTHONPATH, or a .py file) "
+                        "and call CALLABLE() for the nn.Module; the checkpoints are then plain safetensors state dicts "
+                        "of it. THIS RUNS YOUR CODE. Give the module an `example_input` tensor attribute (or method) "
+                        "for tracing, or a permutation_spec() method (default: none, checkpoints must be lmckit's)")
+
+
+def load_arch(arch: str):
+    """Build the user's model from ``"module:callable"`` (imports and runs the user's code, explicitly asked for).
+
+    ``module`` is a dotted module name or a path to a ``.py`` file. Raises :class:`LmcError` when it cannot be
+    imported, has no such callable, or the callable does not return an ``nn.Module``.
+    """
+    import importlib
+    import importlib.util
+
+    import torch.nn as nn
+
+    from ..errors import LmcError
+
+    if not isinstance(arch, str) or ":" not in arch:
+        raise LmcError(f"--arch {arch!r} is not MODULE:CALLABLE", "e.g. --arch mymodels:build_net or --arch ./net.py:Net")
+    mod_name, fn_name = arch.rsplit(":", 1)
+    try:
+        if mod_name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            if spec is None or spec.loader is None or not Path(mod_name).exists():
+                raise ImportError(f"no file {mod_name}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001  (the user's module may raise anything)
+        raise LmcError(f"--arch: cannot import {mod_name!r}: {type(e).__name__}: {e}",
+                       "check the module name and PYTHONPATH (or pass a path to a .py file)") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise LmcError(f"--arch: {mod_name!r} has no callable {fn_name!r}", "name a function or class that builds the model")
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001
+        raise LmcError(f"--arch: {arch}() failed: {type(e).__name__}: {e}", "the factory must build the model without arguments") from None
+    if not isinstance(model, nn.Module):
+        raise LmcError(f"--arch: {arch}() returned a {type(model).__name__}, not an nn.Module")
+    # registered for this process only, so that code rebuilding models from their config finds it
+    from ..models.registry import _REGISTRY, create_model, register_model
+
+    name = f"arch:{arch}"
+    if name not in _REGISTRY:
+        register_model(name, f"user architecture {arch} (--arch)")(lambda: fn())
+    model.lmckit_config = {"name": name}
+    return model
+
+
+def _load_arch_checkpoints(paths: Sequence[str | Path], names: list[str], arch: str):
+    from ..checkpoint import checkpoint_file
+    from ..errors import LmcError
+    from ..perm import spec_for
+    from ..store import load_state
+
+    model = load_arch(arch)
+    example = getattr(model, "example_input", None)
+    example = example() if callable(example) else example
+    spec = spec_for(model, example)
+    states, infos = [], []
+    for path, name in zip(paths, names):
+        if not Path(path).exists():
+            raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file")
+        sd, meta = load_state(checkpoint_file(path))
+        spec.check_state(sd, name)
+        states.append(sd)
+        infos.append({"path": str(path), "model": {"name": f"arch:{arch}"}, **({"dataset": meta["dataset"]} if "dataset" in meta else {})})
+    model.load_state_dict(dict(states[0]))
+    return states, infos, model, spec
+
+
 # --------------------------------------------------------------------------- checkpoint inputs
 def describe_model(cfg: Mapping[str, Any]) -> str:
     """A model config as one short line, e.g. ``mlp_tiny(width_mult=2.0, norm=batchnorm)``."""
@@ -58,7 +136,7 @@ def architecture_difference(cfg_a: Mapping[str, Any], cfg_b: Mapping[str, Any]) 
 
 
 def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None = None,
-                     hint: str = "pass checkpoints of the same architecture and width"):
+                     hint: str = "pass checkpoints of the same architecture and width", arch: str | None = None):
     """Load checkpoints that must hold one architecture: ``(states, infos, model, spec)``.
 
     Each path must exist and load with :func:`lmckit.checkpoint.load_checkpoint`; the model of the first
@@ -69,6 +147,7 @@ def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None =
     Parameters
     ----------
     paths : run folders or ``.safetensors`` files.
+    arch : ``"module:callable"`` building the user's own model (then the files are plain state dicts of it).
     labels : optional names of the inputs (``"model A"``, ...); errors then say ``model A (PATH)``.
     hint : the fix suggested when two checkpoints are different models.
     """
@@ -77,6 +156,8 @@ def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None =
     from ..perm import spec_for
 
     names = [str(p) if labels is None else f"{labels[i]} ({p})" for i, p in enumerate(paths)]
+    if arch is not None:  # the user's own architecture, plain state dicts (see add_arch)
+        return _load_arch_checkpoints(paths, names, arch)
     states, infos = [], []
     for path in paths:
         if not Path(path).exists():

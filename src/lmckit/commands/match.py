@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_data, add_device, add_json, describe_model, load_checkpoints, print_json, recorded_dataset
+from .common import add_arch, add_data, add_device, add_json, describe_model, load_checkpoints, print_json, recorded_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data(p)
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
     add_device(p)
+    add_arch(p)
     add_json(p)
     p.set_defaults(func=run)
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.multi == "mergemany" and args.method != "weight":
         raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
     device = resolve_device(args.device)
-    states, infos, model, spec = load_checkpoints(args.models, hint="match checkpoints of the same architecture and width")
+    states, infos, model, spec = load_checkpoints(args.models, hint="match checkpoints of the same architecture and width", arch=args.arch)
     models = [model] + [build_model(model.lmckit_config, sd, str(path)) for path, sd in zip(args.models[1:], states[1:])]
     dataset = None
     if args.method in ("activation", "ste"):

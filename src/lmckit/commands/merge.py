@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_data, add_device, add_json, dataset_name, describe_model, load_checkpoints,
+from .common import (add_arch, add_data, add_device, add_json, dataset_name, describe_model, load_checkpoints,
                      print_json, print_table)
 
 
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in the first checkpoint)")
     add_data(p)
     add_device(p)
+    add_arch(p)
     add_json(p)
     p.set_defaults(func=run)
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise LmcError(f"--out {out} cannot be created: {parent} is a file", "pass a folder path")
     device = resolve_device(args.device)
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)
-    states, infos, model, _ = load_checkpoints(args.models)
+    states, infos, model, _ = load_checkpoints(args.models, arch=args.arch)
     dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
     check_model_fits(model, dataset, "train", where=args.models[0])
     check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset,

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
-from ..perm.spec import PermutationSpec, entry_segments, is_segmented
+from ..perm.spec import PermutationSpec, entry_segments, is_segmented, warn_low_coverage
 from .result import MatchResult
 from .weight import _lap, _solve_heads, check_finite
 
@@ -290,6 +290,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
     spec.check_state(sd_b, "model B")
     check_finite(sd_a, "model A")
     check_finite(sd_b, "model B")
+    warn_low_coverage(spec, "activation matching")
     sites_a = resolve_sites(model_a, spec, sites, example)
     derived_a = {g: v for g, v in derived_sources(model_a, spec).items() if not sites_a.get(g)} if sites is None else {}
     sites_a = {g: v for g, v in sites_a.items() if v}

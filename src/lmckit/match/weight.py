@@ -104,7 +104,7 @@ from scipy.optimize import linear_sum_assignment
 
 from ..errors import LmcError
 from ..perm.spec import (PermutationSpec, Perms, axis_index, entry_groups, entry_segments, identity_permutation,
-                         is_segmented, validate_perms)
+                         is_segmented, validate_perms, warn_low_coverage)
 from .result import MatchResult
 
 #: State-dict suffixes that are statistics, not parameters (left out of the WM objective by default).
@@ -603,6 +603,8 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
     if int(restarts) < 1:
         raise LmcError(f"restarts must be at least 1, got {restarts}")
     check_pair(spec, sd_a, sd_b)
+    if init_perms is None:  # (warm starts, e.g. STE's projections, were warned about by their caller)
+        warn_low_coverage(spec, "weight matching")
     init = identity_permutation(spec) if init_perms is None else validate_perms(spec, dict(init_perms), "init_perms")
     if device is None:
         first = next((v for v in sd_a.values() if isinstance(v, torch.Tensor)), None)

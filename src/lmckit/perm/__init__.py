@@ -1,6 +1,11 @@
 """Permutation specs (which axes each hidden-unit permutation moves) and their algebra."""
 from .spec import (
+    COVERAGE_WARN_THRESHOLD,
+    CoverageWarning,
     PermutationSpec,
+    head_block_perm,
+    split_head_perm,
+    warn_low_coverage,
     Perms,
     SpecBuilder,
     apply_permutation,
@@ -18,7 +23,8 @@ from .spec import (
 __all__ = [
     "PermutationSpec", "Perms", "SpecBuilder", "apply_permutation", "compose_permutations",
     "identity_permutation", "invert_permutation", "load_perms", "perm_changed_units", "perms_to_json",
-    "random_permutation", "save_perms", "validate_perms", "spec_for",
+    "random_permutation", "save_perms", "validate_perms", "spec_for", "CoverageWarning", "COVERAGE_WARN_THRESHOLD",
+    "head_block_perm", "split_head_perm", "warn_low_coverage",
 ]
 
 

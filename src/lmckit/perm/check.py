@@ -44,7 +44,9 @@ class CheckReport:
     updated buffers (BatchNorm running statistics) after un-permuting, relative
     to that buffer's largest value; ``stats_key`` names the worst one.
     ``culprits``: when the check fails, the groups whose permutation alone
-    changes the output.
+    changes the output. ``vacuous``: the spec permutes no units at all (no
+    group of two or more units); the check then fails (``ok=False``): an
+    unchanged output proves nothing when nothing was moved.
     """
 
     ok: bool
@@ -60,6 +62,7 @@ class CheckReport:
     spec_source: str
     warnings: list[str] = field(default_factory=list)
     culprits: list[str] = field(default_factory=list)
+    vacuous: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +80,14 @@ class CheckReport:
             f"eval mode:  max relative output diff {self.eval_diff:.3g}",
         ]
         lines += [f"warning: {w}" for w in self.warnings]
-        if self.ok:
+        if c.get("heads"):
+            lines.append("attention heads: " + ", ".join(f"{n} ({v['heads']} heads: {', '.join(v['groups'])})"
+                                                          for n, v in c["heads"].items()))
+        if self.vacuous:
+            lines.append("NO UNITS PERMUTED: the spec leaves every unit in place, so this check proves nothing"
+                         + (" (pinned: " + "; ".join(self.warnings) + ")" if self.warnings else
+                            " (no permutable hidden stream was found)"))
+        elif self.ok:
             lines.append(f"function preserved (tol {self.tol:g})")
         else:
             lines.append(f"FUNCTION CHANGED (tol {self.tol:g})"
@@ -85,6 +95,10 @@ class CheckReport:
         return "\n".join(lines)
 
     def raise_if_failed(self) -> "CheckReport":
+        if self.vacuous:
+            raise LmcError("the permutation spec permutes no units, so the model cannot be aligned"
+                           + (": " + "; ".join(self.warnings) if self.warnings else ""),
+                           "give the model a permutation_spec() method, or change the ops named above")
         if not self.ok:
             raise LmcError(
                 f"the permutation spec does not preserve the model's function: relative output diff "
@@ -178,8 +192,9 @@ def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec
     Returns
     -------
     CheckReport
-        ``ok`` iff train- and eval-mode outputs and the updated running
-        statistics agree within ``tol``; with the spec's coverage.
+        ``ok`` iff the spec permutes some units and train- and eval-mode
+        outputs and the updated running statistics agree within ``tol``;
+        with the spec's coverage.
     """
     from . import spec_for
     from .trace import SpecWarning, example_input_for, trace_spec
@@ -210,9 +225,10 @@ def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec
     ident = identity_permutation(spec)
     moved = int(sum(int((perms[g] != ident[g]).sum()) for g in spec.sizes))
     train_diff, eval_diff, stats_diff, stats_key = _compare(model, spec, perms, x, dtype)
-    ok = max(train_diff, eval_diff, stats_diff) <= tol
+    vacuous = not any(n >= 2 for n in spec.sizes.values())
+    ok = max(train_diff, eval_diff, stats_diff) <= tol and not vacuous
     culprits: list[str] = []
-    if not ok and len(spec.sizes) <= 64:
+    if not ok and not vacuous and len(spec.sizes) <= 64:
         for g in spec.sizes:  # which groups break the function on their own
             only = {h: (perms[h] if h == g else ident[h]) for h in spec.sizes}
             d = _compare(model, spec, only, x, dtype)
@@ -221,7 +237,7 @@ def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec
     report = CheckReport(ok=ok, tol=tol, seed=seed, train_diff=train_diff, eval_diff=eval_diff,
                          stats_diff=stats_diff, stats_key=stats_key, coverage=spec.coverage(),
                          groups=dict(spec.sizes), moved_units=moved, spec_source=source, warnings=caught,
-                         culprits=culprits)
+                         culprits=culprits, vacuous=vacuous)
     if raise_on_fail:
         report.raise_if_failed()
     return report

@@ -1535,8 +1535,14 @@ class _Tracer:
 def example_input_for(model: nn.Module, batch: int = 8, seed: int = 0) -> torch.Tensor:
     """A random ``(batch, C, S, S)`` input for a zoo model, from its config and factory defaults.
 
-    Raises :class:`LmcError` for models not built by :func:`lmckit.models.create_model`.
+    A non-zoo model with an ``example_input`` tensor attribute (or method returning one) gets that.
+    Raises :class:`LmcError` for other models not built by :func:`lmckit.models.create_model`.
     """
+    ex = getattr(model, "example_input", None)  # user architectures (--arch) may carry their own example batch
+    if ex is not None:
+        ex = ex() if callable(ex) else ex
+        if isinstance(ex, torch.Tensor):
+            return ex
     cfg = getattr(model, "lmckit_config", None)
     if not isinstance(cfg, dict) or "name" not in cfg:
         raise LmcError(f"no example input given for {type(model).__name__}, and it is not an lmckit zoo model",
