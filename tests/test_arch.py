@@ -236,3 +236,35 @@ def test_wm_warns_on_low_coverage():
         warnings.simplefilter("error", CoverageWarning)
         sd = ARCH_CASES["mha_batch_first"].factory().state_dict()
         weight_matching(good, sd, sd)
+
+
+@pytest.mark.parametrize("name", ["mha_batch_first", "hand_attention_fused", "lstm_2layer", "gru_2layer",
+                                  "resnet_option_a", "vgg_pool_flatten", "cat_skip", "vit_tiny", "lstm_tiny"])
+def test_r_gamma_on_attention_gate_and_block_matrices(name):
+    """R(gamma) = 1 for a model and its planted permutation once un-permuted, on W_Q/W_K/W_V/W_O, gate and block layers."""
+    from lmckit.analysis import layers_of, svd_alignment, truncate_state
+    from lmckit.models import create_model
+
+    if name in ARCH_CASES:
+        _, _, spec = _traced(ARCH_CASES[name])
+        sd = ARCH_CASES[name].factory().state_dict()
+    else:
+        m = create_model(name)
+        spec, sd = m.permutation_spec(), m.state_dict()
+    sd = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) if v.is_floating_point() else v
+          for k, v in sd.items()}
+    planted = random_permutation(spec, 4)
+    res = svd_alignment(spec, sd, apply_permutation(spec, planted, sd), invert_permutation(planted))
+    for g in ("0", "0.3"):
+        assert res.R[g]["after"] == pytest.approx(1.0, abs=1e-6)
+        assert res.R[g]["before"] < 0.9
+    names = [la.layer.name for la in res.layers]
+    if "attn" in name or name == "vit_tiny":
+        assert any(n.endswith(":q") for n in names) and any(n.endswith(":v") for n in names)
+        assert any(n.endswith("out_proj") for n in names)
+    if "lstm" in name or "gru" in name:
+        assert any(n.endswith(":g" if "lstm" in name else ":n") or n.endswith(":i") for n in names)
+    # full-rank truncation gives the weights back, split layers included
+    out, _ = truncate_state(spec, sd, gamma=0.0)
+    for layer in layers_of(spec, sd):
+        assert torch.allclose(out[layer.key], sd[layer.key], atol=1e-5)

@@ -12,15 +12,36 @@ permutes the kernel's axis 1 (or the rows of ``V`` viewed as
 
 The output layer is the layer whose axis-0 group is ``None`` (its rows are
 the logits, which no permutation moves).
+
+Attention, recurrent and block layers (issue 11)
+------------------------------------------------
+Weights named ``*weight*`` (``in_proj_weight``, ``weight_ih_l0``,
+``weight_hh_l0``) are layers too. A weight whose rows are moved by ``k >= 2``
+equal-length segments with one unit per row (the gate blocks i, f, g, o of an
+LSTM, r, z, n of a GRU, the Q, K, V blocks of a fused ``in_proj`` / ``qkv``
+projection) is read as ``k`` matrices, one per gate or projection
+(``W_Q, W_K, W_V``; ``W_i, W_f, W_g, W_o``), each with its own rows'
+permutation ``P`` (Q and K: the Q/K group, V: the V/O group, every gate: the
+layer's hidden permutation) and the columns' permutation ``Q``; ``W_O``
+(``out_proj``) is an ordinary layer (rows: the stream, columns: V/O). Any
+other block axis (``torch.cat``, padded channels, ``flatten`` of a feature
+map) is read as one matrix whose rows or columns are permuted by the composite
+index vector (a block-diagonal permutation, or ``Q ⊗ I_{H*W}`` for a flatten).
+Head-structured permutations are ordinary permutations of the rows/columns,
+so ``R(gamma)`` needs nothing else for attention.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from ..perm import PermutationSpec
+from ..perm.spec import axis_index, entry_segments, is_segmented
+
+_GATE_LABELS = {3: ("q", "k", "v"), 4: ("i", "f", "g", "o")}  # fused projections; LSTM gates
+_RNN_LABELS = {3: ("r", "z", "n"), 4: ("i", "f", "g", "o")}  # GRU / LSTM gates (torch's row order)
 
 # Buffers that are statistics, not trainable parameters: excluded from distances.
 STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -43,10 +64,14 @@ class Layer:
     shape: tuple[int, ...]
     out_group: str | None
     in_group: str | None
+    out_entry: Any = None  # axis-0 entry of the spec (a group, block segments, or None) of this matrix's rows
+    in_entry: Any = None
+    row_offset: int = 0  # rows [row_offset, row_offset + shape[0]) of the state entry (gate / Q, K, V blocks)
+    split: bool = False
 
     @property
     def is_output(self) -> bool:
-        return self.out_group is None
+        return self.out_group is None and self.out_entry is None
 
     @property
     def rows(self) -> int:
@@ -79,7 +104,8 @@ def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = 
     """
     out: list[Layer] = []
     for key, axes in spec.axes.items():
-        if not key.endswith(".weight") and key != "weight":
+        last = key.rsplit(".", 1)[-1]
+        if not (last == "weight" or last.startswith("weight_") or last.endswith("_weight")):
             continue
         shape = tuple(state[key].shape) if state is not None and key in state else tuple(spec.shapes.get(key, ()))
         if len(shape) < 2:
@@ -88,9 +114,27 @@ def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = 
             continue
         if any(g is not None for g in axes[2:]):
             raise ValueError(f"{key}: a permutation on a spatial axis is not supported by the SVD analyses")
-        name = key[: -len(".weight")] if key.endswith(".weight") else ""
-        out.append(Layer(key, name, shape, axes[0] if axes else None, axes[1] if len(axes) > 1 else None))
+        name = key[: -len(".weight")] if key.endswith(".weight") else "" if key == "weight" else key
+        e0 = axes[0] if axes else None
+        e1 = axes[1] if len(axes) > 1 else None
+        plain = lambda e: e if isinstance(e, str) else None  # noqa: E731
+        if is_segmented(e0):
+            segs = entry_segments(e0, shape[0], spec.sizes)
+            if len(segs) >= 2 and all(inner == 1 and g is not None for g, _, inner, _ in segs) \
+                    and len({n for _, n, _, _ in segs}) == 1:
+                table = _RNN_LABELS if ".weight_ih" in key or ".weight_hh" in key else _GATE_LABELS
+                labels = table.get(len(segs), tuple(str(i) for i in range(len(segs))))
+                for (g, n, _, off), lab in zip(segs, labels):
+                    out.append(Layer(key, f"{name}:{lab}", (n,) + shape[1:], g, plain(e1), g, e1, off, True))
+                continue
+        out.append(Layer(key, name, shape, plain(e0), plain(e1), e0, e1))
     return out
+
+
+def layer_weight(layer: Layer, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The layer's weight tensor (its block of rows for a gate / Q, K, V matrix)."""
+    w = state[layer.key]
+    return w.narrow(0, layer.row_offset, layer.rows) if layer.split else w
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -120,8 +164,13 @@ def perms_for(layer: Layer, perms: Mapping[str, torch.Tensor] | None) -> tuple[t
     """``(p, q)`` index vectors of the layer's output and input groups (``None`` = identity)."""
     if perms is None:
         return None, None
-    p = perms[layer.out_group] if layer.out_group is not None else None
-    q = perms[layer.in_group] if layer.in_group is not None else None
+    if layer.split:
+        p = perms[layer.out_group] if layer.out_group is not None else None
+    elif layer.out_entry is not None:
+        p = axis_index(layer.out_entry, perms, layer.rows)
+    else:
+        p = None
+    q = axis_index(layer.in_entry, perms, int(layer.shape[1])) if layer.in_entry is not None else None
     return p, q
 
 

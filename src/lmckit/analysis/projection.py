@@ -67,7 +67,9 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
         if not (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
                                                 and mod.padding_mode == "zeros" and isinstance(mod.padding, tuple))):
             continue
-        _, s, v = svds[layer.key] if svds is not None else layer_svd(sd[layer.key])
+        if layer.split:
+            continue
+        _, s, v = svds[layer.name] if svds is not None else layer_svd(sd[layer.key])
         rnd = torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=torch.float64)
         rnd = rnd / rnd.norm(dim=0, keepdim=True)
         targets[layer.name] = (mod, s.float(), v.float().to(dev), rnd.float().to(dev))

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..errors import LmcError
 from ..perm import PermutationSpec, spec_for
-from .layers import has_batchnorm, layers_of
+from .layers import has_batchnorm, layer_weight, layers_of
 from .svd import SVDs, kept_count, layer_svd, state_svds
 
 
@@ -58,11 +58,16 @@ def truncate_state(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma:
     for layer in layers_of(spec, sd):
         if keep_output_layer and layer.is_output:
             continue
-        w = sd[layer.key]
-        u, s, v = svds[layer.key] if svds is not None else layer_svd(w)
+        w = layer_weight(layer, sd)
+        u, s, v = svds[layer.name] if svds is not None else layer_svd(w)
         k = kept_count(s, gamma) if gamma is not None else min(layer.rank, math.ceil(fraction * layer.rank - 1e-9))
         w_k = (u[:, :k] * s[:k]) @ v[:, :k].mT
-        out[layer.key] = w_k.reshape(w.shape).to(w.device, w.dtype)
+        w_k = w_k.reshape(w.shape).to(w.device, w.dtype)
+        if layer.split:  # one gate / Q, K, V block of a larger weight
+            full = out[layer.key].clone() if out[layer.key] is sd[layer.key] else out[layer.key]
+            full[layer.row_offset:layer.row_offset + layer.rows] = w_k
+            w_k = full
+        out[layer.key] = w_k
         kept[layer.name] = {"kept": int(k), "rank": layer.rank}
     return out, kept
 

@@ -23,6 +23,15 @@ Choices documented here:
 - Conv kernels are read as ``out x (in*k*k)``; ``Q`` acts on the column axis
   as ``Q ⊗ I_{k*k}``, applied by permuting the rows of ``V_b`` viewed as
   ``(in, k*k, r)`` (see :mod:`lmckit.analysis.layers`).
+- Attention and recurrent layers: ``W_Q, W_K, W_V`` (the row blocks of a
+  fused ``in_proj``/``qkv`` weight), ``W_O`` (``out_proj``) and the LSTM/GRU
+  gate matrices (row blocks of ``weight_ih_l``/``weight_hh_l``) are layers,
+  each ``P W Q^T`` with ``P`` the permutation of its rows (Q/K group, V/O
+  group, hidden units; head-structured permutations included) and ``Q`` of
+  its columns (the residual stream, the previous layer, the hidden units for
+  ``weight_hh``). Block axes (concatenation, padding, flatten) use the
+  composite permutation of the whole axis. The definition of ``R`` is
+  otherwise unchanged.
 - Each model's SVD is computed once (float64, on the CPU); "before" uses the
   identity, "after" permutes the rows of ``U_b`` and ``V_b``. This is exactly
   the SVD of ``P W_b Q^T`` and avoids the sign/ordering ambiguity of
@@ -45,7 +54,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..perm import PermutationSpec
-from .layers import Layer, as_matrix, layers_of, permute_kron_rows, permute_rows, perms_for
+from .layers import Layer, as_matrix, layer_weight, layers_of, permute_kron_rows, permute_rows, perms_for
 
 DEFAULT_GAMMAS = (0.0, 0.3)
 
@@ -88,7 +97,7 @@ SVDs = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 def state_svds(spec: PermutationSpec, sd: Mapping[str, torch.Tensor]) -> SVDs:
     """``{weight key: (U, sigma, V)}`` for every layer of ``sd`` (see :func:`layer_svd`); compute once, reuse."""
-    return {layer.key: layer_svd(sd[layer.key]) for layer in layers_of(spec, sd)}
+    return {layer.name: layer_svd(layer_weight(layer, sd)) for layer in layers_of(spec, sd)}
 
 
 def kept_count(sigma: torch.Tensor, gamma: float) -> int:
@@ -211,8 +220,8 @@ def svd_alignment(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
     tot_min = {k: 0 for k in keys}
     out: list[LayerAlignment] = []
     for layer in layers_of(spec, sd_a):
-        u_a, s_a, v_a = svds_a[layer.key] if svds_a is not None else layer_svd(sd_a[layer.key])
-        u_b, s_b, v_b = svds_b[layer.key] if svds_b is not None else layer_svd(sd_b[layer.key])
+        u_a, s_a, v_a = svds_a[layer.name] if svds_a is not None else layer_svd(layer_weight(layer, sd_a))
+        u_b, s_b, v_b = svds_b[layer.name] if svds_b is not None else layer_svd(layer_weight(layer, sd_b))
         p, q = perms_for(layer, perms)
         c = {"before": cross_alignment(u_a, v_a, u_b, v_b),
              "after": cross_alignment(u_a, v_a, u_b, v_b, p, q, layer.kernel)}
