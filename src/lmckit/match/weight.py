@@ -253,6 +253,13 @@ class _Problem:
             self.neighbours[g] = nb
             self.scale[g] = sum(norms_a[k] * norms_b[k] for k in {k for k, _ in members[g]})
 
+    def a64(self, k: str) -> torch.Tensor:
+        """``A[k]`` in float64 (cached: the exact gain of a quadratic entry's move is summed in float64)."""
+        cache = self.__dict__.setdefault("_a64", {})
+        if k not in cache:
+            cache[k] = self.A[k].double()
+        return cache[k]
+
     # ------------------------------------------------------------------ state
     def permuted_b(self, perms: Perms) -> dict[str, torch.Tensor]:
         out = {}
@@ -520,7 +527,7 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                     if c_quad is not None:
                         q = inv_g[torch.from_numpy(p_new).to(dev)]
                         new_quad = prob.reindex(g, q, trial, prob.quad_keys[g])
-                        delta += sum(float(torch.sum(prob.A[k].double() * (new_quad[k].double() - trial[k].double())))
+                        delta += sum(float(torch.sum(prob.a64(k) * (new_quad[k] - trial[k]).double()))
                                      for k in new_quad)
                         trial.update(new_quad)
                         updates.update(new_quad)
