@@ -197,17 +197,21 @@ def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec
         with the spec's coverage.
     """
     from . import spec_for
-    from .trace import SpecWarning, example_input_for, trace_spec
+    from .trace import SpecWarning, example_input_for, trace_streams
 
     if example_input is None:
         example_input = example_input_for(model)
     source = "given"
     caught: list[str] = []
+    opaque: list[str] = []
     if spec is None:
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always", SpecWarning)
             if traced or not hasattr(model, "permutation_spec"):
-                spec, source = trace_spec(model, example_input), "traced"
+                res = trace_streams(model, example_input)
+                for msg in res.warnings:
+                    warnings.warn(f"trace_spec({type(model).__name__}): {msg}", SpecWarning, stacklevel=2)
+                spec, source, opaque = res.spec, "traced", res.opaque
             else:
                 spec, source = spec_for(model, example_input), "rules"
         for w in rec:
@@ -226,6 +230,8 @@ def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec
     moved = int(sum(int((perms[g] != ident[g]).sum()) for g in spec.sizes))
     train_diff, eval_diff, stats_diff, stats_key = _compare(model, spec, perms, x, dtype)
     vacuous = not any(n >= 2 for n in spec.sizes.values())
+    if vacuous:  # name every op the tracer could not see through, even those no hidden unit reached
+        caught += [f"pinned by {op}" for op in opaque if not any(op in w for w in caught)]
     ok = max(train_diff, eval_diff, stats_diff) <= tol and not vacuous
     culprits: list[str] = []
     if not ok and not vacuous and len(spec.sizes) <= 64:

@@ -171,6 +171,8 @@ class TraceResult:
     warnings: list[str] = field(default_factory=list)
     sites: dict[str, list[str]] = field(default_factory=dict)
     producers: dict[str, list[str]] = field(default_factory=dict)
+    #: every op the tracer could not see through (whether or not units flowed into it)
+    opaque: list[str] = field(default_factory=list)
 
 
 class _UnionFind:
@@ -254,6 +256,7 @@ class _Tracer:
         self.info: dict[fx.Node, Any] = {}
         self.module_calls: dict[str, int] = {}
         self.site_nodes: list[tuple[fx.Node, str]] = []  # (call_module node, kind)
+        self.opaque_ops: list[str] = []
         self.refines: list[tuple[int, list[tuple[int | None, int, int]], str]] = []  # (elem, pieces, where)
         self.slices: list[tuple[int, int, int, int, str]] = []  # (elem, start, stop, piece elem, where)
         self.heads: list[tuple[str, int, list[int]]] = []  # (name, n_heads, member elems)
@@ -364,6 +367,7 @@ class _Tracer:
     # ---------------------------------------------------------------- rules
     def opaque(self, node: fx.Node, why: str | None = None) -> Any:
         reason = why or f"{_op_name(node)} at node {node.name!r} is not understood by the tracer"
+        self.opaque_ops.append(reason)
         self.pin_all((node.args, node.kwargs), reason)
         return self.invariant_like(node)
 
@@ -1476,6 +1480,7 @@ class _Tracer:
         res = TraceResult(spec=spec, warnings=msgs,
                           producers={root_group[r]: producers.get(r, []) for r in root_group})
         res.sites = self._sites(root_group)
+        res.opaque = list(dict.fromkeys(self.opaque_ops))
         return res
 
     def _label(self, e: int) -> str:
