@@ -191,7 +191,8 @@ class ArchCase:
     factory: Callable[[], nn.Module]
     example: Callable[[], torch.Tensor]
     heads: int = 0
-    #: keys (or key prefixes) that must be permuted on some axis by the traced spec
+    #: ``"key@axis"``: axes the traced spec must permute (all of them were pinned by lmckit 0.1, except for
+    #: the token model, whose table and stream 0.1 already permuted)
     permuted: list[str] = field(default_factory=list)
 
 
@@ -205,25 +206,58 @@ def _images() -> torch.Tensor:
 
 ARCH_CASES: dict[str, ArchCase] = {c.name: c for c in [
     ArchCase("mha_batch_first", lambda: PreLNBlock(batch_first=True), _tokens, heads=1,
-             permuted=["embed.weight", "ln1.weight", "attn.in_proj_weight", "attn.out_proj.weight", "fc2.weight"]),
+             permuted=["embed.weight@0", "ln1.weight@0", "attn.in_proj_weight@0", "attn.in_proj_weight@1", "attn.out_proj.weight@0", "attn.out_proj.weight@1"]),
     ArchCase("mha_seq_first_nobias", lambda: PreLNBlock(batch_first=False, bias=False), _tokens, heads=1,
-             permuted=["embed.weight", "attn.in_proj_weight", "attn.out_proj.weight"]),
+             permuted=["embed.weight@0", "attn.in_proj_weight@0", "attn.out_proj.weight@1"]),
     ArchCase("tokens_pos_cls_tied", TokenNet, lambda: torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0)),
-             permuted=["tok.weight", "pos", "cls", "ln.weight", "fc2.weight"]),
+             permuted=["tok.weight@1", "pos@2", "cls@2", "ln.weight@0", "fc2.weight@0"]),
     ArchCase("lstm_2layer", LSTMNet, _tokens.__call__ if False else (lambda: torch.randn(4, 5, 5)),
-             permuted=["inp.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1", "rnn.bias_hh_l1"]),
+             permuted=["inp.weight@0", "rnn.weight_ih_l0@0", "rnn.weight_hh_l0@1", "rnn.weight_ih_l1@1", "rnn.bias_hh_l1@0"]),
     ArchCase("lstm_seq_first_nobias", lambda: LSTMNet(layers=1, batch_first=False, bias=False), lambda: torch.randn(4, 5, 5),
-             permuted=["rnn.weight_ih_l0", "rnn.weight_hh_l0"]),
+             permuted=["rnn.weight_ih_l0@0", "rnn.weight_hh_l0@0"]),
     ArchCase("gru_2layer", lambda: LSTMNet(cell="gru"), lambda: torch.randn(4, 5, 5),
-             permuted=["rnn.weight_ih_l0", "rnn.weight_hh_l1"]),
+             permuted=["rnn.weight_ih_l0@0", "rnn.weight_hh_l1@1"]),
     ArchCase("resnet_option_a", OptionAResNet, _images,
-             permuted=["conv.weight", "bn.weight", "b1.conv2.weight", "b2.conv2.weight", "b3.bn2.weight", "fc.weight"]),
+             permuted=["conv.weight@0", "bn.weight@0", "b2.conv2.weight@0", "b3.bn2.weight@0", "fc.weight@1"]),
     ArchCase("vgg_pool_flatten", VGGFlatten, _images,
-             permuted=["features.3.weight", "classifier.0.weight"]),
-    ArchCase("cat_skip", CatNet, _images, permuted=["a.weight", "b.weight", "bn.weight", "c.weight"]),
+             permuted=["features.3.weight@0", "classifier.0.weight@1"]),
+    ArchCase("cat_skip", CatNet, _images, permuted=["a.weight@0", "b.weight@0", "bn.weight@0", "c.weight@1"]),
 ]}
 
 ARCH_CASES["hand_attention_fused"] = ArchCase("hand_attention_fused", HandAttention, _tokens, heads=1,
-                                               permuted=["embed.weight", "qkv.weight", "proj.weight"])
+                                               permuted=["qkv.weight@0", "proj.weight@1"])
 ARCH_CASES["hand_attention_separate"] = ArchCase("hand_attention_separate", lambda: HandAttention(fused=False), _tokens,
-                                                  heads=1, permuted=["embed.weight", "q.weight", "v.weight", "proj.weight"])
+                                                  heads=1, permuted=["q.weight@0", "k.weight@0", "v.weight@0", "proj.weight@1"])
+
+
+class MatmulAttention(nn.Module):
+    """GPT-style attention written out: fused ``qkv``, ``chunk``, ``reshape`` + ``permute`` into heads,
+    ``q @ k.transpose(-2, -1) * scale``, a causal mask buffer, ``softmax``, ``@ v``, ``permute`` back."""
+
+    def __init__(self, d_in: int = 6, dim: int = 12, heads: int = 3, length: int = 5, num_classes: int = 3):
+        super().__init__()
+        self.h = heads
+        self.embed = nn.Linear(d_in, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("mask", torch.tril(torch.ones(length, length)).view(1, 1, length, length))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = self.embed(x)
+        q, k, v = self.qkv(self.ln(h)).chunk(3, dim=-1)
+        q = q.reshape(B, T, self.h, -1).permute(0, 2, 1, 3)
+        k = k.reshape(B, T, self.h, -1).permute(0, 2, 1, 3)
+        v = v.reshape(B, T, self.h, -1).permute(0, 2, 1, 3)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / 2.0)
+        att = att.masked_fill(self.mask == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        o = (att @ v).permute(0, 2, 1, 3).reshape(B, T, -1)
+        h = h + self.proj(o)
+        return self.head(h[:, -1])
+
+
+ARCH_CASES["matmul_attention_causal"] = ArchCase("matmul_attention_causal", MatmulAttention, _tokens, heads=1,
+                                                  permuted=["qkv.weight@0", "proj.weight@1", "ln.weight@0"])
