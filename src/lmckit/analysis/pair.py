@@ -73,6 +73,14 @@ def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
             rec.update(shape=list(la.layer.shape), output_layer=la.layer.is_output, R=la.R, rank=la.layer.rank,
                        kept={g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()})
         per_layer.append(rec)
+    # matrices that are blocks of one entry (W_Q/W_K/W_V of a fused projection, LSTM/GRU gates) have SVD rows of
+    # their own; their distances are in their entry's (module's) record
+    seen = {d["name"] for d in dist["per_layer"]}
+    for la in svd.layers:
+        if la.layer.name not in seen:
+            per_layer.append({"name": la.layer.name, "shape": list(la.layer.shape), "output_layer": la.layer.is_output,
+                              "l2_before": None, "l2_after": None, "reduction": None, "R": la.R, "rank": la.layer.rank,
+                              "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()}})
     summary: dict[str, Any] = {"l2_before": dist["l2_before"], "l2_after": dist["l2_after"], "reduction": dist["reduction"],
                                "R": svd.R, "gammas": [gamma_key(g) for g in gammas], "per_layer": per_layer,
                                "entries_counted": len(dist["entries"])}

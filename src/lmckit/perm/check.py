@@ -74,6 +74,8 @@ class CheckReport:
             f"spec ({self.spec_source}): {c['groups']} groups, {c['units']} units; "
             f"{c['entries_permuted']}/{c['entries']} entries and {c['elements_permuted']:,}/{c['elements']:,} "
             f"elements permuted ({frac:.1%})",
+            f"unit coverage: {c.get('hidden_coverage', 0.0):.1%} of the output units of the model's matrices move "
+            f"(matching warns below 50%)",
             f"random permutation (seed {self.seed}) moved {self.moved_units} of {c['units']} units",
             f"train mode: max relative output diff {self.train_diff:.3g}, running-stats diff {self.stats_diff:.3g}"
             + (f" ({self.stats_key})" if self.stats_key and self.stats_diff > self.tol else ""),
