@@ -261,3 +261,35 @@ class MatmulAttention(nn.Module):
 
 ARCH_CASES["matmul_attention_causal"] = ArchCase("matmul_attention_causal", MatmulAttention, _tokens, heads=1,
                                                   permuted=["qkv.weight@0", "proj.weight@1", "ln.weight@0"])
+
+
+class TimmAttention(nn.Module):
+    """timm's ViT attention: ``qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)``, ``unbind(0)``, SDPA."""
+
+    def __init__(self, d_in: int = 6, dim: int = 8, heads: int = 2, num_classes: int = 3, index: bool = False):
+        super().__init__()
+        self.h = heads
+        self.index = index
+        self.embed = nn.Linear(d_in, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape[0], x.shape[1], self.embed.out_features
+        h = self.embed(x)
+        qkv = self.qkv(self.norm(h)).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        if self.index:
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        h = h + self.proj(o)
+        return self.head(h.mean(1))
+
+
+ARCH_CASES["timm_attention_unbind"] = ArchCase("timm_attention_unbind", TimmAttention, _tokens, heads=1,
+                                                permuted=["embed.weight@0", "qkv.weight@0", "proj.weight@1"])
+ARCH_CASES["timm_attention_index"] = ArchCase("timm_attention_index", lambda: TimmAttention(index=True), _tokens,
+                                               heads=1, permuted=["qkv.weight@0", "proj.weight@1"])

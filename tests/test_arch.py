@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmckit.errors import LmcError
 from lmckit.match import weight_matching
@@ -269,3 +270,24 @@ def test_r_gamma_on_attention_gate_and_block_matrices(name):
     out, _ = truncate_state(spec, sd, gamma=0.0)
     for layer in layers_of(spec, sd):
         assert torch.allclose(out[layer.key], sd[layer.key], atol=1e-5)
+
+
+def test_fused_qkv_heads_used_otherwise_are_pinned():
+    """Summing the (3, H, d) projections mixes Q, K and V: no head permutation survives; pinned with a warning."""
+    from arch_models import TimmAttention
+
+    class Summed(TimmAttention):
+        def forward(self, x):
+            B, N, C = x.shape[0], x.shape[1], self.embed.out_features
+            h = self.embed(x)
+            qkv = self.qkv(self.norm(h)).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+            s = qkv.sum(0)
+            o = F.scaled_dot_product_attention(s, s, s).transpose(1, 2).reshape(B, N, C)
+            return self.head((h + self.proj(o)).mean(1))
+
+    m = Summed()
+    x = ARCH_CASES["timm_attention_unbind"].example()
+    with pytest.warns(SpecWarning):
+        spec = trace_spec(m, x)
+    assert not spec.heads and spec.axes["qkv.weight"][0] is None
+    assert check_spec(m, x, spec=spec).ok

@@ -265,6 +265,10 @@ class _Tracer:
         # a plain permutation of the H heads, the within-head axis one permutation per head (never alone)
         self.joints: list[tuple[int, int, int, int, int]] = []
         self.w_partner: dict[int, int] = {}  # within-head elem -> its head elem
+        # fused q/k/v viewed as (3, H, d) (timm style): stack elem -> (head placeholder, within placeholder,
+        # [(head elem, within elem) per q/k/v]); unbind/indexing the stack axis picks one projection's heads
+        self.stacks: dict[int, tuple[int, int, list[tuple[int, int]]]] = {}
+        self.stack_src: dict[int, int] = {}  # stack elem -> the fused stream it was cut from
         self._alias_keys()
 
     # ---------------------------------------------------------------- elements
@@ -457,6 +461,26 @@ class _Tracer:
             pre, c = _prod(in_shape[:d]), in_shape[d]
             j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
             if j is None and self.w_partner.get(e) is None:
+                # a unit axis split into (projections, heads, head dim): fused q/k/v, one head split per projection
+                j4 = next((j for j in range(len(out_shape) - 2) if _prod(out_shape[:j]) == pre
+                           and out_shape[j] * out_shape[j + 1] * out_shape[j + 2] == c and out_shape[j] > 1
+                           and out_shape[j + 1] > 1 and out_shape[j + 2] > 1), None)
+                if j4 is not None:
+                    S, H, dh = out_shape[j4], out_shape[j4 + 1], out_shape[j4 + 2]
+                    pairs = []
+                    for i in range(S):
+                        piece = self.fresh(H * dh)
+                        self.slices.append((e, i * H * dh, (i + 1) * H * dh, piece, f"{_op_name(node)} at node {node.name!r}"))
+                        eh, ew = self.uf.make(), self.uf.make()
+                        self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
+                        self.w_partner[ew] = eh
+                        self.joints.append((piece, H, dh, eh, ew))
+                        pairs.append((eh, ew))
+                    st, ph, pw = self.uf.make(), self.uf.make(), self.uf.make()
+                    self.stacks[st] = (ph, pw, pairs)
+                    self.stack_src[st] = e
+                    out[j4], out[j4 + 1], out[j4 + 2] = st, ph, pw
+                    continue
                 # a unit axis split into (heads, head dim): a head-structured stream
                 j3 = next((j for j in range(len(out_shape) - 1) if _prod(out_shape[:j]) == pre
                            and out_shape[j] * out_shape[j + 1] == c and out_shape[j] > 1 and out_shape[j + 1] > 1), None)
@@ -586,6 +610,8 @@ class _Tracer:
                 continue
             e = inf.get(d_in)
             if isinstance(it, int):
+                if e is not None and e in self.stacks and len(items) == 1:  # qkv[0]: one projection
+                    return self._pick(inf, d_in, it % in_shape[d_in])
                 if e is not None:
                     self.pin(e, f"indexing at node {node.name!r} selects single units of axis {d_in}")
                 d_in += 1
@@ -678,9 +704,21 @@ class _Tracer:
             return self.opaque(node)
         dim %= len(s)
         inf = self.tinfo(src)
+        if dim in inf and inf[dim] in self.stacks:
+            return tuple(self._pick(inf, dim, i) for i in range(s[dim]))
         if dim in inf:
             self.pin(inf[dim], f"{_op_name(node)} at node {node.name!r} takes single units apart")
         return tuple({(d if d < dim else d - 1): e for d, e in inf.items() if d != dim} for _ in range(s[dim]))
+
+    def _pick(self, inf: dict[int, int], dim: int, i: int) -> dict[int, int]:
+        """Projection ``i`` of a fused (projections, heads, head dim) tensor: its own head axes."""
+        ph, pw, pairs = self.stacks[inf[dim]]
+        out = {}
+        for d, e in inf.items():
+            if d == dim:
+                continue
+            out[d if d < dim else d - 1] = pairs[i][0] if e == ph else pairs[i][1] if e == pw else e
+        return out
 
     def matmul(self, node: fx.Node, x: Any, y: Any) -> Any:
         """``x @ y``: batch axes broadcast, the contracted axes' streams are joined (their sum is invariant)."""
@@ -1268,6 +1306,7 @@ class _Tracer:
                 e = self.uf.make()
                 self.uf.union(e, r)
                 self.refines.append((e, pieces, lst[0][3]))
+            self._check_stacks()
             self._resolve_joints(full)
             for name, _, elems in self.heads:
                 roots = {uf.find(x) for x in elems}
@@ -1278,6 +1317,27 @@ class _Tracer:
             after = (tuple(uf.find(i) for i in range(len(uf.parent))), len(self.refines))
             if after == before:
                 return
+
+    def _check_stacks(self) -> None:
+        """A fused (projections, heads, head dim) tensor may only be permuted/unbound: if its placeholder
+        axes met anything else, its projections' streams are pinned."""
+        uf = self.uf
+        if not self.stacks:
+            return
+        count: dict[int, int] = {}
+        for i in range(1, len(uf.parent)):
+            r = uf.find(i)
+            count[r] = count.get(r, 0) + 1
+        for st, (ph, pw, pairs) in self.stacks.items():
+            if any(count.get(uf.find(x), 0) != 1 or uf.find(x) == uf.find(_PINNED) for x in (st, ph, pw)):
+                src = self.stack_src[st]
+                if uf.find(src) != uf.find(_PINNED):
+                    self.pin(src, "its (projections, heads, head dim) view is used other than by unbind/indexing "
+                                  "(which would keep Q, K and V apart)")
+                for h, w in pairs:
+                    for x in (h, w):
+                        if uf.find(x) != uf.find(_PINNED):
+                            self.pin(x, "a fused q/k/v tensor split into heads is used other than by unbind/indexing")
 
     def _resolve_joints(self, full: dict[int, Any]) -> None:
         """Head-split streams: joints sharing head and within-head axes are one flat stream; a family of
