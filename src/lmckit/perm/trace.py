@@ -48,6 +48,17 @@ the elements of a union-find. Rules join them:
   its rows are segments ``(qk, qk, vo)``, ``out_proj``'s columns are ``vo``
   and its output a new stream; ``qk`` and ``vo`` share a head structure
   (one head permutation, free permutations inside each head).
+- hand-written attention: a ``view``/``reshape`` splitting a unit axis into
+  ``(H, d)`` makes a head-structured stream (a head axis carrying a plain
+  permutation of the heads, a within-head axis carrying one permutation per
+  head, which must travel with its head axis); ``(3, H, d)`` (timm's fused
+  ``qkv``) cuts the stream into three such streams, picked apart by
+  ``unbind`` or indexing; ``q @ k.transpose(-2, -1)`` / ``matmul`` joins the
+  contracted axes (their sum is invariant) and broadcasts the batch axes;
+  ``F.scaled_dot_product_attention`` joins Q's and K's features and all three
+  head axes; reshaping ``(H, d)`` back gives the flat stream again. Streams
+  sharing one head axis form a head structure (Q/K and V/O); anything else
+  touching head or within-head axes pins the whole family.
 - ``nn.LSTM`` / ``nn.GRU`` (unidirectional, no projection): layer ``l`` has
   one hidden stream ``h_l``; every gate block of ``weight_ih_l``,
   ``weight_hh_l`` and the biases is moved by it on axis 0, ``weight_hh_l``'s
