@@ -86,5 +86,5 @@ def save_model(path: str | Path, model: nn.Module, state: Mapping[str, torch.Ten
     """Save a model (or ``state`` for it) as a self-describing safetensors file."""
     cfg = getattr(model, "lmckit_config", None)
     if cfg is None:
-        raise ValueError("model was not built by lmckit.models.create_model; cannot record its config")
+        raise LmcError("model was not built by lmckit.models.create_model; cannot record its config")
     return save_state(path, state if state is not None else model.state_dict(), {"lmckit_model": cfg, **metadata})

@@ -164,7 +164,7 @@ def align_models(model: nn.Module, states: Sequence[State], method: str = "weigh
 def aligned_states(spec: PermutationSpec, states: Sequence[State], perms: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """``[pi_i(theta_i)]`` as new state dicts."""
     if len(perms) != len(states):
-        raise ValueError(f"{len(perms)} permutations for {len(states)} models")
+        raise LmcError(f"{len(perms)} permutations for {len(states)} models")
     return [apply_permutation(spec, p, sd) for p, sd in zip(perms, states)]
 
 
@@ -175,7 +175,7 @@ def average_states(states: Sequence[State]) -> dict[str, torch.Tensor]:
 
     n = len(states)
     if n == 0:
-        raise ValueError("no state dicts to average")
+        raise LmcError("no state dicts to average")
     return mix_states(states, [1.0 / n] * n, require_affine=False)
 
 

@@ -30,13 +30,13 @@ BN_MODES = ("auto", "on", "off", "repair")
 def _endpoint_index(lambdas: Sequence[float]) -> tuple[int, int]:
     lam = [float(x) for x in lambdas]
     if 0.0 not in lam or 1.0 not in lam:
-        raise ValueError("the lambda grid must contain both endpoints 0 and 1")
+        raise LmcError("the lambda grid must contain both endpoints 0 and 1")
     return lam.index(0.0), lam.index(1.0)
 
 
 def _check_curve(lambdas: Sequence[float], values: Sequence[float]) -> None:
     if len(lambdas) != len(values):
-        raise ValueError(f"{len(lambdas)} lambdas but {len(values)} values")
+        raise LmcError(f"{len(lambdas)} lambdas but {len(values)} values")
 
 
 def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
@@ -99,7 +99,7 @@ class SplitCurve:
 
     def _mid(self) -> int:
         if 0.5 not in self.lambdas:
-            raise ValueError("the lambda grid has no midpoint 0.5")
+            raise LmcError("the lambda grid has no midpoint 0.5")
         return self.lambdas.index(0.5)
 
     @property
@@ -265,7 +265,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
     lams = lambda_grid(points) if lambdas is None else [float(x) for x in lambdas]
     _endpoint_index(lams)
     if 0.5 not in lams:
-        raise ValueError("lambdas must contain 0.5 (the midpoint)")
+        raise LmcError("lambdas must contain 0.5 (the midpoint)")
     mode = resolve_bn_mode(model, bn_reset)
 
     # Copies: the caller may pass model.state_dict() of the very workspace model,

@@ -113,7 +113,7 @@ def reset_bn_stats(model: nn.Module, dataset=None, *, num_batches: int = 10, bat
         return model
     if batches is None:
         if dataset is None:
-            raise ValueError("reset_bn_stats needs a dataset or pre-drawn batches")
+            raise LmcError("reset_bn_stats needs a dataset or pre-drawn batches")
         batches = training_batches(dataset, num_batches, batch_size, seed, device or _model_device(model))
     modes = {m: m.training for m in model.modules()}
     momenta = [bn.momentum for bn in bns]
@@ -288,7 +288,7 @@ class Repairer:
     def __init__(self, model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]],
                  batches: Sequence[torch.Tensor], eps: float = 1e-5):
         if not batches:
-            raise ValueError("REPAIR needs at least one batch")
+            raise LmcError("REPAIR needs at least one batch")
         self.model, self.batches, self.eps = model, list(batches), eps
         sites = repair_sites(model)
         self.sites = _execution_order(model, sites, self.batches[0])
@@ -300,11 +300,11 @@ class Repairer:
     def _weights(self, weights: float | Sequence[float]) -> list[float]:
         if isinstance(weights, (int, float)):
             if len(self.stats) != 2:
-                raise ValueError("a single lambda needs exactly two endpoint models")
+                raise LmcError("a single lambda needs exactly two endpoint models")
             return [1.0 - float(weights), float(weights)]
         w = [float(x) for x in weights]
         if len(w) != len(self.stats):
-            raise ValueError(f"{len(w)} weights for {len(self.stats)} endpoint models")
+            raise LmcError(f"{len(w)} weights for {len(self.stats)} endpoint models")
         return w
 
     def target(self, weights: float | Sequence[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -353,7 +353,7 @@ def repair_interpolation(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_
 
     if batches is None:
         if dataset is None:
-            raise ValueError("repair_interpolation needs a dataset or pre-drawn batches")
+            raise LmcError("repair_interpolation needs a dataset or pre-drawn batches")
         batches = training_batches(dataset, num_batches, batch_size, seed, device or _model_device(model))
     saved = copy_state(model.state_dict())
     sd_a, sd_b = copy_state(sd_a), copy_state(sd_b)  # they may alias the workspace's own tensors
