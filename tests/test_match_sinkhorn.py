@@ -13,8 +13,7 @@ from lmckit.errors import LmcError
 from lmckit.match.registry import MethodOptions, get_method, list_methods, register_method
 from lmckit.match.sinkhorn import SinkhornOptions, sinkhorn_log, sinkhorn_matching, soft_apply
 from lmckit.models import create_model
-from lmckit.perm import (PermutationSpec, apply_permutation, invert_permutation, load_perms, random_permutation,
-                         spec_for)
+from lmckit.perm import PermutationSpec, apply_permutation, invert_permutation, load_perms, random_permutation, spec_for
 
 FAST = {"steps": 60, "iters": 10, "check_every": 20}
 
@@ -24,7 +23,8 @@ def _pair(name: str, norm: str = "none", seed: int = 1, planted_seed: int = 5):
     m = create_model(name, in_channels=1, image_size=28, norm=norm)
     spec = spec_for(m)
     g = torch.Generator().manual_seed(seed)
-    sd = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()) for k, v in m.state_dict().items()}
+    sd = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+          for k, v in m.state_dict().items()}
     sd = {k: (v.abs() if "running_var" in k else v) for k, v in sd.items()}
     planted = random_permutation(spec, seed=planted_seed)
     return m, spec, sd, planted, apply_permutation(spec, planted, sd)

@@ -48,7 +48,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, info
 
 
-def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None, where: str = "checkpoint") -> nn.Module:
+def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None,
+                where: str = "checkpoint") -> nn.Module:
     """The model a config describes, with ``state`` loaded (checked against the architecture first).
 
     With a ``state``, the config is first built on the ``meta`` device (no memory) and checked against the

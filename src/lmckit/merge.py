@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LmcError
-from .perm import PermutationSpec, Perms, apply_permutation, spec_for
+from .perm import Perms, PermutationSpec, apply_permutation, spec_for
 
 State = Mapping[str, torch.Tensor]
 METHODS = ("weight", "activation", "ste")
@@ -161,7 +161,8 @@ def align_models(model: nn.Module, states: Sequence[State], method: str = "weigh
                            device=device)
 
 
-def aligned_states(spec: PermutationSpec, states: Sequence[State], perms: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+def aligned_states(spec: PermutationSpec, states: Sequence[State],
+                   perms: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """``[pi_i(theta_i)]`` as new state dicts."""
     if len(perms) != len(states):
         raise LmcError(f"{len(perms)} permutations for {len(states)} models")
@@ -353,7 +354,8 @@ def plot_merged_accuracy(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
     for label, rows in curves.items():
         ax.plot([r["n"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=label)
     if model_accuracies:
-        ax.axhline(100 * sum(model_accuracies) / len(model_accuracies), color="gray", ls="--", label="mean single model")
+        ax.axhline(100 * sum(model_accuracies) / len(model_accuracies), color="gray", ls="--",
+                   label="mean single model")
     ax.set_xlabel("number of models averaged")
     ax.set_ylabel("accuracy (%)")
     ns = sorted({r["n"] for rows in curves.values() for r in rows})

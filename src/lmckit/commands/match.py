@@ -109,7 +109,8 @@ def _method_options(args: argparse.Namespace):
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise LmcError(f"--option {item!r} is not KEY=VALUE", f"e.g. --option steps=200; see lmckit methods {args.method}")
+            raise LmcError(f"--option {item!r} is not KEY=VALUE",
+                           f"e.g. --option steps=200; see lmckit methods {args.method}")
         pairs[key.strip().replace("-", "_")] = value.strip()
     return get_method(args.method).options(pairs)
 

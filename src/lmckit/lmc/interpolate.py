@@ -86,7 +86,8 @@ def interpolate_states(sd_a: State, sd_b: State, lam: float) -> dict[str, torch.
     return out
 
 
-def mix_states(states: Sequence[State], weights: Sequence[float], *, require_affine: bool = True) -> dict[str, torch.Tensor]:
+def mix_states(states: Sequence[State], weights: Sequence[float], *,
+               require_affine: bool = True) -> dict[str, torch.Tensor]:
     """Weighted combination ``sum_i w_i * theta_i`` of N state dicts.
 
     Parameters

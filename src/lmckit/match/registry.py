@@ -193,7 +193,8 @@ class MatchMethod:
         return scheme in self.multi
 
     def match(self, spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], *,
-              model: torch.nn.Module | None = None, dataset=None, options: MethodOptions | Mapping[str, Any] | None = None,
+              model: torch.nn.Module | None = None, dataset=None,
+              options: MethodOptions | Mapping[str, Any] | None = None,
               seed: int = 0, device: torch.device | str | None = None, progress: bool = False) -> MatchResult:
         """Permutations of B's units aligning B to A (``apply_permutation(spec, res.perms, sd_b)``).
 
@@ -241,7 +242,8 @@ _LOADED = False
 
 def register_method(name: str, *, description: str, reference: str, needs_data: bool, options: type[MethodOptions],
                     objective: str, multi: tuple[str, ...] = ("anchor",), needs_model: bool = False,
-                    data_when: Callable[[MethodOptions], bool] | None = None) -> Callable[[MatchFunction], MatchFunction]:
+                    data_when: Callable[[MethodOptions], bool] | None = None,
+                    ) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
     Raises ``ValueError`` (a programming error, at import) for a duplicate

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from ..device import resolve_device
 from ..errors import LmcError
-from ..perm.spec import PermutationSpec, Perms, identity_permutation
+from ..perm.spec import Perms, PermutationSpec, identity_permutation
 from .registry import MethodOptions, register_method
 from .result import MatchResult
 from .weight import _lap, check_pair, objective_keys
@@ -193,7 +193,8 @@ def _inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: l
 # --------------------------------------------------------------------------- method
 @register_method(
     "sinkhorn",
-    description="Sinkhorn re-basin: soft permutations (Sinkhorn operator, temperature) trained by Adam, then assignment",
+    description="Sinkhorn re-basin: soft permutations (Sinkhorn operator with a temperature) trained by Adam, "
+                "then one assignment per group",
     reference="Pena, Medeiros, Dubail, Aminbeidokhti, Granger, Pedersoli, "
               "'Re-basin via implicit Sinkhorn differentiation', CVPR 2023",
     needs_data=False, options=SinkhornOptions, multi=("anchor",),
