@@ -97,10 +97,10 @@ class SinkhornOptions(MethodOptions):
     """
 
     loss: str = "distance"
-    steps: int = 500
+    steps: int = 300
     lr: float = 0.1
     tau: float = 1.0
-    iters: int = 20
+    iters: int = 10
     init: str = "identity"
     init_scale: float = 1.0
     noise: float = 0.01
