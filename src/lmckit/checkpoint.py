@@ -48,7 +48,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, info
 
 
-def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None, where: str = "checkpoint") -> nn.Module:
+def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None,
+                where: str = "checkpoint") -> nn.Module:
     """The model a config describes, with ``state`` loaded (checked against the architecture first).
 
     With a ``state``, the config is first built on the ``meta`` device (no memory) and checked against the
@@ -86,5 +87,5 @@ def save_model(path: str | Path, model: nn.Module, state: Mapping[str, torch.Ten
     """Save a model (or ``state`` for it) as a self-describing safetensors file."""
     cfg = getattr(model, "lmckit_config", None)
     if cfg is None:
-        raise ValueError("model was not built by lmckit.models.create_model; cannot record its config")
+        raise LmcError("model was not built by lmckit.models.create_model; cannot record its config")
     return save_state(path, state if state is not None else model.state_dict(), {"lmckit_model": cfg, **metadata})

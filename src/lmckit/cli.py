@@ -15,7 +15,8 @@ import sys
 from . import __version__
 from .errors import LmcError
 
-COMMANDS = ("models", "data", "train", "check_spec", "match", "barrier", "analyze", "merge", "landscape", "reproduce")
+COMMANDS = ("models", "data", "train", "check_spec", "match", "methods", "barrier", "analyze", "merge", "landscape",
+            "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:

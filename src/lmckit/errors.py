@@ -8,8 +8,12 @@ status 2. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 
-class LmcError(Exception):
+class LmcError(ValueError):
     """An error caused by the user's input, with an actionable fix.
+
+    A subclass of :class:`ValueError` (a bad value given to lmckit), so a
+    library caller needs one ``except ValueError`` clause for every bad
+    argument, whether lmckit raised it or Python did.
 
     Parameters
     ----------

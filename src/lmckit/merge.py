@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LmcError
-from .perm import PermutationSpec, Perms, apply_permutation, spec_for
+from .perm import Perms, PermutationSpec, apply_permutation, spec_for
 
 State = Mapping[str, torch.Tensor]
 METHODS = ("weight", "activation", "ste")
@@ -161,10 +161,11 @@ def align_models(model: nn.Module, states: Sequence[State], method: str = "weigh
                            device=device)
 
 
-def aligned_states(spec: PermutationSpec, states: Sequence[State], perms: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+def aligned_states(spec: PermutationSpec, states: Sequence[State],
+                   perms: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """``[pi_i(theta_i)]`` as new state dicts."""
     if len(perms) != len(states):
-        raise ValueError(f"{len(perms)} permutations for {len(states)} models")
+        raise LmcError(f"{len(perms)} permutations for {len(states)} models")
     return [apply_permutation(spec, p, sd) for p, sd in zip(perms, states)]
 
 
@@ -175,7 +176,7 @@ def average_states(states: Sequence[State]) -> dict[str, torch.Tensor]:
 
     n = len(states)
     if n == 0:
-        raise ValueError("no state dicts to average")
+        raise LmcError("no state dicts to average")
     return mix_states(states, [1.0 / n] * n, require_affine=False)
 
 
@@ -353,7 +354,8 @@ def plot_merged_accuracy(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
     for label, rows in curves.items():
         ax.plot([r["n"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=label)
     if model_accuracies:
-        ax.axhline(100 * sum(model_accuracies) / len(model_accuracies), color="gray", ls="--", label="mean single model")
+        ax.axhline(100 * sum(model_accuracies) / len(model_accuracies), color="gray", ls="--",
+                   label="mean single model")
     ax.set_xlabel("number of models averaged")
     ax.set_ylabel("accuracy (%)")
     ns = sorted({r["n"] for rows in curves.values() for r in rows})

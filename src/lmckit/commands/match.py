@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..match.registry import get_method, list_methods
 from .common import add_arch, add_data, add_device, add_json, describe_model, load_checkpoints, print_json, recorded_dataset
 
 
@@ -15,8 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "three or more checkpoints matched to an anchor or by MergeMany. A perm file applies to the "
                     "second model: apply_permutation(spec, perms, B) is aligned to A.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
-    p.add_argument("--method", choices=["weight", "activation", "ste"], default="weight",
-                   help="weight (default), activation matching, or ste (straight-through estimator)")
+    p.add_argument("--method", choices=list_methods(), default="weight",
+                   help="weight (default), activation matching, ste (straight-through estimator), or any method "
+                        "of `lmckit methods` (e.g. sinkhorn)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of a registry method other than weight/activation/ste (see `lmckit methods NAME`), "
+                        "e.g. --option steps=200; repeatable")
     p.add_argument("--multi", choices=["anchor", "mergemany"], default=None,
                    help="several models: match each to the first (anchor) or run MergeMany (weight matching only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the group / model / batch order (default 0)")
@@ -71,13 +76,16 @@ def run(args: argparse.Namespace) -> int:
     if len(args.models) > 2 and args.multi is None:
         raise LmcError(f"{len(args.models)} checkpoints given without --multi",
                        "add --multi anchor (match all to the first) or --multi mergemany, with --out FOLDER")
-    if args.multi == "mergemany" and args.method != "weight":
-        raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
+    method, args.method_options = get_method(args.method), _method_options(args)
+    if args.multi is not None and not method.supports(args.multi):
+        raise LmcError(f"--multi {args.multi} is not defined for {args.method} matching "
+                       f"(it supports: {', '.join(method.multi) or 'two models only'})",
+                       "use --method weight, or --multi anchor")
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(args.models, hint="match checkpoints of the same architecture and width", arch=args.arch)
     models = [model] + [build_model(model.lmckit_config, sd, str(path)) for path, sd in zip(args.models[1:], states[1:])]
     dataset = None
-    if args.method in ("activation", "ste"):
+    if method.requires_data(args.method_options):
         from ..data import load_dataset
 
         dataset = load_dataset(_dataset_name(args, infos[0]), args.data_dir)
@@ -86,7 +94,33 @@ def run(args: argparse.Namespace) -> int:
     return _run_multi(args, spec, states, models, dataset, device)
 
 
+_FLAG_METHODS = ("weight", "activation", "ste")  # set by their own flags above; others by --option
+
+
+def _method_options(args: argparse.Namespace):
+    """The registry options of ``--method`` from ``--option KEY=VALUE`` (None for the flag-driven methods)."""
+    from ..errors import LmcError
+
+    if args.method in _FLAG_METHODS:
+        if args.option:
+            raise LmcError(f"--option is for registry methods other than {', '.join(_FLAG_METHODS)}",
+                           f"set {args.method} matching with its own flags (lmckit match --help)")
+        return None
+    pairs = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LmcError(f"--option {item!r} is not KEY=VALUE",
+                           f"e.g. --option steps=200; see lmckit methods {args.method}")
+        pairs[key.strip().replace("-", "_")] = value.strip()
+    return get_method(args.method).options(pairs)
+
+
 def _match_pair(args, spec, sd_a, sd_b, model_a, model_b, dataset, device):
+    if args.method not in _FLAG_METHODS:
+        return get_method(args.method).match(spec, sd_a, sd_b, model=model_a, dataset=dataset,
+                                             options=args.method_options, seed=args.seed, device=device,
+                                             progress=not args.json)
     if args.method == "weight":
         from ..match import weight_matching
 
@@ -120,9 +154,11 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     elif res.method == "ste":
         extra.update(dataset=dataset.name, ste_preset=args.ste_preset, ste_settings=res.extra["settings"],
                      heldout_loss=res.final_objective, changed_vs_wm=res.extra["changed_vs_wm"])
-    else:
+    elif res.method == "activation":
         extra.update(similarity=args.similarity, dataset=dataset.name, num_batches=res.extra["batches"],
                      batch_size=args.batch_size)
+    else:
+        extra.update(options=args.method_options.to_dict(), dataset=None if dataset is None else dataset.name)
     out = save_perms(args.out, res.perms, **extra)
     summary = {"method": res.method, "objective": res.final_objective, "objective_before": res.initial_objective,
                "objective_history": res.objective, "l2_before": l2_before, "l2_after": l2_after,
@@ -135,7 +171,8 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     print(f"spec:        {cov['groups']} groups, {cov['units']} units; permutes {cov['entries_permuted']}/{cov['entries']} "
           f"entries, {cov['elements_permuted']}/{cov['elements']} elements")
     what = ("sum <A, pi(B)>" if res.method == "weight" else "held-out midpoint loss, best so far" if res.method == "ste"
-            else f"summed {args.similarity} similarity")
+            else f"summed {args.similarity} similarity" if res.method == "activation"
+            else get_method(res.method).objective)
     print(f"method:      {res.method} matching (seed {args.seed})")
     print(f"objective:   {res.initial_objective:.6g} -> {res.final_objective:.6g}  ({what})")
     print(f"L2 distance: {l2_before:.6g} -> {l2_after:.6g}  (reduction {100 * summary['l2_reduction']:.2f}%)")
@@ -167,6 +204,11 @@ def _run_multi(args, spec, states, models, dataset, device) -> int:
                 return activation_matching(models[0], models[i], dataset, spec=spec, num_batches=args.num_batches,
                                            batch_size=args.batch_size, method=args.similarity, seed=args.seed,
                                            device=device)
+        if args.method not in _FLAG_METHODS:
+            def matcher(i, sd_ref, sd_i):
+                return get_method(args.method).match(spec, sd_ref, sd_i, model=models[0], dataset=dataset,
+                                                     options=args.method_options, seed=args.seed, device=device,
+                                                     progress=not args.json)
         res = anchor_matching(spec, states, anchor=0, method=args.method, matcher=matcher, seed=args.seed,
                               max_iter=args.max_iter, restarts=args.restarts, device=device)
     else:

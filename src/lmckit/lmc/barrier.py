@@ -30,13 +30,13 @@ BN_MODES = ("auto", "on", "off", "repair")
 def _endpoint_index(lambdas: Sequence[float]) -> tuple[int, int]:
     lam = [float(x) for x in lambdas]
     if 0.0 not in lam or 1.0 not in lam:
-        raise ValueError("the lambda grid must contain both endpoints 0 and 1")
+        raise LmcError("the lambda grid must contain both endpoints 0 and 1")
     return lam.index(0.0), lam.index(1.0)
 
 
 def _check_curve(lambdas: Sequence[float], values: Sequence[float]) -> None:
     if len(lambdas) != len(values):
-        raise ValueError(f"{len(lambdas)} lambdas but {len(values)} values")
+        raise LmcError(f"{len(lambdas)} lambdas but {len(values)} values")
 
 
 def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
@@ -47,7 +47,7 @@ def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[flo
     _check_curve(lambdas, losses)
     i0, i1 = _endpoint_index(lambdas)
     l0, l1 = float(losses[i0]), float(losses[i1])
-    gaps = [float(v) - ((1 - float(l)) * l0 + float(l) * l1) for l, v in zip(lambdas, losses)]
+    gaps = [float(v) - ((1 - float(lam)) * l0 + float(lam) * l1) for lam, v in zip(lambdas, losses)]
     j = max(range(len(gaps)), key=lambda i: gaps[i])
     return max(gaps[j], 0.0), float(lambdas[j])
 
@@ -57,7 +57,7 @@ def accuracy_barrier(lambdas: Sequence[float], accs: Sequence[float]) -> tuple[f
     _check_curve(lambdas, accs)
     i0, i1 = _endpoint_index(lambdas)
     a0, a1 = float(accs[i0]), float(accs[i1])
-    gaps = [((1 - float(l)) * a0 + float(l) * a1) - float(v) for l, v in zip(lambdas, accs)]
+    gaps = [((1 - float(lam)) * a0 + float(lam) * a1) - float(v) for lam, v in zip(lambdas, accs)]
     j = max(range(len(gaps)), key=lambda i: gaps[i])
     return max(gaps[j], 0.0), float(lambdas[j])
 
@@ -99,7 +99,7 @@ class SplitCurve:
 
     def _mid(self) -> int:
         if 0.5 not in self.lambdas:
-            raise ValueError("the lambda grid has no midpoint 0.5")
+            raise LmcError("the lambda grid has no midpoint 0.5")
         return self.lambdas.index(0.5)
 
     @property
@@ -118,8 +118,8 @@ class SplitCurve:
                 "endpoint_loss": list(self.endpoint_loss), "endpoint_accuracy": list(self.endpoint_accuracy)}
 
 
-PER_SPLIT_KEYS = ("loss", "accuracy", "loss_barrier", "loss_barrier_lambda", "accuracy_barrier", "accuracy_barrier_lambda",
-                  "midpoint_loss", "midpoint_accuracy", "endpoint_loss", "endpoint_accuracy")
+PER_SPLIT_KEYS = ("loss", "accuracy", "loss_barrier", "loss_barrier_lambda", "accuracy_barrier",
+                  "accuracy_barrier_lambda", "midpoint_loss", "midpoint_accuracy", "endpoint_loss", "endpoint_accuracy")
 
 
 @dataclass
@@ -178,12 +178,14 @@ def check_model_fits(model: nn.Module, dataset, split: str, device: torch.device
         shape = "x".join(str(int(s)) for s in x.shape[1:])
         of = f" of {where}" if where else ""
         raise LmcError(f"dataset {dataset.name} ({shape} images) does not fit the model{of} ({type(model).__name__}, "
-                       f"{getattr(model, 'lmckit_config', '')}): {str(e).splitlines()[0]}; the model expects other inputs",
+                       f"{getattr(model, 'lmckit_config', '')}): {str(e).splitlines()[0]}; "
+                       "the model expects other inputs",
                        "pass the --dataset the models were trained on") from None
     finally:
         model.train(was_training)
     if out.dim() != 2 or out.shape[1] != dataset.num_classes:
-        raise LmcError(f"the model outputs {tuple(out.shape[1:])} logits, dataset {dataset.name} has {dataset.num_classes} classes",
+        raise LmcError(f"the model outputs {tuple(out.shape[1:])} logits, "
+                       f"dataset {dataset.name} has {dataset.num_classes} classes",
                        "pass the --dataset the models were trained on")
 
 
@@ -265,7 +267,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
     lams = lambda_grid(points) if lambdas is None else [float(x) for x in lambdas]
     _endpoint_index(lams)
     if 0.5 not in lams:
-        raise ValueError("lambdas must contain 0.5 (the midpoint)")
+        raise LmcError("lambdas must contain 0.5 (the midpoint)")
     mode = resolve_bn_mode(model, bn_reset)
 
     # Copies: the caller may pass model.state_dict() of the very workspace model,
@@ -280,7 +282,7 @@ def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapp
     try:
         batches = None
         repairer = None
-        if mode is not False and (reset_endpoints or any(0.0 < l < 1.0 for l in lams)):
+        if mode is not False and (reset_endpoints or any(0.0 < lam < 1.0 for lam in lams)):
             batches = training_batches(dataset, bn_batches, bn_batch_size, seed, device)
             if mode == "repair":
                 repairer = Repairer(model, [sa, sb], batches)

@@ -70,7 +70,8 @@ def training_batches(dataset, num_batches: int = 10, batch_size: int = 500, seed
     endpoints for REPAIR) sees the same data. Labels are not needed.
     """
     if num_batches < 1 or batch_size < 1:
-        raise LmcError(f"BN reset / REPAIR needs num_batches >= 1 and batch_size >= 1 (got {num_batches}, {batch_size})")
+        raise LmcError("BN reset / REPAIR needs num_batches >= 1 and batch_size >= 1 "
+                       f"(got {num_batches}, {batch_size})")
     gen = torch.Generator().manual_seed(int(seed))
     out: list[torch.Tensor] = []
     for x, _ in dataset.batches(split, batch_size, shuffle=True, generator=gen, device=device):
@@ -88,7 +89,8 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def reset_bn_stats(model: nn.Module, dataset=None, *, num_batches: int = 10, batch_size: int = 500, seed: int = 0,
-                   device: torch.device | str | None = None, batches: Sequence[torch.Tensor] | None = None) -> nn.Module:
+                   device: torch.device | str | None = None,
+                   batches: Sequence[torch.Tensor] | None = None) -> nn.Module:
     """Recompute every BatchNorm layer's running statistics of ``model`` in place.
 
     Parameters
@@ -113,7 +115,7 @@ def reset_bn_stats(model: nn.Module, dataset=None, *, num_batches: int = 10, bat
         return model
     if batches is None:
         if dataset is None:
-            raise ValueError("reset_bn_stats needs a dataset or pre-drawn batches")
+            raise LmcError("reset_bn_stats needs a dataset or pre-drawn batches")
         batches = training_batches(dataset, num_batches, batch_size, seed, device or _model_device(model))
     modes = {m: m.training for m in model.modules()}
     momenta = [bn.momentum for bn in bns]
@@ -171,19 +173,23 @@ def repair_sites(model: nn.Module, spec=None) -> list[tuple[str, nn.Module]]:
     if norms:
         bad = [n for n, m in norms if not _is_affine_norm(m)]
         if bad:
-            raise LmcError(f"REPAIR is not supported for {arch}: norm layers {bad[:3]} have no per-unit affine to fold the correction into",
+            raise LmcError(f"REPAIR is not supported for {arch}: norm layers {bad[:3]} have no per-unit affine "
+                           "to fold the correction into",
                            "use --bn-reset on/off for this model")
         if len(norms) != len(hidden_linear):
-            raise LmcError(f"REPAIR is not supported for {arch}: it has {len(norms)} norm layers but {len(hidden_linear)} hidden Linear/Conv layers "
+            raise LmcError(f"REPAIR is not supported for {arch}: it has {len(norms)} norm layers but "
+                           f"{len(hidden_linear)} hidden Linear/Conv layers "
                            "(only models whose every hidden layer is normalised, or none is, are supported)",
                            "use --bn-reset on/off for this model")
         return norms
     nobias = [n for n, m in hidden_linear if getattr(m, "bias", None) is None]
     if nobias:
-        raise LmcError(f"REPAIR is not supported for {arch}: hidden layers {nobias[:3]} have no bias to fold the mean shift into",
+        raise LmcError(f"REPAIR is not supported for {arch}: hidden layers {nobias[:3]} have no bias "
+                       "to fold the mean shift into",
                        "use --bn-reset off for this model")
     if not hidden_linear:
-        raise LmcError(f"REPAIR is not supported for {arch}: found no hidden Linear/Conv/norm layers with permuted units",
+        raise LmcError(f"REPAIR is not supported for {arch}: found no hidden Linear/Conv/norm layers "
+                       "with permuted units",
                        "use --bn-reset on/off for this model")
     return hidden_linear
 
@@ -245,7 +251,8 @@ def site_stats(model: nn.Module, batches: Sequence[torch.Tensor], sites: Sequenc
     return out
 
 
-def _execution_order(model: nn.Module, sites: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+def _execution_order(model: nn.Module, sites: Sequence[tuple[str, nn.Module]],
+                     x: torch.Tensor) -> list[tuple[str, nn.Module]]:
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n)) for n, m in sites]
     was_training = model.training
@@ -288,7 +295,7 @@ class Repairer:
     def __init__(self, model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]],
                  batches: Sequence[torch.Tensor], eps: float = 1e-5):
         if not batches:
-            raise ValueError("REPAIR needs at least one batch")
+            raise LmcError("REPAIR needs at least one batch")
         self.model, self.batches, self.eps = model, list(batches), eps
         sites = repair_sites(model)
         self.sites = _execution_order(model, sites, self.batches[0])
@@ -300,11 +307,11 @@ class Repairer:
     def _weights(self, weights: float | Sequence[float]) -> list[float]:
         if isinstance(weights, (int, float)):
             if len(self.stats) != 2:
-                raise ValueError("a single lambda needs exactly two endpoint models")
+                raise LmcError("a single lambda needs exactly two endpoint models")
             return [1.0 - float(weights), float(weights)]
         w = [float(x) for x in weights]
         if len(w) != len(self.stats):
-            raise ValueError(f"{len(w)} weights for {len(self.stats)} endpoint models")
+            raise LmcError(f"{len(w)} weights for {len(self.stats)} endpoint models")
         return w
 
     def target(self, weights: float | Sequence[float]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -339,8 +346,8 @@ class Repairer:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def repair_interpolation(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], lam: float,
-                         dataset=None, *, num_batches: int = 10, batch_size: int = 500, seed: int = 0,
+def repair_interpolation(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
+                         lam: float, dataset=None, *, num_batches: int = 10, batch_size: int = 500, seed: int = 0,
                          device: torch.device | str | None = None, batches: Sequence[torch.Tensor] | None = None,
                          eps: float = 1e-5) -> dict[str, torch.Tensor]:
     """Interpolate ``sd_a`` and ``sd_b`` at ``lam`` and REPAIR the result.
@@ -353,7 +360,7 @@ def repair_interpolation(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_
 
     if batches is None:
         if dataset is None:
-            raise ValueError("repair_interpolation needs a dataset or pre-drawn batches")
+            raise LmcError("repair_interpolation needs a dataset or pre-drawn batches")
         batches = training_batches(dataset, num_batches, batch_size, seed, device or _model_device(model))
     saved = copy_state(model.state_dict())
     sd_a, sd_b = copy_state(sd_a), copy_state(sd_b)  # they may alias the workspace's own tensors

@@ -28,7 +28,7 @@ State = Mapping[str, torch.Tensor]
 def check_compatible(states: Sequence[State], names: Sequence[str] | None = None) -> None:
     """Raise :class:`LmcError` unless all state dicts have the same keys, shapes and dtypes."""
     if not states:
-        raise ValueError("no state dicts given")
+        raise LmcError("no state dicts given")
     names = list(names) if names is not None else [f"model {i}" for i in range(len(states))]
     ref = states[0]
     for st, nm in zip(states[1:], names[1:]):
@@ -86,7 +86,8 @@ def interpolate_states(sd_a: State, sd_b: State, lam: float) -> dict[str, torch.
     return out
 
 
-def mix_states(states: Sequence[State], weights: Sequence[float], *, require_affine: bool = True) -> dict[str, torch.Tensor]:
+def mix_states(states: Sequence[State], weights: Sequence[float], *,
+               require_affine: bool = True) -> dict[str, torch.Tensor]:
     """Weighted combination ``sum_i w_i * theta_i`` of N state dicts.
 
     Parameters
@@ -109,11 +110,11 @@ def mix_states(states: Sequence[State], weights: Sequence[float], *, require_aff
         exactly 0, a bitwise copy of that model is returned.
     """
     if len(states) != len(weights):
-        raise ValueError(f"{len(states)} state dicts but {len(weights)} weights")
+        raise LmcError(f"{len(states)} state dicts but {len(weights)} weights")
     check_compatible(states)
     w = [float(x) for x in weights]
     if require_affine and abs(sum(w) - 1.0) > 1e-6:
-        raise ValueError(f"weights must sum to 1 for an affine combination, got sum {sum(w)!r}")
+        raise LmcError(f"weights must sum to 1 for an affine combination, got sum {sum(w)!r}")
     ones = [i for i, x in enumerate(w) if x == 1.0]
     if len(ones) == 1 and all(x == 0.0 for i, x in enumerate(w) if i != ones[0]):
         return copy_state(states[ones[0]])

@@ -49,7 +49,7 @@ def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: s
         (test solid, train dashed).
     """
     if not results:
-        raise ValueError("no curves to plot")
+        raise LmcError("no curves to plot")
     first = next(iter(results.values()))
     fig = _figure(figsize=(10, 4))
     ax_l, ax_a = fig.subplots(1, 2)

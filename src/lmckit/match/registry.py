@@ -1,0 +1,392 @@
+"""A registry of two-model matching methods (after mergekit's merge-method registry).
+
+Every method is one :class:`MatchMethod`: a name, a one-line description,
+the paper it comes from, whether it needs data, which multi-model schemes it
+supports, an options dataclass (defaults and validation) and ONE call
+signature::
+
+    method = get_method("sinkhorn")
+    opts = method.options(steps=300, tau=0.5)          # LmcError on a bad value
+    res = method.match(spec, sd_a, sd_b, model=model, dataset=dataset,
+                       options=opts, seed=0, device="cpu", progress=False)
+    res.perms                                          # aligns B to A, as for every method
+
+The CLI (``lmckit match --method``, ``lmckit methods``) reads this registry,
+so a new method is one module that calls :func:`register_method` (see
+``docs/adding-a-method.md``). The existing functions
+(:func:`~lmckit.match.weight.weight_matching`,
+:func:`~lmckit.match.activation.activation_matching`,
+:func:`~lmckit.match.ste.ste_matching`) keep their own signatures; the
+entries below are thin adapters over them.
+
+Objective direction (``MatchResult.objective``), per method:
+
+- ``weight``: ``sum_k <A_k, pi(B)_k>_F``, one value per sweep; higher is better (non-decreasing).
+- ``activation``: summed similarity of matched units; higher is better.
+- ``ste``: best held-out midpoint loss so far; lower is better (non-increasing).
+- ``sinkhorn``: ``sum_k <A_k, pi(B)_k>_F`` at the identity and at the final hard permutation;
+  higher is better (the relaxed loss history is in ``extra["loss_history"]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import LmcError
+from ..perm.spec import PermutationSpec
+from .result import MatchResult
+
+#: Modules that register built-in methods when imported (besides the adapters in this file).
+BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn",)
+#: Multi-model schemes a method can support.
+MULTI_SCHEMES = ("anchor", "mergemany")
+
+
+# --------------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base class of a method's options: a frozen dataclass validated on creation.
+
+    Subclasses declare typed fields with defaults and override :meth:`validate`
+    (raise :class:`LmcError` naming the option). :meth:`from_mapping` builds
+    one from user input (CLI ``--option key=value``, a recipe table), rejecting
+    unknown keys and converting strings to the declared types.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`LmcError` for a bad value (subclasses add their checks)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None = None, method: str = "") -> "MethodOptions":
+        """Options from a mapping of names to values (strings are converted to the field types)."""
+        values = dict(values or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        where = f"method {method!r}" if method else cls.__name__
+        if unknown:
+            raise LmcError(f"{where} has no option {', '.join(map(repr, unknown))}",
+                           f"its options are: {', '.join(known) or '(none)'}")
+        hints = typing.get_type_hints(cls)
+        conv = {k: _convert(v, hints[k], f"{where} option {k!r}") for k, v in values.items()}
+        return cls(**conv)
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """``[{name, type, default}]`` for listings."""
+        hints = typing.get_type_hints(cls)
+        return [{"name": f.name, "type": _type_name(hints[f.name]), "default": f.default} for f in fields(cls)]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (``int``, ``float``, ``bool``, ``str`` or ``X | None``)."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if not isinstance(value, str):
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp in (int, float, bool, str) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise LmcError(f"{where} must be {tp.__name__}, got {value!r}")
+        return value
+    try:
+        if tp is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float, str):
+            return tp(value)
+    except ValueError:
+        raise LmcError(f"{where} must be {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _positive(opts: MethodOptions, *names: str) -> None:
+    for n in names:
+        v = getattr(opts, n)
+        if v is not None and not v > 0:
+            raise LmcError(f"option {n} must be positive, got {v}")
+
+
+def _one_of(opts: MethodOptions, name: str, allowed: tuple[str, ...]) -> None:
+    v = getattr(opts, name)
+    if v not in allowed:
+        raise LmcError(f"option {name} must be one of {', '.join(allowed)}, got {v!r}")
+
+
+# --------------------------------------------------------------------------- method
+#: ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult``
+MatchFunction = Callable[..., MatchResult]
+
+
+@dataclass(frozen=True)
+class MatchMethod:
+    """One registered matching method.
+
+    Attributes
+    ----------
+    name:
+        Registry key (``lmckit match --method NAME``).
+    description:
+        One line.
+    reference:
+        The paper (authors, title, venue, year).
+    needs_data:
+        Whether the method reads training data with its default options
+        (see :meth:`requires_data` for option-dependent needs).
+    multi:
+        Multi-model schemes supported: ``"anchor"`` (match each model to the
+        first), ``"mergemany"`` (Ainsworth et al.'s MergeMany).
+    options_type:
+        Its :class:`MethodOptions` subclass.
+    objective:
+        What ``MatchResult.objective`` holds and which direction is better.
+    func:
+        The adapter with the common call signature.
+    needs_model:
+        Whether a module of the architecture is needed (a forward pass).
+    data_when:
+        Optional ``options -> bool`` overriding ``needs_data`` per options.
+    """
+
+    name: str
+    description: str
+    reference: str
+    needs_data: bool
+    multi: tuple[str, ...]
+    options_type: type[MethodOptions]
+    objective: str
+    func: MatchFunction = field(repr=False)
+    needs_model: bool = False
+    data_when: Callable[[MethodOptions], bool] | None = field(default=None, repr=False)
+
+    def options(self, values: Mapping[str, Any] | None = None, **kw: Any) -> MethodOptions:
+        """Validated options from a mapping and/or keywords (unknown names raise :class:`LmcError`)."""
+        return self.options_type.from_mapping({**dict(values or {}), **kw}, self.name)
+
+    def requires_data(self, options: MethodOptions | None = None) -> bool:
+        """Whether a run with ``options`` needs a dataset."""
+        if self.data_when is None or options is None:
+            return self.needs_data
+        return bool(self.data_when(options))
+
+    def supports(self, scheme: str) -> bool:
+        return scheme in self.multi
+
+    def match(self, spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], *,
+              model: torch.nn.Module | None = None, dataset=None,
+              options: MethodOptions | Mapping[str, Any] | None = None,
+              seed: int = 0, device: torch.device | str | None = None, progress: bool = False) -> MatchResult:
+        """Permutations of B's units aligning B to A (``apply_permutation(spec, res.perms, sd_b)``).
+
+        Parameters
+        ----------
+        spec:
+            The architecture's permutation spec.
+        sd_a, sd_b:
+            State dicts of the reference model A and of B (never modified).
+        model:
+            A module of the architecture (template for forward passes;
+            required when ``needs_model``).
+        dataset:
+            :class:`lmckit.data.Dataset` (required when :meth:`requires_data`).
+        options:
+            An instance of ``options_type``, a mapping (validated), or None (defaults).
+        seed, device, progress:
+            Randomness, where to compute, whether to show progress.
+
+        Raises
+        ------
+        LmcError
+            Bad options, missing data or model, state dicts that do not fit ``spec``.
+        """
+        if options is None or isinstance(options, Mapping):
+            options = self.options(options)
+        elif not isinstance(options, self.options_type):
+            raise LmcError(f"method {self.name!r} takes {self.options_type.__name__}, got {type(options).__name__}")
+        if self.requires_data(options) and dataset is None:
+            raise LmcError(f"{self.name} matching needs data", "pass a dataset (CLI: --dataset NAME)")
+        if self.needs_model and model is None:
+            raise LmcError(f"{self.name} matching needs a model of the architecture (for forward passes)")
+        return self.func(spec, sd_a, sd_b, model=model, dataset=dataset, options=options, seed=int(seed),
+                         device=device, progress=progress)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "reference": self.reference,
+                "needs_data": self.needs_data, "multi": list(self.multi), "objective": self.objective,
+                "options": self.options_type.describe()}
+
+
+_REGISTRY: dict[str, MatchMethod] = {}
+_LOADED = False
+
+
+def register_method(name: str, *, description: str, reference: str, needs_data: bool, options: type[MethodOptions],
+                    objective: str, multi: tuple[str, ...] = ("anchor",), needs_model: bool = False,
+                    data_when: Callable[[MethodOptions], bool] | None = None,
+                    ) -> Callable[[MatchFunction], MatchFunction]:
+    """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
+
+    Raises ``ValueError`` (a programming error, at import) for a duplicate
+    name, an unknown multi scheme or options that are not a
+    :class:`MethodOptions` dataclass.
+    """
+    bad = [s for s in multi if s not in MULTI_SCHEMES]
+    if bad:
+        raise ValueError(f"unknown multi-model scheme(s) {bad}; known: {MULTI_SCHEMES}")
+    if not (isinstance(options, type) and issubclass(options, MethodOptions) and dataclasses.is_dataclass(options)):
+        raise ValueError(f"options of method {name!r} must be a MethodOptions dataclass")
+
+    def deco(func: MatchFunction) -> MatchFunction:
+        if name in _REGISTRY and _REGISTRY[name].func is not func:
+            raise ValueError(f"matching method {name!r} is already registered")
+        _REGISTRY[name] = MatchMethod(name=name, description=description, reference=reference, needs_data=needs_data,
+                                      multi=tuple(multi), options_type=options, objective=objective, func=func,
+                                      needs_model=needs_model, data_when=data_when)
+        return func
+
+    return deco
+
+
+def _load_builtins() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for mod in BUILTIN_METHOD_MODULES:
+            importlib.import_module(mod)
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods, in registration order."""
+    _load_builtins()
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> MatchMethod:
+    """The method called ``name``; :class:`LmcError` listing the known ones otherwise."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise LmcError(f"unknown matching method {name!r}", f"known methods: {', '.join(_REGISTRY)}") from None
+
+
+# --------------------------------------------------------------------------- built-in adapters
+@dataclass(frozen=True)
+class WeightOptions(MethodOptions):
+    """Weight matching: sweeps, restarts, acceptance tolerance, buffers in the objective."""
+
+    max_iter: int = 100
+    restarts: int = 1
+    tol: float = 1e-7
+    include_buffers: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "max_iter", "restarts")
+        if not self.tol >= 0:
+            raise LmcError(f"option tol must be >= 0, got {self.tol}")
+
+
+@register_method(
+    "weight", description="Weight matching: coordinate descent of linear assignments maximising sum <A, pi(B)>",
+    reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin: Merging Models modulo Permutation Symmetries', ICLR 2023",
+    needs_data=False, options=WeightOptions, multi=("anchor", "mergemany"),
+    objective="sum_k <A_k, pi(B)_k>_F per sweep; higher is better (non-decreasing)")
+def _weight(spec, sd_a, sd_b, *, model, dataset, options: WeightOptions, seed, device, progress) -> MatchResult:
+    from .weight import weight_matching
+
+    return weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=options.max_iter, restarts=options.restarts,
+                           device=device, tol=options.tol, include_buffers=options.include_buffers, progress=progress)
+
+
+@dataclass(frozen=True)
+class ActivationOptions(MethodOptions):
+    """Activation matching: similarity, training batches used, batch size, split."""
+
+    similarity: str = "pearson"
+    num_batches: int = 10
+    batch_size: int = 500
+    split: str = "train"
+
+    def validate(self) -> None:
+        _one_of(self, "similarity", ("pearson", "cross_moment"))
+        _positive(self, "num_batches", "batch_size")
+
+
+@register_method(
+    "activation", description="Activation matching: one assignment per layer maximising unit correlation on data",
+    reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023 (after Li et al., 'Convergent Learning', 2016)",
+    needs_data=True, needs_model=True, options=ActivationOptions, multi=("anchor",),
+    objective="summed similarity of matched units; higher is better")
+def _activation(spec, sd_a, sd_b, *, model, dataset, options: ActivationOptions, seed, device, progress) -> MatchResult:
+    from .activation import activation_matching
+
+    model_a, model_b = _with_state(model, sd_a), _with_state(model, sd_b)
+    return activation_matching(model_a, model_b, dataset, spec=spec, num_batches=options.num_batches,
+                               batch_size=options.batch_size, method=options.similarity, seed=seed, device=device,
+                               split=options.split)
+
+
+def _with_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` holding ``sd`` (the caller's module is not changed)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(dict(sd))
+    return m
+
+
+@dataclass(frozen=True)
+class SteOptions(MethodOptions):
+    """STE: optimiser preset and overrides, held-out set, projection sweeps, resumable state folder.
+
+    ``state_dir`` is where the run is kept (resume, drift plot); it does not change the result.
+    """
+
+    preset: str = "adam"
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    heldout_size: int = 5000
+    wm_max_iter: int = 100
+    train_limit: int | None = None
+    track_alignment: bool = True
+    state_dir: str | None = None
+
+    def validate(self) -> None:
+        _one_of(self, "preset", ("adam", "git-re-basin"))
+        _positive(self, "epochs", "lr", "batch_size", "heldout_size", "wm_max_iter", "train_limit")
+
+
+@register_method(
+    "ste", description="Straight-through estimator: learn theta~ whose WM projection minimises the midpoint loss",
+    reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023, Sec. 3.3",
+    needs_data=True, needs_model=True, options=SteOptions, multi=("anchor",),
+    objective="best held-out midpoint loss so far; lower is better (non-increasing)")
+def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress) -> MatchResult:
+    from .ste import ste_matching
+
+    return ste_matching(model, sd_a, sd_b, dataset, spec=spec, preset=options.preset, epochs=options.epochs,
+                        lr=options.lr, batch_size=options.batch_size, seed=seed, device=device,
+                        state_dir=options.state_dir, progress=progress, heldout_size=options.heldout_size,
+                        wm_max_iter=options.wm_max_iter, track_alignment=options.track_alignment,
+                        train_limit=options.train_limit)
