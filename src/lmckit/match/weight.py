@@ -72,7 +72,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..errors import LmcError
 from ..perm.spec import PermutationSpec, Perms, identity_permutation, validate_perms
@@ -293,9 +292,10 @@ class _Problem:
 
 
 def _lap(cost: np.ndarray) -> np.ndarray:
-    """Column assigned to each row, maximising the summed cost."""
-    _, col = linear_sum_assignment(cost, maximize=True)
-    return col
+    """Column assigned to each row, maximising the summed cost (solver picked per size by :mod:`.lap`)."""
+    from .lap import solve
+
+    return solve(cost, maximize=True)
 
 
 def _lap_workers() -> int:
