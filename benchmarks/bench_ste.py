@@ -1,0 +1,158 @@
+"""Cost of one STE step against one plain training step, same model, batch and run.
+
+Model: 784-512-512-512-10 MLP on Fashion-MNIST; models A and B are trained
+here (plain Adam loop, lr 1e-3, batch 500, ``--train-epochs`` epochs, seeds 0
+and 1; cached under ``benchmarks/out/``). Then, in this one process:
+
+* **plain step**: forward, backward and Adam step of the MLP at batch
+  ``--batch`` (256, the STE preset's), best of several timed blocks;
+* **STE step**: :func:`lmckit.match.ste.ste_matching` for one epoch of
+  ``--steps`` batches minus the same call with 0 epochs (set-up, the initial
+  WM and the candidate scoring), divided by the number of steps; run once
+  with each projection:
+
+  - ``reference``: today's ``weight_matching`` call at every step
+    (``LMCKIT_STE_PROJECTION=reference``);
+  - ``certified``: :class:`lmckit.match.projection.WarmProjector` (the same
+    descent with solves skipped under an optimality certificate).
+
+Both must return the same permutation at every step (checked; the script
+exits 1 otherwise). Prints the ratio STE step / plain step for each, and the
+projector's counters (solves, certified skips, moves). Timings on a shared
+machine are noisy: rerun on a quiet one before quoting them.
+
+    python benchmarks/bench_ste.py                 # 40 steps, 1 thread
+    python benchmarks/bench_ste.py --steps 80 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+
+
+def trained_pair(epochs: int) -> tuple[dict, dict]:
+    from safetensors.torch import load_file, save_file
+
+    from lmckit.data import load_dataset
+    from lmckit.models import create_model
+
+    sds = []
+    for seed in (0, 1):
+        path = OUT / f"ste_mlp_e{epochs}_seed{seed}.safetensors"
+        if not path.exists():
+            OUT.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            ds = load_dataset("fashion-mnist")
+            m = create_model("mlp", in_channels=1, image_size=28)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(epochs):
+                for x, y in ds.batches("train", 500, shuffle=True, generator=gen):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(m(x), y).backward()
+                    opt.step()
+            save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, str(path))
+        sds.append(load_file(str(path)))
+    return sds[0], sds[1]
+
+
+def plain_step_seconds(ds, batch: int, blocks: int = 5, per_block: int = 10) -> float:
+    from lmckit.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("mlp", in_channels=1, image_size=28)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    x, y = ds.tensors("train", limit=batch)
+    m.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    step()
+    best = float("inf")
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(per_block):
+            step()
+        best = min(best, (time.perf_counter() - t0) / per_block)
+    return best
+
+
+def ste_run(model, a, b, ds, steps: int, batch: int, mode: str, record: list) -> float:
+    import lmckit.match.ste as ste
+
+    os.environ["LMCKIT_STE_PROJECTION"] = mode
+    kw = dict(batch_size=batch, progress=False, track_alignment=False, heldout_size=1000, train_limit=steps * batch)
+    t0 = time.perf_counter()
+    ste.ste_matching(model, a, b, ds, epochs=0, **kw)
+    t_setup = time.perf_counter() - t0
+    orig = ste._project
+
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        record.append((out, kwargs.get("projector", args[7] if len(args) > 7 else None)))
+        return out
+
+    ste._project = spy
+    try:
+        t0 = time.perf_counter()
+        ste.ste_matching(model, a, b, ds, epochs=1, **kw)
+        t_run = time.perf_counter() - t0
+    finally:
+        ste._project = orig
+        os.environ.pop("LMCKIT_STE_PROJECTION", None)
+    return (t_run - t_setup) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40, help="STE steps timed per projection mode")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-epochs", type=int, default=1, help="training epochs of models A and B")
+    ap.add_argument("--json", default=str(OUT / "bench_ste.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from lmckit.data import load_dataset
+    from lmckit.models import create_model
+
+    a, b = trained_pair(args.train_epochs)
+    ds = load_dataset("fashion-mnist")
+    model = create_model("mlp", in_channels=1, image_size=28)
+    plain = plain_step_seconds(ds, args.batch)
+    rows, recs = {}, {}
+    for mode in ("reference", "certified"):
+        recs[mode] = []
+        rows[mode] = ste_run(model, a, b, ds, args.steps, args.batch, mode, recs[mode])
+    same = len(recs["reference"]) == len(recs["certified"]) and all(
+        all(torch.equal(x[0][g], y[0][g]) for g in x[0]) for x, y in zip(recs["reference"], recs["certified"]))
+    proj = next((p for _, p in reversed(recs["certified"]) if p is not None), None)
+    stats = dict(proj.stats) if proj is not None else {}
+    print(f"MLP 784-512-512-512-10, batch {args.batch}, {args.threads} thread(s), {args.steps} steps")
+    print(f"{'':>24} {'ms/step':>9} {'x plain':>8}")
+    print(f"{'plain training step':>24} {1e3 * plain:>9.1f} {1.0:>8.2f}")
+    for mode, s in rows.items():
+        print(f"{'STE step, ' + mode:>24} {1e3 * s:>9.1f} {s / plain:>8.2f}")
+    print(f"certified projector: {stats}")
+    print("same permutation at every step:", same)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"plain_s": plain, "ste_s": rows, "ratio": {m: s / plain for m, s in rows.items()},
+                                           "same_every_step": same, "projector_stats": stats, "steps": args.steps,
+                                           "threads": args.threads, "batch": args.batch}, indent=1))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
