@@ -91,3 +91,46 @@ def test_projector_equals_weight_matching_along_a_trajectory(certify):
         assert st["certified"] > 0  # the certificate did save solves
     else:
         assert st["certified"] == 0
+
+
+
+def test_ste_projector_modes_from_environment(monkeypatch):
+    from lmckit.errors import LmcError
+    from lmckit.match.projection import ste_projector
+
+    model = create_model("mlp_tiny", in_channels=1, image_size=8)
+    spec = spec_for(model)
+    sd = model.state_dict()
+    monkeypatch.delenv("LMCKIT_STE_PROJECTION", raising=False)
+    monkeypatch.delenv("LMCKIT_STE_PROJECT_EVERY", raising=False)
+    p = ste_projector(spec, sd, 10, "cpu")
+    assert isinstance(p, WarmProjector) and not p.certify and p.every == 1
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "certified")
+    assert ste_projector(spec, sd, 10, "cpu").certify
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "reference")
+    assert ste_projector(spec, sd, 10, "cpu") is None
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "bogus")
+    with pytest.raises(LmcError):
+        ste_projector(spec, sd, 10, "cpu")
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "exact")
+    for bad in ("0", "x"):
+        monkeypatch.setenv("LMCKIT_STE_PROJECT_EVERY", bad)
+        with pytest.raises(LmcError):
+            ste_projector(spec, sd, 10, "cpu")
+
+
+def test_project_every_k_holds_the_projection_between_projections():
+    model = create_model("mlp", in_channels=1, image_size=8, width=12, depth=2)
+    spec = spec_for(model)
+    torch.manual_seed(0)
+    sd_b = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    proj = WarmProjector(spec, sd_b, every=3)
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    perm = {g: torch.randperm(n) for g, n in spec.sizes.items()}
+    a = apply_permutation(spec, perm, sd_b)  # exact planted copy: a real projection finds `perm`
+    outs = [proj(a, ident, t) for t in range(4)]
+    assert all(torch.equal(outs[0][g], perm[g]) for g in spec.sizes)     # call 1 projects
+    assert all(torch.equal(outs[1][g], ident[g]) for g in spec.sizes)    # calls 2, 3 hold init
+    assert all(torch.equal(outs[2][g], ident[g]) for g in spec.sizes)
+    assert all(torch.equal(outs[3][g], perm[g]) for g in spec.sizes)     # call 4 projects again
+    assert proj.stats["held"] == 2

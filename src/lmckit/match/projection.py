@@ -119,10 +119,17 @@ class WarmProjector:
     tol:
         Acceptance threshold, as in :func:`weight_matching`.
     certify:
-        Use the optimality certificate to skip solves (False: every solve runs,
-        which is exactly ``weight_matching``'s work).
+        Use the optimality certificate to skip solves (default False: every
+        solve runs, as in ``weight_matching``). Exact either way; measured on
+        the MLP's STE (``benchmarks/bench_ste.py``) the certificate costs more
+        than it saves, because the projection moves some group at most steps
+        and the relaxation needs 5-30 passes to settle.
     bf_passes:
         Bellman-Ford passes tried before falling back to the LAP.
+    every:
+        **Approximation** (default 1: off): project only at every ``every``-th
+        call and return ``init`` unchanged at the others (a projection held
+        for ``every`` steps). Changes the result; see :func:`ste_projector`.
 
     Notes
     -----
@@ -133,11 +140,14 @@ class WarmProjector:
     """
 
     def __init__(self, spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int = 100,
-                 device: torch.device | str | None = None, tol: float = DEFAULT_TOL, certify: bool = True,
-                 bf_passes: int = 12):
+                 device: torch.device | str | None = None, tol: float = DEFAULT_TOL, certify: bool = False,
+                 bf_passes: int = 12, every: int = 1):
         self.spec = spec
         self.sd_b = sd_b
         self.max_iter, self.tol, self.certify, self.bf_passes = int(max_iter), float(tol), bool(certify), int(bf_passes)
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = int(every)
         keys = objective_keys(spec, sd_b)
         first = next((v for v in sd_b.values() if isinstance(v, torch.Tensor)), None)
         self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
@@ -173,7 +183,7 @@ class WarmProjector:
         self._bp: dict[str, torch.Tensor] | None = None
         self._bp_perms: dict[str, torch.Tensor] | None = None
         self._v: dict[str, np.ndarray] = {}
-        self.stats = {"calls": 0, "sweeps": 0, "solves": 0, "certified": 0, "skipped": 0, "moves": 0, "fallback": 0}
+        self.stats = {"calls": 0, "sweeps": 0, "solves": 0, "certified": 0, "skipped": 0, "held": 0, "moves": 0, "fallback": 0}
 
     # ------------------------------------------------------------------ helpers
     def _permuted_b(self, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,6 +208,9 @@ class WarmProjector:
     def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int) -> Perms:
         """``WM(sd_a, theta_b)`` warm-started at ``init`` with group order seeded by ``seed`` (CPU LongTensors)."""
         self.stats["calls"] += 1
+        if (self.stats["calls"] - 1) % self.every:
+            self.stats["held"] += 1  # approximation: keep the last projection for every-1 of every calls
+            return {g: init[g].to("cpu") for g in self.spec.sizes}
         if self.quadratic:
             self.stats["fallback"] += 1
             res = weight_matching(self.spec, sd_a, self.sd_b, seed=seed, max_iter=self.max_iter, init_perms=init,
@@ -284,3 +297,45 @@ class WarmProjector:
                 break
         self._bp, self._bp_perms = bp, {g: perms[g] for g in self.groups}
         return {g: perms[g].to("cpu") for g in self.spec.sizes}
+
+
+def ste_projector(spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int,
+                  device: torch.device | str | None) -> WarmProjector | None:
+    """The projector STE uses for its per-step projections, chosen by the environment.
+
+    ``LMCKIT_STE_PROJECTION``:
+
+    * unset or ``exact``: :class:`WarmProjector` (the same permutation as
+      :func:`weight_matching` at every step);
+    * ``certified``: the same with the optimality certificate (exact too);
+    * ``reference``: ``None``, i.e. STE calls :func:`weight_matching` itself.
+
+    ``LMCKIT_STE_PROJECT_EVERY=k`` (default 1) turns on the approximation of
+    projecting at every ``k``-th step only (the permutation of the midpoint is
+    then up to ``k - 1`` steps old). It changes STE's result; its effect on
+    the final permutation is measured by ``benchmarks/bench_ste.py --every k``.
+
+    Raises
+    ------
+    LmcError
+        An unknown mode or a bad ``k``.
+    """
+    import os
+
+    from ..errors import LmcError
+
+    mode = os.environ.get("LMCKIT_STE_PROJECTION", "exact").strip().lower() or "exact"
+    if mode not in ("exact", "certified", "reference"):
+        raise LmcError(f"unknown LMCKIT_STE_PROJECTION={mode!r}", "use exact, certified or reference")
+    raw = os.environ.get("LMCKIT_STE_PROJECT_EVERY", "1").strip() or "1"
+    try:
+        every = int(raw)
+    except ValueError:
+        every = 0
+    if every < 1:
+        raise LmcError(f"LMCKIT_STE_PROJECT_EVERY must be a positive integer, got {raw!r}")
+    if mode == "reference":
+        if every != 1:
+            raise LmcError("LMCKIT_STE_PROJECT_EVERY needs the exact or certified projection", "unset LMCKIT_STE_PROJECTION")
+        return None
+    return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every)

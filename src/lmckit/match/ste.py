@@ -170,16 +170,13 @@ def _project(spec: PermutationSpec, tilde_sd: Mapping[str, torch.Tensor], sd_b: 
     """``WM(theta~, theta_b)`` warm-started at ``init``.
 
     With a :class:`lmckit.match.projection.WarmProjector` for ``(spec, sd_b)``
-    (``projector``) the same descent runs with solves skipped where an
-    optimality certificate proves they cannot change the assignment: the same
-    permutation, most solves saved. ``LMCKIT_STE_PROJECTION=reference`` forces
-    the plain :func:`weight_matching` call (for benchmarks and bisecting).
+    (``projector``, from :func:`lmckit.match.projection.ste_projector`) the same
+    descent runs with state kept between steps (see that module for the exact
+    and the approximate modes and their environment switches).
     """
-    import os
-
     from .weight import weight_matching  # noqa: WPS433
 
-    if projector is not None and init is not None and os.environ.get("LMCKIT_STE_PROJECTION", "") != "reference":
+    if projector is not None and init is not None:
         return projector(tilde_sd, init, seed)
     res = weight_matching(spec, tilde_sd, sd_b, seed=seed, max_iter=max_iter, init_perms=init, restarts=1, device=device)
     return {g: p.to("cpu") for g, p in res.perms.items()}
@@ -339,9 +336,9 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
     # ---------------------------------------------------------------- training
     from torch.func import functional_call
 
-    from .projection import WarmProjector  # noqa: WPS433
+    from .projection import ste_projector  # noqa: WPS433
 
-    projector = WarmProjector(spec, sd_b, wm_max_iter, dev)  # the per-step projections (exact; see _project)
+    projector = ste_projector(spec, sd_b, wm_max_iter, dev)  # the per-step projections (see _project)
     if start_epoch > cfg.epochs:
         raise LmcError(f"the STE state in {state_dir} already holds {start_epoch} epochs, more than the {cfg.epochs} asked for",
                        "ask for at least that many epochs, or use another state folder")
