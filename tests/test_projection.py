@@ -134,3 +134,12 @@ def test_project_every_k_holds_the_projection_between_projections():
     assert all(torch.equal(outs[2][g], ident[g]) for g in spec.sizes)
     assert all(torch.equal(outs[3][g], perm[g]) for g in spec.sizes)     # call 4 projects again
     assert proj.stats["held"] == 2
+
+
+def test_lap_automatic_choice_by_size(monkeypatch):
+    monkeypatch.delenv("LMCKIT_LAP", raising=False)
+    assert lap.choose(512) == "scipy"
+    if "lapx" in lap.available():
+        assert lap.choose(lap.LAPX32_MIN_UNITS) == "lapx32"
+        monkeypatch.setenv("LMCKIT_LAP", "lapx")
+        assert lap.choose(512) == "lapx"

@@ -20,11 +20,16 @@ exact, so the assignment differs only where the LAP has several optima (ties).
 Measured here (2 shared cores, lapx 0.11.1, scipy 1.x): with its exact float64
 kernel lapx was never clearly faster than scipy on WM cost matrices from 256 to
 4096 units (0.9-1.7x scipy's time; its float32 kernel is faster at 2048 but
-not exact), so the automatic choice is scipy at every size
+not exact), so below 2048 units the automatic choice is scipy
 (``LAPX_MAX_UNITS = 0``) until a run of the benchmark on the target machine
-says otherwise.
+says otherwise. lapx's float32 kernel (``"lapx32"``) was 1.2-2.3x faster than
+scipy at 2048 and 4096 units with the same objective on every matrix tried; it
+is optimal for the costs rounded to float32, which is the precision the cost
+matrices are computed in anyway (float32 products summed in float64), so it is
+the automatic choice from :data:`LAPX32_MIN_UNITS` units on. Weight matching's
+acceptance rule keeps its objective non-decreasing whatever the solver returns.
 
-Environment: ``LMCKIT_LAP=scipy`` or ``LMCKIT_LAP=lapx`` forces one solver
+Environment: ``LMCKIT_LAP=scipy``, ``lapx`` or ``lapx32`` forces one solver
 (for benchmarks and bisecting); anything else means automatic choice.
 """
 from __future__ import annotations
@@ -33,8 +38,10 @@ import os
 
 import numpy as np
 
-#: Largest group size for which lapx is used (from benchmarks/bench_lap.py; see the README table).
+#: Largest group size for which lapx's exact float64 kernel is used (0: never; from benchmarks/bench_lap.py).
 LAPX_MAX_UNITS = 0
+#: From this group size on lapx's float32 kernel is used (from benchmarks/bench_lap.py).
+LAPX32_MIN_UNITS = 2048
 
 _LAPX = None  # the lapx module, False when not installed, None before the first look
 
@@ -52,8 +59,8 @@ def _lapx():
 
 
 def available() -> list[str]:
-    """Names of the installed solvers (``"scipy"`` always, ``"lapx"`` when its package is present)."""
-    return ["scipy"] + (["lapx"] if _lapx() is not None else [])
+    """Names of the installed solvers (``"scipy"`` always; ``"lapx"``, ``"lapx32"`` when lapx is present)."""
+    return ["scipy"] + (["lapx", "lapx32"] if _lapx() is not None else [])
 
 
 def choose(n: int) -> str:
@@ -63,8 +70,10 @@ def choose(n: int) -> str:
         return "scipy"
     if _lapx() is None:
         return "scipy"
-    if forced == "lapx":
-        return "lapx"
+    if forced in ("lapx", "lapx32"):
+        return forced
+    if int(n) >= LAPX32_MIN_UNITS:
+        return "lapx32"
     return "lapx" if int(n) <= LAPX_MAX_UNITS else "scipy"
 
 
@@ -78,7 +87,10 @@ def solve(cost: np.ndarray, maximize: bool = True, solver: str | None = None) ->
     maximize:
         Maximise (default, as weight matching does) or minimise ``sum_i cost[i, col[i]]``.
     solver:
-        ``"scipy"``, ``"lapx"`` or ``None`` for :func:`choose`'s pick.
+        ``"scipy"``, ``"lapx"`` (float64 kernel, exact), ``"lapx32"`` (lapx's
+        float32 kernel: optimal for the costs rounded to float32, so within
+        about ``n * 1e-7 * max|cost|`` of the optimum) or ``None`` for
+        :func:`choose`'s pick.
 
     Returns
     -------
@@ -105,8 +117,15 @@ def solve(cost: np.ndarray, maximize: bool = True, solver: str | None = None) ->
         c = np.ascontiguousarray(-cost if maximize else cost, dtype=np.float64)
         x, _ = mod.lapjvs(c, extend_cost=False, return_cost=False, jvx_like=False, prefer_float32=False)
         return np.asarray(x, dtype=np.int64)
+    if name == "lapx32":
+        mod = _lapx()
+        if mod is None:
+            raise ValueError("the lapx32 solver needs lapx (pip install lapx)")
+        c = np.ascontiguousarray(-cost if maximize else cost, dtype=np.float64)
+        x, _ = mod.lapjvs(c, extend_cost=False, return_cost=False, jvx_like=False, prefer_float32=True)
+        return np.asarray(x, dtype=np.int64)
     if name != "scipy":
-        raise ValueError(f"unknown LAP solver {name!r}; use 'scipy' or 'lapx'")
+        raise ValueError(f"unknown LAP solver {name!r}; use 'scipy', 'lapx' or 'lapx32'")
     from scipy.optimize import linear_sum_assignment
 
     _, col = linear_sum_assignment(cost, maximize=maximize)
