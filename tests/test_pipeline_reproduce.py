@@ -185,3 +185,22 @@ def test_ste_drift_is_reported_beside_the_wm_baseline(tiny):
     md = (root / "report" / "report.md").read_text()
     assert f"differs from plain WM's on {sum(end) / len(end):.1%} of units" in md
     assert f"against {d['wm_vs_wm']['mean']:.1%} between two WM searches" in md
+
+
+def test_timings_give_the_cost_of_each_stage_kind(tiny):
+    root, res = tiny
+    t = json.loads((root / "report" / "timings.json").read_text())
+    kinds = t["stages_by_kind"]
+    n_by_kind: dict[str, int] = {}
+    for s in order(res.plan.targets()):
+        n_by_kind[s.KIND] = n_by_kind.get(s.KIND, 0) + 1
+    assert {k: v["count"] for k, v in kinds.items()} == n_by_kind
+    for k, v in kinds.items():
+        assert v["ran"] + v["cached"] == v["count"]
+        assert v["seconds"] == pytest.approx(t["stage_seconds_by_kind"][k])
+        assert v["mean_seconds"] == pytest.approx(v["seconds"] / v["count"])
+    assert 0 < t["wall_seconds"] and t["conditions"]["cpus"] >= 1
+    from lmckit.pipeline.reproduce import stage_costs
+
+    first = stage_costs(res.plan, root / "cache", res.summary, res.seconds)["stages_by_kind"]  # the first, full run
+    assert sum(v["ran"] for v in first.values()) == len(res.summary.ran) > 0

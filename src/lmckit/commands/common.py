@@ -7,8 +7,41 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..models.registry import model_config_with_defaults  # noqa: F401  (also re-exported for the commands)
-from ..store import _json_default
+
+# torch, the model zoo and the store are imported inside the functions that need them, so that
+# `lmckit --help` and argument errors answer without loading torch (benchmarks/bench_cli.py).
+
+
+def model_config_with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`lmckit.models.registry.model_config_with_defaults`, imported on first use (keeps start-up light)."""
+    from ..models.registry import model_config_with_defaults as _full
+
+    return _full(cfg)
+
+
+class LazyChoices:
+    """argparse ``choices`` read from ``lmckit.<module>.<name>`` when first checked or shown.
+
+    Building the parser then imports nothing heavy; pass a ``metavar`` with it
+    (argparse would otherwise list the choices, i.e. import them, at once).
+    """
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def _load(self) -> list:
+        import importlib
+
+        return list(getattr(importlib.import_module(f"lmckit.{self.module}"), self.name))
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._load()
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -24,6 +57,8 @@ def add_json(p: argparse.ArgumentParser) -> None:
 
 
 def print_json(obj: Any) -> None:
+    from ..store import _json_default
+
     json.dump(obj, sys.stdout, indent=2, default=_json_default)
     sys.stdout.write("\n")
 

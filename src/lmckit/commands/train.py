@@ -8,29 +8,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_data, add_device, add_json, print_json
+from .common import LazyChoices, add_data, add_device, add_json, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..train import OPTIMIZERS, PRESETS, SCHEDULES
-
     p = sub.add_parser(
         "train", help="train a model (seeded, resumable, cached by config hash)",
         description="Train a model into OUT/train/<config hash>. Settings come from --preset (else the preset "
                     "matching --model and --dataset, e.g. mlp + fashion-mnist -> mlp-fmnist, else the defaults), "
                     "then the options given. Prints the run folder as the last line.")
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="named recipe (see PAPER.md)")
+    p.add_argument("--preset", choices=LazyChoices("train", "PRESETS"), metavar="PRESET", default=None,
+                   help="named recipe (see PAPER.md): %(choices)s")
     p.add_argument("--model", default=None, help="registered model (`lmckit models`); default mlp")
     p.add_argument("--dataset", default=None, help="dataset name; default fashion-mnist")
     p.add_argument("--seed", type=int, default=None, help="seeds the initialisation and batch order (default 0)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
+    p.add_argument("--optimizer", choices=LazyChoices("train", "OPTIMIZERS"), metavar="OPTIMIZER", default=None,
+                   help="one of %(choices)s")
     p.add_argument("--lr", type=float, default=None, help="base learning rate")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--schedule", choices=SCHEDULES, default=None)
+    p.add_argument("--schedule", choices=LazyChoices("train", "SCHEDULES"), metavar="SCHEDULE", default=None,
+                   help="one of %(choices)s")
     p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop (pad 4) and flip")

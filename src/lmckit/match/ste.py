@@ -166,10 +166,18 @@ def _step_seed(seed: int, epoch: int, step: int) -> int:
 
 
 def _project(spec: PermutationSpec, tilde_sd: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-             init: Perms | None, seed: int, max_iter: int, device: torch.device) -> Perms:
-    """``WM(theta~, theta_b)`` warm-started at ``init``."""
+             init: Perms | None, seed: int, max_iter: int, device: torch.device, projector=None) -> Perms:
+    """``WM(theta~, theta_b)`` warm-started at ``init``.
+
+    With a :class:`lmckit.match.projection.WarmProjector` for ``(spec, sd_b)``
+    (``projector``, from :func:`lmckit.match.projection.ste_projector`) the same
+    descent runs with state kept between steps (see that module for the exact
+    and the approximate modes and their environment switches).
+    """
     from .weight import weight_matching  # noqa: WPS433
 
+    if projector is not None and init is not None:
+        return projector(tilde_sd, init, seed)
     res = weight_matching(spec, tilde_sd, sd_b, seed=seed, max_iter=max_iter, init_perms=init, restarts=1, device=device)
     return {g: p.to("cpu") for g, p in res.perms.items()}
 
@@ -328,6 +336,9 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
     # ---------------------------------------------------------------- training
     from torch.func import functional_call
 
+    from .projection import ste_projector  # noqa: WPS433
+
+    projector = ste_projector(spec, sd_b, wm_max_iter, dev)  # the per-step projections (see _project)
     if start_epoch > cfg.epochs:
         raise LmcError(f"the STE state in {state_dir} already holds {start_epoch} epochs, more than the {cfg.epochs} asked for",
                        "ask for at least that many epochs, or use another state folder")
@@ -344,7 +355,7 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                 with torch.no_grad():
                     tilde_sd = dict(sd_a)
                     tilde_sd.update({k: tilde[k].detach() for k in param_keys})
-                    cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, step), wm_max_iter, dev)
+                    cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, step), wm_max_iter, dev, projector)
                     pb = apply_permutation(spec, cur, sd_b)
                 out = functional_call(net, ste_midpoint(sd_a, pb, tilde), (x,))
                 loss = F.cross_entropy(out, y)
@@ -363,7 +374,7 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
             with torch.no_grad():
                 tilde_sd = dict(sd_a)
                 tilde_sd.update({k: tilde[k].detach() for k in param_keys})
-                cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, steps_per_epoch), wm_max_iter, dev)
+                cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, steps_per_epoch), wm_max_iter, dev, projector)
                 dist = math.sqrt(sum(float((tilde[k].detach() - sd_a[k]).double().pow(2).sum()) for k in param_keys))
             l_cur = score(cur)
             hist["candidates"].append({"name": f"epoch {epoch + 1}", "heldout_loss": l_cur})

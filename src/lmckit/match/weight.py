@@ -100,7 +100,6 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ..errors import LmcError
 from ..perm.spec import (PermutationSpec, Perms, axis_index, entry_groups, entry_segments, identity_permutation,
@@ -368,9 +367,10 @@ class _Problem:
 
 
 def _lap(cost: np.ndarray) -> np.ndarray:
-    """Column assigned to each row, maximising the summed cost."""
-    _, col = linear_sum_assignment(cost, maximize=True)
-    return col
+    """Column assigned to each row, maximising the summed cost (solver picked per size by :mod:`.lap`)."""
+    from .lap import solve
+
+    return solve(cost, maximize=True)
 
 
 def _lap_workers() -> int:

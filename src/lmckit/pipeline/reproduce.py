@@ -59,6 +59,10 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
     from ..report import collect, timings, write_report
 
     t0 = time.time()
+    try:
+        load_at_start = os.getloadavg()
+    except OSError:
+        load_at_start = None
     r, plan = prepare(recipe, sets, data_dir)
     if out is not None:
         out_dir = Path(out)
@@ -83,6 +87,45 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
         with make_executor(jobs) as ex:
             res.summary = ex.run(plan.targets(), cache, runtime)
         res.results = collect(plan, cache)
-        res.files = write_report(res.results, out_dir, timings(plan, cache), cache=str(cache))
+        timing = dict(timings(plan, cache))
+        timing.update(stage_costs(plan, cache, res.summary, time.time() - t0, load_at_start))
+        res.files = write_report(res.results, out_dir, timing, cache=str(cache))
     res.seconds = time.time() - t0
     return res
+
+
+def stage_costs(plan: Plan, cache: str | os.PathLike, summary: RunSummary | None, wall_seconds: float,
+                load_at_start: tuple[float, float, float] | None = None) -> dict:
+    """Cost of each stage kind, for ``timings.json``.
+
+    Returns ``{"stages_by_kind": {kind: {"count", "ran", "cached", "seconds",
+    "mean_seconds"}}, "wall_seconds", "conditions"}``: ``seconds`` is the
+    compute time recorded in each stage folder's ``stage.json`` (the time of
+    the run that made it, also for stages reused from the cache), ``ran`` and
+    ``cached`` count this call's stages by outcome, ``wall_seconds`` is this
+    call's time up to the report, and ``conditions`` the CPU count and load
+    averages when it started and ended (timings on a shared machine depend on them).
+    """
+    import json
+
+    from .executor import plan as order
+    from .stages import stage_path
+
+    kinds: dict[str, dict] = {}
+    for s in order(plan.targets()):
+        k = kinds.setdefault(s.KIND, {"count": 0, "ran": 0, "cached": 0, "seconds": 0.0})
+        k["count"] += 1
+        f = stage_path(Path(cache), s) / "stage.json"
+        if f.exists():
+            k["seconds"] += float(json.loads(f.read_text()).get("seconds", 0.0))
+    for o in (summary.outcomes if summary is not None else []):
+        if o.kind in kinds and o.status in ("ran", "cached"):
+            kinds[o.kind][o.status] += 1
+    for k in kinds.values():
+        k["mean_seconds"] = k["seconds"] / max(k["count"], 1)
+    try:
+        load_end = os.getloadavg()
+    except OSError:
+        load_end = None
+    return {"stages_by_kind": kinds, "wall_seconds": wall_seconds,
+            "conditions": {"cpus": os.cpu_count(), "load_average_start": load_at_start, "load_average_end": load_end}}

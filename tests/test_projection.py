@@ -1,0 +1,145 @@
+"""Warm-started STE projections (lmckit.match.projection) and the LAP entry point (lmckit.match.lap)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from lmckit.match import lap
+from lmckit.match.projection import WarmProjector, certify_assignment
+from lmckit.match.weight import weight_matching
+from lmckit.models import create_model
+from lmckit.perm import apply_permutation, spec_for
+
+
+def _brute_best(c: np.ndarray) -> float:
+    n = c.shape[0]
+    return max(sum(c[i, s[i]] for i in range(n)) for s in itertools.permutations(range(n)))
+
+
+@pytest.mark.parametrize("solver", lap.available())
+def test_lap_solvers_optimal_against_brute_force(solver):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c = rng.normal(size=(6, 6))
+        col = lap.solve(c, solver=solver)
+        assert sorted(col.tolist()) == list(range(6))
+        assert c[np.arange(6), col].sum() == pytest.approx(_brute_best(c), abs=1e-12)
+        # minimise = maximise the negation
+        assert np.array_equal(lap.solve(-c, maximize=False, solver=solver), col)
+
+
+def test_lap_bad_inputs():
+    with pytest.raises(ValueError):
+        lap.solve(np.zeros((3, 4)))
+    with pytest.raises(ValueError):
+        lap.solve(np.zeros((3, 3)), solver="nope")
+    assert lap.solve(np.zeros((0, 0))).shape == (0,)
+    assert lap.choose(10) in lap.available()
+
+
+def test_lap_env_forces_scipy(monkeypatch):
+    monkeypatch.setenv("LMCKIT_LAP", "scipy")
+    assert lap.choose(64) == "scipy"
+
+
+def test_certificate_accepts_optimum_and_rejects_suboptimal():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        c = rng.normal(size=(6, 6))
+        best = lap.solve(c, solver="scipy")
+        ok, v = certify_assignment(c, best, None, 0.0 + 1e-12, passes=50)
+        assert ok
+        # the potentials really certify: v_j >= v_p(i) + c_ij - c_ip(i) - eps
+        w = c - c[np.arange(6), best][:, None]
+        assert (v[None, :] >= v[best][:, None] + w - 1e-9).all()
+        worse = best.copy()
+        worse[[0, 1]] = worse[[1, 0]]
+        gap = c[np.arange(6), best].sum() - c[np.arange(6), worse].sum()
+        if gap > 1e-6:  # a strictly worse assignment can never be certified
+            assert not certify_assignment(c, worse, None, 1e-12, passes=200)[0]
+
+
+def _perturbed(sd, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("certify", [True, False])
+def test_projector_equals_weight_matching_along_a_trajectory(certify):
+    """A sequence of slowly moving A's (as theta~ in STE): every projection equals weight_matching's."""
+    model = create_model("mlp", in_channels=1, image_size=8, width=24, depth=3)
+    spec = spec_for(model)
+    torch.manual_seed(0)
+    sd_b = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    perm = {g: torch.randperm(n) for g, n in spec.sizes.items()}
+    a = _perturbed(apply_permutation(spec, perm, sd_b), 0.02, 1)  # B planted in A, plus noise
+    proj = WarmProjector(spec, sd_b, max_iter=100, certify=certify)
+    cur = weight_matching(spec, a, sd_b, seed=0).perms
+    assert all(torch.equal(cur[g], perm[g]) for g in spec.sizes)  # planted permutation recovered
+    for t in range(12):
+        a = _perturbed(a, 0.01 if t % 3 else 0.2, 100 + t)  # small steps and a few large ones
+        want = weight_matching(spec, a, sd_b, seed=t, max_iter=100, init_perms=cur, restarts=1).perms
+        got = proj(a, cur, t)
+        assert all(torch.equal(got[g], want[g]) for g in spec.sizes), f"step {t}"
+        cur = got
+    st = proj.stats
+    assert st["calls"] == 12 and st["sweeps"] >= 12
+    if certify:
+        assert st["certified"] > 0  # the certificate did save solves
+    else:
+        assert st["certified"] == 0
+
+
+
+def test_ste_projector_modes_from_environment(monkeypatch):
+    from lmckit.errors import LmcError
+    from lmckit.match.projection import ste_projector
+
+    model = create_model("mlp_tiny", in_channels=1, image_size=8)
+    spec = spec_for(model)
+    sd = model.state_dict()
+    monkeypatch.delenv("LMCKIT_STE_PROJECTION", raising=False)
+    monkeypatch.delenv("LMCKIT_STE_PROJECT_EVERY", raising=False)
+    p = ste_projector(spec, sd, 10, "cpu")
+    assert isinstance(p, WarmProjector) and not p.certify and p.every == 1
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "certified")
+    assert ste_projector(spec, sd, 10, "cpu").certify
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "reference")
+    assert ste_projector(spec, sd, 10, "cpu") is None
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "bogus")
+    with pytest.raises(LmcError):
+        ste_projector(spec, sd, 10, "cpu")
+    monkeypatch.setenv("LMCKIT_STE_PROJECTION", "exact")
+    for bad in ("0", "x"):
+        monkeypatch.setenv("LMCKIT_STE_PROJECT_EVERY", bad)
+        with pytest.raises(LmcError):
+            ste_projector(spec, sd, 10, "cpu")
+
+
+def test_project_every_k_holds_the_projection_between_projections():
+    model = create_model("mlp", in_channels=1, image_size=8, width=12, depth=2)
+    spec = spec_for(model)
+    torch.manual_seed(0)
+    sd_b = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    proj = WarmProjector(spec, sd_b, every=3)
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    perm = {g: torch.randperm(n) for g, n in spec.sizes.items()}
+    a = apply_permutation(spec, perm, sd_b)  # exact planted copy: a real projection finds `perm`
+    outs = [proj(a, ident, t) for t in range(4)]
+    assert all(torch.equal(outs[0][g], perm[g]) for g in spec.sizes)     # call 1 projects
+    assert all(torch.equal(outs[1][g], ident[g]) for g in spec.sizes)    # calls 2, 3 hold init
+    assert all(torch.equal(outs[2][g], ident[g]) for g in spec.sizes)
+    assert all(torch.equal(outs[3][g], perm[g]) for g in spec.sizes)     # call 4 projects again
+    assert proj.stats["held"] == 2
+
+
+def test_lap_automatic_choice_by_size(monkeypatch):
+    monkeypatch.delenv("LMCKIT_LAP", raising=False)
+    assert lap.choose(512) == "scipy"
+    if "lapx" in lap.available():
+        assert lap.choose(lap.LAPX32_MIN_UNITS) == "lapx32"
+        monkeypatch.setenv("LMCKIT_LAP", "lapx")
+        assert lap.choose(512) == "lapx"
