@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from ..device import resolve_device
 from ..errors import LmcError
-from ..perm.spec import Perms, PermutationSpec, identity_permutation
+from ..perm.spec import Perms, PermutationSpec, identity_permutation, is_segmented
 from .registry import MethodOptions, register_method
 from .result import MatchResult
 from .weight import _lap, check_pair, objective_keys
@@ -171,19 +171,26 @@ def soft_apply(spec: PermutationSpec, soft: Mapping[str, torch.Tensor], state: M
 
 
 def _check_structures(spec: PermutationSpec) -> None:
-    """Refuse specs whose groups carry structure constraints this relaxation does not model."""
+    """Refuse specs whose groups carry structure this relaxation does not model.
+
+    Sinkhorn re-basin relaxes each group to a free doubly-stochastic matrix acting on
+    a whole axis. Attention-head constraints (``spec.heads``: heads move as wholes,
+    one head mapping shared by the Q/K and V/O groups) and block axes (an axis
+    moved by several segments: ``torch.cat``, ``F.pad``, LSTM gate blocks,
+    ``flatten`` into a Linear) are not modelled, so such specs raise
+    :class:`LmcError` instead of returning a permutation that changes the function.
+    """
+    bad = [f"head structure {name!r}" for name in getattr(spec, "heads", {}) or {}]
+    bad += [f"block axis {k}[{a}]" for k, ax in spec.axes.items() for a, e in enumerate(ax) if is_segmented(e)]
     structures = getattr(spec, "structures", None)
-    if not structures:
-        return
     if isinstance(structures, Mapping):
-        bad = [g for g, s in structures.items() if s]
-        if not bad:
-            return
-    else:
-        bad = ["(unnamed)"]
-    raise LmcError(f"Sinkhorn re-basin relaxes free permutations only, and groups {', '.join(map(str, bad[:5]))} "
-                   "of this architecture's spec carry structure constraints (heads / segments)",
-                   "use --method weight, which honours them")
+        bad += [str(g) for g, s in structures.items() if s]
+    elif structures:
+        bad.append("(unnamed structure)")
+    if bad:
+        raise LmcError(f"Sinkhorn re-basin relaxes free whole-axis permutations only; this architecture's spec has "
+                       f"{len(bad)} structured parts ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})",
+                       "use --method weight or --method activation, which honour attention heads and block axes")
 
 
 def _inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: list[str]) -> float:
