@@ -143,3 +143,16 @@ def test_lap_automatic_choice_by_size(monkeypatch):
         assert lap.choose(lap.LAPX32_MIN_UNITS) == "lapx32"
         monkeypatch.setenv("LMCKIT_LAP", "lapx")
         assert lap.choose(512) == "lapx"
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "lstm_tiny"])
+def test_structured_specs_use_weight_matching_itself(name):
+    # The warm projector models free whole-axis groups only: for attention heads and block axes STE must
+    # fall back to weight_matching (which honours them), never run the projector on such a spec.
+    from lmckit.match.projection import ste_projector
+    from lmckit.models import create_model
+    from lmckit.perm import spec_for
+
+    m = create_model(name)
+    spec = spec_for(m)
+    assert ste_projector(spec, m.state_dict(), 10, "cpu") is None

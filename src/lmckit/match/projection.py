@@ -59,7 +59,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..perm.spec import PermutationSpec, Perms
+from ..perm.spec import PermutationSpec, Perms, is_segmented
 from .weight import DEFAULT_TOL, _flat, _lap, objective_keys, weight_matching
 
 #: Relative slack of the certificate: eps = CERT_SLACK * tol * scale_g / n (see the module docstring).
@@ -342,5 +342,12 @@ def ste_projector(spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_i
     if mode == "reference":
         if every != 1:
             raise LmcError("LMCKIT_STE_PROJECT_EVERY needs the exact or certified projection", "unset LMCKIT_STE_PROJECTION")
+        return None
+    if spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
+        # The warm projector models free whole-axis groups only; attention heads and block axes
+        # (cat, pad, flatten, LSTM gates) go through weight_matching itself, which honours them.
+        if every != 1:
+            raise LmcError("LMCKIT_STE_PROJECT_EVERY is not available for specs with attention heads or block axes",
+                           "unset LMCKIT_STE_PROJECT_EVERY")
         return None
     return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every)
