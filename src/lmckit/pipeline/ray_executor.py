@@ -51,7 +51,7 @@ from .executor import Executor
 from .stages import Runtime, Stage, StageOutcome, run_stage, stage_hash, stage_label, stage_path
 
 __all__ = ["RayExecutor", "StageResources", "ray_available", "require_ray", "check_shared_root", "parse_resources",
-           "RAY_INSTALL_HINT", "MARKER_DIR"]
+           "RAY_INSTALL_HINT", "MARKER_DIR", "check_token_answers"]
 
 RAY_INSTALL_HINT = "install the optional extra: pip install 'lmckit[ray]' (or pip install ray)"
 #: Folder under the output root holding the per-run start markers and filesystem tokens.
@@ -191,6 +191,18 @@ def _read_token(path: str) -> tuple[str, str | None]:
         return socket.gethostname(), None
 
 
+def check_token_answers(root: Path, token: str, answers: list[tuple[str, str | None]]) -> None:
+    """Raise :class:`LmcError` unless every ``(host, content read)`` answer is ``token``."""
+    bad = [host for host, got in answers if got != token]
+    if bad:
+        raise LmcError(f"the output root {root} is not shared with the Ray node(s) {', '.join(sorted(set(bad)))}: "
+                       f"they cannot read the token the driver wrote there",
+                       "put --cache on a filesystem every node mounts at the same path (NFS, Lustre, ...); "
+                       "see docs/scaling.md for clusters without one")
+    if not answers:
+        raise LmcError("the Ray cluster has no alive node to run stages", "check the cluster (ray status)")
+
+
 def check_shared_root(ray, root: Path, timeout: float = 120.0) -> list[str]:
     """Check that every alive Ray node sees ``root`` (a shared filesystem); returns the node host names.
 
@@ -220,12 +232,7 @@ def check_shared_root(ray, root: Path, timeout: float = 120.0) -> list[str]:
         except Exception as e:  # GetTimeoutError, worker failures
             raise LmcError(f"could not check that the Ray workers see the output root {root}: {type(e).__name__}: {e}",
                            "check that the cluster is healthy (ray status)") from None
-        bad = [host for host, got in answers if got != token]
-        if bad:
-            raise LmcError(f"the output root {root} is not shared with the Ray node(s) {', '.join(sorted(set(bad)))}: "
-                           f"they cannot read the token the driver wrote there",
-                           "put --cache on a filesystem every node mounts at the same path (NFS, Lustre, ...); "
-                           "see docs/scaling.md for clusters without one")
+        check_token_answers(root, token, answers)
         return [host for host, _ in answers]
     finally:
         path.unlink(missing_ok=True)
