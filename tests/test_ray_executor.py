@@ -1,6 +1,7 @@
 """The Ray executor: options, the missing-Ray message, and faults against a real local Ray instance.
 
-The fast tests need no Ray. The ones marked ``slow`` start a real Ray instance
+The fast tests need no Ray, except one that starts a private Ray instance for a
+few seconds (loopback binding, shared-root check). The ones marked ``slow`` start a real Ray instance
 on 127.0.0.1 (in a child ``lmckit reproduce`` process, bounded in time and
 stopped by the test) and are skipped with a reason when ray is not installed
 (``pip install 'lmckit[ray]'``); ``.ci/run`` installs it and runs them.
@@ -316,9 +317,11 @@ def test_failing_stage_shows_its_log_and_stops_cleanly(tmp_path):
 
 
 @needs_ray
-@pytest.mark.slow
 def test_local_ray_instance_listens_on_loopback_only(tmp_path):
-    """While the executor's private instance is up, every Ray server socket is bound to 127.0.0.1."""
+    """The executor's private instance passes the shared-root check and binds every Ray server to 127.0.0.1.
+
+    In the default tier (a few seconds) so that a fresh clone without Ray shows a skip with its reason.
+    """
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import json, subprocess, sys\n"
