@@ -173,3 +173,17 @@ def test_cuda_evaluation_and_matching_agree_with_cpu(synthetic):
     back = apply_permutation(spec, res.perms, sd_b)
     for k in sd:
         assert torch.allclose(back[k], sd[k]), k
+
+
+def test_train_cli_precision_and_gpu_flags(tmp_path, capsys):
+    from lmckit.cli import main
+
+    rc = main(["train", "--model", "mlp_tiny", "--dataset", "synthetic", "--epochs", "1", "--precision", "bf16",
+               "--no-channels-last", "--tf32", "--device", "cpu", "--threads", "1", "--quiet", "--out", str(tmp_path)])
+    assert rc == 0
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    rec = _record(run)
+    assert rec["config"]["precision"] == "bf16"
+    assert rec["provenance"]["tf32"] is False and rec["provenance"]["channels_last"] is False  # CPU: never TF32
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "mlp_tiny", "--precision", "fp16"])
