@@ -303,18 +303,23 @@ class RayExecutor(Executor):
             src = str(Path(__file__).resolve().parents[2])
             pp = os.environ.get("PYTHONPATH", "")
             env["PYTHONPATH"] = pp if src in pp.split(os.pathsep) else src + (os.pathsep + pp if pp else "")
-            prev_env, prev_flag = os.environ.get(_CLUSTER_ENV), rc.ENABLE_RAY_CLUSTER
-            os.environ[_CLUSTER_ENV], rc.ENABLE_RAY_CLUSTER = "0", False
+            # Loopback only, and no usage statistics sent anywhere, for the instance lmckit owns.
+            set_env = {_CLUSTER_ENV: "0", "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+            prev_env = {k: os.environ.get(k) for k in set_env}
+            prev_flag = rc.ENABLE_RAY_CLUSTER
+            os.environ.update(set_env)
+            rc.ENABLE_RAY_CLUSTER = False
             try:
                 ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, num_gpus=self.num_gpus,
                          include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                          logging_level="ERROR", runtime_env={"env_vars": env})
             finally:
                 rc.ENABLE_RAY_CLUSTER = prev_flag
-                if prev_env is None:
-                    os.environ.pop(_CLUSTER_ENV, None)
-                else:
-                    os.environ[_CLUSTER_ENV] = prev_env
+                for k, v in prev_env.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             self._started = True
         else:
             try:
