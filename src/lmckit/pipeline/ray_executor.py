@@ -303,8 +303,12 @@ class RayExecutor(Executor):
             src = str(Path(__file__).resolve().parents[2])
             pp = os.environ.get("PYTHONPATH", "")
             env["PYTHONPATH"] = pp if src in pp.split(os.pathsep) else src + (os.pathsep + pp if pp else "")
-            # Loopback only, and no usage statistics sent anywhere, for the instance lmckit owns.
-            set_env = {_CLUSTER_ENV: "0", "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0")}
+            # Loopback only, no usage statistics sent anywhere, and workers at normal priority (Ray
+            # renices workers to 15 by default, which starves the stages on a busy machine; the
+            # stages are the whole job here) for the instance lmckit owns. Each can be overridden.
+            set_env = {_CLUSTER_ENV: "0",
+                       "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+                       "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
             prev_env = {k: os.environ.get(k) for k in set_env}
             prev_flag = rc.ENABLE_RAY_CLUSTER
             os.environ.update(set_env)
