@@ -318,7 +318,8 @@ def test_failing_stage_shows_its_log_and_stops_cleanly(tmp_path):
 
 @needs_ray
 def test_local_ray_instance_listens_on_loopback_only(tmp_path):
-    """The executor's private instance passes the shared-root check and binds every Ray server to 127.0.0.1.
+    """The executor's private instance passes the shared-root check, binds every Ray server to 127.0.0.1
+    and runs its workers at normal priority.
 
     In the default tier (a few seconds) so that a fresh clone without Ray shows a skip with its reason.
     """
@@ -331,7 +332,8 @@ def test_local_ray_instance_listens_on_loopback_only(tmp_path):
         "ex = RayExecutor()\n"
         "ex._connect(Path(sys.argv[1]), Runtime(device='cpu'))\n"
         "ss = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout\n"
-        "print(json.dumps({'nodes': ex.nodes, 'ss': ss}))\n"
+        "ps = subprocess.run(['ps', '-eo', 'ni,sid,args'], capture_output=True, text=True).stdout\n"
+        "print(json.dumps({'nodes': ex.nodes, 'ss': ss, 'ps': ps}))\n"
         "ex.close()\n")
     env = _env(tempfile.mkdtemp(prefix="lr", dir="/tmp"))
     p = subprocess.Popen([sys.executable, str(probe), str(tmp_path / "root")], env=env, stdout=subprocess.PIPE,
@@ -346,6 +348,10 @@ def test_local_ray_instance_listens_on_loopback_only(tmp_path):
     assert p.returncode == 0, err[-3000:]
     info = json.loads(out.strip().splitlines()[-1])
     assert len(info["nodes"]) == 1
+    # the worker that read the token back runs at normal priority (Ray's default would be nice 15)
+    workers = [ln.split() for ln in info["ps"].splitlines() if "ray::IDLE" in ln or "ray::_read_token" in ln]
+    mine = [w for w in workers if w[1] == str(p.pid)]
+    assert mine and all(w[0] == "0" for w in mine), info["ps"]
     if not info["ss"].strip():
         pytest.skip("ss lists no sockets here")
     ray_lines = [ln for ln in info["ss"].splitlines() if any(k in ln for k in ("gcs_server", "raylet", "ray::"))]
