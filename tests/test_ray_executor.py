@@ -108,6 +108,14 @@ def test_ray_options_without_ray_executor_are_refused(tmp_path, capsys):
     assert rc == 2 and "--ray-resources" in capsys.readouterr().err
 
 
+def test_bad_device_name_with_ray_fails_before_starting_anything(tmp_path):
+    from lmckit.pipeline.reproduce import reproduce
+
+    with pytest.raises(LmcError, match="unknown device"):
+        reproduce("tiny", out=tmp_path / "r", cache=tmp_path / "c", executor="ray", device="gpu0")
+    assert not (tmp_path / "c").exists()
+
+
 # --------------------------------------------------------------------------- a real local Ray instance
 def _env(ray_tmp: str) -> dict[str, str]:
     env = dict(os.environ)

@@ -60,7 +60,7 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
     (:class:`lmckit.pipeline.ray_executor.StageResources`); see
     :func:`lmckit.pipeline.executor.make_executor`.
     """
-    from ..device import resolve_device
+    from ..device import check_device_name, resolve_device
     from ..report import collect, timings, write_report
 
     t0 = time.time()
@@ -82,8 +82,10 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
     res.entries = dry_run(plan.targets(), cache)
     if dry:
         return res
-    if executor != "ray":
-        resolve_device(device)  # fail fast on a bad --device (Ray workers may have a GPU the driver lacks)
+    if executor == "ray":
+        check_device_name(device)  # Ray workers may have a GPU this driver lacks: check the name only
+    else:
+        resolve_device(device)  # fail fast on a bad --device
     ex = make_executor(jobs, executor, address, resources)  # before the lock: a missing Ray fails at once
     with file_lock(out_dir / ".lmckit.lock", wait=False, what="report folder"):
         runtime = Runtime(device=device, data_dir=data_dir)
