@@ -353,6 +353,9 @@ def test_local_ray_instance_listens_on_loopback_only(tmp_path):
             p.kill()
         for pid in _session_pids(p.pid):
             os.kill(pid, signal.SIGKILL)
+        import shutil
+
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     assert p.returncode == 0, err[-3000:]
     info = json.loads(out.strip().splitlines()[-1])
     assert len(info["nodes"]) == 1
