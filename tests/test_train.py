@@ -57,7 +57,7 @@ def test_hash_changes_with_every_setting():
     base = make_config("tiny")
     changed = dict(model="mlp", dataset="synthetic-rgb", val_size=100, seed=1, epochs=3, batch_size=50, optimizer="sgd",
                    lr=0.02, momentum=0.5, weight_decay=1e-4, schedule="cosine", warmup_epochs=1.0, augment=True,
-                   eval_batch_size=250)
+                   eval_batch_size=250, precision="bf16")
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_kwargs", "nesterov"}
     assert set(changed) == fields
     hashes = {base.hash()}

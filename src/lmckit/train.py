@@ -131,6 +131,12 @@ class TrainConfig:
         Random crop (pad 4) and horizontal flip of training batches.
     eval_batch_size:
         Batch size of the per-epoch evaluations.
+    precision:
+        ``fp32`` (default) or ``bf16``: the training forward and backward
+        passes under ``torch.autocast(bfloat16)``; weights, optimiser state,
+        evaluations and checkpoints stay float32. It changes what is computed,
+        so it is part of the hash; to keep the hashes of every earlier run,
+        it enters the hash only when it is not ``fp32``.
     """
 
     model: str = "mlp"
@@ -149,6 +155,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     augment: bool = False
     eval_batch_size: int = 2000
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         kw = self.model_kwargs
@@ -174,6 +181,10 @@ class TrainConfig:
                 set_(self, f.name, int(v))
             elif typ is not None and not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
                 raise LmcError(f"training setting {f.name}={v!r} should be {getattr(typ, '__name__', typ)}")
+        from .device import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise LmcError(f"unknown precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             raise LmcError(f"unknown optimizer {self.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -200,6 +211,8 @@ class TrainConfig:
         """Plain-JSON form (the hash input); :meth:`from_dict` inverts it."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["model_kwargs"] = self.model_options
+        if d["precision"] == "fp32":  # added after v0.1: absent at its default, so older hashes still hold
+            del d["precision"]
         return d
 
     @classmethod
@@ -454,7 +467,8 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
 # --------------------------------------------------------------------------- training
 def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str | torch.device = "auto",
           progress: bool = True, *, data_dir: str | os.PathLike | None = None, threads: int | None = None,
-          callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+          callback: Callable[[int, dict[str, Any]], None] | None = None, channels_last: bool | None = None,
+          tf32: bool | None = None) -> TrainResult:
     """Train ``config`` into ``out_root/train/<hash>`` (or return the finished run).
 
     Parameters
@@ -476,6 +490,17 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
         ``callback(epoch, metrics)`` after each epoch's checkpoint is written
         (epochs count from 1). An exception raised there stops training; the
         checkpoint stays and a rerun resumes after that epoch.
+    channels_last, tf32:
+        GPU settings (how to run: not hashed, recorded in the run's
+        ``config.json`` under ``provenance``). ``None``: channels_last for
+        convolutional models on CUDA, TF32 allowed on CUDA
+        (:func:`lmckit.device.channels_last_wanted`, :func:`lmckit.device.tf32_allowed`);
+        neither on CPU.
+
+    Determinism on CUDA: a rerun on the same GPU model, driver and torch
+    gives the same weights up to cuDNN/cuBLAS kernel choices and atomics;
+    lmckit does not force deterministic algorithms, so CUDA runs are not
+    promised to be bit-identical (and never equal CPU runs bit for bit).
 
     Returns
     -------
@@ -506,18 +531,20 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
         if threads:
             torch.set_num_threads(int(threads))
         try:
-            return _train_locked(config, final, partial_dir(final), device, progress, data_dir, callback)
+            return _train_locked(config, final, partial_dir(final), device, progress, data_dir, callback,
+                                 channels_last, tf32)
         finally:
             if threads:
                 torch.set_num_threads(old_threads)
 
 
 def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str | torch.device, progress: bool,
-                  data_dir: str | os.PathLike | None, callback) -> TrainResult:
+                  data_dir: str | os.PathLike | None, callback, channels_last: bool | None = None,
+                  tf32: bool | None = None) -> TrainResult:
     from . import __version__
     from .checkpoint import save_model
     from .data import load_dataset
-    from .device import resolve_device
+    from .device import channels_last_wanted, resolve_device, tf32_allowed, tf32_scope
     from .evaluate import evaluate
     from .progress import NullProgress, Progress
     from .store import SCHEMA_VERSION, atomic_write_json, atomic_write_text, config_hash, finalize_dir
@@ -527,6 +554,11 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
     h = config_hash(cfg_dict)
     ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
     model = build_untrained(config, ds).to(dev)
+    use_cl = channels_last_wanted(model, dev, channels_last)
+    use_tf32 = tf32_allowed(dev, tf32)
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    gpu = {"precision": config.precision, "channels_last": use_cl, "tf32": use_tf32}
     optimizer = make_optimizer(config, model.parameters())
     gen = torch.Generator().manual_seed(config.seed)
 
@@ -543,7 +575,7 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
                            f"delete {partial} to restart this run")
         start_epoch, metrics, elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
         resumed = list(meta.get("resumed", [])) + [start_epoch]
-        where = {"device": str(dev), "threads": torch.get_num_threads()}
+        where = _where(dev, gpu)
         if meta.get("where", where) != where:  # still correct, but float sums may round differently
             note = (f"[train] note: resuming on {where} but epochs 1-{start_epoch} ran on {meta['where']}; "
                     "the weights will not be bit-identical to an uninterrupted run")
@@ -552,10 +584,12 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
         for p in partial.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-    x_u8, y_all = ds.images["train"], ds.labels["train"].to(dev)
+    x_u8, y_all = ds.on_device("train", dev)  # the whole split on the device, copied once
     n = int(x_u8.shape[0])
     # Whole split normalised once (no per-batch conversion) unless batches are augmented.
-    x_all = None if config.augment else ds.normalize(x_u8.to(dev))
+    x_all = None if config.augment else ds.normalize(x_u8)
+    if use_cl and x_all is not None:
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(n / config.batch_size)
     bar = (Progress(config.epochs, f"train {config.model} seed={config.seed}", every=0.0, unit="epoch")
            if progress else NullProgress())
@@ -568,8 +602,9 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
             model.train()
-            train_loss, train_acc, lr = _train_epoch(model, optimizer, config, gen, x_all, x_u8, y_all, ds, dev,
-                                                     epoch, steps_per_epoch)
+            with tf32_scope(use_tf32):
+                train_loss, train_acc, lr = _train_epoch(model, optimizer, config, gen, x_all, x_u8, y_all, ds, dev,
+                                                         epoch, steps_per_epoch)
             train_seconds = time.perf_counter() - t0
             if not math.isfinite(train_loss):
                 raise LmcError(f"training diverged in epoch {epoch + 1} (loss {train_loss})",
@@ -584,7 +619,7 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
             elapsed += time.perf_counter() - t0
             save_checkpoint(ckpt, model, optimizer, gen, epoch + 1,
                             {"metrics": metrics, "elapsed": elapsed, "config_hash": h, "resumed": resumed,
-                             "where": {"device": str(dev), "threads": torch.get_num_threads()}})
+                             "where": _where(dev, gpu)})
             atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
             bar.update(1, loss=train_loss, test_acc=row["test_acc"])
             if callback is not None:
@@ -607,7 +642,7 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
         "result": result,
         "provenance": {
             "lmckit_version": __version__, "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "platform": platform.platform(), "device": str(dev), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "device": str(dev), "threads": torch.get_num_threads(), **gpu,
             "wall_seconds": elapsed, "resumed_after_epochs": resumed,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "dataset": {"name": ds.name, "checksums": dict(ds.checksums), "sources": dict(ds.source),
@@ -625,6 +660,14 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
                        float(result["train_accuracy"]), elapsed, False, config)
 
 
+def _where(dev: torch.device, gpu: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a checkpoint was computed (a resume elsewhere is noted: float sums may round differently)."""
+    w: dict[str, Any] = {"device": str(dev), "threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        w.update(channels_last=gpu["channels_last"], tf32=gpu["tf32"])
+    return w
+
+
 def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, gen: torch.Generator,
                  x_all: torch.Tensor | None, x_u8: torch.Tensor, y_all: torch.Tensor, ds, dev: torch.device,
                  epoch: int, steps_per_epoch: int) -> tuple[float, float, float]:
@@ -634,6 +677,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, config: Tra
     the end (no per-step host sync).
     """
     from .data import random_crop_flip
+    from .device import autocast
 
     n, bs = int(x_u8.shape[0]), config.batch_size
     order = torch.randperm(n, generator=gen)
@@ -642,18 +686,23 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, config: Tra
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     groups = optimizer.param_groups
     lr = config.lr
+    model_cl = x_all is None and any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                                     and not p.is_contiguous() for p in model.parameters())
     for i, start in enumerate(range(0, n, bs)):
         idx = order_dev[start:start + bs]
         if x_all is not None:
             xb = x_all.index_select(0, idx)
         else:
-            xb = ds.normalize(random_crop_flip(x_u8[order[start:start + bs]], gen).to(dev))
+            xb = ds.normalize(random_crop_flip(x_u8.index_select(0, idx), gen))
+            if model_cl:
+                xb = xb.contiguous(memory_format=torch.channels_last)
         yb = y_all.index_select(0, idx)
         lr = lr_at(config, epoch * steps_per_epoch + i, steps_per_epoch)
         for g in groups:
             g["lr"] = lr
-        out = model(xb)
-        loss = F.cross_entropy(out, yb)
+        with autocast(dev, config.precision):
+            out = model(xb)
+        loss = F.cross_entropy(out.float(), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -95,7 +95,7 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
             a["abs"] += zv.abs().sum(0)
             a["sq"] += (zv ** 2).sum(0)
             a["rnd"] += (z @ rnd).abs().sum(0)
-            a["norm"] += float(z.norm(dim=1).sum())
+            a["norm"] += z.norm(dim=1).sum().double()  # a device scalar, read once at the end
             a["count"] += int(z.shape[0])
 
         return hook
@@ -121,7 +121,7 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
         n = max(a["count"], 1)
         out[name] = {"sigma": targets[name][1].tolist(), "mean_abs": (a["abs"] / n).cpu().tolist(),
                      "mean_sq": (a["sq"] / n).cpu().tolist(),
-                     "random_mean_abs": (a["rnd"] / n).cpu().tolist(), "mean_norm": a["norm"] / n, "count": a["count"]}
+                     "random_mean_abs": (a["rnd"] / n).cpu().tolist(), "mean_norm": float(a["norm"]) / n, "count": a["count"]}
     return out
 
 

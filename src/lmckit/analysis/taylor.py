@@ -87,25 +87,26 @@ def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mappin
     n_all = dataset.size(split)
     n = min(int(num_samples), n_all)
     idx = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))[:n]
-    images, labels = dataset.images[split], dataset.labels[split]
+    images, labels = dataset.on_device(split, dev)  # the split held on the device: no per-batch host copy
+    idx = idx.to(images.device)
 
     def batches():
         for s in range(0, n, batch_size):
             j = idx[s:s + batch_size]
-            yield dataset.normalize(images[j].to(dev)).to(dtype), labels[j].to(dev)
+            yield dataset.normalize(images[j]).to(dtype), labels[j]
 
     was_training = model.training
     model.train(has_bn)
     try:
         def mean_loss(state: Mapping[str, torch.Tensor]) -> float:
-            tot = 0.0
+            tot = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device, read once
             with torch.no_grad():
                 for x, y in batches():
-                    tot += float(loss_fn(torch.func.functional_call(model, dict(state), (x,)), y).sum())
-            return tot / n
+                    tot += loss_fn(torch.func.functional_call(model, dict(state), (x,)), y).sum().double()
+            return float(tot) / n
 
         loss_a, loss_b, loss_m = mean_loss(state_a), mean_loss(state_b), mean_loss(state_m)
-        quad = 0.0
+        quad_t = torch.zeros((), dtype=torch.float64, device=dev)
         for x, y in batches():
             params = {k: state_m[k].clone().requires_grad_(True) for k in trainable}
             full = {**state_m, **params}
@@ -115,7 +116,9 @@ def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mappin
             if not isinstance(g_dot_d, torch.Tensor) or not g_dot_d.requires_grad:
                 continue  # the loss is linear (or constant) in the parameters on this batch: no curvature
             hv = torch.autograd.grad(g_dot_d, list(params.values()), allow_unused=True)
-            quad += float(sum((h * delta[k]).sum() for h, k in zip(hv, params) if h is not None))
+            hd = sum((h * delta[k]).sum() for h, k in zip(hv, params) if h is not None)
+            quad_t += hd.double() if isinstance(hd, torch.Tensor) else float(hd)
+        quad = float(quad_t)
     finally:
         model.train(was_training)
     dnorm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))) if delta else 0.0

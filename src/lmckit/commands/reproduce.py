@@ -15,7 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default="runs", help="stage output root (default: runs/)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 (repeatable)")
-    p.add_argument("--jobs", type=int, default=1, help="stages run in parallel (process pool; default 1 = in process)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="stages run in parallel (local: process pool, default 1 = in process; ray: most in flight, "
+                        "default: as the cluster's resources allow)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where stages run: this machine (default) or Ray tasks (needs lmckit[ray]; see docs/scaling.md)")
+    p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                   help="Ray cluster to use (default: start a local Ray instance on 127.0.0.1 for this run)")
+    p.add_argument("--ray-resources", action="append", default=[], metavar="KIND=cpu:N[,gpu:G]",
+                   help="resources a Ray task of one stage kind (model, match, ste, barrier, analysis, three) asks for "
+                        "(default 1 CPU; with GPUs, 1 GPU for model and ste, 0.5 for the rest); repeatable")
     p.add_argument("--dry-run", action="store_true", help="list the stages and which are cached; run nothing")
     p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     add_device(p)
@@ -33,7 +42,17 @@ def run(args: argparse.Namespace) -> int:
         for n in recipe_names():
             print(f"{n:20s} {load_recipe(n).description}")
         return 0
-    res = reproduce(args.recipe, args.out, args.cache, args.sets, args.jobs, args.dry_run, args.device, args.data_dir)
+    resources = None
+    if args.executor == "ray" and args.ray_resources:
+        from ..pipeline.ray_executor import parse_resources
+
+        resources = parse_resources(args.ray_resources)
+    elif args.address is not None or args.ray_resources:
+        from ..errors import LmcError
+
+        raise LmcError("--address and --ray-resources need --executor ray")
+    res = reproduce(args.recipe, args.out, args.cache, args.sets, args.jobs, args.dry_run, args.device, args.data_dir,
+                    executor=args.executor, address=args.address, resources=resources)
     if args.dry_run:
         if args.json:
             print_json([{"kind": e.spec.KIND, "path": str(e.path), "cached": e.cached, "label": e.spec.label()}

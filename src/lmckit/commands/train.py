@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width-mult", type=float, default=None, help="width multiplier")
     p.add_argument("--norm", choices=("none", "batchnorm", "layernorm"), default=None)
     p.add_argument("--activation", default=None, help="MLP activation (relu, gelu, tanh, silu, leaky_relu)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="bf16: autocast the training passes to bfloat16 (weights and checkpoints stay float32; hashed)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for conv models (default: on with CUDA, off on CPU; not hashed)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="allow TF32 matmuls/convolutions on CUDA (default: on; never used on CPU; not hashed)")
     p.add_argument("--out", default="runs", help="root of the run store (default ./runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -63,7 +69,8 @@ def config_from_args(args: argparse.Namespace):
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
         augment=args.augment, val_size=args.val_size, eval_batch_size=args.eval_batch_size,
-        width=args.width, depth=args.depth, width_mult=args.width_mult, norm=args.norm, activation=args.activation)
+        width=args.width, depth=args.depth, width_mult=args.width_mult, norm=args.norm, activation=args.activation,
+        precision=getattr(args, "precision", None))
     return make_config(preset, **overrides), preset
 
 
@@ -75,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"training {config.model} on {config.dataset}, seed {config.seed}"
               + (f" (preset {preset})" if preset else ""), file=sys.stderr)
     result = train(config, out_root=args.out, device=args.device, progress=not args.quiet, data_dir=args.data_dir,
-                   threads=args.threads)
+                   threads=args.threads, channels_last=getattr(args, "channels_last", None), tf32=getattr(args, "tf32", None))
     if args.json:
         d = result.to_dict()
         d["preset"] = preset

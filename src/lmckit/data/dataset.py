@@ -32,6 +32,7 @@ class Dataset:
     source: dict[str, str] = field(default_factory=dict)  # split -> file it came from
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of decompressed bytes
     _norm_cache: dict = field(default_factory=dict, repr=False)
+    _device_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def in_channels(self) -> int:
@@ -63,6 +64,24 @@ class Dataset:
         m, s = self._norm_cache[key]
         return (x.to(torch.float32) / 255.0 - m) / s
 
+    def on_device(self, split: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` of ``split`` held on ``device``.
+
+        Copied once per (split, device) and kept, so batches are gathered on
+        the device without per-batch host copies. On CPU these are the
+        dataset's own tensors.
+        """
+        x = self._check_split(split)
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            return x, self.labels[split]
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        key = (split, str(dev))
+        if key not in self._device_cache:
+            self._device_cache[key] = (x.to(dev), self.labels[split].to(dev))
+        return self._device_cache[key]
+
     def tensors(self, split: str, device: torch.device | str = "cpu", limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split (or its first ``limit`` items), normalised, on ``device``."""
         x = self._check_split(split)
@@ -80,23 +99,27 @@ class Dataset:
         caller). ``augment`` applies CIFAR-style random crop (pad 4) and
         horizontal flip using the same generator.
         """
-        x_all = self._check_split(split)
-        y_all = self.labels[split]
-        n = x_all.shape[0] if limit is None else min(limit, x_all.shape[0])
         if batch_size <= 0:
             raise LmcError(f"batch size must be positive, got {batch_size}")
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        x_all, y_all = self.on_device(split, device)  # whole split on the device: no per-batch host copy
+        n = x_all.shape[0] if limit is None else min(limit, x_all.shape[0])
+        # The order is drawn on the CPU generator (same stream on every device), moved once.
+        order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(x_all.device)
         stop = n - (n % batch_size) if drop_last else n
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]
             xb = x_all[idx]
             if augment:
                 xb = random_crop_flip(xb, generator)
-            yield self.normalize(xb.to(device)), y_all[idx].to(device)
+            yield self.normalize(xb), y_all[idx]
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and random horizontal flip, on a uint8 batch."""
+    """Random crop with zero padding ``pad`` and random horizontal flip, on a uint8 batch.
+
+    The offsets and flips are drawn from ``generator`` on the CPU (the same
+    stream whatever the batch's device); the gather runs on the batch's device.
+    """
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -106,6 +129,8 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
     bidx = torch.arange(n).view(n, 1, 1)
+    if x.device.type != "cpu":
+        rows, cols, bidx = rows.to(x.device), cols.to(x.device), bidx.to(x.device)
     out = padded.permute(0, 2, 3, 1)[bidx, rows.view(n, h, 1), cols.view(n, 1, w)]  # (n, h, w, c)
     return out.permute(0, 3, 1, 2).contiguous()
 

@@ -7,7 +7,10 @@ it implements :meth:`Executor._submit`, returning a
 :class:`concurrent.futures.Future` of a :class:`StageOutcome`; the shared
 scheduling loop in :meth:`Executor.run` starts every stage whose inputs are
 done, up to ``jobs`` at a time, and drives one overall progress display.
-A Ray executor would wrap ``ray.remote(run_stage).remote(...).future()``.
+:class:`lmckit.pipeline.ray_executor.RayExecutor` wraps
+``ray.remote(run_stage).remote(...).future()``; an executor whose submitted
+stages may wait in a queue of its own reports how many have really started
+through :meth:`Executor.running_count` (progress shows done/running/queued).
 
 Stages talk only through their folders under the output root, so any
 executor whose workers see that folder can run them.
@@ -93,6 +96,12 @@ class Executor:
     """
 
     jobs: int = 1
+    #: Seconds between progress refreshes while nothing finishes (None: refresh on completions only).
+    poll_seconds: float | None = None
+
+    def running_count(self) -> int | None:
+        """Stages in flight that have started (None: every stage in flight is running)."""
+        return None
 
     def _submit(self, spec: Stage, root: Path, runtime: Runtime) -> "cf.Future[StageOutcome]":
         raise NotImplementedError
@@ -132,6 +141,14 @@ class Executor:
         running: dict[cf.Future, Stage] = {}
         failure: StageOutcome | None = None
         with Progress(len(todo), "stages", every=0.0, unit="stage") as bar:
+            last_state = None
+
+            def state() -> dict[str, int]:
+                started = self.running_count()
+                started = len(running) if started is None else min(started, len(running))
+                return {"done": len(todo) - len(pending) - len(running), "running": started,
+                        "queued": len(pending) + len(running) - started}
+
             while (pending and failure is None) or running:
                 if failure is None:
                     for s in list(pending):
@@ -143,7 +160,13 @@ class Executor:
                             running[self._submit(s, root, runtime)] = s
                 if not running:  # nothing runnable: cannot happen for a valid plan
                     raise RuntimeError("pipeline scheduler stalled")
-                finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+                finished, _ = cf.wait(list(running), timeout=self.poll_seconds, return_when=cf.FIRST_COMPLETED)
+                if not finished:
+                    st = state()
+                    if st != last_state:
+                        last_state = st
+                        bar.write("[lmckit] stages: " + ", ".join(f"{v} {k}" for k, v in st.items()))
+                    continue
                 for fut in finished:
                     s = running.pop(fut)
                     try:
@@ -159,7 +182,7 @@ class Executor:
                         bar.write(f"[lmckit] FAILED {out.label}")
                     else:
                         done.add(s)
-                        bar.update(1, last=f"{out.label.split()[0]} {out.seconds:.1f}s")
+                        bar.update(1, last=f"{out.label.split()[0]} {out.seconds:.1f}s", **state())
                         bar.write(f"[lmckit] {out.status} {out.label} ({out.seconds:.1f}s)")
         if failure is not None:
             where = f" (log: {failure.log})" if failure.log else ""
@@ -226,8 +249,29 @@ class ProcessPoolExecutor(Executor):
             self._pool = None
 
 
-def make_executor(jobs: int = 1) -> Executor:
-    """``jobs == 1``: in process; more: a local process pool. (A Ray executor can slot in here.)"""
-    if jobs < 1:
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(jobs: int | None = 1, executor: str = "local", address: str | None = None,
+                  resources=None) -> Executor:
+    """The executor of a run.
+
+    ``executor="local"``: ``jobs`` 1 (or None) runs in process, more in a
+    local process pool. ``executor="ray"``: Ray tasks
+    (:class:`lmckit.pipeline.ray_executor.RayExecutor`) on the cluster at
+    ``address`` (None: a private local instance), at most ``jobs`` in flight
+    (None: as many as the cluster's resources allow), ``resources`` per stage
+    kind (:class:`~lmckit.pipeline.ray_executor.StageResources`).
+    """
+    if jobs is not None and jobs < 1:
         raise LmcError(f"--jobs must be at least 1 (got {jobs})")
-    return InProcessExecutor() if jobs == 1 else ProcessPoolExecutor(jobs)
+    if executor == "ray":
+        from .ray_executor import RayExecutor, require_ray
+
+        require_ray()
+        return RayExecutor(address=address, jobs=jobs, resources=resources)
+    if executor != "local":
+        raise LmcError(f"unknown executor {executor!r}", f"choose one of {', '.join(EXECUTORS)}")
+    if address is not None or resources is not None:
+        raise LmcError("--address and --ray-resources need --executor ray")
+    return InProcessExecutor() if jobs in (None, 1) else ProcessPoolExecutor(jobs)

@@ -47,15 +47,20 @@ def prepare(recipe: str = "quick", sets: Sequence[str] = (), data_dir: str | Non
 
 
 def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache: str | os.PathLike = "runs",
-              sets: Sequence[str] = (), jobs: int = 1, dry: bool = False, device: str = "auto",
-              data_dir: str | None = None) -> ReproduceResult:
+              sets: Sequence[str] = (), jobs: int | None = 1, dry: bool = False, device: str = "auto",
+              data_dir: str | None = None, executor: str = "local", address: str | None = None,
+              resources=None) -> ReproduceResult:
     """Run (or, with ``dry``, list) every stage of a recipe and write its report.
 
     ``out`` defaults to ``reports/<recipe name>``; ``cache`` is the stage
     output root shared by all recipes (stages are keyed by content, so
-    recipes that share a stage share its folder).
+    recipes that share a stage share its folder). ``executor="ray"`` runs
+    the stages as Ray tasks on the cluster at ``address`` (None: a private
+    local instance) with ``resources`` per stage kind
+    (:class:`lmckit.pipeline.ray_executor.StageResources`); see
+    :func:`lmckit.pipeline.executor.make_executor`.
     """
-    from ..device import resolve_device
+    from ..device import check_device_name, resolve_device
     from ..report import collect, timings, write_report
 
     t0 = time.time()
@@ -81,10 +86,14 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
     res.entries = dry_run(plan.targets(), cache)
     if dry:
         return res
-    resolve_device(device)  # fail fast on a bad --device
+    if executor == "ray":
+        check_device_name(device)  # Ray workers may have a GPU this driver lacks: check the name only
+    else:
+        resolve_device(device)  # fail fast on a bad --device
+    ex = make_executor(jobs, executor, address, resources)  # before the lock: a missing Ray fails at once
     with file_lock(out_dir / ".lmckit.lock", wait=False, what="report folder"):
         runtime = Runtime(device=device, data_dir=data_dir)
-        with make_executor(jobs) as ex:
+        with ex:
             res.summary = ex.run(plan.targets(), cache, runtime)
         res.results = collect(plan, cache)
         timing = dict(timings(plan, cache))
