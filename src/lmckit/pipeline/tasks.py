@@ -188,7 +188,8 @@ class MatchStage(Stage):
             res = ste_matching(p.model, p.sd_a, p.sd_b, p.dataset, spec=p.spec, epochs=int(opt["epochs"]),
                                lr=float(opt["lr"]), batch_size=int(opt["batch_size"]), seed=self.seed, device=p.device,
                                state_dir=ctx.dir / "ste", progress=True, wm_max_iter=int(opt.get("max_iter", 100)),
-                               train_limit=int(opt.get("train_limit", 0)) or None)
+                               train_limit=int(opt.get("train_limit", 0)) or None,
+                               protocol=str(opt.get("protocol", "heldout-best")))
         else:
             raise LmcError(f"unknown matching method {self.method!r}", "use weight, activation or ste")
         save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)
