@@ -56,7 +56,7 @@ def test_every_study_reports_finite_numbers_a_figure_and_a_verdict(studies):
     for c in res.results["claims"]:
         assert c["criterion"] and c["text"] in md
     assert "## Studies beyond the paper" in md and "17.9%" in md  # the published WM reduction beside lmckit's
-    assert "STE protocol: **heldout-best**" in md
+    assert "STE protocol: **heldout-best** (1 epoch(s)" in md
     five_b = next(c for c in res.results["claims"] if c["id"] == "5b")
     assert "heldout-best protocol" in five_b["text"] and "heldout-best protocol" in five_b["criterion"]
 

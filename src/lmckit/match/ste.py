@@ -440,7 +440,9 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                 best, best_loss = cur, l_cur
             hist.setdefault("minibatch_best", []).append(best_loss)
             rec = {"epoch": epoch + 1, "train_midpoint_loss": loss_sum / max(n_seen, 1), "heldout_loss": l_cur,
-                   "best_heldout_loss": best_loss, "changed_vs_wm": perm_changed_units(cur, pi_wm),
+                   # the kept permutation's selection loss so far (git-re-basin: a minibatch loss)
+                   "best_heldout_loss" if protocol != "git-re-basin" else "kept_minibatch_loss": best_loss,
+                   "changed_vs_wm": perm_changed_units(cur, pi_wm),
                    "tilde_dist": dist, "tilde_rel_dist": dist / max(a_norm, 1e-12), "r03": r03(cur)}
             hist["epochs"].append(rec)
             if progress:

@@ -100,7 +100,9 @@ class SteSection:
     train_limit: int = _f(0, min=0, help="train STE on the first N training images only (0: all)")
     protocol: str = _f("heldout-best", choices=("heldout-best", "git-re-basin", "random-mixing"),
                        help="which permutation STE keeps: best on a held-out set (identity and WM as candidates), "
-                            "git-re-basin's lowest minibatch midpoint loss (SGD), or random mixing's final one")
+                            "git-re-basin's lowest minibatch midpoint loss (SGD momentum 0.9), or random mixing's final "
+                            "one (loss at lambda ~ U(0,1)); lr and batch_size above apply to every protocol (the "
+                            "ste_protocols study uses each protocol's literature values)")
 
 
 @dataclass(frozen=True)

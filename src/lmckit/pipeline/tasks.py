@@ -153,7 +153,8 @@ class MatchStage(Stage):
     Writes ``perms.json`` (:func:`lmckit.perm.save_perms`) and ``result.json``
     (:meth:`lmckit.match.MatchResult.to_dict`). ``options`` holds the
     method's own settings (weight: max_iter; activation: samples;
-    ste: epochs, lr, batch_size, max_iter, train_limit).
+    ste: epochs, lr, batch_size, max_iter, train_limit, and ``protocol`` when it is not the default
+    ``heldout-best``, so earlier STE stages keep their hashes).
     """
 
     KIND = "match"

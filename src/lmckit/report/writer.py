@@ -104,7 +104,9 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
            f"Barriers: max over {r['barrier']['lambdas']} evenly spaced lambdas of the gap to the linear "
            "interpolation of the endpoints; mean ± std over model pairs (R and distances also over WM searches)."]
     if "ste" in r["match"]["methods"]:  # which STE protocol ran (issue 12)
-        md += ["", f"STE protocol: **{r['match']['ste'].get('protocol', 'heldout-best')}**."]
+        ste = r["match"]["ste"]
+        md += ["", f"STE protocol: **{ste.get('protocol', 'heldout-best')}** ({ste['epochs']} epoch(s), lr {ste['lr']:g}, "
+               f"batch {ste['batch_size']}, {'SGD momentum 0.9' if ste.get('protocol') == 'git-re-basin' else 'Adam'})."]
     if cache:
         md += ["", f"Stage outputs: `{cache}` (rerun the same command to reuse them)."]
     for n in res.get("notes", []):
