@@ -190,3 +190,40 @@ def test_match_cli_ste_protocol(tmp_path, synthetic):
     assert rc == 0
     raw = json.loads(out.read_text())
     assert raw["ste_protocol"] == "random-mixing" and raw["ste_preset"] == "adam"
+
+
+def _v(x):
+    return {"mean": x, "std": 0.0, "n": 1, "values": [x]}
+
+
+def test_verdicts_follow_the_numbers():
+    from lmckit.report.studies import study_claims
+
+    def directions(top, tail):
+        V = {"naive": {"loss_barrier": _v(1.0)}, "wm": {"loss_barrier": _v(0.1)},
+             "top@0.3": {"loss_barrier": _v(top)}, "tail@0.3": {"loss_barrier": _v(tail)}}
+        return study_claims({"studies": {"directions": {"gammas": [0.3], "variants": V}}})[0]
+
+    c = directions(0.2, 0.9)  # threshold 0.1 + 0.25 * 0.9 = 0.325
+    assert c["held"] and "dominant directions carry LMC" in c["text"] and "0.325" in c["criterion"]
+    c = directions(0.9, 0.2)
+    assert not c["held"] and "trailing directions" in c["text"]
+    assert "neither" in directions(0.5, 0.5)["text"] and "either part" in directions(0.2, 0.2)["text"]
+
+    def dose(rr, rl):
+        return study_claims({"studies": {"alignment_dose": {"points": [], "spearman_barrier_R03": rr,
+                                                            "spearman_barrier_l2": rl}}})[0]
+
+    assert dose(-0.9, 0.5)["held"] and "R(0.3) predicts" in dose(-0.9, 0.5)["text"]
+    assert not dose(-0.3, 0.8)["held"] and "L2 distance predicts" in dose(-0.3, 0.8)["text"]
+    assert "equally well" in dose(-1.0, 1.0)["text"]
+
+    def wd(conc, bars):
+        rows = [{"weight_decay": float(i), "concentration": c, "wm_barrier": b, "gamma": 0.3, "R03": 0.2}
+                for i, (c, b) in enumerate(zip(conc, bars))]
+        return study_claims({"studies": {"weight_decay": {"rows": rows}}})[0]
+
+    assert wd([0.1, 0.2, 0.3], [0.5, 0.3, 0.1])["held"]
+    assert not wd([0.1, 0.2, 0.3], [0.1, 0.3, 0.5])["held"]
+    flat = wd([0.2, 0.2], [0.1, 0.1])
+    assert not flat["held"] and "no monotone relation" in flat["text"]

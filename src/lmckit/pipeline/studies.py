@@ -283,14 +283,15 @@ class StudyPlan:
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def targets(self) -> list[Stage]:
+        """Every study stage; the weight-decay study last (it trains its own models, the others reuse the main ones)."""
         out: list[Stage] = [*self.directions, *self.dose, *self.many.values()]
-        for w in self.weight_decay:
-            out += w["experiment"].stages() + list(w["spectra"])
         for d in self.protocols.values():
             for r in d["pairs"]:
                 out += [x for x in (r["match"], r["barrier"], r["analysis"]) if x is not None]
             if d.get("three") is not None:
                 out.append(d["three"])
+        for w in self.weight_decay:
+            out += w["experiment"].stages() + list(w["spectra"])
         return out
 
     def empty(self) -> bool:

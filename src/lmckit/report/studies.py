@@ -52,7 +52,9 @@ def collect_studies(plan, root: str | Path) -> dict[str, Any]:
         return out
     if sp.directions:
         runs = [_read(root, s)["variants"] for s in sp.directions]
-        names = list(runs[0])
+        gs = list(sp.directions[0].gammas)
+        names = ["naive", "wm"] + [f"{part}@{g:g}" for part in ("top", "tail") for g in gs]
+        names += [n for n in runs[0] if n not in names]
         out["directions"] = {
             "gammas": list(sp.directions[0].gammas), "pairs": len(runs),
             "variants": {n: {"part": runs[0][n]["part"], "gamma": runs[0][n]["gamma"],
@@ -155,13 +157,14 @@ def study_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     a = st.get("alignment_dose")
     if a:
         rr, rl = a["spearman_barrier_R03"], a["spearman_barrier_l2"]
-        better = "R(0.3)" if abs(rr) > abs(rl) else "the L2 distance"
+        better = ("R(0.3) and the L2 distance predict the barrier equally well" if abs(abs(rr) - abs(rl)) < 1e-9 else
+                  f"{'R(0.3)' if abs(rr) > abs(rl) else 'the L2 distance'} predicts the barrier better")
         out.append(_claim("study-dose", "study_dose", abs(rr) > abs(rl),
                           "the predictor with the larger |Spearman rho| with the barrier over all (f, draw) points "
                           "predicts it better ('held' = R(0.3) does)",
                           f"Over {len(a['points'])} partially re-assigned WM permutations the test-loss barrier has "
-                          f"Spearman rho {rr:+.3f} with R(0.3) and {rl:+.3f} with the L2 distance: {better} predicts the "
-                          f"barrier better.", {"rho_R03": rr, "rho_l2": rl}))
+                          f"Spearman rho {rr:+.3f} with R(0.3) and {rl:+.3f} with the L2 distance: {better}.",
+                          {"rho_R03": rr, "rho_l2": rl}))
     w = st.get("weight_decay")
     if w and len(w["rows"]) >= 2:
         from ..studies import spearman
@@ -169,7 +172,14 @@ def study_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
         rows = sorted(w["rows"], key=lambda r: r["weight_decay"])
         conc = [r["concentration"] for r in rows]
         wmb = [r["wm_barrier"] for r in rows]
-        rho = spearman(conc, wmb) if len(rows) >= 3 else (1.0 if (conc[-1] - conc[0]) * (wmb[-1] - wmb[0]) > 0 else -1.0)
+        if len(rows) >= 3:
+            rho = spearman(conc, wmb)
+        else:  # two points: the sign of the joint change (0 when either did not move)
+            prod = (conc[-1] - conc[0]) * (wmb[-1] - wmb[0])
+            rho = 1.0 if prod > 0 else -1.0 if prod < 0 else 0.0
+        trend = ("more concentrated spectra went with lower barriers" if rho < 0 else
+                 "more concentrated spectra went with higher barriers" if rho > 0 else
+                 "no monotone relation between spectrum concentration and the WM barrier")
         lo, hi = rows[0], rows[-1]
         out.append(_claim("study-weight-decay", "study_weight_decay", rho < 0,
                           "'held' when more concentrated spectra go with lower WM barriers (Spearman rho between "
@@ -178,7 +188,7 @@ def study_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
                           f"values >= {lo['gamma']:g} sigma_max went {lo['concentration']:.3f} -> {hi['concentration']:.3f}, "
                           f"the WM barrier {lo['wm_barrier']:.3f} -> {hi['wm_barrier']:.3f} and R(0.3) after WM "
                           f"{lo['R03']:.3f} -> {hi['R03']:.3f}; Spearman rho(concentration, WM barrier) = {rho:+.2f}: "
-                          f"{'more concentrated spectra went with lower barriers' if rho < 0 else 'more concentrated spectra did not go with lower barriers'}.",
+                          f"{trend}.",
                           {"rho": rho, "concentration": conc, "wm_barrier": wmb}))
     m = st.get("many_models")
     if m:
@@ -206,7 +216,7 @@ def study_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
                 lmc, low = sb <= 0.2 * nb, rs <= 0.5 * rw
                 out.append(_claim(f"5b [{name}]", "study_protocols", lmc and low,
                                   "STE loss barrier <= 0.2 x naive and R_STE(0.3) <= 0.5 x R_WM(0.3) (as claim 5b)",
-                                  f"STE ({name} protocol, {e['epochs']} epochs): barrier {sb:.3f} (naive {nb:.3f}), "
+                                  f"STE ({name} protocol, {e['epochs']} epoch(s)): barrier {sb:.3f} (naive {nb:.3f}), "
                                   f"R(0.3) {rs:.3f} against WM's {rw:.3f}, {e.get('changed_vs_wm', {}).get('mean', 0.0):.1%} "
                                   f"of units reassigned vs WM: claim 5 (STE) {'held' if lmc and low else 'did not hold'}.",
                                   {"ste_barrier": sb, "naive_barrier": nb, "R_ste": rs, "R_wm": rw}))
