@@ -61,6 +61,18 @@ def test_every_study_reports_finite_numbers_a_figure_and_a_verdict(studies):
     assert "heldout-best protocol" in five_b["text"] and "heldout-best protocol" in five_b["criterion"]
 
 
+def test_weight_decay_rows_trained_with_adamw(studies):
+    root, res = studies
+    rows = {r["weight_decay"]: r for r in res.results["studies"]["weight_decay"]["rows"]}
+    assert set(rows) == {0.0, 0.01}
+    steps = read_output(root / "cache", res.plan.studies.weight_decay[1]["spectra"][0])["steps"]
+    assert rows[0.0]["decay_factor"] == 1.0
+    assert rows[0.01]["decay_factor"] == pytest.approx((1 - 1e-2 * 1e-2) ** steps)  # tiny preset: lr 1e-2
+    for w in res.plan.studies.weight_decay:
+        cfg = w["experiment"].trains[0].train_config()
+        assert (cfg.optimizer, cfg.weight_decay) == ("adamw", w["value"])
+
+
 def test_directions_invariant_top_at_gamma_0_is_full_wm(studies):
     _, res = studies
     V = res.results["studies"]["directions"]["variants"]

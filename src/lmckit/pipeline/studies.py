@@ -161,6 +161,7 @@ class SpectrumStage(Stage):
     """Spectrum concentration of one trained model (:func:`lmckit.studies.spectrum_concentration`)."""
 
     KIND = "study-spectrum"
+    VERSION = 2  # adds decay_factor
     model: TrainStage = TrainStage()
     gamma: float = 0.3
 
@@ -168,13 +169,23 @@ class SpectrumStage(Stage):
         return f"spectrum concentration at gamma {self.gamma:g}, {self.model.label()}"
 
     def run(self, ctx: StageContext) -> None:
+        import math
+
         from ..checkpoint import build_model
+        from ..data import load_dataset
         from ..perm import spec_for
         from ..studies import spectrum_concentration
 
-        sd, model_cfg, _ = load_model_of(ctx, self.model)
+        sd, model_cfg, cfg = load_model_of(ctx, self.model)
         spec = spec_for(build_model(model_cfg, sd, self.model.label()))
-        _write(ctx, {"gamma": self.gamma, **spectrum_concentration(spec, sd, self.gamma)})
+        out: dict[str, Any] = {"gamma": self.gamma, **spectrum_concentration(spec, sd, self.gamma)}
+        if cfg.optimizer in ("adamw", "sgd") and cfg.schedule == "constant":
+            # decoupled (AdamW) or plain SGD decay alone multiplies the weights by (1 - lr wd) every step
+            n = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size).size("train")
+            steps = cfg.epochs * math.ceil(n / cfg.batch_size)
+            out["decay_factor"] = (1.0 - cfg.lr * cfg.weight_decay) ** steps
+            out["steps"] = steps
+        _write(ctx, out)
 
 
 # --------------------------------------------------------------------------- study 5: many models

@@ -92,6 +92,7 @@ def collect_studies(plan, root: str | Path) -> dict[str, Any]:
                          "R0": M["weight"]["R"][R0]["after"]["mean"], "R03": M["weight"]["R"][R03]["after"]["mean"],
                          "R03_before": M["weight"]["R"][R03]["before"]["mean"],
                          "concentration": _mean(c["total"] for c in conc), "gamma": conc[0]["gamma"],
+                         **({"decay_factor": conc[0]["decay_factor"]} if "decay_factor" in conc[0] else {}),
                          "test_accuracy": _mean(m["test_accuracy"] for m in e["models"])})
         out["weight_decay"] = {"rows": rows}
     if sp.many:
@@ -292,7 +293,9 @@ def write_studies(res: dict[str, Any], fig: Callable[[str, str, str, Callable[[P
         md += _table([{"weight decay": f"{r['weight_decay']:g}", "test acc": f"{r['test_accuracy']:.4f}",
                        "naive barrier": f"{r['naive_barrier']:.4f}", "WM barrier": f"{r['wm_barrier']:.4f}",
                        "L2 reduction": f"{r['reduction']:.1%}", "R(0)": f"{r['R0']:.3f}", "R(0.3)": f"{r['R03']:.3f}",
-                       f"sigma >= {r['gamma']:g} sigma_max": f"{r['concentration']:.3f}"} for r in w["rows"]])
+                       f"sigma >= {r['gamma']:g} sigma_max": f"{r['concentration']:.3f}",
+                       "decay alone shrinks weights to": f"{r['decay_factor']:.4f}" if "decay_factor" in r else "-"}
+                      for r in w["rows"]])
         md += [""] + _verdict(res, "study-weight-decay")
         fig("study_weight_decay.png", "Study: weight decay", " ".join(_verdict(res, "study-weight-decay")),
             lambda p: SF.weight_decay(w, p))
