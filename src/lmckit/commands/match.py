@@ -31,8 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-batches", type=int, default=10, help="AM: training batches used (default 10)")
     p.add_argument("--batch-size", type=int, default=500, help="AM: batch size (default 500)")
     p.add_argument("--dataset", default=None, help="AM/STE: dataset name (default: the one recorded in checkpoint A)")
-    p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default="adam",
-                   help="STE: optimiser preset (adam: Adam 1e-3, batch 256, 10 epochs; git-re-basin: SGD 1e-2 m0.9, batch 1000)")
+    p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default=None,
+                   help="STE: optimiser preset (adam: Adam 1e-3, batch 256, 10 epochs; git-re-basin: SGD 1e-2 m0.9, "
+                        "batch 1000; default: the protocol's)")
+    p.add_argument("--ste-protocol", choices=["heldout-best", "git-re-basin", "random-mixing"], default="heldout-best",
+                   help="STE: which permutation is kept (heldout-best: best on a held-out set with identity and WM as "
+                        "candidates; git-re-basin: lowest minibatch midpoint loss, SGD preset; random-mixing: loss at "
+                        "lambda ~ U(0,1), the final permutation) (default heldout-best)")
     p.add_argument("--epochs", type=int, default=None, help="STE: epochs (default: the preset's)")
     p.add_argument("--ste-state", default=None, help="STE: folder for the resumable state and drift.json/png")
     add_data(p)
@@ -130,7 +135,8 @@ def _match_pair(args, spec, sd_a, sd_b, model_a, model_b, dataset, device):
         from ..match.ste import ste_matching
 
         return ste_matching(model_a, sd_a, sd_b, dataset, spec=spec, preset=args.ste_preset, epochs=args.epochs,
-                            seed=args.seed, device=device, state_dir=args.ste_state, progress=not args.json)
+                            seed=args.seed, device=device, state_dir=args.ste_state, progress=not args.json,
+                            protocol=args.ste_protocol)
     from ..match import activation_matching
 
     return activation_matching(model_a, model_b, dataset, spec=spec, num_batches=args.num_batches,
@@ -152,8 +158,9 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     if res.method == "weight":
         extra.update(restarts=args.restarts, max_iter=args.max_iter)
     elif res.method == "ste":
-        extra.update(dataset=dataset.name, ste_preset=args.ste_preset, ste_settings=res.extra["settings"],
-                     heldout_loss=res.final_objective, changed_vs_wm=res.extra["changed_vs_wm"])
+        extra.update(dataset=dataset.name, ste_preset=res.extra["preset"], ste_protocol=res.extra["protocol"],
+                     ste_settings=res.extra["settings"],
+                     heldout_loss=res.extra["best_heldout_loss"], changed_vs_wm=res.extra["changed_vs_wm"])
     elif res.method == "activation":
         extra.update(similarity=args.similarity, dataset=dataset.name, num_batches=res.extra["batches"],
                      batch_size=args.batch_size)
@@ -170,7 +177,9 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     print(f"model:       {describe_model(models[0].lmckit_config)}")
     print(f"spec:        {cov['groups']} groups, {cov['units']} units; permutes {cov['entries_permuted']}/{cov['entries']} "
           f"entries, {cov['elements_permuted']}/{cov['elements']} elements")
-    what = ("sum <A, pi(B)>" if res.method == "weight" else "held-out midpoint loss, best so far" if res.method == "ste"
+    what = ("sum <A, pi(B)>" if res.method == "weight" else {"heldout-best": "held-out midpoint loss, best so far",
+            "git-re-basin": "lowest minibatch midpoint loss seen", "random-mixing": "held-out midpoint loss of the final "
+            "permutation"}[args.ste_protocol] if res.method == "ste"
             else f"summed {args.similarity} similarity" if res.method == "activation"
             else get_method(res.method).objective)
     print(f"method:      {res.method} matching (seed {args.seed})")
@@ -196,7 +205,7 @@ def _run_multi(args, spec, states, models, dataset, device) -> int:
                 state = None if args.ste_state is None else Path(args.ste_state) / f"model_{i}"
                 return ste_matching(models[0], sd_ref, sd_i, dataset, spec=spec, preset=args.ste_preset,
                                     epochs=args.epochs, seed=args.seed, device=device, state_dir=state,
-                                    progress=not args.json)
+                                    progress=not args.json, protocol=args.ste_protocol)
         if args.method == "activation":
             from ..match import activation_matching
 

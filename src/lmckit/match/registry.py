@@ -357,12 +357,14 @@ def _with_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> torch
 
 @dataclass(frozen=True)
 class SteOptions(MethodOptions):
-    """STE: optimiser preset and overrides, held-out set, projection sweeps, resumable state folder.
+    """STE: protocol (which permutation a run returns; see :mod:`lmckit.match.ste`), optimiser preset
+    (default: the protocol's own) and overrides, held-out set, projection sweeps, resumable state folder.
 
     ``state_dir`` is where the run is kept (resume, drift plot); it does not change the result.
     """
 
-    preset: str = "adam"
+    protocol: str = "heldout-best"
+    preset: str | None = None
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None
@@ -373,7 +375,9 @@ class SteOptions(MethodOptions):
     state_dir: str | None = None
 
     def validate(self) -> None:
-        _one_of(self, "preset", ("adam", "git-re-basin"))
+        _one_of(self, "protocol", ("heldout-best", "git-re-basin", "random-mixing"))
+        if self.preset is not None:
+            _one_of(self, "preset", ("adam", "git-re-basin"))
         _positive(self, "epochs", "lr", "batch_size", "heldout_size", "wm_max_iter", "train_limit")
 
 
@@ -389,4 +393,4 @@ def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device,
                         lr=options.lr, batch_size=options.batch_size, seed=seed, device=device,
                         state_dir=options.state_dir, progress=progress, heldout_size=options.heldout_size,
                         wm_max_iter=options.wm_max_iter, track_alignment=options.track_alignment,
-                        train_limit=options.train_limit)
+                        train_limit=options.train_limit, protocol=options.protocol)

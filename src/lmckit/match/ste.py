@@ -30,7 +30,29 @@ Implementation choices (the project's, documented here)
   midpoint buffers, so nothing of the callers' states is touched.
 * The projection is warm-started from the previous permutation and seeded
   per step, so a run is deterministic for its seed.
-* Keep-best: the candidates are the identity permutation, the plain weight
+* Protocols (``protocol``), the permutation a run returns:
+
+  - ``"heldout-best"`` (lmckit's default, described in the next item):
+    keep-best on a held-out set, identity and plain WM as candidates.
+  - ``"git-re-basin"`` (the reference code of Ainsworth et al.; PAPER.md
+    "What the literature's code does"): default optimiser SGD lr 1e-2,
+    momentum 0.9, batch 1000; the permutation kept is the one with the
+    lowest *minibatch* midpoint loss seen during training (the projection
+    used at each step, scored by that step's training loss; the first step's
+    projection is plain WM's, because ``theta~`` starts at ``theta_a``, and
+    it competes only through its minibatch loss: no held-out scoring, no
+    identity candidate). The raw midpoint cross-entropy is compared (the
+    endpoints' mean loss the reference subtracts is a constant for the
+    gradient, and is not subtracted here).
+  - ``"random-mixing"`` (the STE-MM variant): the loss at
+    ``(1 - l) theta_a + l [pi(theta_b) + theta~ - sg(theta~)]`` with
+    ``l ~ U(0, 1)`` drawn per step (seeded per step, so resumable and
+    deterministic) instead of ``l = 1/2``; default Adam lr 1e-3, batch 256;
+    the final permutation (the projection after the last epoch) is returned.
+
+  Every protocol still scores the end-of-epoch projection on the held-out
+  set for the drift record; only ``heldout-best`` selects with it.
+* Keep-best (``heldout-best``): the candidates are the identity permutation, the plain weight
   matching permutation ``WM(theta_a, theta_b)`` (which is also STE's first
   projection, since ``theta~`` starts at ``theta_a``) and the projection at
   the end of every epoch. Each is scored by the midpoint loss
@@ -104,6 +126,20 @@ PRESETS: dict[str, StePreset] = {
     "git-re-basin": StePreset("sgd", 1e-2, 1000, 50, 0.9),
 }
 
+#: STE protocols (which permutation a run returns) and the optimiser preset each uses by default.
+PROTOCOLS: dict[str, str] = {"heldout-best": "adam", "git-re-basin": "git-re-basin", "random-mixing": "adam"}
+
+
+def check_protocol(protocol: str) -> str:
+    """``protocol`` if it names an STE protocol (:data:`PROTOCOLS`), else :class:`LmcError`."""
+    if protocol not in PROTOCOLS:
+        import difflib
+
+        close = difflib.get_close_matches(str(protocol), list(PROTOCOLS), n=1)
+        raise LmcError(f"unknown STE protocol {protocol!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                       f"choose one of {', '.join(PROTOCOLS)}")
+    return protocol
+
 
 def resolve_preset(preset: str = "adam", epochs: int | None = None, lr: float | None = None,
                    batch_size: int | None = None) -> StePreset:
@@ -134,7 +170,7 @@ def midpoint_state(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Te
 
 
 def ste_midpoint(sd_a: Mapping[str, torch.Tensor], pb: Mapping[str, torch.Tensor],
-                 tilde: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                 tilde: Mapping[str, torch.Tensor], lam: float = 0.5) -> dict[str, torch.Tensor]:
     """The straight-through midpoint ``(theta_a + [pi(theta_b) + theta~ - sg(theta~)]) / 2``.
 
     For every key of ``tilde`` (the learned parameters) the value equals
@@ -142,14 +178,17 @@ def ste_midpoint(sd_a: Mapping[str, torch.Tensor], pb: Mapping[str, torch.Tensor
     (buffers) are fresh tensors without gradient: ``(sd_a + pb) / 2`` for
     floats (train-mode BatchNorm overwrites them in place, so they must not
     alias a caller's state) and copies of ``sd_a``'s integer entries.
+    With ``lam`` (the random-mixing protocol) the point is
+    ``(1 - lam) sd_a + lam [pb + theta~ - sg(theta~)]`` (gradient ``lam``).
     """
+    lam = float(lam)
     mid: dict[str, torch.Tensor] = {}
     for k, v in sd_a.items():
         if k in tilde:
             t = tilde[k]
-            mid[k] = 0.5 * (v + (pb[k] + t - t.detach()))
+            mid[k] = (1.0 - lam) * v + lam * (pb[k] + t - t.detach())
         else:
-            mid[k] = 0.5 * (v + pb[k]) if v.is_floating_point() else v.clone()
+            mid[k] = (1.0 - lam) * v + lam * pb[k] if v.is_floating_point() else v.clone()
     return mid
 
 
@@ -212,11 +251,11 @@ class _HeldOut:
 
 # --------------------------------------------------------------------------- main entry
 def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], dataset,
-                 spec: PermutationSpec | None = None, preset: str = "adam", epochs: int | None = None,
+                 spec: PermutationSpec | None = None, preset: str | None = None, epochs: int | None = None,
                  lr: float | None = None, batch_size: int | None = None, seed: int = 0,
                  device: torch.device | str | None = None, state_dir: str | Path | None = None,
                  progress: bool = True, heldout_size: int = 5000, wm_max_iter: int = 100,
-                 track_alignment: bool = True, train_limit: int | None = None):
+                 track_alignment: bool = True, train_limit: int | None = None, protocol: str = "heldout-best"):
     """Find the permutation of model B by the straight-through estimator.
 
     Parameters
@@ -231,7 +270,8 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
     spec:
         Permutation spec (default ``spec_for(model)``).
     preset, epochs, lr, batch_size:
-        Optimiser preset (see :data:`PRESETS`) and overrides.
+        Optimiser preset (see :data:`PRESETS`; default: the protocol's, see
+        :data:`PROTOCOLS`) and overrides.
     seed:
         Seeds the batch order, the projections and the held-out subset.
     device:
@@ -248,16 +288,29 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         Compute R(0.3) of the current permutation every epoch.
     train_limit:
         Train on the first ``train_limit`` training images only (quick runs, tests).
+    protocol:
+        Which permutation is returned (module docstring): ``"heldout-best"``,
+        ``"git-re-basin"`` or ``"random-mixing"``.
 
     Returns
     -------
     MatchResult
-        ``method="ste"``; ``perms`` the best permutation (B -> A);
-        ``objective`` the best held-out midpoint loss so far after each scored
-        candidate (identity, plain WM, then one per epoch; non-increasing, its
-        last value is the returned permutation's); ``extra`` holds the raw
-        candidate losses, the drift history, the preset, the held-out set
-        description and ``changed_vs_wm`` of the returned permutation.
+        ``method="ste"``; ``perms`` the returned permutation (B -> A).
+        ``objective``: ``heldout-best``: the best held-out midpoint loss so far
+        after each scored candidate (identity, plain WM, then one per epoch;
+        non-increasing, its last value is the returned permutation's);
+        ``git-re-basin``: the lowest minibatch midpoint loss seen by the end of
+        each epoch; ``random-mixing``: the held-out midpoint loss of the
+        end-of-epoch projection (the last is the returned permutation's).
+        ``extra`` holds the protocol, the raw candidate losses, the drift
+        history, the preset, the held-out set description and
+        ``changed_vs_wm`` of the returned permutation.
+
+    Raises
+    ------
+    LmcError
+        Unknown protocol or preset, bad settings, a diverging run, or a state
+        folder of another run.
     """
     from ..device import resolve_device
     from ..progress import Progress
@@ -268,6 +321,8 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
     spec = spec if spec is not None else spec_for(model)
     spec.check_state(sd_a, "model A")
     spec.check_state(sd_b, "model B")
+    check_protocol(protocol)
+    preset = PROTOCOLS[protocol] if preset is None else preset
     cfg = resolve_preset(preset, epochs, lr, batch_size)
 
     sd_a = {k: v.detach().to(dev) for k, v in sd_a.items()}
@@ -311,7 +366,7 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                    "momentum": cfg.momentum, "seed": int(seed), "heldout_size": int(heldout_size),
                    "wm_max_iter": int(wm_max_iter), "train_limit": train_limit,
                    "a": _state_digest(sd_a), "b": _state_digest(sd_b),
-                   "dataset": getattr(dataset, "name", "?")}
+                   "dataset": getattr(dataset, "name", "?"), "protocol": protocol}
     tilde = {k: sd_a[k].detach().clone().requires_grad_(True) for k in param_keys}
     opt = _make_optimizer(cfg, [tilde[k] for k in param_keys])
     gen = torch.Generator().manual_seed(int(seed))
@@ -327,7 +382,12 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         hist = {"candidates": [{"name": "identity", "heldout_loss": l_id}, {"name": "wm", "heldout_loss": l_wm}],
                 "epochs": [], "initial": {"changed_vs_wm": 0.0, "tilde_dist": 0.0, "r03": r03(pi_wm),
                                           "heldout_loss": l_wm, "identity_heldout_loss": l_id}}
-        best, best_loss = (ident, l_id) if l_id <= l_wm else (pi_wm, l_wm)
+        if protocol == "heldout-best":
+            best, best_loss = (ident, l_id) if l_id <= l_wm else (pi_wm, l_wm)
+        else:  # git-re-basin: filled by the first minibatch; random-mixing: the final projection
+            best, best_loss = pi_wm, math.inf
+            hist["candidates"] = []
+        hist["minibatch_best"] = []
         cur = pi_wm
         start_epoch = 0
         if state_path is not None:
@@ -357,7 +417,11 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                     tilde_sd.update({k: tilde[k].detach() for k in param_keys})
                     cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, step), wm_max_iter, dev, projector)
                     pb = apply_permutation(spec, cur, sd_b)
-                out = functional_call(net, ste_midpoint(sd_a, pb, tilde), (x,))
+                lam = 0.5
+                if protocol == "random-mixing":  # one draw per step, seeded by the step (resumable)
+                    lam = float(torch.rand((), generator=torch.Generator().manual_seed(
+                        _step_seed(seed + 104729, epoch, step))))
+                out = functional_call(net, ste_midpoint(sd_a, pb, tilde, lam), (x,))
                 loss = F.cross_entropy(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -366,6 +430,8 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                 if not math.isfinite(lv):
                     raise LmcError(f"STE diverged (midpoint loss {lv}) at epoch {epoch + 1}",
                                    "lower the learning rate (--lr) or use the adam preset")
+                if protocol == "git-re-basin" and lv < best_loss:  # the step's projection, by its minibatch loss
+                    best, best_loss = cur, lv
                 loss_sum += lv * int(y.shape[0])
                 n_seen += int(y.shape[0])
                 if progress:
@@ -377,29 +443,45 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                 cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, steps_per_epoch), wm_max_iter, dev, projector)
                 dist = math.sqrt(sum(float((tilde[k].detach() - sd_a[k]).double().pow(2).sum()) for k in param_keys))
             l_cur = score(cur)
-            hist["candidates"].append({"name": f"epoch {epoch + 1}", "heldout_loss": l_cur})
-            if l_cur < best_loss:
+            if protocol == "heldout-best":
+                hist["candidates"].append({"name": f"epoch {epoch + 1}", "heldout_loss": l_cur})
+                if l_cur < best_loss:
+                    best, best_loss = cur, l_cur
+            elif protocol == "random-mixing":
                 best, best_loss = cur, l_cur
+            hist.setdefault("minibatch_best", []).append(best_loss)
             rec = {"epoch": epoch + 1, "train_midpoint_loss": loss_sum / max(n_seen, 1), "heldout_loss": l_cur,
-                   "best_heldout_loss": best_loss, "changed_vs_wm": perm_changed_units(cur, pi_wm),
+                   # the kept permutation's selection loss so far (git-re-basin: a minibatch loss)
+                   "best_heldout_loss" if protocol != "git-re-basin" else "kept_minibatch_loss": best_loss,
+                   "changed_vs_wm": perm_changed_units(cur, pi_wm),
                    "tilde_dist": dist, "tilde_rel_dist": dist / max(a_norm, 1e-12), "r03": r03(cur)}
             hist["epochs"].append(rec)
             if progress:
-                bar.write(f"[ste] epoch {epoch + 1}/{cfg.epochs}: train mid loss {rec['train_midpoint_loss']:.4f}, "
-                          f"held-out mid loss {l_cur:.4f} (best {best_loss:.4f}), changed vs WM {rec['changed_vs_wm']:.3f}")
+                bar.write(f"[ste {protocol}] epoch {epoch + 1}/{cfg.epochs}: train mid loss "
+                          f"{rec['train_midpoint_loss']:.4f}, held-out mid loss {l_cur:.4f} (kept {best_loss:.4f}), "
+                          f"changed vs WM {rec['changed_vs_wm']:.3f}")
             if state_path is not None:
                 _save_state(state_path, fingerprint, tilde, opt, gen, param_keys, hist, cur, best, best_loss, epoch + 1, pi_wm)
 
     drift = drift_history(hist)
-    extra = {"preset": preset, "settings": asdict(cfg), "heldout": heldout.source, "drift": drift,
-             "candidates": hist["candidates"], "best_heldout_loss": best_loss,
+    if protocol == "random-mixing" and not hist["epochs"]:  # no training: the final projection is plain WM's
+        best, best_loss = pi_wm, hist["initial"]["heldout_loss"]
+    kept_heldout = best_loss if protocol != "git-re-basin" else score(best)
+    extra = {"protocol": protocol, "preset": preset, "settings": asdict(cfg), "heldout": heldout.source, "drift": drift,
+             "candidates": hist["candidates"], "best_heldout_loss": kept_heldout,
+             "kept_minibatch_loss": best_loss if protocol == "git-re-basin" else None,
              "changed_vs_wm": perm_changed_units(best, pi_wm), "wm_perms": pi_wm, "resumed": bool(resumed)}
     if state_dir is not None:
         write_drift(state_dir, drift)
     objective, run_best = [], math.inf
-    for c in hist["candidates"]:  # running best: non-increasing, ends at the returned permutation's loss
-        run_best = min(run_best, c["heldout_loss"])
-        objective.append(run_best)
+    if protocol == "heldout-best":
+        for c in hist["candidates"]:  # running best: non-increasing, ends at the returned permutation's loss
+            run_best = min(run_best, c["heldout_loss"])
+            objective.append(run_best)
+    elif protocol == "git-re-basin":
+        objective = [float(v) for v in hist.get("minibatch_best", [])]
+    else:
+        objective = [float(r["heldout_loss"]) for r in hist["epochs"]] or [float(best_loss)]
     return MatchResult(perms={g: best[g].clone() for g in spec.sizes}, objective=objective,
                        sweeps=len(hist["epochs"]), seconds=time.time() - t0, method="ste", extra=extra)
 
@@ -437,7 +519,8 @@ def _load_state(path: Path, fingerprint: dict, tilde: dict, opt: torch.optim.Opt
     tensors, meta = load_state(path)
     if meta.get("format") != "lmckit.ste_state":
         raise LmcError(f"{path} is not an lmckit STE state file", "use another state folder")
-    old = {"train_limit": None, **(meta.get("fingerprint") or {})}  # states written before train_limit existed
+    # states written before train_limit / protocol existed
+    old = {"train_limit": None, "protocol": "heldout-best", **(meta.get("fingerprint") or {})}
     if old != fingerprint:
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         raise LmcError(f"STE state in {path.parent} belongs to another run (differs in: {', '.join(diff)})",

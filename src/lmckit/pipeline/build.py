@@ -55,12 +55,15 @@ class Plan:
     three: dict[str, ThreeModelStage] = field(default_factory=dict)
     width: list[Experiment] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    studies: Any = None  # lmckit.pipeline.studies.StudyPlan of the recipe's [studies] (issue 12), or None
 
     def targets(self) -> list[Stage]:
         out: list[Stage] = []
         for e in self.experiments + self.width:
             out += e.stages()
         out += list(self.three.values())
+        if self.studies is not None:
+            out += self.studies.targets()
         return out
 
 
@@ -113,8 +116,10 @@ def _match_options(recipe: Recipe, method: str) -> tuple:
         return (("samples", m.am_samples),)
     if method == "ste":
         s = m.ste
-        return (("batch_size", s.batch_size), ("epochs", s.epochs), ("lr", s.lr), ("max_iter", s.max_iter),
+        opts = (("batch_size", s.batch_size), ("epochs", s.epochs), ("lr", s.lr), ("max_iter", s.max_iter),
                 ("train_limit", s.train_limit))
+        # the default protocol stays out of the options, so the STE stages' hashes of earlier runs still hold
+        return opts + ((("protocol", s.protocol),) if s.protocol != "heldout-best" else ())
     return ()
 
 
@@ -190,4 +195,7 @@ def build_plan(recipe: Recipe) -> Plan:
         for width in w.widths:
             plan.width.append(_experiment(wrecipe, m0, width * m0.width_mult, wmethods, seeds, wpairs, False,
                                           f"{m0.name} x{width * m0.width_mult:g}"))
+    from .studies import build_studies
+
+    plan.studies = build_studies(recipe, plan)
     return plan

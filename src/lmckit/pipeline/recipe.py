@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import LmcError
 
 __all__ = ["Recipe", "DataSection", "ModelEntry", "TrainSection", "MatchSection", "SteSection", "BarrierSection",
-           "AnalysisSection", "ThreeModelSection", "WidthSweepSection", "load_recipe", "parse_recipe",
+           "AnalysisSection", "ThreeModelSection", "WidthSweepSection", "StudiesSection", "load_recipe", "parse_recipe",
            "recipe_names", "apply_overrides", "recipe_to_dict"]
 
 METHODS = ("naive", "weight", "activation", "ste")
@@ -98,6 +98,11 @@ class SteSection:
     batch_size: int = _f(256, min=1)
     max_iter: int = _f(30, min=1, help="weight-matching sweeps per projection")
     train_limit: int = _f(0, min=0, help="train STE on the first N training images only (0: all)")
+    protocol: str = _f("heldout-best", choices=("heldout-best", "git-re-basin", "random-mixing"),
+                       help="which permutation STE keeps: best on a held-out set (identity and WM as candidates), "
+                            "git-re-basin's lowest minibatch midpoint loss (SGD momentum 0.9), or random mixing's final "
+                            "one (loss at lambda ~ U(0,1)); lr and batch_size above apply to every protocol (the "
+                            "ste_protocols study uses each protocol's literature values)")
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,59 @@ class WidthSweepSection:
 
 
 @dataclass(frozen=True)
+class DirectionsStudy:
+    enabled: bool = _f(False)
+    gammas: tuple[float, ...] = _f((0.3, 0.1), min=0.0, max=1.0,
+                                   help="WM-top keeps sigma_i >= gamma sigma_max of every weight matrix, WM-tail the rest")
+    pairs: int = _f(1, min=1, help="model pairs (the first of match.pairs)")
+
+
+@dataclass(frozen=True)
+class DoseStudy:
+    enabled: bool = _f(False)
+    fractions: tuple[float, ...] = _f((0.0, 0.1, 0.25, 0.5, 0.75, 1.0), min=0.0, max=1.0,
+                                      help="fraction of the units of every group re-assigned at random after WM")
+    draws: int = _f(3, min=1, help="random draws per fraction")
+    pairs: int = _f(1, min=1)
+
+
+@dataclass(frozen=True)
+class WeightDecayStudy:
+    enabled: bool = _f(False)
+    values: tuple[float, ...] = _f((0.0, 1e-4, 1e-3, 1e-2), min=0.0)
+    optimizer: str = _f("adamw", choices=("adamw", "adam", "sgd"), help="training optimizer of the study's models")
+    pairs: int = _f(1, min=1)
+    gamma: float = _f(0.3, min=0.0, max=1.0, help="spectrum concentration: fraction of sigma_i >= gamma sigma_max")
+
+
+@dataclass(frozen=True)
+class ManyModelsStudy:
+    enabled: bool = _f(False)
+    counts: tuple[int, ...] = _f((2, 3, 4, 5), min=2, help="numbers of models N (the first N seeds; seed 0 the anchor)")
+    methods: tuple[str, ...] = _f(("weight", "activation", "ste", "merge_many"),
+                                  choices=("weight", "activation", "ste", "merge_many"))
+
+
+@dataclass(frozen=True)
+class SteProtocolsStudy:
+    enabled: bool = _f(False)
+    protocols: tuple[str, ...] = _f(("heldout-best", "git-re-basin", "random-mixing"),
+                                    choices=("heldout-best", "git-re-basin", "random-mixing"))
+    epochs: tuple[int, ...] = _f((3, 20, 3), min=1, help="STE epochs per protocol (same order as protocols)")
+    train_limit: int = _f(0, min=0, help="STE trains on the first N training images (0: all)")
+    pairs: int = _f(3, min=1, help="disjoint model pairs (plus the three-model matches of the first three seeds)")
+
+
+@dataclass(frozen=True)
+class StudiesSection:
+    directions: DirectionsStudy = _f(DirectionsStudy())
+    alignment_dose: DoseStudy = _f(DoseStudy())
+    weight_decay: WeightDecayStudy = _f(WeightDecayStudy())
+    many_models: ManyModelsStudy = _f(ManyModelsStudy())
+    ste_protocols: SteProtocolsStudy = _f(SteProtocolsStudy())
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = _f("custom", check="name", help="letters, digits, '-', '_', '.'; the report goes to reports/<name>")
     description: str = _f("")
@@ -165,6 +223,7 @@ class Recipe:
     analysis: AnalysisSection = _f(AnalysisSection())
     three_models: ThreeModelSection = _f(ThreeModelSection())
     width_sweep: WidthSweepSection = _f(WidthSweepSection())
+    studies: StudiesSection = _f(StudiesSection())
 
     def pairs(self) -> list[tuple[int, int]]:
         s = self.train.seeds
@@ -315,6 +374,26 @@ def _cross_checks(r: Recipe, source: str) -> None:
         raise _bad("width_sweep.widths is empty", source=source)
     if r.width_sweep.enabled and 2 * r.width_sweep.pairs > len(seeds):
         raise _bad(f"width_sweep.pairs = {r.width_sweep.pairs} needs {2 * r.width_sweep.pairs} train.seeds", source=source)
+    _study_checks(r, source)
+
+
+def _study_checks(r: Recipe, source: str) -> None:
+    """The studies (issue 12) need enough seeds, and one epoch count per STE protocol."""
+    st, n = r.studies, len(r.train.seeds)
+    for name, sec, need in (("directions", st.directions, 2 * st.directions.pairs),
+                            ("alignment_dose", st.alignment_dose, 2 * st.alignment_dose.pairs),
+                            ("weight_decay", st.weight_decay, 2 * st.weight_decay.pairs),
+                            ("many_models", st.many_models, max(st.many_models.counts, default=2)),
+                            ("ste_protocols", st.ste_protocols, max(2 * st.ste_protocols.pairs, 3))):
+        if sec.enabled and need > n:
+            raise _bad(f"studies.{name} needs {need} train.seeds, the recipe has {n}",
+                       f"add seeds or lower studies.{name}'s pairs/counts", source)
+    p = st.ste_protocols
+    if p.enabled and len(p.epochs) != len(p.protocols):
+        raise _bad(f"studies.ste_protocols.epochs has {len(p.epochs)} entries for {len(p.protocols)} protocols",
+                   "give one epoch count per protocol, in the same order", source)
+    if st.many_models.enabled and (not st.many_models.counts or not st.many_models.methods):
+        raise _bad("studies.many_models.counts and .methods must not be empty", source=source)
 
 
 def parse_recipe(raw: Mapping[str, Any], source: str = "") -> Recipe:

@@ -153,7 +153,8 @@ class MatchStage(Stage):
     Writes ``perms.json`` (:func:`lmckit.perm.save_perms`) and ``result.json``
     (:meth:`lmckit.match.MatchResult.to_dict`). ``options`` holds the
     method's own settings (weight: max_iter; activation: samples;
-    ste: epochs, lr, batch_size, max_iter, train_limit).
+    ste: epochs, lr, batch_size, max_iter, train_limit, and ``protocol`` when it is not the default
+    ``heldout-best``, so earlier STE stages keep their hashes).
     """
 
     KIND = "match"
@@ -188,7 +189,8 @@ class MatchStage(Stage):
             res = ste_matching(p.model, p.sd_a, p.sd_b, p.dataset, spec=p.spec, epochs=int(opt["epochs"]),
                                lr=float(opt["lr"]), batch_size=int(opt["batch_size"]), seed=self.seed, device=p.device,
                                state_dir=ctx.dir / "ste", progress=True, wm_max_iter=int(opt.get("max_iter", 100)),
-                               train_limit=int(opt.get("train_limit", 0)) or None)
+                               train_limit=int(opt.get("train_limit", 0)) or None,
+                               protocol=str(opt.get("protocol", "heldout-best")))
         else:
             raise LmcError(f"unknown matching method {self.method!r}", "use weight, activation or ste")
         save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)

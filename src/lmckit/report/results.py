@@ -125,7 +125,11 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     drift = ste_drift(plan, root)
     if drift:
         res["ste_drift"] = drift
-    res["claims"] = judge_claims(res)
+    from .studies import collect_studies, study_claims  # issue 12's studies (report/studies.py)
+
+    if getattr(plan, "studies", None) is not None:
+        res["studies"] = collect_studies(plan, root)
+    res["claims"] = judge_claims(res) + study_claims(res)
     return res
 
 
@@ -277,6 +281,7 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
         return _get(M, method, "R", g, when, "mean")
 
     nb, wb = bar("naive"), bar("weight")
+    proto = _get(res, "recipe", "match", "ste", "protocol", default="heldout-best")  # named in claims 5b and 6
     red = _get(M, "weight", "distance", "reduction", "mean")
     if nb is not None and wb is not None and red is not None:
         held = wb <= 0.2 * nb and red <= 0.3
@@ -359,10 +364,10 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
         held = lmc and low
         drift = _get(M, "ste", "match", "changed_vs_wm", "mean", default=0.0)
         claims.append({"id": "5b", "figure": "R_bars", "held": bool(held),
-                       "criterion": f"STE loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
+                       "criterion": f"STE ({proto} protocol) loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
                        "numbers": {"ste_barrier": sb, "naive_barrier": nb, "R_ste": rs, "R_wm": rw,
                                    "ste_units_changed_vs_wm": drift},
-                       "text": (f"STE's barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
+                       "text": (f"STE's ({proto} protocol) barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
                                 f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
                                 f"{'stayed low' if low else 'did not stay low'} (its permutation differs from WM's on "
                                 f"{100 * drift:.0f}% of units); claim 5 (STE) {'held' if held else 'did not hold'}.")})
@@ -371,10 +376,10 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
         w, s = three["weight"]["pair_loss_barrier"], three["ste"]["pair_loss_barrier"]
         held = w < s
         claims.append({"id": "6", "figure": "three_models", "held": bool(held),
-                       "criterion": "barrier between the two anchor-matched models: WM < STE",
+                       "criterion": f"barrier between the two anchor-matched models: WM < STE ({proto} protocol)",
                        "numbers": {"wm_pair_barrier": w, "ste_pair_barrier": s},
                        "text": (f"Between two models matched to a common anchor, the barrier is {w:.3f} with WM and {s:.3f} "
-                                f"with STE: claim 6 (WM does better) {'held' if held else 'did not hold'}.")})
+                                f"with STE ({proto} protocol): claim 6 (WM does better) {'held' if held else 'did not hold'}.")})
     ws = res.get("width_sweep")
     if ws and len(ws) >= 2:
         ws = sorted(ws, key=lambda x: x["width_mult"])

@@ -103,6 +103,10 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
            f"{', '.join(METHOD_LABEL.get(m, m) for m in r['match']['methods'])}. "
            f"Barriers: max over {r['barrier']['lambdas']} evenly spaced lambdas of the gap to the linear "
            "interpolation of the endpoints; mean ± std over model pairs (R and distances also over WM searches)."]
+    if "ste" in r["match"]["methods"]:  # which STE protocol ran (issue 12)
+        ste = r["match"]["ste"]
+        md += ["", f"STE protocol: **{ste.get('protocol', 'heldout-best')}** ({ste['epochs']} epoch(s), lr {ste['lr']:g}, "
+               f"batch {ste['batch_size']}, {'SGD momentum 0.9' if ste.get('protocol') == 'git-re-basin' else 'Adam'})."]
     if cache:
         md += ["", f"Stage outputs: `{cache}` (rerun the same command to reuse them)."]
     for n in res.get("notes", []):
@@ -190,6 +194,9 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
         fig("width_sweep.png", "Width sweep", _caption(res, "width_sweep", "Loss barrier and R against the width "
             "multiplier (mean ± std over pairs)."), lambda p: F.width_sweep(ws, p))
 
+    from .studies import write_studies  # issue 12's studies section
+
+    md += write_studies(res, fig)
     md += ["", "## Figures"]
     for name, title, caption in figs:
         md += ["", f"### {title}", "", f"![{title}]({name})", "", caption]
