@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("match",),
     ("lmc", "plotting"),
     ("analysis",),
-    ("merge", "train"),  # experiments
+    ("merge", "train", "studies"),  # experiments
     ("pipeline",),
     ("report",),
     ("commands", "cli"),
