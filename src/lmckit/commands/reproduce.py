@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 (repeatable)")
     p.add_argument("--jobs", type=int, default=1, help="stages run in parallel (process pool; default 1 = in process)")
     p.add_argument("--dry-run", action="store_true", help="list the stages and which are cached; run nothing")
-    p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes (and the folder holding them) and exit")
+    p.add_argument("--show", metavar="RECIPE", default=None,
+                   help="print RECIPE (a shipped name or a .toml file, with any --set applied) as commented TOML "
+                        "with every key and its default, and exit (schema: docs/recipes.md)")
     add_device(p)
     add_data(p)
     add_json(p)
@@ -30,8 +33,21 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.stages import stage_label
 
     if args.list:
+        from importlib import resources
+
         for n in recipe_names():
             print(f"{n:20s} {load_recipe(n).description}")
+        print(f"\nshipped recipe files: {resources.files('lmckit') / 'recipes'}/<name>.toml; "
+              "`lmckit reproduce --show NAME` prints one as commented TOML, docs/recipes.md documents the keys")
+        return 0
+    if args.show:
+        from ..pipeline.recipe_toml import recipe_toml
+
+        r = load_recipe(args.show, args.sets)
+        sets = "".join(f" --set {s}" for s in args.sets)
+        print(recipe_toml(r, f"lmckit recipe {r.name!r} (from `lmckit reproduce --show {args.show}{sets}`)\n"
+                             "Every key is written with its value; the comment above it gives its meaning and "
+                             "default.\nRun it with: lmckit reproduce --recipe THIS_FILE.toml"), end="")
         return 0
     res = reproduce(args.recipe, args.out, args.cache, args.sets, args.jobs, args.dry_run, args.device, args.data_dir)
     if args.dry_run:
