@@ -72,3 +72,38 @@ def save_figure(fig: Any, path: str | Path, dpi: int, *, fmt: str = "png", tight
         if plt is not None:
             plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+#: one colour map for every loss surface (report panels and ``lmckit landscape``): dark = low loss
+LOSS_CMAP = "viridis"
+#: and for accuracy surfaces: dark = low accuracy (the same reading: bright = where the models are bad / good)
+ACCURACY_CMAP = "viridis"
+
+
+def integer_ticks(*axes: Any, axis: str = "x") -> None:
+    """Ticks at integers only on ``axis`` ("x", "y" or "both") of each of ``axes`` (indices, epochs, counts)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        if axis in ("x", "both"):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if axis in ("y", "both"):
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def legend_outside(fig: Any, axes: Any, ncol: int | None = None, fontsize: float = 7) -> Any:
+    """One legend for the figure, below the panels (never over the data); entries deduplicated by label.
+
+    ``axes``: the axes whose labelled artists to collect. Returns the legend (None when nothing is labelled).
+    Save with ``bbox_inches="tight"`` or ``tight_layout`` so the legend is kept in the image.
+    """
+    handles, labels = [], []
+    for ax in axes if isinstance(axes, (list, tuple)) else [axes]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels and not lab.startswith("_"):
+                handles.append(h)
+                labels.append(lab)
+    if not handles:
+        return None
+    return fig.legend(handles, labels, loc="lower center", ncol=ncol or min(len(labels), 4), fontsize=fontsize,
+                      frameon=False, bbox_to_anchor=(0.5, 0.0))
