@@ -11,6 +11,7 @@ Each function writes one file and returns its path:
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -99,8 +100,12 @@ def plot_cross(svd: SVDAlignment, path: str | Path, when: str = "after") -> Path
         ax.set_ylabel("singular index i (model A)")
         integer_ticks(ax, axis="both")
     if axes:
-        fig.colorbar(im, ax=axes[: len(svd.layers)], shrink=0.7)
-    return _save(fig, Path(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig.tight_layout()  # before the colorbar: tight_layout would push the panels under it
+        cbar = fig.colorbar(im, ax=axes[: len(svd.layers)], shrink=0.7)
+        cbar.set_label("(u_i·Pu'_j)(v_i·Qv'_j)")
+    return save_figure(fig, Path(path), dpi=90, bbox_inches="tight")
 
 
 def plot_projections(proj: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:

@@ -86,7 +86,7 @@ def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: s
         ax.grid(alpha=0.3)
     # legends below each panel, outside the data
     for ax in (ax_l, ax_a):
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     fig.suptitle(title or f"Linear interpolation between two models ({_bn_label(first.bn_reset)})")
     fig.tight_layout()
     return _save(fig, path)
