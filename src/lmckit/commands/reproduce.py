@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     print_table(summary_rows(res.results))
     print()
     for c in res.results["claims"]:
-        print(f"[{'held' if c['held'] else 'NOT held'}] claim {c['id']}: {c['text']}")
+        who = f" ({c['model']})" if len({x.get('model') for x in res.results['claims']}) > 1 else ""
+        print(f"[{'held' if c['held'] else 'NOT held'}] claim {c['id']}{who}: {c['text']}")
     print(f"\n{len(res.summary.ran)} stages run, {len(res.summary.cached)} reused; {res.seconds:.1f}s. "
           f"Report: {res.out / 'report.md'} (and report.html, results.json)")
     return 0
