@@ -371,7 +371,8 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     Each record: ``id``, ``model`` (the experiment's label: claims are judged per model when a recipe has
     several; the three-model and width claims use the first model, as the recipe does), ``figure``,
     ``statement`` (the claim, :data:`lmckit.report.claims.CLAIMS`), ``criterion``, ``numbers``, ``held``,
-    ``text`` (a sentence from the numbers) and ``paper`` (the published value with its source, or None).
+    ``text`` (a sentence from the numbers) and ``paper`` (the published value with its source; absent when the
+    paper gives none for this setting).
     """
     claims: list[dict[str, Any]] = []
     dataset = _get(res, "recipe", "data", "dataset", default="")
@@ -379,7 +380,9 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
         for c in _judge_experiment(res, e, first=i == 0):
             c["model"] = e["label"]
             c["title"], c["statement"] = CLAIMS[c["id"]]
-            c["paper"] = paper_value(c["id"], dataset, e["label"])
+            paper = paper_value(c["id"], dataset, e["label"])
+            if paper is not None:  # results.json holds no nulls: absent when nothing is published
+                c["paper"] = paper
             claims.append(c)
     return claims
 
