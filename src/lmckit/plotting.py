@@ -86,9 +86,22 @@ def integer_ticks(*axes: Any, axis: str = "x") -> None:
 
     for ax in axes:
         if axis in ("x", "both"):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
         if axis in ("y", "both"):
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+
+
+def plain_log_axis(ax: Any, axis: str = "y") -> None:
+    """Readable labels on a log axis (call after plotting): decades only on wide ranges; 1-2-5 steps on ranges
+    under two decades, which would otherwise show one label or crowded minor labels like 4x10^-1."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if lo > 0 and hi / lo < 100:
+        a.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo >= 10 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        a.set_major_formatter(FormatStrFormatter("%.2g"))
+    a.set_minor_formatter(NullFormatter())
 
 
 def legend_outside(fig: Any, axes: Any, ncol: int | None = None, fontsize: float = 7) -> Any:

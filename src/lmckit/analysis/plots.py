@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..plotting import integer_ticks
+from ..plotting import integer_ticks, plain_log_axis
 from ..plotting import pyplot as _plt
 from ..plotting import save_figure, subplot_grid
 from .svd import SVDAlignment
@@ -43,6 +43,7 @@ def plot_spectra(svd: SVDAlignment, path: str | Path, labels: Sequence[str] = ("
         ax.plot(la.sigma_a.numpy(), label=labels[0], lw=1.2)
         ax.plot(la.sigma_b.numpy(), label=labels[1], lw=1.2, ls="--")
         ax.set_yscale("log")
+        plain_log_axis(ax)
         ax.set_title(f"{la.layer.name} {tuple(la.layer.shape)}", fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
         ax.set_ylabel("singular value σ_i")

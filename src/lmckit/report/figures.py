@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..plotting import LOSS_CMAP, integer_ticks, legend_outside
+from ..plotting import LOSS_CMAP, integer_ticks, legend_outside, plain_log_axis
 from ..plotting import pyplot as _plt
 from ..plotting import save_figure, subplot_grid
 
@@ -93,6 +93,7 @@ def spectra(exp: Mapping[str, Any], path: Path) -> Path:
         ax.plot(d["sigma_a"], lw=1.2, label=f"model A (seed {a})")
         ax.plot(d["sigma_b"], lw=1.2, ls="--", label=f"model B (seed {b})")
         ax.set_yscale("log")
+        plain_log_axis(ax)
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
         ax.set_ylabel("singular value σ_i")
@@ -198,7 +199,6 @@ def landscape(three: Mapping[str, Any], path: Path) -> Path:
     """
     import numpy as np
     from matplotlib.colors import LogNorm
-    from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
     items = [(m, three[m]["landscape"]) for m in _ordered(three) if "landscape" in three[m]]
     zs = [np.maximum(np.asarray(ld["loss"], dtype=float), 1e-4) for _, ld in items]
@@ -229,8 +229,9 @@ def landscape(three: Mapping[str, Any], path: Path) -> Path:
         if ax is axes[0]:
             ax.set_ylabel("orthogonal coordinate (L2 units)", fontsize=7)
     if cs is not None:
-        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85, ticks=LogLocator(subs=(1.0, 3.0)),
-                            format=LogFormatterSciNotation())
+        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 6)})  # readable values, log-spaced
+        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85, ticks=ticks, format="%.3g")
+        cbar.minorticks_off()
         cbar.set_label("test loss (nats, log scale; shared by all panels)", fontsize=7)
     fig.suptitle("Loss on the plane through three aligned models (white: the models; grey: not evaluated)",
                  fontsize=9)

@@ -97,8 +97,12 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
             gammas = list(ans[0][1]["R"])
             searches = len({k[2] for k, _ in ans})
             over = "model pairs x WM searches" if searches > 1 else "model pairs"
-            m["R"] = {g: {w: stats((a["R"][g][w] for _, a in ans), over) for w in ("before", "after")} for g in gammas}
-            m["distance"] = {q: stats((a[q] for _, a in ans), over) for q in ("l2_before", "l2_after", "reduction")}
+            # values before matching do not depend on the search: one per pair (search 0), not repeated
+            first = [(k, a) for k, a in ans if k[2] == 0]
+            m["R"] = {g: {"before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
+                          "after": stats((a["R"][g]["after"] for _, a in ans), over)} for g in gammas}
+            m["distance"] = {"l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
+                             **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")}}
             tay = [a["taylor"] for _, a in ans if "taylor" in a]
             if tay:
                 m["taylor"] = {q: stats((t[q] for t in tay), "model pairs")
