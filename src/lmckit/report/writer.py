@@ -275,7 +275,9 @@ def _conventions(res: dict[str, Any]) -> list[str]:
           "named beside it: *model pairs* (disjoint seed pairs), or *model pairs x WM searches* for R and the "
           "distances after WM (each search starts the coordinate descent from another random order). With "
           "n >= 3 a 95% confidence interval of the mean is given, t-based (Student t, n - 1 degrees of freedom); "
-          "with n < 3 no interval is given. n = 1 shows the single value."]
+          "with n < 3 no interval is given. n = 1 shows the single value. With n = 3 a t interval is wide and can "
+          "reach below 0 for quantities that cannot be negative (barriers): read it as the spread, not as a "
+          "possible value."]
     if ev:
         sizes = ev.get("split_sizes", {})
         bar = ", ".join(f"{n} {sp}" for sp, n in ev.get("barrier", {}).items())
@@ -345,7 +347,7 @@ def _distance_taylor_table(e: dict[str, Any]) -> list[str]:
         bsplit = "test" if "test" in d.get("barrier", {}) else next(iter(d.get("barrier", {"-": None})))
         rows.append({"method": METHOD_LABEL.get(m, m), "d0": _pm(dist.get("l2_before"), "{:.2f}"),
                      "d1": _pm(dist.get("l2_after"), "{:.2f}"), "reduction": _pm(dist.get("reduction"), "{:.1%}", ci=True),
-                     f"midpoint barrier, {bsplit} (measured)": _pm(_mid_barrier(d, bsplit), "{:.4f}"),
+                     f"midpoint barrier, {bsplit} (measured; mean over pairs)": _pm(_mid_barrier(d, bsplit), "{:.4f}"),
                      "midpoint barrier, Taylor's train subset (measured)": _pm(tay.get("measured_midpoint"), "{:.4f}"),
                      "Taylor estimate": _pm(tay.get("taylor_midpoint"), "{:.4f}")})
     if not rows:
