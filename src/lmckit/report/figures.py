@@ -96,7 +96,8 @@ def spectra(exp: Mapping[str, Any], path: Path) -> Path:
         plain_log_axis(ax)
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
-        ax.set_ylabel("singular value σ_i")
+        if ax is axes[0]:
+            ax.set_ylabel("singular value σ_i")
         integer_ticks(ax)
     fig.suptitle("Singular values of corresponding layers, two seeds", fontsize=9)
     return _save(fig, path, axes[:1])
@@ -131,7 +132,8 @@ def per_index(exp: Mapping[str, Any], path: Path) -> Path:
         ax.axhline(0, color="k", lw=0.4)
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
-        ax.set_ylabel("(u_i·Pu'_i)(v_i·Qv'_i)")
+        if ax is axes[0]:
+            ax.set_ylabel("(u_i·Pu'_i)(v_i·Qv'_i)")
         integer_ticks(ax)
     fig.suptitle("Per-index alignment against singular-value rank", fontsize=9)
     return _save(fig, path, axes[:1])
@@ -145,7 +147,8 @@ def projections(exp: Mapping[str, Any], path: Path) -> Path:
         ax.plot(d["random_mean_abs"], lw=0.8, color="0.6", label="random unit direction")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
-        ax.set_ylabel("mean |v_i · z| over inputs z")
+        if ax is axes[0]:
+            ax.set_ylabel("mean |v_i · z| over inputs z")
         integer_ticks(ax)
     fig.suptitle("Layer inputs projected on right-singular vectors", fontsize=9)
     return _save(fig, path, axes[:1])
