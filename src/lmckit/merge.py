@@ -352,15 +352,14 @@ def plot_merged_accuracy(curves: Mapping[str, Sequence[Mapping[str, float]]], pa
 
     fig, ax = pyplot().subplots(figsize=(5.5, 4))
     for label, rows in curves.items():
-        ax.plot([r["n"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=label)
+        ax.plot([r["n"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
     if model_accuracies:
-        ax.axhline(100 * sum(model_accuracies) / len(model_accuracies), color="gray", ls="--",
-                   label="mean single model")
+        ax.axhline(sum(model_accuracies) / len(model_accuracies), color="gray", ls="--", label="mean single model")
     ax.set_xlabel("number of models averaged")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (fraction)")
     ns = sorted({r["n"] for rows in curves.values() for r in rows})
     if ns:
         ax.set_xticks(ns)
     ax.set_title(title or "accuracy of the uniform average")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path, dpi=100, tight_layout=True)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside the data
+    return save_figure(fig, path, dpi=100, tight_layout=True, bbox_inches="tight")

@@ -72,3 +72,51 @@ def save_figure(fig: Any, path: str | Path, dpi: int, *, fmt: str = "png", tight
         if plt is not None:
             plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+#: one colour map for every loss surface (report panels and ``lmckit landscape``): dark = low loss
+LOSS_CMAP = "viridis"
+#: and for accuracy surfaces: dark = low accuracy (the same reading: bright = where the models are bad / good)
+ACCURACY_CMAP = "viridis"
+
+
+def integer_ticks(*axes: Any, axis: str = "x") -> None:
+    """Ticks at integers only on ``axis`` ("x", "y" or "both") of each of ``axes`` (indices, epochs, counts)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        if axis in ("x", "both"):
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        if axis in ("y", "both"):
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+
+
+def plain_log_axis(ax: Any, axis: str = "y") -> None:
+    """Readable labels on a log axis (call after plotting): decades only on wide ranges; 1-2-5 steps on ranges
+    under two decades, which would otherwise show one label or crowded minor labels like 4x10^-1."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if lo > 0 and hi / lo < 100:
+        a.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo >= 10 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        a.set_major_formatter(FormatStrFormatter("%.2g"))
+    a.set_minor_formatter(NullFormatter())
+
+
+def legend_outside(fig: Any, axes: Any, ncol: int | None = None, fontsize: float = 7) -> Any:
+    """One legend for the figure, below the panels (never over the data); entries deduplicated by label.
+
+    ``axes``: the axes whose labelled artists to collect. Returns the legend (None when nothing is labelled).
+    Save with ``bbox_inches="tight"`` or ``tight_layout`` so the legend is kept in the image.
+    """
+    handles, labels = [], []
+    for ax in axes if isinstance(axes, (list, tuple)) else [axes]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels and not lab.startswith("_"):
+                handles.append(h)
+                labels.append(lab)
+    if not handles:
+        return None
+    return fig.legend(handles, labels, loc="lower center", ncol=ncol or min(len(labels), 4), fontsize=fontsize,
+                      frameon=False, bbox_to_anchor=(0.5, 0.0))

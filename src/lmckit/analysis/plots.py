@@ -11,9 +11,11 @@ Each function writes one file and returns its path:
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..plotting import integer_ticks, plain_log_axis
 from ..plotting import pyplot as _plt
 from ..plotting import save_figure, subplot_grid
 from .svd import SVDAlignment
@@ -24,7 +26,15 @@ def _grid(n: int, size: float = 3.2):
 
 
 def _save(fig, path: Path) -> Path:
-    return save_figure(fig, path, dpi=90, tight_layout=True)
+    return save_figure(fig, path, dpi=90, tight_layout=True, bbox_inches="tight")
+
+
+def _legend_below(fig, axes) -> None:
+    """The first panel's legend, once, below the figure (outside every panel's data)."""
+    if axes:
+        h, lab = axes[0].get_legend_handles_labels()
+        if h:
+            fig.legend(h, lab, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(lab), fontsize=7, frameon=False)
 
 
 def plot_spectra(svd: SVDAlignment, path: str | Path, labels: Sequence[str] = ("A", "B")) -> Path:
@@ -33,11 +43,12 @@ def plot_spectra(svd: SVDAlignment, path: str | Path, labels: Sequence[str] = ("
         ax.plot(la.sigma_a.numpy(), label=labels[0], lw=1.2)
         ax.plot(la.sigma_b.numpy(), label=labels[1], lw=1.2, ls="--")
         ax.set_yscale("log")
+        plain_log_axis(ax)
         ax.set_title(f"{la.layer.name} {tuple(la.layer.shape)}", fontsize=8)
-        ax.set_xlabel("index i")
-        ax.set_ylabel("sigma_i")
-    if axes:
-        axes[0].legend(fontsize=7)
+        ax.set_xlabel("singular index i (0 = largest)")
+        ax.set_ylabel("singular value σ_i")
+        integer_ticks(ax)
+    _legend_below(fig, axes)
     fig.suptitle("Singular values of corresponding layers", fontsize=9)
     return _save(fig, Path(path))
 
@@ -54,10 +65,10 @@ def plot_r_bars(svd: SVDAlignment, path: str | Path, extra: Mapping[str, Mapping
     for j, (name, vals) in enumerate(series.items()):
         xs = [i + (j - (len(series) - 1) / 2) * w for i in range(len(keys))]
         ax.bar(xs, [vals.get(k, float("nan")) for k in keys], width=w, label=name)
-    ax.set_xticks(range(len(keys)), [f"gamma={k}" for k in keys])
-    ax.set_ylabel("R(gamma)")
+    ax.set_xticks(range(len(keys)), [f"γ = {k}" for k in keys])
+    ax.set_ylabel("alignment score R(γ)")
     ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_title("Alignment of singular vectors", fontsize=9)
     return _save(fig, Path(path))
 
@@ -72,10 +83,10 @@ def plot_per_index(svd: SVDAlignment, path: str | Path, max_index: int | None = 
             ax.plot(y, label=when, **style)
         ax.axhline(0, color="k", lw=0.4)
         ax.set_title(la.layer.name, fontsize=8)
-        ax.set_xlabel("singular index i (by sigma)")
-        ax.set_ylabel("(u.Pu')(v.Qv')")
-    if axes:
-        axes[0].legend(fontsize=7)
+        ax.set_xlabel("singular index i (0 = largest)")
+        ax.set_ylabel("(u_i·Pu'_i)(v_i·Qv'_i)")
+        integer_ticks(ax)
+    _legend_below(fig, axes)
     fig.suptitle("Per-index alignment against singular-value rank", fontsize=9)
     return _save(fig, Path(path))
 
@@ -86,11 +97,16 @@ def plot_cross(svd: SVDAlignment, path: str | Path, when: str = "after") -> Path
         c = la.cross[when].numpy()
         im = ax.imshow(c, cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_title(f"{la.layer.name} ({when})", fontsize=8)
-        ax.set_xlabel("j (model B)")
-        ax.set_ylabel("i (model A)")
+        ax.set_xlabel("singular index j (model B)")
+        ax.set_ylabel("singular index i (model A)")
+        integer_ticks(ax, axis="both")
     if axes:
-        fig.colorbar(im, ax=axes[: len(svd.layers)], shrink=0.7)
-    return _save(fig, Path(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig.tight_layout()  # before the colorbar: tight_layout would push the panels under it
+        cbar = fig.colorbar(im, ax=axes[: len(svd.layers)], shrink=0.7)
+        cbar.set_label("(u_i·Pu'_j)(v_i·Qv'_j)")
+    return save_figure(fig, Path(path), dpi=90, bbox_inches="tight")
 
 
 def plot_projections(proj: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
@@ -99,10 +115,10 @@ def plot_projections(proj: Mapping[str, Mapping[str, Any]], path: str | Path) ->
         ax.plot(d["mean_abs"], label="right singular v_i", lw=1.0)
         ax.plot(d["random_mean_abs"], label="random direction", lw=0.8, color="0.6")
         ax.set_title(name, fontsize=8)
-        ax.set_xlabel("singular index i (by sigma)")
-        ax.set_ylabel("mean |v_i . z|")
-    if axes:
-        axes[0].legend(fontsize=7)
+        ax.set_xlabel("singular index i (0 = largest)")
+        ax.set_ylabel("mean |v_i · z| over inputs z")
+        integer_ticks(ax)
+    _legend_below(fig, axes)
     fig.suptitle("Layer inputs projected on right-singular vectors", fontsize=9)
     return _save(fig, Path(path))
 
@@ -122,9 +138,9 @@ def plot_rank_sweep(sweeps: Mapping[str, Sequence[Mapping[str, Any]]], path: str
     from matplotlib.ticker import NullFormatter
 
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("kept directions / full rank (hidden layers)")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("kept directions / full rank, hidden layers (log scale)")
+    ax.set_ylabel("accuracy (fraction)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     ax.set_title("Accuracy of rank-k truncated models (dotted: untruncated)", fontsize=9)
     return _save(fig, Path(path))
 

@@ -74,6 +74,6 @@ def run(args: argparse.Namespace) -> int:
     flat_a = [v for row in res.accuracy for v in row]
     print(f"model:  {describe_model(model.lmckit_config)}; {aligned}; {args.grid}x{args.grid} grid on {args.split}")
     print(f"loss:     min {min(flat_l):.4f}, max {max(flat_l):.4f}")
-    print(f"accuracy: min {100 * min(flat_a):.2f}%, max {100 * max(flat_a):.2f}%")
+    print(f"accuracy: min {min(flat_a):.4f}, max {max(flat_a):.4f}")
     print(f"wrote {loss_plot} and {acc_plot}")
     return 0

@@ -111,6 +111,6 @@ def run(args: argparse.Namespace) -> int:
                       "loss_barrier": b["loss_barrier"], "accuracy_barrier": b["accuracy_barrier"]}
                      for b in res.pairwise_barriers + res.anchor_barriers])
     for label, rows in res.curve.items():
-        print(f"merged accuracy ({label}): " + ", ".join(f"n={r['n']}: {100 * r['accuracy']:.2f}%" for r in rows))
+        print(f"merged accuracy ({label}): " + ", ".join(f"n={r['n']}: {r['accuracy']:.4f}" for r in rows))
     print(f"wrote {merged_file}, {len(perm_files)} perm files and merge.json to {out}")
     return 0

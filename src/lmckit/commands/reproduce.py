@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="resources a Ray task of one stage kind (model, match, ste, barrier, analysis, three) asks for "
                         "(default 1 CPU; with GPUs, 1 GPU for model and ste, 0.5 for the rest); repeatable")
     p.add_argument("--dry-run", action="store_true", help="list the stages and which are cached; run nothing")
-    p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes (and the folder holding them) and exit")
+    p.add_argument("--show", metavar="RECIPE", default=None,
+                   help="print RECIPE (a shipped name or a .toml file, with any --set applied) as commented TOML "
+                        "with every key and its default, and exit (schema: docs/recipes.md)")
     add_device(p)
     add_data(p)
     add_json(p)
@@ -39,8 +42,21 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.stages import stage_label
 
     if args.list:
+        from importlib import resources
+
         for n in recipe_names():
             print(f"{n:20s} {load_recipe(n).description}")
+        print(f"\nshipped recipe files: {resources.files('lmckit') / 'recipes'}/<name>.toml; "
+              "`lmckit reproduce --show NAME` prints one as commented TOML, docs/recipes.md documents the keys")
+        return 0
+    if args.show:
+        from ..pipeline.recipe_toml import recipe_toml
+
+        r = load_recipe(args.show, args.sets)
+        sets = "".join(f" --set {s}" for s in args.sets)
+        print(recipe_toml(r, f"lmckit recipe {r.name!r} (from `lmckit reproduce --show {args.show}{sets}`)\n"
+                             "Every key is written with its value; the comment above it gives its meaning and "
+                             "default.\nRun it with: lmckit reproduce --recipe THIS_FILE.toml"), end="")
         return 0
     resources = None
     if args.executor == "ray" and args.ray_resources:
@@ -75,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     print_table(summary_rows(res.results))
     print()
     for c in res.results["claims"]:
-        print(f"[{'held' if c['held'] else 'NOT held'}] claim {c['id']}: {c['text']}")
+        who = f" ({c['model']})" if len({x.get('model') for x in res.results['claims']}) > 1 else ""
+        print(f"[{'held' if c['held'] else 'NOT held'}] claim {c['id']}{who}: {c['text']}")
     print(f"\n{len(res.summary.ran)} stages run, {len(res.summary.cached)} reused; {res.seconds:.1f}s. "
           f"Report: {res.out / 'report.md'} (and report.html, results.json)")
     return 0

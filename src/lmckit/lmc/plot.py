@@ -2,6 +2,9 @@
 
 Drawn on bare :class:`matplotlib.figure.Figure` objects rendered by the Agg
 canvas: no pyplot global state, no GUI backend, safe in threads and notebooks.
+Accuracies are drawn as fractions in [0, 1] (the unit of every lmckit JSON and
+API), losses as cross-entropy in nats; legends sit below the panels; loss
+surfaces use the report's colour map (:data:`lmckit.plotting.LOSS_CMAP`).
 """
 from __future__ import annotations
 
@@ -67,21 +70,23 @@ def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: s
             c = res.curves[s]
             lab = label if len(splits) == 1 else f"{label} ({s})"
             ls = styles.get(s, "-")
-            lab_l = f"{lab}: barrier {c.loss_barrier:.3f}"
-            lab_a = f"{lab}: barrier {100 * c.accuracy_barrier:.1f} pts"
+            lab_l = f"{lab}: loss barrier {c.loss_barrier:.4f}"
+            lab_a = f"{lab}: accuracy barrier {c.accuracy_barrier:.4f}"
             ax_l.plot(c.lambdas, c.loss, ls, color=color, marker=".", label=lab_l)
-            ax_a.plot(c.lambdas, [100 * a for a in c.accuracy], ls, color=color, marker=".", label=lab_a)
-            for ax, vals in ((ax_l, c.endpoint_loss), (ax_a, [100 * v for v in c.endpoint_accuracy])):
+            ax_a.plot(c.lambdas, list(c.accuracy), ls, color=color, marker=".", label=lab_a)
+            for ax, vals in ((ax_l, c.endpoint_loss), (ax_a, list(c.endpoint_accuracy))):
                 ax.plot([0.0, 1.0], list(vals), "o", color=color, markersize=8, markeredgecolor="black")
     shown = split if split not in (None, "all") else (first.splits[0] if split is None else "train/test")
-    for ax, ylabel in ((ax_l, f"{shown} loss (cross-entropy)"), (ax_a, f"{shown} accuracy (%)")):
+    for ax, ylabel in ((ax_l, f"{shown} loss (cross-entropy, nats)"), (ax_a, f"{shown} accuracy (fraction)")):
         ax.set_xlabel("interpolation coefficient $\\lambda$")
         ax.set_ylabel(ylabel)
         ax.set_xlim(-0.02, 1.02)
         ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
         ax.set_xticklabels(["0\n(model A)", "0.25", "0.5", "0.75", "1\n(model B)"])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # legends below each panel, outside the data
+    for ax in (ax_l, ax_a):
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     fig.suptitle(title or f"Linear interpolation between two models ({_bn_label(first.bn_reset)})")
     fig.tight_layout()
     return _save(fig, path)
@@ -91,15 +96,16 @@ def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "los
                    levels: int = 20) -> Path:
     """Filled contour plot of ``metric`` ("loss" or "accuracy") over the plane, models marked.
 
-    Loss is drawn on log-spaced levels, accuracy (in %) on linear ones.
+    Loss is drawn on log-spaced levels, accuracy (a fraction in [0, 1]) on linear ones; both with the
+    colour maps of the report's landscape figure (dark = low).
     """
     if metric not in ("loss", "accuracy"):
         raise LmcError(f"unknown landscape metric {metric!r}", "use loss or accuracy")
     import numpy as np
 
+    from ..plotting import ACCURACY_CMAP, LOSS_CMAP
+
     z = np.asarray(result.loss if metric == "loss" else result.accuracy, dtype=float)
-    if metric == "accuracy":
-        z = 100 * z
     fig = _figure(figsize=(6, 5))
     ax = fig.subplots()
     if metric == "loss":
@@ -112,12 +118,12 @@ def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "los
         lv = np.geomspace(lo, hi if hi > lo * 1.001 else lo * 1.001, levels)
         from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
-        cs = ax.contourf(result.xs, result.ys, z, levels=lv, norm=LogNorm(vmin=lv[0], vmax=lv[-1]), cmap="viridis_r")
+        cs = ax.contourf(result.xs, result.ys, z, levels=lv, norm=LogNorm(vmin=lv[0], vmax=lv[-1]), cmap=LOSS_CMAP)
         cbar = fig.colorbar(cs, ax=ax, shrink=0.85, ticks=LogLocator(subs=(1.0, 3.0)), format=LogFormatterSciNotation())
     else:
-        cs = ax.contourf(result.xs, result.ys, z, levels=levels, cmap="viridis")
+        cs = ax.contourf(result.xs, result.ys, z, levels=levels, cmap=ACCURACY_CMAP)
         cbar = fig.colorbar(cs, ax=ax, shrink=0.85)
-    cbar.set_label(f"{result.split} {'loss' if metric == 'loss' else 'accuracy (%)'}")
+    cbar.set_label(f"{result.split} {'loss (nats, log scale)' if metric == 'loss' else 'accuracy (fraction)'}")
     pts = list(result.models.items())
     tri = [p for _, p in pts] + [pts[0][1]]
     ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", linewidth=1)
@@ -125,8 +131,8 @@ def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "los
         ax.plot(x, y, "o", color="white", markeredgecolor="black", markersize=9)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontsize=11,
                     fontweight="bold")
-    ax.set_xlabel("plane coordinate 1 (along B - A)")
-    ax.set_ylabel("plane coordinate 2")
+    ax.set_xlabel("coordinate along $\\theta_B - \\theta_A$ (L2 units)")
+    ax.set_ylabel("orthogonal coordinate (L2 units)")
     ax.set_aspect("equal", adjustable="box")
     ax.set_title(title or f"{result.split} {metric} on the plane of three models\n({_bn_label(result.bn_reset)})")
     fig.tight_layout()

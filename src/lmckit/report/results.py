@@ -18,19 +18,48 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..pipeline.build import Experiment, Plan
+from .claims import CLAIMS, paper_value
 from ..pipeline.stages import stage_path
 
-__all__ = ["collect", "stats", "judge_claims", "timings", "ste_drift", "changed_fraction"]
+__all__ = ["collect", "stats", "t_interval", "judge_claims", "timings", "ste_drift", "changed_fraction",
+           "evaluation_sizes"]
 
 
-def stats(values: Iterable[float]) -> dict[str, Any]:
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student-t confidence interval for the mean of ``values`` (n >= 2; sample std, n - 1 dof).
+
+    ``mean -/+ t_{(1+level)/2, n-1} * std / sqrt(n)``: the interval the report prints as "95% CI (t)".
+    """
+    from scipy.stats import t as student_t
+
+    n = len(values)
+    if n < 2:
+        raise ValueError("a t interval needs at least two values")
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def stats(values: Iterable[float], over: str | None = None) -> dict[str, Any]:
+    """Mean, sample std (0 for one value), n and the values; ``over`` says what varies across the values.
+
+    With n >= 3 a 95% Student-t interval for the mean is added as ``ci95`` (``[low, high]``, ``ci_method`` "t").
+    """
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(vals)
     if not n:
-        return {"mean": 0.0, "std": 0.0, "n": 0, "values": []}
-    mean = sum(vals) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n, "values": vals}
+        out: dict[str, Any] = {"mean": 0.0, "std": 0.0, "n": 0, "values": []}
+    else:
+        mean = sum(vals) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+        out = {"mean": mean, "std": std, "n": n, "values": vals}
+        if n >= 3:
+            out["ci95"] = list(t_interval(vals))
+            out["ci_method"] = "t"
+    if over is not None:
+        out["over"] = over
+    return out
 
 
 def _read(root: Path, spec) -> dict[str, Any]:
@@ -49,12 +78,13 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
                                                                                       "train_accuracy", "train_loss")}}
                      for s, t in e.trains.items()]
     methods: dict[str, Any] = {}
+    per_pair: list[dict[str, Any]] = []
     for method in e.methods:
         m: dict[str, Any] = {}
         bars = [_read(root, b) for (p, meth, s), b in e.barriers.items() if meth == method]
         if bars:
             splits = bars[0]["splits"]
-            m["barrier"] = {sp: {q: stats(b[q][sp] for b in bars)
+            m["barrier"] = {sp: {q: stats((b[q][sp] for b in bars), "model pairs")
                                  for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")}
                             for sp in splits}
             m["curves"] = {"lambdas": bars[0]["lambdas"]}
@@ -65,12 +95,22 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
         ans = [(k, _read(root, a)) for k, a in e.analyses.items() if k[1] == method]
         if ans:
             gammas = list(ans[0][1]["R"])
-            m["R"] = {g: {w: stats(a["R"][g][w] for _, a in ans) for w in ("before", "after")} for g in gammas}
-            m["distance"] = {q: stats(a[q] for _, a in ans) for q in ("l2_before", "l2_after", "reduction")}
+            searches = len({k[2] for k, _ in ans})
+            over = "model pairs x WM searches" if searches > 1 else "model pairs"
+            # values before matching do not depend on the search: one per pair (search 0), not repeated
+            first = [(k, a) for k, a in ans if k[2] == 0]
+            m["R"] = {g: {"before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
+                          "after": stats((a["R"][g]["after"] for _, a in ans), over)} for g in gammas}
+            m["distance"] = {"l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
+                             **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")}}
             tay = [a["taylor"] for _, a in ans if "taylor" in a]
             if tay:
-                m["taylor"] = {q: stats(t[q] for t in tay) for q in ("taylor_midpoint", "measured_midpoint", "dHd",
-                                                                     "delta_norm")}
+                m["taylor"] = {q: stats((t[q] for t in tay), "model pairs")
+                               for q in ("taylor_midpoint", "measured_midpoint", "dHd", "delta_norm")}
+                m["taylor"]["num_samples"] = int(tay[0].get("num_samples", 0))
+                m["taylor"]["split"] = str(tay[0].get("split", "train"))
+            if method != "naive":
+                per_pair += _layer_tables(method, ans)
         matches = [_read(root, st) for k, st in e.matches.items() if k[1] == method]
         if matches:
             m["match"] = {"sweeps": stats(x.get("sweeps", 1) for x in matches),
@@ -79,6 +119,8 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
                 m["match"]["changed_vs_wm"] = stats(x.get("changed_vs_wm") for x in matches)
         methods[method] = m
     out["methods"] = methods
+    if per_pair:
+        out["layers"] = per_pair
     if full:
         for k, a in e.analyses.items():
             if e.analyses[k].arrays or e.analyses[k].projections or e.analyses[k].rank:
@@ -100,12 +142,78 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
     return out
 
 
+def _layer_tables(method: str, ans: list[tuple[Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per matched pair of ``method``: distance, reduction and R per layer (mean over the pair's searches).
+
+    One record per pair: ``{"pair", "method", "searches", "rows": [{"layer", "l2_before", "l2_after",
+    "reduction", "R": {gamma: {"before", "after"}}}]}``, read from the analysis stages'
+    ``distance_per_layer`` and ``R_per_layer``.
+    """
+    by_pair: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for (pair, _m, _s), a in ans:
+        by_pair.setdefault(tuple(pair), []).append(a)
+    out = []
+    for pair, runs in by_pair.items():
+        dist = [{d["name"]: d for d in a.get("distance_per_layer", [])} for a in runs]
+        rr = [{d["name"]: d["R"] for d in a.get("R_per_layer", [])} for a in runs]
+        names = list(dist[0]) or list(rr[0])
+        rows = []
+        for name in names:
+            row: dict[str, Any] = {"layer": name}
+            if all(name in d for d in dist):
+                for q in ("l2_before", "l2_after", "reduction"):
+                    row[q] = sum(d[name][q] for d in dist) / len(dist)
+            if all(name in r for r in rr):
+                row["R"] = {g: {w: sum(r[name][g][w] for r in rr) / len(rr) for w in ("before", "after")}
+                            for g in rr[0][name]}
+            rows.append(row)
+        out.append({"pair": list(pair), "method": method, "searches": len(runs), "rows": rows})
+    return out
+
+
+def _split_sizes(dataset: str) -> dict[str, int]:
+    """Images per split of ``dataset`` (empty when it cannot be loaded here)."""
+    try:
+        from ..data import load_dataset
+
+        d = load_dataset(dataset)
+        return {sp: int(d.size(sp)) for sp in d.splits()}
+    except Exception:  # noqa: BLE001 - sizes are informative; the stages already ran on the data
+        return {}
+
+
+def evaluation_sizes(recipe: Any, sizes: dict[str, int]) -> dict[str, Any]:
+    """How many images each measurement used (``recipe``: the JSON view of the recipe; ``sizes``: split sizes).
+
+    A ``limit`` of 0 means the whole split; evaluations take the first N images of a split in file order,
+    training-data subsets (Taylor, projections, AM, BN reset) are seeded random draws.
+    """
+    def cap(limit: int, split: str) -> int | None:
+        n = sizes.get(split)
+        if not limit:
+            return n
+        return min(limit, n) if n is not None else int(limit)
+
+    b, an, mt = recipe["barrier"], recipe["analysis"], recipe["match"]
+    out: dict[str, Any] = {"split_sizes": dict(sizes),
+                           "barrier": {sp: cap(b["limit"], sp) for sp in b["splits"]},
+                           "barrier_lambdas": b["lambdas"],
+                           "taylor_train_images": cap(an["taylor_samples"], "train"),
+                           "projection_train_images": cap(max(1, an["projection_samples"] // 500) * 500, "train"),
+                           "rank_test_images": cap(an["eval_limit"], "test"),
+                           "activation_matching_train_images": cap(mt["am_samples"], "train"),
+                           "ste_train_images": cap(mt["ste"]["train_limit"], "train"),
+                           "three_models_test_images": cap(b["limit"], "test")}
+    return out
+
+
 def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     """The results tree of a finished plan (no timings: see :func:`timings`)."""
     root = Path(root)
     from ..pipeline.recipe import recipe_to_dict
 
     res: dict[str, Any] = {"recipe": recipe_to_dict(plan.recipe), "notes": list(plan.notes)}
+    res["evaluation"] = evaluation_sizes(res["recipe"], _split_sizes(plan.recipe.data.dataset))
     res["experiments"] = [_experiment(root, e, True) for e in plan.experiments]
     if plan.three:
         three = {}
@@ -230,8 +338,8 @@ def ste_drift(plan: Plan, root: str | Path) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {"runs": runs}
     if wm:
-        out["wm_vs_wm"] = stats(wm)
-    out["summary"] = {f"{k}_{w}": stats(r[k][i] for r in runs) for k in ("changed_vs_wm", "tilde_rel_dist", "r03",
+        out["wm_vs_wm"] = stats(wm, "pairs of WM searches with different seeds, same model pair")
+    out["summary"] = {f"{k}_{w}": stats((r[k][i] for r in runs), "STE runs") for k in ("changed_vs_wm", "tilde_rel_dist", "r03",
                                                                          "heldout_loss")
                       for w, i in (("start", 0), ("end", -1))}
     out["summary"]["epochs"] = max(r["epoch"][-1] for r in runs)
@@ -266,11 +374,29 @@ def _get(d: Any, *path: Any, default: Any = None) -> Any:
 
 
 def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per claim the recipe's results can speak to: id, figure, sentence, held, criterion, numbers."""
+    """One record per (model, claim) the recipe's results can speak to.
+
+    Each record: ``id``, ``model`` (the experiment's label: claims are judged per model when a recipe has
+    several; the three-model and width claims use the first model, as the recipe does), ``figure``,
+    ``statement`` (the claim, :data:`lmckit.report.claims.CLAIMS`), ``criterion``, ``numbers``, ``held``,
+    ``text`` (a sentence from the numbers) and ``paper`` (the published value with its source; absent when the
+    paper gives none for this setting).
+    """
     claims: list[dict[str, Any]] = []
-    if not res.get("experiments"):
-        return claims
-    e = res["experiments"][0]
+    dataset = _get(res, "recipe", "data", "dataset", default="")
+    for i, e in enumerate(res.get("experiments", [])):
+        for c in _judge_experiment(res, e, first=i == 0):
+            c["model"] = e["label"]
+            c["title"], c["statement"] = CLAIMS[c["id"]]
+            paper = paper_value(c["id"], dataset, e["label"])
+            if paper is not None:  # results.json holds no nulls: absent when nothing is published
+                c["paper"] = paper
+            claims.append(c)
+    return claims
+
+
+def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> list[dict[str, Any]]:
+    claims: list[dict[str, Any]] = []
     M = e["methods"]
     split = "test" if "test" in _get(M, "naive", "barrier", default={}) else next(iter(_get(M, "naive", "barrier", default={"": 0})))
 
@@ -371,7 +497,7 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
                                 f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
                                 f"{'stayed low' if low else 'did not stay low'} (its permutation differs from WM's on "
                                 f"{100 * drift:.0f}% of units); claim 5 (STE) {'held' if held else 'did not hold'}.")})
-    three = res.get("three_models", {})
+    three = res.get("three_models", {}) if first else {}
     if "weight" in three and "ste" in three:
         w, s = three["weight"]["pair_loss_barrier"], three["ste"]["pair_loss_barrier"]
         held = w < s
@@ -380,7 +506,7 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
                        "numbers": {"wm_pair_barrier": w, "ste_pair_barrier": s},
                        "text": (f"Between two models matched to a common anchor, the barrier is {w:.3f} with WM and {s:.3f} "
                                 f"with STE ({proto} protocol): claim 6 (WM does better) {'held' if held else 'did not hold'}.")})
-    ws = res.get("width_sweep")
+    ws = res.get("width_sweep") if first else None
     if ws and len(ws) >= 2:
         ws = sorted(ws, key=lambda x: x["width_mult"])
         b = [_get(x, "methods", "weight", "barrier", split, "loss_barrier", "mean") for x in ws]

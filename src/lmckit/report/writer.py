@@ -4,6 +4,17 @@ Every number in the report comes from the results tree (``results.json``);
 each figure carries a one-sentence caption saying what it shows and, where a
 claim of the paper attaches to it, whether the claim held in this run (the
 sentence is built from the numbers by :func:`lmckit.report.results.judge_claims`).
+Each claim is quoted in full with its criterion and the paper's published
+value where one exists; every mean ± std says its n and what varies, with a
+95% Student-t interval where n >= 3.
+
+Units (one convention, stated in the report): accuracies and accuracy
+barriers are fractions in [0, 1]; relative changes (distance reduction, units
+reassigned) are fractions in results.json and percentages in text; losses are
+mean cross-entropy in nats.
+
+``report.html`` is rendered from the same Markdown by markdown-it-py
+(CommonMark plus tables), never by hand.
 """
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ from ..store import atomic_write_json, atomic_write_text
 from . import figures as F
 from .figures import METHOD_LABEL
 
-__all__ = ["write_report", "summary_rows", "check_finite_tree"]
+__all__ = ["write_report", "summary_rows", "check_finite_tree", "render_html"]
 
 
 def check_finite_tree(obj: Any, where: str = "results") -> None:
@@ -33,12 +44,26 @@ def check_finite_tree(obj: Any, where: str = "results") -> None:
         raise ValueError(f"{where} is {obj}")
 
 
-def _pm(s: dict[str, Any] | None, fmt: str = "{:.3f}") -> str:
+def _pm(s: dict[str, Any] | None, fmt: str = "{:.3f}", ci: bool = False) -> str:
+    """``mean ± std (n=N)``, or the single value; with ``ci`` also the 95% t-interval where n >= 3."""
     if not s:
         return "-"
-    if s.get("n", 1) > 1:
-        return f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])}"
+    n = s.get("n", 1)
+    if n > 1:
+        text = f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} (n={n})"
+        if ci and "ci95" in s:
+            lo, hi = s["ci95"]
+            text += f", 95% CI [{fmt.format(lo)}, {fmt.format(hi)}]"
+        return text
     return fmt.format(s["mean"])
+
+
+def _over(*stats_: dict[str, Any] | None) -> str:
+    """``n=N over WHAT`` of the first aggregate that says it (for table captions)."""
+    for s in stats_:
+        if s and s.get("over"):
+            return f"n={s['n']} {s['over']}"
+    return "a single value"
 
 
 def _slug(text: str) -> str:
@@ -61,17 +86,23 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _cell(v: Any) -> str:
+    """A table cell: pipes escaped (a ``|`` would split the cell), no line breaks."""
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    out += ["| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |" for r in rows]
+    out = ["| " + " | ".join(_cell(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(_cell(r.get(c, "-")) for c in cols) + " |" for r in rows]
     return out
 
 
-def _caption(res: dict[str, Any], figure: str, what: str) -> str:
-    said = [c["text"] for c in res.get("claims", []) if c["figure"] == figure]
+def _caption(res: dict[str, Any], figure: str, what: str, model: str | None = None) -> str:
+    said = [c["text"] for c in res.get("claims", []) if c["figure"] == figure
+            and (model is None or c.get("model", model) == model)]
     return " ".join([what] + said)
 
 
@@ -100,9 +131,9 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
     r = res["recipe"]
     md: list[str] = [f"# lmckit reproduction: recipe `{r['name']}`", "", r.get("description", ""), ""]
     md += [f"Dataset **{r['data']['dataset']}**, seeds {r['train']['seeds']}, methods "
-           f"{', '.join(METHOD_LABEL.get(m, m) for m in r['match']['methods'])}. "
-           f"Barriers: max over {r['barrier']['lambdas']} evenly spaced lambdas of the gap to the linear "
-           "interpolation of the endpoints; mean ± std over model pairs (R and distances also over WM searches)."]
+           f"{', '.join(METHOD_LABEL.get(m, m) for m in r['match']['methods'])}, model(s) "
+           f"{', '.join(e['label'] for e in res['experiments'])}. Definitions: `docs/definitions.md` in the lmckit "
+           "repository."]
     if "ste" in r["match"]["methods"]:  # which STE protocol ran (issue 12)
         ste = r["match"]["ste"]
         md += ["", f"STE protocol: **{ste.get('protocol', 'heldout-best')}** ({ste['epochs']} epoch(s), lr {ste['lr']:g}, "
@@ -111,63 +142,51 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
         md += ["", f"Stage outputs: `{cache}` (rerun the same command to reuse them)."]
     for n in res.get("notes", []):
         md += ["", f"> note: {n}"]
-    md += ["", "## Claims", ""]
-    for c in res.get("claims", []):
-        md.append(f"- **{'held' if c['held'] else 'did not hold'}** (claim {c['id']}): {c['text']} "
-                  f"_Criterion: {c['criterion']}._")
-    if not res.get("claims"):
-        md.append("- (no claim can be judged from this recipe's results)")
-    md += ["", "## Summary", ""] + _table(summary_rows(res))
+    md += _conventions(res)
+    md += _claims_section(res)
+    md += ["", "## Summary", "", "Test split where measured; mean ± sample std (n and what varies in the "
+           "columns' notes below), a single value when n = 1.", ""] + _table(summary_rows(res))
 
     for i, e in enumerate(res["experiments"]):
         pre = "" if i == 0 else f"{_slug(e['label'])}_"
-        md += ["", f"## {e['label']}", "", "Trained models:", ""]
+        label = e["label"]
+        md += ["", f"## {label}", "", "Trained models (accuracies: fractions of the full split):", ""]
         md += _table([{"seed": m["seed"], "test acc": f"{m['test_accuracy']:.4f}", "test loss": f"{m['test_loss']:.4f}",
                        "train acc": f"{m['train_accuracy']:.4f}"} for m in e["models"]])
-        rows = []
-        for m, d in e["methods"].items():
-            if "distance" not in d and "taylor" not in d:
-                continue
-            dist, tay = d.get("distance", {}), d.get("taylor", {})
-            bsplit = "test" if "test" in d.get("barrier", {}) else next(iter(d.get("barrier", {"-": None})))
-            rows.append({"method": METHOD_LABEL.get(m, m), "d0": _pm(dist.get("l2_before"), "{:.2f}"),
-                         "d1": _pm(dist.get("l2_after"), "{:.2f}"), "reduction": _pm(dist.get("reduction"), "{:.1%}"),
-                         f"measured midpoint barrier ({bsplit})": _pm(_mid_barrier(d, bsplit)),
-                         "measured midpoint barrier (Taylor's train subset)": _pm(tay.get("measured_midpoint")),
-                         "Taylor estimate": _pm(tay.get("taylor_midpoint"))})
-        if rows:
-            md += ["", "Distances and the Taylor estimate (table of claims 1 and 2):", ""] + _table(rows)
+        md += _barrier_table(e)
+        md += _distance_taylor_table(e)
+        md += _layer_section(e)
         if any("curves" in d for d in e["methods"].values()):
-            fig(f"{pre}interpolation.png", f"{e['label']}: interpolation curves",
+            fig(f"{pre}interpolation.png", f"{label}: interpolation curves",
                 _caption(res, "interpolation", "Loss and accuracy along the linear path between two models, naive and "
-                         "after each matching (shaded: ±1 std over pairs).") if i == 0 else
-                "Loss and accuracy along the linear path between two models.", lambda p, e=e: F.interpolation(e, p))
+                         "after each matching (mean over pairs; shaded ±1 std; the inset zooms on the aligned "
+                         "methods).", label), lambda p, e=e: F.interpolation(e, p))
         if any("R" in d for d in e["methods"].values()):
-            fig(f"{pre}R_bars.png", f"{e['label']}: alignment score R", _caption(
-                res, "R_bars", "R(gamma) of the singular vectors before matching and after each method (error bars: std "
-                "over pairs and searches).") if i == 0 else "R(gamma) before and after matching.",
-                lambda p, e=e: F.r_bars(e, p))
+            fig(f"{pre}R_bars.png", f"{label}: alignment score R", _caption(
+                res, "R_bars", "R(gamma) of the singular vectors before matching and after each method (error bars: "
+                "std over pairs and searches).", label), lambda p, e=e: F.r_bars(e, p))
         if e.get("spectra"):
-            fig(f"{pre}spectra.png", f"{e['label']}: singular-value spectra",
+            fig(f"{pre}spectra.png", f"{label}: singular-value spectra",
                 "Singular values of corresponding layers of two independently trained models (first pair).",
                 lambda p, e=e: F.spectra(e, p))
-            fig(f"{pre}per_index.png", f"{e['label']}: per-index alignment",
+            fig(f"{pre}per_index.png", f"{label}: per-index alignment",
                 "Per-index alignment (u_i . P u'_i)(v_i . Q v'_i) against singular-value rank, before and after WM. "
                 + _per_index_sentence(e["spectra"]), lambda p, e=e: F.per_index(e, p))
         if e.get("projections"):
-            fig(f"{pre}projections.png", f"{e['label']}: input projections", _caption(
+            fig(f"{pre}projections.png", f"{label}: input projections", _caption(
                 res, "projections", "Mean |v_i . z| of each layer's inputs z on its right-singular vectors, against "
-                "rank, beside random directions.") if i == 0 else "Input projections on right-singular vectors.",
-                lambda p, e=e: F.projections(e, p))
+                "rank, beside random directions.", label), lambda p, e=e: F.projections(e, p))
         if e.get("rank_sweep"):
-            fig(f"{pre}rank.png", f"{e['label']}: accuracy against kept rank",
-                _caption(res, "projections", "Test accuracy of model A and of the WM midpoint when each hidden layer keeps "
-                         "only its leading singular directions (output layer whole).") if i == 0 else
-                "Test accuracy against kept rank.", lambda p, e=e: F.rank(e, p))
+            fig(f"{pre}rank.png", f"{label}: accuracy against kept rank",
+                "Test accuracy of model A and of the WM midpoint when each hidden layer keeps only its leading "
+                "singular directions (output layer whole).", lambda p, e=e: F.rank(e, p))
     three = res.get("three_models")
     if three:
-        md += ["", "## Three models", "", "Models 1 and 2 matched to the anchor (model 0); barrier between the two "
-               "matched models and accuracy of the uniform average of the first n models:", ""]
+        first = res["experiments"][0]["label"] if res["experiments"] else ""
+        md += ["", "## Three models", "", f"{first}: models 1 and 2 matched to the anchor (model 0); loss and "
+               "accuracy barrier between the two matched models, and test accuracy of the uniform average of the "
+               f"first n models (one triple of seeds: single values, no spread; "
+               f"{_n_images(res, 'three_models_test_images')} test images):", ""]
         md += _table([{"method": METHOD_LABEL.get(m, m), "pair loss barrier": f"{d['pair_loss_barrier']:.4f}",
                        "pair acc barrier": f"{d['pair_accuracy_barrier']:.4f}",
                        **{f"avg of {x['n']} acc": f"{x['accuracy']:.4f}" for x in d["merged"]}} for m, d in three.items()])
@@ -175,24 +194,34 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
             _caption(res, "three_models", "Left: loss along the path between two models both matched to one anchor. "
                      "Right: test accuracy of the average of n aligned models."), lambda p: F.three_models(three, p))
         if any("landscape" in d for d in three.values()):
-            fig("landscape.png", "Three models: loss landscape", "Loss (log scale) on the plane through the three aligned "
-                "models (triangles), per matching method.", lambda p: F.landscape(three, p))
+            fig("landscape.png", "Three models: loss landscape", "Test loss on the plane through the three aligned "
+                "models (white circles), one panel per matching method, on one shared logarithmic colour scale "
+                "(darker = lower loss) and the same axes, so the panels compare directly.",
+                lambda p: F.landscape(three, p))
     drift = res.get("ste_drift")
     if drift:
         md += ["", "## STE drift", "", "How far STE moved from plain weight matching, per epoch (epoch 0: the start, "
-               "where STE's permutation is WM's):", ""]
+               "where STE's permutation is WM's). ‖θ̃ − θ_a‖ / ‖θ_a‖ is the distance STE's dense copy θ̃ travelled "
+               "from model A relative to A's norm (a ratio: 7.5 means 7.5 times ‖θ_a‖); θ̃ is only used through its "
+               "projection to a permutation, so a large value does not make the matched model far from A.", ""]
         md += _table([{"run": r["label"], "epochs": r["epoch"][-1],
                        "units reassigned vs WM": f"{r['changed_vs_wm'][-1]:.1%}",
-                       "||theta~ - theta_a|| / ||theta_a||": f"{r['tilde_rel_dist'][-1]:.4f}",
-                       "R(0.3) start -> end": f"{r['r03'][0]:.3f} -> {r['r03'][-1]:.3f}",
-                       "held-out midpoint loss start -> end": f"{r['heldout_loss'][0]:.4f} -> {r['heldout_loss'][-1]:.4f}"}
+                       "‖θ̃ − θ_a‖ / ‖θ_a‖": f"{r['tilde_rel_dist'][-1]:.3f}",
+                       "R(0.3) start → end": f"{r['r03'][0]:.3f} → {r['r03'][-1]:.3f}",
+                       "held-out midpoint loss start → end": f"{r['heldout_loss'][0]:.4f} → {r['heldout_loss'][-1]:.4f}"}
                       for r in drift["runs"]])
         fig("ste_drift.png", "STE drift from weight matching", _drift_sentence(drift),
             lambda p: F.ste_drift(drift, p))
     ws = res.get("width_sweep")
     if ws:
+        md += ["", "## Width sweep", "", f"One model pair per width ({_over(_first_barrier(ws))}); test split.", ""]
+        md += _table([{"width": f"x{x['width_mult']:g}", **{
+            f"{METHOD_LABEL.get(m, m)} loss barrier": _pm(_get_path(d, "barrier", "test", "loss_barrier"))
+            for m, d in x["methods"].items()}, **{
+            f"{METHOD_LABEL.get(m, m)} R(0.3)": _pm(_get_path(d, "R", "0.3", "after"))
+            for m, d in x["methods"].items() if "R" in d}} for x in sorted(ws, key=lambda x: x["width_mult"])])
         fig("width_sweep.png", "Width sweep", _caption(res, "width_sweep", "Loss barrier and R against the width "
-            "multiplier (mean ± std over pairs)."), lambda p: F.width_sweep(ws, p))
+            "multiplier (error bars: std over pairs where there are several)."), lambda p: F.width_sweep(ws, p))
 
     from .studies import write_studies  # issue 12's studies section
 
@@ -205,12 +234,159 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
                + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timing["stage_seconds_by_kind"].items()))]
     text = "\n".join(md) + "\n"
     written["report.md"] = atomic_write_text(inside("report.md"), text)
-    written["report.html"] = atomic_write_text(inside("report.html"), _html(text, r["name"]))
+    written["report.html"] = atomic_write_text(inside("report.html"), render_html(text, f"lmckit report: {r['name']}"))
     written["results.json"] = atomic_write_text(inside("results.json"),
                                                 json.dumps(res, indent=1, sort_keys=True, allow_nan=False) + "\n")
     if timing is not None:
         written["timings.json"] = atomic_write_json(inside("timings.json"), timing)
     return written
+
+
+def _get_path(d: Any, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _first_barrier(ws: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for x in ws:
+        for d in x["methods"].values():
+            b = _get_path(d, "barrier", "test", "loss_barrier")
+            if b:
+                return b
+    return None
+
+
+def _n_images(res: dict[str, Any], key: str) -> str:
+    n = _get_path(res, "evaluation", key)
+    return f"{n}" if n is not None else "all"
+
+
+def _conventions(res: dict[str, Any]) -> list[str]:
+    """How to read the numbers: units, statistics, evaluation set sizes."""
+    ev = res.get("evaluation", {})
+    r = res["recipe"]
+    md = ["", "## How to read this report", "",
+          "- **Units.** Accuracies and accuracy barriers are fractions in [0, 1] (0.873, not 87.3%) in every table, "
+          "plot and in results.json; relative changes (L2 distance reduction, units reassigned) are fractions in "
+          "results.json and percentages in text; losses are mean cross-entropy (nats).",
+          f"- **Barriers.** Loss barrier: max over {r['barrier']['lambdas']} evenly spaced lambdas (ends included) of "
+          "L(theta(lambda)) minus the straight line between the endpoints' losses; accuracy barrier likewise with "
+          "the line above the path. Both are never negative (the ends, where the gap is 0, are in the maximum). The "
+          "*midpoint* barrier (lambda = 1/2 only: midpoint loss minus the endpoints' mean) can be negative: the "
+          "path then lies below the endpoints' line at the midpoint, i.e. the averaged model is better than the "
+          "endpoints' mean (common when the barrier is ~0, as after STE, which minimises the midpoint loss).",
+          "- **Statistics.** Every mean ± spread is the mean and sample standard deviation (n - 1) over the values "
+          "named beside it: *model pairs* (disjoint seed pairs), or *model pairs x WM searches* for R and the "
+          "distances after WM (each search starts the coordinate descent from another random order). With "
+          "n >= 3 a 95% confidence interval of the mean is given, t-based (Student t, n - 1 degrees of freedom); "
+          "with n < 3 no interval is given. n = 1 shows the single value. With n = 3 a t interval is wide and can "
+          "reach below 0 for quantities that cannot be negative (barriers): read it as the spread, not as a "
+          "possible value."]
+    if ev:
+        sizes = ev.get("split_sizes", {})
+        bar = ", ".join(f"{n} {sp}" for sp, n in ev.get("barrier", {}).items())
+        md += ["- **Evaluation sets** (split sizes: "
+               + (", ".join(f"{sp} {n}" for sp, n in sizes.items()) or "unknown") + "): "
+               f"barriers and interpolation curves on the first {bar} images; the Taylor estimate and its measured "
+               f"midpoint on {ev.get('taylor_train_images')} seeded random training images; input projections on "
+               f"{ev.get('projection_train_images')} training images; rank-k accuracy on "
+               f"{ev.get('rank_test_images')} test images; activation matching on "
+               f"{ev.get('activation_matching_train_images')} training images; STE trains on "
+               f"{ev.get('ste_train_images')} training images; the three-model experiment on "
+               f"{ev.get('three_models_test_images')} test images. Trained models' accuracies use the full splits."]
+    return md
+
+
+def _claims_section(res: dict[str, Any]) -> list[str]:
+    """Each claim quoted in full, with its criterion, the published value (with source) and this run's verdict."""
+    md = ["", "## Claims", "", "Each claim of Ito, Yamada and Kumagai (as stated in `docs/definitions.md`), the "
+          "criterion by which lmckit judges it (the project's reading of the paper's words; disagree freely), the "
+          "paper's published value where one exists, and what this run measured. Claims are judged per model."]
+    claims = res.get("claims", [])
+    if not claims:
+        return md + ["", "No claim can be judged from this recipe's results."]
+    models = list(dict.fromkeys(c.get("model", "") for c in claims))
+    for model in models:
+        if len(models) > 1 or model:
+            md += ["", f"### Claims for {model}" if model else "### Claims"]
+        for c in (c for c in claims if c.get("model", "") == model):
+            verdict = "held" if c["held"] else "did not hold"
+            md += ["", f"**Claim {c['id']}: {c.get('title', '')}: {verdict}.**", ""]
+            if c.get("statement"):
+                md += [f"> {c['statement']}", ""]
+            md += [f"- Criterion: {c['criterion']}."]
+            p = c.get("paper")
+            md += [f"- Paper: {p['text']} (source: {p['source']})." if p else "- Paper: no published value for this "
+                   "setting."]
+            md += [f"- This run: {c['text']}"]
+    return md
+
+
+def _barrier_table(e: dict[str, Any]) -> list[str]:
+    rows = []
+    first = None
+    for m, d in e["methods"].items():
+        for sp, b in d.get("barrier", {}).items():
+            first = first or b.get("loss_barrier")
+            rows.append({"method": METHOD_LABEL.get(m, m), "split": sp,
+                         "loss barrier": _pm(b.get("loss_barrier"), "{:.4f}", ci=True),
+                         "accuracy barrier": _pm(b.get("accuracy_barrier"), "{:.4f}", ci=True),
+                         "midpoint loss": _pm(b.get("midpoint_loss"), "{:.4f}"),
+                         "midpoint accuracy": _pm(b.get("midpoint_accuracy"), "{:.4f}")})
+    if not rows:
+        return []
+    return ["", f"Barriers along the linear path ({_over(first)}; accuracies as fractions):", ""] + _table(rows)
+
+
+def _distance_taylor_table(e: dict[str, Any]) -> list[str]:
+    rows = []
+    over = None
+    tay_n = None
+    for m, d in e["methods"].items():
+        if "distance" not in d and "taylor" not in d:
+            continue
+        dist, tay = d.get("distance", {}), d.get("taylor", {})
+        over = over or dist.get("reduction")
+        tay_n = tay_n or tay.get("num_samples")
+        bsplit = "test" if "test" in d.get("barrier", {}) else next(iter(d.get("barrier", {"-": None})))
+        rows.append({"method": METHOD_LABEL.get(m, m), "d0": _pm(dist.get("l2_before"), "{:.2f}"),
+                     "d1": _pm(dist.get("l2_after"), "{:.2f}"), "reduction": _pm(dist.get("reduction"), "{:.1%}", ci=True),
+                     f"midpoint barrier, {bsplit} (measured; mean over pairs)": _pm(_mid_barrier(d, bsplit), "{:.4f}"),
+                     "midpoint barrier, Taylor's train subset (measured)": _pm(tay.get("measured_midpoint"), "{:.4f}"),
+                     "Taylor estimate": _pm(tay.get("taylor_midpoint"), "{:.4f}")})
+    if not rows:
+        return []
+    note = (f"Distances and the Taylor estimate (claims 1 and 2). d0, d1: L2 distance before/after matching "
+            f"({_over(over)}); the Taylor columns over model pairs, on {tay_n or 'the'} training images. "
+            "Midpoint barrier = midpoint loss minus the endpoints' mean loss (negative: the midpoint lies below "
+            "the endpoints' line).")
+    return ["", note, ""] + _table(rows)
+
+
+def _layer_section(e: dict[str, Any]) -> list[str]:
+    """Per-layer distance, reduction, R(0) and R(0.3) for every matched pair (mean over that pair's searches)."""
+    if not e.get("layers"):
+        return []
+    md = ["", "Per-layer tables, one per matched pair and method: L2 distance before → after matching (weights and "
+          "biases of the layer), its reduction, and R(gamma) before → after (values for WM: mean over the pair's "
+          "searches)."]
+    for t in e["layers"]:
+        md += ["", f"*{METHOD_LABEL.get(t['method'], t['method'])}, seeds {t['pair'][0]}-{t['pair'][1]}"
+               + (f" (mean of {t['searches']} searches)" if t["searches"] > 1 else "") + ":*", ""]
+        rows = []
+        for row in t["rows"]:
+            cells: dict[str, Any] = {"layer": row["layer"]}
+            if "l2_before" in row:
+                cells["L2 distance"] = f"{row['l2_before']:.2f} → {row['l2_after']:.2f}"
+                cells["reduction"] = f"{row['reduction']:.1%}"
+            for g, v in row.get("R", {}).items():
+                cells[f"R({g})"] = f"{v['before']:.3f} → {v['after']:.3f}"
+            rows.append(cells)
+        md += _table(rows)
+    return md
 
 
 def _drift_sentence(drift: dict[str, Any]) -> str:
@@ -220,7 +396,8 @@ def _drift_sentence(drift: dict[str, Any]) -> str:
     ch, r0, r1 = sm["changed_vs_wm_end"]["mean"], sm["r03_start"]["mean"], sm["r03_end"]["mean"]
     dist = sm["tilde_rel_dist_end"]["mean"]
     text = (f"After {sm['epochs']} STE epoch(s) the permutation differs from plain WM's on {ch:.1%} of units "
-            f"(mean over {n} run{'s' if n != 1 else ''}; theta~ moved {dist:.1%} of ||theta_a|| from A, R(0.3) went "
+            f"(mean over {n} run{'s' if n != 1 else ''}; STE's dense copy θ̃ ended {dist:.2f} × ‖θ_a‖ away from "
+            f"model A (it acts only through its projection to a permutation), R(0.3) went "
             f"from {r0:.3f} to {r1:.3f})")
     base = drift.get("wm_vs_wm")
     if base and base.get("n"):
@@ -258,45 +435,20 @@ def _mid_barrier(d: dict[str, Any], split: str) -> dict[str, Any] | None:
     return {"mean": loss[im] - 0.5 * (loss[i0] + loss[i1]), "n": 1}
 
 
-def _inline(s: str) -> str:
-    s = html.escape(s)
-    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-    s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-    return re.sub(r"(?<![\w])_(.+?)_(?![\w])", r"<i>\1</i>", s)
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+          "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
+          "img{max-width:100%}code{background:#f3f3f3}blockquote{border-left:3px solid #ccc;margin-left:0;"
+          "padding-left:1em;color:#333}")
 
 
-def _html(md: str, name: str) -> str:
-    """A small, dependency-free Markdown-to-HTML rendering of the report (headings, lists, tables, images)."""
-    body: list[str] = []
-    lines = md.splitlines()
-    i = 0
-    while i < len(lines):
-        ln = lines[i]
-        if ln.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].startswith("|"):
-                if not set(lines[i]) <= set("|-"):
-                    rows.append([c.strip() for c in lines[i].strip("|").split("|")])
-                i += 1
-            body.append("<table>" + "".join(
-                "<tr>" + "".join(f"<{'th' if j == 0 else 'td'}>{_inline(c)}</{'th' if j == 0 else 'td'}>" for c in r) + "</tr>"
-                for j, r in enumerate(rows)) + "</table>")
-            continue
-        m = re.match(r"!\[(.*)\]\((.*)\)", ln)
-        if ln.startswith("#"):
-            level = len(ln) - len(ln.lstrip("#"))
-            body.append(f"<h{level}>{_inline(ln[level:].strip())}</h{level}>")
-        elif m:
-            body.append(f'<img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}">')
-        elif ln.startswith("- "):
-            body.append(f"<li>{_inline(ln[2:])}</li>")
-        elif ln.startswith("> "):
-            body.append(f"<blockquote>{_inline(ln[2:])}</blockquote>")
-        elif ln.strip():
-            body.append(f"<p>{_inline(ln)}</p>")
-        i += 1
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
-             "img{max-width:100%}code{background:#f3f3f3}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>lmckit report: {html.escape(name)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+def render_html(md: str, title: str) -> str:
+    """A standalone HTML page of the Markdown ``md``, rendered by markdown-it-py (CommonMark + tables).
+
+    Raw HTML in the Markdown is escaped, not passed through (``html=False``); the page links its images by
+    the relative paths the Markdown gives.
+    """
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
+    return (f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{html.escape(title)}</title>\n"
+            f"<style>{_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")

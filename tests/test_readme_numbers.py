@@ -1,0 +1,63 @@
+"""README.md's measured numbers are exactly what scripts/readme_numbers.py writes from the files they cite."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "scripts" / "readme_numbers.py")
+rn = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rn)
+
+README = (ROOT / "README.md").read_text()
+NAMES = [m.group("name") for m in rn.BLOCK.finditer(README)]
+
+
+def test_the_readme_has_generated_blocks_citing_committed_files():
+    assert NAMES, "README.md has no <!-- readme-numbers:begin NAME --> block"
+    for name in NAMES:
+        folder = ROOT / "docs" / "results" / name
+        res, run = rn.load(name)
+        assert {"command", "date", "conditions"} <= set(run), f"{folder}/run.json must say how the run was made"
+        assert res["experiments"] and res["claims"]
+        block = next(m.group("body") for m in rn.BLOCK.finditer(README) if m.group("name") == name)
+        assert f"docs/results/{name}/results.json" in block and run["command"] in block
+
+
+def test_readme_numbers_match_their_files():
+    assert rn.rewrite(README) == README, "README.md is stale: run python scripts/readme_numbers.py"
+
+
+def test_a_changed_number_is_caught(tmp_path):
+    """The check can fail: one aggregate changed in a copy of the results gives a different block."""
+    name = NAMES[0]
+    res, run = rn.load(name)
+    (tmp_path / name).mkdir()
+    bad = copy.deepcopy(res)
+    b = bad["experiments"][0]["methods"]["weight"]["barrier"]["test"]["loss_barrier"]
+    b["mean"] += 0.5
+    (tmp_path / name / "results.json").write_text(json.dumps(bad))
+    (tmp_path / name / "run.json").write_text(json.dumps(run))
+    assert rn.rewrite(README, tmp_path) != README
+
+
+def test_numbers_by_hand():
+    s = {"mean": 0.1234, "std": 0.01, "n": 3, "values": [0.11, 0.12, 0.14], "ci95": [0.1, 0.15]}
+    assert rn.pm(s) == "0.123 ± 0.010 [0.100, 0.150]"
+    assert rn.pm({"mean": 0.5, "std": 0.0, "n": 1}) == "0.500"
+    assert rn.pm(None) == "-"
+    assert re.search(r"\| --- \|", "\n".join(rn._table(["a"], [["1"]])))
+
+
+def test_check_mode_fails_on_a_stale_readme(tmp_path):
+    stale = tmp_path / "README.md"
+    text = README
+    m = next(rn.BLOCK.finditer(text))
+    stale.write_text(text[: m.start("body")] + "typed by hand\n" + text[m.end("body"):])
+    assert rn.main(["--check", "--readme", str(stale)]) == 1
+    assert rn.main(["--check"]) == 0
