@@ -639,7 +639,7 @@ def _(ws):
     return ["landscape", ws.a, b, c, "--perms", bad, good, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
 
 
-@row("landscape-grid-too-small", r"--grid must be at least 2")
+@row("landscape-grid-too-small", r"--grid: must be between 2 and 201")
 def _(ws):
     b, c = ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)
     return ["landscape", ws.a, b, c, "--grid", "1", "--plot", ws.out / "l.png", "--dataset", "synthetic"]
