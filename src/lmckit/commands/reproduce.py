@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data, add_device, add_json, print_json, print_table
+from .common import add_data, add_device, add_json, int_in, print_json, print_table, refuse_outputs_in_inputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default="runs", help="stage output root (default: runs/)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 (repeatable)")
-    p.add_argument("--jobs", type=int, default=1, help="stages run in parallel (process pool; default 1 = in process)")
+    p.add_argument("--jobs", type=int_in(1, 256), default=1,
+                   help="stages run in parallel (process pool; default 1 = in process; at most 256)")
     p.add_argument("--dry-run", action="store_true", help="list the stages and which are cached; run nothing")
     p.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     add_device(p)
@@ -33,6 +34,17 @@ def run(args: argparse.Namespace) -> int:
         for n in recipe_names():
             print(f"{n:20s} {load_recipe(n).description}")
         return 0
+    from pathlib import Path
+
+    from ..device import resolve_device
+
+    resolve_device(args.device)  # before anything is read or created
+    recipe_file = Path(args.recipe) if (args.recipe.endswith(".toml") or "/" in args.recipe) else None
+    out = args.out
+    refuse_outputs_in_inputs([("--out", out), ("--cache", args.cache)], [("--recipe", recipe_file)])
+    if out is not None:
+        refuse_outputs_in_inputs([("--out", out)], [("the stage cache --cache", args.cache)])
+        refuse_outputs_in_inputs([("--cache", args.cache)], [("the report folder --out", out)])
     res = reproduce(args.recipe, args.out, args.cache, args.sets, args.jobs, args.dry_run, args.device, args.data_dir)
     if args.dry_run:
         if args.json:

@@ -10,6 +10,7 @@ stage's outputs into ``results.json``, figures, ``report.md`` and
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -78,11 +79,23 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
     if dry:
         return res
     resolve_device(device)  # fail fast on a bad --device
-    with file_lock(out_dir / ".lmckit.lock", wait=False, what="report folder"):
-        runtime = Runtime(device=device, data_dir=data_dir)
-        with make_executor(jobs) as ex:
-            res.summary = ex.run(plan.targets(), cache, runtime)
-        res.results = collect(plan, cache)
-        res.files = write_report(res.results, out_dir, timings(plan, cache), cache=str(cache))
+    executor = make_executor(jobs)  # checks jobs before the report folder or its lock exists
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    lock = out_dir / ".lmckit.lock"
+    lock_created = not lock.exists()
+    try:
+        with file_lock(lock, wait=False, what="report folder"):
+            runtime = Runtime(device=device, data_dir=data_dir)
+            with executor as ex:
+                res.summary = ex.run(plan.targets(), cache, runtime)
+            res.results = collect(plan, cache)
+            res.files = write_report(res.results, out_dir, timings(plan, cache), cache=str(cache))
+    except BaseException:  # a failed run removes the lock and report folders it created (the cache resumes)
+        if lock_created and not (out_dir / "report.md").exists():
+            lock.unlink(missing_ok=True)
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if empty
+        raise
     res.seconds = time.time() - t0
     return res
