@@ -55,9 +55,13 @@ def _load_model(args: argparse.Namespace):
         if opts:
             raise LmcError(f"options {', '.join('--' + k.replace('_', '-') for k in opts)} apply to model names, "
                            f"not to the checkpoint {path}", "drop them: a checkpoint records its own architecture")
-        from ..checkpoint import load
+        from ..checkpoint import build_model, load_checkpoint
+        from .common import check_dtypes
 
-        return load(path), "checkpoint"
+        state, info = load_checkpoint(path)
+        model = build_model(info["model"], state, str(path))
+        check_dtypes(model, state, str(path))
+        return model, "checkpoint"
     import difflib
 
     close = difflib.get_close_matches(args.model, list_models(), n=1)

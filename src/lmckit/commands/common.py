@@ -89,6 +89,7 @@ def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None =
     # the first model is built first, so a damaged config in it is reported as such, not as a mismatch
     ref = infos[0]["model"]
     model = build_model(ref, states[0], names[0])
+    check_dtypes(model, states[0], names[0])
     spec = spec_for(model)
     for name, sd, info in zip(names[1:], states[1:], infos[1:]):
         diff = architecture_difference(ref, info["model"])
@@ -98,7 +99,24 @@ def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None =
             raise LmcError(f"{names[0]} and {name} are different models with different architectures: "
                            f"{describe_model(ref)} vs {describe_model(info['model'])}{detail}", hint)
         spec.check_state(sd, name)
+        check_dtypes(model, sd, name)
     return states, infos, model, spec
+
+
+def check_dtypes(model, state: Mapping[str, Any], where: str) -> None:
+    """One checkpoint rule for every command: each tensor has the dtype the model itself uses for it.
+
+    (Loading would otherwise cast silently, so a float64 or int32 file would be matched by one command and
+    refused by another.) :class:`LmcError` naming the file and the first tensor that differs.
+    """
+    from ..errors import LmcError
+
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and v.dtype != own[k].dtype:
+            raise LmcError(f"{where}: tensor {k!r} is {v.dtype}, but {describe_model(model.lmckit_config)} holds "
+                           f"{own[k].dtype} there", "save the checkpoint with the model's own dtypes "
+                           "(lmckit.checkpoint.save_model of the model after model.float())")
 
 
 def recorded_dataset(info: Mapping[str, Any]) -> str | None:
