@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        print("lmckit: error: no command given\n  fix: run `lmckit COMMAND ...` (commands above)", file=sys.stderr)
+        print("lmckit: error: no command given\n  fix: `lmckit --help` lists the commands", file=sys.stderr)
         return 2
     from .store import USER_ERRNOS, os_error
 

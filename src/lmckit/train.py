@@ -36,6 +36,7 @@ warm-up steps, base rate ``eta``):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -520,17 +521,32 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
         raise LmcError(f"{final} exists but is not a finished run (no config.json)",
                        "delete that folder and run again")
     check_run_store(Path(out_root))
-    with file_lock(final.with_name(final.name + ".lock"), what="training run"):
-        if is_complete(final):  # another process finished it while we waited
-            return load_result(final, cached=True)
-        old_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(int(threads))
-        try:
-            return _train_locked(config, final, partial_dir(final), device, progress, data_dir, callback)
-        finally:
+    lock = final.with_name(final.name + ".lock")
+    created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+    lock_created, partial = not lock.exists(), partial_dir(final)
+    partial_created = not partial.exists()
+    try:
+        with file_lock(lock, what="training run"):
+            if is_complete(final):  # another process finished it while we waited
+                return load_result(final, cached=True)
+            old_threads = torch.get_num_threads()
             if threads:
-                torch.set_num_threads(old_threads)
+                torch.set_num_threads(int(threads))
+            try:
+                return _train_locked(config, final, partial, device, progress, data_dir, callback)
+            finally:
+                if threads:
+                    torch.set_num_threads(old_threads)
+    except Exception:  # a failure before the first epoch's checkpoint removes what this call created
+        # (an interrupted run keeps its .partial folder and resumes; a diverged run keeps its last checkpoint)
+        if partial_created and not (partial / CHECKPOINT).exists() and not is_complete(final):
+            shutil.rmtree(partial, ignore_errors=True)
+            if lock_created:
+                lock.unlink(missing_ok=True)
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if empty
+        raise
 
 
 def data_fingerprint(ds) -> str:

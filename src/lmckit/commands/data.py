@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     pd.set_defaults(func=run_download)
 
     def no_action(_args: argparse.Namespace) -> int:
-        p.print_help(sys.stderr)
         raise LmcError("no action given", "run `lmckit data list`, `lmckit data info NAME` or `lmckit data download NAME`")
 
     p.set_defaults(func=no_action)

@@ -409,11 +409,20 @@ def recipe_names() -> list[str]:
 
 def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
     p = Path(name_or_path)
-    if name_or_path.endswith(".toml") or p.is_file() or "/" in name_or_path:
+    if name_or_path.endswith(".toml") or p.exists() or "/" in name_or_path:
+        from ..store import MAX_TEXT_BYTES, check_input_file
+
+        if not p.exists() and not p.is_symlink():
+            raise LmcError(f"recipe file {p} does not exist", f"shipped recipes: {', '.join(recipe_names())}")
+        check_input_file(p, "recipe", MAX_TEXT_BYTES)  # a folder, /dev/zero or a huge file fails here, unread
         try:
-            text = p.read_text()
+            text = p.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise LmcError(f"recipe file {p} does not exist", f"shipped recipes: {', '.join(recipe_names())}") from None
+        except UnicodeDecodeError as e:
+            raise LmcError(f"recipe {p} is not valid UTF-8 text (byte {e.start})", "save the recipe as UTF-8") from None
+        except OSError as e:
+            raise LmcError(f"cannot read recipe {p}: {e.strerror}") from None
         source = str(p)
     else:
         f = resources.files("lmckit") / "recipes" / f"{name_or_path}.toml"
