@@ -89,7 +89,10 @@ def ending_signals() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, message already on stderr)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "func", None):
         print("lmckit: error: no command given\n  fix: `lmckit --help` lists the commands", file=sys.stderr)
         return 2
