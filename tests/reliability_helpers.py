@@ -33,6 +33,8 @@ def snapshot(folder: str | os.PathLike) -> dict[str, str]:
             out[rel] = "<link>" + os.readlink(p)
         elif p.is_dir():
             out[rel] = "<dir>"
+        elif not p.is_file():  # a FIFO or device: never read it (a FIFO would block)
+            out[rel] = f"<special {p.stat().st_mode:o}>"
         else:
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -252,3 +254,52 @@ if __name__ == "__main__":  # pragma: no cover
     if sys.argv[1:] == ["zygote"]:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         _zygote_main()
+
+
+# --------------------------------------------------------------------------- round two: run folders, identities, faults
+def make_run_folder(folder: Path, seed: int = 0, **kw: Any) -> Path:
+    """A run folder as ``lmckit train`` leaves it: ``model.safetensors`` and ``config.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_checkpoint(folder / "model.safetensors", seed=seed, **kw)
+    (folder / "config.json").write_text(json.dumps({"kind": "lmckit.train", "dataset": kw.get("dataset", "synthetic")}))
+    return folder
+
+
+def fingerprint(checkpoint: Path) -> str:
+    """The content hash lmckit records for a checkpoint's model in perm files."""
+    from lmckit.commands.common import state_fingerprint
+    from lmckit.store import load_state
+
+    return state_fingerprint(load_state(checkpoint)[0])
+
+
+def disk_full(monkeypatch) -> None:
+    """From now on every ``fsync`` (the last step of each atomic write) fails as on a full disk."""
+    import errno
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def read_only_dir(monkeypatch, folder: Path) -> None:
+    """Make writes under ``folder`` fail with EROFS (root ignores chmod, so the file system call is patched)."""
+    import errno
+    import tempfile
+
+    real_mkstemp, real_access = tempfile.mkstemp, os.access
+    prefix = str(folder.resolve())
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and str(Path(dir).resolve()).startswith(prefix):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real_mkstemp(*a, dir=dir, **k)
+
+    def access(path, mode, *a, **k):
+        if mode & os.W_OK and str(Path(path).resolve()).startswith(prefix):
+            return False
+        return real_access(path, mode, *a, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "access", access)

@@ -55,12 +55,12 @@ def test_info_cifar_and_corrupt_file(tmp_path, capsys):
     assert rep["image_shape"] == [3, 32, 32] and rep["splits"]["test"]["size"] == 4
     (folder / "test_batch").write_bytes(b"\x80\x02garbage")
     rc, rep = _info(capsys, "cifar10", "--data-dir", str(tmp_path), "--no-checksums")
-    assert rc == 1 and "test_batch" in rep["error"] and "splits" not in rep
+    assert rc == 2 and "test_batch" in rep["error"] and "splits" not in rep  # a user error: exit 2 (issue 16)
 
 
 def test_info_not_found_lists_search_path(tmp_path, capsys):
     rc, rep = _info(capsys, "mnist", "--data-dir", str(tmp_path))
-    assert rc == 1 and rep["folder"] is None and "not found" in rep["error"]
+    assert rc == 2 and rep["folder"] is None and "not found" in rep["error"]  # exit 2, error on stderr (issue 16)
     assert [s["dir"] for s in rep["searched"][:2]] == [str(tmp_path / "mnist"), str(tmp_path)]
     assert rep["searched"][-1]["dir"].startswith(str(tmp_path / "xdg-cache"))
     assert main(["data", "info", "no-such-set"]) == 2

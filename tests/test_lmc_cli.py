@@ -85,7 +85,7 @@ def test_cli_table_output(files, capsys):
     (["b.safetensors", "--compare-naive"], "--compare-naive needs --perm"),
     (["b.safetensors", "--bn-reset", "on"], "no BatchNorm"),
     (["b.safetensors", "--dataset", "synthetic-rgb"], "does not fit the model"),
-    (["b.safetensors", "--points", "1"], "points must be"),
+    (["b.safetensors", "--points", "1"], "points:? must be"),
 ])
 def test_cli_errors(files, capsys, argv_tail, message):
     argv = ["barrier", str(files / "a.safetensors")] + [str(files / t) if t.endswith((".safetensors", ".json")) else t for t in argv_tail]

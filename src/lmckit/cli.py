@@ -2,15 +2,23 @@
 
 Each subcommand lives in ``lmckit/commands/<name>.py`` and defines
 ``register(subparsers)``, which adds a parser whose ``func`` default takes
-the parsed arguments and returns an exit status. User errors
-(:class:`~lmckit.errors.LmcError`) print one paragraph and exit 2; anything
-else is a bug and keeps its traceback.
+the parsed arguments and returns an exit status. One convention for every
+command and sub-command: user errors (:class:`~lmckit.errors.LmcError`, bad
+options, operating-system errors on the user's paths such as a read-only or
+full disk) print ``lmckit COMMAND: error: ...`` on stderr and exit 2; anything
+else is a bug and keeps its traceback. SIGTERM, SIGHUP and SIGINT end the
+command cleanly (worker processes included; finished work is kept and a rerun
+resumes) with status 128 + the signal number.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from typing import Iterator, NoReturn
 
 from . import __version__
 from .errors import LmcError
@@ -19,10 +27,29 @@ COMMANDS = ("models", "data", "train", "check_spec", "match", "methods", "barrie
             "reproduce")
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM or SIGHUP arrives (SIGINT raises KeyboardInterrupt itself).
+
+    A ``KeyboardInterrupt`` subclass, so no ``except Exception`` swallows it and everything that cleans
+    up on Ctrl-C (locks, worker pools) cleans up on these signals too.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class LmckitParser(argparse.ArgumentParser):
+    """argparse with lmckit's error convention: ``lmckit CMD: error: MSG`` on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n  fix: see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmckit", description="Linear mode connectivity and permutation alignment toolkit.")
+    parser = LmckitParser(prog="lmckit", description="Linear mode connectivity and permutation alignment toolkit.")
     parser.add_argument("--version", action="version", version=f"lmckit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LmckitParser)
     for name in COMMANDS:
         try:
             mod = importlib.import_module(f".commands.{name}", __package__)
@@ -34,14 +61,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def ending_signals() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread.
+
+    Python's default for them is to die at once, leaving worker processes and their resource tracker
+    behind (holding the caller's stdout/stderr). Raising instead unwinds through every ``with`` block,
+    so locks are released and process pools terminate their workers. Restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise Terminated(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, h)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
     try:
-        return int(args.func(args) or 0)
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, message already on stderr)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if not getattr(args, "func", None):
+        print("lmckit: error: no command given\n  fix: `lmckit --help` lists the commands", file=sys.stderr)
+        return 2
+    from .store import USER_ERRNOS, os_error
+
+    try:
+        with ending_signals():
+            return int(args.func(args) or 0)
     except LmcError as e:
         print(f"lmckit {args.command}: error: {e.render()}", file=sys.stderr)
         return 2
@@ -51,9 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print(f"lmckit {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
-        return 130
+    except OSError as e:  # a write to a read-only or full disk, a name too long, ...: the user's path, not a bug
+        if e.errno not in USER_ERRNOS or not e.filename:
+            raise
+        print(f"lmckit {args.command}: error: {os_error(e, e.filename, 'use').render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"lmckit {args.command}: stopped by {name}; finished work is kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

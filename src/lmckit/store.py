@@ -12,6 +12,7 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,6 +31,53 @@ SCHEMA_VERSION = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _PICKLE_MAGICS = (b"\x80", b"PK\x03\x04")  # raw pickle protocol >= 2, torch.save zip archive
+
+#: upper bounds on the size of the files lmckit reads whole (a device such as /dev/zero never ends)
+MAX_JSON_BYTES = 256 * 2**20  # permutation files, run configs, results
+MAX_TEXT_BYTES = 4 * 2**20  # recipes
+
+#: operating-system errors caused by the user's paths or machine (not bugs): reported as LmcError
+USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+               errno.EISDIR, errno.ELOOP, errno.EMFILE, errno.ENFILE, errno.EXDEV, errno.EFBIG, errno.ENOENT,
+               errno.EEXIST, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBUSY, errno.ETXTBSY}
+
+
+def os_error(e: OSError, path: str | os.PathLike | None = None, action: str = "write") -> LmcError:
+    """An :class:`LmcError` naming the path for an operating-system error on a user's file."""
+    where = path if path is not None else (e.filename or "?")
+    why = e.strerror or str(e)
+    hints = {errno.ENOSPC: "free some disk space or choose another output folder",
+             errno.EDQUOT: "free some disk space or choose another output folder",
+             errno.EROFS: "choose an output folder on a writable file system",
+             errno.EACCES: "choose a folder you may write to, or fix its permissions",
+             errno.EPERM: "choose a folder you may write to, or fix its permissions",
+             errno.ENAMETOOLONG: "use a shorter file name (at most 255 bytes per name)"}
+    return LmcError(f"cannot {action} {where}: {why} (errno {e.errno})", hints.get(e.errno, "check the path"))
+
+
+def check_input_file(path: str | os.PathLike, what: str, max_bytes: int) -> int:
+    """Check that ``path`` is a regular file of at most ``max_bytes`` before reading it; return its size.
+
+    Raises :class:`LmcError` naming the file when it is missing, a folder, a device, pipe or socket
+    (``/dev/zero`` would be read until memory runs out), or larger than ``max_bytes``.
+    """
+    import stat
+
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise LmcError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise LmcError(f"{what} {path} is a folder, not a file", "pass a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise LmcError(f"{what} {path} is not a regular file (a device, pipe or socket)", "pass a regular file")
+    if st.st_size > max_bytes:
+        raise LmcError(f"{what} {path} is {st.st_size} bytes, more than the {max_bytes} bytes such a file can be",
+                       "pass the file lmckit wrote; this one is not it")
+    return st.st_size
 
 
 def canonical_json(obj: Any) -> str:
@@ -61,8 +109,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     if path.is_dir():
         raise LmcError(f"cannot write {path}: it is a folder", "give a file name (e.g. a name inside that folder)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise os_error(e, path) from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
@@ -70,11 +121,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in USER_ERRNOS:
+            raise os_error(e, path) from None
         raise
     return path
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """``mkdir -p``; an operating-system error (read-only, too long, a file in the way) is an LmcError naming it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LmcError(f"cannot create the folder {folder}: a file of that name (or above it) is in the way",
+                       "choose another path") from None
+    except OSError as e:
+        raise os_error(e, folder, "create the folder") from None
+    return folder
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -87,6 +153,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
+    check_input_file(path, what, MAX_JSON_BYTES)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -118,8 +185,13 @@ def _sniff(path: Path) -> None:
         size = path.stat().st_size
     except FileNotFoundError:
         raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file written by lmckit") from None
+    except OSError as e:
+        raise os_error(e, path, "read") from None
     if path.is_dir():
         raise LmcError(f"{path} is a folder without model.safetensors", "pass a finished run folder (lmckit train prints it)")
+    if not path.is_file():
+        raise LmcError(f"checkpoint {path} is not a regular file (a device, pipe or socket)",
+                       "pass a run folder or a .safetensors file written by lmckit")
     if size == 0:
         raise LmcError(f"checkpoint {path} is empty (0 bytes)", "the file was truncated; re-create it (lmckit train resumes killed runs)")
     with open(path, "rb") as f:
@@ -209,8 +281,11 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output fo
     With ``wait=False`` a held lock raises :class:`LmcError` instead of blocking.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    make_dirs(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise os_error(e, path, "create the lock file") from None
     try:
         flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
         try:

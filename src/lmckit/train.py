@@ -36,6 +36,7 @@ warm-up steps, base rate ``eta``):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -61,6 +62,10 @@ DATASET_OPTIONS = ("in_channels", "image_size", "num_classes")
 # Convenience keys of make_config / the CLI that are model options.
 MODEL_OPTION_KEYS = ("width", "width_mult", "norm", "depth", "activation")
 CHECKPOINT = "checkpoint.safetensors"
+#: documented upper bounds of the training settings (checked before any work)
+MAX_INT = 2**63 - 1
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_000_000
 
 
 # --------------------------------------------------------------------------- config
@@ -185,6 +190,17 @@ class TrainConfig:
 
         if self.precision not in PRECISIONS:
             raise LmcError(f"unknown precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        for f in dataclasses.fields(self):  # NaN/inf and integers beyond int64 are refused before any work
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise LmcError(f"training setting {f.name} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -MAX_INT <= v <= MAX_INT:
+                raise LmcError(f"training setting {f.name} = {v} is out of range (at most {MAX_INT})")
+        if not 0 <= self.seed <= MAX_INT:
+            raise LmcError(f"training setting seed must be between 0 and {MAX_INT}, got {self.seed}")
+        for name, hi in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH)):
+            if getattr(self, name) > hi:
+                raise LmcError(f"training setting {name} must be at most {hi}, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             raise LmcError(f"unknown optimizer {self.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -462,6 +478,9 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
     except (KeyError, TypeError, ValueError) as e:
         raise LmcError(f"{run_dir}/config.json is not an lmckit training record ({type(e).__name__}: {e})",
                        "delete the folder and train again") from None
+    except LmcError as e:  # e.g. unknown settings: say it is the cached file, not the command line
+        raise LmcError(f"the cached run record {run_dir}/config.json is not valid for this lmckit: {e.message}",
+                       "delete that run folder and train again") from None
 
 
 # --------------------------------------------------------------------------- training
@@ -513,29 +532,95 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
 
     if Path(out_root).exists() and not Path(out_root).is_dir():
         raise LmcError(f"output folder {out_root} is a file", "pass a folder for the run store (--out)")
-    final = run_dir_for(config, out_root)
+    from .data import load_dataset
+    from .device import resolve_device
+    from .limits import check_model_size
+
+    # Everything is validated before anything is written under out_root (no lock or .partial is left
+    # behind by a bad device, model option or dataset). The dataset is cached per process.
+    resolve_device(device)
+    if threads is not None and not 1 <= int(threads) <= 4096:
+        raise LmcError(f"--threads must be between 1 and 4096, got {threads}")
+    ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
+    check_model_size(config.model, {"in_channels": ds.in_channels, "image_size": ds.image_size,
+                                    "num_classes": ds.num_classes, **config.model_options}, "training setting")
+    final = _cached_or_target(run_dir_for(config, out_root), ds)
     if is_complete(final):
         return load_result(final, cached=True)
     if final.exists():
         raise LmcError(f"{final} exists but is not a finished run (no config.json)",
                        "delete that folder and run again")
-    from .data import load_dataset
-
-    # Bad or missing data fails here, before anything is written under out_root
-    # (the dataset is cached per process: the run below reuses this load).
-    load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
-    with file_lock(final.with_name(final.name + ".lock"), what="training run"):
-        if is_complete(final):  # another process finished it while we waited
-            return load_result(final, cached=True)
-        old_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(int(threads))
-        try:
-            return _train_locked(config, final, partial_dir(final), device, progress, data_dir, callback,
-                                 channels_last, tf32)
-        finally:
+    check_run_store(Path(out_root))
+    lock = final.with_name(final.name + ".lock")
+    created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+    lock_created, partial = not lock.exists(), partial_dir(final)
+    partial_created = not partial.exists()
+    try:
+        with file_lock(lock, what="training run"):
+            if is_complete(final):  # another process finished it while we waited
+                return load_result(final, cached=True)
+            old_threads = torch.get_num_threads()
             if threads:
-                torch.set_num_threads(old_threads)
+                torch.set_num_threads(int(threads))
+            try:
+                return _train_locked(config, final, partial, device, progress, data_dir, callback,
+                                     channels_last, tf32)
+            finally:
+                if threads:
+                    torch.set_num_threads(old_threads)
+    except Exception:  # a failure before the first epoch's checkpoint removes what this call created
+        # (an interrupted run keeps its .partial folder and resumes; a diverged run keeps its last checkpoint)
+        if partial_created and not (partial / CHECKPOINT).exists() and not is_complete(final):
+            shutil.rmtree(partial, ignore_errors=True)
+            if lock_created:
+                lock.unlink(missing_ok=True)
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if empty
+        raise
+
+
+def data_fingerprint(ds) -> str:
+    """sha256 over a dataset's file checksums (name and content hash of every file it was read from)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(dict(ds.checksums).items())).encode()).hexdigest()
+
+
+def _recorded_checksums(run_dir: Path) -> dict | None:
+    try:
+        rec = json.loads((run_dir / "config.json").read_text())
+        return dict(rec["provenance"]["dataset"]["checksums"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _cached_or_target(final: Path, ds) -> Path:
+    """The run folder for this config *and this data*.
+
+    A run is cached only for the data it was trained on: ``ROOT/train/<config hash>`` when that folder
+    is free or holds a run on data with the same checksums; else ``<config hash>-d<data fingerprint>``
+    (the same config trained on other files, e.g. another ``--data-dir``).
+    """
+    if not is_complete_run(final):
+        return final
+    recorded = _recorded_checksums(final)
+    if recorded is None or recorded == dict(ds.checksums):
+        return final
+    return final.with_name(f"{final.name}-d{data_fingerprint(ds)[:12]}")
+
+
+def is_complete_run(folder: Path) -> bool:
+    from .store import is_complete
+
+    return is_complete(folder)
+
+
+def check_run_store(root: Path) -> None:
+    """The run store can be written (checked before the lock file is created)."""
+    from .commands.common import check_output_path
+
+    check_output_path("run store --out", root, folder=True)
 
 
 def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str | torch.device, progress: bool,
@@ -573,6 +658,10 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
         if meta.get("config_hash") != h:
             raise LmcError(f"checkpoint {ckpt} belongs to another config ({meta.get('config_hash')})",
                            f"delete {partial} to restart this run")
+        if meta.get("data_checksums", dict(ds.checksums)) != dict(ds.checksums):
+            raise LmcError(f"the unfinished run {partial} was started on other {config.dataset} files than the "
+                           "ones found now (their checksums differ)",
+                           f"point --data-dir at the data it started on, or delete {partial} to restart on this data")
         start_epoch, metrics, elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
         resumed = list(meta.get("resumed", [])) + [start_epoch]
         where = _where(dev, gpu)
@@ -619,7 +708,7 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
             elapsed += time.perf_counter() - t0
             save_checkpoint(ckpt, model, optimizer, gen, epoch + 1,
                             {"metrics": metrics, "elapsed": elapsed, "config_hash": h, "resumed": resumed,
-                             "where": _where(dev, gpu)})
+                             "data_checksums": dict(ds.checksums), "where": _where(dev, gpu)})
             atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
             bar.update(1, loss=train_loss, test_acc=row["test_acc"])
             if callback is not None:

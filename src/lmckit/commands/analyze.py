@@ -6,8 +6,9 @@ import math
 import time
 from typing import Any
 
-from .common import (add_arch, add_data, add_device, add_json, load_checkpoints, print_json, print_table,
-                     recorded_dataset)
+from .common import (MAX_SAMPLES, MAX_SEED, add_arch, add_data, add_device, add_force_perm, add_json, check_output_path,
+                     int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json, print_table,
+                     recorded_dataset, refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,14 +22,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-fractions", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.25, 0.5],
                    help="fractions of each hidden layer's rank to keep in the rank-k sweep (none: only the gammas)")
     p.add_argument("--taylor", action="store_true", help="also compute the Taylor estimate of the midpoint barrier")
-    p.add_argument("--taylor-samples", type=int, default=10000, help="training images for the Taylor estimate (default 10000)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate the rank sweep on the first N test images only")
-    p.add_argument("--projection-batches", type=int, default=4, help="batches of 500 training images for input projections")
+    p.add_argument("--taylor-samples", type=int_in(1, MAX_SAMPLES), default=10000,
+                   help="training images for the Taylor estimate (default 10000)")
+    p.add_argument("--eval-limit", type=int_in(1, MAX_SAMPLES), default=None,
+                   help="evaluate the rank sweep on the first N test images only")
+    p.add_argument("--projection-batches", type=int_in(1, 10_000), default=4,
+                   help="batches of 500 training images for input projections (at most 10000)")
     p.add_argument("--dataset", default=None, help="dataset for the data-dependent analyses (default: A's recorded dataset)")
     p.add_argument("--no-data", action="store_true", help="weights-only analyses (distances and SVD)")
     p.add_argument("--plots", default=None, metavar="DIR", help="write PNG figures into DIR")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data subsets and random baselines")
+    p.add_argument("--threads", type=int_in(1, 4096), default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed for data subsets and random baselines")
+    add_force_perm(p)
     add_data(p)
     add_device(p)
     add_arch(p)
@@ -40,22 +45,23 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze_pair
     from ..device import resolve_device
     from ..errors import LmcError
-    from ..perm import load_perms
-
     t0 = time.perf_counter()
     if args.plots:
         from pathlib import Path
 
         if Path(args.plots).exists() and not Path(args.plots).is_dir():
             raise LmcError(f"--plots {args.plots} is a file", "pass a folder for the figures")
+        names = ["spectra.png", "R_bars.png", "per_index_alignment.png", "cross_alignment.png", "input_projections.png",
+                 "rank_sweep.png"]
+        refuse_outputs_in_inputs([("--plots", args.plots)] + [("--plots", Path(args.plots) / n) for n in names],
+                                 [("model A", args.a), ("model B", args.b), ("--perm", args.perm)])
+        check_output_path("--plots", args.plots, folder=True)
     for g in args.gamma:
         if not 0.0 <= g <= 1.0:
             raise LmcError(f"--gamma {g} is outside [0, 1]", "gamma is a fraction of the largest singular value, e.g. 0 or 0.3")
     for f in args.rank_fractions:
         if not 0.0 < f <= 1.0:
             raise LmcError(f"--rank-fractions {f} is outside (0, 1]", "pass fractions such as 0.05 0.1 0.5")
-    if args.taylor_samples <= 0:
-        raise LmcError(f"--taylor-samples must be positive, got {args.taylor_samples}")
     device = resolve_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
         [args.a, args.b], labels=["model A", "model B"], hint="analyse two models of the same architecture and width", arch=args.arch)
     model = model.to(device)
-    perms = load_perms(args.perm, spec) if args.perm else None
+    perms = load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
 
     if args.taylor and args.no_data:
         raise LmcError("--taylor needs data, but --no-data was given", "drop --no-data (and pass --dataset if A records none)")
@@ -77,10 +83,9 @@ def run(args: argparse.Namespace) -> int:
             if args.taylor:
                 raise LmcError(f"--taylor needs data, and {args.a} records no dataset", "pass --dataset NAME")
         else:
-            from ..data import load_dataset
             from ..lmc import check_model_fits
 
-            dataset = load_dataset(name, data_dir=args.data_dir)
+            dataset = load_named_dataset(args.dataset, info_a, args.data_dir)
             check_model_fits(model, dataset, "train", device, where=str(args.a))
     res = analyze_pair(model, spec, sd_a, sd_b, perms, dataset=dataset, gammas=args.gamma,
                        rank_fractions=args.rank_fractions, eval_limit=args.eval_limit,

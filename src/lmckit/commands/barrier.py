@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_arch, add_data, add_device, add_json, load_checkpoints, print_json, print_table, recorded_dataset
+from .common import (MAX_BATCH, MAX_POINTS, add_arch, add_data, add_device, add_force_perm, add_json, check_output_path,
+                     int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json, print_table,
+                     refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,15 +15,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("a", metavar="A", help="model A: a run folder or a .safetensors file written by lmckit")
     p.add_argument("b", metavar="B", help="model B: a run folder or a .safetensors file (same architecture)")
     p.add_argument("--perm", default=None, help="permutation JSON (lmckit match) applied to B before interpolating")
-    p.add_argument("--points", type=int, default=25, help="lambdas on [0, 1], ends included; 0.5 is always added (default 25)")
+    p.add_argument("--points", type=int_in(2, MAX_POINTS), default=25,
+                   help=f"lambdas on [0, 1], ends included; 0.5 is always added (default 25, at most {MAX_POINTS})")
     p.add_argument("--split", choices=("test", "train", "both"), default="test", help="data split(s) to evaluate (default test)")
     p.add_argument("--bn-reset", choices=("auto", "on", "off", "repair"), default="auto",
                    help="recompute BatchNorm statistics at interior points (auto: when the model has BN), or REPAIR")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write a figure of loss and accuracy against lambda")
     p.add_argument("--compare-naive", action="store_true", help="also evaluate the unpermuted path A -> B (needs --perm)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of each split only")
-    p.add_argument("--batch-size", type=int, default=2000, help="evaluation batch size (default 2000)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=2000, help="evaluation batch size (default 2000)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded with model A)")
+    add_force_perm(p)
     add_data(p)
     add_json(p)
     add_device(p)
@@ -30,25 +34,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
     from ..device import resolve_device
     from ..errors import LmcError
     from ..lmc import barrier_curve
-    from ..perm import apply_permutation, load_perms
+    from ..perm import apply_permutation
 
     if args.compare_naive and not args.perm:
         raise LmcError("--compare-naive needs --perm (without a permutation the path is already the naive one)",
                        "pass --perm PERM.json from lmckit match, or drop --compare-naive")
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be positive (got {args.limit})")
+    if args.plot:
+        refuse_outputs_in_inputs([("--plot", args.plot)], [("model A", args.a), ("model B", args.b), ("--perm", args.perm)])
+        check_output_path("--plot", args.plot)
     device = resolve_device(args.device)
     # configs may differ in spelled-out defaults: load_checkpoints compares them with defaults filled in
     (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
-        [args.a, args.b], labels=["model A", "model B"], hint="interpolate two models of the same architecture and width", arch=args.arch)
-    name = args.dataset or recorded_dataset(info_a)
-    if name is None:
-        raise LmcError(f"model A ({args.a}) does not record its dataset", "pass --dataset NAME (e.g. fashion-mnist)")
-    dataset = load_dataset(name, data_dir=args.data_dir)
+        [args.a, args.b], labels=["model A", "model B"], hint="interpolate two models of the same architecture and width",
+        arch=args.arch)
+    perms = load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
+    dataset = load_named_dataset(args.dataset, info_a, args.data_dir)
+    name = dataset.name
     splits = ["train", "test"] if args.split == "both" else [args.split]
 
     curves = {}
@@ -58,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
         curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", **common)
     sd_bp = sd_b
     if args.perm:
-        perms = load_perms(args.perm, spec)
         sd_bp = apply_permutation(spec, perms, sd_b)
     label = "permuted" if args.perm else "naive"
     curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", **common)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_arch, add_device, add_json, load_arch, print_json
+from .common import MAX_SEED, add_arch, add_device, add_json, float_in, int_in, load_arch, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,14 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
                    help="a registered model name (see `lmckit models`), a run folder or a .safetensors checkpoint "
                         "(with --arch: a state dict of that model, or - for its initial weights)")
-    p.add_argument("--in-channels", type=int, default=None, help="input channels (model names only)")
-    p.add_argument("--image-size", type=int, default=None, help="input height = width (model names only)")
-    p.add_argument("--num-classes", type=int, default=None, help="output classes (model names only)")
+    p.add_argument("--in-channels", type=int_in(1, 4096), default=None, help="input channels (model names only; at most 4096)")
+    p.add_argument("--image-size", type=int_in(1, 4096), default=None, help="input height = width (model names only; at most 4096)")
+    p.add_argument("--num-classes", type=int_in(1, 1_000_000), default=None, help="output classes (model names only)")
     p.add_argument("--norm", default=None, choices=("none", "batchnorm", "layernorm"), help="norm layers (model names only)")
-    p.add_argument("--width-mult", type=float, default=None, help="width multiplier (model names only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random permutation and input batch")
-    p.add_argument("--batch", type=int, default=8, help="size of the random input batch (>= 2 for BatchNorm)")
-    p.add_argument("--tol", type=float, default=1e-5, help="tolerance on the relative output difference")
+    p.add_argument("--width-mult", type=float_in(0.0, 1024.0, lo_open=True), default=None,
+                   help="width multiplier (model names only; at most 1024)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random permutation and input batch")
+    p.add_argument("--batch", type=int_in(1, 4096), default=8, help="size of the random input batch (>= 2 for BatchNorm; at most 4096)")
+    p.add_argument("--tol", type=float_in(0.0, 1.0, lo_open=True), default=1e-5,
+                   help="tolerance on the relative output difference (in (0, 1])")
     p.add_argument("--traced", action="store_true", help="check the torch.fx-traced spec instead of the model's own rules")
     add_device(p)
     add_arch(p)
@@ -49,15 +51,29 @@ def _load_model(args: argparse.Namespace):
                                                ("num_classes", "num_classes"), ("norm", "norm"),
                                                ("width_mult", "width_mult")) if getattr(args, a) is not None}
     if args.model in list_models():
+        from ..limits import MAX_INPUT_ELEMENTS, check_model_size
+        from ..models.registry import model_config_with_defaults
+
+        check_model_size(args.model, opts, "check-spec")
+        cfg = model_config_with_defaults({"name": args.model, **opts})
+        elems = args.batch * int(cfg.get("in_channels", 1) or 1) * int(cfg.get("image_size", 1) or 1) ** 2
+        if elems > MAX_INPUT_ELEMENTS:
+            raise LmcError(f"the random input batch ({args.batch} images of {cfg.get('in_channels')} x "
+                           f"{cfg.get('image_size')}^2) has {elems:,} values, more than {MAX_INPUT_ELEMENTS:,}",
+                           "lower --batch, --in-channels or --image-size")
         return create_model(args.model, **opts), "model"
     path = Path(args.model)
     if path.exists():
         if opts:
             raise LmcError(f"options {', '.join('--' + k.replace('_', '-') for k in opts)} apply to model names, "
                            f"not to the checkpoint {path}", "drop them: a checkpoint records its own architecture")
-        from ..checkpoint import load
+        from ..checkpoint import build_model, load_checkpoint
+        from .common import check_dtypes
 
-        return load(path), "checkpoint"
+        state, info = load_checkpoint(path)
+        model = build_model(info["model"], state, str(path))
+        check_dtypes(model, state, str(path))
+        return model, "checkpoint"
     import difflib
 
     close = difflib.get_close_matches(args.model, list_models(), n=1)
@@ -76,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         raise LmcError(f"--batch must be at least 1, got {args.batch}")
-    model, kind = _load_model(args)
     device = resolve_device(args.device)
+    model, kind = _load_model(args)
     model = model.to(device)
     x = example_input_for(model, batch=args.batch, seed=args.seed).to(device)
     with warnings.catch_warnings():

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -203,6 +205,7 @@ def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None =
     # the first model is built first, so a damaged config in it is reported as such, not as a mismatch
     ref = infos[0]["model"]
     model = build_model(ref, states[0], names[0])
+    check_dtypes(model, states[0], names[0])
     spec = spec_for(model)
     for name, sd, info in zip(names[1:], states[1:], infos[1:]):
         diff = architecture_difference(ref, info["model"])
@@ -212,7 +215,24 @@ def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None =
             raise LmcError(f"{names[0]} and {name} are different models with different architectures: "
                            f"{describe_model(ref)} vs {describe_model(info['model'])}{detail}", hint)
         spec.check_state(sd, name)
+        check_dtypes(model, sd, name)
     return states, infos, model, spec
+
+
+def check_dtypes(model, state: Mapping[str, Any], where: str) -> None:
+    """One checkpoint rule for every command: each tensor has the dtype the model itself uses for it.
+
+    (Loading would otherwise cast silently, so a float64 or int32 file would be matched by one command and
+    refused by another.) :class:`LmcError` naming the file and the first tensor that differs.
+    """
+    from ..errors import LmcError
+
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and v.dtype != own[k].dtype:
+            raise LmcError(f"{where}: tensor {k!r} is {v.dtype}, but {describe_model(model.lmckit_config)} holds "
+                           f"{own[k].dtype} there", "save the checkpoint with the model's own dtypes "
+                           "(lmckit.checkpoint.save_model of the model after model.float())")
 
 
 def recorded_dataset(info: Mapping[str, Any]) -> str | None:
@@ -234,3 +254,247 @@ def dataset_name(given: str | None, info: Mapping[str, Any]) -> str:
     if name:
         return name
     raise LmcError(f"checkpoint {info['path']} records no dataset", "pass --dataset NAME (e.g. fashion-mnist)")
+
+
+# --------------------------------------------------------------------------- option bounds (checked at parse time)
+def int_in(lo: int, hi: int):
+    """argparse type: an integer in ``[lo, hi]``; anything else is a usage error (exit 2) before any work."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            try:
+                f = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            if not (f == f and abs(f) != float("inf") and f.is_integer()):
+                raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            v = int(f)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {text}")
+        return v
+    parse.__name__ = f"integer in [{lo}, {hi}]"
+    return parse
+
+
+def float_in(lo: float, hi: float, lo_open: bool = False):
+    """argparse type: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); NaN and inf are refused."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if v < lo or v > hi or (lo_open and v == lo):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text}")
+        return v
+    parse.__name__ = f"number in [{lo:g}, {hi:g}]"
+    return parse
+
+
+#: documented upper bounds of the count and size options (see the README's reliability section)
+MAX_POINTS = 1001  # lambdas of a barrier curve
+MAX_GRID = 201  # points per side of a landscape grid (201 x 201 evaluations)
+MAX_SEED = 2**63 - 1
+MAX_BATCH = 1_000_000
+MAX_ITER = 100_000
+MAX_RESTARTS = 10_000
+MAX_EPOCHS = 100_000
+MAX_SAMPLES = 10_000_000
+
+
+# --------------------------------------------------------------------------- outputs never overwrite inputs
+def _real(p: str | Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
+
+
+def refuse_outputs_in_inputs(outputs: Sequence[tuple[str, str | Path | None]],
+                             inputs: Sequence[tuple[str, str | Path | None]]) -> None:
+    """Refuse, before any work, an output path that is an input or lies inside one.
+
+    ``outputs`` and ``inputs`` are ``(what, path)`` pairs (e.g. ``("--out", "perm.json")``,
+    ``("model A", "runs/train/abc")``); ``None`` paths are skipped. An output equal to an input (also via
+    a symbolic or hard link), or inside an input folder (a run folder), would overwrite or change that
+    input: :class:`LmcError` naming both.
+    """
+    from ..errors import LmcError
+
+    real_in = [(w, p, _real(p)) for w, p in inputs if p is not None]
+    for what, out in outputs:
+        if out is None:
+            continue
+        o = _real(out)
+        for iwhat, inp, i in real_in:
+            same = o == i
+            if not same and o.exists() and i.exists():
+                with contextlib.suppress(OSError):
+                    same = os.path.samefile(o, i)
+            if same or i in o.parents:
+                rel = "is" if same else "is inside"
+                raise LmcError(f"{what} {out} {rel} {iwhat} ({inp}): writing it would change that input",
+                               "choose an output path outside the input files and run folders")
+
+
+# --------------------------------------------------------------------------- model identities in perm files
+def state_fingerprint(state: Mapping[str, Any]) -> str:
+    """Content hash of a state dict: sha256 over every tensor's name, dtype, shape and bytes (sorted by name).
+
+    Identifies a model by its weights, whatever file or folder they were loaded from; recorded in every
+    perm file so that a permutation is never applied to a model it was not computed for.
+    """
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def add_force_perm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force-perm", action="store_true",
+                   help="apply a perm file even when it records other models than the ones given")
+
+
+def load_perm_file(path: str | Path, spec, permuted: tuple[str, Mapping[str, Any]], reference: tuple[str, Mapping[str, Any]],
+                   force: bool = False):
+    """Read a perm file for ``spec`` and check it was computed for these two models.
+
+    ``permuted``/``reference`` are ``(label, state_dict)`` of the model the permutation applies to and of
+    the model it aligns to. Files written by ``lmckit match`` / ``merge`` record both models' content
+    hashes (:func:`state_fingerprint`); a mismatch raises :class:`LmcError` unless ``force``. Files
+    without hashes (older lmckit) are accepted with a note on stderr.
+    """
+    from ..errors import LmcError
+    from ..perm import load_perms
+    from ..store import read_json
+
+    perms = load_perms(path, spec)
+    d = read_json(path, "permutation file")
+    rec_perm = d.get("model_b_sha256") or d.get("model_sha256")
+    rec_ref = d.get("model_a_sha256") or d.get("reference_sha256")
+    if not rec_perm and not rec_ref:
+        print(f"note: permutation file {path} records no model identities (written by an older lmckit); "
+              "it is applied unchecked", file=sys.stderr)
+        return perms
+    for (label, sd), rec, role in ((permuted, rec_perm, "the permuted model"), (reference, rec_ref, "the reference model")):
+        if rec and rec != state_fingerprint(sd):
+            msg = (f"permutation file {path} was computed for another {role} than {label} "
+                   f"(it records {rec[:19]}..., {label} is {state_fingerprint(sd)[:19]}...)")
+            if force:
+                print(f"warning: {msg}; applied anyway (--force-perm)", file=sys.stderr)
+                continue
+            raise LmcError(msg, "pass the models the perm file was computed for (in the same order), "
+                                "recompute it with lmckit match, or add --force-perm")
+    return perms
+
+
+# --------------------------------------------------------------------------- datasets named by a checkpoint
+def load_named_dataset(given: str | None, info: Mapping[str, Any], data_dir: str | None, label: str = "model A",
+                       val_size: int = 0):
+    """Load ``given`` or the dataset ``info``'s checkpoint records; errors say where the name came from."""
+    from ..data import load_dataset
+    from ..errors import LmcError
+
+    name = dataset_name(given, info)
+    try:
+        return load_dataset(name, data_dir, val_size=val_size) if val_size else load_dataset(name, data_dir)
+    except LmcError as e:
+        if given:
+            raise
+        raise LmcError(f"{e.message} (the dataset name {name!r} comes from the config of {label}, {info['path']})",
+                       (e.hint + "; " if e.hint else "") + "or pass --dataset NAME") from None
+
+
+# --------------------------------------------------------------------------- outputs checked before any work
+def check_output_path(what: str, path: str | Path | None, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: :class:`LmcError` naming it.
+
+    Checks that no name in the path is longer than the file system allows, that a file output is not a
+    folder (and a folder output not a file), that nothing above it is a file, and that the first existing
+    folder above it is writable (a read-only folder or file system fails here, not after the work).
+    """
+    from ..errors import LmcError
+
+    if path is None:
+        return
+    p = Path(path)
+    try:
+        name_max = os.pathconf(_existing_parent(p), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in p.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise LmcError(f"cannot write {what} {path}: the name {part[:40]}... is longer than the file system "
+                           f"allows ({len(os.fsencode(part))} > {name_max} bytes)", "use a shorter name")
+    if p.exists():
+        if folder and not p.is_dir():
+            raise LmcError(f"{what} {path} is a file", "pass a folder path")
+        if not folder and p.is_dir():
+            raise LmcError(f"cannot write {path}: it is a folder", "give a file name (e.g. a name inside that folder)")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise LmcError(f"{what} {path} cannot be created: {parent} is a file", "pass a path under a folder")
+    base = p if (p.exists() and p.is_dir()) else _existing_parent(p)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise LmcError(f"cannot write {what} {path}: {base} is not writable (read-only folder or file system)",
+                       "choose an output path you may write to")
+
+
+def _existing_parent(p: Path) -> Path:
+    q = Path(os.path.abspath(p)).parent
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    return q
+
+
+@contextlib.contextmanager
+def staged_outputs(out: Path):
+    """Write a command's files into a hidden temp folder next to ``out``; move them into ``out`` at the end.
+
+    Yields the temp folder. On success each file is renamed into ``out`` (created if missing); on any
+    failure the temp folder is removed, and so is ``out`` when this call created it, so a failed command
+    leaves the output folder as it was (no ``perm_*.json`` without its ``merge.json``).
+    """
+    import shutil
+    import tempfile
+
+    from ..store import make_dirs, os_error
+
+    created = not out.exists()
+    make_dirs(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".lmckit-tmp-", dir=out))
+    except OSError as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise os_error(e, out) from None
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name) if not (f.is_dir() and (out / f.name).is_dir()) else _merge_dir(f, out / f.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merge_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    for f in src.iterdir():
+        target = dst / f.name
+        if f.is_dir() and target.is_dir():
+            _merge_dir(f, target)
+        else:
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(f, target)

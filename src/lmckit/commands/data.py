@@ -40,7 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pd.add_argument("--dry-run", action="store_true", help="print the URLs and checksums, download nothing")
     pd.set_defaults(func=run_download)
 
-    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
+    def no_action(_args: argparse.Namespace) -> int:
+        raise LmcError("no action given", "run `lmckit data list`, `lmckit data info NAME` or `lmckit data download NAME`")
+
+    p.set_defaults(func=no_action)
 
 
 def _found(name: str, data_dir: str | None) -> tuple[Path | None, str | None]:
@@ -114,9 +117,13 @@ def dataset_report(name: str, data_dir: str | None = None, val_size: int = 0, ch
 
 
 def run_info(args: argparse.Namespace) -> int:
+    if args.val_size < 0:
+        raise LmcError(f"--val-size must not be negative, got {args.val_size}")
     rep = dataset_report(args.name, args.data_dir, args.val_size, not args.no_checksums)
     if args.json:
         print_json(rep)
+        if rep.get("error"):  # the report is on stdout; the error follows the one convention (stderr, exit 2)
+            raise LmcError(rep["error"], rep.get("hint"))
         return 0 if rep.get("ok", True) else 1
     print(f"dataset {rep['name']}: {rep['num_classes']} classes, mean {rep['mean']}, std {rep['std']}")
     if rep["searched"]:
@@ -135,9 +142,7 @@ def run_info(args: argparse.Namespace) -> int:
         if f["status"] == "mismatch":
             print(f"warning: {f['path']} does not match the known {f['algo']} checksum; the file differs from the published dataset")
     if rep.get("error"):
-        print(f"error: {rep['error']}")
-        if rep.get("hint"):
-            print(f"  fix: {rep['hint']}")
+        raise LmcError(rep["error"], rep.get("hint"))
     return 0 if rep.get("ok", True) else 1
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_data, add_device, add_json, dataset_name, describe_model, load_checkpoints,
-                     print_json)
+from .common import (MAX_GRID, MAX_SEED, add_data, add_device, add_force_perm, add_json, check_output_path, float_in,
+                     describe_model, int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json,
+                     refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,15 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs=3, metavar="MODEL", help="three run folders or .safetensors checkpoints: A B C")
     p.add_argument("--perms", nargs=2, metavar=("PB", "PC"), default=None,
                    help="permutation files aligning B and C to A (default: no permutation)")
-    p.add_argument("--grid", type=int, default=11, help="grid points per axis (default 11)")
-    p.add_argument("--margin", type=float, default=0.2, help="how far the grid reaches beyond the three models (default 0.2)")
+    p.add_argument("--grid", type=int_in(2, MAX_GRID), default=11,
+                   help=f"grid points per axis (default 11, at most {MAX_GRID}: grid x grid evaluations)")
+    p.add_argument("--margin", type=float_in(0.0, 10.0), default=0.2,
+                   help="how far the grid reaches beyond the three models (default 0.2, at most 10)")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
     p.add_argument("--bn-reset", choices=["auto", "on", "off", "repair"], default="auto",
                    help="BatchNorm statistics at grid points (default auto: reset when the model has BN)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of the split only")
-    p.add_argument("--seed", type=int, default=0, help="seed of the BN-reset batches (default 0)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the BN-reset batches (default 0)")
     p.add_argument("--plot", required=True, help="PNG file for the loss landscape")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in model A)")
+    add_force_perm(p)
     add_data(p)
     add_device(p)
     add_json(p)
@@ -33,35 +37,42 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import load_dataset
     from ..lmc import check_model_fits
     from ..device import resolve_device
     from ..errors import LmcError
     from ..lmc.landscape import plane_landscape
     from ..lmc.plot import plot_landscape
-    from ..perm import apply_permutation, load_perms
+    from ..perm import apply_permutation
 
-    if args.grid < 2:
-        raise LmcError(f"--grid must be at least 2, got {args.grid}")
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
     plot = Path(args.plot)
     if plot.suffix.lower() != ".png":
         raise LmcError(f"--plot {plot} must be a .png file")
+    acc_path = plot.with_name(plot.stem + "-accuracy.png")
+    inputs = [(f"model {'ABC'[i]}", m) for i, m in enumerate(args.models)]
+    inputs += [(f"--perms {i + 1}", p) for i, p in enumerate(args.perms or [])]
+    refuse_outputs_in_inputs([("--plot", plot), ("--plot", acc_path)], inputs)
+    check_output_path("--plot", plot)
+    check_output_path("--plot", acc_path)
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(args.models)
-    dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
-    check_model_fits(model, dataset, "train", where=args.models[0])
     sd_a, sd_b, sd_c = states
+    perm_b = perm_c = None
     if args.perms:
-        sd_b = apply_permutation(spec, load_perms(args.perms[0], spec), sd_b)
-        sd_c = apply_permutation(spec, load_perms(args.perms[1], spec), sd_c)
+        perm_b = load_perm_file(args.perms[0], spec, ("model B", sd_b), ("model A", sd_a), args.force_perm)
+        perm_c = load_perm_file(args.perms[1], spec, ("model C", sd_c), ("model A", sd_a), args.force_perm)
+    dataset = load_named_dataset(args.dataset, infos[0], args.data_dir)
+    check_model_fits(model, dataset, "train", where=args.models[0])
+    if args.perms:
+        sd_b = apply_permutation(spec, perm_b, sd_b)
+        sd_c = apply_permutation(spec, perm_c, sd_c)
     res = plane_landscape(model, sd_a, sd_b, sd_c, dataset, grid=args.grid, margin=args.margin, split=args.split,
                           bn_reset=args.bn_reset, limit=args.limit, device=device, seed=args.seed,
                           progress=False if args.json else "landscape")
     aligned = "aligned" if args.perms else "unaligned"
     loss_plot = plot_landscape(res, plot, "loss", title=f"{args.split} loss on the plane of three {aligned} models")
-    acc_plot = plot_landscape(res, plot.with_name(plot.stem + "-accuracy.png"), "accuracy",
+    acc_plot = plot_landscape(res, acc_path, "accuracy",
                               title=f"{args.split} accuracy on the plane of three {aligned} models")
     d = res.to_dict()
     summary = {**d, "models_files": [str(Path(p).resolve()) for p in args.models],

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..match.registry import get_method, list_methods
-from .common import add_arch, add_data, add_device, add_json, describe_model, load_checkpoints, print_json, recorded_dataset
+from .common import (MAX_BATCH, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SEED, add_arch, add_data, add_device, add_json,
+                     check_output_path, describe_model, int_in, load_checkpoints, load_named_dataset, print_json,
+                     refuse_outputs_in_inputs, staged_outputs, state_fingerprint)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "e.g. --option steps=200; repeatable")
     p.add_argument("--multi", choices=["anchor", "mergemany"], default=None,
                    help="several models: match each to the first (anchor) or run MergeMany (weight matching only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the group / model / batch order (default 0)")
-    p.add_argument("--restarts", type=int, default=1, help="WM: independent descents, best kept (default 1)")
-    p.add_argument("--max-iter", type=int, default=100, help="WM: maximum sweeps (MergeMany: passes) (default 100)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the group / model / batch order (default 0)")
+    p.add_argument("--restarts", type=int_in(1, MAX_RESTARTS), default=1,
+                   help=f"WM: independent descents, best kept (default 1, at most {MAX_RESTARTS})")
+    p.add_argument("--max-iter", type=int_in(1, MAX_ITER), default=100,
+                   help=f"WM: maximum sweeps (MergeMany: passes) (default 100, at most {MAX_ITER})")
     p.add_argument("--similarity", choices=["pearson", "cross_moment"], default="pearson", help="AM: unit similarity (default pearson)")
-    p.add_argument("--num-batches", type=int, default=10, help="AM: training batches used (default 10)")
-    p.add_argument("--batch-size", type=int, default=500, help="AM: batch size (default 500)")
+    p.add_argument("--num-batches", type=int_in(1, 100_000), default=10, help="AM: training batches used (default 10, at most 100000)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=500, help=f"AM: batch size (default 500, at most {MAX_BATCH})")
     p.add_argument("--dataset", default=None, help="AM/STE: dataset name (default: the one recorded in checkpoint A)")
     p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default=None,
                    help="STE: optimiser preset (adam: Adam 1e-3, batch 256, 10 epochs; git-re-basin: SGD 1e-2 m0.9, "
@@ -38,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="STE: which permutation is kept (heldout-best: best on a held-out set with identity and WM as "
                         "candidates; git-re-basin: lowest minibatch midpoint loss, SGD preset; random-mixing: loss at "
                         "lambda ~ U(0,1), the final permutation) (default heldout-best)")
-    p.add_argument("--epochs", type=int, default=None, help="STE: epochs (default: the preset's)")
+    p.add_argument("--epochs", type=int_in(1, MAX_EPOCHS), default=None,
+                   help="STE: epochs, at least 1 (default: the preset's)")
     p.add_argument("--ste-state", default=None, help="STE: folder for the resumable state and drift.json/png")
     add_data(p)
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
@@ -50,16 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _abs(path: str) -> str:
     return str(Path(path).resolve())
-
-
-def _dataset_name(args: argparse.Namespace, info: dict[str, Any]) -> str:
-    from ..errors import LmcError
-
-    name = args.dataset or recorded_dataset(info)
-    if name:
-        return name
-    raise LmcError(f"{args.method} matching needs data, and checkpoint {info['path']} records no dataset",
-                   "pass --dataset NAME (e.g. fashion-mnist)")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -86,14 +81,23 @@ def run(args: argparse.Namespace) -> int:
         raise LmcError(f"--multi {args.multi} is not defined for {args.method} matching "
                        f"(it supports: {', '.join(method.multi) or 'two models only'})",
                        "use --method weight, or --multi anchor")
+    if args.epochs is not None and args.method != "ste":
+        raise LmcError(f"--epochs applies to --method ste only (got --method {args.method})", "drop --epochs")
+    if args.ste_state is not None and args.method != "ste":
+        raise LmcError(f"--ste-state applies to --method ste only (got --method {args.method})", "drop --ste-state")
+    out = Path(args.out)
+    outputs = [("--out", out)] + ([("--out", out / f"perm_{i}.json") for i in range(len(args.models))]
+                                  + [("--out", out / "summary.json")] if args.multi else [])
+    refuse_outputs_in_inputs(outputs + [("--ste-state", args.ste_state)],
+                             [(f"model {chr(65 + i) if i < 26 else i}", m) for i, m in enumerate(args.models)])
+    check_output_path("--out", out, folder=bool(args.multi))
+    check_output_path("--ste-state", args.ste_state, folder=True)
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(args.models, hint="match checkpoints of the same architecture and width", arch=args.arch)
     models = [model] + [build_model(model.lmckit_config, sd, str(path)) for path, sd in zip(args.models[1:], states[1:])]
     dataset = None
     if method.requires_data(args.method_options):
-        from ..data import load_dataset
-
-        dataset = load_dataset(_dataset_name(args, infos[0]), args.data_dir)
+        dataset = load_named_dataset(args.dataset, infos[0], args.data_dir)
     if args.multi is None:
         return _run_pair(args, spec, states, models, dataset, device)
     return _run_multi(args, spec, states, models, dataset, device)
@@ -153,6 +157,7 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     l2_before, l2_after = l2_distance(spec, sd_a, sd_b), l2_distance(spec, sd_a, aligned)
     cov = spec.coverage()
     extra = {"method": res.method, "seed": args.seed, "model_a": _abs(args.models[0]), "model_b": _abs(args.models[1]),
+             "model_a_sha256": state_fingerprint(sd_a), "model_b_sha256": state_fingerprint(sd_b),
              "model": models[0].lmckit_config, "objective_before": res.initial_objective,
              "objective_after": res.final_objective, "l2_before": l2_before, "l2_after": l2_after, "sweeps": res.sweeps}
     if res.method == "weight":
@@ -223,23 +228,21 @@ def _run_multi(args, spec, states, models, dataset, device) -> int:
     else:
         res = merge_many(spec, states, seed=args.seed, max_iter=args.max_iter, device=device)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        from ..errors import LmcError
-
-        raise LmcError(f"--out {out} is a file; with --multi it must be a folder", "pass a folder path")
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (path, sd, perms) in enumerate(zip(args.models, states, res.perms)):
-        aligned = apply_permutation(spec, perms, sd)
-        before, after = l2_distance(spec, states[0], sd), l2_distance(spec, states[0], aligned)
-        f = save_perms(out / f"perm_{i}.json", perms, method=res.method, seed=args.seed, model=_abs(path),
-                       reference=_abs(args.models[0]), index=i, l2_to_reference_before=before, l2_to_reference_after=after)
-        rows.append({"index": i, "model": str(path), "perm_file": str(f), "l2_to_reference_before": before,
-                     "l2_to_reference_after": after})
-    summary = {"method": res.method, "models": rows, "objective": res.objective, "passes": res.passes,
-               "converged": res.converged, "seconds": res.seconds, "seed": args.seed, "coverage": spec.coverage(),
-               "model": models[0].lmckit_config}
-    atomic_write_json(out / "summary.json", summary)
+    ref_hash = state_fingerprint(states[0])
+    with staged_outputs(out) as tmp:  # all files appear together, or none
+        for i, (path, sd, perms) in enumerate(zip(args.models, states, res.perms)):
+            aligned = apply_permutation(spec, perms, sd)
+            before, after = l2_distance(spec, states[0], sd), l2_distance(spec, states[0], aligned)
+            save_perms(tmp / f"perm_{i}.json", perms, method=res.method, seed=args.seed, model=_abs(path),
+                       reference=_abs(args.models[0]), index=i, l2_to_reference_before=before,
+                       l2_to_reference_after=after, model_sha256=state_fingerprint(sd), reference_sha256=ref_hash)
+            rows.append({"index": i, "model": str(path), "perm_file": str(out / f"perm_{i}.json"),
+                         "l2_to_reference_before": before, "l2_to_reference_after": after})
+        summary = {"method": res.method, "models": rows, "objective": res.objective, "passes": res.passes,
+                   "converged": res.converged, "seconds": res.seconds, "seed": args.seed, "coverage": spec.coverage(),
+                   "model": models[0].lmckit_config}
+        atomic_write_json(tmp / "summary.json", summary)
     if args.json:
         print_json(summary)
         return 0

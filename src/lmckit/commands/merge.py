@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
-from .common import (add_arch, add_data, add_device, add_json, dataset_name, describe_model, load_checkpoints,
-                     print_json, print_table)
+from .common import (MAX_EPOCHS, MAX_ITER, MAX_POINTS, MAX_SEED, add_arch, add_data, add_device, add_json,
+                     check_output_path, describe_model, int_in, load_checkpoints, load_named_dataset, print_json,
+                     print_table, refuse_outputs_in_inputs, state_fingerprint)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="anchor: match each model to the first (default); mergemany: weight matching to the mean of the others")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
-    p.add_argument("--points", type=int, default=25, help="lambdas per pairwise barrier (default 25)")
+    p.add_argument("--points", type=int_in(2, MAX_POINTS), default=25,
+                   help=f"lambdas per pairwise barrier (default 25, at most {MAX_POINTS})")
     p.add_argument("--bn-reset", choices=["auto", "on", "off"], default="auto",
                    help="recompute BatchNorm statistics of averaged models (default auto: when the model has BN)")
-    p.add_argument("--seed", type=int, default=0, help="seed of matching, STE and BN-reset batches (default 0)")
-    p.add_argument("--max-iter", type=int, default=100, help="WM sweeps / MergeMany passes (default 100)")
+    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of matching, STE and BN-reset batches (default 0)")
+    p.add_argument("--max-iter", type=int_in(1, MAX_ITER), default=100,
+                   help=f"WM sweeps / MergeMany passes (default 100, at most {MAX_ITER})")
     p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default="adam", help="STE optimiser preset (default adam)")
-    p.add_argument("--epochs", type=int, default=None, help="STE epochs (default: the preset's)")
+    p.add_argument("--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE epochs, at least 1 (default: the preset's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of the split only")
     p.add_argument("--no-curve", action="store_true", help="skip the merged-accuracy curve")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in the first checkpoint)")
@@ -39,6 +44,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- run
+@contextlib.contextmanager
+def staged_merge(out: Path, created: bool, lock_created: bool):
+    """A temp folder inside ``out`` whose files are moved into ``out`` together at the end.
+
+    On failure the temp folder goes, the lock file goes if this run created it, and ``out`` goes if this
+    run created it and nothing else is in it; resumable STE state (``out/ste``) is kept.
+    """
+    import shutil
+    import tempfile
+
+    from ..store import make_dirs, os_error
+
+    make_dirs(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".merge-tmp-", dir=out))
+    except OSError as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise os_error(e, out) from None
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lock_created:
+            (out / ".lock").unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
     from ..data import load_dataset
@@ -53,51 +92,53 @@ def run(args: argparse.Namespace) -> int:
         raise LmcError("lmckit merge needs at least two checkpoints", "lmckit merge A B C --out DIR")
     if args.multi == "mergemany" and args.method != "weight":
         raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
-    if args.points < 2:
-        raise LmcError(f"--points must be at least 2, got {args.points}")
-    if args.max_iter < 1:
-        raise LmcError(f"--max-iter must be at least 1, got {args.max_iter}")
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
+    if args.epochs is not None and args.method != "ste":
+        raise LmcError(f"--epochs applies to --method ste only (got --method {args.method})", "drop --epochs")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LmcError(f"--out {out} is a file", "pass a folder path")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise LmcError(f"--out {out} cannot be created: {parent} is a file", "pass a folder path")
+    names = ["merged.safetensors", "merge.json", "merged_accuracy.png", "ste", ".lock"]
+    names += [f"perm_{i}.json" for i in range(len(args.models))]
+    refuse_outputs_in_inputs([("--out", out)] + [("--out", out / n) for n in names],
+                             [(f"model {i}", m) for i, m in enumerate(args.models)])
+    check_output_path("--out", out, folder=True)
     device = resolve_device(args.device)
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)
     states, infos, model, _ = load_checkpoints(args.models, arch=args.arch)
-    dataset = load_dataset(dataset_name(args.dataset, infos[0]), args.data_dir)
+    dataset = load_named_dataset(args.dataset, infos[0], args.data_dir, label="model 0")
     check_model_fits(model, dataset, "train", where=args.models[0])
     check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset,
                        {"preset": args.ste_preset, "epochs": args.epochs})
-    out.mkdir(parents=True, exist_ok=True)
-    with file_lock(out / ".lock", wait=False):
+    created = not out.exists()
+    lock_created = not (out / ".lock").exists()
+    with staged_merge(out, created, lock_created) as tmp, file_lock(out / ".lock", wait=False):
         res = merge_models(model, states, dataset, method=args.method, multi=args.multi, split=args.split,
                            points=args.points, bn_reset=args.bn_reset, seed=args.seed, device=device,
                            curve=not args.no_curve, limit=args.limit, max_iter=args.max_iter,
                            ste_kwargs={"preset": args.ste_preset, "epochs": args.epochs},
                            state_dir=out / "ste" if args.method == "ste" else None, progress=not args.json)
         paths = [str(Path(p).resolve()) for p in args.models]
+        hashes = [state_fingerprint(sd) for sd in states]
         perm_files = []
         for i, (path, perms) in enumerate(zip(paths, res.perms)):
-            perm_files.append(str(save_perms(out / f"perm_{i}.json", perms, method=res.method, multi=res.multi,
-                                             seed=args.seed, model=path, reference=paths[0], index=i)))
-        merged_file = save_model(out / "merged.safetensors", model, res.merged, dataset=dataset.name,
-                                 lmckit_merge={"models": paths, "method": args.method, "multi": args.multi,
-                                               "seed": args.seed, "bn_reset": args.bn_reset})
+            save_perms(tmp / f"perm_{i}.json", perms, method=res.method, multi=res.multi, seed=args.seed, model=path,
+                       reference=paths[0], index=i, model_sha256=hashes[i], reference_sha256=hashes[0])
+            perm_files.append(str(out / f"perm_{i}.json"))
+        save_model(tmp / "merged.safetensors", model, res.merged, dataset=dataset.name,
+                   lmckit_merge={"models": paths, "method": args.method, "multi": args.multi,
+                                 "seed": args.seed, "bn_reset": args.bn_reset, "model_sha256": hashes})
+        merged_file = out / "merged.safetensors"
         summary = res.to_dict()
         summary.update(models=paths, perm_files=perm_files, merged_checkpoint=str(merged_file), dataset=dataset.name,
-                       model=model.lmckit_config, seed=args.seed)
+                       model=model.lmckit_config, seed=args.seed, model_sha256=hashes)
         if args.method == "ste":
             summary["ste"] = {"preset": args.ste_preset, "epochs": args.epochs}
         if res.curve:
-            plot = plot_merged_accuracy(res.curve, out / "merged_accuracy.png",
-                                        title=f"uniform average of n models ({args.split})",
-                                        model_accuracies=summary["model_accuracies"])
-            summary["merged_accuracy_plot"] = str(plot)
-        atomic_write_json(out / "merge.json", summary)
+            plot_merged_accuracy(res.curve, tmp / "merged_accuracy.png",
+                                 title=f"uniform average of n models ({args.split})",
+                                 model_accuracies=summary["model_accuracies"])
+            summary["merged_accuracy_plot"] = str(out / "merged_accuracy.png")
+        atomic_write_json(tmp / "merge.json", summary)
     if args.json:
         print_json(summary)
         return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data, add_device, add_json, print_json, print_table
+from .common import add_data, add_device, add_json, int_in, print_json, print_table, refuse_outputs_in_inputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default="runs", help="stage output root (default: runs/)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 (repeatable)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=int_in(1, 256), default=None,
                    help="stages run in parallel (local: process pool, default 1 = in process; ray: most in flight, "
-                        "default: as the cluster's resources allow)")
+                        "default: as the cluster's resources allow; at most 256)")
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="where stages run: this machine (default) or Ray tasks (needs lmckit[ray]; see docs/scaling.md)")
     p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
@@ -58,6 +58,14 @@ def run(args: argparse.Namespace) -> int:
                              "Every key is written with its value; the comment above it gives its meaning and "
                              "default.\nRun it with: lmckit reproduce --recipe THIS_FILE.toml"), end="")
         return 0
+    from pathlib import Path
+
+    from ..device import check_device_name, resolve_device
+
+    if args.executor == "ray":
+        check_device_name(args.device)  # Ray workers may have a GPU this driver lacks: check the name only
+    else:
+        resolve_device(args.device)  # before anything is read or created
     resources = None
     if args.executor == "ray" and args.ray_resources:
         from ..pipeline.ray_executor import parse_resources
@@ -67,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import LmcError
 
         raise LmcError("--address and --ray-resources need --executor ray")
+    recipe_file = Path(args.recipe) if (args.recipe.endswith(".toml") or "/" in args.recipe) else None
+    out = args.out
+    refuse_outputs_in_inputs([("--out", out), ("--cache", args.cache)], [("--recipe", recipe_file)])
+    if out is not None:
+        refuse_outputs_in_inputs([("--out", out)], [("the stage cache --cache", args.cache)])
+        refuse_outputs_in_inputs([("--cache", args.cache)], [("the report folder --out", out)])
     res = reproduce(args.recipe, args.out, args.cache, args.sets, args.jobs, args.dry_run, args.device, args.data_dir,
                     executor=args.executor, address=args.address, resources=resources)
     if args.dry_run:

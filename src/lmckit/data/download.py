@@ -224,11 +224,33 @@ def download_dataset(name: str, root: str | os.PathLike | None = None, *, mirror
                        f"datasets that can be downloaded: {', '.join(SOURCES)}")
     base = (mirror or os.environ.get("LMCKIT_DATA_MIRROR") or spec.base_url).rstrip("/") + "/"
     folder = Path(root) / name if root is not None else cache_root() / name
+    if not isinstance(timeout, (int, float)) or not (0 < timeout <= 3600):
+        raise LmcError(f"--timeout must be between 0 and 3600 seconds, got {timeout}")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    lock = folder / ".download.lock"
+    lock_created = not lock.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LmcError(f"cannot create the dataset folder {folder}: {e}", "pass another folder with --root") from None
-    with file_lock(folder / ".download.lock", what="dataset folder"):
+    try:
+        _download_locked(spec, folder, lock, base, timeout, name, force)
+    except BaseException:  # a failed download removes the lock and the folders it created
+        if lock_created:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if empty
+        raise
+    if not info.is_present(folder) and not any(info.is_present(folder / s) for s in info.subdirs):
+        raise LmcError(f"after the download {folder} still lacks files of {name}", "the download spec does not match the dataset layout")
+    return folder
+
+
+def _download_locked(spec: DownloadSpec, folder: Path, lock: Path, base: str, timeout: float, name: str,
+                     force: bool) -> None:
+    with file_lock(lock, what="dataset folder"):
         for rf in spec.files:
             if not force and _already_there(rf, folder):
                 continue
@@ -246,9 +268,6 @@ def download_dataset(name: str, root: str | os.PathLike | None = None, *, mirror
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-    if not info.is_present(folder) and not any(info.is_present(folder / s) for s in info.subdirs):
-        raise LmcError(f"after the download {folder} still lacks files of {name}", "the download spec does not match the dataset layout")
-    return folder
 
 
 def download_plan(name: str, mirror: str | None = None) -> list[dict[str, Any]]:

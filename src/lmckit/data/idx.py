@@ -15,8 +15,15 @@ from ..errors import LmcError
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
+#: the largest IDX file lmckit reads (the largest real one, MNIST's training images, is 47 MB)
+MAX_IDX_BYTES = 2 * 2**30
+
+
 def read_bytes(path: Path) -> bytes:
-    """Read a file, decompressing ``.gz``; errors name the file."""
+    """Read a regular file of at most :data:`MAX_IDX_BYTES`, decompressing ``.gz``; errors name the file."""
+    from ..store import check_input_file
+
+    check_input_file(path, "dataset file", MAX_IDX_BYTES)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -25,11 +32,26 @@ def read_bytes(path: Path) -> bytes:
         raise LmcError(f"cannot read dataset file {path}: {e}") from None
     if raw[:2] == b"\x1f\x8b":
         try:
-            return gzip.decompress(raw)
+            return _gunzip_bounded(raw, path)
         except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise LmcError(f"dataset file {path} is a corrupt or truncated gzip file ({e})",
                            "delete it and install or download the dataset again") from None
     return raw
+
+
+def _gunzip_bounded(raw: bytes, path: Path) -> bytes:
+    """Decompress at most :data:`MAX_IDX_BYTES` (a gzip bomb fails with a message, not by exhausting memory)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = d.decompress(raw, MAX_IDX_BYTES + 1)
+    if len(out) > MAX_IDX_BYTES:
+        raise LmcError(f"dataset file {path} decompresses to more than {MAX_IDX_BYTES} bytes; not a dataset file")
+    if not d.eof:
+        raise OSError("truncated gzip stream (end of stream not reached)")
+    if d.unused_data[:2] == b"\x1f\x8b":  # several gzip members: rare; the whole file is bounded above
+        out = gzip.decompress(raw)
+        if len(out) > MAX_IDX_BYTES:
+            raise LmcError(f"dataset file {path} decompresses to more than {MAX_IDX_BYTES} bytes; not a dataset file")
+    return out
 
 
 def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
@@ -69,6 +91,9 @@ def load_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, t
     if images.ndim != 3:
         raise LmcError(f"IDX file {images_path} has shape {images.shape}; expected (N, H, W) images",
                        "images and labels files may be swapped")
+    if images.shape[1] != images.shape[2] or images.shape[1] < 1:
+        raise LmcError(f"IDX file {images_path} holds {images.shape[1]} x {images.shape[2]} images; lmckit needs "
+                       "square images of at least 1 x 1 pixel", "check the dataset folder (the file may be damaged)")
     if labels.ndim != 1:
         raise LmcError(f"IDX file {labels_path} has shape {labels.shape}; expected (N,) labels")
     if images.shape[0] != labels.shape[0]:

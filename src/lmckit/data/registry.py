@@ -171,6 +171,9 @@ def _validate(info: DatasetInfo, folder: Path, images: dict, labels: dict, sourc
         if x.shape[0] == 0:
             raise LmcError(f"the {split} split of {info.name} in {where} is empty", "the file is truncated or wrong; get it again")
         shapes.add(tuple(x.shape[1:]))
+        if x.dim() != 4 or x.shape[2] != x.shape[3] or x.shape[2] < 1 or x.shape[1] < 1:
+            raise LmcError(f"the {split} split of {info.name} in {where} holds images of shape {tuple(x.shape[1:])}; "
+                           "lmckit needs square images of at least 1 x 1 pixel", "check the dataset files")
         y = labels[split]
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= info.num_classes:

@@ -18,6 +18,7 @@ executor whose workers see that folder can run them.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -208,12 +209,55 @@ class InProcessExecutor(Executor):
         return fut
 
 
-def _worker_init(threads: int | None) -> None:
+def _worker_init(threads: int | None, parent: int | None = None) -> None:
+    _tie_to_parent(parent)
     os.environ.setdefault("LMCKIT_NO_PROGRESS", "0")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- ending workers with the main process
+def _tie_to_parent(parent: int | None) -> None:
+    """In a worker: leave SIGINT to the main process, and die with it (Linux ``PR_SET_PDEATHSIG``).
+
+    Ctrl-C reaches the whole process group; the main process then ends the workers itself
+    (:func:`end_processes`), so a worker never dies half-way through writing a result on its own.
+    If the main process dies without that chance (SIGKILL), the kernel sends each worker SIGTERM.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is None:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the main process still ends its workers on a signal
+        return
+    if os.getppid() != parent:  # the main process died before prctl took effect
+        os._exit(1)
+
+
+def end_processes(procs: Sequence, grace: float = 5.0) -> None:
+    """SIGTERM each process, wait up to ``grace`` seconds in all, SIGKILL the rest, reap them all."""
+    import time
+
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        with contextlib.suppress(Exception):
+            if p.is_alive():
+                p.kill()
+            p.join(5.0)
 
 
 class ProcessPoolExecutor(Executor):
@@ -235,7 +279,7 @@ class ProcessPoolExecutor(Executor):
         if self._pool is None:
             self._threads = runtime.threads or max(1, (os.cpu_count() or 1) // self.jobs)
             self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_init, initargs=(self._threads,))
+                                                initializer=_worker_init, initargs=(self._threads, os.getpid()))
         return self._pool
 
     def _submit(self, spec: Stage, root: Path, runtime: Runtime) -> "cf.Future[StageOutcome]":
@@ -247,6 +291,21 @@ class ProcessPoolExecutor(Executor):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+    def terminate(self) -> None:
+        """End the workers now (their stages stay ``.partial`` and resume on the next run)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        end_processes(list((getattr(pool, "_processes", None) or {}).values()))
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # a signal (KeyboardInterrupt, lmckit.cli.Terminated) or exit must not wait for running stages
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.terminate()
+        else:
+            self.close()
 
 
 EXECUTORS = ("local", "ray")

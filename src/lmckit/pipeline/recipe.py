@@ -30,6 +30,10 @@ __all__ = ["Recipe", "DataSection", "ModelEntry", "TrainSection", "MatchSection"
            "recipe_names", "apply_overrides", "recipe_to_dict"]
 
 METHODS = ("naive", "weight", "activation", "ste")
+MAX_SEED = 2**63 - 1
+#: most [[models]] entries, and most stages a recipe may plan (checked before the plan is built or listed)
+MAX_MODELS = 32
+MAX_STAGES = 20_000
 
 #: a recipe name is one safe path component: it names the default report folder ``reports/<name>``
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -45,9 +49,10 @@ RESERVED_MODEL_KWARGS = {"width_mult": "models.N.width_mult (or width_sweep.widt
 
 
 def _f(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
-       choices: Sequence[str] | None = None, mapping: bool = False, help: str = "", check: str = "") -> Any:
+       choices: Sequence[str] | None = None, mapping: bool = False, help: str = "", check: str = "",
+       max_len: int | None = None, above_min: bool = False) -> Any:
     meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "mapping": mapping, "help": help,
-            "check": check}
+            "check": check, "max_len": max_len, "above_min": above_min}
     if isinstance(default, (list, dict, tuple)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
         d = default
         return field(default_factory=lambda: d, metadata=meta)
@@ -63,7 +68,7 @@ class DataSection:
 class ModelEntry:
     name: str = _f("mlp", help="registered model (lmckit models)")
     label: str = _f("", help="name shown in the report (default: the model name and width)")
-    width_mult: float = _f(1.0, min=1e-6)
+    width_mult: float = _f(1.0, min=1e-6, max=1024.0)
     norm: str = _f("none", choices=("none", "batchnorm", "layernorm"))
     options: tuple = _f((), mapping=True, check="model_kwargs",
                         help="extra create_model keyword arguments, e.g. {depth = 3, width = 512}")
@@ -86,18 +91,18 @@ class ModelEntry:
 @dataclass(frozen=True)
 class TrainSection:
     preset: str = _f("mlp-fmnist", help="lmckit.train preset name")
-    seeds: tuple[int, ...] = _f((0, 1, 2, 3), min=0, help="one model per seed")
+    seeds: tuple[int, ...] = _f((0, 1, 2, 3), min=0, max=MAX_SEED, max_len=64, help="one model per seed (at most 64)")
     overrides: tuple = _f((), mapping=True, check="overrides",
                           help="TrainConfig fields to override, e.g. {epochs = 5}")
 
 
 @dataclass(frozen=True)
 class SteSection:
-    epochs: int = _f(1, min=1)
-    lr: float = _f(1e-3, min=1e-12)
-    batch_size: int = _f(256, min=1)
-    max_iter: int = _f(30, min=1, help="weight-matching sweeps per projection")
-    train_limit: int = _f(0, min=0, help="train STE on the first N training images only (0: all)")
+    epochs: int = _f(1, min=1, max=100_000)
+    lr: float = _f(1e-3, min=1e-12, max=1e3)
+    batch_size: int = _f(256, min=1, max=1_000_000)
+    max_iter: int = _f(30, min=1, max=100_000, help="weight-matching sweeps per projection")
+    train_limit: int = _f(0, min=0, max=100_000_000, help="train STE on the first N training images only (0: all)")
     protocol: str = _f("heldout-best", choices=("heldout-best", "git-re-basin", "random-mixing"),
                        help="which permutation STE keeps: best on a held-out set (identity and WM as candidates), "
                             "git-re-basin's lowest minibatch midpoint loss (SGD momentum 0.9), or random mixing's final "
@@ -107,99 +112,100 @@ class SteSection:
 
 @dataclass(frozen=True)
 class MatchSection:
-    methods: tuple[str, ...] = _f(METHODS, choices=METHODS)
+    methods: tuple[str, ...] = _f(METHODS, choices=METHODS, max_len=len(METHODS))
     pairs: str = _f("disjoint", choices=("disjoint", "all"),
                     help="model pairs from train.seeds: (s0,s1), (s2,s3), ... or every pair")
-    searches: int = _f(3, min=1, help="weight-matching seeds per pair (mean/std of R over searches)")
-    max_iter: int = _f(100, min=1, help="weight-matching sweeps")
-    am_samples: int = _f(5000, min=1, help="training images for activation statistics")
+    searches: int = _f(3, min=1, max=100, help="weight-matching seeds per pair (mean/std of R over searches; at most 100)")
+    max_iter: int = _f(100, min=1, max=100_000, help="weight-matching sweeps")
+    am_samples: int = _f(5000, min=1, max=10_000_000, help="training images for activation statistics")
     ste: SteSection = _f(SteSection())
 
 
 @dataclass(frozen=True)
 class BarrierSection:
-    lambdas: int = _f(25, min=2, help="evenly spaced interpolation points including both ends")
-    splits: tuple[str, ...] = _f(("train", "test"), choices=("train", "test", "val"))
-    limit: int = _f(10000, min=0, help="images per split and evaluation point (0: all)")
-    bn_batches: int = _f(10, min=1, help="training batches for the BatchNorm reset at each point")
+    lambdas: int = _f(25, min=2, max=1001, help="evenly spaced interpolation points including both ends (at most 1001)")
+    splits: tuple[str, ...] = _f(("train", "test"), choices=("train", "test", "val"), max_len=3)
+    limit: int = _f(10000, min=0, max=100_000_000, help="images per split and evaluation point (0: all)")
+    bn_batches: int = _f(10, min=1, max=10_000, help="training batches for the BatchNorm reset at each point")
 
 
 @dataclass(frozen=True)
 class AnalysisSection:
     enabled: bool = _f(True)
-    gammas: tuple[float, ...] = _f((0.0, 0.3), min=0.0, max=1.0)
+    gammas: tuple[float, ...] = _f((0.0, 0.3), min=0.0, max=1.0, max_len=32)
     spectra: bool = _f(True, help="singular-value spectra and per-index alignment")
     alignment: bool = _f(True, help="alignment score R(gamma) per method")
     taylor: bool = _f(True, help="second-order Taylor estimate of the midpoint barrier")
-    taylor_samples: int = _f(2000, min=1)
+    taylor_samples: int = _f(2000, min=1, max=10_000_000)
     projections: bool = _f(True, help="input projections onto right-singular vectors")
-    projection_samples: int = _f(2000, min=1)
+    projection_samples: int = _f(2000, min=1, max=10_000_000)
     rank: bool = _f(True, help="accuracy against kept rank")
-    rank_gammas: tuple[float, ...] = _f((0.0, 0.05, 0.1, 0.2, 0.3, 0.5), min=0.0, max=1.0)
-    rank_fractions: tuple[float, ...] = _f((0.05, 0.1, 0.25, 0.5, 1.0), min=0.0, max=1.0)
-    eval_limit: int = _f(0, min=0, help="test images for rank-k accuracy (0: all)")
+    rank_gammas: tuple[float, ...] = _f((0.0, 0.05, 0.1, 0.2, 0.3, 0.5), min=0.0, max=1.0, max_len=32)
+    rank_fractions: tuple[float, ...] = _f((0.05, 0.1, 0.25, 0.5, 1.0), min=0.0, max=1.0, max_len=32, above_min=True,
+                                           help="fractions of the rank kept, in (0, 1]")
+    eval_limit: int = _f(0, min=0, max=100_000_000, help="test images for rank-k accuracy (0: all)")
 
 
 @dataclass(frozen=True)
 class ThreeModelSection:
     enabled: bool = _f(True)
-    models: int = _f(3, min=3, help="models matched to the anchor (the first seed)")
-    methods: tuple[str, ...] = _f(("weight", "ste"), choices=("weight", "ste"))
+    models: int = _f(3, min=3, max=64, help="models matched to the anchor (the first seed)")
+    methods: tuple[str, ...] = _f(("weight", "ste"), choices=("weight", "ste"), max_len=2)
     landscape: bool = _f(True)
-    grid: int = _f(9, min=3, help="points per side of the loss-landscape grid")
+    grid: int = _f(9, min=3, max=201, help="points per side of the loss-landscape grid (at most 201)")
     merge_many: bool = _f(True, help="also run MergeMany")
 
 
 @dataclass(frozen=True)
 class WidthSweepSection:
     enabled: bool = _f(False)
-    widths: tuple[float, ...] = _f((0.25, 0.5, 1.0, 2.0), min=1e-6)
-    methods: tuple[str, ...] = _f(("naive", "weight"), choices=("naive", "weight", "activation"))
-    pairs: int = _f(1, min=1, help="model pairs per width")
+    widths: tuple[float, ...] = _f((0.25, 0.5, 1.0, 2.0), min=1e-6, max=1024.0, max_len=32)
+    methods: tuple[str, ...] = _f(("naive", "weight"), choices=("naive", "weight", "activation"), max_len=3)
+    pairs: int = _f(1, min=1, max=32, help="model pairs per width")
 
 
 @dataclass(frozen=True)
 class DirectionsStudy:
     enabled: bool = _f(False)
-    gammas: tuple[float, ...] = _f((0.3, 0.1), min=0.0, max=1.0,
+    gammas: tuple[float, ...] = _f((0.3, 0.1), min=0.0, max=1.0, max_len=16,
                                    help="WM-top keeps sigma_i >= gamma sigma_max of every weight matrix, WM-tail the rest")
-    pairs: int = _f(1, min=1, help="model pairs (the first of match.pairs)")
+    pairs: int = _f(1, min=1, max=32, help="model pairs (the first of match.pairs)")
 
 
 @dataclass(frozen=True)
 class DoseStudy:
     enabled: bool = _f(False)
-    fractions: tuple[float, ...] = _f((0.0, 0.1, 0.25, 0.5, 0.75, 1.0), min=0.0, max=1.0,
+    fractions: tuple[float, ...] = _f((0.0, 0.1, 0.25, 0.5, 0.75, 1.0), min=0.0, max=1.0, max_len=32,
                                       help="fraction of the units of every group re-assigned at random after WM")
-    draws: int = _f(3, min=1, help="random draws per fraction")
-    pairs: int = _f(1, min=1)
+    draws: int = _f(3, min=1, max=64, help="random draws per fraction")
+    pairs: int = _f(1, min=1, max=32)
 
 
 @dataclass(frozen=True)
 class WeightDecayStudy:
     enabled: bool = _f(False)
-    values: tuple[float, ...] = _f((0.0, 1e-4, 1e-3, 1e-2), min=0.0)
+    values: tuple[float, ...] = _f((0.0, 1e-4, 1e-3, 1e-2), min=0.0, max=10.0, max_len=16)
     optimizer: str = _f("adamw", choices=("adamw", "adam", "sgd"), help="training optimizer of the study's models")
-    pairs: int = _f(1, min=1)
+    pairs: int = _f(1, min=1, max=32)
     gamma: float = _f(0.3, min=0.0, max=1.0, help="spectrum concentration: fraction of sigma_i >= gamma sigma_max")
 
 
 @dataclass(frozen=True)
 class ManyModelsStudy:
     enabled: bool = _f(False)
-    counts: tuple[int, ...] = _f((2, 3, 4, 5), min=2, help="numbers of models N (the first N seeds; seed 0 the anchor)")
+    counts: tuple[int, ...] = _f((2, 3, 4, 5), min=2, max=64, max_len=16, help="numbers of models N (the first N seeds; seed 0 the anchor)")
     methods: tuple[str, ...] = _f(("weight", "activation", "ste", "merge_many"),
-                                  choices=("weight", "activation", "ste", "merge_many"))
+                                  choices=("weight", "activation", "ste", "merge_many"), max_len=4)
 
 
 @dataclass(frozen=True)
 class SteProtocolsStudy:
     enabled: bool = _f(False)
     protocols: tuple[str, ...] = _f(("heldout-best", "git-re-basin", "random-mixing"),
-                                    choices=("heldout-best", "git-re-basin", "random-mixing"))
-    epochs: tuple[int, ...] = _f((3, 20, 3), min=1, help="STE epochs per protocol (same order as protocols)")
-    train_limit: int = _f(0, min=0, help="STE trains on the first N training images (0: all)")
-    pairs: int = _f(3, min=1, help="disjoint model pairs (plus the three-model matches of the first three seeds)")
+                                    choices=("heldout-best", "git-re-basin", "random-mixing"), max_len=3)
+    epochs: tuple[int, ...] = _f((3, 20, 3), min=1, max=100_000, max_len=3, help="STE epochs per protocol (same order as protocols)")
+    train_limit: int = _f(0, min=0, max=100_000_000, help="STE trains on the first N training images (0: all)")
+    pairs: int = _f(3, min=1, max=32, help="disjoint model pairs (plus the three-model matches of the first three seeds)")
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,8 @@ def _check_scalar(tp: Any, value: Any, key: str, meta: Mapping[str, Any], source
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _bad(f"{key} must be an integer, got {value!r}", source=source)
+        if not -MAX_SEED - 1 <= value <= MAX_SEED:
+            raise _bad(f"{key} = {value} does not fit in 64 bits", source=source)
     elif tp is bool:
         if not isinstance(value, bool):
             raise _bad(f"{key} must be true or false, got {value!r}", source=source)
@@ -266,6 +274,8 @@ def _check_scalar(tp: Any, value: Any, key: str, meta: Mapping[str, Any], source
         raise TypeError(f"unsupported recipe field type {name}")
     if meta.get("min") is not None and value < meta["min"]:
         raise _bad(f"{key} must be at least {meta['min']:g}, got {value!r}", source=source)
+    if meta.get("above_min") and value <= meta["min"]:
+        raise _bad(f"{key} must be more than {meta['min']:g}, got {value!r}", source=source)
     if meta.get("max") is not None and value > meta["max"]:
         raise _bad(f"{key} must be at most {meta['max']:g}, got {value!r}", source=source)
     if meta.get("choices") and value not in meta["choices"]:
@@ -339,6 +349,9 @@ def _value(tp: Any, v: Any, key: str, meta: Mapping[str, Any], source: str) -> A
         (inner, *_rest) = typing.get_args(tp)
         if not isinstance(v, list):
             raise _bad(f"{key} must be a list, got {v!r}", source=source)
+        limit = meta.get("max_len") or (MAX_MODELS if dataclasses.is_dataclass(inner) else None)
+        if limit is not None and len(v) > limit:
+            raise _bad(f"{key} has {len(v)} entries, more than the {limit} allowed", source=source)
         if dataclasses.is_dataclass(inner):
             return tuple(_build(inner, x, f"{key}.{i}.", source) for i, x in enumerate(v))
         return tuple(_check_scalar(inner, x, f"{key}[{i}]", meta, source) for i, x in enumerate(v))
@@ -375,6 +388,67 @@ def _cross_checks(r: Recipe, source: str) -> None:
     if r.width_sweep.enabled and 2 * r.width_sweep.pairs > len(seeds):
         raise _bad(f"width_sweep.pairs = {r.width_sweep.pairs} needs {2 * r.width_sweep.pairs} train.seeds", source=source)
     _study_checks(r, source)
+    _report_checks(r, source)
+    _stage_budget(r, source)
+    _train_settings(r, source)
+
+
+def _report_checks(r: Recipe, source: str) -> None:
+    """Combinations that would run for a long time and then fail in a stage or in the report."""
+    if not any(m != "naive" for m in r.match.methods):
+        raise _bad(f"match.methods = {list(r.match.methods)} has no matching method; the report compares matched "
+                   "against naive paths", "add weight, activation or ste to match.methods", source)
+    if not r.barrier.splits:
+        raise _bad("barrier.splits is empty", "e.g. splits = [\"train\", \"test\"]", source)
+    if "val" in r.barrier.splits:
+        sizes = [dict(r.train.overrides).get("val_size", 0)] + [dict(m.overrides).get("val_size") for m in r.models]
+        if not any(isinstance(v, int) and v > 0 for v in sizes):
+            raise _bad("barrier.splits includes 'val', but no model holds out a validation split",
+                       "set train.overrides.val_size = N, or drop 'val' from barrier.splits", source)
+    if r.analysis.enabled and not r.analysis.gammas:
+        raise _bad("analysis.gammas is empty", "e.g. gammas = [0.0, 0.3]", source)
+    if r.three_models.enabled and not r.three_models.methods and not r.three_models.merge_many:
+        raise _bad("three_models has no methods and merge_many = false",
+                   "add a method, or set three_models.enabled = false", source)
+    if r.width_sweep.enabled and not r.width_sweep.methods:
+        raise _bad("width_sweep.methods is empty", "e.g. methods = [\"naive\", \"weight\"]", source)
+
+
+def _stage_budget(r: Recipe, source: str) -> None:
+    """Refuse recipes that would plan more than :data:`MAX_STAGES` stages (before anything is built or listed)."""
+    n_seeds = len(r.train.seeds)
+    n_pairs = n_seeds * (n_seeds - 1) // 2 if r.match.pairs == "all" else n_seeds // 2
+    per_pair = sum((r.match.searches if m == "weight" else 1) * 2 + 1 for m in r.match.methods)
+    total = len(r.models) * (n_seeds + n_pairs * per_pair)
+    if r.width_sweep.enabled:
+        total += len(r.width_sweep.widths) * (2 * r.width_sweep.pairs * (1 + 3 * len(r.width_sweep.methods)))
+    if r.three_models.enabled:
+        total += r.three_models.models * len(r.three_models.methods) + 3
+    if total > MAX_STAGES:
+        raise _bad(f"the recipe would run about {total} stages, more than the {MAX_STAGES} allowed "
+                   f"({len(r.models)} models, {n_seeds} seeds, {n_pairs} pairs, {r.match.searches} searches)",
+                   "use fewer seeds, pairs = \"disjoint\" or fewer match.searches", source)
+
+
+def _train_settings(r: Recipe, source: str) -> None:
+    """Every model's training settings resolve (checked now, naming the recipe key, not after other models trained)."""
+    from .build import _train_overrides
+    from ..train import make_config
+
+    for i, m in enumerate(r.models):
+        preset = m.preset or r.train.preset
+        widths = [m.width_mult] + ([w * m.width_mult for w in r.width_sweep.widths] if i == 0 and r.width_sweep.enabled else [])
+        for w in widths:
+            for seed in r.train.seeds:
+                try:
+                    make_config(preset, **_train_overrides(r, m, w, seed))
+                except LmcError as e:
+                    keys = [k for k, _ in list(r.train.overrides) + list(m.overrides) if k in e.message]
+                    where = ", ".join(f"{'models.%d' % i if k in dict(m.overrides) else 'train'}.overrides.{k}"
+                                      for k in keys) or (f"models.{i} (preset {preset!r}, options "
+                                                         f"{dict(m.options)}, width_mult {w:g})")
+                    raise _bad(f"{where}: {e.message}", e.hint, source) from None
+
 
 
 def _study_checks(r: Recipe, source: str) -> None:
@@ -415,11 +489,20 @@ def recipe_names() -> list[str]:
 
 def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
     p = Path(name_or_path)
-    if name_or_path.endswith(".toml") or p.is_file() or "/" in name_or_path:
+    if name_or_path.endswith(".toml") or p.exists() or "/" in name_or_path:
+        from ..store import MAX_TEXT_BYTES, check_input_file
+
+        if not p.exists() and not p.is_symlink():
+            raise LmcError(f"recipe file {p} does not exist", f"shipped recipes: {', '.join(recipe_names())}")
+        check_input_file(p, "recipe", MAX_TEXT_BYTES)  # a folder, /dev/zero or a huge file fails here, unread
         try:
-            text = p.read_text()
+            text = p.read_bytes().decode("utf-8")
         except FileNotFoundError:
             raise LmcError(f"recipe file {p} does not exist", f"shipped recipes: {', '.join(recipe_names())}") from None
+        except UnicodeDecodeError as e:
+            raise LmcError(f"recipe {p} is not valid UTF-8 text (byte {e.start})", "save the recipe as UTF-8") from None
+        except OSError as e:
+            raise LmcError(f"cannot read recipe {p}: {e.strerror}") from None
         source = str(p)
     else:
         f = resources.files("lmckit") / "recipes" / f"{name_or_path}.toml"

@@ -10,6 +10,7 @@ stage's outputs into ``results.json``, figures, ``report.md`` and
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -90,15 +91,26 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
         check_device_name(device)  # Ray workers may have a GPU this driver lacks: check the name only
     else:
         resolve_device(device)  # fail fast on a bad --device
-    ex = make_executor(jobs, executor, address, resources)  # before the lock: a missing Ray fails at once
-    with file_lock(out_dir / ".lmckit.lock", wait=False, what="report folder"):
-        runtime = Runtime(device=device, data_dir=data_dir)
-        with ex:
-            res.summary = ex.run(plan.targets(), cache, runtime)
-        res.results = collect(plan, cache)
-        timing = dict(timings(plan, cache))
-        timing.update(stage_costs(plan, cache, res.summary, time.time() - t0, load_at_start))
-        res.files = write_report(res.results, out_dir, timing, cache=str(cache))
+    ex = make_executor(jobs, executor, address, resources)  # before the lock: checks jobs, and a missing Ray fails at once
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    lock = out_dir / ".lmckit.lock"
+    lock_created = not lock.exists()
+    try:
+        with file_lock(lock, wait=False, what="report folder"):
+            runtime = Runtime(device=device, data_dir=data_dir)
+            with ex:
+                res.summary = ex.run(plan.targets(), cache, runtime)
+            res.results = collect(plan, cache)
+            timing = dict(timings(plan, cache))
+            timing.update(stage_costs(plan, cache, res.summary, time.time() - t0, load_at_start))
+            res.files = write_report(res.results, out_dir, timing, cache=str(cache))
+    except BaseException:  # a failed run removes the lock and report folders it created (the cache resumes)
+        if lock_created and not (out_dir / "report.md").exists():
+            lock.unlink(missing_ok=True)
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if empty
+        raise
     res.seconds = time.time() - t0
     return res
 

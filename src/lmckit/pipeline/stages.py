@@ -258,6 +258,7 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
                     for dep in dependencies(spec):
                         ctx.input(dep)
                     spec.run(ctx)
+                    where = _where(ctx)  # threads and device: float sums may round differently with others
                 except LmcError as e:
                     print(f"== failed: {e.render()}", file=log)
                     return StageOutcome(spec.KIND, h, label, "failed", time.time() - t0, e.message, e.hint, True,
@@ -275,11 +276,19 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
 
                 torch.set_num_threads(prev_threads)
         atomic_write_json(work / "stage.json", {"seconds": seconds, "cpu_seconds": time.process_time() - c0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                "pid": os.getpid(), "lmckit": _version()})
+                                                "pid": os.getpid(), "lmckit": _version(), **where})
         # config.json last: its presence (outside .partial) marks the folder complete.
         atomic_write_json(work / "config.json", readable_config(spec))
         finalize_dir(work, final)
     return StageOutcome(spec.KIND, h, label, "ran", seconds, log=str(final / "log.txt"))
+
+
+def _where(ctx: StageContext) -> dict[str, Any]:
+    """How the stage ran, for its provenance: torch threads and device (not hashed; results can differ in
+    the last digits between thread counts, e.g. ``--jobs 1`` vs ``--jobs 2``)."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), "device": str(ctx.device)}
 
 
 def _version() -> str:

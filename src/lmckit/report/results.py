@@ -356,11 +356,15 @@ def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
     from ..pipeline.executor import plan as order
 
     per: dict[str, float] = {}
+    where: set[tuple[Any, Any]] = set()  # (torch threads, device) the stages ran with: results can differ in the last digits
     for s in order(plan.targets()):
         f = stage_path(root, s) / "stage.json"
         if f.exists():
-            per[s.KIND] = per.get(s.KIND, 0.0) + float(json.loads(f.read_text()).get("seconds", 0.0))
-    return {"stage_seconds_by_kind": per, "stage_seconds_total": sum(per.values())}
+            rec = json.loads(f.read_text())
+            per[s.KIND] = per.get(s.KIND, 0.0) + float(rec.get("seconds", 0.0))
+            where.add((rec.get("threads"), rec.get("device")))
+    return {"stage_seconds_by_kind": per, "stage_seconds_total": sum(per.values()),
+            "ran_with": [{"threads": t, "device": d} for t, d in sorted(where, key=str)]}
 
 
 # --------------------------------------------------------------------------- claims

@@ -232,6 +232,9 @@ def write_report(res: dict[str, Any], out: str | Path, timing: dict[str, Any] | 
     if timing:
         md += ["", "## Timings", "", "Stage compute time (from the cache; 0 for stages reused): "
                + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timing["stage_seconds_by_kind"].items()))]
+        if timing.get("ran_with"):  # results are bit-identical only for the same threads and device
+            md += ["", "Stages ran with: " + "; ".join(f"{w['threads']} torch threads on {w['device']}"
+                                                       for w in timing["ran_with"]) + "."]
     text = "\n".join(md) + "\n"
     written["report.md"] = atomic_write_text(inside("report.md"), text)
     written["report.html"] = atomic_write_text(inside("report.html"), render_html(text, f"lmckit report: {r['name']}"))

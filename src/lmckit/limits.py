@@ -1,0 +1,41 @@
+"""Upper bounds checked before work: model sizes (built on the ``meta`` device, no memory) and input sizes.
+
+A size option that torch would try to allocate (``--width-mult 1e12``, ``--in-channels 100000000``) fails
+here with :class:`~lmckit.errors.LmcError` naming the setting, instead of after minutes of allocation or
+with a ``RuntimeError`` traceback.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .errors import LmcError
+
+#: most parameters a model may have (float32: 4 GB)
+MAX_PARAMS = 1_000_000_000
+#: most elements in one input batch of check-spec (batch x channels x height x width)
+MAX_INPUT_ELEMENTS = 100_000_000
+
+
+def check_model_size(name: str, options: Mapping[str, Any], where: str = "model") -> int:
+    """Build ``name(**options)`` on the meta device and refuse it above :data:`MAX_PARAMS` parameters.
+
+    Returns the parameter count. Raises :class:`LmcError` naming the options when the model cannot be
+    built (absurd sizes) or is too large.
+    """
+    import torch
+
+    from .models import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(name, **dict(options))
+        n = sum(p.numel() for p in model.parameters())
+    except LmcError:
+        raise
+    except (RuntimeError, ValueError, OverflowError, MemoryError, TypeError) as e:
+        raise LmcError(f"{where}: model {name} with {dict(options)} cannot be built ({type(e).__name__}: {e})",
+                       "use smaller sizes (width, width_mult, in_channels, image_size)") from None
+    if n > MAX_PARAMS:
+        raise LmcError(f"{where}: model {name} with {dict(options)} would have {n:,} parameters, more than the "
+                       f"{MAX_PARAMS:,} lmckit allows", "use smaller sizes (width, width_mult, in_channels, image_size)")
+    return n
