@@ -37,7 +37,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lmckit"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "device", "progress", "store"),
     ("data", "models", "evaluate"),
-    ("perm", "checkpoint"),
+    ("perm", "checkpoint", "limits"),
     ("match",),
     ("lmc", "plotting"),
     ("analysis",),

@@ -304,3 +304,42 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output fo
 
 def finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def check_output_path(what: str, path: str | Path | None, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: :class:`LmcError` naming it.
+
+    Checks that no name in the path is longer than the file system allows, that a file output is not a
+    folder (and a folder output not a file), that nothing above it is a file, and that the first existing
+    folder above it is writable (a read-only folder or file system fails here, not after the work).
+    """
+    if path is None:
+        return
+    p = Path(path)
+    try:
+        name_max = os.pathconf(_existing_parent(p), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in p.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise LmcError(f"cannot write {what} {path}: the name {part[:40]}... is longer than the file system "
+                           f"allows ({len(os.fsencode(part))} > {name_max} bytes)", "use a shorter name")
+    if p.exists():
+        if folder and not p.is_dir():
+            raise LmcError(f"{what} {path} is a file", "pass a folder path")
+        if not folder and p.is_dir():
+            raise LmcError(f"cannot write {path}: it is a folder", "give a file name (e.g. a name inside that folder)")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise LmcError(f"{what} {path} cannot be created: {parent} is a file", "pass a path under a folder")
+    base = p if (p.exists() and p.is_dir()) else _existing_parent(p)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise LmcError(f"cannot write {what} {path}: {base} is not writable (read-only folder or file system)",
+                       "choose an output path you may write to")
+
+
+def _existing_parent(p: Path) -> Path:
+    q = Path(os.path.abspath(p)).parent
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    return q

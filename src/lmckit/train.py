@@ -475,12 +475,12 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
         cfg = TrainConfig.from_dict(info["config"])
         return TrainResult(run_dir, float(r["test_loss"]), float(r["test_accuracy"]), float(r["train_loss"]),
                            float(r["train_accuracy"]), float(info["provenance"]["wall_seconds"]), cached, cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise LmcError(f"{run_dir}/config.json is not an lmckit training record ({type(e).__name__}: {e})",
-                       "delete the folder and train again") from None
     except LmcError as e:  # e.g. unknown settings: say it is the cached file, not the command line
         raise LmcError(f"the cached run record {run_dir}/config.json is not valid for this lmckit: {e.message}",
                        "delete that run folder and train again") from None
+    except (KeyError, TypeError, ValueError) as e:  # (LmcError is a ValueError: caught above)
+        raise LmcError(f"{run_dir}/config.json is not an lmckit training record ({type(e).__name__}: {e})",
+                       "delete the folder and train again") from None
 
 
 # --------------------------------------------------------------------------- training
@@ -618,7 +618,7 @@ def is_complete_run(folder: Path) -> bool:
 
 def check_run_store(root: Path) -> None:
     """The run store can be written (checked before the lock file is created)."""
-    from .commands.common import check_output_path
+    from .store import check_output_path
 
     check_output_path("run store --out", root, folder=True)
 
