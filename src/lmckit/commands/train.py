@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import LazyChoices, add_data, add_device, add_json, print_json
+from .common import LazyChoices, add_data, add_device, add_json, add_quiet, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "matching --model and --dataset, e.g. mlp + fashion-mnist -> mlp-fmnist, else the defaults), "
                     "then the options given. Prints the run folder as the last line.")
     p.add_argument("--preset", choices=LazyChoices("train", "PRESETS"), metavar="PRESET", default=None,
-                   help="named recipe (see PAPER.md): %(choices)s")
+                   help="named recipe (see PAPER.md): %(choices)s (default: the preset matching --model and --dataset, "
+                        "else none)")
     p.add_argument("--model", default=None, help="registered model (`lmckit models`); default mlp")
     p.add_argument("--dataset", default=None, help="dataset name; default fashion-mnist")
     p.add_argument("--seed", type=int, default=None, help="seeds the initialisation and batch order (default 0)")
@@ -50,7 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow TF32 matmuls/convolutions on CUDA (default: on; never used on CPU; not hashed)")
     p.add_argument("--out", default="runs", help="root of the run store (default ./runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    for a in p._actions:  # the unset options take the preset's value: say so in --help
+        if a.default is None and a.help != argparse.SUPPRESS and "default" not in (a.help or "").lower():
+            a.help = ((a.help or "").replace("%", "%%") + " (default: the preset's value)").lstrip()
+    add_quiet(p)
     add_device(p)
     add_data(p)
     add_json(p)
