@@ -1052,7 +1052,7 @@ def _(ws):
     return ["data"]
 
 
-@row("r2-unknown-option-exit-2", r"lmckit: error: unrecognized arguments: --pionts")
+@row("r2-unknown-option-exit-2", r"lmckit barrier: error: unrecognized arguments: --pionts.*usage: lmckit barrier ")
 def _(ws):
     return ["barrier", ws.a, ws.a, "--pionts", "3"]
 

@@ -94,8 +94,9 @@ def test_data_download_dry_run_json(capsys):
 def test_subcommand_errors_show_the_subcommand_usage(argv, usage, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(usage) and "usage: lmckit [-h]" not in err, err
-    assert f"lmckit {usage.split('lmckit ')[1]}: error:" in err
+    # the one error convention first (`lmckit CMD: error: ...`), then the subcommand's usage, never the top level's
+    assert err.startswith(f"lmckit {usage.split('lmckit ')[1]}: error:"), err
+    assert f"\n{usage} [-h]" in err and "usage: lmckit [-h]" not in err, err
     if "--device" in argv or "--quiet" in argv:
         assert "computes nothing" in err and "train" in err  # says where the option does apply
 

@@ -45,7 +45,7 @@ COMPUTING = ("train", "match", "barrier", "analyze", "merge", "landscape", "chec
 
 
 class LmckitParser(argparse.ArgumentParser):
-    """argparse with lmckit's error convention: the command's usage, then ``lmckit CMD: error: MSG`` on stderr, exit 2.
+    """argparse with lmckit's error convention: ``lmckit CMD: error: MSG`` on stderr, then CMD's usage, exit 2.
 
     Every parser shows its options' defaults in ``--help`` (:class:`~lmckit.commands.common.DefaultsHelpFormatter`).
     """
@@ -57,8 +57,16 @@ class LmckitParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)  # this (sub)command's usage, not the top level's
-        self.exit(2, f"{self.prog}: error: {message}\n  fix: see `{self.prog} --help`\n")
+        # the error line first (one convention for every error), then this (sub)command's usage, not the top level's
+        self.exit(2, f"{self.prog}: error: {message}\n  fix: see `{self.prog} --help`\n{self.short_usage()}\n")
+
+    def short_usage(self) -> str:
+        """This command's usage on one line, options abbreviated: ``usage: lmckit barrier [-h] [options] A B``."""
+        positionals = [a for a in self._actions if not a.option_strings]
+        fmt = self.formatter_class(prog=self.prog, width=100_000)
+        fmt.add_usage(None, positionals, [], prefix="")
+        tail = fmt.format_help().strip()[len(self.prog):].strip()
+        return f"usage: {self.prog} [-h] [options]" + (f" {tail}" if tail else "")
 
 
 class LmckitSubParser(LmckitParser):

@@ -475,12 +475,13 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
         cfg = TrainConfig.from_dict(info["config"])
         return TrainResult(run_dir, float(r["test_loss"]), float(r["test_accuracy"]), float(r["train_loss"]),
                            float(r["train_accuracy"]), float(info["provenance"]["wall_seconds"]), cached, cfg)
+    except LmcError as e:  # e.g. unknown settings: say it is the cached file, not the command line
+        # (first: LmcError is a ValueError, which the clause below would otherwise catch)
+        raise LmcError(f"the cached run record {run_dir}/config.json is not valid for this lmckit: {e.message}",
+                       "delete that run folder and train again") from None
     except (KeyError, TypeError, ValueError) as e:
         raise LmcError(f"{run_dir}/config.json is not an lmckit training record ({type(e).__name__}: {e})",
                        "delete the folder and train again") from None
-    except LmcError as e:  # e.g. unknown settings: say it is the cached file, not the command line
-        raise LmcError(f"the cached run record {run_dir}/config.json is not valid for this lmckit: {e.message}",
-                       "delete that run folder and train again") from None
 
 
 # --------------------------------------------------------------------------- training
