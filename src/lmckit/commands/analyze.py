@@ -6,9 +6,9 @@ import math
 import time
 from typing import Any
 
-from .common import (MAX_SAMPLES, MAX_SEED, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json, add_quiet, check_output_path,
-                     int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json, print_table,
-                     recorded_dataset, refuse_outputs_in_inputs)
+from .common import (MAX_SAMPLES, MAX_SEED, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json,
+                     add_quiet, check_output_path, int_in, load_checkpoints, load_named_dataset, load_perm_file,
+                     print_json, print_table, recorded_dataset, refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

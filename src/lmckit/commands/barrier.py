@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (MAX_BATCH, MAX_POINTS, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json, add_quiet, check_output_path,
-                     int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json, print_table,
-                     refuse_outputs_in_inputs)
+from .common import (MAX_BATCH, MAX_POINTS, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json,
+                     add_quiet, check_output_path, int_in, load_checkpoints, load_named_dataset, load_perm_file,
+                     print_json, print_table, refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (MAX_GRID, MAX_SEED, add_data, add_device, add_force_perm, DeprecatedAlias, add_json, add_quiet, check_output_path, float_in,
-                     describe_model, int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json,
-                     refuse_outputs_in_inputs)
+from .common import (MAX_GRID, MAX_SEED, add_data, add_device, add_force_perm, DeprecatedAlias, add_json, add_quiet,
+                     check_output_path, float_in, describe_model, int_in, load_checkpoints, load_named_dataset,
+                     load_perm_file, print_json, refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="evaluate on the first N items of the split only (default: all)")
     p.add_argument("--eval-limit", type=int, dest="limit", action=DeprecatedAlias, new="--limit")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the BN-reset batches (default 0)")
-    p.add_argument("--plot", required=True, help="PNG file for the loss landscape")
+    p.add_argument("--plot", required=True, metavar="FILE.png",
+                   help="PNG file for the loss landscape; the accuracy landscape goes next to it (FILE-accuracy.png)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in model A)")
     add_force_perm(p)
     add_data(p)

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..match.registry import get_method, list_methods
-from .common import (MAX_BATCH, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SEED, add_arch, add_data, add_device, add_json, add_quiet,
-                     check_output_path, describe_model, int_in, load_checkpoints, load_named_dataset, print_json,
-                     refuse_outputs_in_inputs, staged_outputs, state_fingerprint)
+from .common import (MAX_BATCH, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SEED, add_arch, add_data, add_device,
+                     add_json, add_quiet, check_output_path, describe_model, int_in, load_checkpoints,
+                     load_named_dataset, print_json, refuse_outputs_in_inputs, staged_outputs, state_fingerprint)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,9 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
-from .common import (MAX_EPOCHS, MAX_ITER, MAX_POINTS, MAX_SEED, add_arch, add_data, add_device, DeprecatedAlias, add_json, add_quiet,
-                     check_output_path, describe_model, int_in, load_checkpoints, load_named_dataset, print_json,
-                     print_table, refuse_outputs_in_inputs, state_fingerprint)
+from .common import (MAX_EPOCHS, MAX_ITER, MAX_POINTS, MAX_SEED, add_arch, add_data, add_device, DeprecatedAlias,
+                     add_json, add_quiet, check_output_path, describe_model, int_in, load_checkpoints,
+                     load_named_dataset, print_json, print_table, refuse_outputs_in_inputs, state_fingerprint)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "merge", help="merge several models: align, average uniformly, report accuracies and barriers",
         description="Align every model to the first (anchor) with weight matching, activation matching or STE (or "
                     "all together by MergeMany), write the uniform average as DIR/merged.safetensors (BatchNorm "
-                    "statistics recomputed), one perm JSON per model and DIR/merge.json (with the merged-accuracy curve: "
+                    "statistics recomputed or REPAIR applied, as --bn-reset says), one perm JSON per model and DIR/merge.json (with the merged-accuracy curve: "
                     "the average of the first n aligned models vs the naive average); --plot PATH also draws that "
                     "curve as a PNG.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
