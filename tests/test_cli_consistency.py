@@ -225,3 +225,19 @@ def test_merge_bn_reset_repair_matches_the_mean_endpoint_statistics(ckpts, tmp_p
         assert torch.allclose(got[name][1], target[name][1], atol=1e-3, rtol=1e-3)
     assert d["merged_accuracy"] == pytest.approx(lmckit.evaluate.evaluate(lmckit.load(out / "merged.safetensors"),
                                                                           synthetic, "test")[1], abs=1e-9)
+
+
+def test_merge_repair_says_clearly_when_a_model_cannot_take_it(synthetic):
+    """A hidden layer without a bias has no place for REPAIR's mean shift: an LmcError naming it, not a silent skip."""
+    import torch.nn as nn
+
+    from lmckit.errors import LmcError
+    from lmckit.merge import merged_state
+    from lmckit.models import create_model
+
+    m = create_model("mlp_tiny")
+    m.fc0 = nn.Linear(784, 16, bias=False)
+    states = [{k: v + 0.01 * i for k, v in m.state_dict().items()} for i in range(2)]
+    with pytest.raises(LmcError, match=r"REPAIR is not supported for MLP: hidden layers \['fc0'\] have no bias"):
+        merged_state(m, states, synthetic, "repair")
+    assert merged_state(m, states, synthetic, "off")["fc1.bias"].shape == (16,)  # the other modes still merge it
