@@ -54,6 +54,7 @@ def test_help_exits_0_and_states_every_default(words, parser, capsys):
         text = fmt._expand_help(a) if a.help else ""
         assert "default" in text.lower() or "(required)" in text, (
             f"lmckit {' '.join(words)} {'/'.join(a.option_strings) or a.dest}: --help states no default: {text!r}")
+    assert "%(" not in out, "an unexpanded %-format in --help"
     # the bounds text added by the reliability work survives beside the default
     if words == ("barrier",):
         assert "(default 25, at most 1001)" in " ".join(out.split())
