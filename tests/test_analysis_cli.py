@@ -27,8 +27,8 @@ def pair(tmp_path):
 
 def test_analyze_json_and_plots(pair, capsys):
     tmp, a, b, p = pair
-    rc = main(["analyze", str(a), str(b), "--perm", str(p), "--json", "--plots", str(tmp / "plots"), "--taylor",
-               "--taylor-samples", "200", "--rank-fractions", "0.25", "1", "--eval-limit", "200",
+    rc = main(["analyze", str(a), str(b), "--perm", str(p), "--json", "--plot", str(tmp / "plots"), "--taylor",
+               "--taylor-samples", "200", "--rank-fractions", "0.25", "1", "--limit", "200",
                "--projection-batches", "1", "--device", "cpu"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)

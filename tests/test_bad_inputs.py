@@ -216,7 +216,7 @@ def _(ws):
         sd[k][-1] = float("inf")
         return sd
     return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit), "--no-data",
-            "--plots", ws.out / "plots"]
+            "--plot", ws.out / "plots"]
 
 
 @row("ckpt-missing-tensor", r"b\.safetensors.*missing 1 entries.*fc0\.weight")
@@ -599,9 +599,9 @@ def _(ws):
     return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1))[:-2] + ["--plot", ws.out]
 
 
-@row("analyze-plots-is-a-file", r"--plots .*earlier-result\.txt is a file")
+@row("analyze-plots-is-a-file", r"--plot .*earlier-result\.txt is a file")
 def _(ws):
-    return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1), "--no-data", "--plots", ws.out / "earlier-result.txt"]
+    return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1), "--no-data", "--plot", ws.out / "earlier-result.txt"]
 
 
 @row("train-out-is-a-file", r"output folder .*earlier-result\.txt is a file")
@@ -637,7 +637,7 @@ def _(ws):
     g = _first(perms)
     bad = write_perms(ws.inp / "pb.json", {"perms": {**perms, g: [0] * len(perms[g])}})
     good = write_perms(ws.inp / "pc.json", {"perms": perms})
-    return ["landscape", ws.a, b, c, "--perms", bad, good, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
+    return ["landscape", ws.a, b, c, "--perm", bad, "--perm", good, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
 
 
 @row("landscape-grid-too-small", r"--grid: must be between 2 and 201")
@@ -714,9 +714,9 @@ def _(ws):
             "--plot", ws.inp / "runA" / "l.png", "--dataset", "synthetic"]
 
 
-@row("r2-analyze-plots-is-run-folder", r"--plots .*runA is model A")
+@row("r2-analyze-plots-is-run-folder", r"--plot .*runA is model A")
 def _(ws):
-    return ["analyze", _run_a(ws), ws.ckpt("b.safetensors", seed=1), "--no-data", "--plots", ws.inp / "runA"]
+    return ["analyze", _run_a(ws), ws.ckpt("b.safetensors", seed=1), "--no-data", "--plot", ws.inp / "runA"]
 
 
 @row("r2-reproduce-out-is-cache", r"--out .*shared is the stage cache")
@@ -1052,7 +1052,7 @@ def _(ws):
     return ["data"]
 
 
-@row("r2-unknown-option-exit-2", r"lmckit: error: unrecognized arguments: --pionts")
+@row("r2-unknown-option-exit-2", r"lmckit barrier: error: unrecognized arguments: --pionts.*usage: lmckit barrier ")
 def _(ws):
     return ["barrier", ws.a, ws.a, "--pionts", "3"]
 
@@ -1159,7 +1159,7 @@ def _(ws):
     perms = good_perms(ws.a)
     pb = write_perms(ws.inp / "pb.json", {"perms": perms, "model_sha256": fingerprint(b), "reference_sha256": fingerprint(ws.a)})
     pc = write_perms(ws.inp / "pc.json", {"perms": perms, "model_sha256": fingerprint(b), "reference_sha256": fingerprint(ws.a)})
-    return ["landscape", ws.a, b, c, "--perms", pb, pc, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
+    return ["landscape", ws.a, b, c, "--perm", pb, "--perm", pc, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
 
 
 @row("r2-match-ste-zero-epochs", r"--epochs: must be between 1 and")

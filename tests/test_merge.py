@@ -35,7 +35,7 @@ def test_merge_cli_writes_loadable_checkpoint_with_reported_accuracy(ckpts, tmp_
 
     out = tmp_path / "m"
     d = _run_json(capsys, ["merge", *ckpts, "--method", "weight", "--out", str(out), "--points", "5", "--json",
-                           "--device", "cpu"])
+                           "--device", "cpu", "--plot", str(tmp_path / "curve.png")])
     for k in ("model_accuracies", "merged_accuracy", "merged_loss", "pairwise_barriers"):
         assert k in d
     # the merged checkpoint loads and scores exactly what was reported
@@ -64,7 +64,9 @@ def test_merge_cli_writes_loadable_checkpoint_with_reported_accuracy(ckpts, tmp_
     assert set(curve) == {"weight", "naive"} and [r["n"] for r in curve["weight"]] == [2, 3]
     assert curve["weight"][-1]["accuracy"] == pytest.approx(d["merged_accuracy"], abs=1e-9)
     assert json.loads((out / "merge.json").read_text())["merged_accuracy"] == d["merged_accuracy"]
-    assert (out / "merged_accuracy.png").read_bytes()[:8] == PNG
+    # the PNG only where --plot asked for it, not in the output folder unasked
+    assert (tmp_path / "curve.png").read_bytes()[:8] == PNG and d["merged_accuracy_plot"] == str(tmp_path / "curve.png")
+    assert not (out / "merged_accuracy.png").exists()
 
 
 def test_merge_mergemany_and_anchor_ste_run(ckpts, tmp_path, capsys):
@@ -127,7 +129,7 @@ def test_landscape_cli_writes_png(ckpts, tmp_path, capsys):
     mdir = tmp_path / "m"
     assert main(["merge", *ckpts, "--out", str(mdir), "--points", "3", "--no-curve", "--json", "--device", "cpu"]) == 0
     plot = tmp_path / "land.png"
-    d = _run_json(capsys, ["landscape", *ckpts, "--perms", str(mdir / "perm_1.json"), str(mdir / "perm_2.json"),
+    d = _run_json(capsys, ["landscape", *ckpts, "--perm", str(mdir / "perm_1.json"), "--perm", str(mdir / "perm_2.json"),
                            "--grid", "4", "--plot", str(plot), "--json", "--device", "cpu"])
     assert plot.read_bytes()[:8] == PNG and (tmp_path / "land-accuracy.png").read_bytes()[:8] == PNG
     assert len(d["loss"]) == 4 and all(len(r) == 4 for r in d["loss"]) and len(d["accuracy"]) == 4

@@ -30,7 +30,7 @@ REWRITES = [
 
 #: files the tour must leave behind (it creates everything it uses)
 TOUR_OUTPUTS = ["wm.json", "curves.png", "plots/spectra.png", "merged/merged.safetensors", "merged/perm_1.json",
-                "merged/perm_2.json", "plane.png", "plane-accuracy.png"]
+                "merged/perm_2.json", "merged-accuracy.png", "plane.png", "plane-accuracy.png"]
 
 
 def code_blocks(text: str) -> list[tuple[str, str, int]]:

@@ -55,11 +55,11 @@ def test_multi_and_merge_perm_files_record_hashes(env, capsys):
         d = json.loads((env / "multi" / f"perm_{i}.json").read_text())
         assert d["model_sha256"] == fingerprint(ck) and d["reference_sha256"] == fingerprint(ckpts[0])
     assert not [p for p in (env / "multi").iterdir() if p.name.startswith(".")], "temp files left"
-    rc, _, err = run_cli(["landscape", *ckpts, "--perms", env / "multi" / "perm_1.json", env / "multi" / "perm_2.json",
+    rc, _, err = run_cli(["landscape", *ckpts, "--perm", env / "multi" / "perm_1.json", "--perm", env / "multi" / "perm_2.json",
                           "--grid", "2", "--limit", "20", "--dataset", "synthetic", "--plot", env / "l.png", "--json"],
                          capsys)
     assert rc == 0, err
-    rc, _, err = run_cli(["landscape", *ckpts, "--perms", env / "multi" / "perm_2.json", env / "multi" / "perm_1.json",
+    rc, _, err = run_cli(["landscape", *ckpts, "--perm", env / "multi" / "perm_2.json", "--perm", env / "multi" / "perm_1.json",
                           "--grid", "2", "--limit", "20", "--dataset", "synthetic", "--plot", env / "l2.png"], capsys)
     assert rc == 2 and "computed for another" in err, err
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -39,17 +40,53 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+#: the commands that compute (and so take --json, --device and --quiet)
+COMPUTING = ("train", "match", "barrier", "analyze", "merge", "landscape", "check-spec", "reproduce")
+
+
 class LmckitParser(argparse.ArgumentParser):
-    """argparse with lmckit's error convention: ``lmckit CMD: error: MSG`` on stderr, exit 2."""
+    """argparse with lmckit's error convention: ``lmckit CMD: error: MSG`` on stderr, then CMD's usage, exit 2.
+
+    Every parser shows its options' defaults in ``--help`` (:class:`~lmckit.commands.common.DefaultsHelpFormatter`).
+    """
+
+    def __init__(self, *args, **kwargs):
+        from .commands.common import DefaultsHelpFormatter
+
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n  fix: see `{self.prog} --help`\n")
+        # the error line first (one convention for every error), then this (sub)command's usage, not the top level's
+        self.exit(2, f"{self.prog}: error: {message}\n  fix: see `{self.prog} --help`\n{self.short_usage()}\n")
+
+    def short_usage(self) -> str:
+        """This command's usage on one line, options abbreviated: ``usage: lmckit barrier [-h] [options] A B``."""
+        positionals = [a for a in self._actions if not a.option_strings]
+        fmt = self.formatter_class(prog=self.prog, width=100_000)
+        fmt.add_usage(None, positionals, [], prefix="")
+        tail = fmt.format_help().strip()[len(self.prog):].strip()
+        return f"usage: {self.prog} [-h] [options]" + (f" {tail}" if tail else "")
+
+
+class LmckitSubParser(LmckitParser):
+    """A subcommand's parser: arguments it does not know are its error (its usage, its prog), not the top level's."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            msg = f"unrecognized arguments: {' '.join(extras)}"
+            if "--device" in extras or "--quiet" in extras:
+                msg += (f"; `{self.prog}` computes nothing, so --device and --quiet do not apply "
+                        f"(they are options of {', '.join(COMPUTING)})")
+            self.error(msg)
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = LmckitParser(prog="lmckit", description="Linear mode connectivity and permutation alignment toolkit.")
     parser.add_argument("--version", action="version", version=f"lmckit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LmckitParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LmckitSubParser)
     for name in COMMANDS:
         try:
             mod = importlib.import_module(f".commands.{name}", __package__)
@@ -99,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .store import USER_ERRNOS, os_error
 
+    quiet = bool(getattr(args, "quiet", False))
+    saved_quiet = os.environ.get("LMCKIT_NO_PROGRESS")
+    if quiet:  # progress lines off, in this process and in any worker it starts
+        os.environ["LMCKIT_NO_PROGRESS"] = "1"
     try:
         with ending_signals():
             return int(args.func(args) or 0)
@@ -106,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmckit {args.command}: error: {e.render()}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
@@ -122,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmckit {args.command}: stopped by {name}; finished work is kept, rerun the same command to resume",
               file=sys.stderr)
         return 128 + signum
+    finally:
+        if quiet:
+            if saved_quiet is None:
+                os.environ.pop("LMCKIT_NO_PROGRESS", None)
+            else:
+                os.environ["LMCKIT_NO_PROGRESS"] = saved_quiet
 
 
 if __name__ == "__main__":

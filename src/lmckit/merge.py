@@ -65,8 +65,8 @@ def check_merge_inputs(model: nn.Module, states: Sequence[State], dataset, metho
         raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
     if len(states) < 2:
         raise LmcError(f"merging needs at least two models, got {len(states)}")
-    if bn_reset not in ("auto", "on", "off", True, False):
-        raise LmcError(f"bn_reset must be auto, on or off, got {bn_reset!r}")
+    if bn_reset not in ("auto", "on", "off", "repair", True, False):
+        raise LmcError(f"bn_reset must be auto, on, off or repair, got {bn_reset!r}")
     check_compatible(list(states), [f"model {i}" for i in range(len(states))])
     spec = spec_for(model)
     for i, sd in enumerate(states):
@@ -75,7 +75,7 @@ def check_merge_inputs(model: nn.Module, states: Sequence[State], dataset, metho
         raise LmcError("merging needs a dataset to evaluate on")
     dataset.size(split)
     needs_train = method in ("activation", "ste") or (
-        bn_reset in ("on", True) or (bn_reset == "auto" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+        bn_reset in ("on", "repair", True) or (bn_reset == "auto" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                                  for m in model.modules())))
     if needs_train:
         dataset.size("train")
@@ -189,16 +189,25 @@ def merged_state(model: nn.Module, states: Sequence[State], dataset=None, bn_res
                  bn_batch_size: int = 500) -> dict[str, torch.Tensor]:
     """The uniform average of ``states``, with BatchNorm statistics recomputed on training data.
 
-    ``bn_reset``: ``auto`` (reset when the model has BatchNorm), ``on``, ``off``.
-    The reset uses the fixed seeded batches of :func:`lmckit.lmc.training_batches`.
+    ``bn_reset``: ``auto`` (reset when the model has BatchNorm), ``on``, ``off``, or ``repair``: REPAIR
+    (Jordan et al. 2023) with the ``n`` models as endpoints and weights ``1/n`` each, i.e. every hidden unit
+    of the average rescaled to the mean of the models' activation means and standard deviations
+    (:class:`lmckit.lmc.Repairer`; an :class:`LmcError` names what is missing when the model has no place
+    to fold the correction). Both use the fixed seeded batches of :func:`lmckit.lmc.training_batches`.
     """
-    from .lmc import reset_bn_stats, resolve_bn_mode, training_batches
+    from .lmc import Repairer, reset_bn_stats, resolve_bn_mode, training_batches
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     avg = average_states(states)
     mode = resolve_bn_mode(model, bn_reset)
     if mode == "repair":
-        raise LmcError("REPAIR is not offered for merged models", "use --bn-reset auto, on or off")
+        if dataset is None:
+            raise LmcError("REPAIR of the merged model needs the training data")
+        net = _workspace(model, dev)
+        ends = [{k: v.detach().to(dev, copy=True) for k, v in sd.items()} for sd in states]
+        rep = Repairer(net, ends, training_batches(dataset, bn_batches, bn_batch_size, seed, dev))
+        fixed = rep({k: v.to(dev) for k, v in avg.items()}, [1.0 / len(states)] * len(states))
+        return {k: v.detach().to("cpu").clone() for k, v in fixed.items()}
     if mode is not True:
         return avg
     if dataset is None:

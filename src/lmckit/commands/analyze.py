@@ -6,9 +6,9 @@ import math
 import time
 from typing import Any
 
-from .common import (MAX_SAMPLES, MAX_SEED, add_arch, add_data, add_device, add_force_perm, add_json, check_output_path,
-                     int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json, print_table,
-                     recorded_dataset, refuse_outputs_in_inputs)
+from .common import (MAX_SAMPLES, MAX_SEED, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json,
+                     add_quiet, check_output_path, int_in, load_checkpoints, load_named_dataset, load_perm_file,
+                     print_json, print_table, recorded_dataset, refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,13 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--taylor", action="store_true", help="also compute the Taylor estimate of the midpoint barrier")
     p.add_argument("--taylor-samples", type=int_in(1, MAX_SAMPLES), default=10000,
                    help="training images for the Taylor estimate (default 10000)")
-    p.add_argument("--eval-limit", type=int_in(1, MAX_SAMPLES), default=None,
-                   help="evaluate the rank sweep on the first N test images only")
+    p.add_argument("--limit", type=int_in(1, MAX_SAMPLES), default=None,
+                   help="evaluate the rank sweep on the first N test images only (default: all)")
+    p.add_argument("--eval-limit", type=int_in(1, MAX_SAMPLES), dest="limit", action=DeprecatedAlias, new="--limit")
     p.add_argument("--projection-batches", type=int_in(1, 10_000), default=4,
                    help="batches of 500 training images for input projections (at most 10000)")
     p.add_argument("--dataset", default=None, help="dataset for the data-dependent analyses (default: A's recorded dataset)")
     p.add_argument("--no-data", action="store_true", help="weights-only analyses (distances and SVD)")
-    p.add_argument("--plots", default=None, metavar="DIR", help="write PNG figures into DIR")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="write the PNG figures (spectra, R bars, alignment, projections, rank sweep) into the folder "
+                        "DIR (default: none)")
+    p.add_argument("--plots", dest="plot", action=DeprecatedAlias, new="--plot DIR")
     p.add_argument("--threads", type=int_in(1, 4096), default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed for data subsets and random baselines")
     add_force_perm(p)
@@ -38,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     add_arch(p)
     add_json(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -46,16 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from ..device import resolve_device
     from ..errors import LmcError
     t0 = time.perf_counter()
-    if args.plots:
+    if args.plot:
         from pathlib import Path
 
-        if Path(args.plots).exists() and not Path(args.plots).is_dir():
-            raise LmcError(f"--plots {args.plots} is a file", "pass a folder for the figures")
+        if Path(args.plot).exists() and not Path(args.plot).is_dir():
+            raise LmcError(f"--plot {args.plot} is a file", "pass a folder for the figures")
         names = ["spectra.png", "R_bars.png", "per_index_alignment.png", "cross_alignment.png", "input_projections.png",
                  "rank_sweep.png"]
-        refuse_outputs_in_inputs([("--plots", args.plots)] + [("--plots", Path(args.plots) / n) for n in names],
+        refuse_outputs_in_inputs([("--plot", args.plot)] + [("--plot", Path(args.plot) / n) for n in names],
                                  [("model A", args.a), ("model B", args.b), ("--perm", args.perm)])
-        check_output_path("--plots", args.plots, folder=True)
+        check_output_path("--plot", args.plot, folder=True)
     for g in args.gamma:
         if not 0.0 <= g <= 1.0:
             raise LmcError(f"--gamma {g} is outside [0, 1]", "gamma is a fraction of the largest singular value, e.g. 0 or 0.3")
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             dataset = load_named_dataset(args.dataset, info_a, args.data_dir)
             check_model_fits(model, dataset, "train", device, where=str(args.a))
     res = analyze_pair(model, spec, sd_a, sd_b, perms, dataset=dataset, gammas=args.gamma,
-                       rank_fractions=args.rank_fractions, eval_limit=args.eval_limit,
+                       rank_fractions=args.rank_fractions, eval_limit=args.limit,
                        projection_batches=args.projection_batches, taylor=args.taylor,
                        taylor_samples=args.taylor_samples, device=device, seed=args.seed)
     s = res.summary
@@ -96,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
         s["notes"].append("no dataset recorded in A and none given (--dataset): data-dependent analyses skipped")
     s["a"], s["b"], s["perm"] = str(args.a), str(args.b), args.perm
     s["dataset"] = dataset.name if dataset is not None else None
-    if args.plots:
+    if args.plot:
         from ..analysis.plots import write_plots
 
         t = time.perf_counter()
-        paths = write_plots(args.plots, res.svd, res.projections, res.sweeps)
+        paths = write_plots(args.plot, res.svd, res.projections, res.sweeps)
         s["plots"] = [str(p) for p in paths]
         s["timings"]["plots"] = time.perf_counter() - t
     s["timings"]["total"] = time.perf_counter() - t0

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (MAX_BATCH, MAX_POINTS, add_arch, add_data, add_device, add_force_perm, add_json, check_output_path,
-                     int_in, load_checkpoints, load_named_dataset, load_perm_file, print_json, print_table,
-                     refuse_outputs_in_inputs)
+from .common import (MAX_BATCH, MAX_POINTS, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json,
+                     add_quiet, check_output_path, int_in, load_checkpoints, load_named_dataset, load_perm_file,
+                     print_json, print_table, refuse_outputs_in_inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,20 +14,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "barriers. pi is the permutation in --perm (identity without it).")
     p.add_argument("a", metavar="A", help="model A: a run folder or a .safetensors file written by lmckit")
     p.add_argument("b", metavar="B", help="model B: a run folder or a .safetensors file (same architecture)")
-    p.add_argument("--perm", default=None, help="permutation JSON (lmckit match) applied to B before interpolating")
+    p.add_argument("--perm", default=None, help="permutation JSON (lmckit match) applied to B before interpolating (default: identity)")
     p.add_argument("--points", type=int_in(2, MAX_POINTS), default=25,
                    help=f"lambdas on [0, 1], ends included; 0.5 is always added (default 25, at most {MAX_POINTS})")
     p.add_argument("--split", choices=("test", "train", "both"), default="test", help="data split(s) to evaluate (default test)")
     p.add_argument("--bn-reset", choices=("auto", "on", "off", "repair"), default="auto",
                    help="recompute BatchNorm statistics at interior points (auto: when the model has BN), or REPAIR")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="write a figure of loss and accuracy against lambda")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="write a figure of loss and accuracy against lambda (default: none)")
     p.add_argument("--compare-naive", action="store_true", help="also evaluate the unpermuted path A -> B (needs --perm)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of each split only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on the first N items of each split only (default: all)")
+    p.add_argument("--eval-limit", type=int, dest="limit", action=DeprecatedAlias, new="--limit")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=2000, help="evaluation batch size (default 2000)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded with model A)")
     add_force_perm(p)
     add_data(p)
     add_json(p)
+    add_quiet(p)
     add_device(p)
     add_arch(p)
     p.set_defaults(func=run)

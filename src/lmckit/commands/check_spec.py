@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import MAX_SEED, add_arch, add_device, add_json, float_in, int_in, load_arch, print_json
+from .common import MAX_SEED, add_arch, add_device, add_json, add_quiet, float_in, int_in, load_arch, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,12 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
                    help="a registered model name (see `lmckit models`), a run folder or a .safetensors checkpoint "
                         "(with --arch: a state dict of that model, or - for its initial weights)")
-    p.add_argument("--in-channels", type=int_in(1, 4096), default=None, help="input channels (model names only; at most 4096)")
-    p.add_argument("--image-size", type=int_in(1, 4096), default=None, help="input height = width (model names only; at most 4096)")
-    p.add_argument("--num-classes", type=int_in(1, 1_000_000), default=None, help="output classes (model names only)")
-    p.add_argument("--norm", default=None, choices=("none", "batchnorm", "layernorm"), help="norm layers (model names only)")
+    p.add_argument("--in-channels", type=int_in(1, 4096), default=None, help="input channels (model names only; at most 4096; default: the model's)")
+    p.add_argument("--image-size", type=int_in(1, 4096), default=None, help="input height = width (model names only; at most 4096; default: the model's)")
+    p.add_argument("--num-classes", type=int_in(1, 1_000_000), default=None, help="output classes (model names only; default: the model's)")
+    p.add_argument("--norm", default=None, choices=("none", "batchnorm", "layernorm"), help="norm layers (model names only; default: the model's)")
     p.add_argument("--width-mult", type=float_in(0.0, 1024.0, lo_open=True), default=None,
-                   help="width multiplier (model names only; at most 1024)")
+                   help="width multiplier (model names only; at most 1024; default: the model's)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random permutation and input batch")
     p.add_argument("--batch", type=int_in(1, 4096), default=8, help="size of the random input batch (>= 2 for BatchNorm; at most 4096)")
     p.add_argument("--tol", type=float_in(0.0, 1.0, lo_open=True), default=1e-5,
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     add_arch(p)
     add_json(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 

@@ -49,11 +49,59 @@ class LazyChoices:
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    """``--quiet``: no progress lines on stderr (sets ``LMCKIT_NO_PROGRESS`` for the command; errors still print)."""
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr (errors and warnings still print)")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already states one.
+
+    Like :class:`argparse.ArgumentDefaultsHelpFormatter`, but skips texts that already say "default" (many
+    give it with its bounds, e.g. "(default 25, at most 1001)"), flags (``store_true``) and ``None`` defaults
+    (whose meaning the text states in words, e.g. "default: the preset's").
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)"
+        if "default" in text.lower() or action.default is None or action.default is False \
+                or action.default is argparse.SUPPRESS or action.default == []:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction,
+                               argparse._VersionAction, argparse._SubParsersAction)):
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class DeprecatedAlias(argparse.Action):
+    """A hidden old spelling of an option: stores into the new option's ``dest`` and notes the change on stderr.
+
+    ``extend=True`` appends the values (for options given several times, e.g. ``--perms A B`` -> ``--perm``).
+    """
+
+    def __init__(self, option_strings, dest, new: str, extend: bool = False, **kw):
+        kw.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kw)
+        self.new, self.extend = new, extend
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated and will be removed; use {self.new}", file=sys.stderr)
+        if self.extend:
+            cur = list(getattr(namespace, self.dest, None) or [])
+            setattr(namespace, self.dest, cur + list(values if isinstance(values, list) else [values]))
+        else:
+            setattr(namespace, self.dest, values)
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None, help="folder holding the dataset (else LMCKIT_DATA, system folders, user cache)")
+    p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: search LMCKIT_DATA, the system folders, then the user cache)")
 
 
 def add_json(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
     lmckit data list [--data-dir D] [--json]
     lmckit data info NAME [--data-dir D] [--no-checksums] [--json]
-    lmckit data download NAME [--root DIR] [--mirror URL] [--timeout S] [--force] [--dry-run]
+    lmckit data download NAME [--root DIR] [--mirror URL] [--timeout S] [--force] [--dry-run] [--json]
 """
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     pd = dsub.add_parser("download", help="download a dataset into the user cache (checksums verified)")
     pd.add_argument("name")
     pd.add_argument("--root", default=None, help="folder to hold NAME/ (default: the user cache, which is searched)")
-    pd.add_argument("--mirror", default=None, help="base URL replacing the official one (also LMCKIT_DATA_MIRROR)")
+    pd.add_argument("--mirror", default=None, help="base URL replacing the official one (default: LMCKIT_DATA_MIRROR if set, else the official URL)")
     pd.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
     pd.add_argument("--force", action="store_true", help="download again even if verified files are present")
     pd.add_argument("--dry-run", action="store_true", help="print the URLs and checksums, download nothing")
+    add_json(pd)
     pd.set_defaults(func=run_download)
 
     def no_action(_args: argparse.Namespace) -> int:
@@ -150,8 +151,12 @@ def run_download(args: argparse.Namespace) -> int:
     from ..data.download import download_dataset, download_plan
 
     if args.dry_run:
-        print_table(download_plan(args.name, args.mirror))
+        plan = download_plan(args.name, args.mirror)
+        print_json({"name": args.name, "dry_run": True, "files": plan}) if args.json else print_table(plan)
         return 0
     folder = download_dataset(args.name, args.root, mirror=args.mirror, timeout=args.timeout, force=args.force)
+    if args.json:
+        print_json({"name": args.name, "folder": str(folder)})
+        return 0
     print(f"{args.name}: ready in {folder}")
     return 0

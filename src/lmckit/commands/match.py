@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..match.registry import get_method, list_methods
-from .common import (MAX_BATCH, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SEED, add_arch, add_data, add_device, add_json,
-                     check_output_path, describe_model, int_in, load_checkpoints, load_named_dataset, print_json,
-                     refuse_outputs_in_inputs, staged_outputs, state_fingerprint)
+from .common import (MAX_BATCH, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SEED, add_arch, add_data, add_device,
+                     add_json, add_quiet, check_output_path, describe_model, int_in, load_checkpoints,
+                     load_named_dataset, print_json, refuse_outputs_in_inputs, staged_outputs, state_fingerprint)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "of `lmckit methods` (e.g. sinkhorn)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of a registry method other than weight/activation/ste (see `lmckit methods NAME`), "
-                        "e.g. --option steps=200; repeatable")
+                        "e.g. --option steps=200; repeatable (default: the method's own)")
     p.add_argument("--multi", choices=["anchor", "mergemany"], default=None,
-                   help="several models: match each to the first (anchor) or run MergeMany (weight matching only)")
+                   help="several models: match each to the first (anchor) or run MergeMany (weight matching only) "
+                        "(default: two models, no scheme)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the group / model / batch order (default 0)")
     p.add_argument("--restarts", type=int_in(1, MAX_RESTARTS), default=1,
                    help=f"WM: independent descents, best kept (default 1, at most {MAX_RESTARTS})")
@@ -44,12 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "lambda ~ U(0,1), the final permutation) (default heldout-best)")
     p.add_argument("--epochs", type=int_in(1, MAX_EPOCHS), default=None,
                    help="STE: epochs, at least 1 (default: the preset's)")
-    p.add_argument("--ste-state", default=None, help="STE: folder for the resumable state and drift.json/png")
+    p.add_argument("--ste-state", default=None, help="STE: folder for the resumable state and drift.json/png (default: none, not resumable)")
     add_data(p)
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
     add_device(p)
     add_arch(p)
     add_json(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -190,10 +192,24 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     print(f"method:      {res.method} matching (seed {args.seed})")
     print(f"objective:   {res.initial_objective:.6g} -> {res.final_objective:.6g}  ({what})")
     print(f"L2 distance: {l2_before:.6g} -> {l2_after:.6g}  (reduction {100 * summary['l2_reduction']:.2f}%)")
-    print(f"sweeps:      {res.sweeps}{'' if res.converged else ' (max-iter reached, not converged)'}")
+    print(_iterations_line(args, res))
     print(f"seconds:     {res.seconds:.3f}")
     print(f"wrote {out}")
     return 0
+
+
+def _iterations_line(args, res) -> str:
+    """What the method iterated, in its own terms (weight matching's sweeps mean nothing for AM)."""
+    if res.method == "weight":
+        runs = f" (best of {args.restarts} restarts)" if args.restarts > 1 else ""
+        return (f"sweeps:      {res.sweeps}{runs}"
+                + (" (converged)" if res.converged else f" (max-iter {args.max_iter} reached, not converged)"))
+    if res.method == "activation":
+        return (f"assignment:  one linear assignment per group on {res.extra.get('batches', args.num_batches)} "
+                f"batches of {args.batch_size} training images (not iterative)")
+    if res.method == "ste":
+        return f"epochs:      {res.sweeps} (protocol {args.ste_protocol})"
+    return f"steps:       {res.sweeps}" + ("" if res.converged else " (not converged)")
 
 
 def _run_multi(args, spec, states, models, dataset, device) -> int:

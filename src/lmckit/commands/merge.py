@@ -6,9 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
-from .common import (MAX_EPOCHS, MAX_ITER, MAX_POINTS, MAX_SEED, add_arch, add_data, add_device, add_json,
-                     check_output_path, describe_model, int_in, load_checkpoints, load_named_dataset, print_json,
-                     print_table, refuse_outputs_in_inputs, state_fingerprint)
+from .common import (MAX_EPOCHS, MAX_ITER, MAX_POINTS, MAX_SEED, add_arch, add_data, add_device, DeprecatedAlias,
+                     add_json, add_quiet, check_output_path, describe_model, int_in, load_checkpoints,
+                     load_named_dataset, print_json, print_table, refuse_outputs_in_inputs, state_fingerprint)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "merge", help="merge several models: align, average uniformly, report accuracies and barriers",
         description="Align every model to the first (anchor) with weight matching, activation matching or STE (or "
                     "all together by MergeMany), write the uniform average as DIR/merged.safetensors (BatchNorm "
-                    "statistics recomputed), one perm JSON per model, DIR/merge.json and the merged-accuracy curve "
-                    "DIR/merged_accuracy.png (average of the first n aligned models vs the naive average).")
+                    "statistics recomputed or REPAIR applied, as --bn-reset says), one perm JSON per model and DIR/merge.json (with the merged-accuracy curve: "
+                    "the average of the first n aligned models vs the naive average); --plot PATH also draws that "
+                    "curve as a PNG.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
     p.add_argument("--method", choices=["weight", "activation", "ste"], default="weight", help="alignment method (default weight)")
     p.add_argument("--multi", choices=["anchor", "mergemany"], default="anchor",
@@ -26,20 +27,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
     p.add_argument("--points", type=int_in(2, MAX_POINTS), default=25,
                    help=f"lambdas per pairwise barrier (default 25, at most {MAX_POINTS})")
-    p.add_argument("--bn-reset", choices=["auto", "on", "off"], default="auto",
-                   help="recompute BatchNorm statistics of averaged models (default auto: when the model has BN)")
+    p.add_argument("--bn-reset", choices=["auto", "on", "off", "repair"], default="auto",
+                   help="recompute BatchNorm statistics of averaged models (auto: when the model has BN), or REPAIR "
+                        "(rescale each hidden unit of the average to the mean of the models' activation statistics; "
+                        "needs a bias or affine norm after every permuted layer) (default auto)")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of matching, STE and BN-reset batches (default 0)")
     p.add_argument("--max-iter", type=int_in(1, MAX_ITER), default=100,
                    help=f"WM sweeps / MergeMany passes (default 100, at most {MAX_ITER})")
     p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default="adam", help="STE optimiser preset (default adam)")
     p.add_argument("--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE epochs, at least 1 (default: the preset's)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items of the split only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on the first N items of the split only (default: all)")
+    p.add_argument("--eval-limit", type=int, dest="limit", action=DeprecatedAlias, new="--limit")
     p.add_argument("--no-curve", action="store_true", help="skip the merged-accuracy curve")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="write the merged-accuracy curve as a PNG (default: none)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in the first checkpoint)")
     add_data(p)
     add_device(p)
     add_arch(p)
     add_json(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -96,12 +104,18 @@ def run(args: argparse.Namespace) -> int:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
     if args.epochs is not None and args.method != "ste":
         raise LmcError(f"--epochs applies to --method ste only (got --method {args.method})", "drop --epochs")
+    if args.plot is not None:
+        if args.no_curve:
+            raise LmcError("--plot draws the merged-accuracy curve, which --no-curve skips", "drop one of them")
+        if Path(args.plot).suffix.lower() != ".png":
+            raise LmcError(f"--plot {args.plot} must be a .png file")
     out = Path(args.out)
-    names = ["merged.safetensors", "merge.json", "merged_accuracy.png", "ste", ".lock"]
+    names = ["merged.safetensors", "merge.json", "ste", ".lock"]
     names += [f"perm_{i}.json" for i in range(len(args.models))]
-    refuse_outputs_in_inputs([("--out", out)] + [("--out", out / n) for n in names],
-                             [(f"model {i}", m) for i, m in enumerate(args.models)])
+    inputs = [(f"model {i}", m) for i, m in enumerate(args.models)]
+    refuse_outputs_in_inputs([("--out", out)] + [("--out", out / n) for n in names] + [("--plot", args.plot)], inputs)
     check_output_path("--out", out, folder=True)
+    check_output_path("--plot", args.plot)
     device = resolve_device(args.device)
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)
     states, infos, model, _ = load_checkpoints(args.models, arch=args.arch)
@@ -133,11 +147,10 @@ def run(args: argparse.Namespace) -> int:
                        model=model.lmckit_config, seed=args.seed, model_sha256=hashes)
         if args.method == "ste":
             summary["ste"] = {"preset": args.ste_preset, "epochs": args.epochs}
-        if res.curve:
-            plot_merged_accuracy(res.curve, tmp / "merged_accuracy.png",
-                                 title=f"uniform average of n models ({args.split})",
+        if res.curve and args.plot:
+            plot_merged_accuracy(res.curve, args.plot, title=f"uniform average of n models ({args.split})",
                                  model_accuracies=summary["model_accuracies"])
-            summary["merged_accuracy_plot"] = str(out / "merged_accuracy.png")
+            summary["merged_accuracy_plot"] = str(args.plot)
         atomic_write_json(tmp / "merge.json", summary)
     if args.json:
         print_json(summary)

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="The matching methods of the registry (lmckit.match.registry): what each does, "
                                    "its paper, whether it needs data, which multi-model schemes it supports, and "
                                    "its options (set them with lmckit match --option KEY=VALUE).")
-    p.add_argument("name", nargs="?", default=None, help="show one method only")
+    p.add_argument("name", nargs="?", default=None, help="show one method only (default: all)")
     add_json(p)
     p.set_defaults(func=run)
 

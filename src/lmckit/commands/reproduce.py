@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data, add_device, add_json, int_in, print_json, print_table, refuse_outputs_in_inputs
+from .common import add_data, add_device, add_json, add_quiet, int_in, print_json, print_table, refuse_outputs_in_inputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="report folder (default: reports/<recipe>)")
     p.add_argument("--cache", default="runs", help="stage output root (default: runs/)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 (repeatable)")
+                   help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 (repeatable; default: the recipe's values)")
     p.add_argument("--jobs", type=int_in(1, 256), default=None,
                    help="stages run in parallel (local: process pool, default 1 = in process; ray: most in flight, "
                         "default: as the cluster's resources allow; at most 256)")
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device(p)
     add_data(p)
     add_json(p)
+    add_quiet(p)
     p.set_defaults(func=run)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import LazyChoices, add_data, add_device, add_json, print_json
+from .common import LazyChoices, add_data, add_device, add_json, add_quiet, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,29 +18,30 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "matching --model and --dataset, e.g. mlp + fashion-mnist -> mlp-fmnist, else the defaults), "
                     "then the options given. Prints the run folder as the last line.")
     p.add_argument("--preset", choices=LazyChoices("train", "PRESETS"), metavar="PRESET", default=None,
-                   help="named recipe (see PAPER.md): %(choices)s")
+                   help="named recipe (see PAPER.md): %(choices)s (default: the preset matching --model and --dataset, "
+                        "else none)")
     p.add_argument("--model", default=None, help="registered model (`lmckit models`); default mlp")
     p.add_argument("--dataset", default=None, help="dataset name; default fashion-mnist")
     p.add_argument("--seed", type=int, default=None, help="seeds the initialisation and batch order (default 0)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size")
     p.add_argument("--optimizer", choices=LazyChoices("train", "OPTIMIZERS"), metavar="OPTIMIZER", default=None,
                    help="one of %(choices)s")
     p.add_argument("--lr", type=float, default=None, help="base learning rate")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     p.add_argument("--schedule", choices=LazyChoices("train", "SCHEDULES"), metavar="SCHEDULE", default=None,
                    help="one of %(choices)s")
-    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="epochs of linear learning-rate warm-up")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop (pad 4) and flip")
     p.add_argument("--val-size", type=int, default=None, help="training images held out as a val split")
-    p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size")
     p.add_argument("--width", type=int, default=None, help="hidden width (MLP)")
     p.add_argument("--depth", type=int, default=None, help="hidden layers (MLP)")
     p.add_argument("--width-mult", type=float, default=None, help="width multiplier")
-    p.add_argument("--norm", choices=("none", "batchnorm", "layernorm"), default=None)
+    p.add_argument("--norm", choices=("none", "batchnorm", "layernorm"), default=None, help="normalisation layers")
     p.add_argument("--activation", default=None, help="MLP activation (relu, gelu, tanh, silu, leaky_relu)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="bf16: autocast the training passes to bfloat16 (weights and checkpoints stay float32; hashed)")
@@ -50,7 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow TF32 matmuls/convolutions on CUDA (default: on; never used on CPU; not hashed)")
     p.add_argument("--out", default="runs", help="root of the run store (default ./runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    for a in p._actions:  # the unset options take the preset's value: say so in --help
+        if a.default is None and a.help != argparse.SUPPRESS and "default" not in (a.help or "").lower():
+            a.help = f"{a.help or ''} (default: the preset's value)".lstrip()  # a format string, like argparse's
+    add_quiet(p)
     add_device(p)
     add_data(p)
     add_json(p)
