@@ -81,8 +81,8 @@ head-structured ``p_m`` is ``p_m[a*d_m + j] = h[a]*d_m + w_{m,a}[j]``, so
 
 .. math::
 
-    \max J = \max_h \sum_a S[a, h[a]], \qquad
-    S[a, b] = \sum_m \max_{w} \sum_j C_m[a d_m + j, b d_m + w[j]] ,
+    \\max J = \\max_h \\sum_a S[a, h[a]], \\qquad
+    S[a, b] = \\sum_m \\max_{w} \\sum_j C_m[a d_m + j, b d_m + w[j]] ,
 
 solved exactly by ``H^2`` within-head assignment problems per member (one per
 pair of heads ``(a, b)``, on the ``d_m x d_m`` block of ``C_m``) and one
@@ -110,6 +110,13 @@ from .result import MatchResult
 STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 DEFAULT_TOL = 1e-7
+
+#: (entry, axis) cost terms with at most this many inner entries (output layers, biases) are recomputed, not cached.
+UNCACHED_MAX_INNER = 64
+#: A cached cost term is updated by a rank-s correction when its other group moved at most this fraction of its units.
+RANK_UPDATE_MAX_FRACTION = 0.25
+#: After this many rank-s corrections in a row a cached term is recomputed in full (bounds float rounding drift).
+RANK_UPDATE_REFRESH = 16
 
 
 # --------------------------------------------------------------------------- checks
@@ -273,8 +280,14 @@ class _Problem:
     def objective(self, bp: Mapping[str, torch.Tensor]) -> float:
         if not self.keys:
             return 0.0
-        tot = torch.stack([torch.sum(self.A[k].double() * bp[k].double()) for k in self.keys]).sum()
-        return float(tot)
+        tot = 0.0
+        for k in self.keys:  # float64 products, in blocks of rows (no float64 copy of a whole entry)
+            a, b = self.A[k].reshape(self.A[k].shape[0] if self.A[k].dim() else 1, -1), bp[k]
+            b = b.reshape(a.shape)
+            rows = max(1, (1 << 19) // max(1, a.shape[1]))
+            for i in range(0, a.shape[0], rows):
+                tot += float(torch.sum(a[i:i + rows].double() * b[i:i + rows].double()))
+        return tot
 
     # ------------------------------------------------------------------ cost
     def cost_full(self, g: str, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -306,8 +319,73 @@ class _Problem:
             return (am.t() @ b).double()  # (in x out) @ (out x in)
         return (am @ _flat(b, a).t()).double()
 
+    def _other_group(self, k: str, a: int) -> str | None:
+        """The plain group on the other axis of a 2-D entry (``None`` when the rank-s update does not apply)."""
+        if self.A[k].dim() != 2:
+            return None
+        o = self.axes[k][1 - a]
+        return o if isinstance(o, str) and not is_segmented(o) else None
+
+    def _refresh(self, k: str, a: int, am: torch.Tensor, bp: Mapping[str, torch.Tensor], inv_g: torch.Tensor,
+                 stamp: tuple, hit: tuple | None, perms: Mapping[str, torch.Tensor] | None) -> tuple:
+        """A stale cached (entry, axis) term brought up to date: rank-s update or full product.
+
+        The term, in B's original unit order of ``g`` (rows: A's units of ``g``,
+        columns: B's), of a 2-D entry whose other axis carries group ``h`` is
+
+        .. math::  T[i, j] = \\sum_c A^{(a)}[i, c] \\, B^{(a)}[j, p_h[c]]
+
+        (``B`` unpermuted; position ``c`` of ``pi(B)`` on ``h``'s axis holds
+        unit ``p_h[c]``). When ``h`` has moved from ``p_old`` to ``p_new`` since
+        the term was computed, only the positions ``S = {c: p_new[c] != p_old[c]}``
+        change it:
+
+        .. math::  T_{new} = T_{old} + A^{(a)}[:, S] \\,
+                   \\big(B^{(a)}[:, p_{new}[S]] - B^{(a)}[:, p_{old}[S]]\\big)^T ,
+
+        ``O(n^2 |S|)`` instead of ``O(n^2 m)``. The full product is used instead
+        when ``|S| > m / 4`` (:data:`RANK_UPDATE_MAX_FRACTION`), after
+        :data:`RANK_UPDATE_REFRESH` updates in a row (so rounding never
+        accumulates beyond a few float32 roundings of the term), for entries
+        with more than two axes or a block axis, and when ``perms`` is not given.
+        Terms are held in the problem's dtype (float32 for float32 models: the
+        full product is a float32 value, so nothing is lost) and summed in float64
+        by the caller.
+        """
+        h = self._other_group(k, a) if perms is not None else None
+        if h is not None and hit is not None and len(hit) > 2 and hit[3] < RANK_UPDATE_REFRESH:
+            p_old, p_new = hit[2], perms[h]
+            moved = torch.nonzero(p_old != p_new).flatten()
+            s_, m = int(moved.numel()), p_new.numel()
+            if s_ <= RANK_UPDATE_MAX_FRACTION * m:
+                term = hit[1]
+                if s_:
+                    o = 1 - a
+                    a_s = self.A[k].index_select(o, moved)
+                    d = self.B[k].index_select(o, p_new[moved]) - self.B[k].index_select(o, p_old[moved])
+                    if a == 0:  # (n, s) @ (s, n)
+                        term.addmm_(a_s, d.t())
+                    else:       # A^{(1)} = A^T: (s, n)^T @ (s, n)
+                        term.addmm_(a_s.t(), d)
+                return (stamp, term, p_new, hit[3] + 1)
+        term = self._term(k, a, am, bp[k], inv_g)
+        return (stamp, term) if h is None else (stamp, term, perms[h], 0)
+
+    @staticmethod
+    def _operands(k: str, a: int, am: torch.Tensor, b: torch.Tensor, inv_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, R)`` of one (entry, axis) term ``L @ R^T``: ``L = A^{(a)}``, ``R = pi(B)^{(a)}`` rows in B's order of ``g``."""
+        if b.dim() == 2 and a == 1:
+            return am.t(), b.index_select(1, inv_g).t()  # (in x out), (in x out)
+        return am, _flat(b, a).index_select(0, inv_g)
+
+    def _term(self, k: str, a: int, am: torch.Tensor, b: torch.Tensor, inv_g: torch.Tensor) -> torch.Tensor:
+        """One (entry, axis) term in B's original unit order of its group, in the problem's dtype."""
+        left, right = self._operands(k, a, am, b, inv_g)
+        return left @ right.t()
+
     def cost_original(self, g: str, bp: Mapping[str, torch.Tensor], inv_g: torch.Tensor,
-                      stamps: Mapping[str, int], cache: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      stamps: Mapping[str, int], cache: dict,
+                      perms: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(C_lin, C_quad)`` against B's *original* unit order of ``g``.
 
         Each (entry, axis) term, re-ordered to B's original units of ``g``,
@@ -319,27 +397,36 @@ class _Problem:
         n = self.spec.sizes[g]
         c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         for k, a, am in self.mats[g]:
+            left, right = self._operands(k, a, am, bp[k], inv_g)
+            if left.shape[1] <= UNCACHED_MAX_INNER:  # as cheap to recompute as to add: never held
+                _add_product(c, left, right)
+                continue
             stamp = tuple(stamps[h] for i, e in enumerate(self.axes[k]) if i != a for h in entry_groups(e))
             hit = cache.get((k, a))
             if hit is None or hit[0] != stamp:
-                hit = (stamp, self.contribution(k, a, am, bp[k])[:, inv_g])
+                hit = self._refresh(k, a, am, bp, inv_g, stamp, hit, perms)
                 cache[(k, a)] = hit
-            c += hit[1]
+            _accumulate(c, hit[1])
         if self.vec_a[g] is not None:
-            hit = cache.get((g, "vec"))
-            if hit is None:  # biases / norm vectors: only g moves them, so the term never changes
-                bv = torch.stack([bp[k] for k in self.vec_keys[g]], 1)
-                hit = cache[(g, "vec")] = (self.vec_a[g] @ bv.t()).double()[:, inv_g]
-            c += hit
+            # biases / norm vectors: only g moves them, so the term never changes; a few
+            # vectors are recomputed (O(n^2) per vector), many are cached
+            bv = torch.stack([bp[k] for k in self.vec_keys[g]], 1).index_select(0, inv_g)
+            if bv.shape[1] <= UNCACHED_MAX_INNER:
+                _add_product(c, self.vec_a[g], bv)
+            else:
+                hit = cache.get((g, "vec"))
+                if hit is None:
+                    hit = cache[(g, "vec")] = self.vec_a[g] @ bv.t()
+                _accumulate(c, hit)
         for i, (k, a, off, m, inner, am, quad) in enumerate(self.segs[g]):
             if quad:
                 continue
             stamp = tuple(stamps[h] for j, e in enumerate(self.axes[k]) if j != a for h in entry_groups(e))
             hit = cache.get((k, a, "seg", off))
             if hit is None or hit[0] != stamp:
-                hit = (stamp, (am @ _segflat(bp[k], a, off, m, inner).t()).double()[:, inv_g])
+                hit = (stamp, am @ _segflat(bp[k], a, off, m, inner).index_select(0, inv_g).t())
                 cache[(k, a, "seg", off)] = hit
-            c += hit[1]
+            _accumulate(c, hit[1])
         cq = None
         if self.quad[g] or any(t[6] for t in self.segs[g]):
             cq = torch.zeros(n, n, dtype=torch.float64, device=self.device)
@@ -366,10 +453,38 @@ class _Problem:
         return changed
 
 
+def _accumulate(c: torch.Tensor, t: torch.Tensor) -> None:
+    """``c += t`` for a float64 ``c`` and a lower-precision ``t``, in blocks of rows (no float64 copy of ``t``)."""
+    if t.dtype == c.dtype:
+        c += t
+        return
+    rows = max(1, (1 << 19) // max(1, c.shape[1]))
+    for i in range(0, c.shape[0], rows):
+        c[i:i + rows] += t[i:i + rows]
+
+
+def _add_product(c: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``c += left @ right^T`` (float64 ``c``), in blocks of rows so no ``n x n`` temporary is made."""
+    rows = max(1, (1 << 19) // max(1, c.shape[1]))
+    rt = right.t()
+    for i in range(0, c.shape[0], rows):
+        c[i:i + rows] += left[i:i + rows] @ rt
+
+
 def _lap(cost: np.ndarray) -> np.ndarray:
-    """Column assigned to each row, maximising the summed cost (solver picked per size by :mod:`.lap`)."""
+    """Column assigned to each row, maximising the summed cost (solver picked per size by :mod:`.lap`).
+
+    A writable float64 ``cost`` is negated in place for the solve and restored
+    after it (negation is exact), which spares the solvers' negated ``n x n`` copy.
+    """
     from .lap import solve
 
+    if cost.dtype == np.float64 and cost.flags.writeable and cost.flags.c_contiguous:
+        np.negative(cost, out=cost)
+        try:
+            return solve(cost, maximize=False)
+        finally:
+            np.negative(cost, out=cost)
     return solve(cost, maximize=True)
 
 
@@ -497,7 +612,7 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                 parts = []
                 for g in units[u]:
                     if g in prob.mats:
-                        c_lin, c_quad = prob.cost_original(g, bp, inv[g], moved_at_any, cost_cache)
+                        c_lin, c_quad = prob.cost_original(g, bp, inv[g], moved_at_any, cost_cache, perms)
                     else:  # a member the objective cannot see
                         c_lin = torch.zeros(n_units[g], n_units[g], dtype=torch.float64, device=dev)
                         c_quad = None
