@@ -205,6 +205,7 @@ class _Problem:
         dtype = torch.float64 if any(sd_a[k].dtype == torch.float64 or sd_b[k].dtype == torch.float64 for k in keys) else torch.float32
         self.spec = spec
         self.device = device
+        self.counters = {"cost_terms_updated": 0, "cost_terms_recomputed": 0}  # rank-s updates / full products
         self.keys = keys
         self.A = {k: sd_a[k].detach().to(device=device, dtype=dtype) for k in keys}
         self.B = {k: sd_b[k].detach().to(device=device, dtype=dtype) for k in keys}
@@ -367,7 +368,9 @@ class _Problem:
                         term.addmm_(a_s, d.t())
                     else:       # A^{(1)} = A^T: (s, n)^T @ (s, n)
                         term.addmm_(a_s.t(), d)
+                self.counters["cost_terms_updated"] += 1
                 return (stamp, term, p_new, hit[3] + 1)
+        self.counters["cost_terms_recomputed"] += 1
         term = self._term(k, a, am, bp[k], inv_g)
         return (stamp, term) if h is None else (stamp, term, perms[h], 0)
 
@@ -765,7 +768,7 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
              "restart_objectives": [float(v) for v in finals], "max_iter": int(max_iter),
              "solves": stats["solves"], "skipped_solves": stats["skipped"], "moves": stats["moves"],
              "device": str(dev), "objective_entries": len(keys), "setup_seconds": setup,
-             "sweep_seconds": stats["sweep_seconds"]}
+             "sweep_seconds": stats["sweep_seconds"], **prob.counters}
     if prob.unmatched:
         extra["unmatched_groups"] = list(prob.unmatched)
     return MatchResult(perms=perms, objective=[float(v) for v in history], sweeps=sweeps,
