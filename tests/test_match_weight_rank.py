@@ -33,40 +33,44 @@ def _zoo(name, seed):
     return m, sd
 
 
+def _cycle(p, idx):
+    p = p.clone()
+    p[idx] = p[np.roll(idx, 1)]
+    return p
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rank_update_equals_fresh_product(dtype):
-    """Both axes of a hidden 2-D weight: the updated term equals the product computed afresh."""
+    """After a neighbour moves a few units, the updated cost equals the one computed afresh (every hidden group)."""
     m, sd_a = _mlp(48, 0, dtype)
     _, sd_b = _mlp(48, 1, dtype)
     spec = spec_for(m)
-    keys = wm.objective_keys(spec, sd_a)
-    prob = wm._Problem(spec, sd_a, sd_b, keys, torch.device("cpu"))
-    perms = {g: p.clone() for g, p in random_permutation(spec, seed=3).items()}
+    prob = wm._Problem(spec, sd_a, sd_b, wm.objective_keys(spec, sd_a), torch.device("cpu"))
     rng = np.random.default_rng(0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
     checked = 0
     for g in prob.groups:
-        for k, a, am in prob.mats[g]:
-            h = prob._other_group(k, a)
-            if h is None:
-                continue
+        _, upd, _ = prob._plan(g)
+        for h in {t[3] for t in upd}:
+            perms = {x: p.clone() for x, p in random_permutation(spec, seed=3).items()}
+            stamps = {x: 0 for x in spec.sizes}
             inv_g = torch.argsort(perms[g])
-            hit = prob._refresh(k, a, am, prob.permuted_b(perms), inv_g, (0,), None, perms)
-            assert len(hit) == 4 and hit[3] == 0
-            moved = dict(perms)
-            idx = rng.choice(spec.sizes[h], size=5, replace=False)  # a 5-cycle on h's positions
-            p = moved[h].clone()
-            p[idx] = p[np.roll(idx, 1)]
-            moved[h] = p
-            before = prob.counters["cost_terms_updated"]
-            new = prob._refresh(k, a, am, prob.permuted_b(moved), inv_g, (1,), hit, moved)
-            assert prob.counters["cost_terms_updated"] == before + 1  # the rank-s path was taken
-            fresh = prob._term(k, a, am, prob.permuted_b(moved)[k], inv_g)
-            tol = 1e-12 if dtype == torch.float64 else 1e-5
-            torch.testing.assert_close(new[1].double(), fresh.double(), rtol=tol, atol=tol * float(fresh.abs().max()))
-            # and it really changed: the update is not a no-op
-            assert not torch.allclose(new[1].double(), prob._term(k, a, am, prob.permuted_b(perms)[k], inv_g).double())
+            cache: dict = {}
+            before, _ = prob.cost_original(g, prob.permuted_b(perms), inv_g, stamps, cache, perms)
+            before = before.clone()
+            perms[h] = _cycle(perms[h], rng.choice(spec.sizes[h], size=5, replace=False))
+            stamps[h] += 1
+            n_upd = prob.counters["cost_terms_updated"]
+            bp = prob.permuted_b(perms)
+            after, _ = prob.cost_original(g, bp, inv_g, stamps, cache, perms)
+            assert prob.counters["cost_terms_updated"] > n_upd  # the rank-s path was taken
+            fresh, _ = prob.cost_original(g, bp, inv_g, stamps, {}, perms)
+            full = prob.cost_full(g, bp)[0][:, inv_g]  # the independent product of every term
+            for ref in (fresh, full):
+                torch.testing.assert_close(after, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+            assert not torch.allclose(after, before)  # the move changed the cost: the update is not a no-op
             checked += 1
-    assert checked >= 4  # fc2 and fc3, both axes
+    assert checked >= 4  # h1 <- h2, h2 <- h1, h2 <- h3, h3 <- h2
 
 
 def _run(spec, sd_a, sd_b, monkeypatch, frac, **kw):
@@ -133,26 +137,28 @@ def test_planted_permutation_recovered_with_rank_updates(monkeypatch, name):
     assert np.all(np.diff(res.objective) >= 0)
 
 
-def test_refresh_after_many_updates(monkeypatch):
-    """After RANK_UPDATE_REFRESH updates in a row a term is recomputed in full (drift stays bounded)."""
+def test_sum_rebuilt_after_many_updates():
+    """After RANK_UPDATE_REFRESH rank-s updates a group's cost sum is rebuilt from scratch (drift stays bounded)."""
     m, sd_a = _mlp(32, 0)
     _, sd_b = _mlp(32, 1)
     spec = spec_for(m)
     prob = wm._Problem(spec, sd_a, sd_b, wm.objective_keys(spec, sd_a), torch.device("cpu"))
     perms = identity_permutation(spec)
+    stamps = {x: 0 for x in spec.sizes}
     g = prob.groups[1]
-    k, a, am = next((k, a, am) for k, a, am in prob.mats[g] if prob._other_group(k, a) is not None)
-    h = prob._other_group(k, a)
+    h = prob._plan(g)[1][0][3]
     inv_g = torch.argsort(perms[g])
-    hit = prob._refresh(k, a, am, prob.permuted_b(perms), inv_g, (0,), None, perms)
+    cache: dict = {}
+    prob.cost_original(g, prob.permuted_b(perms), inv_g, stamps, cache, perms)
     for step in range(1, wm.RANK_UPDATE_REFRESH + 2):
-        p = perms[h].clone()
-        p[[0, 1]] = p[[1, 0]]
-        perms = dict(perms, **{h: p})
-        hit = prob._refresh(k, a, am, prob.permuted_b(perms), inv_g, (step,), hit, perms)
-        assert hit[3] == (step if step <= wm.RANK_UPDATE_REFRESH else 0)
-    fresh = prob._term(k, a, am, prob.permuted_b(perms)[k], inv_g)
-    assert torch.equal(hit[1], fresh)  # the last one was a full product
+        perms = dict(perms, **{h: _cycle(perms[h], np.array([0, 1]))})
+        stamps[h] += 1
+        rebuilt = prob.counters["cost_terms_recomputed"]
+        c, _ = prob.cost_original(g, prob.permuted_b(perms), inv_g, stamps, cache, perms)
+        assert cache[(g, "sum")][2] == (step if step <= wm.RANK_UPDATE_REFRESH else 0)
+        assert (prob.counters["cost_terms_recomputed"] > rebuilt) == (step > wm.RANK_UPDATE_REFRESH)
+    fresh, _ = prob.cost_original(g, prob.permuted_b(perms), inv_g, stamps, {}, perms)
+    assert torch.equal(c, fresh)  # the last one was a rebuild
 
 
 def test_lap_restores_the_cost_matrix():
