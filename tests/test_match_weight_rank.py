@@ -3,7 +3,7 @@
 A cached (entry, axis) term ``T = A^{(a)} pi(B)^{(a)T}`` of a 2-D entry is
 brought up to date after its other group moved by
 ``T += A[:, S] (B[:, p_new[S]] - B[:, p_old[S]])^T`` instead of a full product
-(``lmckit.match.weight._Problem._refresh``). These tests check the update
+(``lmckit.match.weight._Problem.cost_original``). These tests check the update
 against the product computed afresh, and whole descents with the update forced
 on every stale term against descents that never use it.
 """
@@ -166,7 +166,7 @@ def test_lap_restores_the_cost_matrix():
     rng = np.random.default_rng(0)
     c = rng.standard_normal((50, 50))
     keep = c.copy()
-    col = wm._lap(c)
+    col = wm._lap(c, inplace=True)
     assert np.array_equal(c, keep)
     from scipy.optimize import linear_sum_assignment
 
@@ -174,4 +174,5 @@ def test_lap_restores_the_cost_matrix():
     assert keep[np.arange(50), col].sum() == pytest.approx(keep[np.arange(50), ref].sum(), rel=1e-12)
     ro = keep.copy()
     ro.flags.writeable = False
-    assert np.array_equal(wm._lap(ro), col)
+    assert np.array_equal(wm._lap(ro, inplace=True), col)
+    assert np.array_equal(wm._lap(keep), col)

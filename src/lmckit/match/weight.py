@@ -54,6 +54,23 @@ Speed
 - A group's cost matrix depends only on the permutations of its neighbours
   (groups that share an entry with it). A solve is skipped when no neighbour
   moved since the group's last solve: its LAP would return the same answer.
+- Rank-s updates: each group keeps one float64 running sum, in B's original
+  unit order, of its constant terms (input/output layers, biases) and of the
+  terms of 2-D entries with one plain group ``h`` on the other axis. When
+  ``h`` has moved only the units ``S`` since, the term changes by
+  ``A^{(a)}[:, S] (B^{(a)}[:, p_new[S]] - B^{(a)}[:, p_old[S]])^T``:
+  ``O(n^2 |S|)`` instead of the ``O(n^2 m)`` product. After a few sweeps
+  moves touch a small fraction of the units, and at 2048 units this makes WM
+  several times faster than recomputing the products. The sum is rebuilt
+  from scratch after :data:`RANK_UPDATE_REFRESH` updates (so rounding never
+  accumulates beyond a few float32 roundings of a term) and when a neighbour
+  moved more than :data:`RANK_UPDATE_MAX_FRACTION` of its units. Other terms
+  (conv kernels, block axes) are cached per term, in the input precision.
+- Memory: the sums are built from the unpermuted B a block of rows at a
+  time, a permuted copy of B is kept only when some term needs it, float64
+  sums and norms run over blocks of rows, and the LAP negates its matrix in
+  place; a 784-2048-2048-2048-10 pair peaks at about 3x (models + one cost
+  matrix) of resident memory (``benchmarks/bench_wm_width.py``).
 - Products run on the tensors' device (CUDA when present) in the input
   precision (float32 for float32/half models) and are summed in float64;
   only the LAP runs on the CPU.
@@ -115,7 +132,7 @@ DEFAULT_TOL = 1e-7
 UNCACHED_MAX_INNER = 64
 #: A group's cached cost sum is updated by rank-s corrections when each neighbour moved at most this fraction
 #: of its units, and rebuilt otherwise (a correction costs at most one product, a rebuild all of the group's).
-RANK_UPDATE_MAX_FRACTION = 1.0
+RANK_UPDATE_MAX_FRACTION = 0.5
 #: After this many rank-s updates in a row a group's cost sum is rebuilt from scratch (bounds float rounding drift).
 RANK_UPDATE_REFRESH = 16
 
@@ -526,6 +543,11 @@ class _Problem:
         return changed
 
 
+def _lap_scratch(cost: np.ndarray) -> np.ndarray:
+    """:func:`_lap` on a cost matrix owned by the descent (negated in place and restored)."""
+    return _lap(cost, inplace=True)
+
+
 _LIBC: Any = None
 
 
@@ -574,15 +596,16 @@ def _add_product(c: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> No
         c[i:i + rows] += left[i:i + rows] @ rt
 
 
-def _lap(cost: np.ndarray) -> np.ndarray:
+def _lap(cost: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Column assigned to each row, maximising the summed cost (solver picked per size by :mod:`.lap`).
 
-    A writable float64 ``cost`` is negated in place for the solve and restored
-    after it (negation is exact), which spares the solvers' negated ``n x n`` copy.
+    With ``inplace``, a writable float64 ``cost`` is negated in place for the
+    solve and restored after it (negation is exact), which spares the solvers'
+    negated ``n x n`` copy; only for matrices nothing else reads meanwhile.
     """
     from .lap import solve
 
-    if cost.dtype == np.float64 and cost.flags.writeable and cost.flags.c_contiguous:
+    if inplace and cost.dtype == np.float64 and cost.flags.writeable and cost.flags.c_contiguous:
         np.negative(cost, out=cost)
         try:
             return solve(cost, maximize=False)
@@ -726,9 +749,9 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                 _trim_heap()
             plain = [(i, job[1][0][4]) for i, job in enumerate(jobs) if job[0] not in unit_heads]
             if sum(c.shape[0] >= _PARALLEL_MIN_UNITS for _, c in plain) > 1:
-                sol_plain = dict(zip([i for i, _ in plain], _lap_pool().map(_lap, [c for _, c in plain])))
+                sol_plain = dict(zip([i for i, _ in plain], _lap_pool().map(_lap_scratch, [c for _, c in plain])))
             else:
-                sol_plain = {i: _lap(c) for i, c in plain}
+                sol_plain = {i: _lap_scratch(c) for i, c in plain}
             for i, (u, parts) in enumerate(jobs):
                 if u in unit_heads:
                     news = _solve_heads(unit_heads[u], [pt[4] for pt in parts])
