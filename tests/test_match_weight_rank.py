@@ -176,3 +176,17 @@ def test_lap_restores_the_cost_matrix():
     ro.flags.writeable = False
     assert np.array_equal(wm._lap(ro, inplace=True), col)
     assert np.array_equal(wm._lap(keep), col)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet_tiny", "lstm_tiny"])
+def test_objective_without_permuted_copy(name):
+    """``objective_of`` (one entry at a time) equals the objective of the fully permuted B; B is kept only when needed."""
+    m, sd_a = _mlp(40, 0) if name == "mlp" else _zoo(name, 0)
+    _, sd_b = _mlp(40, 1) if name == "mlp" else _zoo(name, 1)
+    spec = spec_for(m)
+    prob = wm._Problem(spec, sd_a, sd_b, wm.objective_keys(spec, sd_a), torch.device("cpu"))
+    assert prob.needs_bp == (name != "mlp")  # conv kernels / LSTM gate blocks need the permuted B
+    perms = random_permutation(spec, seed=2)
+    ref = sum(float((sd_a[k].double() * v.double()).sum()) for k, v in prob.permuted_b(perms).items())
+    assert prob.objective_of(perms) == pytest.approx(ref, rel=1e-12)
+    assert prob.objective(prob.permuted_b(perms)) == pytest.approx(ref, rel=1e-12)
