@@ -69,8 +69,10 @@ Speed
 - Memory: the sums are built from the unpermuted B a block of rows at a
   time, a permuted copy of B is kept only when some term needs it, float64
   sums and norms run over blocks of rows, and the LAP negates its matrix in
-  place; a 784-2048-2048-2048-10 pair peaks at about 3x (models + one cost
-  matrix) of resident memory (``benchmarks/bench_wm_width.py``).
+  place. On 784-w-w-w-10 MLP pairs the resident peak stays under
+  3 x (models + one cost matrix) from w = 2048 on (289 MB of 325 at 2048,
+  841 of 1227 at 4096; ``benchmarks/bench_wm_width.py``); below that the
+  process's fixed allocator overhead dominates.
 - Products run on the tensors' device (CUDA when present) in the input
   precision (float32 for float32/half models) and are summed in float64;
   only the LAP runs on the CPU.
