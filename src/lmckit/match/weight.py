@@ -54,6 +54,25 @@ Speed
 - A group's cost matrix depends only on the permutations of its neighbours
   (groups that share an entry with it). A solve is skipped when no neighbour
   moved since the group's last solve: its LAP would return the same answer.
+- Rank-s updates: each group keeps one float64 running sum, in B's original
+  unit order, of its constant terms (input/output layers, biases) and of the
+  terms of 2-D entries with one plain group ``h`` on the other axis. When
+  ``h`` has moved only the units ``S`` since, the term changes by
+  ``A^{(a)}[:, S] (B^{(a)}[:, p_new[S]] - B^{(a)}[:, p_old[S]])^T``:
+  ``O(n^2 |S|)`` instead of the ``O(n^2 m)`` product. After a few sweeps
+  moves touch a small fraction of the units, and at 2048 units this makes WM
+  several times faster than recomputing the products. The sum is rebuilt
+  from scratch after :data:`RANK_UPDATE_REFRESH` updates (so rounding never
+  accumulates beyond a few float32 roundings of a term) and when a neighbour
+  moved more than :data:`RANK_UPDATE_MAX_FRACTION` of its units. Other terms
+  (conv kernels, block axes) are cached per term, in the input precision.
+- Memory: the sums are built from the unpermuted B a block of rows at a
+  time, a permuted copy of B is kept only when some term needs it, float64
+  sums and norms run over blocks of rows, and the LAP negates its matrix in
+  place. On 784-w-w-w-10 MLP pairs the resident peak stays under
+  3 x (models + one cost matrix) from w = 2048 on (289 MB of 325 at 2048,
+  841 of 1227 at 4096; ``benchmarks/bench_wm_width.py``); below that the
+  process's fixed allocator overhead dominates.
 - Products run on the tensors' device (CUDA when present) in the input
   precision (float32 for float32/half models) and are summed in float64;
   only the LAP runs on the CPU.
@@ -81,8 +100,8 @@ head-structured ``p_m`` is ``p_m[a*d_m + j] = h[a]*d_m + w_{m,a}[j]``, so
 
 .. math::
 
-    \max J = \max_h \sum_a S[a, h[a]], \qquad
-    S[a, b] = \sum_m \max_{w} \sum_j C_m[a d_m + j, b d_m + w[j]] ,
+    \\max J = \\max_h \\sum_a S[a, h[a]], \\qquad
+    S[a, b] = \\sum_m \\max_{w} \\sum_j C_m[a d_m + j, b d_m + w[j]] ,
 
 solved exactly by ``H^2`` within-head assignment problems per member (one per
 pair of heads ``(a, b)``, on the ``d_m x d_m`` block of ``C_m``) and one
@@ -110,6 +129,14 @@ from .result import MatchResult
 STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 DEFAULT_TOL = 1e-7
+
+#: (entry, axis) cost terms with at most this many inner entries (output layers, biases) are recomputed, not cached.
+UNCACHED_MAX_INNER = 64
+#: A group's cached cost sum is updated by rank-s corrections when each neighbour moved at most this fraction
+#: of its units, and rebuilt otherwise (a correction costs at most one product, a rebuild all of the group's).
+RANK_UPDATE_MAX_FRACTION = 0.5
+#: After this many rank-s updates in a row a group's cost sum is rebuilt from scratch (bounds float rounding drift).
+RANK_UPDATE_REFRESH = 16
 
 
 # --------------------------------------------------------------------------- checks
@@ -176,6 +203,15 @@ def l2_distance(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: M
 
 
 # --------------------------------------------------------------------------- problem
+def _norm64(t: torch.Tensor) -> float:
+    """Frobenius norm summed in float64, a block of rows at a time (no float64 copy of ``t``)."""
+    if t.numel() == 0:
+        return 0.0
+    m = t.reshape(t.shape[0] if t.dim() else 1, -1)
+    rows = max(1, (1 << 19) // max(1, m.shape[1]))
+    return sum(float(torch.sum(m[i:i + rows].double() ** 2)) for i in range(0, m.shape[0], rows)) ** 0.5
+
+
 def _segflat(t: torch.Tensor, axis: int, off: int, n: int, inner: int) -> torch.Tensor:
     """Segment ``[off, off + n*inner)`` of ``axis`` as an ``(n, inner*rest)`` matrix (unit runs as rows)."""
     return t.narrow(axis, off, n * inner).movedim(axis, 0).reshape(n, -1)
@@ -198,6 +234,7 @@ class _Problem:
         dtype = torch.float64 if any(sd_a[k].dtype == torch.float64 or sd_b[k].dtype == torch.float64 for k in keys) else torch.float32
         self.spec = spec
         self.device = device
+        self.counters = {"cost_terms_updated": 0, "cost_terms_recomputed": 0}  # rank-s updates / full products
         self.keys = keys
         self.A = {k: sd_a[k].detach().to(device=device, dtype=dtype) for k in keys}
         self.B = {k: sd_b[k].detach().to(device=device, dtype=dtype) for k in keys}
@@ -217,8 +254,8 @@ class _Problem:
         self.quad_keys: dict[str, list[str]] = {}
         self.neighbours: dict[str, set[str]] = {}
         self.scale: dict[str, float] = {}
-        norms_a = {k: float(torch.linalg.vector_norm(self.A[k].double())) for k in keys}
-        norms_b = {k: float(torch.linalg.vector_norm(self.B[k].double())) for k in keys}
+        norms_a = {k: _norm64(self.A[k]) for k in keys}
+        norms_b = {k: _norm64(self.B[k]) for k in keys}
         self.segs: dict[str, list[tuple[str, int, int, int, int, torch.Tensor, bool]]] = {}
         for g in self.groups:
             mats, vecs, quad, qkeys, nb, segs = [], [], [], [], set(), []
@@ -270,11 +307,19 @@ class _Problem:
             out[k] = w
         return out
 
-    def objective(self, bp: Mapping[str, torch.Tensor]) -> float:
-        if not self.keys:
-            return 0.0
-        tot = torch.stack([torch.sum(self.A[k].double() * bp[k].double()) for k in self.keys]).sum()
-        return float(tot)
+    def objective(self, bp: Mapping[str, torch.Tensor], keys: list[str] | None = None) -> float:
+        """``sum_k <A_k, bp_k>`` over ``keys`` (default all), products and sum in float64."""
+        tot = 0.0
+        for k in (self.keys if keys is None else keys):
+            if self.A[k].numel() == 0:
+                continue
+            # float64 products, in blocks of rows (no float64 copy of a whole entry)
+            a, b = self.A[k].reshape(self.A[k].shape[0] if self.A[k].dim() else 1, -1), bp[k]
+            b = b.reshape(a.shape)
+            rows = max(1, (1 << 19) // max(1, a.shape[1]))
+            for i in range(0, a.shape[0], rows):
+                tot += float(torch.sum(a[i:i + rows].double() * b[i:i + rows].double()))
+        return tot
 
     # ------------------------------------------------------------------ cost
     def cost_full(self, g: str, bp: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -306,40 +351,174 @@ class _Problem:
             return (am.t() @ b).double()  # (in x out) @ (out x in)
         return (am @ _flat(b, a).t()).double()
 
+    def _other_group(self, k: str, a: int) -> str | None:
+        """The plain group on the other axis of a 2-D entry (``None`` when the rank-s update does not apply)."""
+        if self.A[k].dim() != 2:
+            return None
+        o = self.axes[k][1 - a]
+        return o if isinstance(o, str) and not is_segmented(o) else None
+
+    def _plan(self, g: str) -> tuple[list, list, list]:
+        """Group ``g``'s matrix terms split into ``(constant, updatable, other)``.
+
+        *constant*: no other axis carries a group (an input or output layer);
+        *updatable*: a 2-D entry whose other axis carries one plain group ``h``
+        (held in the group's running sum and updated by rank-s corrections);
+        *other*: the rest (conv kernels, block axes), cached per term by stamps.
+        """
+        plans = self.__dict__.setdefault("_plans", {})
+        if g not in plans:
+            const, upd, other = [], [], []
+            for k, a, am in self.mats[g]:
+                if not any(entry_groups(e) for i, e in enumerate(self.axes[k]) if i != a):
+                    const.append((k, a, am))
+                elif self._other_group(k, a) is not None:
+                    upd.append((k, a, am, self._other_group(k, a)))
+                else:
+                    other.append((k, a, am))
+            plans[g] = (const, upd, other)
+        return plans[g]
+
+    @staticmethod
+    def _operands(k: str, a: int, am: torch.Tensor, b: torch.Tensor, inv_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(L, R)`` of one (entry, axis) term ``L @ R^T``: ``L = A^{(a)}``, ``R = pi(B)^{(a)}`` rows in B's order of ``g``."""
+        if b.dim() == 2 and a == 1:
+            return am.t(), b.index_select(1, inv_g).t()  # (in x out), (in x out)
+        return am, _flat(b, a).index_select(0, inv_g)
+
+    def _term(self, k: str, a: int, am: torch.Tensor, b: torch.Tensor, inv_g: torch.Tensor) -> torch.Tensor:
+        """One (entry, axis) term in B's original unit order of its group, in the problem's dtype."""
+        left, right = self._operands(k, a, am, b, inv_g)
+        return left @ right.t()
+
+    def _build_sum(self, g: str, perms: Mapping[str, torch.Tensor]) -> list:
+        """Group ``g``'s running sum of constant and updatable terms, from scratch: ``[C, p_h at build, updates]``.
+
+        Computed from the unpermuted B: an updatable term
+        ``sum_c A^{(a)}[i, c] B^{(a)}[j, p_h[c]] = sum_c A^{(a)}[i, p_h^{-1}[c]] B^{(a)}[j, c]``
+        is a product of A's rows (columns gathered, a block of rows at a time) with B
+        as it is, so no permuted copy of an entry is made.
+        """
+        const, upd, _ = self._plan(g)
+        n = self.spec.sizes[g]
+        s = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        rows = _rows_per_block(n)
+        terms = [(k, a, None) for k, a, _ in const] + [(k, a, torch.argsort(perms[h])) for k, a, _, h in upd]
+        for k, a, inv_h in terms:
+            af, bf = _flat(self.A[k], a), _flat(self.B[k], a)
+            bt = bf.t()
+            for i in range(0, n, rows):
+                left = af[i:i + rows] if inv_h is None else af[i:i + rows].index_select(1, inv_h)
+                s[i:i + rows] += left @ bt
+            self.counters["cost_terms_recomputed"] += 1
+        if self.vec_a[g] is not None:  # biases / norm vectors: only g moves them
+            _add_product(s, self.vec_a[g], torch.stack([self.B[k] for k in self.vec_keys[g]], 1))
+        return [s, {(k, a): perms[h] for k, a, _, h in upd}, 0]
+
+    @property
+    def needs_bp(self) -> bool:
+        """Whether some cost term is computed from the permuted B (conv kernels, block axes, quadratic entries)."""
+        return any(self._plan(g)[2] or self.segs[g] or self.quad[g] for g in self.groups)
+
+    def objective_of(self, perms: Mapping[str, torch.Tensor]) -> float:
+        """``J(pi)`` permuting one entry at a time (no permuted copy of the whole model)."""
+        tot = 0.0
+        for k in self.keys:
+            w = self.B[k]
+            for a, g in enumerate(self.axes[k]):
+                if g is not None:
+                    w = w.index_select(a, axis_index(g, perms, w.shape[a], w.device))
+            tot += self.objective({k: w}, [k])
+        return tot
+
+    def _rank_update(self, s: torch.Tensor, k: str, a: int, moved: torch.Tensor, p_old: torch.Tensor,
+                     p_new: torch.Tensor) -> None:
+        """``s += A^{(a)}[:, S] (B^{(a)}[:, p_new[S]] - B^{(a)}[:, p_old[S]])^T`` for ``S = moved`` (B unpermuted).
+
+        The change of the term ``T[i, j] = sum_c A^{(a)}[i, c] B^{(a)}[j, p_h[c]]``
+        (position ``c`` of ``pi(B)`` on ``h``'s axis holds unit ``p_h[c]`` of B;
+        rows ``j`` in B's original order of ``g``) when ``h`` moves from ``p_old``
+        to ``p_new``: only the positions in ``S`` contribute, ``O(n^2 |S|)``.
+        Products in the problem's dtype, summed into float64 ``s``, in blocks of
+        positions so no ``n x |S|`` temporary outlives its block.
+        """
+        o = 1 - a
+        A, B = self.A[k], self.B[k]
+        blk = max(64, (1 << 20) // max(1, s.shape[0]))
+        for j in range(0, moved.numel(), blk):
+            idx = moved[j:j + blk]
+            a_s = A.index_select(o, idx)
+            d = B.index_select(o, p_new[idx]) - B.index_select(o, p_old[idx])
+            if a == 0:  # (n, s) @ (s, n)
+                _add_product(s, a_s, d)
+            else:       # A^{(1)} = A^T: (s, n)^T @ (s, n)
+                _add_product(s, a_s.t(), d.t())
+
     def cost_original(self, g: str, bp: Mapping[str, torch.Tensor], inv_g: torch.Tensor,
-                      stamps: Mapping[str, int], cache: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      stamps: Mapping[str, int], cache: dict,
+                      perms: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(C_lin, C_quad)`` against B's *original* unit order of ``g``.
 
-        Each (entry, axis) term, re-ordered to B's original units of ``g``,
-        depends only on the permutations of the entry's *other* axes, so it is
-        cached and recomputed only when one of those groups has moved since:
-        a group whose neighbour on one side moved pays for one matrix product,
-        not all of them. ``stamps[h]`` counts the moves of group ``h``.
+        Every term, re-ordered to B's original units of ``g``, depends only on
+        the permutations of the entry's *other* axes. Constant terms (input and
+        output layers, biases) and the terms of 2-D entries with one plain group
+        ``h`` on the other axis are held in one float64 running sum per group;
+        when ``h`` has moved ``|S|`` units since, its term is brought up to date
+        by a rank-``|S|`` correction (:meth:`_rank_update`), ``O(n^2 |S|)``
+        instead of the ``O(n^2 m)`` product. The sum is rebuilt from scratch
+        after :data:`RANK_UPDATE_REFRESH` updates (bounds the rounding drift to
+        a few float32 roundings of a term) and when a neighbour moved more than
+        :data:`RANK_UPDATE_MAX_FRACTION` of its units. Other terms (conv kernels,
+        block axes) are cached per term and recomputed when one of their
+        groups has moved (``stamps[h]`` counts the moves of group ``h``).
+
+        The returned ``C_lin`` may be the cached sum itself: callers must not
+        modify it (:func:`_lap` restores what it negates).
         """
         n = self.spec.sizes[g]
-        c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
-        for k, a, am in self.mats[g]:
-            stamp = tuple(stamps[h] for i, e in enumerate(self.axes[k]) if i != a for h in entry_groups(e))
-            hit = cache.get((k, a))
-            if hit is None or hit[0] != stamp:
-                hit = (stamp, self.contribution(k, a, am, bp[k])[:, inv_g])
-                cache[(k, a)] = hit
-            c += hit[1]
-        if self.vec_a[g] is not None:
-            hit = cache.get((g, "vec"))
-            if hit is None:  # biases / norm vectors: only g moves them, so the term never changes
-                bv = torch.stack([bp[k] for k in self.vec_keys[g]], 1)
-                hit = cache[(g, "vec")] = (self.vec_a[g] @ bv.t()).double()[:, inv_g]
-            c += hit
-        for i, (k, a, off, m, inner, am, quad) in enumerate(self.segs[g]):
-            if quad:
-                continue
-            stamp = tuple(stamps[h] for j, e in enumerate(self.axes[k]) if j != a for h in entry_groups(e))
-            hit = cache.get((k, a, "seg", off))
-            if hit is None or hit[0] != stamp:
-                hit = (stamp, (am @ _segflat(bp[k], a, off, m, inner).t()).double()[:, inv_g])
-                cache[(k, a, "seg", off)] = hit
-            c += hit[1]
+        const, upd, other = self._plan(g)
+        ent = cache.get((g, "sum"))
+        stale = []
+        if ent is not None:
+            for k, a, am, h in upd:
+                p_old, p_new = ent[1][(k, a)], perms[h]
+                if p_old is p_new:
+                    continue
+                moved = torch.nonzero(p_old != p_new).flatten()
+                if moved.numel():
+                    stale.append((k, a, moved, p_old, p_new, h))
+        if ent is None or (stale and (ent[2] >= RANK_UPDATE_REFRESH or any(
+                t[2].numel() > RANK_UPDATE_MAX_FRACTION * t[3].numel() for t in stale))):
+            ent = cache[(g, "sum")] = self._build_sum(g, perms)
+        elif stale:
+            for k, a, moved, p_old, p_new, h in stale:
+                self._rank_update(ent[0], k, a, moved, p_old, p_new)
+                ent[1][(k, a)] = p_new
+                self.counters["cost_terms_updated"] += 1
+            ent[2] += 1
+        plain_segs = [t for t in self.segs[g] if not t[6]]
+        if not other and not plain_segs:
+            c = ent[0]
+        else:
+            c = ent[0].clone()
+            for k, a, am in other:
+                left, right = self._operands(k, a, am, bp[k], inv_g)
+                if left.shape[1] <= UNCACHED_MAX_INNER:  # as cheap to recompute as to add: never held
+                    _add_product(c, left, right)
+                    continue
+                stamp = tuple(stamps[h] for i, e in enumerate(self.axes[k]) if i != a for h in entry_groups(e))
+                hit = cache.get((k, a))
+                if hit is None or hit[0] != stamp:
+                    hit = cache[(k, a)] = (stamp, left @ right.t())
+                    self.counters["cost_terms_recomputed"] += 1
+                _accumulate(c, hit[1])
+            for k, a, off, m, inner, am, quad in plain_segs:
+                stamp = tuple(stamps[h] for j, e in enumerate(self.axes[k]) if j != a for h in entry_groups(e))
+                hit = cache.get((k, a, "seg", off))
+                if hit is None or hit[0] != stamp:
+                    hit = (stamp, am @ _segflat(bp[k], a, off, m, inner).index_select(0, inv_g).t())
+                    cache[(k, a, "seg", off)] = hit
+                _accumulate(c, hit[1])
         cq = None
         if self.quad[g] or any(t[6] for t in self.segs[g]):
             cq = torch.zeros(n, n, dtype=torch.float64, device=self.device)
@@ -366,10 +545,74 @@ class _Problem:
         return changed
 
 
-def _lap(cost: np.ndarray) -> np.ndarray:
-    """Column assigned to each row, maximising the summed cost (solver picked per size by :mod:`.lap`)."""
+def _lap_scratch(cost: np.ndarray) -> np.ndarray:
+    """:func:`_lap` on a cost matrix owned by the descent (negated in place and restored)."""
+    return _lap(cost, inplace=True)
+
+
+_LIBC: Any = None
+
+
+def _trim_heap() -> None:
+    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    The cost terms' temporaries are ``n x n`` blocks freed right after use;
+    glibc keeps such freed blocks in its heap once its dynamic mmap threshold
+    has risen past their size, so without a trim the process's resident size
+    grows by several cost matrices that hold nothing.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _accumulate(c: torch.Tensor, t: torch.Tensor) -> None:
+    """``c += t`` for a float64 ``c`` and a lower-precision ``t``, in blocks of rows (no float64 copy of ``t``)."""
+    if t.dtype == c.dtype:
+        c += t
+        return
+    rows = _rows_per_block(c.shape[1])
+    for i in range(0, c.shape[0], rows):
+        c[i:i + rows] += t[i:i + rows]
+
+
+def _rows_per_block(n: int) -> int:
+    """Rows of an ``(rows, n)`` block of about 1M elements (the size of the float32 temporaries)."""
+    return max(1, (1 << 20) // max(1, n))
+
+
+def _add_product(c: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``c += left @ right^T`` (float64 ``c``), in blocks of rows so no ``n x n`` temporary is made."""
+    rows = _rows_per_block(c.shape[1])
+    rt = right.t()
+    for i in range(0, c.shape[0], rows):
+        c[i:i + rows] += left[i:i + rows] @ rt
+
+
+def _lap(cost: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Column assigned to each row, maximising the summed cost (solver picked per size by :mod:`.lap`).
+
+    With ``inplace``, a writable float64 ``cost`` is negated in place for the
+    solve and restored after it (negation is exact), which spares the solvers'
+    negated ``n x n`` copy; only for matrices nothing else reads meanwhile.
+    """
     from .lap import solve
 
+    if inplace and cost.dtype == np.float64 and cost.flags.writeable and cost.flags.c_contiguous:
+        np.negative(cost, out=cost)
+        try:
+            return solve(cost, maximize=False)
+        finally:
+            np.negative(cost, out=cost)
     return solve(cost, maximize=True)
 
 
@@ -458,8 +701,9 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
     perms = {g: p.to(dev) for g, p in init.items()}
     inv = {g: torch.argsort(p) for g, p in perms.items()}
     perms_np = {g: perms[g].cpu().numpy() for g in prob.spec.sizes}
-    bp = prob.permuted_b(perms)
-    total = prob.objective(bp)
+    # B permuted by the current permutations, kept only when some cost term needs it
+    bp = prob.permuted_b(perms) if prob.needs_bp else {}
+    total = prob.objective(bp) if prob.needs_bp else prob.objective_of(perms)
     history = [total]
     clock = 0  # counts accepted moves
     moved_at = {g: 0 for g in prob.spec.sizes}
@@ -497,18 +741,19 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                 parts = []
                 for g in units[u]:
                     if g in prob.mats:
-                        c_lin, c_quad = prob.cost_original(g, bp, inv[g], moved_at_any, cost_cache)
+                        c_lin, c_quad = prob.cost_original(g, bp, inv[g], moved_at_any, cost_cache, perms)
                     else:  # a member the objective cannot see
                         c_lin = torch.zeros(n_units[g], n_units[g], dtype=torch.float64, device=dev)
                         c_quad = None
                     c_all = c_lin if c_quad is None else c_lin + c_quad
                     parts.append((g, inv[g], c_lin, c_quad, c_all.cpu().numpy()))
                 jobs.append((u, parts))
+                _trim_heap()
             plain = [(i, job[1][0][4]) for i, job in enumerate(jobs) if job[0] not in unit_heads]
             if sum(c.shape[0] >= _PARALLEL_MIN_UNITS for _, c in plain) > 1:
-                sol_plain = dict(zip([i for i, _ in plain], _lap_pool().map(_lap, [c for _, c in plain])))
+                sol_plain = dict(zip([i for i, _ in plain], _lap_pool().map(_lap_scratch, [c for _, c in plain])))
             else:
-                sol_plain = {i: _lap(c) for i, c in plain}
+                sol_plain = {i: _lap_scratch(c) for i, c in plain}
             for i, (u, parts) in enumerate(jobs):
                 if u in unit_heads:
                     news = _solve_heads(unit_heads[u], [pt[4] for pt in parts])
@@ -537,8 +782,9 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                 for (g, inv_g, c_lin, c_quad, c_np), p_new in moves:
                     p_new_t = torch.from_numpy(p_new).to(dev)
                     q = inv_g[p_new_t]  # positions in bp of the new units
-                    keys = [k for k in {k for k, _ in prob.members[g]} if k not in updates]
-                    bp.update(prob.reindex(g, q, bp, keys))
+                    if bp:
+                        keys = [k for k in {k for k, _ in prob.members[g]} if k not in updates]
+                        bp.update(prob.reindex(g, q, bp, keys))
                     perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
                     moved_at_any[g] += 1
                     clock += 1
@@ -650,7 +896,7 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
              "restart_objectives": [float(v) for v in finals], "max_iter": int(max_iter),
              "solves": stats["solves"], "skipped_solves": stats["skipped"], "moves": stats["moves"],
              "device": str(dev), "objective_entries": len(keys), "setup_seconds": setup,
-             "sweep_seconds": stats["sweep_seconds"]}
+             "sweep_seconds": stats["sweep_seconds"], **prob.counters}
     if prob.unmatched:
         extra["unmatched_groups"] = list(prob.unmatched)
     return MatchResult(perms=perms, objective=[float(v) for v in history], sweeps=sweeps,
