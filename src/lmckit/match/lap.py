@@ -110,19 +110,13 @@ def solve(cost: np.ndarray, maximize: bool = True, solver: str | None = None) ->
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     name = solver or choose(n)
-    if name == "lapx":
+    if name in ("lapx", "lapx32"):  # lapx's exact kernel; lapx32 its float32 one (same input, float64)
         mod = _lapx()
         if mod is None:
-            raise ValueError("the lapx solver is not installed (pip install lapx)")
+            raise ValueError("the lapx solver is not installed (pip install lapx)" if name == "lapx"
+                             else "the lapx32 solver needs lapx (pip install lapx)")
         c = np.ascontiguousarray(-cost if maximize else cost, dtype=np.float64)
-        x, _ = mod.lapjvs(c, extend_cost=False, return_cost=False, jvx_like=False, prefer_float32=False)
-        return np.asarray(x, dtype=np.int64)
-    if name == "lapx32":
-        mod = _lapx()
-        if mod is None:
-            raise ValueError("the lapx32 solver needs lapx (pip install lapx)")
-        c = np.ascontiguousarray(-cost if maximize else cost, dtype=np.float64)
-        x, _ = mod.lapjvs(c, extend_cost=False, return_cost=False, jvx_like=False, prefer_float32=True)
+        x, _ = mod.lapjvs(c, extend_cost=False, return_cost=False, jvx_like=False, prefer_float32=(name == "lapx32"))
         return np.asarray(x, dtype=np.int64)
     if name != "scipy":
         raise ValueError(f"unknown LAP solver {name!r}; use 'scipy', 'lapx' or 'lapx32'")
