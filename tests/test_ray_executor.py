@@ -168,11 +168,15 @@ class RayRun:
             if not left:
                 break
             time.sleep(0.5)
-        for p in _session_pids(sid):  # stragglers of this run only (by session id)
+        self.stragglers = [p for p in _session_pids(sid) if p != os.getpid()]
+        for p in self.stragglers:  # stragglers of this run only (by session id)
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        deadline = time.time() + 15  # SIGKILL is delivered asynchronously: wait until they are gone
+        while [p for p in _session_pids(sid) if p != os.getpid()] and time.time() < deadline:
+            time.sleep(0.1)
         import shutil
 
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
@@ -284,9 +288,26 @@ def test_driver_killed_then_rerun_resumes_from_finished_stages(tmp_path, referen
         while ray_core() and time.time() < deadline:
             time.sleep(0.2)
         assert not ray_core(), "the local Ray instance outlived its driver"
+
+        def left() -> list[str]:
+            out = []
+            for pid in _session_pids(run.proc.pid):
+                try:
+                    out.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+                except OSError:
+                    pass
+            return out
+
+        # Everything else ends by itself: workers within seconds (lmckit's orphan watch), Ray's dashboard and
+        # runtime-env agents after about 60 s (they see the raylet die at once, then report it to the dead GCS
+        # with a fixed 60 s timeout: ray._private.utils.publish_error_to_driver).
+        deadline = time.time() + 120
+        while left() and time.time() < deadline:
+            time.sleep(0.5)
+        assert not left(), f"processes of the killed run outlived it by 120 s: {left()}"
     finally:
         run.stop()
-    assert not _session_pids(run.proc.pid)
+    assert not _session_pids(run.proc.pid), "processes of the killed run survived SIGKILL"
     res = reproduce("tiny", out=tmp_path / "report", cache=run.cache)  # in process
     after = _complete_stages(run.cache)
     assert {k: after[k] for k in before} == before  # finished stages were reused, not recomputed

@@ -42,6 +42,7 @@ import dataclasses
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,35 @@ def _marker_path(marker_dir: str, spec: Stage) -> Path:
     return Path(marker_dir) / f"{spec.KIND}-{stage_hash(spec)}.started"
 
 
+_ORPHAN_WATCH: list[threading.Thread] = []
+
+
+def _exit_when_orphaned(interval: float = 1.0) -> None:
+    """End this worker process when its parent (the raylet that started it) is gone.
+
+    A Ray worker notices a dead raylet only at its next call into Ray, so a worker in the middle of
+    a long stage would otherwise run on (and use a CPU) after the driver and its local Ray instance
+    were killed. The stage's ``.partial`` folder is left for the next run to redo; nothing complete
+    is touched. Started once per worker process.
+    """
+    if _ORPHAN_WATCH:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    t = threading.Thread(target=watch, name="lmckit-orphan-watch", daemon=True)
+    t.start()
+    _ORPHAN_WATCH.append(t)
+
+
 def _ray_stage(spec: Stage, root: str, runtime: Runtime, marker_dir: str) -> StageOutcome:
     """The body of one Ray task: note the start (pid, host; one line per attempt), then :func:`run_stage`."""
+    _exit_when_orphaned()
     mark = _marker_path(marker_dir, spec)
     try:
         with open(mark, "a") as f:
