@@ -7,6 +7,7 @@ Prints a Markdown table and writes ``benchmarks/out/arch_pairs.json``.
 
     python benchmarks/arch_pairs.py --vit RUN_A RUN_B --lstm RUN_A RUN_B [--limit 5000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,25 @@ def measure(paths: list[str], limit: int | None, points: int, threads: int) -> d
     wm_seconds = time.perf_counter() - t
     sd_bp = apply_permutation(spec, res.perms, sd_b)
     ds = load_dataset("fashion-mnist")
-    out = {"model": info_a["model"], "runs": paths, "wm_seconds": wm_seconds, "wm_sweeps": res.sweeps,
-           "test_images": limit or 10000, "points": points, "groups": len(spec.sizes), "heads": len(spec.heads)}
+    out = {
+        "model": info_a["model"],
+        "runs": paths,
+        "wm_seconds": wm_seconds,
+        "wm_sweeps": res.sweeps,
+        "test_images": limit or 10000,
+        "points": points,
+        "groups": len(spec.sizes),
+        "heads": len(spec.heads),
+    }
     for tag, sd in (("naive", sd_b), ("wm", sd_bp)):
         cur = barrier_curve(model, sd_a, sd, ds, splits=("test",), points=points, limit=limit, progress=False)
         c = cur["test"]
-        out[tag] = {"loss_barrier": c.loss_barrier, "acc_barrier": c.accuracy_barrier,
-                    "endpoint_acc": list(c.endpoint_accuracy), "endpoint_loss": list(c.endpoint_loss)}
+        out[tag] = {
+            "loss_barrier": c.loss_barrier,
+            "acc_barrier": c.accuracy_barrier,
+            "endpoint_acc": list(c.endpoint_accuracy),
+            "endpoint_loss": list(c.endpoint_loss),
+        }
     al = svd_alignment(spec, sd_a, sd_b, res.perms)
     out["R"] = al.R
     d0, d1 = l2_distance(spec, sd_a, sd_b), l2_distance(spec, sd_a, sd_bp)
@@ -67,16 +80,20 @@ def main() -> None:
             results[name] = measure(list(runs), args.limit, args.points, args.threads)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print("| model | test acc A / B | naive loss barrier (acc) | WM loss barrier (acc) | R(0) before -> after "
-          "| R(0.3) before -> after | L2 reduction | WM time (sweeps) |")
+    print(
+        "| model | test acc A / B | naive loss barrier (acc) | WM loss barrier (acc) | R(0) before -> after "
+        "| R(0.3) before -> after | L2 reduction | WM time (sweeps) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         a, b = r["naive"]["endpoint_acc"]
-        print(f"| {name} | {a:.3f} / {b:.3f} | {r['naive']['loss_barrier']:.3f} ({r['naive']['acc_barrier']:.3f}) "
-              f"| {r['wm']['loss_barrier']:.3f} ({r['wm']['acc_barrier']:.3f}) "
-              f"| {r['R']['0']['before']:.3f} -> {r['R']['0']['after']:.3f} "
-              f"| {r['R']['0.3']['before']:.3f} -> {r['R']['0.3']['after']:.3f} | {r['l2']['reduction']:.1%} "
-              f"| {r['wm_seconds']:.2f} s ({r['wm_sweeps']}) |")
+        print(
+            f"| {name} | {a:.3f} / {b:.3f} | {r['naive']['loss_barrier']:.3f} ({r['naive']['acc_barrier']:.3f}) "
+            f"| {r['wm']['loss_barrier']:.3f} ({r['wm']['acc_barrier']:.3f}) "
+            f"| {r['R']['0']['before']:.3f} -> {r['R']['0']['after']:.3f} "
+            f"| {r['R']['0.3']['before']:.3f} -> {r['R']['0.3']['after']:.3f} | {r['l2']['reduction']:.1%} "
+            f"| {r['wm_seconds']:.2f} s ({r['wm_sweeps']}) |"
+        )
     print(f"(test-loss barriers on {args.limit} test images, {args.points} points; accuracy barriers as fractions)")
 
 

@@ -11,6 +11,7 @@ which heavy modules (torch, scipy, matplotlib) the command imported.
 
 Target: under 1 s for the commands that need no model or data (no heavy imports).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,16 +23,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBE = ("import sys, runpy, io, contextlib\n"
-         "sys.argv = ['lmckit'] + sys.argv[1:]\n"
-         "code = 0\n"
-         "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-         "    try:\n"
-         "        from lmckit.cli import main\n"
-         "        code = main(sys.argv[1:])\n"
-         "    except SystemExit as e:\n"
-         "        code = e.code\n"
-         "print('HEAVY', ','.join(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules))\n")
+PROBE = (
+    "import sys, runpy, io, contextlib\n"
+    "sys.argv = ['lmckit'] + sys.argv[1:]\n"
+    "code = 0\n"
+    "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+    "    try:\n"
+    "        from lmckit.cli import main\n"
+    "        code = main(sys.argv[1:])\n"
+    "    except SystemExit as e:\n"
+    "        code = e.code\n"
+    "print('HEAVY', ','.join(m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules))\n"
+)
 
 
 def timed(cmd: list[str], env: dict, repeats: int) -> tuple[float, str]:
@@ -58,15 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     for c in (["--help"], ["match", "--help"], ["train", "--help"], ["models"], ["data", "list"], ["match", "--bogus"]):
         t, _ = timed([py, "-m", "lmckit.cli", *c], env, args.repeats)
         _, probe = timed([py, "-c", PROBE, *c], env, 1)
-        heavy = next((ln.split(" ", 1)[1] if " " in ln else "" for ln in probe.splitlines() if ln.startswith("HEAVY")), "?")
+        heavy = next(
+            (ln.split(" ", 1)[1] if " " in ln else "" for ln in probe.splitlines() if ln.startswith("HEAVY")), "?"
+        )
         rows.append(("lmckit " + " ".join(c), t, heavy or "none"))
     w = max(len(r[0]) for r in rows)
     print(f"{'command'.ljust(w)}  {'best s':>7}  heavy modules imported")
     for name, t, heavy in rows:
         print(f"{name.ljust(w)}  {t:>7.2f}  {heavy}")
     (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "out" / "bench_cli.json").write_text(json.dumps(
-        [{"command": n, "seconds": t, "heavy": h} for n, t, h in rows], indent=1))
+    (ROOT / "benchmarks" / "out" / "bench_cli.json").write_text(
+        json.dumps([{"command": n, "seconds": t, "heavy": h} for n, t, h in rows], indent=1)
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ printed).
 The table is the source of ``lmckit.match.lap.LAPX_MAX_UNITS``; the ratio
 column is scipy's time over the fastest solver's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,12 @@ def wm_cost(width: int, trained: tuple[str, str] | None = None) -> np.ndarray:
         sds = []
         for s in (0, 1):
             torch.manual_seed(s)
-            sds.append({k: v.detach().clone() for k, v in create_model("mlp", in_channels=1, image_size=28,
-                                                                         width=width).state_dict().items()})
+            sds.append(
+                {
+                    k: v.detach().clone()
+                    for k, v in create_model("mlp", in_channels=1, image_size=28, width=width).state_dict().items()
+                }
+            )
         sd_a, sd_b = sds
     prob = _Problem(spec, sd_a, sd_b, objective_keys(spec, sd_a), torch.device("cpu"))
     g = sorted(prob.groups, key=lambda h: (spec.sizes[h], h))[len(prob.groups) // 2]
@@ -81,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if "lapx" not in solvers:
         print("lapx is not installed: only scipy is timed (pip install lapx)", file=sys.stderr)
     rows = []
-    print(f"{'n':>5} {'weights':>8} " + " ".join(f"{s + ' ms':>10}" for s in solvers)
-          + f" {'auto':>6} {'scipy/best':>10} {'lapx32 gap':>10}")
+    print(
+        f"{'n':>5} {'weights':>8} "
+        + " ".join(f"{s + ' ms':>10}" for s in solvers)
+        + f" {'auto':>6} {'scipy/best':>10} {'lapx32 gap':>10}"
+    )
     for n in args.sizes:
         kinds = [("random", None)]
         if args.trained and n == 512:
@@ -101,14 +109,31 @@ def main(argv: list[str] | None = None) -> int:
                 if s != "lapx32" and gap > 1e-9:
                     raise SystemExit(f"solver {s} is not optimal at n={n}: {objs[s]} vs scipy {ref}")
             fastest = min(times, key=times.get)
-            row = {"n": n, "weights": kind, "ms": {s: 1e3 * t for s, t in times.items()}, "fastest": fastest,
-                   "auto": lap.choose(n), "scipy_over_best": times["scipy"] / times[fastest], "relative_gap": gaps}
+            row = {
+                "n": n,
+                "weights": kind,
+                "ms": {s: 1e3 * t for s, t in times.items()},
+                "fastest": fastest,
+                "auto": lap.choose(n),
+                "scipy_over_best": times["scipy"] / times[fastest],
+                "relative_gap": gaps,
+            }
             rows.append(row)
-            print(f"{n:>5} {kind:>8} " + " ".join(f"{1e3 * times[s]:>10.1f}" for s in solvers)
-                  + f" {row['auto']:>6} {row['scipy_over_best']:>10.2f} {gaps.get('lapx32', 0.0):>10.1e}", flush=True)
+            print(
+                f"{n:>5} {kind:>8} "
+                + " ".join(f"{1e3 * times[s]:>10.1f}" for s in solvers)
+                + f" {row['auto']:>6} {row['scipy_over_best']:>10.2f} {gaps.get('lapx32', 0.0):>10.1e}",
+                flush=True,
+            )
     bad = [r for r in rows if r["auto"] != r["fastest"] and r["ms"][r["auto"]] > 1.2 * r["ms"][r["fastest"]]]
-    print("automatic choice: " + ("fastest (within 20%) at every size" if not bad else
-                                  "NOT the fastest at n = " + ", ".join(str(r["n"]) for r in bad)))
+    print(
+        "automatic choice: "
+        + (
+            "fastest (within 20%) at every size"
+            if not bad
+            else "NOT the fastest at n = " + ", ".join(str(r["n"]) for r in bad)
+        )
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

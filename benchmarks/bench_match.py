@@ -33,6 +33,7 @@ MLP and >= 5x on the CNNs, L2 after within 0.2% of rebasin's, lmckit time per
 sweep within 1.5x of the floor. Timings on a shared machine are noisy; rerun
 on a quiet one before quoting them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,11 @@ PEER_PY = VENV / "bin" / "python"
 MODELS = {
     "mlp": ("mlp", {"in_channels": 1, "image_size": 28}, (2, 1, 28, 28)),
     "resnet20": ("resnet20", {"in_channels": 3, "image_size": 32, "norm": "batchnorm"}, (2, 3, 32, 32)),
-    "resnet20x4": ("resnet20", {"in_channels": 3, "image_size": 32, "norm": "batchnorm", "width_mult": 4.0}, (2, 3, 32, 32)),
+    "resnet20x4": (
+        "resnet20",
+        {"in_channels": 3, "image_size": 32, "norm": "batchnorm", "width_mult": 4.0},
+        (2, 3, 32, 32),
+    ),
     "vgg11": ("vgg11", {"in_channels": 3, "image_size": 32, "norm": "batchnorm"}, (2, 3, 32, 32)),
 }
 CNN = {"resnet20", "resnet20x4", "vgg11"}
@@ -154,14 +159,25 @@ def run_lmckit(key: str, pa: Path, pb: Path, args) -> dict:
         res = weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=args.max_iter)
         dt = time.perf_counter() - t0
         aligned = apply_permutation(spec, res.perms, sd_b)
-        runs.append({"seed": seed, "seconds": dt, "sweeps": res.sweeps, "solves": res.extra["solves"],
-                     "skipped_solves": res.extra["skipped_solves"],
-                     "per_sweep_seconds": res.extra["sweep_seconds"] / res.sweeps,
-                     "objective": _inner(sd_a, aligned, objective_keys(spec, sd_a)),
-                     "l2_after": l2_distance(spec, sd_a, aligned)})
+        runs.append(
+            {
+                "seed": seed,
+                "seconds": dt,
+                "sweeps": res.sweeps,
+                "solves": res.extra["solves"],
+                "skipped_solves": res.extra["skipped_solves"],
+                "per_sweep_seconds": res.extra["sweep_seconds"] / res.sweeps,
+                "objective": _inner(sd_a, aligned, objective_keys(spec, sd_a)),
+                "l2_after": l2_distance(spec, sd_a, aligned),
+            }
+        )
     out = _summarise(runs)
-    out.update(l2_before=l2_distance(spec, sd_a, sd_b), floor_seconds=matching_floor_seconds(spec, sd_a, sd_b),
-               per_sweep_seconds=_median([r["per_sweep_seconds"] for r in runs]), runs=runs)
+    out.update(
+        l2_before=l2_distance(spec, sd_a, sd_b),
+        floor_seconds=matching_floor_seconds(spec, sd_a, sd_b),
+        per_sweep_seconds=_median([r["per_sweep_seconds"] for r in runs]),
+        runs=runs,
+    )
     return out
 
 
@@ -174,13 +190,26 @@ def run_rebasin(key: str, pa: Path, pb: Path, out: Path, args) -> dict:
     from lmckit.perm import spec_for
 
     name, kw, shape = MODELS[key]
-    job = {"lmckit_src": str(ROOT / "src"), "model": name, "kwargs": kw, "a": str(pa), "b": str(pb),
-           "input_shape": list(shape), "max_iter": args.max_iter, "out": str(out / f"{key}_rebasin.safetensors"),
-           "threads": args.threads, "seeds": list(range(args.seeds))}
+    job = {
+        "lmckit_src": str(ROOT / "src"),
+        "model": name,
+        "kwargs": kw,
+        "a": str(pa),
+        "b": str(pb),
+        "input_shape": list(shape),
+        "max_iter": args.max_iter,
+        "out": str(out / f"{key}_rebasin.safetensors"),
+        "threads": args.threads,
+        "seeds": list(range(args.seeds)),
+    }
     jf = out / f"{key}_rebasin_job.json"
     jf.write_text(json.dumps(job))
-    proc = subprocess.run([str(PEER_PY), str(HERE / "rebasin_peer.py"), str(jf)], capture_output=True, text=True,
-                          timeout=args.peer_timeout)
+    proc = subprocess.run(
+        [str(PEER_PY), str(HERE / "rebasin_peer.py"), str(jf)],
+        capture_output=True,
+        text=True,
+        timeout=args.peer_timeout,
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -189,8 +218,11 @@ def run_rebasin(key: str, pa: Path, pb: Path, out: Path, args) -> dict:
     keys = objective_keys(spec, sd_a)
     for r in runs:
         got = load_file(r["out"])
-        r.update(objective=_inner(sd_a, got, keys), l2_after=l2_distance(spec, sd_a, got),
-                 valid_permutation=all(_same_values(sd_b[k], got[k]) for k in sd_b))
+        r.update(
+            objective=_inner(sd_a, got, keys),
+            l2_after=l2_distance(spec, sd_a, got),
+            valid_permutation=all(_same_values(sd_b[k], got[k]) for k in sd_b),
+        )
     res = _summarise(runs)
     res.update(valid_permutation=all(r["valid_permutation"] for r in runs), runs=runs)
     return res
@@ -204,9 +236,12 @@ def _median(xs: list[float]) -> float:
 
 def _summarise(runs: list[dict]) -> dict:
     """Median time and sweeps over the seeds (group orders); mean objective and L2 after."""
-    return {"seconds": _median([r["seconds"] for r in runs]), "sweeps": _median([r["sweeps"] for r in runs]),
-            "objective": sum(r["objective"] for r in runs) / len(runs),
-            "l2_after": sum(r["l2_after"] for r in runs) / len(runs)}
+    return {
+        "seconds": _median([r["seconds"] for r in runs]),
+        "sweeps": _median([r["sweeps"] for r in runs]),
+        "objective": sum(r["objective"] for r in runs) / len(runs),
+        "l2_after": sum(r["l2_after"] for r in runs) / len(runs),
+    }
 
 
 def _same_values(x, y) -> bool:
@@ -230,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp-runs", nargs=2, metavar=("A", "B"), help="trained MLP checkpoints to use instead of training")
     p.add_argument("--epochs", type=int, default=1, help="MLP training epochs when no runs are given (default 1)")
     p.add_argument("--max-iter", type=int, default=100)
-    p.add_argument("--seeds", type=int, default=3,
-                   help="group-order seeds per tool (default 3); times and sweeps are medians over them")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="group-order seeds per tool (default 3); times and sweeps are medians over them",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads for both tools (default 2)")
     p.add_argument("--no-rebasin", action="store_true", help="time lmckit only (no peer venv)")
     p.add_argument("--peer-timeout", type=int, default=1800)
@@ -257,29 +296,71 @@ def main(argv: list[str] | None = None) -> int:
         lm = run_lmckit(key, pa, pb, args)
         rb = None if args.no_rebasin else run_rebasin(key, pa, pb, out, args)
         results[key] = {"weights": note, "lmckit": lm, "rebasin": rb}
-        rows.append({"model": key, "tool": "lmckit", "seconds": lm["seconds"], "sweeps": lm["sweeps"],
-                     "objective": lm["objective"], "l2_after": lm["l2_after"], "ratio": 1.0})
+        rows.append(
+            {
+                "model": key,
+                "tool": "lmckit",
+                "seconds": lm["seconds"],
+                "sweeps": lm["sweeps"],
+                "objective": lm["objective"],
+                "l2_after": lm["l2_after"],
+                "ratio": 1.0,
+            }
+        )
         if rb is not None and "error" not in rb:
             ratio = rb["seconds"] / lm["seconds"]
             results[key]["speedup"] = ratio
             results[key]["l2_rel_diff"] = (lm["l2_after"] - rb["l2_after"]) / rb["l2_after"]
-            rows.append({"model": key, "tool": "rebasin", "seconds": rb["seconds"], "sweeps": rb["sweeps"],
-                         "objective": rb["objective"], "l2_after": rb["l2_after"], "ratio": ratio})
+            rows.append(
+                {
+                    "model": key,
+                    "tool": "rebasin",
+                    "seconds": rb["seconds"],
+                    "sweeps": rb["sweeps"],
+                    "objective": rb["objective"],
+                    "l2_after": rb["l2_after"],
+                    "ratio": ratio,
+                }
+            )
         elif rb is not None:
-            rows.append({"model": key, "tool": "rebasin", "seconds": float("nan"), "sweeps": "-", "objective": float("nan"),
-                         "l2_after": float("nan"), "ratio": float("nan")})
+            rows.append(
+                {
+                    "model": key,
+                    "tool": "rebasin",
+                    "seconds": float("nan"),
+                    "sweeps": "-",
+                    "objective": float("nan"),
+                    "l2_after": float("nan"),
+                    "ratio": float("nan"),
+                }
+            )
             print(f"  rebasin failed: {rb['error']}", file=sys.stderr)
-        rows.append({"model": key, "tool": "lmckit/sweep vs floor", "seconds": lm["per_sweep_seconds"], "sweeps": 1,
-                     "objective": float("nan"), "l2_after": float("nan"), "ratio": lm["per_sweep_seconds"] / lm["floor_seconds"]})
-    print(f"\nthreads={args.threads}  max_iter={args.max_iter}  seeds={args.seeds}  load={os.getloadavg()[0]:.1f}"
-          "  (seconds, sweeps: median over seeds; objective, l2_after: mean)")
+        rows.append(
+            {
+                "model": key,
+                "tool": "lmckit/sweep vs floor",
+                "seconds": lm["per_sweep_seconds"],
+                "sweeps": 1,
+                "objective": float("nan"),
+                "l2_after": float("nan"),
+                "ratio": lm["per_sweep_seconds"] / lm["floor_seconds"],
+            }
+        )
+    print(
+        f"\nthreads={args.threads}  max_iter={args.max_iter}  seeds={args.seeds}  load={os.getloadavg()[0]:.1f}"
+        "  (seconds, sweeps: median over seeds; objective, l2_after: mean)"
+    )
     cols = ["model", "tool", "seconds", "sweeps", "objective", "l2_after", "ratio"]
     print("  ".join(f"{c:>22}" if i > 1 else f"{c:<22}" for i, c in enumerate(cols)))
     for r in rows:
         cells = []
         for i, c in enumerate(cols):
             v = r[c]
-            s = f"{v:.4f}" if isinstance(v, float) and c in ("seconds", "ratio") else (f"{v:.6g}" if isinstance(v, float) else str(v))
+            s = (
+                f"{v:.4f}"
+                if isinstance(v, float) and c in ("seconds", "ratio")
+                else (f"{v:.6g}" if isinstance(v, float) else str(v))
+            )
             cells.append(f"{s:>22}" if i > 1 else f"{s:<22}")
         print("  ".join(cells))
     print("\nratio: rebasin seconds / lmckit seconds (speed-up); for the floor row: lmckit seconds per sweep / floor")
@@ -287,19 +368,30 @@ def main(argv: list[str] | None = None) -> int:
     checks = []
     for key, r in results.items():
         lm = r["lmckit"]
-        checks.append((f"{key}: per sweep <= 1.5x floor", lm["per_sweep_seconds"] <= 1.5 * lm["floor_seconds"],
-                       f"{lm['per_sweep_seconds'] / lm['floor_seconds']:.2f}x"))
+        checks.append(
+            (
+                f"{key}: per sweep <= 1.5x floor",
+                lm["per_sweep_seconds"] <= 1.5 * lm["floor_seconds"],
+                f"{lm['per_sweep_seconds'] / lm['floor_seconds']:.2f}x",
+            )
+        )
         if "speedup" in r:
             need = 5.0 if key in CNN else 2.0
             checks.append((f"{key}: >= {need:g}x faster than rebasin", r["speedup"] >= need, f"{r['speedup']:.1f}x"))
-            checks.append((f"{key}: L2 after within 0.2% of rebasin (or lower)", r["l2_rel_diff"] <= 0.002,
-                           f"{100 * r['l2_rel_diff']:+.3f}%"))
+            checks.append(
+                (
+                    f"{key}: L2 after within 0.2% of rebasin (or lower)",
+                    r["l2_rel_diff"] <= 0.002,
+                    f"{100 * r['l2_rel_diff']:+.3f}%",
+                )
+            )
             if not r["rebasin"].get("valid_permutation", True):
                 checks.append((f"{key}: rebasin output is a permutation of B", False, "no"))
     for name, ok, val in checks:
         print(f"  [{'ok' if ok else 'MISS'}] {name}: {val}")
-    (out / "bench_match.json").write_text(json.dumps({"args": vars(args), "load_before": os.getloadavg(),
-                                                      "results": results}, indent=2, default=str))
+    (out / "bench_match.json").write_text(
+        json.dumps({"args": vars(args), "load_before": os.getloadavg(), "results": results}, indent=2, default=str)
+    )
     print(f"wrote {out / 'bench_match.json'}")
     return 0
 

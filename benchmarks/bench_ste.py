@@ -24,6 +24,7 @@ machine are noisy: rerun on a quiet one before quoting them.
     python benchmarks/bench_ste.py                 # 40 steps, 1 thread, also --every 4
     python benchmarks/bench_ste.py --steps 80 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -167,15 +168,31 @@ def main(argv: list[str] | None = None) -> int:
             effect[name] = {
                 "end_of_epoch_changed_vs_exact": perm_changed_units(recs[name][-1][0], recs["exact"][-1][0]),
                 "returned_changed_vs_exact": perm_changed_units(ap_.perms, ex.perms),
-                "heldout_loss_end_of_epoch": {"exact": ex.extra["candidates"][-1]["heldout_loss"],
-                                              name: ap_.extra["candidates"][-1]["heldout_loss"]},
-                "returned_heldout_loss": {"exact": ex.extra["best_heldout_loss"], name: ap_.extra["best_heldout_loss"]}}
+                "heldout_loss_end_of_epoch": {
+                    "exact": ex.extra["candidates"][-1]["heldout_loss"],
+                    name: ap_.extra["candidates"][-1]["heldout_loss"],
+                },
+                "returned_heldout_loss": {"exact": ex.extra["best_heldout_loss"], name: ap_.extra["best_heldout_loss"]},
+            }
             print(f"effect of '{name}': {json.dumps(effect[name])}")
     ok = all(same.values())
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"plain_s": plain, "ste_s": rows, "ratio": {m: s / plain for m, s in rows.items()},
-                                           "same_every_step": same, "projector_stats": stats, "approximation": effect,
-                                           "steps": args.steps, "threads": args.threads, "batch": args.batch}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "plain_s": plain,
+                "ste_s": rows,
+                "ratio": {m: s / plain for m, s in rows.items()},
+                "same_every_step": same,
+                "projector_stats": stats,
+                "approximation": effect,
+                "steps": args.steps,
+                "threads": args.threads,
+                "batch": args.batch,
+            },
+            indent=1,
+        )
+    )
     return 0 if ok else 1
 
 

@@ -13,6 +13,7 @@ the machine's noise; the best of ``--repeats`` counts.
 
 The target is ``ratio = lmckit / bare <= 1.2``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def bare_epoch(config, ds, device) -> float:
     order = torch.randperm(x.shape[0], generator=gen).to(device)
     model.train()
     for start in range(0, x.shape[0], config.batch_size):
-        idx = order[start:start + config.batch_size]
+        idx = order[start : start + config.batch_size]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -65,8 +66,12 @@ def main() -> None:
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--train-size", type=int, default=None,
-                    help="train on this many images (the rest held out as val; for a quick run on a busy machine)")
+    ap.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on this many images (the rest held out as val; for a quick run on a busy machine)",
+    )
     args = ap.parse_args()
 
     from lmckit.data import load_dataset

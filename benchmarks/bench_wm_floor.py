@@ -13,6 +13,7 @@ Without run folders a pair is two random initialisations (seeds 0 and 1) of the
 zoo model; matching time depends on shapes, the sweep count on the weights.
 Writes ``benchmarks/out/bench_wm_floor.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,15 +65,27 @@ def main() -> None:
             per_sweep = min(per_sweep, res.extra["sweep_seconds"] / res.sweeps)
             sweeps = res.sweeps
         floor = matching_floor_seconds(spec, sd_a, sd_b, repeats=args.repeats)
-        rows.append({"model": name, "weights": kind, "groups": len(spec.sizes), "head_structures": len(spec.heads),
-                     "sweeps": sweeps, "per_sweep_s": per_sweep, "floor_s": floor, "ratio": per_sweep / floor})
+        rows.append(
+            {
+                "model": name,
+                "weights": kind,
+                "groups": len(spec.sizes),
+                "head_structures": len(spec.heads),
+                "sweeps": sweeps,
+                "per_sweep_s": per_sweep,
+                "floor_s": floor,
+                "ratio": per_sweep / floor,
+            }
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print("| model | weights | groups (head structures) | sweeps | WM per sweep | floor | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['weights']} | {r['groups']} ({r['head_structures']}) | {r['sweeps']} "
-              f"| {r['per_sweep_s'] * 1e3:.1f} ms | {r['floor_s'] * 1e3:.1f} ms | {r['ratio']:.2f} |")
+        print(
+            f"| {r['model']} | {r['weights']} | {r['groups']} ({r['head_structures']}) | {r['sweeps']} "
+            f"| {r['per_sweep_s'] * 1e3:.1f} ms | {r['floor_s'] * 1e3:.1f} ms | {r['ratio']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

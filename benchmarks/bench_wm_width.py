@@ -20,6 +20,7 @@ table with the ratio main / head and the relative objective difference
     python benchmarks/bench_wm_width.py
     python benchmarks/bench_wm_width.py --widths 2048 4096 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,16 @@ def child(width: int, variant: str, threads: int, max_iter: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model_bytes = sum(v.numel() * v.element_size() for sd in sds for v in sd.values())
     budget = 3 * (model_bytes + 8 * width * width) / 2**20
-    return {"width": width, "variant": variant, "seconds": secs, "sweeps": res.sweeps, "objective": res.objective[-1],
-            "rss_peak_over_start_mb": peak - rss0, "rss_budget_mb": budget, "solves": res.extra.get("solves")}
+    return {
+        "width": width,
+        "variant": variant,
+        "seconds": secs,
+        "sweeps": res.sweeps,
+        "objective": res.objective[-1],
+        "rss_peak_over_start_mb": peak - rss0,
+        "rss_budget_mb": budget,
+        "solves": res.extra.get("solves"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,21 +110,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rows = []
-    print(f"{'width':>6} {'main s':>8} {'head s':>8} {'main/head':>9} {'sweeps m/h':>10} {'obj diff':>9} "
-          f"{'RSS MB h':>9} {'budget':>7}", flush=True)
+    print(
+        f"{'width':>6} {'main s':>8} {'head s':>8} {'main/head':>9} {'sweeps m/h':>10} {'obj diff':>9} "
+        f"{'RSS MB h':>9} {'budget':>7}",
+        flush=True,
+    )
     for w in args.widths:
         out = {}
         for variant in ("main", "head"):
-            cmd = [sys.executable, __file__, "--child", str(w), variant, "--threads", str(args.threads),
-                   "--max-iter", str(args.max_iter)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(w),
+                variant,
+                "--threads",
+                str(args.threads),
+                "--max-iter",
+                str(args.max_iter),
+            ]
             out[variant] = json.loads(subprocess.check_output(cmd, env=env).decode().strip().splitlines()[-1])
         m, h = out["main"], out["head"]
         diff = (h["objective"] - m["objective"]) / abs(m["objective"])
         row = {"width": w, "main": m, "head": h, "speedup": m["seconds"] / h["seconds"], "objective_rel_diff": diff}
         rows.append(row)
-        print(f"{w:>6} {m['seconds']:>8.2f} {h['seconds']:>8.2f} {row['speedup']:>9.2f} "
-              f"{m['sweeps']:>4}/{h['sweeps']:<5} {diff:>+9.1e} {h['rss_peak_over_start_mb']:>9.0f} {h['rss_budget_mb']:>7.0f}",
-              flush=True)
+        print(
+            f"{w:>6} {m['seconds']:>8.2f} {h['seconds']:>8.2f} {row['speedup']:>9.2f} "
+            f"{m['sweeps']:>4}/{h['sweeps']:<5} {diff:>+9.1e} {h['rss_peak_over_start_mb']:>9.0f} {h['rss_budget_mb']:>7.0f}",
+            flush=True,
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -22,6 +22,7 @@ Rows
   (needs Fashion-MNIST; skipped without it), ``--jobs`` up to 4 (a quarter of
   the CPU cores: WM's assignment solves run on the CPU), under the time left.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,14 @@ def random_dataset(n: int, channels: int, size: int, device: torch.device, class
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
-    ds = Dataset("random", {"train": x, "test": x[: n // 5]}, {"train": y, "test": y[: n // 5]}, classes,
-                 tuple([0.5] * channels), tuple([0.25] * channels))
+    ds = Dataset(
+        "random",
+        {"train": x, "test": x[: n // 5]},
+        {"train": y, "test": y[: n // 5]},
+        classes,
+        tuple([0.5] * channels),
+        tuple([0.25] * channels),
+    )
     ds.on_device("train", device)  # resident on the device before timing
     return ds
 
@@ -57,15 +64,28 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def train_throughput(model: str, width: float, precision: str, dev: torch.device, n: int, steps: int,
-                     batch: int) -> dict:
+def train_throughput(
+    model: str, width: float, precision: str, dev: torch.device, n: int, steps: int, batch: int
+) -> dict:
     from lmckit.device import channels_last_wanted, tf32_allowed, tf32_scope
     from lmckit.train import _train_epoch, build_untrained, make_config, make_optimizer
 
     ds = random_dataset(n, 3, 32, dev)
-    cfg = make_config(None, model=model, width_mult=width, norm="batchnorm", dataset="synthetic-rgb", optimizer="sgd",
-                      lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=batch, epochs=2, augment=True,
-                      precision=precision)
+    cfg = make_config(
+        None,
+        model=model,
+        width_mult=width,
+        norm="batchnorm",
+        dataset="synthetic-rgb",
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=5e-4,
+        batch_size=batch,
+        epochs=2,
+        augment=True,
+        precision=precision,
+    )
     net = build_untrained(cfg, ds).to(dev)
     cl, tf32 = channels_last_wanted(net, dev), tf32_allowed(dev)
     if cl:
@@ -84,8 +104,11 @@ def train_throughput(model: str, width: float, precision: str, dev: torch.device
         sync(dev)
         dt = time.perf_counter() - t0
     params = sum(p.numel() for p in net.parameters())
-    return {"value": epochs * n / dt, "unit": "images/s",
-            "note": f"{params / 1e6:.1f}M params, batch {batch}, channels_last={cl}, tf32={tf32}"}
+    return {
+        "value": epochs * n / dt,
+        "unit": "images/s",
+        "note": f"{params / 1e6:.1f}M params, batch {batch}, channels_last={cl}, tf32={tf32}",
+    }
 
 
 def wm_time(model: str, width: float, dev: torch.device, max_iter: int) -> dict:
@@ -105,8 +128,11 @@ def wm_time(model: str, width: float, dev: torch.device, max_iter: int) -> dict:
     res = weight_matching(spec, sd_a, sd_b, seed=0, max_iter=max_iter, device=dev)
     sync(dev)
     dt = time.perf_counter() - t0
-    return {"value": dt, "unit": "s", "note": f"{res.sweeps} sweeps (max {max_iter}), largest group "
-                                               f"{max(spec.sizes.values())} units"}
+    return {
+        "value": dt,
+        "unit": "s",
+        "note": f"{res.sweeps} sweeps (max {max_iter}), largest group {max(spec.sizes.values())} units",
+    }
 
 
 def ste_speed(dev: torch.device, width: int, n: int, steps: int) -> dict:
@@ -124,24 +150,62 @@ def ste_speed(dev: torch.device, width: int, n: int, steps: int) -> dict:
     limit = steps * batch
     sync(dev)
     t0 = time.perf_counter()
-    ste_matching(a.to(dev), sd_a, sd_b, ds, epochs=1, batch_size=batch, seed=0, device=dev, progress=False,
-                 heldout_size=min(1000, n // 5), track_alignment=False, train_limit=limit)
+    ste_matching(
+        a.to(dev),
+        sd_a,
+        sd_b,
+        ds,
+        epochs=1,
+        batch_size=batch,
+        seed=0,
+        device=dev,
+        progress=False,
+        heldout_size=min(1000, n // 5),
+        track_alignment=False,
+        train_limit=limit,
+    )
     sync(dev)
     dt = time.perf_counter() - t0
-    return {"value": steps / dt, "unit": "steps/s",
-            "note": f"MLP 784-{width}x3-10, batch {batch}, {steps} steps incl. setup and 2 held-out scorings"}
+    return {
+        "value": steps / dt,
+        "unit": "steps/s",
+        "note": f"MLP 784-{width}x3-10, batch {batch}, {steps} steps incl. setup and 2 held-out scorings",
+    }
 
 
 def run_tests(timeout: float) -> dict:
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_gpu_path.py",
-                        "tests/test_ray_executor.py", "-m", "not slow"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    last = [ln for ln in p.stdout.splitlines() if " passed" in ln or " failed" in ln or " error" in ln][-1:] \
-        or ["(no summary line)"]
-    return {"value": time.perf_counter() - t0, "unit": "s", "note": ("PASS " if p.returncode == 0 else "FAIL ") + last[0],
-            "ok": p.returncode == 0, "output": p.stdout[-4000:]}
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "tests/test_gpu_path.py",
+            "tests/test_ray_executor.py",
+            "-m",
+            "not slow",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    last = [ln for ln in p.stdout.splitlines() if " passed" in ln or " failed" in ln or " error" in ln][-1:] or [
+        "(no summary line)"
+    ]
+    return {
+        "value": time.perf_counter() - t0,
+        "unit": "s",
+        "note": ("PASS " if p.returncode == 0 else "FAIL ") + last[0],
+        "ok": p.returncode == 0,
+        "output": p.stdout[-4000:],
+    }
 
 
 def run_quick(dev: str, timeout: float, smoke: bool) -> dict:
@@ -153,14 +217,37 @@ def run_quick(dev: str, timeout: float, smoke: bool) -> dict:
         try:
             find_dataset("fashion-mnist")
         except Exception as e:  # noqa: BLE001
-            return {"value": float("nan"), "unit": "s", "note": f"skipped: Fashion-MNIST not found ({e}); set LMCKIT_DATA"}
+            return {
+                "value": float("nan"),
+                "unit": "s",
+                "note": f"skipped: Fashion-MNIST not found ({e}); set LMCKIT_DATA",
+            }
     tmp = tempfile.mkdtemp(prefix="gpucheck")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), LMCKIT_NO_PROGRESS="1")
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-m", "lmckit.cli", "reproduce", "--recipe", recipe, "--device", dev,
-                            "--jobs", str(jobs), "--out", f"{tmp}/report", "--cache", f"{tmp}/runs"], env=env,
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lmckit.cli",
+                "reproduce",
+                "--recipe",
+                recipe,
+                "--device",
+                dev,
+                "--jobs",
+                str(jobs),
+                "--out",
+                f"{tmp}/report",
+                "--cache",
+                f"{tmp}/runs",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"value": float("nan"), "unit": "s", "note": f"not finished within {timeout:.0f}s"}
     dt = time.perf_counter() - t0
@@ -192,15 +279,18 @@ def main() -> int:
             r = {"value": float("nan"), "unit": "", "note": f"ERROR {type(e).__name__}: {str(e)[:200]}"}
         r["seconds"] = time.perf_counter() - t0
         rows.append((name, r))
-        print(f"[gpu_check] {name}: {r['value']:.4g} {r['unit']} ({r['note']}) [{r['seconds']:.0f}s]",
-              file=sys.stderr, flush=True)
+        print(
+            f"[gpu_check] {name}: {r['value']:.4g} {r['unit']} ({r['note']}) [{r['seconds']:.0f}s]",
+            file=sys.stderr,
+            flush=True,
+        )
 
     add("CUDA tests" if dev.type == "cuda" else "tests", run_tests, 180.0)
     n, steps, batch = (200, 4, 50) if s else (10_000, 60, 500)
-    for model, width in ((("vgg_tiny", 1.0), ("resnet_tiny", 1.0)) if s else (("vgg11", 4.0), ("resnet20", 16.0))):
+    for model, width in (("vgg_tiny", 1.0), ("resnet_tiny", 1.0)) if s else (("vgg11", 4.0), ("resnet20", 16.0)):
         for prec in ("fp32", "bf16"):
             add(f"train {model} x{width:g} {prec}", train_throughput, model, width, prec, dev, n, steps, batch)
-    for model, width in ((("vgg_tiny", 1.0), ("resnet_tiny", 1.0)) if s else (("vgg11", 4.0), ("resnet20", 16.0))):
+    for model, width in (("vgg_tiny", 1.0), ("resnet_tiny", 1.0)) if s else (("vgg11", 4.0), ("resnet20", 16.0)):
         add(f"WM {model} x{width:g}", wm_time, model, width, dev, 5 if s else 30)
     add("STE steps", ste_speed, dev, 32 if s else 512, 500 if s else 20_000, 5 if s else 50)
     left = args.budget - (time.perf_counter() - t_start)
@@ -214,8 +304,9 @@ def main() -> int:
         print(f"| {row} | {v} | {r['unit']} | {r['seconds']:.0f}s | {r['note']} |")
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "output"} for k, v in rows},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "output"} for k, v in rows}, indent=1)
+        )
     tests = rows[0][1]
     if not tests.get("ok", False):
         print("\n" + tests.get("output", ""), file=sys.stderr)

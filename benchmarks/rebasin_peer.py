@@ -13,6 +13,7 @@ warm-up on a tiny model, prints one JSON line: per seed, total seconds
 (tracing/spec derivation + coordinate descent + applying the permutation),
 the split, and the number of sweeps.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,10 @@ from pathlib import Path
 def main() -> int:
     job = json.loads(Path(sys.argv[1]).read_text())
     sys.path.insert(0, job["lmckit_src"])  # model classes only (plain torch modules)
+    import rebasin
     import torch
     from safetensors.torch import load_file, save_file
 
-    import rebasin
     from lmckit.models import create_model
 
     torch.set_num_threads(job.get("threads", torch.get_num_threads()))
@@ -67,8 +68,17 @@ def main() -> int:
         t3 = time.perf_counter()
         out = job["out"].replace(".safetensors", f"_seed{seed}.safetensors")
         save_file({k: v.detach().contiguous() for k, v in model_b.state_dict().items()}, out)
-        results.append({"seed": seed, "seconds": t3 - t0, "init_seconds": t1 - t0, "descent_seconds": t2 - t1,
-                        "apply_seconds": t3 - t2, "sweeps": sweeps, "out": out})
+        results.append(
+            {
+                "seed": seed,
+                "seconds": t3 - t0,
+                "init_seconds": t1 - t0,
+                "descent_seconds": t2 - t1,
+                "apply_seconds": t3 - t2,
+                "sweeps": sweeps,
+                "out": out,
+            }
+        )
     print(json.dumps(results))
     return 0
 

@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/ste_vs_wm.py --epochs 2 --triples 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         r = train(make_config("mlp-fmnist", seed=s), out_root=args.runs, device=args.device, progress=False)
         runs.append(r.run_dir)
         states.append(load_checkpoint(r.run_dir)[0])
-        print(f"model seed {s}: {r.run_dir} test acc {r.test_accuracy:.4f}{' (cached)' if r.cached else ''}", flush=True)
+        print(
+            f"model seed {s}: {r.run_dir} test acc {r.test_accuracy:.4f}{' (cached)' if r.cached else ''}", flush=True
+        )
     model = build_model(load_checkpoint(runs[0])[1]["model"], states[0])
     spec = spec_for(model)
     cache: dict[tuple[int, int, str], dict] = {}
@@ -79,23 +82,44 @@ def main(argv: list[str] | None = None) -> int:
             res = weight_matching(spec, states[i], states[j], seed=args.seed)
         else:
             sdir = out / "ste" / f"{runs[i].name}-{runs[j].name}-adam-s{args.seed}"
-            res = ste_matching(model, states[i], states[j], ds, spec=spec, preset="adam", epochs=args.epochs,
-                               seed=args.seed, device=args.device, state_dir=sdir, progress=True)
+            res = ste_matching(
+                model,
+                states[i],
+                states[j],
+                ds,
+                spec=spec,
+                preset="adam",
+                epochs=args.epochs,
+                seed=args.seed,
+                device=args.device,
+                state_dir=sdir,
+                progress=True,
+            )
         perms = res.perms
         aligned = apply_permutation(spec, perms, states[j])
         bar = barrier_curve(model, states[i], aligned, ds, splits=("test",), points=args.points, progress=False)["test"]
         r = svd_alignment(spec, states[i], states[j], perms, gammas=(0.0, 0.3)).R
-        rec = {"perms": perms, "aligned": aligned, "loss_barrier": bar.loss_barrier, "acc_barrier": bar.accuracy_barrier,
-               "R0.3": r[gamma_key(0.3)]["after"], "R0": r[gamma_key(0.0)]["after"], "R0.3_before": r[gamma_key(0.3)]["before"],
-               "seconds": time.time() - t0}
+        rec = {
+            "perms": perms,
+            "aligned": aligned,
+            "loss_barrier": bar.loss_barrier,
+            "acc_barrier": bar.accuracy_barrier,
+            "R0.3": r[gamma_key(0.3)]["after"],
+            "R0": r[gamma_key(0.0)]["after"],
+            "R0.3_before": r[gamma_key(0.3)]["before"],
+            "seconds": time.time() - t0,
+        }
         if method == "ste":
             rec["changed_vs_wm"] = perm_changed_units(perms, match(i, j, "wm")["perms"])
             rec["drift_changed_vs_wm"] = res.extra["drift"]["changed_vs_wm"]
             rec["heldout_loss"] = res.extra["best_heldout_loss"]
             rec["candidates"] = res.extra["candidates"]
         cache[key] = rec
-        print(f"  {method} {i}->{j}: loss barrier {rec['loss_barrier']:.4f}, R(0.3) {rec['R0.3']:.3f} "
-              f"({rec['seconds']:.0f}s)", flush=True)
+        print(
+            f"  {method} {i}->{j}: loss barrier {rec['loss_barrier']:.4f}, R(0.3) {rec['R0.3']:.3f} "
+            f"({rec['seconds']:.0f}s)",
+            flush=True,
+        )
         return rec
 
     rows = []
@@ -111,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{m}_pair_acc_barrier"] = rb["acc_barrier"]
             row[f"{m}_R0.3"] = rb["R0.3"]
             row[f"{m}_R0"] = rb["R0"]
-            bc = barrier_curve(model, rb["aligned"], rc["aligned"], ds, splits=("test",), points=args.points,
-                               progress=False)["test"]
+            bc = barrier_curve(
+                model, rb["aligned"], rc["aligned"], ds, splits=("test",), points=args.points, progress=False
+            )["test"]
             row[f"{m}_bc_loss_barrier"] = bc.loss_barrier
             row[f"{m}_bc_acc_barrier"] = bc.accuracy_barrier
             merged = merged_state(model, [states[a], rb["aligned"], rc["aligned"]], ds)
@@ -133,29 +158,43 @@ def main(argv: list[str] | None = None) -> int:
         sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
         return m, sd
 
-    table = [("two-model test loss barrier (a, b)", "pair_loss_barrier"),
-             ("two-model test acc barrier (a, b)", "pair_acc_barrier"),
-             ("R(0.3) after permutation", "R0.3"), ("R(0) after permutation", "R0"),
-             ("three-model barrier pi_b(b)-pi_c(c), loss", "bc_loss_barrier"),
-             ("three-model barrier pi_b(b)-pi_c(c), acc", "bc_acc_barrier"),
-             ("accuracy of the average of 3 aligned", "merged3_acc")]
+    table = [
+        ("two-model test loss barrier (a, b)", "pair_loss_barrier"),
+        ("two-model test acc barrier (a, b)", "pair_acc_barrier"),
+        ("R(0.3) after permutation", "R0.3"),
+        ("R(0) after permutation", "R0"),
+        ("three-model barrier pi_b(b)-pi_c(c), loss", "bc_loss_barrier"),
+        ("three-model barrier pi_b(b)-pi_c(c), acc", "bc_acc_barrier"),
+        ("accuracy of the average of 3 aligned", "merged3_acc"),
+    ]
     print()
-    print(f"Fashion-MNIST MLP 784-512x3-10, {len(rows)} triples (seeds mod 4); STE: adam preset, "
-          f"{args.epochs} epochs (preset default 10), seed {args.seed}; WM: seed {args.seed}, max_iter 100")
+    print(
+        f"Fashion-MNIST MLP 784-512x3-10, {len(rows)} triples (seeds mod 4); STE: adam preset, "
+        f"{args.epochs} epochs (preset default 10), seed {args.seed}; WM: seed {args.seed}, max_iter 100"
+    )
     print(f"{'quantity':44s} {'WM':>18s} {'STE':>18s}")
     summary = {}
     for label, key in table:
         (mw, sw), (mst, sst) = ms(f"wm_{key}"), ms(f"ste_{key}")
         summary[key] = {"wm": [mw, sw], "ste": [mst, sst]}
         print(f"{label:44s} {mw:9.4f} ± {sw:6.4f} {mst:9.4f} ± {sst:6.4f}")
-    for label, key in (("R(0.3) before permutation", "R0.3_before"), ("accuracy of the naive average of 3", "naive_merged3_acc"),
-                       ("STE units reassigned vs WM (a, b)", "ste_changed_vs_wm"),
-                       ("WM seed s vs seed s+1 units reassigned (a, b)", "wm_seed_changed")):
+    for label, key in (
+        ("R(0.3) before permutation", "R0.3_before"),
+        ("accuracy of the naive average of 3", "naive_merged3_acc"),
+        ("STE units reassigned vs WM (a, b)", "ste_changed_vs_wm"),
+        ("WM seed s vs seed s+1 units reassigned (a, b)", "wm_seed_changed"),
+    ):
         m, s = ms(key)
         summary[key] = [m, s]
         print(f"{label:44s} {m:9.4f} ± {s:6.4f}")
-    res = {"epochs": args.epochs, "seed": args.seed, "points": args.points, "rows": rows, "summary": summary,
-           "runs": [str(r) for r in runs]}
+    res = {
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "points": args.points,
+        "rows": rows,
+        "summary": summary,
+        "runs": [str(r) for r in runs],
+    }
     from lmckit.store import atomic_write_json
 
     atomic_write_json(out / "results.json", res)

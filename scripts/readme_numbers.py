@@ -19,6 +19,7 @@ Usage::
         --command "lmckit reproduce --recipe quick" --conditions "2 shared CPU cores, load ~12"
                                                       # copy a report's results.json into docs/results/quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "docs" / "results"
-BLOCK = re.compile(r"(<!-- readme-numbers:begin (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- readme-numbers:end (?P=name) -->)",
-                   re.S)
-LABEL = {"naive": "naive (no permutation)", "weight": "WM", "activation": "AM", "ste": "STE",
-         "merge_many": "MergeMany"}
+BLOCK = re.compile(
+    r"(<!-- readme-numbers:begin (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- readme-numbers:end (?P=name) -->)", re.S
+)
+LABEL = {"naive": "naive (no permutation)", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
 
 
 def ordered(d: dict[str, Any]) -> list[str]:
@@ -75,68 +76,118 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
     """The Markdown of block ``name`` from a results tree and its run record."""
     src = f"docs/results/{name}/results.json"
-    md = [f"*Produced by `{run['command']}` ({run['date']}; {run['conditions']}; lmckit {run.get('commit', '?')}). "
-          f"Every number below is read from [`{src}`]({src}).*", ""]
+    md = [
+        f"*Produced by `{run['command']}` ({run['date']}; {run['conditions']}; lmckit {run.get('commit', '?')}). "
+        f"Every number below is read from [`{src}`]({src}).*",
+        "",
+    ]
     rec = res["recipe"]
     ev = res.get("evaluation", {})
     for e in res["experiments"]:
         accs = [m["test_accuracy"] for m in e["models"]]
         mean = sum(accs) / len(accs)
-        md += [f"**{e['label']}** on {rec['data']['dataset']}: {len(e['models'])} models (seeds "
-               f"{', '.join(str(m['seed']) for m in e['models'])}), test accuracy {mean:.4f} on average "
-               f"({min(accs):.4f}-{max(accs):.4f}); {len(e['pairs'])} disjoint pairs. Barriers on the first "
-               f"{_get(ev, 'barrier', 'test') or 'all'} test images, {rec['barrier']['lambdas']} values of λ. "
-               "Mean ± sample std over the pairs (R and distances after WM: over pairs × "
-               f"{rec['match']['searches']} WM searches), [95% t-interval] where n ≥ 3; accuracies as fractions.", ""]
+        md += [
+            f"**{e['label']}** on {rec['data']['dataset']}: {len(e['models'])} models (seeds "
+            f"{', '.join(str(m['seed']) for m in e['models'])}), test accuracy {mean:.4f} on average "
+            f"({min(accs):.4f}-{max(accs):.4f}); {len(e['pairs'])} disjoint pairs. Barriers on the first "
+            f"{_get(ev, 'barrier', 'test') or 'all'} test images, {rec['barrier']['lambdas']} values of λ. "
+            "Mean ± sample std over the pairs (R and distances after WM: over pairs × "
+            f"{rec['match']['searches']} WM searches), [95% t-interval] where n ≥ 3; accuracies as fractions.",
+            "",
+        ]
         rows = []
         for m in ordered(e["methods"]):
             d = e["methods"][m]
             b = _get(d, "barrier", "test") or {}
             n = _get(b, "loss_barrier", "n") or 0
             rn = _get(d, "R", "0.3", "after", "n") or 0
-            rows.append([LABEL.get(m, m), pm(b.get("loss_barrier")), pm(b.get("accuracy_barrier")),
-                         pm(_get(d, "R", "0", "after")), pm(_get(d, "R", "0.3", "after")),
-                         pm(_get(d, "distance", "reduction"), "{:.1%}") if m != "naive" else "-",
-                         f"{n} / {rn}" if rn else str(n)])
-        md += _table(["method", "test loss barrier", "test accuracy barrier", "R(0) after", "R(0.3) after",
-                      "L2 reduction", "n (barrier / R)"], rows)
+            rows.append(
+                [
+                    LABEL.get(m, m),
+                    pm(b.get("loss_barrier")),
+                    pm(b.get("accuracy_barrier")),
+                    pm(_get(d, "R", "0", "after")),
+                    pm(_get(d, "R", "0.3", "after")),
+                    pm(_get(d, "distance", "reduction"), "{:.1%}") if m != "naive" else "-",
+                    f"{n} / {rn}" if rn else str(n),
+                ]
+            )
+        md += _table(
+            [
+                "method",
+                "test loss barrier",
+                "test accuracy barrier",
+                "R(0) after",
+                "R(0.3) after",
+                "L2 reduction",
+                "n (barrier / R)",
+            ],
+            rows,
+        )
         before = _get(e["methods"], "weight", "R")
         if before:
-            md += ["", f"Without permutation R(0) = {pm(before['0']['before'])} and R(0.3) = "
-                       f"{pm(before['0.3']['before'])}."]
+            md += [
+                "",
+                f"Without permutation R(0) = {pm(before['0']['before'])} and R(0.3) = {pm(before['0.3']['before'])}.",
+            ]
         tay = _get(e["methods"], "weight", "taylor")
         if tay:
-            md += ["", f"Midpoint barrier after WM on {tay.get('num_samples', '?')} training images: measured "
-                       f"{pm(tay['measured_midpoint'])}, second-order Taylor estimate {pm(tay['taylor_midpoint'])} "
-                       f"(n = {tay['taylor_midpoint']['n']} pairs)."]
+            md += [
+                "",
+                f"Midpoint barrier after WM on {tay.get('num_samples', '?')} training images: measured "
+                f"{pm(tay['measured_midpoint'])}, second-order Taylor estimate {pm(tay['taylor_midpoint'])} "
+                f"(n = {tay['taylor_midpoint']['n']} pairs).",
+            ]
         md += [""]
         claims = [c for c in res.get("claims", []) if c.get("model", e["label"]) == e["label"]]
         if claims:
-            md += _table(["claim", "verdict", "this run", "published"],
-                         [[f"{c['id']}: {c.get('title', '')}", "held" if c["held"] else "**did not hold**",
-                           c["text"], (c["paper"]["text"] if c.get("paper") else "-")] for c in claims])
+            md += _table(
+                ["claim", "verdict", "this run", "published"],
+                [
+                    [
+                        f"{c['id']}: {c.get('title', '')}",
+                        "held" if c["held"] else "**did not hold**",
+                        c["text"],
+                        (c["paper"]["text"] if c.get("paper") else "-"),
+                    ]
+                    for c in claims
+                ],
+            )
             md += [""]
     three = res.get("three_models")
     if three:
-        md += [f"Three models (seeds {', '.join(str(s) for s in rec['train']['seeds'][:rec['three_models']['models']])}"
-               f"; models 1 and 2 matched to model 0; one triple, single values; "
-               f"{ev.get('three_models_test_images', 'all')} test images):", ""]
+        md += [
+            f"Three models (seeds {', '.join(str(s) for s in rec['train']['seeds'][: rec['three_models']['models']])}"
+            f"; models 1 and 2 matched to model 0; one triple, single values; "
+            f"{ev.get('three_models_test_images', 'all')} test images):",
+            "",
+        ]
         ns = [x["n"] for x in next(iter(three.values()))["merged"]]
-        md += _table(["method", "loss barrier between the two matched models", "its accuracy barrier"]
-                     + [f"accuracy of the average of {n}" for n in ns],
-                     [[LABEL.get(m, m), f"{d['pair_loss_barrier']:.3f}", f"{d['pair_accuracy_barrier']:.3f}"]
-                      + [f"{x['accuracy']:.4f}" for x in three[m]["merged"]] for m in ordered(three)
-                      for d in [three[m]]])
+        md += _table(
+            ["method", "loss barrier between the two matched models", "its accuracy barrier"]
+            + [f"accuracy of the average of {n}" for n in ns],
+            [
+                [LABEL.get(m, m), f"{d['pair_loss_barrier']:.3f}", f"{d['pair_accuracy_barrier']:.3f}"]
+                + [f"{x['accuracy']:.4f}" for x in three[m]["merged"]]
+                for m in ordered(three)
+                for d in [three[m]]
+            ],
+        )
         md += [""]
     ws = res.get("width_sweep")
     if ws:
         ws = sorted(ws, key=lambda x: x["width_mult"])
         methods = ordered(ws[0]["methods"])
         md += ["Width sweep (one pair per width, test split):", ""]
-        md += _table(["width"] + [f"{LABEL.get(m, m)} loss barrier" for m in methods] + ["WM R(0.3) after"],
-                     [[f"x{x['width_mult']:g}"] + [pm(_get(x, "methods", m, "barrier", "test", "loss_barrier"))
-                                                   for m in methods]
-                      + [pm(_get(x, "methods", "weight", "R", "0.3", "after"))] for x in ws])
+        md += _table(
+            ["width"] + [f"{LABEL.get(m, m)} loss barrier" for m in methods] + ["WM R(0.3) after"],
+            [
+                [f"x{x['width_mult']:g}"]
+                + [pm(_get(x, "methods", m, "barrier", "test", "loss_barrier")) for m in methods]
+                + [pm(_get(x, "methods", "weight", "R", "0.3", "after"))]
+                for x in ws
+            ],
+        )
         md += [""]
     return "\n".join(md)
 
@@ -148,6 +199,7 @@ def load(name: str, root: Path = RESULTS) -> tuple[dict[str, Any], dict[str, Any
 
 def rewrite(text: str, root: Path = RESULTS) -> str:
     """``text`` with every marked block regenerated from ``root/NAME``."""
+
     def sub(m: re.Match) -> str:
         res, run = load(m.group("name"), root)
         return m.group(1) + render(m.group("name"), res, run) + "\n" + m.group(4)
@@ -163,13 +215,13 @@ def import_run(report: Path, name: str, command: str, conditions: str) -> Path:
     if (report / "timings.json").exists():
         shutil.copyfile(report / "timings.json", folder / "timings.json")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "?"
     mtime = datetime.fromtimestamp((report / "results.json").stat().st_mtime, timezone.utc)
-    run = {"command": command, "date": mtime.strftime("%Y-%m-%d %H:%M UTC"), "conditions": conditions,
-           "commit": commit}
+    run = {"command": command, "date": mtime.strftime("%Y-%m-%d %H:%M UTC"), "conditions": conditions, "commit": commit}
     (folder / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     return folder
 
@@ -190,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     new = rewrite(old)
     if args.check:
         if new != old:
-            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md",
-                                                       "from docs/results"))
+            sys.stdout.writelines(
+                difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md", "from docs/results")
+            )
             print("README.md is stale: run python scripts/readme_numbers.py", file=sys.stderr)
             return 1
         return 0

@@ -5,6 +5,7 @@ block permutations), each small enough for a check in milliseconds.
 lists facts the traced spec must show (``heads``: number of head structures; ``pinned``: keys whose
 axes must stay unpermuted, i.e. what legitimately remains pinned).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,8 +19,15 @@ import torch.nn.functional as F
 class PreLNBlock(nn.Module):
     """Pre-LN transformer on tokens: Linear embed, ``x + attn(ln1(x))``, ``x + mlp(ln2(x))``, mean-pool head."""
 
-    def __init__(self, d_in: int = 6, dim: int = 8, heads: int = 2, batch_first: bool = True, bias: bool = True,
-                 num_classes: int = 3):
+    def __init__(
+        self,
+        d_in: int = 6,
+        dim: int = 8,
+        heads: int = 2,
+        batch_first: bool = True,
+        bias: bool = True,
+        num_classes: int = 3,
+    ):
         super().__init__()
         self.batch_first = batch_first
         self.embed = nn.Linear(d_in, dim)
@@ -97,8 +105,16 @@ class TokenNet(nn.Module):
 class LSTMNet(nn.Module):
     """``Linear -> nn.LSTM (or GRU) -> Linear`` on a sequence."""
 
-    def __init__(self, d_in: int = 5, hidden: int = 7, layers: int = 2, batch_first: bool = True, bias: bool = True,
-                 cell: str = "lstm", num_classes: int = 3):
+    def __init__(
+        self,
+        d_in: int = 5,
+        hidden: int = 7,
+        layers: int = 2,
+        batch_first: bool = True,
+        bias: bool = True,
+        cell: str = "lstm",
+        num_classes: int = 3,
+    ):
         super().__init__()
         self.batch_first = batch_first
         self.inp = nn.Linear(d_in, 6)
@@ -157,8 +173,9 @@ class VGGFlatten(nn.Module):
 
     def __init__(self, num_classes: int = 3):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(5, 6, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(5, 6, 3, padding=1), nn.ReLU()
+        )
         self.avgpool = nn.AdaptiveAvgPool2d((3, 3))
         self.classifier = nn.Sequential(nn.Linear(6 * 9, 10), nn.ReLU(), nn.Linear(10, num_classes))
 
@@ -204,30 +221,81 @@ def _images() -> torch.Tensor:
     return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-ARCH_CASES: dict[str, ArchCase] = {c.name: c for c in [
-    ArchCase("mha_batch_first", lambda: PreLNBlock(batch_first=True), _tokens, heads=1,
-             permuted=["embed.weight@0", "ln1.weight@0", "attn.in_proj_weight@0", "attn.in_proj_weight@1", "attn.out_proj.weight@0", "attn.out_proj.weight@1"]),
-    ArchCase("mha_seq_first_nobias", lambda: PreLNBlock(batch_first=False, bias=False), _tokens, heads=1,
-             permuted=["embed.weight@0", "attn.in_proj_weight@0", "attn.out_proj.weight@1"]),
-    ArchCase("tokens_pos_cls_tied", TokenNet, lambda: torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0)),
-             permuted=["tok.weight@1", "pos@2", "cls@2", "ln.weight@0", "fc2.weight@0"]),
-    ArchCase("lstm_2layer", LSTMNet, _tokens.__call__ if False else (lambda: torch.randn(4, 5, 5)),
-             permuted=["inp.weight@0", "rnn.weight_ih_l0@0", "rnn.weight_hh_l0@1", "rnn.weight_ih_l1@1", "rnn.bias_hh_l1@0"]),
-    ArchCase("lstm_seq_first_nobias", lambda: LSTMNet(layers=1, batch_first=False, bias=False), lambda: torch.randn(4, 5, 5),
-             permuted=["rnn.weight_ih_l0@0", "rnn.weight_hh_l0@0"]),
-    ArchCase("gru_2layer", lambda: LSTMNet(cell="gru"), lambda: torch.randn(4, 5, 5),
-             permuted=["rnn.weight_ih_l0@0", "rnn.weight_hh_l1@1"]),
-    ArchCase("resnet_option_a", OptionAResNet, _images,
-             permuted=["conv.weight@0", "bn.weight@0", "b2.conv2.weight@0", "b3.bn2.weight@0", "fc.weight@1"]),
-    ArchCase("vgg_pool_flatten", VGGFlatten, _images,
-             permuted=["features.3.weight@0", "classifier.0.weight@1"]),
-    ArchCase("cat_skip", CatNet, _images, permuted=["a.weight@0", "b.weight@0", "bn.weight@0", "c.weight@1"]),
-]}
+ARCH_CASES: dict[str, ArchCase] = {
+    c.name: c
+    for c in [
+        ArchCase(
+            "mha_batch_first",
+            lambda: PreLNBlock(batch_first=True),
+            _tokens,
+            heads=1,
+            permuted=[
+                "embed.weight@0",
+                "ln1.weight@0",
+                "attn.in_proj_weight@0",
+                "attn.in_proj_weight@1",
+                "attn.out_proj.weight@0",
+                "attn.out_proj.weight@1",
+            ],
+        ),
+        ArchCase(
+            "mha_seq_first_nobias",
+            lambda: PreLNBlock(batch_first=False, bias=False),
+            _tokens,
+            heads=1,
+            permuted=["embed.weight@0", "attn.in_proj_weight@0", "attn.out_proj.weight@1"],
+        ),
+        ArchCase(
+            "tokens_pos_cls_tied",
+            TokenNet,
+            lambda: torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(0)),
+            permuted=["tok.weight@1", "pos@2", "cls@2", "ln.weight@0", "fc2.weight@0"],
+        ),
+        ArchCase(
+            "lstm_2layer",
+            LSTMNet,
+            _tokens.__call__ if False else (lambda: torch.randn(4, 5, 5)),
+            permuted=[
+                "inp.weight@0",
+                "rnn.weight_ih_l0@0",
+                "rnn.weight_hh_l0@1",
+                "rnn.weight_ih_l1@1",
+                "rnn.bias_hh_l1@0",
+            ],
+        ),
+        ArchCase(
+            "lstm_seq_first_nobias",
+            lambda: LSTMNet(layers=1, batch_first=False, bias=False),
+            lambda: torch.randn(4, 5, 5),
+            permuted=["rnn.weight_ih_l0@0", "rnn.weight_hh_l0@0"],
+        ),
+        ArchCase(
+            "gru_2layer",
+            lambda: LSTMNet(cell="gru"),
+            lambda: torch.randn(4, 5, 5),
+            permuted=["rnn.weight_ih_l0@0", "rnn.weight_hh_l1@1"],
+        ),
+        ArchCase(
+            "resnet_option_a",
+            OptionAResNet,
+            _images,
+            permuted=["conv.weight@0", "bn.weight@0", "b2.conv2.weight@0", "b3.bn2.weight@0", "fc.weight@1"],
+        ),
+        ArchCase("vgg_pool_flatten", VGGFlatten, _images, permuted=["features.3.weight@0", "classifier.0.weight@1"]),
+        ArchCase("cat_skip", CatNet, _images, permuted=["a.weight@0", "b.weight@0", "bn.weight@0", "c.weight@1"]),
+    ]
+}
 
-ARCH_CASES["hand_attention_fused"] = ArchCase("hand_attention_fused", HandAttention, _tokens, heads=1,
-                                               permuted=["qkv.weight@0", "proj.weight@1"])
-ARCH_CASES["hand_attention_separate"] = ArchCase("hand_attention_separate", lambda: HandAttention(fused=False), _tokens,
-                                                  heads=1, permuted=["q.weight@0", "k.weight@0", "v.weight@0", "proj.weight@1"])
+ARCH_CASES["hand_attention_fused"] = ArchCase(
+    "hand_attention_fused", HandAttention, _tokens, heads=1, permuted=["qkv.weight@0", "proj.weight@1"]
+)
+ARCH_CASES["hand_attention_separate"] = ArchCase(
+    "hand_attention_separate",
+    lambda: HandAttention(fused=False),
+    _tokens,
+    heads=1,
+    permuted=["q.weight@0", "k.weight@0", "v.weight@0", "proj.weight@1"],
+)
 
 
 class MatmulAttention(nn.Module):
@@ -259,8 +327,13 @@ class MatmulAttention(nn.Module):
         return self.head(h[:, -1])
 
 
-ARCH_CASES["matmul_attention_causal"] = ArchCase("matmul_attention_causal", MatmulAttention, _tokens, heads=1,
-                                                  permuted=["qkv.weight@0", "proj.weight@1", "ln.weight@0"])
+ARCH_CASES["matmul_attention_causal"] = ArchCase(
+    "matmul_attention_causal",
+    MatmulAttention,
+    _tokens,
+    heads=1,
+    permuted=["qkv.weight@0", "proj.weight@1", "ln.weight@0"],
+)
 
 
 class TimmAttention(nn.Module):
@@ -289,7 +362,17 @@ class TimmAttention(nn.Module):
         return self.head(h.mean(1))
 
 
-ARCH_CASES["timm_attention_unbind"] = ArchCase("timm_attention_unbind", TimmAttention, _tokens, heads=1,
-                                                permuted=["embed.weight@0", "qkv.weight@0", "proj.weight@1"])
-ARCH_CASES["timm_attention_index"] = ArchCase("timm_attention_index", lambda: TimmAttention(index=True), _tokens,
-                                               heads=1, permuted=["qkv.weight@0", "proj.weight@1"])
+ARCH_CASES["timm_attention_unbind"] = ArchCase(
+    "timm_attention_unbind",
+    TimmAttention,
+    _tokens,
+    heads=1,
+    permuted=["embed.weight@0", "qkv.weight@0", "proj.weight@1"],
+)
+ARCH_CASES["timm_attention_index"] = ArchCase(
+    "timm_attention_index",
+    lambda: TimmAttention(index=True),
+    _tokens,
+    heads=1,
+    permuted=["qkv.weight@0", "proj.weight@1"],
+)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny data and models, so the default tier runs in minutes on 2 cores."""
+
 from __future__ import annotations
 
 import os

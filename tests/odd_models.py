@@ -12,6 +12,7 @@ Each entry of :data:`ODD_MODELS` gives a factory, an example input shape
 
 Other helpers import this file: keep the names stable.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ class ResidualMLP(nn.Module):
         self.fc_in = nn.Linear(in_features, width)
         self.blocks = nn.ModuleList()
         for _ in range(blocks):
-            self.blocks.append(nn.ModuleDict({"fc1": nn.Linear(width, hidden), "act": nn.ReLU(),
-                                              "fc2": nn.Linear(hidden, width)}))
+            self.blocks.append(
+                nn.ModuleDict({"fc1": nn.Linear(width, hidden), "act": nn.ReLU(), "fc2": nn.Linear(hidden, width)})
+            )
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,17 +229,31 @@ class OddModel:
         return torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(seed))
 
 
-ODD_MODELS: dict[str, OddModel] = {m.name: m for m in [
-    OddModel("residual_mlp", ResidualMLP, (8, 1, 8, 8), "ok", groups=3, units=12 + 10 + 10),
-    OddModel("skip_cnn", SkipCNN, (8, 3, 8, 8), "ok", groups=3, units=6 + 5 + 8),
-    OddModel("layernorm_mlp", LayerNormMLP, (8, 1, 8, 8), "ok", groups=2, units=10 + 12),
-    OddModel("functional_net", FunctionalNet, (8, 1, 8, 8), "ok", groups=3, units=4 + 6 + 7),
-    OddModel("gelu_mlp", GELUMLP, (8, 1, 8, 8), "ok", groups=2, units=9 + 11),
-    OddModel("flatten_spatial_cnn", FlattenSpatialCNN, (8, 1, 8, 8), "ok", groups=2, units=4 + 7),
-    OddModel("concat_net", ConcatNet, (8, 1, 8, 8), "ok", groups=3, units=4 + 5 + 6),
-    OddModel("groupnorm_net", GroupNormNet, (8, 1, 8, 8), "warn", groups=1, units=6),
-    OddModel("unsupported_op", UnsupportedOpNet, (8, 1, 8, 8), "error"),
-]}
+ODD_MODELS: dict[str, OddModel] = {
+    m.name: m
+    for m in [
+        OddModel("residual_mlp", ResidualMLP, (8, 1, 8, 8), "ok", groups=3, units=12 + 10 + 10),
+        OddModel("skip_cnn", SkipCNN, (8, 3, 8, 8), "ok", groups=3, units=6 + 5 + 8),
+        OddModel("layernorm_mlp", LayerNormMLP, (8, 1, 8, 8), "ok", groups=2, units=10 + 12),
+        OddModel("functional_net", FunctionalNet, (8, 1, 8, 8), "ok", groups=3, units=4 + 6 + 7),
+        OddModel("gelu_mlp", GELUMLP, (8, 1, 8, 8), "ok", groups=2, units=9 + 11),
+        OddModel("flatten_spatial_cnn", FlattenSpatialCNN, (8, 1, 8, 8), "ok", groups=2, units=4 + 7),
+        OddModel("concat_net", ConcatNet, (8, 1, 8, 8), "ok", groups=3, units=4 + 5 + 6),
+        OddModel("groupnorm_net", GroupNormNet, (8, 1, 8, 8), "warn", groups=1, units=6),
+        OddModel("unsupported_op", UnsupportedOpNet, (8, 1, 8, 8), "error"),
+    ]
+}
 
-__all__ = ["ODD_MODELS", "OddModel", "ResidualMLP", "SkipCNN", "LayerNormMLP", "FunctionalNet", "GELUMLP",
-           "FlattenSpatialCNN", "ConcatNet", "GroupNormNet", "UnsupportedOpNet"]
+__all__ = [
+    "ODD_MODELS",
+    "OddModel",
+    "ResidualMLP",
+    "SkipCNN",
+    "LayerNormMLP",
+    "FunctionalNet",
+    "GELUMLP",
+    "FlattenSpatialCNN",
+    "ConcatNet",
+    "GroupNormNet",
+    "UnsupportedOpNet",
+]

@@ -1,4 +1,5 @@
 """Shared helpers of the reliability tests: folder snapshots, CLI runners, tiny checkpoints and hostile files."""
+
 from __future__ import annotations
 
 import hashlib
@@ -77,20 +78,25 @@ def lmckit_cmd(*args: Any) -> list[str]:
     return [PYTHON, "-m", "lmckit.cli", *(str(a) for a in args)]
 
 
-def run_subprocess(args: Sequence[Any], cwd: str | os.PathLike | None = None, timeout: float = 120,
-                   env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(lmckit_cmd(*args), cwd=cwd, env=dict(env or subprocess_env()), capture_output=True,
-                          text=True, timeout=timeout)
+def run_subprocess(
+    args: Sequence[Any],
+    cwd: str | os.PathLike | None = None,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        lmckit_cmd(*args), cwd=cwd, env=dict(env or subprocess_env()), capture_output=True, text=True, timeout=timeout
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
-def make_checkpoint(path: Path, name: str = "mlp_tiny", seed: int = 0, dataset: str = "synthetic",
-                    state_edit=None, **model_kw: Any) -> Path:
+def make_checkpoint(
+    path: Path, name: str = "mlp_tiny", seed: int = 0, dataset: str = "synthetic", state_edit=None, **model_kw: Any
+) -> Path:
     """A self-describing safetensors checkpoint of an untrained zoo model (synthetic-data sized).
 
     ``state_edit(state) -> state`` may damage the weights before saving (NaN, missing keys, ...).
     """
-    from lmckit.checkpoint import save_model
     from lmckit.models import create_model
 
     channels, size = (3, 32) if dataset == "synthetic-rgb" else (1, 28)
@@ -168,8 +174,14 @@ class Zygote:
     """
 
     def __init__(self, env: Mapping[str, str] | None = None):
-        self.proc = subprocess.Popen([PYTHON, __file__, "zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=dict(env or subprocess_env()), bufsize=1)
+        self.proc = subprocess.Popen(
+            [PYTHON, __file__, "zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(env or subprocess_env()),
+            bufsize=1,
+        )
         ready = self.proc.stdout.readline().strip()
         if ready != "ready":
             raise RuntimeError(f"zygote failed to start: {ready!r}")
@@ -209,6 +221,7 @@ def _zygote_main() -> None:  # pragma: no cover - runs in the zygote process
     os.environ.setdefault("LMCKIT_NO_PROGRESS", "1")
     import torch as _torch  # noqa: F401 - the point is to import before forking
     import torch._dynamo  # noqa: F401 - torch.optim imports it on first use (seconds)
+
     import lmckit.cli
     import lmckit.data
     import lmckit.pipeline.reproduce  # noqa: F401

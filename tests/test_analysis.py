@@ -1,4 +1,5 @@
 """Analyses with planted truth: permuted copies, random matrices, hand-computed R, quadratic Taylor, full-rank truncation."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmckit.analysis import (distances, inner_product_identity, input_projections, layers_of, matrix_alignment,
-                             rank_sweep, svd_alignment, taylor_midpoint, truncate_state)
+from lmckit.analysis import (
+    distances,
+    inner_product_identity,
+    input_projections,
+    layers_of,
+    matrix_alignment,
+    rank_sweep,
+    svd_alignment,
+    taylor_midpoint,
+    truncate_state,
+)
 from lmckit.models import create_model
 from lmckit.perm import apply_permutation, invert_permutation, random_permutation, spec_for
 
@@ -24,8 +34,11 @@ def _model(name: str, seed: int, **kw):
     return m
 
 
-MODELS = [("mlp_tiny", {}), ("vgg_tiny", {"in_channels": 1, "image_size": 28, "norm": "batchnorm"}),
-          ("resnet_tiny", {"in_channels": 1, "image_size": 28})]
+MODELS = [
+    ("mlp_tiny", {}),
+    ("vgg_tiny", {"in_channels": 1, "image_size": 28, "norm": "batchnorm"}),
+    ("resnet_tiny", {"in_channels": 1, "image_size": 28}),
+]
 
 
 @pytest.mark.parametrize("name,kw", MODELS)
@@ -57,7 +70,9 @@ def test_layers_follow_spec():
     spec = spec_for(m)
     ls = {l.key: l for l in layers_of(spec, m.state_dict())}
     assert "bn1.weight" not in ls and "conv1.weight" in ls
-    assert ls["conv1.weight"].in_group is None and ls["conv1.weight"].out_group == "S0" and ls["conv1.weight"].kernel == 9
+    assert (
+        ls["conv1.weight"].in_group is None and ls["conv1.weight"].out_group == "S0" and ls["conv1.weight"].kernel == 9
+    )
     assert [l.key for l in ls.values() if l.is_output] == ["head.weight"]
 
 
@@ -227,7 +242,9 @@ def test_taylor_curvature_matches_finite_difference(synthetic):
     sd_a = m.state_dict()
     sd_b = {k: v.double() for k, v in _model("mlp_tiny", 1, activation="tanh").state_dict().items()}
     r = taylor_midpoint(m, spec, sd_a, sd_b, synthetic, num_samples=100, batch_size=50)
-    x = synthetic.normalize(synthetic.images["train"][torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:100]]).double()
+    x = synthetic.normalize(
+        synthetic.images["train"][torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:100]]
+    ).double()
     y = synthetic.labels["train"][torch.randperm(2000, generator=torch.Generator().manual_seed(0))[:100]]
     mid = {k: (sd_a[k] + sd_b[k]) / 2 for k in sd_a}
     d = {k: sd_a[k] - sd_b[k] for k in sd_a}
@@ -237,7 +254,7 @@ def test_taylor_curvature_matches_finite_difference(synthetic):
             return float(F.cross_entropy(torch.func.functional_call(m, {k: mid[k] + t * d[k] for k in mid}, (x,)), y))
 
     h = 1e-3
-    fd = (L(h) - 2 * L(0.0) + L(-h)) / h ** 2
+    fd = (L(h) - 2 * L(0.0) + L(-h)) / h**2
     assert r["dHd"] == pytest.approx(fd, rel=1e-4)
     assert r["loss_mid"] == pytest.approx(L(0.0), rel=1e-9)
     assert r["measured_midpoint"] == pytest.approx(L(0.0) - (L(0.5) + L(-0.5)) / 2, rel=1e-9)
@@ -260,7 +277,7 @@ def test_input_projections_conv_energy(synthetic):
     # sum_i sigma_i^2 mean (v_i . z)^2 = mean over positions of ||W z||^2 = ||conv(x) - b||^2 per position.
     m = _model("vgg_tiny", 0, in_channels=1, image_size=28, norm="none").eval()
     spec, sd = spec_for(m), m.state_dict()
-    proj = input_projections(m, spec, sd, synthetic, num_batches=1, batch_size=20, max_positions=10 ** 6, seed=0)
+    proj = input_projections(m, spec, sd, synthetic, num_batches=1, batch_size=20, max_positions=10**6, seed=0)
     gen = torch.Generator().manual_seed(0)
     x, _ = next(synthetic.batches("train", 20, shuffle=True, generator=gen))
     captured = {}
@@ -270,7 +287,7 @@ def test_input_projections_conv_energy(synthetic):
     h.remove()
     energy = float((captured["out"] ** 2).sum(1).mean())
     p = proj["convs.1"]
-    est = sum(s ** 2 * q for s, q in zip(p["sigma"], p["mean_sq"]))
+    est = sum(s**2 * q for s, q in zip(p["sigma"], p["mean_sq"]))
     assert est == pytest.approx(energy, rel=1e-4)
     assert p["count"] == 20 * 14 * 14
 
@@ -283,10 +300,21 @@ def test_analyze_pair_batchnorm_midpoint_uses_bn_reset(synthetic):
     kw = {"in_channels": 1, "image_size": 28, "norm": "batchnorm"}
     a, b = _model("vgg_tiny", 0, **kw), _model("vgg_tiny", 1, **kw)
     spec = spec_for(a)
-    res = analyze_pair(a, spec, a.state_dict(), b.state_dict(), None, dataset=synthetic, rank_fractions=(0.5,),
-                       eval_limit=100, projection_batches=1)
+    res = analyze_pair(
+        a,
+        spec,
+        a.state_dict(),
+        b.state_dict(),
+        None,
+        dataset=synthetic,
+        rank_fractions=(0.5,),
+        eval_limit=100,
+        projection_batches=1,
+    )
     sweep = res.summary["rank_sweep"]
-    assert set(sweep) == {"A", "midpoint"} and res.summary["notes"] == ["no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)"]
+    assert set(sweep) == {"A", "midpoint"} and res.summary["notes"] == [
+        "no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)"
+    ]
     mid = _model("vgg_tiny", 2, **kw)
     mid.load_state_dict(midpoint_state(a.state_dict(), b.state_dict()))
     lmc.reset_bn_stats(mid, synthetic)

@@ -1,4 +1,5 @@
 """``lmckit analyze`` end to end on tiny checkpoints with a planted permutation."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,30 @@ def pair(tmp_path):
 
 def test_analyze_json_and_plots(pair, capsys):
     tmp, a, b, p = pair
-    rc = main(["analyze", str(a), str(b), "--perm", str(p), "--json", "--plot", str(tmp / "plots"), "--taylor",
-               "--taylor-samples", "200", "--rank-fractions", "0.25", "1", "--limit", "200",
-               "--projection-batches", "1", "--device", "cpu"])
+    rc = main(
+        [
+            "analyze",
+            str(a),
+            str(b),
+            "--perm",
+            str(p),
+            "--json",
+            "--plot",
+            str(tmp / "plots"),
+            "--taylor",
+            "--taylor-samples",
+            "200",
+            "--rank-fractions",
+            "0.25",
+            "1",
+            "--limit",
+            "200",
+            "--projection-batches",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["l2_before"] > 0.5 and out["l2_after"] == pytest.approx(0.0, abs=1e-6)
@@ -42,12 +64,23 @@ def test_analyze_json_and_plots(pair, capsys):
     assert out["measured_midpoint"] == pytest.approx(0.0, abs=1e-5)
     assert out["taylor_midpoint"] == pytest.approx(0.0, abs=1e-5)
     sweep = out["rank_sweep"]
-    assert set(sweep) == {"A", "midpoint"} and [r["kind"] for r in sweep["A"]] == ["full", "gamma", "fraction", "fraction"]
+    assert set(sweep) == {"A", "midpoint"} and [r["kind"] for r in sweep["A"]] == [
+        "full",
+        "gamma",
+        "fraction",
+        "fraction",
+    ]
     assert sweep["midpoint"][0]["acc"] == sweep["A"][0]["acc"]
     assert [r["name"] for r in out["input_projections"]] == names
     pngs = {p.name for p in (tmp / "plots").glob("*.png")}
-    assert pngs == {"spectra.png", "R_bars.png", "per_index_alignment.png", "cross_alignment.png",
-                    "input_projections.png", "rank_sweep.png"}
+    assert pngs == {
+        "spectra.png",
+        "R_bars.png",
+        "per_index_alignment.png",
+        "cross_alignment.png",
+        "input_projections.png",
+        "rank_sweep.png",
+    }
     assert all((tmp / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)
 
 
@@ -61,7 +94,9 @@ def test_analyze_readable_without_perm(pair, capsys):
 def test_analyze_errors(pair, tmp_path, capsys):
     _, a, b, _ = pair
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"format": "lmckit.permutation", "version": 1, "perms": {"P0": [0, 1], "P1": list(range(16))}}))
+    bad.write_text(
+        json.dumps({"format": "lmckit.permutation", "version": 1, "perms": {"P0": [0, 1], "P1": list(range(16))}})
+    )
     assert main(["analyze", str(a), str(b), "--perm", str(bad), "--no-data"]) == 2
     assert "P0" in capsys.readouterr().err
     other = save_model(tmp_path / "c.safetensors", create_model("mlp_tiny", width=8))

@@ -3,6 +3,7 @@
 Every pattern of :mod:`arch_models` must trace to a spec that preserves the function (train and eval
 mode), permutes the units it used to pin, and lets WM and AM recover planted permutations exactly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,16 +17,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arch_models import ARCH_CASES
 from lmckit.errors import LmcError
 from lmckit.match import weight_matching
 from lmckit.match.activation import activation_matching
 from lmckit.match.weight import _solve_heads
-from lmckit.perm import (CoverageWarning, PermutationSpec, apply_permutation, head_block_perm, invert_permutation,
-                         random_permutation, split_head_perm, validate_perms)
+from lmckit.perm import (
+    CoverageWarning,
+    PermutationSpec,
+    apply_permutation,
+    head_block_perm,
+    invert_permutation,
+    random_permutation,
+    split_head_perm,
+    validate_perms,
+)
 from lmckit.perm.check import check_spec
 from lmckit.perm.trace import SpecWarning, trace_spec
-
-from arch_models import ARCH_CASES, HandAttention, PreLNBlock
 
 
 @pytest.fixture(autouse=True)
@@ -79,8 +87,10 @@ def test_head_structure_is_needed(name):
 @pytest.mark.parametrize("name", list(ARCH_CASES))
 def test_wm_recovers_planted_permutation(name):
     m, _, spec = _traced(ARCH_CASES[name])
-    sd = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if v.is_floating_point() else v
-          for k, v in m.state_dict().items()}
+    sd = {
+        k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if v.is_floating_point() else v
+        for k, v in m.state_dict().items()
+    }
     planted = random_permutation(spec, 7)
     res = weight_matching(spec, sd, apply_permutation(spec, planted, sd), seed=0)
     inv = invert_permutation(planted)
@@ -101,7 +111,7 @@ class _Batches:
 
     def batches(self, split, batch_size, shuffle=True, generator=None, device=None):
         for i in range(0, len(self.x), batch_size):
-            yield self.x[i:i + batch_size], None
+            yield self.x[i : i + batch_size], None
 
 
 @pytest.mark.parametrize("name", list(ARCH_CASES))
@@ -112,8 +122,11 @@ def test_am_recovers_planted_permutation(name):
         with torch.no_grad():
             m.classifier[0].bias.fill_(2.0)
     gen = torch.Generator().manual_seed(2)
-    data = (torch.randint(0, 11, (96,) + tuple(x.shape[1:]), generator=gen) if not x.is_floating_point()
-            else torch.randn((96,) + tuple(x.shape[1:]), generator=gen))
+    data = (
+        torch.randint(0, 11, (96,) + tuple(x.shape[1:]), generator=gen)
+        if not x.is_floating_point()
+        else torch.randn((96,) + tuple(x.shape[1:]), generator=gen)
+    )
     planted = random_permutation(spec, 11)
     mb = copy.deepcopy(m)
     mb.load_state_dict(apply_permutation(spec, planted, m.state_dict()))
@@ -147,7 +160,7 @@ def test_solve_heads_is_the_exact_optimum():
 
 def test_random_permutation_shares_one_head_mapping():
     _, _, spec = _traced(ARCH_CASES["mha_batch_first"])
-    (h, members), = spec.heads.values()
+    ((h, members),) = spec.heads.values()
     for seed in range(5):
         p = random_permutation(spec, seed)
         heads = [split_head_perm(p[g], h)[0] for g in members]
@@ -157,7 +170,7 @@ def test_random_permutation_shares_one_head_mapping():
 def test_validate_perms_rejects_broken_head_structure():
     _, _, spec = _traced(ARCH_CASES["mha_batch_first"])
     p = random_permutation(spec, 0)
-    (h, (qk, vo)), = spec.heads.values()
+    ((h, (qk, vo)),) = spec.heads.values()
     bad = dict(p)
     bad[qk] = torch.roll(p[qk], 1)  # moves a unit across a head boundary
     with pytest.raises(LmcError, match="whole attention heads"):
@@ -240,8 +253,20 @@ def test_wm_warns_on_low_coverage():
         weight_matching(good, sd, sd)
 
 
-@pytest.mark.parametrize("name", ["mha_batch_first", "hand_attention_fused", "lstm_2layer", "gru_2layer",
-                                  "resnet_option_a", "vgg_pool_flatten", "cat_skip", "vit_tiny", "lstm_tiny"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mha_batch_first",
+        "hand_attention_fused",
+        "lstm_2layer",
+        "gru_2layer",
+        "resnet_option_a",
+        "vgg_pool_flatten",
+        "cat_skip",
+        "vit_tiny",
+        "lstm_tiny",
+    ],
+)
 def test_r_gamma_on_attention_gate_and_block_matrices(name):
     """R(gamma) = 1 for a model and its planted permutation once un-permuted, on W_Q/W_K/W_V/W_O, gate and block layers."""
     from lmckit.analysis import layers_of, svd_alignment, truncate_state
@@ -253,8 +278,10 @@ def test_r_gamma_on_attention_gate_and_block_matrices(name):
     else:
         m = create_model(name)
         spec, sd = m.permutation_spec(), m.state_dict()
-    sd = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) if v.is_floating_point() else v
-          for k, v in sd.items()}
+    sd = {
+        k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) if v.is_floating_point() else v
+        for k, v in sd.items()
+    }
     planted = random_permutation(spec, 4)
     res = svd_alignment(spec, sd, apply_permutation(spec, planted, sd), invert_permutation(planted))
     for g in ("0", "0.3"):

@@ -1,4 +1,5 @@
 """``--arch module:callable``: users' own architectures on plain safetensors state dicts, and check-spec's exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,9 @@ def test_check_spec_and_match_on_a_user_architecture(arch, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["ok"] and rep["coverage"]["heads"] == {"attn": {"heads": 2, "groups": ["attn.qk", "attn.vo"]}}
     out = tmp / "wm.json"
-    assert main(["match", a, b, "--arch", "user_arch_mod:build", "--method", "weight", "--out", str(out), "--json"]) == 0
+    assert (
+        main(["match", a, b, "--arch", "user_arch_mod:build", "--method", "weight", "--out", str(out), "--json"]) == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["l2_after"] < res["l2_before"]
     perms = json.loads(out.read_text())["perms"]
@@ -83,9 +86,15 @@ def test_check_spec_exit_2_when_nothing_is_permuted(arch, capsys):
     assert "NO UNITS PERMUTED" in out and "TransformerEncoderLayer" in out
 
 
-@pytest.mark.parametrize("spec, needle", [("user_arch_mod", "MODULE:CALLABLE"), ("no_such_mod_xyz:build", "cannot import"),
-                                          ("user_arch_mod:missing", "no callable"),
-                                          ("user_arch_mod:not_a_module", "not an nn.Module")])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("user_arch_mod", "MODULE:CALLABLE"),
+        ("no_such_mod_xyz:build", "cannot import"),
+        ("user_arch_mod:missing", "no callable"),
+        ("user_arch_mod:not_a_module", "not an nn.Module"),
+    ],
+)
 def test_bad_arch_is_a_clear_error(arch, capsys, spec, needle):
     (a, b), _ = arch
     assert main(["check-spec", a, "--arch", spec]) == 2

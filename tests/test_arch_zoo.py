@@ -1,4 +1,5 @@
 """The issue-11 zoo models (vit, lstm) through every matcher and measurement, on the synthetic data set."""
+
 from __future__ import annotations
 
 import warnings
@@ -64,8 +65,19 @@ def test_ste_runs_on_head_structured_specs(synthetic):
 
     a, b = _train("vit_tiny", synthetic, 0), _train("vit_tiny", synthetic, 1)
     spec = a.permutation_spec()
-    res = ste_matching(a, a.state_dict(), b.state_dict(), synthetic, spec=spec, epochs=1, batch_size=200,
-                       progress=False, heldout_size=200, train_limit=400, track_alignment=True)
+    res = ste_matching(
+        a,
+        a.state_dict(),
+        b.state_dict(),
+        synthetic,
+        spec=spec,
+        epochs=1,
+        batch_size=200,
+        progress=False,
+        heldout_size=200,
+        train_limit=400,
+        track_alignment=True,
+    )
     validate_perms(spec, res.perms)
 
 
@@ -75,8 +87,15 @@ def test_barrier_curve_on_lstm(synthetic):
     a, b = _train("lstm_tiny", synthetic, 0), _train("lstm_tiny", synthetic, 1)
     spec = a.permutation_spec()
     wm = weight_matching(spec, a.state_dict(), b.state_dict())
-    cur = barrier_curve(a, a.state_dict(), apply_permutation(spec, wm.perms, b.state_dict()), synthetic, points=5,
-                        limit=200, progress=False)
+    cur = barrier_curve(
+        a,
+        a.state_dict(),
+        apply_permutation(spec, wm.perms, b.state_dict()),
+        synthetic,
+        points=5,
+        limit=200,
+        progress=False,
+    )
     assert cur["test"].loss_barrier >= 0.0
     # lambda = 1 is the permuted B: same loss as B itself (permutation preserves the function)
     cur_b = barrier_curve(a, b.state_dict(), b.state_dict(), synthetic, points=3, limit=200, progress=False)

@@ -8,6 +8,7 @@ dataset files (IDX and CIFAR: wrong magic, wrong counts, truncated), recipes (un
 mean", wrong types, negative sizes, bad --set), training settings and missing datasets. Most rows run
 ``lmckit.cli.main`` in process; a few run the real executable to check the process exit status.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -22,10 +23,31 @@ import numpy as np
 import pytest
 import torch
 
-from reliability_helpers import (disk_full, fingerprint, foreign_safetensors, good_perms, hostile_pickle,
-                                 hostile_torch_save, make_checkpoint, make_run_folder, read_only_dir, run_cli,
-                                 run_subprocess, snapshot, snapshot_diff, subprocess_env, write_perms)
-from test_data_helpers import IDX_NAMES, idx_bytes, planted_images, py3_cifar_pickle, write_cifar_dataset, write_idx_dataset
+from reliability_helpers import (
+    disk_full,
+    fingerprint,
+    foreign_safetensors,
+    good_perms,
+    hostile_pickle,
+    hostile_torch_save,
+    make_checkpoint,
+    make_run_folder,
+    read_only_dir,
+    run_cli,
+    run_subprocess,
+    snapshot,
+    snapshot_diff,
+    subprocess_env,
+    write_perms,
+)
+from test_data_helpers import (
+    IDX_NAMES,
+    idx_bytes,
+    planted_images,
+    py3_cifar_pickle,
+    write_cifar_dataset,
+    write_idx_dataset,
+)
 
 
 class Workspace:
@@ -64,20 +86,52 @@ class Workspace:
         return p
 
     def barrier(self, a: Path, b: Path, *extra) -> list:
-        return ["barrier", a, b, "--dataset", "synthetic", "--points", "3", "--limit", "50",
-                "--plot", self.out / "curve.png", *extra]
+        return [
+            "barrier",
+            a,
+            b,
+            "--dataset",
+            "synthetic",
+            "--points",
+            "3",
+            "--limit",
+            "50",
+            "--plot",
+            self.out / "curve.png",
+            *extra,
+        ]
 
     def perm_row(self, obj) -> list:
         return self.barrier(self.a, self.ckpt("b.safetensors", seed=1), "--perm", write_perms(self.inp / "p.json", obj))
 
     def train_on(self, dataset: str, data_dir: Path) -> list:
-        return ["train", "--model", "mlp_tiny", "--dataset", dataset, "--data-dir", data_dir, "--out", self.out,
-                "--epochs", "1", "--quiet"]
+        return [
+            "train",
+            "--model",
+            "mlp_tiny",
+            "--dataset",
+            dataset,
+            "--data-dir",
+            data_dir,
+            "--out",
+            self.out,
+            "--epochs",
+            "1",
+            "--quiet",
+        ]
 
     def recipe(self, text: str, *sets: str) -> list:
         p = self.file("recipe.toml", text)
-        return ["reproduce", "--recipe", p, "--out", self.out / "report", "--cache", self.out / "cache",
-                *[f"--set={s}" for s in sets]]
+        return [
+            "reproduce",
+            "--recipe",
+            p,
+            "--out",
+            self.out / "report",
+            "--cache",
+            self.out / "cache",
+            *[f"--set={s}" for s in sets],
+        ]
 
 
 TINY_RECIPE = (Path(__file__).resolve().parents[1] / "src/lmckit/recipes/tiny.toml").read_text()
@@ -98,6 +152,7 @@ def row(id: str, pattern: str, xfail: str | None = None):
     def deco(fn):
         ROWS.append(Row(id, fn, pattern, xfail))
         return fn
+
     return deco
 
 
@@ -111,7 +166,7 @@ def _(ws):
     data = bytearray(_valid_bytes(ws))
     (ws.root / "tmp-valid.safetensors").unlink()
     n = int.from_bytes(data[:8], "little")
-    data[8 + 1: 8 + n - 1] = b"#" * (n - 2)  # keep the braces and length, garble the JSON header
+    data[8 + 1 : 8 + n - 1] = b"#" * (n - 2)  # keep the braces and length, garble the JSON header
     return ws.barrier(ws.a, ws.file("b.safetensors", bytes(data)))
 
 
@@ -120,11 +175,11 @@ def _(ws):
     data = _valid_bytes(ws)
     (ws.root / "tmp-valid.safetensors").unlink()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     key = next(k for k in header if k != "__metadata__")
-    header[key]["data_offsets"][1] += 10 ** 6  # points far past the end of the file
+    header[key]["data_offsets"][1] += 10**6  # points far past the end of the file
     h = json.dumps(header).encode()
-    return ws.barrier(ws.a, ws.file("b.safetensors", len(h).to_bytes(8, "little") + h + data[8 + n:]))
+    return ws.barrier(ws.a, ws.file("b.safetensors", len(h).to_bytes(8, "little") + h + data[8 + n :]))
 
 
 @row("ckpt-truncated", r"b\.safetensors.*(truncated|not a safetensors|corrupt)")
@@ -206,6 +261,7 @@ def _(ws):
         k = next(iter(sd))
         sd[k][0] = float("nan")
         return sd
+
     return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit))
 
 
@@ -215,8 +271,8 @@ def _(ws):
         k = list(sd)[-1]
         sd[k][-1] = float("inf")
         return sd
-    return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit), "--no-data",
-            "--plot", ws.out / "plots"]
+
+    return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit), "--no-data", "--plot", ws.out / "plots"]
 
 
 @row("ckpt-missing-tensor", r"b\.safetensors.*missing 1 entries.*fc0\.weight")
@@ -230,6 +286,7 @@ def _(ws):
         k = next(iter(sd))
         sd[k] = torch.zeros(sd[k].shape[0] + 1, *sd[k].shape[1:])
         return sd
+
     return ws.barrier(ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=edit))
 
 
@@ -279,6 +336,7 @@ def _(ws):
     def edit(p):
         g = _first(p)
         p[g][1] = p[g][0]
+
     return ws.perm_row(_perm(ws, edit))
 
 
@@ -287,6 +345,7 @@ def _(ws):
     def edit(p):
         g = _first(p)
         p[g][0] = len(p[g])
+
     return ws.perm_row(_perm(ws, edit))
 
 
@@ -295,6 +354,7 @@ def _(ws):
     def edit(p):
         g = _first(p)
         p[g][0] = -1
+
     return ws.perm_row(_perm(ws, edit))
 
 
@@ -303,6 +363,7 @@ def _(ws):
     def edit(p):
         g = _first(p)
         p[g] = p[g][:-1]
+
     return ws.perm_row(_perm(ws, edit))
 
 
@@ -327,6 +388,7 @@ def _(ws):
     def edit(p):
         g = _first(p)
         p[g] = [float(i) + 0.5 for i in p[g]]
+
     return ws.perm_row(_perm(ws, edit))
 
 
@@ -374,6 +436,7 @@ def _(ws):
     def edit(f):
         p = f / IDX_NAMES["train"][0]
         p.write_bytes(b"\x08\x03\x00\x00" + p.read_bytes()[4:])
+
     return _idx(ws, edit)
 
 
@@ -382,6 +445,7 @@ def _(ws):
     def edit(f):
         x, y = planted_images(7, 8, 1, 0)
         (f / IDX_NAMES["test"][1]).write_bytes(idx_bytes(y))
+
     return _idx(ws, edit)
 
 
@@ -390,6 +454,7 @@ def _(ws):
     def edit(f):
         p = f / IDX_NAMES["train"][1]
         p.write_bytes(p.read_bytes()[:-3])
+
     return _idx(ws, edit)
 
 
@@ -400,6 +465,7 @@ def _(ws):
         g = gzip.compress(p.read_bytes())
         p.unlink()
         (f / (IDX_NAMES["test"][0] + ".gz")).write_bytes(g[: len(g) // 2])
+
     return _idx(ws, edit)
 
 
@@ -408,7 +474,8 @@ def _(ws):
     def edit(f):
         p = f / IDX_NAMES["train"][0]
         d = p.read_bytes()
-        p.write_bytes(d[:4] + struct.pack(">I", 2 ** 31) + d[8:])
+        p.write_bytes(d[:4] + struct.pack(">I", 2**31) + d[8:])
+
     return _idx(ws, edit)
 
 
@@ -418,6 +485,7 @@ def _(ws):
         x, y = planted_images(10, 8, 1, 1000)
         y[3] = 200
         (f / IDX_NAMES["test"][1]).write_bytes(idx_bytes(y))
+
     return _idx(ws, edit)
 
 
@@ -437,6 +505,7 @@ def _(ws):
     def edit(f):
         x, y = planted_images(4, 32, 3, 0)
         (f / "data_batch_3").write_bytes(py3_cifar_pickle(x.reshape(4, -1), list(y[:3])))
+
     return _cifar(ws, edit)
 
 
@@ -445,6 +514,7 @@ def _(ws):
     def edit(f):
         p = f / "test_batch"
         p.write_bytes(p.read_bytes()[:100])
+
     return _cifar(ws, edit)
 
 
@@ -626,8 +696,17 @@ def _(ws):
 
 @row("merge-bad-split", r"no 'tset' split")
 def _(ws):
-    return ["merge", ws.a, ws.ckpt("b.safetensors", seed=1), "--out", ws.out / "merged", "--split", "tset",
-            "--dataset", "synthetic"]
+    return [
+        "merge",
+        ws.a,
+        ws.ckpt("b.safetensors", seed=1),
+        "--out",
+        ws.out / "merged",
+        "--split",
+        "tset",
+        "--dataset",
+        "synthetic",
+    ]
 
 
 @row("landscape-bad-perm", r"pb\.json.*not a permutation")
@@ -637,7 +716,20 @@ def _(ws):
     g = _first(perms)
     bad = write_perms(ws.inp / "pb.json", {"perms": {**perms, g: [0] * len(perms[g])}})
     good = write_perms(ws.inp / "pc.json", {"perms": perms})
-    return ["landscape", ws.a, b, c, "--perm", bad, "--perm", good, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
+    return [
+        "landscape",
+        ws.a,
+        b,
+        c,
+        "--perm",
+        bad,
+        "--perm",
+        good,
+        "--plot",
+        ws.out / "l.png",
+        "--dataset",
+        "synthetic",
+    ]
 
 
 @row("landscape-grid-too-small", r"--grid: must be between 2 and 201")
@@ -648,8 +740,17 @@ def _(ws):
 
 @row("ste-missing-dataset", r"dataset mnist not found")
 def _(ws):
-    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1), "--method", "ste", "--dataset", "mnist",
-            "--out", ws.out / "p.json"]
+    return [
+        "match",
+        ws.a,
+        ws.ckpt("b.safetensors", seed=1),
+        "--method",
+        "ste",
+        "--dataset",
+        "mnist",
+        "--out",
+        ws.out / "p.json",
+    ]
 
 
 @row("barrier-wrong-dataset-for-model", r"(--dataset|dataset).*(fit|shape|trained)")
@@ -682,14 +783,33 @@ def _(ws):
 
 @row("r2-match-multi-out-is-run-folder", r"--out .*runA is model A")
 def _(ws):
-    return ["match", _run_a(ws), ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2),
-            "--multi", "anchor", "--out", ws.inp / "runA"]
+    return [
+        "match",
+        _run_a(ws),
+        ws.ckpt("b.safetensors", seed=1),
+        ws.ckpt("c.safetensors", seed=2),
+        "--multi",
+        "anchor",
+        "--out",
+        ws.inp / "runA",
+    ]
 
 
 @row("r2-match-ste-state-inside-input", r"--ste-state .*runA/ste is inside model A")
 def _(ws):
-    return ["match", _run_a(ws), ws.ckpt("b.safetensors", seed=1), "--method", "ste", "--dataset", "synthetic",
-            "--ste-state", ws.inp / "runA" / "ste", "--out", ws.out / "p.json"]
+    return [
+        "match",
+        _run_a(ws),
+        ws.ckpt("b.safetensors", seed=1),
+        "--method",
+        "ste",
+        "--dataset",
+        "synthetic",
+        "--ste-state",
+        ws.inp / "runA" / "ste",
+        "--out",
+        ws.out / "p.json",
+    ]
 
 
 @row("r2-merge-out-is-run-folder", r"--out .*runA is model 0")
@@ -710,8 +830,16 @@ def _(ws):
 
 @row("r2-landscape-plot-inside-run-folder", r"--plot .*runA/l\.png is inside model A")
 def _(ws):
-    return ["landscape", _run_a(ws), ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2),
-            "--plot", ws.inp / "runA" / "l.png", "--dataset", "synthetic"]
+    return [
+        "landscape",
+        _run_a(ws),
+        ws.ckpt("b.safetensors", seed=1),
+        ws.ckpt("c.safetensors", seed=2),
+        "--plot",
+        ws.inp / "runA" / "l.png",
+        "--dataset",
+        "synthetic",
+    ]
 
 
 @row("r2-analyze-plots-is-run-folder", r"--plot .*runA is model A")
@@ -748,7 +876,9 @@ def _(ws):
 
 @row("r2-reproduce-stage-budget", r"about \d+ stages, more than the 20000")
 def _(ws):
-    return ws.recipe(TINY_RECIPE, f"train.seeds={list(range(64))}", 'match.pairs="all"', "match.searches=100") + ["--dry-run"]
+    return ws.recipe(TINY_RECIPE, f"train.seeds={list(range(64))}", 'match.pairs="all"', "match.searches=100") + [
+        "--dry-run"
+    ]
 
 
 @row("r2-barrier-points-1e12", r"--points: must be between 2 and 1001, got 1e12")
@@ -758,8 +888,18 @@ def _(ws):
 
 @row("r2-landscape-grid-100000", r"--grid: must be between 2 and 201")
 def _(ws):
-    return ["landscape", ws.a, ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2), "--grid", "100000",
-            "--plot", ws.out / "l.png", "--dataset", "synthetic"]
+    return [
+        "landscape",
+        ws.a,
+        ws.ckpt("b.safetensors", seed=1),
+        ws.ckpt("c.safetensors", seed=2),
+        "--grid",
+        "100000",
+        "--plot",
+        ws.out / "l.png",
+        "--dataset",
+        "synthetic",
+    ]
 
 
 @row("r2-merge-points-huge", r"--points: must be between 2 and 1001")
@@ -805,7 +945,15 @@ def _(ws):
 
 @row("r2-match-seed-beyond-int64", r"--seed: must be between 0 and")
 def _(ws):
-    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1), "--seed", "99999999999999999999999", "--out", ws.out / "p.json"]
+    return [
+        "match",
+        ws.a,
+        ws.ckpt("b.safetensors", seed=1),
+        "--seed",
+        "99999999999999999999999",
+        "--out",
+        ws.out / "p.json",
+    ]
 
 
 # --------------------------------------------------------------------------- sizes that cannot be allocated
@@ -894,7 +1042,9 @@ def _(ws):
 
 
 # --------------------------------------------------------------------------- operating-system errors on outputs
-@row("r2-match-out-name-too-long", r"cannot (write|use) .*pppp.*(longer than the file system allows|File name too long)")
+@row(
+    "r2-match-out-name-too-long", r"cannot (write|use) .*pppp.*(longer than the file system allows|File name too long)"
+)
 def _(ws):
     return ["match", ws.a, ws.ckpt("b.safetensors", seed=1), "--out", ws.out / ("p" * 300 + ".json")]
 
@@ -963,7 +1113,7 @@ def _(ws):
 # --------------------------------------------------------------------------- files that are not (small, regular, UTF-8) files
 @row("r2-recipe-invalid-utf8", r"recipe\.toml.*(UTF-8|utf-8|decode)")
 def _(ws):
-    p = ws.file("recipe.toml", b"name = \"\xff\xfe\"\n")
+    p = ws.file("recipe.toml", b'name = "\xff\xfe"\n')
     return ["reproduce", "--recipe", p, "--out", ws.out / "r", "--cache", ws.out / "c"]
 
 
@@ -1059,14 +1209,24 @@ def _(ws):
 
 @row("r2-match-int32-checkpoint", r"b\.safetensors: tensor 'fc0\.(weight|bias)' is torch\.int32")
 def _(ws):
-    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=lambda sd: {k: v.to(torch.int32) for k, v in sd.items()}),
-            "--out", ws.out / "p.json"]
+    return [
+        "match",
+        ws.a,
+        ws.ckpt("b.safetensors", seed=1, state_edit=lambda sd: {k: v.to(torch.int32) for k, v in sd.items()}),
+        "--out",
+        ws.out / "p.json",
+    ]
 
 
 @row("r2-match-float64-checkpoint", r"b\.safetensors: tensor 'fc0\.(weight|bias)' is torch\.float64")
 def _(ws):
-    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1, state_edit=lambda sd: {k: v.double() for k, v in sd.items()}),
-            "--out", ws.out / "p.json"]
+    return [
+        "match",
+        ws.a,
+        ws.ckpt("b.safetensors", seed=1, state_edit=lambda sd: {k: v.double() for k, v in sd.items()}),
+        "--out",
+        ws.out / "p.json",
+    ]
 
 
 @row("r2-check-spec-float64-checkpoint", r"m\.safetensors: tensor .* is torch\.float64")
@@ -1087,8 +1247,17 @@ def _(ws):
 
 @row("r2-data-download-fails-leaves-no-lock", r"(download|connect|refused|fetch)")
 def _(ws):
-    return ["data", "download", "fashion-mnist", "--root", ws.out / "cache", "--mirror", "http://127.0.0.1:9/",
-            "--timeout", "2"]
+    return [
+        "data",
+        "download",
+        "fashion-mnist",
+        "--root",
+        ws.out / "cache",
+        "--mirror",
+        "http://127.0.0.1:9/",
+        "--timeout",
+        "2",
+    ]
 
 
 @row("r2-data-download-fails-in-user-cache", r"(download|connect|refused|fetch)")
@@ -1126,13 +1295,27 @@ def _(ws):
 
 @row("r2-dataset-from-model-0-config-merge", r"cifar10 not found.*comes from the config of model 0")
 def _(ws):
-    return ["merge", ws.ckpt("a10.safetensors", dataset="cifar10"), ws.ckpt("b.safetensors", seed=1), "--out", ws.out / "m"]
+    return [
+        "merge",
+        ws.ckpt("a10.safetensors", dataset="cifar10"),
+        ws.ckpt("b.safetensors", seed=1),
+        "--out",
+        ws.out / "m",
+    ]
 
 
 # --------------------------------------------------------------------------- things a user would not expect
 def _perm_for(ws: Workspace, model_a: Path, model_b: Path) -> Path:
-    return write_perms(ws.inp / "p.json", {"format": "lmckit.permutation", "version": 1, "perms": good_perms(ws.a),
-                                           "model_a_sha256": fingerprint(model_a), "model_b_sha256": fingerprint(model_b)})
+    return write_perms(
+        ws.inp / "p.json",
+        {
+            "format": "lmckit.permutation",
+            "version": 1,
+            "perms": good_perms(ws.a),
+            "model_a_sha256": fingerprint(model_a),
+            "model_b_sha256": fingerprint(model_b),
+        },
+    )
 
 
 @row("r2-perm-computed-for-other-model-b", r"p\.json was computed for another the permuted model than model B")
@@ -1157,15 +1340,30 @@ def _(ws):
 def _(ws):
     b, c = ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)
     perms = good_perms(ws.a)
-    pb = write_perms(ws.inp / "pb.json", {"perms": perms, "model_sha256": fingerprint(b), "reference_sha256": fingerprint(ws.a)})
-    pc = write_perms(ws.inp / "pc.json", {"perms": perms, "model_sha256": fingerprint(b), "reference_sha256": fingerprint(ws.a)})
+    pb = write_perms(
+        ws.inp / "pb.json", {"perms": perms, "model_sha256": fingerprint(b), "reference_sha256": fingerprint(ws.a)}
+    )
+    pc = write_perms(
+        ws.inp / "pc.json", {"perms": perms, "model_sha256": fingerprint(b), "reference_sha256": fingerprint(ws.a)}
+    )
     return ["landscape", ws.a, b, c, "--perm", pb, "--perm", pc, "--plot", ws.out / "l.png", "--dataset", "synthetic"]
 
 
 @row("r2-match-ste-zero-epochs", r"--epochs: must be between 1 and")
 def _(ws):
-    return ["match", ws.a, ws.ckpt("b.safetensors", seed=1), "--method", "ste", "--epochs", "0", "--dataset", "synthetic",
-            "--out", ws.out / "p.json"]
+    return [
+        "match",
+        ws.a,
+        ws.ckpt("b.safetensors", seed=1),
+        "--method",
+        "ste",
+        "--epochs",
+        "0",
+        "--dataset",
+        "synthetic",
+        "--out",
+        ws.out / "p.json",
+    ]
 
 
 @row("r2-match-epochs-without-ste", r"--epochs applies to --method ste only")
@@ -1184,8 +1382,10 @@ def test_table_has_enough_rows():
     assert len({r.id for r in ROWS}) == len(ROWS)
 
 
-@pytest.mark.parametrize("case", [pytest.param(r, id=r.id, marks=[pytest.mark.xfail(strict=True, reason=r.xfail)]
-                                               if r.xfail else []) for r in ROWS])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(r, id=r.id, marks=[pytest.mark.xfail(strict=True, reason=r.xfail)] if r.xfail else []) for r in ROWS],
+)
 def test_bad_input(case: Row, tmp_path, monkeypatch, capsys):
     ws = Workspace(tmp_path / "ws", monkeypatch)
     argv = case.build(ws)
@@ -1221,18 +1421,22 @@ def test_bad_input_real_process(row_id, tmp_path, monkeypatch):
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """Anything that is not an LmcError is a bug: the CLI must not swallow it into a status-2 message."""
-    script = ("import sys, lmckit.commands.models as m\n"
-              "def boom(args): raise ZeroDivisionError('planted bug')\n"
-              "orig = m.register\n"
-              "def register(sub):\n"
-              "    orig(sub)\n"
-              "    sub.choices['models'].set_defaults(func=boom)\n"
-              "m.register = register\n"
-              "from lmckit.cli import main\n"
-              "sys.exit(main(['models']))\n")
+    script = (
+        "import sys, lmckit.commands.models as m\n"
+        "def boom(args): raise ZeroDivisionError('planted bug')\n"
+        "orig = m.register\n"
+        "def register(sub):\n"
+        "    orig(sub)\n"
+        "    sub.choices['models'].set_defaults(func=boom)\n"
+        "m.register = register\n"
+        "from lmckit.cli import main\n"
+        "sys.exit(main(['models']))\n"
+    )
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(), timeout=60
+    )
     assert proc.returncode not in (0, 2)
     assert "Traceback" in proc.stderr and "ZeroDivisionError: planted bug" in proc.stderr

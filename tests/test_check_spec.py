@@ -1,4 +1,5 @@
 """`lmckit check-spec`, run in-process."""
+
 from __future__ import annotations
 
 import json

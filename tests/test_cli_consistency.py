@@ -1,6 +1,7 @@
 """One CLI convention (issue 17): --json/--device/--quiet on every command that computes, one spelling per
 concept (old spellings hidden, working, with a deprecation note), defaults in every --help, and a
 subcommand's own usage on a subcommand error (exit 2)."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,16 @@ SUBCOMMANDS = list(_subparsers(build_parser()))
 NAMES = [" ".join(words) for words, _ in SUBCOMMANDS]
 
 #: the smallest valid argument list of each computing command (parsed only, nothing runs)
-MINIMAL = {"train": [], "match": ["a", "b", "--out", "p.json"], "barrier": ["a", "b"], "analyze": ["a", "b"],
-           "merge": ["a", "b", "--out", "m"], "landscape": ["a", "b", "c", "--plot", "p.png"],
-           "check-spec": ["mlp_tiny"], "reproduce": []}
+MINIMAL = {
+    "train": [],
+    "match": ["a", "b", "--out", "p.json"],
+    "barrier": ["a", "b"],
+    "analyze": ["a", "b"],
+    "merge": ["a", "b", "--out", "m"],
+    "landscape": ["a", "b", "c", "--plot", "p.png"],
+    "check-spec": ["mlp_tiny"],
+    "reproduce": [],
+}
 
 
 def test_every_command_is_in_the_table():
@@ -46,14 +54,16 @@ def test_help_exits_0_and_states_every_default(words, parser, capsys):
     assert out.startswith(f"usage: lmckit {' '.join(words)}")
     fmt = parser._get_formatter()
     for a in parser._actions:
-        if a.help == argparse.SUPPRESS or isinstance(a, (argparse._HelpAction, argparse._SubParsersAction,
-                                                         argparse._StoreTrueAction)):
+        if a.help == argparse.SUPPRESS or isinstance(
+            a, (argparse._HelpAction, argparse._SubParsersAction, argparse._StoreTrueAction)
+        ):
             continue
         if not a.option_strings and a.nargs not in ("?", "*"):
             continue  # a required positional has no default
         text = fmt._expand_help(a) if a.help else ""
         assert "default" in text.lower() or "(required)" in text, (
-            f"lmckit {' '.join(words)} {'/'.join(a.option_strings) or a.dest}: --help states no default: {text!r}")
+            f"lmckit {' '.join(words)} {'/'.join(a.option_strings) or a.dest}: --help states no default: {text!r}"
+        )
     assert "%(" not in out, "an unexpanded %-format in --help"
     # the bounds text added by the reliability work survives beside the default
     if words == ("barrier",):
@@ -70,8 +80,16 @@ def test_computing_commands_take_json_device_quiet(cmd):
     assert ns.json is False and ns.device == "auto" and ns.quiet is False
 
 
-@pytest.mark.parametrize("argv", [["models"], ["methods"], ["data", "list"], ["data", "info", "synthetic"],
-                                  ["data", "download", "mnist", "--dry-run"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["models"],
+        ["methods"],
+        ["data", "list"],
+        ["data", "info", "synthetic"],
+        ["data", "download", "mnist", "--dry-run"],
+    ],
+)
 def test_listing_commands_take_json(argv, capsys):
     assert build_parser().parse_args([*argv, "--json"]).json is True
 
@@ -82,16 +100,19 @@ def test_data_download_dry_run_json(capsys):
     assert d["name"] == "mnist" and d["dry_run"] is True and d["files"]
 
 
-@pytest.mark.parametrize("argv,usage", [
-    (["models", "--device", "cpu"], "usage: lmckit models"),
-    (["methods", "--quiet"], "usage: lmckit methods"),
-    (["data", "download", "mnist", "--device", "cpu"], "usage: lmckit data download"),
-    (["data", "list", "--no-such-option"], "usage: lmckit data list"),
-    (["barrier", "a", "b", "--no-such-option"], "usage: lmckit barrier"),
-    (["barrier", "a", "b", "--points", "0"], "usage: lmckit barrier"),
-    (["landscape", "a", "b"], "usage: lmckit landscape"),
-    (["match", "a", "b", "--out", "p.json", "c", "--bogus"], "usage: lmckit match"),
-])
+@pytest.mark.parametrize(
+    "argv,usage",
+    [
+        (["models", "--device", "cpu"], "usage: lmckit models"),
+        (["methods", "--quiet"], "usage: lmckit methods"),
+        (["data", "download", "mnist", "--device", "cpu"], "usage: lmckit data download"),
+        (["data", "list", "--no-such-option"], "usage: lmckit data list"),
+        (["barrier", "a", "b", "--no-such-option"], "usage: lmckit barrier"),
+        (["barrier", "a", "b", "--points", "0"], "usage: lmckit barrier"),
+        (["landscape", "a", "b"], "usage: lmckit landscape"),
+        (["match", "a", "b", "--out", "p.json", "c", "--bogus"], "usage: lmckit match"),
+    ],
+)
 def test_subcommand_errors_show_the_subcommand_usage(argv, usage, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -103,15 +124,27 @@ def test_subcommand_errors_show_the_subcommand_usage(argv, usage, capsys):
 
 
 # --------------------------------------------------------------------------- deprecated spellings
-@pytest.mark.parametrize("argv,dest,value,note", [
-    (["landscape", "a", "b", "c", "--plot", "p.png", "--perms", "pb.json", "pc.json"], "perm", ["pb.json", "pc.json"],
-     "--perms is deprecated"),
-    (["analyze", "a", "b", "--plots", "figs"], "plot", "figs", "--plots is deprecated"),
-    (["analyze", "a", "b", "--eval-limit", "7"], "limit", 7, "--eval-limit is deprecated"),
-    (["barrier", "a", "b", "--eval-limit", "7"], "limit", 7, "--eval-limit is deprecated"),
-    (["merge", "a", "b", "--out", "m", "--eval-limit", "7"], "limit", 7, "--eval-limit is deprecated"),
-    (["landscape", "a", "b", "c", "--plot", "p.png", "--eval-limit", "7"], "limit", 7, "--eval-limit is deprecated"),
-])
+@pytest.mark.parametrize(
+    "argv,dest,value,note",
+    [
+        (
+            ["landscape", "a", "b", "c", "--plot", "p.png", "--perms", "pb.json", "pc.json"],
+            "perm",
+            ["pb.json", "pc.json"],
+            "--perms is deprecated",
+        ),
+        (["analyze", "a", "b", "--plots", "figs"], "plot", "figs", "--plots is deprecated"),
+        (["analyze", "a", "b", "--eval-limit", "7"], "limit", 7, "--eval-limit is deprecated"),
+        (["barrier", "a", "b", "--eval-limit", "7"], "limit", 7, "--eval-limit is deprecated"),
+        (["merge", "a", "b", "--out", "m", "--eval-limit", "7"], "limit", 7, "--eval-limit is deprecated"),
+        (
+            ["landscape", "a", "b", "c", "--plot", "p.png", "--eval-limit", "7"],
+            "limit",
+            7,
+            "--eval-limit is deprecated",
+        ),
+    ],
+)
 def test_deprecated_spellings_work_and_warn(argv, dest, value, note, capsys):
     ns = build_parser().parse_args(argv)
     assert getattr(ns, dest) == value
@@ -119,8 +152,15 @@ def test_deprecated_spellings_work_and_warn(argv, dest, value, note, capsys):
     assert note in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("words,old", [(("landscape",), "--perms"), (("analyze",), "--plots"),
-                                       (("analyze",), "--eval-limit"), (("barrier",), "--eval-limit")])
+@pytest.mark.parametrize(
+    "words,old",
+    [
+        (("landscape",), "--perms"),
+        (("analyze",), "--plots"),
+        (("analyze",), "--eval-limit"),
+        (("barrier",), "--eval-limit"),
+    ],
+)
 def test_deprecated_spellings_are_hidden(words, old, capsys):
     assert main([*words, "--help"]) == 0
     assert old not in capsys.readouterr().out
@@ -140,20 +180,61 @@ def ckpts(tmp_path_factory):
     from lmckit.train import make_config, train
 
     root = tmp_path_factory.mktemp("runs")
-    return [str(train(make_config(model="mlp_tiny", dataset="synthetic", epochs=1, batch_size=100, seed=s),
-                      out_root=root, device="cpu", progress=False).run_dir) for s in range(3)]
+    return [
+        str(
+            train(
+                make_config(model="mlp_tiny", dataset="synthetic", epochs=1, batch_size=100, seed=s),
+                out_root=root,
+                device="cpu",
+                progress=False,
+            ).run_dir
+        )
+        for s in range(3)
+    ]
 
 
 def test_landscape_one_perm_is_refused_and_perms_alias_runs(ckpts, tmp_path, capsys):
     mdir = tmp_path / "m"
     assert main(["merge", *ckpts, "--out", str(mdir), "--points", "2", "--no-curve", "--json", "--device", "cpu"]) == 0
     capsys.readouterr()
-    assert main(["landscape", *ckpts, "--perm", str(mdir / "perm_1.json"), "--grid", "2", "--limit", "20",
-                 "--plot", str(tmp_path / "one.png")]) == 2
+    assert (
+        main(
+            [
+                "landscape",
+                *ckpts,
+                "--perm",
+                str(mdir / "perm_1.json"),
+                "--grid",
+                "2",
+                "--limit",
+                "20",
+                "--plot",
+                str(tmp_path / "one.png"),
+            ]
+        )
+        == 2
+    )
     assert "--perm PB --perm PC" in capsys.readouterr().err
     old = tmp_path / "old.png"
-    assert main(["landscape", *ckpts, "--perms", str(mdir / "perm_1.json"), str(mdir / "perm_2.json"), "--grid", "2",
-                 "--limit", "20", "--plot", str(old), "--json"]) == 0
+    assert (
+        main(
+            [
+                "landscape",
+                *ckpts,
+                "--perms",
+                str(mdir / "perm_1.json"),
+                str(mdir / "perm_2.json"),
+                "--grid",
+                "2",
+                "--limit",
+                "20",
+                "--plot",
+                str(old),
+                "--json",
+            ]
+        )
+        == 0
+    )
     cap = capsys.readouterr()
     assert "--perms is deprecated" in cap.err and old.read_bytes()[:8] == PNG
     assert json.loads(cap.out)["perm_files"] == [str((mdir / f"perm_{i}.json").resolve()) for i in (1, 2)]
@@ -176,8 +257,24 @@ def test_match_prints_what_each_method_iterates(ckpts, tmp_path, capsys):
     assert main(["match", ckpts[0], ckpts[1], "--out", str(tmp_path / "wm.json")]) == 0
     out = capsys.readouterr().out
     assert "sweeps:" in out and ("(converged)" in out or "not converged" in out)
-    assert main(["match", ckpts[0], ckpts[1], "--method", "activation", "--num-batches", "2", "--batch-size", "50",
-                 "--out", str(tmp_path / "am.json")]) == 0
+    assert (
+        main(
+            [
+                "match",
+                ckpts[0],
+                ckpts[1],
+                "--method",
+                "activation",
+                "--num-batches",
+                "2",
+                "--batch-size",
+                "50",
+                "--out",
+                str(tmp_path / "am.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "sweeps" not in out and "one linear assignment per group on 2 batches of 50" in out
 
@@ -187,8 +284,10 @@ def test_merge_writes_png_only_when_asked(ckpts, tmp_path, capsys):
     assert main(["merge", *ckpts[:2], "--out", str(out), "--points", "2", "--limit", "50", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert "merged_accuracy_plot" not in d and not list(tmp_path.rglob("*.png"))
-    assert main(["merge", *ckpts[:2], "--out", str(out), "--points", "2", "--no-curve", "--plot",
-                 str(tmp_path / "c.png")]) == 2
+    assert (
+        main(["merge", *ckpts[:2], "--out", str(out), "--points", "2", "--no-curve", "--plot", str(tmp_path / "c.png")])
+        == 2
+    )
     assert "--no-curve" in capsys.readouterr().err
 
 
@@ -202,15 +301,18 @@ def test_merge_bn_reset_repair_matches_the_mean_endpoint_statistics(ckpts, tmp_p
     from lmckit.perm import apply_permutation, load_perms, spec_for
 
     out = tmp_path / "rep"
-    assert main(["merge", *ckpts, "--out", str(out), "--points", "2", "--no-curve", "--bn-reset", "repair",
-                 "--json"]) == 0
+    assert (
+        main(["merge", *ckpts, "--out", str(out), "--points", "2", "--no-curve", "--bn-reset", "repair", "--json"]) == 0
+    )
     d = json.loads(capsys.readouterr().out)
     import lmckit
 
     merged = lmckit.load(out / "merged.safetensors")
     spec = spec_for(merged)
-    states = [apply_permutation(spec, load_perms(out / f"perm_{i}.json", spec), load_checkpoint(p)[0])
-              for i, p in enumerate(ckpts)]
+    states = [
+        apply_permutation(spec, load_perms(out / f"perm_{i}.json", spec), load_checkpoint(p)[0])
+        for i, p in enumerate(ckpts)
+    ]
     plain = average_states(states)
     assert any(not torch.allclose(plain[k], v) for k, v in merged.state_dict().items())  # REPAIR changed it
     batches = training_batches(synthetic, 10, 500, 0, "cpu")
@@ -224,8 +326,9 @@ def test_merge_bn_reset_repair_matches_the_mean_endpoint_statistics(ckpts, tmp_p
     for name, _ in rep.sites:
         assert torch.allclose(got[name][0], target[name][0], atol=1e-4)
         assert torch.allclose(got[name][1], target[name][1], atol=1e-3, rtol=1e-3)
-    assert d["merged_accuracy"] == pytest.approx(lmckit.evaluate.evaluate(lmckit.load(out / "merged.safetensors"),
-                                                                          synthetic, "test")[1], abs=1e-9)
+    assert d["merged_accuracy"] == pytest.approx(
+        lmckit.evaluate.evaluate(lmckit.load(out / "merged.safetensors"), synthetic, "test")[1], abs=1e-9
+    )
 
 
 def test_merge_repair_says_clearly_when_a_model_cannot_take_it(synthetic):

@@ -1,4 +1,5 @@
 """The shared checkpoint loader of the CLI commands: one architecture check for barrier, match, merge, analyze."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,8 @@ def test_defaults_are_spelled_out():
     assert full["norm"] == "none" and full["width_mult"] == 1.0 and full["activation"] == "relu" and full["width"] == 16
     assert architecture_difference({"name": "mlp_tiny"}, {"name": "mlp_tiny", "norm": "none", "width_mult": 1}) == {}
     assert architecture_difference({"name": "mlp_tiny"}, {"name": "mlp_tiny", "activation": "tanh"}) == {
-        "activation": ("relu", "tanh")}
+        "activation": ("relu", "tanh")
+    }
     # an unknown name is compared as it is (nothing is built)
     assert "name" in architecture_difference({"name": "mlp_tiny"}, {"name": "os.system"})
 
@@ -43,10 +45,15 @@ def test_same_shapes_other_activation_is_refused(tmp_path, capsys, command, monk
     t = _save(tmp_path / "t.safetensors", 1, activation="tanh")
     with pytest.raises(LmcError, match=r"t\.safetensors are different models.*'activation': 'relu'.*'tanh'"):
         load_checkpoints([a, t])
-    tail = {"barrier": ["--points", "3"], "match": ["--out", str(tmp_path / "p.json")], "analyze": ["--no-data"]}[command]
+    tail = {"barrier": ["--points", "3"], "match": ["--out", str(tmp_path / "p.json")], "analyze": ["--no-data"]}[
+        command
+    ]
     assert main([command, str(a), str(t), *tail]) == 2
     assert "different models" in capsys.readouterr().err
     b = _save(tmp_path / "b.safetensors", 1, norm="none")
-    tail = {"barrier": ["--points", "3", "--limit", "50"], "match": ["--out", str(tmp_path / "p.json")],
-            "analyze": ["--no-data"]}[command]
+    tail = {
+        "barrier": ["--points", "3", "--limit", "50"],
+        "match": ["--out", str(tmp_path / "p.json")],
+        "analyze": ["--no-data"],
+    }[command]
     assert main([command, str(a), str(b), *tail]) == 0

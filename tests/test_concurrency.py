@@ -5,6 +5,7 @@ make them wait for each other: every stage is computed exactly once and both rep
 One process is a real ``python -m lmckit.cli`` child, the other is forked from the pre-imported zygote so it
 starts within milliseconds while the first is known to be inside a stage.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,12 @@ import pytest
 
 from reliability_helpers import Zygote, lmckit_cmd, snapshot, subprocess_env
 
-SETS = ["three_models.enabled=false", "width_sweep.enabled=false", 'match.methods=["naive","weight"]',
-        "match.searches=1"]
+SETS = [
+    "three_models.enabled=false",
+    "width_sweep.enabled=false",
+    'match.methods=["naive","weight"]',
+    "match.searches=1",
+]
 
 
 def reproduce_args(out: Path, cache: Path) -> list:
@@ -50,8 +55,14 @@ def _run_zygote(z: Zygote, argv: list, cwd: Path, log: Path) -> int:
 
 def test_second_process_on_the_same_report_folder_refuses(zygote, tmp_path):
     out, cache = tmp_path / "report", tmp_path / "cache"
-    first = subprocess.Popen(lmckit_cmd(*reproduce_args(out, cache)), cwd=tmp_path, env=subprocess_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        lmckit_cmd(*reproduce_args(out, cache)),
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: any(cache.glob("*/*.partial")), first)  # the first one is inside a stage, holding the lock
         rc = _run_zygote(zygote, reproduce_args(out, cache), tmp_path, tmp_path / "second.log")
@@ -75,14 +86,21 @@ def test_second_process_on_the_same_report_folder_refuses(zygote, tmp_path):
     assert rc == 0, (tmp_path / "third.log").read_text()[-3000:]
     assert "0 stages run" in (tmp_path / "third.log").read_text()
     assert json.loads((out / "results.json").read_text()) == results
-    assert {k: v for k, v in snapshot(cache).items() if not k.startswith(".locks")} == \
-        {k: v for k, v in before.items() if not k.startswith(".locks")}
+    assert {k: v for k, v in snapshot(cache).items() if not k.startswith(".locks")} == {
+        k: v for k, v in before.items() if not k.startswith(".locks")
+    }
 
 
 def test_two_processes_sharing_a_cache_compute_each_stage_once(zygote, tmp_path):
     cache = tmp_path / "cache"
-    first = subprocess.Popen(lmckit_cmd(*reproduce_args(tmp_path / "r1", cache)), cwd=tmp_path, env=subprocess_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        lmckit_cmd(*reproduce_args(tmp_path / "r1", cache)),
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # start the second while the first is training its first model: it must wait on that stage's lock
         _wait_for(lambda: any(cache.glob("model/*.partial")), first)

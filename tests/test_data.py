@@ -1,4 +1,5 @@
 """lmckit.data: IDX and CIFAR-10 loading, search path, validation split, augmentation, bad input."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,8 +14,16 @@ from lmckit.data import find_dataset, load_dataset, random_crop_flip
 from lmckit.data.cifar import parse_cifar_batch, parse_cifar_bin, restricted_unpickle
 from lmckit.data.idx import parse_idx
 from lmckit.errors import LmcError
-from test_data_helpers import (CIFAR_TRAIN, IDX_NAMES, idx_bytes, planted_images, py2_cifar_pickle, py3_cifar_pickle,
-                               write_cifar_dataset, write_idx_dataset)
+from test_data_helpers import (
+    CIFAR_TRAIN,
+    IDX_NAMES,
+    idx_bytes,
+    planted_images,
+    py2_cifar_pickle,
+    py3_cifar_pickle,
+    write_cifar_dataset,
+    write_idx_dataset,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -142,8 +151,9 @@ def test_validation_split_is_a_seeded_partition(tmp_path):
     assert a.size("val") == 7 and a.size("train") == 23 and a.size("test") == full.size("test")
     # train and val together are exactly the original train set (images stay paired with labels)
     key = lambda x, y: sorted(zip(x.flatten(1).tolist(), y.tolist()))  # noqa: E731
-    assert key(torch.cat([a.images["train"], a.images["val"]]), torch.cat([a.labels["train"], a.labels["val"]])) == \
-        key(full.images["train"], full.labels["train"])
+    assert key(torch.cat([a.images["train"], a.images["val"]]), torch.cat([a.labels["train"], a.labels["val"]])) == key(
+        full.images["train"], full.labels["train"]
+    )
     assert not torch.equal(a.labels["val"], b.labels["val"]) or not torch.equal(a.images["val"], b.images["val"])
     load_dataset.__globals__["_CACHE"].clear()
     again = load_dataset("mnist", data_dir=tmp_path, val_size=7, val_seed=1)
@@ -189,8 +199,12 @@ class _Evil:
 
 def test_restricted_unpickler_refuses_code(tmp_path):
     target = tmp_path / "pwned"
-    for payload in (pickle.dumps(_Evil(str(target))), pickle.dumps({b"data": _Evil(str(target)), b"labels": [1]}),
-                    pickle.dumps(np.zeros(3, dtype=object), protocol=4), pickle.dumps(np.zeros(3), protocol=5)):
+    for payload in (
+        pickle.dumps(_Evil(str(target))),
+        pickle.dumps({b"data": _Evil(str(target)), b"labels": [1]}),
+        pickle.dumps(np.zeros(3, dtype=object), protocol=4),
+        pickle.dumps(np.zeros(3), protocol=5),
+    ):
         with pytest.raises(LmcError):
             restricted_unpickle(payload, "evil.pkl")
     assert not target.exists()
@@ -212,15 +226,21 @@ def test_restricted_unpickler_checks_array_state():
         parse_cifar_batch(good.replace(b"U\x02u1", b"U\x02O8", 1))
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda b: b[: len(b) // 2], "truncated"),
-    (lambda b: b"not a pickle at all", "corrupt"),
-    (lambda b: pickle.dumps([1, 2, 3]), "list"),
-    (lambda b: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}, protocol=4), "2 images but 1 labels"),
-    (lambda b: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [1]}, protocol=4), "labels"),
-    (lambda b: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]}, protocol=4), "outside"),
-    (lambda b: pickle.dumps({b"data": np.zeros((1, 1000), np.uint8), b"labels": [1]}, protocol=4), "3072"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b"not a pickle at all", "corrupt"),
+        (lambda b: pickle.dumps([1, 2, 3]), "list"),
+        (
+            lambda b: pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}, protocol=4),
+            "2 images but 1 labels",
+        ),
+        (lambda b: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [1]}, protocol=4), "labels"),
+        (lambda b: pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]}, protocol=4), "outside"),
+        (lambda b: pickle.dumps({b"data": np.zeros((1, 1000), np.uint8), b"labels": [1]}, protocol=4), "3072"),
+    ],
+)
 def test_corrupt_cifar_batch_names_file(tmp_path, mutate, match):
     write_cifar_dataset(tmp_path / "cifar10")
     p = tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_3"
@@ -266,8 +286,10 @@ def test_random_crop_flip_shape_dtype_and_windows():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     flips = 0
     for i in range(16):
-        windows = [(dy, dx, padded[i, :, dy:dy + 8, dx:dx + 8]) for dy in range(5) for dx in range(5)]
-        hits = [(dy, dx, f) for dy, dx, w in windows for f in (False, True) if torch.equal(out[i], w.flip(-1) if f else w)]
+        windows = [(dy, dx, padded[i, :, dy : dy + 8, dx : dx + 8]) for dy in range(5) for dx in range(5)]
+        hits = [
+            (dy, dx, f) for dy, dx, w in windows for f in (False, True) if torch.equal(out[i], w.flip(-1) if f else w)
+        ]
         assert hits, f"sample {i} is not a padded crop (optionally flipped) of its input"
         flips += all(f for _, _, f in hits)
     assert 0 < flips < 16
@@ -287,8 +309,17 @@ def test_random_crop_flip_flip_only_and_determinism():
 
 
 def test_batches_with_augment_are_seeded(synthetic_rgb):
-    run = lambda s: [xb for xb, _ in synthetic_rgb.batches("train", 100, shuffle=True, augment=True, limit=200,  # noqa: E731
-                                                          generator=torch.Generator().manual_seed(s))]
+    run = lambda s: [
+        xb
+        for xb, _ in synthetic_rgb.batches(
+            "train",
+            100,
+            shuffle=True,
+            augment=True,
+            limit=200,  # noqa: E731
+            generator=torch.Generator().manual_seed(s),
+        )
+    ]
     a, b = run(0), run(0)
     assert len(a) == 2 and all(torch.equal(u, v) for u, v in zip(a, b))
     assert a[0].dtype == torch.float32 and a[0].shape == (100, 3, 32, 32)

@@ -1,4 +1,5 @@
 """``lmckit data list|info``: what was found where, sizes, class counts, checksum status."""
+
 from __future__ import annotations
 
 import json
@@ -82,4 +83,6 @@ def test_info_real_fashion_mnist(capsys):
         pytest.skip("Fashion-MNIST not installed")
     rc, rep = _info(capsys, "fashion-mnist")
     assert rc == 0 and {f["status"] for f in rep["files"]} == {"match"}
-    assert rep["splits"]["train"]["class_counts"] == [6000] * 10 and rep["splits"]["test"]["class_counts"] == [1000] * 10
+    assert (
+        rep["splits"]["train"]["class_counts"] == [6000] * 10 and rep["splits"]["test"]["class_counts"] == [1000] * 10
+    )

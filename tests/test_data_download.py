@@ -1,4 +1,5 @@
 """lmckit.data.download against a local HTTP server on 127.0.0.1 serving files the tests write."""
+
 from __future__ import annotations
 
 import contextlib
@@ -166,16 +167,20 @@ def _cifar_tarball(tmp_path: Path, evil: bool = True) -> tuple[Path, DownloadSpe
         for name in CIFAR_TRAIN + ("test_batch",):
             p = build / "cifar-10-batches-py" / name
             tar.add(p, arcname=f"cifar-10-batches-py/{name}")
-            members[f"cifar-10-batches-py/{name}"] = (f"cifar-10-batches-py/{name}",
-                                                      Checksum("md5", hashlib.md5(p.read_bytes()).hexdigest()))
+            members[f"cifar-10-batches-py/{name}"] = (
+                f"cifar-10-batches-py/{name}",
+                Checksum("md5", hashlib.md5(p.read_bytes()).hexdigest()),
+            )
         if evil:
             data = b"escaped"
             info = tarfile.TarInfo("../../escaped")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     archive_md5 = hashlib.md5((src / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
-    spec = DownloadSpec("http://unused.invalid/", (RemoteFile("cifar-10-python.tar.gz", archive=Checksum("md5", archive_md5, "archive"),
-                                                              members=members),))
+    spec = DownloadSpec(
+        "http://unused.invalid/",
+        (RemoteFile("cifar-10-python.tar.gz", archive=Checksum("md5", archive_md5, "archive"), members=members),),
+    )
     return src, spec, want
 
 
@@ -214,7 +219,8 @@ def test_real_fashion_mnist_checksums_via_mirror(tmp_path):
     with serve(deb) as (url, _):
         folder = download_dataset("fashion-mnist", tmp_path / "root", mirror=url)
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
-        f"{n}.gz" for pair in IDX_NAMES.values() for n in pair)
+        f"{n}.gz" for pair in IDX_NAMES.values() for n in pair
+    )
 
 
 def test_cli_download_errors_exit_2(tmp_path, capsys):

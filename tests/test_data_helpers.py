@@ -1,4 +1,5 @@
 """Writers for tiny dataset files in the standard formats (IDX, CIFAR python/binary batches), for the data tests."""
+
 from __future__ import annotations
 
 import gzip
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
@@ -62,7 +66,14 @@ def py2_cifar_pickle(x: np.ndarray, labels, batch_label: bytes = b"training batc
     n = x.shape[0]
     out = b"\x80\x02}q\x00("
     out += _sbs(b"batch_label") + _sbs(batch_label)
-    out += _sbs(b"data") + b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02" + _int(0) + b"\x85" + _sbs(b"b") + b"\x87R"
+    out += (
+        _sbs(b"data")
+        + b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02"
+        + _int(0)
+        + b"\x85"
+        + _sbs(b"b")
+        + b"\x87R"
+    )
     out += b"(" + _int(1) + _int(n) + _int(x.shape[1]) + b"\x86"
     out += b"cnumpy\ndtype\n" + _sbs(b"u1") + _int(0) + _int(1) + b"\x87R"
     out += b"(" + _int(3) + _sbs(b"|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + _int(0) + b"tb"
@@ -93,4 +104,7 @@ def write_cifar_dataset(root: Path, per_batch: int = 4, layout: str = "python", 
         else:
             rec = np.concatenate([y.reshape(-1, 1), flat], axis=1).astype(np.uint8)
             (folder / f"{name}.bin").write_bytes(rec.tobytes())
-    return {s: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v]).astype(np.int64)) for s, v in xs.items()}
+    return {
+        s: (np.concatenate([a for a, _ in v]), np.concatenate([b for _, b in v]).astype(np.int64))
+        for s, v in xs.items()
+    }

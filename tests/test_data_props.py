@@ -1,4 +1,5 @@
 """Property tests: random and mutated bytes either parse to well-formed data or raise LmcError, nothing else."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,8 +22,11 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 _X, _Y = planted_images(6, 8, 1)
 IDX_IMAGES, IDX_LABELS = idx_bytes(_X[:, 0]), idx_bytes(_Y)
 _CX, _CY = planted_images(3, 32, 3)
-CIFAR_PICKLES = [py2_cifar_pickle(_CX.reshape(3, -1), _CY), py3_cifar_pickle(_CX.reshape(3, -1), _CY, 3),
-                 py3_cifar_pickle(_CX.reshape(3, -1), _CY, 4)]
+CIFAR_PICKLES = [
+    py2_cifar_pickle(_CX.reshape(3, -1), _CY),
+    py3_cifar_pickle(_CX.reshape(3, -1), _CY, 3),
+    py3_cifar_pickle(_CX.reshape(3, -1), _CY, 4),
+]
 
 
 @st.composite
@@ -41,7 +45,7 @@ def mutated(draw, base: bytes):
         elif op == "insert":
             data[i:i] = draw(st.binary(min_size=1, max_size=8))
         else:
-            del data[i:i + draw(st.integers(1, 8))]
+            del data[i : i + draw(st.integers(1, 8))]
     return bytes(data)
 
 
@@ -137,6 +141,10 @@ def test_check_file_never_raises(data):
         for blob in (data, b"\x1f\x8b" + data, gzip.compress(data)):
             p = Path(d) / "train-images-idx3-ubyte.gz"
             p.write_bytes(blob)
-            for known in (KNOWN_CHECKSUMS["fashion-mnist"]["train-images-idx3-ubyte"], KNOWN_CHECKSUMS["mnist"]["train-images-idx3-ubyte"], None):
+            for known in (
+                KNOWN_CHECKSUMS["fashion-mnist"]["train-images-idx3-ubyte"],
+                KNOWN_CHECKSUMS["mnist"]["train-images-idx3-ubyte"],
+                None,
+            ):
                 row = check_file(p, known)
                 assert row["status"] in {"unknown", "mismatch", "unreadable"}

@@ -3,6 +3,7 @@ channels_last, TF32, and what each run records.
 
 The CUDA tests skip without a GPU; ``benchmarks/gpu_check.sh`` runs them on one.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmckit.data import load_dataset, random_crop_flip
-from lmckit.device import (autocast, channels_last_wanted, check_device_name, resolve_device, tf32_allowed,
-                           tf32_scope)
+from lmckit.data import random_crop_flip
+from lmckit.device import autocast, channels_last_wanted, check_device_name, resolve_device, tf32_allowed, tf32_scope
 from lmckit.errors import LmcError
 from lmckit.evaluate import evaluate
 from lmckit.store import load_state
 from lmckit.train import TrainConfig, make_config, train
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (benchmarks/gpu_check.sh runs these)")
-CONV = dict(model="vgg_tiny", dataset="synthetic-rgb", optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-            schedule="linear", warmup_epochs=1, augment=True, batch_size=100, epochs=1)
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here (benchmarks/gpu_check.sh runs these)"
+)
+CONV = dict(
+    model="vgg_tiny",
+    dataset="synthetic-rgb",
+    optimizer="sgd",
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="linear",
+    warmup_epochs=1,
+    augment=True,
+    batch_size=100,
+    epochs=1,
+)
 
 
 def _record(run: Path) -> dict:
@@ -38,7 +51,7 @@ def test_batches_on_cpu_are_the_old_index_gather(synthetic_rgb):
     x_all, y_all = ds.images["train"], ds.labels["train"]
     order = torch.randperm(300, generator=g2)
     for i, (x, y) in enumerate(got):
-        idx = order[i * 64:(i + 1) * 64]
+        idx = order[i * 64 : (i + 1) * 64]
         assert torch.equal(x, ds.normalize(random_crop_flip(x_all[idx], g2))) and torch.equal(y, y_all[idx])
     assert ds.on_device("train", "cpu")[0] is ds.images["train"]  # no copy on CPU
 
@@ -47,8 +60,12 @@ def test_evaluate_sums_on_device_like_python_floats(synthetic):
     from lmckit.models import create_model
 
     torch.manual_seed(0)
-    m = create_model("mlp_tiny", in_channels=synthetic.in_channels, image_size=synthetic.image_size,
-                     num_classes=synthetic.num_classes).eval()
+    m = create_model(
+        "mlp_tiny",
+        in_channels=synthetic.in_channels,
+        image_size=synthetic.image_size,
+        num_classes=synthetic.num_classes,
+    ).eval()
     loss_sum, correct, n = 0.0, 0, 0
     with torch.no_grad():
         for x, y in synthetic.batches("test", 70):
@@ -105,8 +122,11 @@ def test_bf16_training_keeps_float32_weights_and_records_it(tmp_path):
     assert 0 < diff < 0.5  # autocast really ran (other rounding), and trained the same model
     rec = _record(r16.run_dir)
     assert rec["config"]["precision"] == "bf16"
-    assert {k: rec["provenance"][k] for k in ("precision", "channels_last", "tf32")} == \
-        {"precision": "bf16", "channels_last": False, "tf32": False}
+    assert {k: rec["provenance"][k] for k in ("precision", "channels_last", "tf32")} == {
+        "precision": "bf16",
+        "channels_last": False,
+        "tf32": False,
+    }
     assert abs(r16.test_accuracy - r32.test_accuracy) < 0.2
 
 
@@ -135,8 +155,11 @@ def test_auto_is_cuda_and_data_stays_on_the_device(synthetic_rgb):
     for xb, yb in synthetic_rgb.batches("train", 50, shuffle=True, generator=g, device=dev, augment=True):
         assert xb.is_cuda and yb.is_cuda
     # same batches as on the CPU (integer gathers are exact)
-    a = next(synthetic_rgb.batches("train", 50, shuffle=True, generator=torch.Generator().manual_seed(1),
-                                   device=dev, augment=True))
+    a = next(
+        synthetic_rgb.batches(
+            "train", 50, shuffle=True, generator=torch.Generator().manual_seed(1), device=dev, augment=True
+        )
+    )
     b = next(synthetic_rgb.batches("train", 50, shuffle=True, generator=torch.Generator().manual_seed(1), augment=True))
     assert torch.equal(a[1].cpu(), b[1]) and torch.allclose(a[0].cpu(), b[0])
 
@@ -160,8 +183,12 @@ def test_cuda_evaluation_and_matching_agree_with_cpu(synthetic):
     from lmckit.perm import apply_permutation, random_permutation, spec_for
 
     torch.manual_seed(0)
-    m = create_model("mlp_tiny", in_channels=synthetic.in_channels, image_size=synthetic.image_size,
-                     num_classes=synthetic.num_classes)
+    m = create_model(
+        "mlp_tiny",
+        in_channels=synthetic.in_channels,
+        image_size=synthetic.image_size,
+        num_classes=synthetic.num_classes,
+    )
     lc, ac = evaluate(m, synthetic, "test", device="cpu")
     lg, ag = evaluate(m.cuda(), synthetic, "test", device="cuda")
     assert abs(lc - lg) < 1e-4 and abs(ac - ag) < 1e-3
@@ -178,8 +205,28 @@ def test_cuda_evaluation_and_matching_agree_with_cpu(synthetic):
 def test_train_cli_precision_and_gpu_flags(tmp_path, capsys):
     from lmckit.cli import main
 
-    rc = main(["train", "--model", "mlp_tiny", "--dataset", "synthetic", "--epochs", "1", "--precision", "bf16",
-               "--no-channels-last", "--tf32", "--device", "cpu", "--threads", "1", "--quiet", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "mlp_tiny",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--precision",
+            "bf16",
+            "--no-channels-last",
+            "--tf32",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])
     rec = _record(run)

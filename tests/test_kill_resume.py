@@ -8,6 +8,7 @@ it, and files the code reads back on resume (training checkpoints, metrics, resu
 The runs are real processes forked from a pre-imported zygote (see ``reliability_helpers.Zygote``), so each
 kill point costs the work it interrupts, not a torch start-up.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ import pytest
 from reliability_helpers import Zygote, subprocess_env
 
 TRAIN_ARGS = ["train", "--preset", "tiny", "--epochs", "5", "--batch-size", "20", "--quiet"]
-RECIPE_SETS = ["three_models.enabled=false", "width_sweep.enabled=false", 'match.methods=["naive","weight"]',
-               "match.searches=1"]
+RECIPE_SETS = [
+    "three_models.enabled=false",
+    "width_sweep.enabled=false",
+    'match.methods=["naive","weight"]',
+    "match.searches=1",
+]
 TIMING_KEYS = {"seconds", "eval_seconds"}  # per-epoch wall times in metrics.jsonl: the only fields allowed to differ
 
 
@@ -49,8 +54,15 @@ class KillLog:
         self.phases[phase] = self.phases.get(phase, 0) + 1
 
 
-def run_until(zygote: Zygote, argv: list, cwd: Path, log: Path, stop: Callable[[float], bool],
-              watch: Callable[[], None], timeout: float = 120.0) -> tuple[bool, float]:
+def run_until(
+    zygote: Zygote,
+    argv: list,
+    cwd: Path,
+    log: Path,
+    stop: Callable[[float], bool],
+    watch: Callable[[], None],
+    timeout: float = 120.0,
+) -> tuple[bool, float]:
     """Start a run; poll ``watch()`` until it exits or ``stop(elapsed)``; then SIGKILL it.
 
     Returns (killed, seconds it ran).
@@ -164,8 +176,14 @@ def kill_train_series(zygote: Zygote, tmp: Path, random_kills: int, seed: int) -
     def finish_chain() -> None:
         nonlocal chain
         out = out_dir()
-        run_until(zygote, [*TRAIN_ARGS, "--out", out], tmp, tmp / "run.log", lambda e: False,
-                  lambda: _check_train_invariants(out))
+        run_until(
+            zygote,
+            [*TRAIN_ARGS, "--out", out],
+            tmp,
+            tmp / "run.log",
+            lambda e: False,
+            lambda: _check_train_invariants(out),
+        )
         final, partial = _train_folder(out)
         assert final is not None and partial is None
         _assert_same_run(final, ref)
@@ -174,8 +192,9 @@ def kill_train_series(zygote: Zygote, tmp: Path, random_kills: int, seed: int) -
     # event-driven kill points first (the resume paths are exercised whatever the machine's speed)
     def killed_once(stop: Callable[[float], bool]) -> None:
         out = out_dir()
-        killed, _ = run_until(zygote, [*TRAIN_ARGS, "--out", out], tmp, tmp / "run.log", stop,
-                              lambda: _check_train_invariants(out))
+        killed, _ = run_until(
+            zygote, [*TRAIN_ARGS, "--out", out], tmp, tmp / "run.log", stop, lambda: _check_train_invariants(out)
+        )
         if killed:
             log.hit(_check_partial_is_resumable(out))
         else:
@@ -186,6 +205,7 @@ def kill_train_series(zygote: Zygote, tmp: Path, random_kills: int, seed: int) -
             _, partial = _train_folder(out_dir())
             m = partial / "metrics.jsonl" if partial else None
             return bool(m and m.exists() and len(m.read_text().splitlines()) >= k)
+
         return stop
 
     killed_once(after_epochs(1))
@@ -195,8 +215,14 @@ def kill_train_series(zygote: Zygote, tmp: Path, random_kills: int, seed: int) -
     for _ in range(random_kills):
         delay = rng.uniform(0.0, t_ref)
         out = out_dir()
-        killed, _ = run_until(zygote, [*TRAIN_ARGS, "--out", out], tmp, tmp / "run.log", lambda e: e >= delay,
-                              lambda: _check_train_invariants(out))
+        killed, _ = run_until(
+            zygote,
+            [*TRAIN_ARGS, "--out", out],
+            tmp,
+            tmp / "run.log",
+            lambda e: e >= delay,
+            lambda: _check_train_invariants(out),
+        )
         if killed:
             log.hit(_check_partial_is_resumable(out))
         else:  # it finished first: verify it and start a new chain
@@ -261,19 +287,30 @@ def _pipeline_phase(root: Path) -> str:
 
 def kill_reproduce_series(zygote: Zygote, tmp: Path, sets: list[str], random_kills: int, seed: int) -> KillLog:
     """Event-driven kill points (inside a training epoch, a match, a barrier, the report), then seeded random ones."""
+
     def argv(root: Path) -> list:
-        return ["reproduce", "--recipe", "tiny", "--out", root / "report", "--cache", root / "cache",
-                *[f"--set={s}" for s in sets]]
+        return [
+            "reproduce",
+            "--recipe",
+            "tiny",
+            "--out",
+            root / "report",
+            "--cache",
+            root / "cache",
+            *[f"--set={s}" for s in sets],
+        ]
 
     ref = tmp / "ref"
     _, t_ref = run_until(zygote, argv(ref), tmp, tmp / "ref.log", lambda e: False, lambda: None)
     rng = random.Random(seed)
     log = KillLog()
     root = tmp / "killed"
-    events = [lambda: any((root / "cache" / "train").glob("*.partial/checkpoint.safetensors")),
-              lambda: any((root / "cache" / "match").glob("*.partial")),
-              lambda: any((root / "cache" / "barrier").glob("*.partial")),
-              lambda: any((root / "report").glob("*.png"))]
+    events = [
+        lambda: any((root / "cache" / "train").glob("*.partial/checkpoint.safetensors")),
+        lambda: any((root / "cache" / "match").glob("*.partial")),
+        lambda: any((root / "cache" / "barrier").glob("*.partial")),
+        lambda: any((root / "report").glob("*.png")),
+    ]
     stops = [lambda e, ev=ev: ev() for ev in events]
     stops += [lambda e, d=rng.uniform(0.0, t_ref / 2): e >= d for _ in range(random_kills)]
     for stop in stops:
@@ -285,8 +322,9 @@ def kill_reproduce_series(zygote: Zygote, tmp: Path, sets: list[str], random_kil
                 return True
             return False
 
-        killed, _ = run_until(zygote, argv(root), tmp, tmp / "run.log", stop_and_note,
-                              lambda: _check_pipeline_invariants(root))
+        killed, _ = run_until(
+            zygote, argv(root), tmp, tmp / "run.log", stop_and_note, lambda: _check_pipeline_invariants(root)
+        )
         if killed:
             log.hit(phase[0])
         else:

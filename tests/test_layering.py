@@ -23,6 +23,7 @@ Violations that exist today are listed in :data:`KNOWN_VIOLATIONS`, each
 with why; any NEW upward import or cycle fails, and so does a listed one
 that has been fixed (delete its line then, so the list stays true).
 """
+
 from __future__ import annotations
 
 import ast
@@ -94,7 +95,7 @@ def imports_of(path: Path) -> set[str]:
             out.update(a.name for a in node.names if a.name.split(".")[0] == "lmckit")
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                pkg = base[:len(base) - (node.level - 1)]
+                pkg = base[: len(base) - (node.level - 1)]
                 target = ".".join(pkg + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -148,7 +149,8 @@ def test_every_package_has_a_layer():
 def test_no_new_layering_violations():
     new = {k: v for k, v in violations().items() if k not in KNOWN_VIOLATIONS}
     assert not new, "imports against the layering (see this file's docstring):\n" + "\n".join(
-        f"  {m} imports {p}: {why}" for (m, p), why in sorted(new.items()))
+        f"  {m} imports {p}: {why}" for (m, p), why in sorted(new.items())
+    )
 
 
 def test_known_violations_still_exist():

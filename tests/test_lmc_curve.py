@@ -1,4 +1,5 @@
 """Barrier curves, BN reset, REPAIR, plane landscapes and plots on tiny models (synthetic data)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,17 @@ import torch.nn.functional as F
 
 from lmckit.errors import LmcError
 from lmckit.evaluate import evaluate
-from lmckit.lmc import (Repairer, barrier_curve, interpolate_states, mix_states, repair_sites,
-                        reset_bn_stats, site_stats, state_vector, training_batches)
+from lmckit.lmc import (
+    Repairer,
+    barrier_curve,
+    interpolate_states,
+    mix_states,
+    repair_sites,
+    reset_bn_stats,
+    site_stats,
+    state_vector,
+    training_batches,
+)
 from lmckit.lmc.landscape import plane_basis, plane_landscape
 from lmckit.lmc.plot import plot_curves, plot_landscape
 from lmckit.models import create_model
@@ -270,8 +280,8 @@ def test_plane_basis_geometry(pair):
     (ax, ay), (bx, by), (cx, cy) = pb.coords
     assert (ax, ay, by) == (0.0, 0.0, 0.0)
     assert bx == pytest.approx(float((vb - va).norm()))
-    assert (cx ** 2 + cy ** 2) ** 0.5 == pytest.approx(float((vc - va).norm()))
-    assert ((cx - bx) ** 2 + cy ** 2) ** 0.5 == pytest.approx(float((vc - vb).norm()))
+    assert (cx**2 + cy**2) ** 0.5 == pytest.approx(float((vc - va).norm()))
+    assert ((cx - bx) ** 2 + cy**2) ** 0.5 == pytest.approx(float((vc - vb).norm()))
     # a plane point rebuilt from barycentric weights lies at a + x e1 + y e2
     x, y = 0.3 * bx - 0.2, 1.4 * cy
     w = pb.weights(x, y)
@@ -287,7 +297,16 @@ def test_plane_basis_geometry(pair):
 def test_plane_landscape_and_plots(pair, synthetic, tmp_path):
     a, b = pair
     c = _train(synthetic, 2, steps=20)
-    res = plane_landscape(a, _sd(a), _sd(b), _sd(c), synthetic, grid=4, margin=0.1, **{k: v for k, v in FAST.items() if k != "bn_batches" and k != "bn_batch_size"})
+    res = plane_landscape(
+        a,
+        _sd(a),
+        _sd(b),
+        _sd(c),
+        synthetic,
+        grid=4,
+        margin=0.1,
+        **{k: v for k, v in FAST.items() if k != "bn_batches" and k != "bn_batch_size"},
+    )
     assert len(res.xs) == 4 and len(res.loss) == 4 and len(res.loss[0]) == 4
     assert res.xs[0] < 0.0 < res.models["B"][0] < res.xs[-1]
     i, j = 2, 1

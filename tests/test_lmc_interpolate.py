@@ -1,4 +1,5 @@
 """Interpolation / mixing of state dicts and the pure barrier functions (hand-computed values)."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ batch 500, 5 epochs) are separated by a clear test-loss barrier (> 0.5)
 when interpolated naively and become linearly connected (< 0.1) after
 weight matching.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,11 +55,13 @@ def test_mlp_fashion_mnist_naive_barrier_and_weight_matching(fmnist):
     sbp = apply_permutation(spec, res.perms, sb)
     wm = barrier_curve(a, sa, sbp, fmnist, points=25, progress=False)["test"]
     rep = barrier_curve(a, sa, sbp, fmnist, points=25, bn_reset="repair", progress=False)["test"]
-    print(f"\nendpoint test loss {naive.endpoint_loss}, acc {naive.endpoint_accuracy}"
-          f"\nnaive: loss barrier {naive.loss_barrier:.4f}, acc barrier {naive.accuracy_barrier:.4f}, mid acc {naive.midpoint_accuracy:.4f}"
-          f"\nWM:    loss barrier {wm.loss_barrier:.4f}, acc barrier {wm.accuracy_barrier:.4f}, mid acc {wm.midpoint_accuracy:.4f}"
-          f"\nWM+REPAIR: loss barrier {rep.loss_barrier:.4f}, acc barrier {rep.accuracy_barrier:.4f}"
-          f"\n25-point test curve: {seconds:.2f}s")
+    print(
+        f"\nendpoint test loss {naive.endpoint_loss}, acc {naive.endpoint_accuracy}"
+        f"\nnaive: loss barrier {naive.loss_barrier:.4f}, acc barrier {naive.accuracy_barrier:.4f}, mid acc {naive.midpoint_accuracy:.4f}"
+        f"\nWM:    loss barrier {wm.loss_barrier:.4f}, acc barrier {wm.accuracy_barrier:.4f}, mid acc {wm.midpoint_accuracy:.4f}"
+        f"\nWM+REPAIR: loss barrier {rep.loss_barrier:.4f}, acc barrier {rep.accuracy_barrier:.4f}"
+        f"\n25-point test curve: {seconds:.2f}s"
+    )
     assert min(naive.endpoint_accuracy) > 0.85
     assert naive.loss_barrier > 0.5
     assert wm.loss_barrier < 0.1

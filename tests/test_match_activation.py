@@ -1,4 +1,5 @@
 """Activation matching: planted permutations recovered from activations, models left untouched, errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,15 @@ def _pair_planted(name, norm, seed=0):
     return spec, a, b, planted
 
 
-CASES = [("mlp_tiny", "none"), ("mlp_tiny", "batchnorm"), ("mlp_tiny", "layernorm"), ("vgg_tiny", "batchnorm"),
-         ("vgg_tiny", "layernorm"), ("resnet_tiny", "batchnorm"), ("resnet_tiny", "layernorm")]
+CASES = [
+    ("mlp_tiny", "none"),
+    ("mlp_tiny", "batchnorm"),
+    ("mlp_tiny", "layernorm"),
+    ("vgg_tiny", "batchnorm"),
+    ("vgg_tiny", "layernorm"),
+    ("resnet_tiny", "batchnorm"),
+    ("resnet_tiny", "layernorm"),
+]
 
 
 @pytest.mark.parametrize("name,norm", CASES)
@@ -56,8 +64,11 @@ def test_dead_units_are_the_only_ties(synthetic):
     inv = invert_permutation(planted)
     # dead units of A at the stream's sites: zero variance in every sample
     acts = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, k=k: acts.setdefault(k, []).append(o.detach()))
-             for k, mods in [(g, ms) for g, ms in a.hidden_modules().items()] for m in mods]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, k=k: acts.setdefault(k, []).append(o.detach()))
+        for k, mods in [(g, ms) for g, ms in a.hidden_modules().items()]
+        for m in mods
+    ]
     with torch.no_grad():
         for x, _ in synthetic.batches("train", 64, limit=64):
             a(x)
@@ -84,7 +95,7 @@ def test_independent_models_improve_and_are_reproducible(synthetic):
     r2 = activation_matching(a, b, synthetic, num_batches=2, batch_size=100, seed=5)
     assert r1.final_objective >= r1.initial_objective
     assert all(torch.equal(r1.perms[g], r2.perms[g]) for g in r1.perms)
-    for g, p in r1.perms.items():
+    for _g, p in r1.perms.items():
         assert sorted(p.tolist()) == list(range(16))
     assert r1.extra["samples"]["P0"] == 200
 
@@ -132,9 +143,19 @@ def test_correlation_matrix_by_hand():
     from lmckit.match.activation import _similarity
 
     g = torch.Generator().manual_seed(0)
-    za, zb = torch.randn(300, 4, generator=g, dtype=torch.float64), torch.randn(300, 4, generator=g, dtype=torch.float64)
+    za, zb = (
+        torch.randn(300, 4, generator=g, dtype=torch.float64),
+        torch.randn(300, 4, generator=g, dtype=torch.float64),
+    )
     zb[:, 2] = 2 * za[:, 1] + 1
-    s = {"n": 300, "sa": za.sum(0), "sb": zb.sum(0), "saa": (za * za).sum(0), "sbb": (zb * zb).sum(0), "sab": za.t() @ zb}
+    s = {
+        "n": 300,
+        "sa": za.sum(0),
+        "sb": zb.sum(0),
+        "saa": (za * za).sum(0),
+        "sbb": (zb * zb).sum(0),
+        "sab": za.t() @ zb,
+    }
     m = _similarity(s, "pearson", 0.0).numpy()
     ref = np.corrcoef(za.numpy().T, zb.numpy().T)[:4, 4:]
     np.testing.assert_allclose(m, ref, atol=1e-10)

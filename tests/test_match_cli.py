@@ -1,4 +1,5 @@
 """`lmckit match` end to end (in process): perm files, summaries, multi-model folders, user errors."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,25 @@ def test_activation_match_uses_recorded_dataset(family, tmp_path, capsys):
     _, sd, _, paths = family
     out = tmp_path / "am.json"
     # D records dataset "synthetic" in its metadata: no --dataset needed
-    assert main(["match", paths["D"], paths["A"], "--method", "activation", "--num-batches", "1", "--batch-size", "64",
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "match",
+                paths["D"],
+                paths["A"],
+                "--method",
+                "activation",
+                "--num-batches",
+                "1",
+                "--batch-size",
+                "64",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "activation" and summary["sweeps"] == 1
     raw = json.loads(out.read_text())
@@ -71,8 +89,26 @@ def test_activation_match_uses_recorded_dataset(family, tmp_path, capsys):
 def test_activation_match_recovers_planted_with_dataset_flag(family, tmp_path, capsys):
     spec, _, planted, paths = family
     out = tmp_path / "am.json"
-    assert main(["match", paths["A"], paths["B"], "--method", "activation", "--dataset", "synthetic",
-                 "--num-batches", "2", "--batch-size", "100", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "match",
+                paths["A"],
+                paths["B"],
+                "--method",
+                "activation",
+                "--dataset",
+                "synthetic",
+                "--num-batches",
+                "2",
+                "--batch-size",
+                "100",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     perms = load_perms(out, spec)
     inv = invert_permutation(planted["B"])
     assert all(torch.equal(perms[g], inv[g]) for g in spec.sizes)
@@ -108,8 +144,23 @@ def test_user_errors_exit_2(family, tmp_path, capsys):
     assert "--multi" in capsys.readouterr().err
     assert main(["match", paths["A"], str(tmp_path / "missing.safetensors"), "--out", out]) == 2
     assert main(["match", paths["A"], paths["B"], "--max-iter", "0", "--out", out]) == 2
-    assert main(["match", paths["A"], paths["B"], paths["C"], "--multi", "mergemany", "--method", "activation",
-                 "--out", out]) == 2
+    assert (
+        main(
+            [
+                "match",
+                paths["A"],
+                paths["B"],
+                paths["C"],
+                "--multi",
+                "mergemany",
+                "--method",
+                "activation",
+                "--out",
+                out,
+            ]
+        )
+        == 2
+    )
     torch.manual_seed(0)
     other = save_model(tmp_path / "wide.safetensors", create_model("mlp_tiny", norm="batchnorm", width=20))
     assert main(["match", paths["A"], str(other), "--out", out]) == 2

@@ -1,4 +1,5 @@
 """Multi-model matching: anchor matching and MergeMany recover planted permutations; MergeMany is monotone."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -82,8 +83,9 @@ def test_merge_many_objective_monotone_on_independent_models():
     # a fixed point: matching any model to the mean of the others changes nothing
     for i in range(len(states)):
         others = [aligned[j] for j in range(len(states)) if j != i]
-        target = {k: torch.stack([o[k] for o in others]).mean(0) if v.is_floating_point() else v
-                  for k, v in others[0].items()}
+        target = {
+            k: torch.stack([o[k] for o in others]).mean(0) if v.is_floating_point() else v for k, v in others[0].items()
+        }
         r = weight_matching(spec, target, aligned[i], seed=i)
         assert all(torch.equal(p, torch.arange(len(p))) for p in r.perms.values()), i
 

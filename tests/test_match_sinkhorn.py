@@ -1,4 +1,5 @@
 """Sinkhorn re-basin and the method registry: planted permutations, the operator, options, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from lmckit.errors import LmcError
 from lmckit.match.registry import MethodOptions, get_method, list_methods, register_method
 from lmckit.match.sinkhorn import SinkhornOptions, sinkhorn_log, sinkhorn_matching, soft_apply
 from lmckit.models import create_model
-from lmckit.perm import PermutationSpec, apply_permutation, invert_permutation, load_perms, random_permutation, spec_for
+from lmckit.perm import apply_permutation, invert_permutation, load_perms, random_permutation, spec_for
 
 FAST = {"steps": 60, "iters": 10, "check_every": 20}
 
@@ -23,8 +24,10 @@ def _pair(name: str, norm: str = "none", seed: int = 1, planted_seed: int = 5):
     m = create_model(name, in_channels=1, image_size=28, norm=norm)
     spec = spec_for(m)
     g = torch.Generator().manual_seed(seed)
-    sd = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
-          for k, v in m.state_dict().items()}
+    sd = {
+        k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+        for k, v in m.state_dict().items()
+    }
     sd = {k: (v.abs() if "running_var" in k else v) for k, v in sd.items()}
     planted = random_permutation(spec, seed=planted_seed)
     return m, spec, sd, planted, apply_permutation(spec, planted, sd)
@@ -55,8 +58,10 @@ def test_soft_apply_with_one_hot_matrices_is_apply_permutation():
 
 
 # --------------------------------------------------------------------------- planted permutations
-@pytest.mark.parametrize("name,norm", [("mlp_tiny", "none"), ("mlp_tiny", "layernorm"), ("vgg_tiny", "batchnorm"),
-                                       ("resnet_tiny", "batchnorm")])
+@pytest.mark.parametrize(
+    "name,norm",
+    [("mlp_tiny", "none"), ("mlp_tiny", "layernorm"), ("vgg_tiny", "batchnorm"), ("resnet_tiny", "batchnorm")],
+)
 def test_planted_permutation_recovered_exactly(name, norm):
     _, spec, sd, planted, sd_b = _pair(name, norm)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in planted.values())
@@ -100,8 +105,20 @@ def test_midpoint_loss_on_data_runs_and_is_deterministic(synthetic):
 
 
 # --------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"tau": 0.0}, {"tau": float("nan")}, {"lr": -1.0}, {"iters": 0},
-                                 {"loss": "bogus"}, {"init": "random"}, {"noise": -0.1}, {"train_limit": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"steps": 0},
+        {"tau": 0.0},
+        {"tau": float("nan")},
+        {"lr": -1.0},
+        {"iters": 0},
+        {"loss": "bogus"},
+        {"init": "random"},
+        {"noise": -0.1},
+        {"train_limit": 0},
+    ],
+)
 def test_bad_options_raise_lmc_error(bad):
     with pytest.raises(LmcError):
         SinkhornOptions(**bad)
@@ -172,8 +189,9 @@ def test_weight_through_the_registry_equals_weight_matching():
 
 def test_activation_through_the_registry(synthetic):
     m, spec, sd, planted, sd_b = _pair("mlp_tiny", seed=1)
-    res = get_method("activation").match(spec, sd, sd_b, model=m, dataset=synthetic,
-                                         options={"num_batches": 2, "batch_size": 64})
+    res = get_method("activation").match(
+        spec, sd, sd_b, model=m, dataset=synthetic, options={"num_batches": 2, "batch_size": 64}
+    )
     inv = invert_permutation(planted)
     assert all(torch.equal(res.perms[g], inv[g]) for g in spec.sizes)
     with pytest.raises(LmcError, match="needs a model"):
@@ -186,11 +204,19 @@ def test_register_rejects_duplicates_and_bad_declarations():
         pass
 
     with pytest.raises(ValueError, match="already registered"):
-        register_method("weight", description="x", reference="x", needs_data=False, options=NoOptions,
-                        objective="x")(lambda *a, **k: None)
+        register_method("weight", description="x", reference="x", needs_data=False, options=NoOptions, objective="x")(
+            lambda *a, **k: None
+        )
     with pytest.raises(ValueError, match="scheme"):
-        register_method("new", description="x", reference="x", needs_data=False, options=NoOptions,
-                        objective="x", multi=("everything",))
+        register_method(
+            "new",
+            description="x",
+            reference="x",
+            needs_data=False,
+            options=NoOptions,
+            objective="x",
+            multi=("everything",),
+        )
     assert "new" not in list_methods()
 
 
@@ -220,19 +246,42 @@ def test_cli_match_sinkhorn_writes_the_planted_inverse(checkpoints, tmp_path, ca
 def test_cli_match_sinkhorn_anchor(checkpoints, tmp_path, capsys):
     _, _, a, b = checkpoints
     out = tmp_path / "multi"
-    assert main(["match", a, b, a, "--multi", "anchor", "--method", "sinkhorn", "--option", "steps=20",
-                 "--option", "iters=5", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "match",
+                a,
+                b,
+                a,
+                "--multi",
+                "anchor",
+                "--method",
+                "sinkhorn",
+                "--option",
+                "steps=20",
+                "--option",
+                "iters=5",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "anchor-sinkhorn" and len(summary["models"]) == 3
     assert summary["models"][2]["l2_to_reference_after"] == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--method", "sinkhorn", "--option", "steps=0"], "steps must be at least 1"),
-    (["--method", "sinkhorn", "--option", "steps"], "not KEY=VALUE"),
-    (["--method", "sinkhorn", "--option", "bogus=1"], "no option 'bogus'"),
-    (["--method", "weight", "--option", "steps=3"], "--option is for registry methods"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "sinkhorn", "--option", "steps=0"], "steps must be at least 1"),
+        (["--method", "sinkhorn", "--option", "steps"], "not KEY=VALUE"),
+        (["--method", "sinkhorn", "--option", "bogus=1"], "no option 'bogus'"),
+        (["--method", "weight", "--option", "steps=3"], "--option is for registry methods"),
+    ],
+)
 def test_cli_bad_options_exit_2(checkpoints, tmp_path, capsys, argv, message):
     _, _, a, b = checkpoints
     assert main(["match", a, b, *argv, "--out", str(tmp_path / "p.json")]) == 2

@@ -1,4 +1,5 @@
 """Weight matching: planted permutations recovered exactly, objective monotone, fixed points, errors."""
+
 from __future__ import annotations
 
 import itertools
@@ -14,8 +15,14 @@ from lmckit.errors import LmcError
 from lmckit.match import MatchResult, l2_distance, weight_matching
 from lmckit.match.weight import objective_keys
 from lmckit.models import create_model, list_models
-from lmckit.perm import (PermutationSpec, apply_permutation, identity_permutation, invert_permutation,
-                         random_permutation, spec_for)
+from lmckit.perm import (
+    PermutationSpec,
+    apply_permutation,
+    identity_permutation,
+    invert_permutation,
+    random_permutation,
+    spec_for,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -147,8 +154,10 @@ def test_single_group_matches_brute_force():
     m = create_model("mlp_tiny", depth=1, width=4)
     spec = spec_for(m)
     sd_a, sd_b = _randomise(m.state_dict(), 1), _randomise(m.state_dict(), 2)
-    best = max(itertools.permutations(range(4)),
-               key=lambda p: _inner(spec, sd_a, apply_permutation(spec, {"P0": torch.tensor(p)}, sd_b)))
+    best = max(
+        itertools.permutations(range(4)),
+        key=lambda p: _inner(spec, sd_a, apply_permutation(spec, {"P0": torch.tensor(p)}, sd_b)),
+    )
     res = weight_matching(spec, sd_a, sd_b)
     assert res.perms["P0"].tolist() == list(best)
 
@@ -208,10 +217,17 @@ def test_square_stream_weight_quadratic_group():
     g = torch.Generator().manual_seed(0)
     n = 6
     # the linearised LAP step cannot always escape a strong diagonal; w_in (20 inputs) carries the signal here
-    sd = {"w_in": torch.randn(n, 20, generator=g), "w_sq": torch.randn(n, n, generator=g),
-          "b": torch.randn(n, generator=g), "w_out": torch.randn(3, n, generator=g)}
-    spec = PermutationSpec(axes={"w_in": ("S", None), "w_sq": ("S", "S"), "b": ("S",), "w_out": (None, "S")},
-                           sizes={"S": n}, shapes={k: tuple(v.shape) for k, v in sd.items()})
+    sd = {
+        "w_in": torch.randn(n, 20, generator=g),
+        "w_sq": torch.randn(n, n, generator=g),
+        "b": torch.randn(n, generator=g),
+        "w_out": torch.randn(3, n, generator=g),
+    }
+    spec = PermutationSpec(
+        axes={"w_in": ("S", None), "w_sq": ("S", "S"), "b": ("S",), "w_out": (None, "S")},
+        sizes={"S": n},
+        shapes={k: tuple(v.shape) for k, v in sd.items()},
+    )
     planted = {"S": torch.randperm(n, generator=g)}
     res = weight_matching(spec, sd, apply_permutation(spec, planted, sd))
     assert torch.equal(res.perms["S"], invert_permutation(planted)["S"])

@@ -7,6 +7,7 @@ brought up to date after its other group moved by
 against the product computed afresh, and whole descents with the update forced
 on every stale term against descents that never use it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,10 @@ def _zoo(name, seed):
     torch.manual_seed(seed)
     m = create_model(name, in_channels=1, image_size=28)
     g = torch.Generator().manual_seed(seed + 100)
-    sd = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()) for k, v in m.state_dict().items()}
+    sd = {
+        k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+        for k, v in m.state_dict().items()
+    }
     return m, sd
 
 

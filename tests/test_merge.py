@@ -1,4 +1,5 @@
 """Merging several models (lmckit.merge) and the merge / landscape / match --method ste commands."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,17 @@ def ckpts(tmp_path_factory):
     from lmckit.train import make_config, train
 
     root = tmp_path_factory.mktemp("runs")
-    return [str(train(make_config(model="mlp_tiny", dataset="synthetic", epochs=2, batch_size=100, seed=s),
-                      out_root=root, device="cpu", progress=False).run_dir) for s in range(3)]
+    return [
+        str(
+            train(
+                make_config(model="mlp_tiny", dataset="synthetic", epochs=2, batch_size=100, seed=s),
+                out_root=root,
+                device="cpu",
+                progress=False,
+            ).run_dir
+        )
+        for s in range(3)
+    ]
 
 
 def _run_json(capsys, argv) -> dict:
@@ -34,8 +44,24 @@ def test_merge_cli_writes_loadable_checkpoint_with_reported_accuracy(ckpts, tmp_
     from lmckit.checkpoint import load_checkpoint
 
     out = tmp_path / "m"
-    d = _run_json(capsys, ["merge", *ckpts, "--method", "weight", "--out", str(out), "--points", "5", "--json",
-                           "--device", "cpu", "--plot", str(tmp_path / "curve.png")])
+    d = _run_json(
+        capsys,
+        [
+            "merge",
+            *ckpts,
+            "--method",
+            "weight",
+            "--out",
+            str(out),
+            "--points",
+            "5",
+            "--json",
+            "--device",
+            "cpu",
+            "--plot",
+            str(tmp_path / "curve.png"),
+        ],
+    )
     for k in ("model_accuracies", "merged_accuracy", "merged_loss", "pairwise_barriers"):
         assert k in d
     # the merged checkpoint loads and scores exactly what was reported
@@ -70,13 +96,44 @@ def test_merge_cli_writes_loadable_checkpoint_with_reported_accuracy(ckpts, tmp_
 
 
 def test_merge_mergemany_and_anchor_ste_run(ckpts, tmp_path, capsys):
-    d = _run_json(capsys, ["merge", *ckpts, "--multi", "mergemany", "--out", str(tmp_path / "mm"), "--points", "3",
-                           "--no-curve", "--json", "--device", "cpu"])
+    d = _run_json(
+        capsys,
+        [
+            "merge",
+            *ckpts,
+            "--multi",
+            "mergemany",
+            "--out",
+            str(tmp_path / "mm"),
+            "--points",
+            "3",
+            "--no-curve",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert d["multi"] == "mergemany" and d["match"]["method"] == "mergemany"
     assert [b["models"] for b in d["pairwise_barriers"]] == [[0, 1], [0, 2], [1, 2]] and d["anchor_barriers"] == []
     assert not (tmp_path / "mm" / "merged_accuracy.png").exists()
-    d = _run_json(capsys, ["merge", *ckpts, "--method", "ste", "--epochs", "1", "--out", str(tmp_path / "ste"),
-                           "--points", "3", "--json", "--device", "cpu"])
+    d = _run_json(
+        capsys,
+        [
+            "merge",
+            *ckpts,
+            "--method",
+            "ste",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "ste"),
+            "--points",
+            "3",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert set(d["merged_accuracy_curve"]) == {"ste", "naive"}
     assert (tmp_path / "ste" / "ste" / "model_1" / "drift.json").exists()
     assert [p["method"] for p in d["match"]["pairwise"][1:]] == ["ste", "ste"]
@@ -90,10 +147,9 @@ def test_merge_errors(ckpts, tmp_path, capsys):
 
 def test_merged_accuracy_curve_planted(ckpts, synthetic):
     """Averages of identical copies are the model itself; a curve of copies is flat at its accuracy."""
+    import lmckit
     from lmckit.checkpoint import load_checkpoint
     from lmckit.merge import average_states, merged_accuracy_curve
-
-    import lmckit
 
     model = lmckit.load(ckpts[0])
     sd = load_checkpoint(ckpts[0])[0]
@@ -129,8 +185,24 @@ def test_landscape_cli_writes_png(ckpts, tmp_path, capsys):
     mdir = tmp_path / "m"
     assert main(["merge", *ckpts, "--out", str(mdir), "--points", "3", "--no-curve", "--json", "--device", "cpu"]) == 0
     plot = tmp_path / "land.png"
-    d = _run_json(capsys, ["landscape", *ckpts, "--perm", str(mdir / "perm_1.json"), "--perm", str(mdir / "perm_2.json"),
-                           "--grid", "4", "--plot", str(plot), "--json", "--device", "cpu"])
+    d = _run_json(
+        capsys,
+        [
+            "landscape",
+            *ckpts,
+            "--perm",
+            str(mdir / "perm_1.json"),
+            "--perm",
+            str(mdir / "perm_2.json"),
+            "--grid",
+            "4",
+            "--plot",
+            str(plot),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert plot.read_bytes()[:8] == PNG and (tmp_path / "land-accuracy.png").read_bytes()[:8] == PNG
     assert len(d["loss"]) == 4 and all(len(r) == 4 for r in d["loss"]) and len(d["accuracy"]) == 4
     assert main(["landscape", *ckpts, "--grid", "1", "--plot", str(plot)]) == 2
@@ -140,8 +212,25 @@ def test_match_cli_method_ste(ckpts, tmp_path, capsys):
     from lmckit.perm import validate_perms
 
     out = tmp_path / "p.json"
-    d = _run_json(capsys, ["match", ckpts[0], ckpts[1], "--method", "ste", "--epochs", "1", "--out", str(out),
-                           "--ste-state", str(tmp_path / "state"), "--json", "--device", "cpu"])
+    d = _run_json(
+        capsys,
+        [
+            "match",
+            ckpts[0],
+            ckpts[1],
+            "--method",
+            "ste",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--ste-state",
+            str(tmp_path / "state"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert d["method"] == "ste" and d["objective"] <= d["objective_before"]
     raw = json.loads(out.read_text())
     assert raw["method"] == "ste" and raw["ste_preset"] == "adam"

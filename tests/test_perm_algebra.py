@@ -1,4 +1,5 @@
 """Permutation algebra and zoo-model specs: planted truth, asserted."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,15 @@ import torch
 
 from lmckit.errors import LmcError
 from lmckit.models import create_model, list_models
-from lmckit.perm import (apply_permutation, compose_permutations, identity_permutation, invert_permutation,
-                         random_permutation, spec_for, validate_perms)
+from lmckit.perm import (
+    apply_permutation,
+    compose_permutations,
+    identity_permutation,
+    invert_permutation,
+    random_permutation,
+    spec_for,
+    validate_perms,
+)
 
 
 def _model(name, norm, channels=1, size=28):
@@ -64,14 +72,17 @@ def test_apply_does_not_modify_input():
     assert all(torch.equal(sd[k], before[k]) for k in sd)
 
 
-@pytest.mark.parametrize("bad,msg", [
-    ({"P0": list(range(16))}, "missing groups"),
-    ({"P0": list(range(16)), "P1": list(range(16)), "X": [0]}, "unknown groups"),
-    ({"P0": list(range(15)), "P1": list(range(16))}, "has 15 entries"),
-    ({"P0": [0] * 16, "P1": list(range(16))}, "duplicated"),
-    ({"P0": list(range(1, 17)), "P1": list(range(16))}, "outside"),
-    ({"P0": [0.5] * 16, "P1": list(range(16))}, "non-integer"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ({"P0": list(range(16))}, "missing groups"),
+        ({"P0": list(range(16)), "P1": list(range(16)), "X": [0]}, "unknown groups"),
+        ({"P0": list(range(15)), "P1": list(range(16))}, "has 15 entries"),
+        ({"P0": [0] * 16, "P1": list(range(16))}, "duplicated"),
+        ({"P0": list(range(1, 17)), "P1": list(range(16))}, "outside"),
+        ({"P0": [0.5] * 16, "P1": list(range(16))}, "non-integer"),
+    ],
+)
 def test_validate_rejects_non_permutations(bad, msg):
     spec = spec_for(_model("mlp_tiny", "none"))
     with pytest.raises(LmcError, match=msg):

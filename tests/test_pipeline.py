@@ -1,4 +1,5 @@
 """The stage framework: hashing, caching, resume after a kill, executors, dry runs."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,16 @@ from pathlib import Path
 import pytest
 
 from lmckit.errors import LmcError
-from lmckit.pipeline import InProcessExecutor, ProcessPoolExecutor, Stage, dry_run, plan, resolved_config, stage_hash, stage_path
+from lmckit.pipeline import (
+    InProcessExecutor,
+    ProcessPoolExecutor,
+    Stage,
+    dry_run,
+    plan,
+    resolved_config,
+    stage_hash,
+    stage_path,
+)
 from lmckit.pipeline.stages import dependencies, read_output, run_stage
 from lmckit.store import atomic_write_json, is_complete
 
@@ -153,7 +163,13 @@ def test_run_caches_and_skips(tmp_path):
     assert sorted(o.kind for o in third.ran) == ["add", "source", "total"]
     entries = dry_run([Total((Add(), Add(Source(1), Source(5))))], tmp_path)
     assert [(e.spec.KIND, e.cached) for e in entries] == [
-        ("source", True), ("source", True), ("add", True), ("source", False), ("add", False), ("total", False)]
+        ("source", True),
+        ("source", True),
+        ("add", True),
+        ("source", False),
+        ("add", False),
+        ("total", False),
+    ]
 
 
 def test_failures_are_reported_and_leave_nothing_complete(tmp_path):
@@ -171,8 +187,10 @@ def test_killed_stage_resumes(tmp_path):
     flag = tmp_path / "flag"
     flag.write_text("")
     spec = Resumable(steps=4, block_at=2, flag=str(flag))
-    code = ("import sys; sys.path.insert(0, %r); import test_pipeline as t; from lmckit.pipeline.stages import run_stage;"
-            "run_stage(t.Resumable(steps=4, block_at=2, flag=%r), %r)") % (str(Path(__file__).parent), str(flag), str(tmp_path))
+    code = (
+        "import sys; sys.path.insert(0, %r); import test_pipeline as t; from lmckit.pipeline.stages import run_stage;"
+        "run_stage(t.Resumable(steps=4, block_at=2, flag=%r), %r)"
+    ) % (str(Path(__file__).parent), str(flag), str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
         deadline = time.time() + 60

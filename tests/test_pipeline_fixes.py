@@ -1,4 +1,5 @@
 """Regression tests for pipeline/report/merge fixes: reserved overrides, report-file confinement, drift helpers."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,12 +7,15 @@ import pytest
 from lmckit.errors import LmcError
 
 
-@pytest.mark.parametrize("override,key", [
-    ("train.overrides={model_kwargs={width_mult=2.0}}", "width_mult"),
-    ('models.0.overrides={model_kwargs={norm="batchnorm"}}', "norm"),
-    ('models.0.options={norm="layernorm"}', "norm"),
-    ('train.overrides={model="vgg11"}', "model"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.overrides={model_kwargs={width_mult=2.0}}", "width_mult"),
+        ('models.0.overrides={model_kwargs={norm="batchnorm"}}', "norm"),
+        ('models.0.options={norm="layernorm"}', "norm"),
+        ('train.overrides={model="vgg11"}', "model"),
+    ],
+)
 def test_overrides_may_not_contradict_the_recipe(override, key):
     from lmckit.pipeline.recipe import load_recipe
 
@@ -62,8 +66,16 @@ def test_drift_sentence_compares_with_the_baseline():
     def st(v):
         return {"mean": v, "std": 0.0, "n": 1, "values": [v]}
 
-    d = {"runs": [{}], "summary": {"epochs": 2, "changed_vs_wm_end": st(0.25), "r03_start": st(0.5),
-                                   "r03_end": st(0.4), "tilde_rel_dist_end": st(0.1)}}
+    d = {
+        "runs": [{}],
+        "summary": {
+            "epochs": 2,
+            "changed_vs_wm_end": st(0.25),
+            "r03_start": st(0.5),
+            "r03_end": st(0.4),
+            "tilde_rel_dist_end": st(0.1),
+        },
+    }
     assert "25.0% of units" in _drift_sentence(d) and "no WM seed-to-seed baseline" in _drift_sentence(d)
     d["wm_vs_wm"] = {"mean": 0.05, "std": 0.01, "n": 3, "values": [0.04, 0.05, 0.06]}
     s = _drift_sentence(d)

@@ -1,4 +1,5 @@
 """End to end: the tiny recipe through every stage, the report, caching, --set, determinism, locks."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,18 @@ from lmckit.pipeline.stages import dependencies, stage_hash, stage_path
 from lmckit.pipeline.tasks import MatchStage
 from lmckit.store import file_lock
 
-FIGURES = ["interpolation.png", "R_bars.png", "spectra.png", "per_index.png", "projections.png", "rank.png",
-           "three_models.png", "landscape.png", "ste_drift.png", "width_sweep.png"]
+FIGURES = [
+    "interpolation.png",
+    "R_bars.png",
+    "spectra.png",
+    "per_index.png",
+    "projections.png",
+    "rank.png",
+    "three_models.png",
+    "landscape.png",
+    "ste_drift.png",
+    "width_sweep.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +96,15 @@ def test_results_are_the_stage_outputs_and_claims_follow_the_numbers(tiny):
     r = res.results
     e = r["experiments"][0]
     # the aggregate is the stage output (one pair): read the barrier stage folder directly
-    (key, naive_bar), = [(k, b) for k, b in res.plan.experiments[0].barriers.items() if k[1] == "naive"]
+    ((key, naive_bar),) = [(k, b) for k, b in res.plan.experiments[0].barriers.items() if k[1] == "naive"]
     raw = json.loads((stage_path(root / "cache", naive_bar) / "result.json").read_text())
     assert e["methods"]["naive"]["barrier"]["test"]["loss_barrier"]["mean"] == raw["loss_barrier"]["test"]
     # mean and sample std over the two WM searches
-    wm = [json.loads((stage_path(root / "cache", a) / "result.json").read_text())["R"]["0.3"]["after"]
-          for k, a in res.plan.experiments[0].analyses.items() if k[1] == "weight"]
+    wm = [
+        json.loads((stage_path(root / "cache", a) / "result.json").read_text())["R"]["0.3"]["after"]
+        for k, a in res.plan.experiments[0].analyses.items()
+        if k[1] == "weight"
+    ]
     s = e["methods"]["weight"]["R"]["0.3"]["after"]
     assert s["mean"] == pytest.approx(sum(wm) / 2) and s["std"] == pytest.approx(abs(wm[0] - wm[1]) / math.sqrt(2))
     claims = {c["id"]: c for c in r["claims"]}
@@ -98,7 +112,9 @@ def test_results_are_the_stage_outputs_and_claims_follow_the_numbers(tiny):
     wb = e["methods"]["weight"]["barrier"]["test"]["loss_barrier"]["mean"]
     red = e["methods"]["weight"]["distance"]["reduction"]["mean"]
     assert claims["1"]["held"] == (wb <= 0.2 * nb and red <= 0.3)
-    assert claims["6"]["held"] == (r["three_models"]["weight"]["pair_loss_barrier"] < r["three_models"]["ste"]["pair_loss_barrier"])
+    assert claims["6"]["held"] == (
+        r["three_models"]["weight"]["pair_loss_barrier"] < r["three_models"]["ste"]["pair_loss_barrier"]
+    )
     # the anchor's own accuracy in the merge curve is model seed 0's test accuracy on the same images
     assert r["three_models"]["weight"]["merged"][0]["accuracy"] == pytest.approx(e["models"][0]["test_accuracy"])
 
@@ -119,8 +135,19 @@ def test_rerun_is_a_noop(tiny, capsys):
 def test_set_reruns_only_the_stages_downstream_of_the_change(tiny, capsys):
     root, _ = tiny
     sets = ["match.ste.epochs=2"]
-    rc = main(["reproduce", "--recipe", "tiny", "--cache", str(root / "cache"), "--out", str(root / "r2"),
-               "--dry-run", *(f"--set={s}" for s in sets)])
+    rc = main(
+        [
+            "reproduce",
+            "--recipe",
+            "tiny",
+            "--cache",
+            str(root / "cache"),
+            "--out",
+            str(root / "r2"),
+            "--dry-run",
+            *(f"--set={s}" for s in sets),
+        ]
+    )
     assert rc == 0
     listing = capsys.readouterr().out
     res = reproduce("tiny", out=root / "r2", cache=root / "cache", sets=sets, jobs=2)
@@ -128,7 +155,9 @@ def test_set_reruns_only_the_stages_downstream_of_the_change(tiny, capsys):
 
     def downstream_of_ste(s, memo={}):
         if s not in memo:
-            memo[s] = (isinstance(s, MatchStage) and s.method == "ste") or any(downstream_of_ste(d) for d in dependencies(s))
+            memo[s] = (isinstance(s, MatchStage) and s.method == "ste") or any(
+                downstream_of_ste(d) for d in dependencies(s)
+            )
         return memo[s]
 
     expected = {stage_hash(s) for s in stages if downstream_of_ste(s)}
@@ -155,7 +184,9 @@ def test_busy_report_folder_fails_at_once(tiny):
 def test_missing_dataset_fails_before_any_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("LMCKIT_DATA", str(tmp_path / "nodata"))
-    rc = main(["reproduce", "--recipe", "cifar10-resnet20", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    rc = main(
+        ["reproduce", "--recipe", "cifar10-resnet20", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "cifar10" in err and "not available" in err and "fix:" in err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
@@ -177,8 +208,10 @@ def test_ste_drift_is_reported_beside_the_wm_baseline(tiny):
     assert run["changed_vs_wm"][0] == 0.0 and run["tilde_dist"][0] == 0.0  # STE starts at theta_a with WM's perm
     assert run["train_epoch"] == [1] and len(run["train_midpoint_loss"]) == 1
     assert [x["pair"] for x in d["runs"]] == [[0, 1], [0, 2]]  # the three-model STE match to the anchor too
-    wm = [json.loads((stage_path(root / "cache", e.matches[((0, 1), "weight", s)]) / "perms.json").read_text())["perms"]
-          for s in (0, 1)]
+    wm = [
+        json.loads((stage_path(root / "cache", e.matches[((0, 1), "weight", s)]) / "perms.json").read_text())["perms"]
+        for s in (0, 1)
+    ]
     assert d["wm_vs_wm"]["values"] == [changed_fraction(wm[0], wm[1])]
     end = [x["changed_vs_wm"][-1] for x in d["runs"]]
     assert d["summary"]["changed_vs_wm_end"]["mean"] == pytest.approx(sum(end) / len(end))

@@ -1,4 +1,5 @@
 """Warm-started STE projections (lmckit.match.projection) and the LAP entry point (lmckit.match.lap)."""
+
 from __future__ import annotations
 
 import itertools
@@ -93,7 +94,6 @@ def test_projector_equals_weight_matching_along_a_trajectory(certify):
         assert st["certified"] == 0
 
 
-
 def test_ste_projector_modes_from_environment(monkeypatch):
     from lmckit.errors import LmcError
     from lmckit.match.projection import ste_projector
@@ -129,10 +129,10 @@ def test_project_every_k_holds_the_projection_between_projections():
     perm = {g: torch.randperm(n) for g, n in spec.sizes.items()}
     a = apply_permutation(spec, perm, sd_b)  # exact planted copy: a real projection finds `perm`
     outs = [proj(a, ident, t) for t in range(4)]
-    assert all(torch.equal(outs[0][g], perm[g]) for g in spec.sizes)     # call 1 projects
-    assert all(torch.equal(outs[1][g], ident[g]) for g in spec.sizes)    # calls 2, 3 hold init
+    assert all(torch.equal(outs[0][g], perm[g]) for g in spec.sizes)  # call 1 projects
+    assert all(torch.equal(outs[1][g], ident[g]) for g in spec.sizes)  # calls 2, 3 hold init
     assert all(torch.equal(outs[2][g], ident[g]) for g in spec.sizes)
-    assert all(torch.equal(outs[3][g], perm[g]) for g in spec.sizes)     # call 4 projects again
+    assert all(torch.equal(outs[3][g], perm[g]) for g in spec.sizes)  # call 4 projects again
     assert proj.stats["held"] == 2
 
 

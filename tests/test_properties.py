@@ -3,6 +3,7 @@
 inputs either load into something valid or raise ``LmcError``: never another exception.
 (The IDX/CIFAR parsers have their own property tests in test_data_props.py.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,20 +13,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmckit.errors import LmcError
 from lmckit.perm import PermutationSpec, load_perms, save_perms, validate_perms
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                             HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 # --------------------------------------------------------------------------- JSON values
-json_scalars = (st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.integers(-3, 12)
-                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=6)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=5), max_leaves=30)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.integers(-3, 12)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=6), inner, max_size=5),
+    max_leaves=30,
+)
 group_names = st.sampled_from(["P0", "P1", "P2", "fc0", "layer1.0", "", "P0 "]) | st.text(min_size=1, max_size=5)
 sizes_strategy = st.dictionaries(group_names, st.integers(0, 9), min_size=1, max_size=4)
 
@@ -122,10 +133,15 @@ def test_mutated_permutation_files_load_or_raise_lmcerror(tmp_path_factory, sp, 
 
 
 @SETTINGS
-@given(st.one_of(json_values, st.binary(max_size=64),
-                 st.text(max_size=40).map(str.encode),
-                 st.integers(1, 3000).map(lambda d: b"[" * d + b"]" * d),
-                 st.integers(1, 3000).map(lambda d: b'{"perms": ' + b"{\"a\": " * d + b"1" + b"}" * (d + 1))))
+@given(
+    st.one_of(
+        json_values,
+        st.binary(max_size=64),
+        st.text(max_size=40).map(str.encode),
+        st.integers(1, 3000).map(lambda d: b"[" * d + b"]" * d),
+        st.integers(1, 3000).map(lambda d: b'{"perms": ' + b'{"a": ' * d + b"1" + b"}" * (d + 1)),
+    )
+)
 def test_arbitrary_files_load_or_raise_lmcerror(tmp_path_factory, content):
     path = _load_file(tmp_path_factory.mktemp("p"), content)
     for spec in (spec_of({"P0": 3}), None):
@@ -158,16 +174,43 @@ def _paths(obj, prefix=()):
 
 
 TINY_PATHS = [p for p, _ in _paths(TINY) if p]
-KNOWN_KEYS = sorted({k for p in TINY_PATHS for k in p if isinstance(k, str)}
-                    | {"enabled", "widths", "gammas", "options", "overrides", "preset", "width_mult", "norm", "width",
-                       "depth", "epochs", "lr", "batch_size", "activation"})
-toml_scalars = (st.booleans() | st.integers(-5, 30) | st.integers(-2 ** 63, 2 ** 63 - 1)
-                | st.floats(allow_nan=True, allow_infinity=True)
-                | st.sampled_from(["naive", "weight", "wieght", "ste", "synthetic", "mlp_tiny", "tiny", "all",
-                                   "batchnorm", "", "../x"]) | st.text(max_size=6))
-toml_values = st.recursive(toml_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=5), inner, max_size=4),
-                           max_leaves=12)
+KNOWN_KEYS = sorted(
+    {k for p in TINY_PATHS for k in p if isinstance(k, str)}
+    | {
+        "enabled",
+        "widths",
+        "gammas",
+        "options",
+        "overrides",
+        "preset",
+        "width_mult",
+        "norm",
+        "width",
+        "depth",
+        "epochs",
+        "lr",
+        "batch_size",
+        "activation",
+    }
+)
+toml_scalars = (
+    st.booleans()
+    | st.integers(-5, 30)
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(
+        ["naive", "weight", "wieght", "ste", "synthetic", "mlp_tiny", "tiny", "all", "batchnorm", "", "../x"]
+    )
+    | st.text(max_size=6)
+)
+toml_values = st.recursive(
+    toml_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(KNOWN_KEYS) | st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def _set(tree, path, value):
@@ -238,10 +281,32 @@ def test_random_recipe_tables_parse_or_raise_lmcerror(raw):
     _check_recipe_or_lmcerror(raw)
 
 
-set_keys = st.sampled_from([".".join(map(str, p)) for p in TINY_PATHS] + ["models.0.options.depth", "", ".", "a..b",
-                                                                        "models.x.name", "train.seeds.0.x", "models.9"])
-set_values = st.sampled_from(["3", "-1", "0.5", "nan", "inf", "[0,1]", "[0]", "[]", '"x"', "true", "{a=1}", "[[1]]",
-                              "weight", "", "=", "[0,", "1e999", "{epochs = 1}"]) | st.text(max_size=8)
+set_keys = st.sampled_from(
+    [".".join(map(str, p)) for p in TINY_PATHS]
+    + ["models.0.options.depth", "", ".", "a..b", "models.x.name", "train.seeds.0.x", "models.9"]
+)
+set_values = st.sampled_from(
+    [
+        "3",
+        "-1",
+        "0.5",
+        "nan",
+        "inf",
+        "[0,1]",
+        "[0]",
+        "[]",
+        '"x"',
+        "true",
+        "{a=1}",
+        "[[1]]",
+        "weight",
+        "",
+        "=",
+        "[0,",
+        "1e999",
+        "{epochs = 1}",
+    ]
+) | st.text(max_size=8)
 
 
 @SETTINGS
@@ -262,8 +327,18 @@ def test_random_set_overrides_load_or_raise_lmcerror(sets):
 
 
 @SETTINGS
-@given(st.text(max_size=80) | st.sampled_from(["[train]\nseeds = [0, 1]\n", "name = 3", "[[models]]\nname = 1\n",
-                                                "x = [1, 'a']", "[data]\ndataset = \"mnist\"\n"]))
+@given(
+    st.text(max_size=80)
+    | st.sampled_from(
+        [
+            "[train]\nseeds = [0, 1]\n",
+            "name = 3",
+            "[[models]]\nname = 1\n",
+            "x = [1, 'a']",
+            '[data]\ndataset = "mnist"\n',
+        ]
+    )
+)
 def test_random_recipe_text_loads_or_raises_lmcerror(tmp_path_factory, text):
     from lmckit.pipeline.recipe import load_recipe
 

@@ -6,6 +6,7 @@ on 127.0.0.1 (in a child ``lmckit reproduce`` process, bounded in time and
 stopped by the test) and are skipped with a reason when ray is not installed
 (``pip install 'lmckit[ray]'``); ``.ci/run`` installs it and runs them.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ import pytest
 from lmckit.cli import main
 from lmckit.errors import LmcError
 from lmckit.pipeline.executor import InProcessExecutor, ProcessPoolExecutor, make_executor
-from lmckit.pipeline.ray_executor import (RAY_INSTALL_HINT, StageResources, check_token_answers, parse_resources,
-                                          ray_available)
+from lmckit.pipeline.ray_executor import (
+    RAY_INSTALL_HINT,
+    StageResources,
+    check_token_answers,
+    parse_resources,
+    ray_available,
+)
 from lmckit.pipeline.tasks import MatchStage, TrainStage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +53,9 @@ def test_parse_resources_per_kind():
     assert StageResources().for_stage(train, use_gpus=True) == (1.0, 1.0)
 
 
-@pytest.mark.parametrize("bad", ["model", "modle=cpu:1", "model=cpu", "model=tpu:1", "model=cpu:-1", "model=cpu:x",
-                                 "model=cpu:nan"])
+@pytest.mark.parametrize(
+    "bad", ["model", "modle=cpu:1", "model=cpu", "model=tpu:1", "model=cpu:-1", "model=cpu:x", "model=cpu:nan"]
+)
 def test_parse_resources_rejects_bad_items(bad):
     with pytest.raises(LmcError) as e:
         parse_resources([bad])
@@ -100,11 +107,35 @@ def test_missing_ray_says_how_to_install(monkeypatch, tmp_path, capsys):
 
 
 def test_ray_options_without_ray_executor_are_refused(tmp_path, capsys):
-    rc = main(["reproduce", "--recipe", "tiny", "--address", "auto", "--out", str(tmp_path / "r"),
-               "--cache", str(tmp_path / "c")])
+    rc = main(
+        [
+            "reproduce",
+            "--recipe",
+            "tiny",
+            "--address",
+            "auto",
+            "--out",
+            str(tmp_path / "r"),
+            "--cache",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 2 and "--executor ray" in capsys.readouterr().err
-    rc = main(["reproduce", "--recipe", "tiny", "--executor", "ray", "--ray-resources", "gpu=1",
-               "--out", str(tmp_path / "r"), "--cache", str(tmp_path / "c")])
+    rc = main(
+        [
+            "reproduce",
+            "--recipe",
+            "tiny",
+            "--executor",
+            "ray",
+            "--ray-resources",
+            "gpu=1",
+            "--out",
+            str(tmp_path / "r"),
+            "--cache",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 2 and "--ray-resources" in capsys.readouterr().err
 
 
@@ -119,9 +150,17 @@ def test_bad_device_name_with_ray_fails_before_starting_anything(tmp_path):
 # --------------------------------------------------------------------------- a real local Ray instance
 def _env(ray_tmp: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"PYTHONPATH": str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", ""), "LMCKIT_NO_PROGRESS": "1",
-                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "RAY_TMPDIR": ray_tmp,
-                "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+            "LMCKIT_NO_PROGRESS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONHASHSEED": "0",
+            "RAY_TMPDIR": ray_tmp,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+    )
     return env
 
 
@@ -145,10 +184,28 @@ class RayRun:
         self.cache, self.out = tmp / "cache", tmp / name
         self.ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
         self.log = tmp / f"{name}.log"
-        argv = [sys.executable, "-m", "lmckit.cli", "reproduce", "--recipe", "tiny", "--executor", "ray",
-                "--out", str(self.out), "--cache", str(self.cache)]
-        self.proc = subprocess.Popen(argv, cwd=tmp, env=_env(self.ray_tmp), stdout=open(self.log, "w"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "lmckit.cli",
+            "reproduce",
+            "--recipe",
+            "tiny",
+            "--executor",
+            "ray",
+            "--out",
+            str(self.out),
+            "--cache",
+            str(self.cache),
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=tmp,
+            env=_env(self.ray_tmp),
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait(self, timeout: float) -> int:
         try:
@@ -184,8 +241,11 @@ class RayRun:
 
 def _complete_stages(cache: Path) -> dict[str, str]:
     """``kind/hash`` -> stage.json text of every complete stage folder."""
-    return {f"{p.parent.parent.name}/{p.parent.name}": p.read_text()
-            for p in cache.glob("*/*/stage.json") if not p.parent.name.endswith(".partial")}
+    return {
+        f"{p.parent.parent.name}/{p.parent.name}": p.read_text()
+        for p in cache.glob("*/*/stage.json")
+        if not p.parent.name.endswith(".partial")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +353,9 @@ def test_driver_killed_then_rerun_resumes_from_finished_stages(tmp_path, referen
             out = []
             for pid in _session_pids(run.proc.pid):
                 try:
-                    out.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+                    out.append(
+                        f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                    )
                 except OSError:
                     pass
             return out
@@ -322,10 +384,25 @@ def test_failing_stage_shows_its_log_and_stops_cleanly(tmp_path):
     # A learning rate the recipe accepts but training diverges with: the first training stage fails.
     run_dir = tmp_path
     env = _env(tempfile.mkdtemp(prefix="lr", dir="/tmp"))
-    argv = [sys.executable, "-m", "lmckit.cli", "reproduce", "--recipe", "tiny", "--executor", "ray",
-            "--set", "train.overrides.lr=1e30", "--out", str(run_dir / "r"), "--cache", str(run_dir / "c")]
-    p = subprocess.Popen(argv, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "lmckit.cli",
+        "reproduce",
+        "--recipe",
+        "tiny",
+        "--executor",
+        "ray",
+        "--set",
+        "train.overrides.lr=1e30",
+        "--out",
+        str(run_dir / "r"),
+        "--cache",
+        str(run_dir / "c"),
+    ]
+    p = subprocess.Popen(
+        argv, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = p.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -363,10 +440,17 @@ def test_local_ray_instance_listens_on_loopback_only(tmp_path):
         "ss = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout\n"
         "ps = subprocess.run(['ps', '-eo', 'ni,sid,args'], capture_output=True, text=True).stdout\n"
         "print(json.dumps({'nodes': ex.nodes, 'ss': ss, 'ps': ps}))\n"
-        "ex.close()\n")
+        "ex.close()\n"
+    )
     env = _env(tempfile.mkdtemp(prefix="lr", dir="/tmp"))
-    p = subprocess.Popen([sys.executable, str(probe), str(tmp_path / "root")], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, str(probe), str(tmp_path / "root")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=120)
     finally:

@@ -5,6 +5,7 @@ required). The tour and the library example train the paper's MLP on Fashion-MNI
 :data:`REWRITES` swaps in the ``tiny`` preset on synthetic data (seconds), and the test fails when a
 rewrite no longer matches anything, so the README cannot drift away from what is tested.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,17 @@ REWRITES = [
 ]
 
 #: files the tour must leave behind (it creates everything it uses)
-TOUR_OUTPUTS = ["wm.json", "curves.png", "plots/spectra.png", "merged/merged.safetensors", "merged/perm_1.json",
-                "merged/perm_2.json", "merged-accuracy.png", "plane.png", "plane-accuracy.png"]
+TOUR_OUTPUTS = [
+    "wm.json",
+    "curves.png",
+    "plots/spectra.png",
+    "merged/merged.safetensors",
+    "merged/perm_1.json",
+    "merged/perm_2.json",
+    "merged-accuracy.png",
+    "plane.png",
+    "plane-accuracy.png",
+]
 
 
 def code_blocks(text: str) -> list[tuple[str, str, int]]:
@@ -64,32 +74,36 @@ def test_blocks_are_bash_or_python_and_skips_give_a_reason():
         assert lang in ("bash", "python", "toml", "text"), f"README.md:{line}: unknown block language {lang!r}"
         first = code.splitlines()[0] if code.strip() else ""
         if first.startswith(SKIP):
-            assert len(first[len(SKIP):].strip()) > 10, f"README.md:{line}: a skipped block must say why"
+            assert len(first[len(SKIP) :].strip()) > 10, f"README.md:{line}: a skipped block must say why"
 
 
 def test_every_rewrite_still_applies():
     for lang, old, _ in REWRITES:
         assert any(lg == lang and old in code for lg, code, _ in BLOCKS), (
-            f"the README no longer contains {old!r} in a {lang} block: update REWRITES in {__file__}")
+            f"the README no longer contains {old!r} in a {lang} block: update REWRITES in {__file__}"
+        )
 
 
 def _run(lang: str, code: str, cwd: Path) -> subprocess.CompletedProcess:
     if lang == "bash":
-        prelude = f"lmckit() {{ {shlex.quote(sys.executable)} -m lmckit.cli \"$@\"; }}\n"
+        prelude = f'lmckit() {{ {shlex.quote(sys.executable)} -m lmckit.cli "$@"; }}\n'
         cmd = ["bash", "-euo", "pipefail", "-c", prelude + code]
     else:
         cmd = [sys.executable, "-c", code]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-RUNNABLE = [(lang, code, line) for lang, code, line in BLOCKS
-            if lang in ("bash", "python") and not code.startswith(SKIP)]
+RUNNABLE = [
+    (lang, code, line) for lang, code, line in BLOCKS if lang in ("bash", "python") and not code.startswith(SKIP)
+]
 
 
 @pytest.mark.parametrize("lang,code,line", RUNNABLE, ids=[f"line{b[2]}" for b in RUNNABLE])
 def test_readme_block_runs(lang, code, line, tmp_path):
     p = _run(lang, _rewrite(lang, code), tmp_path)
-    assert p.returncode == 0, f"README.md:{line} ({lang}) failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, (
+        f"README.md:{line} ({lang}) failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    )
     if "lmckit landscape" in code:  # the tour
         for f in TOUR_OUTPUTS:
             assert (tmp_path / f).is_file(), f"the tour did not create {f}"

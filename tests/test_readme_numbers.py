@@ -1,4 +1,5 @@
 """README.md's measured numbers are exactly what scripts/readme_numbers.py writes from the files they cite."""
+
 from __future__ import annotations
 
 import copy
@@ -6,8 +7,6 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "scripts" / "readme_numbers.py")
@@ -58,6 +57,6 @@ def test_check_mode_fails_on_a_stale_readme(tmp_path):
     stale = tmp_path / "README.md"
     text = README
     m = next(rn.BLOCK.finditer(text))
-    stale.write_text(text[: m.start("body")] + "typed by hand\n" + text[m.end("body"):])
+    stale.write_text(text[: m.start("body")] + "typed by hand\n" + text[m.end("body") :])
     assert rn.main(["--check", "--readme", str(stale)]) == 1
     assert rn.main(["--check"]) == 0

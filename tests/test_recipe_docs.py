@@ -1,4 +1,5 @@
 """docs/recipes.md documents every recipe key; `reproduce --show` prints a recipe as commented TOML that reads back."""
+
 from __future__ import annotations
 
 import tomllib

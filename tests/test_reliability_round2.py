@@ -7,6 +7,7 @@
 * a dry run lists the stages and creates nothing;
 * bounds are documented in ``--help``.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,12 +56,46 @@ def test_multi_and_merge_perm_files_record_hashes(env, capsys):
         d = json.loads((env / "multi" / f"perm_{i}.json").read_text())
         assert d["model_sha256"] == fingerprint(ck) and d["reference_sha256"] == fingerprint(ckpts[0])
     assert not [p for p in (env / "multi").iterdir() if p.name.startswith(".")], "temp files left"
-    rc, _, err = run_cli(["landscape", *ckpts, "--perm", env / "multi" / "perm_1.json", "--perm", env / "multi" / "perm_2.json",
-                          "--grid", "2", "--limit", "20", "--dataset", "synthetic", "--plot", env / "l.png", "--json"],
-                         capsys)
+    rc, _, err = run_cli(
+        [
+            "landscape",
+            *ckpts,
+            "--perm",
+            env / "multi" / "perm_1.json",
+            "--perm",
+            env / "multi" / "perm_2.json",
+            "--grid",
+            "2",
+            "--limit",
+            "20",
+            "--dataset",
+            "synthetic",
+            "--plot",
+            env / "l.png",
+            "--json",
+        ],
+        capsys,
+    )
     assert rc == 0, err
-    rc, _, err = run_cli(["landscape", *ckpts, "--perm", env / "multi" / "perm_2.json", "--perm", env / "multi" / "perm_1.json",
-                          "--grid", "2", "--limit", "20", "--dataset", "synthetic", "--plot", env / "l2.png"], capsys)
+    rc, _, err = run_cli(
+        [
+            "landscape",
+            *ckpts,
+            "--perm",
+            env / "multi" / "perm_2.json",
+            "--perm",
+            env / "multi" / "perm_1.json",
+            "--grid",
+            "2",
+            "--limit",
+            "20",
+            "--dataset",
+            "synthetic",
+            "--plot",
+            env / "l2.png",
+        ],
+        capsys,
+    )
     assert rc == 2 and "computed for another" in err, err
 
 
@@ -69,8 +104,23 @@ def test_perm_file_without_hashes_is_applied_with_a_note(env, capsys):
 
     a, b = make_checkpoint(env / "a.safetensors", seed=0), make_checkpoint(env / "b.safetensors", seed=1)
     (env / "old.json").write_text(json.dumps({"perms": good_perms(a)}))
-    rc, _, err = run_cli(["barrier", a, b, "--perm", env / "old.json", "--dataset", "synthetic", "--points", "3",
-                          "--limit", "20", "--json"], capsys)
+    rc, _, err = run_cli(
+        [
+            "barrier",
+            a,
+            b,
+            "--perm",
+            env / "old.json",
+            "--dataset",
+            "synthetic",
+            "--points",
+            "3",
+            "--limit",
+            "20",
+            "--json",
+        ],
+        capsys,
+    )
     assert rc == 0 and "records no model identities" in err, err
 
 
@@ -83,7 +133,19 @@ def _mnist(folder: Path, seed: int) -> Path:
 
 def test_cached_run_is_keyed_by_the_data_too(env, capsys):
     d1, d2 = _mnist(env / "d1", 1), _mnist(env / "d2", 2)
-    args = ["train", "--model", "mlp_tiny", "--dataset", "mnist", "--out", env / "runs", "--epochs", "1", "--json", "--quiet"]
+    args = [
+        "train",
+        "--model",
+        "mlp_tiny",
+        "--dataset",
+        "mnist",
+        "--out",
+        env / "runs",
+        "--epochs",
+        "1",
+        "--json",
+        "--quiet",
+    ]
     runs = []
     for d in (d1, d2, d1, d2):
         rc, out, err = run_cli(args + ["--data-dir", d], capsys)
@@ -99,14 +161,23 @@ def test_cached_run_is_keyed_by_the_data_too(env, capsys):
 
 def test_dry_run_creates_nothing(env, capsys):
     before = snapshot(env)
-    rc, out, err = run_cli(["reproduce", "--recipe", "tiny", "--out", env / "r", "--cache", env / "c", "--dry-run"], capsys)
+    rc, out, err = run_cli(
+        ["reproduce", "--recipe", "tiny", "--out", env / "r", "--cache", env / "c", "--dry-run"], capsys
+    )
     assert rc == 0, err
     assert "to run" in out
     assert snapshot_diff(before, snapshot(env)) == []
 
 
-@pytest.mark.parametrize("cmd,flag,bound", [("barrier", "--points", "1001"), ("landscape", "--grid", "201"),
-                                            ("match", "--restarts", "10000"), ("reproduce", "--jobs", "256")])
+@pytest.mark.parametrize(
+    "cmd,flag,bound",
+    [
+        ("barrier", "--points", "1001"),
+        ("landscape", "--grid", "201"),
+        ("match", "--restarts", "10000"),
+        ("reproduce", "--jobs", "256"),
+    ],
+)
 def test_bounds_are_documented_in_help(capsys, cmd, flag, bound):
     rc, out, _ = run_cli([cmd, "--help"], capsys)
     assert rc == 0

@@ -3,6 +3,7 @@
 One ``tiny`` reproduction (seconds) feeds every test here. The browser test renders report.html in headless
 Chromium (the Debian package ``chromium``) and is skipped where Chromium is not installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,10 @@ def check_html(text: str) -> _Checker:
 
 
 def test_checker_catches_what_the_old_renderer_got_wrong():
-    bad = check_html("<!doctype html><html><body><li>x</li><table><tr><th>a</th></tr><tr><td>1</td><td>2</td></tr>"
-                     "</table><p><b>open</p></body></html>")
+    bad = check_html(
+        "<!doctype html><html><body><li>x</li><table><tr><th>a</th></tr><tr><td>1</td><td>2</td></tr>"
+        "</table><p><b>open</p></body></html>"
+    )
     assert any("outside a list" in e for e in bad.errors)
     assert any("rows of" in e for e in bad.errors)
     assert any("closes" in e for e in bad.errors)
@@ -215,17 +218,21 @@ def test_accuracies_are_fractions_everywhere(tiny):
 # --------------------------------------------------------------------------- a real browser
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
-_HEAD = ("<script>window.__errors=[];window.addEventListener('error',function(e){window.__errors.push('error: '+"
-         "(e.message||(e.target&&(e.target.src||e.target.href))||'?'))},true);var _ce=console.error;console.error="
-         "function(){window.__errors.push('console.error: '+Array.prototype.join.call(arguments,' '));"
-         "_ce.apply(console,arguments)};</script>")
-_TAIL = ("<script>window.addEventListener('load',function(){var bad=[];for(var i=0;i<document.images.length;i++){"
-         "var im=document.images[i];if(!im.complete||im.naturalWidth===0)bad.push(im.getAttribute('src'))}"
-         "var widths=[];document.querySelectorAll('table').forEach(function(t){var w=[];t.querySelectorAll('tr')"
-         ".forEach(function(r){w.push(r.children.length)});widths.push(w)});var p=document.createElement('pre');"
-         "p.id='lmckit-probe';p.textContent=JSON.stringify({images:document.images.length,broken:bad,"
-         "errors:window.__errors,widths:widths,orphan_li:document.querySelectorAll('li:not(ul > li):not(ol > li)')"
-         ".length});document.body.appendChild(p)});</script>")
+_HEAD = (
+    "<script>window.__errors=[];window.addEventListener('error',function(e){window.__errors.push('error: '+"
+    "(e.message||(e.target&&(e.target.src||e.target.href))||'?'))},true);var _ce=console.error;console.error="
+    "function(){window.__errors.push('console.error: '+Array.prototype.join.call(arguments,' '));"
+    "_ce.apply(console,arguments)};</script>"
+)
+_TAIL = (
+    "<script>window.addEventListener('load',function(){var bad=[];for(var i=0;i<document.images.length;i++){"
+    "var im=document.images[i];if(!im.complete||im.naturalWidth===0)bad.push(im.getAttribute('src'))}"
+    "var widths=[];document.querySelectorAll('table').forEach(function(t){var w=[];t.querySelectorAll('tr')"
+    ".forEach(function(r){w.push(r.children.length)});widths.push(w)});var p=document.createElement('pre');"
+    "p.id='lmckit-probe';p.textContent=JSON.stringify({images:document.images.length,broken:bad,"
+    "errors:window.__errors,widths:widths,orphan_li:document.querySelectorAll('li:not(ul > li):not(ol > li)')"
+    ".length});document.body.appendChild(p)});</script>"
+)
 
 
 def browse(html_file: Path, tmp: Path, extra: str = "") -> dict:
@@ -233,9 +240,21 @@ def browse(html_file: Path, tmp: Path, extra: str = "") -> dict:
     page = html_file.read_text()
     probe = html_file.with_name("_probe_" + html_file.name)
     probe.write_text(page.replace("<head>", "<head>\n" + _HEAD, 1).replace("</body>", extra + _TAIL + "\n</body>", 1))
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp / 'chromium-profile'}",
-           "--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom", probe.resolve().as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.resolve().as_uri(),
+    ]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp)})
     finally:

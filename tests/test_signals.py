@@ -3,6 +3,7 @@ and SIGHUP (a closed terminal) to the main process of ``lmckit reproduce --jobs 
 resource tracker behind (so a ``| tee`` returns), exit with 128 + the signal number and one line on stderr, and a
 rerun resumes to a complete report. Real processes throughout (``subprocess``), not an in-process call.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,12 @@ import pytest
 
 from reliability_helpers import lmckit_cmd, subprocess_env
 
-SETS = ["three_models.enabled=false", "width_sweep.enabled=false", 'match.methods=["naive","weight"]',
-        "match.searches=1"]
+SETS = [
+    "three_models.enabled=false",
+    "width_sweep.enabled=false",
+    'match.methods=["naive","weight"]',
+    "match.searches=1",
+]
 
 
 def _children(pid: int) -> set[int]:
@@ -63,13 +68,29 @@ def _alive(procs: dict[int, str]) -> list[int]:
 
 
 def _reproduce(root: Path, jobs: int = 2) -> list[str]:
-    return lmckit_cmd("reproduce", "--recipe", "tiny", "--jobs", jobs, "--out", root / "report",
-                      "--cache", root / "cache", *[f"--set={s}" for s in SETS])
+    return lmckit_cmd(
+        "reproduce",
+        "--recipe",
+        "tiny",
+        "--jobs",
+        jobs,
+        "--out",
+        root / "report",
+        "--cache",
+        root / "cache",
+        *[f"--set={s}" for s in SETS],
+    )
 
 
 def _signal_reproduce(root: Path, sig: signal.Signals) -> None:
-    proc = subprocess.Popen(_reproduce(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        _reproduce(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
     try:
         seen: dict[int, str] = {}
         t0 = time.monotonic()

@@ -1,4 +1,5 @@
 """Straight-through estimator permutation search (lmckit.match.ste)."""
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ def test_ste_valid_and_never_worse_than_identity_or_wm(mlp_pair, synthetic, tmp_
     model, sd_a, sd_b = mlp_pair
     spec = spec_for(model)
     before = {k: v.clone() for k, v in sd_a.items()}
-    res = ste_matching(model, sd_a, sd_b, synthetic, epochs=2, batch_size=100, seed=0, progress=False, state_dir=tmp_path)
+    res = ste_matching(
+        model, sd_a, sd_b, synthetic, epochs=2, batch_size=100, seed=0, progress=False, state_dir=tmp_path
+    )
     assert res.method == "ste"
     validate_perms(spec, {g: p.tolist() for g, p in res.perms.items()})
     assert all(torch.equal(before[k], sd_a[k]) for k in sd_a)  # caller's state untouched
@@ -147,8 +150,19 @@ def test_ste_vgg_tiny_batchnorm(synthetic):
     before = {k: v.clone() for k, v in sd_b.items()}
     model_before = {k: v.clone() for k, v in model.state_dict().items()}
     spec = spec_for(model)
-    res = ste_matching(model, sd_a, sd_b, synthetic, epochs=1, batch_size=250, seed=0, progress=False,
-                       heldout_size=500, track_alignment=False, train_limit=500)
+    res = ste_matching(
+        model,
+        sd_a,
+        sd_b,
+        synthetic,
+        epochs=1,
+        batch_size=250,
+        seed=0,
+        progress=False,
+        heldout_size=500,
+        track_alignment=False,
+        train_limit=500,
+    )
     validate_perms(spec, {g: p.tolist() for g, p in res.perms.items()})
     assert all(torch.equal(before[k], sd_b[k]) for k in sd_b)
     assert all(torch.equal(model_before[k], v) for k, v in model.state_dict().items())

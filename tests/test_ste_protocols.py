@@ -1,4 +1,5 @@
 """STE protocols (lmckit.match.ste ``protocol``): git-re-basin's minibatch keep-best, random mixing, held-out best."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 from lmckit.errors import LmcError
 from lmckit.match.ste import PROTOCOLS, check_protocol, ste_matching, ste_midpoint
 from lmckit.perm import perm_changed_units, spec_for, validate_perms
-
 from test_ste import _train  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
@@ -61,7 +61,9 @@ def test_protocols_run_and_keep_what_they_say(pair, synthetic, tmp_path, protoco
     assert again.objective == res.objective
     # resuming from the finished state (more epochs) equals a longer uninterrupted run
     longer = ste_matching(model, sd_a, sd_b, synthetic, protocol=protocol, **{**kw, "epochs": 3})
-    resumed = ste_matching(model, sd_a, sd_b, synthetic, protocol=protocol, state_dir=tmp_path / "s", **{**kw, "epochs": 3})
+    resumed = ste_matching(
+        model, sd_a, sd_b, synthetic, protocol=protocol, state_dir=tmp_path / "s", **{**kw, "epochs": 3}
+    )
     assert resumed.objective == longer.objective
     assert perm_changed_units(resumed.perms, longer.perms) == 0.0
 

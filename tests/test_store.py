@@ -1,4 +1,5 @@
 """Store and checkpoint I/O: atomic writes, hashing, safetensors-only loading."""
+
 from __future__ import annotations
 
 import pickle
@@ -9,8 +10,18 @@ import torch
 from lmckit.checkpoint import load, load_checkpoint, save_model
 from lmckit.errors import LmcError
 from lmckit.models import create_model
-from lmckit.store import (atomic_write_json, config_hash, file_lock, finalize_dir, is_complete, load_state, partial_dir,
-                          read_json, save_state, stage_dir)
+from lmckit.store import (
+    atomic_write_json,
+    config_hash,
+    file_lock,
+    finalize_dir,
+    is_complete,
+    load_state,
+    partial_dir,
+    read_json,
+    save_state,
+    stage_dir,
+)
 
 
 def test_config_hash_stable_and_sensitive():
@@ -44,14 +55,17 @@ def test_save_load_state_roundtrip(tmp_path):
     assert torch.equal(got["w"], sd["w"]) and meta["info"] == {"k": 1}
 
 
-@pytest.mark.parametrize("content,msg", [
-    (b"", "empty"),
-    (b"\x01\x02", "truncated"),
-    (pickle.dumps({"w": [1, 2, 3]}), "pickle"),
-    (b"PK\x03\x04" + b"\x00" * 100, "pickle"),
-    ((10 ** 9).to_bytes(8, "little") + b"{}", "not a safetensors"),
-    ((20).to_bytes(8, "little") + b"{" + b"x" * 19, "corrupt"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        (b"", "empty"),
+        (b"\x01\x02", "truncated"),
+        (pickle.dumps({"w": [1, 2, 3]}), "pickle"),
+        (b"PK\x03\x04" + b"\x00" * 100, "pickle"),
+        ((10**9).to_bytes(8, "little") + b"{}", "not a safetensors"),
+        ((20).to_bytes(8, "little") + b"{" + b"x" * 19, "corrupt"),
+    ],
+)
 def test_load_state_rejects_bad_files(tmp_path, content, msg):
     p = tmp_path / "bad.safetensors"
     p.write_bytes(content)

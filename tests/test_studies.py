@@ -1,4 +1,5 @@
 """The studies beyond the paper (issue 12) end to end on the tiny recipe, their invariants, and the library parts."""
+
 from __future__ import annotations
 
 import json
@@ -12,15 +13,28 @@ from lmckit.pipeline.recipe import load_recipe, recipe_names
 from lmckit.pipeline.reproduce import reproduce
 from lmckit.pipeline.stages import read_output
 
-STUDY_SETS = ["studies.directions.enabled=true", "studies.directions.gammas=[0.3, 0.0]",
-              "studies.alignment_dose.enabled=true", "studies.alignment_dose.fractions=[0.0, 0.5, 1.0]",
-              "studies.alignment_dose.draws=2",
-              "studies.weight_decay.enabled=true", "studies.weight_decay.values=[0.0, 0.01]",
-              "studies.many_models.enabled=true", "studies.many_models.counts=[2, 3]",
-              "studies.ste_protocols.enabled=true", "studies.ste_protocols.pairs=1",
-              "studies.ste_protocols.epochs=[1, 2, 1]", "studies.ste_protocols.train_limit=400",
-              "match.ste.train_limit=400", "three_models.enabled=false", "width_sweep.enabled=false",
-              "analysis.taylor=false", "analysis.projections=false", "analysis.rank=false", "analysis.spectra=false"]
+STUDY_SETS = [
+    "studies.directions.enabled=true",
+    "studies.directions.gammas=[0.3, 0.0]",
+    "studies.alignment_dose.enabled=true",
+    "studies.alignment_dose.fractions=[0.0, 0.5, 1.0]",
+    "studies.alignment_dose.draws=2",
+    "studies.weight_decay.enabled=true",
+    "studies.weight_decay.values=[0.0, 0.01]",
+    "studies.many_models.enabled=true",
+    "studies.many_models.counts=[2, 3]",
+    "studies.ste_protocols.enabled=true",
+    "studies.ste_protocols.pairs=1",
+    "studies.ste_protocols.epochs=[1, 2, 1]",
+    "studies.ste_protocols.train_limit=400",
+    "match.ste.train_limit=400",
+    "three_models.enabled=false",
+    "width_sweep.enabled=false",
+    "analysis.taylor=false",
+    "analysis.projections=false",
+    "analysis.rank=false",
+    "analysis.spectra=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +64,15 @@ def test_every_study_reports_finite_numbers_a_figure_and_a_verdict(studies):
         assert (root / "report" / f"{fig}.png").stat().st_size > 1000
     md = (root / "report" / "report.md").read_text()
     ids = {c["id"] for c in res.results["claims"]}
-    for cid in ("study-directions", "study-dose", "study-weight-decay", "study-many-models",
-                "5b [git-re-basin]", "6 [random-mixing]", "5b [heldout-best]"):
+    for cid in (
+        "study-directions",
+        "study-dose",
+        "study-weight-decay",
+        "study-many-models",
+        "5b [git-re-basin]",
+        "6 [random-mixing]",
+        "5b [heldout-best]",
+    ):
         assert cid in ids
     for c in res.results["claims"]:
         assert c["criterion"] and c["text"] in md
@@ -197,8 +218,21 @@ def test_match_cli_ste_protocol(tmp_path, synthetic):
     runs = sorted(p for p in (tmp_path / "runs").rglob("config.json"))
     ckpts = [str(p.parent) for p in runs][:2]
     out = tmp_path / "p.json"
-    rc = main(["match", *ckpts, "--method", "ste", "--ste-protocol", "random-mixing", "--epochs", "1", "--out", str(out),
-               "--json"])
+    rc = main(
+        [
+            "match",
+            *ckpts,
+            "--method",
+            "ste",
+            "--ste-protocol",
+            "random-mixing",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert rc == 0
     raw = json.loads(out.read_text())
     assert raw["ste_protocol"] == "random-mixing" and raw["ste_preset"] == "adam"
@@ -212,8 +246,12 @@ def test_verdicts_follow_the_numbers():
     from lmckit.report.studies import study_claims
 
     def directions(top, tail):
-        V = {"naive": {"loss_barrier": _v(1.0)}, "wm": {"loss_barrier": _v(0.1)},
-             "top@0.3": {"loss_barrier": _v(top)}, "tail@0.3": {"loss_barrier": _v(tail)}}
+        V = {
+            "naive": {"loss_barrier": _v(1.0)},
+            "wm": {"loss_barrier": _v(0.1)},
+            "top@0.3": {"loss_barrier": _v(top)},
+            "tail@0.3": {"loss_barrier": _v(tail)},
+        }
         return study_claims({"studies": {"directions": {"gammas": [0.3], "variants": V}}})[0]
 
     c = directions(0.2, 0.9)  # threshold 0.1 + 0.25 * 0.9 = 0.325
@@ -223,16 +261,19 @@ def test_verdicts_follow_the_numbers():
     assert "neither" in directions(0.5, 0.5)["text"] and "either part" in directions(0.2, 0.2)["text"]
 
     def dose(rr, rl):
-        return study_claims({"studies": {"alignment_dose": {"points": [], "spearman_barrier_R03": rr,
-                                                            "spearman_barrier_l2": rl}}})[0]
+        return study_claims(
+            {"studies": {"alignment_dose": {"points": [], "spearman_barrier_R03": rr, "spearman_barrier_l2": rl}}}
+        )[0]
 
     assert dose(-0.9, 0.5)["held"] and "R(0.3) predicts" in dose(-0.9, 0.5)["text"]
     assert not dose(-0.3, 0.8)["held"] and "L2 distance predicts" in dose(-0.3, 0.8)["text"]
     assert "equally well" in dose(-1.0, 1.0)["text"]
 
     def wd(conc, bars):
-        rows = [{"weight_decay": float(i), "concentration": c, "wm_barrier": b, "gamma": 0.3, "R03": 0.2}
-                for i, (c, b) in enumerate(zip(conc, bars))]
+        rows = [
+            {"weight_decay": float(i), "concentration": c, "wm_barrier": b, "gamma": 0.3, "R03": 0.2}
+            for i, (c, b) in enumerate(zip(conc, bars))
+        ]
         return study_claims({"studies": {"weight_decay": {"rows": rows}}})[0]
 
     assert wd([0.1, 0.2, 0.3], [0.5, 0.3, 0.1])["held"]

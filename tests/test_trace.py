@@ -1,4 +1,5 @@
 """fx-traced permutation specs and the function-preservation check."""
+
 from __future__ import annotations
 
 import copy
@@ -14,7 +15,6 @@ from lmckit.models import create_model, list_models
 from lmckit.perm import PermutationSpec, apply_permutation, random_permutation
 from lmckit.perm.check import check_spec
 from lmckit.perm.trace import SpecWarning, activation_sites, example_input_for, trace_spec, trace_streams
-
 from odd_models import ODD_MODELS
 
 
@@ -75,8 +75,14 @@ def test_zoo_models_pass_check_with_rules_and_traced_specs(name):
 
 def test_group_names_follow_first_producer():
     spec = trace_spec(_zoo("resnet_tiny"), torch.randn(2, 3, 8, 8))
-    assert list(spec.sizes) == ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2", "layer3.0.conv1",
-                                "layer3.0.conv2"]
+    assert list(spec.sizes) == [
+        "conv1",
+        "layer1.0.conv1",
+        "layer2.0.conv1",
+        "layer2.0.conv2",
+        "layer3.0.conv1",
+        "layer3.0.conv2",
+    ]
     # the stem and the first stage's blocks are one residual stream (block 0 of layer1 has no projection)
     assert spec.axes["layer1.0.conv2.weight"][0] == "conv1"
     assert spec.axes["layer2.0.shortcut.0.weight"] == ("layer2.0.conv2", "conv1", None, None)
@@ -110,23 +116,39 @@ def test_odd_models_preserve_function(name):
 
 
 def test_odd_model_planted_groups():
-    spec = _no_spec_warnings(trace_spec, ODD_MODELS["residual_mlp"].factory(), ODD_MODELS["residual_mlp"].example_input())
+    spec = _no_spec_warnings(
+        trace_spec, ODD_MODELS["residual_mlp"].factory(), ODD_MODELS["residual_mlp"].example_input()
+    )
     # residual stream: fc_in out, both blocks' fc2 out and fc1 in, head in
     stream = {("fc_in.weight", 0), ("fc_in.bias", 0), ("head.weight", 1)}
     for b in (0, 1):
         stream |= {(f"blocks.{b}.fc2.weight", 0), (f"blocks.{b}.fc2.bias", 0), (f"blocks.{b}.fc1.weight", 1)}
     assert set(spec.groups["fc_in"]) == stream
-    assert set(spec.groups["blocks.1.fc1"]) == {("blocks.1.fc1.weight", 0), ("blocks.1.fc1.bias", 0),
-                                                 ("blocks.1.fc2.weight", 1)}
+    assert set(spec.groups["blocks.1.fc1"]) == {
+        ("blocks.1.fc1.weight", 0),
+        ("blocks.1.fc1.bias", 0),
+        ("blocks.1.fc2.weight", 1),
+    }
 
     spec = _no_spec_warnings(trace_spec, ODD_MODELS["skip_cnn"].factory(), ODD_MODELS["skip_cnn"].example_input())
-    assert set(spec.groups["conv2"]) == {("conv2.weight", 0), ("bn2.weight", 0), ("bn2.bias", 0), ("bn2.running_mean", 0),
-                                         ("bn2.running_var", 0), ("proj.0.weight", 0), ("proj.1.weight", 0),
-                                         ("proj.1.bias", 0), ("proj.1.running_mean", 0), ("proj.1.running_var", 0),
-                                         ("head.weight", 1)}
+    assert set(spec.groups["conv2"]) == {
+        ("conv2.weight", 0),
+        ("bn2.weight", 0),
+        ("bn2.bias", 0),
+        ("bn2.running_mean", 0),
+        ("bn2.running_var", 0),
+        ("proj.0.weight", 0),
+        ("proj.1.weight", 0),
+        ("proj.1.bias", 0),
+        ("proj.1.running_mean", 0),
+        ("proj.1.running_var", 0),
+        ("head.weight", 1),
+    }
     assert spec.axes["proj.0.weight"] == ("conv2", "stem", None, None)
 
-    spec = _no_spec_warnings(trace_spec, ODD_MODELS["layernorm_mlp"].factory(), ODD_MODELS["layernorm_mlp"].example_input())
+    spec = _no_spec_warnings(
+        trace_spec, ODD_MODELS["layernorm_mlp"].factory(), ODD_MODELS["layernorm_mlp"].example_input()
+    )
     assert spec.axes["ln2.weight"] == ("fc2",) and spec.axes["ln2.bias"] == ("fc2",)
 
 
@@ -355,10 +377,17 @@ def activation_sites_traced_names(model: nn.Module, x: torch.Tensor, spec: Permu
 
 def test_activation_sites_functional_relu_falls_back_to_producers():
     om = ODD_MODELS["functional_net"]
-    assert activation_sites(om.factory(), om.example_input()) == {"conv1": ["conv1"], "conv2": ["conv2"], "fc1": ["fc1"]}
+    assert activation_sites(om.factory(), om.example_input()) == {
+        "conv1": ["conv1"],
+        "conv2": ["conv2"],
+        "fc1": ["fc1"],
+    }
     om = ODD_MODELS["skip_cnn"]  # one ReLU module called three times cannot be hooked: norms instead
-    assert activation_sites(om.factory(), om.example_input()) == {"stem": ["stem_bn"], "conv1": ["bn1"],
-                                                                  "conv2": ["bn2", "proj.1"]}
+    assert activation_sites(om.factory(), om.example_input()) == {
+        "stem": ["stem_bn"],
+        "conv1": ["bn1"],
+        "conv2": ["bn2", "proj.1"],
+    }
 
 
 class _TiedAndDict(nn.Module):
@@ -394,7 +423,9 @@ def test_tied_weights_move_together_or_not_at_all():
 
     m = _TiedAndDict(tie_first=True)
     x = torch.randn(4, 3, 5)
-    with pytest.warns(SpecWarning, match="units of 'fc_a' left unpermuted: 'fc0' reads an unpermuted input with weights tied"):
+    with pytest.warns(
+        SpecWarning, match="units of 'fc_a' left unpermuted: 'fc0' reads an unpermuted input with weights tied"
+    ):
         spec = trace_spec(m, x)
     # W's columns read the input (fixed), so fc_a's units, which W's columns also read in fc_b, cannot move;
     # W's rows (fc0 and fc_b outputs) still can, together.

@@ -1,4 +1,5 @@
 """Training: config hashing, presets, schedules, determinism, resume, caching, CLI."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,7 @@ import torch
 
 from lmckit.errors import LmcError
 from lmckit.store import load_state
-from lmckit.train import (PRESETS, TrainConfig, lr_at, make_config, run_dir_for, train)
-
+from lmckit.train import PRESETS, TrainConfig, lr_at, make_config, run_dir_for, train
 
 # Every run here uses threads=1: bit-identity holds for one device and thread count, and
 # one thread is much faster for tiny models on a loaded 2-core machine.
@@ -41,8 +41,19 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 # A conv net with BatchNorm, SGD + momentum, warm-up + linear decay and augmentation:
 # every piece of state a resume must restore (BN buffers, momentum, generator).
-BN_CFG = dict(model="vgg_tiny", dataset="synthetic-rgb", optimizer="sgd", lr=0.05, momentum=0.9,
-              weight_decay=5e-4, schedule="linear", warmup_epochs=1, augment=True, batch_size=100, epochs=2)
+BN_CFG = dict(
+    model="vgg_tiny",
+    dataset="synthetic-rgb",
+    optimizer="sgd",
+    lr=0.05,
+    momentum=0.9,
+    weight_decay=5e-4,
+    schedule="linear",
+    warmup_epochs=1,
+    augment=True,
+    batch_size=100,
+    epochs=2,
+)
 
 
 # --------------------------------------------------------------------------- config and hash
@@ -55,9 +66,23 @@ def test_pinned_hashes():
 
 def test_hash_changes_with_every_setting():
     base = make_config("tiny")
-    changed = dict(model="mlp", dataset="synthetic-rgb", val_size=100, seed=1, epochs=3, batch_size=50, optimizer="sgd",
-                   lr=0.02, momentum=0.5, weight_decay=1e-4, schedule="cosine", warmup_epochs=1.0, augment=True,
-                   eval_batch_size=250, precision="bf16")
+    changed = dict(
+        model="mlp",
+        dataset="synthetic-rgb",
+        val_size=100,
+        seed=1,
+        epochs=3,
+        batch_size=50,
+        optimizer="sgd",
+        lr=0.02,
+        momentum=0.5,
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup_epochs=1.0,
+        augment=True,
+        eval_batch_size=250,
+        precision="bf16",
+    )
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_kwargs", "nesterov"}
     assert set(changed) == fields
     hashes = {base.hash()}
@@ -81,9 +106,22 @@ def test_config_normalises_equal_values():
     assert make_config("tiny", warmup_epochs=0).warmup_epochs == 0.0
 
 
-@pytest.mark.parametrize("bad", [dict(optimizer="rmsprop"), dict(schedule="step"), dict(epochs=0), dict(lr=-1.0),
-                                 dict(width_mult="x"), dict(in_channels=3), dict(model="vgg_tiny", width=4),
-                                 dict(warmup_epochs=5), dict(nesterov=True), dict(batch_size=2.5), dict(model="nope")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(optimizer="rmsprop"),
+        dict(schedule="step"),
+        dict(epochs=0),
+        dict(lr=-1.0),
+        dict(width_mult="x"),
+        dict(in_channels=3),
+        dict(model="vgg_tiny", width=4),
+        dict(warmup_epochs=5),
+        dict(nesterov=True),
+        dict(batch_size=2.5),
+        dict(model="nope"),
+    ],
+)
 def test_bad_settings_raise_lmcerror(bad):
     with pytest.raises(LmcError):
         make_config("tiny", **bad)
@@ -96,19 +134,42 @@ def test_unknown_preset_suggests():
 
 def test_presets_follow_the_paper():
     mlp = make_config("mlp-fmnist")
-    assert (mlp.model, mlp.dataset, mlp.optimizer, mlp.lr, mlp.batch_size, mlp.epochs, mlp.augment) == \
-           ("mlp", "fashion-mnist", "adam", 1e-3, 500, 5, False)
+    assert (mlp.model, mlp.dataset, mlp.optimizer, mlp.lr, mlp.batch_size, mlp.epochs, mlp.augment) == (
+        "mlp",
+        "fashion-mnist",
+        "adam",
+        1e-3,
+        500,
+        5,
+        False,
+    )
     assert (mlp.model_options["depth"], mlp.model_options["width"]) == (3, 512)
     for name, wm in (("vgg11-cifar10", 4.0), ("resnet20-cifar10", 16.0)):
         c = make_config(name)
-        assert (c.optimizer, c.lr, c.momentum, c.weight_decay, c.schedule, c.warmup_epochs, c.epochs, c.batch_size,
-                c.augment) == ("sgd", 0.4, 0.9, 5e-4, "linear", 5.0, 100, 500, True)
+        assert (
+            c.optimizer,
+            c.lr,
+            c.momentum,
+            c.weight_decay,
+            c.schedule,
+            c.warmup_epochs,
+            c.epochs,
+            c.batch_size,
+            c.augment,
+        ) == ("sgd", 0.4, 0.9, 5e-4, "linear", 5.0, 100, 500, True)
         assert c.model_options["width_mult"] == wm
     for name in ("vgg11-fmnist", "resnet20-fmnist"):
         c = make_config(name)
         assert c.dataset == "fashion-mnist" and c.model_options == {"width_mult": 1.0, "norm": "batchnorm"}
         assert c.optimizer == "sgd" and 0.05 <= c.lr <= 0.1 and c.warmup_epochs > 0
-    assert set(PRESETS) >= {"mlp-fmnist", "vgg11-cifar10", "resnet20-cifar10", "vgg11-fmnist", "resnet20-fmnist", "tiny"}
+    assert set(PRESETS) >= {
+        "mlp-fmnist",
+        "vgg11-cifar10",
+        "resnet20-cifar10",
+        "vgg11-fmnist",
+        "resnet20-fmnist",
+        "tiny",
+    }
 
 
 def test_lr_schedules_hand_computed():
@@ -159,7 +220,17 @@ def test_run_folder_contents_metrics_and_cache(tmp_path, synthetic):
     rows = _metrics(r.run_dir)
     assert [m["epoch"] for m in rows] == [1, 2, 3]
     for m in rows:
-        assert {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "seconds"} <= set(m)
+        assert {
+            "epoch",
+            "lr",
+            "train_loss",
+            "train_acc",
+            "test_loss",
+            "test_acc",
+            "val_loss",
+            "val_acc",
+            "seconds",
+        } <= set(m)
         assert 0 <= m["train_acc"] <= 1 and m["seconds"] > 0
     steps = math.ceil(1800 / 100)  # 2000 synthetic train images minus 200 held out
     assert [m["lr"] for m in rows] == pytest.approx([lr_at(cfg, (e + 1) * steps - 1, steps) for e in range(3)])
@@ -176,8 +247,12 @@ def test_run_folder_contents_metrics_and_cache(tmp_path, synthetic):
     t0 = time.perf_counter()
     again = train(cfg, tmp_path, device="cpu", progress=False, threads=1)
     assert again.cached and time.perf_counter() - t0 < 1.0
-    assert (again.run_dir, again.test_accuracy, again.train_loss, again.seconds) == \
-           (r.run_dir, r.test_accuracy, r.train_loss, r.seconds)
+    assert (again.run_dir, again.test_accuracy, again.train_loss, again.seconds) == (
+        r.run_dir,
+        r.test_accuracy,
+        r.train_loss,
+        r.seconds,
+    )
     assert (r.run_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -218,7 +293,9 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, synthetic, synthetic_rg
     assert not final.exists() and (partial / "checkpoint.safetensors").is_file()
     assert len(_metrics(partial)) == 1
     resumed_epochs = []
-    r = train(cfg, tmp_path / "cut", device="cpu", progress=False, threads=1, callback=lambda e, _: resumed_epochs.append(e))
+    r = train(
+        cfg, tmp_path / "cut", device="cpu", progress=False, threads=1, callback=lambda e, _: resumed_epochs.append(e)
+    )
     assert resumed_epochs == list(range(2, cfg.epochs + 1))
     _assert_same_weights(full.run_dir, r.run_dir)
     strip = lambda rows: [{k: v for k, v in m.items() if "seconds" not in k} for m in rows]  # noqa: E731
@@ -237,7 +314,9 @@ def test_sigkill_mid_run_then_resume(tmp_path, synthetic):
         "train(cfg, sys.argv[1], device='cpu', progress=False, threads=1, callback=cb)\n"
     )
     env = dict(os.environ, LMCKIT_NO_PROGRESS="1")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cut")], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "cut")], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -268,7 +347,9 @@ def test_concurrent_same_config_waits_on_lock(tmp_path, synthetic):
         started.set()
         time.sleep(0.3)
 
-    t = threading.Thread(target=lambda: out.setdefault("a", train(cfg, tmp_path, device="cpu", progress=False, threads=1, callback=slow)))
+    t = threading.Thread(
+        target=lambda: out.setdefault("a", train(cfg, tmp_path, device="cpu", progress=False, threads=1, callback=slow))
+    )
     t.start()
     assert started.wait(30)
     b = train(cfg, tmp_path, device="cpu", progress=False, threads=1)  # blocks on the lock, then finds the finished run
@@ -288,7 +369,22 @@ def test_divergence_is_a_user_error(tmp_path, synthetic):
 def test_cli_last_line_and_json(tmp_path, synthetic, capsys):
     from lmckit.cli import main
 
-    argv = ["train", "--preset", "tiny", "--lr", "0.001", "--epochs", "1", "--out", str(tmp_path), "--device", "cpu", "--quiet", "--threads", "1"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--lr",
+        "0.001",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     run_dir = Path(lines[-1])
@@ -315,7 +411,10 @@ def test_cli_defaults_to_paper_mlp_recipe():
 def test_cli_bad_option_exits_2(tmp_path, capsys):
     from lmckit.cli import main
 
-    assert main(["train", "--model", "vgg_tiny", "--dataset", "synthetic-rgb", "--width", "3", "--out", str(tmp_path)]) == 2
+    assert (
+        main(["train", "--model", "vgg_tiny", "--dataset", "synthetic-rgb", "--width", "3", "--out", str(tmp_path)])
+        == 2
+    )
     assert "width" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@
 * Recipes are data: code in a recipe or ``--set`` value is kept as a string and never evaluated.
 * Output paths: a recipe (or ``--set``) naming its report folder outside ``reports/`` is refused.
 """
+
 from __future__ import annotations
 
 import ast
@@ -86,14 +87,20 @@ def scan_source(source: str, rel: str) -> list[str]:
             bad(node, f"calls {full}()")
         elif full == "torch.load" and not _is_const(_kw(node, "weights_only"), True):
             bad(node, "torch.load without weights_only=True")
-        elif root in ("numpy", "np") and last == "load" and not (_kw(node, "allow_pickle") is None
-                                                                   or _is_const(_kw(node, "allow_pickle"), False)):
+        elif (
+            root in ("numpy", "np")
+            and last == "load"
+            and not (_kw(node, "allow_pickle") is None or _is_const(_kw(node, "allow_pickle"), False))
+        ):
             bad(node, "numpy.load with allow_pickle")
         elif root == "yaml" and last in ("unsafe_load", "full_load", "load_all", "unsafe_load_all", "full_load_all"):
             bad(node, f"calls {full}()")
         elif full == "yaml.load":
-            loader = _dotted(_kw(node, "Loader")) if _kw(node, "Loader") is not None else (
-                _dotted(node.args[1]) if len(node.args) > 1 else "")
+            loader = (
+                _dotted(_kw(node, "Loader"))
+                if _kw(node, "Loader") is not None
+                else (_dotted(node.args[1]) if len(node.args) > 1 else "")
+            )
             if loader.split(".")[-1] not in ("SafeLoader", "CSafeLoader"):
                 bad(node, "yaml.load without SafeLoader")
         elif full in ("os.system", "os.popen") or (root == "subprocess" and _is_const(_kw(node, "shell"), True)):
@@ -118,48 +125,61 @@ def test_package_has_no_unsafe_loaders_or_code_evaluation():
 def test_restricted_unpickler_exists_and_is_whitelisted():
     src = (PKG / RESTRICTED_UNPICKLER).read_text()
     tree = ast.parse(src)
-    classes = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
-               and any(_dotted(b).endswith("Unpickler") for b in n.bases)]
+    classes = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ClassDef) and any(_dotted(b).endswith("Unpickler") for b in n.bases)
+    ]
     assert len(classes) == 1
     methods = {f.name for f in classes[0].body if isinstance(f, ast.FunctionDef)}
     assert {"find_class", "persistent_load"} <= methods
     from lmckit.data import cifar
 
-    assert set(cifar._ALLOWED) <= {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                                   ("numpy", "ndarray"), ("numpy", "dtype")}
+    assert set(cifar._ALLOWED) <= {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
 
-@pytest.mark.parametrize("snippet, what", [
-    ("import pickle\npickle.loads(b'')", "imports pickle"),
-    ("from pickle import loads as l\nl(b'')", "calls pickle.loads()"),
-    ("import pickle as p\nclass U(p.Unpickler): pass", "defines an Unpickler"),
-    ("import torch\ntorch.load('f')", "torch.load without weights_only=True"),
-    ("import torch\ntorch.load('f', weights_only=False)", "torch.load without weights_only=True"),
-    ("from torch import load\nload('f')", "torch.load without weights_only=True"),
-    ("eval('1')", "calls eval()"),
-    ("exec('x = 1')", "calls exec()"),
-    ("__import__('os')", "calls __import__()"),
-    ("import yaml\nyaml.load(s)", "yaml.load without SafeLoader"),
-    ("import yaml\nyaml.load(s, Loader=yaml.FullLoader)", "yaml.load without SafeLoader"),
-    ("import yaml\nyaml.unsafe_load(s)", "calls yaml.unsafe_load()"),
-    ("import numpy as np\nnp.load('f', allow_pickle=True)", "numpy.load with allow_pickle"),
-    ("import os\nos.system('ls')", "runs a shell command"),
-    ("import subprocess\nsubprocess.run('ls', shell=True)", "runs a shell command"),
-    ("import tarfile\ntarfile.open('x').extractall('.')", "extractall"),
-])
+@pytest.mark.parametrize(
+    "snippet, what",
+    [
+        ("import pickle\npickle.loads(b'')", "imports pickle"),
+        ("from pickle import loads as l\nl(b'')", "calls pickle.loads()"),
+        ("import pickle as p\nclass U(p.Unpickler): pass", "defines an Unpickler"),
+        ("import torch\ntorch.load('f')", "torch.load without weights_only=True"),
+        ("import torch\ntorch.load('f', weights_only=False)", "torch.load without weights_only=True"),
+        ("from torch import load\nload('f')", "torch.load without weights_only=True"),
+        ("eval('1')", "calls eval()"),
+        ("exec('x = 1')", "calls exec()"),
+        ("__import__('os')", "calls __import__()"),
+        ("import yaml\nyaml.load(s)", "yaml.load without SafeLoader"),
+        ("import yaml\nyaml.load(s, Loader=yaml.FullLoader)", "yaml.load without SafeLoader"),
+        ("import yaml\nyaml.unsafe_load(s)", "calls yaml.unsafe_load()"),
+        ("import numpy as np\nnp.load('f', allow_pickle=True)", "numpy.load with allow_pickle"),
+        ("import os\nos.system('ls')", "runs a shell command"),
+        ("import subprocess\nsubprocess.run('ls', shell=True)", "runs a shell command"),
+        ("import tarfile\ntarfile.open('x').extractall('.')", "extractall"),
+    ],
+)
 def test_scanner_catches_planted_unsafe_code(snippet, what):
     problems = scan_source(snippet, "planted.py")
     assert any(what in p for p in problems), problems
 
 
-@pytest.mark.parametrize("snippet", [
-    "import torch\ntorch.load('f', weights_only=True)",
-    "import yaml\nyaml.load(s, Loader=yaml.SafeLoader)",
-    "import yaml\nyaml.safe_load(s)",
-    "import numpy as np\nnp.load('f')",
-    "model.eval()",
-    "import subprocess\nsubprocess.run(['ls'])",
-])
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import torch\ntorch.load('f', weights_only=True)",
+        "import yaml\nyaml.load(s, Loader=yaml.SafeLoader)",
+        "import yaml\nyaml.safe_load(s)",
+        "import numpy as np\nnp.load('f')",
+        "model.eval()",
+        "import subprocess\nsubprocess.run(['ls'])",
+    ],
+)
 def test_scanner_accepts_safe_code(snippet):
     assert scan_source(snippet, "planted.py") == []
 
@@ -174,6 +194,7 @@ def no_unpickling(monkeypatch):
         def f(*a, **k):
             calls.append(name)
             raise AssertionError(f"{name} was called")
+
         return f
 
     monkeypatch.setattr(pickle, "load", spy("pickle.load"))
@@ -244,8 +265,10 @@ def test_recipe_strings_are_never_evaluated(tmp_path):
     marker = tmp_path / "PWNED"
     p = tmp_path / "r.toml"
     p.write_text(RECIPE.format(marker=marker))
-    sets = [f"models.0.preset=__import__('pathlib').Path('{marker}').touch()",
-            f"description=exec(\"open('{marker}', 'w')\")"]
+    sets = [
+        f"models.0.preset=__import__('pathlib').Path('{marker}').touch()",
+        f"description=exec(\"open('{marker}', 'w')\")",
+    ]
     r = load_recipe(str(p), sets[1:])
     assert r.description == f"exec(\"open('{marker}', 'w')\")"  # a plain string, as written
     assert r.models[0].label.startswith("{__import__")
@@ -272,8 +295,9 @@ def test_recipe_name_cannot_place_the_report_outside_reports(name, tmp_path):
 
 def test_cli_refuses_a_report_name_outside_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc, out, err = run_cli(["reproduce", "--recipe", "tiny", "--set", 'name="../outside"', "--cache", tmp_path / "c",
-                            "--dry-run"], capsys)
+    rc, out, err = run_cli(
+        ["reproduce", "--recipe", "tiny", "--set", 'name="../outside"', "--cache", tmp_path / "c", "--dry-run"], capsys
+    )
     assert rc == 2 and "name" in err
 
 
@@ -283,8 +307,10 @@ def test_explicit_out_is_where_everything_goes(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
-    rc, out, err = run_cli(["reproduce", "--recipe", "tiny", "--out", tmp_path / "o", "--cache", tmp_path / "c",
-                            "--dry-run", "--json"], capsys)
+    rc, out, err = run_cli(
+        ["reproduce", "--recipe", "tiny", "--out", tmp_path / "o", "--cache", tmp_path / "c", "--dry-run", "--json"],
+        capsys,
+    )
     assert rc == 0, err
     import json
 

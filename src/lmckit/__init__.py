@@ -5,6 +5,7 @@ Train SGD solutions, align them by weight matching (WM), activation matching
 paths, and run the analyses of Ito, Yamada and Kumagai (distance reduction,
 SVD alignment, rank-k truncation, Taylor estimate).
 """
+
 __version__ = "0.1.0"
 
 

@@ -4,6 +4,7 @@ A checkpoint is either a run folder (``model.safetensors`` + ``config.json``)
 or a bare ``.safetensors`` file whose metadata holds ``lmckit_model`` (the
 model config); :func:`save_model` writes both kinds.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,10 @@ def checkpoint_file(path: str | Path) -> Path:
     if p.is_dir():
         f = p / "model.safetensors"
         if not f.exists():
-            raise LmcError(f"{p} is not a finished lmckit run folder (no model.safetensors)",
-                           "pass the folder that `lmckit train` printed, or a .safetensors file")
+            raise LmcError(
+                f"{p} is not a finished lmckit run folder (no model.safetensors)",
+                "pass the folder that `lmckit train` printed, or a .safetensors file",
+            )
         return f
     return p
 
@@ -40,16 +43,19 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         info["config"] = cfg
         model_cfg = model_cfg or (cfg.get("model") if isinstance(cfg, dict) else None)
     if not isinstance(model_cfg, dict) or "name" not in model_cfg:
-        raise LmcError(f"checkpoint {f} carries no lmckit model config (a foreign safetensors file?)",
-                       "lmckit reads checkpoints written by `lmckit train` or lmckit.checkpoint.save_model")
+        raise LmcError(
+            f"checkpoint {f} carries no lmckit model config (a foreign safetensors file?)",
+            "lmckit reads checkpoints written by `lmckit train` or lmckit.checkpoint.save_model",
+        )
     info["model"] = model_cfg
     if "dataset" in meta:
         info["dataset"] = meta["dataset"]
     return state, info
 
 
-def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None,
-                where: str = "checkpoint") -> nn.Module:
+def build_model(
+    model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None, where: str = "checkpoint"
+) -> nn.Module:
     """The model a config describes, with ``state`` loaded (checked against the architecture first).
 
     With a ``state``, the config is first built on the ``meta`` device (no memory) and checked against the
@@ -65,8 +71,10 @@ def build_model(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor] 
         except LmcError:
             raise
         except (RuntimeError, ValueError, OverflowError, MemoryError) as e:  # e.g. absurd sizes in the metadata
-            raise LmcError(f"{where}: its model config {dict(model_cfg)} cannot be built ({type(e).__name__}: {e})",
-                           "the checkpoint's metadata is damaged; re-create it") from None
+            raise LmcError(
+                f"{where}: its model config {dict(model_cfg)} cannot be built ({type(e).__name__}: {e})",
+                "the checkpoint's metadata is damaged; re-create it",
+            ) from None
         spec_for(skeleton).check_state(state, where)
     model = model_from_config(dict(model_cfg))
     if state is not None:
@@ -82,8 +90,9 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
     return model.to(device)
 
 
-def save_model(path: str | Path, model: nn.Module, state: Mapping[str, torch.Tensor] | None = None,
-               **metadata: Any) -> Path:
+def save_model(
+    path: str | Path, model: nn.Module, state: Mapping[str, torch.Tensor] | None = None, **metadata: Any
+) -> Path:
     """Save a model (or ``state`` for it) as a self-describing safetensors file."""
     cfg = getattr(model, "lmckit_config", None)
     if cfg is None:

@@ -10,6 +10,7 @@ else is a bug and keeps its traceback. SIGTERM, SIGHUP and SIGINT end the
 command cleanly (worker processes included; finished work is kept and a rerun
 resumes) with status 128 + the signal number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,19 @@ from typing import Iterator, NoReturn
 from . import __version__
 from .errors import LmcError
 
-COMMANDS = ("models", "data", "train", "check_spec", "match", "methods", "barrier", "analyze", "merge", "landscape",
-            "reproduce")
+COMMANDS = (
+    "models",
+    "data",
+    "train",
+    "check_spec",
+    "match",
+    "methods",
+    "barrier",
+    "analyze",
+    "merge",
+    "landscape",
+    "reproduce",
+)
 
 
 class Terminated(KeyboardInterrupt):
@@ -65,7 +77,7 @@ class LmckitParser(argparse.ArgumentParser):
         positionals = [a for a in self._actions if not a.option_strings]
         fmt = self.formatter_class(prog=self.prog, width=100_000)
         fmt.add_usage(None, positionals, [], prefix="")
-        tail = fmt.format_help().strip()[len(self.prog):].strip()
+        tail = fmt.format_help().strip()[len(self.prog) :].strip()
         return f"usage: {self.prog} [-h] [options]" + (f" {tail}" if tail else "")
 
 
@@ -77,8 +89,10 @@ class LmckitSubParser(LmckitParser):
         if extras:
             msg = f"unrecognized arguments: {' '.join(extras)}"
             if "--device" in extras or "--quiet" in extras:
-                msg += (f"; `{self.prog}` computes nothing, so --device and --quiet do not apply "
-                        f"(they are options of {', '.join(COMPUTING)})")
+                msg += (
+                    f"; `{self.prog}` computes nothing, so --device and --quiet do not apply "
+                    f"(they are options of {', '.join(COMPUTING)})"
+                )
             self.error(msg)
         return namespace, extras
 
@@ -158,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         name = signal.Signals(signum).name
-        print(f"lmckit {args.command}: stopped by {name}; finished work is kept, rerun the same command to resume",
-              file=sys.stderr)
+        print(
+            f"lmckit {args.command}: stopped by {name}; finished work is kept, rerun the same command to resume",
+            file=sys.stderr,
+        )
         return 128 + signum
     finally:
         if quiet:

@@ -8,6 +8,7 @@ stay bit-identical from run to run. Mixed precision (``precision = "bf16"``,
 :func:`autocast`) changes what is computed, so it is a training setting
 (:class:`lmckit.train.TrainConfig`) and enters the run's hash.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,12 +33,16 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LmcError(f"device {name!r} requested but CUDA is not available here", "use --device auto or cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise LmcError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist",
-                       "use cuda:0 .. cuda:N-1, or auto")
+        raise LmcError(
+            f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist",
+            "use cuda:0 .. cuda:N-1, or auto",
+        )
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise LmcError(f"device {name!r} requested but MPS (Apple GPU) is not available here", "use --device auto or cpu")
+            raise LmcError(
+                f"device {name!r} requested but MPS (Apple GPU) is not available here", "use --device auto or cpu"
+            )
     elif dev.type not in ("cpu", "cuda"):  # meta, xla, ...: torch parses them, lmckit cannot compute on them
         raise LmcError(f"device {name!r} cannot run lmckit's computations", "use --device auto, cpu, cuda or cuda:N")
     return dev

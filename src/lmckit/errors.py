@@ -5,6 +5,7 @@ checkpoint, a permutation that does not fit a model, a bad recipe) raises
 :class:`LmcError`. The CLI turns it into a one-paragraph message and exit
 status 2. Any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

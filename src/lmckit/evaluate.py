@@ -1,4 +1,5 @@
 """Evaluation of a model on a dataset split: mean cross-entropy and accuracy."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,15 @@ from .data import Dataset
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, split: str = "test", *, batch_size: int = 2000,
-             device: torch.device | str | None = None, limit: int | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    split: str = "test",
+    *,
+    batch_size: int = 2000,
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+) -> tuple[float, float]:
     """Return ``(mean loss, accuracy)`` of ``model`` (in eval mode) on ``split``.
 
     The model's train/eval mode is restored afterwards. Batches are gathered

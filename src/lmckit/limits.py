@@ -4,6 +4,7 @@ A size option that torch would try to allocate (``--width-mult 1e12``, ``--in-ch
 here with :class:`~lmckit.errors.LmcError` naming the setting, instead of after minutes of allocation or
 with a ``RuntimeError`` traceback.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -33,9 +34,14 @@ def check_model_size(name: str, options: Mapping[str, Any], where: str = "model"
     except LmcError:
         raise
     except (RuntimeError, ValueError, OverflowError, MemoryError, TypeError) as e:
-        raise LmcError(f"{where}: model {name} with {dict(options)} cannot be built ({type(e).__name__}: {e})",
-                       "use smaller sizes (width, width_mult, in_channels, image_size)") from None
+        raise LmcError(
+            f"{where}: model {name} with {dict(options)} cannot be built ({type(e).__name__}: {e})",
+            "use smaller sizes (width, width_mult, in_channels, image_size)",
+        ) from None
     if n > MAX_PARAMS:
-        raise LmcError(f"{where}: model {name} with {dict(options)} would have {n:,} parameters, more than the "
-                       f"{MAX_PARAMS:,} lmckit allows", "use smaller sizes (width, width_mult, in_channels, image_size)")
+        raise LmcError(
+            f"{where}: model {name} with {dict(options)} would have {n:,} parameters, more than the "
+            f"{MAX_PARAMS:,} lmckit allows",
+            "use smaller sizes (width, width_mult, in_channels, image_size)",
+        )
     return n

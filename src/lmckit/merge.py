@@ -24,6 +24,7 @@ Given N models of one architecture with states ``theta_0 .. theta_{N-1}``:
    (:func:`merged_accuracy_curve`), for the alignment and for the naive
    (unaligned) average.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,9 +45,16 @@ MULTI = ("anchor", "mergemany")
 
 
 # --------------------------------------------------------------------------- input checks
-def check_merge_inputs(model: nn.Module, states: Sequence[State], dataset, method: str = "weight",
-                       multi: str = "anchor", split: str = "test", bn_reset: str | bool = "auto",
-                       ste_kwargs: Mapping[str, Any] | None = None) -> PermutationSpec:
+def check_merge_inputs(
+    model: nn.Module,
+    states: Sequence[State],
+    dataset,
+    method: str = "weight",
+    multi: str = "anchor",
+    split: str = "test",
+    bn_reset: str | bool = "auto",
+    ste_kwargs: Mapping[str, Any] | None = None,
+) -> PermutationSpec:
     """Validate everything :func:`merge_models` needs, before any work or any file is written.
 
     Checks the method and multi-model scheme, that there are at least two
@@ -75,8 +83,9 @@ def check_merge_inputs(model: nn.Module, states: Sequence[State], dataset, metho
         raise LmcError("merging needs a dataset to evaluate on")
     dataset.size(split)
     needs_train = method in ("activation", "ste") or (
-        bn_reset in ("on", "repair", True) or (bn_reset == "auto" and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                                                 for m in model.modules())))
+        bn_reset in ("on", "repair", True)
+        or (bn_reset == "auto" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()))
+    )
     if needs_train:
         dataset.size("train")
     if method == "ste":
@@ -88,11 +97,21 @@ def check_merge_inputs(model: nn.Module, states: Sequence[State], dataset, metho
 
 
 # --------------------------------------------------------------------------- alignment
-def align_models(model: nn.Module, states: Sequence[State], method: str = "weight", multi: str = "anchor",
-                 dataset=None, spec: PermutationSpec | None = None, seed: int = 0,
-                 device: torch.device | str | None = None, max_iter: int = 100,
-                 ste_kwargs: Mapping[str, Any] | None = None, am_kwargs: Mapping[str, Any] | None = None,
-                 state_dir: str | Path | None = None, progress: bool = True):
+def align_models(
+    model: nn.Module,
+    states: Sequence[State],
+    method: str = "weight",
+    multi: str = "anchor",
+    dataset=None,
+    spec: PermutationSpec | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    max_iter: int = 100,
+    ste_kwargs: Mapping[str, Any] | None = None,
+    am_kwargs: Mapping[str, Any] | None = None,
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+):
     """Bring all ``states`` into the unit order of ``states[0]``.
 
     Parameters
@@ -139,8 +158,18 @@ def align_models(model: nn.Module, states: Sequence[State], method: str = "weigh
 
         def matcher(i, sd_ref, sd_i):
             sdir = None if state_dir is None else Path(state_dir) / f"model_{i}"
-            return ste_matching(model, sd_ref, sd_i, dataset, spec=spec, seed=seed, device=device, state_dir=sdir,
-                                progress=progress, **dict(ste_kwargs or {}))
+            return ste_matching(
+                model,
+                sd_ref,
+                sd_i,
+                dataset,
+                spec=spec,
+                seed=seed,
+                device=device,
+                state_dir=sdir,
+                progress=progress,
+                **dict(ste_kwargs or {}),
+            )
     elif method == "activation":
         from .checkpoint import build_model
         from .match import activation_matching
@@ -155,14 +184,18 @@ def align_models(model: nn.Module, states: Sequence[State], method: str = "weigh
             return m
 
         def matcher(i, sd_ref, sd_i):
-            return activation_matching(_net(sd_ref), _net(sd_i), dataset, spec=spec, seed=seed, device=device,
-                                       **dict(am_kwargs or {}))
-    return anchor_matching(spec, states, anchor=0, method=method, matcher=matcher, seed=seed, max_iter=max_iter,
-                           device=device)
+            return activation_matching(
+                _net(sd_ref), _net(sd_i), dataset, spec=spec, seed=seed, device=device, **dict(am_kwargs or {})
+            )
+
+    return anchor_matching(
+        spec, states, anchor=0, method=method, matcher=matcher, seed=seed, max_iter=max_iter, device=device
+    )
 
 
-def aligned_states(spec: PermutationSpec, states: Sequence[State],
-                   perms: Sequence[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+def aligned_states(
+    spec: PermutationSpec, states: Sequence[State], perms: Sequence[Mapping[str, torch.Tensor]]
+) -> list[dict[str, torch.Tensor]]:
     """``[pi_i(theta_i)]`` as new state dicts."""
     if len(perms) != len(states):
         raise LmcError(f"{len(perms)} permutations for {len(states)} models")
@@ -184,9 +217,16 @@ def _workspace(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
-def merged_state(model: nn.Module, states: Sequence[State], dataset=None, bn_reset: str | bool = "auto",
-                 device: torch.device | str | None = None, seed: int = 0, bn_batches: int = 10,
-                 bn_batch_size: int = 500) -> dict[str, torch.Tensor]:
+def merged_state(
+    model: nn.Module,
+    states: Sequence[State],
+    dataset=None,
+    bn_reset: str | bool = "auto",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    bn_batches: int = 10,
+    bn_batch_size: int = 500,
+) -> dict[str, torch.Tensor]:
     """The uniform average of ``states``, with BatchNorm statistics recomputed on training data.
 
     ``bn_reset``: ``auto`` (reset when the model has BatchNorm), ``on``, ``off``, or ``repair``: REPAIR
@@ -218,9 +258,15 @@ def merged_state(model: nn.Module, states: Sequence[State], dataset=None, bn_res
     return {k: v.detach().to("cpu").clone() for k, v in net.state_dict().items()}
 
 
-def evaluate_state(model: nn.Module, state: State, dataset, split: str = "test",
-                   device: torch.device | str | None = None, limit: int | None = None,
-                   batch_size: int = 2000) -> tuple[float, float]:
+def evaluate_state(
+    model: nn.Module,
+    state: State,
+    dataset,
+    split: str = "test",
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+    batch_size: int = 2000,
+) -> tuple[float, float]:
     """``(loss, accuracy)`` of ``model`` with weights ``state`` (eval mode, state used as given)."""
     from .evaluate import evaluate
 
@@ -230,9 +276,17 @@ def evaluate_state(model: nn.Module, state: State, dataset, split: str = "test",
     return evaluate(net, dataset, split, batch_size=batch_size, device=dev, limit=limit)
 
 
-def merged_accuracy_curve(model: nn.Module, states: Sequence[State], dataset, split: str = "test",
-                          bn_reset: str | bool = "auto", device: torch.device | str | None = None, seed: int = 0,
-                          limit: int | None = None, start: int = 2) -> list[dict[str, float]]:
+def merged_accuracy_curve(
+    model: nn.Module,
+    states: Sequence[State],
+    dataset,
+    split: str = "test",
+    bn_reset: str | bool = "auto",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    start: int = 2,
+) -> list[dict[str, float]]:
     """Loss and accuracy of the uniform average of the first ``n`` states, ``n = start .. N``.
 
     .. math:: \\theta^{(n)} = \\frac1n \\sum_{i<n} \\theta_i
@@ -255,10 +309,19 @@ def merged_accuracy_curve(model: nn.Module, states: Sequence[State], dataset, sp
     return out
 
 
-def pairwise_barriers(model: nn.Module, states: Sequence[State], dataset, pairs: Sequence[tuple[int, int]],
-                      split: str = "test", points: int = 25, bn_reset: str | bool = "auto",
-                      device: torch.device | str | None = None, seed: int = 0, limit: int | None = None,
-                      progress: bool = False) -> list[dict[str, Any]]:
+def pairwise_barriers(
+    model: nn.Module,
+    states: Sequence[State],
+    dataset,
+    pairs: Sequence[tuple[int, int]],
+    split: str = "test",
+    points: int = 25,
+    bn_reset: str | bool = "auto",
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
     """Loss and accuracy barrier on ``split`` along the linear path between ``states[i]`` and ``states[j]``.
 
     Returns ``[{"models": [i, j], "loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy"}]``.
@@ -269,11 +332,29 @@ def pairwise_barriers(model: nn.Module, states: Sequence[State], dataset, pairs:
     net = _workspace(model, dev)
     out = []
     for i, j in pairs:
-        res = barrier_curve(net, states[i], states[j], dataset, splits=(split,), points=points, bn_reset=bn_reset,
-                            device=dev, seed=seed, limit=limit, progress=f"barrier {i}-{j}" if progress else False)
+        res = barrier_curve(
+            net,
+            states[i],
+            states[j],
+            dataset,
+            splits=(split,),
+            points=points,
+            bn_reset=bn_reset,
+            device=dev,
+            seed=seed,
+            limit=limit,
+            progress=f"barrier {i}-{j}" if progress else False,
+        )
         c = res[split]
-        out.append({"models": [int(i), int(j)], "loss_barrier": c.loss_barrier, "accuracy_barrier": c.accuracy_barrier,
-                    "midpoint_loss": c.midpoint_loss, "midpoint_accuracy": c.midpoint_accuracy})
+        out.append(
+            {
+                "models": [int(i), int(j)],
+                "loss_barrier": c.loss_barrier,
+                "accuracy_barrier": c.accuracy_barrier,
+                "midpoint_loss": c.midpoint_loss,
+                "midpoint_accuracy": c.midpoint_accuracy,
+            }
+        )
     return out
 
 
@@ -297,21 +378,42 @@ class MergeResult:
     match: Any = field(repr=False, default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "multi": self.multi, "split": self.split, "num_models": len(self.perms),
-                "model_accuracies": [m["accuracy"] for m in self.model_metrics],
-                "model_losses": [m["loss"] for m in self.model_metrics],
-                "merged_accuracy": self.merged_accuracy, "merged_loss": self.merged_loss,
-                "pairwise_barriers": self.pairwise_barriers, "anchor_barriers": self.anchor_barriers,
-                "merged_accuracy_curve": self.curve, "seconds": self.seconds,
-                "match": None if self.match is None else self.match.to_dict()}
+        return {
+            "method": self.method,
+            "multi": self.multi,
+            "split": self.split,
+            "num_models": len(self.perms),
+            "model_accuracies": [m["accuracy"] for m in self.model_metrics],
+            "model_losses": [m["loss"] for m in self.model_metrics],
+            "merged_accuracy": self.merged_accuracy,
+            "merged_loss": self.merged_loss,
+            "pairwise_barriers": self.pairwise_barriers,
+            "anchor_barriers": self.anchor_barriers,
+            "merged_accuracy_curve": self.curve,
+            "seconds": self.seconds,
+            "match": None if self.match is None else self.match.to_dict(),
+        }
 
 
-def merge_models(model: nn.Module, states: Sequence[State], dataset, method: str = "weight", multi: str = "anchor",
-                 split: str = "test", points: int = 25, bn_reset: str | bool = "auto", seed: int = 0,
-                 device: torch.device | str | None = None, curve: bool = True, limit: int | None = None,
-                 max_iter: int = 100, ste_kwargs: Mapping[str, Any] | None = None,
-                 am_kwargs: Mapping[str, Any] | None = None, state_dir: str | Path | None = None,
-                 progress: bool = True) -> MergeResult:
+def merge_models(
+    model: nn.Module,
+    states: Sequence[State],
+    dataset,
+    method: str = "weight",
+    multi: str = "anchor",
+    split: str = "test",
+    points: int = 25,
+    bn_reset: str | bool = "auto",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    curve: bool = True,
+    limit: int | None = None,
+    max_iter: int = 100,
+    ste_kwargs: Mapping[str, Any] | None = None,
+    am_kwargs: Mapping[str, Any] | None = None,
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+) -> MergeResult:
     """Align ``states`` (:func:`align_models`), average them, and measure everything (module docstring).
 
     ``split``/``limit`` choose the evaluation data; ``points`` the lambda grid of
@@ -320,8 +422,9 @@ def merge_models(model: nn.Module, states: Sequence[State], dataset, method: str
     """
     t0 = time.time()
     spec = check_merge_inputs(model, states, dataset, method, multi, split, bn_reset, ste_kwargs)
-    res = align_models(model, states, method, multi, dataset, spec, seed, device, max_iter, ste_kwargs, am_kwargs,
-                       state_dir, progress)
+    res = align_models(
+        model, states, method, multi, dataset, spec, seed, device, max_iter, ste_kwargs, am_kwargs, state_dir, progress
+    )
     aligned = aligned_states(spec, states, res.perms)
     metrics = []
     for sd in states:
@@ -344,13 +447,30 @@ def merge_models(model: nn.Module, states: Sequence[State], dataset, method: str
         label = method if multi == "anchor" else "mergemany"
         curves[label] = merged_accuracy_curve(model, aligned, dataset, split, bn_reset, device, seed, limit)
         curves["naive"] = merged_accuracy_curve(model, list(states), dataset, split, bn_reset, device, seed, limit)
-    return MergeResult(method, multi, [dict(p) for p in res.perms], merged, split, metrics, m_loss, m_acc, pb, ab,
-                       curves, time.time() - t0, res)
+    return MergeResult(
+        method,
+        multi,
+        [dict(p) for p in res.perms],
+        merged,
+        split,
+        metrics,
+        m_loss,
+        m_acc,
+        pb,
+        ab,
+        curves,
+        time.time() - t0,
+        res,
+    )
 
 
 # --------------------------------------------------------------------------- plot
-def plot_merged_accuracy(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
-                         title: str | None = None, model_accuracies: Sequence[float] | None = None) -> Path:
+def plot_merged_accuracy(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    title: str | None = None,
+    model_accuracies: Sequence[float] | None = None,
+) -> Path:
     """Accuracy of the uniform average against the number of merged models, one line per curve.
 
     ``curves`` maps a label (``weight``, ``ste``, ``naive``, ...) to the output

@@ -5,6 +5,7 @@ accuracy, STE drift) goes through :func:`save_figure`: the figure is rendered in
 with :func:`lmckit.store.atomic_write_bytes`, so a reader never sees a half-written image and a crash
 leaves the previous file in place.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,9 @@ def subplot_grid(n: int, size: float):
     return fig, list(axes.flat)
 
 
-def save_figure(fig: Any, path: str | Path, dpi: int, *, fmt: str = "png", tight_layout: bool = False,
-                **savefig_kw: Any) -> Path:
+def save_figure(
+    fig: Any, path: str | Path, dpi: int, *, fmt: str = "png", tight_layout: bool = False, **savefig_kw: Any
+) -> Path:
     """Render ``fig`` and write it atomically to ``path``; close it (pyplot figures); return the path.
 
     Parameters
@@ -64,7 +66,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int, *, fmt: str = "png", tight
                 warnings.simplefilter("ignore")  # colorbar axes are not tight_layout-compatible; the result is fine
                 fig.tight_layout()
         try:
-                fig.savefig(buf, format=fmt, dpi=dpi, **savefig_kw)
+            fig.savefig(buf, format=fmt, dpi=dpi, **savefig_kw)
         except ValueError as e:
             raise LmcError(f"cannot write a plot as {path.name}: {e}", "use a .png, .pdf or .svg file name") from None
     finally:
@@ -118,5 +120,12 @@ def legend_outside(fig: Any, axes: Any, ncol: int | None = None, fontsize: float
                 labels.append(lab)
     if not handles:
         return None
-    return fig.legend(handles, labels, loc="lower center", ncol=ncol or min(len(labels), 4), fontsize=fontsize,
-                      frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=ncol or min(len(labels), 4),
+        fontsize=fontsize,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.0),
+    )

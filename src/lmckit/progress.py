@@ -2,6 +2,7 @@
 
 Set ``LMCKIT_NO_PROGRESS=1`` to silence it (the tests do).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
             if postfix:
-                self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False)
+                self._bar.set_postfix(
+                    {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False
+                )
             return
         now = time.time()
         if now - self._last >= self.every or (self.total is not None and self.n >= self.total):

@@ -9,6 +9,7 @@ Conventions
   stage never leaves a folder that looks complete.
 * Checkpoints are safetensors files plus JSON. Nothing here unpickles.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,21 +38,42 @@ MAX_JSON_BYTES = 256 * 2**20  # permutation files, run configs, results
 MAX_TEXT_BYTES = 4 * 2**20  # recipes
 
 #: operating-system errors caused by the user's paths or machine (not bugs): reported as LmcError
-USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
-               errno.EISDIR, errno.ELOOP, errno.EMFILE, errno.ENFILE, errno.EXDEV, errno.EFBIG, errno.ENOENT,
-               errno.EEXIST, errno.EIO, errno.ENXIO, errno.ENODEV, errno.EBUSY, errno.ETXTBSY}
+USER_ERRNOS = {
+    errno.ENAMETOOLONG,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ELOOP,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.EXDEV,
+    errno.EFBIG,
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.EIO,
+    errno.ENXIO,
+    errno.ENODEV,
+    errno.EBUSY,
+    errno.ETXTBSY,
+}
 
 
 def os_error(e: OSError, path: str | os.PathLike | None = None, action: str = "write") -> LmcError:
     """An :class:`LmcError` naming the path for an operating-system error on a user's file."""
     where = path if path is not None else (e.filename or "?")
     why = e.strerror or str(e)
-    hints = {errno.ENOSPC: "free some disk space or choose another output folder",
-             errno.EDQUOT: "free some disk space or choose another output folder",
-             errno.EROFS: "choose an output folder on a writable file system",
-             errno.EACCES: "choose a folder you may write to, or fix its permissions",
-             errno.EPERM: "choose a folder you may write to, or fix its permissions",
-             errno.ENAMETOOLONG: "use a shorter file name (at most 255 bytes per name)"}
+    hints = {
+        errno.ENOSPC: "free some disk space or choose another output folder",
+        errno.EDQUOT: "free some disk space or choose another output folder",
+        errno.EROFS: "choose an output folder on a writable file system",
+        errno.EACCES: "choose a folder you may write to, or fix its permissions",
+        errno.EPERM: "choose a folder you may write to, or fix its permissions",
+        errno.ENAMETOOLONG: "use a shorter file name (at most 255 bytes per name)",
+    }
     return LmcError(f"cannot {action} {where}: {why} (errno {e.errno})", hints.get(e.errno, "check the path"))
 
 
@@ -75,8 +97,10 @@ def check_input_file(path: str | os.PathLike, what: str, max_bytes: int) -> int:
     if not stat.S_ISREG(st.st_mode):
         raise LmcError(f"{what} {path} is not a regular file (a device, pipe or socket)", "pass a regular file")
     if st.st_size > max_bytes:
-        raise LmcError(f"{what} {path} is {st.st_size} bytes, more than the {max_bytes} bytes such a file can be",
-                       "pass the file lmckit wrote; this one is not it")
+        raise LmcError(
+            f"{what} {path} is {st.st_size} bytes, more than the {max_bytes} bytes such a file can be",
+            "pass the file lmckit wrote; this one is not it",
+        )
     return st.st_size
 
 
@@ -136,8 +160,9 @@ def make_dirs(folder: str | os.PathLike) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise LmcError(f"cannot create the folder {folder}: a file of that name (or above it) is in the way",
-                       "choose another path") from None
+        raise LmcError(
+            f"cannot create the folder {folder}: a file of that name (or above it) is in the way", "choose another path"
+        ) from None
     except OSError as e:
         raise os_error(e, folder, "create the folder") from None
     return folder
@@ -148,7 +173,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=True) + "\n"
+    )
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -163,15 +190,19 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise LmcError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})",
-                       "regenerate it with lmckit or fix the file") from None
+        raise LmcError(
+            f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})", "regenerate it with lmckit or fix the file"
+        ) from None
     except RecursionError:  # e.g. 100000 nested brackets
-        raise LmcError(f"{what} {path} is nested too deeply to be an lmckit file",
-                       "regenerate it with lmckit or fix the file") from None
+        raise LmcError(
+            f"{what} {path} is nested too deeply to be an lmckit file", "regenerate it with lmckit or fix the file"
+        ) from None
 
 
 # --------------------------------------------------------------------------- safetensors
-def save_state(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None) -> Path:
+def save_state(
+    path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Save a state dict as safetensors (atomically). ``metadata`` values are JSON-encoded."""
     from safetensors.torch import save
 
@@ -184,30 +215,43 @@ def _sniff(path: Path) -> None:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise LmcError(f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file written by lmckit") from None
+        raise LmcError(
+            f"checkpoint {path} does not exist", "pass a run folder or a .safetensors file written by lmckit"
+        ) from None
     except OSError as e:
         raise os_error(e, path, "read") from None
     if path.is_dir():
-        raise LmcError(f"{path} is a folder without model.safetensors", "pass a finished run folder (lmckit train prints it)")
+        raise LmcError(
+            f"{path} is a folder without model.safetensors", "pass a finished run folder (lmckit train prints it)"
+        )
     if not path.is_file():
-        raise LmcError(f"checkpoint {path} is not a regular file (a device, pipe or socket)",
-                       "pass a run folder or a .safetensors file written by lmckit")
+        raise LmcError(
+            f"checkpoint {path} is not a regular file (a device, pipe or socket)",
+            "pass a run folder or a .safetensors file written by lmckit",
+        )
     if size == 0:
-        raise LmcError(f"checkpoint {path} is empty (0 bytes)", "the file was truncated; re-create it (lmckit train resumes killed runs)")
+        raise LmcError(
+            f"checkpoint {path} is empty (0 bytes)",
+            "the file was truncated; re-create it (lmckit train resumes killed runs)",
+        )
     with open(path, "rb") as f:
         head = f.read(8)
         first = f.read(1)
     if len(head) == 8 and first == b"{" and 8 + int.from_bytes(head, "little") <= size:
         return  # a safetensors header (its length's low byte may well be 0x80, like a pickle's first byte)
     if any(head.startswith(m) for m in _PICKLE_MAGICS):
-        raise LmcError(f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files (they can run arbitrary code)",
-                       "convert it yourself in a trusted session with safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')")
+        raise LmcError(
+            f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files (they can run arbitrary code)",
+            "convert it yourself in a trusted session with safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')",
+        )
     if len(head) < 8:
         raise LmcError(f"checkpoint {path} is truncated ({size} bytes)", "re-create it")
     n = int.from_bytes(head, "little")
     if n <= 1 or 8 + n > size:
-        raise LmcError(f"checkpoint {path} is not a safetensors file (bad header length {n} for a {size}-byte file)",
-                       "pass a .safetensors file written by lmckit; it may be truncated or of another format")
+        raise LmcError(
+            f"checkpoint {path} is not a safetensors file (bad header length {n} for a {size}-byte file)",
+            "pass a .safetensors file written by lmckit; it may be truncated or of another format",
+        )
 
 
 def load_state(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -229,7 +273,9 @@ def load_state(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict
     except LmcError:
         raise
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise LmcError(f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})", "re-create it") from None
+        raise LmcError(
+            f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})", "re-create it"
+        ) from None
     meta: dict[str, Any] = {}
     for k, v in raw_meta.items():
         try:
@@ -246,8 +292,10 @@ def check_state_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = int((~torch.isfinite(v)).sum())
-            raise LmcError(f"{where}: tensor {k!r} has {bad} NaN/inf values",
-                           "the model diverged or the file is damaged; retrain it or use another checkpoint")
+            raise LmcError(
+                f"{where}: tensor {k!r} has {bad} NaN/inf values",
+                "the model diverged or the file is damaged; retrain it or use another checkpoint",
+            )
 
 
 # --------------------------------------------------------------------------- run folders
@@ -291,8 +339,10 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output fo
         try:
             fcntl.flock(fd, flags)
         except BlockingIOError:
-            raise LmcError(f"another lmckit process is using the {what} {path.parent}",
-                           "wait for it to finish, or use another --out folder") from None
+            raise LmcError(
+                f"another lmckit process is using the {what} {path.parent}",
+                "wait for it to finish, or use another --out folder",
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield
@@ -322,8 +372,11 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
         name_max = 255
     for part in p.parts:
         if len(os.fsencode(part)) > name_max:
-            raise LmcError(f"cannot write {what} {path}: the name {part[:40]}... is longer than the file system "
-                           f"allows ({len(os.fsencode(part))} > {name_max} bytes)", "use a shorter name")
+            raise LmcError(
+                f"cannot write {what} {path}: the name {part[:40]}... is longer than the file system "
+                f"allows ({len(os.fsencode(part))} > {name_max} bytes)",
+                "use a shorter name",
+            )
     if p.exists():
         if folder and not p.is_dir():
             raise LmcError(f"{what} {path} is a file", "pass a folder path")
@@ -334,8 +387,10 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
             raise LmcError(f"{what} {path} cannot be created: {parent} is a file", "pass a path under a folder")
     base = p if (p.exists() and p.is_dir()) else _existing_parent(p)
     if not os.access(base, os.W_OK | os.X_OK):
-        raise LmcError(f"cannot write {what} {path}: {base} is not writable (read-only folder or file system)",
-                       "choose an output path you may write to")
+        raise LmcError(
+            f"cannot write {what} {path}: {base} is not writable (read-only folder or file system)",
+            "choose an output path you may write to",
+        )
 
 
 def _existing_parent(p: Path) -> Path:

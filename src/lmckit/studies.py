@@ -18,6 +18,7 @@ live in :mod:`lmckit.pipeline.studies`.
 * :func:`spearman` : Spearman's rank correlation (scipy), used to say which of
   R(0.3) and the L2 distance predicts the barrier better.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -25,13 +26,14 @@ from typing import Mapping, Sequence
 import torch
 
 from .errors import LmcError
-from .perm import PermutationSpec, Perms
+from .perm import Perms, PermutationSpec
 
 __all__ = ["split_directions", "direction_matching", "reassign_fraction", "spectrum_concentration", "spearman"]
 
 
-def split_directions(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma: float
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+def split_directions(
+    spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma: float
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict[str, int]]]:
     """``(top, tail, kept)``: every weight matrix split into its dominant part ``W_k`` and the rest ``W - W_k``.
 
     Parameters
@@ -57,9 +59,16 @@ def split_directions(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamm
     return top, tail, kept
 
 
-def direction_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                       gamma: float, part: str = "top", seed: int = 0, max_iter: int = 100,
-                       device: torch.device | str | None = None):
+def direction_matching(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    gamma: float,
+    part: str = "top",
+    seed: int = 0,
+    max_iter: int = 100,
+    device: torch.device | str | None = None,
+):
     """Weight matching computed on the dominant (``part="top"``) or trailing (``"tail"``) directions only.
 
     Both models are split by :func:`split_directions` at the same ``gamma``
@@ -116,8 +125,9 @@ def reassign_fraction(perms: Mapping[str, torch.Tensor], fraction: float, genera
     return {g: out[g] for g in perms}
 
 
-def spectrum_concentration(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma: float = 0.3
-                           ) -> dict[str, object]:
+def spectrum_concentration(
+    spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma: float = 0.3
+) -> dict[str, object]:
     """How concentrated the spectra are: fraction of singular values with ``sigma_i >= gamma sigma_max``.
 
     Returns ``{"total": sum_l k_l / sum_l r_l, "per_layer": {layer: k_l / r_l}}``

@@ -34,6 +34,7 @@ warm-up steps, base rate ``eta``):
 * ``linear``: ``eta * (1 - (t - W) / (T - W))`` (reaches 0 at ``t = T``);
 * ``cosine``: ``eta * (1 + cos(pi * (t - W) / (T - W))) / 2``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,14 +80,18 @@ def _model_options(model: str, given: Mapping[str, Any]) -> tuple[tuple[str, Any
     from .models.registry import model_entry
 
     entry = model_entry(model)
-    params = {n: p for n, p in inspect.signature(entry.factory).parameters.items()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in DATASET_OPTIONS}
+    params = {
+        n: p
+        for n, p in inspect.signature(entry.factory).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in DATASET_OPTIONS
+    }
     for k in given:
         if k in DATASET_OPTIONS:
-            raise LmcError(f"model option {k!r} is set from the dataset, not by hand", f"remove {k} from the model options")
+            raise LmcError(
+                f"model option {k!r} is set from the dataset, not by hand", f"remove {k} from the model options"
+            )
         if k not in params:
-            raise LmcError(f"model {model!r} has no option {k!r}",
-                           f"its options are: {', '.join(params) or '(none)'}")
+            raise LmcError(f"model {model!r} has no option {k!r}", f"its options are: {', '.join(params) or '(none)'}")
     out: dict[str, Any] = {}
     for n, p in params.items():
         v = given.get(n, p.default)
@@ -95,10 +100,20 @@ def _model_options(model: str, given: Mapping[str, Any]) -> tuple[tuple[str, Any
         if isinstance(p.default, float) and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         d = p.default
-        ok = (v is None or d is None or d is inspect.Parameter.empty or
-              (isinstance(v, bool) if isinstance(d, bool) else
-               isinstance(v, float) if isinstance(d, float) else
-               (isinstance(v, int) and not isinstance(v, bool)) if isinstance(d, int) else isinstance(v, type(d))))
+        ok = (
+            v is None
+            or d is None
+            or d is inspect.Parameter.empty
+            or (
+                isinstance(v, bool)
+                if isinstance(d, bool)
+                else isinstance(v, float)
+                if isinstance(d, float)
+                else (isinstance(v, int) and not isinstance(v, bool))
+                if isinstance(d, int)
+                else isinstance(v, type(d))
+            )
+        )
         if not ok or not isinstance(v, (str, int, float, bool, type(None))):
             raise LmcError(f"model option {n}={v!r} should be {type(d).__name__}", f"fix the {n} setting")
         out[n] = v
@@ -179,7 +194,11 @@ class TrainConfig:
             if f.name == "model_kwargs":
                 continue
             v = getattr(self, f.name)
-            typ = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float, "bool": bool}.get(str(f.type))
+            typ = (
+                f.type
+                if isinstance(f.type, type)
+                else {"str": str, "int": int, "float": float, "bool": bool}.get(str(f.type))
+            )
             if typ is float and isinstance(v, int) and not isinstance(v, bool):
                 set_(self, f.name, float(v))
             elif typ is int and isinstance(v, float) and v.is_integer():
@@ -213,8 +232,10 @@ class TrainConfig:
         if self.val_size < 0 or self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
             raise LmcError("val_size, weight_decay, momentum and warmup_epochs must not be negative")
         if self.warmup_epochs > self.epochs:
-            raise LmcError(f"warm-up ({self.warmup_epochs} epochs) is longer than training ({self.epochs} epochs)",
-                           "shorten the warm-up or train longer")
+            raise LmcError(
+                f"warm-up ({self.warmup_epochs} epochs) is longer than training ({self.epochs} epochs)",
+                "shorten the warm-up or train longer",
+            )
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise LmcError("nesterov needs the sgd optimizer with momentum > 0")
 
@@ -236,7 +257,9 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise LmcError(f"unknown training settings: {', '.join(unknown)}", f"known settings: {', '.join(sorted(names))}")
+            raise LmcError(
+                f"unknown training settings: {', '.join(unknown)}", f"known settings: {', '.join(sorted(names))}"
+            )
         return cls(**dict(d))
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -251,31 +274,120 @@ class TrainConfig:
 # --------------------------------------------------------------------------- presets
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's MLP recipe (MNIST / Fashion-MNIST).
-    "mlp-fmnist": dict(model="mlp", model_kwargs={}, dataset="fashion-mnist", epochs=5, batch_size=500,
-                       optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False),
+    "mlp-fmnist": dict(
+        model="mlp",
+        model_kwargs={},
+        dataset="fashion-mnist",
+        epochs=5,
+        batch_size=500,
+        optimizer="adam",
+        lr=1e-3,
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_epochs=0.0,
+        augment=False,
+    ),
     # The paper's CIFAR-10 recipes (need a GPU).
-    "vgg11-cifar10": dict(model="vgg11", model_kwargs={"width_mult": 4.0, "norm": "batchnorm"}, dataset="cifar10", epochs=100,
-                          batch_size=500, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4, schedule="linear",
-                          warmup_epochs=5.0, augment=True),
-    "resnet20-cifar10": dict(model="resnet20", model_kwargs={"width_mult": 16.0, "norm": "batchnorm"}, dataset="cifar10",
-                             epochs=100, batch_size=500, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4,
-                             schedule="linear", warmup_epochs=5.0, augment=True),
+    "vgg11-cifar10": dict(
+        model="vgg11",
+        model_kwargs={"width_mult": 4.0, "norm": "batchnorm"},
+        dataset="cifar10",
+        epochs=100,
+        batch_size=500,
+        optimizer="sgd",
+        lr=0.4,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="linear",
+        warmup_epochs=5.0,
+        augment=True,
+    ),
+    "resnet20-cifar10": dict(
+        model="resnet20",
+        model_kwargs={"width_mult": 16.0, "norm": "batchnorm"},
+        dataset="cifar10",
+        epochs=100,
+        batch_size=500,
+        optimizer="sgd",
+        lr=0.4,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="linear",
+        warmup_epochs=5.0,
+        augment=True,
+    ),
     # CPU-sized conv recipes on Fashion-MNIST: the CIFAR recipe's shape (SGD, warm-up, linear
     # decay) shortened. One epoch of VGG-11 (width 1) costs about 5 min on 2 CPU cores, ResNet-20 about 2 min.
-    "vgg11-fmnist": dict(model="vgg11", model_kwargs={"width_mult": 1.0, "norm": "batchnorm"}, dataset="fashion-mnist",
-                         epochs=3, batch_size=500, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                         schedule="linear", warmup_epochs=0.5, augment=False),
-    "resnet20-fmnist": dict(model="resnet20", model_kwargs={"width_mult": 1.0, "norm": "batchnorm"}, dataset="fashion-mnist",
-                            epochs=3, batch_size=500, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                            schedule="linear", warmup_epochs=0.5, augment=False),
+    "vgg11-fmnist": dict(
+        model="vgg11",
+        model_kwargs={"width_mult": 1.0, "norm": "batchnorm"},
+        dataset="fashion-mnist",
+        epochs=3,
+        batch_size=500,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="linear",
+        warmup_epochs=0.5,
+        augment=False,
+    ),
+    "resnet20-fmnist": dict(
+        model="resnet20",
+        model_kwargs={"width_mult": 1.0, "norm": "batchnorm"},
+        dataset="fashion-mnist",
+        epochs=3,
+        batch_size=500,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="linear",
+        warmup_epochs=0.5,
+        augment=False,
+    ),
     # Transformer and recurrent models on Fashion-MNIST, sized for a CPU (about 1-2 min an epoch on 2 cores).
-    "vit-fmnist": dict(model="vit", model_kwargs={}, dataset="fashion-mnist", epochs=5, batch_size=256,
-                       optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False),
-    "lstm-fmnist": dict(model="lstm", model_kwargs={}, dataset="fashion-mnist", epochs=5, batch_size=256,
-                        optimizer="adam", lr=2e-3, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False),
+    "vit-fmnist": dict(
+        model="vit",
+        model_kwargs={},
+        dataset="fashion-mnist",
+        epochs=5,
+        batch_size=256,
+        optimizer="adam",
+        lr=1e-3,
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_epochs=0.0,
+        augment=False,
+    ),
+    "lstm-fmnist": dict(
+        model="lstm",
+        model_kwargs={},
+        dataset="fashion-mnist",
+        epochs=5,
+        batch_size=256,
+        optimizer="adam",
+        lr=2e-3,
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_epochs=0.0,
+        augment=False,
+    ),
     # Seconds-long recipe for tests and smoke runs.
-    "tiny": dict(model="mlp_tiny", model_kwargs={}, dataset="synthetic", epochs=2, batch_size=100, optimizer="adam",
-                 lr=1e-2, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, augment=False, eval_batch_size=500),
+    "tiny": dict(
+        model="mlp_tiny",
+        model_kwargs={},
+        dataset="synthetic",
+        epochs=2,
+        batch_size=100,
+        optimizer="adam",
+        lr=1e-2,
+        weight_decay=0.0,
+        schedule="constant",
+        warmup_epochs=0.0,
+        augment=False,
+        eval_batch_size=500,
+    ),
 }
 
 
@@ -305,8 +417,10 @@ def make_config(preset: str | None = None, *, base: TrainConfig | None = None, *
             import difflib
 
             close = difflib.get_close_matches(preset, list(PRESETS), n=1)
-            raise LmcError(f"unknown training preset {preset!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                           f"presets: {', '.join(PRESETS)}")
+            raise LmcError(
+                f"unknown training preset {preset!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                f"presets: {', '.join(PRESETS)}",
+            )
         d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset].items()}
     elif base is not None:
         d = base.to_dict()
@@ -350,8 +464,9 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+        )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -363,8 +478,13 @@ def build_untrained(config: TrainConfig, dataset) -> nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return create_model(config.model, in_channels=dataset.in_channels, image_size=dataset.image_size,
-                            num_classes=dataset.num_classes, **config.model_options)
+        return create_model(
+            config.model,
+            in_channels=dataset.in_channels,
+            image_size=dataset.image_size,
+            num_classes=dataset.num_classes,
+            **config.model_options,
+        )
 
 
 # --------------------------------------------------------------------------- checkpoints (no pickles)
@@ -378,8 +498,14 @@ def _json_scalar(v: Any) -> Any:
     raise TypeError(f"optimizer state value {v!r} is neither a tensor nor a JSON scalar")
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    epoch: int, extra: Mapping[str, Any]) -> Path:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    epoch: int,
+    extra: Mapping[str, Any],
+) -> Path:
     """Write model, optimiser and generator state to one safetensors file (atomically).
 
     Tensors: ``model/<key>``, ``optim/<param index>/<name>``, ``rng/state``.
@@ -399,21 +525,28 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                 scalars.setdefault(str(idx), {})[name] = _json_scalar(v)
     groups = [{k: _json_scalar(v) for k, v in g.items()} for g in osd["param_groups"]]
     tensors["rng/state"] = generator.get_state()
-    meta = {"epoch": epoch, "optimizer": {"param_groups": groups, "scalars": scalars,
-                                          "tensor_states": sorted({k.split("/", 2)[1] for k in tensors if k.startswith("optim/")})},
-            **extra}
+    meta = {
+        "epoch": epoch,
+        "optimizer": {
+            "param_groups": groups,
+            "scalars": scalars,
+            "tensor_states": sorted({k.split("/", 2)[1] for k in tensors if k.startswith("optim/")}),
+        },
+        **extra,
+    }
     return save_state(path, tensors, meta)
 
 
-def load_checkpoint_into(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         generator: torch.Generator) -> dict[str, Any]:
+def load_checkpoint_into(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> dict[str, Any]:
     """Restore a :func:`save_checkpoint` file; returns its metadata."""
     from .store import load_state
 
     tensors, meta = load_state(path)
     dev = next(model.parameters()).device
     prefix = "model/"
-    model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     ometa = meta["optimizer"]
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
@@ -452,9 +585,16 @@ class TrainResult:
     config: TrainConfig | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "test_loss": self.test_loss, "test_accuracy": self.test_accuracy,
-                "train_loss": self.train_loss, "train_accuracy": self.train_accuracy, "seconds": self.seconds,
-                "cached": self.cached, "config": self.config.to_dict() if self.config else None}
+        return {
+            "run_dir": str(self.run_dir),
+            "test_loss": self.test_loss,
+            "test_accuracy": self.test_accuracy,
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "seconds": self.seconds,
+            "cached": self.cached,
+            "config": self.config.to_dict() if self.config else None,
+        }
 
 
 def run_dir_for(config: TrainConfig, out_root: str | os.PathLike = "runs") -> Path:
@@ -473,21 +613,41 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
     try:
         r = info["result"]
         cfg = TrainConfig.from_dict(info["config"])
-        return TrainResult(run_dir, float(r["test_loss"]), float(r["test_accuracy"]), float(r["train_loss"]),
-                           float(r["train_accuracy"]), float(info["provenance"]["wall_seconds"]), cached, cfg)
+        return TrainResult(
+            run_dir,
+            float(r["test_loss"]),
+            float(r["test_accuracy"]),
+            float(r["train_loss"]),
+            float(r["train_accuracy"]),
+            float(info["provenance"]["wall_seconds"]),
+            cached,
+            cfg,
+        )
     except LmcError as e:  # e.g. unknown settings: say it is the cached file, not the command line
-        raise LmcError(f"the cached run record {run_dir}/config.json is not valid for this lmckit: {e.message}",
-                       "delete that run folder and train again") from None
+        raise LmcError(
+            f"the cached run record {run_dir}/config.json is not valid for this lmckit: {e.message}",
+            "delete that run folder and train again",
+        ) from None
     except (KeyError, TypeError, ValueError) as e:  # (LmcError is a ValueError: caught above)
-        raise LmcError(f"{run_dir}/config.json is not an lmckit training record ({type(e).__name__}: {e})",
-                       "delete the folder and train again") from None
+        raise LmcError(
+            f"{run_dir}/config.json is not an lmckit training record ({type(e).__name__}: {e})",
+            "delete the folder and train again",
+        ) from None
 
 
 # --------------------------------------------------------------------------- training
-def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str | torch.device = "auto",
-          progress: bool = True, *, data_dir: str | os.PathLike | None = None, threads: int | None = None,
-          callback: Callable[[int, dict[str, Any]], None] | None = None, channels_last: bool | None = None,
-          tf32: bool | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    out_root: str | os.PathLike = "runs",
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+    channels_last: bool | None = None,
+    tf32: bool | None = None,
+) -> TrainResult:
     """Train ``config`` into ``out_root/train/<hash>`` (or return the finished run).
 
     Parameters
@@ -542,14 +702,21 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
     if threads is not None and not 1 <= int(threads) <= 4096:
         raise LmcError(f"--threads must be between 1 and 4096, got {threads}")
     ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
-    check_model_size(config.model, {"in_channels": ds.in_channels, "image_size": ds.image_size,
-                                    "num_classes": ds.num_classes, **config.model_options}, "training setting")
+    check_model_size(
+        config.model,
+        {
+            "in_channels": ds.in_channels,
+            "image_size": ds.image_size,
+            "num_classes": ds.num_classes,
+            **config.model_options,
+        },
+        "training setting",
+    )
     final = _cached_or_target(run_dir_for(config, out_root), ds)
     if is_complete(final):
         return load_result(final, cached=True)
     if final.exists():
-        raise LmcError(f"{final} exists but is not a finished run (no config.json)",
-                       "delete that folder and run again")
+        raise LmcError(f"{final} exists but is not a finished run (no config.json)", "delete that folder and run again")
     check_run_store(Path(out_root))
     lock = final.with_name(final.name + ".lock")
     created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
@@ -563,8 +730,7 @@ def train(config: TrainConfig, out_root: str | os.PathLike = "runs", device: str
             if threads:
                 torch.set_num_threads(int(threads))
             try:
-                return _train_locked(config, final, partial, device, progress, data_dir, callback,
-                                     channels_last, tf32)
+                return _train_locked(config, final, partial, device, progress, data_dir, callback, channels_last, tf32)
             finally:
                 if threads:
                     torch.set_num_threads(old_threads)
@@ -623,9 +789,17 @@ def check_run_store(root: Path) -> None:
     check_output_path("run store --out", root, folder=True)
 
 
-def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str | torch.device, progress: bool,
-                  data_dir: str | os.PathLike | None, callback, channels_last: bool | None = None,
-                  tf32: bool | None = None) -> TrainResult:
+def _train_locked(
+    config: TrainConfig,
+    final: Path,
+    partial: Path,
+    device: str | torch.device,
+    progress: bool,
+    data_dir: str | os.PathLike | None,
+    callback,
+    channels_last: bool | None = None,
+    tf32: bool | None = None,
+) -> TrainResult:
     from . import __version__
     from .checkpoint import save_model
     from .data import load_dataset
@@ -656,18 +830,24 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
         except LmcError as e:
             raise LmcError(f"cannot resume from {ckpt}: {e.message}", f"delete {partial} to restart this run") from None
         if meta.get("config_hash") != h:
-            raise LmcError(f"checkpoint {ckpt} belongs to another config ({meta.get('config_hash')})",
-                           f"delete {partial} to restart this run")
+            raise LmcError(
+                f"checkpoint {ckpt} belongs to another config ({meta.get('config_hash')})",
+                f"delete {partial} to restart this run",
+            )
         if meta.get("data_checksums", dict(ds.checksums)) != dict(ds.checksums):
-            raise LmcError(f"the unfinished run {partial} was started on other {config.dataset} files than the "
-                           "ones found now (their checksums differ)",
-                           f"point --data-dir at the data it started on, or delete {partial} to restart on this data")
+            raise LmcError(
+                f"the unfinished run {partial} was started on other {config.dataset} files than the "
+                "ones found now (their checksums differ)",
+                f"point --data-dir at the data it started on, or delete {partial} to restart on this data",
+            )
         start_epoch, metrics, elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
         resumed = list(meta.get("resumed", [])) + [start_epoch]
         where = _where(dev, gpu)
         if meta.get("where", where) != where:  # still correct, but float sums may round differently
-            note = (f"[train] note: resuming on {where} but epochs 1-{start_epoch} ran on {meta['where']}; "
-                    "the weights will not be bit-identical to an uninterrupted run")
+            note = (
+                f"[train] note: resuming on {where} but epochs 1-{start_epoch} ran on {meta['where']}; "
+                "the weights will not be bit-identical to an uninterrupted run"
+            )
             resume_note = note
     else:  # a fresh start: clear leftovers of a run killed before its first checkpoint
         for p in partial.iterdir():
@@ -680,8 +860,11 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
     if use_cl and x_all is not None:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    bar = (Progress(config.epochs, f"train {config.model} seed={config.seed}", every=0.0, unit="epoch")
-           if progress else NullProgress())
+    bar = (
+        Progress(config.epochs, f"train {config.model} seed={config.seed}", every=0.0, unit="epoch")
+        if progress
+        else NullProgress()
+    )
     if start_epoch:
         bar.write(f"[train] resuming {final.name} after epoch {start_epoch}")
         if resume_note:
@@ -692,23 +875,42 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
             t0 = time.perf_counter()
             model.train()
             with tf32_scope(use_tf32):
-                train_loss, train_acc, lr = _train_epoch(model, optimizer, config, gen, x_all, x_u8, y_all, ds, dev,
-                                                         epoch, steps_per_epoch)
+                train_loss, train_acc, lr = _train_epoch(
+                    model, optimizer, config, gen, x_all, x_u8, y_all, ds, dev, epoch, steps_per_epoch
+                )
             train_seconds = time.perf_counter() - t0
             if not math.isfinite(train_loss):
-                raise LmcError(f"training diverged in epoch {epoch + 1} (loss {train_loss})",
-                               f"lower the learning rate (now {config.lr}); the last good checkpoint is in {partial}")
+                raise LmcError(
+                    f"training diverged in epoch {epoch + 1} (loss {train_loss})",
+                    f"lower the learning rate (now {config.lr}); the last good checkpoint is in {partial}",
+                )
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
             if "val" in ds.images:
-                row["val_loss"], row["val_acc"] = evaluate(model, ds, "val", batch_size=config.eval_batch_size, device=dev)
-            row["test_loss"], row["test_acc"] = evaluate(model, ds, "test", batch_size=config.eval_batch_size, device=dev)
+                row["val_loss"], row["val_acc"] = evaluate(
+                    model, ds, "val", batch_size=config.eval_batch_size, device=dev
+                )
+            row["test_loss"], row["test_acc"] = evaluate(
+                model, ds, "test", batch_size=config.eval_batch_size, device=dev
+            )
             row["seconds"] = train_seconds
             row["eval_seconds"] = time.perf_counter() - t0 - train_seconds
             metrics.append(row)
             elapsed += time.perf_counter() - t0
-            save_checkpoint(ckpt, model, optimizer, gen, epoch + 1,
-                            {"metrics": metrics, "elapsed": elapsed, "config_hash": h, "resumed": resumed,
-                             "data_checksums": dict(ds.checksums), "where": _where(dev, gpu)})
+            save_checkpoint(
+                ckpt,
+                model,
+                optimizer,
+                gen,
+                epoch + 1,
+                {
+                    "metrics": metrics,
+                    "elapsed": elapsed,
+                    "config_hash": h,
+                    "resumed": resumed,
+                    "data_checksums": dict(ds.checksums),
+                    "where": _where(dev, gpu),
+                },
+            )
             atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
             bar.update(1, loss=train_loss, test_acc=row["test_acc"])
             if callback is not None:
@@ -720,22 +922,42 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
     train_eval = evaluate(model, ds, "train", batch_size=config.eval_batch_size, device=dev)
     elapsed += time.perf_counter() - t0
     last = metrics[-1]
-    result = {"test_loss": last["test_loss"], "test_accuracy": last["test_acc"], "train_loss": train_eval[0],
-              "train_accuracy": train_eval[1], "epochs": config.epochs}
+    result = {
+        "test_loss": last["test_loss"],
+        "test_accuracy": last["test_acc"],
+        "train_loss": train_eval[0],
+        "train_accuracy": train_eval[1],
+        "epochs": config.epochs,
+    }
     if "val_loss" in last:
         result["val_loss"], result["val_accuracy"] = last["val_loss"], last["val_acc"]
     save_model(partial / "model.safetensors", model, dataset=config.dataset, lmckit_train=cfg_dict, config_hash=h)
     record = {
-        "kind": "lmckit.train", "schema": SCHEMA_VERSION, "hash": h,
-        "config": cfg_dict, "model": model.lmckit_config, "dataset": config.dataset, "seed": config.seed,
+        "kind": "lmckit.train",
+        "schema": SCHEMA_VERSION,
+        "hash": h,
+        "config": cfg_dict,
+        "model": model.lmckit_config,
+        "dataset": config.dataset,
+        "seed": config.seed,
         "result": result,
         "provenance": {
-            "lmckit_version": __version__, "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "platform": platform.platform(), "device": str(dev), "threads": torch.get_num_threads(), **gpu,
-            "wall_seconds": elapsed, "resumed_after_epochs": resumed,
+            "lmckit_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "platform": platform.platform(),
+            "device": str(dev),
+            "threads": torch.get_num_threads(),
+            **gpu,
+            "wall_seconds": elapsed,
+            "resumed_after_epochs": resumed,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "dataset": {"name": ds.name, "checksums": dict(ds.checksums), "sources": dict(ds.source),
-                        "sizes": {s: ds.size(s) for s in ds.splits()}},
+            "dataset": {
+                "name": ds.name,
+                "checksums": dict(ds.checksums),
+                "sources": dict(ds.source),
+                "sizes": {s: ds.size(s) for s in ds.splits()},
+            },
         },
     }
     # metrics.jsonl again: a kill between the last checkpoint and its metrics line must not lose that line
@@ -745,8 +967,16 @@ def _train_locked(config: TrainConfig, final: Path, partial: Path, device: str |
         p.unlink(missing_ok=True)
     atomic_write_json(partial / "config.json", record)
     final = finalize_dir(partial, final)
-    return TrainResult(final, float(result["test_loss"]), float(result["test_accuracy"]), float(result["train_loss"]),
-                       float(result["train_accuracy"]), elapsed, False, config)
+    return TrainResult(
+        final,
+        float(result["test_loss"]),
+        float(result["test_accuracy"]),
+        float(result["train_loss"]),
+        float(result["train_accuracy"]),
+        elapsed,
+        False,
+        config,
+    )
 
 
 def _where(dev: torch.device, gpu: Mapping[str, Any]) -> dict[str, Any]:
@@ -757,9 +987,19 @@ def _where(dev: torch.device, gpu: Mapping[str, Any]) -> dict[str, Any]:
     return w
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, gen: torch.Generator,
-                 x_all: torch.Tensor | None, x_u8: torch.Tensor, y_all: torch.Tensor, ds, dev: torch.device,
-                 epoch: int, steps_per_epoch: int) -> tuple[float, float, float]:
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    gen: torch.Generator,
+    x_all: torch.Tensor | None,
+    x_u8: torch.Tensor,
+    y_all: torch.Tensor,
+    ds,
+    dev: torch.device,
+    epoch: int,
+    steps_per_epoch: int,
+) -> tuple[float, float, float]:
     """One pass over the shuffled training split; returns (mean loss, accuracy, last lr).
 
     Loss and correct counts are accumulated on the device and read once at
@@ -775,10 +1015,12 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, config: Tra
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     groups = optimizer.param_groups
     lr = config.lr
-    model_cl = x_all is None and any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
-                                     and not p.is_contiguous() for p in model.parameters())
+    model_cl = x_all is None and any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
     for i, start in enumerate(range(0, n, bs)):
-        idx = order_dev[start:start + bs]
+        idx = order_dev[start : start + bs]
         if x_all is not None:
             xb = x_all.index_select(0, idx)
         else:

@@ -8,18 +8,46 @@
 - :func:`taylor_midpoint`: second-order Taylor estimate of the midpoint barrier beside the measured one.
 - :func:`analyze_pair`: all of it for one pair (``lmckit analyze``); :mod:`.plots` draws the figures.
 """
+
 from .distance import distances
 from .layers import Layer, layers_of, midpoint_state
 from .pair import PairAnalysis, analyze_pair
 from .projection import input_projections, projection_summary
 from .rank import rank_sweep, truncate_state
-from .svd import (DEFAULT_GAMMAS, LayerAlignment, SVDAlignment, cross_alignment, gamma_key, inner_product_identity,
-                  layer_svd, matrix_alignment, state_svds, svd_alignment)
+from .svd import (
+    DEFAULT_GAMMAS,
+    LayerAlignment,
+    SVDAlignment,
+    cross_alignment,
+    gamma_key,
+    inner_product_identity,
+    layer_svd,
+    matrix_alignment,
+    state_svds,
+    svd_alignment,
+)
 from .taylor import taylor_midpoint
 
 __all__ = [
-    "distances", "Layer", "layers_of", "midpoint_state", "PairAnalysis", "analyze_pair", "input_projections",
-    "projection_summary", "rank_sweep", "truncate_state", "DEFAULT_GAMMAS", "LayerAlignment", "SVDAlignment",
-    "cross_alignment", "gamma_key", "inner_product_identity", "layer_svd", "matrix_alignment", "state_svds", "svd_alignment",
+    "distances",
+    "Layer",
+    "layers_of",
+    "midpoint_state",
+    "PairAnalysis",
+    "analyze_pair",
+    "input_projections",
+    "projection_summary",
+    "rank_sweep",
+    "truncate_state",
+    "DEFAULT_GAMMAS",
+    "LayerAlignment",
+    "SVDAlignment",
+    "cross_alignment",
+    "gamma_key",
+    "inner_product_identity",
+    "layer_svd",
+    "matrix_alignment",
+    "state_svds",
+    "svd_alignment",
     "taylor_midpoint",
 ]

@@ -12,6 +12,7 @@ shift), keyed by the module name.
 
 All sums are done in float64.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -27,8 +28,12 @@ def counted_keys(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> li
     return [k for k in spec.axes if k in state and state[k].is_floating_point() and not is_stat_key(k)]
 
 
-def distances(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-              perms: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def distances(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Distances between ``theta_a`` and ``theta_b`` before and after applying ``perms`` to ``theta_b``.
 
     Parameters
@@ -53,8 +58,10 @@ def distances(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Map
         a = sd_a[k].detach().to("cpu", torch.float64)
         b0 = sd_b[k].detach().to("cpu", torch.float64)
         b1 = sd_bp[k].detach().to("cpu", torch.float64)
-        rec = per.setdefault(module_of(k), {"name": module_of(k), "keys": [], "shape": list(sd_a[k].shape),
-                                            "numel": 0, "_sq0": 0.0, "_sq1": 0.0})
+        rec = per.setdefault(
+            module_of(k),
+            {"name": module_of(k), "keys": [], "shape": list(sd_a[k].shape), "numel": 0, "_sq0": 0.0, "_sq1": 0.0},
+        )
         rec["keys"].append(k)
         rec["numel"] += int(a.numel())
         rec["_sq0"] += float(((a - b0) ** 2).sum())
@@ -66,7 +73,7 @@ def distances(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Map
         d0, d1 = r.pop("_sq0") ** 0.5, r.pop("_sq1") ** 0.5
         r.update(l2_before=d0, l2_after=d1, reduction=_reduction(d0, d1))
         records.append(r)
-    d0, d1 = sq0 ** 0.5, sq1 ** 0.5
+    d0, d1 = sq0**0.5, sq1**0.5
     return {"l2_before": d0, "l2_after": d1, "reduction": _reduction(d0, d1), "entries": keys, "per_layer": records}
 
 

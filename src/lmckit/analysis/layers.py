@@ -30,6 +30,7 @@ index vector (a block-diagonal permutation, or ``Q ⊗ I_{H*W}`` for a flatten).
 Head-structured permutations are ordinary permutations of the rows/columns,
 so ``R(gamma)`` needs nothing else for attention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -120,8 +121,11 @@ def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = 
         plain = lambda e: e if isinstance(e, str) else None  # noqa: E731
         if is_segmented(e0):
             segs = entry_segments(e0, shape[0], spec.sizes)
-            if len(segs) >= 2 and all(inner == 1 and g is not None for g, _, inner, _ in segs) \
-                    and len({n for _, n, _, _ in segs}) == 1:
+            if (
+                len(segs) >= 2
+                and all(inner == 1 and g is not None for g, _, inner, _ in segs)
+                and len({n for _, n, _, _ in segs}) == 1
+            ):
                 table = _RNN_LABELS if ".weight_ih" in key or ".weight_hh" in key else _GATE_LABELS
                 labels = table.get(len(segs), tuple(str(i) for i in range(len(segs))))
                 for (g, n, _, off), lab in zip(segs, labels):
@@ -160,7 +164,9 @@ def permute_kron_rows(x: torch.Tensor, perm: torch.Tensor | None, kernel: int) -
     return x.reshape(n, kernel, -1).index_select(0, perm.to(x.device)).reshape(x.shape[0], -1)
 
 
-def perms_for(layer: Layer, perms: Mapping[str, torch.Tensor] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def perms_for(
+    layer: Layer, perms: Mapping[str, torch.Tensor] | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(p, q)`` index vectors of the layer's output and input groups (``None`` = identity)."""
     if perms is None:
         return None, None
@@ -182,7 +188,9 @@ def module_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
 
-def midpoint_state(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], lam: float = 0.5) -> dict[str, torch.Tensor]:
+def midpoint_state(
+    sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], lam: float = 0.5
+) -> dict[str, torch.Tensor]:
     """``(1 - lam) theta_a + lam theta_b`` on floating-point entries; integer entries are taken from ``a``.
 
     New tensors; neither input is modified. Pass ``pi(theta_b)`` as ``sd_b`` for

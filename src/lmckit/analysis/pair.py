@@ -1,4 +1,5 @@
 """The whole analysis of one pair of models, as used by ``lmckit analyze`` (and reusable by pipelines)."""
+
 from __future__ import annotations
 
 import time
@@ -27,12 +28,25 @@ class PairAnalysis:
     sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor],
-                 sd_b: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor] | None = None, *,
-                 dataset=None, gammas: Iterable[float] = DEFAULT_GAMMAS, rank_fractions: Iterable[float] = (),
-                 rank_split: str = "test", eval_limit: int | None = None, projection_batches: int = 4,
-                 taylor: bool = False, taylor_samples: int = 10000, taylor_batch_size: int = 1000,
-                 device: torch.device | str | None = None, seed: int = 0) -> PairAnalysis:
+def analyze_pair(
+    model: nn.Module,
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor] | None = None,
+    *,
+    dataset=None,
+    gammas: Iterable[float] = DEFAULT_GAMMAS,
+    rank_fractions: Iterable[float] = (),
+    rank_split: str = "test",
+    eval_limit: int | None = None,
+    projection_batches: int = 4,
+    taylor: bool = False,
+    taylor_samples: int = 10000,
+    taylor_batch_size: int = 1000,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> PairAnalysis:
     """Distances, SVD alignment, and (with a dataset) input projections, rank sweeps and the Taylor estimate.
 
     ``perms`` permutes ``theta_b`` (``None``: identity, so "after" equals
@@ -67,29 +81,60 @@ def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
     per_layer: list[dict[str, Any]] = []
     for d in dist["per_layer"]:
         la = svd_by_name.get(d["name"])
-        rec = {"name": d["name"], "shape": d["shape"], "output_layer": False, "l2_before": d["l2_before"],
-               "l2_after": d["l2_after"], "reduction": d["reduction"], "R": None, "kept": None, "rank": None}
+        rec = {
+            "name": d["name"],
+            "shape": d["shape"],
+            "output_layer": False,
+            "l2_before": d["l2_before"],
+            "l2_after": d["l2_after"],
+            "reduction": d["reduction"],
+            "R": None,
+            "kept": None,
+            "rank": None,
+        }
         if la is not None:
-            rec.update(shape=list(la.layer.shape), output_layer=la.layer.is_output, R=la.R, rank=la.layer.rank,
-                       kept={g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()})
+            rec.update(
+                shape=list(la.layer.shape),
+                output_layer=la.layer.is_output,
+                R=la.R,
+                rank=la.layer.rank,
+                kept={g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
+            )
         per_layer.append(rec)
     # matrices that are blocks of one entry (W_Q/W_K/W_V of a fused projection, LSTM/GRU gates) have SVD rows of
     # their own; their distances are in their entry's (module's) record
     seen = {d["name"] for d in dist["per_layer"]}
     for la in svd.layers:
         if la.layer.name not in seen:
-            per_layer.append({"name": la.layer.name, "shape": list(la.layer.shape), "output_layer": la.layer.is_output,
-                              "l2_before": None, "l2_after": None, "reduction": None, "R": la.R, "rank": la.layer.rank,
-                              "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()}})
-    summary: dict[str, Any] = {"l2_before": dist["l2_before"], "l2_after": dist["l2_after"], "reduction": dist["reduction"],
-                               "R": svd.R, "gammas": [gamma_key(g) for g in gammas], "per_layer": per_layer,
-                               "entries_counted": len(dist["entries"])}
+            per_layer.append(
+                {
+                    "name": la.layer.name,
+                    "shape": list(la.layer.shape),
+                    "output_layer": la.layer.is_output,
+                    "l2_before": None,
+                    "l2_after": None,
+                    "reduction": None,
+                    "R": la.R,
+                    "rank": la.layer.rank,
+                    "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
+                }
+            )
+    summary: dict[str, Any] = {
+        "l2_before": dist["l2_before"],
+        "l2_after": dist["l2_after"],
+        "reduction": dist["reduction"],
+        "R": svd.R,
+        "gammas": [gamma_key(g) for g in gammas],
+        "per_layer": per_layer,
+        "entries_counted": len(dist["entries"]),
+    }
     result = PairAnalysis(summary, svd)
 
     if dataset is not None:
         t = time.perf_counter()
-        proj = input_projections(model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed,
-                                 svds=svds_a)
+        proj = input_projections(
+            model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed, svds=svds_a
+        )
         timings["input_projections"] = time.perf_counter() - t
         result.projections = proj
         summary["input_projections"] = projection_summary(proj)
@@ -101,18 +146,31 @@ def analyze_pair(model: nn.Module, spec: PermutationSpec, sd_a: Mapping[str, tor
         bn = has_batchnorm(model)
         can_reset = bn_reset_function() is not None
         if sweep_gammas or fractions:
-            kw = dict(gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit)
+            kw = dict(
+                gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit
+            )
             result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn and can_reset, svds=svds_a, **kw)
             if bn and not can_reset:
-                notes.append("BatchNorm model: the midpoint rank sweep needs a BN reset (lmckit.lmc.reset_bn_stats), "
-                             "which is not available; skipped")
+                notes.append(
+                    "BatchNorm model: the midpoint rank sweep needs a BN reset (lmckit.lmc.reset_bn_stats), "
+                    "which is not available; skipped"
+                )
             else:
                 result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
             summary["rank_sweep"] = result.sweeps
             timings["rank_sweep"] = time.perf_counter() - t
         if taylor:
-            tay = taylor_midpoint(model, spec, sd_a, sd_bp, dataset, num_samples=taylor_samples, seed=seed,
-                                  batch_size=taylor_batch_size, device=device)
+            tay = taylor_midpoint(
+                model,
+                spec,
+                sd_a,
+                sd_bp,
+                dataset,
+                num_samples=taylor_samples,
+                seed=seed,
+                batch_size=taylor_batch_size,
+                device=device,
+            )
             summary["taylor"] = tay
             summary["taylor_midpoint"] = tay["taylor_midpoint"]
             summary["measured_midpoint"] = tay["measured_midpoint"]

@@ -9,15 +9,15 @@ Each function writes one file and returns its path:
 - :func:`plot_projections`: mean ``|v_i . z|`` of layer inputs against rank, with the random baseline.
 - :func:`plot_rank_sweep`: accuracy against kept rank (model A and the midpoint).
 """
+
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..plotting import integer_ticks, plain_log_axis
+from ..plotting import integer_ticks, plain_log_axis, save_figure, subplot_grid
 from ..plotting import pyplot as _plt
-from ..plotting import save_figure, subplot_grid
 from .svd import SVDAlignment
 
 
@@ -145,13 +145,21 @@ def plot_rank_sweep(sweeps: Mapping[str, Sequence[Mapping[str, Any]]], path: str
     return _save(fig, Path(path))
 
 
-def write_plots(folder: str | Path, svd: SVDAlignment, projections: Mapping[str, Any] | None = None,
-                sweeps: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> list[Path]:
+def write_plots(
+    folder: str | Path,
+    svd: SVDAlignment,
+    projections: Mapping[str, Any] | None = None,
+    sweeps: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> list[Path]:
     """Write every figure that the given results allow into ``folder``; return the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [plot_spectra(svd, folder / "spectra.png"), plot_r_bars(svd, folder / "R_bars.png"),
-             plot_per_index(svd, folder / "per_index_alignment.png"), plot_cross(svd, folder / "cross_alignment.png")]
+    paths = [
+        plot_spectra(svd, folder / "spectra.png"),
+        plot_r_bars(svd, folder / "R_bars.png"),
+        plot_per_index(svd, folder / "per_index_alignment.png"),
+        plot_cross(svd, folder / "cross_alignment.png"),
+    ]
     if projections:
         paths.append(plot_projections(projections, folder / "input_projections.png"))
     if sweeps:

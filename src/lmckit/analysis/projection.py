@@ -19,6 +19,7 @@ vectors a seeded random subset is used. The forward passes run in eval mode
 (BatchNorm uses its stored statistics) through
 ``torch.func.functional_call`` so the caller's model keeps its weights.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -32,10 +33,19 @@ from .layers import layers_of
 from .svd import SVDs, layer_svd
 
 
-def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, torch.Tensor], dataset,
-                      num_batches: int = 4, batch_size: int = 500, device: torch.device | str | None = None,
-                      split: str = "train", max_positions: int = 4096, seed: int = 0,
-                      svds: SVDs | None = None) -> dict[str, dict[str, Any]]:
+def input_projections(
+    model: nn.Module,
+    spec: PermutationSpec,
+    sd: Mapping[str, torch.Tensor],
+    dataset,
+    num_batches: int = 4,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+    split: str = "train",
+    max_positions: int = 4096,
+    seed: int = 0,
+    svds: SVDs | None = None,
+) -> dict[str, dict[str, Any]]:
     """Mean ``|v_i . z|`` of each layer's inputs ``z`` against singular index ``i``.
 
     Parameters
@@ -64,8 +74,15 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
             mod = model.get_submodule(layer.name)
         except AttributeError:
             continue
-        if not (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
-                                                and mod.padding_mode == "zeros" and isinstance(mod.padding, tuple))):
+        if not (
+            isinstance(mod, nn.Linear)
+            or (
+                isinstance(mod, nn.Conv2d)
+                and mod.groups == 1
+                and mod.padding_mode == "zeros"
+                and isinstance(mod.padding, tuple)
+            )
+        ):
             continue
         if layer.split:
             continue
@@ -73,8 +90,16 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
         rnd = torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=torch.float64)
         rnd = rnd / rnd.norm(dim=0, keepdim=True)
         targets[layer.name] = (mod, s.float(), v.float().to(dev), rnd.float().to(dev))
-    acc = {n: {"abs": torch.zeros(t[2].shape[1], device=dev), "sq": torch.zeros(t[2].shape[1], device=dev),
-               "rnd": torch.zeros(t[3].shape[1], device=dev), "norm": 0.0, "count": 0} for n, t in targets.items()}
+    acc = {
+        n: {
+            "abs": torch.zeros(t[2].shape[1], device=dev),
+            "sq": torch.zeros(t[2].shape[1], device=dev),
+            "rnd": torch.zeros(t[3].shape[1], device=dev),
+            "norm": 0.0,
+            "count": 0,
+        }
+        for n, t in targets.items()
+    }
 
     def hook_for(name: str, mod: nn.Module):
         _, _, v, rnd = targets[name]
@@ -93,7 +118,7 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
             a = acc[name]
             zv = z @ v
             a["abs"] += zv.abs().sum(0)
-            a["sq"] += (zv ** 2).sum(0)
+            a["sq"] += (zv**2).sum(0)
             a["rnd"] += (z @ rnd).abs().sum(0)
             a["norm"] += z.norm(dim=1).sum().double()  # a device scalar, read once at the end
             a["count"] += int(z.shape[0])
@@ -106,8 +131,9 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
     params = {k: t.to(dev) for k, t in sd.items()}
     try:
         with torch.no_grad():
-            batches = dataset.batches(split, batch_size, shuffle=True, device=dev,
-                                      generator=torch.Generator().manual_seed(seed))
+            batches = dataset.batches(
+                split, batch_size, shuffle=True, device=dev, generator=torch.Generator().manual_seed(seed)
+            )
             for i, (x, _y) in enumerate(batches):
                 if i >= num_batches:
                     break
@@ -119,9 +145,14 @@ def input_projections(model: nn.Module, spec: PermutationSpec, sd: Mapping[str, 
     out: dict[str, dict[str, Any]] = {}
     for name, a in acc.items():
         n = max(a["count"], 1)
-        out[name] = {"sigma": targets[name][1].tolist(), "mean_abs": (a["abs"] / n).cpu().tolist(),
-                     "mean_sq": (a["sq"] / n).cpu().tolist(),
-                     "random_mean_abs": (a["rnd"] / n).cpu().tolist(), "mean_norm": float(a["norm"]) / n, "count": a["count"]}
+        out[name] = {
+            "sigma": targets[name][1].tolist(),
+            "mean_abs": (a["abs"] / n).cpu().tolist(),
+            "mean_sq": (a["sq"] / n).cpu().tolist(),
+            "random_mean_abs": (a["rnd"] / n).cpu().tolist(),
+            "mean_norm": float(a["norm"]) / n,
+            "count": a["count"],
+        }
     return out
 
 
@@ -135,9 +166,18 @@ def projection_summary(proj: Mapping[str, Mapping[str, Any]], top_fraction: floa
         if r == 0:
             continue
         k = max(1, int(round(top_fraction * r)))
-        top, bottom = float(m[:k].mean()), float(m[r // 2:].mean()) if r > 1 else float(m.mean())
+        top, bottom = float(m[:k].mean()), float(m[r // 2 :].mean()) if r > 1 else float(m.mean())
         rnd = float(torch.tensor(d["random_mean_abs"]).mean())
-        rows.append({"name": name, "rank": r, "top_k": k, "top_mean": top, "bottom_half_mean": bottom,
-                     "random_mean": rnd, "top_over_random": top / rnd if rnd > 0 else float("inf"),
-                     "mean_norm": d["mean_norm"]})
+        rows.append(
+            {
+                "name": name,
+                "rank": r,
+                "top_k": k,
+                "top_mean": top,
+                "bottom_half_mean": bottom,
+                "random_mean": rnd,
+                "top_over_random": top / rnd if rnd > 0 else float("inf"),
+                "mean_norm": d["mean_norm"],
+            }
+        )
     return rows

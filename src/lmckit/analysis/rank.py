@@ -13,6 +13,7 @@ parameters are kept. The output layer (axis-0 group ``None``) is kept whole by
 default. The SVD and the reconstruction are done in float64, so ``gamma = 0``
 or ``fraction = 1`` reproduces the weights to float64 round-off.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,9 +29,14 @@ from .layers import has_batchnorm, layer_weight, layers_of
 from .svd import SVDs, kept_count, layer_svd, state_svds
 
 
-def truncate_state(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma: float | None = None,
-                   fraction: float | None = None, keep_output_layer: bool = True, svds: SVDs | None = None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+def truncate_state(
+    spec: PermutationSpec,
+    sd: Mapping[str, torch.Tensor],
+    gamma: float | None = None,
+    fraction: float | None = None,
+    keep_output_layer: bool = True,
+    svds: SVDs | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
     """Replace each (hidden) layer's weight by its dominant singular part.
 
     Parameters
@@ -65,7 +71,7 @@ def truncate_state(spec: PermutationSpec, sd: Mapping[str, torch.Tensor], gamma:
         w_k = w_k.reshape(w.shape).to(w.device, w.dtype)
         if layer.split:  # one gate / Q, K, V block of a larger weight
             full = out[layer.key].clone() if out[layer.key] is sd[layer.key] else out[layer.key]
-            full[layer.row_offset:layer.row_offset + layer.rows] = w_k
+            full[layer.row_offset : layer.row_offset + layer.rows] = w_k
             w_k = full
         out[layer.key] = w_k
         kept[layer.name] = {"kept": int(k), "rank": layer.rank}
@@ -81,8 +87,16 @@ def bn_reset_function():
     return reset_bn_stats
 
 
-def _evaluate_state(model: nn.Module, sd: Mapping[str, torch.Tensor], dataset, split: str, batch_size: int,
-                    device: torch.device | str | None, limit: int | None, reset_bn: bool) -> tuple[float, float]:
+def _evaluate_state(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    dataset,
+    split: str,
+    batch_size: int,
+    device: torch.device | str | None,
+    limit: int | None,
+    reset_bn: bool,
+) -> tuple[float, float]:
     from ..evaluate import evaluate
 
     m = copy.deepcopy(model)
@@ -95,10 +109,22 @@ def _evaluate_state(model: nn.Module, sd: Mapping[str, torch.Tensor], dataset, s
     return evaluate(m, dataset, split, batch_size=batch_size, device=dev, limit=limit)
 
 
-def rank_sweep(model: nn.Module, sd: Mapping[str, torch.Tensor], dataset, gammas: Iterable[float] | None = None,
-               fractions: Iterable[float] | None = None, split: str = "test", *, spec: PermutationSpec | None = None,
-               keep_output_layer: bool = True, batch_size: int = 2000, device: torch.device | str | None = None,
-               limit: int | None = None, reset_bn: bool = False, svds: SVDs | None = None) -> list[dict[str, Any]]:
+def rank_sweep(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    dataset,
+    gammas: Iterable[float] | None = None,
+    fractions: Iterable[float] | None = None,
+    split: str = "test",
+    *,
+    spec: PermutationSpec | None = None,
+    keep_output_layer: bool = True,
+    batch_size: int = 2000,
+    device: torch.device | str | None = None,
+    limit: int | None = None,
+    reset_bn: bool = False,
+    svds: SVDs | None = None,
+) -> list[dict[str, Any]]:
     """Loss and accuracy of the rank-truncated model against the threshold.
 
     Parameters
@@ -121,21 +147,40 @@ def rank_sweep(model: nn.Module, sd: Mapping[str, torch.Tensor], dataset, gammas
     """
     spec = spec or spec_for(model)
     if reset_bn and has_batchnorm(model) and bn_reset_function() is None:
-        raise LmcError("this model has BatchNorm and its statistics must be recomputed (BN reset), "
-                       "but lmckit.lmc.reset_bn_stats is not available", "analyse a model without BatchNorm")
+        raise LmcError(
+            "this model has BatchNorm and its statistics must be recomputed (BN reset), "
+            "but lmckit.lmc.reset_bn_stats is not available",
+            "analyse a model without BatchNorm",
+        )
     reset = reset_bn and has_batchnorm(model)
     ev = dict(dataset=dataset, split=split, batch_size=batch_size, device=device, limit=limit, reset_bn=reset)
     loss, acc = _evaluate_state(model, sd, **ev)
     full_rank = sum(l.rank for l in layers_of(spec, sd) if not (keep_output_layer and l.is_output))
-    records = [{"kind": "full", "threshold": None, "kept": {}, "kept_total": full_rank, "rank_total": full_rank,
-                "loss": loss, "acc": acc}]
+    records = [
+        {
+            "kind": "full",
+            "threshold": None,
+            "kept": {},
+            "kept_total": full_rank,
+            "rank_total": full_rank,
+            "loss": loss,
+            "acc": acc,
+        }
+    ]
     svds = svds if svds is not None else state_svds(spec, sd)
     todo = [("gamma", float(g)) for g in (gammas or ())] + [("fraction", float(f)) for f in (fractions or ())]
     for kind, t in todo:
         sd_k, kept = truncate_state(spec, sd, **{kind: t}, keep_output_layer=keep_output_layer, svds=svds)
         loss, acc = _evaluate_state(model, sd_k, **ev)
-        records.append({"kind": kind, "threshold": t,
-                        "kept": {n: v["kept"] for n, v in kept.items()},
-                        "kept_total": sum(v["kept"] for v in kept.values()), "rank_total": full_rank,
-                        "loss": loss, "acc": acc})
+        records.append(
+            {
+                "kind": kind,
+                "threshold": t,
+                "kept": {n: v["kept"] for n, v in kept.items()},
+                "kept_total": sum(v["kept"] for v in kept.values()),
+                "rank_total": full_rank,
+                "loss": loss,
+                "acc": acc,
+            }
+        )
     return records

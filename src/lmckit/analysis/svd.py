@@ -45,6 +45,7 @@ Choices documented here:
   singular values, after un-permuting, give ``C = I`` so ``R_l = |I_a|`` and
   ``R = 1``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..perm import PermutationSpec
-from .layers import Layer, as_matrix, layer_weight, layers_of, permute_kron_rows, permute_rows, perms_for
+from .layers import Layer, as_matrix, layer_weight, layers_of, perms_for, permute_kron_rows, permute_rows
 
 DEFAULT_GAMMAS = (0.0, 0.3)
 
@@ -107,8 +108,15 @@ def kept_count(sigma: torch.Tensor, gamma: float) -> int:
     return int((sigma >= gamma * sigma.max()).sum())
 
 
-def cross_alignment(u_a: torch.Tensor, v_a: torch.Tensor, u_b: torch.Tensor, v_b: torch.Tensor,
-                    p: torch.Tensor | None = None, q: torch.Tensor | None = None, kernel: int = 1) -> torch.Tensor:
+def cross_alignment(
+    u_a: torch.Tensor,
+    v_a: torch.Tensor,
+    u_b: torch.Tensor,
+    v_b: torch.Tensor,
+    p: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    kernel: int = 1,
+) -> torch.Tensor:
     """``C = (U_a^T P U_b) * (V_a^T (Q ⊗ I_kernel) V_b)`` (elementwise product), shape ``(r_a, r_b)``."""
     m_u = u_a.mT @ permute_rows(u_b, p)
     m_v = v_a.mT @ permute_kron_rows(v_b, q, kernel)
@@ -162,10 +170,16 @@ class LayerAlignment:
     cross: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.layer.name, "key": self.layer.key, "shape": list(self.layer.shape),
-                "output_layer": self.layer.is_output, "rank": self.layer.rank,
-                "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in self.kept.items()},
-                "R": self.R, "R_sum": self.R_sum}
+        return {
+            "name": self.layer.name,
+            "key": self.layer.key,
+            "shape": list(self.layer.shape),
+            "output_layer": self.layer.is_output,
+            "rank": self.layer.rank,
+            "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in self.kept.items()},
+            "R": self.R,
+            "R_sum": self.R_sum,
+        }
 
 
 @dataclass
@@ -193,9 +207,16 @@ def _rounded(x: torch.Tensor, digits: int = 6) -> list[float]:
     return [float(f"{v:.{digits}g}") for v in x.tolist()]
 
 
-def svd_alignment(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                  perms: Mapping[str, torch.Tensor] | None = None, gammas: Iterable[float] = DEFAULT_GAMMAS,
-                  cross_k: int = 64, svds_a: SVDs | None = None, svds_b: SVDs | None = None) -> SVDAlignment:
+def svd_alignment(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor] | None = None,
+    gammas: Iterable[float] = DEFAULT_GAMMAS,
+    cross_k: int = 64,
+    svds_a: SVDs | None = None,
+    svds_b: SVDs | None = None,
+) -> SVDAlignment:
     """Spectra and alignment ``R(gamma)`` of every layer, before (identity) and after ``perms``.
 
     Parameters
@@ -223,8 +244,10 @@ def svd_alignment(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
         u_a, s_a, v_a = svds_a[layer.name] if svds_a is not None else layer_svd(layer_weight(layer, sd_a))
         u_b, s_b, v_b = svds_b[layer.name] if svds_b is not None else layer_svd(layer_weight(layer, sd_b))
         p, q = perms_for(layer, perms)
-        c = {"before": cross_alignment(u_a, v_a, u_b, v_b),
-             "after": cross_alignment(u_a, v_a, u_b, v_b, p, q, layer.kernel)}
+        c = {
+            "before": cross_alignment(u_a, v_a, u_b, v_b),
+            "after": cross_alignment(u_a, v_a, u_b, v_b, p, q, layer.kernel),
+        }
         kept, r_sum, r_norm = {}, {}, {}
         for g, k in zip(gammas, keys):
             ka, kb = kept_count(s_a, g), kept_count(s_b, g)
@@ -235,8 +258,17 @@ def svd_alignment(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b:
             tot_min[k] += m
             for w in c:
                 tot_sum[k][w] += r_sum[k][w]
-        out.append(LayerAlignment(layer, s_a.float(), s_b.float(), kept, r_sum, r_norm,
-                                  per_index={w: torch.diagonal(v).float() for w, v in c.items()},
-                                  cross={w: v[:cross_k, :cross_k].float() for w, v in c.items()}))
+        out.append(
+            LayerAlignment(
+                layer,
+                s_a.float(),
+                s_b.float(),
+                kept,
+                r_sum,
+                r_norm,
+                per_index={w: torch.diagonal(v).float() for w, v in c.items()},
+                cross={w: v[:cross_k, :cross_k].float() for w, v in c.items()},
+            )
+        )
     totals = {k: {w: (tot_sum[k][w] / tot_min[k] if tot_min[k] else 0.0) for w in ("before", "after")} for k in keys}
     return SVDAlignment(gammas, totals, out)

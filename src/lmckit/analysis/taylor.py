@@ -30,6 +30,7 @@ Implementation choices:
   midpoint barrier is computed on the same subset with the same loss, so the
   two numbers are directly comparable.
 """
+
 from __future__ import annotations
 
 import time
@@ -48,10 +49,19 @@ def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y, reduction="none")
 
 
-def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mapping[str, torch.Tensor],
-                    sd_b_permuted: Mapping[str, torch.Tensor], dataset, num_samples: int = 10000, seed: int = 0,
-                    batch_size: int = 1000, device: torch.device | str | None = None,
-                    loss_fn: LossFn | None = None, split: str = "train") -> dict[str, Any]:
+def taylor_midpoint(
+    model: nn.Module,
+    spec: PermutationSpec | None,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b_permuted: Mapping[str, torch.Tensor],
+    dataset,
+    num_samples: int = 10000,
+    seed: int = 0,
+    batch_size: int = 1000,
+    device: torch.device | str | None = None,
+    loss_fn: LossFn | None = None,
+    split: str = "train",
+) -> dict[str, Any]:
     """Taylor estimate ``-(1/8) Delta^T H Delta`` beside the measured midpoint barrier.
 
     Parameters
@@ -92,12 +102,13 @@ def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mappin
 
     def batches():
         for s in range(0, n, batch_size):
-            j = idx[s:s + batch_size]
+            j = idx[s : s + batch_size]
             yield dataset.normalize(images[j]).to(dtype), labels[j]
 
     was_training = model.training
     model.train(has_bn)
     try:
+
         def mean_loss(state: Mapping[str, torch.Tensor]) -> float:
             tot = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device, read once
             with torch.no_grad():
@@ -122,7 +133,17 @@ def taylor_midpoint(model: nn.Module, spec: PermutationSpec | None, sd_a: Mappin
     finally:
         model.train(was_training)
     dnorm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))) if delta else 0.0
-    return {"taylor_midpoint": -quad / 8.0, "measured_midpoint": loss_m - 0.5 * (loss_a + loss_b),
-            "loss_a": loss_a, "loss_b": loss_b, "loss_mid": loss_m, "dHd": quad, "delta_norm": dnorm,
-            "num_samples": n, "split": split, "seed": seed, "bn_batch_statistics": has_bn,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "taylor_midpoint": -quad / 8.0,
+        "measured_midpoint": loss_m - 0.5 * (loss_a + loss_b),
+        "loss_a": loss_a,
+        "loss_b": loss_b,
+        "loss_mid": loss_m,
+        "dHd": quad,
+        "delta_norm": dnorm,
+        "num_samples": n,
+        "split": split,
+        "seed": seed,
+        "bn_batch_statistics": has_bn,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,4 +1,5 @@
 """``lmckit analyze A B [--perm P.json]``: distance reduction, SVD alignment R, rank-k and Taylor analyses."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,36 +7,87 @@ import math
 import time
 from typing import Any
 
-from .common import (MAX_SAMPLES, MAX_SEED, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json,
-                     add_quiet, check_output_path, int_in, load_checkpoints, load_named_dataset, load_perm_file,
-                     print_json, print_table, recorded_dataset, refuse_outputs_in_inputs)
+from .common import (
+    MAX_SAMPLES,
+    MAX_SEED,
+    DeprecatedAlias,
+    add_arch,
+    add_data,
+    add_device,
+    add_force_perm,
+    add_json,
+    add_quiet,
+    check_output_path,
+    int_in,
+    load_checkpoints,
+    load_named_dataset,
+    load_perm_file,
+    print_json,
+    print_table,
+    recorded_dataset,
+    refuse_outputs_in_inputs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="distances, SVD alignment R(gamma), input projections, rank-k, Taylor estimate",
-                       description="Analyse a pair of models before and after a permutation of model B "
-                                   "(PAPER.md Definitions and Claims 1-4).")
+    p = sub.add_parser(
+        "analyze",
+        help="distances, SVD alignment R(gamma), input projections, rank-k, Taylor estimate",
+        description="Analyse a pair of models before and after a permutation of model B "
+        "(PAPER.md Definitions and Claims 1-4).",
+    )
     p.add_argument("a", metavar="A", help="model A: run folder or .safetensors")
     p.add_argument("b", metavar="B", help="model B: run folder or .safetensors")
     p.add_argument("--perm", default=None, help="permutation of B (JSON from `lmckit match`); default: identity")
-    p.add_argument("--gamma", type=float, nargs="+", default=[0.0, 0.3], help="thresholds gamma for R and truncation (default 0 0.3)")
-    p.add_argument("--rank-fractions", type=float, nargs="*", default=[0.02, 0.05, 0.1, 0.25, 0.5],
-                   help="fractions of each hidden layer's rank to keep in the rank-k sweep (none: only the gammas)")
+    p.add_argument(
+        "--gamma",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.3],
+        help="thresholds gamma for R and truncation (default 0 0.3)",
+    )
+    p.add_argument(
+        "--rank-fractions",
+        type=float,
+        nargs="*",
+        default=[0.02, 0.05, 0.1, 0.25, 0.5],
+        help="fractions of each hidden layer's rank to keep in the rank-k sweep (none: only the gammas)",
+    )
     p.add_argument("--taylor", action="store_true", help="also compute the Taylor estimate of the midpoint barrier")
-    p.add_argument("--taylor-samples", type=int_in(1, MAX_SAMPLES), default=10000,
-                   help="training images for the Taylor estimate (default 10000)")
-    p.add_argument("--limit", type=int_in(1, MAX_SAMPLES), default=None,
-                   help="evaluate the rank sweep on the first N test images only (default: all)")
+    p.add_argument(
+        "--taylor-samples",
+        type=int_in(1, MAX_SAMPLES),
+        default=10000,
+        help="training images for the Taylor estimate (default 10000)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int_in(1, MAX_SAMPLES),
+        default=None,
+        help="evaluate the rank sweep on the first N test images only (default: all)",
+    )
     p.add_argument("--eval-limit", type=int_in(1, MAX_SAMPLES), dest="limit", action=DeprecatedAlias, new="--limit")
-    p.add_argument("--projection-batches", type=int_in(1, 10_000), default=4,
-                   help="batches of 500 training images for input projections (at most 10000)")
-    p.add_argument("--dataset", default=None, help="dataset for the data-dependent analyses (default: A's recorded dataset)")
+    p.add_argument(
+        "--projection-batches",
+        type=int_in(1, 10_000),
+        default=4,
+        help="batches of 500 training images for input projections (at most 10000)",
+    )
+    p.add_argument(
+        "--dataset", default=None, help="dataset for the data-dependent analyses (default: A's recorded dataset)"
+    )
     p.add_argument("--no-data", action="store_true", help="weights-only analyses (distances and SVD)")
-    p.add_argument("--plot", default=None, metavar="DIR",
-                   help="write the PNG figures (spectra, R bars, alignment, projections, rank sweep) into the folder "
-                        "DIR (default: none)")
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="DIR",
+        help="write the PNG figures (spectra, R bars, alignment, projections, rank sweep) into the folder "
+        "DIR (default: none)",
+    )
     p.add_argument("--plots", dest="plot", action=DeprecatedAlias, new="--plot DIR")
-    p.add_argument("--threads", type=int_in(1, 4096), default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int_in(1, 4096), default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed for data subsets and random baselines")
     add_force_perm(p)
     add_data(p)
@@ -50,20 +102,31 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis import analyze_pair
     from ..device import resolve_device
     from ..errors import LmcError
+
     t0 = time.perf_counter()
     if args.plot:
         from pathlib import Path
 
         if Path(args.plot).exists() and not Path(args.plot).is_dir():
             raise LmcError(f"--plot {args.plot} is a file", "pass a folder for the figures")
-        names = ["spectra.png", "R_bars.png", "per_index_alignment.png", "cross_alignment.png", "input_projections.png",
-                 "rank_sweep.png"]
-        refuse_outputs_in_inputs([("--plot", args.plot)] + [("--plot", Path(args.plot) / n) for n in names],
-                                 [("model A", args.a), ("model B", args.b), ("--perm", args.perm)])
+        names = [
+            "spectra.png",
+            "R_bars.png",
+            "per_index_alignment.png",
+            "cross_alignment.png",
+            "input_projections.png",
+            "rank_sweep.png",
+        ]
+        refuse_outputs_in_inputs(
+            [("--plot", args.plot)] + [("--plot", Path(args.plot) / n) for n in names],
+            [("model A", args.a), ("model B", args.b), ("--perm", args.perm)],
+        )
         check_output_path("--plot", args.plot, folder=True)
     for g in args.gamma:
         if not 0.0 <= g <= 1.0:
-            raise LmcError(f"--gamma {g} is outside [0, 1]", "gamma is a fraction of the largest singular value, e.g. 0 or 0.3")
+            raise LmcError(
+                f"--gamma {g} is outside [0, 1]", "gamma is a fraction of the largest singular value, e.g. 0 or 0.3"
+            )
     for f in args.rank_fractions:
         if not 0.0 < f <= 1.0:
             raise LmcError(f"--rank-fractions {f} is outside (0, 1]", "pass fractions such as 0.05 0.1 0.5")
@@ -75,12 +138,20 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
-        [args.a, args.b], labels=["model A", "model B"], hint="analyse two models of the same architecture and width", arch=args.arch)
+        [args.a, args.b],
+        labels=["model A", "model B"],
+        hint="analyse two models of the same architecture and width",
+        arch=args.arch,
+    )
     model = model.to(device)
-    perms = load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
+    perms = (
+        load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
+    )
 
     if args.taylor and args.no_data:
-        raise LmcError("--taylor needs data, but --no-data was given", "drop --no-data (and pass --dataset if A records none)")
+        raise LmcError(
+            "--taylor needs data, but --no-data was given", "drop --no-data (and pass --dataset if A records none)"
+        )
     dataset = None
     if not args.no_data:
         name = args.dataset or recorded_dataset(info_a)
@@ -92,10 +163,22 @@ def run(args: argparse.Namespace) -> int:
 
             dataset = load_named_dataset(args.dataset, info_a, args.data_dir)
             check_model_fits(model, dataset, "train", device, where=str(args.a))
-    res = analyze_pair(model, spec, sd_a, sd_b, perms, dataset=dataset, gammas=args.gamma,
-                       rank_fractions=args.rank_fractions, eval_limit=args.limit,
-                       projection_batches=args.projection_batches, taylor=args.taylor,
-                       taylor_samples=args.taylor_samples, device=device, seed=args.seed)
+    res = analyze_pair(
+        model,
+        spec,
+        sd_a,
+        sd_b,
+        perms,
+        dataset=dataset,
+        gammas=args.gamma,
+        rank_fractions=args.rank_fractions,
+        eval_limit=args.limit,
+        projection_batches=args.projection_batches,
+        taylor=args.taylor,
+        taylor_samples=args.taylor_samples,
+        device=device,
+        seed=args.seed,
+    )
     s = res.summary
     if dataset is None and not args.no_data:
         s["notes"].append("no dataset recorded in A and none given (--dataset): data-dependent analyses skipped")
@@ -127,14 +210,21 @@ def _fmt(x: Any) -> str:
 def _print_readable(s: dict[str, Any]) -> None:
     gk = s["gammas"]
     print(f"A: {s['a']}\nB: {s['b']}\npermutation: {s['perm'] or 'identity'}")
-    print(f"\nL2 distance {s['l2_before']:.4f} -> {s['l2_after']:.4f}  (reduction {s['reduction']:.4f}, "
-          f"{s['entries_counted']} parameter entries)")
+    print(
+        f"\nL2 distance {s['l2_before']:.4f} -> {s['l2_after']:.4f}  (reduction {s['reduction']:.4f}, "
+        f"{s['entries_counted']} parameter entries)"
+    )
     for g in gk:
         print(f"R(gamma={g}): before {s['R'][g]['before']:.4f}  after {s['R'][g]['after']:.4f}")
     rows = []
     for r in s["per_layer"]:
-        row = {"layer": r["name"], "shape": "x".join(map(str, r["shape"])), "l2 before": _fmt(r["l2_before"]),
-               "l2 after": _fmt(r["l2_after"]), "reduction": _fmt(r["reduction"])}
+        row = {
+            "layer": r["name"],
+            "shape": "x".join(map(str, r["shape"])),
+            "l2 before": _fmt(r["l2_before"]),
+            "l2 after": _fmt(r["l2_after"]),
+            "reduction": _fmt(r["reduction"]),
+        }
         for g in gk:
             row[f"R({g}) before"] = _fmt(r["R"][g]["before"]) if r["R"] else "-"
             row[f"R({g}) after"] = _fmt(r["R"][g]["after"]) if r["R"] else "-"
@@ -144,18 +234,39 @@ def _print_readable(s: dict[str, Any]) -> None:
     print_table(rows)
     if s.get("input_projections"):
         print("\nInput projections, mean |v_i . z| (top 10% of singular directions vs random directions):")
-        print_table([{"layer": r["name"], "rank": r["rank"], "top 10%": r["top_mean"], "bottom half": r["bottom_half_mean"],
-                      "random": r["random_mean"], "top/random": r["top_over_random"]} for r in s["input_projections"]])
+        print_table(
+            [
+                {
+                    "layer": r["name"],
+                    "rank": r["rank"],
+                    "top 10%": r["top_mean"],
+                    "bottom half": r["bottom_half_mean"],
+                    "random": r["random_mean"],
+                    "top/random": r["top_over_random"],
+                }
+                for r in s["input_projections"]
+            ]
+        )
     for label, recs in (s.get("rank_sweep") or {}).items():
         print(f"\nRank-k truncation ({label}; hidden layers, output layer whole):")
-        print_table([{"threshold": "full" if r["kind"] == "full" else f"{r['kind']}={r['threshold']:g}",
-                      "kept": f"{r['kept_total']}/{r['rank_total']}",
-                      "per layer": "/".join(str(v) for v in r["kept"].values()) or "-",
-                      "loss": r["loss"], "acc": r["acc"]} for r in recs])
+        print_table(
+            [
+                {
+                    "threshold": "full" if r["kind"] == "full" else f"{r['kind']}={r['threshold']:g}",
+                    "kept": f"{r['kept_total']}/{r['rank_total']}",
+                    "per layer": "/".join(str(v) for v in r["kept"].values()) or "-",
+                    "loss": r["loss"],
+                    "acc": r["acc"],
+                }
+                for r in recs
+            ]
+        )
     if "taylor" in s:
         t = s["taylor"]
-        print(f"\nMidpoint barrier on {t['num_samples']} {t['split']} images: measured {t['measured_midpoint']:.4f}, "
-              f"Taylor -(1/8) d^T H d = {t['taylor_midpoint']:.4f}  (|d| = {t['delta_norm']:.3f}, {t['seconds']:.1f}s)")
+        print(
+            f"\nMidpoint barrier on {t['num_samples']} {t['split']} images: measured {t['measured_midpoint']:.4f}, "
+            f"Taylor -(1/8) d^T H d = {t['taylor_midpoint']:.4f}  (|d| = {t['delta_norm']:.3f}, {t['seconds']:.1f}s)"
+        )
     if s.get("plots"):
         print(f"\nplots: {', '.join(s['plots'])}")
     for n in s["notes"]:

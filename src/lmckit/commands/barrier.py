@@ -1,29 +1,71 @@
 """``lmckit barrier A B [--perm PERM.json]``: loss/accuracy along the linear path."""
+
 from __future__ import annotations
 
 import argparse
 
-from .common import (MAX_BATCH, MAX_POINTS, add_arch, add_data, add_device, add_force_perm, DeprecatedAlias, add_json,
-                     add_quiet, check_output_path, int_in, load_checkpoints, load_named_dataset, load_perm_file,
-                     print_json, print_table, refuse_outputs_in_inputs)
+from .common import (
+    MAX_BATCH,
+    MAX_POINTS,
+    DeprecatedAlias,
+    add_arch,
+    add_data,
+    add_device,
+    add_force_perm,
+    add_json,
+    add_quiet,
+    check_output_path,
+    int_in,
+    load_checkpoints,
+    load_named_dataset,
+    load_perm_file,
+    print_json,
+    print_table,
+    refuse_outputs_in_inputs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("barrier", help="loss and accuracy barriers along the linear path between two models",
-                       description="Evaluate (1 - lambda) A + lambda pi(B) on a lambda grid and report loss/accuracy "
-                                   "barriers. pi is the permutation in --perm (identity without it).")
+    p = sub.add_parser(
+        "barrier",
+        help="loss and accuracy barriers along the linear path between two models",
+        description="Evaluate (1 - lambda) A + lambda pi(B) on a lambda grid and report loss/accuracy "
+        "barriers. pi is the permutation in --perm (identity without it).",
+    )
     p.add_argument("a", metavar="A", help="model A: a run folder or a .safetensors file written by lmckit")
     p.add_argument("b", metavar="B", help="model B: a run folder or a .safetensors file (same architecture)")
-    p.add_argument("--perm", default=None, help="permutation JSON (lmckit match) applied to B before interpolating (default: identity)")
-    p.add_argument("--points", type=int_in(2, MAX_POINTS), default=25,
-                   help=f"lambdas on [0, 1], ends included; 0.5 is always added (default 25, at most {MAX_POINTS})")
-    p.add_argument("--split", choices=("test", "train", "both"), default="test", help="data split(s) to evaluate (default test)")
-    p.add_argument("--bn-reset", choices=("auto", "on", "off", "repair"), default="auto",
-                   help="recompute BatchNorm statistics at interior points (auto: when the model has BN), or REPAIR")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="write a figure of loss and accuracy against lambda (default: none)")
-    p.add_argument("--compare-naive", action="store_true", help="also evaluate the unpermuted path A -> B (needs --perm)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate on the first N items of each split only (default: all)")
+    p.add_argument(
+        "--perm",
+        default=None,
+        help="permutation JSON (lmckit match) applied to B before interpolating (default: identity)",
+    )
+    p.add_argument(
+        "--points",
+        type=int_in(2, MAX_POINTS),
+        default=25,
+        help=f"lambdas on [0, 1], ends included; 0.5 is always added (default 25, at most {MAX_POINTS})",
+    )
+    p.add_argument(
+        "--split", choices=("test", "train", "both"), default="test", help="data split(s) to evaluate (default test)"
+    )
+    p.add_argument(
+        "--bn-reset",
+        choices=("auto", "on", "off", "repair"),
+        default="auto",
+        help="recompute BatchNorm statistics at interior points (auto: when the model has BN), or REPAIR",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE.png",
+        help="write a figure of loss and accuracy against lambda (default: none)",
+    )
+    p.add_argument(
+        "--compare-naive", action="store_true", help="also evaluate the unpermuted path A -> B (needs --perm)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="evaluate on the first N items of each split only (default: all)"
+    )
     p.add_argument("--eval-limit", type=int, dest="limit", action=DeprecatedAlias, new="--limit")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=2000, help="evaluation batch size (default 2000)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded with model A)")
@@ -43,26 +85,41 @@ def run(args: argparse.Namespace) -> int:
     from ..perm import apply_permutation
 
     if args.compare_naive and not args.perm:
-        raise LmcError("--compare-naive needs --perm (without a permutation the path is already the naive one)",
-                       "pass --perm PERM.json from lmckit match, or drop --compare-naive")
+        raise LmcError(
+            "--compare-naive needs --perm (without a permutation the path is already the naive one)",
+            "pass --perm PERM.json from lmckit match, or drop --compare-naive",
+        )
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be positive (got {args.limit})")
     if args.plot:
-        refuse_outputs_in_inputs([("--plot", args.plot)], [("model A", args.a), ("model B", args.b), ("--perm", args.perm)])
+        refuse_outputs_in_inputs(
+            [("--plot", args.plot)], [("model A", args.a), ("model B", args.b), ("--perm", args.perm)]
+        )
         check_output_path("--plot", args.plot)
     device = resolve_device(args.device)
     # configs may differ in spelled-out defaults: load_checkpoints compares them with defaults filled in
     (sd_a, sd_b), (info_a, _), model, spec = load_checkpoints(
-        [args.a, args.b], labels=["model A", "model B"], hint="interpolate two models of the same architecture and width",
-        arch=args.arch)
-    perms = load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
+        [args.a, args.b],
+        labels=["model A", "model B"],
+        hint="interpolate two models of the same architecture and width",
+        arch=args.arch,
+    )
+    perms = (
+        load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
+    )
     dataset = load_named_dataset(args.dataset, info_a, args.data_dir)
     name = dataset.name
     splits = ["train", "test"] if args.split == "both" else [args.split]
 
     curves = {}
-    common = dict(splits=splits, points=args.points, bn_reset=args.bn_reset, batch_size=args.batch_size,
-                  limit=args.limit, device=device)
+    common = dict(
+        splits=splits,
+        points=args.points,
+        bn_reset=args.bn_reset,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=device,
+    )
     if args.compare_naive:
         curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", **common)
     sd_bp = sd_b
@@ -88,10 +145,20 @@ def run(args: argparse.Namespace) -> int:
     for lab, res in curves.items():
         for s in splits:
             c = res.curves[s]
-            rows.append({"path": lab, "split": s, "loss_barrier": c.loss_barrier, "acc_barrier": c.accuracy_barrier,
-                         "mid_loss": c.midpoint_loss, "mid_acc": c.midpoint_accuracy,
-                         "loss_A": c.endpoint_loss[0], "loss_B": c.endpoint_loss[1],
-                         "acc_A": c.endpoint_accuracy[0], "acc_B": c.endpoint_accuracy[1]})
+            rows.append(
+                {
+                    "path": lab,
+                    "split": s,
+                    "loss_barrier": c.loss_barrier,
+                    "acc_barrier": c.accuracy_barrier,
+                    "mid_loss": c.midpoint_loss,
+                    "mid_acc": c.midpoint_accuracy,
+                    "loss_A": c.endpoint_loss[0],
+                    "loss_B": c.endpoint_loss[1],
+                    "acc_A": c.endpoint_accuracy[0],
+                    "acc_B": c.endpoint_accuracy[1],
+                }
+            )
     print(f"dataset {name}, {len(main.lambdas)} lambdas, BN reset: {main.bn_reset}")
     print_table(rows)
     if args.plot:

@@ -1,4 +1,5 @@
 """``lmckit check-spec``: does a random permutation leave the model's function unchanged?"""
+
 from __future__ import annotations
 
 import argparse
@@ -9,25 +10,65 @@ from .common import MAX_SEED, add_arch, add_device, add_json, add_quiet, float_i
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "check-spec", help="check a model's permutation spec (coverage, and outputs unchanged under a random permutation)",
+        "check-spec",
+        help="check a model's permutation spec (coverage, and outputs unchanged under a random permutation)",
         description="Permute a model's hidden units at random with its permutation spec and compare outputs "
-                    "(train and eval mode) and BatchNorm running statistics with the original. Exit 0 when the "
-                    "function is preserved, 1 when it changes, 2 when the spec permutes no units (the pinned "
-                    "ops are named).")
-    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
-                   help="a registered model name (see `lmckit models`), a run folder or a .safetensors checkpoint "
-                        "(with --arch: a state dict of that model, or - for its initial weights)")
-    p.add_argument("--in-channels", type=int_in(1, 4096), default=None, help="input channels (model names only; at most 4096; default: the model's)")
-    p.add_argument("--image-size", type=int_in(1, 4096), default=None, help="input height = width (model names only; at most 4096; default: the model's)")
-    p.add_argument("--num-classes", type=int_in(1, 1_000_000), default=None, help="output classes (model names only; default: the model's)")
-    p.add_argument("--norm", default=None, choices=("none", "batchnorm", "layernorm"), help="norm layers (model names only; default: the model's)")
-    p.add_argument("--width-mult", type=float_in(0.0, 1024.0, lo_open=True), default=None,
-                   help="width multiplier (model names only; at most 1024; default: the model's)")
+        "(train and eval mode) and BatchNorm running statistics with the original. Exit 0 when the "
+        "function is preserved, 1 when it changes, 2 when the spec permutes no units (the pinned "
+        "ops are named).",
+    )
+    p.add_argument(
+        "model",
+        metavar="MODEL_OR_CHECKPOINT",
+        help="a registered model name (see `lmckit models`), a run folder or a .safetensors checkpoint "
+        "(with --arch: a state dict of that model, or - for its initial weights)",
+    )
+    p.add_argument(
+        "--in-channels",
+        type=int_in(1, 4096),
+        default=None,
+        help="input channels (model names only; at most 4096; default: the model's)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int_in(1, 4096),
+        default=None,
+        help="input height = width (model names only; at most 4096; default: the model's)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int_in(1, 1_000_000),
+        default=None,
+        help="output classes (model names only; default: the model's)",
+    )
+    p.add_argument(
+        "--norm",
+        default=None,
+        choices=("none", "batchnorm", "layernorm"),
+        help="norm layers (model names only; default: the model's)",
+    )
+    p.add_argument(
+        "--width-mult",
+        type=float_in(0.0, 1024.0, lo_open=True),
+        default=None,
+        help="width multiplier (model names only; at most 1024; default: the model's)",
+    )
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random permutation and input batch")
-    p.add_argument("--batch", type=int_in(1, 4096), default=8, help="size of the random input batch (>= 2 for BatchNorm; at most 4096)")
-    p.add_argument("--tol", type=float_in(0.0, 1.0, lo_open=True), default=1e-5,
-                   help="tolerance on the relative output difference (in (0, 1])")
-    p.add_argument("--traced", action="store_true", help="check the torch.fx-traced spec instead of the model's own rules")
+    p.add_argument(
+        "--batch",
+        type=int_in(1, 4096),
+        default=8,
+        help="size of the random input batch (>= 2 for BatchNorm; at most 4096)",
+    )
+    p.add_argument(
+        "--tol",
+        type=float_in(0.0, 1.0, lo_open=True),
+        default=1e-5,
+        help="tolerance on the relative output difference (in (0, 1])",
+    )
+    p.add_argument(
+        "--traced", action="store_true", help="check the torch.fx-traced spec instead of the model's own rules"
+    )
     add_device(p)
     add_arch(p)
     add_json(p)
@@ -48,9 +89,17 @@ def _load_model(args: argparse.Namespace):
             model.load_state_dict(dict(load_state(checkpoint_file(args.model))[0]))
             return model, "checkpoint"
         return model, "arch"
-    opts = {k: getattr(args, a) for k, a in (("in_channels", "in_channels"), ("image_size", "image_size"),
-                                               ("num_classes", "num_classes"), ("norm", "norm"),
-                                               ("width_mult", "width_mult")) if getattr(args, a) is not None}
+    opts = {
+        k: getattr(args, a)
+        for k, a in (
+            ("in_channels", "in_channels"),
+            ("image_size", "image_size"),
+            ("num_classes", "num_classes"),
+            ("norm", "norm"),
+            ("width_mult", "width_mult"),
+        )
+        if getattr(args, a) is not None
+    }
     if args.model in list_models():
         from ..limits import MAX_INPUT_ELEMENTS, check_model_size
         from ..models.registry import model_config_with_defaults
@@ -59,15 +108,20 @@ def _load_model(args: argparse.Namespace):
         cfg = model_config_with_defaults({"name": args.model, **opts})
         elems = args.batch * int(cfg.get("in_channels", 1) or 1) * int(cfg.get("image_size", 1) or 1) ** 2
         if elems > MAX_INPUT_ELEMENTS:
-            raise LmcError(f"the random input batch ({args.batch} images of {cfg.get('in_channels')} x "
-                           f"{cfg.get('image_size')}^2) has {elems:,} values, more than {MAX_INPUT_ELEMENTS:,}",
-                           "lower --batch, --in-channels or --image-size")
+            raise LmcError(
+                f"the random input batch ({args.batch} images of {cfg.get('in_channels')} x "
+                f"{cfg.get('image_size')}^2) has {elems:,} values, more than {MAX_INPUT_ELEMENTS:,}",
+                "lower --batch, --in-channels or --image-size",
+            )
         return create_model(args.model, **opts), "model"
     path = Path(args.model)
     if path.exists():
         if opts:
-            raise LmcError(f"options {', '.join('--' + k.replace('_', '-') for k in opts)} apply to model names, "
-                           f"not to the checkpoint {path}", "drop them: a checkpoint records its own architecture")
+            raise LmcError(
+                f"options {', '.join('--' + k.replace('_', '-') for k in opts)} apply to model names, "
+                f"not to the checkpoint {path}",
+                "drop them: a checkpoint records its own architecture",
+            )
         from ..checkpoint import build_model, load_checkpoint
         from .common import check_dtypes
 
@@ -78,9 +132,12 @@ def _load_model(args: argparse.Namespace):
     import difflib
 
     close = difflib.get_close_matches(args.model, list_models(), n=1)
-    raise LmcError(f"{args.model!r} is neither a registered model" + (f" (did you mean {close[0]!r}?)" if close else "")
-                   + " nor an existing checkpoint",
-                   "run `lmckit models` for model names, or pass a run folder / .safetensors file")
+    raise LmcError(
+        f"{args.model!r} is neither a registered model"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + " nor an existing checkpoint",
+        "run `lmckit models` for model names, or pass a run folder / .safetensors file",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
 """Options and helpers shared by the subcommands."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..store import check_output_path  # noqa: F401  (re-exported: every command checks its outputs with it)
-
 
 # torch, the model zoo and the store are imported inside the functions that need them, so that
 # `lmckit --help` and argument errors answer without loading torch (benchmarks/bench_cli.py).
@@ -69,11 +69,24 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if action.required and action.option_strings:
             return f"{text} (required)"
-        if "default" in text.lower() or action.default is None or action.default is False \
-                or action.default is argparse.SUPPRESS or action.default == []:
+        if (
+            "default" in text.lower()
+            or action.default is None
+            or action.default is False
+            or action.default is argparse.SUPPRESS
+            or action.default == []
+        ):
             return text
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction,
-                               argparse._VersionAction, argparse._SubParsersAction)):
+        if isinstance(
+            action,
+            (
+                argparse._StoreTrueAction,
+                argparse._StoreFalseAction,
+                argparse._HelpAction,
+                argparse._VersionAction,
+                argparse._SubParsersAction,
+            ),
+        ):
             return text
         if not action.option_strings and action.nargs not in ("?", "*"):
             return text
@@ -101,7 +114,11 @@ class DeprecatedAlias(argparse.Action):
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default=None, help="folder holding the dataset (default: search LMCKIT_DATA, the system folders, then the user cache)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding the dataset (default: search LMCKIT_DATA, the system folders, then the user cache)",
+    )
 
 
 def add_json(p: argparse.ArgumentParser) -> None:
@@ -120,7 +137,10 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, fl
     if not rows:
         return
     columns = columns or list(rows[0])
-    cells = [[(floatfmt.format(r.get(c)) if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in columns] for r in rows]
+    cells = [
+        [(floatfmt.format(r.get(c)) if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in columns]
+        for r in rows
+    ]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
@@ -129,11 +149,15 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, fl
 
 # --------------------------------------------------------------------------- user architectures (--arch)
 def add_arch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
-                   help="your own architecture: import MODULE (a dotted name on sys.path / PYTHONPATH, or a .py file) "
-                        "and call CALLABLE() for the nn.Module; the checkpoints are then plain safetensors state dicts "
-                        "of it. THIS RUNS YOUR CODE. Give the module an `example_input` tensor attribute (or method) "
-                        "for tracing, or a permutation_spec() method (default: none, checkpoints must be lmckit's)")
+    p.add_argument(
+        "--arch",
+        default=None,
+        metavar="MODULE:CALLABLE",
+        help="your own architecture: import MODULE (a dotted name on sys.path / PYTHONPATH, or a .py file) "
+        "and call CALLABLE() for the nn.Module; the checkpoints are then plain safetensors state dicts "
+        "of it. THIS RUNS YOUR CODE. Give the module an `example_input` tensor attribute (or method) "
+        "for tracing, or a permutation_spec() method (default: none, checkpoints must be lmckit's)",
+    )
 
 
 def load_arch(arch: str):
@@ -150,7 +174,9 @@ def load_arch(arch: str):
     from ..errors import LmcError
 
     if not isinstance(arch, str) or ":" not in arch:
-        raise LmcError(f"--arch {arch!r} is not MODULE:CALLABLE", "e.g. --arch mymodels:build_net or --arch ./net.py:Net")
+        raise LmcError(
+            f"--arch {arch!r} is not MODULE:CALLABLE", "e.g. --arch mymodels:build_net or --arch ./net.py:Net"
+        )
     mod_name, fn_name = arch.rsplit(":", 1)
     try:
         if mod_name.endswith(".py"):
@@ -162,19 +188,25 @@ def load_arch(arch: str):
         else:
             module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001  (the user's module may raise anything)
-        raise LmcError(f"--arch: cannot import {mod_name!r}: {type(e).__name__}: {e}",
-                       "check the module name and PYTHONPATH (or pass a path to a .py file)") from None
+        raise LmcError(
+            f"--arch: cannot import {mod_name!r}: {type(e).__name__}: {e}",
+            "check the module name and PYTHONPATH (or pass a path to a .py file)",
+        ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise LmcError(f"--arch: {mod_name!r} has no callable {fn_name!r}", "name a function or class that builds the model")
+        raise LmcError(
+            f"--arch: {mod_name!r} has no callable {fn_name!r}", "name a function or class that builds the model"
+        )
     try:
         model = fn()
     except Exception as e:  # noqa: BLE001
-        raise LmcError(f"--arch: {arch}() failed: {type(e).__name__}: {e}", "the factory must build the model without arguments") from None
+        raise LmcError(
+            f"--arch: {arch}() failed: {type(e).__name__}: {e}", "the factory must build the model without arguments"
+        ) from None
     if not isinstance(model, nn.Module):
         raise LmcError(f"--arch: {arch}() returned a {type(model).__name__}, not an nn.Module")
     # registered for this process only, so that code rebuilding models from their config finds it
-    from ..models.registry import _REGISTRY, create_model, register_model
+    from ..models.registry import _REGISTRY, register_model
 
     name = f"arch:{arch}"
     if name not in _REGISTRY:
@@ -200,7 +232,13 @@ def _load_arch_checkpoints(paths: Sequence[str | Path], names: list[str], arch: 
         sd, meta = load_state(checkpoint_file(path))
         spec.check_state(sd, name)
         states.append(sd)
-        infos.append({"path": str(path), "model": {"name": f"arch:{arch}"}, **({"dataset": meta["dataset"]} if "dataset" in meta else {})})
+        infos.append(
+            {
+                "path": str(path),
+                "model": {"name": f"arch:{arch}"},
+                **({"dataset": meta["dataset"]} if "dataset" in meta else {}),
+            }
+        )
     model.load_state_dict(dict(states[0]))
     return states, infos, model, spec
 
@@ -222,8 +260,12 @@ def architecture_difference(cfg_a: Mapping[str, Any], cfg_b: Mapping[str, Any]) 
     return {k: (full_a.get(k), full_b.get(k)) for k in keys if full_a.get(k) != full_b.get(k)}
 
 
-def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None = None,
-                     hint: str = "pass checkpoints of the same architecture and width", arch: str | None = None):
+def load_checkpoints(
+    paths: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    hint: str = "pass checkpoints of the same architecture and width",
+    arch: str | None = None,
+):
     """Load checkpoints that must hold one architecture: ``(states, infos, model, spec)``.
 
     Each path must exist and load with :func:`lmckit.checkpoint.load_checkpoint`; the model of the first
@@ -260,10 +302,19 @@ def load_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | None =
     for name, sd, info in zip(names[1:], states[1:], infos[1:]):
         diff = architecture_difference(ref, info["model"])
         if diff:
-            detail = "" if "name" in diff else (f" (settings that differ: {({k: a for k, (a, _) in diff.items()})} "
-                                                 f"vs {({k: b for k, (_, b) in diff.items()})})")
-            raise LmcError(f"{names[0]} and {name} are different models with different architectures: "
-                           f"{describe_model(ref)} vs {describe_model(info['model'])}{detail}", hint)
+            detail = (
+                ""
+                if "name" in diff
+                else (
+                    f" (settings that differ: { ({k: a for k, (a, _) in diff.items()}) } "
+                    f"vs { ({k: b for k, (_, b) in diff.items()}) })"
+                )
+            )
+            raise LmcError(
+                f"{names[0]} and {name} are different models with different architectures: "
+                f"{describe_model(ref)} vs {describe_model(info['model'])}{detail}",
+                hint,
+            )
         spec.check_state(sd, name)
         check_dtypes(model, sd, name)
     return states, infos, model, spec
@@ -280,15 +331,20 @@ def check_dtypes(model, state: Mapping[str, Any], where: str) -> None:
     own = model.state_dict()
     for k, v in state.items():
         if k in own and v.dtype != own[k].dtype:
-            raise LmcError(f"{where}: tensor {k!r} is {v.dtype}, but {describe_model(model.lmckit_config)} holds "
-                           f"{own[k].dtype} there", "save the checkpoint with the model's own dtypes "
-                           "(lmckit.checkpoint.save_model of the model after model.float())")
+            raise LmcError(
+                f"{where}: tensor {k!r} is {v.dtype}, but {describe_model(model.lmckit_config)} holds "
+                f"{own[k].dtype} there",
+                "save the checkpoint with the model's own dtypes "
+                "(lmckit.checkpoint.save_model of the model after model.float())",
+            )
 
 
 def recorded_dataset(info: Mapping[str, Any]) -> str | None:
     """The dataset name a checkpoint records (run config first, then the file's metadata), else ``None``."""
-    for cand in ((info.get("config") or {}).get("dataset") if isinstance(info.get("config"), dict) else None,
-                 info.get("dataset")):
+    for cand in (
+        (info.get("config") or {}).get("dataset") if isinstance(info.get("config"), dict) else None,
+        info.get("dataset"),
+    ):
         if isinstance(cand, dict):
             cand = cand.get("name")
         if isinstance(cand, str) and cand:
@@ -309,6 +365,7 @@ def dataset_name(given: str | None, info: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- option bounds (checked at parse time)
 def int_in(lo: int, hi: int):
     """argparse type: an integer in ``[lo, hi]``; anything else is a usage error (exit 2) before any work."""
+
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -323,6 +380,7 @@ def int_in(lo: int, hi: int):
         if not lo <= v <= hi:
             raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {text}")
         return v
+
     parse.__name__ = f"integer in [{lo}, {hi}]"
     return parse
 
@@ -341,6 +399,7 @@ def float_in(lo: float, hi: float, lo_open: bool = False):
         if v < lo or v > hi or (lo_open and v == lo):
             raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text}")
         return v
+
     parse.__name__ = f"number in [{lo:g}, {hi:g}]"
     return parse
 
@@ -361,8 +420,9 @@ def _real(p: str | Path) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
 
 
-def refuse_outputs_in_inputs(outputs: Sequence[tuple[str, str | Path | None]],
-                             inputs: Sequence[tuple[str, str | Path | None]]) -> None:
+def refuse_outputs_in_inputs(
+    outputs: Sequence[tuple[str, str | Path | None]], inputs: Sequence[tuple[str, str | Path | None]]
+) -> None:
     """Refuse, before any work, an output path that is an input or lies inside one.
 
     ``outputs`` and ``inputs`` are ``(what, path)`` pairs (e.g. ``("--out", "perm.json")``,
@@ -384,8 +444,10 @@ def refuse_outputs_in_inputs(outputs: Sequence[tuple[str, str | Path | None]],
                     same = os.path.samefile(o, i)
             if same or i in o.parents:
                 rel = "is" if same else "is inside"
-                raise LmcError(f"{what} {out} {rel} {iwhat} ({inp}): writing it would change that input",
-                               "choose an output path outside the input files and run folders")
+                raise LmcError(
+                    f"{what} {out} {rel} {iwhat} ({inp}): writing it would change that input",
+                    "choose an output path outside the input files and run folders",
+                )
 
 
 # --------------------------------------------------------------------------- model identities in perm files
@@ -408,12 +470,20 @@ def state_fingerprint(state: Mapping[str, Any]) -> str:
 
 
 def add_force_perm(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force-perm", action="store_true",
-                   help="apply a perm file even when it records other models than the ones given")
+    p.add_argument(
+        "--force-perm",
+        action="store_true",
+        help="apply a perm file even when it records other models than the ones given",
+    )
 
 
-def load_perm_file(path: str | Path, spec, permuted: tuple[str, Mapping[str, Any]], reference: tuple[str, Mapping[str, Any]],
-                   force: bool = False):
+def load_perm_file(
+    path: str | Path,
+    spec,
+    permuted: tuple[str, Mapping[str, Any]],
+    reference: tuple[str, Mapping[str, Any]],
+    force: bool = False,
+):
     """Read a perm file for ``spec`` and check it was computed for these two models.
 
     ``permuted``/``reference`` are ``(label, state_dict)`` of the model the permutation applies to and of
@@ -430,24 +500,36 @@ def load_perm_file(path: str | Path, spec, permuted: tuple[str, Mapping[str, Any
     rec_perm = d.get("model_b_sha256") or d.get("model_sha256")
     rec_ref = d.get("model_a_sha256") or d.get("reference_sha256")
     if not rec_perm and not rec_ref:
-        print(f"note: permutation file {path} records no model identities (written by an older lmckit); "
-              "it is applied unchecked", file=sys.stderr)
+        print(
+            f"note: permutation file {path} records no model identities (written by an older lmckit); "
+            "it is applied unchecked",
+            file=sys.stderr,
+        )
         return perms
-    for (label, sd), rec, role in ((permuted, rec_perm, "the permuted model"), (reference, rec_ref, "the reference model")):
+    for (label, sd), rec, role in (
+        (permuted, rec_perm, "the permuted model"),
+        (reference, rec_ref, "the reference model"),
+    ):
         if rec and rec != state_fingerprint(sd):
-            msg = (f"permutation file {path} was computed for another {role} than {label} "
-                   f"(it records {rec[:19]}..., {label} is {state_fingerprint(sd)[:19]}...)")
+            msg = (
+                f"permutation file {path} was computed for another {role} than {label} "
+                f"(it records {rec[:19]}..., {label} is {state_fingerprint(sd)[:19]}...)"
+            )
             if force:
                 print(f"warning: {msg}; applied anyway (--force-perm)", file=sys.stderr)
                 continue
-            raise LmcError(msg, "pass the models the perm file was computed for (in the same order), "
-                                "recompute it with lmckit match, or add --force-perm")
+            raise LmcError(
+                msg,
+                "pass the models the perm file was computed for (in the same order), "
+                "recompute it with lmckit match, or add --force-perm",
+            )
     return perms
 
 
 # --------------------------------------------------------------------------- datasets named by a checkpoint
-def load_named_dataset(given: str | None, info: Mapping[str, Any], data_dir: str | None, label: str = "model A",
-                       val_size: int = 0):
+def load_named_dataset(
+    given: str | None, info: Mapping[str, Any], data_dir: str | None, label: str = "model A", val_size: int = 0
+):
     """Load ``given`` or the dataset ``info``'s checkpoint records; errors say where the name came from."""
     from ..data import load_dataset
     from ..errors import LmcError
@@ -458,8 +540,10 @@ def load_named_dataset(given: str | None, info: Mapping[str, Any], data_dir: str
     except LmcError as e:
         if given:
             raise
-        raise LmcError(f"{e.message} (the dataset name {name!r} comes from the config of {label}, {info['path']})",
-                       (e.hint + "; " if e.hint else "") + "or pass --dataset NAME") from None
+        raise LmcError(
+            f"{e.message} (the dataset name {name!r} comes from the config of {label}, {info['path']})",
+            (e.hint + "; " if e.hint else "") + "or pass --dataset NAME",
+        ) from None
 
 
 # --------------------------------------------------------------------------- outputs checked before any work

@@ -1,9 +1,10 @@
 """``lmckit data``: list datasets, show what was found where, download into the cache.
 
-    lmckit data list [--data-dir D] [--json]
-    lmckit data info NAME [--data-dir D] [--no-checksums] [--json]
-    lmckit data download NAME [--root DIR] [--mirror URL] [--timeout S] [--force] [--dry-run] [--json]
+lmckit data list [--data-dir D] [--json]
+lmckit data info NAME [--data-dir D] [--no-checksums] [--json]
+lmckit data download NAME [--root DIR] [--mirror URL] [--timeout S] [--force] [--dry-run] [--json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     pd = dsub.add_parser("download", help="download a dataset into the user cache (checksums verified)")
     pd.add_argument("name")
     pd.add_argument("--root", default=None, help="folder to hold NAME/ (default: the user cache, which is searched)")
-    pd.add_argument("--mirror", default=None, help="base URL replacing the official one (default: LMCKIT_DATA_MIRROR if set, else the official URL)")
+    pd.add_argument(
+        "--mirror",
+        default=None,
+        help="base URL replacing the official one (default: LMCKIT_DATA_MIRROR if set, else the official URL)",
+    )
     pd.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
     pd.add_argument("--force", action="store_true", help="download again even if verified files are present")
     pd.add_argument("--dry-run", action="store_true", help="print the URLs and checksums, download nothing")
@@ -42,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pd.set_defaults(func=run_download)
 
     def no_action(_args: argparse.Namespace) -> int:
-        raise LmcError("no action given", "run `lmckit data list`, `lmckit data info NAME` or `lmckit data download NAME`")
+        raise LmcError(
+            "no action given", "run `lmckit data list`, `lmckit data info NAME` or `lmckit data download NAME`"
+        )
 
     p.set_defaults(func=no_action)
 
@@ -62,8 +69,13 @@ def run_list(args: argparse.Namespace) -> int:
     rows = []
     for name, info in DATASETS.items():
         folder, _ = _found(name, args.data_dir)
-        rows.append({"name": name, "classes": info.num_classes,
-                     "found": "generated" if info.generated else (str(folder) if folder else "-")})
+        rows.append(
+            {
+                "name": name,
+                "classes": info.num_classes,
+                "found": "generated" if info.generated else (str(folder) if folder else "-"),
+            }
+        )
     if args.json:
         print_json(rows)
     else:
@@ -82,12 +94,20 @@ def dataset_report(name: str, data_dir: str | None = None, val_size: int = 0, ch
     from ..data.checksums import KNOWN_CHECKSUMS, check_file
 
     info = dataset_info(name)
-    rep: dict[str, Any] = {"name": name, "num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std)}
+    rep: dict[str, Any] = {
+        "name": name,
+        "num_classes": info.num_classes,
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
     if info.generated:
         rep.update(folder="<generated>", searched=[], files=[])
     else:
         folder, err = _found(name, data_dir)
-        rep["searched"] = [{"dir": str(d), "exists": d.is_dir(), "complete": info.is_present(d)} for d in candidate_dirs(name, data_dir)]
+        rep["searched"] = [
+            {"dir": str(d), "exists": d.is_dir(), "complete": info.is_present(d)}
+            for d in candidate_dirs(name, data_dir)
+        ]
         rep["folder"] = str(folder) if folder else None
         if folder is None:
             rep.update(ok=False, error=err, hint=info.install_hint, files=[])
@@ -111,8 +131,10 @@ def dataset_report(name: str, data_dir: str | None = None, val_size: int = 0, ch
         rep.update(ok=False, error=e.message, hint=e.hint)
         return rep
     rep["image_shape"] = [ds.in_channels, ds.image_size, ds.image_size]
-    rep["splits"] = {s: {"size": ds.size(s), "class_counts": torch.bincount(ds.labels[s], minlength=ds.num_classes).tolist()}
-                     for s in ds.splits()}
+    rep["splits"] = {
+        s: {"size": ds.size(s), "class_counts": torch.bincount(ds.labels[s], minlength=ds.num_classes).tolist()}
+        for s in ds.splits()
+    }
     rep["ok"] = not any(f.get("status") in ("mismatch", "unreadable") for f in rep["files"])
     return rep
 
@@ -134,14 +156,30 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"  {s['dir']}  ({mark})")
     print(f"folder: {rep['folder'] or 'not found'}")
     if rep["files"]:
-        print_table([{"file": f["file"], "bytes": f["bytes"], "checksum": f"{f['algo']} ({f['checksum_of']})" if f.get("algo") else "-",
-                      "status": f["status"]} for f in rep["files"]])
+        print_table(
+            [
+                {
+                    "file": f["file"],
+                    "bytes": f["bytes"],
+                    "checksum": f"{f['algo']} ({f['checksum_of']})" if f.get("algo") else "-",
+                    "status": f["status"],
+                }
+                for f in rep["files"]
+            ]
+        )
     if "splits" in rep:
         print(f"images: {'x'.join(map(str, rep['image_shape']))} uint8")
-        print_table([{"split": s, "size": v["size"], "class counts": " ".join(map(str, v["class_counts"]))} for s, v in rep["splits"].items()])
+        print_table(
+            [
+                {"split": s, "size": v["size"], "class counts": " ".join(map(str, v["class_counts"]))}
+                for s, v in rep["splits"].items()
+            ]
+        )
     for f in rep["files"]:
         if f["status"] == "mismatch":
-            print(f"warning: {f['path']} does not match the known {f['algo']} checksum; the file differs from the published dataset")
+            print(
+                f"warning: {f['path']} does not match the known {f['algo']} checksum; the file differs from the published dataset"
+            )
     if rep.get("error"):
         raise LmcError(rep["error"], rep.get("hint"))
     return 0 if rep.get("ok", True) else 1

@@ -1,38 +1,79 @@
 """``lmckit landscape``: loss and accuracy on the plane through three (aligned) models."""
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .common import (MAX_GRID, MAX_SEED, add_data, add_device, add_force_perm, DeprecatedAlias, add_json, add_quiet,
-                     check_output_path, float_in, describe_model, int_in, load_checkpoints, load_named_dataset,
-                     load_perm_file, print_json, refuse_outputs_in_inputs)
+from .common import (
+    MAX_GRID,
+    MAX_SEED,
+    DeprecatedAlias,
+    add_data,
+    add_device,
+    add_force_perm,
+    add_json,
+    add_quiet,
+    check_output_path,
+    describe_model,
+    float_in,
+    int_in,
+    load_checkpoints,
+    load_named_dataset,
+    load_perm_file,
+    print_json,
+    refuse_outputs_in_inputs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "landscape", help="loss/accuracy landscape on the plane of three models",
+        "landscape",
+        help="loss/accuracy landscape on the plane of three models",
         description="Evaluate loss and accuracy on a grid over the plane through models A, B, C (B and C permuted "
-                    "by --perm first, e.g. the perm files of `lmckit match --multi anchor` or `lmckit merge`), and "
-                    "plot it. The loss plot goes to --plot, the accuracy plot next to it (NAME-accuracy.png).")
+        "by --perm first, e.g. the perm files of `lmckit match --multi anchor` or `lmckit merge`), and "
+        "plot it. The loss plot goes to --plot, the accuracy plot next to it (NAME-accuracy.png).",
+    )
     p.add_argument("models", nargs=3, metavar="MODEL", help="three run folders or .safetensors checkpoints: A B C")
-    p.add_argument("--perm", action="append", default=None, metavar="PERM.json",
-                   help="permutation file aligning B to A, then (given again) the one aligning C to A: "
-                        "--perm PB --perm PC (default: no permutation)")
+    p.add_argument(
+        "--perm",
+        action="append",
+        default=None,
+        metavar="PERM.json",
+        help="permutation file aligning B to A, then (given again) the one aligning C to A: "
+        "--perm PB --perm PC (default: no permutation)",
+    )
     p.add_argument("--perms", nargs=2, dest="perm", action=DeprecatedAlias, new="--perm PB --perm PC", extend=True)
-    p.add_argument("--grid", type=int_in(2, MAX_GRID), default=11,
-                   help=f"grid points per axis (default 11, at most {MAX_GRID}: grid x grid evaluations)")
-    p.add_argument("--margin", type=float_in(0.0, 10.0), default=0.2,
-                   help="how far the grid reaches beyond the three models (default 0.2, at most 10)")
+    p.add_argument(
+        "--grid",
+        type=int_in(2, MAX_GRID),
+        default=11,
+        help=f"grid points per axis (default 11, at most {MAX_GRID}: grid x grid evaluations)",
+    )
+    p.add_argument(
+        "--margin",
+        type=float_in(0.0, 10.0),
+        default=0.2,
+        help="how far the grid reaches beyond the three models (default 0.2, at most 10)",
+    )
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
-    p.add_argument("--bn-reset", choices=["auto", "on", "off", "repair"], default="auto",
-                   help="BatchNorm statistics at grid points (default auto: reset when the model has BN)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate on the first N items of the split only (default: all)")
+    p.add_argument(
+        "--bn-reset",
+        choices=["auto", "on", "off", "repair"],
+        default="auto",
+        help="BatchNorm statistics at grid points (default auto: reset when the model has BN)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="evaluate on the first N items of the split only (default: all)"
+    )
     p.add_argument("--eval-limit", type=int, dest="limit", action=DeprecatedAlias, new="--limit")
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the BN-reset batches (default 0)")
-    p.add_argument("--plot", required=True, metavar="FILE.png",
-                   help="PNG file for the loss landscape; the accuracy landscape goes next to it (FILE-accuracy.png)")
+    p.add_argument(
+        "--plot",
+        required=True,
+        metavar="FILE.png",
+        help="PNG file for the loss landscape; the accuracy landscape goes next to it (FILE-accuracy.png)",
+    )
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in model A)")
     add_force_perm(p)
     add_data(p)
@@ -43,9 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lmc import check_model_fits
     from ..device import resolve_device
     from ..errors import LmcError
+    from ..lmc import check_model_fits
     from ..lmc.landscape import plane_landscape
     from ..lmc.plot import plot_landscape
     from ..perm import apply_permutation
@@ -53,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
     if args.perm is not None and len(args.perm) != 2:
-        raise LmcError(f"--perm given {len(args.perm)} time(s); the plane needs two permutation files, "
-                       "for B and for C", "pass --perm PB --perm PC (e.g. merged/perm_1.json and merged/perm_2.json "
-                       "from `lmckit merge`), or none")
+        raise LmcError(
+            f"--perm given {len(args.perm)} time(s); the plane needs two permutation files, for B and for C",
+            "pass --perm PB --perm PC (e.g. merged/perm_1.json and merged/perm_2.json from `lmckit merge`), or none",
+        )
     args.perms = args.perm
     plot = Path(args.plot)
     if plot.suffix.lower() != ".png":
@@ -78,17 +120,35 @@ def run(args: argparse.Namespace) -> int:
     if args.perms:
         sd_b = apply_permutation(spec, perm_b, sd_b)
         sd_c = apply_permutation(spec, perm_c, sd_c)
-    res = plane_landscape(model, sd_a, sd_b, sd_c, dataset, grid=args.grid, margin=args.margin, split=args.split,
-                          bn_reset=args.bn_reset, limit=args.limit, device=device, seed=args.seed,
-                          progress=False if args.json else "landscape")
+    res = plane_landscape(
+        model,
+        sd_a,
+        sd_b,
+        sd_c,
+        dataset,
+        grid=args.grid,
+        margin=args.margin,
+        split=args.split,
+        bn_reset=args.bn_reset,
+        limit=args.limit,
+        device=device,
+        seed=args.seed,
+        progress=False if args.json else "landscape",
+    )
     aligned = "aligned" if args.perms else "unaligned"
     loss_plot = plot_landscape(res, plot, "loss", title=f"{args.split} loss on the plane of three {aligned} models")
-    acc_plot = plot_landscape(res, acc_path, "accuracy",
-                              title=f"{args.split} accuracy on the plane of three {aligned} models")
+    acc_plot = plot_landscape(
+        res, acc_path, "accuracy", title=f"{args.split} accuracy on the plane of three {aligned} models"
+    )
     d = res.to_dict()
-    summary = {**d, "models_files": [str(Path(p).resolve()) for p in args.models],
-               "perm_files": [str(Path(p).resolve()) for p in args.perms] if args.perms else None,
-               "loss_plot": str(loss_plot), "accuracy_plot": str(acc_plot), "model": model.lmckit_config}
+    summary = {
+        **d,
+        "models_files": [str(Path(p).resolve()) for p in args.models],
+        "perm_files": [str(Path(p).resolve()) for p in args.perms] if args.perms else None,
+        "loss_plot": str(loss_plot),
+        "accuracy_plot": str(acc_plot),
+        "model": model.lmckit_config,
+    }
     if args.json:
         print_json(summary)
         return 0

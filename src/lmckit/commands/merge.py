@@ -1,4 +1,5 @@
 """``lmckit merge``: align several checkpoints, average them into one loadable model, and measure."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,42 +7,88 @@ import contextlib
 import os
 from pathlib import Path
 
-from .common import (MAX_EPOCHS, MAX_ITER, MAX_POINTS, MAX_SEED, add_arch, add_data, add_device, DeprecatedAlias,
-                     add_json, add_quiet, check_output_path, describe_model, int_in, load_checkpoints,
-                     load_named_dataset, print_json, print_table, refuse_outputs_in_inputs, state_fingerprint)
+from .common import (
+    MAX_EPOCHS,
+    MAX_ITER,
+    MAX_POINTS,
+    MAX_SEED,
+    DeprecatedAlias,
+    add_arch,
+    add_data,
+    add_device,
+    add_json,
+    add_quiet,
+    check_output_path,
+    describe_model,
+    int_in,
+    load_checkpoints,
+    load_named_dataset,
+    print_json,
+    print_table,
+    refuse_outputs_in_inputs,
+    state_fingerprint,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "merge", help="merge several models: align, average uniformly, report accuracies and barriers",
+        "merge",
+        help="merge several models: align, average uniformly, report accuracies and barriers",
         description="Align every model to the first (anchor) with weight matching, activation matching or STE (or "
-                    "all together by MergeMany), write the uniform average as DIR/merged.safetensors (BatchNorm "
-                    "statistics recomputed or REPAIR applied, as --bn-reset says), one perm JSON per model and DIR/merge.json (with the merged-accuracy curve: "
-                    "the average of the first n aligned models vs the naive average); --plot PATH also draws that "
-                    "curve as a PNG.")
+        "all together by MergeMany), write the uniform average as DIR/merged.safetensors (BatchNorm "
+        "statistics recomputed or REPAIR applied, as --bn-reset says), one perm JSON per model and DIR/merge.json (with the merged-accuracy curve: "
+        "the average of the first n aligned models vs the naive average); --plot PATH also draws that "
+        "curve as a PNG.",
+    )
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
-    p.add_argument("--method", choices=["weight", "activation", "ste"], default="weight", help="alignment method (default weight)")
-    p.add_argument("--multi", choices=["anchor", "mergemany"], default="anchor",
-                   help="anchor: match each model to the first (default); mergemany: weight matching to the mean of the others")
+    p.add_argument(
+        "--method", choices=["weight", "activation", "ste"], default="weight", help="alignment method (default weight)"
+    )
+    p.add_argument(
+        "--multi",
+        choices=["anchor", "mergemany"],
+        default="anchor",
+        help="anchor: match each model to the first (default); mergemany: weight matching to the mean of the others",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
-    p.add_argument("--points", type=int_in(2, MAX_POINTS), default=25,
-                   help=f"lambdas per pairwise barrier (default 25, at most {MAX_POINTS})")
-    p.add_argument("--bn-reset", choices=["auto", "on", "off", "repair"], default="auto",
-                   help="recompute BatchNorm statistics of averaged models (auto: when the model has BN), or REPAIR "
-                        "(rescale each hidden unit of the average to the mean of the models' activation statistics; "
-                        "needs a bias or affine norm after every permuted layer) (default auto)")
-    p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of matching, STE and BN-reset batches (default 0)")
-    p.add_argument("--max-iter", type=int_in(1, MAX_ITER), default=100,
-                   help=f"WM sweeps / MergeMany passes (default 100, at most {MAX_ITER})")
-    p.add_argument("--ste-preset", choices=["adam", "git-re-basin"], default="adam", help="STE optimiser preset (default adam)")
-    p.add_argument("--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE epochs, at least 1 (default: the preset's)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate on the first N items of the split only (default: all)")
+    p.add_argument(
+        "--points",
+        type=int_in(2, MAX_POINTS),
+        default=25,
+        help=f"lambdas per pairwise barrier (default 25, at most {MAX_POINTS})",
+    )
+    p.add_argument(
+        "--bn-reset",
+        choices=["auto", "on", "off", "repair"],
+        default="auto",
+        help="recompute BatchNorm statistics of averaged models (auto: when the model has BN), or REPAIR "
+        "(rescale each hidden unit of the average to the mean of the models' activation statistics; "
+        "needs a bias or affine norm after every permuted layer) (default auto)",
+    )
+    p.add_argument(
+        "--seed", type=int_in(0, MAX_SEED), default=0, help="seed of matching, STE and BN-reset batches (default 0)"
+    )
+    p.add_argument(
+        "--max-iter",
+        type=int_in(1, MAX_ITER),
+        default=100,
+        help=f"WM sweeps / MergeMany passes (default 100, at most {MAX_ITER})",
+    )
+    p.add_argument(
+        "--ste-preset", choices=["adam", "git-re-basin"], default="adam", help="STE optimiser preset (default adam)"
+    )
+    p.add_argument(
+        "--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE epochs, at least 1 (default: the preset's)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="evaluate on the first N items of the split only (default: all)"
+    )
     p.add_argument("--eval-limit", type=int, dest="limit", action=DeprecatedAlias, new="--limit")
     p.add_argument("--no-curve", action="store_true", help="skip the merged-accuracy curve")
-    p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="write the merged-accuracy curve as a PNG (default: none)")
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="write the merged-accuracy curve as a PNG (default: none)"
+    )
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in the first checkpoint)")
     add_data(p)
     add_device(p)
@@ -88,10 +135,9 @@ def staged_merge(out: Path, created: bool, lock_created: bool):
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
-    from ..data import load_dataset
-    from ..lmc import check_model_fits
     from ..device import resolve_device
     from ..errors import LmcError
+    from ..lmc import check_model_fits
     from ..merge import check_merge_inputs, merge_models, plot_merged_accuracy
     from ..perm import save_perms
     from ..store import atomic_write_json, file_lock
@@ -121,49 +167,113 @@ def run(args: argparse.Namespace) -> int:
     states, infos, model, _ = load_checkpoints(args.models, arch=args.arch)
     dataset = load_named_dataset(args.dataset, infos[0], args.data_dir, label="model 0")
     check_model_fits(model, dataset, "train", where=args.models[0])
-    check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset,
-                       {"preset": args.ste_preset, "epochs": args.epochs})
+    check_merge_inputs(
+        model,
+        states,
+        dataset,
+        args.method,
+        args.multi,
+        args.split,
+        args.bn_reset,
+        {"preset": args.ste_preset, "epochs": args.epochs},
+    )
     created = not out.exists()
     lock_created = not (out / ".lock").exists()
     with staged_merge(out, created, lock_created) as tmp, file_lock(out / ".lock", wait=False):
-        res = merge_models(model, states, dataset, method=args.method, multi=args.multi, split=args.split,
-                           points=args.points, bn_reset=args.bn_reset, seed=args.seed, device=device,
-                           curve=not args.no_curve, limit=args.limit, max_iter=args.max_iter,
-                           ste_kwargs={"preset": args.ste_preset, "epochs": args.epochs},
-                           state_dir=out / "ste" if args.method == "ste" else None, progress=not args.json)
+        res = merge_models(
+            model,
+            states,
+            dataset,
+            method=args.method,
+            multi=args.multi,
+            split=args.split,
+            points=args.points,
+            bn_reset=args.bn_reset,
+            seed=args.seed,
+            device=device,
+            curve=not args.no_curve,
+            limit=args.limit,
+            max_iter=args.max_iter,
+            ste_kwargs={"preset": args.ste_preset, "epochs": args.epochs},
+            state_dir=out / "ste" if args.method == "ste" else None,
+            progress=not args.json,
+        )
         paths = [str(Path(p).resolve()) for p in args.models]
         hashes = [state_fingerprint(sd) for sd in states]
         perm_files = []
         for i, (path, perms) in enumerate(zip(paths, res.perms)):
-            save_perms(tmp / f"perm_{i}.json", perms, method=res.method, multi=res.multi, seed=args.seed, model=path,
-                       reference=paths[0], index=i, model_sha256=hashes[i], reference_sha256=hashes[0])
+            save_perms(
+                tmp / f"perm_{i}.json",
+                perms,
+                method=res.method,
+                multi=res.multi,
+                seed=args.seed,
+                model=path,
+                reference=paths[0],
+                index=i,
+                model_sha256=hashes[i],
+                reference_sha256=hashes[0],
+            )
             perm_files.append(str(out / f"perm_{i}.json"))
-        save_model(tmp / "merged.safetensors", model, res.merged, dataset=dataset.name,
-                   lmckit_merge={"models": paths, "method": args.method, "multi": args.multi,
-                                 "seed": args.seed, "bn_reset": args.bn_reset, "model_sha256": hashes})
+        save_model(
+            tmp / "merged.safetensors",
+            model,
+            res.merged,
+            dataset=dataset.name,
+            lmckit_merge={
+                "models": paths,
+                "method": args.method,
+                "multi": args.multi,
+                "seed": args.seed,
+                "bn_reset": args.bn_reset,
+                "model_sha256": hashes,
+            },
+        )
         merged_file = out / "merged.safetensors"
         summary = res.to_dict()
-        summary.update(models=paths, perm_files=perm_files, merged_checkpoint=str(merged_file), dataset=dataset.name,
-                       model=model.lmckit_config, seed=args.seed, model_sha256=hashes)
+        summary.update(
+            models=paths,
+            perm_files=perm_files,
+            merged_checkpoint=str(merged_file),
+            dataset=dataset.name,
+            model=model.lmckit_config,
+            seed=args.seed,
+            model_sha256=hashes,
+        )
         if args.method == "ste":
             summary["ste"] = {"preset": args.ste_preset, "epochs": args.epochs}
         if res.curve and args.plot:
-            plot_merged_accuracy(res.curve, args.plot, title=f"uniform average of n models ({args.split})",
-                                 model_accuracies=summary["model_accuracies"])
+            plot_merged_accuracy(
+                res.curve,
+                args.plot,
+                title=f"uniform average of n models ({args.split})",
+                model_accuracies=summary["model_accuracies"],
+            )
             summary["merged_accuracy_plot"] = str(args.plot)
         atomic_write_json(tmp / "merge.json", summary)
     if args.json:
         print_json(summary)
         return 0
-    print(f"model:  {describe_model(model.lmckit_config)}; {len(states)} checkpoints; dataset {dataset.name} ({args.split})")
+    print(
+        f"model:  {describe_model(model.lmckit_config)}; {len(states)} checkpoints; dataset {dataset.name} ({args.split})"
+    )
     print(f"method: {args.method} ({args.multi}), seed {args.seed}; {res.seconds:.1f}s")
-    print_table([{"model": i, "loss": m["loss"], "accuracy": m["accuracy"]} for i, m in enumerate(res.model_metrics)]
-                + [{"model": "merged", "loss": res.merged_loss, "accuracy": res.merged_accuracy}])
+    print_table(
+        [{"model": i, "loss": m["loss"], "accuracy": m["accuracy"]} for i, m in enumerate(res.model_metrics)]
+        + [{"model": "merged", "loss": res.merged_loss, "accuracy": res.merged_accuracy}]
+    )
     if res.pairwise_barriers or res.anchor_barriers:
         print("barriers between aligned models:")
-        print_table([{"pair": f"{b['models'][0]}-{b['models'][1]}" + (" (anchor)" if b in res.anchor_barriers else ""),
-                      "loss_barrier": b["loss_barrier"], "accuracy_barrier": b["accuracy_barrier"]}
-                     for b in res.pairwise_barriers + res.anchor_barriers])
+        print_table(
+            [
+                {
+                    "pair": f"{b['models'][0]}-{b['models'][1]}" + (" (anchor)" if b in res.anchor_barriers else ""),
+                    "loss_barrier": b["loss_barrier"],
+                    "accuracy_barrier": b["accuracy_barrier"],
+                }
+                for b in res.pairwise_barriers + res.anchor_barriers
+            ]
+        )
     for label, rows in res.curve.items():
         print(f"merged accuracy ({label}): " + ", ".join(f"n={r['n']}: {r['accuracy']:.4f}" for r in rows))
     print(f"wrote {merged_file}, {len(perm_files)} perm files and merge.json to {out}")

@@ -1,4 +1,5 @@
 """``lmckit methods``: list the registered matching methods, with their references and options."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,10 +9,13 @@ from .common import add_json, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("methods", help="list matching methods (lmckit match --method NAME)",
-                       description="The matching methods of the registry (lmckit.match.registry): what each does, "
-                                   "its paper, whether it needs data, which multi-model schemes it supports, and "
-                                   "its options (set them with lmckit match --option KEY=VALUE).")
+    p = sub.add_parser(
+        "methods",
+        help="list matching methods (lmckit match --method NAME)",
+        description="The matching methods of the registry (lmckit.match.registry): what each does, "
+        "its paper, whether it needs data, which multi-model schemes it supports, and "
+        "its options (set them with lmckit match --option KEY=VALUE).",
+    )
     p.add_argument("name", nargs="?", default=None, help="show one method only (default: all)")
     add_json(p)
     p.set_defaults(func=run)

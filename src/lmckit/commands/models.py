@@ -1,4 +1,5 @@
 """``lmckit models``: list the model registry."""
+
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,7 @@ Sources
   (https://www.cs.toronto.edu/~kriz/cifar.html). The ``.bin`` batches have no
   published per-file checksum.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -38,10 +39,18 @@ class Checksum:
 
 KNOWN_CHECKSUMS: dict[str, dict[str, Checksum]] = {
     "fashion-mnist": {
-        "train-images-idx3-ubyte": Checksum("sha256", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-        "train-labels-idx1-ubyte": Checksum("sha256", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-        "t10k-images-idx3-ubyte": Checksum("sha256", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-        "t10k-labels-idx1-ubyte": Checksum("sha256", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+        "train-images-idx3-ubyte": Checksum(
+            "sha256", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+        ),
+        "train-labels-idx1-ubyte": Checksum(
+            "sha256", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+        ),
+        "t10k-images-idx3-ubyte": Checksum(
+            "sha256", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+        ),
+        "t10k-labels-idx1-ubyte": Checksum(
+            "sha256", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+        ),
     },
     "mnist": {
         "train-images-idx3-ubyte": Checksum("md5", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "archive"),
@@ -84,9 +93,16 @@ def check_file(path: Path, known: Checksum | None) -> dict[str, Any]:
     ``unknown`` (no known checksum applies to this form of the file) or
     ``unreadable`` (missing, or a corrupt gzip).
     """
-    row: dict[str, Any] = {"file": logical_name(path), "path": str(path), "bytes": None, "sha256": None,
-                           "algo": known.algo if known else None, "expected": known.digest if known else None,
-                           "checksum_of": known.of if known else None, "status": "unknown"}
+    row: dict[str, Any] = {
+        "file": logical_name(path),
+        "path": str(path),
+        "bytes": None,
+        "sha256": None,
+        "algo": known.algo if known else None,
+        "expected": known.digest if known else None,
+        "checksum_of": known.of if known else None,
+        "status": "unknown",
+    }
     try:
         raw = path.read_bytes()
     except OSError as e:

@@ -42,6 +42,7 @@ the bytes being present. Every other global (``builtins.eval``,
 opcodes can only build dicts, lists, tuples, bytes, strings and numbers.
 Any exception while parsing becomes an :class:`LmcError` naming the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -177,13 +178,18 @@ def restricted_unpickle(data: bytes, where: str = "pickle data") -> Any:
     except pickle.UnpicklingError as e:
         msg = str(e)
         if msg.startswith("refusing"):
-            raise LmcError(f"{where} is not a plain CIFAR batch: {msg} (lmckit never runs code from data files)",
-                           "use the official cifar-10-python.tar.gz or the binary version cifar-10-batches-bin") from None
-        raise LmcError(f"{where} is a corrupt or truncated pickle ({msg})",
-                       "delete it and install or download CIFAR-10 again") from None
+            raise LmcError(
+                f"{where} is not a plain CIFAR batch: {msg} (lmckit never runs code from data files)",
+                "use the official cifar-10-python.tar.gz or the binary version cifar-10-batches-bin",
+            ) from None
+        raise LmcError(
+            f"{where} is a corrupt or truncated pickle ({msg})", "delete it and install or download CIFAR-10 again"
+        ) from None
     except Exception as e:  # any failure of a parser fed untrusted bytes is a bad file
-        raise LmcError(f"{where} is a corrupt or truncated pickle ({type(e).__name__}: {e})",
-                       "delete it and install or download CIFAR-10 again") from None
+        raise LmcError(
+            f"{where} is a corrupt or truncated pickle ({type(e).__name__}: {e})",
+            "delete it and install or download CIFAR-10 again",
+        ) from None
 
 
 def _get(d: dict, key: str) -> Any:
@@ -202,12 +208,19 @@ def parse_cifar_batch(data: bytes, where: str = "CIFAR batch") -> tuple[torch.Te
     """
     obj = restricted_unpickle(data, where)
     if not isinstance(obj, dict):
-        raise LmcError(f"{where} holds a {type(obj).__name__}, not the dict of a CIFAR batch", "check the dataset folder")
+        raise LmcError(
+            f"{where} holds a {type(obj).__name__}, not the dict of a CIFAR batch", "check the dataset folder"
+        )
     x, y = _get(obj, "data"), _get(obj, "labels")
     if not isinstance(x, np.ndarray) or y is None:
-        raise LmcError(f"{where} lacks a 'data' array or a 'labels' list", "this is not a CIFAR-10 batch (CIFAR-100 uses 'fine_labels')")
+        raise LmcError(
+            f"{where} lacks a 'data' array or a 'labels' list",
+            "this is not a CIFAR-10 batch (CIFAR-100 uses 'fine_labels')",
+        )
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != RECORD - 1:
-        raise LmcError(f"{where} has data {x.dtype} {tuple(x.shape)}; expected uint8 (N, 3072)", "check the dataset folder")
+        raise LmcError(
+            f"{where} has data {x.dtype} {tuple(x.shape)}; expected uint8 (N, 3072)", "check the dataset folder"
+        )
     try:
         labels = np.asarray(y)
     except Exception:  # noqa: BLE001 - ragged or odd contents
@@ -215,7 +228,9 @@ def parse_cifar_batch(data: bytes, where: str = "CIFAR batch") -> tuple[torch.Te
     if labels.ndim != 1 or labels.dtype.kind not in "iub":
         raise LmcError(f"{where} has labels that are not a list of integers", "check the dataset folder")
     if labels.shape[0] != x.shape[0]:
-        raise LmcError(f"{where} holds {x.shape[0]} images but {labels.shape[0]} labels", "the file is corrupt; get it again")
+        raise LmcError(
+            f"{where} holds {x.shape[0]} images but {labels.shape[0]} labels", "the file is corrupt; get it again"
+        )
     _check_labels(labels, where)
     images = torch.from_numpy(np.ascontiguousarray(x).reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels.astype(np.int64))
@@ -224,8 +239,10 @@ def parse_cifar_batch(data: bytes, where: str = "CIFAR batch") -> tuple[torch.Te
 def parse_cifar_bin(data: bytes, where: str = "CIFAR binary batch") -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels from one binary-version batch: records of 1 label byte + 3072 pixel bytes."""
     if len(data) == 0 or len(data) % RECORD:
-        raise LmcError(f"{where} has {len(data)} bytes, not a whole number of {RECORD}-byte CIFAR records",
-                       "the file is truncated or not a CIFAR-10 .bin batch; get it again")
+        raise LmcError(
+            f"{where} has {len(data)} bytes, not a whole number of {RECORD}-byte CIFAR records",
+            "the file is truncated or not a CIFAR-10 .bin batch; get it again",
+        )
     rec = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD)
     labels = rec[:, 0]
     _check_labels(labels, where)
@@ -235,8 +252,10 @@ def parse_cifar_bin(data: bytes, where: str = "CIFAR binary batch") -> tuple[tor
 
 def _check_labels(labels: np.ndarray, where: str) -> None:
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
-        raise LmcError(f"{where} has labels outside 0..{NUM_CLASSES - 1} (min {int(labels.min())}, max {int(labels.max())})",
-                       "this is not a CIFAR-10 batch (CIFAR-100 has 100 classes), or it is corrupt")
+        raise LmcError(
+            f"{where} has labels outside 0..{NUM_CLASSES - 1} (min {int(labels.min())}, max {int(labels.max())})",
+            "this is not a CIFAR-10 batch (CIFAR-100 has 100 classes), or it is corrupt",
+        )
 
 
 def cifar_layout(folder: Path) -> tuple[str, dict[str, tuple[str, ...]]] | None:
@@ -251,8 +270,10 @@ def load_cifar_folder(folder: Path) -> tuple[dict, dict, dict, dict]:
     """Load every batch of the layout present in ``folder``; returns ``(images, labels, source, sha256s)``."""
     layout = cifar_layout(folder)
     if layout is None:
-        raise LmcError(f"no complete CIFAR-10 batch set in {folder}",
-                       f"it needs {', '.join(PY_FILES['train'] + PY_FILES['test'])} (python version) or the same names with .bin")
+        raise LmcError(
+            f"no complete CIFAR-10 batch set in {folder}",
+            f"it needs {', '.join(PY_FILES['train'] + PY_FILES['test'])} (python version) or the same names with .bin",
+        )
     kind, files = layout
     parse = parse_cifar_batch if kind == "python" else parse_cifar_bin
     images, labels, source, sums = {}, {}, {}, {}

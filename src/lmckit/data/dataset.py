@@ -2,6 +2,7 @@
 
 Batches are drawn by index with a seeded generator; no DataLoader.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,8 +51,10 @@ class Dataset:
 
     def _check_split(self, split: str) -> torch.Tensor:
         if split not in self.images:
-            raise LmcError(f"dataset {self.name} has no {split!r} split (it has {', '.join(self.splits())})",
-                           "pick another split, or set a validation size to create 'val'")
+            raise LmcError(
+                f"dataset {self.name} has no {split!r} split (it has {', '.join(self.splits())})",
+                "pick another split, or set a validation size to create 'val'",
+            )
         return self.images[split]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,9 @@ class Dataset:
             self._device_cache[key] = (x.to(dev), self.labels[split].to(dev))
         return self._device_cache[key]
 
-    def tensors(self, split: str, device: torch.device | str = "cpu", limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(
+        self, split: str, device: torch.device | str = "cpu", limit: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split (or its first ``limit`` items), normalised, on ``device``."""
         x = self._check_split(split)
         y = self.labels[split]
@@ -90,9 +95,18 @@ class Dataset:
             x, y = x[:limit], y[:limit]
         return self.normalize(x.to(device)), y.to(device)
 
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu", limit: int | None = None, drop_last: bool = False,
-                augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        limit: int | None = None,
+        drop_last: bool = False,
+        augment: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield normalised ``(x, y)`` batches by index.
 
         ``shuffle`` draws a permutation from ``generator`` (seeded by the
@@ -107,7 +121,7 @@ class Dataset:
         order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(x_all.device)
         stop = n - (n % batch_size) if drop_last else n
         for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             xb = x_all[idx]
             if augment:
                 xb = random_crop_flip(xb, generator)
@@ -125,8 +139,8 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    rows = dy.view(n, 1) + torch.arange(h).view(1, h)  # (n, h)
+    cols = dx.view(n, 1) + torch.arange(w).view(1, w)  # (n, w)
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
     bidx = torch.arange(n).view(n, 1, 1)
     if x.device.type != "cpu":
@@ -135,7 +149,9 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def synthetic_images(n: int, channels: int, size: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_images(
+    n: int, channels: int, size: int, num_classes: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable synthetic images for tests and smoke recipes.
 
     Each class has a random smooth prototype; an image is its class prototype
@@ -143,8 +159,9 @@ def synthetic_images(n: int, channels: int, size: int, num_classes: int, seed: i
     few epochs, yet the task is not trivial.
     """
     g = torch.Generator().manual_seed(seed)
-    protos = torch.nn.functional.interpolate(torch.rand(num_classes, channels, 7, 7, generator=g), size=(size, size),
-                                             mode="bilinear", align_corners=False)
+    protos = torch.nn.functional.interpolate(
+        torch.rand(num_classes, channels, 7, 7, generator=g), size=(size, size), mode="bilinear", align_corners=False
+    )
     y = torch.randint(0, num_classes, (n,), generator=g)
     x = 0.5 * protos[y] + 0.5 * torch.rand(n, channels, size, size, generator=g)
     return (x * 255).round().clamp(0, 255).to(torch.uint8), y

@@ -12,6 +12,7 @@ The URL base can be replaced by a mirror (``mirror=`` or the
 ``LMCKIT_DATA_MIRROR`` environment variable): each file is then fetched from
 ``<mirror>/<file name>``; ``file://`` URLs work too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,7 +66,11 @@ def _idx_files(dataset: str) -> tuple[RemoteFile, ...]:
     known = KNOWN_CHECKSUMS[dataset]
     out = []
     for stem, ck in known.items():
-        out.append(RemoteFile(f"{stem}.gz", archive=ck if ck.of == "archive" else None, content=ck if ck.of == "content" else None))
+        out.append(
+            RemoteFile(
+                f"{stem}.gz", archive=ck if ck.of == "archive" else None, content=ck if ck.of == "content" else None
+            )
+        )
     return tuple(out)
 
 
@@ -78,15 +83,19 @@ def _cifar_files() -> tuple[RemoteFile, ...]:
 
 
 SOURCES: dict[str, DownloadSpec] = {
-    "fashion-mnist": DownloadSpec("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", _idx_files("fashion-mnist")),
+    "fashion-mnist": DownloadSpec(
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", _idx_files("fashion-mnist")
+    ),
     "mnist": DownloadSpec("https://ossci-datasets.s3.amazonaws.com/mnist/", _idx_files("mnist")),
     "cifar10": DownloadSpec("https://www.cs.toronto.edu/~kriz/", _cifar_files()),
 }
 
 
 def _offline_hint(name: str) -> str:
-    return (f"check the network (or set LMCKIT_DATA_MIRROR to a reachable mirror); offline, copy the files of {name} "
-            f"into a folder and pass --data-dir (or set LMCKIT_DATA); `lmckit data info {name}` shows where lmckit looks")
+    return (
+        f"check the network (or set LMCKIT_DATA_MIRROR to a reachable mirror); offline, copy the files of {name} "
+        f"into a folder and pass --data-dir (or set LMCKIT_DATA); `lmckit data info {name}` shows where lmckit looks"
+    )
 
 
 def _fetch(url: str, folder: Path, timeout: float, dataset: str) -> tuple[Path, str, str]:
@@ -103,8 +112,10 @@ def _fetch(url: str, folder: Path, timeout: float, dataset: str) -> tuple[Path, 
                 raise LmcError(f"download of {url} failed: HTTP {e.code} {e.reason}", _offline_hint(dataset)) from None
             except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, ValueError) as e:
                 reason = getattr(e, "reason", e)
-                raise LmcError(f"cannot download {dataset} from {url}: {reason} (no answer within {timeout:g} s or no network)",
-                               _offline_hint(dataset)) from None
+                raise LmcError(
+                    f"cannot download {dataset} from {url}: {reason} (no answer within {timeout:g} s or no network)",
+                    _offline_hint(dataset),
+                ) from None
             with resp:
                 total = resp.headers.get("Content-Length")
                 total = int(total) if total and total.isdigit() else None
@@ -113,7 +124,9 @@ def _fetch(url: str, folder: Path, timeout: float, dataset: str) -> tuple[Path, 
                         try:
                             chunk = resp.read(_CHUNK)
                         except (TimeoutError, socket.timeout, ConnectionError, OSError) as e:
-                            raise LmcError(f"download of {url} broke off after {got} bytes: {e}", _offline_hint(dataset)) from None
+                            raise LmcError(
+                                f"download of {url} broke off after {got} bytes: {e}", _offline_hint(dataset)
+                            ) from None
                         if not chunk:
                             break
                         out.write(chunk)
@@ -140,8 +153,10 @@ def _check(ck: Checksum | None, data_md5: str | None, data_sha: str | None, data
     else:
         actual = digest(data if data is not None else b"", ck.algo)
     if actual != ck.digest.lower():
-        raise LmcError(f"checksum mismatch for {what}: {ck.algo} {actual}, expected {ck.digest}",
-                       "the download is corrupt or the mirror serves other files; nothing was kept, try again or use another mirror")
+        raise LmcError(
+            f"checksum mismatch for {what}: {ck.algo} {actual}, expected {ck.digest}",
+            "the download is corrupt or the mirror serves other files; nothing was kept, try again or use another mirror",
+        )
 
 
 def _gunzip(path: Path, what: str) -> bytes:
@@ -183,7 +198,9 @@ def _extract(tar_path: Path, rf: RemoteFile, folder: Path, url: str) -> list[Pat
                 try:
                     info = tar.getmember(member)
                 except KeyError:
-                    raise LmcError(f"archive {url} lacks {member}", "the mirror serves another file; use the official archive") from None
+                    raise LmcError(
+                        f"archive {url} lacks {member}", "the mirror serves another file; use the official archive"
+                    ) from None
                 if not info.isfile():
                     raise LmcError(f"{member} in {url} is not a regular file", "the archive is not the official one")
                 f = tar.extractfile(info)
@@ -195,8 +212,15 @@ def _extract(tar_path: Path, rf: RemoteFile, folder: Path, url: str) -> list[Pat
     return written
 
 
-def download_dataset(name: str, root: str | os.PathLike | None = None, *, mirror: str | None = None,
-                     timeout: float = DEFAULT_TIMEOUT, force: bool = False, spec: DownloadSpec | None = None) -> Path:
+def download_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    mirror: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    force: bool = False,
+    spec: DownloadSpec | None = None,
+) -> Path:
     """Download ``name`` into ``<root>/<name>`` (default root: the user cache) and return that folder.
 
     Parameters
@@ -220,8 +244,10 @@ def download_dataset(name: str, root: str | os.PathLike | None = None, *, mirror
     info = dataset_info(name)
     spec = spec or SOURCES.get(name)
     if spec is None:
-        raise LmcError(f"dataset {name} has no download source" + (" (it is generated in memory)" if info.generated else ""),
-                       f"datasets that can be downloaded: {', '.join(SOURCES)}")
+        raise LmcError(
+            f"dataset {name} has no download source" + (" (it is generated in memory)" if info.generated else ""),
+            f"datasets that can be downloaded: {', '.join(SOURCES)}",
+        )
     base = (mirror or os.environ.get("LMCKIT_DATA_MIRROR") or spec.base_url).rstrip("/") + "/"
     folder = Path(root) / name if root is not None else cache_root() / name
     if not isinstance(timeout, (int, float)) or not (0 < timeout <= 3600):
@@ -244,12 +270,16 @@ def download_dataset(name: str, root: str | os.PathLike | None = None, *, mirror
                 p.rmdir()  # only if empty
         raise
     if not info.is_present(folder) and not any(info.is_present(folder / s) for s in info.subdirs):
-        raise LmcError(f"after the download {folder} still lacks files of {name}", "the download spec does not match the dataset layout")
+        raise LmcError(
+            f"after the download {folder} still lacks files of {name}",
+            "the download spec does not match the dataset layout",
+        )
     return folder
 
 
-def _download_locked(spec: DownloadSpec, folder: Path, lock: Path, base: str, timeout: float, name: str,
-                     force: bool) -> None:
+def _download_locked(
+    spec: DownloadSpec, folder: Path, lock: Path, base: str, timeout: float, name: str, force: bool
+) -> None:
     with file_lock(lock, what="dataset folder"):
         for rf in spec.files:
             if not force and _already_there(rf, folder):
@@ -275,11 +305,18 @@ def download_plan(name: str, mirror: str | None = None) -> list[dict[str, Any]]:
     spec = SOURCES.get(name)
     if spec is None:
         dataset_info(name)
-        raise LmcError(f"dataset {name} has no download source", f"datasets that can be downloaded: {', '.join(SOURCES)}")
+        raise LmcError(
+            f"dataset {name} has no download source", f"datasets that can be downloaded: {', '.join(SOURCES)}"
+        )
     base = (mirror or os.environ.get("LMCKIT_DATA_MIRROR") or spec.base_url).rstrip("/") + "/"
     rows = []
     for rf in spec.files:
         ck = rf.archive or rf.content
-        rows.append({"url": base + rf.name, "checksum": f"{ck.algo}:{ck.digest} ({ck.of})" if ck else "none",
-                     "members": len(rf.members)})
+        rows.append(
+            {
+                "url": base + rf.name,
+                "checksum": f"{ck.algo}:{ck.digest} ({ck.of})" if ck else "none",
+                "members": len(rf.members),
+            }
+        )
     return rows

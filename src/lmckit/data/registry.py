@@ -8,6 +8,7 @@ installs under ``/usr/share/datasets/fashion-mnist``), then the user cache
 these is tried as ``<dir>/<name>`` and ``<dir>`` itself, and for datasets that
 unpack into a subfolder (CIFAR-10's ``cifar-10-batches-py``) also beneath it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -78,24 +79,46 @@ def register_dataset(info: DatasetInfo) -> DatasetInfo:
     return info
 
 
-register_dataset(DatasetInfo(
-    "fashion-mnist", 10, tuple(f for pair in IDX_FILES.values() for f in pair), _load_idx_folder,
-    (0.2860,), (0.3530,), ("/usr/share/datasets/fashion-mnist",),
-    "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (Debian), or run `lmckit data download fashion-mnist` when online",
-))
-register_dataset(DatasetInfo(
-    "cifar10", 10, cifar.PY_FILES["train"] + cifar.PY_FILES["test"], cifar.load_cifar_folder,
-    # per-channel mean and std over all pixels of the 50000 training images
-    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (),
-    "put cifar-10-batches-py/ (from cifar-10-python.tar.gz) or cifar-10-batches-bin/ in a folder and pass --data-dir, "
-    "or run `lmckit data download cifar10` when online",
-    subdirs=(cifar.PY_DIR, cifar.BIN_DIR), present=lambda f: cifar.cifar_layout(f) is not None,
-))
-register_dataset(DatasetInfo(
-    "mnist", 10, tuple(f for pair in IDX_FILES.values() for f in pair), _load_idx_folder,
-    (0.1307,), (0.3081,), ("/usr/share/datasets/mnist",),
-    "put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir, or run `lmckit data download mnist` when online",
-))
+register_dataset(
+    DatasetInfo(
+        "fashion-mnist",
+        10,
+        tuple(f for pair in IDX_FILES.values() for f in pair),
+        _load_idx_folder,
+        (0.2860,),
+        (0.3530,),
+        ("/usr/share/datasets/fashion-mnist",),
+        "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (Debian), or run `lmckit data download fashion-mnist` when online",
+    )
+)
+register_dataset(
+    DatasetInfo(
+        "cifar10",
+        10,
+        cifar.PY_FILES["train"] + cifar.PY_FILES["test"],
+        cifar.load_cifar_folder,
+        # per-channel mean and std over all pixels of the 50000 training images
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        (),
+        "put cifar-10-batches-py/ (from cifar-10-python.tar.gz) or cifar-10-batches-bin/ in a folder and pass --data-dir, "
+        "or run `lmckit data download cifar10` when online",
+        subdirs=(cifar.PY_DIR, cifar.BIN_DIR),
+        present=lambda f: cifar.cifar_layout(f) is not None,
+    )
+)
+register_dataset(
+    DatasetInfo(
+        "mnist",
+        10,
+        tuple(f for pair in IDX_FILES.values() for f in pair),
+        _load_idx_folder,
+        (0.1307,),
+        (0.3081,),
+        ("/usr/share/datasets/mnist",),
+        "put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir, or run `lmckit data download mnist` when online",
+    )
+)
 
 
 def _synthetic(channels: int, size: int, n_train: int, n_test: int):
@@ -103,23 +126,49 @@ def _synthetic(channels: int, size: int, n_train: int, n_test: int):
         from .dataset import synthetic_images
 
         x, y = synthetic_images(n_train + n_test, channels, size, 10, seed=1234)
-        return ({"train": x[:n_train], "test": x[n_train:]}, {"train": y[:n_train], "test": y[n_train:]},
-                {"train": "generated", "test": "generated"}, {})
+        return (
+            {"train": x[:n_train], "test": x[n_train:]},
+            {"train": y[:n_train], "test": y[n_train:]},
+            {"train": "generated", "test": "generated"},
+            {},
+        )
 
     return load
 
 
-register_dataset(DatasetInfo("synthetic", 10, (), _synthetic(1, 28, 2000, 500), (0.5,), (0.25,), generated=True,
-                             install_hint="generated in memory"))
-register_dataset(DatasetInfo("synthetic-rgb", 10, (), _synthetic(3, 32, 1000, 300), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                             generated=True, install_hint="generated in memory"))
+register_dataset(
+    DatasetInfo(
+        "synthetic",
+        10,
+        (),
+        _synthetic(1, 28, 2000, 500),
+        (0.5,),
+        (0.25,),
+        generated=True,
+        install_hint="generated in memory",
+    )
+)
+register_dataset(
+    DatasetInfo(
+        "synthetic-rgb",
+        10,
+        (),
+        _synthetic(3, 32, 1000, 300),
+        (0.5, 0.5, 0.5),
+        (0.25, 0.25, 0.25),
+        generated=True,
+        install_hint="generated in memory",
+    )
+)
 
 
 def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         close = difflib.get_close_matches(name, list(DATASETS), n=1)
-        raise LmcError(f"unknown dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                       f"known datasets: {', '.join(DATASETS)}")
+        raise LmcError(
+            f"unknown dataset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            f"known datasets: {', '.join(DATASETS)}",
+        )
     return DATASETS[name]
 
 
@@ -127,7 +176,9 @@ def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list
     info = dataset_info(name)
     out: list[Path] = []
     roots: list[Path] = []
-    for base in ([Path(data_dir)] if data_dir else []) + ([Path(os.environ["LMCKIT_DATA"])] if os.environ.get("LMCKIT_DATA") else []):
+    for base in ([Path(data_dir)] if data_dir else []) + (
+        [Path(os.environ["LMCKIT_DATA"])] if os.environ.get("LMCKIT_DATA") else []
+    ):
         roots += [base / name, base]
     roots += [Path(d) for d in info.system_dirs]
     roots.append(cache_root() / name)
@@ -151,13 +202,19 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     for folder in tried:
         if info.is_present(folder):
             return folder
-    partial = [(t, missing) for t in tried if t.is_dir()
-               for missing in [[f for f in info.files if not any((t / f"{f}{ext}").is_file() for ext in ("", ".gz", ".bin"))]]
-               if len(missing) < len(info.files)]
+    partial = [
+        (t, missing)
+        for t in tried
+        if t.is_dir()
+        for missing in [[f for f in info.files if not any((t / f"{f}{ext}").is_file() for ext in ("", ".gz", ".bin"))]]
+        if len(missing) < len(info.files)
+    ]
     detail = "".join(f"; {t} has only some of its files (missing {', '.join(m)})" for t, m in partial)
     if data_dir and not Path(data_dir).is_dir():
         detail += f"; --data-dir {data_dir} is not a folder"
-    raise LmcError(f"dataset {name} not found; looked in: {', '.join(str(t) for t in tried)}{detail}", info.install_hint)
+    raise LmcError(
+        f"dataset {name} not found; looked in: {', '.join(str(t) for t in tried)}{detail}", info.install_hint
+    )
 
 
 _CACHE: dict[tuple, Dataset] = {}
@@ -169,27 +226,38 @@ def _validate(info: DatasetInfo, folder: Path, images: dict, labels: dict, sourc
     for split, x in images.items():
         where = source.get(split, str(folder))
         if x.shape[0] == 0:
-            raise LmcError(f"the {split} split of {info.name} in {where} is empty", "the file is truncated or wrong; get it again")
+            raise LmcError(
+                f"the {split} split of {info.name} in {where} is empty", "the file is truncated or wrong; get it again"
+            )
         shapes.add(tuple(x.shape[1:]))
         if x.dim() != 4 or x.shape[2] != x.shape[3] or x.shape[2] < 1 or x.shape[1] < 1:
-            raise LmcError(f"the {split} split of {info.name} in {where} holds images of shape {tuple(x.shape[1:])}; "
-                           "lmckit needs square images of at least 1 x 1 pixel", "check the dataset files")
+            raise LmcError(
+                f"the {split} split of {info.name} in {where} holds images of shape {tuple(x.shape[1:])}; "
+                "lmckit needs square images of at least 1 x 1 pixel",
+                "check the dataset files",
+            )
         y = labels[split]
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= info.num_classes:
-            raise LmcError(f"labels of the {split} split of {info.name} ({where}) span {lo}..{hi}; "
-                           f"{info.name} has classes 0..{info.num_classes - 1}",
-                           "the label file is corrupt or belongs to another dataset")
+            raise LmcError(
+                f"labels of the {split} split of {info.name} ({where}) span {lo}..{hi}; "
+                f"{info.name} has classes 0..{info.num_classes - 1}",
+                "the label file is corrupt or belongs to another dataset",
+            )
     if len(shapes) > 1:
-        raise LmcError(f"the splits of {info.name} in {folder} have different image shapes {sorted(shapes)}",
-                       "the files come from different datasets; check the folder")
+        raise LmcError(
+            f"the splits of {info.name} in {folder} have different image shapes {sorted(shapes)}",
+            "the files come from different datasets; check the folder",
+        )
 
 
 def _folder_signature(folder: Path) -> tuple:
     """Names, sizes and mtimes of the files in ``folder``: a changed file invalidates the in-process cache."""
     if not folder.is_dir():
         return ()
-    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() if p.is_file() for st in [p.stat()]))
+    return tuple(
+        sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() if p.is_file() for st in [p.stat()])
+    )
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size: int = 0, val_seed: int = 0) -> Dataset:
@@ -206,7 +274,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
     images, labels, source, sums = info.loader(folder)
     _validate(info, folder, images, labels, source)
     if val_size < 0 or val_size >= images["train"].shape[0]:
-        raise LmcError(f"validation size {val_size} must be between 0 and the training set size {images['train'].shape[0]}")
+        raise LmcError(
+            f"validation size {val_size} must be between 0 and the training set size {images['train'].shape[0]}"
+        )
     if val_size:
         perm = torch.randperm(images["train"].shape[0], generator=torch.Generator().manual_seed(val_seed))
         vi, ti = perm[:val_size].sort().values, perm[val_size:].sort().values

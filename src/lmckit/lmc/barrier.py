@@ -10,6 +10,7 @@ The maximum runs over the whole grid, endpoints included (where the bracket
 is 0), so a barrier is never negative. Midpoint values are those at
 lambda = 1/2, which the grid always contains (:func:`lambda_grid`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -111,15 +112,32 @@ class SplitCurve:
         return self.accuracy[self._mid()]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": list(self.loss), "accuracy": list(self.accuracy),
-                "loss_barrier": self.loss_barrier, "loss_barrier_lambda": self.loss_barrier_lambda,
-                "accuracy_barrier": self.accuracy_barrier, "accuracy_barrier_lambda": self.accuracy_barrier_lambda,
-                "midpoint_loss": self.midpoint_loss, "midpoint_accuracy": self.midpoint_accuracy,
-                "endpoint_loss": list(self.endpoint_loss), "endpoint_accuracy": list(self.endpoint_accuracy)}
+        return {
+            "loss": list(self.loss),
+            "accuracy": list(self.accuracy),
+            "loss_barrier": self.loss_barrier,
+            "loss_barrier_lambda": self.loss_barrier_lambda,
+            "accuracy_barrier": self.accuracy_barrier,
+            "accuracy_barrier_lambda": self.accuracy_barrier_lambda,
+            "midpoint_loss": self.midpoint_loss,
+            "midpoint_accuracy": self.midpoint_accuracy,
+            "endpoint_loss": list(self.endpoint_loss),
+            "endpoint_accuracy": list(self.endpoint_accuracy),
+        }
 
 
-PER_SPLIT_KEYS = ("loss", "accuracy", "loss_barrier", "loss_barrier_lambda", "accuracy_barrier",
-                  "accuracy_barrier_lambda", "midpoint_loss", "midpoint_accuracy", "endpoint_loss", "endpoint_accuracy")
+PER_SPLIT_KEYS = (
+    "loss",
+    "accuracy",
+    "loss_barrier",
+    "loss_barrier_lambda",
+    "accuracy_barrier",
+    "accuracy_barrier_lambda",
+    "midpoint_loss",
+    "midpoint_accuracy",
+    "endpoint_loss",
+    "endpoint_accuracy",
+)
 
 
 @dataclass
@@ -160,8 +178,9 @@ class BarrierResult:
         return out
 
 
-def check_model_fits(model: nn.Module, dataset, split: str, device: torch.device | str | None = None,
-                     where: str | None = None) -> None:
+def check_model_fits(
+    model: nn.Module, dataset, split: str, device: torch.device | str | None = None, where: str | None = None
+) -> None:
     """Raise :class:`LmcError` when ``model`` cannot take ``dataset``'s images or has another number of classes.
 
     Probes the model (in eval mode, restored afterwards) on two images of ``split``. ``where`` (e.g. the
@@ -177,16 +196,20 @@ def check_model_fits(model: nn.Module, dataset, split: str, device: torch.device
     except RuntimeError as e:
         shape = "x".join(str(int(s)) for s in x.shape[1:])
         of = f" of {where}" if where else ""
-        raise LmcError(f"dataset {dataset.name} ({shape} images) does not fit the model{of} ({type(model).__name__}, "
-                       f"{getattr(model, 'lmckit_config', '')}): {str(e).splitlines()[0]}; "
-                       "the model expects other inputs",
-                       "pass the --dataset the models were trained on") from None
+        raise LmcError(
+            f"dataset {dataset.name} ({shape} images) does not fit the model{of} ({type(model).__name__}, "
+            f"{getattr(model, 'lmckit_config', '')}): {str(e).splitlines()[0]}; "
+            "the model expects other inputs",
+            "pass the --dataset the models were trained on",
+        ) from None
     finally:
         model.train(was_training)
     if out.dim() != 2 or out.shape[1] != dataset.num_classes:
-        raise LmcError(f"the model outputs {tuple(out.shape[1:])} logits, "
-                       f"dataset {dataset.name} has {dataset.num_classes} classes",
-                       "pass the --dataset the models were trained on")
+        raise LmcError(
+            f"the model outputs {tuple(out.shape[1:])} logits, "
+            f"dataset {dataset.name} has {dataset.num_classes} classes",
+            "pass the --dataset the models were trained on",
+        )
 
 
 def resolve_bn_mode(model: nn.Module, mode: str | bool) -> bool | str:
@@ -200,19 +223,35 @@ def resolve_bn_mode(model: nn.Module, mode: str | bool) -> bool | str:
         return has_bn
     if mode == "on":
         if not has_bn:
-            raise LmcError(f"--bn-reset on: the model ({type(model).__name__}) has no BatchNorm layers to reset",
-                           "use --bn-reset auto or off")
+            raise LmcError(
+                f"--bn-reset on: the model ({type(model).__name__}) has no BatchNorm layers to reset",
+                "use --bn-reset auto or off",
+            )
         return True
     if mode == "off":
         return False
     return "repair"
 
 
-def barrier_curve(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], dataset,
-                  splits: Sequence[str] = ("test",), points: int = 25, bn_reset: str | bool = "auto", *,
-                  lambdas: Sequence[float] | None = None, batch_size: int = 2000, limit: int | None = None,
-                  device: torch.device | str | None = None, bn_batches: int = 10, bn_batch_size: int = 500,
-                  seed: int = 0, reset_endpoints: bool = True, progress: bool | str = True) -> BarrierResult:
+def barrier_curve(
+    model: nn.Module,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    dataset,
+    splits: Sequence[str] = ("test",),
+    points: int = 25,
+    bn_reset: str | bool = "auto",
+    *,
+    lambdas: Sequence[float] | None = None,
+    batch_size: int = 2000,
+    limit: int | None = None,
+    device: torch.device | str | None = None,
+    bn_batches: int = 10,
+    bn_batch_size: int = 500,
+    seed: int = 0,
+    reset_endpoints: bool = True,
+    progress: bool | str = True,
+) -> BarrierResult:
     """Evaluate loss and accuracy along ``(1 - l) sd_a + l sd_b``.
 
     Parameters

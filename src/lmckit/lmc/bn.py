@@ -39,6 +39,7 @@ VGG and ResNet of the zoo (for ResNet every BN, shortcuts included, is a
 site); architectures whose hidden units cannot be corrected this way raise
 :class:`LmcError`.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -62,16 +63,23 @@ def has_batchnorm(model: nn.Module) -> bool:
     return bool(batchnorm_layers(model))
 
 
-def training_batches(dataset, num_batches: int = 10, batch_size: int = 500, seed: int = 0,
-                     device: torch.device | str = "cpu", split: str = "train") -> list[torch.Tensor]:
+def training_batches(
+    dataset,
+    num_batches: int = 10,
+    batch_size: int = 500,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    split: str = "train",
+) -> list[torch.Tensor]:
     """A fixed, seeded list of ``num_batches`` normalised input batches from ``split``.
 
     The same seed gives the same images, so every point of a curve (and both
     endpoints for REPAIR) sees the same data. Labels are not needed.
     """
     if num_batches < 1 or batch_size < 1:
-        raise LmcError("BN reset / REPAIR needs num_batches >= 1 and batch_size >= 1 "
-                       f"(got {num_batches}, {batch_size})")
+        raise LmcError(
+            f"BN reset / REPAIR needs num_batches >= 1 and batch_size >= 1 (got {num_batches}, {batch_size})"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     out: list[torch.Tensor] = []
     for x, _ in dataset.batches(split, batch_size, shuffle=True, generator=gen, device=device):
@@ -88,9 +96,16 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, dataset=None, *, num_batches: int = 10, batch_size: int = 500, seed: int = 0,
-                   device: torch.device | str | None = None,
-                   batches: Sequence[torch.Tensor] | None = None) -> nn.Module:
+def reset_bn_stats(
+    model: nn.Module,
+    dataset=None,
+    *,
+    num_batches: int = 10,
+    batch_size: int = 500,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    batches: Sequence[torch.Tensor] | None = None,
+) -> nn.Module:
     """Recompute every BatchNorm layer's running statistics of ``model`` in place.
 
     Parameters
@@ -173,24 +188,30 @@ def repair_sites(model: nn.Module, spec=None) -> list[tuple[str, nn.Module]]:
     if norms:
         bad = [n for n, m in norms if not _is_affine_norm(m)]
         if bad:
-            raise LmcError(f"REPAIR is not supported for {arch}: norm layers {bad[:3]} have no per-unit affine "
-                           "to fold the correction into",
-                           "use --bn-reset on/off for this model")
+            raise LmcError(
+                f"REPAIR is not supported for {arch}: norm layers {bad[:3]} have no per-unit affine "
+                "to fold the correction into",
+                "use --bn-reset on/off for this model",
+            )
         if len(norms) != len(hidden_linear):
-            raise LmcError(f"REPAIR is not supported for {arch}: it has {len(norms)} norm layers but "
-                           f"{len(hidden_linear)} hidden Linear/Conv layers "
-                           "(only models whose every hidden layer is normalised, or none is, are supported)",
-                           "use --bn-reset on/off for this model")
+            raise LmcError(
+                f"REPAIR is not supported for {arch}: it has {len(norms)} norm layers but "
+                f"{len(hidden_linear)} hidden Linear/Conv layers "
+                "(only models whose every hidden layer is normalised, or none is, are supported)",
+                "use --bn-reset on/off for this model",
+            )
         return norms
     nobias = [n for n, m in hidden_linear if getattr(m, "bias", None) is None]
     if nobias:
-        raise LmcError(f"REPAIR is not supported for {arch}: hidden layers {nobias[:3]} have no bias "
-                       "to fold the mean shift into",
-                       "use --bn-reset off for this model")
+        raise LmcError(
+            f"REPAIR is not supported for {arch}: hidden layers {nobias[:3]} have no bias to fold the mean shift into",
+            "use --bn-reset off for this model",
+        )
     if not hidden_linear:
-        raise LmcError(f"REPAIR is not supported for {arch}: found no hidden Linear/Conv/norm layers "
-                       "with permuted units",
-                       "use --bn-reset on/off for this model")
+        raise LmcError(
+            f"REPAIR is not supported for {arch}: found no hidden Linear/Conv/norm layers with permuted units",
+            "use --bn-reset on/off for this model",
+        )
     return hidden_linear
 
 
@@ -206,8 +227,12 @@ def _unit_view(y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def site_stats(model: nn.Module, batches: Sequence[torch.Tensor], sites: Sequence[tuple[str, nn.Module]],
-               stop_after: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def site_stats(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    sites: Sequence[tuple[str, nn.Module]],
+    stop_after: str | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-unit mean and (population) standard deviation of each site's output.
 
     The model is run in eval mode on ``batches`` with its current weights.
@@ -227,6 +252,7 @@ def site_stats(model: nn.Module, batches: Sequence[torch.Tensor], sites: Sequenc
             s[2] = s[2] + (z * z).sum(0)
             if name == stop_after:
                 raise _StopForward
+
         return hook
 
     for name, m in sites:
@@ -251,8 +277,9 @@ def site_stats(model: nn.Module, batches: Sequence[torch.Tensor], sites: Sequenc
     return out
 
 
-def _execution_order(model: nn.Module, sites: Sequence[tuple[str, nn.Module]],
-                     x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+def _execution_order(
+    model: nn.Module, sites: Sequence[tuple[str, nn.Module]], x: torch.Tensor
+) -> list[tuple[str, nn.Module]]:
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n)) for n, m in sites]
     was_training = model.training
@@ -268,8 +295,10 @@ def _execution_order(model: nn.Module, sites: Sequence[tuple[str, nn.Module]],
     by_name = dict(sites)
     missing = [n for n in by_name if n not in seen]
     if missing:
-        raise LmcError(f"REPAIR: layers {missing[:3]} of {type(model).__name__} are never called in forward",
-                       "use --bn-reset on/off for this model")
+        raise LmcError(
+            f"REPAIR: layers {missing[:3]} of {type(model).__name__} are never called in forward",
+            "use --bn-reset on/off for this model",
+        )
     return [(n, by_name[n]) for n in seen]
 
 
@@ -292,8 +321,13 @@ class Repairer:
         Added to the interpolated network's variance before dividing.
     """
 
-    def __init__(self, model: nn.Module, states: Sequence[Mapping[str, torch.Tensor]],
-                 batches: Sequence[torch.Tensor], eps: float = 1e-5):
+    def __init__(
+        self,
+        model: nn.Module,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        batches: Sequence[torch.Tensor],
+        eps: float = 1e-5,
+    ):
         if not batches:
             raise LmcError("REPAIR needs at least one batch")
         self.model, self.batches, self.eps = model, list(batches), eps
@@ -346,10 +380,20 @@ class Repairer:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def repair_interpolation(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                         lam: float, dataset=None, *, num_batches: int = 10, batch_size: int = 500, seed: int = 0,
-                         device: torch.device | str | None = None, batches: Sequence[torch.Tensor] | None = None,
-                         eps: float = 1e-5) -> dict[str, torch.Tensor]:
+def repair_interpolation(
+    model: nn.Module,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    lam: float,
+    dataset=None,
+    *,
+    num_batches: int = 10,
+    batch_size: int = 500,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    batches: Sequence[torch.Tensor] | None = None,
+    eps: float = 1e-5,
+) -> dict[str, torch.Tensor]:
     """Interpolate ``sd_a`` and ``sd_b`` at ``lam`` and REPAIR the result.
 
     One-shot convenience around :class:`Repairer` (which a curve reuses to

@@ -14,6 +14,7 @@ endpoints themselves (not ``(1-0)*a + 0*b``, which need not be bitwise equal
 to ``a`` when ``b`` holds inf/NaN or signed zeros), so the ends of a curve are
 exactly the models that were given.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -35,16 +36,22 @@ def check_compatible(states: Sequence[State], names: Sequence[str] | None = None
         if set(st) != set(ref):
             miss = sorted(set(ref) - set(st))[:3]
             extra = sorted(set(st) - set(ref))[:3]
-            raise LmcError(f"{nm} and {names[0]} have different state-dict entries (missing {miss}, extra {extra})",
-                           "interpolate only models of the same architecture")
+            raise LmcError(
+                f"{nm} and {names[0]} have different state-dict entries (missing {miss}, extra {extra})",
+                "interpolate only models of the same architecture",
+            )
         for k, v in ref.items():
             w = st[k]
             if tuple(w.shape) != tuple(v.shape):
-                raise LmcError(f"{nm}: tensor {k!r} has shape {tuple(w.shape)}, {names[0]} has {tuple(v.shape)}",
-                               "interpolate only models of the same architecture and width")
+                raise LmcError(
+                    f"{nm}: tensor {k!r} has shape {tuple(w.shape)}, {names[0]} has {tuple(v.shape)}",
+                    "interpolate only models of the same architecture and width",
+                )
             if w.dtype != v.dtype:
-                raise LmcError(f"{nm}: tensor {k!r} is {w.dtype}, {names[0]} has {v.dtype}",
-                               "cast both models to the same dtype first")
+                raise LmcError(
+                    f"{nm}: tensor {k!r} is {w.dtype}, {names[0]} has {v.dtype}",
+                    "cast both models to the same dtype first",
+                )
 
 
 def copy_state(state: State) -> dict[str, torch.Tensor]:
@@ -86,8 +93,9 @@ def interpolate_states(sd_a: State, sd_b: State, lam: float) -> dict[str, torch.
     return out
 
 
-def mix_states(states: Sequence[State], weights: Sequence[float], *,
-               require_affine: bool = True) -> dict[str, torch.Tensor]:
+def mix_states(
+    states: Sequence[State], weights: Sequence[float], *, require_affine: bool = True
+) -> dict[str, torch.Tensor]:
     """Weighted combination ``sum_i w_i * theta_i`` of N state dicts.
 
     Parameters

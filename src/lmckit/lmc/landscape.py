@@ -14,6 +14,7 @@ float buffers (BN statistics) are mixed alike and then optionally reset.
 The grid spans the models' bounding box widened by ``margin`` times its
 extent on each side.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,15 +53,19 @@ class PlaneBasis:
         return 1.0 - alpha - beta, alpha, beta
 
 
-def plane_basis(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], sd_c: Mapping[str, torch.Tensor]) -> PlaneBasis:
+def plane_basis(
+    sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], sd_c: Mapping[str, torch.Tensor]
+) -> PlaneBasis:
     """Gram-Schmidt basis of span{b - a, c - a} in flattened float-entry space (float64)."""
     keys = float_keys(sd_a)
     a, b, c = (state_vector(s, keys) for s in (sd_a, sd_b, sd_c))
     u, v = b - a, c - a
     nab = float(u.norm())
     if nab == 0.0:
-        raise LmcError("models A and B are identical; the plane through the three models is undefined",
-                       "pass three different models")
+        raise LmcError(
+            "models A and B are identical; the plane through the three models is undefined",
+            "pass three different models",
+        )
     e1 = u / nab
     cx = float(v @ e1)
     w = v - cx * e1
@@ -90,10 +95,17 @@ class LandscapeResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"xs": self.xs, "ys": self.ys, "loss": self.loss, "accuracy": self.accuracy,
-                "weights": [[list(w) for w in row] for row in self.weights],
-                "models": {k: list(v) for k, v in self.models.items()}, "split": self.split,
-                "bn_reset": self.bn_reset, **self.info}
+        return {
+            "xs": self.xs,
+            "ys": self.ys,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "weights": [[list(w) for w in row] for row in self.weights],
+            "models": {k: list(v) for k, v in self.models.items()},
+            "split": self.split,
+            "bn_reset": self.bn_reset,
+            **self.info,
+        }
 
 
 def _axis(lo: float, hi: float, margin: float, n: int) -> list[float]:
@@ -102,11 +114,26 @@ def _axis(lo: float, hi: float, margin: float, n: int) -> list[float]:
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
 
-def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                    sd_c: Mapping[str, torch.Tensor], dataset, grid: int = 11, margin: float = 0.2, split: str = "test",
-                    bn_reset: str | bool = "auto", *, labels: Sequence[str] = ("A", "B", "C"), batch_size: int = 2000,
-                    limit: int | None = None, device: torch.device | str | None = None, bn_batches: int = 10,
-                    bn_batch_size: int = 500, seed: int = 0, progress: bool | str = True) -> LandscapeResult:
+def plane_landscape(
+    model: nn.Module,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    sd_c: Mapping[str, torch.Tensor],
+    dataset,
+    grid: int = 11,
+    margin: float = 0.2,
+    split: str = "test",
+    bn_reset: str | bool = "auto",
+    *,
+    labels: Sequence[str] = ("A", "B", "C"),
+    batch_size: int = 2000,
+    limit: int | None = None,
+    device: torch.device | str | None = None,
+    bn_batches: int = 10,
+    bn_batch_size: int = 500,
+    seed: int = 0,
+    progress: bool | str = True,
+) -> LandscapeResult:
     """Evaluate loss and accuracy on a ``grid x grid`` lattice of the plane through three models.
 
     Parameters
@@ -167,7 +194,9 @@ def plane_landscape(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Ma
                     model.load_state_dict(state)
                     if mode is True:
                         reset_bn_stats(model, batches=batches)
-                    loss[i][j], acc[i][j] = evaluate(model, dataset, split, batch_size=batch_size, device=device, limit=limit)
+                    loss[i][j], acc[i][j] = evaluate(
+                        model, dataset, split, batch_size=batch_size, device=device, limit=limit
+                    )
                     bar.update(1, loss=loss[i][j])
     finally:
         model.load_state_dict(saved)

@@ -6,6 +6,7 @@ Accuracies are drawn as fractions in [0, 1] (the unit of every lmckit JSON and
 API), losses as cross-entropy in nats; legends sit below the panels; loss
 surfaces use the report's colour map (:data:`lmckit.plotting.LOSS_CMAP`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,9 @@ def _save(fig, path: str | Path) -> Path:
     return save_figure(fig, path, dpi=150, fmt=path.suffix.lstrip(".").lower() or "png", bbox_inches="tight")
 
 
-def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: str | None = None,
-                title: str | None = None) -> Path:
+def plot_curves(
+    results: Mapping[str, BarrierResult], path: str | Path, split: str | None = None, title: str | None = None
+) -> Path:
     """Loss (left) and accuracy (right) against lambda, one line per labelled result.
 
     Parameters
@@ -92,8 +94,9 @@ def plot_curves(results: Mapping[str, BarrierResult], path: str | Path, split: s
     return _save(fig, path)
 
 
-def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "loss", title: str | None = None,
-                   levels: int = 20) -> Path:
+def plot_landscape(
+    result: LandscapeResult, path: str | Path, metric: str = "loss", title: str | None = None, levels: int = 20
+) -> Path:
     """Filled contour plot of ``metric`` ("loss" or "accuracy") over the plane, models marked.
 
     Loss is drawn on log-spaced levels, accuracy (a fraction in [0, 1]) on linear ones; both with the
@@ -129,8 +132,9 @@ def plot_landscape(result: LandscapeResult, path: str | Path, metric: str = "los
     ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", linewidth=1)
     for label, (x, y) in pts:
         ax.plot(x, y, "o", color="white", markeredgecolor="black", markersize=9)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontsize=11,
-                    fontweight="bold")
+        ax.annotate(
+            label, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontsize=11, fontweight="bold"
+        )
     ax.set_xlabel("coordinate along $\\theta_B - \\theta_A$ (L2 units)")
     ax.set_ylabel("orthogonal coordinate (L2 units)")
     ax.set_aspect("equal", adjustable="box")

@@ -3,11 +3,20 @@
 Every two-model method returns a :class:`MatchResult` whose ``perms`` align
 model B to model A: ``apply_permutation(spec, res.perms, sd_b)``.
 """
+
 from .result import MatchResult, MultiMatchResult
 from .weight import l2_distance, objective_keys, weight_matching
 
-__all__ = ["MatchResult", "MultiMatchResult", "weight_matching", "activation_matching", "anchor_matching",
-           "merge_many", "l2_distance", "objective_keys"]
+__all__ = [
+    "MatchResult",
+    "MultiMatchResult",
+    "weight_matching",
+    "activation_matching",
+    "anchor_matching",
+    "merge_many",
+    "l2_distance",
+    "objective_keys",
+]
 
 
 def __getattr__(name):  # lazy: activation/multi import models and data only when used
@@ -20,4 +29,6 @@ def __getattr__(name):  # lazy: activation/multi import models and data only whe
 
         return getattr(multi, name)
     raise AttributeError(name)
+
+
 from .ste import ste_matching  # noqa: E402  (STE, lmckit.match.ste)

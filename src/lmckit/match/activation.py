@@ -29,6 +29,7 @@ in one forward pass per model per batch (sums, sums of squares and cross
 products in float64). Models are evaluated in eval mode (BatchNorm uses its
 running statistics) without gradients and are left as they were.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,12 @@ from .weight import _lap, _solve_heads, check_finite
 METHODS = ("pearson", "cross_moment")
 
 
-def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, Any] | None = None,
-                  example_input: torch.Tensor | None = None) -> dict[str, list[str]]:
+def resolve_sites(
+    model: nn.Module,
+    spec: PermutationSpec,
+    sites: Mapping[str, Any] | None = None,
+    example_input: torch.Tensor | None = None,
+) -> dict[str, list[str]]:
     """Group -> names of the modules whose outputs carry that group's units.
 
     ``sites`` (group -> module name or list of names) overrides; otherwise
@@ -66,7 +71,9 @@ def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, A
             elif isinstance(it, nn.Module) and id(it) in names:
                 out.append(names[id(it)])
             else:
-                raise LmcError(f"activation site for group {g!r} is neither a module name nor a submodule of the model: {it!r}")
+                raise LmcError(
+                    f"activation site for group {g!r} is neither a module name nor a submodule of the model: {it!r}"
+                )
         return out
 
     raw_sites: Mapping[str, Any] | None = sites
@@ -79,19 +86,25 @@ def resolve_sites(model: nn.Module, spec: PermutationSpec, sites: Mapping[str, A
             trace = None
         fn = getattr(trace, "activation_sites", None) if trace is not None else None
         if fn is None:
-            raise LmcError(f"{type(model).__name__} does not say where its hidden activations are",
-                           "pass sites={group: [module names]} (CLI: use --method weight)")
+            raise LmcError(
+                f"{type(model).__name__} does not say where its hidden activations are",
+                "pass sites={group: [module names]} (CLI: use --method weight)",
+            )
         raw_sites = fn(model, example_input)
     out = {g: as_names(v, g) for g, v in raw_sites.items()}
     unknown = [g for g in out if g not in spec.sizes]
     derived = set(derived_sources(model, spec)) if sites is None else set()
     missing = [g for g in spec.sizes if (g not in out or not out[g]) and g not in derived]
     if unknown:
-        raise LmcError(f"activation sites name groups the permutation spec does not have: {unknown[:4]}",
-                       f"the spec's groups are {list(spec.sizes)[:6]}")
+        raise LmcError(
+            f"activation sites name groups the permutation spec does not have: {unknown[:4]}",
+            f"the spec's groups are {list(spec.sizes)[:6]}",
+        )
     if missing:
-        raise LmcError(f"no activation site for permutation groups {missing[:4]}; activation matching cannot align them",
-                       "pass sites for every group, or use weight matching")
+        raise LmcError(
+            f"no activation site for permutation groups {missing[:4]}; activation matching cannot align them",
+            "pass sites for every group, or use weight matching",
+        )
     mods = dict(model.named_modules())
     for g, lst in out.items():
         for n in lst:
@@ -138,7 +151,7 @@ def derived_sources(model: nn.Module, spec: PermutationSpec) -> dict[str, list[t
         elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and f"{name}.weight" in spec.axes:
             entry = spec.axes[f"{name}.weight"][0]
             axis = -1 if isinstance(m, nn.Linear) else 1
-            for g in ([entry] if isinstance(entry, str) else [x for x, _, _ in entry] if is_segmented(entry) else []):
+            for g in [entry] if isinstance(entry, str) else [x for x, _, _ in entry] if is_segmented(entry) else []:
                 if g is None or g in out:
                     continue
                 segs = [(0, sizes[g])] if isinstance(entry, str) else _rows_segment(entry, g, sizes)
@@ -150,12 +163,13 @@ def derived_sources(model: nn.Module, spec: PermutationSpec) -> dict[str, list[t
 def _take(t: torch.Tensor, axis: int, segs: list[tuple[int, int]]) -> list[torch.Tensor]:
     flat = t.movedim(axis, -1)
     flat = flat.reshape(-1, flat.shape[-1])
-    return [flat[:, o:o + n] for o, n in segs]
+    return [flat[:, o : o + n] for o, n in segs]
 
 
 def _output_extractor(axis: int, segs: list[tuple[int, int]]):
     def fn(_m, _inputs, output):
         return _take(output, axis, segs)
+
     return fn
 
 
@@ -165,6 +179,7 @@ def _mha_extractor(segs: list[tuple[int, int]]):
         proj = torch.nn.functional.linear(q, m.in_proj_weight, m.in_proj_bias)
         parts = _take(proj, -1, segs)
         return [torch.cat(parts, 0)] if len(parts) > 1 else parts  # a Q/K unit pools its query and key samples
+
     return fn
 
 
@@ -175,13 +190,16 @@ def _rnn_extractor(layer: int):
         else:  # intermediate layers: rerun the stack one layer at a time (same weights)
             seq = inputs[0]
             for lyr in range(layer + 1):
-                single = type(m)(seq.shape[-1], m.hidden_size, 1, bias=m.bias, batch_first=m.batch_first).to(seq.device, seq.dtype)
+                single = type(m)(seq.shape[-1], m.hidden_size, 1, bias=m.bias, batch_first=m.batch_first).to(
+                    seq.device, seq.dtype
+                )
                 with torch.no_grad():
                     for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                         if hasattr(m, f"{kind}_l{lyr}"):
                             getattr(single, f"{kind}_l0").copy_(getattr(m, f"{kind}_l{lyr}"))
                 seq = single(seq)[0]
         return [seq.reshape(-1, seq.shape[-1])]
+
     return fn
 
 
@@ -201,6 +219,7 @@ class _Recorder:
     def _dhook(self, group: str, fn):
         def hook(module, inputs, output):
             self.derived[group].extend(x.detach() for x in fn(module, inputs, output))
+
         return hook
 
     def _hook(self, name: str):
@@ -226,17 +245,29 @@ def _features(outputs: list[torch.Tensor], n_units: int, group: str, site: str) 
     feats = []
     for out in outputs:
         if out.dim() < 2 or out.shape[1] != n_units:
-            raise LmcError(f"activation site {site!r} of group {group!r} outputs shape {tuple(out.shape)}; "
-                           f"expected {n_units} units on axis 1",
-                           "the site does not carry this group's units; pass sites= explicitly")
+            raise LmcError(
+                f"activation site {site!r} of group {group!r} outputs shape {tuple(out.shape)}; "
+                f"expected {n_units} units on axis 1",
+                "the site does not carry this group's units; pass sites= explicitly",
+            )
         feats.append(out.movedim(1, -1).reshape(-1, n_units))
     return feats
 
 
-def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: PermutationSpec | None = None,
-                        num_batches: int | None = 10, batch_size: int = 500, method: str = "pearson", seed: int = 0,
-                        device: torch.device | str | None = None, sites: Mapping[str, Any] | None = None,
-                        split: str = "train", eps: float = 1e-8) -> MatchResult:
+def activation_matching(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    dataset,
+    spec: PermutationSpec | None = None,
+    num_batches: int | None = 10,
+    batch_size: int = 500,
+    method: str = "pearson",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    sites: Mapping[str, Any] | None = None,
+    split: str = "train",
+    eps: float = 1e-8,
+) -> MatchResult:
     """Permutations of B's units that maximise the activation similarity to A's.
 
     Parameters
@@ -296,8 +327,10 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
     sites_a = {g: v for g, v in sites_a.items() if v}
     ma, mb = _on_device(model_a, dev), _on_device(model_b, dev)
     names = {n for lst in sites_a.values() for n in lst}
-    rec_a, rec_b = _Recorder(ma, names, derived_a), _Recorder(mb, names, derived_sources(mb, spec) and
-                                                              {g: derived_sources(mb, spec)[g] for g in derived_a})
+    rec_a, rec_b = (
+        _Recorder(ma, names, derived_a),
+        _Recorder(mb, names, derived_sources(mb, spec) and {g: derived_sources(mb, spec)[g] for g in derived_a}),
+    )
     modes = [(m, m.training) for m in (ma, mb)]
     n_units = spec.sizes
     stats: dict[str, dict[str, Any]] = {g: {"n": 0} for g in list(sites_a) + list(derived_a)}
@@ -316,9 +349,11 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
                     ma(x)
                     mb(x)
                 except RuntimeError as e:
-                    raise LmcError(f"the models cannot run on dataset {dataset.name!r} ({split} batches of shape "
-                                   f"{tuple(x.shape)}): {str(e).splitlines()[0]}",
-                                   "pass the dataset the models were trained on") from None
+                    raise LmcError(
+                        f"the models cannot run on dataset {dataset.name!r} ({split} batches of shape "
+                        f"{tuple(x.shape)}): {str(e).splitlines()[0]}",
+                        "pass the dataset the models were trained on",
+                    ) from None
                 for g in stats:
                     if g in derived_a:
                         fa = torch.cat(rec_a.derived[g]).double()
@@ -329,9 +364,13 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
                         fb = torch.cat([f for n in lst for f in _features(rec_b.outputs[n], n_units[g], g, n)]).double()
                     s = stats[g]
                     if s["n"] == 0:
-                        s.update(sa=torch.zeros(n_units[g], dtype=torch.float64, device=dev), sb=torch.zeros_like(fa[0]),
-                                 saa=torch.zeros_like(fa[0]), sbb=torch.zeros_like(fa[0]),
-                                 sab=torch.zeros(n_units[g], n_units[g], dtype=torch.float64, device=dev))
+                        s.update(
+                            sa=torch.zeros(n_units[g], dtype=torch.float64, device=dev),
+                            sb=torch.zeros_like(fa[0]),
+                            saa=torch.zeros_like(fa[0]),
+                            sbb=torch.zeros_like(fa[0]),
+                            sab=torch.zeros(n_units[g], n_units[g], dtype=torch.float64, device=dev),
+                        )
                     s["n"] += fa.shape[0]
                     s["sa"] += fa.sum(0)
                     s["sb"] += fb.sum(0)
@@ -363,11 +402,25 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, dataset, spec: P
         after += a
         per_group[g] = a / len(col)
         perms[g] = torch.as_tensor(col, dtype=torch.long)
-    extra = {"similarity": method, "seed": int(seed), "batches": used, "batch_size": int(batch_size), "split": split,
-             "samples": {g: int(stats[g]["n"]) for g in spec.sizes}, "mean_matched_similarity": per_group,
-             "device": str(dev)}
-    return MatchResult(perms=perms, objective=[before, after], sweeps=1, seconds=time.perf_counter() - t0,
-                       method="activation", converged=True, extra=extra)
+    extra = {
+        "similarity": method,
+        "seed": int(seed),
+        "batches": used,
+        "batch_size": int(batch_size),
+        "split": split,
+        "samples": {g: int(stats[g]["n"]) for g in spec.sizes},
+        "mean_matched_similarity": per_group,
+        "device": str(dev),
+    }
+    return MatchResult(
+        perms=perms,
+        objective=[before, after],
+        sweeps=1,
+        seconds=time.perf_counter() - t0,
+        method="activation",
+        converged=True,
+        extra=extra,
+    )
 
 
 def _similarity(s: Mapping[str, Any], method: str, eps: float) -> torch.Tensor:

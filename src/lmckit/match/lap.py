@@ -32,6 +32,7 @@ acceptance rule keeps its objective non-decreasing whatever the solver returns.
 Environment: ``LMCKIT_LAP=scipy``, ``lapx`` or ``lapx32`` forces one solver
 (for benchmarks and bisecting); anything else means automatic choice.
 """
+
 from __future__ import annotations
 
 import os
@@ -113,8 +114,11 @@ def solve(cost: np.ndarray, maximize: bool = True, solver: str | None = None) ->
     if name in ("lapx", "lapx32"):  # lapx's exact kernel; lapx32 its float32 one (same input, float64)
         mod = _lapx()
         if mod is None:
-            raise ValueError("the lapx solver is not installed (pip install lapx)" if name == "lapx"
-                             else "the lapx32 solver needs lapx (pip install lapx)")
+            raise ValueError(
+                "the lapx solver is not installed (pip install lapx)"
+                if name == "lapx"
+                else "the lapx32 solver needs lapx (pip install lapx)"
+            )
         c = np.ascontiguousarray(-cost if maximize else cost, dtype=np.float64)
         x, _ = mod.lapjvs(c, extend_cost=False, return_cost=False, jvx_like=False, prefer_float32=(name == "lapx32"))
         return np.asarray(x, dtype=np.int64)

@@ -19,6 +19,7 @@
   order is arbitrary; the result is expressed relative to model 0 (its
   permutation is the identity), which changes no distance between models.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,14 @@ import numpy as np
 import torch
 
 from ..errors import LmcError
-from ..perm.spec import (PermutationSpec, Perms, apply_permutation, compose_permutations, identity_permutation,
-                         invert_permutation)
+from ..perm.spec import (
+    Perms,
+    PermutationSpec,
+    apply_permutation,
+    compose_permutations,
+    identity_permutation,
+    invert_permutation,
+)
 from .result import MatchResult, MultiMatchResult, perms_equal
 from .weight import check_finite, objective_keys, weight_matching
 
@@ -44,9 +51,17 @@ def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Ten
         check_finite(sd, f"model {i}")
 
 
-def anchor_matching(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], anchor: int = 0,
-                    method: str = "weight", matcher: Matcher | None = None, seed: int = 0, max_iter: int = 100,
-                    restarts: int = 1, device: torch.device | str | None = None) -> MultiMatchResult:
+def anchor_matching(
+    spec: PermutationSpec,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    anchor: int = 0,
+    method: str = "weight",
+    matcher: Matcher | None = None,
+    seed: int = 0,
+    max_iter: int = 100,
+    restarts: int = 1,
+    device: torch.device | str | None = None,
+) -> MultiMatchResult:
     """Match every model to ``states[anchor]``.
 
     Parameters
@@ -75,8 +90,10 @@ def anchor_matching(spec: PermutationSpec, states: Sequence[Mapping[str, torch.T
         raise LmcError(f"anchor index {anchor} is out of range for {len(states)} models")
     if matcher is None:
         if method != "weight":
-            raise LmcError(f"anchor matching with method {method!r} needs a matcher function",
-                           "pass matcher=, or use method='weight'")
+            raise LmcError(
+                f"anchor matching with method {method!r} needs a matcher function",
+                "pass matcher=, or use method='weight'",
+            )
 
         def matcher(i, sd_ref, sd_i):  # noqa: E306
             return weight_matching(spec, sd_ref, sd_i, seed=seed, max_iter=max_iter, restarts=restarts, device=device)
@@ -94,10 +111,16 @@ def anchor_matching(spec: PermutationSpec, states: Sequence[Mapping[str, torch.T
         pairwise.append(res)
         before += res.initial_objective
         after += res.final_objective
-    return MultiMatchResult(perms=perms, objective=[before, after], passes=len(states) - 1,
-                            seconds=time.perf_counter() - t0, method=f"anchor-{method}",
-                            converged=all(r is None or r.converged for r in pairwise), pairwise=pairwise,
-                            extra={"anchor": int(anchor), "seed": int(seed)})
+    return MultiMatchResult(
+        perms=perms,
+        objective=[before, after],
+        passes=len(states) - 1,
+        seconds=time.perf_counter() - t0,
+        method=f"anchor-{method}",
+        converged=all(r is None or r.converged for r in pairwise),
+        pairwise=pairwise,
+        extra={"anchor": int(anchor), "seed": int(seed)},
+    )
 
 
 def pairwise_inner_sum(states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]) -> float:
@@ -117,9 +140,15 @@ def _mean_state(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch
     return out
 
 
-def merge_many(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], seed: int = 0, max_iter: int = 100,
-               wm_max_iter: int = 100, init_perms: Sequence[Mapping[str, Any]] | None = None,
-               device: torch.device | str | None = None) -> MultiMatchResult:
+def merge_many(
+    spec: PermutationSpec,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    seed: int = 0,
+    max_iter: int = 100,
+    wm_max_iter: int = 100,
+    init_perms: Sequence[Mapping[str, Any]] | None = None,
+    device: torch.device | str | None = None,
+) -> MultiMatchResult:
     """MergeMany: match each model to the mean of the others until nothing changes.
 
     Parameters
@@ -167,8 +196,15 @@ def merge_many(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor
         for i in rng.permutation(n):
             i = int(i)
             target = _mean_state([aligned[j] for j in range(n) if j != i])
-            res = weight_matching(spec, target, states[i], seed=int(rng.integers(2**31)), max_iter=wm_max_iter,
-                                  init_perms=perms[i], device=device)
+            res = weight_matching(
+                spec,
+                target,
+                states[i],
+                seed=int(rng.integers(2**31)),
+                max_iter=wm_max_iter,
+                init_perms=perms[i],
+                device=device,
+            )
             pairwise[i] = res
             steps += 1
             if not perms_equal(res.perms, perms[i]):
@@ -182,6 +218,13 @@ def merge_many(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor
             break
     to_ref = invert_permutation(perms[0])
     final = [compose_permutations(p, to_ref) for p in perms]
-    return MultiMatchResult(perms=final, objective=history, passes=passes, seconds=time.perf_counter() - t0,
-                            method="mergemany", converged=converged, pairwise=pairwise,
-                            extra={"seed": int(seed), "wm_calls": steps, "reference": 0})
+    return MultiMatchResult(
+        perms=final,
+        objective=history,
+        passes=passes,
+        seconds=time.perf_counter() - t0,
+        method="mergemany",
+        converged=converged,
+        pairwise=pairwise,
+        extra={"seed": int(seed), "wm_calls": steps, "reference": 0},
+    )

@@ -52,6 +52,7 @@ practice (``tests/test_projection.py`` and ``benchmarks/bench_ste.py`` check it)
 Specs in which a group moves two axes of one tensor (a quadratic term) are
 passed to :func:`weight_matching` unchanged.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -59,15 +60,16 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..perm.spec import PermutationSpec, Perms, is_segmented
+from ..perm.spec import Perms, PermutationSpec, is_segmented
 from .weight import DEFAULT_TOL, _flat, _lap, objective_keys, weight_matching
 
 #: Relative slack of the certificate: eps = CERT_SLACK * tol * scale_g / n (see the module docstring).
 CERT_SLACK = 0.1
 
 
-def certify_assignment(cost: np.ndarray, p: np.ndarray, v: np.ndarray | None, eps: float,
-                       passes: int) -> tuple[bool, np.ndarray]:
+def certify_assignment(
+    cost: np.ndarray, p: np.ndarray, v: np.ndarray | None, eps: float, passes: int
+) -> tuple[bool, np.ndarray]:
     """Try to prove that assignment ``p`` is optimal for ``cost`` within ``n * eps``.
 
     Parameters
@@ -139,9 +141,17 @@ class WarmProjector:
     docstring); ``stats`` counts calls, sweeps, solves, certified skips and moves.
     """
 
-    def __init__(self, spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int = 100,
-                 device: torch.device | str | None = None, tol: float = DEFAULT_TOL, certify: bool = False,
-                 bf_passes: int = 12, every: int = 1):
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        sd_b: Mapping[str, torch.Tensor],
+        max_iter: int = 100,
+        device: torch.device | str | None = None,
+        tol: float = DEFAULT_TOL,
+        certify: bool = False,
+        bf_passes: int = 12,
+        every: int = 1,
+    ):
         self.spec = spec
         self.sd_b = sd_b
         self.max_iter, self.tol, self.certify, self.bf_passes = int(max_iter), float(tol), bool(certify), int(bf_passes)
@@ -150,7 +160,9 @@ class WarmProjector:
         self.every = int(every)
         keys = objective_keys(spec, sd_b)
         first = next((v for v in sd_b.values() if isinstance(v, torch.Tensor)), None)
-        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        self.device = (
+            torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        )
         self.dtype = torch.float64 if any(sd_b[k].dtype == torch.float64 for k in keys) else torch.float32
         self.keys = keys
         self.axes = {k: spec.axes[k] for k in keys}
@@ -183,7 +195,16 @@ class WarmProjector:
         self._bp: dict[str, torch.Tensor] | None = None
         self._bp_perms: dict[str, torch.Tensor] | None = None
         self._v: dict[str, np.ndarray] = {}
-        self.stats = {"calls": 0, "sweeps": 0, "solves": 0, "certified": 0, "skipped": 0, "held": 0, "moves": 0, "fallback": 0}
+        self.stats = {
+            "calls": 0,
+            "sweeps": 0,
+            "solves": 0,
+            "certified": 0,
+            "skipped": 0,
+            "held": 0,
+            "moves": 0,
+            "fallback": 0,
+        }
 
     # ------------------------------------------------------------------ helpers
     def _permuted_b(self, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,8 +234,17 @@ class WarmProjector:
             return {g: init[g].to("cpu") for g in self.spec.sizes}
         if self.quadratic:
             self.stats["fallback"] += 1
-            res = weight_matching(self.spec, sd_a, self.sd_b, seed=seed, max_iter=self.max_iter, init_perms=init,
-                                  restarts=1, device=self.device, tol=self.tol)
+            res = weight_matching(
+                self.spec,
+                sd_a,
+                self.sd_b,
+                seed=seed,
+                max_iter=self.max_iter,
+                init_perms=init,
+                restarts=1,
+                device=self.device,
+                tol=self.tol,
+            )
             return {g: p.to("cpu") for g, p in res.perms.items()}
         dev = self.device
         A = {k: sd_a[k].detach().to(device=dev, dtype=self.dtype) for k in self.keys}
@@ -299,8 +329,9 @@ class WarmProjector:
         return {g: perms[g].to("cpu") for g in self.spec.sizes}
 
 
-def ste_projector(spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int,
-                  device: torch.device | str | None) -> WarmProjector | None:
+def ste_projector(
+    spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int, device: torch.device | str | None
+) -> WarmProjector | None:
     """The projector STE uses for its per-step projections, chosen by the environment.
 
     ``LMCKIT_STE_PROJECTION``:
@@ -341,13 +372,17 @@ def ste_projector(spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_i
         raise LmcError(f"LMCKIT_STE_PROJECT_EVERY must be a positive integer, got {raw!r}")
     if mode == "reference":
         if every != 1:
-            raise LmcError("LMCKIT_STE_PROJECT_EVERY needs the exact or certified projection", "unset LMCKIT_STE_PROJECTION")
+            raise LmcError(
+                "LMCKIT_STE_PROJECT_EVERY needs the exact or certified projection", "unset LMCKIT_STE_PROJECTION"
+            )
         return None
     if spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
         # The warm projector models free whole-axis groups only; attention heads and block axes
         # (cat, pad, flatten, LSTM gates) go through weight_matching itself, which honours them.
         if every != 1:
-            raise LmcError("LMCKIT_STE_PROJECT_EVERY is not available for specs with attention heads or block axes",
-                           "unset LMCKIT_STE_PROJECT_EVERY")
+            raise LmcError(
+                "LMCKIT_STE_PROJECT_EVERY is not available for specs with attention heads or block axes",
+                "unset LMCKIT_STE_PROJECT_EVERY",
+            )
         return None
     return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every)

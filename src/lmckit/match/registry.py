@@ -27,6 +27,7 @@ Objective direction (``MatchResult.objective``), per method:
 - ``sinkhorn``: ``sum_k <A_k, pi(B)_k>_F`` at the identity and at the final hard permutation;
   higher is better (the relaxed loss history is in ``extra["loss_history"]``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,10 @@ class MethodOptions:
         unknown = sorted(set(values) - set(known))
         where = f"method {method!r}" if method else cls.__name__
         if unknown:
-            raise LmcError(f"{where} has no option {', '.join(map(repr, unknown))}",
-                           f"its options are: {', '.join(known) or '(none)'}")
+            raise LmcError(
+                f"{where} has no option {', '.join(map(repr, unknown))}",
+                f"its options are: {', '.join(known) or '(none)'}",
+            )
         hints = typing.get_type_hints(cls)
         conv = {k: _convert(v, hints[k], f"{where} option {k!r}") for k, v in values.items()}
         return cls(**conv)
@@ -192,10 +195,19 @@ class MatchMethod:
     def supports(self, scheme: str) -> bool:
         return scheme in self.multi
 
-    def match(self, spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], *,
-              model: torch.nn.Module | None = None, dataset=None,
-              options: MethodOptions | Mapping[str, Any] | None = None,
-              seed: int = 0, device: torch.device | str | None = None, progress: bool = False) -> MatchResult:
+    def match(
+        self,
+        spec: PermutationSpec,
+        sd_a: Mapping[str, torch.Tensor],
+        sd_b: Mapping[str, torch.Tensor],
+        *,
+        model: torch.nn.Module | None = None,
+        dataset=None,
+        options: MethodOptions | Mapping[str, Any] | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> MatchResult:
         """Permutations of B's units aligning B to A (``apply_permutation(spec, res.perms, sd_b)``).
 
         Parameters
@@ -227,23 +239,46 @@ class MatchMethod:
             raise LmcError(f"{self.name} matching needs data", "pass a dataset (CLI: --dataset NAME)")
         if self.needs_model and model is None:
             raise LmcError(f"{self.name} matching needs a model of the architecture (for forward passes)")
-        return self.func(spec, sd_a, sd_b, model=model, dataset=dataset, options=options, seed=int(seed),
-                         device=device, progress=progress)
+        return self.func(
+            spec,
+            sd_a,
+            sd_b,
+            model=model,
+            dataset=dataset,
+            options=options,
+            seed=int(seed),
+            device=device,
+            progress=progress,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "description": self.description, "reference": self.reference,
-                "needs_data": self.needs_data, "multi": list(self.multi), "objective": self.objective,
-                "options": self.options_type.describe()}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "reference": self.reference,
+            "needs_data": self.needs_data,
+            "multi": list(self.multi),
+            "objective": self.objective,
+            "options": self.options_type.describe(),
+        }
 
 
 _REGISTRY: dict[str, MatchMethod] = {}
 _LOADED = False
 
 
-def register_method(name: str, *, description: str, reference: str, needs_data: bool, options: type[MethodOptions],
-                    objective: str, multi: tuple[str, ...] = ("anchor",), needs_model: bool = False,
-                    data_when: Callable[[MethodOptions], bool] | None = None,
-                    ) -> Callable[[MatchFunction], MatchFunction]:
+def register_method(
+    name: str,
+    *,
+    description: str,
+    reference: str,
+    needs_data: bool,
+    options: type[MethodOptions],
+    objective: str,
+    multi: tuple[str, ...] = ("anchor",),
+    needs_model: bool = False,
+    data_when: Callable[[MethodOptions], bool] | None = None,
+) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
     Raises ``ValueError`` (a programming error, at import) for a duplicate
@@ -259,9 +294,18 @@ def register_method(name: str, *, description: str, reference: str, needs_data: 
     def deco(func: MatchFunction) -> MatchFunction:
         if name in _REGISTRY and _REGISTRY[name].func is not func:
             raise ValueError(f"matching method {name!r} is already registered")
-        _REGISTRY[name] = MatchMethod(name=name, description=description, reference=reference, needs_data=needs_data,
-                                      multi=tuple(multi), options_type=options, objective=objective, func=func,
-                                      needs_model=needs_model, data_when=data_when)
+        _REGISTRY[name] = MatchMethod(
+            name=name,
+            description=description,
+            reference=reference,
+            needs_data=needs_data,
+            multi=tuple(multi),
+            options_type=options,
+            objective=objective,
+            func=func,
+            needs_model=needs_model,
+            data_when=data_when,
+        )
         return func
 
     return deco
@@ -307,15 +351,29 @@ class WeightOptions(MethodOptions):
 
 
 @register_method(
-    "weight", description="Weight matching: coordinate descent of linear assignments maximising sum <A, pi(B)>",
+    "weight",
+    description="Weight matching: coordinate descent of linear assignments maximising sum <A, pi(B)>",
     reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin: Merging Models modulo Permutation Symmetries', ICLR 2023",
-    needs_data=False, options=WeightOptions, multi=("anchor", "mergemany"),
-    objective="sum_k <A_k, pi(B)_k>_F per sweep; higher is better (non-decreasing)")
+    needs_data=False,
+    options=WeightOptions,
+    multi=("anchor", "mergemany"),
+    objective="sum_k <A_k, pi(B)_k>_F per sweep; higher is better (non-decreasing)",
+)
 def _weight(spec, sd_a, sd_b, *, model, dataset, options: WeightOptions, seed, device, progress) -> MatchResult:
     from .weight import weight_matching
 
-    return weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=options.max_iter, restarts=options.restarts,
-                           device=device, tol=options.tol, include_buffers=options.include_buffers, progress=progress)
+    return weight_matching(
+        spec,
+        sd_a,
+        sd_b,
+        seed=seed,
+        max_iter=options.max_iter,
+        restarts=options.restarts,
+        device=device,
+        tol=options.tol,
+        include_buffers=options.include_buffers,
+        progress=progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -333,17 +391,31 @@ class ActivationOptions(MethodOptions):
 
 
 @register_method(
-    "activation", description="Activation matching: one assignment per layer maximising unit correlation on data",
+    "activation",
+    description="Activation matching: one assignment per layer maximising unit correlation on data",
     reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023 (after Li et al., 'Convergent Learning', 2016)",
-    needs_data=True, needs_model=True, options=ActivationOptions, multi=("anchor",),
-    objective="summed similarity of matched units; higher is better")
+    needs_data=True,
+    needs_model=True,
+    options=ActivationOptions,
+    multi=("anchor",),
+    objective="summed similarity of matched units; higher is better",
+)
 def _activation(spec, sd_a, sd_b, *, model, dataset, options: ActivationOptions, seed, device, progress) -> MatchResult:
     from .activation import activation_matching
 
     model_a, model_b = _with_state(model, sd_a), _with_state(model, sd_b)
-    return activation_matching(model_a, model_b, dataset, spec=spec, num_batches=options.num_batches,
-                               batch_size=options.batch_size, method=options.similarity, seed=seed, device=device,
-                               split=options.split)
+    return activation_matching(
+        model_a,
+        model_b,
+        dataset,
+        spec=spec,
+        num_batches=options.num_batches,
+        batch_size=options.batch_size,
+        method=options.similarity,
+        seed=seed,
+        device=device,
+        split=options.split,
+    )
 
 
 def _with_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> torch.nn.Module:
@@ -382,15 +454,35 @@ class SteOptions(MethodOptions):
 
 
 @register_method(
-    "ste", description="Straight-through estimator: learn theta~ whose WM projection minimises the midpoint loss",
+    "ste",
+    description="Straight-through estimator: learn theta~ whose WM projection minimises the midpoint loss",
     reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023, Sec. 3.3",
-    needs_data=True, needs_model=True, options=SteOptions, multi=("anchor",),
-    objective="best held-out midpoint loss so far; lower is better (non-increasing)")
+    needs_data=True,
+    needs_model=True,
+    options=SteOptions,
+    multi=("anchor",),
+    objective="best held-out midpoint loss so far; lower is better (non-increasing)",
+)
 def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress) -> MatchResult:
     from .ste import ste_matching
 
-    return ste_matching(model, sd_a, sd_b, dataset, spec=spec, preset=options.preset, epochs=options.epochs,
-                        lr=options.lr, batch_size=options.batch_size, seed=seed, device=device,
-                        state_dir=options.state_dir, progress=progress, heldout_size=options.heldout_size,
-                        wm_max_iter=options.wm_max_iter, track_alignment=options.track_alignment,
-                        train_limit=options.train_limit, protocol=options.protocol)
+    return ste_matching(
+        model,
+        sd_a,
+        sd_b,
+        dataset,
+        spec=spec,
+        preset=options.preset,
+        epochs=options.epochs,
+        lr=options.lr,
+        batch_size=options.batch_size,
+        seed=seed,
+        device=device,
+        state_dir=options.state_dir,
+        progress=progress,
+        heldout_size=options.heldout_size,
+        wm_max_iter=options.wm_max_iter,
+        track_alignment=options.track_alignment,
+        train_limit=options.train_limit,
+        protocol=options.protocol,
+    )

@@ -5,6 +5,7 @@ multi-model matching (:class:`MultiMatchResult`), in the spirit of POT's
 ``OTResult``: the permutations, the objective history and timings, plus
 ``to_dict()`` (JSON-ready) and ``summary()`` (one readable line).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -74,9 +75,11 @@ class MatchResult:
         return d
 
     def summary(self) -> str:
-        return (f"{self.method} matching: objective {self.initial_objective:.6g} -> {self.final_objective:.6g} "
-                f"in {self.sweeps} sweep{'s' if self.sweeps != 1 else ''}, {self.seconds:.3f}s"
-                + ("" if self.converged else " (stopped at max_iter, not converged)"))
+        return (
+            f"{self.method} matching: objective {self.initial_objective:.6g} -> {self.final_objective:.6g} "
+            f"in {self.sweeps} sweep{'s' if self.sweeps != 1 else ''}, {self.seconds:.3f}s"
+            + ("" if self.converged else " (stopped at max_iter, not converged)")
+        )
 
 
 @dataclass
@@ -127,8 +130,10 @@ class MultiMatchResult:
         return d
 
     def summary(self) -> str:
-        return (f"{self.method}: {len(self.perms)} models, {self.passes} pass{'es' if self.passes != 1 else ''}, "
-                f"{self.seconds:.3f}s" + ("" if self.converged else " (stopped at max_iter, not converged)"))
+        return (
+            f"{self.method}: {len(self.perms)} models, {self.passes} pass{'es' if self.passes != 1 else ''}, "
+            f"{self.seconds:.3f}s" + ("" if self.converged else " (stopped at max_iter, not converged)")
+        )
 
 
 def perms_equal(a: Perms, b: Perms) -> bool:

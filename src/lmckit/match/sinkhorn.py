@@ -52,6 +52,7 @@ Implementation choices (the project's, documented here)
   changed at each check in ``extra["hard_changes"]``. ``converged`` is True
   when the hard permutation did not change over the last check interval.
 """
+
 from __future__ import annotations
 
 import time
@@ -149,8 +150,9 @@ def sinkhorn_log(m: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
     return log_s
 
 
-def soft_apply(spec: PermutationSpec, soft: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-               keys: list[str]) -> dict[str, torch.Tensor]:
+def soft_apply(
+    spec: PermutationSpec, soft: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], keys: list[str]
+) -> dict[str, torch.Tensor]:
     """``S(theta)`` on ``keys``: every axis of group ``g`` multiplied by ``soft[g]`` (``(n, n)``).
 
     With hard one-hot matrices ``S[i, p[i]] = 1`` this equals
@@ -188,9 +190,11 @@ def _check_structures(spec: PermutationSpec) -> None:
     elif structures:
         bad.append("(unnamed structure)")
     if bad:
-        raise LmcError(f"Sinkhorn re-basin relaxes free whole-axis permutations only; this architecture's spec has "
-                       f"{len(bad)} structured parts ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})",
-                       "use --method weight or --method activation, which honour attention heads and block axes")
+        raise LmcError(
+            f"Sinkhorn re-basin relaxes free whole-axis permutations only; this architecture's spec has "
+            f"{len(bad)} structured parts ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})",
+            "use --method weight or --method activation, which honour attention heads and block axes",
+        )
 
 
 def _inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: list[str]) -> float:
@@ -201,20 +205,33 @@ def _inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: l
 @register_method(
     "sinkhorn",
     description="Sinkhorn re-basin: soft permutations (Sinkhorn operator with a temperature) trained by Adam, "
-                "then one assignment per group",
+    "then one assignment per group",
     reference="Pena, Medeiros, Dubail, Aminbeidokhti, Granger, Pedersoli, "
-              "'Re-basin via implicit Sinkhorn differentiation', CVPR 2023",
-    needs_data=False, options=SinkhornOptions, multi=("anchor",),
+    "'Re-basin via implicit Sinkhorn differentiation', CVPR 2023",
+    needs_data=False,
+    options=SinkhornOptions,
+    multi=("anchor",),
     data_when=lambda o: o.loss == "midpoint",
-    objective="sum_k <A_k, pi(B)_k>_F at the identity and at the final hard permutation; higher is better")
+    objective="sum_k <A_k, pi(B)_k>_F at the identity and at the final hard permutation; higher is better",
+)
 def _sinkhorn_method(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult:
-    return sinkhorn_matching(spec, sd_a, sd_b, model=model, dataset=dataset, options=options, seed=seed,
-                             device=device, progress=progress)
+    return sinkhorn_matching(
+        spec, sd_a, sd_b, model=model, dataset=dataset, options=options, seed=seed, device=device, progress=progress
+    )
 
 
-def sinkhorn_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], *,
-                      model: torch.nn.Module | None = None, dataset=None, options: SinkhornOptions | None = None,
-                      seed: int = 0, device: torch.device | str | None = None, progress: bool = False) -> MatchResult:
+def sinkhorn_matching(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    *,
+    model: torch.nn.Module | None = None,
+    dataset=None,
+    options: SinkhornOptions | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> MatchResult:
     """Permutations of B aligning it to A by Sinkhorn re-basin (Pena et al., CVPR 2023).
 
     Parameters
@@ -258,8 +275,10 @@ def sinkhorn_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], s
     check_pair(spec, sd_a, sd_b)
     midpoint = opts.loss == "midpoint"
     if midpoint and (model is None or dataset is None):
-        raise LmcError("Sinkhorn re-basin with loss=midpoint needs a model and a dataset",
-                       "pass --dataset NAME (CLI), or use loss=distance (data-free)")
+        raise LmcError(
+            "Sinkhorn re-basin with loss=midpoint needs a model and a dataset",
+            "pass --dataset NAME (CLI), or use loss=distance (data-free)",
+        )
     if device is None:
         first = next((v for v in sd_a.values() if isinstance(v, torch.Tensor)), None)
         dev = first.device if first is not None else torch.device("cpu")
@@ -284,8 +303,11 @@ def sinkhorn_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], s
         params[g] = m.to(dev, dtype).requires_grad_(True)
     opt = torch.optim.Adam(list(params.values()), lr=opts.lr) if params else None
 
-    loss_fn = _distance_loss(spec, A, B, keys, norm) if not midpoint else \
-        _midpoint_loss(spec, model, sd_a, sd_b, dataset, opts, gen, dev)
+    loss_fn = (
+        _distance_loss(spec, A, B, keys, norm)
+        if not midpoint
+        else _midpoint_loss(spec, model, sd_a, sd_b, dataset, opts, gen, dev)
+    )
 
     def hard() -> Perms:
         return {g: torch.from_numpy(_lap(params[g].detach().double().cpu().numpy())).long() for g in groups}
@@ -325,19 +347,34 @@ def sinkhorn_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], s
 
     j0 = _inner(sd_a, sd_b, keys)
     j1 = _inner(sd_a, apply_permutation(spec, perms, {k: sd_b[k] for k in sd_b}), keys)
-    extra: dict[str, Any] = {"seed": int(seed), "options": opts.to_dict(), "device": str(dev),
-                             "loss_history": losses, "hard_changes": changes, "check_every": opts.check_every,
-                             "objective_entries": len(keys)}
+    extra: dict[str, Any] = {
+        "seed": int(seed),
+        "options": opts.to_dict(),
+        "device": str(dev),
+        "loss_history": losses,
+        "hard_changes": changes,
+        "check_every": opts.check_every,
+        "objective_entries": len(keys),
+    }
     unmatched = [g for g in spec.sizes if g not in seen]
     if unmatched:
         extra["unmatched_groups"] = unmatched
-    return MatchResult(perms=perms, objective=[j0, j1], sweeps=opts.steps if params else 0,
-                       seconds=time.perf_counter() - t0, method="sinkhorn", converged=converged, extra=extra)
+    return MatchResult(
+        perms=perms,
+        objective=[j0, j1],
+        sweeps=opts.steps if params else 0,
+        seconds=time.perf_counter() - t0,
+        method="sinkhorn",
+        converged=converged,
+        extra=extra,
+    )
 
 
-def _distance_loss(spec: PermutationSpec, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor],
-                   keys: list[str], norm: float):
+def _distance_loss(
+    spec: PermutationSpec, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], keys: list[str], norm: float
+):
     """``S -> ||A - S(B)||^2 / (||A||^2 + ||B||^2)`` over the objective entries."""
+
     def loss(soft: Mapping[str, torch.Tensor]) -> torch.Tensor:
         sb = soft_apply(spec, soft, B, keys)
         return sum((A[k] - sb[k]).pow(2).sum() for k in keys) / norm
@@ -345,9 +382,16 @@ def _distance_loss(spec: PermutationSpec, A: Mapping[str, torch.Tensor], B: Mapp
     return loss
 
 
-def _midpoint_loss(spec: PermutationSpec, model: torch.nn.Module, sd_a: Mapping[str, torch.Tensor],
-                   sd_b: Mapping[str, torch.Tensor], dataset, opts: SinkhornOptions, gen: torch.Generator,
-                   dev: torch.device):
+def _midpoint_loss(
+    spec: PermutationSpec,
+    model: torch.nn.Module,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    dataset,
+    opts: SinkhornOptions,
+    gen: torch.Generator,
+    dev: torch.device,
+):
     """``S -> CE(f((theta_a + S(theta_b)) / 2; x), y)`` on the next seeded training minibatch."""
     import copy
 
@@ -368,7 +412,7 @@ def _midpoint_loss(spec: PermutationSpec, model: torch.nn.Module, sd_a: Mapping[
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         if state["pos"] + opts.batch_size > n and state["pos"] > 0:
             state["order"], state["pos"] = torch.randperm(n, generator=gen), 0
-        idx = state["order"][state["pos"]:state["pos"] + opts.batch_size]
+        idx = state["order"][state["pos"] : state["pos"] + opts.batch_size]
         state["pos"] += opts.batch_size
         x = dataset.normalize(dataset.images["train"][idx].to(dev))
         return x, dataset.labels["train"][idx].to(dev)

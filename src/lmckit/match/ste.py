@@ -74,6 +74,7 @@ Implementation choices (the project's, documented here)
   score R(0.3) of the current permutation, and the training and held-out
   midpoint losses (JSON and a plot in ``state_dir``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -89,8 +90,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LmcError
-from ..perm import (PermutationSpec, Perms, apply_permutation, identity_permutation, perm_changed_units, spec_for,
-                    validate_perms)
+from ..perm import (
+    Perms,
+    PermutationSpec,
+    apply_permutation,
+    identity_permutation,
+    perm_changed_units,
+    spec_for,
+    validate_perms,
+)
 
 STATE_FILE = "ste_state.safetensors"
 DRIFT_JSON = "drift.json"
@@ -136,13 +144,16 @@ def check_protocol(protocol: str) -> str:
         import difflib
 
         close = difflib.get_close_matches(str(protocol), list(PROTOCOLS), n=1)
-        raise LmcError(f"unknown STE protocol {protocol!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                       f"choose one of {', '.join(PROTOCOLS)}")
+        raise LmcError(
+            f"unknown STE protocol {protocol!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            f"choose one of {', '.join(PROTOCOLS)}",
+        )
     return protocol
 
 
-def resolve_preset(preset: str = "adam", epochs: int | None = None, lr: float | None = None,
-                   batch_size: int | None = None) -> StePreset:
+def resolve_preset(
+    preset: str = "adam", epochs: int | None = None, lr: float | None = None, batch_size: int | None = None
+) -> StePreset:
     """The preset ``preset`` with the given overrides; raises :class:`LmcError` on bad values."""
     if preset not in PRESETS:
         raise LmcError(f"unknown STE preset {preset!r}", f"choose one of {', '.join(PRESETS)}")
@@ -169,8 +180,12 @@ def midpoint_state(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Te
     return {k: (0.5 * (v + sd_b[k].to(v.device)) if v.is_floating_point() else v.clone()) for k, v in sd_a.items()}
 
 
-def ste_midpoint(sd_a: Mapping[str, torch.Tensor], pb: Mapping[str, torch.Tensor],
-                 tilde: Mapping[str, torch.Tensor], lam: float = 0.5) -> dict[str, torch.Tensor]:
+def ste_midpoint(
+    sd_a: Mapping[str, torch.Tensor],
+    pb: Mapping[str, torch.Tensor],
+    tilde: Mapping[str, torch.Tensor],
+    lam: float = 0.5,
+) -> dict[str, torch.Tensor]:
     """The straight-through midpoint ``(theta_a + [pi(theta_b) + theta~ - sg(theta~)]) / 2``.
 
     For every key of ``tilde`` (the learned parameters) the value equals
@@ -204,8 +219,16 @@ def _step_seed(seed: int, epoch: int, step: int) -> int:
     return (int(seed) * 1_000_003 + epoch * 10_007 + step) % (2**31 - 1)
 
 
-def _project(spec: PermutationSpec, tilde_sd: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-             init: Perms | None, seed: int, max_iter: int, device: torch.device, projector=None) -> Perms:
+def _project(
+    spec: PermutationSpec,
+    tilde_sd: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    init: Perms | None,
+    seed: int,
+    max_iter: int,
+    device: torch.device,
+    projector=None,
+) -> Perms:
     """``WM(theta~, theta_b)`` warm-started at ``init``.
 
     With a :class:`lmckit.match.projection.WarmProjector` for ``(spec, sd_b)``
@@ -217,7 +240,9 @@ def _project(spec: PermutationSpec, tilde_sd: Mapping[str, torch.Tensor], sd_b: 
 
     if projector is not None and init is not None:
         return projector(tilde_sd, init, seed)
-    res = weight_matching(spec, tilde_sd, sd_b, seed=seed, max_iter=max_iter, init_perms=init, restarts=1, device=device)
+    res = weight_matching(
+        spec, tilde_sd, sd_b, seed=seed, max_iter=max_iter, init_perms=init, restarts=1, device=device
+    )
     return {g: p.to("cpu") for g, p in res.perms.items()}
 
 
@@ -231,7 +256,7 @@ class _HeldOut:
         else:
             n = dataset.size("train")
             g = torch.Generator().manual_seed(int(seed) + 7919)
-            idx = torch.randperm(n, generator=g)[:min(size, n)].sort().values
+            idx = torch.randperm(n, generator=g)[: min(size, n)].sort().values
             x = dataset.normalize(dataset.images["train"][idx].to(device))
             y = dataset.labels["train"][idx].to(device)
             self.source = f"fixed seeded subset of the train split ({int(y.shape[0])} images)"
@@ -244,18 +269,32 @@ class _HeldOut:
         model.eval()
         tot = 0.0
         for s in range(0, int(self.y.shape[0]), self.batch_size):
-            out = functional_call(model, dict(state), (self.x[s:s + self.batch_size],))
-            tot += float(F.cross_entropy(out, self.y[s:s + self.batch_size], reduction="sum"))
+            out = functional_call(model, dict(state), (self.x[s : s + self.batch_size],))
+            tot += float(F.cross_entropy(out, self.y[s : s + self.batch_size], reduction="sum"))
         return tot / max(int(self.y.shape[0]), 1)
 
 
 # --------------------------------------------------------------------------- main entry
-def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor], dataset,
-                 spec: PermutationSpec | None = None, preset: str | None = None, epochs: int | None = None,
-                 lr: float | None = None, batch_size: int | None = None, seed: int = 0,
-                 device: torch.device | str | None = None, state_dir: str | Path | None = None,
-                 progress: bool = True, heldout_size: int = 5000, wm_max_iter: int = 100,
-                 track_alignment: bool = True, train_limit: int | None = None, protocol: str = "heldout-best"):
+def ste_matching(
+    model: nn.Module,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    dataset,
+    spec: PermutationSpec | None = None,
+    preset: str | None = None,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+    heldout_size: int = 5000,
+    wm_max_iter: int = 100,
+    track_alignment: bool = True,
+    train_limit: int | None = None,
+    protocol: str = "heldout-best",
+):
     """Find the permutation of model B by the straight-through estimator.
 
     Parameters
@@ -331,8 +370,10 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
     param_keys = [k for k, p in net.named_parameters() if p.is_floating_point()]
     missing = [k for k in param_keys if k not in sd_a]
     if missing:
-        raise LmcError(f"the model's parameters {missing[:3]} are not in the state dicts",
-                       "pass state dicts of this model's architecture")
+        raise LmcError(
+            f"the model's parameters {missing[:3]} are not in the state dicts",
+            "pass state dicts of this model's architecture",
+        )
     has_bn = _has_batchnorm(net)
     heldout = _HeldOut(dataset, seed, heldout_size, dev)
 
@@ -362,11 +403,21 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         return float(svd_alignment(spec, a_cpu, b_cpu, perms, gammas=(0.3,)).R[gamma_key(0.3)]["after"])
 
     # ---------------------------------------------------------------- state (fresh or resumed)
-    fingerprint = {"version": STATE_VERSION, "optimizer": cfg.optimizer, "lr": cfg.lr, "batch_size": cfg.batch_size,
-                   "momentum": cfg.momentum, "seed": int(seed), "heldout_size": int(heldout_size),
-                   "wm_max_iter": int(wm_max_iter), "train_limit": train_limit,
-                   "a": _state_digest(sd_a), "b": _state_digest(sd_b),
-                   "dataset": getattr(dataset, "name", "?"), "protocol": protocol}
+    fingerprint = {
+        "version": STATE_VERSION,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "momentum": cfg.momentum,
+        "seed": int(seed),
+        "heldout_size": int(heldout_size),
+        "wm_max_iter": int(wm_max_iter),
+        "train_limit": train_limit,
+        "a": _state_digest(sd_a),
+        "b": _state_digest(sd_b),
+        "dataset": getattr(dataset, "name", "?"),
+        "protocol": protocol,
+    }
     tilde = {k: sd_a[k].detach().clone().requires_grad_(True) for k in param_keys}
     opt = _make_optimizer(cfg, [tilde[k] for k in param_keys])
     gen = torch.Generator().manual_seed(int(seed))
@@ -379,9 +430,17 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         pi_wm = _project(spec, sd_a, sd_b, None, _step_seed(seed, -1, 0), wm_max_iter, dev)
         ident = identity_permutation(spec)
         l_id, l_wm = score(ident), score(pi_wm)
-        hist = {"candidates": [{"name": "identity", "heldout_loss": l_id}, {"name": "wm", "heldout_loss": l_wm}],
-                "epochs": [], "initial": {"changed_vs_wm": 0.0, "tilde_dist": 0.0, "r03": r03(pi_wm),
-                                          "heldout_loss": l_wm, "identity_heldout_loss": l_id}}
+        hist = {
+            "candidates": [{"name": "identity", "heldout_loss": l_id}, {"name": "wm", "heldout_loss": l_wm}],
+            "epochs": [],
+            "initial": {
+                "changed_vs_wm": 0.0,
+                "tilde_dist": 0.0,
+                "r03": r03(pi_wm),
+                "heldout_loss": l_wm,
+                "identity_heldout_loss": l_id,
+            },
+        }
         if protocol == "heldout-best":
             best, best_loss = (ident, l_id) if l_id <= l_wm else (pi_wm, l_wm)
         else:  # git-re-basin: filled by the first minibatch; random-mixing: the final projection
@@ -400,8 +459,10 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
 
     projector = ste_projector(spec, sd_b, wm_max_iter, dev)  # the per-step projections (see _project)
     if start_epoch > cfg.epochs:
-        raise LmcError(f"the STE state in {state_dir} already holds {start_epoch} epochs, more than the {cfg.epochs} asked for",
-                       "ask for at least that many epochs, or use another state folder")
+        raise LmcError(
+            f"the STE state in {state_dir} already holds {start_epoch} epochs, more than the {cfg.epochs} asked for",
+            "ask for at least that many epochs, or use another state folder",
+        )
     n_train = dataset.size("train") if train_limit is None else min(int(train_limit), dataset.size("train"))
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
     a_norm = math.sqrt(sum(float(sd_a[k].double().pow(2).sum()) for k in param_keys))
@@ -410,17 +471,21 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             loss_sum, n_seen = 0.0, 0
-            for step, (x, y) in enumerate(dataset.batches("train", cfg.batch_size, shuffle=True, generator=gen, device=dev,
-                                                                limit=n_train)):
+            for step, (x, y) in enumerate(
+                dataset.batches("train", cfg.batch_size, shuffle=True, generator=gen, device=dev, limit=n_train)
+            ):
                 with torch.no_grad():
                     tilde_sd = dict(sd_a)
                     tilde_sd.update({k: tilde[k].detach() for k in param_keys})
-                    cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, step), wm_max_iter, dev, projector)
+                    cur = _project(
+                        spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, step), wm_max_iter, dev, projector
+                    )
                     pb = apply_permutation(spec, cur, sd_b)
                 lam = 0.5
                 if protocol == "random-mixing":  # one draw per step, seeded by the step (resumable)
-                    lam = float(torch.rand((), generator=torch.Generator().manual_seed(
-                        _step_seed(seed + 104729, epoch, step))))
+                    lam = float(
+                        torch.rand((), generator=torch.Generator().manual_seed(_step_seed(seed + 104729, epoch, step)))
+                    )
                 out = functional_call(net, ste_midpoint(sd_a, pb, tilde, lam), (x,))
                 loss = F.cross_entropy(out, y)
                 opt.zero_grad(set_to_none=True)
@@ -428,8 +493,10 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
                 opt.step()
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
-                    raise LmcError(f"STE diverged (midpoint loss {lv}) at epoch {epoch + 1}",
-                                   "lower the learning rate (--lr) or use the adam preset")
+                    raise LmcError(
+                        f"STE diverged (midpoint loss {lv}) at epoch {epoch + 1}",
+                        "lower the learning rate (--lr) or use the adam preset",
+                    )
                 if protocol == "git-re-basin" and lv < best_loss:  # the step's projection, by its minibatch loss
                     best, best_loss = cur, lv
                 loss_sum += lv * int(y.shape[0])
@@ -440,7 +507,9 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
             with torch.no_grad():
                 tilde_sd = dict(sd_a)
                 tilde_sd.update({k: tilde[k].detach() for k in param_keys})
-                cur = _project(spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, steps_per_epoch), wm_max_iter, dev, projector)
+                cur = _project(
+                    spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, steps_per_epoch), wm_max_iter, dev, projector
+                )
                 dist = math.sqrt(sum(float((tilde[k].detach() - sd_a[k]).double().pow(2).sum()) for k in param_keys))
             l_cur = score(cur)
             if protocol == "heldout-best":
@@ -450,27 +519,46 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
             elif protocol == "random-mixing":
                 best, best_loss = cur, l_cur
             hist.setdefault("minibatch_best", []).append(best_loss)
-            rec = {"epoch": epoch + 1, "train_midpoint_loss": loss_sum / max(n_seen, 1), "heldout_loss": l_cur,
-                   # the kept permutation's selection loss so far (git-re-basin: a minibatch loss)
-                   "best_heldout_loss" if protocol != "git-re-basin" else "kept_minibatch_loss": best_loss,
-                   "changed_vs_wm": perm_changed_units(cur, pi_wm),
-                   "tilde_dist": dist, "tilde_rel_dist": dist / max(a_norm, 1e-12), "r03": r03(cur)}
+            rec = {
+                "epoch": epoch + 1,
+                "train_midpoint_loss": loss_sum / max(n_seen, 1),
+                "heldout_loss": l_cur,
+                # the kept permutation's selection loss so far (git-re-basin: a minibatch loss)
+                "best_heldout_loss" if protocol != "git-re-basin" else "kept_minibatch_loss": best_loss,
+                "changed_vs_wm": perm_changed_units(cur, pi_wm),
+                "tilde_dist": dist,
+                "tilde_rel_dist": dist / max(a_norm, 1e-12),
+                "r03": r03(cur),
+            }
             hist["epochs"].append(rec)
             if progress:
-                bar.write(f"[ste {protocol}] epoch {epoch + 1}/{cfg.epochs}: train mid loss "
-                          f"{rec['train_midpoint_loss']:.4f}, held-out mid loss {l_cur:.4f} (kept {best_loss:.4f}), "
-                          f"changed vs WM {rec['changed_vs_wm']:.3f}")
+                bar.write(
+                    f"[ste {protocol}] epoch {epoch + 1}/{cfg.epochs}: train mid loss "
+                    f"{rec['train_midpoint_loss']:.4f}, held-out mid loss {l_cur:.4f} (kept {best_loss:.4f}), "
+                    f"changed vs WM {rec['changed_vs_wm']:.3f}"
+                )
             if state_path is not None:
-                _save_state(state_path, fingerprint, tilde, opt, gen, param_keys, hist, cur, best, best_loss, epoch + 1, pi_wm)
+                _save_state(
+                    state_path, fingerprint, tilde, opt, gen, param_keys, hist, cur, best, best_loss, epoch + 1, pi_wm
+                )
 
     drift = drift_history(hist)
     if protocol == "random-mixing" and not hist["epochs"]:  # no training: the final projection is plain WM's
         best, best_loss = pi_wm, hist["initial"]["heldout_loss"]
     kept_heldout = best_loss if protocol != "git-re-basin" else score(best)
-    extra = {"protocol": protocol, "preset": preset, "settings": asdict(cfg), "heldout": heldout.source, "drift": drift,
-             "candidates": hist["candidates"], "best_heldout_loss": kept_heldout,
-             "kept_minibatch_loss": best_loss if protocol == "git-re-basin" else None,
-             "changed_vs_wm": perm_changed_units(best, pi_wm), "wm_perms": pi_wm, "resumed": bool(resumed)}
+    extra = {
+        "protocol": protocol,
+        "preset": preset,
+        "settings": asdict(cfg),
+        "heldout": heldout.source,
+        "drift": drift,
+        "candidates": hist["candidates"],
+        "best_heldout_loss": kept_heldout,
+        "kept_minibatch_loss": best_loss if protocol == "git-re-basin" else None,
+        "changed_vs_wm": perm_changed_units(best, pi_wm),
+        "wm_perms": pi_wm,
+        "resumed": bool(resumed),
+    }
     if state_dir is not None:
         write_drift(state_dir, drift)
     objective, run_best = [], math.inf
@@ -482,8 +570,14 @@ def ste_matching(model: nn.Module, sd_a: Mapping[str, torch.Tensor], sd_b: Mappi
         objective = [float(v) for v in hist.get("minibatch_best", [])]
     else:
         objective = [float(r["heldout_loss"]) for r in hist["epochs"]] or [float(best_loss)]
-    return MatchResult(perms={g: best[g].clone() for g in spec.sizes}, objective=objective,
-                       sweeps=len(hist["epochs"]), seconds=time.time() - t0, method="ste", extra=extra)
+    return MatchResult(
+        perms={g: best[g].clone() for g in spec.sizes},
+        objective=objective,
+        sweeps=len(hist["epochs"]),
+        seconds=time.time() - t0,
+        method="ste",
+        extra=extra,
+    )
 
 
 def _make_optimizer(cfg: StePreset, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -493,9 +587,20 @@ def _make_optimizer(cfg: StePreset, params: list[torch.Tensor]) -> torch.optim.O
 
 
 # --------------------------------------------------------------------------- resumable state
-def _save_state(path: Path, fingerprint: dict, tilde: dict, opt: torch.optim.Optimizer, gen: torch.Generator,
-                param_keys: list[str], hist: dict, cur: Perms, best: Perms, best_loss: float, epoch: int,
-                pi_wm: Perms) -> None:
+def _save_state(
+    path: Path,
+    fingerprint: dict,
+    tilde: dict,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    param_keys: list[str],
+    hist: dict,
+    cur: Perms,
+    best: Perms,
+    best_loss: float,
+    epoch: int,
+    pi_wm: Perms,
+) -> None:
     from ..store import save_state
 
     tensors: dict[str, torch.Tensor] = {f"tilde.{k}": tilde[k].detach().clone() for k in param_keys}
@@ -507,13 +612,25 @@ def _save_state(path: Path, fingerprint: dict, tilde: dict, opt: torch.optim.Opt
         for g, p in perms.items():
             tensors[f"perm.{tag}.{g}"] = p.to(torch.long).clone()
     tensors["generator"] = gen.get_state()
-    meta = {"fingerprint": fingerprint, "epoch": epoch, "history": hist, "best_loss": best_loss,
-            "format": "lmckit.ste_state"}
+    meta = {
+        "fingerprint": fingerprint,
+        "epoch": epoch,
+        "history": hist,
+        "best_loss": best_loss,
+        "format": "lmckit.ste_state",
+    }
     save_state(path, tensors, meta)
 
 
-def _load_state(path: Path, fingerprint: dict, tilde: dict, opt: torch.optim.Optimizer, gen: torch.Generator,
-                param_keys: list[str], spec: PermutationSpec):
+def _load_state(
+    path: Path,
+    fingerprint: dict,
+    tilde: dict,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    param_keys: list[str],
+    spec: PermutationSpec,
+):
     from ..store import load_state
 
     tensors, meta = load_state(path)
@@ -523,8 +640,10 @@ def _load_state(path: Path, fingerprint: dict, tilde: dict, opt: torch.optim.Opt
     old = {"train_limit": None, "protocol": "heldout-best", **(meta.get("fingerprint") or {})}
     if old != fingerprint:
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        raise LmcError(f"STE state in {path.parent} belongs to another run (differs in: {', '.join(diff)})",
-                       "use another state folder, or delete it to start over")
+        raise LmcError(
+            f"STE state in {path.parent} belongs to another run (differs in: {', '.join(diff)})",
+            "use another state folder, or delete it to start over",
+        )
     with torch.no_grad():
         for k in param_keys:
             tilde[k].copy_(tensors[f"tilde.{k}"].to(tilde[k].device))
@@ -549,8 +668,17 @@ def _load_state(path: Path, fingerprint: dict, tilde: dict, opt: torch.optim.Opt
 def drift_history(hist: Mapping[str, Any]) -> dict[str, list]:
     """Per-epoch drift series (epoch 0 = the start, theta~ = theta_a, pi = WM)."""
     ini = hist["initial"]
-    rows = [{"epoch": 0, "train_midpoint_loss": None, "heldout_loss": ini["heldout_loss"],
-             "changed_vs_wm": 0.0, "tilde_dist": 0.0, "tilde_rel_dist": 0.0, "r03": ini["r03"]}] + list(hist["epochs"])
+    rows = [
+        {
+            "epoch": 0,
+            "train_midpoint_loss": None,
+            "heldout_loss": ini["heldout_loss"],
+            "changed_vs_wm": 0.0,
+            "tilde_dist": 0.0,
+            "tilde_rel_dist": 0.0,
+            "r03": ini["r03"],
+        }
+    ] + list(hist["epochs"])
     keys = ["epoch", "train_midpoint_loss", "heldout_loss", "changed_vs_wm", "tilde_dist", "tilde_rel_dist", "r03"]
     out = {k: [r.get(k) for r in rows] for k in keys}
     out["identity_heldout_loss"] = ini["identity_heldout_loss"]
@@ -571,8 +699,11 @@ def plot_drift(drift: Mapping[str, Any], path: str | Path) -> Path:
 
     ep = drift["epoch"]
     fig, axes = pyplot().subplots(1, 4, figsize=(16, 3.6))
-    panels = [("changed_vs_wm", "units reassigned vs WM"), ("tilde_dist", "||theta~ - theta_a||"),
-              ("r03", "R(0.3) of current pi")]
+    panels = [
+        ("changed_vs_wm", "units reassigned vs WM"),
+        ("tilde_dist", "||theta~ - theta_a||"),
+        ("r03", "R(0.3) of current pi"),
+    ]
     for ax, (k, title) in zip(axes, panels):
         xs = [e for e, v in zip(ep, drift[k]) if v is not None]
         ys = [v for v in drift[k] if v is not None]

@@ -110,6 +110,7 @@ whole head structure, at a cost of ``H^2 * sum_m O(d_m^3)`` for the solves
 (less than one unconstrained ``O((H d)^3)`` solve) plus the members' usual
 cost products.
 """
+
 from __future__ import annotations
 
 import os
@@ -121,8 +122,17 @@ import numpy as np
 import torch
 
 from ..errors import LmcError
-from ..perm.spec import (PermutationSpec, Perms, axis_index, entry_groups, entry_segments, identity_permutation,
-                         is_segmented, validate_perms, warn_low_coverage)
+from ..perm.spec import (
+    Perms,
+    PermutationSpec,
+    axis_index,
+    entry_groups,
+    entry_segments,
+    identity_permutation,
+    is_segmented,
+    validate_perms,
+    warn_low_coverage,
+)
 from .result import MatchResult
 
 #: State-dict suffixes that are statistics, not parameters (left out of the WM objective by default).
@@ -140,8 +150,9 @@ RANK_UPDATE_REFRESH = 16
 
 
 # --------------------------------------------------------------------------- checks
-def objective_keys(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = None,
-                   include_buffers: bool = False) -> list[str]:
+def objective_keys(
+    spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = None, include_buffers: bool = False
+) -> list[str]:
     """Entries that enter the WM objective: permuted, floating-point, and parameters.
 
     Keys whose last name component is in :data:`STAT_SUFFIXES` (BatchNorm
@@ -164,8 +175,13 @@ def parameter_keys(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> 
     return [k for k in spec.axes if state[k].is_floating_point() and k.rsplit(".", 1)[-1] not in STAT_SUFFIXES]
 
 
-def check_pair(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-               where_a: str = "model A", where_b: str = "model B") -> None:
+def check_pair(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    where_a: str = "model A",
+    where_b: str = "model B",
+) -> None:
     """Raise :class:`LmcError` unless both state dicts fit ``spec`` and are finite."""
     spec.check_state(sd_a, where_a)
     spec.check_state(sd_b, where_b)
@@ -187,19 +203,25 @@ def check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
     bad = [k for k, v in floats if not bool(torch.isfinite(v).all())]
     if not bad:
         return
-    raise LmcError(f"{where}: tensor {bad[0]!r} contains NaN or inf" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
-                   "the checkpoint is corrupt or training diverged; retrain or pick another checkpoint")
+    raise LmcError(
+        f"{where}: tensor {bad[0]!r} contains NaN or inf" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+        "the checkpoint is corrupt or training diverged; retrain or pick another checkpoint",
+    )
 
 
-def l2_distance(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                keys: list[str] | None = None) -> float:
+def l2_distance(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    keys: list[str] | None = None,
+) -> float:
     """``||A - B||_2`` over ``keys`` (default: every floating-point parameter entry), in float64."""
     keys = parameter_keys(spec, sd_a) if keys is None else keys
     tot = 0.0
     for k in keys:
         d = sd_a[k].detach().double() - sd_b[k].detach().to(sd_a[k].device).double()
         tot += float((d * d).sum())
-    return tot ** 0.5
+    return tot**0.5
 
 
 # --------------------------------------------------------------------------- problem
@@ -209,7 +231,7 @@ def _norm64(t: torch.Tensor) -> float:
         return 0.0
     m = t.reshape(t.shape[0] if t.dim() else 1, -1)
     rows = max(1, (1 << 19) // max(1, m.shape[1]))
-    return sum(float(torch.sum(m[i:i + rows].double() ** 2)) for i in range(0, m.shape[0], rows)) ** 0.5
+    return sum(float(torch.sum(m[i : i + rows].double() ** 2)) for i in range(0, m.shape[0], rows)) ** 0.5
 
 
 def _segflat(t: torch.Tensor, axis: int, off: int, n: int, inner: int) -> torch.Tensor:
@@ -229,9 +251,19 @@ def _flat(t: torch.Tensor, axis: int) -> torch.Tensor:
 class _Problem:
     """Precomputed, device-resident data of one WM problem (A fixed, B permuted incrementally)."""
 
-    def __init__(self, spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                 keys: list[str], device: torch.device):
-        dtype = torch.float64 if any(sd_a[k].dtype == torch.float64 or sd_b[k].dtype == torch.float64 for k in keys) else torch.float32
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        sd_a: Mapping[str, torch.Tensor],
+        sd_b: Mapping[str, torch.Tensor],
+        keys: list[str],
+        device: torch.device,
+    ):
+        dtype = (
+            torch.float64
+            if any(sd_a[k].dtype == torch.float64 or sd_b[k].dtype == torch.float64 for k in keys)
+            else torch.float32
+        )
         self.spec = spec
         self.device = device
         self.counters = {"cost_terms_updated": 0, "cost_terms_recomputed": 0}  # rank-s updates / full products
@@ -267,7 +299,9 @@ class _Problem:
                 if is_segmented(self.axes[k][a]):
                     for sg, n, inner, off in entry_segments(self.axes[k][a], None, spec.sizes):
                         if sg == g:
-                            segs.append((k, a, off, n, inner, _segflat(self.A[k], a, off, n, inner).contiguous(), is_quad))
+                            segs.append(
+                                (k, a, off, n, inner, _segflat(self.A[k], a, off, n, inner).contiguous(), is_quad)
+                            )
                     if is_quad:
                         if k not in qkeys:
                             qkeys.append(k)
@@ -310,7 +344,7 @@ class _Problem:
     def objective(self, bp: Mapping[str, torch.Tensor], keys: list[str] | None = None) -> float:
         """``sum_k <A_k, bp_k>`` over ``keys`` (default all), products and sum in float64."""
         tot = 0.0
-        for k in (self.keys if keys is None else keys):
+        for k in self.keys if keys is None else keys:
             if self.A[k].numel() == 0:
                 continue
             # float64 products, in blocks of rows (no float64 copy of a whole entry)
@@ -318,7 +352,7 @@ class _Problem:
             b = b.reshape(a.shape)
             rows = max(1, (1 << 19) // max(1, a.shape[1]))
             for i in range(0, a.shape[0], rows):
-                tot += float(torch.sum(a[i:i + rows].double() * b[i:i + rows].double()))
+                tot += float(torch.sum(a[i : i + rows].double() * b[i : i + rows].double()))
         return tot
 
     # ------------------------------------------------------------------ cost
@@ -380,7 +414,9 @@ class _Problem:
         return plans[g]
 
     @staticmethod
-    def _operands(k: str, a: int, am: torch.Tensor, b: torch.Tensor, inv_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _operands(
+        k: str, a: int, am: torch.Tensor, b: torch.Tensor, inv_g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(L, R)`` of one (entry, axis) term ``L @ R^T``: ``L = A^{(a)}``, ``R = pi(B)^{(a)}`` rows in B's order of ``g``."""
         if b.dim() == 2 and a == 1:
             return am.t(), b.index_select(1, inv_g).t()  # (in x out), (in x out)
@@ -408,8 +444,8 @@ class _Problem:
             af, bf = _flat(self.A[k], a), _flat(self.B[k], a)
             bt = bf.t()
             for i in range(0, n, rows):
-                left = af[i:i + rows] if inv_h is None else af[i:i + rows].index_select(1, inv_h)
-                s[i:i + rows] += left @ bt
+                left = af[i : i + rows] if inv_h is None else af[i : i + rows].index_select(1, inv_h)
+                s[i : i + rows] += left @ bt
             self.counters["cost_terms_recomputed"] += 1
         if self.vec_a[g] is not None:  # biases / norm vectors: only g moves them
             _add_product(s, self.vec_a[g], torch.stack([self.B[k] for k in self.vec_keys[g]], 1))
@@ -431,8 +467,9 @@ class _Problem:
             tot += self.objective({k: w}, [k])
         return tot
 
-    def _rank_update(self, s: torch.Tensor, k: str, a: int, moved: torch.Tensor, p_old: torch.Tensor,
-                     p_new: torch.Tensor) -> None:
+    def _rank_update(
+        self, s: torch.Tensor, k: str, a: int, moved: torch.Tensor, p_old: torch.Tensor, p_new: torch.Tensor
+    ) -> None:
         """``s += A^{(a)}[:, S] (B^{(a)}[:, p_new[S]] - B^{(a)}[:, p_old[S]])^T`` for ``S = moved`` (B unpermuted).
 
         The change of the term ``T[i, j] = sum_c A^{(a)}[i, c] B^{(a)}[j, p_h[c]]``
@@ -446,17 +483,23 @@ class _Problem:
         A, B = self.A[k], self.B[k]
         blk = max(64, (1 << 20) // max(1, s.shape[0]))
         for j in range(0, moved.numel(), blk):
-            idx = moved[j:j + blk]
+            idx = moved[j : j + blk]
             a_s = A.index_select(o, idx)
             d = B.index_select(o, p_new[idx]) - B.index_select(o, p_old[idx])
             if a == 0:  # (n, s) @ (s, n)
                 _add_product(s, a_s, d)
-            else:       # A^{(1)} = A^T: (s, n)^T @ (s, n)
+            else:  # A^{(1)} = A^T: (s, n)^T @ (s, n)
                 _add_product(s, a_s.t(), d.t())
 
-    def cost_original(self, g: str, bp: Mapping[str, torch.Tensor], inv_g: torch.Tensor,
-                      stamps: Mapping[str, int], cache: dict,
-                      perms: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def cost_original(
+        self,
+        g: str,
+        bp: Mapping[str, torch.Tensor],
+        inv_g: torch.Tensor,
+        stamps: Mapping[str, int],
+        cache: dict,
+        perms: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(C_lin, C_quad)`` against B's *original* unit order of ``g``.
 
         Every term, re-ordered to B's original units of ``g``, depends only on
@@ -487,8 +530,13 @@ class _Problem:
                 moved = torch.nonzero(p_old != p_new).flatten()
                 if moved.numel():
                     stale.append((k, a, moved, p_old, p_new, h))
-        if ent is None or (stale and (ent[2] >= RANK_UPDATE_REFRESH or any(
-                t[2].numel() > RANK_UPDATE_MAX_FRACTION * t[3].numel() for t in stale))):
+        if ent is None or (
+            stale
+            and (
+                ent[2] >= RANK_UPDATE_REFRESH
+                or any(t[2].numel() > RANK_UPDATE_MAX_FRACTION * t[3].numel() for t in stale)
+            )
+        ):
             ent = cache[(g, "sum")] = self._build_sum(g, perms)
         elif stale:
             for k, a, moved, p_old, p_new, h in stale:
@@ -530,16 +578,20 @@ class _Problem:
             cq = cq[:, inv_g]
         return c, cq
 
-    def reindex(self, g: str, q: torch.Tensor, bp: dict[str, torch.Tensor], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def reindex(
+        self, g: str, q: torch.Tensor, bp: dict[str, torch.Tensor], keys: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """``bp`` with every axis of ``g`` re-indexed by positions ``q`` (returns the changed entries)."""
         changed = {}
-        for k in (keys if keys is not None else {k for k, _ in self.members[g]}):
+        for k in keys if keys is not None else {k for k, _ in self.members[g]}:
             w = bp[k]
             for a, x in enumerate(self.axes[k]):
                 if x == g:
                     w = w.index_select(a, q)
                 elif is_segmented(x) and g in entry_groups(x):
-                    pos = {h: (q if h == g else torch.arange(self.spec.sizes[h], device=q.device)) for h in entry_groups(x)}
+                    pos = {
+                        h: (q if h == g else torch.arange(self.spec.sizes[h], device=q.device)) for h in entry_groups(x)
+                    }
                     w = w.index_select(a, axis_index(x, pos, w.shape[a], q.device))
             changed[k] = w
         return changed
@@ -582,7 +634,7 @@ def _accumulate(c: torch.Tensor, t: torch.Tensor) -> None:
         return
     rows = _rows_per_block(c.shape[1])
     for i in range(0, c.shape[0], rows):
-        c[i:i + rows] += t[i:i + rows]
+        c[i : i + rows] += t[i : i + rows]
 
 
 def _rows_per_block(n: int) -> int:
@@ -595,7 +647,7 @@ def _add_product(c: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> No
     rows = _rows_per_block(c.shape[1])
     rt = right.t()
     for i in range(0, c.shape[0], rows):
-        c[i:i + rows] += left[i:i + rows] @ rt
+        c[i : i + rows] += left[i : i + rows] @ rt
 
 
 def _lap(cost: np.ndarray, inplace: bool = False) -> np.ndarray:
@@ -694,8 +746,9 @@ def _units(prob: _Problem) -> tuple[dict[str, list[str]], dict[str, int]]:
     return units, heads
 
 
-def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: int, tol: float,
-             progress: Any = None) -> tuple[Perms, list[float], int, bool, dict[str, int]]:
+def _descend(
+    prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: int, tol: float, progress: Any = None
+) -> tuple[Perms, list[float], int, bool, dict[str, int]]:
     """One coordinate-descent run from ``init``; returns perms, objective history, sweeps, converged, counters."""
     dev = prob.device
     perms = {g: p.to(dev) for g, p in init.items()}
@@ -772,8 +825,9 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
                     if c_quad is not None:
                         q = inv_g[torch.from_numpy(p_new).to(dev)]
                         new_quad = prob.reindex(g, q, trial, prob.quad_keys[g])
-                        delta += sum(float(torch.sum(prob.a64(k) * (new_quad[k] - trial[k]).double()))
-                                     for k in new_quad)
+                        delta += sum(
+                            float(torch.sum(prob.a64(k) * (new_quad[k] - trial[k]).double())) for k in new_quad
+                        )
                         trial.update(new_quad)
                         updates.update(new_quad)
                 scale = sum(prob.scale.get(pt[0], 0.0) for pt, _ in moves)
@@ -805,10 +859,20 @@ def _descend(prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: in
 
 
 # --------------------------------------------------------------------------- public API
-def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                    seed: int = 0, max_iter: int = 100, init_perms: Mapping[str, Any] | None = None,
-                    restarts: int = 1, device: torch.device | str | None = None, *, tol: float = DEFAULT_TOL,
-                    include_buffers: bool = False, progress: bool = False) -> MatchResult:
+def weight_matching(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    seed: int = 0,
+    max_iter: int = 100,
+    init_perms: Mapping[str, Any] | None = None,
+    restarts: int = 1,
+    device: torch.device | str | None = None,
+    *,
+    tol: float = DEFAULT_TOL,
+    include_buffers: bool = False,
+    progress: bool = False,
+) -> MatchResult:
     """Permutations of B that maximise ``sum_k <A_k, pi(B)_k>_F`` (minimise ``||A - pi(B)||``).
 
     Parameters
@@ -892,19 +956,41 @@ def weight_matching(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_
         if g not in in_heads:  # head members move with their structure's head mapping
             perms[g] = init[g].clone()
     perms = {g: perms[g] for g in spec.sizes}
-    extra = {"seed": int(seed), "restarts": int(restarts), "best_restart": int(best_r),
-             "restart_objectives": [float(v) for v in finals], "max_iter": int(max_iter),
-             "solves": stats["solves"], "skipped_solves": stats["skipped"], "moves": stats["moves"],
-             "device": str(dev), "objective_entries": len(keys), "setup_seconds": setup,
-             "sweep_seconds": stats["sweep_seconds"], **prob.counters}
+    extra = {
+        "seed": int(seed),
+        "restarts": int(restarts),
+        "best_restart": int(best_r),
+        "restart_objectives": [float(v) for v in finals],
+        "max_iter": int(max_iter),
+        "solves": stats["solves"],
+        "skipped_solves": stats["skipped"],
+        "moves": stats["moves"],
+        "device": str(dev),
+        "objective_entries": len(keys),
+        "setup_seconds": setup,
+        "sweep_seconds": stats["sweep_seconds"],
+        **prob.counters,
+    }
     if prob.unmatched:
         extra["unmatched_groups"] = list(prob.unmatched)
-    return MatchResult(perms=perms, objective=[float(v) for v in history], sweeps=sweeps,
-                       seconds=time.perf_counter() - t0, method="weight", converged=converged, extra=extra)
+    return MatchResult(
+        perms=perms,
+        objective=[float(v) for v in history],
+        sweeps=sweeps,
+        seconds=time.perf_counter() - t0,
+        method="weight",
+        converged=converged,
+        extra=extra,
+    )
 
 
-def matching_floor_seconds(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor],
-                           device: torch.device | str | None = None, repeats: int = 3) -> float:
+def matching_floor_seconds(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    device: torch.device | str | None = None,
+    repeats: int = 3,
+) -> float:
     """Lower bound for one WM sweep: every group's cost products plus its LAP, nothing else.
 
     Used by the benchmark to judge the per-sweep overhead of :func:`weight_matching`

@@ -4,6 +4,7 @@ Every model takes image batches ``(N, C, H, W)`` and knows its permutation
 spec (``model.permutation_spec()``) and the modules whose outputs are each
 group's activations (``model.hidden_modules()``, for activation matching).
 """
+
 from . import lstm, mlp, resnet, vgg, vit  # noqa: F401  (registration)
 from .registry import create_model, list_models, model_entry, model_from_config, register_model
 

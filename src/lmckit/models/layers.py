@@ -1,4 +1,5 @@
 """Small building blocks shared by the zoo models."""
+
 from __future__ import annotations
 
 import torch.nn as nn

@@ -10,6 +10,7 @@ units identically inside each of the four gate blocks (i, f, g, o) of
 ``weight_hh``, the next layer's ``weight_ih`` columns, and for the last layer
 the norm and the head's columns.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ from .registry import register_model
 
 
 class LSTMClassifier(nn.Module):
-    def __init__(self, in_features: int = 28, hidden: int = 128, layers: int = 1, num_classes: int = 10,
-                 norm: str = "none"):
+    def __init__(
+        self, in_features: int = 28, hidden: int = 128, layers: int = 1, num_classes: int = 10, norm: str = "none"
+    ):
         super().__init__()
         check_norm(norm)
         self.hidden, self.layers = hidden, layers
@@ -52,10 +54,18 @@ class LSTMClassifier(nn.Module):
         return b.build()
 
 
-@register_model("lstm", "LSTM on image rows (28 steps of 28 pixels), hidden 128, 1 layer (options width, depth, "
-                        "width_mult, norm)")
-def lstm(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width_mult: float = 1.0, width: int = 128,
-         depth: int = 1, norm: str = "none") -> LSTMClassifier:
+@register_model(
+    "lstm", "LSTM on image rows (28 steps of 28 pixels), hidden 128, 1 layer (options width, depth, width_mult, norm)"
+)
+def lstm(
+    in_channels: int = 1,
+    image_size: int = 28,
+    num_classes: int = 10,
+    width_mult: float = 1.0,
+    width: int = 128,
+    depth: int = 1,
+    norm: str = "none",
+) -> LSTMClassifier:
     hidden = max(1, int(round(width * width_mult)))
     return LSTMClassifier(in_channels * image_size, hidden, max(1, depth), num_classes, norm)
 

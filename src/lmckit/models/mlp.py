@@ -1,4 +1,5 @@
 """Multi-layer perceptron: ``fc0 .. fc{depth}`` with optional norms ``norm0 ..``."""
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,15 @@ class MLP(nn.Module):
     Takes image batches ``(N, C, H, W)`` and flattens them itself.
     """
 
-    def __init__(self, in_features: int = 784, num_classes: int = 10, depth: int = 3, width: int = 512,
-                 activation: str = "relu", norm: str = "none"):
+    def __init__(
+        self,
+        in_features: int = 784,
+        num_classes: int = 10,
+        depth: int = 3,
+        width: int = 512,
+        activation: str = "relu",
+        norm: str = "none",
+    ):
         super().__init__()
         check_norm(norm)
         if activation not in ACTIVATIONS:
@@ -52,13 +60,23 @@ class MLP(nn.Module):
 
 
 def _mlp(depth, width, **kw):
-    def make(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width_mult: float = 1.0,
-             activation: str = "relu", norm: str = "none", depth: int = depth, width: int = width):
+    def make(
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        activation: str = "relu",
+        norm: str = "none",
+        depth: int = depth,
+        width: int = width,
+    ):
         w = max(1, int(round(width * width_mult)))
         return MLP(in_channels * image_size * image_size, num_classes, depth, w, activation, norm)
 
     return make
 
 
-register_model("mlp", "MLP 784-512-512-512-10 (depth 3, width 512; options depth, width, width_mult, norm)")(_mlp(3, 512))
+register_model("mlp", "MLP 784-512-512-512-10 (depth 3, width 512; options depth, width, width_mult, norm)")(
+    _mlp(3, 512)
+)
 register_model("mlp_tiny", "MLP with 2 hidden layers of 16 units, for tests", tiny=True)(_mlp(2, 16))

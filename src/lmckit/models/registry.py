@@ -1,4 +1,5 @@
 """Model registry: ``@register_model`` factories, ``create_model``, ``list_models``."""
+
 from __future__ import annotations
 
 import difflib
@@ -40,8 +41,10 @@ def list_models(pattern: str = "*", include_tiny: bool = True) -> list[str]:
 def model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        raise LmcError(f"unknown model {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                       "run `lmckit models` to list them")
+        raise LmcError(
+            f"unknown model {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            "run `lmckit models` to list them",
+        )
     return _REGISTRY[name]
 
 
@@ -60,7 +63,9 @@ def check_size_options(name: str, kwargs: dict[str, Any]) -> None:
     if "width_mult" in kwargs:
         v = kwargs["width_mult"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise LmcError(f"model {name!r}: width_mult must be a positive number, got {v!r}", "fix the width_mult setting")
+            raise LmcError(
+                f"model {name!r}: width_mult must be a positive number, got {v!r}", "fix the width_mult setting"
+            )
     for key, lo in _SIZE_MINIMA.items():
         if key in kwargs:
             v = kwargs[key]

@@ -5,6 +5,7 @@ Permutation groups: one residual stream per stage (``S0``, ``S1``, ``S2``:
 the stem, every block output and every shortcut of that stage share it) and
 one inner group per block (``B{s}.{b}``: conv1's output channels).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10, width_mult: float = 1.0,
-                 norm: str = "batchnorm", blocks_per_stage: int | None = None):
+    def __init__(
+        self,
+        depth: int = 20,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        norm: str = "batchnorm",
+        blocks_per_stage: int | None = None,
+    ):
         super().__init__()
         check_norm(norm)
         n = blocks_per_stage if blocks_per_stage is not None else (depth - 2) // 6
@@ -97,8 +105,13 @@ class ResNet(nn.Module):
 
 
 def _resnet(depth: int, n: int | None = None):
-    def make(in_channels: int = 3, image_size: int = 32, num_classes: int = 10, width_mult: float = 1.0,
-             norm: str = "batchnorm"):
+    def make(
+        in_channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        norm: str = "batchnorm",
+    ):
         return ResNet(depth, in_channels, num_classes, width_mult, norm, n)
 
     return make
@@ -107,5 +120,7 @@ def _resnet(depth: int, n: int | None = None):
 for _d in (20, 32, 44):
     register_model(f"resnet{_d}", f"ResNet-{_d} (CIFAR-style, norm on shortcuts; width_mult, norm)")(_resnet(_d))
 register_model("resnet_tiny", "ResNet with 1 block per stage and width 1/4, for tests", tiny=True)(
-    lambda in_channels=3, image_size=32, num_classes=10, width_mult=0.25, norm="batchnorm":
-    ResNet(8, in_channels, num_classes, width_mult, norm, 1))
+    lambda in_channels=3, image_size=32, num_classes=10, width_mult=0.25, norm="batchnorm": ResNet(
+        8, in_channels, num_classes, width_mult, norm, 1
+    )
+)

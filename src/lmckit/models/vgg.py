@@ -4,6 +4,7 @@ Pools use ``ceil_mode=True`` so 28- and 32-pixel inputs both end at 1x1 after
 five pools (28 -> 14 -> 7 -> 4 -> 2 -> 1); a global average pool (a no-op at
 1x1, needed for the shallower tiny variant) feeds the linear head.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,15 @@ CFGS = {
 
 
 class VGG(nn.Module):
-    def __init__(self, cfg: list, in_channels: int = 3, num_classes: int = 10, width_mult: float = 1.0,
-                 norm: str = "batchnorm", image_size: int = 32):
+    def __init__(
+        self,
+        cfg: list,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        norm: str = "batchnorm",
+        image_size: int = 32,
+    ):
         super().__init__()
         del image_size  # any input size works (global pool before the head)
         check_norm(norm)
@@ -70,8 +78,13 @@ class VGG(nn.Module):
 
 
 def _vgg(name: str):
-    def make(in_channels: int = 3, image_size: int = 32, num_classes: int = 10, width_mult: float = 1.0,
-             norm: str = "batchnorm"):
+    def make(
+        in_channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        norm: str = "batchnorm",
+    ):
         return VGG(CFGS[name], in_channels, num_classes, width_mult, norm, image_size)
 
     return make

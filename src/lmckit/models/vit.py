@@ -13,6 +13,7 @@ conv output channels, class token, positional table, every norm, ``out_proj`` an
 and ``out_proj`` columns) with one head permutation shared by both
 (``spec.heads["blocks.i.attn"]``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ class _TokenNorm(nn.Module):
         super().__init__()
         self.kind = norm
         self.tokens = tokens
-        self.norm = nn.LayerNorm(dim) if norm == "layernorm" else nn.BatchNorm1d(dim) if norm == "batchnorm" else nn.Identity()
+        self.norm = (
+            nn.LayerNorm(dim) if norm == "layernorm" else nn.BatchNorm1d(dim) if norm == "batchnorm" else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "batchnorm" and self.tokens:
@@ -58,13 +61,25 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """Pre-LN vision transformer; see the module docstring."""
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, patch_size: int = 7,
-                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0, norm: str = "layernorm"):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        patch_size: int = 7,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        norm: str = "layernorm",
+    ):
         super().__init__()
         check_norm(norm)
         if image_size % patch_size:
-            raise LmcError(f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}",
-                           "choose a patch_size that divides the image size")
+            raise LmcError(
+                f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}",
+                "choose a patch_size that divides the image size",
+            )
         if dim % heads:
             raise LmcError(f"vit: width {dim} is not a multiple of heads {heads}", "change width, width_mult or heads")
         self.dim, self.depth, self.heads, self.norm_kind = dim, depth, heads, norm
@@ -113,11 +128,23 @@ class ViT(nn.Module):
         return b.build()
 
 
-@register_model("vit", "ViT: 7x7 patches (16 tokens + class token), pre-LN, width 64, depth 4, 4 heads, MLP ratio 2 "
-                       "(options width, depth, heads, mlp_ratio, patch_size, width_mult, norm)")
-def vit(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width_mult: float = 1.0, width: int = 64,
-        depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0, patch_size: int | None = None,
-        norm: str = "layernorm") -> ViT:
+@register_model(
+    "vit",
+    "ViT: 7x7 patches (16 tokens + class token), pre-LN, width 64, depth 4, 4 heads, MLP ratio 2 "
+    "(options width, depth, heads, mlp_ratio, patch_size, width_mult, norm)",
+)
+def vit(
+    in_channels: int = 1,
+    image_size: int = 28,
+    num_classes: int = 10,
+    width_mult: float = 1.0,
+    width: int = 64,
+    depth: int = 4,
+    heads: int = 4,
+    mlp_ratio: float = 2.0,
+    patch_size: int | None = None,
+    norm: str = "layernorm",
+) -> ViT:
     patch = patch_size if patch_size is not None else max(1, image_size // 4)
     dim = max(heads, int(round(width * width_mult / heads)) * heads)
     return ViT(in_channels, image_size, num_classes, patch, dim, depth, heads, mlp_ratio, norm)

@@ -1,15 +1,14 @@
 """Permutation specs (which axes each hidden-unit permutation moves) and their algebra."""
+
 from .spec import (
     COVERAGE_WARN_THRESHOLD,
     CoverageWarning,
-    PermutationSpec,
-    head_block_perm,
-    split_head_perm,
-    warn_low_coverage,
     Perms,
+    PermutationSpec,
     SpecBuilder,
     apply_permutation,
     compose_permutations,
+    head_block_perm,
     identity_permutation,
     invert_permutation,
     load_perms,
@@ -17,14 +16,31 @@ from .spec import (
     perms_to_json,
     random_permutation,
     save_perms,
+    split_head_perm,
     validate_perms,
+    warn_low_coverage,
 )
 
 __all__ = [
-    "PermutationSpec", "Perms", "SpecBuilder", "apply_permutation", "compose_permutations",
-    "identity_permutation", "invert_permutation", "load_perms", "perm_changed_units", "perms_to_json",
-    "random_permutation", "save_perms", "validate_perms", "spec_for", "CoverageWarning", "COVERAGE_WARN_THRESHOLD",
-    "head_block_perm", "split_head_perm", "warn_low_coverage",
+    "PermutationSpec",
+    "Perms",
+    "SpecBuilder",
+    "apply_permutation",
+    "compose_permutations",
+    "identity_permutation",
+    "invert_permutation",
+    "load_perms",
+    "perm_changed_units",
+    "perms_to_json",
+    "random_permutation",
+    "save_perms",
+    "validate_perms",
+    "spec_for",
+    "CoverageWarning",
+    "COVERAGE_WARN_THRESHOLD",
+    "head_block_perm",
+    "split_head_perm",
+    "warn_low_coverage",
 ]
 
 
@@ -39,8 +55,14 @@ def spec_for(model, example_input=None) -> PermutationSpec:
 
 # fx tracing and the invariance check, imported on first use (torch.fx is only needed for them)
 _LAZY = {
-    "trace_spec": "trace", "trace_streams": "trace", "activation_sites": "trace", "example_input_for": "trace",
-    "SpecWarning": "trace", "TraceResult": "trace", "check_spec": "check", "CheckReport": "check",
+    "trace_spec": "trace",
+    "trace_streams": "trace",
+    "activation_sites": "trace",
+    "example_input_for": "trace",
+    "SpecWarning": "trace",
+    "TraceResult": "trace",
+    "check_spec": "check",
+    "CheckReport": "check",
 }
 __all__ += list(_LAZY)
 

@@ -17,6 +17,7 @@ unit). The check runs in float64 by default so that summation-order noise
 (~1e-16 relative) is far below ``tol`` and any real spec error (O(1)) is far
 above it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,24 +84,35 @@ class CheckReport:
         ]
         lines += [f"warning: {w}" for w in self.warnings]
         if c.get("heads"):
-            lines.append("attention heads: " + ", ".join(f"{n} ({v['heads']} heads: {', '.join(v['groups'])})"
-                                                          for n, v in c["heads"].items()))
+            lines.append(
+                "attention heads: "
+                + ", ".join(f"{n} ({v['heads']} heads: {', '.join(v['groups'])})" for n, v in c["heads"].items())
+            )
         if self.vacuous:
-            lines.append("NO UNITS PERMUTED: the spec leaves every unit in place, so this check proves nothing"
-                         + (" (pinned: " + "; ".join(self.warnings) + ")" if self.warnings else
-                            " (no permutable hidden stream was found)"))
+            lines.append(
+                "NO UNITS PERMUTED: the spec leaves every unit in place, so this check proves nothing"
+                + (
+                    " (pinned: " + "; ".join(self.warnings) + ")"
+                    if self.warnings
+                    else " (no permutable hidden stream was found)"
+                )
+            )
         elif self.ok:
             lines.append(f"function preserved (tol {self.tol:g})")
         else:
-            lines.append(f"FUNCTION CHANGED (tol {self.tol:g})"
-                         + (f": groups responsible: {', '.join(self.culprits)}" if self.culprits else ""))
+            lines.append(
+                f"FUNCTION CHANGED (tol {self.tol:g})"
+                + (f": groups responsible: {', '.join(self.culprits)}" if self.culprits else "")
+            )
         return "\n".join(lines)
 
     def raise_if_failed(self) -> "CheckReport":
         if self.vacuous:
-            raise LmcError("the permutation spec permutes no units, so the model cannot be aligned"
-                           + (": " + "; ".join(self.warnings) if self.warnings else ""),
-                           "give the model a permutation_spec() method, or change the ops named above")
+            raise LmcError(
+                "the permutation spec permutes no units, so the model cannot be aligned"
+                + (": " + "; ".join(self.warnings) if self.warnings else ""),
+                "give the model a permutation_spec() method, or change the ops named above",
+            )
         if not self.ok:
             raise LmcError(
                 f"the permutation spec does not preserve the model's function: relative output diff "
@@ -108,7 +120,8 @@ class CheckReport:
                 f"running statistics {self.stats_diff:.3g}, tolerance {self.tol:g}"
                 + (f"; groups responsible: {', '.join(self.culprits)}" if self.culprits else ""),
                 "the spec is wrong for this architecture: fix its permutation_spec() rule, or use "
-                "lmckit.perm.trace_spec and report the model if tracing is wrong")
+                "lmckit.perm.trace_spec and report the model if tracing is wrong",
+            )
         return self
 
 
@@ -144,8 +157,9 @@ def _forward(model: nn.Module, x: torch.Tensor, train: bool) -> Any:
         return model(x)
 
 
-def _compare(model: nn.Module, spec: PermutationSpec, perms: dict[str, torch.Tensor], x: torch.Tensor,
-             dtype: torch.dtype | None) -> tuple[float, float, float, str | None]:
+def _compare(
+    model: nn.Module, spec: PermutationSpec, perms: dict[str, torch.Tensor], x: torch.Tensor, dtype: torch.dtype | None
+) -> tuple[float, float, float, str | None]:
     a = copy.deepcopy(model)
     if dtype is not None:
         a = a.to(dtype)
@@ -168,9 +182,16 @@ def _compare(model: nn.Module, spec: PermutationSpec, perms: dict[str, torch.Ten
     return train_diff, eval_diff, stats_diff, stats_key
 
 
-def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec: PermutationSpec | None = None,
-               seed: int = 0, tol: float = 1e-5, dtype: torch.dtype | None = torch.float64,
-               raise_on_fail: bool = False, traced: bool = False) -> CheckReport:
+def check_spec(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    spec: PermutationSpec | None = None,
+    seed: int = 0,
+    tol: float = 1e-5,
+    dtype: torch.dtype | None = torch.float64,
+    raise_on_fail: bool = False,
+    traced: bool = False,
+) -> CheckReport:
     """Check that a random permutation of ``model`` by ``spec`` leaves its function unchanged.
 
     Parameters
@@ -242,10 +263,22 @@ def check_spec(model: nn.Module, example_input: torch.Tensor | None = None, spec
             d = _compare(model, spec, only, x, dtype)
             if max(d[0], d[1], d[2]) > tol:
                 culprits.append(g)
-    report = CheckReport(ok=ok, tol=tol, seed=seed, train_diff=train_diff, eval_diff=eval_diff,
-                         stats_diff=stats_diff, stats_key=stats_key, coverage=spec.coverage(),
-                         groups=dict(spec.sizes), moved_units=moved, spec_source=source, warnings=caught,
-                         culprits=culprits, vacuous=vacuous)
+    report = CheckReport(
+        ok=ok,
+        tol=tol,
+        seed=seed,
+        train_diff=train_diff,
+        eval_diff=eval_diff,
+        stats_diff=stats_diff,
+        stats_key=stats_key,
+        coverage=spec.coverage(),
+        groups=dict(spec.sizes),
+        moved_units=moved,
+        spec_source=source,
+        warnings=caught,
+        culprits=culprits,
+        vacuous=vacuous,
+    )
     if raise_on_fail:
         report.raise_if_failed()
     return report

@@ -37,6 +37,7 @@ is invariant exactly under this group (heads are interchangeable as wholes;
 inside a head Q and K share one feature permutation, V and the output
 projection's input another).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -71,7 +72,9 @@ def entry_groups(entry: AxisEntry) -> list[str]:
     return out
 
 
-def entry_segments(entry: AxisEntry, length: int | None, sizes: Mapping[str, int]) -> list[tuple[str | None, int, int, int]]:
+def entry_segments(
+    entry: AxisEntry, length: int | None, sizes: Mapping[str, int]
+) -> list[tuple[str | None, int, int, int]]:
     """``(group, n, inner, offset)`` per segment of an axis entry (a plain group is one segment)."""
     if entry is None:
         return [(None, int(length or 0), 1, 0)]
@@ -92,7 +95,9 @@ def entry_length(entry: AxisEntry, sizes: Mapping[str, int]) -> int | None:
     return int(sum(int(n) * int(inner) for _, n, inner in entry))
 
 
-def axis_index(entry: AxisEntry, perms: Mapping[str, torch.Tensor], length: int, device: Any = None) -> torch.Tensor | None:
+def axis_index(
+    entry: AxisEntry, perms: Mapping[str, torch.Tensor], length: int, device: Any = None
+) -> torch.Tensor | None:
     """Index vector moving one axis (``None`` when the axis is not moved)."""
     if entry is None:
         return None
@@ -205,11 +210,15 @@ class PermutationSpec:
                 if g is None:
                     continue
                 if is_segmented(g):
-                    for sg, n, inner in g:
+                    for sg, n, _inner in g:
                         if sg is not None and int(n) != self.sizes[sg]:
-                            raise ValueError(f"{key} axis {i}: segment of group {sg!r} has {n} units, the group has {self.sizes[sg]}")
+                            raise ValueError(
+                                f"{key} axis {i}: segment of group {sg!r} has {n} units, the group has {self.sizes[sg]}"
+                            )
                     if entry_length(g, self.sizes) != shape[i]:
-                        raise ValueError(f"{key} axis {i} has {shape[i]} entries, its segments cover {entry_length(g, self.sizes)}")
+                        raise ValueError(
+                            f"{key} axis {i} has {shape[i]} entries, its segments cover {entry_length(g, self.sizes)}"
+                        )
                 elif shape[i] != self.sizes[g]:
                     raise ValueError(f"{key} axis {i} has {shape[i]} units, group {g!r} has {self.sizes[g]}")
         for name, (h, members) in self.heads.items():
@@ -217,7 +226,9 @@ class PermutationSpec:
                 if g not in self.sizes:
                     raise ValueError(f"head structure {name!r} names unknown group {g!r}")
                 if int(h) < 1 or self.sizes[g] % int(h):
-                    raise ValueError(f"head structure {name!r}: group {g!r} of {self.sizes[g]} units is not {h} equal heads")
+                    raise ValueError(
+                        f"head structure {name!r}: group {g!r} of {self.sizes[g]} units is not {h} equal heads"
+                    )
 
     def check_state(self, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
         """Raise :class:`LmcError` when a state dict does not fit this spec."""
@@ -229,17 +240,24 @@ class PermutationSpec:
                 parts.append(f"missing {len(missing)} entries (e.g. {', '.join(missing[:3])})")
             if extra:
                 parts.append(f"has {len(extra)} unexpected entries (e.g. {', '.join(extra[:3])})")
-            raise LmcError(f"{where} does not match the model architecture: it " + " and ".join(parts),
-                           "both models must be the same architecture and width")
+            raise LmcError(
+                f"{where} does not match the model architecture: it " + " and ".join(parts),
+                "both models must be the same architecture and width",
+            )
         for k, shape in self.shapes.items():
             if tuple(state[k].shape) != tuple(shape):
-                raise LmcError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the architecture expects {tuple(shape)}",
-                               "the models differ in width or architecture")
+                raise LmcError(
+                    f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, the architecture expects {tuple(shape)}",
+                    "the models differ in width or architecture",
+                )
 
     def to_dict(self) -> dict[str, Any]:
         enc = lambda e: [list(s) for s in e] if is_segmented(e) else e  # noqa: E731
-        out = {"axes": {k: [enc(e) for e in v] for k, v in self.axes.items()}, "sizes": dict(self.sizes),
-               "shapes": {k: list(v) for k, v in self.shapes.items()}}
+        out = {
+            "axes": {k: [enc(e) for e in v] for k, v in self.axes.items()},
+            "sizes": dict(self.sizes),
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+        }
         if self.heads:
             out["heads"] = {n: [int(h), list(m)] for n, (h, m) in self.heads.items()}
         return out
@@ -247,9 +265,12 @@ class PermutationSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PermutationSpec":
         dec = lambda e: tuple((s[0], int(s[1]), int(s[2])) for s in e) if isinstance(e, list) else e  # noqa: E731
-        return cls(axes={k: tuple(dec(e) for e in v) for k, v in d["axes"].items()}, sizes=dict(d["sizes"]),
-                   shapes={k: tuple(v) for k, v in d.get("shapes", {}).items()},
-                   heads={n: (int(v[0]), tuple(v[1])) for n, v in d.get("heads", {}).items()})
+        return cls(
+            axes={k: tuple(dec(e) for e in v) for k, v in d["axes"].items()},
+            sizes=dict(d["sizes"]),
+            shapes={k: tuple(v) for k, v in d.get("shapes", {}).items()},
+            heads={n: (int(v[0]), tuple(v[1])) for n, v in d.get("heads", {}).items()},
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -313,8 +334,12 @@ class SpecBuilder:
         self.move(f"{prefix}.weight", 1, group)
 
     def build(self) -> PermutationSpec:
-        spec = PermutationSpec(axes={k: tuple(v) for k, v in self.axes.items()}, sizes=dict(self.sizes),
-                               shapes={k: tuple(v.shape) for k, v in self.state.items()}, heads=dict(self.heads))
+        spec = PermutationSpec(
+            axes={k: tuple(v) for k, v in self.axes.items()},
+            sizes=dict(self.sizes),
+            shapes={k: tuple(v.shape) for k, v in self.state.items()},
+            heads=dict(self.heads),
+        )
         spec.validate()
         return spec
 
@@ -361,7 +386,9 @@ def split_head_perm(p: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.
     return head, blocks - head[:, None] * d
 
 
-def apply_permutation(spec: PermutationSpec, perms: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_permutation(
+    spec: PermutationSpec, perms: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Return a new state dict with every axis permuted by its group.
 
     The caller's tensors are never modified. Entries with no permuted axis are
@@ -404,7 +431,12 @@ def perm_changed_units(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tens
 
 # --------------------------------------------------------------------------- JSON I/O
 def perms_to_json(perms: Mapping[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
-    return {"format": "lmckit.permutation", "version": 1, "perms": {g: [int(i) for i in p.tolist()] for g, p in perms.items()}, **extra}
+    return {
+        "format": "lmckit.permutation",
+        "version": 1,
+        "perms": {g: [int(i) for i in p.tolist()] for g, p in perms.items()},
+        **extra,
+    }
 
 
 def validate_perms(spec: PermutationSpec, perms: Mapping[str, Any], where: str = "permutation") -> Perms:
@@ -423,8 +455,12 @@ def validate_perms(spec: PermutationSpec, perms: Mapping[str, Any], where: str =
             msg.append(f"unknown groups {unknown[:4]}")
         if missing:
             msg.append(f"missing groups {missing[:4]}")
-        raise LmcError(f"{where} does not fit the model: " + ", ".join(msg) + f" (the model has groups {list(spec.sizes)[:6]}{'...' if len(spec.sizes) > 6 else ''})",
-                       "use a permutation file computed for these models (lmckit match)")
+        raise LmcError(
+            f"{where} does not fit the model: "
+            + ", ".join(msg)
+            + f" (the model has groups {list(spec.sizes)[:6]}{'...' if len(spec.sizes) > 6 else ''})",
+            "use a permutation file computed for these models (lmckit match)",
+        )
     out: Perms = {}
     for g, n in spec.sizes.items():
         p = perms[g]
@@ -437,7 +473,10 @@ def validate_perms(spec: PermutationSpec, perms: Mapping[str, Any], where: str =
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in lst):
             raise LmcError(f"{where}: group {g!r} contains non-integer entries")
         if len(lst) != n:
-            raise LmcError(f"{where}: group {g!r} has {len(lst)} entries, the model has {n} units", "use a permutation computed for models of this width")
+            raise LmcError(
+                f"{where}: group {g!r} has {len(lst)} entries, the model has {n} units",
+                "use a permutation computed for models of this width",
+            )
         if lst and (min(lst) < 0 or max(lst) >= n):
             raise LmcError(f"{where}: group {g!r} has indices outside 0..{n - 1}")
         if len(set(lst)) != n:
@@ -448,13 +487,17 @@ def validate_perms(spec: PermutationSpec, perms: Mapping[str, Any], where: str =
         for g in members:
             sp = split_head_perm(out[g], int(h))
             if sp is None:
-                raise LmcError(f"{where}: group {g!r} does not map whole attention heads to heads ({h} heads of "
-                               f"{spec.sizes[g] // int(h)} units; head structure {name!r})",
-                               "use a permutation computed for these models by lmckit (head-aware matching)")
+                raise LmcError(
+                    f"{where}: group {g!r} does not map whole attention heads to heads ({h} heads of "
+                    f"{spec.sizes[g] // int(h)} units; head structure {name!r})",
+                    "use a permutation computed for these models by lmckit (head-aware matching)",
+                )
             heads.append(sp[0])
         if any(not torch.equal(heads[0], x) for x in heads[1:]):
-            raise LmcError(f"{where}: groups {list(members)} permute the heads of {name!r} differently",
-                           "Q/K and V/O must share one head permutation")
+            raise LmcError(
+                f"{where}: groups {list(members)} permute the heads of {name!r} differently",
+                "Q/K and V/O must share one head permutation",
+            )
     return out
 
 
@@ -504,7 +547,11 @@ def warn_low_coverage(spec: PermutationSpec, where: str, threshold: float = COVE
 
     frac = float(spec.coverage()["hidden_coverage"])
     if frac < threshold:
-        warnings.warn(f"{where}: the permutation spec moves only {frac:.0%} of the model's unit axes (threshold "
-                      f"{threshold:.0%}); units it pins cannot be aligned, so barriers will stay high. "
-                      f"Run `lmckit check-spec` to see what is pinned and why.", CoverageWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: the permutation spec moves only {frac:.0%} of the model's unit axes (threshold "
+            f"{threshold:.0%}); units it pins cannot be aligned, so barriers will stay high. "
+            f"Run `lmckit check-spec` to see what is pinned and why.",
+            CoverageWarning,
+            stacklevel=3,
+        )
     return frac

@@ -75,6 +75,7 @@ Every class of the union-find that holds a producer and is not pinned becomes
 one permutation group, named after its first producer module in graph order
 (``"fc1"``, ``"layer1.0.conv1"``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -102,48 +103,234 @@ class SpecWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------- op tables
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-                nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-                nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU)
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                 nn.FeatureAlphaDropout)
+_ACT_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Threshold,
+    nn.RReLU,
+)
+_PASS_MODULES = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Softmin)
-_CHANNELWISE_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                        nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
-                        nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d,
-                        nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
-                        nn.ReplicationPad1d, nn.ReplicationPad2d)
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d,
-               nn.InstanceNorm2d, nn.InstanceNorm3d)
+_CHANNELWISE_MODULES = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+)
+_BN_MODULES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 _RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 
 _ELEMENTWISE_FUNCS = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.elu, F.selu, F.celu, F.leaky_relu,
-    F.hardtanh, F.softplus, F.mish, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign, F.tanhshrink,
-    F.hardshrink, F.softshrink, F.threshold, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, torch.exp, torch.log,
-    torch.abs, torch.sqrt, torch.rsqrt, torch.neg, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp,
-    torch.clip, torch.pow, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
-    torch.sign, torch.reciprocal, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    F.feature_alpha_dropout, operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-    operator.pos, operator.abs, operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    torch.relu,
+    torch.relu_,
+    F.relu,
+    F.relu_,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.leaky_relu,
+    F.hardtanh,
+    F.softplus,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.logsigmoid,
+    F.softsign,
+    F.tanhshrink,
+    F.hardshrink,
+    F.softshrink,
+    F.threshold,
+    torch.sigmoid,
+    torch.tanh,
+    F.sigmoid,
+    F.tanh,
+    torch.exp,
+    torch.log,
+    torch.abs,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.neg,
+    torch.square,
+    torch.sin,
+    torch.cos,
+    torch.erf,
+    torch.clamp,
+    torch.clip,
+    torch.pow,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
+    torch.sign,
+    torch.reciprocal,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.neg,
+    operator.pos,
+    operator.abs,
+    operator.pow,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
 }
 _ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs", "neg", "sqrt", "rsqrt",
-    "square", "clamp", "clamp_", "clip", "clip_", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
-    "pow", "maximum", "minimum", "sin", "cos", "erf", "where", "sign", "reciprocal", "masked_fill",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "exp_",
+    "log",
+    "abs",
+    "neg",
+    "sqrt",
+    "rsqrt",
+    "square",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clip_",
+    "add",
+    "add_",
+    "sub",
+    "sub_",
+    "mul",
+    "mul_",
+    "div",
+    "div_",
+    "pow",
+    "maximum",
+    "minimum",
+    "sin",
+    "cos",
+    "erf",
+    "where",
+    "sign",
+    "reciprocal",
+    "masked_fill",
 }
-_SELF_METHODS = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach",
-                 "requires_grad_", "cpu", "cuda"}
+_SELF_METHODS = {
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type",
+    "type_as",
+    "contiguous",
+    "clone",
+    "detach",
+    "requires_grad_",
+    "cpu",
+    "cuda",
+}
 _SOFTMAX_FUNCS = {F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, F.normalize}
 _SOFTMAX_METHODS = {"softmax", "log_softmax"}
-_CHANNELWISE_FUNCS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-                      F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate,
-                      F.upsample, F.upsample_nearest, F.upsample_bilinear}
+_CHANNELWISE_FUNCS = {
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.lp_pool1d,
+    F.lp_pool2d,
+    F.interpolate,
+    F.upsample,
+    F.upsample_nearest,
+    F.upsample_bilinear,
+}
 _RESHAPE_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
-_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as",
-                    "squeeze_", "unsqueeze_"}
+_RESHAPE_METHODS = {
+    "flatten",
+    "view",
+    "reshape",
+    "squeeze",
+    "unsqueeze",
+    "unflatten",
+    "view_as",
+    "reshape_as",
+    "squeeze_",
+    "unsqueeze_",
+}
 _ALIGN_METHODS = {"expand", "expand_as", "repeat"}
 _REDUCE_NAMES = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod", "nansum", "nanmean", "norm"}
 _REDUCE_FUNCS = {getattr(torch, n) for n in _REDUCE_NAMES}
@@ -413,8 +600,11 @@ class _Tracer:
             for e in streams[1:]:
                 self.uf.union(streams[0], e)
             if invariant_varies and out_shape[d] > 1:
-                self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} combines it with a tensor that does "
-                                     f"not move with these units (axis {d})")
+                self.pin(
+                    streams[0],
+                    f"{_op_name(node)} at node {node.name!r} combines it with a tensor that does "
+                    f"not move with these units (axis {d})",
+                )
             out[d] = streams[0]
         return out
 
@@ -457,7 +647,11 @@ class _Tracer:
         done: set[int] = set()
         for d, e in inf.items():  # head axis followed by its within-head axis merged back into one unit axis
             w = inf.get(d + 1)
-            if w is not None and self.w_partner.get(w) is not None and self.uf.find(self.w_partner[w]) == self.uf.find(e):
+            if (
+                w is not None
+                and self.w_partner.get(w) is not None
+                and self.uf.find(self.w_partner[w]) == self.uf.find(e)
+            ):
                 pre, n = _prod(in_shape[:d]), in_shape[d] * in_shape[d + 1]
                 j = next((j for j in range(len(out_shape)) if out_shape[j] == n and _prod(out_shape[:j]) == pre), None)
                 if j is not None:
@@ -473,15 +667,26 @@ class _Tracer:
             j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
             if j is None and self.w_partner.get(e) is None:
                 # a unit axis split into (projections, heads, head dim): fused q/k/v, one head split per projection
-                j4 = next((j for j in range(len(out_shape) - 2) if _prod(out_shape[:j]) == pre
-                           and out_shape[j] * out_shape[j + 1] * out_shape[j + 2] == c and out_shape[j] > 1
-                           and out_shape[j + 1] > 1 and out_shape[j + 2] > 1), None)
+                j4 = next(
+                    (
+                        j
+                        for j in range(len(out_shape) - 2)
+                        if _prod(out_shape[:j]) == pre
+                        and out_shape[j] * out_shape[j + 1] * out_shape[j + 2] == c
+                        and out_shape[j] > 1
+                        and out_shape[j + 1] > 1
+                        and out_shape[j + 2] > 1
+                    ),
+                    None,
+                )
                 if j4 is not None:
                     S, H, dh = out_shape[j4], out_shape[j4 + 1], out_shape[j4 + 2]
                     pairs = []
                     for i in range(S):
                         piece = self.fresh(H * dh)
-                        self.slices.append((e, i * H * dh, (i + 1) * H * dh, piece, f"{_op_name(node)} at node {node.name!r}"))
+                        self.slices.append(
+                            (e, i * H * dh, (i + 1) * H * dh, piece, f"{_op_name(node)} at node {node.name!r}")
+                        )
                         eh, ew = self.uf.make(), self.uf.make()
                         self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
                         self.w_partner[ew] = eh
@@ -493,8 +698,17 @@ class _Tracer:
                     out[j4], out[j4 + 1], out[j4 + 2] = st, ph, pw
                     continue
                 # a unit axis split into (heads, head dim): a head-structured stream
-                j3 = next((j for j in range(len(out_shape) - 1) if _prod(out_shape[:j]) == pre
-                           and out_shape[j] * out_shape[j + 1] == c and out_shape[j] > 1 and out_shape[j + 1] > 1), None)
+                j3 = next(
+                    (
+                        j
+                        for j in range(len(out_shape) - 1)
+                        if _prod(out_shape[:j]) == pre
+                        and out_shape[j] * out_shape[j + 1] == c
+                        and out_shape[j] > 1
+                        and out_shape[j + 1] > 1
+                    ),
+                    None,
+                )
                 if j3 is not None:
                     H, dh = out_shape[j3], out_shape[j3 + 1]
                     eh, ew = self.uf.make(), self.uf.make()
@@ -505,15 +719,29 @@ class _Tracer:
                     continue
             if j is None:
                 # the unit axis merged with the axes after it (flatten of C x H x W): blocks of H*W
-                j2 = next((j for j in range(len(out_shape)) if _prod(out_shape[:j]) == pre and out_shape[j] % c == 0
-                           and any(_prod(in_shape[d:k]) == out_shape[j] for k in range(d + 2, len(in_shape) + 1))), None)
-                if j2 is not None and not any(dd in self.tinfo(src) for dd in range(d + 1, len(in_shape))
-                                              if _prod(in_shape[d:dd + 1]) <= out_shape[j2]):
+                j2 = next(
+                    (
+                        j
+                        for j in range(len(out_shape))
+                        if _prod(out_shape[:j]) == pre
+                        and out_shape[j] % c == 0
+                        and any(_prod(in_shape[d:k]) == out_shape[j] for k in range(d + 2, len(in_shape) + 1))
+                    ),
+                    None,
+                )
+                if j2 is not None and not any(
+                    dd in self.tinfo(src)
+                    for dd in range(d + 1, len(in_shape))
+                    if _prod(in_shape[d : dd + 1]) <= out_shape[j2]
+                ):
                     out[j2] = self.refined([(e, c, out_shape[j2] // c)], f"{_op_name(node)} at node {node.name!r}")
                     continue
-                self.pin(e, f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
-                            f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
-                            f"larger than 1x1 into a Linear)")
+                self.pin(
+                    e,
+                    f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
+                    f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
+                    f"larger than 1x1 into a Linear)",
+                )
             else:
                 out[j] = e
         return out
@@ -572,8 +800,11 @@ class _Tracer:
             for e in streams[1:]:
                 self.uf.union(streams[0], e)
             if len(streams) < len(tensors) and out_shape[d] > 1:
-                self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} concatenates them with a tensor that "
-                                     f"does not move with these units")
+                self.pin(
+                    streams[0],
+                    f"{_op_name(node)} at node {node.name!r} concatenates them with a tensor that "
+                    f"does not move with these units",
+                )
             out[d] = streams[0]
         return out
 
@@ -591,8 +822,11 @@ class _Tracer:
             for e in streams[1:]:
                 self.uf.union(streams[0], e)
             if len(streams) < len(tensors) and out_shape[d] > 1:
-                self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} stacks them with a tensor that does not "
-                                     f"move with these units")
+                self.pin(
+                    streams[0],
+                    f"{_op_name(node)} at node {node.name!r} stacks them with a tensor that does not "
+                    f"move with these units",
+                )
             out[d] = streams[0]
         return out
 
@@ -607,12 +841,14 @@ class _Tracer:
         if in_shape is None or not isinstance(inf, dict):
             return self.invariant_like(node) if inf is None and not _flat_nodes(idx) else self.opaque(node)
         items = list(idx) if isinstance(idx, tuple) else [idx]
-        if any(isinstance(i, fx.Node) or not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items):
+        if any(
+            isinstance(i, fx.Node) or not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in items
+        ):
             return self.opaque(node, f"{_op_name(node)} at node {node.name!r} indexes the tensor with another tensor")
         if Ellipsis in items:
             k = items.index(Ellipsis)
             used = sum(1 for i in items if i is not None and i is not Ellipsis)
-            items = items[:k] + [slice(None)] * (len(in_shape) - used) + items[k + 1:]
+            items = items[:k] + [slice(None)] * (len(in_shape) - used) + items[k + 1 :]
         out: dict[int, int] = {}
         d_in = d_out = 0
         for it in items:
@@ -627,15 +863,18 @@ class _Tracer:
                     self.pin(e, f"indexing at node {node.name!r} selects single units of axis {d_in}")
                 d_in += 1
                 continue
-            full = it == slice(None) or (it.start in (None, 0) and it.step in (None, 1)
-                                         and (it.stop is None or it.stop >= in_shape[d_in]))
+            full = it == slice(None) or (
+                it.start in (None, 0) and it.step in (None, 1) and (it.stop is None or it.stop >= in_shape[d_in])
+            )
             if e is not None:
                 if full:
                     out[d_out] = e
                 else:
                     sl = self._slice_piece(node, e, it, in_shape[d_in])
                     if sl is None:
-                        self.pin(e, f"slicing at node {node.name!r} selects a strided subset of the units of axis {d_in}")
+                        self.pin(
+                            e, f"slicing at node {node.name!r} selects a strided subset of the units of axis {d_in}"
+                        )
                     else:
                         out[d_out] = sl
             d_in += 1
@@ -687,7 +926,11 @@ class _Tracer:
             return self.opaque(node)
         tm = node.meta.get("tensor_meta")
         dim_raw = self._dim_arg(node, 2, 0)
-        if isinstance(tm, (tuple, list)) and all(isinstance(t, TensorMetadata) for t in tm) and isinstance(dim_raw, int):
+        if (
+            isinstance(tm, (tuple, list))
+            and all(isinstance(t, TensorMetadata) for t in tm)
+            and isinstance(dim_raw, int)
+        ):
             return self.split(node, src, [int(t.shape[dim_raw % len(s)]) for t in tm], int(dim_raw))
         if name == "chunk":
             chunks = int(self._dim_arg(node, 1, None, "chunks"))
@@ -742,8 +985,11 @@ class _Tracer:
         if cx is not None and cy is not None:
             self.uf.union(cx, cy)
         elif cx is not None or cy is not None:
-            self.pin(cx if cx is not None else cy, f"{_op_name(node)} at node {node.name!r} contracts these units "
-                                                    f"with a tensor that does not move with them")
+            self.pin(
+                cx if cx is not None else cy,
+                f"{_op_name(node)} at node {node.name!r} contracts these units "
+                f"with a tensor that does not move with them",
+            )
         out: dict[int, int] = {}
         for d in range(n - 2):  # batch axes, broadcast from the right
             streams, varies = [], False
@@ -759,8 +1005,11 @@ class _Tracer:
                 for e in streams[1:]:
                     self.uf.union(streams[0], e)
                 if varies and so[d] > 1:
-                    self.pin(streams[0], f"{_op_name(node)} at node {node.name!r} batches these units with a tensor "
-                                         f"that does not move with them")
+                    self.pin(
+                        streams[0],
+                        f"{_op_name(node)} at node {node.name!r} batches these units with a tensor "
+                        f"that does not move with them",
+                    )
                 out[d] = streams[0]
         if nx - 2 in ix:
             out[n - 2] = ix[nx - 2]
@@ -786,8 +1035,10 @@ class _Tracer:
         if eq is not None and ek is not None:
             self.uf.union(eq, ek)
         elif eq is not None or ek is not None:
-            self.pin(eq if eq is not None else ek, f"F.scaled_dot_product_attention at node {node.name!r}: "
-                                                    f"query and key features do not move together")
+            self.pin(
+                eq if eq is not None else ek,
+                f"F.scaled_dot_product_attention at node {node.name!r}: query and key features do not move together",
+            )
         for inf, s in ((ik, sk), (iv, sv)):  # the key/value token axis is summed over
             e = inf.get(len(s) - 2)
             if e is not None:
@@ -799,8 +1050,11 @@ class _Tracer:
                 for e in streams[1:]:
                     self.uf.union(streams[0], e)
                 if len(streams) < 3 and sq[d] > 1:
-                    self.pin(streams[0], f"F.scaled_dot_product_attention at node {node.name!r}: query, key and "
-                                         f"value heads do not move together")
+                    self.pin(
+                        streams[0],
+                        f"F.scaled_dot_product_attention at node {node.name!r}: query, key and "
+                        f"value heads do not move together",
+                    )
                 out[d] = streams[0]
         if n - 2 in iq:
             out[n - 2] = iq[n - 2]
@@ -814,7 +1068,7 @@ class _Tracer:
         if not isinstance(inf, dict) or isinstance(inf, _DictInfo):
             return
         heads = {self.uf.find(e) for e in inf.values()}
-        for d, e in inf.items():
+        for _d, e in inf.items():
             h = self.w_partner.get(e)
             if h is not None and self.uf.find(h) not in heads:
                 self.pin(e, f"{_op_name(node)} at node {node.name!r} separates a head's features from their head")
@@ -861,7 +1115,9 @@ class _Tracer:
         self.join_key(rows, f"{name}.in_proj_bias", 0)
         self.join_key(vo, f"{name}.out_proj.weight", 1)
         self.heads.append((name, H, [qk, vo]))
-        keys = [(f"{name}.out_proj.weight", 0)] + ([(f"{name}.out_proj.bias", 0)] if m.out_proj.bias is not None else [])
+        keys = [(f"{name}.out_proj.weight", 0)] + (
+            [(f"{name}.out_proj.bias", 0)] if m.out_proj.bias is not None else []
+        )
         out = self.producer(name, keys)
         tm = node.meta.get("tensor_meta")
         n_out = len(tm) if isinstance(tm, (tuple, list)) else 2
@@ -905,16 +1161,23 @@ class _Tracer:
             for e in layer_streams:
                 self.pin(e, f"{type(m).__name__} {name!r} is given an initial state that does not move with its units")
         out = {last: layer_streams[-1]}
-        uses_state = any((u.args[1] != 0 and len(u.users) > 0) if (u.op == "call_function" and u.target is operator.getitem)
-                         else True for u in node.users)
+        uses_state = any(
+            (u.args[1] != 0 and len(u.users) > 0)
+            if (u.op == "call_function" and u.target is operator.getitem)
+            else True
+            for u in node.users
+        )
         if m.num_layers == 1:
             state_inf = {2: layer_streams[0]}
         else:
             state_inf = {}
             if uses_state:
                 for e in layer_streams:
-                    self.pin(e, f"{type(m).__name__} {name!r}: its final state mixes the layers' units on one axis "
-                                f"(use the output sequence)")
+                    self.pin(
+                        e,
+                        f"{type(m).__name__} {name!r}: its final state mixes the layers' units on one axis "
+                        f"(use the output sequence)",
+                    )
         hidden = (dict(state_inf), dict(state_inf)) if m.mode == "LSTM" else dict(state_inf)
         return (out, hidden)
 
@@ -934,8 +1197,9 @@ class _Tracer:
         out[last] = p
         return out
 
-    def conv_like(self, node: fx.Node, name: str, src: Any, w: str, b: str | None, groups: int,
-                  transposed: bool = False) -> dict[int, int]:
+    def conv_like(
+        self, node: fx.Node, name: str, src: Any, w: str, b: str | None, groups: int, transposed: bool = False
+    ) -> dict[int, int]:
         inf = self.tinfo(src)
         for d, e in inf.items():
             if d != 1:
@@ -950,8 +1214,10 @@ class _Tracer:
             if in_e is not None:
                 self.join_key(in_e, w, 0 if transposed else 1)
             else:
-                self.pin(self.key(w, 0 if transposed else 1),
-                         f"{name!r} reads an unpermuted input with weights tied to these units")
+                self.pin(
+                    self.key(w, 0 if transposed else 1),
+                    f"{name!r} reads an unpermuted input with weights tied to these units",
+                )
             keys = [(w, 1 if transposed else 0)] + ([(b, 0)] if b else [])
             return {1: self.producer(name, keys)}
         if not transposed and groups == cin == cout:  # depthwise: channel c only reads channel c
@@ -1010,9 +1276,12 @@ class _Tracer:
                 return self.per_channel(node, name, src)
             inf = self.tinfo(src)
             if 1 in inf:
-                self.pin(inf[1], f"GroupNorm {name!r} normalises groups of {m.num_channels // m.num_groups} channels "
-                                 f"together (num_groups={m.num_groups}; only 1 or num_channels={m.num_channels} "
-                                 f"commute with channel permutations)")
+                self.pin(
+                    inf[1],
+                    f"GroupNorm {name!r} normalises groups of {m.num_channels // m.num_groups} channels "
+                    f"together (num_groups={m.num_groups}; only 1 or num_channels={m.num_channels} "
+                    f"commute with channel permutations)",
+                )
             return dict(inf)
         if isinstance(m, nn.LayerNorm):
             self.site_nodes.append((node, "norm"))
@@ -1069,8 +1338,9 @@ class _Tracer:
             b_arg = a[2] if len(a) > 2 else node.kwargs.get("bias")
             b = self._keyed(b_arg)
             if w is None or (b_arg is not None and b is None):
-                return self.opaque(node, f"{_op_name(node)} at node {node.name!r} uses weights that are not module "
-                                         f"parameters")
+                return self.opaque(
+                    node, f"{_op_name(node)} at node {node.name!r} uses weights that are not module parameters"
+                )
             name = w.rsplit(".", 1)[0] if "." in w else w
             if t is F.linear:
                 return self.linear_like(node, name, src, w, b)
@@ -1192,8 +1462,10 @@ class _Tracer:
                 return self.broadcast(node, [a[0], a[1]])
             if len(a) == 1 and not node.kwargs:
                 return {}  # max of all elements: invariant
-            return self.opaque(node, f"{_op_name(node)} at node {node.name!r} with a dim returns indices, which "
-                                     f"depend on the unit order")
+            return self.opaque(
+                node,
+                f"{_op_name(node)} at node {node.name!r} with a dim returns indices, which depend on the unit order",
+            )
         if name == "norm":
             dim, keepdim = self._dim_arg(node, 2), self._dim_arg(node, 3, False, "keepdim")
         else:
@@ -1343,8 +1615,11 @@ class _Tracer:
             if any(count.get(uf.find(x), 0) != 1 or uf.find(x) == uf.find(_PINNED) for x in (st, ph, pw)):
                 src = self.stack_src[st]
                 if uf.find(src) != uf.find(_PINNED):
-                    self.pin(src, "its (projections, heads, head dim) view is used other than by unbind/indexing "
-                                  "(which would keep Q, K and V apart)")
+                    self.pin(
+                        src,
+                        "its (projections, heads, head dim) view is used other than by unbind/indexing "
+                        "(which would keep Q, K and V apart)",
+                    )
                 for h, w in pairs:
                     for x in (h, w):
                         if uf.find(x) != uf.find(_PINNED):
@@ -1359,7 +1634,7 @@ class _Tracer:
         uf = self.uf
         pinned = uf.find(_PINNED)
         by_hw: dict[tuple[int, int], list[int]] = {}
-        for f, H, d, h, w in self.joints:
+        for f, _H, _d, h, w in self.joints:
             by_hw.setdefault((uf.find(h), uf.find(w)), []).append(f)
         for fs in by_hw.values():
             for f in fs[1:]:
@@ -1395,7 +1670,9 @@ class _Tracer:
                     if uf.find(f) != pinned:
                         self.pin(f, f"attention heads: {bad}")
 
-    def _expand(self, r: int, refined: dict[int, list], stack: tuple[int, ...] = ()) -> list[tuple[int | None, int, int]] | None:
+    def _expand(
+        self, r: int, refined: dict[int, list], stack: tuple[int, ...] = ()
+    ) -> list[tuple[int | None, int, int]] | None:
         """Segments (root or None, n, inner) of refined class ``r``, flattened; ``None`` on a cycle."""
         pinned = self.uf.find(_PINNED)
         out: list[tuple[int | None, int, int]] = []
@@ -1462,8 +1739,10 @@ class _Tracer:
             total = sum(n * inner for _, n, inner in segs) if segs is not None else -1
             sizes_k = {int(self.state[k].shape[ax]) for k, ax in members[r]}
             if segs is None or sizes_k != {total}:
-                msgs.append(f"entries {', '.join(f'{k}[{ax}]' for k, ax in members[r][:3])} left unpermuted: "
-                            f"inconsistent block structure")
+                msgs.append(
+                    f"entries {', '.join(f'{k}[{ax}]' for k, ax in members[r][:3])} left unpermuted: "
+                    f"inconsistent block structure"
+                )
                 continue
             seg_of[r] = segs
             owner = (producers.get(r) or [members[r][0][0].rsplit(".", 1)[0]])[0]
@@ -1487,8 +1766,10 @@ class _Tracer:
                 continue
             size_set = {int(self.state[k].shape[ax]) for k, ax in members[r]}
             if len(size_set) != 1:
-                msg = (f"units of {self.producer_name[p]!r} left unpermuted: the tracer joined axes of different "
-                       f"sizes {sorted(size_set)} ({', '.join(f'{k}[{ax}]' for k, ax in members[r][:4])})")
+                msg = (
+                    f"units of {self.producer_name[p]!r} left unpermuted: the tracer joined axes of different "
+                    f"sizes {sorted(size_set)} ({', '.join(f'{k}[{ax}]' for k, ax in members[r][:4])})"
+                )
                 if self.strict:
                     raise LmcError("cannot build a permutation spec: " + msg)
                 msgs.append(msg)
@@ -1524,7 +1805,7 @@ class _Tracer:
                 axes[k][ax] = entry[0][0] if (len(entry) == 1 and entry[0][2] == 1) else entry
         heads: dict[str, tuple[int, tuple[str, ...]]] = {}
         fam: dict[int, tuple[int, list[str]]] = {}
-        for f, H, d, h, w in self.joints:
+        for f, H, _d, h, _w in self.joints:
             g = root_group.get(uf.find(f))
             if g is None or uf.find(h) == pinned_root:
                 continue
@@ -1541,15 +1822,20 @@ class _Tracer:
         for g in [g for g in sizes if g not in used]:  # a stream whose every axis ended in fixed blocks
             del sizes[g]
         heads = {n: hv for n, hv in heads.items() if all(g in sizes for g in hv[1])}
-        spec = PermutationSpec(axes={k: tuple(v) for k, v in axes.items()}, sizes=sizes,
-                               shapes={k: tuple(v.shape) for k, v in self.state.items()}, heads=heads)
+        spec = PermutationSpec(
+            axes={k: tuple(v) for k, v in axes.items()},
+            sizes=sizes,
+            shapes={k: tuple(v.shape) for k, v in self.state.items()},
+            heads=heads,
+        )
         spec.validate()
         if self.strict and msgs:
-            raise LmcError("cannot build a complete permutation spec: " + "; ".join(msgs),
-                           "write a permutation_spec() method for this model, or trace with strict=False to "
-                           "leave those units unpermuted")
-        res = TraceResult(spec=spec, warnings=msgs,
-                          producers={root_group[r]: producers.get(r, []) for r in root_group})
+            raise LmcError(
+                "cannot build a complete permutation spec: " + "; ".join(msgs),
+                "write a permutation_spec() method for this model, or trace with strict=False to "
+                "leave those units unpermuted",
+            )
+        res = TraceResult(spec=spec, warnings=msgs, producers={root_group[r]: producers.get(r, []) for r in root_group})
         res.sites = self._sites(root_group)
         res.opaque = list(dict.fromkeys(self.opaque_ops))
         return res
@@ -1621,8 +1907,10 @@ def example_input_for(model: nn.Module, batch: int = 8, seed: int = 0) -> torch.
             return ex
     cfg = getattr(model, "lmckit_config", None)
     if not isinstance(cfg, dict) or "name" not in cfg:
-        raise LmcError(f"no example input given for {type(model).__name__}, and it is not an lmckit zoo model",
-                       "pass example_input (a batch the model accepts, e.g. torch.randn(8, 3, 32, 32))")
+        raise LmcError(
+            f"no example input given for {type(model).__name__}, and it is not an lmckit zoo model",
+            "pass example_input (a batch the model accepts, e.g. torch.randn(8, 3, 32, 32))",
+        )
     from ..models import model_entry
 
     params = inspect.signature(model_entry(cfg["name"]).factory).parameters
@@ -1647,18 +1935,21 @@ def trace_streams(model: nn.Module, example_input: torch.Tensor | None = None, s
     except LmcError:
         raise
     except Exception as e:  # noqa: BLE001  (fx raises many types)
-        raise LmcError(f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}",
-                       "remove data-dependent Python control flow from forward(), or give the model a "
-                       "permutation_spec() method") from None
+        raise LmcError(
+            f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}",
+            "remove data-dependent Python control flow from forward(), or give the model a permutation_spec() method",
+        ) from None
     modes = {m: m.training for m in model.modules()}
     try:
         gm.eval()
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     except Exception as e:  # noqa: BLE001
-        raise LmcError(f"the example input of shape {tuple(example_input.shape)} does not run through "
-                       f"{type(model).__name__}: {type(e).__name__}: {e}",
-                       "pass an example input the model accepts") from None
+        raise LmcError(
+            f"the example input of shape {tuple(example_input.shape)} does not run through "
+            f"{type(model).__name__}: {type(e).__name__}: {e}",
+            "pass an example input the model accepts",
+        ) from None
     finally:
         for m, t in modes.items():
             m.training = t

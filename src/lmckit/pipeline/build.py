@@ -16,6 +16,7 @@ For every model entry of the recipe (and every width of the width sweep):
 
 Methods whose library is not in this build are left out, with a note.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -74,8 +75,10 @@ def check_data(recipe: Recipe, data_dir: str | None = None) -> None:
     try:
         find_dataset(recipe.data.dataset, data_dir)
     except LmcError as e:
-        raise LmcError(f"recipe {recipe.name!r} needs the {recipe.data.dataset} dataset, which is not available: {e.message}",
-                       e.hint or "pass --data-dir") from None
+        raise LmcError(
+            f"recipe {recipe.name!r} needs the {recipe.data.dataset} dataset, which is not available: {e.message}",
+            e.hint or "pass --data-dir",
+        ) from None
 
 
 def _train_overrides(recipe: Recipe, m: ModelEntry, width_mult: float, seed: int) -> dict[str, Any]:
@@ -86,12 +89,15 @@ def _train_overrides(recipe: Recipe, m: ModelEntry, width_mult: float, seed: int
     # the recipe validates these (recipe._check_overrides); re-checked here for recipes built by hand
     for k, where in RESERVED_OVERRIDES.items():
         if k in over:
-            raise LmcError(f"recipe: training overrides may not set {k!r}: it is set by {where}",
-                           f"remove {k} from the overrides")
+            raise LmcError(
+                f"recipe: training overrides may not set {k!r}: it is set by {where}", f"remove {k} from the overrides"
+            )
     extra_kw = over.pop("model_kwargs", {}) or {}
     if not isinstance(extra_kw, dict):
-        raise LmcError(f"recipe: overrides model_kwargs must be a table, got {extra_kw!r}",
-                       "e.g. model_kwargs = {depth = 3}, or use models.N.options")
+        raise LmcError(
+            f"recipe: overrides model_kwargs must be a table, got {extra_kw!r}",
+            "e.g. model_kwargs = {depth = 3}, or use models.N.options",
+        )
     kw.update(extra_kw)
     kw["width_mult"] = float(width_mult)
     kw["norm"] = m.norm
@@ -116,15 +122,28 @@ def _match_options(recipe: Recipe, method: str) -> tuple:
         return (("samples", m.am_samples),)
     if method == "ste":
         s = m.ste
-        opts = (("batch_size", s.batch_size), ("epochs", s.epochs), ("lr", s.lr), ("max_iter", s.max_iter),
-                ("train_limit", s.train_limit))
+        opts = (
+            ("batch_size", s.batch_size),
+            ("epochs", s.epochs),
+            ("lr", s.lr),
+            ("max_iter", s.max_iter),
+            ("train_limit", s.train_limit),
+        )
         # the default protocol stays out of the options, so the STE stages' hashes of earlier runs still hold
         return opts + ((("protocol", s.protocol),) if s.protocol != "heldout-best" else ())
     return ()
 
 
-def _experiment(recipe: Recipe, m: ModelEntry, width_mult: float, methods: list[str], seeds: tuple[int, ...],
-                pairs: list[tuple[int, int]], full: bool, label: str) -> Experiment:
+def _experiment(
+    recipe: Recipe,
+    m: ModelEntry,
+    width_mult: float,
+    methods: list[str],
+    seeds: tuple[int, ...],
+    pairs: list[tuple[int, int]],
+    full: bool,
+    label: str,
+) -> Experiment:
     preset = m.preset or recipe.train.preset
     trains = {s: train_stage(preset, _train_overrides(recipe, m, width_mult, s)) for s in seeds}
     exp = Experiment(label, width_mult, trains, pairs, methods)
@@ -145,14 +164,23 @@ def _experiment(recipe: Recipe, m: ModelEntry, width_mult: float, methods: list[
                 if an.enabled and method != "naive":
                     first_wm = full and search == 0 and method == "weight" and pair == pairs[0]
                     exp.analyses[key] = AnalysisStage(
-                        ta, tb, match, an.gammas, arrays=first_wm and an.spectra,
-                        taylor=full and search == 0 and an.taylor, taylor_samples=an.taylor_samples,
-                        projections=first_wm and an.projections, projection_batches=max(1, an.projection_samples // 500),
-                        rank=first_wm and an.rank, rank_fractions=an.rank_fractions if first_wm and an.rank else (),
-                        eval_limit=an.eval_limit)
+                        ta,
+                        tb,
+                        match,
+                        an.gammas,
+                        arrays=first_wm and an.spectra,
+                        taylor=full and search == 0 and an.taylor,
+                        taylor_samples=an.taylor_samples,
+                        projections=first_wm and an.projections,
+                        projection_batches=max(1, an.projection_samples // 500),
+                        rank=first_wm and an.rank,
+                        rank_fractions=an.rank_fractions if first_wm and an.rank else (),
+                        eval_limit=an.eval_limit,
+                    )
         if an.enabled and an.taylor and full and "naive" in methods:
-            exp.analyses[(pair, "naive", 0)] = AnalysisStage(ta, tb, None, an.gammas, taylor=True,
-                                                             taylor_samples=an.taylor_samples, eval_limit=an.eval_limit)
+            exp.analyses[(pair, "naive", 0)] = AnalysisStage(
+                ta, tb, None, an.gammas, taylor=True, taylor_samples=an.taylor_samples, eval_limit=an.eval_limit
+            )
     return exp
 
 
@@ -166,13 +194,17 @@ def build_plan(recipe: Recipe) -> Plan:
         else:
             notes.append(f"method {meth!r} skipped: its library (lmckit.match) is not in this build")
     pairs = recipe.pairs()
-    exps = [_experiment(recipe, m, m.width_mult, methods, recipe.train.seeds, pairs, True, m.display())
-            for m in recipe.models]
+    exps = [
+        _experiment(recipe, m, m.width_mult, methods, recipe.train.seeds, pairs, True, m.display())
+        for m in recipe.models
+    ]
     plan = Plan(recipe, exps, notes=notes)
     t = recipe.three_models
     if t.enabled:
         if not method_available("anchor"):
-            notes.append("three-model experiment skipped: lmckit.match.multi (anchor matching, MergeMany) is not in this build")
+            notes.append(
+                "three-model experiment skipped: lmckit.match.multi (anchor matching, MergeMany) is not in this build"
+            )
         else:
             trains = [exps[0].trains[s] for s in recipe.train.seeds[: t.models]]
             three_methods = [m for m in t.methods if method_available(m)] + (["merge_many"] if t.merge_many else [])
@@ -182,9 +214,18 @@ def build_plan(recipe: Recipe) -> Plan:
                 matches: tuple = ()
                 if meth != "merge_many":  # pairwise matchings to the anchor: shared, cached match stages
                     matches = (None,) + tuple(MatchStage(trains[0], tr, meth, 0, opts) for tr in trains[1:])
-                plan.three[meth] = ThreeModelStage(tuple(trains), meth, matches, 0, opts if meth == "merge_many" else (),
-                                                   b.lambdas, ("test",), t.grid if t.landscape else 0, b.limit,
-                                                   b.bn_batches)
+                plan.three[meth] = ThreeModelStage(
+                    tuple(trains),
+                    meth,
+                    matches,
+                    0,
+                    opts if meth == "merge_many" else (),
+                    b.lambdas,
+                    ("test",),
+                    t.grid if t.landscape else 0,
+                    b.limit,
+                    b.bn_batches,
+                )
     w = recipe.width_sweep
     if w.enabled:
         m0 = recipe.models[0]
@@ -193,8 +234,18 @@ def build_plan(recipe: Recipe) -> Plan:
         wmethods = [m for m in w.methods if method_available(m)]
         wrecipe = recipe
         for width in w.widths:
-            plan.width.append(_experiment(wrecipe, m0, width * m0.width_mult, wmethods, seeds, wpairs, False,
-                                          f"{m0.name} x{width * m0.width_mult:g}"))
+            plan.width.append(
+                _experiment(
+                    wrecipe,
+                    m0,
+                    width * m0.width_mult,
+                    wmethods,
+                    seeds,
+                    wpairs,
+                    False,
+                    f"{m0.name} x{width * m0.width_mult:g}",
+                )
+            )
     from .studies import build_studies
 
     plan.studies = build_studies(recipe, plan)

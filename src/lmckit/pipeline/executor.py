@@ -15,6 +15,7 @@ through :meth:`Executor.running_count` (progress shows done/running/queued).
 Stages talk only through their folders under the output root, so any
 executor whose workers see that folder can run them.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -31,8 +32,16 @@ from ..progress import Progress
 from ..store import is_complete
 from .stages import Runtime, Stage, StageOutcome, dependencies, run_stage, stage_label, stage_path
 
-__all__ = ["plan", "PlanEntry", "dry_run", "RunSummary", "Executor", "InProcessExecutor", "ProcessPoolExecutor",
-           "make_executor"]
+__all__ = [
+    "plan",
+    "PlanEntry",
+    "dry_run",
+    "RunSummary",
+    "Executor",
+    "InProcessExecutor",
+    "ProcessPoolExecutor",
+    "make_executor",
+]
 
 
 def plan(targets: Iterable[Stage]) -> list[Stage]:
@@ -116,8 +125,13 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def run(self, targets: Sequence[Stage], root: str | os.PathLike, runtime: Runtime | None = None,
-            on_done: Callable[[StageOutcome], None] | None = None) -> RunSummary:
+    def run(
+        self,
+        targets: Sequence[Stage],
+        root: str | os.PathLike,
+        runtime: Runtime | None = None,
+        on_done: Callable[[StageOutcome], None] | None = None,
+    ) -> RunSummary:
         """Run everything ``targets`` need; complete stages are skipped without starting a worker.
 
         The first failure stops new submissions; stages already running
@@ -147,8 +161,11 @@ class Executor:
             def state() -> dict[str, int]:
                 started = self.running_count()
                 started = len(running) if started is None else min(started, len(running))
-                return {"done": len(todo) - len(pending) - len(running), "running": started,
-                        "queued": len(pending) + len(running) - started}
+                return {
+                    "done": len(todo) - len(pending) - len(running),
+                    "running": started,
+                    "queued": len(pending) + len(running) - started,
+                }
 
             while (pending and failure is None) or running:
                 if failure is None:
@@ -173,8 +190,13 @@ class Executor:
                     try:
                         out = fut.result()
                     except Exception as e:  # the worker itself died
-                        out = StageOutcome(s.KIND, stage_path(root, s).name, stage_label(s), "failed",
-                                           error=f"worker crashed: {type(e).__name__}: {e}")
+                        out = StageOutcome(
+                            s.KIND,
+                            stage_path(root, s).name,
+                            stage_label(s),
+                            "failed",
+                            error=f"worker crashed: {type(e).__name__}: {e}",
+                        )
                     summary.outcomes.append(out)
                     if on_done is not None:
                         on_done(out)
@@ -278,8 +300,12 @@ class ProcessPoolExecutor(Executor):
     def _ensure(self, runtime: Runtime) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             self._threads = runtime.threads or max(1, (os.cpu_count() or 1) // self.jobs)
-            self._pool = cf.ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_init, initargs=(self._threads, os.getpid()))
+            self._pool = cf.ProcessPoolExecutor(
+                self.jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self._threads, os.getpid()),
+            )
         return self._pool
 
     def _submit(self, spec: Stage, root: Path, runtime: Runtime) -> "cf.Future[StageOutcome]":
@@ -311,8 +337,9 @@ class ProcessPoolExecutor(Executor):
 EXECUTORS = ("local", "ray")
 
 
-def make_executor(jobs: int | None = 1, executor: str = "local", address: str | None = None,
-                  resources=None) -> Executor:
+def make_executor(
+    jobs: int | None = 1, executor: str = "local", address: str | None = None, resources=None
+) -> Executor:
     """The executor of a run.
 
     ``executor="local"``: ``jobs`` 1 (or None) runs in process, more in a

@@ -35,6 +35,7 @@ shuts it down afterwards. It listens on 127.0.0.1 only (the node address is
 forced to the loopback interface), has no dashboard, and sends workers' output
 to the stage logs rather than to the console.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -51,8 +52,17 @@ from ..errors import LmcError
 from .executor import Executor
 from .stages import Runtime, Stage, StageOutcome, run_stage, stage_hash, stage_label, stage_path
 
-__all__ = ["RayExecutor", "StageResources", "ray_available", "require_ray", "check_shared_root", "parse_resources",
-           "RAY_INSTALL_HINT", "MARKER_DIR", "check_token_answers"]
+__all__ = [
+    "RayExecutor",
+    "StageResources",
+    "ray_available",
+    "require_ray",
+    "check_shared_root",
+    "parse_resources",
+    "RAY_INSTALL_HINT",
+    "MARKER_DIR",
+    "check_token_answers",
+]
 
 RAY_INSTALL_HINT = "install the optional extra: pip install 'lmckit[ray]' (or pip install ray)"
 #: Folder under the output root holding the per-run start markers and filesystem tokens.
@@ -60,8 +70,14 @@ MARKER_DIR = ".ray"
 #: Stage kinds that may ask for resources; ``ste`` is a match (or three-model) stage whose method is STE.
 KINDS = ("model", "match", "ste", "barrier", "analysis", "three")
 # Environment passed to every worker (a remote cluster does not inherit the driver's environment).
-_FORWARD_ENV = ("LMCKIT_DATA", "LMCKIT_DATA_MIRROR", "LMCKIT_NO_PROGRESS", "LMCKIT_TF32", "LMCKIT_CHANNELS_LAST",
-                "PYTHONHASHSEED")
+_FORWARD_ENV = (
+    "LMCKIT_DATA",
+    "LMCKIT_DATA_MIRROR",
+    "LMCKIT_NO_PROGRESS",
+    "LMCKIT_TF32",
+    "LMCKIT_CHANNELS_LAST",
+    "PYTHONHASHSEED",
+)
 
 
 # Off, Ray falls back to the loopback address for its node and binds its servers there (read by
@@ -151,8 +167,10 @@ def parse_resources(items: list[str] | tuple[str, ...] = (), default_cpus: float
         kind, eq, rest = item.partition("=")
         kind = kind.strip()
         if not eq or kind not in KINDS:
-            raise LmcError(f"bad --ray-resources {item!r}: expected KIND=cpu:N[,gpu:G] with KIND one of {', '.join(KINDS)}",
-                           "e.g. --ray-resources model=cpu:2,gpu:1")
+            raise LmcError(
+                f"bad --ray-resources {item!r}: expected KIND=cpu:N[,gpu:G] with KIND one of {', '.join(KINDS)}",
+                "e.g. --ray-resources model=cpu:2,gpu:1",
+            )
         for part in rest.split(","):
             name, colon, amount = part.strip().partition(":")
             try:
@@ -160,8 +178,10 @@ def parse_resources(items: list[str] | tuple[str, ...] = (), default_cpus: float
             except ValueError:
                 value = -1.0
             if not colon or name not in ("cpu", "gpu") or not value >= 0 or value != value:
-                raise LmcError(f"bad --ray-resources {item!r}: {part!r} is not cpu:N or gpu:G with N, G >= 0",
-                               "e.g. --ray-resources model=cpu:2,gpu:1")
+                raise LmcError(
+                    f"bad --ray-resources {item!r}: {part!r} is not cpu:N or gpu:G with N, G >= 0",
+                    "e.g. --ray-resources model=cpu:2,gpu:1",
+                )
             (cpus if name == "cpu" else gpus)[kind] = value
     if not default_cpus > 0:
         raise LmcError(f"CPUs per stage must be positive, got {default_cpus}")
@@ -223,10 +243,12 @@ def check_token_answers(root: Path, token: str, answers: list[tuple[str, str | N
     """Raise :class:`LmcError` unless every ``(host, content read)`` answer is ``token``."""
     bad = [host for host, got in answers if got != token]
     if bad:
-        raise LmcError(f"the output root {root} is not shared with the Ray node(s) {', '.join(sorted(set(bad)))}: "
-                       f"they cannot read the token the driver wrote there",
-                       "put --cache on a filesystem every node mounts at the same path (NFS, Lustre, ...); "
-                       "see docs/scaling.md for clusters without one")
+        raise LmcError(
+            f"the output root {root} is not shared with the Ray node(s) {', '.join(sorted(set(bad)))}: "
+            f"they cannot read the token the driver wrote there",
+            "put --cache on a filesystem every node mounts at the same path (NFS, Lustre, ...); "
+            "see docs/scaling.md for clusters without one",
+        )
     if not answers:
         raise LmcError("the Ray cluster has no alive node to run stages", "check the cluster (ray status)")
 
@@ -253,13 +275,19 @@ def check_shared_root(ray, root: Path, timeout: float = 120.0) -> list[str]:
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         reader = ray.remote(num_cpus=0, max_retries=1)(_read_token)
-        refs = [reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(path))
-                for n in nodes]
+        refs = [
+            reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(path)
+            )
+            for n in nodes
+        ]
         try:
             answers = ray.get(refs, timeout=timeout)
         except Exception as e:  # GetTimeoutError, worker failures
-            raise LmcError(f"could not check that the Ray workers see the output root {root}: {type(e).__name__}: {e}",
-                           "check that the cluster is healthy (ray status)") from None
+            raise LmcError(
+                f"could not check that the Ray workers see the output root {root}: {type(e).__name__}: {e}",
+                "check that the cluster is healthy (ray status)",
+            ) from None
         check_token_answers(root, token, answers)
         return [host for host, _ in answers]
     finally:
@@ -288,9 +316,16 @@ class RayExecutor(Executor):
         Retries of a task whose worker process died (the stage resumes).
     """
 
-    def __init__(self, address: str | None = None, jobs: int | None = None, resources: StageResources | None = None,
-                 num_cpus: int | None = None, num_gpus: int | None = None, max_retries: int = 3,
-                 fs_timeout: float = 120.0):
+    def __init__(
+        self,
+        address: str | None = None,
+        jobs: int | None = None,
+        resources: StageResources | None = None,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        max_retries: int = 3,
+        fs_timeout: float = 120.0,
+    ):
         if jobs is not None and jobs < 1:
             raise LmcError(f"--jobs must be at least 1 (got {jobs})")
         if max_retries < 0:
@@ -325,8 +360,10 @@ class RayExecutor(Executor):
             import ray._private.ray_constants as rc
 
             if ray.is_initialized():
-                raise LmcError("a Ray instance is already initialised in this process",
-                               "pass its address (--address auto) or call ray.shutdown() first")
+                raise LmcError(
+                    "a Ray instance is already initialised in this process",
+                    "pass its address (--address auto) or call ray.shutdown() first",
+                )
             # Workers must import this lmckit: hand them the driver's module path.
             src = str(Path(__file__).resolve().parents[2])
             pp = os.environ.get("PYTHONPATH", "")
@@ -334,17 +371,25 @@ class RayExecutor(Executor):
             # Loopback only, no usage statistics sent anywhere, and workers at normal priority (Ray
             # renices workers to 15 by default, which starves the stages on a busy machine; the
             # stages are the whole job here) for the instance lmckit owns. Each can be overridden.
-            set_env = {_CLUSTER_ENV: "0",
-                       "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
-                       "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+            set_env = {
+                _CLUSTER_ENV: "0",
+                "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+                "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
+            }
             prev_env = {k: os.environ.get(k) for k in set_env}
             prev_flag = rc.ENABLE_RAY_CLUSTER
             os.environ.update(set_env)
             rc.ENABLE_RAY_CLUSTER = False
             try:
-                ray.init(num_cpus=self.num_cpus or os.cpu_count() or 1, num_gpus=self.num_gpus,
-                         include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                         logging_level="ERROR", runtime_env={"env_vars": env})
+                ray.init(
+                    num_cpus=self.num_cpus or os.cpu_count() or 1,
+                    num_gpus=self.num_gpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    logging_level="ERROR",
+                    runtime_env={"env_vars": env},
+                )
             finally:
                 rc.ENABLE_RAY_CLUSTER = prev_flag
                 for k, v in prev_env.items():
@@ -355,12 +400,14 @@ class RayExecutor(Executor):
             self._started = True
         else:
             try:
-                ray.init(address=self.address, log_to_driver=False, logging_level="ERROR",
-                         runtime_env={"env_vars": env})
+                ray.init(
+                    address=self.address, log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": env}
+                )
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise LmcError(f"cannot connect to the Ray cluster at {self.address}: {e}",
-                               "start it with 'ray start --head' (then --address auto), or omit --address "
-                               "for a local instance") from None
+                raise LmcError(
+                    f"cannot connect to the Ray cluster at {self.address}: {e}",
+                    "start it with 'ray start --head' (then --address auto), or omit --address for a local instance",
+                ) from None
         total = ray.cluster_resources()
         dev = runtime.device
         gpus = float(total.get("GPU", 0))
@@ -382,17 +429,23 @@ class RayExecutor(Executor):
         cpus, gpus = self.resources.for_stage(spec, self._use_gpus)
         if cpus > self._total[0] or gpus > self._total[1]:  # Ray would queue it forever
             kind = self.resources.kind_of(spec)
-            raise LmcError(f"{kind} stages ask for {cpus:g} CPU and {gpus:g} GPU but the Ray cluster has "
-                           f"{self._total[0]:g} CPU and {self._total[1]:g} GPU",
-                           f"lower --ray-resources {kind}=... or add nodes")
+            raise LmcError(
+                f"{kind} stages ask for {cpus:g} CPU and {gpus:g} GPU but the Ray cluster has "
+                f"{self._total[0]:g} CPU and {self._total[1]:g} GPU",
+                f"lower --ray-resources {kind}=... or add nodes",
+            )
         rt = runtime
         if not rt.threads:
             rt = dataclasses.replace(rt, threads=max(1, int(cpus)))
         if rt.data_dir:
             rt = dataclasses.replace(rt, data_dir=str(Path(rt.data_dir).resolve()))
-        ref = self._remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=self.max_retries,
-                                   retry_exceptions=False, name=f"lmckit:{spec.KIND}").remote(
-            spec, str(root), rt, str(self._markers))
+        ref = self._remote.options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+            name=f"lmckit:{spec.KIND}",
+        ).remote(spec, str(root), rt, str(self._markers))
         inner = ref.future()
         outer: cf.Future = cf.Future()
         log = str(stage_path(root, spec).with_name(stage_hash(spec) + ".partial") / "log.txt")
@@ -401,9 +454,17 @@ class RayExecutor(Executor):
             try:
                 outer.set_result(f.result())
             except BaseException as e:  # noqa: BLE001 - the task failed beyond its retries
-                outer.set_result(StageOutcome(spec.KIND, stage_hash(spec), stage_label(spec), "failed",
-                                              error=f"Ray task failed after {self.max_retries} retries: "
-                                                    f"{type(e).__name__}: {str(e).strip()[:2000]}", log=log))
+                outer.set_result(
+                    StageOutcome(
+                        spec.KIND,
+                        stage_hash(spec),
+                        stage_label(spec),
+                        "failed",
+                        error=f"Ray task failed after {self.max_retries} retries: "
+                        f"{type(e).__name__}: {str(e).strip()[:2000]}",
+                        log=log,
+                    )
+                )
             self._in_flight.pop(outer, None)
 
         self._in_flight[outer] = spec

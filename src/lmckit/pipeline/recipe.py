@@ -11,6 +11,7 @@ before validation (dotted keys, list items by index: ``models.0.width_mult``);
 values are TOML literals (``3``, ``0.5``, ``[0, 1]``, ``"mnist"``, ``true``),
 and a value that is not a TOML literal is taken as a plain string.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,24 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import LmcError
 
-__all__ = ["Recipe", "DataSection", "ModelEntry", "TrainSection", "MatchSection", "SteSection", "BarrierSection",
-           "AnalysisSection", "ThreeModelSection", "WidthSweepSection", "StudiesSection", "load_recipe", "parse_recipe",
-           "recipe_names", "apply_overrides", "recipe_to_dict"]
+__all__ = [
+    "Recipe",
+    "DataSection",
+    "ModelEntry",
+    "TrainSection",
+    "MatchSection",
+    "SteSection",
+    "BarrierSection",
+    "AnalysisSection",
+    "ThreeModelSection",
+    "WidthSweepSection",
+    "StudiesSection",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_names",
+    "apply_overrides",
+    "recipe_to_dict",
+]
 
 METHODS = ("naive", "weight", "activation", "ste")
 MAX_SEED = 2**63 - 1
@@ -39,21 +55,42 @@ MAX_STAGES = 20_000
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 #: training settings the recipe sets elsewhere: an override may not contradict them (key -> where to set it)
-RESERVED_OVERRIDES = {"seed": "train.seeds (one model per seed)", "dataset": "data.dataset",
-                      "model": "models.N.name"}
+RESERVED_OVERRIDES = {"seed": "train.seeds (one model per seed)", "dataset": "data.dataset", "model": "models.N.name"}
 #: create_model options the recipe sets elsewhere (in model_kwargs overrides and models.N.options)
-RESERVED_MODEL_KWARGS = {"width_mult": "models.N.width_mult (or width_sweep.widths)", "norm": "models.N.norm",
-                         "in_channels": "data.dataset (it follows the dataset)",
-                         "image_size": "data.dataset (it follows the dataset)",
-                         "num_classes": "data.dataset (it follows the dataset)"}
+RESERVED_MODEL_KWARGS = {
+    "width_mult": "models.N.width_mult (or width_sweep.widths)",
+    "norm": "models.N.norm",
+    "in_channels": "data.dataset (it follows the dataset)",
+    "image_size": "data.dataset (it follows the dataset)",
+    "num_classes": "data.dataset (it follows the dataset)",
+}
 
 
-def _f(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
-       choices: Sequence[str] | None = None, mapping: bool = False, help: str = "", check: str = "",
-       max_len: int | None = None, above_min: bool = False) -> Any:
-    meta = {"min": min, "max": max, "choices": tuple(choices) if choices else None, "mapping": mapping, "help": help,
-            "check": check, "max_len": max_len, "above_min": above_min}
-    if isinstance(default, (list, dict, tuple)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+def _f(
+    default: Any = dataclasses.MISSING,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: Sequence[str] | None = None,
+    mapping: bool = False,
+    help: str = "",
+    check: str = "",
+    max_len: int | None = None,
+    above_min: bool = False,
+) -> Any:
+    meta = {
+        "min": min,
+        "max": max,
+        "choices": tuple(choices) if choices else None,
+        "mapping": mapping,
+        "help": help,
+        "check": check,
+        "max_len": max_len,
+        "above_min": above_min,
+    }
+    if isinstance(default, (list, dict, tuple)) or (
+        dataclasses.is_dataclass(default) and not isinstance(default, type)
+    ):
         d = default
         return field(default_factory=lambda: d, metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,11 +107,16 @@ class ModelEntry:
     label: str = _f("", help="name shown in the report (default: the model name and width)")
     width_mult: float = _f(1.0, min=1e-6, max=1024.0)
     norm: str = _f("none", choices=("none", "batchnorm", "layernorm"))
-    options: tuple = _f((), mapping=True, check="model_kwargs",
-                        help="extra create_model keyword arguments, e.g. {depth = 3, width = 512}")
+    options: tuple = _f(
+        (),
+        mapping=True,
+        check="model_kwargs",
+        help="extra create_model keyword arguments, e.g. {depth = 3, width = 512}",
+    )
     preset: str = _f("", help="lmckit.train preset for this model (default: train.preset)")
-    overrides: tuple = _f((), mapping=True, check="overrides",
-                          help="training overrides for this model, on top of train.overrides")
+    overrides: tuple = _f(
+        (), mapping=True, check="overrides", help="training overrides for this model, on top of train.overrides"
+    )
 
     def display(self) -> str:
         """``label``, else e.g. ``mlp depth=3 width=512`` / ``vgg11 batchnorm x4``, built from the settings."""
@@ -92,8 +134,7 @@ class ModelEntry:
 class TrainSection:
     preset: str = _f("mlp-fmnist", help="lmckit.train preset name")
     seeds: tuple[int, ...] = _f((0, 1, 2, 3), min=0, max=MAX_SEED, max_len=64, help="one model per seed (at most 64)")
-    overrides: tuple = _f((), mapping=True, check="overrides",
-                          help="TrainConfig fields to override, e.g. {epochs = 5}")
+    overrides: tuple = _f((), mapping=True, check="overrides", help="TrainConfig fields to override, e.g. {epochs = 5}")
 
 
 @dataclass(frozen=True)
@@ -103,19 +144,27 @@ class SteSection:
     batch_size: int = _f(256, min=1, max=1_000_000)
     max_iter: int = _f(30, min=1, max=100_000, help="weight-matching sweeps per projection")
     train_limit: int = _f(0, min=0, max=100_000_000, help="train STE on the first N training images only (0: all)")
-    protocol: str = _f("heldout-best", choices=("heldout-best", "git-re-basin", "random-mixing"),
-                       help="which permutation STE keeps: best on a held-out set (identity and WM as candidates), "
-                            "git-re-basin's lowest minibatch midpoint loss (SGD momentum 0.9), or random mixing's final "
-                            "one (loss at lambda ~ U(0,1)); lr and batch_size above apply to every protocol (the "
-                            "ste_protocols study uses each protocol's literature values)")
+    protocol: str = _f(
+        "heldout-best",
+        choices=("heldout-best", "git-re-basin", "random-mixing"),
+        help="which permutation STE keeps: best on a held-out set (identity and WM as candidates), "
+        "git-re-basin's lowest minibatch midpoint loss (SGD momentum 0.9), or random mixing's final "
+        "one (loss at lambda ~ U(0,1)); lr and batch_size above apply to every protocol (the "
+        "ste_protocols study uses each protocol's literature values)",
+    )
 
 
 @dataclass(frozen=True)
 class MatchSection:
     methods: tuple[str, ...] = _f(METHODS, choices=METHODS, max_len=len(METHODS))
-    pairs: str = _f("disjoint", choices=("disjoint", "all"),
-                    help="model pairs from train.seeds: (s0,s1), (s2,s3), ... or every pair")
-    searches: int = _f(3, min=1, max=100, help="weight-matching seeds per pair (mean/std of R over searches; at most 100)")
+    pairs: str = _f(
+        "disjoint",
+        choices=("disjoint", "all"),
+        help="model pairs from train.seeds: (s0,s1), (s2,s3), ... or every pair",
+    )
+    searches: int = _f(
+        3, min=1, max=100, help="weight-matching seeds per pair (mean/std of R over searches; at most 100)"
+    )
     max_iter: int = _f(100, min=1, max=100_000, help="weight-matching sweeps")
     am_samples: int = _f(5000, min=1, max=10_000_000, help="training images for activation statistics")
     ste: SteSection = _f(SteSection())
@@ -141,8 +190,14 @@ class AnalysisSection:
     projection_samples: int = _f(2000, min=1, max=10_000_000)
     rank: bool = _f(True, help="accuracy against kept rank")
     rank_gammas: tuple[float, ...] = _f((0.0, 0.05, 0.1, 0.2, 0.3, 0.5), min=0.0, max=1.0, max_len=32)
-    rank_fractions: tuple[float, ...] = _f((0.05, 0.1, 0.25, 0.5, 1.0), min=0.0, max=1.0, max_len=32, above_min=True,
-                                           help="fractions of the rank kept, in (0, 1]")
+    rank_fractions: tuple[float, ...] = _f(
+        (0.05, 0.1, 0.25, 0.5, 1.0),
+        min=0.0,
+        max=1.0,
+        max_len=32,
+        above_min=True,
+        help="fractions of the rank kept, in (0, 1]",
+    )
     eval_limit: int = _f(0, min=0, max=100_000_000, help="test images for rank-k accuracy (0: all)")
 
 
@@ -167,16 +222,26 @@ class WidthSweepSection:
 @dataclass(frozen=True)
 class DirectionsStudy:
     enabled: bool = _f(False)
-    gammas: tuple[float, ...] = _f((0.3, 0.1), min=0.0, max=1.0, max_len=16,
-                                   help="WM-top keeps sigma_i >= gamma sigma_max of every weight matrix, WM-tail the rest")
+    gammas: tuple[float, ...] = _f(
+        (0.3, 0.1),
+        min=0.0,
+        max=1.0,
+        max_len=16,
+        help="WM-top keeps sigma_i >= gamma sigma_max of every weight matrix, WM-tail the rest",
+    )
     pairs: int = _f(1, min=1, max=32, help="model pairs (the first of match.pairs)")
 
 
 @dataclass(frozen=True)
 class DoseStudy:
     enabled: bool = _f(False)
-    fractions: tuple[float, ...] = _f((0.0, 0.1, 0.25, 0.5, 0.75, 1.0), min=0.0, max=1.0, max_len=32,
-                                      help="fraction of the units of every group re-assigned at random after WM")
+    fractions: tuple[float, ...] = _f(
+        (0.0, 0.1, 0.25, 0.5, 0.75, 1.0),
+        min=0.0,
+        max=1.0,
+        max_len=32,
+        help="fraction of the units of every group re-assigned at random after WM",
+    )
     draws: int = _f(3, min=1, max=64, help="random draws per fraction")
     pairs: int = _f(1, min=1, max=32)
 
@@ -193,19 +258,29 @@ class WeightDecayStudy:
 @dataclass(frozen=True)
 class ManyModelsStudy:
     enabled: bool = _f(False)
-    counts: tuple[int, ...] = _f((2, 3, 4, 5), min=2, max=64, max_len=16, help="numbers of models N (the first N seeds; seed 0 the anchor)")
-    methods: tuple[str, ...] = _f(("weight", "activation", "ste", "merge_many"),
-                                  choices=("weight", "activation", "ste", "merge_many"), max_len=4)
+    counts: tuple[int, ...] = _f(
+        (2, 3, 4, 5), min=2, max=64, max_len=16, help="numbers of models N (the first N seeds; seed 0 the anchor)"
+    )
+    methods: tuple[str, ...] = _f(
+        ("weight", "activation", "ste", "merge_many"), choices=("weight", "activation", "ste", "merge_many"), max_len=4
+    )
 
 
 @dataclass(frozen=True)
 class SteProtocolsStudy:
     enabled: bool = _f(False)
-    protocols: tuple[str, ...] = _f(("heldout-best", "git-re-basin", "random-mixing"),
-                                    choices=("heldout-best", "git-re-basin", "random-mixing"), max_len=3)
-    epochs: tuple[int, ...] = _f((3, 20, 3), min=1, max=100_000, max_len=3, help="STE epochs per protocol (same order as protocols)")
+    protocols: tuple[str, ...] = _f(
+        ("heldout-best", "git-re-basin", "random-mixing"),
+        choices=("heldout-best", "git-re-basin", "random-mixing"),
+        max_len=3,
+    )
+    epochs: tuple[int, ...] = _f(
+        (3, 20, 3), min=1, max=100_000, max_len=3, help="STE epochs per protocol (same order as protocols)"
+    )
     train_limit: int = _f(0, min=0, max=100_000_000, help="STE trains on the first N training images (0: all)")
-    pairs: int = _f(3, min=1, max=32, help="disjoint model pairs (plus the three-model matches of the first three seeds)")
+    pairs: int = _f(
+        3, min=1, max=32, help="disjoint model pairs (plus the three-model matches of the first three seeds)"
+    )
 
 
 @dataclass(frozen=True)
@@ -280,24 +355,33 @@ def _check_scalar(tp: Any, value: Any, key: str, meta: Mapping[str, Any], source
         raise _bad(f"{key} must be at most {meta['max']:g}, got {value!r}", source=source)
     if meta.get("choices") and value not in meta["choices"]:
         close = difflib.get_close_matches(str(value), meta["choices"], n=1)
-        raise _bad(f"{key} = {value!r} is not one of {', '.join(meta['choices'])}",
-                   f"did you mean {close[0]!r}?" if close else None, source)
+        raise _bad(
+            f"{key} = {value!r} is not one of {', '.join(meta['choices'])}",
+            f"did you mean {close[0]!r}?" if close else None,
+            source,
+        )
     return value
 
 
 def _check_name(v: Any, key: str, source: str) -> None:
     """A recipe name must be one safe path component (it names the report folder ``reports/<name>``)."""
     if not isinstance(v, str) or not NAME_RE.fullmatch(v) or v in (".", ".."):
-        raise _bad(f"{key} = {v!r} is not a safe report name",
-                   "use 1-100 letters, digits, '-', '_' or '.' (not '.' or '..'); the report goes to "
-                   "reports/<name>; pass --out to write it elsewhere", source)
+        raise _bad(
+            f"{key} = {v!r} is not a safe report name",
+            "use 1-100 letters, digits, '-', '_' or '.' (not '.' or '..'); the report goes to "
+            "reports/<name>; pass --out to write it elsewhere",
+            source,
+        )
 
 
 def _check_model_kwargs(v: dict[str, Any], key: str, source: str) -> None:
     for k in v:
         if k in RESERVED_MODEL_KWARGS:
-            raise _bad(f"{key}.{k} cannot be set here: the recipe sets it in {RESERVED_MODEL_KWARGS[k]}",
-                       f"remove {k} from {key} and set {RESERVED_MODEL_KWARGS[k].split(' ')[0]} instead", source)
+            raise _bad(
+                f"{key}.{k} cannot be set here: the recipe sets it in {RESERVED_MODEL_KWARGS[k]}",
+                f"remove {k} from {key} and set {RESERVED_MODEL_KWARGS[k].split(' ')[0]} instead",
+                source,
+            )
 
 
 def _check_overrides(v: dict[str, Any], key: str, source: str) -> None:
@@ -305,12 +389,18 @@ def _check_overrides(v: dict[str, Any], key: str, source: str) -> None:
     for k, x in v.items():
         if k in RESERVED_OVERRIDES:
             where = RESERVED_OVERRIDES[k]
-            raise _bad(f"{key}.{k} cannot be overridden: the recipe sets it in {where}",
-                       f"remove {k} from {key} and set {where.split(' ')[0]} instead", source)
+            raise _bad(
+                f"{key}.{k} cannot be overridden: the recipe sets it in {where}",
+                f"remove {k} from {key} and set {where.split(' ')[0]} instead",
+                source,
+            )
         if k == "model_kwargs":
             if not isinstance(x, dict):
-                raise _bad(f"{key}.model_kwargs must be a table like {{depth = 3}}, got {x!r}",
-                           "e.g. model_kwargs = {depth = 3}, or set create_model options in models.N.options", source)
+                raise _bad(
+                    f"{key}.model_kwargs must be a table like {{depth = 3}}, got {x!r}",
+                    "e.g. model_kwargs = {depth = 3}, or set create_model options in models.N.options",
+                    source,
+                )
             _check_model_kwargs(x, f"{key}.model_kwargs", source)
 
 
@@ -324,8 +414,11 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         key = f"{prefix}{k}"
         if k not in fields:
             close = difflib.get_close_matches(k, list(fields), n=1, cutoff=0.5)
-            raise _bad(f"unknown key {key!r}",
-                       (f"did you mean {prefix}{close[0]!r}? " if close else "") + f"known keys here: {', '.join(fields)}", source)
+            raise _bad(
+                f"unknown key {key!r}",
+                (f"did you mean {prefix}{close[0]!r}? " if close else "") + f"known keys here: {', '.join(fields)}",
+                source,
+            )
         f = fields[k]
         kwargs[k] = _value(hints[k], v, key, f.metadata, source)
     return cls(**kwargs)
@@ -381,12 +474,17 @@ def _cross_checks(r: Recipe, source: str) -> None:
     if not r.match.methods:
         raise _bad("match.methods is empty", f"choose from {', '.join(METHODS)}", source)
     if r.three_models.enabled and r.three_models.models > len(seeds):
-        raise _bad(f"three_models.models = {r.three_models.models} needs as many train.seeds (have {len(seeds)})",
-                   "add seeds or lower three_models.models", source)
+        raise _bad(
+            f"three_models.models = {r.three_models.models} needs as many train.seeds (have {len(seeds)})",
+            "add seeds or lower three_models.models",
+            source,
+        )
     if r.width_sweep.enabled and not r.width_sweep.widths:
         raise _bad("width_sweep.widths is empty", source=source)
     if r.width_sweep.enabled and 2 * r.width_sweep.pairs > len(seeds):
-        raise _bad(f"width_sweep.pairs = {r.width_sweep.pairs} needs {2 * r.width_sweep.pairs} train.seeds", source=source)
+        raise _bad(
+            f"width_sweep.pairs = {r.width_sweep.pairs} needs {2 * r.width_sweep.pairs} train.seeds", source=source
+        )
     _study_checks(r, source)
     _report_checks(r, source)
     _stage_budget(r, source)
@@ -396,22 +494,32 @@ def _cross_checks(r: Recipe, source: str) -> None:
 def _report_checks(r: Recipe, source: str) -> None:
     """Combinations that would run for a long time and then fail in a stage or in the report."""
     if not any(m != "naive" for m in r.match.methods):
-        raise _bad(f"match.methods = {list(r.match.methods)} has no matching method; the report compares matched "
-                   "against naive paths", "add weight, activation or ste to match.methods", source)
+        raise _bad(
+            f"match.methods = {list(r.match.methods)} has no matching method; the report compares matched "
+            "against naive paths",
+            "add weight, activation or ste to match.methods",
+            source,
+        )
     if not r.barrier.splits:
-        raise _bad("barrier.splits is empty", "e.g. splits = [\"train\", \"test\"]", source)
+        raise _bad("barrier.splits is empty", 'e.g. splits = ["train", "test"]', source)
     if "val" in r.barrier.splits:
         sizes = [dict(r.train.overrides).get("val_size", 0)] + [dict(m.overrides).get("val_size") for m in r.models]
         if not any(isinstance(v, int) and v > 0 for v in sizes):
-            raise _bad("barrier.splits includes 'val', but no model holds out a validation split",
-                       "set train.overrides.val_size = N, or drop 'val' from barrier.splits", source)
+            raise _bad(
+                "barrier.splits includes 'val', but no model holds out a validation split",
+                "set train.overrides.val_size = N, or drop 'val' from barrier.splits",
+                source,
+            )
     if r.analysis.enabled and not r.analysis.gammas:
         raise _bad("analysis.gammas is empty", "e.g. gammas = [0.0, 0.3]", source)
     if r.three_models.enabled and not r.three_models.methods and not r.three_models.merge_many:
-        raise _bad("three_models has no methods and merge_many = false",
-                   "add a method, or set three_models.enabled = false", source)
+        raise _bad(
+            "three_models has no methods and merge_many = false",
+            "add a method, or set three_models.enabled = false",
+            source,
+        )
     if r.width_sweep.enabled and not r.width_sweep.methods:
-        raise _bad("width_sweep.methods is empty", "e.g. methods = [\"naive\", \"weight\"]", source)
+        raise _bad("width_sweep.methods is empty", 'e.g. methods = ["naive", "weight"]', source)
 
 
 def _stage_budget(r: Recipe, source: str) -> None:
@@ -425,47 +533,59 @@ def _stage_budget(r: Recipe, source: str) -> None:
     if r.three_models.enabled:
         total += r.three_models.models * len(r.three_models.methods) + 3
     if total > MAX_STAGES:
-        raise _bad(f"the recipe would run about {total} stages, more than the {MAX_STAGES} allowed "
-                   f"({len(r.models)} models, {n_seeds} seeds, {n_pairs} pairs, {r.match.searches} searches)",
-                   "use fewer seeds, pairs = \"disjoint\" or fewer match.searches", source)
+        raise _bad(
+            f"the recipe would run about {total} stages, more than the {MAX_STAGES} allowed "
+            f"({len(r.models)} models, {n_seeds} seeds, {n_pairs} pairs, {r.match.searches} searches)",
+            'use fewer seeds, pairs = "disjoint" or fewer match.searches',
+            source,
+        )
 
 
 def _train_settings(r: Recipe, source: str) -> None:
     """Every model's training settings resolve (checked now, naming the recipe key, not after other models trained)."""
-    from .build import _train_overrides
     from ..train import make_config
+    from .build import _train_overrides
 
     for i, m in enumerate(r.models):
         preset = m.preset or r.train.preset
-        widths = [m.width_mult] + ([w * m.width_mult for w in r.width_sweep.widths] if i == 0 and r.width_sweep.enabled else [])
+        widths = [m.width_mult] + (
+            [w * m.width_mult for w in r.width_sweep.widths] if i == 0 and r.width_sweep.enabled else []
+        )
         for w in widths:
             for seed in r.train.seeds:
                 try:
                     make_config(preset, **_train_overrides(r, m, w, seed))
                 except LmcError as e:
                     keys = [k for k, _ in list(r.train.overrides) + list(m.overrides) if k in e.message]
-                    where = ", ".join(f"{'models.%d' % i if k in dict(m.overrides) else 'train'}.overrides.{k}"
-                                      for k in keys) or (f"models.{i} (preset {preset!r}, options "
-                                                         f"{dict(m.options)}, width_mult {w:g})")
+                    where = ", ".join(
+                        f"{'models.%d' % i if k in dict(m.overrides) else 'train'}.overrides.{k}" for k in keys
+                    ) or (f"models.{i} (preset {preset!r}, options {dict(m.options)}, width_mult {w:g})")
                     raise _bad(f"{where}: {e.message}", e.hint, source) from None
-
 
 
 def _study_checks(r: Recipe, source: str) -> None:
     """The studies (issue 12) need enough seeds, and one epoch count per STE protocol."""
     st, n = r.studies, len(r.train.seeds)
-    for name, sec, need in (("directions", st.directions, 2 * st.directions.pairs),
-                            ("alignment_dose", st.alignment_dose, 2 * st.alignment_dose.pairs),
-                            ("weight_decay", st.weight_decay, 2 * st.weight_decay.pairs),
-                            ("many_models", st.many_models, max(st.many_models.counts, default=2)),
-                            ("ste_protocols", st.ste_protocols, max(2 * st.ste_protocols.pairs, 3))):
+    for name, sec, need in (
+        ("directions", st.directions, 2 * st.directions.pairs),
+        ("alignment_dose", st.alignment_dose, 2 * st.alignment_dose.pairs),
+        ("weight_decay", st.weight_decay, 2 * st.weight_decay.pairs),
+        ("many_models", st.many_models, max(st.many_models.counts, default=2)),
+        ("ste_protocols", st.ste_protocols, max(2 * st.ste_protocols.pairs, 3)),
+    ):
         if sec.enabled and need > n:
-            raise _bad(f"studies.{name} needs {need} train.seeds, the recipe has {n}",
-                       f"add seeds or lower studies.{name}'s pairs/counts", source)
+            raise _bad(
+                f"studies.{name} needs {need} train.seeds, the recipe has {n}",
+                f"add seeds or lower studies.{name}'s pairs/counts",
+                source,
+            )
     p = st.ste_protocols
     if p.enabled and len(p.epochs) != len(p.protocols):
-        raise _bad(f"studies.ste_protocols.epochs has {len(p.epochs)} entries for {len(p.protocols)} protocols",
-                   "give one epoch count per protocol, in the same order", source)
+        raise _bad(
+            f"studies.ste_protocols.epochs has {len(p.epochs)} entries for {len(p.protocols)} protocols",
+            "give one epoch count per protocol, in the same order",
+            source,
+        )
     if st.many_models.enabled and (not st.many_models.counts or not st.many_models.methods):
         raise _bad("studies.many_models.counts and .methods must not be empty", source=source)
 
@@ -509,21 +629,27 @@ def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
         if not f.is_file():
             names = recipe_names()
             close = difflib.get_close_matches(name_or_path, names, n=1)
-            raise LmcError(f"unknown recipe {name_or_path!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                           f"shipped recipes: {', '.join(names)}; or pass a .toml file")
+            raise LmcError(
+                f"unknown recipe {name_or_path!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                f"shipped recipes: {', '.join(names)}; or pass a .toml file",
+            )
         text = f.read_text()
         source = name_or_path
     try:
         return tomllib.loads(text), source
     except tomllib.TOMLDecodeError as e:
-        raise LmcError(f"recipe {source} is not valid TOML: {e}", "fix the file (see the shipped recipes for examples)") from None
+        raise LmcError(
+            f"recipe {source} is not valid TOML: {e}", "fix the file (see the shipped recipes for examples)"
+        ) from None
     except RecursionError:
         raise _too_deep(source) from None
 
 
 def _too_deep(source: str) -> LmcError:
-    return LmcError(f"recipe {source} is nested too deeply to read",
-                    "a recipe needs only a few levels of tables and lists (see the shipped recipes)")
+    return LmcError(
+        f"recipe {source} is nested too deeply to read",
+        "a recipe needs only a few levels of tables and lists (see the shipped recipes)",
+    )
 
 
 def _parse_literal(text: str) -> Any:
@@ -532,7 +658,9 @@ def _parse_literal(text: str) -> Any:
     except tomllib.TOMLDecodeError:
         return text
     except RecursionError:
-        raise LmcError(f"--set value {text[:40]!r}... is nested too deeply", "pass a plain value, list or table") from None
+        raise LmcError(
+            f"--set value {text[:40]!r}... is nested too deeply", "pass a plain value, list or table"
+        ) from None
 
 
 def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ recipe dataclasses' field metadata (:mod:`lmckit.pipeline.recipe`): the
 schema has one source. ``tomllib.loads(recipe_toml(r))`` parses back to the
 same recipe (tested). ``docs/recipes.md`` documents the same schema in prose.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,16 @@ def _key(k: str) -> str:
 
 
 def _mapping(v: tuple) -> dict[str, Any]:
-    return {k: (_mapping(x) if isinstance(x, tuple) and x and all(isinstance(p, tuple) and len(p) == 2 for p in x)
-                else list(x) if isinstance(x, tuple) else x) for k, x in v}
+    return {
+        k: (
+            _mapping(x)
+            if isinstance(x, tuple) and x and all(isinstance(p, tuple) and len(p) == 2 for p in x)
+            else list(x)
+            if isinstance(x, tuple)
+            else x
+        )
+        for k, x in v
+    }
 
 
 def _plain(v: Any, mapping: bool) -> Any:
@@ -165,6 +174,11 @@ def schema_rows(cls: type = Recipe, prefix: str = "") -> list[dict[str, str]]:
             rows += schema_rows(inner, f"{key}[].")
             continue
         mapping = bool(f.metadata.get("mapping"))
-        rows.append({"key": key, "default": _toml_value(_plain(_default(f), mapping)),
-                     "help": _comment(f, _plain(_default(f), mapping))})
+        rows.append(
+            {
+                "key": key,
+                "default": _toml_value(_plain(_default(f), mapping)),
+                "help": _comment(f, _plain(_default(f), mapping)),
+            }
+        )
     return rows

@@ -8,6 +8,7 @@ take the report folder's lock (non-blocking: a second process on the same
 stage's outputs into ``results.json``, figures, ``report.md`` and
 ``report.html``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,19 @@ def prepare(recipe: str = "quick", sets: Sequence[str] = (), data_dir: str | Non
     return r, build_plan(r)
 
 
-def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache: str | os.PathLike = "runs",
-              sets: Sequence[str] = (), jobs: int | None = 1, dry: bool = False, device: str = "auto",
-              data_dir: str | None = None, executor: str = "local", address: str | None = None,
-              resources=None) -> ReproduceResult:
+def reproduce(
+    recipe: str = "quick",
+    out: str | os.PathLike | None = None,
+    cache: str | os.PathLike = "runs",
+    sets: Sequence[str] = (),
+    jobs: int | None = 1,
+    dry: bool = False,
+    device: str = "auto",
+    data_dir: str | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    resources=None,
+) -> ReproduceResult:
     """Run (or, with ``dry``, list) every stage of a recipe and write its report.
 
     ``out`` defaults to ``reports/<recipe name>``; ``cache`` is the stage
@@ -74,15 +84,22 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
         out_dir = Path(out)
     else:  # the recipe name is checked to be one safe path component; confine it to reports/ regardless
         out_dir = Path("reports") / r.name
-        if not out_dir.resolve().is_relative_to(Path("reports").resolve()) or out_dir.resolve() == Path("reports").resolve():
-            raise LmcError(f"recipe name {r.name!r} would place the report outside reports/",
-                           "set name to letters, digits, '-', '_' or '.', or pass --out")
+        if (
+            not out_dir.resolve().is_relative_to(Path("reports").resolve())
+            or out_dir.resolve() == Path("reports").resolve()
+        ):
+            raise LmcError(
+                f"recipe name {r.name!r} would place the report outside reports/",
+                "set name to letters, digits, '-', '_' or '.', or pass --out",
+            )
     cache = Path(cache)
     for what, path, flag in (("report folder", out_dir, "--out"), ("stage cache", cache, "--cache")):
         for p in (path, *path.parents):
             if p.exists() and not p.is_dir():
-                raise LmcError(f"the {what} {path} cannot be created: {p} is a file",
-                               f"pass a folder path to {flag} (it is created if missing)")
+                raise LmcError(
+                    f"the {what} {path} cannot be created: {p} is a file",
+                    f"pass a folder path to {flag} (it is created if missing)",
+                )
     res = ReproduceResult(r, plan, out_dir, cache)
     res.entries = dry_run(plan.targets(), cache)
     if dry:
@@ -91,7 +108,9 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
         check_device_name(device)  # Ray workers may have a GPU this driver lacks: check the name only
     else:
         resolve_device(device)  # fail fast on a bad --device
-    ex = make_executor(jobs, executor, address, resources)  # before the lock: checks jobs, and a missing Ray fails at once
+    ex = make_executor(
+        jobs, executor, address, resources
+    )  # before the lock: checks jobs, and a missing Ray fails at once
     created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     lock = out_dir / ".lmckit.lock"
     lock_created = not lock.exists()
@@ -115,8 +134,13 @@ def reproduce(recipe: str = "quick", out: str | os.PathLike | None = None, cache
     return res
 
 
-def stage_costs(plan: Plan, cache: str | os.PathLike, summary: RunSummary | None, wall_seconds: float,
-                load_at_start: tuple[float, float, float] | None = None) -> dict:
+def stage_costs(
+    plan: Plan,
+    cache: str | os.PathLike,
+    summary: RunSummary | None,
+    wall_seconds: float,
+    load_at_start: tuple[float, float, float] | None = None,
+) -> dict:
     """Cost of each stage kind, for ``timings.json``.
 
     Returns ``{"stages_by_kind": {kind: {"count", "ran", "cached", "seconds",
@@ -139,7 +163,7 @@ def stage_costs(plan: Plan, cache: str | os.PathLike, summary: RunSummary | None
         f = stage_path(Path(cache), s) / "stage.json"
         if f.exists():
             k["seconds"] += float(json.loads(f.read_text()).get("seconds", 0.0))
-    for o in (summary.outcomes if summary is not None else []):
+    for o in summary.outcomes if summary is not None else []:
         if o.kind in kinds and o.status in ("ran", "cached"):
             kinds[o.kind][o.status] += 1
     for k in kinds.values():
@@ -148,5 +172,8 @@ def stage_costs(plan: Plan, cache: str | os.PathLike, summary: RunSummary | None
         load_end = os.getloadavg()
     except OSError:
         load_end = None
-    return {"stages_by_kind": kinds, "wall_seconds": wall_seconds,
-            "conditions": {"cpus": os.cpu_count(), "load_average_start": load_at_start, "load_average_end": load_end}}
+    return {
+        "stages_by_kind": kinds,
+        "wall_seconds": wall_seconds,
+        "conditions": {"cpus": os.cpu_count(), "load_average_start": load_at_start, "load_average_end": load_end},
+    }

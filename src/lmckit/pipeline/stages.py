@@ -35,6 +35,7 @@ Life cycle (:func:`run_stage`)
    timing and provenance (kept out of ``config.json`` so the readable config
    stays a pure function of the spec).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,17 @@ from ..errors import LmcError
 from ..store import atomic_write_json, config_hash, file_lock, finalize_dir, is_complete, partial_dir
 
 __all__ = [
-    "Stage", "Runtime", "StageContext", "StageOutcome", "dependencies", "resolved_config", "stage_hash",
-    "stage_path", "stage_label", "run_stage", "readable_config",
+    "Stage",
+    "Runtime",
+    "StageContext",
+    "StageOutcome",
+    "dependencies",
+    "resolved_config",
+    "stage_hash",
+    "stage_path",
+    "stage_label",
+    "run_stage",
+    "readable_config",
 ]
 
 
@@ -146,16 +156,22 @@ def _resolve(value: Any, where: str, deps_as: str) -> Any:
     if isinstance(value, (tuple, list)):
         return [_resolve(v, f"{where}[{i}]", deps_as) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _resolve(getattr(value, f.name), f"{where}.{f.name}", deps_as) for f in dataclasses.fields(value)}
-    raise TypeError(f"{where}: {type(value).__name__} values cannot go into a stage spec (use tuples, not lists or dicts)")
+        return {
+            f.name: _resolve(getattr(value, f.name), f"{where}.{f.name}", deps_as) for f in dataclasses.fields(value)
+        }
+    raise TypeError(
+        f"{where}: {type(value).__name__} values cannot go into a stage spec (use tuples, not lists or dicts)"
+    )
 
 
 def resolved_config(spec: Stage) -> dict[str, Any]:
     """The hashed description of a stage: kind, version and every field (defaults included)."""
     if not spec.KIND:
         raise TypeError(f"{type(spec).__name__} has no KIND")
-    params = {f.name: _resolve(getattr(spec, f.name), f"{type(spec).__name__}.{f.name}", "hash")
-              for f in dataclasses.fields(spec)}
+    params = {
+        f.name: _resolve(getattr(spec, f.name), f"{type(spec).__name__}.{f.name}", "hash")
+        for f in dataclasses.fields(spec)
+    }
     return {"kind": spec.KIND, "version": spec.VERSION, "params": params}
 
 
@@ -167,10 +183,17 @@ def stage_hash(spec: Stage) -> str:
 
 def readable_config(spec: Stage) -> dict[str, Any]:
     """What goes into ``config.json``: the resolved config plus each input's relative path."""
-    params = {f.name: _resolve(getattr(spec, f.name), f"{type(spec).__name__}.{f.name}", "path")
-              for f in dataclasses.fields(spec)}
-    return {"kind": spec.KIND, "version": spec.VERSION, "hash": stage_hash(spec),
-            "spec_class": f"{type(spec).__module__}.{type(spec).__qualname__}", "params": params}
+    params = {
+        f.name: _resolve(getattr(spec, f.name), f"{type(spec).__name__}.{f.name}", "path")
+        for f in dataclasses.fields(spec)
+    }
+    return {
+        "kind": spec.KIND,
+        "version": spec.VERSION,
+        "hash": stage_hash(spec),
+        "spec_class": f"{type(spec).__module__}.{type(spec).__qualname__}",
+        "params": params,
+    }
 
 
 def stage_path(root: str | os.PathLike, spec: Stage) -> Path:
@@ -200,8 +223,10 @@ class StageContext:
     def input(self, dep: Stage) -> Path:
         path = stage_path(self.root, dep)
         if not is_complete(path):
-            raise LmcError(f"stage {stage_label(self.spec)} needs {path}, which is not complete",
-                           "run the whole pipeline (lmckit reproduce) rather than a single stage")
+            raise LmcError(
+                f"stage {stage_label(self.spec)} needs {path}, which is not complete",
+                "run the whole pipeline (lmckit reproduce) rather than a single stage",
+            )
         return path
 
     @property
@@ -261,13 +286,23 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
                     where = _where(ctx)  # threads and device: float sums may round differently with others
                 except LmcError as e:
                     print(f"== failed: {e.render()}", file=log)
-                    return StageOutcome(spec.KIND, h, label, "failed", time.time() - t0, e.message, e.hint, True,
-                                        str(logf))
+                    return StageOutcome(
+                        spec.KIND, h, label, "failed", time.time() - t0, e.message, e.hint, True, str(logf)
+                    )
                 except Exception as e:  # a bug: keep the traceback in the log and the outcome
                     tb = traceback.format_exc()
                     print(tb, file=log)
-                    return StageOutcome(spec.KIND, h, label, "failed", time.time() - t0,
-                                        f"{type(e).__name__}: {e}\n{tb}", None, False, str(logf))
+                    return StageOutcome(
+                        spec.KIND,
+                        h,
+                        label,
+                        "failed",
+                        time.time() - t0,
+                        f"{type(e).__name__}: {e}\n{tb}",
+                        None,
+                        False,
+                        str(logf),
+                    )
                 seconds = time.time() - t0
                 print(f"== finished in {seconds:.1f}s", file=log)
         finally:
@@ -275,8 +310,17 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
                 import torch
 
                 torch.set_num_threads(prev_threads)
-        atomic_write_json(work / "stage.json", {"seconds": seconds, "cpu_seconds": time.process_time() - c0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                "pid": os.getpid(), "lmckit": _version(), **where})
+        atomic_write_json(
+            work / "stage.json",
+            {
+                "seconds": seconds,
+                "cpu_seconds": time.process_time() - c0,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "pid": os.getpid(),
+                "lmckit": _version(),
+                **where,
+            },
+        )
         # config.json last: its presence (outside .partial) marks the folder complete.
         atomic_write_json(work / "config.json", readable_config(spec))
         finalize_dir(work, final)
@@ -303,4 +347,6 @@ def read_output(root: str | os.PathLike, spec: Stage, name: str = "result.json")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise LmcError(f"stage output {path} is missing", "rerun lmckit reproduce; the cache may have been edited") from None
+        raise LmcError(
+            f"stage output {path} is missing", "rerun lmckit reproduce; the cache may have been edited"
+        ) from None

@@ -20,6 +20,7 @@ one stage of its own where it measures something new:
 All study barriers are measured on the test split with the recipe's
 ``barrier`` settings (lambdas, limit, BN batches).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,14 +31,22 @@ from .recipe import Recipe
 from .stages import Stage, StageContext
 from .tasks import AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, _Pair, _write, load_model_of
 
-__all__ = ["DirectionsStage", "DoseStage", "SpectrumStage", "ManyModelsStage", "StudyPlan", "build_studies",
-           "evaluate_perms"]
+__all__ = [
+    "DirectionsStage",
+    "DoseStage",
+    "SpectrumStage",
+    "ManyModelsStage",
+    "StudyPlan",
+    "build_studies",
+    "evaluate_perms",
+]
 
 GAMMAS = (0.0, 0.3)
 
 
-def evaluate_perms(p: _Pair, perms, points: int, limit: int, bn_batches: int, gammas=GAMMAS, wm=None,
-                   svds=None) -> dict[str, Any]:
+def evaluate_perms(
+    p: _Pair, perms, points: int, limit: int, bn_batches: int, gammas=GAMMAS, wm=None, svds=None
+) -> dict[str, Any]:
     """Test-loss barrier, L2 distance, R(gamma) of ``pi(theta_b)`` against ``theta_a`` (``perms=None``: identity).
 
     Returns ``loss_barrier``, ``accuracy_barrier``, ``midpoint_loss``, ``l2_before``,
@@ -49,14 +58,30 @@ def evaluate_perms(p: _Pair, perms, points: int, limit: int, bn_batches: int, ga
     from ..perm import apply_permutation, perm_changed_units
 
     sd_b = apply_permutation(p.spec, perms, p.sd_b) if perms is not None else dict(p.sd_b)
-    bar = barrier_curve(p.model, p.sd_a, sd_b, p.dataset, splits=("test",), points=points, limit=limit or None,
-                        device=p.device, bn_batches=bn_batches, progress=False).to_dict(collapse=True)
+    bar = barrier_curve(
+        p.model,
+        p.sd_a,
+        sd_b,
+        p.dataset,
+        splits=("test",),
+        points=points,
+        limit=limit or None,
+        device=p.device,
+        bn_batches=bn_batches,
+        progress=False,
+    ).to_dict(collapse=True)
     dist = distances(p.spec, p.sd_a, p.sd_b, perms)
     svd_a, svd_b = svds if svds is not None else (None, None)
     R = svd_alignment(p.spec, p.sd_a, p.sd_b, perms, gammas, svds_a=svd_a, svds_b=svd_b).R
-    out = {"loss_barrier": bar["loss_barrier"], "accuracy_barrier": bar["accuracy_barrier"],
-           "midpoint_loss": bar["midpoint_loss"], "l2_before": dist["l2_before"], "l2_after": dist["l2_after"],
-           "reduction": dist["reduction"], "R": {g: v["after"] for g, v in R.items()}}
+    out = {
+        "loss_barrier": bar["loss_barrier"],
+        "accuracy_barrier": bar["accuracy_barrier"],
+        "midpoint_loss": bar["midpoint_loss"],
+        "l2_before": dist["l2_before"],
+        "l2_after": dist["l2_after"],
+        "reduction": dist["reduction"],
+        "R": {g: v["after"] for g, v in R.items()},
+    }
     if wm is not None:
         out["changed_vs_wm"] = perm_changed_units(perms, wm) if perms is not None else None
     return out
@@ -99,16 +124,23 @@ class DirectionsStage(Stage):
         p = _Pair(ctx, self.a, self.b, self.wm)
         svds = _svds(p)
         kw = dict(points=self.points, limit=self.limit, bn_batches=self.bn_batches, wm=p.perms, svds=svds)
-        variants = {"naive": {"part": "none", "gamma": None, **evaluate_perms(p, None, **kw)},
-                    "wm": {"part": "all", "gamma": 0.0, **evaluate_perms(p, p.perms, **kw)}}
+        variants = {
+            "naive": {"part": "none", "gamma": None, **evaluate_perms(p, None, **kw)},
+            "wm": {"part": "all", "gamma": 0.0, **evaluate_perms(p, p.perms, **kw)},
+        }
         for g in self.gammas:
             for part in ("top", "tail"):
-                res = direction_matching(p.spec, p.sd_a, p.sd_b, g, part, seed=self.seed, max_iter=self.max_iter,
-                                         device=p.device)
+                res = direction_matching(
+                    p.spec, p.sd_a, p.sd_b, g, part, seed=self.seed, max_iter=self.max_iter, device=p.device
+                )
                 kept = res.extra["kept"]
                 frac = sum(v["kept"] for v in kept.values()) / max(sum(v["rank"] for v in kept.values()), 1)
-                variants[f"{part}@{g:g}"] = {"part": part, "gamma": float(g), "kept_fraction": frac,
-                                             **evaluate_perms(p, res.perms, **kw)}
+                variants[f"{part}@{g:g}"] = {
+                    "part": part,
+                    "gamma": float(g),
+                    "kept_fraction": frac,
+                    **evaluate_perms(p, res.perms, **kw),
+                }
                 print(f"{part}@{g:g}: barrier {variants[f'{part}@{g:g}']['loss_barrier']:.4f}", flush=True)
         _write(ctx, {"variants": variants})
 
@@ -240,17 +272,29 @@ class ManyModelsStage(Stage):
 
         def pair_numbers(key: tuple, sa, sb) -> dict[str, Any]:
             if key not in cache:
-                bar = barrier_curve(model, sa, sb, dataset, splits=("test",), points=self.points,
-                                    limit=self.limit or None, device=dev, bn_batches=self.bn_batches,
-                                    progress=False).to_dict(collapse=True)
-                R = svd_alignment(spec, sa, sb, None, self.gammas, svds_a=state_svds(spec, sa),
-                                  svds_b=state_svds(spec, sb)).R
+                bar = barrier_curve(
+                    model,
+                    sa,
+                    sb,
+                    dataset,
+                    splits=("test",),
+                    points=self.points,
+                    limit=self.limit or None,
+                    device=dev,
+                    bn_batches=self.bn_batches,
+                    progress=False,
+                ).to_dict(collapse=True)
+                R = svd_alignment(
+                    spec, sa, sb, None, self.gammas, svds_a=state_svds(spec, sa), svds_b=state_svds(spec, sb)
+                ).R
                 cache[key] = {"loss_barrier": bar["loss_barrier"], "R": {g: v["before"] for g, v in R.items()}}
             return cache[key]
 
         if self.method != "merge_many":
             perms = [None] + [load_perms(ctx.input(m) / "perms.json", spec) for m in self.matches[1:]]
-            aligned_all = [apply_permutation(spec, q, sd) if q is not None else dict(sd) for q, sd in zip(perms, states)]
+            aligned_all = [
+                apply_permutation(spec, q, sd) if q is not None else dict(sd) for q, sd in zip(perms, states)
+            ]
         rows = []
         for n in self.counts:
             extra: dict[str, Any] = {}
@@ -272,11 +316,21 @@ class ManyModelsStage(Stage):
                 reset_bn_stats(m, dataset, num_batches=self.bn_batches, device=dev)
             loss, acc = evaluate(m, dataset, "test", device=dev, limit=self.limit or None)
             non_anchor = [(i, j) for i, j in pairs if i > 0]
-            rows.append({"n": n, "merged_loss": loss, "merged_accuracy": acc,
-                         "pair_barriers": [nums[q]["loss_barrier"] for q in pairs],
-                         "mean_pair_barrier": sum(nums[q]["loss_barrier"] for q in pairs) / len(pairs),
-                         "R_non_anchor": ({g: sum(nums[q]["R"][g] for q in non_anchor) / len(non_anchor)
-                                           for g in nums[pairs[0]]["R"]} if non_anchor else None), **extra})
+            rows.append(
+                {
+                    "n": n,
+                    "merged_loss": loss,
+                    "merged_accuracy": acc,
+                    "pair_barriers": [nums[q]["loss_barrier"] for q in pairs],
+                    "mean_pair_barrier": sum(nums[q]["loss_barrier"] for q in pairs) / len(pairs),
+                    "R_non_anchor": (
+                        {g: sum(nums[q]["R"][g] for q in non_anchor) / len(non_anchor) for g in nums[pairs[0]]["R"]}
+                        if non_anchor
+                        else None
+                    ),
+                    **extra,
+                }
+            )
             print(f"N={n}: merged acc {acc:.4f}, mean pair barrier {rows[-1]['mean_pair_barrier']:.4f}", flush=True)
         _write(ctx, {"method": self.method, "rows": rows})
 
@@ -314,8 +368,13 @@ def _ste_options(recipe: Recipe, protocol: str, epochs: int, train_limit: int) -
     from ..match.ste import PRESETS, PROTOCOLS
 
     pre = PRESETS[PROTOCOLS[protocol]]
-    opts = (("batch_size", pre.batch_size), ("epochs", int(epochs)), ("lr", pre.lr),
-            ("max_iter", recipe.match.ste.max_iter), ("train_limit", int(train_limit)))
+    opts = (
+        ("batch_size", pre.batch_size),
+        ("epochs", int(epochs)),
+        ("lr", pre.lr),
+        ("max_iter", recipe.match.ste.max_iter),
+        ("train_limit", int(train_limit)),
+    )
     return opts + ((("protocol", protocol),) if protocol != "heldout-best" else ())
 
 
@@ -324,8 +383,9 @@ def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
     from .build import _experiment, _match_options
 
     st = recipe.studies
-    if not any(s.enabled for s in (st.directions, st.alignment_dose, st.weight_decay, st.many_models,
-                                   st.ste_protocols)):
+    if not any(
+        s.enabled for s in (st.directions, st.alignment_dose, st.weight_decay, st.many_models, st.ste_protocols)
+    ):
         return None
     sp = StudyPlan()
     main = plan.experiments[0]
@@ -341,27 +401,43 @@ def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
 
     if st.directions.enabled:
         for pair in pairs[: st.directions.pairs]:
-            sp.directions.append(DirectionsStage(trains[pair[0]], trains[pair[1]], wm(pair), st.directions.gammas,
-                                                 recipe.match.max_iter, 0, **bkw))
+            sp.directions.append(
+                DirectionsStage(
+                    trains[pair[0]], trains[pair[1]], wm(pair), st.directions.gammas, recipe.match.max_iter, 0, **bkw
+                )
+            )
     if st.alignment_dose.enabled:
         for pair in pairs[: st.alignment_dose.pairs]:
-            sp.dose.append(DoseStage(trains[pair[0]], trains[pair[1]], wm(pair), st.alignment_dose.fractions,
-                                     st.alignment_dose.draws, 0, **bkw))
+            sp.dose.append(
+                DoseStage(
+                    trains[pair[0]],
+                    trains[pair[1]],
+                    wm(pair),
+                    st.alignment_dose.fractions,
+                    st.alignment_dose.draws,
+                    0,
+                    **bkw,
+                )
+            )
     if st.weight_decay.enabled:
         w = st.weight_decay
         m0 = recipe.models[0]
-        sub = dataclasses.replace(recipe, match=dataclasses.replace(recipe.match, searches=1),
-                                  analysis=dataclasses.replace(recipe.analysis, enabled=True, gammas=GAMMAS,
-                                                               taylor=False))
+        sub = dataclasses.replace(
+            recipe,
+            match=dataclasses.replace(recipe.match, searches=1),
+            analysis=dataclasses.replace(recipe.analysis, enabled=True, gammas=GAMMAS, taylor=False),
+        )
         wseeds = seeds[: 2 * w.pairs]
         wpairs = [(wseeds[2 * i], wseeds[2 * i + 1]) for i in range(w.pairs)]
         for v in w.values:
             over = tuple(sorted({**dict(m0.overrides), "optimizer": w.optimizer, "weight_decay": float(v)}.items()))
             m = dataclasses.replace(m0, overrides=over)
-            e = _experiment(sub, m, m0.width_mult, ["naive", "weight"], wseeds, wpairs, False,
-                            f"{m0.display()} weight decay {v:g}")
-            sp.weight_decay.append({"value": float(v), "experiment": e,
-                                    "spectra": [SpectrumStage(t, w.gamma) for t in e.trains.values()]})
+            e = _experiment(
+                sub, m, m0.width_mult, ["naive", "weight"], wseeds, wpairs, False, f"{m0.display()} weight decay {v:g}"
+            )
+            sp.weight_decay.append(
+                {"value": float(v), "experiment": e, "spectra": [SpectrumStage(t, w.gamma) for t in e.trains.values()]}
+            )
     if st.many_models.enabled:
         mm = st.many_models
         n = max(mm.counts)
@@ -371,8 +447,9 @@ def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
             if meth != "merge_many":
                 opts = _match_options(recipe, meth)
                 matches = (None,) + tuple(MatchStage(models[0], t, meth, 0, opts) for t in models[1:])
-            sp.many[meth] = ManyModelsStage(models, meth, matches, tuple(sorted(mm.counts)), 0, recipe.match.max_iter,
-                                            **bkw)
+            sp.many[meth] = ManyModelsStage(
+                models, meth, matches, tuple(sorted(mm.counts)), 0, recipe.match.max_iter, **bkw
+            )
     if st.ste_protocols.enabled:
         ps = st.ste_protocols
         ppairs = [(seeds[2 * i], seeds[2 * i + 1]) for i in range(ps.pairs)]
@@ -383,22 +460,49 @@ def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
             rows = []
             for pair in ppairs:
                 mt = make_match(trains[pair[0]], trains[pair[1]])
-                rows.append({"pair": pair, "match": mt,
-                             "barrier": BarrierStage(trains[pair[0]], trains[pair[1]], mt, b.lambdas, ("test",), b.limit,
-                                                     b.bn_batches),
-                             "analysis": AnalysisStage(trains[pair[0]], trains[pair[1]], mt, **an)})
-            three = ThreeModelStage(three_models, label, (None,) + tuple(make_match(three_models[0], t)
-                                                                         for t in three_models[1:]),
-                                    0, (), b.lambdas, ("test",), 0, b.limit, b.bn_batches)
+                rows.append(
+                    {
+                        "pair": pair,
+                        "match": mt,
+                        "barrier": BarrierStage(
+                            trains[pair[0]], trains[pair[1]], mt, b.lambdas, ("test",), b.limit, b.bn_batches
+                        ),
+                        "analysis": AnalysisStage(trains[pair[0]], trains[pair[1]], mt, **an),
+                    }
+                )
+            three = ThreeModelStage(
+                three_models,
+                label,
+                (None,) + tuple(make_match(three_models[0], t) for t in three_models[1:]),
+                0,
+                (),
+                b.lambdas,
+                ("test",),
+                0,
+                b.limit,
+                b.bn_batches,
+            )
             return {"pairs": rows, "three": three, **settings}
 
-        sp.protocols["naive"] = {"epochs": 0, "three": None, "pairs": [
-            {"pair": pair, "match": None, "analysis": None,
-             "barrier": BarrierStage(trains[pair[0]], trains[pair[1]], None, b.lambdas, ("test",), b.limit, b.bn_batches)}
-            for pair in ppairs]}
+        sp.protocols["naive"] = {
+            "epochs": 0,
+            "three": None,
+            "pairs": [
+                {
+                    "pair": pair,
+                    "match": None,
+                    "analysis": None,
+                    "barrier": BarrierStage(
+                        trains[pair[0]], trains[pair[1]], None, b.lambdas, ("test",), b.limit, b.bn_batches
+                    ),
+                }
+                for pair in ppairs
+            ],
+        }
         sp.protocols["wm"] = block("weight", lambda a, bb: MatchStage(a, bb, "weight", 0, wm_opts), {"epochs": 0})
         for proto, ep in zip(ps.protocols, ps.epochs):
             opts = _ste_options(recipe, proto, ep, ps.train_limit)
-            sp.protocols[proto] = block("ste", lambda a, bb, o=opts: MatchStage(a, bb, "ste", 0, o),
-                                        {"epochs": int(ep), "settings": dict(opts)})
+            sp.protocols[proto] = block(
+                "ste", lambda a, bb, o=opts: MatchStage(a, bb, "ste", 0, o), {"epochs": int(ep), "settings": dict(opts)}
+            )
     return sp

@@ -9,6 +9,7 @@ Method-specific settings of a match are kept in ``options`` (sorted
 ``(key, value)`` pairs) so that, e.g., changing STE's epochs changes the STE
 stages' hashes but not those of weight matching.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,14 +23,28 @@ from ..errors import LmcError
 from ..store import atomic_write_json
 from .stages import Stage, StageContext
 
-__all__ = ["TrainStage", "MatchStage", "BarrierStage", "AnalysisStage", "ThreeModelStage", "method_available",
-           "train_stage", "load_model_of"]
+__all__ = [
+    "TrainStage",
+    "MatchStage",
+    "BarrierStage",
+    "AnalysisStage",
+    "ThreeModelStage",
+    "method_available",
+    "train_stage",
+    "load_model_of",
+]
 
 
 def method_available(method: str) -> bool:
     """Whether the library behind a matching method is importable in this build."""
-    mod = {"naive": None, "weight": "lmckit.match.weight", "activation": "lmckit.match.activation",
-           "ste": "lmckit.match.ste", "merge_many": "lmckit.match.multi", "anchor": "lmckit.match.multi"}.get(method, "?")
+    mod = {
+        "naive": None,
+        "weight": "lmckit.match.weight",
+        "activation": "lmckit.match.activation",
+        "ste": "lmckit.match.ste",
+        "merge_many": "lmckit.match.multi",
+        "anchor": "lmckit.match.multi",
+    }.get(method, "?")
     if mod is None:
         return True
     try:
@@ -39,13 +54,22 @@ def method_available(method: str) -> bool:
 
 
 def _pairs(d: Mapping[str, Any]) -> tuple:
-    return tuple(sorted((k, _pairs(v) if isinstance(v, Mapping) else (tuple(v) if isinstance(v, list) else v))
-                        for k, v in d.items()))
+    return tuple(
+        sorted(
+            (k, _pairs(v) if isinstance(v, Mapping) else (tuple(v) if isinstance(v, list) else v)) for k, v in d.items()
+        )
+    )
 
 
 def _unpairs(p: tuple) -> dict[str, Any]:
-    return {k: (_unpairs(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) and len(v[0]) == 2
-                and isinstance(v[0][0], str) else v) for k, v in p}
+    return {
+        k: (
+            _unpairs(v)
+            if isinstance(v, tuple) and v and isinstance(v[0], tuple) and len(v[0]) == 2 and isinstance(v[0][0], str)
+            else v
+        )
+        for k, v in p
+    }
 
 
 def _clean(x: Any) -> Any:
@@ -100,8 +124,17 @@ class TrainStage(Stage):
         cfg = self.train_config()
         res = train(cfg, out_root=ctx.root, device=ctx.runtime.device, progress=True, data_dir=ctx.runtime.data_dir)
         rel = os.path.relpath(res.run_dir, ctx.root)
-        _write(ctx, {"run_dir": rel, "test_loss": res.test_loss, "test_accuracy": res.test_accuracy,
-                     "train_loss": res.train_loss, "train_accuracy": res.train_accuracy, "seed": cfg.seed})
+        _write(
+            ctx,
+            {
+                "run_dir": rel,
+                "test_loss": res.test_loss,
+                "test_accuracy": res.test_accuracy,
+                "train_loss": res.train_loss,
+                "train_accuracy": res.train_accuracy,
+                "seed": cfg.seed,
+            },
+        )
 
 
 def train_stage(preset: str | None, overrides: Mapping[str, Any]) -> TrainStage:
@@ -175,22 +208,35 @@ class MatchStage(Stage):
         if self.method == "weight":
             from ..match import weight_matching
 
-            res = weight_matching(p.spec, p.sd_a, p.sd_b, seed=self.seed, max_iter=int(opt.get("max_iter", 100)),
-                                  device=p.device)
+            res = weight_matching(
+                p.spec, p.sd_a, p.sd_b, seed=self.seed, max_iter=int(opt.get("max_iter", 100)), device=p.device
+            )
         elif self.method == "activation":
-            from ..match import activation_matching
             from ..checkpoint import build_model
+            from ..match import activation_matching
 
             model_b = build_model(p.model.lmckit_config, p.sd_b, self.b.label()).to(p.device)
             res = activation_matching(p.model, model_b, p.dataset, **_activation_kwargs(opt, self.seed, p.device))
         elif self.method == "ste":
             from ..match.ste import ste_matching
 
-            res = ste_matching(p.model, p.sd_a, p.sd_b, p.dataset, spec=p.spec, epochs=int(opt["epochs"]),
-                               lr=float(opt["lr"]), batch_size=int(opt["batch_size"]), seed=self.seed, device=p.device,
-                               state_dir=ctx.dir / "ste", progress=True, wm_max_iter=int(opt.get("max_iter", 100)),
-                               train_limit=int(opt.get("train_limit", 0)) or None,
-                               protocol=str(opt.get("protocol", "heldout-best")))
+            res = ste_matching(
+                p.model,
+                p.sd_a,
+                p.sd_b,
+                p.dataset,
+                spec=p.spec,
+                epochs=int(opt["epochs"]),
+                lr=float(opt["lr"]),
+                batch_size=int(opt["batch_size"]),
+                seed=self.seed,
+                device=p.device,
+                state_dir=ctx.dir / "ste",
+                progress=True,
+                wm_max_iter=int(opt.get("max_iter", 100)),
+                train_limit=int(opt.get("train_limit", 0)) or None,
+                protocol=str(opt.get("protocol", "heldout-best")),
+            )
         else:
             raise LmcError(f"unknown matching method {self.method!r}", "use weight, activation or ste")
         save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)
@@ -233,8 +279,18 @@ class BarrierStage(Stage):
         from ..lmc import barrier_curve
 
         p = _Pair(ctx, self.a, self.b, self.match)
-        res = barrier_curve(p.model, p.sd_a, p.sd_b_aligned(), p.dataset, splits=self.splits, points=self.points,
-                            limit=self.limit or None, device=p.device, bn_batches=self.bn_batches, progress=True)
+        res = barrier_curve(
+            p.model,
+            p.sd_a,
+            p.sd_b_aligned(),
+            p.dataset,
+            splits=self.splits,
+            points=self.points,
+            limit=self.limit or None,
+            device=p.device,
+            bn_batches=self.bn_batches,
+            progress=True,
+        )
         _write(ctx, res.to_dict())
 
 
@@ -283,19 +339,38 @@ class AnalysisStage(Stage):
         s = svd.summary(arrays=self.arrays)
         out["R"], out["R_per_layer"] = s["R"], s["per_layer"]
         if self.taylor:
-            out["taylor"] = taylor_midpoint(p.model, p.spec, p.sd_a, p.sd_b_aligned(), p.dataset,
-                                            num_samples=self.taylor_samples, seed=self.seed, device=p.device)
+            out["taylor"] = taylor_midpoint(
+                p.model,
+                p.spec,
+                p.sd_a,
+                p.sd_b_aligned(),
+                p.dataset,
+                num_samples=self.taylor_samples,
+                seed=self.seed,
+                device=p.device,
+            )
         if self.projections:
-            proj = input_projections(p.model, p.spec, p.sd_a, p.dataset, num_batches=self.projection_batches,
-                                     device=p.device, seed=self.seed)
-            out["projections"] = {name: {"mean_abs": d["mean_abs"], "random_mean_abs": d["random_mean_abs"]}
-                                  for name, d in proj.items()}
+            proj = input_projections(
+                p.model, p.spec, p.sd_a, p.dataset, num_batches=self.projection_batches, device=p.device, seed=self.seed
+            )
+            out["projections"] = {
+                name: {"mean_abs": d["mean_abs"], "random_mean_abs": d["random_mean_abs"]} for name, d in proj.items()
+            }
         if self.rank:
             bn = has_batchnorm(p.model)
-            kw = dict(gammas=[g for g in self.gammas if g > 0], fractions=list(self.rank_fractions), split="test",
-                      spec=p.spec, device=p.device, limit=self.eval_limit or None, reset_bn=bn)
-            out["rank_sweep"] = {"A": rank_sweep(p.model, p.sd_a, p.dataset, **kw),
-                                 "midpoint": rank_sweep(p.model, midpoint_state(p.sd_a, p.sd_b_aligned()), p.dataset, **kw)}
+            kw = dict(
+                gammas=[g for g in self.gammas if g > 0],
+                fractions=list(self.rank_fractions),
+                split="test",
+                spec=p.spec,
+                device=p.device,
+                limit=self.eval_limit or None,
+                reset_bn=bn,
+            )
+            out["rank_sweep"] = {
+                "A": rank_sweep(p.model, p.sd_a, p.dataset, **kw),
+                "midpoint": rank_sweep(p.model, midpoint_state(p.sd_a, p.sd_b_aligned()), p.dataset, **kw),
+            }
         _write(ctx, out)
 
 
@@ -356,8 +431,9 @@ class ThreeModelStage(Stage):
         if self.method == "merge_many":
             from ..match import merge_many
 
-            res = merge_many(spec, states, seed=self.seed, wm_max_iter=int(dict(self.options).get("max_iter", 100)),
-                             device=dev)
+            res = merge_many(
+                spec, states, seed=self.seed, wm_max_iter=int(dict(self.options).get("max_iter", 100)), device=dev
+            )
             perms = res.perms
             out["passes"], out["converged"], out["objective"] = res.passes, res.converged, res.objective
         else:
@@ -365,14 +441,35 @@ class ThreeModelStage(Stage):
                 raise ValueError("ThreeModelStage needs matches = (None, match of model 1, match of model 2, ...)")
             perms = [None] + [load_perms(ctx.input(m) / "perms.json", spec) for m in self.matches[1:]]
         aligned = [apply_permutation(spec, p, sd) if p is not None else dict(sd) for p, sd in zip(perms, states)]
-        bar = barrier_curve(model, aligned[1], aligned[2], dataset, splits=self.splits, points=self.points,
-                            limit=self.limit or None, device=dev, bn_batches=self.bn_batches, progress=True)
+        bar = barrier_curve(
+            model,
+            aligned[1],
+            aligned[2],
+            dataset,
+            splits=self.splits,
+            points=self.points,
+            limit=self.limit or None,
+            device=dev,
+            bn_batches=self.bn_batches,
+            progress=True,
+        )
         out["pair_barrier"] = bar.to_dict()
         if self.grid:
             from ..lmc.landscape import plane_landscape
 
-            land = plane_landscape(model, aligned[0], aligned[1], aligned[2], dataset, grid=self.grid, split="test",
-                                   limit=self.limit or None, device=dev, bn_batches=self.bn_batches, progress=True)
+            land = plane_landscape(
+                model,
+                aligned[0],
+                aligned[1],
+                aligned[2],
+                dataset,
+                grid=self.grid,
+                split="test",
+                limit=self.limit or None,
+                device=dev,
+                bn_batches=self.bn_batches,
+                progress=True,
+            )
             out["landscape"] = land.to_dict()
         merged = []
         bn = has_batchnorm(model)

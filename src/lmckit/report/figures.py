@@ -11,15 +11,15 @@ ticks on integer axes (indices, epochs, model counts), one legend per figure
 placed below the panels (never over the data), and panels that compare
 methods drawn on one shared colour scale and the same axes.
 """
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..plotting import LOSS_CMAP, integer_ticks, legend_outside, plain_log_axis
+from ..plotting import LOSS_CMAP, integer_ticks, legend_outside, plain_log_axis, save_figure, subplot_grid
 from ..plotting import pyplot as _plt
-from ..plotting import save_figure, subplot_grid
 
 METHOD_LABEL = {"naive": "naive", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
 METHOD_COLOR = {"naive": "0.5", "weight": "C3", "activation": "C0", "ste": "C2", "merge_many": "C4"}
@@ -73,10 +73,22 @@ def interpolation(exp: Mapping[str, Any], path: Path) -> Path:
                 d = methods[m]
                 lam = d["curves"]["lambdas"]
                 mu, sd = d["curves"][sp][f"{q}_mean"], d["curves"][sp][f"{q}_std"]
-                ax.plot(lam, mu, label=METHOD_LABEL.get(m, m), color=METHOD_COLOR.get(m), ls=METHOD_STYLE.get(m, "-"),
-                        lw=1.4)
-                ax.fill_between(lam, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
-                                color=METHOD_COLOR.get(m), alpha=0.2, lw=0)
+                ax.plot(
+                    lam,
+                    mu,
+                    label=METHOD_LABEL.get(m, m),
+                    color=METHOD_COLOR.get(m),
+                    ls=METHOD_STYLE.get(m, "-"),
+                    lw=1.4,
+                )
+                ax.fill_between(
+                    lam,
+                    [a - b for a, b in zip(mu, sd)],
+                    [a + b for a, b in zip(mu, sd)],
+                    color=METHOD_COLOR.get(m),
+                    alpha=0.2,
+                    lw=0,
+                )
             ax.set_title(f"{sp} {q}{note}", fontsize=8)
             ax.set_xlabel("λ (0: model A, 1: model B)")
             ax.set_ylabel(f"{sp} {unit}")
@@ -114,8 +126,15 @@ def r_bars(exp: Mapping[str, Any], path: Path) -> Path:
     w = 0.8 / len(series)
     for j, (name, R, when, color) in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * w for i in range(len(gammas))]
-        ax.bar(xs, [R[g][when]["mean"] for g in gammas], yerr=[R[g][when]["std"] for g in gammas], width=w,
-               label=name, color=color, capsize=2)
+        ax.bar(
+            xs,
+            [R[g][when]["mean"] for g in gammas],
+            yerr=[R[g][when]["std"] for g in gammas],
+            width=w,
+            label=name,
+            color=color,
+            capsize=2,
+        )
     ax.set_xticks(range(len(gammas)), [f"γ = {g}" for g in gammas])
     ax.set_ylabel("alignment score R(γ)")
     ax.axhline(0, color="k", lw=0.5)
@@ -162,9 +181,15 @@ def rank(exp: Mapping[str, Any], path: Path) -> Path:
         for kind, marker in (("fraction", "o"), ("gamma", "s")):
             pts = sorted((r["kept_fraction"], r["accuracy"]) for r in recs if r["kind"] == kind)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=3, color=f"C{i}",
-                        ls="-" if kind == "fraction" else "none",
-                        label=f"{who}: {'top fraction of the rank' if kind == 'fraction' else 'σ_i >= γ σ_max'}")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=marker,
+                    ms=3,
+                    color=f"C{i}",
+                    ls="-" if kind == "fraction" else "none",
+                    label=f"{who}: {'top fraction of the rank' if kind == 'fraction' else 'σ_i >= γ σ_max'}",
+                )
         if full is not None:
             ax.axhline(full["accuracy"], color=f"C{i}", ls=":", lw=0.8, label=f"{who}: untruncated")
     ax.set_xscale("log")
@@ -221,8 +246,9 @@ def landscape(three: Mapping[str, Any], path: Path) -> Path:
         ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", lw=0.8)
         for name, (x, y) in pts:
             ax.plot([x], [y], "o", color="white", markeredgecolor="black", ms=6)
-            ax.annotate(name, (x, y), color="white", fontsize=7, fontweight="bold", xytext=(4, 4),
-                        textcoords="offset points")
+            ax.annotate(
+                name, (x, y), color="white", fontsize=7, fontweight="bold", xytext=(4, 4), textcoords="offset points"
+            )
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
         ax.set_facecolor("0.85")  # outside this method's evaluated grid (the axes are shared by all panels)
@@ -236,8 +262,7 @@ def landscape(three: Mapping[str, Any], path: Path) -> Path:
         cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85, ticks=ticks, format="%.3g")
         cbar.minorticks_off()
         cbar.set_label("test loss (nats, log scale; shared by all panels)", fontsize=7)
-    fig.suptitle("Loss on the plane through three aligned models (white: the models; grey: not evaluated)",
-                 fontsize=9)
+    fig.suptitle("Loss on the plane through three aligned models (white: the models; grey: not evaluated)", fontsize=9)
     return save_figure(fig, path, dpi=90, metadata={"Software": None}, bbox_inches="tight")
 
 
@@ -249,13 +274,29 @@ def width_sweep(ws: list[Mapping[str, Any]], path: Path, split: str = "test", ga
     for m in ws[0]["methods"]:
         b = [x["methods"][m].get("barrier", {}).get(split, {}).get("loss_barrier") for x in ws]
         if all(v is not None for v in b):
-            a1.errorbar(widths, [v["mean"] for v in b], yerr=[v["std"] for v in b], marker="o", ms=3, capsize=2,
-                        label=METHOD_LABEL.get(m, m), color=METHOD_COLOR.get(m))
+            a1.errorbar(
+                widths,
+                [v["mean"] for v in b],
+                yerr=[v["std"] for v in b],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=METHOD_LABEL.get(m, m),
+                color=METHOD_COLOR.get(m),
+            )
         R = [x["methods"][m].get("R") for x in ws]
         if all(R):
             g = gamma or list(R[0])[-1]
-            a2.errorbar(widths, [r[g]["after"]["mean"] for r in R], yerr=[r[g]["after"]["std"] for r in R], marker="o",
-                        ms=3, capsize=2, label=f"{METHOD_LABEL.get(m, m)} R({g})", color=METHOD_COLOR.get(m))
+            a2.errorbar(
+                widths,
+                [r[g]["after"]["mean"] for r in R],
+                yerr=[r[g]["after"]["std"] for r in R],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{METHOD_LABEL.get(m, m)} R({g})",
+                color=METHOD_COLOR.get(m),
+            )
             a2.plot(widths, [r[g]["before"]["mean"] for r in R], ls=":", color="0.5", label=f"no permutation R({g})")
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)
@@ -278,10 +319,12 @@ def ste_drift(drift: Mapping[str, Any], path: Path) -> Path:
     """
     runs = drift["runs"]
     fig, axes = _grid(4, size=3.2)
-    panels = [("changed_vs_wm", "units reassigned vs WM", "fraction of units"),
-              ("tilde_rel_dist", "‖θ̃ − θ_a‖ / ‖θ_a‖", "ratio to ‖θ_a‖"),
-              ("r03", "R(0.3) of current permutation", "R(0.3)"),
-              ("heldout_loss", "held-out midpoint loss", "loss (nats)")]
+    panels = [
+        ("changed_vs_wm", "units reassigned vs WM", "fraction of units"),
+        ("tilde_rel_dist", "‖θ̃ − θ_a‖ / ‖θ_a‖", "ratio to ‖θ_a‖"),
+        ("r03", "R(0.3) of current permutation", "R(0.3)"),
+        ("heldout_loss", "held-out midpoint loss", "loss (nats)"),
+    ]
     for ax, (k, title, ylabel) in zip(axes, panels):
         for i, r in enumerate(runs):
             ax.plot(r["epoch"], r[k], marker="o", ms=3, lw=1.2, color=f"C{i % 10}", label=r["label"])

@@ -10,6 +10,7 @@ next to it (``criterion``), never in advance. The criteria are the project's
 reading of the paper's words ("near 0", "clearly differs", ...), stated in
 the report so a reader can disagree.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,19 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..pipeline.build import Experiment, Plan
-from .claims import CLAIMS, paper_value
 from ..pipeline.stages import stage_path
+from .claims import CLAIMS, paper_value
 
-__all__ = ["collect", "stats", "t_interval", "judge_claims", "timings", "ste_drift", "changed_fraction",
-           "evaluation_sizes"]
+__all__ = [
+    "collect",
+    "stats",
+    "t_interval",
+    "judge_claims",
+    "timings",
+    "ste_drift",
+    "changed_fraction",
+    "evaluation_sizes",
+]
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -74,9 +83,17 @@ def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[fl
 
 def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"label": e.label, "width_mult": e.width_mult, "pairs": [list(p) for p in e.pairs]}
-    out["models"] = [{"seed": s, **{k: v for k, v in _read(root, t).items() if k in ("test_accuracy", "test_loss",
-                                                                                      "train_accuracy", "train_loss")}}
-                     for s, t in e.trains.items()]
+    out["models"] = [
+        {
+            "seed": s,
+            **{
+                k: v
+                for k, v in _read(root, t).items()
+                if k in ("test_accuracy", "test_loss", "train_accuracy", "train_loss")
+            },
+        }
+        for s, t in e.trains.items()
+    ]
     methods: dict[str, Any] = {}
     per_pair: list[dict[str, Any]] = []
     for method in e.methods:
@@ -84,9 +101,13 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
         bars = [_read(root, b) for (p, meth, s), b in e.barriers.items() if meth == method]
         if bars:
             splits = bars[0]["splits"]
-            m["barrier"] = {sp: {q: stats((b[q][sp] for b in bars), "model pairs")
-                                 for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")}
-                            for sp in splits}
+            m["barrier"] = {
+                sp: {
+                    q: stats((b[q][sp] for b in bars), "model pairs")
+                    for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")
+                }
+                for sp in splits
+            }
             m["curves"] = {"lambdas": bars[0]["lambdas"]}
             for sp in splits:
                 lm, ls = _mean_curve([b["loss"][sp] for b in bars])
@@ -99,22 +120,33 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
             over = "model pairs x WM searches" if searches > 1 else "model pairs"
             # values before matching do not depend on the search: one per pair (search 0), not repeated
             first = [(k, a) for k, a in ans if k[2] == 0]
-            m["R"] = {g: {"before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
-                          "after": stats((a["R"][g]["after"] for _, a in ans), over)} for g in gammas}
-            m["distance"] = {"l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
-                             **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")}}
+            m["R"] = {
+                g: {
+                    "before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
+                    "after": stats((a["R"][g]["after"] for _, a in ans), over),
+                }
+                for g in gammas
+            }
+            m["distance"] = {
+                "l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
+                **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")},
+            }
             tay = [a["taylor"] for _, a in ans if "taylor" in a]
             if tay:
-                m["taylor"] = {q: stats((t[q] for t in tay), "model pairs")
-                               for q in ("taylor_midpoint", "measured_midpoint", "dHd", "delta_norm")}
+                m["taylor"] = {
+                    q: stats((t[q] for t in tay), "model pairs")
+                    for q in ("taylor_midpoint", "measured_midpoint", "dHd", "delta_norm")
+                }
                 m["taylor"]["num_samples"] = int(tay[0].get("num_samples", 0))
                 m["taylor"]["split"] = str(tay[0].get("split", "train"))
             if method != "naive":
                 per_pair += _layer_tables(method, ans)
         matches = [_read(root, st) for k, st in e.matches.items() if k[1] == method]
         if matches:
-            m["match"] = {"sweeps": stats(x.get("sweeps", 1) for x in matches),
-                          "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x)}
+            m["match"] = {
+                "sweeps": stats(x.get("sweeps", 1) for x in matches),
+                "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x),
+            }
             if method == "ste":  # how far STE's permutation drifted from plain WM's (fraction of units)
                 m["match"]["changed_vs_wm"] = stats(x.get("changed_vs_wm") for x in matches)
         methods[method] = m
@@ -126,18 +158,33 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
             if e.analyses[k].arrays or e.analyses[k].projections or e.analyses[k].rank:
                 d = _read(root, a)
                 if e.analyses[k].arrays:
-                    out["spectra"] = {la["name"]: {"sigma_a": la["sigma_a"], "sigma_b": la["sigma_b"],
-                                                   "per_index_before": la["per_index"]["before"],
-                                                   "per_index_after": la["per_index"]["after"]}
-                                      for la in d["R_per_layer"] if "sigma_a" in la}
+                    out["spectra"] = {
+                        la["name"]: {
+                            "sigma_a": la["sigma_a"],
+                            "sigma_b": la["sigma_b"],
+                            "per_index_before": la["per_index"]["before"],
+                            "per_index_after": la["per_index"]["after"],
+                        }
+                        for la in d["R_per_layer"]
+                        if "sigma_a" in la
+                    }
                     out["R_per_layer"] = {la["name"]: la["R"] for la in d["R_per_layer"]}
                 if "projections" in d:
                     out["projections"] = d["projections"]
                 if "rank_sweep" in d:
-                    out["rank_sweep"] = {who: [{"kind": r["kind"], "threshold": r["threshold"] if r["threshold"] is not None else 1.0,
-                                                "kept_fraction": r["kept_total"] / max(r["rank_total"], 1),
-                                                "accuracy": r["acc"], "loss": r["loss"]} for r in recs]
-                                         for who, recs in d["rank_sweep"].items()}
+                    out["rank_sweep"] = {
+                        who: [
+                            {
+                                "kind": r["kind"],
+                                "threshold": r["threshold"] if r["threshold"] is not None else 1.0,
+                                "kept_fraction": r["kept_total"] / max(r["rank_total"], 1),
+                                "accuracy": r["acc"],
+                                "loss": r["loss"],
+                            }
+                            for r in recs
+                        ]
+                        for who, recs in d["rank_sweep"].items()
+                    }
                 break
     return out
 
@@ -164,8 +211,9 @@ def _layer_tables(method: str, ans: list[tuple[Any, dict[str, Any]]]) -> list[di
                 for q in ("l2_before", "l2_after", "reduction"):
                     row[q] = sum(d[name][q] for d in dist) / len(dist)
             if all(name in r for r in rr):
-                row["R"] = {g: {w: sum(r[name][g][w] for r in rr) / len(rr) for w in ("before", "after")}
-                            for g in rr[0][name]}
+                row["R"] = {
+                    g: {w: sum(r[name][g][w] for r in rr) / len(rr) for w in ("before", "after")} for g in rr[0][name]
+                }
             rows.append(row)
         out.append({"pair": list(pair), "method": method, "searches": len(runs), "rows": rows})
     return out
@@ -188,6 +236,7 @@ def evaluation_sizes(recipe: Any, sizes: dict[str, int]) -> dict[str, Any]:
     A ``limit`` of 0 means the whole split; evaluations take the first N images of a split in file order,
     training-data subsets (Taylor, projections, AM, BN reset) are seeded random draws.
     """
+
     def cap(limit: int, split: str) -> int | None:
         n = sizes.get(split)
         if not limit:
@@ -195,15 +244,17 @@ def evaluation_sizes(recipe: Any, sizes: dict[str, int]) -> dict[str, Any]:
         return min(limit, n) if n is not None else int(limit)
 
     b, an, mt = recipe["barrier"], recipe["analysis"], recipe["match"]
-    out: dict[str, Any] = {"split_sizes": dict(sizes),
-                           "barrier": {sp: cap(b["limit"], sp) for sp in b["splits"]},
-                           "barrier_lambdas": b["lambdas"],
-                           "taylor_train_images": cap(an["taylor_samples"], "train"),
-                           "projection_train_images": cap(max(1, an["projection_samples"] // 500) * 500, "train"),
-                           "rank_test_images": cap(an["eval_limit"], "test"),
-                           "activation_matching_train_images": cap(mt["am_samples"], "train"),
-                           "ste_train_images": cap(mt["ste"]["train_limit"], "train"),
-                           "three_models_test_images": cap(b["limit"], "test")}
+    out: dict[str, Any] = {
+        "split_sizes": dict(sizes),
+        "barrier": {sp: cap(b["limit"], sp) for sp in b["splits"]},
+        "barrier_lambdas": b["lambdas"],
+        "taylor_train_images": cap(an["taylor_samples"], "train"),
+        "projection_train_images": cap(max(1, an["projection_samples"] // 500) * 500, "train"),
+        "rank_test_images": cap(an["eval_limit"], "test"),
+        "activation_matching_train_images": cap(mt["am_samples"], "train"),
+        "ste_train_images": cap(mt["ste"]["train_limit"], "train"),
+        "three_models_test_images": cap(b["limit"], "test"),
+    }
     return out
 
 
@@ -221,9 +272,13 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
             d = _read(root, st)
             pb = d["pair_barrier"]
             sp = pb["splits"][0]
-            three[meth] = {"pair_loss_barrier": pb["loss_barrier"][sp], "pair_accuracy_barrier": pb["accuracy_barrier"][sp],
-                           "pair_curve": {"lambdas": pb["lambdas"], "loss": pb["loss"][sp], "accuracy": pb["accuracy"][sp]},
-                           "merged": d["merged"], "split": sp}
+            three[meth] = {
+                "pair_loss_barrier": pb["loss_barrier"][sp],
+                "pair_accuracy_barrier": pb["accuracy_barrier"][sp],
+                "pair_curve": {"lambdas": pb["lambdas"], "loss": pb["loss"][sp], "accuracy": pb["accuracy"][sp]},
+                "merged": d["merged"],
+                "split": sp,
+            }
             if "landscape" in d:
                 ld = d["landscape"]
                 three[meth]["landscape"] = {k: ld[k] for k in ("xs", "ys", "loss", "accuracy", "models")}
@@ -339,9 +394,11 @@ def ste_drift(plan: Plan, root: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": runs}
     if wm:
         out["wm_vs_wm"] = stats(wm, "pairs of WM searches with different seeds, same model pair")
-    out["summary"] = {f"{k}_{w}": stats((r[k][i] for r in runs), "STE runs") for k in ("changed_vs_wm", "tilde_rel_dist", "r03",
-                                                                         "heldout_loss")
-                      for w, i in (("start", 0), ("end", -1))}
+    out["summary"] = {
+        f"{k}_{w}": stats((r[k][i] for r in runs), "STE runs")
+        for k in ("changed_vs_wm", "tilde_rel_dist", "r03", "heldout_loss")
+        for w, i in (("start", 0), ("end", -1))
+    }
     out["summary"]["epochs"] = max(r["epoch"][-1] for r in runs)
     return out
 
@@ -356,15 +413,20 @@ def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
     from ..pipeline.executor import plan as order
 
     per: dict[str, float] = {}
-    where: set[tuple[Any, Any]] = set()  # (torch threads, device) the stages ran with: results can differ in the last digits
+    where: set[tuple[Any, Any]] = (
+        set()
+    )  # (torch threads, device) the stages ran with: results can differ in the last digits
     for s in order(plan.targets()):
         f = stage_path(root, s) / "stage.json"
         if f.exists():
             rec = json.loads(f.read_text())
             per[s.KIND] = per.get(s.KIND, 0.0) + float(rec.get("seconds", 0.0))
             where.add((rec.get("threads"), rec.get("device")))
-    return {"stage_seconds_by_kind": per, "stage_seconds_total": sum(per.values()),
-            "ran_with": [{"threads": t, "device": d} for t, d in sorted(where, key=str)]}
+    return {
+        "stage_seconds_by_kind": per,
+        "stage_seconds_total": sum(per.values()),
+        "ran_with": [{"threads": t, "device": d} for t, d in sorted(where, key=str)],
+    }
 
 
 # --------------------------------------------------------------------------- claims
@@ -402,7 +464,11 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
 def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> list[dict[str, Any]]:
     claims: list[dict[str, Any]] = []
     M = e["methods"]
-    split = "test" if "test" in _get(M, "naive", "barrier", default={}) else next(iter(_get(M, "naive", "barrier", default={"": 0})))
+    split = (
+        "test"
+        if "test" in _get(M, "naive", "barrier", default={})
+        else next(iter(_get(M, "naive", "barrier", default={"": 0})))
+    )
 
     def bar(method: str) -> float | None:
         return _get(M, method, "barrier", split, "loss_barrier", "mean")
@@ -415,21 +481,37 @@ def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> li
     red = _get(M, "weight", "distance", "reduction", "mean")
     if nb is not None and wb is not None and red is not None:
         held = wb <= 0.2 * nb and red <= 0.3
-        claims.append({"id": "1", "figure": "interpolation", "held": bool(held),
-                       "criterion": "WM loss barrier <= 0.2 x naive barrier and L2 distance reduction <= 30%",
-                       "numbers": {"naive_barrier": nb, "wm_barrier": wb, "reduction": red},
-                       "text": (f"WM lowered the {split} loss barrier from {nb:.3f} (naive) to {wb:.3f} while reducing the "
-                                f"L2 distance by only {100 * red:.1f}%: claim 1 {'held' if held else 'did not hold'} in this run.")})
+        claims.append(
+            {
+                "id": "1",
+                "figure": "interpolation",
+                "held": bool(held),
+                "criterion": "WM loss barrier <= 0.2 x naive barrier and L2 distance reduction <= 30%",
+                "numbers": {"naive_barrier": nb, "wm_barrier": wb, "reduction": red},
+                "text": (
+                    f"WM lowered the {split} loss barrier from {nb:.3f} (naive) to {wb:.3f} while reducing the "
+                    f"L2 distance by only {100 * red:.1f}%: claim 1 {'held' if held else 'did not hold'} in this run."
+                ),
+            }
+        )
     tay = _get(M, "weight", "taylor")
     if tay:
         t, m = tay["taylor_midpoint"]["mean"], tay["measured_midpoint"]["mean"]
         rel = abs(t - m) / max(abs(m), 1e-12)
         held = rel > 0.5
-        claims.append({"id": "2", "figure": "table", "held": bool(held),
-                       "criterion": "|Taylor estimate - measured midpoint barrier| > 50% of the measured one (after WM)",
-                       "numbers": {"taylor": t, "measured": m, "relative_difference": rel},
-                       "text": (f"The second-order Taylor estimate of the WM midpoint barrier is {t:.3f} against {m:.3f} "
-                                f"measured ({100 * rel:.0f}% apart): claim 2 {'held' if held else 'did not hold'}.")})
+        claims.append(
+            {
+                "id": "2",
+                "figure": "table",
+                "held": bool(held),
+                "criterion": "|Taylor estimate - measured midpoint barrier| > 50% of the measured one (after WM)",
+                "numbers": {"taylor": t, "measured": m, "relative_difference": rel},
+                "text": (
+                    f"The second-order Taylor estimate of the WM midpoint barrier is {t:.3f} against {m:.3f} "
+                    f"measured ({100 * rel:.0f}% apart): claim 2 {'held' if held else 'did not hold'}."
+                ),
+            }
+        )
     gam = list(_get(M, "weight", "R", default={}) or {})
     if len(gam) >= 2 and e.get("spectra"):
         g0, g1 = gam[0], gam[-1]
@@ -442,13 +524,21 @@ def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> li
             diffs += [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(sa[:k], sb[:k])]
         spec_diff = sum(diffs) / len(diffs) if diffs else 0.0
         held = rise1 > rise0 and spec_diff < 0.1
-        claims.append({"id": "3", "figure": "R_bars", "held": bool(held),
-                       "criterion": f"WM raises R more at gamma={g1} than at gamma={g0}, and the top 10% singular values "
-                                    "of corresponding layers differ by < 10% on average",
-                       "numbers": {"R_rise_low_gamma": rise0, "R_rise_high_gamma": rise1, "top_sigma_rel_diff": spec_diff},
-                       "text": (f"WM raised R by {rise1:.3f} at gamma={g1} and by {rise0:.3f} at gamma={g0}; leading singular "
-                                f"values differ by {100 * spec_diff:.1f}% across seeds: claim 3 "
-                                f"{'held' if held else 'did not hold'}.")})
+        claims.append(
+            {
+                "id": "3",
+                "figure": "R_bars",
+                "held": bool(held),
+                "criterion": f"WM raises R more at gamma={g1} than at gamma={g0}, and the top 10% singular values "
+                "of corresponding layers differ by < 10% on average",
+                "numbers": {"R_rise_low_gamma": rise0, "R_rise_high_gamma": rise1, "top_sigma_rel_diff": spec_diff},
+                "text": (
+                    f"WM raised R by {rise1:.3f} at gamma={g1} and by {rise0:.3f} at gamma={g0}; leading singular "
+                    f"values differ by {100 * spec_diff:.1f}% across seeds: claim 3 "
+                    f"{'held' if held else 'did not hold'}."
+                ),
+            }
+        )
     proj, rank = e.get("projections"), e.get("rank_sweep")
     if proj and rank:
         ratios = []
@@ -456,7 +546,7 @@ def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> li
             v = d["mean_abs"]
             k = max(1, len(v) // 10)
             top = sum(v[:k]) / k
-            rest = v[len(v) // 2:] or v
+            rest = v[len(v) // 2 :] or v
             ratios.append(top / max(sum(rest) / len(rest), 1e-12))
         ratio = sum(ratios) / len(ratios)
         recs = rank["A"]
@@ -467,25 +557,48 @@ def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> li
         frac = best["kept_fraction"] if best else 1.0
         acc = best["accuracy"] if best else full
         held = ratio > 2.0 and bool(good) and frac <= 0.25
-        kept = (f"keeping {100 * frac:.1f}% of the hidden-layer rank keeps {acc:.3f} of {full:.3f} accuracy" if good else
-                f"no truncation tested kept 90% of the accuracy (keeping {100 * frac:.1f}% of the rank gives {acc:.3f} "
-                f"of {full:.3f})")
-        claims.append({"id": "4", "figure": "projections", "held": bool(held),
-                       "criterion": "inputs project > 2x more on the top 10% right-singular vectors than on the bottom half, "
-                                    "and keeping <= 25% of the hidden-layer rank keeps >= 90% of the accuracy",
-                       "numbers": {"projection_ratio": ratio, "full_accuracy": full, "kept_fraction": frac,
-                                   "truncated_accuracy": acc},
-                       "text": (f"Layer inputs project {ratio:.1f}x more on the leading right-singular vectors than on the "
-                                f"trailing half, and {kept}: claim 4 {'held' if held else 'did not hold'}.")})
+        kept = (
+            f"keeping {100 * frac:.1f}% of the hidden-layer rank keeps {acc:.3f} of {full:.3f} accuracy"
+            if good
+            else f"no truncation tested kept 90% of the accuracy (keeping {100 * frac:.1f}% of the rank gives {acc:.3f} "
+            f"of {full:.3f})"
+        )
+        claims.append(
+            {
+                "id": "4",
+                "figure": "projections",
+                "held": bool(held),
+                "criterion": "inputs project > 2x more on the top 10% right-singular vectors than on the bottom half, "
+                "and keeping <= 25% of the hidden-layer rank keeps >= 90% of the accuracy",
+                "numbers": {
+                    "projection_ratio": ratio,
+                    "full_accuracy": full,
+                    "kept_fraction": frac,
+                    "truncated_accuracy": acc,
+                },
+                "text": (
+                    f"Layer inputs project {ratio:.1f}x more on the leading right-singular vectors than on the "
+                    f"trailing half, and {kept}: claim 4 {'held' if held else 'did not hold'}."
+                ),
+            }
+        )
     if len(gam) >= 1 and R("activation", gam[-1]) is not None:
         g = gam[-1]
         rw, ra = R("weight", g), R("activation", g)
         held = abs(ra - rw) <= 0.5 * abs(rw)
-        claims.append({"id": "5a", "figure": "R_bars", "held": bool(held),
-                       "criterion": f"|R_AM - R_WM| <= 50% of R_WM at gamma={g}",
-                       "numbers": {"R_wm": rw, "R_am": ra},
-                       "text": (f"AM reached R({g}) = {ra:.3f} against WM's {rw:.3f}: claim 5 (AM behaves like WM) "
-                                f"{'held' if held else 'did not hold'}.")})
+        claims.append(
+            {
+                "id": "5a",
+                "figure": "R_bars",
+                "held": bool(held),
+                "criterion": f"|R_AM - R_WM| <= 50% of R_WM at gamma={g}",
+                "numbers": {"R_wm": rw, "R_am": ra},
+                "text": (
+                    f"AM reached R({g}) = {ra:.3f} against WM's {rw:.3f}: claim 5 (AM behaves like WM) "
+                    f"{'held' if held else 'did not hold'}."
+                ),
+            }
+        )
     if len(gam) >= 1 and R("ste", gam[-1]) is not None and nb is not None and bar("ste") is not None:
         g = gam[-1]
         rw, rs, sb = R("weight", g), R("ste", g), bar("ste")
@@ -493,33 +606,62 @@ def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> li
         low = rs <= 0.5 * rw
         held = lmc and low
         drift = _get(M, "ste", "match", "changed_vs_wm", "mean", default=0.0)
-        claims.append({"id": "5b", "figure": "R_bars", "held": bool(held),
-                       "criterion": f"STE ({proto} protocol) loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
-                       "numbers": {"ste_barrier": sb, "naive_barrier": nb, "R_ste": rs, "R_wm": rw,
-                                   "ste_units_changed_vs_wm": drift},
-                       "text": (f"STE's ({proto} protocol) barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
-                                f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
-                                f"{'stayed low' if low else 'did not stay low'} (its permutation differs from WM's on "
-                                f"{100 * drift:.0f}% of units); claim 5 (STE) {'held' if held else 'did not hold'}.")})
+        claims.append(
+            {
+                "id": "5b",
+                "figure": "R_bars",
+                "held": bool(held),
+                "criterion": f"STE ({proto} protocol) loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
+                "numbers": {
+                    "ste_barrier": sb,
+                    "naive_barrier": nb,
+                    "R_ste": rs,
+                    "R_wm": rw,
+                    "ste_units_changed_vs_wm": drift,
+                },
+                "text": (
+                    f"STE's ({proto} protocol) barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
+                    f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
+                    f"{'stayed low' if low else 'did not stay low'} (its permutation differs from WM's on "
+                    f"{100 * drift:.0f}% of units); claim 5 (STE) {'held' if held else 'did not hold'}."
+                ),
+            }
+        )
     three = res.get("three_models", {}) if first else {}
     if "weight" in three and "ste" in three:
         w, s = three["weight"]["pair_loss_barrier"], three["ste"]["pair_loss_barrier"]
         held = w < s
-        claims.append({"id": "6", "figure": "three_models", "held": bool(held),
-                       "criterion": f"barrier between the two anchor-matched models: WM < STE ({proto} protocol)",
-                       "numbers": {"wm_pair_barrier": w, "ste_pair_barrier": s},
-                       "text": (f"Between two models matched to a common anchor, the barrier is {w:.3f} with WM and {s:.3f} "
-                                f"with STE ({proto} protocol): claim 6 (WM does better) {'held' if held else 'did not hold'}.")})
+        claims.append(
+            {
+                "id": "6",
+                "figure": "three_models",
+                "held": bool(held),
+                "criterion": f"barrier between the two anchor-matched models: WM < STE ({proto} protocol)",
+                "numbers": {"wm_pair_barrier": w, "ste_pair_barrier": s},
+                "text": (
+                    f"Between two models matched to a common anchor, the barrier is {w:.3f} with WM and {s:.3f} "
+                    f"with STE ({proto} protocol): claim 6 (WM does better) {'held' if held else 'did not hold'}."
+                ),
+            }
+        )
     ws = res.get("width_sweep") if first else None
     if ws and len(ws) >= 2:
         ws = sorted(ws, key=lambda x: x["width_mult"])
         b = [_get(x, "methods", "weight", "barrier", split, "loss_barrier", "mean") for x in ws]
         if all(v is not None for v in b):
             held = b[-1] < b[0]
-            claims.append({"id": "width", "figure": "width_sweep", "held": bool(held),
-                           "criterion": "WM barrier at the largest width < at the smallest",
-                           "numbers": {"widths": [x["width_mult"] for x in ws], "wm_barrier": b},
-                           "text": (f"The WM barrier went from {b[0]:.3f} at width x{ws[0]['width_mult']:g} to {b[-1]:.3f} at "
-                                    f"x{ws[-1]['width_mult']:g}: wider models {'were' if held else 'were not'} more "
-                                    "linearly connected after WM.")})
+            claims.append(
+                {
+                    "id": "width",
+                    "figure": "width_sweep",
+                    "held": bool(held),
+                    "criterion": "WM barrier at the largest width < at the smallest",
+                    "numbers": {"widths": [x["width_mult"] for x in ws], "wm_barrier": b},
+                    "text": (
+                        f"The WM barrier went from {b[0]:.3f} at width x{ws[0]['width_mult']:g} to {b[-1]:.3f} at "
+                        f"x{ws[-1]['width_mult']:g}: wider models {'were' if held else 'were not'} more "
+                        "linearly connected after WM."
+                    ),
+                }
+            )
     return claims

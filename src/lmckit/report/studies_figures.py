@@ -1,4 +1,5 @@
 """Figures of the studies section (:mod:`lmckit.report.studies`), drawn from the results tree."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,17 @@ from typing import Any, Mapping
 from ..plotting import pyplot as _plt
 from ..plotting import save_figure
 
-COLORS = {"naive": "0.5", "wm": "C3", "weight": "C3", "activation": "C0", "ste": "C2", "merge_many": "C4",
-          "heldout-best": "C2", "git-re-basin": "C1", "random-mixing": "C5"}
+COLORS = {
+    "naive": "0.5",
+    "wm": "C3",
+    "weight": "C3",
+    "activation": "C0",
+    "ste": "C2",
+    "merge_many": "C4",
+    "heldout-best": "C2",
+    "git-re-basin": "C1",
+    "random-mixing": "C5",
+}
 
 
 def _save(fig, path: Path) -> Path:
@@ -19,11 +29,17 @@ def directions(d: Mapping[str, Any], path: Path) -> Path:
     """Bars: test-loss barrier and R(0.3) of naive, full WM, WM-top and WM-tail (mean +- std over pairs)."""
     fig, axes = _plt().subplots(1, 3, figsize=(10, 3.2))
     names = list(d["variants"])
-    for ax, (q, title) in zip(axes, (("loss_barrier", "test loss barrier"), ("R03", "R(0.3)"),
-                                     ("reduction", "L2 distance reduction"))):
+    for ax, (q, title) in zip(
+        axes, (("loss_barrier", "test loss barrier"), ("R03", "R(0.3)"), ("reduction", "L2 distance reduction"))
+    ):
         v = [d["variants"][n][q] for n in names]
-        ax.bar(range(len(names)), [x["mean"] for x in v], yerr=[x["std"] for x in v], capsize=2,
-               color=[COLORS.get(n, "C0" if n.startswith("top") else "C9") for n in names])
+        ax.bar(
+            range(len(names)),
+            [x["mean"] for x in v],
+            yerr=[x["std"] for x in v],
+            capsize=2,
+            color=[COLORS.get(n, "C0" if n.startswith("top") else "C9") for n in names],
+        )
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
         ax.set_title(title, fontsize=9)
     fig.suptitle("WM on the top / tail singular directions, applied to the full model", fontsize=9)
@@ -35,8 +51,13 @@ def dose(a: Mapping[str, Any], path: Path) -> Path:
     fig, axes = _plt().subplots(1, 2, figsize=(8.5, 3.2))
     pts = a["points"]
     f = [p["fraction"] for p in pts]
-    for ax, (q, name, rho) in zip(axes, (("R03", "R(0.3)", a["spearman_barrier_R03"]),
-                                         ("l2_after", "L2 distance ||theta_a - pi(theta_b)||", a["spearman_barrier_l2"]))):
+    for ax, (q, name, rho) in zip(
+        axes,
+        (
+            ("R03", "R(0.3)", a["spearman_barrier_R03"]),
+            ("l2_after", "L2 distance ||theta_a - pi(theta_b)||", a["spearman_barrier_l2"]),
+        ),
+    ):
         sc = ax.scatter([p[q] for p in pts], [p["loss_barrier"] for p in pts], c=f, cmap="viridis", s=14)
         ax.set_xlabel(name)
         ax.set_ylabel("test loss barrier")
@@ -76,8 +97,14 @@ def many_models(m: Mapping[str, Any], path: Path) -> Path:
         rr = [(r["n"], r["R_non_anchor"]["0.3"]) for r in rows if r.get("R_non_anchor")]
         if rr:
             axes[2].plot([x for x, _ in rr], [y for _, y in rr], **kw)
-    for ax, t in zip(axes, ("test accuracy of the uniform average", "mean pairwise test loss barrier",
-                            "R(0.3) between matched non-anchor models")):
+    for ax, t in zip(
+        axes,
+        (
+            "test accuracy of the uniform average",
+            "mean pairwise test loss barrier",
+            "R(0.3) between matched non-anchor models",
+        ),
+    ):
         ax.set_xlabel("number of models N")
         ax.set_title(t, fontsize=8)
     axes[0].legend(fontsize=7)
@@ -89,9 +116,15 @@ def protocols(p: Mapping[str, Any], path: Path) -> Path:
     names = list(p)
     fig, axes = _plt().subplots(1, 4, figsize=(13, 3.2))
     cols = [COLORS.get(n, "C0") for n in names]
-    for ax, (q, title) in zip(axes, (("loss_barrier", "test loss barrier"), ("R03", "R(0.3)"),
-                                     ("changed_vs_wm", "units reassigned vs WM"),
-                                     ("three_pair_barrier", "three-model pair barrier"))):
+    for ax, (q, title) in zip(
+        axes,
+        (
+            ("loss_barrier", "test loss barrier"),
+            ("R03", "R(0.3)"),
+            ("changed_vs_wm", "units reassigned vs WM"),
+            ("three_pair_barrier", "three-model pair barrier"),
+        ),
+    ):
         vals = []
         for n in names:
             v = p[n].get(q)
