@@ -29,6 +29,7 @@ from lmckit.perm import (
     head_block_perm,
     invert_permutation,
     random_permutation,
+    spec_for,
     split_head_perm,
     validate_perms,
 )
@@ -277,7 +278,7 @@ def test_r_gamma_on_attention_gate_and_block_matrices(name):
         sd = ARCH_CASES[name].factory().state_dict()
     else:
         m = create_model(name)
-        spec, sd = m.permutation_spec(), m.state_dict()
+        spec, sd = spec_for(m), m.state_dict()
     sd = {
         k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) if v.is_floating_point() else v
         for k, v in sd.items()

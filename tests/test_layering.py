@@ -52,14 +52,6 @@ FACADE = {"lmckit"}  # lmckit/__init__.py
 
 #: (importing module, imported package) -> why it is tolerated for now. Fix, then delete the line.
 KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
-    # models <-> perm: each zoo model builds its own spec with perm.SpecBuilder (DESIGN.md "each model knows
-    # its permutation spec"), while perm.spec_for / perm.trace read models. Being reworked by the
-    # architectures engineer (head/segment structure); the fix is a spec-rule registry in perm keyed by model class.
-    ("lmckit.models.mlp", "perm"): "zoo model builds its PermutationSpec (models <-> perm cycle)",
-    ("lmckit.models.vgg", "perm"): "zoo model builds its PermutationSpec (models <-> perm cycle)",
-    ("lmckit.models.resnet", "perm"): "zoo model builds its PermutationSpec (models <-> perm cycle)",
-    ("lmckit.models.vit", "perm"): "zoo model builds its PermutationSpec (models <-> perm cycle)",
-    ("lmckit.models.lstm", "perm"): "zoo model builds its PermutationSpec (models <-> perm cycle)",
     # STE scores candidates with the BN reset (lmc), tracks R(0.3) (analysis) and draws its drift plot
     # (plotting) from inside match/; the studies engineer owns ste.py. Fix: pass a scorer/tracker in, move
     # plot_drift to report.

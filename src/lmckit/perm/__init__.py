@@ -36,6 +36,7 @@ __all__ = [
     "save_perms",
     "validate_perms",
     "spec_for",
+    "has_rules",
     "CoverageWarning",
     "COVERAGE_WARN_THRESHOLD",
     "head_block_perm",
@@ -44,8 +45,23 @@ __all__ = [
 ]
 
 
+def has_rules(model) -> bool:
+    """Whether ``model`` declares its own permutation symmetry (zoo models, or a user ``permutation_spec()``)."""
+    return hasattr(model, "permutation_rules") or hasattr(model, "permutation_spec")
+
+
 def spec_for(model, example_input=None) -> PermutationSpec:
-    """The permutation spec of ``model``: its own rules for zoo models, fx tracing otherwise."""
+    """The permutation spec of ``model``: its own rules where it has them, fx tracing otherwise.
+
+    Zoo models declare their groups with ``permutation_rules(b)`` on a :class:`SpecBuilder` over
+    their state dict (so ``models`` never imports ``perm``); a user architecture may instead
+    return a whole spec from ``permutation_spec()``; any other model is traced with torch.fx.
+    """
+    rules = getattr(model, "permutation_rules", None)
+    if rules is not None:
+        b = SpecBuilder(model.state_dict())
+        rules(b)
+        return b.build()
     if hasattr(model, "permutation_spec"):
         return model.permutation_spec()
     from .trace import trace_spec  # noqa: WPS433  (fx tracing, only when needed)

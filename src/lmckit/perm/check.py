@@ -119,7 +119,7 @@ class CheckReport:
                 f"{max(self.train_diff, self.eval_diff):.3g} (train {self.train_diff:.3g}, eval {self.eval_diff:.3g}), "
                 f"running statistics {self.stats_diff:.3g}, tolerance {self.tol:g}"
                 + (f"; groups responsible: {', '.join(self.culprits)}" if self.culprits else ""),
-                "the spec is wrong for this architecture: fix its permutation_spec() rule, or use "
+                "the spec is wrong for this architecture: fix its permutation_rules() / permutation_spec(), or use "
                 "lmckit.perm.trace_spec and report the model if tracing is wrong",
             )
         return self
@@ -219,7 +219,7 @@ def check_spec(
         outputs and the updated running statistics agree within ``tol``;
         with the spec's coverage.
     """
-    from . import spec_for
+    from . import has_rules, spec_for
     from .trace import SpecWarning, example_input_for, trace_streams
 
     if example_input is None:
@@ -230,7 +230,7 @@ def check_spec(
     if spec is None:
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always", SpecWarning)
-            if traced or not hasattr(model, "permutation_spec"):
+            if traced or not has_rules(model):
                 res = trace_streams(model, example_input)
                 for msg in res.warnings:
                     warnings.warn(f"trace_spec({type(model).__name__}): {msg}", SpecWarning, stacklevel=2)
