@@ -224,7 +224,7 @@ def _zygote_main() -> None:  # pragma: no cover - runs in the zygote process
 
     import lmckit.cli
     import lmckit.data
-    import lmckit.pipeline.reproduce  # noqa: F401
+    import lmckit.reproduce  # noqa: F401
     import lmckit.train  # noqa: F401
 
     _torch.set_num_threads(1)

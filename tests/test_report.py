@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lmckit.pipeline.reproduce import reproduce
+from lmckit.reproduce import reproduce
 from lmckit.report.results import stats, t_interval
 from lmckit.report.writer import _table, render_html
 

@@ -10,7 +10,7 @@ import torch
 
 from lmckit.errors import LmcError
 from lmckit.pipeline.recipe import load_recipe, recipe_names
-from lmckit.pipeline.reproduce import reproduce
+from lmckit.reproduce import reproduce
 from lmckit.pipeline.stages import read_output
 
 STUDY_SETS = [

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..pipeline.recipe import load_recipe, recipe_names
-    from ..pipeline.reproduce import reproduce
+    from ..reproduce import reproduce
     from ..pipeline.stages import stage_label
 
     if args.list:
