@@ -11,9 +11,9 @@ import pytest
 from lmckit.cli import main
 from lmckit.errors import LmcError
 from lmckit.pipeline.executor import plan as order
-from lmckit.reproduce import reproduce
 from lmckit.pipeline.stages import dependencies, stage_hash, stage_path
 from lmckit.pipeline.tasks import MatchStage
+from lmckit.reproduce import reproduce
 from lmckit.store import file_lock
 
 FIGURES = [

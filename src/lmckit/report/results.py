@@ -20,7 +20,8 @@ from typing import Any, Iterable, Sequence
 
 from ..pipeline.build import Experiment, Plan
 from ..pipeline.stages import stage_path
-from .claims import CLAIMS, paper_value
+from .claims import CLAIMS, Evidence, paper_value
+from .claims import dig as _get
 
 __all__ = [
     "collect",
@@ -384,7 +385,7 @@ def ste_drift(plan: Plan, root: str | Path) -> dict[str, Any]:
                 add(f"{e.label}: seeds {pair[0]}-{pair[1]}", st)
     for e in plan.experiments:  # the baseline from the same models as the STE runs (not the width sweep's)
         wm += _wm_vs_wm(root, e)
-    for meth, three in plan.three.items():
+    for three in plan.three.values():
         for st in three.matches:
             if st is not None and getattr(st, "method", None) == "ste":
                 a, b = _unpair_seed(st.a), _unpair_seed(st.b)
@@ -430,15 +431,6 @@ def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- claims
-def _get(d: Any, *path: Any, default: Any = None) -> Any:
-    for p in path:
-        if isinstance(d, dict) and p in d:
-            d = d[p]
-        else:
-            return default
-    return d
-
-
 def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per (model, claim) the recipe's results can speak to.
 
@@ -451,217 +443,15 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     claims: list[dict[str, Any]] = []
     dataset = _get(res, "recipe", "data", "dataset", default="")
     for i, e in enumerate(res.get("experiments", [])):
-        for c in _judge_experiment(res, e, first=i == 0):
+        ev = Evidence(res, e, first=i == 0)
+        for claim in CLAIMS.values():
+            c = claim.record(ev)
+            if c is None:
+                continue
             c["model"] = e["label"]
-            c["title"], c["statement"] = CLAIMS[c["id"]]
+            c["title"], c["statement"] = claim.title, claim.statement
             paper = paper_value(c["id"], dataset, e["label"])
             if paper is not None:  # results.json holds no nulls: absent when nothing is published
                 c["paper"] = paper
             claims.append(c)
-    return claims
-
-
-def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> list[dict[str, Any]]:
-    claims: list[dict[str, Any]] = []
-    M = e["methods"]
-    split = (
-        "test"
-        if "test" in _get(M, "naive", "barrier", default={})
-        else next(iter(_get(M, "naive", "barrier", default={"": 0})))
-    )
-
-    def bar(method: str) -> float | None:
-        return _get(M, method, "barrier", split, "loss_barrier", "mean")
-
-    def R(method: str, g: str, when: str = "after") -> float | None:
-        return _get(M, method, "R", g, when, "mean")
-
-    nb, wb = bar("naive"), bar("weight")
-    proto = _get(res, "recipe", "match", "ste", "protocol", default="heldout-best")  # named in claims 5b and 6
-    red = _get(M, "weight", "distance", "reduction", "mean")
-    if nb is not None and wb is not None and red is not None:
-        held = wb <= 0.2 * nb and red <= 0.3
-        claims.append(
-            {
-                "id": "1",
-                "figure": "interpolation",
-                "held": bool(held),
-                "criterion": "WM loss barrier <= 0.2 x naive barrier and L2 distance reduction <= 30%",
-                "numbers": {"naive_barrier": nb, "wm_barrier": wb, "reduction": red},
-                "text": (
-                    f"WM lowered the {split} loss barrier from {nb:.3f} (naive) to {wb:.3f} while reducing the "
-                    f"L2 distance by only {100 * red:.1f}%: claim 1 {'held' if held else 'did not hold'} in this run."
-                ),
-            }
-        )
-    tay = _get(M, "weight", "taylor")
-    if tay:
-        t, m = tay["taylor_midpoint"]["mean"], tay["measured_midpoint"]["mean"]
-        rel = abs(t - m) / max(abs(m), 1e-12)
-        held = rel > 0.5
-        claims.append(
-            {
-                "id": "2",
-                "figure": "table",
-                "held": bool(held),
-                "criterion": "|Taylor estimate - measured midpoint barrier| > 50% of the measured one (after WM)",
-                "numbers": {"taylor": t, "measured": m, "relative_difference": rel},
-                "text": (
-                    f"The second-order Taylor estimate of the WM midpoint barrier is {t:.3f} against {m:.3f} "
-                    f"measured ({100 * rel:.0f}% apart): claim 2 {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    gam = list(_get(M, "weight", "R", default={}) or {})
-    if len(gam) >= 2 and e.get("spectra"):
-        g0, g1 = gam[0], gam[-1]
-        rise0 = R("weight", g0) - R("weight", g0, "before")
-        rise1 = R("weight", g1) - R("weight", g1, "before")
-        diffs = []
-        for la in e["spectra"].values():
-            sa, sb = la["sigma_a"], la["sigma_b"]
-            k = max(1, len(sa) // 10)
-            diffs += [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(sa[:k], sb[:k])]
-        spec_diff = sum(diffs) / len(diffs) if diffs else 0.0
-        held = rise1 > rise0 and spec_diff < 0.1
-        claims.append(
-            {
-                "id": "3",
-                "figure": "R_bars",
-                "held": bool(held),
-                "criterion": f"WM raises R more at gamma={g1} than at gamma={g0}, and the top 10% singular values "
-                "of corresponding layers differ by < 10% on average",
-                "numbers": {"R_rise_low_gamma": rise0, "R_rise_high_gamma": rise1, "top_sigma_rel_diff": spec_diff},
-                "text": (
-                    f"WM raised R by {rise1:.3f} at gamma={g1} and by {rise0:.3f} at gamma={g0}; leading singular "
-                    f"values differ by {100 * spec_diff:.1f}% across seeds: claim 3 "
-                    f"{'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    proj, rank = e.get("projections"), e.get("rank_sweep")
-    if proj and rank:
-        ratios = []
-        for d in proj.values():
-            v = d["mean_abs"]
-            k = max(1, len(v) // 10)
-            top = sum(v[:k]) / k
-            rest = v[len(v) // 2 :] or v
-            ratios.append(top / max(sum(rest) / len(rest), 1e-12))
-        ratio = sum(ratios) / len(ratios)
-        recs = rank["A"]
-        full = next(r["accuracy"] for r in recs if r["kind"] == "full")
-        cut = sorted((r for r in recs if r["kind"] != "full"), key=lambda r: r["kept_fraction"])
-        good = [r for r in cut if r["accuracy"] >= 0.9 * full]
-        best = good[0] if good else (cut[0] if cut else None)
-        frac = best["kept_fraction"] if best else 1.0
-        acc = best["accuracy"] if best else full
-        held = ratio > 2.0 and bool(good) and frac <= 0.25
-        kept = (
-            f"keeping {100 * frac:.1f}% of the hidden-layer rank keeps {acc:.3f} of {full:.3f} accuracy"
-            if good
-            else f"no truncation tested kept 90% of the accuracy (keeping {100 * frac:.1f}% of the rank gives {acc:.3f} "
-            f"of {full:.3f})"
-        )
-        claims.append(
-            {
-                "id": "4",
-                "figure": "projections",
-                "held": bool(held),
-                "criterion": "inputs project > 2x more on the top 10% right-singular vectors than on the bottom half, "
-                "and keeping <= 25% of the hidden-layer rank keeps >= 90% of the accuracy",
-                "numbers": {
-                    "projection_ratio": ratio,
-                    "full_accuracy": full,
-                    "kept_fraction": frac,
-                    "truncated_accuracy": acc,
-                },
-                "text": (
-                    f"Layer inputs project {ratio:.1f}x more on the leading right-singular vectors than on the "
-                    f"trailing half, and {kept}: claim 4 {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    if len(gam) >= 1 and R("activation", gam[-1]) is not None:
-        g = gam[-1]
-        rw, ra = R("weight", g), R("activation", g)
-        held = abs(ra - rw) <= 0.5 * abs(rw)
-        claims.append(
-            {
-                "id": "5a",
-                "figure": "R_bars",
-                "held": bool(held),
-                "criterion": f"|R_AM - R_WM| <= 50% of R_WM at gamma={g}",
-                "numbers": {"R_wm": rw, "R_am": ra},
-                "text": (
-                    f"AM reached R({g}) = {ra:.3f} against WM's {rw:.3f}: claim 5 (AM behaves like WM) "
-                    f"{'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    if len(gam) >= 1 and R("ste", gam[-1]) is not None and nb is not None and bar("ste") is not None:
-        g = gam[-1]
-        rw, rs, sb = R("weight", g), R("ste", g), bar("ste")
-        lmc = sb <= 0.2 * nb
-        low = rs <= 0.5 * rw
-        held = lmc and low
-        drift = _get(M, "ste", "match", "changed_vs_wm", "mean", default=0.0)
-        claims.append(
-            {
-                "id": "5b",
-                "figure": "R_bars",
-                "held": bool(held),
-                "criterion": f"STE ({proto} protocol) loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
-                "numbers": {
-                    "ste_barrier": sb,
-                    "naive_barrier": nb,
-                    "R_ste": rs,
-                    "R_wm": rw,
-                    "ste_units_changed_vs_wm": drift,
-                },
-                "text": (
-                    f"STE's ({proto} protocol) barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
-                    f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
-                    f"{'stayed low' if low else 'did not stay low'} (its permutation differs from WM's on "
-                    f"{100 * drift:.0f}% of units); claim 5 (STE) {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    three = res.get("three_models", {}) if first else {}
-    if "weight" in three and "ste" in three:
-        w, s = three["weight"]["pair_loss_barrier"], three["ste"]["pair_loss_barrier"]
-        held = w < s
-        claims.append(
-            {
-                "id": "6",
-                "figure": "three_models",
-                "held": bool(held),
-                "criterion": f"barrier between the two anchor-matched models: WM < STE ({proto} protocol)",
-                "numbers": {"wm_pair_barrier": w, "ste_pair_barrier": s},
-                "text": (
-                    f"Between two models matched to a common anchor, the barrier is {w:.3f} with WM and {s:.3f} "
-                    f"with STE ({proto} protocol): claim 6 (WM does better) {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    ws = res.get("width_sweep") if first else None
-    if ws and len(ws) >= 2:
-        ws = sorted(ws, key=lambda x: x["width_mult"])
-        b = [_get(x, "methods", "weight", "barrier", split, "loss_barrier", "mean") for x in ws]
-        if all(v is not None for v in b):
-            held = b[-1] < b[0]
-            claims.append(
-                {
-                    "id": "width",
-                    "figure": "width_sweep",
-                    "held": bool(held),
-                    "criterion": "WM barrier at the largest width < at the smallest",
-                    "numbers": {"widths": [x["width_mult"] for x in ws], "wm_barrier": b},
-                    "text": (
-                        f"The WM barrier went from {b[0]:.3f} at width x{ws[0]['width_mult']:g} to {b[-1]:.3f} at "
-                        f"x{ws[-1]['width_mult']:g}: wider models {'were' if held else 'were not'} more "
-                        "linearly connected after WM."
-                    ),
-                }
-            )
     return claims
