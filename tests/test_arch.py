@@ -76,7 +76,8 @@ def test_pattern_spec_preserves_function_and_permutes_what_was_pinned(name):
 
 @pytest.mark.parametrize("name", [n for n, c in ARCH_CASES.items() if c.heads])
 def test_head_structure_is_needed(name):
-    """Dropping the head constraint (one unconstrained assignment over all Q/K rows, as C2M3 does) breaks the function."""
+    """Dropping the head constraint (one unconstrained assignment over all Q/K rows, as C2M3 does) breaks the
+    function."""
     m, x, spec = _traced(ARCH_CASES[name])
     free = PermutationSpec(axes=spec.axes, sizes=spec.sizes, shapes=spec.shapes, heads={})
     p = random_permutation(free, 0)
@@ -177,7 +178,6 @@ def test_validate_perms_rejects_broken_head_structure():
     with pytest.raises(LmcError, match="whole attention heads"):
         validate_perms(spec, bad)
     bad = dict(p)
-    d = spec.sizes[vo] // h
     hv, wv = split_head_perm(p[vo], h)
     bad[vo] = head_block_perm(torch.roll(hv, 1), wv)  # different head mapping for V/O
     with pytest.raises(LmcError, match="differently"):
@@ -269,7 +269,8 @@ def test_wm_warns_on_low_coverage():
     ],
 )
 def test_r_gamma_on_attention_gate_and_block_matrices(name):
-    """R(gamma) = 1 for a model and its planted permutation once un-permuted, on W_Q/W_K/W_V/W_O, gate and block layers."""
+    """R(gamma) = 1 for a model and its planted permutation once un-permuted, on W_Q/W_K/W_V/W_O, gate and block
+    layers."""
     from lmckit.analysis import layers_of, svd_alignment, truncate_state
     from lmckit.models import create_model
 

@@ -309,17 +309,12 @@ def test_random_crop_flip_flip_only_and_determinism():
 
 
 def test_batches_with_augment_are_seeded(synthetic_rgb):
-    run = lambda s: [
-        xb
-        for xb, _ in synthetic_rgb.batches(
-            "train",
-            100,
-            shuffle=True,
-            augment=True,
-            limit=200,  # noqa: E731
-            generator=torch.Generator().manual_seed(s),
-        )
-    ]
+    def run(s):
+        gen = torch.Generator().manual_seed(s)
+        return [
+            xb for xb, _ in synthetic_rgb.batches("train", 100, shuffle=True, augment=True, limit=200, generator=gen)
+        ]
+
     a, b = run(0), run(0)
     assert len(a) == 2 and all(torch.equal(u, v) for u, v in zip(a, b))
     assert a[0].dtype == torch.float32 and a[0].shape == (100, 3, 32, 32)

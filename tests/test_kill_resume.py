@@ -220,8 +220,8 @@ def kill_train_series(zygote: Zygote, tmp: Path, random_kills: int, seed: int) -
             [*TRAIN_ARGS, "--out", out],
             tmp,
             tmp / "run.log",
-            lambda e: e >= delay,
-            lambda: _check_train_invariants(out),
+            lambda e, delay=delay: e >= delay,
+            lambda out=out: _check_train_invariants(out),
         )
         if killed:
             log.hit(_check_partial_is_resumable(out))
@@ -285,6 +285,11 @@ def _pipeline_phase(root: Path) -> str:
     return f"between stages ({done} folders done)"
 
 
+def _after(seconds: float) -> Callable[[float], bool]:
+    """A stop condition: true once ``seconds`` have elapsed."""
+    return lambda e: e >= seconds
+
+
 def kill_reproduce_series(zygote: Zygote, tmp: Path, sets: list[str], random_kills: int, seed: int) -> KillLog:
     """Event-driven kill points (inside a training epoch, a match, a barrier, the report), then seeded random ones."""
 
@@ -312,7 +317,7 @@ def kill_reproduce_series(zygote: Zygote, tmp: Path, sets: list[str], random_kil
         lambda: any((root / "report").glob("*.png")),
     ]
     stops = [lambda e, ev=ev: ev() for ev in events]
-    stops += [lambda e, d=rng.uniform(0.0, t_ref / 2): e >= d for _ in range(random_kills)]
+    stops += [_after(rng.uniform(0.0, t_ref / 2)) for _ in range(random_kills)]
     for stop in stops:
         phase = []
 

@@ -153,7 +153,9 @@ def test_set_reruns_only_the_stages_downstream_of_the_change(tiny, capsys):
     res = reproduce("tiny", out=root / "r2", cache=root / "cache", sets=sets, jobs=2)
     stages = order(res.plan.targets())
 
-    def downstream_of_ste(s, memo={}):
+    memo: dict = {}
+
+    def downstream_of_ste(s):
         if s not in memo:
             memo[s] = (isinstance(s, MatchStage) and s.method == "ste") or any(
                 downstream_of_ste(d) for d in dependencies(s)

@@ -135,7 +135,8 @@ def test_claims_are_quoted_in_full_with_criterion_and_published_value(tiny):
 
 
 def test_claims_are_judged_per_model(tiny):
-    """Two models in one recipe: each gets its own claims, named; the three-model and width claims stay with the first."""
+    """Two models in one recipe: each gets its own claims, named; the three-model and width claims stay with the
+    first."""
     import copy
 
     from lmckit.report.results import judge_claims

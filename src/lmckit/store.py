@@ -241,8 +241,10 @@ def _sniff(path: Path) -> None:
         return  # a safetensors header (its length's low byte may well be 0x80, like a pickle's first byte)
     if any(head.startswith(m) for m in _PICKLE_MAGICS):
         raise LmcError(
-            f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files (they can run arbitrary code)",
-            "convert it yourself in a trusted session with safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')",
+            f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files "
+            "(they can run arbitrary code)",
+            "convert it yourself in a trusted session with "
+            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')",
         )
     if len(head) < 8:
         raise LmcError(f"checkpoint {path} is truncated ({size} bytes)", "re-create it")

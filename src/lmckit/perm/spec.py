@@ -534,7 +534,9 @@ class CoverageWarning(UserWarning):
 
 
 def warn_low_coverage(spec: PermutationSpec, where: str, threshold: float = COVERAGE_WARN_THRESHOLD) -> float:
-    """Warn (:class:`CoverageWarning`) when ``spec`` covers less than ``threshold`` of the unit axes; return the fraction.
+    """Warn (:class:`CoverageWarning`) when ``spec`` covers less than ``threshold`` of the unit axes.
+
+    Returns the fraction covered.
 
     The fraction is ``coverage()["hidden_coverage"]``: of the unit axes of every
     matrix (axis 0 of each tensor with two or more axes, counted by size), the

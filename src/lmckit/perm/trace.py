@@ -1530,7 +1530,7 @@ class _Tracer:
                     for x in all_pieces:
                         if uf.find(x) != pinned:
                             self.pin(x, f"{lst[0][1]}: the combined stream is left unpermuted")
-                    for a, b, p, where in sl.get(r, []):
+                    for _, _, p, where in sl.get(r, []):
                         if uf.find(p) != pinned:
                             self.pin(p, f"{where}: the sliced stream is left unpermuted")
                     continue
@@ -1561,13 +1561,13 @@ class _Tracer:
                 if r in full:
                     continue
                 if r == pinned:
-                    for a, b, p, where in lst:
+                    for _, _, p, where in lst:
                         if uf.find(p) != pinned:
                             self.pin(p, f"{where}: the sliced stream is left unpermuted")
                     continue
                 n = self._class_size(r)
                 ivs: dict[tuple[int, int], int] = {}
-                for a, b, p, where in lst:
+                for a, b, p, _ in lst:
                     if (a, b) in ivs:
                         uf.union(ivs[(a, b)], p)
                     else:

@@ -499,7 +499,8 @@ def write_studies(res: dict[str, Any], fig: Callable[[str, str, str, Callable[[P
         md += [
             "",
             f"Published for comparison: STE R(0.3) {PUBLISHED['prototype_ste_r03'][0]} vs WM "
-            f"{PUBLISHED['prototype_wm_r03'][0]}, three-model pair barrier STE {PUBLISHED['prototype_three_ste'][0]} vs "
+            f"{PUBLISHED['prototype_wm_r03'][0]}, three-model pair barrier STE "
+            f"{PUBLISHED['prototype_three_ste'][0]} vs "
             f"WM {PUBLISHED['prototype_three_wm'][0]} ({PUBLISHED['prototype_ste_r03'][1]}); the paper reports STE's R "
             "near 0 with a low two-model barrier, and a smaller three-model barrier with WM (no MLP numbers).",
             "",
