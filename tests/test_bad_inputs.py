@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from reliability_helpers import (
+from tests.helpers.data_files import (
+    IDX_NAMES,
+    idx_bytes,
+    planted_images,
+    py3_cifar_pickle,
+    write_cifar_dataset,
+    write_idx_dataset,
+)
+from tests.helpers.reliability import (
     disk_full,
     fingerprint,
     foreign_safetensors,
@@ -39,14 +47,6 @@ from reliability_helpers import (
     snapshot_diff,
     subprocess_env,
     write_perms,
-)
-from test_data_helpers import (
-    IDX_NAMES,
-    idx_bytes,
-    planted_images,
-    py3_cifar_pickle,
-    write_cifar_dataset,
-    write_idx_dataset,
 )
 
 

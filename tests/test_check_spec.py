@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from lmckit.cli import main
 from lmckit.models import create_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_check_spec_model_name_text(capsys):

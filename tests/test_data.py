@@ -14,7 +14,7 @@ from lmckit.data import find_dataset, load_dataset, random_crop_flip
 from lmckit.data.cifar import parse_cifar_batch, parse_cifar_bin, restricted_unpickle
 from lmckit.data.idx import parse_idx
 from lmckit.errors import LmcError
-from test_data_helpers import (
+from tests.helpers.data_files import (
     CIFAR_TRAIN,
     IDX_NAMES,
     idx_bytes,
@@ -25,13 +25,7 @@ from test_data_helpers import (
     write_idx_dataset,
 )
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """No LMCKIT_DATA, and an empty user cache, so only the folders a test makes are found."""
-    monkeypatch.delenv("LMCKIT_DATA", raising=False)
-    monkeypatch.delenv("LMCKIT_DATA_MIRROR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+pytestmark = pytest.mark.usefixtures("isolated_data")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- IDX

@@ -5,7 +5,7 @@ While a killed series runs, a watcher polls the output folder every few millisec
 folder ever looks complete before it is: a final run folder (no ``.partial``) exists only with every file in
 it, and files the code reads back on resume (training checkpoints, metrics, results.json) are always whole.
 
-The runs are real processes forked from a pre-imported zygote (see ``reliability_helpers.Zygote``), so each
+The runs are real processes forked from a pre-imported zygote (see ``tests.helpers.reliability.Zygote``), so each
 kill point costs the work it interrupts, not a torch start-up.
 """
 
@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from reliability_helpers import Zygote, subprocess_env
+from tests.helpers.reliability import Zygote
 
 TRAIN_ARGS = ["train", "--preset", "tiny", "--epochs", "5", "--batch-size", "20", "--quiet"]
 RECIPE_SETS = [
@@ -32,13 +32,6 @@ RECIPE_SETS = [
     "match.searches=1",
 ]
 TIMING_KEYS = {"seconds", "eval_seconds"}  # per-epoch wall times in metrics.jsonl: the only fields allowed to differ
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    z = Zygote(subprocess_env())
-    yield z
-    z.close()
 
 
 @dataclass

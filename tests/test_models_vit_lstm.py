@@ -13,14 +13,6 @@ from lmckit.models import create_model
 from lmckit.perm import apply_permutation, invert_permutation, random_permutation, spec_for, validate_perms
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train(name, ds, seed, steps=6):
     torch.manual_seed(seed)
     m = create_model(name, in_channels=ds.in_channels, image_size=ds.image_size, num_classes=ds.num_classes)

@@ -15,16 +15,7 @@ from lmckit.models import create_model, list_models
 from lmckit.perm import PermutationSpec, apply_permutation, random_permutation, spec_for
 from lmckit.perm.check import check_spec
 from lmckit.perm.trace import SpecWarning, activation_sites, example_input_for, trace_spec, trace_streams
-from odd_models import ODD_MODELS
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two threads spin-wait badly on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.odd_models import ODD_MODELS
 
 
 def _zoo(name: str, norm: str | None = None) -> nn.Module:

@@ -1,6 +1,6 @@
 """Issue 11: attention heads, embeddings, recurrent layers and block permutations (cat, flatten, pad).
 
-Every pattern of :mod:`arch_models` must trace to a spec that preserves the function (train and eval
+Every pattern of :mod:`tests.helpers.arch_models` must trace to a spec that preserves the function (train and eval
 mode), permutes the units it used to pin, and lets WM and AM recover planted permutations exactly.
 """
 
@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch_models import ARCH_CASES
 from lmckit.errors import LmcError
 from lmckit.match import weight_matching
 from lmckit.match.activation import activation_matching
@@ -35,14 +34,7 @@ from lmckit.perm import (
 )
 from lmckit.perm.check import check_spec
 from lmckit.perm.trace import SpecWarning, trace_spec
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.arch_models import ARCH_CASES
 
 
 def _traced(case):
@@ -303,7 +295,7 @@ def test_r_gamma_on_attention_gate_and_block_matrices(name):
 
 def test_fused_qkv_heads_used_otherwise_are_pinned():
     """Summing the (3, H, d) projections mixes Q, K and V: no head permutation survives; pinned with a warning."""
-    from arch_models import TimmAttention
+    from tests.helpers.arch_models import TimmAttention
 
     class Summed(TimmAttention):
         def forward(self, x):
