@@ -17,7 +17,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -352,10 +351,6 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output fo
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def check_output_path(what: str, path: str | Path | None, folder: bool = False) -> None:

@@ -413,10 +413,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def list_presets() -> list[str]:
-    return list(PRESETS)
-
-
 def preset_for(model: str, dataset: str) -> str | None:
     """The preset whose model and dataset are these, if any."""
     for name, p in PRESETS.items():

@@ -147,13 +147,6 @@ class PermutationSpec:
                     out[g].append((key, i))
         return out
 
-    def head_of(self, group: str) -> str | None:
-        """Name of the head structure constraining ``group`` (``None`` if it is free)."""
-        for name, (_, members) in self.heads.items():
-            if group in members:
-                return name
-        return None
-
     def coverage(self) -> dict[str, Any]:
         """How much of the model the spec permutes (reported, never silent).
 
