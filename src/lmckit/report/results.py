@@ -83,6 +83,8 @@ def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[fl
 
 
 def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
+    """One experiment's aggregate: trained models, per-method summaries, per-layer rows and (``full``) the
+    first pair's spectra, projections and rank sweep."""
     out: dict[str, Any] = {"label": e.label, "width_mult": e.width_mult, "pairs": [list(p) for p in e.pairs]}
     out["models"] = [
         {
@@ -98,95 +100,127 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
     methods: dict[str, Any] = {}
     per_pair: list[dict[str, Any]] = []
     for method in e.methods:
-        m: dict[str, Any] = {}
-        bars = [_read(root, b) for (p, meth, s), b in e.barriers.items() if meth == method]
-        if bars:
-            splits = bars[0]["splits"]
-            m["barrier"] = {
-                sp: {
-                    q: stats((b[q][sp] for b in bars), "model pairs")
-                    for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")
-                }
-                for sp in splits
-            }
-            m["curves"] = {"lambdas": bars[0]["lambdas"]}
-            for sp in splits:
-                lm, ls = _mean_curve([b["loss"][sp] for b in bars])
-                am, as_ = _mean_curve([b["accuracy"][sp] for b in bars])
-                m["curves"][sp] = {"loss_mean": lm, "loss_std": ls, "accuracy_mean": am, "accuracy_std": as_}
-        ans = [(k, _read(root, a)) for k, a in e.analyses.items() if k[1] == method]
-        if ans:
-            gammas = list(ans[0][1]["R"])
-            searches = len({k[2] for k, _ in ans})
-            over = "model pairs x WM searches" if searches > 1 else "model pairs"
-            # values before matching do not depend on the search: one per pair (search 0), not repeated
-            first = [(k, a) for k, a in ans if k[2] == 0]
-            m["R"] = {
-                g: {
-                    "before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
-                    "after": stats((a["R"][g]["after"] for _, a in ans), over),
-                }
-                for g in gammas
-            }
-            m["distance"] = {
-                "l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
-                **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")},
-            }
-            tay = [a["taylor"] for _, a in ans if "taylor" in a]
-            if tay:
-                m["taylor"] = {
-                    q: stats((t[q] for t in tay), "model pairs")
-                    for q in ("taylor_midpoint", "measured_midpoint", "dHd", "delta_norm")
-                }
-                m["taylor"]["num_samples"] = int(tay[0].get("num_samples", 0))
-                m["taylor"]["split"] = str(tay[0].get("split", "train"))
-            if method != "naive":
-                per_pair += _layer_tables(method, ans)
-        matches = [_read(root, st) for k, st in e.matches.items() if k[1] == method]
-        if matches:
-            m["match"] = {
-                "sweeps": stats(x.get("sweeps", 1) for x in matches),
-                "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x),
-            }
-            if method == "ste":  # how far STE's permutation drifted from plain WM's (fraction of units)
-                m["match"]["changed_vs_wm"] = stats(x.get("changed_vs_wm") for x in matches)
-        methods[method] = m
+        methods[method], rows = _method_summary(root, e, method)
+        per_pair += rows
     out["methods"] = methods
     if per_pair:
         out["layers"] = per_pair
     if full:
-        for k, a in e.analyses.items():
-            if e.analyses[k].arrays or e.analyses[k].projections or e.analyses[k].rank:
-                d = _read(root, a)
-                if e.analyses[k].arrays:
-                    out["spectra"] = {
-                        la["name"]: {
-                            "sigma_a": la["sigma_a"],
-                            "sigma_b": la["sigma_b"],
-                            "per_index_before": la["per_index"]["before"],
-                            "per_index_after": la["per_index"]["after"],
-                        }
-                        for la in d["R_per_layer"]
-                        if "sigma_a" in la
+        out.update(_first_pair_arrays(root, e))
+    return out
+
+
+def _method_summary(root: Path, e: Experiment, method: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``method``'s barriers and mean curves, R, distances, Taylor estimate and search statistics over the
+    experiment's pairs, and its per-layer rows (none for ``naive``)."""
+    m: dict[str, Any] = {}
+    bars = [_read(root, b) for (p, meth, s), b in e.barriers.items() if meth == method]
+    if bars:
+        m.update(_barrier_summary(bars))
+    rows: list[dict[str, Any]] = []
+    ans = [(k, _read(root, a)) for k, a in e.analyses.items() if k[1] == method]
+    if ans:
+        m.update(_analysis_summary(ans))
+        if method != "naive":
+            rows = _layer_tables(method, ans)
+    matches = [_read(root, st) for k, st in e.matches.items() if k[1] == method]
+    if matches:
+        m["match"] = {
+            "sweeps": stats(x.get("sweeps", 1) for x in matches),
+            "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x),
+        }
+        if method == "ste":  # how far STE's permutation drifted from plain WM's (fraction of units)
+            m["match"]["changed_vs_wm"] = stats(x.get("changed_vs_wm") for x in matches)
+    return m, rows
+
+
+def _barrier_summary(bars: list[dict[str, Any]]) -> dict[str, Any]:
+    """Barrier statistics per split and quantity over model pairs, and the mean ± std interpolation curves."""
+    splits = bars[0]["splits"]
+    out: dict[str, Any] = {
+        "barrier": {
+            sp: {
+                q: stats((b[q][sp] for b in bars), "model pairs")
+                for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")
+            }
+            for sp in splits
+        },
+        "curves": {"lambdas": bars[0]["lambdas"]},
+    }
+    for sp in splits:
+        lm, ls = _mean_curve([b["loss"][sp] for b in bars])
+        am, as_ = _mean_curve([b["accuracy"][sp] for b in bars])
+        out["curves"][sp] = {"loss_mean": lm, "loss_std": ls, "accuracy_mean": am, "accuracy_std": as_}
+    return out
+
+
+def _analysis_summary(ans: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """R(gamma) before/after, L2 distances and the Taylor estimate over model pairs (x WM searches after)."""
+    gammas = list(ans[0][1]["R"])
+    searches = len({k[2] for k, _ in ans})
+    over = "model pairs x WM searches" if searches > 1 else "model pairs"
+    # values before matching do not depend on the search: one per pair (search 0), not repeated
+    first = [(k, a) for k, a in ans if k[2] == 0]
+    out: dict[str, Any] = {
+        "R": {
+            g: {
+                "before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
+                "after": stats((a["R"][g]["after"] for _, a in ans), over),
+            }
+            for g in gammas
+        },
+        "distance": {
+            "l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
+            **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")},
+        },
+    }
+    tay = [a["taylor"] for _, a in ans if "taylor" in a]
+    if tay:
+        out["taylor"] = {
+            q: stats((t[q] for t in tay), "model pairs")
+            for q in ("taylor_midpoint", "measured_midpoint", "dHd", "delta_norm")
+        }
+        out["taylor"]["num_samples"] = int(tay[0].get("num_samples", 0))
+        out["taylor"]["split"] = str(tay[0].get("split", "train"))
+    return out
+
+
+def _first_pair_arrays(root: Path, e: Experiment) -> dict[str, Any]:
+    """Spectra, per-layer R, input projections and the rank sweep of the first analysis that computed them."""
+    out: dict[str, Any] = {}
+    for a in e.analyses.values():
+        if not (a.arrays or a.projections or a.rank):
+            continue
+        d = _read(root, a)
+        if a.arrays:
+            out["spectra"] = {
+                la["name"]: {
+                    "sigma_a": la["sigma_a"],
+                    "sigma_b": la["sigma_b"],
+                    "per_index_before": la["per_index"]["before"],
+                    "per_index_after": la["per_index"]["after"],
+                }
+                for la in d["R_per_layer"]
+                if "sigma_a" in la
+            }
+            out["R_per_layer"] = {la["name"]: la["R"] for la in d["R_per_layer"]}
+        if "projections" in d:
+            out["projections"] = d["projections"]
+        if "rank_sweep" in d:
+            out["rank_sweep"] = {
+                who: [
+                    {
+                        "kind": r["kind"],
+                        "threshold": r["threshold"] if r["threshold"] is not None else 1.0,
+                        "kept_fraction": r["kept_total"] / max(r["rank_total"], 1),
+                        "accuracy": r["acc"],
+                        "loss": r["loss"],
                     }
-                    out["R_per_layer"] = {la["name"]: la["R"] for la in d["R_per_layer"]}
-                if "projections" in d:
-                    out["projections"] = d["projections"]
-                if "rank_sweep" in d:
-                    out["rank_sweep"] = {
-                        who: [
-                            {
-                                "kind": r["kind"],
-                                "threshold": r["threshold"] if r["threshold"] is not None else 1.0,
-                                "kept_fraction": r["kept_total"] / max(r["rank_total"], 1),
-                                "accuracy": r["acc"],
-                                "loss": r["loss"],
-                            }
-                            for r in recs
-                        ]
-                        for who, recs in d["rank_sweep"].items()
-                    }
-                break
+                    for r in recs
+                ]
+                for who, recs in d["rank_sweep"].items()
+            }
+        break
     return out
 
 
