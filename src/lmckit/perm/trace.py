@@ -1700,99 +1700,26 @@ class _Tracer:
         return merged
 
     def build(self) -> TraceResult:
+        """The spec from the traced streams: name the groups, fill every state axis, collect head structures."""
         self._resolve_blocks()
         uf = self.uf
         pinned_root = uf.find(_PINNED)
-        members: dict[int, list[tuple[str, int]]] = {}
+        members: dict[int, list[tuple[str, int]]] = {}  # stream root -> the state axes it moves
         for (k, ax), e in self.key_elem.items():
             members.setdefault(uf.find(e), []).append((k, ax))
-        producers: dict[int, list[str]] = {}
+        producers: dict[int, list[str]] = {}  # stream root -> names of the modules producing it
         for p in self.producer_order:
             r = uf.find(p)
             producers.setdefault(r, [])
             if self.producer_name[p] not in producers[r]:
                 producers[r].append(self.producer_name[p])
-        # One warning per stream that had producers with >1 unit and was pinned for a reason
-        # (pinning by the model output is expected and silent).
-        why_by_label: dict[str, list[str]] = {}
-        for e, why, warn in self.pin_reasons:
-            if not warn:
-                continue
-            size = self._size(e)
-            if (size is not None and size <= 1) or not any(self._same_before_pin(p, e) for p in self.producer_order):
-                continue  # single units, or parameter axes that never were a unit space
-            lst = why_by_label.setdefault(self._label(e), [])
-            if why not in lst:
-                lst.append(why)
-        msgs: list[str] = [f"{label} left unpermuted: {'; '.join(whys)}" for label, whys in why_by_label.items()]
-
+        msgs = self._pin_messages()
         refined: dict[int, list] = {}
         for e, pieces, _ in self.refines:
             refined.setdefault(uf.find(e), pieces)
         refined.pop(pinned_root, None)
-        seg_of: dict[int, list[tuple[int | None, int, int]]] = {}  # refined class with state axes -> segments
-        used_in_segments: dict[int, str] = {}  # piece root -> name of the refined class (for naming)
-        for r in refined:
-            if r not in members:
-                continue
-            segs = self._expand(r, refined)
-            total = sum(n * inner for _, n, inner in segs) if segs is not None else -1
-            sizes_k = {int(self.state[k].shape[ax]) for k, ax in members[r]}
-            if segs is None or sizes_k != {total}:
-                msgs.append(
-                    f"entries {', '.join(f'{k}[{ax}]' for k, ax in members[r][:3])} left unpermuted: "
-                    f"inconsistent block structure"
-                )
-                continue
-            seg_of[r] = segs
-            owner = (producers.get(r) or [members[r][0][0].rsplit(".", 1)[0]])[0]
-            for y, _, _ in segs:
-                if y is not None:
-                    used_in_segments.setdefault(y, owner)
-
-        sizes: dict[str, int] = {}
-        root_group: dict[int, str] = {}
-        for p in self.producer_order:
-            r = uf.find(p)
-            if r == pinned_root or r in root_group or r in refined or (r not in members and r not in used_in_segments):
-                continue
-            if r not in members:
-                g = self.producer_name[p]
-                base, i = g, 2
-                while g in sizes:
-                    g, i = f"{base}#{i}", i + 1
-                root_group[r] = g
-                sizes[g] = self._class_size(r)
-                continue
-            size_set = {int(self.state[k].shape[ax]) for k, ax in members[r]}
-            if len(size_set) != 1:
-                msg = (
-                    f"units of {self.producer_name[p]!r} left unpermuted: the tracer joined axes of different "
-                    f"sizes {sorted(size_set)} ({', '.join(f'{k}[{ax}]' for k, ax in members[r][:4])})"
-                )
-                if self.strict:
-                    raise LmcError("cannot build a permutation spec: " + msg)
-                msgs.append(msg)
-                continue
-            g = self.producer_name[p]
-            base, i = g, 2
-            while g in sizes:
-                g, i = f"{base}#{i}", i + 1
-            root_group[r] = g
-            sizes[g] = size_set.pop()
-        for r, owner in used_in_segments.items():  # pieces without a producer of their own
-            if r in root_group or r == pinned_root:
-                continue
-            size = self._class_size(r)
-            sz_members = {int(self.state[k].shape[ax]) for k, ax in members.get(r, [])}
-            if size is None or (sz_members and sz_members != {size}):
-                continue
-            g, i = f"{owner}.{0}", 0
-            while g in sizes:
-                i += 1
-                g = f"{owner}.{i}"
-            root_group[r] = g
-            sizes[g] = size
+        seg_of, used_in_segments = self._segments(refined, members, producers, msgs)
+        root_group, sizes = self._name_groups(members, refined, used_in_segments, pinned_root, msgs)
         axes: dict[str, list[Any]] = {k: [None] * v.dim() for k, v in self.state.items()}
         for r, g in root_group.items():
             for k, ax in members.get(r, []):
@@ -1803,21 +1730,7 @@ class _Tracer:
                 continue
             for k, ax in members[r]:
                 axes[k][ax] = entry[0][0] if (len(entry) == 1 and entry[0][2] == 1) else entry
-        heads: dict[str, tuple[int, tuple[str, ...]]] = {}
-        fam: dict[int, tuple[int, list[str]]] = {}
-        for f, H, _d, h, _w in self.joints:
-            g = root_group.get(uf.find(f))
-            if g is None or uf.find(h) == pinned_root:
-                continue
-            entry = fam.setdefault(uf.find(h), (H, []))
-            if g not in entry[1]:
-                entry[1].append(g)
-        for H, gs in fam.values():
-            heads[f"{gs[0]}.heads"] = (H, tuple(gs))
-        for name, h, elems in self.heads:
-            gs = [root_group.get(uf.find(x)) for x in elems]
-            if all(g is not None for g in gs):
-                heads[name] = (h, tuple(gs))
+        heads = self._head_structures(root_group, pinned_root)
         used = {g for ax in axes.values() for e in ax for g in _entry_groups(e)}
         for g in [g for g in sizes if g not in used]:  # a stream whose every axis ended in fixed blocks
             del sizes[g]
@@ -1839,6 +1752,129 @@ class _Tracer:
         res.sites = self._sites(root_group)
         res.opaque = list(dict.fromkeys(self.opaque_ops))
         return res
+
+    def _pin_messages(self) -> list[str]:
+        """One warning per stream that had producers with >1 unit and was pinned for a reason.
+
+        (Pinning by the model output is expected and silent.)
+        """
+        why_by_label: dict[str, list[str]] = {}
+        for e, why, warn in self.pin_reasons:
+            if not warn:
+                continue
+            size = self._size(e)
+            if (size is not None and size <= 1) or not any(self._same_before_pin(p, e) for p in self.producer_order):
+                continue  # single units, or parameter axes that never were a unit space
+            lst = why_by_label.setdefault(self._label(e), [])
+            if why not in lst:
+                lst.append(why)
+        return [f"{label} left unpermuted: {'; '.join(whys)}" for label, whys in why_by_label.items()]
+
+    def _segments(
+        self,
+        refined: dict[int, list],
+        members: dict[int, list[tuple[str, int]]],
+        producers: dict[int, list[str]],
+        msgs: list[str],
+    ) -> tuple[dict[int, list[tuple[int | None, int, int]]], dict[int, str]]:
+        """Block structure of each refined stream with state axes: ``(segments by stream, piece -> owner name)``.
+
+        A stream whose blocks do not add up to its axes' size is left unpermuted (a message in ``msgs``).
+        """
+        seg_of: dict[int, list[tuple[int | None, int, int]]] = {}  # refined class with state axes -> segments
+        used_in_segments: dict[int, str] = {}  # piece root -> name of the refined class (for naming)
+        for r in refined:
+            if r not in members:
+                continue
+            segs = self._expand(r, refined)
+            total = sum(n * inner for _, n, inner in segs) if segs is not None else -1
+            sizes_k = {int(self.state[k].shape[ax]) for k, ax in members[r]}
+            if segs is None or sizes_k != {total}:
+                msgs.append(
+                    f"entries {', '.join(f'{k}[{ax}]' for k, ax in members[r][:3])} left unpermuted: "
+                    f"inconsistent block structure"
+                )
+                continue
+            seg_of[r] = segs
+            owner = (producers.get(r) or [members[r][0][0].rsplit(".", 1)[0]])[0]
+            for y, _, _ in segs:
+                if y is not None:
+                    used_in_segments.setdefault(y, owner)
+        return seg_of, used_in_segments
+
+    def _name_groups(
+        self,
+        members: dict[int, list[tuple[str, int]]],
+        refined: dict[int, list],
+        used_in_segments: dict[int, str],
+        pinned_root: int,
+        msgs: list[str],
+    ) -> tuple[dict[int, str], dict[str, int]]:
+        """Name each permutable stream after its first producer (``#2``... on clashes), pieces of blocks after
+        their owner (``owner.0``...): ``(stream root -> group, group -> size)``.
+
+        Raises :class:`LmcError` in strict mode when the tracer joined axes of different sizes.
+        """
+        sizes: dict[str, int] = {}
+        root_group: dict[int, str] = {}
+        for p in self.producer_order:
+            r = self.uf.find(p)
+            if r == pinned_root or r in root_group or r in refined or (r not in members and r not in used_in_segments):
+                continue
+            if r not in members:
+                size = self._class_size(r)
+            else:
+                size_set = {int(self.state[k].shape[ax]) for k, ax in members[r]}
+                if len(size_set) != 1:
+                    msg = (
+                        f"units of {self.producer_name[p]!r} left unpermuted: the tracer joined axes of different "
+                        f"sizes {sorted(size_set)} ({', '.join(f'{k}[{ax}]' for k, ax in members[r][:4])})"
+                    )
+                    if self.strict:
+                        raise LmcError("cannot build a permutation spec: " + msg)
+                    msgs.append(msg)
+                    continue
+                size = size_set.pop()
+            g = self.producer_name[p]
+            base, i = g, 2
+            while g in sizes:
+                g, i = f"{base}#{i}", i + 1
+            root_group[r] = g
+            sizes[g] = size
+        for r, owner in used_in_segments.items():  # pieces without a producer of their own
+            if r in root_group or r == pinned_root:
+                continue
+            size = self._class_size(r)
+            sz_members = {int(self.state[k].shape[ax]) for k, ax in members.get(r, [])}
+            if size is None or (sz_members and sz_members != {size}):
+                continue
+            g, i = f"{owner}.{0}", 0
+            while g in sizes:
+                i += 1
+                g = f"{owner}.{i}"
+            root_group[r] = g
+            sizes[g] = size
+        return root_group, sizes
+
+    def _head_structures(self, root_group: dict[int, str], pinned_root: int) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """Attention-head constraints: groups whose units move in whole heads together (joints and declared heads)."""
+        uf = self.uf
+        heads: dict[str, tuple[int, tuple[str, ...]]] = {}
+        fam: dict[int, tuple[int, list[str]]] = {}
+        for f, H, _d, h, _w in self.joints:
+            g = root_group.get(uf.find(f))
+            if g is None or uf.find(h) == pinned_root:
+                continue
+            entry = fam.setdefault(uf.find(h), (H, []))
+            if g not in entry[1]:
+                entry[1].append(g)
+        for H, gs in fam.values():
+            heads[f"{gs[0]}.heads"] = (H, tuple(gs))
+        for name, h, elems in self.heads:
+            gs = [root_group.get(uf.find(x)) for x in elems]
+            if all(g is not None for g in gs):
+                heads[name] = (h, tuple(gs))
+        return heads
 
     def _label(self, e: int) -> str:
         """Readable name for the stream of element ``e`` at the time it was pinned: its producers."""
