@@ -637,15 +637,49 @@ class _Tracer:
 
         Row-major layout: element ``(pre, c, post)`` sits at ``pre*C*POST + c*POST + post``;
         an output axis ``j`` with ``prod(out[:j]) == prod(in[:d])`` and ``out[j] == C``
-        has the same offsets, so the units keep their axis (flatten of ``C x 1 x 1``).
+        has the same offsets, so the units keep their axis (flatten of ``C x 1 x 1``). Otherwise, in
+        order: a head axis and its within-head axis merge back into one unit axis; a unit axis splits
+        into (projections, heads, head dim) or (heads, head dim); a unit axis merges with the axes after
+        it into blocks; else its units are pinned.
         """
         in_shape, out_shape = self.shape(src), self.shape(node)
         if in_shape is None or out_shape is None:
             return self.opaque(node)
-        out: dict[int, int] = {}
         inf = self.tinfo(src)
+        out, done = self._merge_heads(inf, in_shape, out_shape)
+        for d, e in inf.items():
+            if d in done:
+                continue
+            pre, c = _prod(in_shape[:d]), in_shape[d]
+            j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
+            if j is not None:
+                out[j] = e
+                continue
+            if self.w_partner.get(e) is None:
+                split = self._split_projections(node, e, pre, c, out_shape) or self._split_heads(e, pre, c, out_shape)
+                if split:
+                    out.update(split)
+                    continue
+            blocks = self._flatten_blocks(node, src, e, d, pre, c, in_shape, out_shape)
+            if blocks:
+                out.update(blocks)
+                continue
+            self.pin(
+                e,
+                f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
+                f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
+                f"larger than 1x1 into a Linear)",
+            )
+        return out
+
+    def _merge_heads(
+        self, inf: dict[int, int], in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+    ) -> tuple[dict[int, int], set[int]]:
+        """A head axis followed by its within-head axis merged back into one unit axis: ``(out axes, input
+        axes consumed)``."""
+        out: dict[int, int] = {}
         done: set[int] = set()
-        for d, e in inf.items():  # head axis followed by its within-head axis merged back into one unit axis
+        for d, e in inf.items():
             w = inf.get(d + 1)
             if (
                 w is not None
@@ -660,91 +694,90 @@ class _Tracer:
                     self.joints.append((f, in_shape[d], in_shape[d + 1], e, w))
                     out[j] = f
                     done.update((d, d + 1))
-        for d, e in inf.items():
-            if d in done:
-                continue
-            pre, c = _prod(in_shape[:d]), in_shape[d]
-            j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
-            if j is None and self.w_partner.get(e) is None:
-                # a unit axis split into (projections, heads, head dim): fused q/k/v, one head split per projection
-                j4 = next(
-                    (
-                        j
-                        for j in range(len(out_shape) - 2)
-                        if _prod(out_shape[:j]) == pre
-                        and out_shape[j] * out_shape[j + 1] * out_shape[j + 2] == c
-                        and out_shape[j] > 1
-                        and out_shape[j + 1] > 1
-                        and out_shape[j + 2] > 1
-                    ),
-                    None,
-                )
-                if j4 is not None:
-                    S, H, dh = out_shape[j4], out_shape[j4 + 1], out_shape[j4 + 2]
-                    pairs = []
-                    for i in range(S):
-                        piece = self.fresh(H * dh)
-                        self.slices.append(
-                            (e, i * H * dh, (i + 1) * H * dh, piece, f"{_op_name(node)} at node {node.name!r}")
-                        )
-                        eh, ew = self.uf.make(), self.uf.make()
-                        self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
-                        self.w_partner[ew] = eh
-                        self.joints.append((piece, H, dh, eh, ew))
-                        pairs.append((eh, ew))
-                    st, ph, pw = self.uf.make(), self.uf.make(), self.uf.make()
-                    self.stacks[st] = (ph, pw, pairs)
-                    self.stack_src[st] = e
-                    out[j4], out[j4 + 1], out[j4 + 2] = st, ph, pw
-                    continue
-                # a unit axis split into (heads, head dim): a head-structured stream
-                j3 = next(
-                    (
-                        j
-                        for j in range(len(out_shape) - 1)
-                        if _prod(out_shape[:j]) == pre
-                        and out_shape[j] * out_shape[j + 1] == c
-                        and out_shape[j] > 1
-                        and out_shape[j + 1] > 1
-                    ),
-                    None,
-                )
-                if j3 is not None:
-                    H, dh = out_shape[j3], out_shape[j3 + 1]
-                    eh, ew = self.uf.make(), self.uf.make()
-                    self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
-                    self.w_partner[ew] = eh
-                    self.joints.append((e, H, dh, eh, ew))
-                    out[j3], out[j3 + 1] = eh, ew
-                    continue
-            if j is None:
-                # the unit axis merged with the axes after it (flatten of C x H x W): blocks of H*W
-                j2 = next(
-                    (
-                        j
-                        for j in range(len(out_shape))
-                        if _prod(out_shape[:j]) == pre
-                        and out_shape[j] % c == 0
-                        and any(_prod(in_shape[d:k]) == out_shape[j] for k in range(d + 2, len(in_shape) + 1))
-                    ),
-                    None,
-                )
-                if j2 is not None and not any(
-                    dd in self.tinfo(src)
-                    for dd in range(d + 1, len(in_shape))
-                    if _prod(in_shape[d : dd + 1]) <= out_shape[j2]
-                ):
-                    out[j2] = self.refined([(e, c, out_shape[j2] // c)], f"{_op_name(node)} at node {node.name!r}")
-                    continue
-                self.pin(
-                    e,
-                    f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
-                    f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
-                    f"larger than 1x1 into a Linear)",
-                )
-            else:
-                out[j] = e
-        return out
+        return out, done
+
+    def _split_projections(
+        self, node: fx.Node, e: int, pre: int, c: int, out_shape: tuple[int, ...]
+    ) -> dict[int, int] | None:
+        """A unit axis split into (projections, heads, head dim): fused q/k/v, one head split per projection."""
+        j4 = next(
+            (
+                j
+                for j in range(len(out_shape) - 2)
+                if _prod(out_shape[:j]) == pre
+                and out_shape[j] * out_shape[j + 1] * out_shape[j + 2] == c
+                and out_shape[j] > 1
+                and out_shape[j + 1] > 1
+                and out_shape[j + 2] > 1
+            ),
+            None,
+        )
+        if j4 is None:
+            return None
+        S, H, dh = out_shape[j4], out_shape[j4 + 1], out_shape[j4 + 2]
+        pairs = []
+        for i in range(S):
+            piece = self.fresh(H * dh)
+            self.slices.append((e, i * H * dh, (i + 1) * H * dh, piece, f"{_op_name(node)} at node {node.name!r}"))
+            eh, ew = self.uf.make(), self.uf.make()
+            self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
+            self.w_partner[ew] = eh
+            self.joints.append((piece, H, dh, eh, ew))
+            pairs.append((eh, ew))
+        st, ph, pw = self.uf.make(), self.uf.make(), self.uf.make()
+        self.stacks[st] = (ph, pw, pairs)
+        self.stack_src[st] = e
+        return {j4: st, j4 + 1: ph, j4 + 2: pw}
+
+    def _split_heads(self, e: int, pre: int, c: int, out_shape: tuple[int, ...]) -> dict[int, int] | None:
+        """A unit axis split into (heads, head dim): a head-structured stream."""
+        j3 = next(
+            (
+                j
+                for j in range(len(out_shape) - 1)
+                if _prod(out_shape[:j]) == pre
+                and out_shape[j] * out_shape[j + 1] == c
+                and out_shape[j] > 1
+                and out_shape[j + 1] > 1
+            ),
+            None,
+        )
+        if j3 is None:
+            return None
+        H, dh = out_shape[j3], out_shape[j3 + 1]
+        eh, ew = self.uf.make(), self.uf.make()
+        self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
+        self.w_partner[ew] = eh
+        self.joints.append((e, H, dh, eh, ew))
+        return {j3: eh, j3 + 1: ew}
+
+    def _flatten_blocks(
+        self,
+        node: fx.Node,
+        src: Any,
+        e: int,
+        d: int,
+        pre: int,
+        c: int,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+    ) -> dict[int, int] | None:
+        """The unit axis merged with the (unit-free) axes after it (flatten of C x H x W): blocks of H*W."""
+        j2 = next(
+            (
+                j
+                for j in range(len(out_shape))
+                if _prod(out_shape[:j]) == pre
+                and out_shape[j] % c == 0
+                and any(_prod(in_shape[d:k]) == out_shape[j] for k in range(d + 2, len(in_shape) + 1))
+            ),
+            None,
+        )
+        if j2 is None or any(
+            dd in self.tinfo(src) for dd in range(d + 1, len(in_shape)) if _prod(in_shape[d : dd + 1]) <= out_shape[j2]
+        ):
+            return None
+        return {j2: self.refined([(e, c, out_shape[j2] // c)], f"{_op_name(node)} at node {node.name!r}")}
 
     def reduce(self, node: fx.Node, src: Any, dim: Any, keepdim: bool) -> dict[int, int] | None:
         in_shape, out_shape = self.shape(src), self.shape(node)
