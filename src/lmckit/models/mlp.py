@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import LmcError
 from .layers import ACTIVATIONS, check_norm, norm1d
 from .registry import register_model
 
@@ -27,8 +28,6 @@ class MLP(nn.Module):
         super().__init__()
         check_norm(norm)
         if activation not in ACTIVATIONS:
-            from ..errors import LmcError
-
             raise LmcError(f"unknown activation {activation!r}", f"choose one of {', '.join(ACTIVATIONS)}")
         self.depth, self.width, self.norm = depth, width, norm
         dims = [in_features] + [width] * depth + [num_classes]

@@ -1,5 +1,7 @@
 """Permutation specs (which axes each hidden-unit permutation moves) and their algebra."""
 
+import importlib
+
 from .spec import (
     COVERAGE_WARN_THRESHOLD,
     CoverageWarning,
@@ -64,12 +66,14 @@ def spec_for(model, example_input=None) -> PermutationSpec:
         return b.build()
     if hasattr(model, "permutation_spec"):
         return model.permutation_spec()
-    from .trace import trace_spec  # noqa: WPS433  (fx tracing, only when needed)
+    # lazy: torch.fx and the tracer load only for models without their own rules (zoo models never need them)
+    from .trace import trace_spec
 
     return trace_spec(model, example_input)
 
 
-# fx tracing and the invariance check, imported on first use (torch.fx is only needed for them)
+# fx tracing and the invariance check, imported on first use (torch.fx is only needed for them; lmckit.perm stays
+# cheap for `lmckit models` and every zoo-model path)
 _LAZY = {
     "trace_spec": "trace",
     "trace_streams": "trace",
@@ -85,7 +89,5 @@ __all__ += list(_LAZY)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

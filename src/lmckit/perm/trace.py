@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import LmcError
+from ..models import model_entry
 from .spec import PermutationSpec
 from .spec import entry_groups as _entry_groups
 
@@ -1980,8 +1981,6 @@ def example_input_for(model: nn.Module, batch: int = 8, seed: int = 0) -> torch.
             f"no example input given for {type(model).__name__}, and it is not an lmckit zoo model",
             "pass example_input (a batch the model accepts, e.g. torch.randn(8, 3, 32, 32))",
         )
-    from ..models import model_entry
-
     params = inspect.signature(model_entry(cfg["name"]).factory).parameters
     c = cfg.get("in_channels", params["in_channels"].default if "in_channels" in params else 3)
     s = cfg.get("image_size", params["image_size"].default if "image_size" in params else 32)

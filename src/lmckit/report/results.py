@@ -18,8 +18,13 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from scipy.stats import t as student_t
+
+from ..data import load_dataset
 from ..pipeline.build import Experiment, Plan
-from ..pipeline.stages import stage_path
+from ..pipeline.executor import plan as order
+from ..pipeline.recipe import recipe_to_dict
+from ..pipeline.stages import stage_hash, stage_path
 from .claims import CLAIMS, Evidence, paper_value
 from .claims import dig as _get
 
@@ -40,8 +45,6 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 
     ``mean -/+ t_{(1+level)/2, n-1} * std / sqrt(n)``: the interval the report prints as "95% CI (t)".
     """
-    from scipy.stats import t as student_t
-
     n = len(values)
     if n < 2:
         raise ValueError("a t interval needs at least two values")
@@ -257,8 +260,6 @@ def _layer_tables(method: str, ans: list[tuple[Any, dict[str, Any]]]) -> list[di
 def _split_sizes(dataset: str) -> dict[str, int]:
     """Images per split of ``dataset`` (empty when it cannot be loaded here)."""
     try:
-        from ..data import load_dataset
-
         d = load_dataset(dataset)
         return {sp: int(d.size(sp)) for sp in d.splits()}
     except Exception:  # noqa: BLE001 - sizes are informative; the stages already ran on the data
@@ -296,8 +297,6 @@ def evaluation_sizes(recipe: Any, sizes: dict[str, int]) -> dict[str, Any]:
 def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     """The results tree of a finished plan (no timings: see :func:`timings`)."""
     root = Path(root)
-    from ..pipeline.recipe import recipe_to_dict
-
     res: dict[str, Any] = {"recipe": recipe_to_dict(plan.recipe), "notes": list(plan.notes)}
     res["evaluation"] = evaluation_sizes(res["recipe"], _split_sizes(plan.recipe.data.dataset))
     res["experiments"] = [_experiment(root, e, True) for e in plan.experiments]
@@ -323,7 +322,8 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     drift = ste_drift(plan, root)
     if drift:
         res["ste_drift"] = drift
-    from .studies import collect_studies, study_claims  # issue 12's studies (report/studies.py)
+    # issue 12's studies; imported here, not at the top: report/studies.py imports this module
+    from .studies import collect_studies, study_claims
 
     if getattr(plan, "studies", None) is not None:
         res["studies"] = collect_studies(plan, root)
@@ -397,8 +397,6 @@ def ste_drift(plan: Plan, root: str | Path) -> dict[str, Any]:
     runs of the first and last values. Empty when the plan has no STE run.
     """
     root = Path(root)
-    from ..pipeline.stages import stage_hash
-
     runs: list[dict[str, Any]] = []
     seen: set[str] = set()
     wm: list[float] = []
@@ -445,8 +443,6 @@ def _unpair_seed(t) -> int:
 def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
     """Seconds per stage kind (from each folder's ``stage.json``): kept out of results.json."""
     root = Path(root)
-    from ..pipeline.executor import plan as order
-
     per: dict[str, float] = {}
     where: set[tuple[Any, Any]] = (
         set()
