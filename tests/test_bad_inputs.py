@@ -1078,23 +1078,23 @@ def _(ws):
 
 @row("r2-match-disk-full", r"cannot write .*p\.json: No space left on device")
 def _(ws):
-    b = ws.ckpt("b.safetensors", seed=1)
+    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)  # both written before the disk fills
     disk_full(ws.monkeypatch)
-    return ["match", ws.a, b, "--out", ws.out / "p.json"]
+    return ["match", a, b, "--out", ws.out / "p.json"]
 
 
 @row("r2-merge-disk-full-leaves-nothing", r"cannot write .*No space left on device")
 def _(ws):
-    b = ws.ckpt("b.safetensors", seed=1)
+    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)  # both written before the disk fills
     disk_full(ws.monkeypatch)
-    return ["merge", ws.a, b, "--out", ws.out / "m", "--dataset", "synthetic", "--no-curve", "--limit", "50"]
+    return ["merge", a, b, "--out", ws.out / "m", "--dataset", "synthetic", "--no-curve", "--limit", "50"]
 
 
 @row("r2-merge-disk-full-existing-folder", r"cannot write .*No space left on device")
 def _(ws):
-    b = ws.ckpt("b.safetensors", seed=1)
+    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)  # both written before the disk fills
     disk_full(ws.monkeypatch)
-    return ["merge", ws.a, b, "--out", ws.out, "--dataset", "synthetic", "--no-curve", "--limit", "50"]
+    return ["merge", a, b, "--out", ws.out, "--dataset", "synthetic", "--no-curve", "--limit", "50"]
 
 
 @row("r2-train-disk-full-leaves-no-lock", r"cannot write .*No space left on device")
@@ -1105,9 +1105,9 @@ def _(ws):
 
 @row("r2-match-multi-disk-full", r"cannot write .*No space left on device")
 def _(ws):
-    b, c = ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)
+    a, b, c = ws.a, ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)  # before the disk fills
     disk_full(ws.monkeypatch)
-    return ["match", ws.a, b, c, "--multi", "anchor", "--out", ws.out / "multi"]
+    return ["match", a, b, c, "--multi", "anchor", "--out", ws.out / "multi"]
 
 
 # --------------------------------------------------------------- files that are not (small, regular, UTF-8) files
