@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in solvers:
                 col = lap.solve(c, solver=s)
                 objs[s] = float(c[np.arange(n), col].sum())
-                times[s] = best_of(lambda: lap.solve(c, solver=s), rep)
+                times[s] = best_of(lambda c=c, s=s: lap.solve(c, solver=s), rep)
             ref = objs["scipy"]
             gaps = {s: (ref - o) / max(1.0, abs(ref)) for s, o in objs.items()}
             for s, gap in gaps.items():

@@ -9,7 +9,8 @@ evaluation, checkpoint, final train-split evaluation and the run folder
 included) is printed too. Runs alternate (bare, lmckit, bare, ...) to share
 the machine's noise; the best of ``--repeats`` counts.
 
-    python benchmarks/bench_train.py [--repeats 3] [--threads N] [--train-size N] [--dataset fashion-mnist] [--device cpu]
+    python benchmarks/bench_train.py [--repeats 3] [--threads N] [--train-size N] [--dataset fashion-mnist] \
+        [--device cpu]
 
 The target is ``ratio = lmckit / bare <= 1.2``.
 """
@@ -97,13 +98,13 @@ def main() -> None:
         lmc.append(e)
         total.append(t)
         print(f"repeat {i + 1}: bare {bare[-1]:.3f}s  lmckit epoch {e:.3f}s  lmckit end-to-end {t:.3f}s", flush=True)
-    b, l, t = min(bare), min(lmc), min(total)
+    b, lm, t = min(bare), min(lmc), min(total)
     n = ds.size("train")
     print(f"device {dev}, torch threads {torch.get_num_threads()}, {n} images, batch {config.batch_size}")
     print(f"bare loop       {b:.3f} s/epoch  ({n / b:,.0f} img/s)")
-    print(f"lmckit train    {l:.3f} s/epoch  ({n / l:,.0f} img/s)")
+    print(f"lmckit train    {lm:.3f} s/epoch  ({n / lm:,.0f} img/s)")
     print(f"lmckit total    {t:.3f} s (epoch + test eval + checkpoint + train-split eval + run folder)")
-    print(f"ratio lmckit/bare = {l / b:.3f}  (target <= 1.2)")
+    print(f"ratio lmckit/bare = {lm / b:.3f}  (target <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(
             f"{w:>6} {m['seconds']:>8.2f} {h['seconds']:>8.2f} {row['speedup']:>9.2f} "
-            f"{m['sweeps']:>4}/{h['sweeps']:<5} {diff:>+9.1e} {h['rss_peak_over_start_mb']:>9.0f} {h['rss_budget_mb']:>7.0f}",
+            f"{m['sweeps']:>4}/{h['sweeps']:<5} {diff:>+9.1e} {h['rss_peak_over_start_mb']:>9.0f} "
+            f"{h['rss_budget_mb']:>7.0f}",
             flush=True,
         )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Analyses with planted truth: permuted copies, random matrices, hand-computed R, quadratic Taylor, full-rank truncation."""
+"""Analyses with planted truth: permuted copies, random matrices, hand-computed R, quadratic Taylor,
+full-rank truncation."""
 
 from __future__ import annotations
 
@@ -68,12 +69,12 @@ def test_permuted_copy_gives_R_one_and_zero_distance(name, kw):
 def test_layers_follow_spec():
     m = _model("resnet_tiny", 0, in_channels=1, image_size=28)
     spec = spec_for(m)
-    ls = {l.key: l for l in layers_of(spec, m.state_dict())}
+    ls = {la.key: la for la in layers_of(spec, m.state_dict())}
     assert "bn1.weight" not in ls and "conv1.weight" in ls
     assert (
         ls["conv1.weight"].in_group is None and ls["conv1.weight"].out_group == "S0" and ls["conv1.weight"].kernel == 9
     )
-    assert [l.key for l in ls.values() if l.is_output] == ["head.weight"]
+    assert [la.key for la in ls.values() if la.is_output] == ["head.weight"]
 
 
 def test_random_matrices_give_R_near_zero():

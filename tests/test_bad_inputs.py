@@ -23,7 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from reliability_helpers import (
+from tests.helpers.data_files import (
+    IDX_NAMES,
+    idx_bytes,
+    planted_images,
+    py3_cifar_pickle,
+    write_cifar_dataset,
+    write_idx_dataset,
+)
+from tests.helpers.reliability import (
     disk_full,
     fingerprint,
     foreign_safetensors,
@@ -39,14 +47,6 @@ from reliability_helpers import (
     snapshot_diff,
     subprocess_env,
     write_perms,
-)
-from test_data_helpers import (
-    IDX_NAMES,
-    idx_bytes,
-    planted_images,
-    py3_cifar_pickle,
-    write_cifar_dataset,
-    write_idx_dataset,
 )
 
 
@@ -759,7 +759,7 @@ def _(ws):
 
 
 # =========================================================================== round two (issue 16)
-# --------------------------------------------------------------------------- data loss: outputs that are, or are inside, inputs
+# ------------------------------------------------------------------ data loss: outputs that are, or are inside, inputs
 def _run_a(ws: Workspace) -> Path:
     return make_run_folder(ws.inp / "runA", seed=0)
 
@@ -863,7 +863,7 @@ def _(ws):
     return argv[:4] + [ws.inp / "recipe.toml"] + argv[5:]
 
 
-# --------------------------------------------------------------------------- unbounded work: bounds checked first; dry runs do nothing
+# ---------------------------------------------------------- unbounded work: bounds checked first; dry runs do nothing
 @row("r2-reproduce-dry-run-huge-searches", r"match\.searches must be at most 100")
 def _(ws):
     return ws.recipe(TINY_RECIPE, "match.searches=100000000000") + ["--dry-run"]
@@ -912,7 +912,7 @@ def _(ws):
     return ["match", ws.a, ws.ckpt("b.safetensors", seed=1), "--restarts", "10000000", "--out", ws.out / "p.json"]
 
 
-# --------------------------------------------------------------------------- non-finite numbers and integers beyond int64
+# ------------------------------------------------------------------- non-finite numbers and integers beyond int64
 @row("r2-train-weight-decay-nan", r"weight_decay must be a finite number")
 def _(ws):
     return ["train", "--preset", "tiny", "--weight-decay", "nan", "--out", ws.out, "--quiet"]
@@ -1078,23 +1078,23 @@ def _(ws):
 
 @row("r2-match-disk-full", r"cannot write .*p\.json: No space left on device")
 def _(ws):
-    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)
+    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)  # both written before the disk fills
     disk_full(ws.monkeypatch)
-    return ["match", ws.a, b, "--out", ws.out / "p.json"]
+    return ["match", a, b, "--out", ws.out / "p.json"]
 
 
 @row("r2-merge-disk-full-leaves-nothing", r"cannot write .*No space left on device")
 def _(ws):
-    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)
+    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)  # both written before the disk fills
     disk_full(ws.monkeypatch)
-    return ["merge", ws.a, b, "--out", ws.out / "m", "--dataset", "synthetic", "--no-curve", "--limit", "50"]
+    return ["merge", a, b, "--out", ws.out / "m", "--dataset", "synthetic", "--no-curve", "--limit", "50"]
 
 
 @row("r2-merge-disk-full-existing-folder", r"cannot write .*No space left on device")
 def _(ws):
-    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)
+    a, b = ws.a, ws.ckpt("b.safetensors", seed=1)  # both written before the disk fills
     disk_full(ws.monkeypatch)
-    return ["merge", ws.a, b, "--out", ws.out, "--dataset", "synthetic", "--no-curve", "--limit", "50"]
+    return ["merge", a, b, "--out", ws.out, "--dataset", "synthetic", "--no-curve", "--limit", "50"]
 
 
 @row("r2-train-disk-full-leaves-no-lock", r"cannot write .*No space left on device")
@@ -1105,12 +1105,12 @@ def _(ws):
 
 @row("r2-match-multi-disk-full", r"cannot write .*No space left on device")
 def _(ws):
-    a, b, c = ws.a, ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)
+    a, b, c = ws.a, ws.ckpt("b.safetensors", seed=1), ws.ckpt("c.safetensors", seed=2)  # before the disk fills
     disk_full(ws.monkeypatch)
-    return ["match", ws.a, b, c, "--multi", "anchor", "--out", ws.out / "multi"]
+    return ["match", a, b, c, "--multi", "anchor", "--out", ws.out / "multi"]
 
 
-# --------------------------------------------------------------------------- files that are not (small, regular, UTF-8) files
+# --------------------------------------------------------------- files that are not (small, regular, UTF-8) files
 @row("r2-recipe-invalid-utf8", r"recipe\.toml.*(UTF-8|utf-8|decode)")
 def _(ws):
     p = ws.file("recipe.toml", b'name = "\xff\xfe"\n')
@@ -1234,7 +1234,7 @@ def _(ws):
     return ["check-spec", ws.ckpt("m.safetensors", state_edit=lambda sd: {k: v.double() for k, v in sd.items()})]
 
 
-# --------------------------------------------------------------------------- failed commands leave the output folder as it was
+# -------------------------------------------------------------- failed commands leave the output folder as it was
 @row("r2-reproduce-jobs-zero", r"--jobs: must be between 1 and 256, got 0")
 def _(ws):
     return ws.recipe(TINY_RECIPE) + ["--jobs", "0"]

@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from lmckit.cli import main
 from lmckit.models import create_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_check_spec_model_name_text(capsys):
@@ -58,17 +47,16 @@ def test_check_spec_unknown_model_exits_2(capsys):
 
 def test_check_spec_exits_1_when_the_spec_breaks_the_function(monkeypatch, capsys):
     from lmckit.models.mlp import MLP
-    from lmckit.perm import PermutationSpec
 
-    good = MLP.permutation_spec
+    def broken(self, b):
+        for i in range(self.depth):
+            g = b.group(f"P{i}", self.width)
+            b.out_axis(f"fc{i}", g)
+            b.out_axis(f"norm{i}", g)
+            if i > 0:  # forgets that fc1's inputs follow P0
+                b.in_axis(f"fc{i + 1}", g)
 
-    def broken(self):
-        spec = good(self)
-        axes = dict(spec.axes)
-        axes["fc1.weight"] = ("P1", None)  # forgets that fc1's inputs follow P0
-        return PermutationSpec(axes=axes, sizes=spec.sizes, shapes=spec.shapes)
-
-    monkeypatch.setattr(MLP, "permutation_spec", broken)
+    monkeypatch.setattr(MLP, "permutation_rules", broken)
     assert main(["check-spec", "mlp_tiny"]) == 1
     out = capsys.readouterr().out
     assert "FUNCTION CHANGED" in out and "P0" in out

@@ -13,9 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from reliability_helpers import Zygote, lmckit_cmd, snapshot, subprocess_env
+from tests.helpers.reliability import Zygote, lmckit_cmd, snapshot, subprocess_env
 
 SETS = [
     "three_models.enabled=false",
@@ -27,13 +25,6 @@ SETS = [
 
 def reproduce_args(out: Path, cache: Path) -> list:
     return ["reproduce", "--recipe", "tiny", "--out", out, "--cache", cache, *[f"--set={s}" for s in SETS]]
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    z = Zygote(subprocess_env())
-    yield z
-    z.close()
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:

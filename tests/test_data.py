@@ -14,7 +14,7 @@ from lmckit.data import find_dataset, load_dataset, random_crop_flip
 from lmckit.data.cifar import parse_cifar_batch, parse_cifar_bin, restricted_unpickle
 from lmckit.data.idx import parse_idx
 from lmckit.errors import LmcError
-from test_data_helpers import (
+from tests.helpers.data_files import (
     CIFAR_TRAIN,
     IDX_NAMES,
     idx_bytes,
@@ -25,13 +25,7 @@ from test_data_helpers import (
     write_idx_dataset,
 )
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """No LMCKIT_DATA, and an empty user cache, so only the folders a test makes are found."""
-    monkeypatch.delenv("LMCKIT_DATA", raising=False)
-    monkeypatch.delenv("LMCKIT_DATA_MIRROR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+pytestmark = pytest.mark.usefixtures("isolated_data")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- IDX
@@ -309,17 +303,12 @@ def test_random_crop_flip_flip_only_and_determinism():
 
 
 def test_batches_with_augment_are_seeded(synthetic_rgb):
-    run = lambda s: [
-        xb
-        for xb, _ in synthetic_rgb.batches(
-            "train",
-            100,
-            shuffle=True,
-            augment=True,
-            limit=200,  # noqa: E731
-            generator=torch.Generator().manual_seed(s),
-        )
-    ]
+    def run(s):
+        gen = torch.Generator().manual_seed(s)
+        return [
+            xb for xb, _ in synthetic_rgb.batches("train", 100, shuffle=True, augment=True, limit=200, generator=gen)
+        ]
+
     a, b = run(0), run(0)
     assert len(a) == 2 and all(torch.equal(u, v) for u, v in zip(a, b))
     assert a[0].dtype == torch.float32 and a[0].shape == (100, 3, 32, 32)

@@ -9,13 +9,9 @@ import pytest
 from lmckit.cli import main
 from lmckit.data import find_dataset
 from lmckit.errors import LmcError
-from test_data_helpers import write_cifar_dataset, write_idx_dataset
+from tests.helpers.data_files import write_cifar_dataset, write_idx_dataset
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.delenv("LMCKIT_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+pytestmark = pytest.mark.usefixtures("isolated_data")  # tests/conftest.py
 
 
 def _info(capsys, *argv):

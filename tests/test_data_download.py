@@ -22,14 +22,9 @@ from lmckit.data import load_dataset
 from lmckit.data.checksums import Checksum
 from lmckit.data.download import SOURCES, DownloadSpec, RemoteFile, download_dataset
 from lmckit.errors import LmcError
-from test_data_helpers import CIFAR_TRAIN, IDX_NAMES, write_cifar_dataset, write_idx_dataset
+from tests.helpers.data_files import CIFAR_TRAIN, IDX_NAMES, write_cifar_dataset, write_idx_dataset
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.delenv("LMCKIT_DATA", raising=False)
-    monkeypatch.delenv("LMCKIT_DATA_MIRROR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+pytestmark = pytest.mark.usefixtures("isolated_data")  # tests/conftest.py
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -15,7 +15,7 @@ from lmckit.data.checksums import KNOWN_CHECKSUMS, check_file
 from lmckit.data.cifar import parse_cifar_batch, parse_cifar_bin
 from lmckit.data.idx import load_idx_pair, parse_idx
 from lmckit.errors import LmcError
-from test_data_helpers import idx_bytes, planted_images, py2_cifar_pickle, py3_cifar_pickle
+from tests.helpers.data_files import idx_bytes, planted_images, py2_cifar_pickle, py3_cifar_pickle
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -5,7 +5,7 @@ While a killed series runs, a watcher polls the output folder every few millisec
 folder ever looks complete before it is: a final run folder (no ``.partial``) exists only with every file in
 it, and files the code reads back on resume (training checkpoints, metrics, results.json) are always whole.
 
-The runs are real processes forked from a pre-imported zygote (see ``reliability_helpers.Zygote``), so each
+The runs are real processes forked from a pre-imported zygote (see ``tests.helpers.reliability.Zygote``), so each
 kill point costs the work it interrupts, not a torch start-up.
 """
 
@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from reliability_helpers import Zygote, subprocess_env
+from tests.helpers.reliability import Zygote
 
 TRAIN_ARGS = ["train", "--preset", "tiny", "--epochs", "5", "--batch-size", "20", "--quiet"]
 RECIPE_SETS = [
@@ -32,13 +32,6 @@ RECIPE_SETS = [
     "match.searches=1",
 ]
 TIMING_KEYS = {"seconds", "eval_seconds"}  # per-epoch wall times in metrics.jsonl: the only fields allowed to differ
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    z = Zygote(subprocess_env())
-    yield z
-    z.close()
 
 
 @dataclass
@@ -220,8 +213,8 @@ def kill_train_series(zygote: Zygote, tmp: Path, random_kills: int, seed: int) -
             [*TRAIN_ARGS, "--out", out],
             tmp,
             tmp / "run.log",
-            lambda e: e >= delay,
-            lambda: _check_train_invariants(out),
+            lambda e, delay=delay: e >= delay,
+            lambda out=out: _check_train_invariants(out),
         )
         if killed:
             log.hit(_check_partial_is_resumable(out))
@@ -285,6 +278,11 @@ def _pipeline_phase(root: Path) -> str:
     return f"between stages ({done} folders done)"
 
 
+def _after(seconds: float) -> Callable[[float], bool]:
+    """A stop condition: true once ``seconds`` have elapsed."""
+    return lambda e: e >= seconds
+
+
 def kill_reproduce_series(zygote: Zygote, tmp: Path, sets: list[str], random_kills: int, seed: int) -> KillLog:
     """Event-driven kill points (inside a training epoch, a match, a barrier, the report), then seeded random ones."""
 
@@ -312,7 +310,7 @@ def kill_reproduce_series(zygote: Zygote, tmp: Path, sets: list[str], random_kil
         lambda: any((root / "report").glob("*.png")),
     ]
     stops = [lambda e, ev=ev: ev() for ev in events]
-    stops += [lambda e, d=rng.uniform(0.0, t_ref / 2): e >= d for _ in range(random_kills)]
+    stops += [_after(rng.uniform(0.0, t_ref / 2)) for _ in range(random_kills)]
     for stop in stops:
         phase = []
 

@@ -81,7 +81,7 @@ def test_curve_equals_direct_computation(pair, synthetic):
     r = barrier_curve(a, sa, sb, synthetic, lambdas=lams, bn_reset="off", batch_size=128, **FAST)
     c = r["test"]
     assert c.loss == pytest.approx(direct, rel=1e-5, abs=1e-6)
-    expect = max(direct[i] - ((1 - l) * direct[0] + l * direct[-1]) for i, l in enumerate(lams))
+    expect = max(direct[i] - ((1 - lam) * direct[0] + lam * direct[-1]) for i, lam in enumerate(lams))
     assert c.loss_barrier == pytest.approx(max(expect, 0.0), rel=1e-5, abs=1e-6)
     assert c.loss_barrier > 0.01  # independently trained: a real barrier
     assert c.midpoint_loss == pytest.approx(direct[2], rel=1e-5)

@@ -166,11 +166,7 @@ def test_correlation_matrix_by_hand():
 def test_traced_model_sites(synthetic):
     """A non-zoo model: spec and activation sites come from fx tracing; planted truth recovered."""
     pytest.importorskip("lmckit.perm.trace")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from odd_models import ResidualMLP
+    from tests.helpers.odd_models import ResidualMLP
 
     torch.manual_seed(0)
     a = ResidualMLP(in_features=784)

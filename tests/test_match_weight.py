@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +21,6 @@ from lmckit.perm import (
     random_permutation,
     spec_for,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _model(name, norm="none", seed=0):
@@ -75,7 +71,7 @@ def test_planted_permutation_recovered_exactly(name, norm):
 
 def _odd_cases():
     try:
-        from odd_models import ODD_MODELS
+        from tests.helpers.odd_models import ODD_MODELS
     except ImportError:
         return []
     return [m for m in ODD_MODELS.values() if m.expect != "error"]

@@ -184,7 +184,8 @@ def test_lap_restores_the_cost_matrix():
 
 @pytest.mark.parametrize("name", ["mlp", "resnet_tiny", "lstm_tiny"])
 def test_objective_without_permuted_copy(name):
-    """``objective_of`` (one entry at a time) equals the objective of the fully permuted B; B is kept only when needed."""
+    """``objective_of`` (one entry at a time) equals the objective of the fully permuted B; B is kept only when
+    needed."""
     m, sd_a = _mlp(40, 0) if name == "mlp" else _zoo(name, 0)
     _, sd_b = _mlp(40, 1) if name == "mlp" else _zoo(name, 1)
     spec = spec_for(m)

@@ -188,10 +188,12 @@ def test_killed_stage_resumes(tmp_path):
     flag.write_text("")
     spec = Resumable(steps=4, block_at=2, flag=str(flag))
     code = (
-        "import sys; sys.path.insert(0, %r); import test_pipeline as t; from lmckit.pipeline.stages import run_stage;"
+        "import tests.test_pipeline as t; from lmckit.pipeline.stages import run_stage;"
         "run_stage(t.Resumable(steps=4, block_at=2, flag=%r), %r)"
-    ) % (str(Path(__file__).parent), str(flag), str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    ) % (str(flag), str(tmp_path))
+    # `python -c` puts its working folder first on sys.path: the repository root, where the tests package is
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, cwd=repo)
     try:
         deadline = time.time() + 60
         while flag.read_text() != "blocked":

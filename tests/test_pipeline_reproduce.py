@@ -11,9 +11,9 @@ import pytest
 from lmckit.cli import main
 from lmckit.errors import LmcError
 from lmckit.pipeline.executor import plan as order
-from lmckit.pipeline.reproduce import reproduce
 from lmckit.pipeline.stages import dependencies, stage_hash, stage_path
 from lmckit.pipeline.tasks import MatchStage
+from lmckit.reproduce import reproduce
 from lmckit.store import file_lock
 
 FIGURES = [
@@ -153,7 +153,9 @@ def test_set_reruns_only_the_stages_downstream_of_the_change(tiny, capsys):
     res = reproduce("tiny", out=root / "r2", cache=root / "cache", sets=sets, jobs=2)
     stages = order(res.plan.targets())
 
-    def downstream_of_ste(s, memo={}):
+    memo: dict = {}
+
+    def downstream_of_ste(s):
         if s not in memo:
             memo[s] = (isinstance(s, MatchStage) and s.method == "ste") or any(
                 downstream_of_ste(d) for d in dependencies(s)

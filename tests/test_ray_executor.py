@@ -140,7 +140,7 @@ def test_ray_options_without_ray_executor_are_refused(tmp_path, capsys):
 
 
 def test_bad_device_name_with_ray_fails_before_starting_anything(tmp_path):
-    from lmckit.pipeline.reproduce import reproduce
+    from lmckit.reproduce import reproduce
 
     with pytest.raises(LmcError, match="unknown device"):
         reproduce("tiny", out=tmp_path / "r", cache=tmp_path / "c", executor="ray", device="gpu0")
@@ -251,7 +251,7 @@ def _complete_stages(cache: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """results.json of an in-process run of the tiny recipe (one torch thread, as in each Ray task)."""
-    from lmckit.pipeline.reproduce import reproduce
+    from lmckit.reproduce import reproduce
 
     root = tmp_path_factory.mktemp("ref")
     reproduce("tiny", out=root / "report", cache=root / "cache")
@@ -320,7 +320,7 @@ def test_worker_killed_mid_stage_is_retried_and_results_identical(tmp_path, refe
 @pytest.mark.slow
 def test_driver_killed_then_rerun_resumes_from_finished_stages(tmp_path, reference):
     """SIGKILL the driver after some stages finished: Ray goes down with it, a rerun reuses those stages."""
-    from lmckit.pipeline.reproduce import reproduce
+    from lmckit.reproduce import reproduce
 
     run = RayRun(tmp_path, "report")
     try:

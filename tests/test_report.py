@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lmckit.pipeline.reproduce import reproduce
 from lmckit.report.results import stats, t_interval
 from lmckit.report.writer import _table, render_html
+from lmckit.reproduce import reproduce
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -127,7 +127,7 @@ def test_claims_are_quoted_in_full_with_criterion_and_published_value(tiny):
     from lmckit.report.claims import CLAIMS
 
     for c in r["claims"]:
-        assert c["model"] == "mlp_tiny" and c["statement"] == CLAIMS[c["id"]][1]
+        assert c["model"] == "mlp_tiny" and c["statement"] == CLAIMS[c["id"]].statement
         assert f"> {c['statement']}" in md and c["criterion"] in md and c["text"] in md
     by_id = {c["id"]: c for c in r["claims"]}
     assert by_id["3"]["paper"]["value"] == 0.2 and "source" in by_id["3"]["paper"]
@@ -135,7 +135,8 @@ def test_claims_are_quoted_in_full_with_criterion_and_published_value(tiny):
 
 
 def test_claims_are_judged_per_model(tiny):
-    """Two models in one recipe: each gets its own claims, named; the three-model and width claims stay with the first."""
+    """Two models in one recipe: each gets its own claims, named; the three-model and width claims stay with the
+    first."""
     import copy
 
     from lmckit.report.results import judge_claims

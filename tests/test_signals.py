@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability_helpers import lmckit_cmd, subprocess_env
+from tests.helpers.reliability import lmckit_cmd, subprocess_env
 
 SETS = [
     "three_models.enabled=false",

@@ -8,7 +8,7 @@ import torch
 from lmckit.errors import LmcError
 from lmckit.match.ste import PROTOCOLS, check_protocol, ste_matching, ste_midpoint
 from lmckit.perm import perm_changed_units, spec_for, validate_perms
-from test_ste import _train  # noqa: E402  (tests/ is on sys.path under pytest)
+from tests.test_ste import _train
 
 
 @pytest.fixture(scope="module")

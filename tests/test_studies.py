@@ -10,8 +10,8 @@ import torch
 
 from lmckit.errors import LmcError
 from lmckit.pipeline.recipe import load_recipe, recipe_names
-from lmckit.pipeline.reproduce import reproduce
 from lmckit.pipeline.stages import read_output
+from lmckit.reproduce import reproduce
 
 STUDY_SETS = [
     "studies.directions.enabled=true",

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from lmckit.errors import LmcError
-from reliability_helpers import MarkerPayload, hostile_pickle, hostile_torch_save, run_cli
+from tests.helpers.reliability import MarkerPayload, hostile_pickle, hostile_torch_save, run_cli
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "lmckit"
 RESTRICTED_UNPICKLER = "data/cifar.py"  # the only module allowed to unpickle (a tiny whitelist of numpy globals)
@@ -303,7 +303,7 @@ def test_cli_refuses_a_report_name_outside_reports(tmp_path, monkeypatch, capsys
 
 def test_explicit_out_is_where_everything_goes(tmp_path, monkeypatch, capsys):
     """With --out and --cache, a dry run writes nothing anywhere, and the folders it reports are the ones given."""
-    from reliability_helpers import snapshot
+    from tests.helpers.reliability import snapshot
 
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)

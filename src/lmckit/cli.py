@@ -23,6 +23,7 @@ import threading
 from typing import Iterator, NoReturn
 
 from . import __version__
+from .commands.common import DefaultsHelpFormatter
 from .errors import LmcError
 
 COMMANDS = (
@@ -63,8 +64,6 @@ class LmckitParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, **kwargs):
-        from .commands.common import DefaultsHelpFormatter
-
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
@@ -102,13 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmckit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=LmckitSubParser)
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name == f"{__package__}.commands.{name}":
-                continue  # command not built yet
-            raise
-        mod.register(sub)
+        importlib.import_module(f".commands.{name}", __package__).register(sub)
     return parser
 
 
@@ -148,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         print("lmckit: error: no command given\n  fix: `lmckit --help` lists the commands", file=sys.stderr)
         return 2
+    # lmckit.store imports torch: read only once a command runs, so `lmckit --help` and parse errors stay fast
     from .store import USER_ERRNOS, os_error
 
     quiet = bool(getattr(args, "quiet", False))

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 def enabled() -> bool:
@@ -90,10 +88,3 @@ class NullProgress:
 
     def __exit__(self, *exc: Any) -> None:
         pass
-
-
-def track(it: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-    with Progress(total if total is not None else (len(it) if hasattr(it, "__len__") else None), desc) as p:  # type: ignore[arg-type]
-        for x in it:
-            yield x
-            p.update(1)

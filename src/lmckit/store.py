@@ -17,7 +17,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -241,8 +240,10 @@ def _sniff(path: Path) -> None:
         return  # a safetensors header (its length's low byte may well be 0x80, like a pickle's first byte)
     if any(head.startswith(m) for m in _PICKLE_MAGICS):
         raise LmcError(
-            f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files (they can run arbitrary code)",
-            "convert it yourself in a trusted session with safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')",
+            f"checkpoint {path} looks like a pickle / torch.save file; lmckit never unpickles files "
+            "(they can run arbitrary code)",
+            "convert it yourself in a trusted session with "
+            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')",
         )
     if len(head) < 8:
         raise LmcError(f"checkpoint {path} is truncated ({size} bytes)", "re-create it")
@@ -350,10 +351,6 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output fo
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def check_output_path(what: str, path: str | Path | None, folder: bool = False) -> None:

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
+import hashlib
 import inspect
 import json
 import math
@@ -54,7 +56,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import __version__
+from .checkpoint import save_model
+from .data import load_dataset, random_crop_flip
+from .device import PRECISIONS, autocast, channels_last_wanted, resolve_device, tf32_allowed, tf32_scope
 from .errors import LmcError
+from .evaluate import evaluate
+from .limits import check_model_size
+from .models import create_model
+from .models.registry import check_size_options, model_entry
+from .progress import NullProgress, Progress
+from .store import (
+    SCHEMA_VERSION,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_path,
+    config_hash,
+    file_lock,
+    finalize_dir,
+    is_complete,
+    load_state,
+    partial_dir,
+    read_json,
+    save_state,
+    stage_dir,
+)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -77,7 +103,6 @@ def _model_options(model: str, given: Mapping[str, Any]) -> tuple[tuple[str, Any
     int given for a float option is stored as float so ``1`` and ``1.0``
     hash alike.
     """
-    from .models.registry import model_entry
 
     entry = model_entry(model)
     params = {
@@ -117,7 +142,6 @@ def _model_options(model: str, given: Mapping[str, Any]) -> tuple[tuple[str, Any
         if not ok or not isinstance(v, (str, int, float, bool, type(None))):
             raise LmcError(f"model option {n}={v!r} should be {type(d).__name__}", f"fix the {n} setting")
         out[n] = v
-    from .models.registry import check_size_options
 
     check_size_options(model, out)
     return tuple(sorted(out.items()))
@@ -205,7 +229,6 @@ class TrainConfig:
                 set_(self, f.name, int(v))
             elif typ is not None and not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
                 raise LmcError(f"training setting {f.name}={v!r} should be {getattr(typ, '__name__', typ)}")
-        from .device import PRECISIONS
 
         if self.precision not in PRECISIONS:
             raise LmcError(f"unknown precision {self.precision!r}", f"choose one of {', '.join(PRECISIONS)}")
@@ -266,7 +289,6 @@ class TrainConfig:
         return make_config(None, base=self, **changes)
 
     def hash(self) -> str:
-        from .store import config_hash
 
         return config_hash(self.to_dict())
 
@@ -391,10 +413,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def list_presets() -> list[str]:
-    return list(PRESETS)
-
-
 def preset_for(model: str, dataset: str) -> str | None:
     """The preset whose model and dataset are these, if any."""
     for name, p in PRESETS.items():
@@ -414,8 +432,6 @@ def make_config(preset: str | None = None, *, base: TrainConfig | None = None, *
         raise ValueError("give a preset or a base config, not both")
     if preset is not None:
         if preset not in PRESETS:
-            import difflib
-
             close = difflib.get_close_matches(preset, list(PRESETS), n=1)
             raise LmcError(
                 f"unknown training preset {preset!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
@@ -434,7 +450,6 @@ def make_config(preset: str | None = None, *, base: TrainConfig | None = None, *
             kw[k] = overrides.pop(k)
     if "model" in overrides and overrides["model"] != d.get("model", TrainConfig.model):
         # Another model: keep only the options it also has.
-        from .models.registry import model_entry
 
         accepted = set(inspect.signature(model_entry(overrides["model"]).factory).parameters)
         base_kw = dict(d.get("model_kwargs", {}))
@@ -474,7 +489,6 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 
 def build_untrained(config: TrainConfig, dataset) -> nn.Module:
     """The model at initialisation: seeded by ``config.seed``, global RNG state untouched."""
-    from .models import create_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -512,7 +526,6 @@ def save_checkpoint(
     Metadata (JSON): ``epoch``, the optimiser's param groups and non-tensor
     state values, and ``extra``.
     """
-    from .store import save_state
 
     tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.state_dict().items()}
     osd = optimizer.state_dict()
@@ -541,7 +554,6 @@ def load_checkpoint_into(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
 ) -> dict[str, Any]:
     """Restore a :func:`save_checkpoint` file; returns its metadata."""
-    from .store import load_state
 
     tensors, meta = load_state(path)
     dev = next(model.parameters()).device
@@ -599,14 +611,12 @@ class TrainResult:
 
 def run_dir_for(config: TrainConfig, out_root: str | os.PathLike = "runs") -> Path:
     """``out_root/train/<hash>``: where :func:`train` puts (or found) this config's run."""
-    from .store import stage_dir
 
     return stage_dir(out_root, "train", config.to_dict())
 
 
 def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
     """Read the :class:`TrainResult` of a finished run folder."""
-    from .store import read_json
 
     run_dir = Path(run_dir)
     info = read_json(run_dir / "config.json", "run config")
@@ -688,13 +698,9 @@ def train(
         (a clean evaluation pass over the training split in eval mode), wall
         seconds spent training (summed over resumes), and ``cached``.
     """
-    from .store import file_lock, is_complete, partial_dir
 
     if Path(out_root).exists() and not Path(out_root).is_dir():
         raise LmcError(f"output folder {out_root} is a file", "pass a folder for the run store (--out)")
-    from .data import load_dataset
-    from .device import resolve_device
-    from .limits import check_model_size
 
     # Everything is validated before anything is written under out_root (no lock or .partial is left
     # behind by a bad device, model option or dataset). The dataset is cached per process.
@@ -748,7 +754,6 @@ def train(
 
 def data_fingerprint(ds) -> str:
     """sha256 over a dataset's file checksums (name and content hash of every file it was read from)."""
-    import hashlib
 
     return hashlib.sha256(json.dumps(sorted(dict(ds.checksums).items())).encode()).hexdigest()
 
@@ -777,16 +782,45 @@ def _cached_or_target(final: Path, ds) -> Path:
 
 
 def is_complete_run(folder: Path) -> bool:
-    from .store import is_complete
 
     return is_complete(folder)
 
 
 def check_run_store(root: Path) -> None:
     """The run store can be written (checked before the lock file is created)."""
-    from .store import check_output_path
 
     check_output_path("run store --out", root, folder=True)
+
+
+@dataclass
+class _Run:
+    """A training run in progress: what it trains, where it writes, and what it has done so far."""
+
+    config: TrainConfig
+    final: Path  # the finished run's folder
+    partial: Path  # where it is built (renamed to ``final`` when done)
+    dev: torch.device
+    ds: Any  # the loaded dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator  # batch order and augmentation
+    gpu: dict[str, Any]  # precision, channels_last, tf32 (how it runs: recorded, not hashed)
+    cfg_dict: dict[str, Any]
+    h: str  # the config hash
+    start_epoch: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0  # training seconds, summed over resumes
+    resumed: list[int] = field(default_factory=list)  # epochs after which earlier processes stopped
+    resume_note: str | None = None
+
+    @property
+    def ckpt(self) -> Path:
+        return self.partial / CHECKPOINT
+
+    def write_metrics(self) -> None:
+        atomic_write_text(
+            self.partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.metrics)
+        )
 
 
 def _train_locked(
@@ -800,14 +834,23 @@ def _train_locked(
     channels_last: bool | None = None,
     tf32: bool | None = None,
 ) -> TrainResult:
-    from . import __version__
-    from .checkpoint import save_model
-    from .data import load_dataset
-    from .device import channels_last_wanted, resolve_device, tf32_allowed, tf32_scope
-    from .evaluate import evaluate
-    from .progress import NullProgress, Progress
-    from .store import SCHEMA_VERSION, atomic_write_json, atomic_write_text, config_hash, finalize_dir
+    """Train under the run's lock: set up, resume (or start clean), run the epochs, finish the folder."""
+    run = _setup(config, final, partial, device, data_dir, channels_last, tf32)
+    _resume_or_clean(run)
+    _run_epochs(run, progress, callback)
+    return _finish(run)
 
+
+def _setup(
+    config: TrainConfig,
+    final: Path,
+    partial: Path,
+    device: str | torch.device,
+    data_dir: str | os.PathLike | None,
+    channels_last: bool | None,
+    tf32: bool | None,
+) -> _Run:
+    """Load the data, build the untrained model and its optimizer on the device, seed the generator."""
     dev = resolve_device(device)
     cfg_dict = config.to_dict()
     h = config_hash(cfg_dict)
@@ -820,44 +863,57 @@ def _train_locked(
     gpu = {"precision": config.precision, "channels_last": use_cl, "tf32": use_tf32}
     optimizer = make_optimizer(config, model.parameters())
     gen = torch.Generator().manual_seed(config.seed)
+    return _Run(config, final, partial, dev, ds, model, optimizer, gen, gpu, cfg_dict, h)
 
-    partial.mkdir(parents=True, exist_ok=True)
-    ckpt = partial / CHECKPOINT
-    start_epoch, metrics, elapsed, resumed, resume_note = 0, [], 0.0, [], None
-    if ckpt.exists():
-        try:
-            meta = load_checkpoint_into(ckpt, model, optimizer, gen)
-        except LmcError as e:
-            raise LmcError(f"cannot resume from {ckpt}: {e.message}", f"delete {partial} to restart this run") from None
-        if meta.get("config_hash") != h:
-            raise LmcError(
-                f"checkpoint {ckpt} belongs to another config ({meta.get('config_hash')})",
-                f"delete {partial} to restart this run",
-            )
-        if meta.get("data_checksums", dict(ds.checksums)) != dict(ds.checksums):
-            raise LmcError(
-                f"the unfinished run {partial} was started on other {config.dataset} files than the "
-                "ones found now (their checksums differ)",
-                f"point --data-dir at the data it started on, or delete {partial} to restart on this data",
-            )
-        start_epoch, metrics, elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
-        resumed = list(meta.get("resumed", [])) + [start_epoch]
-        where = _where(dev, gpu)
-        if meta.get("where", where) != where:  # still correct, but float sums may round differently
-            note = (
-                f"[train] note: resuming on {where} but epochs 1-{start_epoch} ran on {meta['where']}; "
-                "the weights will not be bit-identical to an uninterrupted run"
-            )
-            resume_note = note
-    else:  # a fresh start: clear leftovers of a run killed before its first checkpoint
+
+def _resume_or_clean(run: _Run) -> None:
+    """Resume from the ``.partial`` folder's checkpoint (same config and data, else an error), or clear it.
+
+    A fresh start removes leftovers of a run killed before its first checkpoint. Raises :class:`LmcError`
+    for a checkpoint of another config, of other data files, or one that cannot be read.
+    """
+    run.partial.mkdir(parents=True, exist_ok=True)
+    ckpt, partial, ds = run.ckpt, run.partial, run.ds
+    if not ckpt.exists():
         for p in partial.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
+    try:
+        meta = load_checkpoint_into(ckpt, run.model, run.optimizer, run.gen)
+    except LmcError as e:
+        raise LmcError(f"cannot resume from {ckpt}: {e.message}", f"delete {partial} to restart this run") from None
+    if meta.get("config_hash") != run.h:
+        raise LmcError(
+            f"checkpoint {ckpt} belongs to another config ({meta.get('config_hash')})",
+            f"delete {partial} to restart this run",
+        )
+    if meta.get("data_checksums", dict(ds.checksums)) != dict(ds.checksums):
+        raise LmcError(
+            f"the unfinished run {partial} was started on other {run.config.dataset} files than the "
+            "ones found now (their checksums differ)",
+            f"point --data-dir at the data it started on, or delete {partial} to restart on this data",
+        )
+    run.start_epoch, run.metrics, run.elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
+    run.resumed = list(meta.get("resumed", [])) + [run.start_epoch]
+    where = _where(run.dev, run.gpu)
+    if meta.get("where", where) != where:  # still correct, but float sums may round differently
+        run.resume_note = (
+            f"[train] note: resuming on {where} but epochs 1-{run.start_epoch} ran on {meta['where']}; "
+            "the weights will not be bit-identical to an uninterrupted run"
+        )
 
+
+def _run_epochs(run: _Run, progress: bool, callback) -> None:
+    """Train the remaining epochs; after each, evaluate, checkpoint, append its metrics and call ``callback``.
+
+    Raises :class:`LmcError` when the training loss is not finite (the last good checkpoint stays).
+    """
+    config, ds, dev, model = run.config, run.ds, run.dev, run.model
     x_u8, y_all = ds.on_device("train", dev)  # the whole split on the device, copied once
     n = int(x_u8.shape[0])
     # Whole split normalised once (no per-batch conversion) unless batches are augmented.
     x_all = None if config.augment else ds.normalize(x_u8)
-    if use_cl and x_all is not None:
+    if run.gpu["channels_last"] and x_all is not None:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(n / config.batch_size)
     bar = (
@@ -865,24 +921,24 @@ def _train_locked(
         if progress
         else NullProgress()
     )
-    if start_epoch:
-        bar.write(f"[train] resuming {final.name} after epoch {start_epoch}")
-        if resume_note:
-            bar.write(resume_note)
-        bar.update(start_epoch)
+    if run.start_epoch:
+        bar.write(f"[train] resuming {run.final.name} after epoch {run.start_epoch}")
+        if run.resume_note:
+            bar.write(run.resume_note)
+        bar.update(run.start_epoch)
     try:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(run.start_epoch, config.epochs):
             t0 = time.perf_counter()
             model.train()
-            with tf32_scope(use_tf32):
+            with tf32_scope(run.gpu["tf32"]):
                 train_loss, train_acc, lr = _train_epoch(
-                    model, optimizer, config, gen, x_all, x_u8, y_all, ds, dev, epoch, steps_per_epoch
+                    model, run.optimizer, config, run.gen, x_all, x_u8, y_all, ds, dev, epoch, steps_per_epoch
                 )
             train_seconds = time.perf_counter() - t0
             if not math.isfinite(train_loss):
                 raise LmcError(
                     f"training diverged in epoch {epoch + 1} (loss {train_loss})",
-                    f"lower the learning rate (now {config.lr}); the last good checkpoint is in {partial}",
+                    f"lower the learning rate (now {config.lr}); the last good checkpoint is in {run.partial}",
                 )
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc}
             if "val" in ds.images:
@@ -894,34 +950,43 @@ def _train_locked(
             )
             row["seconds"] = train_seconds
             row["eval_seconds"] = time.perf_counter() - t0 - train_seconds
-            metrics.append(row)
-            elapsed += time.perf_counter() - t0
-            save_checkpoint(
-                ckpt,
-                model,
-                optimizer,
-                gen,
-                epoch + 1,
-                {
-                    "metrics": metrics,
-                    "elapsed": elapsed,
-                    "config_hash": h,
-                    "resumed": resumed,
-                    "data_checksums": dict(ds.checksums),
-                    "where": _where(dev, gpu),
-                },
-            )
-            atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+            run.metrics.append(row)
+            run.elapsed += time.perf_counter() - t0
+            _checkpoint(run, epoch + 1)
             bar.update(1, loss=train_loss, test_acc=row["test_acc"])
             if callback is not None:
                 callback(epoch + 1, row)
     finally:
         bar.close()
 
+
+def _checkpoint(run: _Run, epoch: int) -> None:
+    """Write the resumable checkpoint after ``epoch`` (1-based), then the metrics so far."""
+    save_checkpoint(
+        run.ckpt,
+        run.model,
+        run.optimizer,
+        run.gen,
+        epoch,
+        {
+            "metrics": run.metrics,
+            "elapsed": run.elapsed,
+            "config_hash": run.h,
+            "resumed": run.resumed,
+            "data_checksums": dict(run.ds.checksums),
+            "where": _where(run.dev, run.gpu),
+        },
+    )
+    run.write_metrics()
+
+
+def _finish(run: _Run) -> TrainResult:
+    """Evaluate on the training split, save the model and its record, and rename ``.partial`` to the run folder."""
+    config, ds, dev, model, partial = run.config, run.ds, run.dev, run.model, run.partial
     t0 = time.perf_counter()
     train_eval = evaluate(model, ds, "train", batch_size=config.eval_batch_size, device=dev)
-    elapsed += time.perf_counter() - t0
-    last = metrics[-1]
+    run.elapsed += time.perf_counter() - t0
+    last = run.metrics[-1]
     result = {
         "test_loss": last["test_loss"],
         "test_accuracy": last["test_acc"],
@@ -931,26 +996,50 @@ def _train_locked(
     }
     if "val_loss" in last:
         result["val_loss"], result["val_accuracy"] = last["val_loss"], last["val_acc"]
-    save_model(partial / "model.safetensors", model, dataset=config.dataset, lmckit_train=cfg_dict, config_hash=h)
-    record = {
+    save_model(
+        partial / "model.safetensors", model, dataset=config.dataset, lmckit_train=run.cfg_dict, config_hash=run.h
+    )
+    # metrics.jsonl again: a kill between the last checkpoint and its metrics line must not lose that line
+    run.write_metrics()
+    run.ckpt.unlink(missing_ok=True)
+    for p in partial.glob(".*.tmp"):  # temp files of writes interrupted by an earlier kill
+        p.unlink(missing_ok=True)
+    atomic_write_json(partial / "config.json", _run_record(run, result))
+    final = finalize_dir(partial, run.final)
+    return TrainResult(
+        final,
+        float(result["test_loss"]),
+        float(result["test_accuracy"]),
+        float(result["train_loss"]),
+        float(result["train_accuracy"]),
+        run.elapsed,
+        False,
+        config,
+    )
+
+
+def _run_record(run: _Run, result: dict[str, Any]) -> dict[str, Any]:
+    """The run folder's ``config.json``: config, model, result and provenance (versions, device, data)."""
+    ds = run.ds
+    return {
         "kind": "lmckit.train",
         "schema": SCHEMA_VERSION,
-        "hash": h,
-        "config": cfg_dict,
-        "model": model.lmckit_config,
-        "dataset": config.dataset,
-        "seed": config.seed,
+        "hash": run.h,
+        "config": run.cfg_dict,
+        "model": run.model.lmckit_config,
+        "dataset": run.config.dataset,
+        "seed": run.config.seed,
         "result": result,
         "provenance": {
             "lmckit_version": __version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
             "platform": platform.platform(),
-            "device": str(dev),
+            "device": str(run.dev),
             "threads": torch.get_num_threads(),
-            **gpu,
-            "wall_seconds": elapsed,
-            "resumed_after_epochs": resumed,
+            **run.gpu,
+            "wall_seconds": run.elapsed,
+            "resumed_after_epochs": run.resumed,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "dataset": {
                 "name": ds.name,
@@ -960,23 +1049,6 @@ def _train_locked(
             },
         },
     }
-    # metrics.jsonl again: a kill between the last checkpoint and its metrics line must not lose that line
-    atomic_write_text(partial / "metrics.jsonl", "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
-    ckpt.unlink(missing_ok=True)
-    for p in partial.glob(".*.tmp"):  # temp files of writes interrupted by an earlier kill
-        p.unlink(missing_ok=True)
-    atomic_write_json(partial / "config.json", record)
-    final = finalize_dir(partial, final)
-    return TrainResult(
-        final,
-        float(result["test_loss"]),
-        float(result["test_accuracy"]),
-        float(result["train_loss"]),
-        float(result["train_accuracy"]),
-        elapsed,
-        False,
-        config,
-    )
 
 
 def _where(dev: torch.device, gpu: Mapping[str, Any]) -> dict[str, Any]:
@@ -1005,8 +1077,6 @@ def _train_epoch(
     Loss and correct counts are accumulated on the device and read once at
     the end (no per-step host sync).
     """
-    from .data import random_crop_flip
-    from .device import autocast
 
     n, bs = int(x_u8.shape[0]), config.batch_size
     order = torch.randperm(n, generator=gen)

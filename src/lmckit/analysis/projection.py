@@ -63,8 +63,8 @@ def input_projections(
     Returns
     -------
     layer name -> ``{"sigma", "mean_abs", "mean_sq", "random_mean_abs"}``
-    (lists, length ``r``; ``mean_sq`` is mean ``(v_i . z)^2``) plus ``"mean_norm"`` (mean ``||z||``) and ``"count"`` (vectors
-    used). Layers that are not ``nn.Linear`` / ungrouped ``nn.Conv2d`` are skipped.
+    (lists, length ``r``; ``mean_sq`` is mean ``(v_i . z)^2``) plus ``"mean_norm"`` (mean ``||z||``) and
+    ``"count"`` (vectors used). Layers that are not ``nn.Linear`` / ungrouped ``nn.Conv2d`` are skipped.
     """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed + 1)  # random directions and position subsample

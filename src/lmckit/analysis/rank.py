@@ -155,7 +155,7 @@ def rank_sweep(
     reset = reset_bn and has_batchnorm(model)
     ev = dict(dataset=dataset, split=split, batch_size=batch_size, device=device, limit=limit, reset_bn=reset)
     loss, acc = _evaluate_state(model, sd, **ev)
-    full_rank = sum(l.rank for l in layers_of(spec, sd) if not (keep_output_layer and l.is_output))
+    full_rank = sum(la.rank for la in layers_of(spec, sd) if not (keep_output_layer and la.is_output))
     records = [
         {
             "kind": "full",

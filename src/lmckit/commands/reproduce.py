@@ -74,8 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..pipeline.recipe import load_recipe, recipe_names
-    from ..pipeline.reproduce import reproduce
     from ..pipeline.stages import stage_label
+    from ..reproduce import reproduce
 
     if args.list:
         from importlib import resources

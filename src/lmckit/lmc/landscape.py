@@ -162,7 +162,7 @@ def plane_landscape(
         device = next(model.parameters()).device
     device = torch.device(device)
     dataset.size(split)
-    check_compatible([sd_a, sd_b, sd_c], [f"model {l}" for l in labels])
+    check_compatible([sd_a, sd_b, sd_c], [f"model {label}" for label in labels])
     check_model_fits(model, dataset, split, device)
     mode = resolve_bn_mode(model, bn_reset)
     states = [{k: v.detach().to(device, copy=True) for k, v in s.items()} for s in (sd_a, sd_b, sd_c)]

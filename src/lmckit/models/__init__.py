@@ -1,8 +1,11 @@
 """Model zoo: MLP, VGG-11/13/16, ResNet-20/32/44, ViT, LSTM (+ tiny test variants).
 
 Every model takes image batches ``(N, C, H, W)`` and knows its permutation
-spec (``model.permutation_spec()``) and the modules whose outputs are each
-group's activations (``model.hidden_modules()``, for activation matching).
+symmetry: ``model.permutation_rules(b)`` declares its groups and the axes they
+move on a ``perm.SpecBuilder`` that :func:`lmckit.perm.spec_for` passes in
+(models sit below ``perm`` in the layering and never import it), and
+``model.hidden_modules()`` names the modules whose outputs are each group's
+activations (for activation matching).
 """
 
 from . import lstm, mlp, resnet, vgg, vit  # noqa: F401  (registration)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..errors import LmcError
+
 NORMS = ("none", "batchnorm", "layernorm")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU}
 
 
 def check_norm(norm: str) -> str:
     if norm not in NORMS:
-        from ..errors import LmcError
-
         raise LmcError(f"unknown norm {norm!r}", f"choose one of {', '.join(NORMS)}")
     return norm
 

@@ -3,7 +3,7 @@
 ``nn.LSTM(C*W, hidden, layers, batch_first=True)``, the last step's output, an
 optional norm, and a linear head (Fashion-MNIST: 28 steps of 28 pixels).
 
-Permutation symmetry (``permutation_spec``): one group per layer (``lstm`` for
+Permutation symmetry (``permutation_rules``): one group per layer (``lstm`` for
 one layer, ``lstm.l0``, ``lstm.l1``, ... otherwise) moving the layer's hidden
 units identically inside each of the four gate blocks (i, f, g, o) of
 ``weight_ih``, ``weight_hh`` and both biases (block axes), the columns of
@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..perm.spec import PermutationSpec, SpecBuilder
 from .layers import check_norm, norm1d
 from .registry import register_model
 
@@ -37,8 +36,8 @@ class LSTMClassifier(nn.Module):
         out, _ = self.lstm(seq)
         return self.head(self.norm(out[:, -1]))
 
-    def permutation_spec(self) -> PermutationSpec:
-        b = SpecBuilder(self.state_dict())
+    def permutation_rules(self, b) -> None:
+        """Declare the permutation groups and the axes they move on ``b`` (a ``perm.SpecBuilder``)."""
         h = self.hidden
         prev = None
         for layer in range(self.layers):
@@ -51,7 +50,6 @@ class LSTMClassifier(nn.Module):
             prev = g
         b.out_axis("norm", prev)
         b.in_axis("head", prev)
-        return b.build()
 
 
 @register_model(

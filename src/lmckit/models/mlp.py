@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..perm.spec import PermutationSpec, SpecBuilder
+from ..errors import LmcError
 from .layers import ACTIVATIONS, check_norm, norm1d
 from .registry import register_model
 
@@ -28,8 +28,6 @@ class MLP(nn.Module):
         super().__init__()
         check_norm(norm)
         if activation not in ACTIVATIONS:
-            from ..errors import LmcError
-
             raise LmcError(f"unknown activation {activation!r}", f"choose one of {', '.join(ACTIVATIONS)}")
         self.depth, self.width, self.norm = depth, width, norm
         dims = [in_features] + [width] * depth + [num_classes]
@@ -49,14 +47,13 @@ class MLP(nn.Module):
         """Module whose output is each group's activation (used by activation matching)."""
         return {f"P{i}": getattr(self, f"act{i}") for i in range(self.depth)}
 
-    def permutation_spec(self) -> PermutationSpec:
-        b = SpecBuilder(self.state_dict())
+    def permutation_rules(self, b) -> None:
+        """Declare the permutation groups and the axes they move on ``b`` (a ``perm.SpecBuilder``)."""
         for i in range(self.depth):
             g = b.group(f"P{i}", self.width)
             b.out_axis(f"fc{i}", g)
             b.out_axis(f"norm{i}", g)
             b.in_axis(f"fc{i + 1}", g)
-        return b.build()
 
 
 def _mlp(depth, width, **kw):

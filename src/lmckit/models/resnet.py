@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..perm.spec import PermutationSpec, SpecBuilder
 from .layers import check_norm, norm2d, scaled
 from .registry import register_model
 
@@ -78,8 +77,8 @@ class ResNet(nn.Module):
                 sites[f"B{s}.{b}"] = [block.act1]
         return sites
 
-    def permutation_spec(self) -> PermutationSpec:
-        b = SpecBuilder(self.state_dict())
+    def permutation_rules(self, b) -> None:
+        """Declare the permutation groups and the axes they move on ``b`` (a ``perm.SpecBuilder``)."""
         s0 = b.group("S0", self.widths[0])
         b.out_axis("conv1", s0)
         b.out_axis("bn1", s0)
@@ -101,7 +100,6 @@ class ResNet(nn.Module):
                     b.out_axis(f"{p}.shortcut.1", stream)
                 prev = stream
         b.in_axis("head", prev)
-        return b.build()
 
 
 def _resnet(depth: int, n: int | None = None):

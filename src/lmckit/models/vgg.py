@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..perm.spec import PermutationSpec, SpecBuilder
 from .layers import check_norm, norm2d, scaled
 from .registry import register_model
 
@@ -64,8 +63,8 @@ class VGG(nn.Module):
     def hidden_modules(self) -> dict[str, nn.Module]:
         return {f"P{i}": a for i, a in enumerate(self.acts)}
 
-    def permutation_spec(self) -> PermutationSpec:
-        b = SpecBuilder(self.state_dict())
+    def permutation_rules(self, b) -> None:
+        """Declare the permutation groups and the axes they move on ``b`` (a ``perm.SpecBuilder``)."""
         n = len(self.convs)
         for i in range(n):
             g = b.group(f"P{i}", self.convs[i].out_channels)
@@ -74,7 +73,6 @@ class VGG(nn.Module):
             if i + 1 < n:
                 b.in_axis(f"convs.{i + 1}", g)
         b.in_axis("head", f"P{n - 1}")
-        return b.build()
 
 
 def _vgg(name: str):

@@ -5,7 +5,7 @@
 pre-LN blocks ``x + attn(ln1(x))``, ``x + mlp(ln2(x))`` with ``nn.MultiheadAttention``,
 a final norm on the class token and a linear head.
 
-Permutation symmetry (``permutation_spec``): the residual stream ``patch`` (patch
+Permutation symmetry (``permutation_rules``): the residual stream ``patch`` (patch
 conv output channels, class token, positional table, every norm, ``out_proj`` and
 ``fc2`` rows, ``in_proj``/``fc1``/head columns); per block the MLP hidden units
 ``blocks.i.fc1`` and the attention's head-structured groups ``blocks.i.attn.qk``
@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
-from ..perm.spec import PermutationSpec, SpecBuilder
 from .layers import check_norm
 from .registry import register_model
 
@@ -99,8 +98,8 @@ class ViT(nn.Module):
             t = blk(t)
         return self.head(self.norm(t[:, 0]))
 
-    def permutation_spec(self) -> PermutationSpec:
-        b = SpecBuilder(self.state_dict())
+    def permutation_rules(self, b) -> None:
+        """Declare the permutation groups and the axes they move on ``b`` (a ``perm.SpecBuilder``)."""
         E = self.dim
         s = b.group("patch", E)
         b.out_axis("patch", s)
@@ -125,7 +124,6 @@ class ViT(nn.Module):
             b.out_axis(f"{p}.fc2", s)
         b.out_axis("norm.norm", s)
         b.in_axis("head", s)
-        return b.build()
 
 
 @register_model(

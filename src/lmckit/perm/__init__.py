@@ -1,5 +1,7 @@
 """Permutation specs (which axes each hidden-unit permutation moves) and their algebra."""
 
+import importlib
+
 from .spec import (
     COVERAGE_WARN_THRESHOLD,
     CoverageWarning,
@@ -36,6 +38,7 @@ __all__ = [
     "save_perms",
     "validate_perms",
     "spec_for",
+    "has_rules",
     "CoverageWarning",
     "COVERAGE_WARN_THRESHOLD",
     "head_block_perm",
@@ -44,16 +47,33 @@ __all__ = [
 ]
 
 
+def has_rules(model) -> bool:
+    """Whether ``model`` declares its own permutation symmetry (zoo models, or a user ``permutation_spec()``)."""
+    return hasattr(model, "permutation_rules") or hasattr(model, "permutation_spec")
+
+
 def spec_for(model, example_input=None) -> PermutationSpec:
-    """The permutation spec of ``model``: its own rules for zoo models, fx tracing otherwise."""
+    """The permutation spec of ``model``: its own rules where it has them, fx tracing otherwise.
+
+    Zoo models declare their groups with ``permutation_rules(b)`` on a :class:`SpecBuilder` over
+    their state dict (so ``models`` never imports ``perm``); a user architecture may instead
+    return a whole spec from ``permutation_spec()``; any other model is traced with torch.fx.
+    """
+    rules = getattr(model, "permutation_rules", None)
+    if rules is not None:
+        b = SpecBuilder(model.state_dict())
+        rules(b)
+        return b.build()
     if hasattr(model, "permutation_spec"):
         return model.permutation_spec()
-    from .trace import trace_spec  # noqa: WPS433  (fx tracing, only when needed)
+    # lazy: torch.fx and the tracer load only for models without their own rules (zoo models never need them)
+    from .trace import trace_spec
 
     return trace_spec(model, example_input)
 
 
-# fx tracing and the invariance check, imported on first use (torch.fx is only needed for them)
+# fx tracing and the invariance check, imported on first use (torch.fx is only needed for them; lmckit.perm stays
+# cheap for `lmckit models` and every zoo-model path)
 _LAZY = {
     "trace_spec": "trace",
     "trace_streams": "trace",
@@ -69,7 +89,5 @@ __all__ += list(_LAZY)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

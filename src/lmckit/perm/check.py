@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
+from . import has_rules, spec_for
 from .spec import PermutationSpec, apply_permutation, identity_permutation, invert_permutation, random_permutation
+from .trace import SpecWarning, example_input_for, trace_streams
 
 __all__ = ["CheckReport", "check_spec"]
 
@@ -119,7 +121,7 @@ class CheckReport:
                 f"{max(self.train_diff, self.eval_diff):.3g} (train {self.train_diff:.3g}, eval {self.eval_diff:.3g}), "
                 f"running statistics {self.stats_diff:.3g}, tolerance {self.tol:g}"
                 + (f"; groups responsible: {', '.join(self.culprits)}" if self.culprits else ""),
-                "the spec is wrong for this architecture: fix its permutation_spec() rule, or use "
+                "the spec is wrong for this architecture: fix its permutation_rules() / permutation_spec(), or use "
                 "lmckit.perm.trace_spec and report the model if tracing is wrong",
             )
         return self
@@ -182,6 +184,35 @@ def _compare(
     return train_diff, eval_diff, stats_diff, stats_key
 
 
+def _derive_spec(
+    model: nn.Module, example_input: torch.Tensor, traced: bool
+) -> tuple[PermutationSpec, str, list[str], list[str]]:
+    """The spec to check: the model's rules, or (``traced``, or no rules) fx tracing.
+
+    Returns ``(spec, source, warnings, opaque ops)``; the tracer's warnings are also re-emitted as
+    :class:`SpecWarning` at the caller of :func:`check_spec`.
+    """
+    caught: list[str] = []
+    opaque: list[str] = []
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always", SpecWarning)
+        if traced or not has_rules(model):
+            res = trace_streams(model, example_input)
+            for msg in res.warnings:
+                warnings.warn(f"trace_spec({type(model).__name__}): {msg}", SpecWarning, stacklevel=2)
+            spec, source, opaque = res.spec, "traced", res.opaque
+        else:
+            spec, source = spec_for(model, example_input), "rules"
+    for w in rec:
+        if issubclass(w.category, SpecWarning):
+            caught.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for msg in caught:
+        warnings.warn(msg, SpecWarning, stacklevel=3)
+    return spec, source, caught, opaque
+
+
 def check_spec(
     model: nn.Module,
     example_input: torch.Tensor | None = None,
@@ -219,31 +250,11 @@ def check_spec(
         outputs and the updated running statistics agree within ``tol``;
         with the spec's coverage.
     """
-    from . import spec_for
-    from .trace import SpecWarning, example_input_for, trace_streams
-
     if example_input is None:
         example_input = example_input_for(model)
-    source = "given"
-    caught: list[str] = []
-    opaque: list[str] = []
+    source, caught, opaque = "given", [], []
     if spec is None:
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always", SpecWarning)
-            if traced or not hasattr(model, "permutation_spec"):
-                res = trace_streams(model, example_input)
-                for msg in res.warnings:
-                    warnings.warn(f"trace_spec({type(model).__name__}): {msg}", SpecWarning, stacklevel=2)
-                spec, source, opaque = res.spec, "traced", res.opaque
-            else:
-                spec, source = spec_for(model, example_input), "rules"
-        for w in rec:
-            if issubclass(w.category, SpecWarning):
-                caught.append(str(w.message))
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        for msg in caught:
-            warnings.warn(msg, SpecWarning, stacklevel=2)
+        spec, source, caught, opaque = _derive_spec(model, example_input, traced)
     spec.check_state(model.state_dict(), f"{type(model).__name__} state dict")
     x = example_input
     if dtype is not None and x.is_floating_point():

@@ -40,6 +40,7 @@ projection's input another).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,6 +48,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import LmcError
+from ..store import atomic_write_json, read_json
 
 Perms = dict[str, torch.Tensor]
 #: One segment of a block-permuted axis: ``(group or None, units, inner)``.
@@ -146,13 +148,6 @@ class PermutationSpec:
                 for g in entry_groups(e):
                     out[g].append((key, i))
         return out
-
-    def head_of(self, group: str) -> str | None:
-        """Name of the head structure constraining ``group`` (``None`` if it is free)."""
-        for name, (_, members) in self.heads.items():
-            if group in members:
-                return name
-        return None
 
     def coverage(self) -> dict[str, Any]:
         """How much of the model the spec permutes (reported, never silent).
@@ -502,15 +497,11 @@ def validate_perms(spec: PermutationSpec, perms: Mapping[str, Any], where: str =
 
 
 def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], **extra: Any) -> Path:
-    from ..store import atomic_write_json
-
     return atomic_write_json(path, perms_to_json(perms, **extra))
 
 
 def load_perms(path: str | Path, spec: PermutationSpec | None = None) -> Perms:
     """Read a permutation JSON file (written by :func:`save_perms`); validate against ``spec``."""
-    from ..store import read_json
-
     d = read_json(path, "permutation file")
     if not isinstance(d, dict) or "perms" not in d:
         raise LmcError(f"permutation file {path} has no 'perms' key", "pass a file written by lmckit match")
@@ -534,7 +525,9 @@ class CoverageWarning(UserWarning):
 
 
 def warn_low_coverage(spec: PermutationSpec, where: str, threshold: float = COVERAGE_WARN_THRESHOLD) -> float:
-    """Warn (:class:`CoverageWarning`) when ``spec`` covers less than ``threshold`` of the unit axes; return the fraction.
+    """Warn (:class:`CoverageWarning`) when ``spec`` covers less than ``threshold`` of the unit axes.
+
+    Returns the fraction covered.
 
     The fraction is ``coverage()["hidden_coverage"]``: of the unit axes of every
     matrix (axis 0 of each tensor with two or more axes, counted by size), the
@@ -543,8 +536,6 @@ def warn_low_coverage(spec: PermutationSpec, where: str, threshold: float = COVE
     left pinned (a pre-LN transformer with only its MLP hidden units permuted
     scores about 0.4).
     """
-    import warnings
-
     frac = float(spec.coverage()["hidden_coverage"])
     if frac < threshold:
         warnings.warn(

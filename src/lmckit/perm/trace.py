@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import LmcError
+from ..models import model_entry
 from .spec import PermutationSpec
 from .spec import entry_groups as _entry_groups
 
@@ -637,15 +638,49 @@ class _Tracer:
 
         Row-major layout: element ``(pre, c, post)`` sits at ``pre*C*POST + c*POST + post``;
         an output axis ``j`` with ``prod(out[:j]) == prod(in[:d])`` and ``out[j] == C``
-        has the same offsets, so the units keep their axis (flatten of ``C x 1 x 1``).
+        has the same offsets, so the units keep their axis (flatten of ``C x 1 x 1``). Otherwise, in
+        order: a head axis and its within-head axis merge back into one unit axis; a unit axis splits
+        into (projections, heads, head dim) or (heads, head dim); a unit axis merges with the axes after
+        it into blocks; else its units are pinned.
         """
         in_shape, out_shape = self.shape(src), self.shape(node)
         if in_shape is None or out_shape is None:
             return self.opaque(node)
-        out: dict[int, int] = {}
         inf = self.tinfo(src)
+        out, done = self._merge_heads(inf, in_shape, out_shape)
+        for d, e in inf.items():
+            if d in done:
+                continue
+            pre, c = _prod(in_shape[:d]), in_shape[d]
+            j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
+            if j is not None:
+                out[j] = e
+                continue
+            if self.w_partner.get(e) is None:
+                split = self._split_projections(node, e, pre, c, out_shape) or self._split_heads(e, pre, c, out_shape)
+                if split:
+                    out.update(split)
+                    continue
+            blocks = self._flatten_blocks(node, src, e, d, pre, c, in_shape, out_shape)
+            if blocks:
+                out.update(blocks)
+                continue
+            self.pin(
+                e,
+                f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
+                f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
+                f"larger than 1x1 into a Linear)",
+            )
+        return out
+
+    def _merge_heads(
+        self, inf: dict[int, int], in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+    ) -> tuple[dict[int, int], set[int]]:
+        """A head axis followed by its within-head axis merged back into one unit axis: ``(out axes, input
+        axes consumed)``."""
+        out: dict[int, int] = {}
         done: set[int] = set()
-        for d, e in inf.items():  # head axis followed by its within-head axis merged back into one unit axis
+        for d, e in inf.items():
             w = inf.get(d + 1)
             if (
                 w is not None
@@ -660,91 +695,90 @@ class _Tracer:
                     self.joints.append((f, in_shape[d], in_shape[d + 1], e, w))
                     out[j] = f
                     done.update((d, d + 1))
-        for d, e in inf.items():
-            if d in done:
-                continue
-            pre, c = _prod(in_shape[:d]), in_shape[d]
-            j = next((j for j in range(len(out_shape)) if out_shape[j] == c and _prod(out_shape[:j]) == pre), None)
-            if j is None and self.w_partner.get(e) is None:
-                # a unit axis split into (projections, heads, head dim): fused q/k/v, one head split per projection
-                j4 = next(
-                    (
-                        j
-                        for j in range(len(out_shape) - 2)
-                        if _prod(out_shape[:j]) == pre
-                        and out_shape[j] * out_shape[j + 1] * out_shape[j + 2] == c
-                        and out_shape[j] > 1
-                        and out_shape[j + 1] > 1
-                        and out_shape[j + 2] > 1
-                    ),
-                    None,
-                )
-                if j4 is not None:
-                    S, H, dh = out_shape[j4], out_shape[j4 + 1], out_shape[j4 + 2]
-                    pairs = []
-                    for i in range(S):
-                        piece = self.fresh(H * dh)
-                        self.slices.append(
-                            (e, i * H * dh, (i + 1) * H * dh, piece, f"{_op_name(node)} at node {node.name!r}")
-                        )
-                        eh, ew = self.uf.make(), self.uf.make()
-                        self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
-                        self.w_partner[ew] = eh
-                        self.joints.append((piece, H, dh, eh, ew))
-                        pairs.append((eh, ew))
-                    st, ph, pw = self.uf.make(), self.uf.make(), self.uf.make()
-                    self.stacks[st] = (ph, pw, pairs)
-                    self.stack_src[st] = e
-                    out[j4], out[j4 + 1], out[j4 + 2] = st, ph, pw
-                    continue
-                # a unit axis split into (heads, head dim): a head-structured stream
-                j3 = next(
-                    (
-                        j
-                        for j in range(len(out_shape) - 1)
-                        if _prod(out_shape[:j]) == pre
-                        and out_shape[j] * out_shape[j + 1] == c
-                        and out_shape[j] > 1
-                        and out_shape[j + 1] > 1
-                    ),
-                    None,
-                )
-                if j3 is not None:
-                    H, dh = out_shape[j3], out_shape[j3 + 1]
-                    eh, ew = self.uf.make(), self.uf.make()
-                    self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
-                    self.w_partner[ew] = eh
-                    self.joints.append((e, H, dh, eh, ew))
-                    out[j3], out[j3 + 1] = eh, ew
-                    continue
-            if j is None:
-                # the unit axis merged with the axes after it (flatten of C x H x W): blocks of H*W
-                j2 = next(
-                    (
-                        j
-                        for j in range(len(out_shape))
-                        if _prod(out_shape[:j]) == pre
-                        and out_shape[j] % c == 0
-                        and any(_prod(in_shape[d:k]) == out_shape[j] for k in range(d + 2, len(in_shape) + 1))
-                    ),
-                    None,
-                )
-                if j2 is not None and not any(
-                    dd in self.tinfo(src)
-                    for dd in range(d + 1, len(in_shape))
-                    if _prod(in_shape[d : dd + 1]) <= out_shape[j2]
-                ):
-                    out[j2] = self.refined([(e, c, out_shape[j2] // c)], f"{_op_name(node)} at node {node.name!r}")
-                    continue
-                self.pin(
-                    e,
-                    f"{_op_name(node)} at node {node.name!r} reshapes {list(in_shape)} -> {list(out_shape)}, "
-                    f"mixing the {c} units of axis {d} with other axes (e.g. flattening a feature map "
-                    f"larger than 1x1 into a Linear)",
-                )
-            else:
-                out[j] = e
-        return out
+        return out, done
+
+    def _split_projections(
+        self, node: fx.Node, e: int, pre: int, c: int, out_shape: tuple[int, ...]
+    ) -> dict[int, int] | None:
+        """A unit axis split into (projections, heads, head dim): fused q/k/v, one head split per projection."""
+        j4 = next(
+            (
+                j
+                for j in range(len(out_shape) - 2)
+                if _prod(out_shape[:j]) == pre
+                and out_shape[j] * out_shape[j + 1] * out_shape[j + 2] == c
+                and out_shape[j] > 1
+                and out_shape[j + 1] > 1
+                and out_shape[j + 2] > 1
+            ),
+            None,
+        )
+        if j4 is None:
+            return None
+        S, H, dh = out_shape[j4], out_shape[j4 + 1], out_shape[j4 + 2]
+        pairs = []
+        for i in range(S):
+            piece = self.fresh(H * dh)
+            self.slices.append((e, i * H * dh, (i + 1) * H * dh, piece, f"{_op_name(node)} at node {node.name!r}"))
+            eh, ew = self.uf.make(), self.uf.make()
+            self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
+            self.w_partner[ew] = eh
+            self.joints.append((piece, H, dh, eh, ew))
+            pairs.append((eh, ew))
+        st, ph, pw = self.uf.make(), self.uf.make(), self.uf.make()
+        self.stacks[st] = (ph, pw, pairs)
+        self.stack_src[st] = e
+        return {j4: st, j4 + 1: ph, j4 + 2: pw}
+
+    def _split_heads(self, e: int, pre: int, c: int, out_shape: tuple[int, ...]) -> dict[int, int] | None:
+        """A unit axis split into (heads, head dim): a head-structured stream."""
+        j3 = next(
+            (
+                j
+                for j in range(len(out_shape) - 1)
+                if _prod(out_shape[:j]) == pre
+                and out_shape[j] * out_shape[j + 1] == c
+                and out_shape[j] > 1
+                and out_shape[j + 1] > 1
+            ),
+            None,
+        )
+        if j3 is None:
+            return None
+        H, dh = out_shape[j3], out_shape[j3 + 1]
+        eh, ew = self.uf.make(), self.uf.make()
+        self.extra_sizes[eh], self.extra_sizes[ew] = H, dh
+        self.w_partner[ew] = eh
+        self.joints.append((e, H, dh, eh, ew))
+        return {j3: eh, j3 + 1: ew}
+
+    def _flatten_blocks(
+        self,
+        node: fx.Node,
+        src: Any,
+        e: int,
+        d: int,
+        pre: int,
+        c: int,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+    ) -> dict[int, int] | None:
+        """The unit axis merged with the (unit-free) axes after it (flatten of C x H x W): blocks of H*W."""
+        j2 = next(
+            (
+                j
+                for j in range(len(out_shape))
+                if _prod(out_shape[:j]) == pre
+                and out_shape[j] % c == 0
+                and any(_prod(in_shape[d:k]) == out_shape[j] for k in range(d + 2, len(in_shape) + 1))
+            ),
+            None,
+        )
+        if j2 is None or any(
+            dd in self.tinfo(src) for dd in range(d + 1, len(in_shape)) if _prod(in_shape[d : dd + 1]) <= out_shape[j2]
+        ):
+            return None
+        return {j2: self.refined([(e, c, out_shape[j2] // c)], f"{_op_name(node)} at node {node.name!r}")}
 
     def reduce(self, node: fx.Node, src: Any, dim: Any, keepdim: bool) -> dict[int, int] | None:
         in_shape, out_shape = self.shape(src), self.shape(node)
@@ -1530,7 +1564,7 @@ class _Tracer:
                     for x in all_pieces:
                         if uf.find(x) != pinned:
                             self.pin(x, f"{lst[0][1]}: the combined stream is left unpermuted")
-                    for a, b, p, where in sl.get(r, []):
+                    for _, _, p, where in sl.get(r, []):
                         if uf.find(p) != pinned:
                             self.pin(p, f"{where}: the sliced stream is left unpermuted")
                     continue
@@ -1561,13 +1595,13 @@ class _Tracer:
                 if r in full:
                     continue
                 if r == pinned:
-                    for a, b, p, where in lst:
+                    for _, _, p, where in lst:
                         if uf.find(p) != pinned:
                             self.pin(p, f"{where}: the sliced stream is left unpermuted")
                     continue
                 n = self._class_size(r)
                 ivs: dict[tuple[int, int], int] = {}
-                for a, b, p, where in lst:
+                for a, b, p, _ in lst:
                     if (a, b) in ivs:
                         uf.union(ivs[(a, b)], p)
                     else:
@@ -1700,99 +1734,26 @@ class _Tracer:
         return merged
 
     def build(self) -> TraceResult:
+        """The spec from the traced streams: name the groups, fill every state axis, collect head structures."""
         self._resolve_blocks()
         uf = self.uf
         pinned_root = uf.find(_PINNED)
-        members: dict[int, list[tuple[str, int]]] = {}
+        members: dict[int, list[tuple[str, int]]] = {}  # stream root -> the state axes it moves
         for (k, ax), e in self.key_elem.items():
             members.setdefault(uf.find(e), []).append((k, ax))
-        producers: dict[int, list[str]] = {}
+        producers: dict[int, list[str]] = {}  # stream root -> names of the modules producing it
         for p in self.producer_order:
             r = uf.find(p)
             producers.setdefault(r, [])
             if self.producer_name[p] not in producers[r]:
                 producers[r].append(self.producer_name[p])
-        # One warning per stream that had producers with >1 unit and was pinned for a reason
-        # (pinning by the model output is expected and silent).
-        why_by_label: dict[str, list[str]] = {}
-        for e, why, warn in self.pin_reasons:
-            if not warn:
-                continue
-            size = self._size(e)
-            if (size is not None and size <= 1) or not any(self._same_before_pin(p, e) for p in self.producer_order):
-                continue  # single units, or parameter axes that never were a unit space
-            lst = why_by_label.setdefault(self._label(e), [])
-            if why not in lst:
-                lst.append(why)
-        msgs: list[str] = [f"{label} left unpermuted: {'; '.join(whys)}" for label, whys in why_by_label.items()]
-
+        msgs = self._pin_messages()
         refined: dict[int, list] = {}
         for e, pieces, _ in self.refines:
             refined.setdefault(uf.find(e), pieces)
         refined.pop(pinned_root, None)
-        seg_of: dict[int, list[tuple[int | None, int, int]]] = {}  # refined class with state axes -> segments
-        used_in_segments: dict[int, str] = {}  # piece root -> name of the refined class (for naming)
-        for r in refined:
-            if r not in members:
-                continue
-            segs = self._expand(r, refined)
-            total = sum(n * inner for _, n, inner in segs) if segs is not None else -1
-            sizes_k = {int(self.state[k].shape[ax]) for k, ax in members[r]}
-            if segs is None or sizes_k != {total}:
-                msgs.append(
-                    f"entries {', '.join(f'{k}[{ax}]' for k, ax in members[r][:3])} left unpermuted: "
-                    f"inconsistent block structure"
-                )
-                continue
-            seg_of[r] = segs
-            owner = (producers.get(r) or [members[r][0][0].rsplit(".", 1)[0]])[0]
-            for y, _, _ in segs:
-                if y is not None:
-                    used_in_segments.setdefault(y, owner)
-
-        sizes: dict[str, int] = {}
-        root_group: dict[int, str] = {}
-        for p in self.producer_order:
-            r = uf.find(p)
-            if r == pinned_root or r in root_group or r in refined or (r not in members and r not in used_in_segments):
-                continue
-            if r not in members:
-                g = self.producer_name[p]
-                base, i = g, 2
-                while g in sizes:
-                    g, i = f"{base}#{i}", i + 1
-                root_group[r] = g
-                sizes[g] = self._class_size(r)
-                continue
-            size_set = {int(self.state[k].shape[ax]) for k, ax in members[r]}
-            if len(size_set) != 1:
-                msg = (
-                    f"units of {self.producer_name[p]!r} left unpermuted: the tracer joined axes of different "
-                    f"sizes {sorted(size_set)} ({', '.join(f'{k}[{ax}]' for k, ax in members[r][:4])})"
-                )
-                if self.strict:
-                    raise LmcError("cannot build a permutation spec: " + msg)
-                msgs.append(msg)
-                continue
-            g = self.producer_name[p]
-            base, i = g, 2
-            while g in sizes:
-                g, i = f"{base}#{i}", i + 1
-            root_group[r] = g
-            sizes[g] = size_set.pop()
-        for r, owner in used_in_segments.items():  # pieces without a producer of their own
-            if r in root_group or r == pinned_root:
-                continue
-            size = self._class_size(r)
-            sz_members = {int(self.state[k].shape[ax]) for k, ax in members.get(r, [])}
-            if size is None or (sz_members and sz_members != {size}):
-                continue
-            g, i = f"{owner}.{0}", 0
-            while g in sizes:
-                i += 1
-                g = f"{owner}.{i}"
-            root_group[r] = g
-            sizes[g] = size
+        seg_of, used_in_segments = self._segments(refined, members, producers, msgs)
+        root_group, sizes = self._name_groups(members, refined, used_in_segments, pinned_root, msgs)
         axes: dict[str, list[Any]] = {k: [None] * v.dim() for k, v in self.state.items()}
         for r, g in root_group.items():
             for k, ax in members.get(r, []):
@@ -1803,21 +1764,7 @@ class _Tracer:
                 continue
             for k, ax in members[r]:
                 axes[k][ax] = entry[0][0] if (len(entry) == 1 and entry[0][2] == 1) else entry
-        heads: dict[str, tuple[int, tuple[str, ...]]] = {}
-        fam: dict[int, tuple[int, list[str]]] = {}
-        for f, H, _d, h, _w in self.joints:
-            g = root_group.get(uf.find(f))
-            if g is None or uf.find(h) == pinned_root:
-                continue
-            entry = fam.setdefault(uf.find(h), (H, []))
-            if g not in entry[1]:
-                entry[1].append(g)
-        for H, gs in fam.values():
-            heads[f"{gs[0]}.heads"] = (H, tuple(gs))
-        for name, h, elems in self.heads:
-            gs = [root_group.get(uf.find(x)) for x in elems]
-            if all(g is not None for g in gs):
-                heads[name] = (h, tuple(gs))
+        heads = self._head_structures(root_group, pinned_root)
         used = {g for ax in axes.values() for e in ax for g in _entry_groups(e)}
         for g in [g for g in sizes if g not in used]:  # a stream whose every axis ended in fixed blocks
             del sizes[g]
@@ -1839,6 +1786,129 @@ class _Tracer:
         res.sites = self._sites(root_group)
         res.opaque = list(dict.fromkeys(self.opaque_ops))
         return res
+
+    def _pin_messages(self) -> list[str]:
+        """One warning per stream that had producers with >1 unit and was pinned for a reason.
+
+        (Pinning by the model output is expected and silent.)
+        """
+        why_by_label: dict[str, list[str]] = {}
+        for e, why, warn in self.pin_reasons:
+            if not warn:
+                continue
+            size = self._size(e)
+            if (size is not None and size <= 1) or not any(self._same_before_pin(p, e) for p in self.producer_order):
+                continue  # single units, or parameter axes that never were a unit space
+            lst = why_by_label.setdefault(self._label(e), [])
+            if why not in lst:
+                lst.append(why)
+        return [f"{label} left unpermuted: {'; '.join(whys)}" for label, whys in why_by_label.items()]
+
+    def _segments(
+        self,
+        refined: dict[int, list],
+        members: dict[int, list[tuple[str, int]]],
+        producers: dict[int, list[str]],
+        msgs: list[str],
+    ) -> tuple[dict[int, list[tuple[int | None, int, int]]], dict[int, str]]:
+        """Block structure of each refined stream with state axes: ``(segments by stream, piece -> owner name)``.
+
+        A stream whose blocks do not add up to its axes' size is left unpermuted (a message in ``msgs``).
+        """
+        seg_of: dict[int, list[tuple[int | None, int, int]]] = {}  # refined class with state axes -> segments
+        used_in_segments: dict[int, str] = {}  # piece root -> name of the refined class (for naming)
+        for r in refined:
+            if r not in members:
+                continue
+            segs = self._expand(r, refined)
+            total = sum(n * inner for _, n, inner in segs) if segs is not None else -1
+            sizes_k = {int(self.state[k].shape[ax]) for k, ax in members[r]}
+            if segs is None or sizes_k != {total}:
+                msgs.append(
+                    f"entries {', '.join(f'{k}[{ax}]' for k, ax in members[r][:3])} left unpermuted: "
+                    f"inconsistent block structure"
+                )
+                continue
+            seg_of[r] = segs
+            owner = (producers.get(r) or [members[r][0][0].rsplit(".", 1)[0]])[0]
+            for y, _, _ in segs:
+                if y is not None:
+                    used_in_segments.setdefault(y, owner)
+        return seg_of, used_in_segments
+
+    def _name_groups(
+        self,
+        members: dict[int, list[tuple[str, int]]],
+        refined: dict[int, list],
+        used_in_segments: dict[int, str],
+        pinned_root: int,
+        msgs: list[str],
+    ) -> tuple[dict[int, str], dict[str, int]]:
+        """Name each permutable stream after its first producer (``#2``... on clashes), pieces of blocks after
+        their owner (``owner.0``...): ``(stream root -> group, group -> size)``.
+
+        Raises :class:`LmcError` in strict mode when the tracer joined axes of different sizes.
+        """
+        sizes: dict[str, int] = {}
+        root_group: dict[int, str] = {}
+        for p in self.producer_order:
+            r = self.uf.find(p)
+            if r == pinned_root or r in root_group or r in refined or (r not in members and r not in used_in_segments):
+                continue
+            if r not in members:
+                size = self._class_size(r)
+            else:
+                size_set = {int(self.state[k].shape[ax]) for k, ax in members[r]}
+                if len(size_set) != 1:
+                    msg = (
+                        f"units of {self.producer_name[p]!r} left unpermuted: the tracer joined axes of different "
+                        f"sizes {sorted(size_set)} ({', '.join(f'{k}[{ax}]' for k, ax in members[r][:4])})"
+                    )
+                    if self.strict:
+                        raise LmcError("cannot build a permutation spec: " + msg)
+                    msgs.append(msg)
+                    continue
+                size = size_set.pop()
+            g = self.producer_name[p]
+            base, i = g, 2
+            while g in sizes:
+                g, i = f"{base}#{i}", i + 1
+            root_group[r] = g
+            sizes[g] = size
+        for r, owner in used_in_segments.items():  # pieces without a producer of their own
+            if r in root_group or r == pinned_root:
+                continue
+            size = self._class_size(r)
+            sz_members = {int(self.state[k].shape[ax]) for k, ax in members.get(r, [])}
+            if size is None or (sz_members and sz_members != {size}):
+                continue
+            g, i = f"{owner}.{0}", 0
+            while g in sizes:
+                i += 1
+                g = f"{owner}.{i}"
+            root_group[r] = g
+            sizes[g] = size
+        return root_group, sizes
+
+    def _head_structures(self, root_group: dict[int, str], pinned_root: int) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """Attention-head constraints: groups whose units move in whole heads together (joints and declared heads)."""
+        uf = self.uf
+        heads: dict[str, tuple[int, tuple[str, ...]]] = {}
+        fam: dict[int, tuple[int, list[str]]] = {}
+        for f, H, _d, h, _w in self.joints:
+            g = root_group.get(uf.find(f))
+            if g is None or uf.find(h) == pinned_root:
+                continue
+            entry = fam.setdefault(uf.find(h), (H, []))
+            if g not in entry[1]:
+                entry[1].append(g)
+        for H, gs in fam.values():
+            heads[f"{gs[0]}.heads"] = (H, tuple(gs))
+        for name, h, elems in self.heads:
+            gs = [root_group.get(uf.find(x)) for x in elems]
+            if all(g is not None for g in gs):
+                heads[name] = (h, tuple(gs))
+        return heads
 
     def _label(self, e: int) -> str:
         """Readable name for the stream of element ``e`` at the time it was pinned: its producers."""
@@ -1911,8 +1981,6 @@ def example_input_for(model: nn.Module, batch: int = 8, seed: int = 0) -> torch.
             f"no example input given for {type(model).__name__}, and it is not an lmckit zoo model",
             "pass example_input (a batch the model accepts, e.g. torch.randn(8, 3, 32, 32))",
         )
-    from ..models import model_entry
-
     params = inspect.signature(model_entry(cfg["name"]).factory).parameters
     c = cfg.get("in_channels", params["in_channels"].default if "in_channels" in params else 3)
     s = cfg.get("image_size", params["image_size"].default if "image_size" in params else 32)

@@ -148,7 +148,8 @@ class DirectionsStage(Stage):
 # --------------------------------------------------------------------------- study 3: alignment dose
 @dataclass(frozen=True)
 class DoseStage(Stage):
-    """WM's permutation with a fraction f of every group's units re-assigned at random (:func:`lmckit.studies.reassign_fraction`).
+    """WM's permutation with a fraction f of every group's units re-assigned at random
+    (:func:`lmckit.studies.reassign_fraction`).
 
     ``points`` in ``result.json``: one record per (fraction, draw) with
     :func:`evaluate_perms`'s numbers and ``changed_vs_wm``. Draw ``d`` of

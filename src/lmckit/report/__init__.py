@@ -1,4 +1,5 @@
-"""Reproduction reports: aggregate stage outputs (:mod:`.results`), figures (:mod:`.figures`), report files (:mod:`.writer`)."""
+"""Reproduction reports: aggregate stage outputs (:mod:`.results`), figures (:mod:`.figures`), report files
+(:mod:`.writer`)."""
 
 from .results import collect, judge_claims, stats, timings
 from .writer import check_finite_tree, summary_rows, write_report

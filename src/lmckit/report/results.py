@@ -18,9 +18,15 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from scipy.stats import t as student_t
+
+from ..data import load_dataset
 from ..pipeline.build import Experiment, Plan
-from ..pipeline.stages import stage_path
-from .claims import CLAIMS, paper_value
+from ..pipeline.executor import plan as order
+from ..pipeline.recipe import recipe_to_dict
+from ..pipeline.stages import stage_hash, stage_path
+from .claims import CLAIMS, Evidence, paper_value
+from .claims import dig as _get
 
 __all__ = [
     "collect",
@@ -39,8 +45,6 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
 
     ``mean -/+ t_{(1+level)/2, n-1} * std / sqrt(n)``: the interval the report prints as "95% CI (t)".
     """
-    from scipy.stats import t as student_t
-
     n = len(values)
     if n < 2:
         raise ValueError("a t interval needs at least two values")
@@ -82,6 +86,8 @@ def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[fl
 
 
 def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
+    """One experiment's aggregate: trained models, per-method summaries, per-layer rows and (``full``) the
+    first pair's spectra, projections and rank sweep."""
     out: dict[str, Any] = {"label": e.label, "width_mult": e.width_mult, "pairs": [list(p) for p in e.pairs]}
     out["models"] = [
         {
@@ -97,95 +103,127 @@ def _experiment(root: Path, e: Experiment, full: bool) -> dict[str, Any]:
     methods: dict[str, Any] = {}
     per_pair: list[dict[str, Any]] = []
     for method in e.methods:
-        m: dict[str, Any] = {}
-        bars = [_read(root, b) for (p, meth, s), b in e.barriers.items() if meth == method]
-        if bars:
-            splits = bars[0]["splits"]
-            m["barrier"] = {
-                sp: {
-                    q: stats((b[q][sp] for b in bars), "model pairs")
-                    for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")
-                }
-                for sp in splits
-            }
-            m["curves"] = {"lambdas": bars[0]["lambdas"]}
-            for sp in splits:
-                lm, ls = _mean_curve([b["loss"][sp] for b in bars])
-                am, as_ = _mean_curve([b["accuracy"][sp] for b in bars])
-                m["curves"][sp] = {"loss_mean": lm, "loss_std": ls, "accuracy_mean": am, "accuracy_std": as_}
-        ans = [(k, _read(root, a)) for k, a in e.analyses.items() if k[1] == method]
-        if ans:
-            gammas = list(ans[0][1]["R"])
-            searches = len({k[2] for k, _ in ans})
-            over = "model pairs x WM searches" if searches > 1 else "model pairs"
-            # values before matching do not depend on the search: one per pair (search 0), not repeated
-            first = [(k, a) for k, a in ans if k[2] == 0]
-            m["R"] = {
-                g: {
-                    "before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
-                    "after": stats((a["R"][g]["after"] for _, a in ans), over),
-                }
-                for g in gammas
-            }
-            m["distance"] = {
-                "l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
-                **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")},
-            }
-            tay = [a["taylor"] for _, a in ans if "taylor" in a]
-            if tay:
-                m["taylor"] = {
-                    q: stats((t[q] for t in tay), "model pairs")
-                    for q in ("taylor_midpoint", "measured_midpoint", "dHd", "delta_norm")
-                }
-                m["taylor"]["num_samples"] = int(tay[0].get("num_samples", 0))
-                m["taylor"]["split"] = str(tay[0].get("split", "train"))
-            if method != "naive":
-                per_pair += _layer_tables(method, ans)
-        matches = [_read(root, st) for k, st in e.matches.items() if k[1] == method]
-        if matches:
-            m["match"] = {
-                "sweeps": stats(x.get("sweeps", 1) for x in matches),
-                "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x),
-            }
-            if method == "ste":  # how far STE's permutation drifted from plain WM's (fraction of units)
-                m["match"]["changed_vs_wm"] = stats(x.get("changed_vs_wm") for x in matches)
-        methods[method] = m
+        methods[method], rows = _method_summary(root, e, method)
+        per_pair += rows
     out["methods"] = methods
     if per_pair:
         out["layers"] = per_pair
     if full:
-        for k, a in e.analyses.items():
-            if e.analyses[k].arrays or e.analyses[k].projections or e.analyses[k].rank:
-                d = _read(root, a)
-                if e.analyses[k].arrays:
-                    out["spectra"] = {
-                        la["name"]: {
-                            "sigma_a": la["sigma_a"],
-                            "sigma_b": la["sigma_b"],
-                            "per_index_before": la["per_index"]["before"],
-                            "per_index_after": la["per_index"]["after"],
-                        }
-                        for la in d["R_per_layer"]
-                        if "sigma_a" in la
+        out.update(_first_pair_arrays(root, e))
+    return out
+
+
+def _method_summary(root: Path, e: Experiment, method: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``method``'s barriers and mean curves, R, distances, Taylor estimate and search statistics over the
+    experiment's pairs, and its per-layer rows (none for ``naive``)."""
+    m: dict[str, Any] = {}
+    bars = [_read(root, b) for (p, meth, s), b in e.barriers.items() if meth == method]
+    if bars:
+        m.update(_barrier_summary(bars))
+    rows: list[dict[str, Any]] = []
+    ans = [(k, _read(root, a)) for k, a in e.analyses.items() if k[1] == method]
+    if ans:
+        m.update(_analysis_summary(ans))
+        if method != "naive":
+            rows = _layer_tables(method, ans)
+    matches = [_read(root, st) for k, st in e.matches.items() if k[1] == method]
+    if matches:
+        m["match"] = {
+            "sweeps": stats(x.get("sweeps", 1) for x in matches),
+            "objective_after": stats(x["objective_after"] for x in matches if "objective_after" in x),
+        }
+        if method == "ste":  # how far STE's permutation drifted from plain WM's (fraction of units)
+            m["match"]["changed_vs_wm"] = stats(x.get("changed_vs_wm") for x in matches)
+    return m, rows
+
+
+def _barrier_summary(bars: list[dict[str, Any]]) -> dict[str, Any]:
+    """Barrier statistics per split and quantity over model pairs, and the mean ± std interpolation curves."""
+    splits = bars[0]["splits"]
+    out: dict[str, Any] = {
+        "barrier": {
+            sp: {
+                q: stats((b[q][sp] for b in bars), "model pairs")
+                for q in ("loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy")
+            }
+            for sp in splits
+        },
+        "curves": {"lambdas": bars[0]["lambdas"]},
+    }
+    for sp in splits:
+        lm, ls = _mean_curve([b["loss"][sp] for b in bars])
+        am, as_ = _mean_curve([b["accuracy"][sp] for b in bars])
+        out["curves"][sp] = {"loss_mean": lm, "loss_std": ls, "accuracy_mean": am, "accuracy_std": as_}
+    return out
+
+
+def _analysis_summary(ans: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
+    """R(gamma) before/after, L2 distances and the Taylor estimate over model pairs (x WM searches after)."""
+    gammas = list(ans[0][1]["R"])
+    searches = len({k[2] for k, _ in ans})
+    over = "model pairs x WM searches" if searches > 1 else "model pairs"
+    # values before matching do not depend on the search: one per pair (search 0), not repeated
+    first = [(k, a) for k, a in ans if k[2] == 0]
+    out: dict[str, Any] = {
+        "R": {
+            g: {
+                "before": stats((a["R"][g]["before"] for _, a in first), "model pairs"),
+                "after": stats((a["R"][g]["after"] for _, a in ans), over),
+            }
+            for g in gammas
+        },
+        "distance": {
+            "l2_before": stats((a["l2_before"] for _, a in first), "model pairs"),
+            **{q: stats((a[q] for _, a in ans), over) for q in ("l2_after", "reduction")},
+        },
+    }
+    tay = [a["taylor"] for _, a in ans if "taylor" in a]
+    if tay:
+        out["taylor"] = {
+            q: stats((t[q] for t in tay), "model pairs")
+            for q in ("taylor_midpoint", "measured_midpoint", "dHd", "delta_norm")
+        }
+        out["taylor"]["num_samples"] = int(tay[0].get("num_samples", 0))
+        out["taylor"]["split"] = str(tay[0].get("split", "train"))
+    return out
+
+
+def _first_pair_arrays(root: Path, e: Experiment) -> dict[str, Any]:
+    """Spectra, per-layer R, input projections and the rank sweep of the first analysis that computed them."""
+    out: dict[str, Any] = {}
+    for a in e.analyses.values():
+        if not (a.arrays or a.projections or a.rank):
+            continue
+        d = _read(root, a)
+        if a.arrays:
+            out["spectra"] = {
+                la["name"]: {
+                    "sigma_a": la["sigma_a"],
+                    "sigma_b": la["sigma_b"],
+                    "per_index_before": la["per_index"]["before"],
+                    "per_index_after": la["per_index"]["after"],
+                }
+                for la in d["R_per_layer"]
+                if "sigma_a" in la
+            }
+            out["R_per_layer"] = {la["name"]: la["R"] for la in d["R_per_layer"]}
+        if "projections" in d:
+            out["projections"] = d["projections"]
+        if "rank_sweep" in d:
+            out["rank_sweep"] = {
+                who: [
+                    {
+                        "kind": r["kind"],
+                        "threshold": r["threshold"] if r["threshold"] is not None else 1.0,
+                        "kept_fraction": r["kept_total"] / max(r["rank_total"], 1),
+                        "accuracy": r["acc"],
+                        "loss": r["loss"],
                     }
-                    out["R_per_layer"] = {la["name"]: la["R"] for la in d["R_per_layer"]}
-                if "projections" in d:
-                    out["projections"] = d["projections"]
-                if "rank_sweep" in d:
-                    out["rank_sweep"] = {
-                        who: [
-                            {
-                                "kind": r["kind"],
-                                "threshold": r["threshold"] if r["threshold"] is not None else 1.0,
-                                "kept_fraction": r["kept_total"] / max(r["rank_total"], 1),
-                                "accuracy": r["acc"],
-                                "loss": r["loss"],
-                            }
-                            for r in recs
-                        ]
-                        for who, recs in d["rank_sweep"].items()
-                    }
-                break
+                    for r in recs
+                ]
+                for who, recs in d["rank_sweep"].items()
+            }
+        break
     return out
 
 
@@ -222,8 +260,6 @@ def _layer_tables(method: str, ans: list[tuple[Any, dict[str, Any]]]) -> list[di
 def _split_sizes(dataset: str) -> dict[str, int]:
     """Images per split of ``dataset`` (empty when it cannot be loaded here)."""
     try:
-        from ..data import load_dataset
-
         d = load_dataset(dataset)
         return {sp: int(d.size(sp)) for sp in d.splits()}
     except Exception:  # noqa: BLE001 - sizes are informative; the stages already ran on the data
@@ -261,8 +297,6 @@ def evaluation_sizes(recipe: Any, sizes: dict[str, int]) -> dict[str, Any]:
 def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     """The results tree of a finished plan (no timings: see :func:`timings`)."""
     root = Path(root)
-    from ..pipeline.recipe import recipe_to_dict
-
     res: dict[str, Any] = {"recipe": recipe_to_dict(plan.recipe), "notes": list(plan.notes)}
     res["evaluation"] = evaluation_sizes(res["recipe"], _split_sizes(plan.recipe.data.dataset))
     res["experiments"] = [_experiment(root, e, True) for e in plan.experiments]
@@ -288,7 +322,8 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     drift = ste_drift(plan, root)
     if drift:
         res["ste_drift"] = drift
-    from .studies import collect_studies, study_claims  # issue 12's studies (report/studies.py)
+    # issue 12's studies; imported here, not at the top: report/studies.py imports this module
+    from .studies import collect_studies, study_claims
 
     if getattr(plan, "studies", None) is not None:
         res["studies"] = collect_studies(plan, root)
@@ -362,8 +397,6 @@ def ste_drift(plan: Plan, root: str | Path) -> dict[str, Any]:
     runs of the first and last values. Empty when the plan has no STE run.
     """
     root = Path(root)
-    from ..pipeline.stages import stage_hash
-
     runs: list[dict[str, Any]] = []
     seen: set[str] = set()
     wm: list[float] = []
@@ -384,7 +417,7 @@ def ste_drift(plan: Plan, root: str | Path) -> dict[str, Any]:
                 add(f"{e.label}: seeds {pair[0]}-{pair[1]}", st)
     for e in plan.experiments:  # the baseline from the same models as the STE runs (not the width sweep's)
         wm += _wm_vs_wm(root, e)
-    for meth, three in plan.three.items():
+    for three in plan.three.values():
         for st in three.matches:
             if st is not None and getattr(st, "method", None) == "ste":
                 a, b = _unpair_seed(st.a), _unpair_seed(st.b)
@@ -410,8 +443,6 @@ def _unpair_seed(t) -> int:
 def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
     """Seconds per stage kind (from each folder's ``stage.json``): kept out of results.json."""
     root = Path(root)
-    from ..pipeline.executor import plan as order
-
     per: dict[str, float] = {}
     where: set[tuple[Any, Any]] = (
         set()
@@ -430,15 +461,6 @@ def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- claims
-def _get(d: Any, *path: Any, default: Any = None) -> Any:
-    for p in path:
-        if isinstance(d, dict) and p in d:
-            d = d[p]
-        else:
-            return default
-    return d
-
-
 def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per (model, claim) the recipe's results can speak to.
 
@@ -451,217 +473,15 @@ def judge_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
     claims: list[dict[str, Any]] = []
     dataset = _get(res, "recipe", "data", "dataset", default="")
     for i, e in enumerate(res.get("experiments", [])):
-        for c in _judge_experiment(res, e, first=i == 0):
+        ev = Evidence(res, e, first=i == 0)
+        for claim in CLAIMS.values():
+            c = claim.record(ev)
+            if c is None:
+                continue
             c["model"] = e["label"]
-            c["title"], c["statement"] = CLAIMS[c["id"]]
+            c["title"], c["statement"] = claim.title, claim.statement
             paper = paper_value(c["id"], dataset, e["label"])
             if paper is not None:  # results.json holds no nulls: absent when nothing is published
                 c["paper"] = paper
             claims.append(c)
-    return claims
-
-
-def _judge_experiment(res: dict[str, Any], e: dict[str, Any], first: bool) -> list[dict[str, Any]]:
-    claims: list[dict[str, Any]] = []
-    M = e["methods"]
-    split = (
-        "test"
-        if "test" in _get(M, "naive", "barrier", default={})
-        else next(iter(_get(M, "naive", "barrier", default={"": 0})))
-    )
-
-    def bar(method: str) -> float | None:
-        return _get(M, method, "barrier", split, "loss_barrier", "mean")
-
-    def R(method: str, g: str, when: str = "after") -> float | None:
-        return _get(M, method, "R", g, when, "mean")
-
-    nb, wb = bar("naive"), bar("weight")
-    proto = _get(res, "recipe", "match", "ste", "protocol", default="heldout-best")  # named in claims 5b and 6
-    red = _get(M, "weight", "distance", "reduction", "mean")
-    if nb is not None and wb is not None and red is not None:
-        held = wb <= 0.2 * nb and red <= 0.3
-        claims.append(
-            {
-                "id": "1",
-                "figure": "interpolation",
-                "held": bool(held),
-                "criterion": "WM loss barrier <= 0.2 x naive barrier and L2 distance reduction <= 30%",
-                "numbers": {"naive_barrier": nb, "wm_barrier": wb, "reduction": red},
-                "text": (
-                    f"WM lowered the {split} loss barrier from {nb:.3f} (naive) to {wb:.3f} while reducing the "
-                    f"L2 distance by only {100 * red:.1f}%: claim 1 {'held' if held else 'did not hold'} in this run."
-                ),
-            }
-        )
-    tay = _get(M, "weight", "taylor")
-    if tay:
-        t, m = tay["taylor_midpoint"]["mean"], tay["measured_midpoint"]["mean"]
-        rel = abs(t - m) / max(abs(m), 1e-12)
-        held = rel > 0.5
-        claims.append(
-            {
-                "id": "2",
-                "figure": "table",
-                "held": bool(held),
-                "criterion": "|Taylor estimate - measured midpoint barrier| > 50% of the measured one (after WM)",
-                "numbers": {"taylor": t, "measured": m, "relative_difference": rel},
-                "text": (
-                    f"The second-order Taylor estimate of the WM midpoint barrier is {t:.3f} against {m:.3f} "
-                    f"measured ({100 * rel:.0f}% apart): claim 2 {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    gam = list(_get(M, "weight", "R", default={}) or {})
-    if len(gam) >= 2 and e.get("spectra"):
-        g0, g1 = gam[0], gam[-1]
-        rise0 = R("weight", g0) - R("weight", g0, "before")
-        rise1 = R("weight", g1) - R("weight", g1, "before")
-        diffs = []
-        for la in e["spectra"].values():
-            sa, sb = la["sigma_a"], la["sigma_b"]
-            k = max(1, len(sa) // 10)
-            diffs += [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(sa[:k], sb[:k])]
-        spec_diff = sum(diffs) / len(diffs) if diffs else 0.0
-        held = rise1 > rise0 and spec_diff < 0.1
-        claims.append(
-            {
-                "id": "3",
-                "figure": "R_bars",
-                "held": bool(held),
-                "criterion": f"WM raises R more at gamma={g1} than at gamma={g0}, and the top 10% singular values "
-                "of corresponding layers differ by < 10% on average",
-                "numbers": {"R_rise_low_gamma": rise0, "R_rise_high_gamma": rise1, "top_sigma_rel_diff": spec_diff},
-                "text": (
-                    f"WM raised R by {rise1:.3f} at gamma={g1} and by {rise0:.3f} at gamma={g0}; leading singular "
-                    f"values differ by {100 * spec_diff:.1f}% across seeds: claim 3 "
-                    f"{'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    proj, rank = e.get("projections"), e.get("rank_sweep")
-    if proj and rank:
-        ratios = []
-        for d in proj.values():
-            v = d["mean_abs"]
-            k = max(1, len(v) // 10)
-            top = sum(v[:k]) / k
-            rest = v[len(v) // 2 :] or v
-            ratios.append(top / max(sum(rest) / len(rest), 1e-12))
-        ratio = sum(ratios) / len(ratios)
-        recs = rank["A"]
-        full = next(r["accuracy"] for r in recs if r["kind"] == "full")
-        cut = sorted((r for r in recs if r["kind"] != "full"), key=lambda r: r["kept_fraction"])
-        good = [r for r in cut if r["accuracy"] >= 0.9 * full]
-        best = good[0] if good else (cut[0] if cut else None)
-        frac = best["kept_fraction"] if best else 1.0
-        acc = best["accuracy"] if best else full
-        held = ratio > 2.0 and bool(good) and frac <= 0.25
-        kept = (
-            f"keeping {100 * frac:.1f}% of the hidden-layer rank keeps {acc:.3f} of {full:.3f} accuracy"
-            if good
-            else f"no truncation tested kept 90% of the accuracy (keeping {100 * frac:.1f}% of the rank gives {acc:.3f} "
-            f"of {full:.3f})"
-        )
-        claims.append(
-            {
-                "id": "4",
-                "figure": "projections",
-                "held": bool(held),
-                "criterion": "inputs project > 2x more on the top 10% right-singular vectors than on the bottom half, "
-                "and keeping <= 25% of the hidden-layer rank keeps >= 90% of the accuracy",
-                "numbers": {
-                    "projection_ratio": ratio,
-                    "full_accuracy": full,
-                    "kept_fraction": frac,
-                    "truncated_accuracy": acc,
-                },
-                "text": (
-                    f"Layer inputs project {ratio:.1f}x more on the leading right-singular vectors than on the "
-                    f"trailing half, and {kept}: claim 4 {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    if len(gam) >= 1 and R("activation", gam[-1]) is not None:
-        g = gam[-1]
-        rw, ra = R("weight", g), R("activation", g)
-        held = abs(ra - rw) <= 0.5 * abs(rw)
-        claims.append(
-            {
-                "id": "5a",
-                "figure": "R_bars",
-                "held": bool(held),
-                "criterion": f"|R_AM - R_WM| <= 50% of R_WM at gamma={g}",
-                "numbers": {"R_wm": rw, "R_am": ra},
-                "text": (
-                    f"AM reached R({g}) = {ra:.3f} against WM's {rw:.3f}: claim 5 (AM behaves like WM) "
-                    f"{'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    if len(gam) >= 1 and R("ste", gam[-1]) is not None and nb is not None and bar("ste") is not None:
-        g = gam[-1]
-        rw, rs, sb = R("weight", g), R("ste", g), bar("ste")
-        lmc = sb <= 0.2 * nb
-        low = rs <= 0.5 * rw
-        held = lmc and low
-        drift = _get(M, "ste", "match", "changed_vs_wm", "mean", default=0.0)
-        claims.append(
-            {
-                "id": "5b",
-                "figure": "R_bars",
-                "held": bool(held),
-                "criterion": f"STE ({proto} protocol) loss barrier <= 0.2 x naive and R_STE({g}) <= 0.5 x R_WM({g})",
-                "numbers": {
-                    "ste_barrier": sb,
-                    "naive_barrier": nb,
-                    "R_ste": rs,
-                    "R_wm": rw,
-                    "ste_units_changed_vs_wm": drift,
-                },
-                "text": (
-                    f"STE's ({proto} protocol) barrier is {sb:.3f} (naive {nb:.3f}) with R({g}) = {rs:.3f} against WM's {rw:.3f}: "
-                    f"STE {'reached' if lmc else 'did not reach'} LMC and its R "
-                    f"{'stayed low' if low else 'did not stay low'} (its permutation differs from WM's on "
-                    f"{100 * drift:.0f}% of units); claim 5 (STE) {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    three = res.get("three_models", {}) if first else {}
-    if "weight" in three and "ste" in three:
-        w, s = three["weight"]["pair_loss_barrier"], three["ste"]["pair_loss_barrier"]
-        held = w < s
-        claims.append(
-            {
-                "id": "6",
-                "figure": "three_models",
-                "held": bool(held),
-                "criterion": f"barrier between the two anchor-matched models: WM < STE ({proto} protocol)",
-                "numbers": {"wm_pair_barrier": w, "ste_pair_barrier": s},
-                "text": (
-                    f"Between two models matched to a common anchor, the barrier is {w:.3f} with WM and {s:.3f} "
-                    f"with STE ({proto} protocol): claim 6 (WM does better) {'held' if held else 'did not hold'}."
-                ),
-            }
-        )
-    ws = res.get("width_sweep") if first else None
-    if ws and len(ws) >= 2:
-        ws = sorted(ws, key=lambda x: x["width_mult"])
-        b = [_get(x, "methods", "weight", "barrier", split, "loss_barrier", "mean") for x in ws]
-        if all(v is not None for v in b):
-            held = b[-1] < b[0]
-            claims.append(
-                {
-                    "id": "width",
-                    "figure": "width_sweep",
-                    "held": bool(held),
-                    "criterion": "WM barrier at the largest width < at the smallest",
-                    "numbers": {"widths": [x["width_mult"] for x in ws], "wm_barrier": b},
-                    "text": (
-                        f"The WM barrier went from {b[0]:.3f} at width x{ws[0]['width_mult']:g} to {b[-1]:.3f} at "
-                        f"x{ws[-1]['width_mult']:g}: wider models {'were' if held else 'were not'} more "
-                        "linearly connected after WM."
-                    ),
-                }
-            )
     return claims

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..pipeline.stages import stage_path
+from ..studies import spearman
+from . import studies_figures as SF
 from .results import _experiment, stats
 
 __all__ = ["collect_studies", "study_claims", "write_studies", "PUBLISHED"]
@@ -90,8 +92,6 @@ def collect_studies(plan, root: str | Path) -> dict[str, Any]:
                         "changed_vs_wm": p["changed_vs_wm"],
                     }
                 )
-        from ..studies import spearman
-
         b = [p["loss_barrier"] for p in pts]
         out["alignment_dose"] = {
             "points": pts,
@@ -226,8 +226,6 @@ def study_claims(res: dict[str, Any]) -> list[dict[str, Any]]:
         )
     w = st.get("weight_decay")
     if w and len(w["rows"]) >= 2:
-        from ..studies import spearman
-
         rows = sorted(w["rows"], key=lambda r: r["weight_decay"])
         conc = [r["concentration"] for r in rows]
         wmb = [r["wm_barrier"] for r in rows]
@@ -347,8 +345,6 @@ def write_studies(res: dict[str, Any], fig: Callable[[str, str, str, Callable[[P
     st = res.get("studies") or {}
     if not st:
         return []
-    from . import studies_figures as SF
-
     md = ["", "## Studies beyond the paper", ""]
     d = st.get("directions")
     if d:
@@ -499,7 +495,8 @@ def write_studies(res: dict[str, Any], fig: Callable[[str, str, str, Callable[[P
         md += [
             "",
             f"Published for comparison: STE R(0.3) {PUBLISHED['prototype_ste_r03'][0]} vs WM "
-            f"{PUBLISHED['prototype_wm_r03'][0]}, three-model pair barrier STE {PUBLISHED['prototype_three_ste'][0]} vs "
+            f"{PUBLISHED['prototype_wm_r03'][0]}, three-model pair barrier STE "
+            f"{PUBLISHED['prototype_three_ste'][0]} vs "
             f"WM {PUBLISHED['prototype_three_wm'][0]} ({PUBLISHED['prototype_ste_r03'][1]}); the paper reports STE's R "
             "near 0 with a low two-model barrier, and a smaller three-model barrier with WM (no MLP numbers).",
             "",

@@ -26,9 +26,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from markdown_it import MarkdownIt
+
 from ..store import atomic_write_json, atomic_write_text
 from . import figures as F
 from .figures import METHOD_LABEL
+from .studies import write_studies
 
 __all__ = ["write_report", "summary_rows", "check_finite_tree", "render_html"]
 
@@ -115,29 +118,67 @@ def _caption(res: dict[str, Any], figure: str, what: str, model: str | None = No
     return " ".join([what] + said)
 
 
+#: ``fig(name, title, caption, draw)``: a section registers a figure; ``draw(path)`` writes it and returns the path
+AddFigure = Callable[[str, str, str, Callable[[Path], Path]], None]
+
+
+class _Figures:
+    """The report folder's files: paths confined to ``out``, the figures in the order the sections add them."""
+
+    def __init__(self, out: Path):
+        self.out, self.root = out, out.resolve()
+        self.written: dict[str, Path] = {}
+        self.listed: list[tuple[str, str, str]] = []  # (file, title, caption)
+
+    def inside(self, name: str) -> Path:
+        """``out / name``, refusing a name that would leave the report folder."""
+        p = self.out / name
+        if Path(name).is_absolute() or not p.resolve().is_relative_to(self.root) or p.resolve() == self.root:
+            raise ValueError(f"report file name {name!r} leaves the report folder {self.out}")
+        return p
+
+    def add(self, name: str, title: str, caption: str, draw: Callable[[Path], Path]) -> None:
+        self.written[name] = draw(self.inside(name))
+        self.listed.append((name, title, caption))
+
+
 def write_report(
     res: dict[str, Any], out: str | Path, timing: dict[str, Any] | None = None, cache: str | None = None
 ) -> dict[str, Path]:
-    """Write everything into ``out``; return name -> path of the files written."""
+    """Write ``report.md``, ``report.html``, ``results.json``, the figures and ``timings.json`` into ``out``.
+
+    The report is the concatenation of its sections, in order: header, how to read it, claims, summary,
+    one section per experiment, three models, STE drift, width sweep, the studies, figures, timings.
+    Returns file name -> path of the files written. Raises ``ValueError`` for a non-finite number in ``res``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_finite_tree(res)
-    written: dict[str, Path] = {}
-    figs: list[tuple[str, str, str]] = []  # (file, title, caption)
+    figs = _Figures(out)
+    md = _header(res, cache) + _conventions(res) + _claims_section(res) + _summary_section(res)
+    for i, e in enumerate(res["experiments"]):
+        md += _experiment_section(res, e, "" if i == 0 else f"{_slug(e['label'])}_", figs.add)
+    md += _three_models_section(res, figs.add)
+    md += _ste_drift_section(res, figs.add)
+    md += _width_section(res, figs.add)
+    md += write_studies(res, figs.add)
+    md += _figures_section(figs.listed) + _timings_section(timing)
+    text = "\n".join(md) + "\n"
+    written = figs.written
+    written["report.md"] = atomic_write_text(figs.inside("report.md"), text)
+    written["report.html"] = atomic_write_text(
+        figs.inside("report.html"), render_html(text, f"lmckit report: {res['recipe']['name']}")
+    )
+    written["results.json"] = atomic_write_text(
+        figs.inside("results.json"), json.dumps(res, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    )
+    if timing is not None:
+        written["timings.json"] = atomic_write_json(figs.inside("timings.json"), timing)
+    return written
 
-    root = out.resolve()
 
-    def inside(name: str) -> Path:
-        """``out / name``, refusing a name that would leave the report folder."""
-        p = out / name
-        if Path(name).is_absolute() or not p.resolve().is_relative_to(root) or p.resolve() == root:
-            raise ValueError(f"report file name {name!r} leaves the report folder {out}")
-        return p
-
-    def fig(name: str, title: str, caption: str, draw: Callable[[Path], Path]) -> None:
-        written[name] = draw(inside(name))
-        figs.append((name, title, caption))
-
+def _header(res: dict[str, Any], cache: str | None) -> list[str]:
+    """Title, recipe description, what ran (dataset, seeds, methods, models, STE protocol), cache, notes."""
     r = res["recipe"]
     md: list[str] = [f"# lmckit reproduction: recipe `{r['name']}`", "", r.get("description", ""), ""]
     md += [
@@ -157,9 +198,11 @@ def write_report(
         md += ["", f"Stage outputs: `{cache}` (rerun the same command to reuse them)."]
     for n in res.get("notes", []):
         md += ["", f"> note: {n}"]
-    md += _conventions(res)
-    md += _claims_section(res)
-    md += [
+    return md
+
+
+def _summary_section(res: dict[str, Any]) -> list[str]:
+    return [
         "",
         "## Summary",
         "",
@@ -168,217 +211,240 @@ def write_report(
         "",
     ] + _table(summary_rows(res))
 
-    for i, e in enumerate(res["experiments"]):
-        pre = "" if i == 0 else f"{_slug(e['label'])}_"
-        label = e["label"]
-        md += ["", f"## {label}", "", "Trained models (accuracies: fractions of the full split):", ""]
-        md += _table(
-            [
-                {
-                    "seed": m["seed"],
-                    "test acc": f"{m['test_accuracy']:.4f}",
-                    "test loss": f"{m['test_loss']:.4f}",
-                    "train acc": f"{m['train_accuracy']:.4f}",
-                }
-                for m in e["models"]
-            ]
+
+def _experiment_section(res: dict[str, Any], e: dict[str, Any], pre: str, fig: AddFigure) -> list[str]:
+    """One model's section: trained models, barrier, distance/Taylor and layer tables; its figures (``pre`` +
+    name; no prefix for the first experiment)."""
+    label = e["label"]
+    md = ["", f"## {label}", "", "Trained models (accuracies: fractions of the full split):", ""]
+    md += _table(
+        [
+            {
+                "seed": m["seed"],
+                "test acc": f"{m['test_accuracy']:.4f}",
+                "test loss": f"{m['test_loss']:.4f}",
+                "train acc": f"{m['train_accuracy']:.4f}",
+            }
+            for m in e["models"]
+        ]
+    )
+    md += _barrier_table(e)
+    md += _distance_taylor_table(e)
+    md += _layer_section(e)
+    _experiment_figures(res, e, pre, fig)
+    return md
+
+
+def _experiment_figures(res: dict[str, Any], e: dict[str, Any], pre: str, fig: AddFigure) -> None:
+    """One model's figures: interpolation, R bars, spectra, per-index alignment, projections, rank sweep."""
+    label = e["label"]
+    if any("curves" in d for d in e["methods"].values()):
+        fig(
+            f"{pre}interpolation.png",
+            f"{label}: interpolation curves",
+            _caption(
+                res,
+                "interpolation",
+                "Loss and accuracy along the linear path between two models, naive and "
+                "after each matching (mean over pairs; shaded ±1 std; the inset zooms on the aligned "
+                "methods).",
+                label,
+            ),
+            lambda p: F.interpolation(e, p),
         )
-        md += _barrier_table(e)
-        md += _distance_taylor_table(e)
-        md += _layer_section(e)
-        if any("curves" in d for d in e["methods"].values()):
-            fig(
-                f"{pre}interpolation.png",
-                f"{label}: interpolation curves",
-                _caption(
-                    res,
-                    "interpolation",
-                    "Loss and accuracy along the linear path between two models, naive and "
-                    "after each matching (mean over pairs; shaded ±1 std; the inset zooms on the aligned "
-                    "methods).",
-                    label,
-                ),
-                lambda p, e=e: F.interpolation(e, p),
-            )
-        if any("R" in d for d in e["methods"].values()):
-            fig(
-                f"{pre}R_bars.png",
-                f"{label}: alignment score R",
-                _caption(
-                    res,
-                    "R_bars",
-                    "R(gamma) of the singular vectors before matching and after each method (error bars: "
-                    "std over pairs and searches).",
-                    label,
-                ),
-                lambda p, e=e: F.r_bars(e, p),
-            )
-        if e.get("spectra"):
-            fig(
-                f"{pre}spectra.png",
-                f"{label}: singular-value spectra",
-                "Singular values of corresponding layers of two independently trained models (first pair).",
-                lambda p, e=e: F.spectra(e, p),
-            )
-            fig(
-                f"{pre}per_index.png",
-                f"{label}: per-index alignment",
-                "Per-index alignment (u_i . P u'_i)(v_i . Q v'_i) against singular-value rank, before and after WM. "
-                + _per_index_sentence(e["spectra"]),
-                lambda p, e=e: F.per_index(e, p),
-            )
-        if e.get("projections"):
-            fig(
-                f"{pre}projections.png",
-                f"{label}: input projections",
-                _caption(
-                    res,
-                    "projections",
-                    "Mean |v_i . z| of each layer's inputs z on its right-singular vectors, against "
-                    "rank, beside random directions.",
-                    label,
-                ),
-                lambda p, e=e: F.projections(e, p),
-            )
-        if e.get("rank_sweep"):
-            fig(
-                f"{pre}rank.png",
-                f"{label}: accuracy against kept rank",
-                "Test accuracy of model A and of the WM midpoint when each hidden layer keeps only its leading "
-                "singular directions (output layer whole).",
-                lambda p, e=e: F.rank(e, p),
-            )
+    if any("R" in d for d in e["methods"].values()):
+        fig(
+            f"{pre}R_bars.png",
+            f"{label}: alignment score R",
+            _caption(
+                res,
+                "R_bars",
+                "R(gamma) of the singular vectors before matching and after each method (error bars: "
+                "std over pairs and searches).",
+                label,
+            ),
+            lambda p: F.r_bars(e, p),
+        )
+    if e.get("spectra"):
+        fig(
+            f"{pre}spectra.png",
+            f"{label}: singular-value spectra",
+            "Singular values of corresponding layers of two independently trained models (first pair).",
+            lambda p: F.spectra(e, p),
+        )
+        fig(
+            f"{pre}per_index.png",
+            f"{label}: per-index alignment",
+            "Per-index alignment (u_i . P u'_i)(v_i . Q v'_i) against singular-value rank, before and after WM. "
+            + _per_index_sentence(e["spectra"]),
+            lambda p: F.per_index(e, p),
+        )
+    if e.get("projections"):
+        fig(
+            f"{pre}projections.png",
+            f"{label}: input projections",
+            _caption(
+                res,
+                "projections",
+                "Mean |v_i . z| of each layer's inputs z on its right-singular vectors, against "
+                "rank, beside random directions.",
+                label,
+            ),
+            lambda p: F.projections(e, p),
+        )
+    if e.get("rank_sweep"):
+        fig(
+            f"{pre}rank.png",
+            f"{label}: accuracy against kept rank",
+            "Test accuracy of model A and of the WM midpoint when each hidden layer keeps only its leading "
+            "singular directions (output layer whole).",
+            lambda p: F.rank(e, p),
+        )
+
+
+def _three_models_section(res: dict[str, Any], fig: AddFigure) -> list[str]:
+    """Models 1 and 2 matched to an anchor: pair barriers, merged accuracy, and their figures."""
     three = res.get("three_models")
-    if three:
-        first = res["experiments"][0]["label"] if res["experiments"] else ""
-        md += [
-            "",
-            "## Three models",
-            "",
-            f"{first}: models 1 and 2 matched to the anchor (model 0); loss and "
-            "accuracy barrier between the two matched models, and test accuracy of the uniform average of the "
-            f"first n models (one triple of seeds: single values, no spread; "
-            f"{_n_images(res, 'three_models_test_images')} test images):",
-            "",
+    if not three:
+        return []
+    first = res["experiments"][0]["label"] if res["experiments"] else ""
+    md = [
+        "",
+        "## Three models",
+        "",
+        f"{first}: models 1 and 2 matched to the anchor (model 0); loss and "
+        "accuracy barrier between the two matched models, and test accuracy of the uniform average of the "
+        f"first n models (one triple of seeds: single values, no spread; "
+        f"{_n_images(res, 'three_models_test_images')} test images):",
+        "",
+    ]
+    md += _table(
+        [
+            {
+                "method": METHOD_LABEL.get(m, m),
+                "pair loss barrier": f"{d['pair_loss_barrier']:.4f}",
+                "pair acc barrier": f"{d['pair_accuracy_barrier']:.4f}",
+                **{f"avg of {x['n']} acc": f"{x['accuracy']:.4f}" for x in d["merged"]},
+            }
+            for m, d in three.items()
         ]
-        md += _table(
-            [
-                {
-                    "method": METHOD_LABEL.get(m, m),
-                    "pair loss barrier": f"{d['pair_loss_barrier']:.4f}",
-                    "pair acc barrier": f"{d['pair_accuracy_barrier']:.4f}",
-                    **{f"avg of {x['n']} acc": f"{x['accuracy']:.4f}" for x in d["merged"]},
-                }
-                for m, d in three.items()
-            ]
-        )
+    )
+    fig(
+        "three_models.png",
+        "Three models: pair path and merged accuracy",
+        _caption(
+            res,
+            "three_models",
+            "Left: loss along the path between two models both matched to one anchor. "
+            "Right: test accuracy of the average of n aligned models.",
+        ),
+        lambda p: F.three_models(three, p),
+    )
+    if any("landscape" in d for d in three.values()):
         fig(
-            "three_models.png",
-            "Three models: pair path and merged accuracy",
-            _caption(
-                res,
-                "three_models",
-                "Left: loss along the path between two models both matched to one anchor. "
-                "Right: test accuracy of the average of n aligned models.",
-            ),
-            lambda p: F.three_models(three, p),
+            "landscape.png",
+            "Three models: loss landscape",
+            "Test loss on the plane through the three aligned "
+            "models (white circles), one panel per matching method, on one shared logarithmic colour scale "
+            "(darker = lower loss) and the same axes, so the panels compare directly.",
+            lambda p: F.landscape(three, p),
         )
-        if any("landscape" in d for d in three.values()):
-            fig(
-                "landscape.png",
-                "Three models: loss landscape",
-                "Test loss on the plane through the three aligned "
-                "models (white circles), one panel per matching method, on one shared logarithmic colour scale "
-                "(darker = lower loss) and the same axes, so the panels compare directly.",
-                lambda p: F.landscape(three, p),
-            )
+    return md
+
+
+def _ste_drift_section(res: dict[str, Any], fig: AddFigure) -> list[str]:
+    """How far STE moved from weight matching per epoch, and its figure."""
     drift = res.get("ste_drift")
-    if drift:
-        md += [
-            "",
-            "## STE drift",
-            "",
-            "How far STE moved from plain weight matching, per epoch (epoch 0: the start, "
-            "where STE's permutation is WM's). ‖θ̃ − θ_a‖ / ‖θ_a‖ is the distance STE's dense copy θ̃ travelled "
-            "from model A relative to A's norm (a ratio: 7.5 means 7.5 times ‖θ_a‖); θ̃ is only used through its "
-            "projection to a permutation, so a large value does not make the matched model far from A.",
-            "",
+    if not drift:
+        return []
+    md = [
+        "",
+        "## STE drift",
+        "",
+        "How far STE moved from plain weight matching, per epoch (epoch 0: the start, "
+        "where STE's permutation is WM's). ‖θ̃ − θ_a‖ / ‖θ_a‖ is the distance STE's dense copy θ̃ travelled "
+        "from model A relative to A's norm (a ratio: 7.5 means 7.5 times ‖θ_a‖); θ̃ is only used through its "
+        "projection to a permutation, so a large value does not make the matched model far from A.",
+        "",
+    ]
+    md += _table(
+        [
+            {
+                "run": r["label"],
+                "epochs": r["epoch"][-1],
+                "units reassigned vs WM": f"{r['changed_vs_wm'][-1]:.1%}",
+                "‖θ̃ − θ_a‖ / ‖θ_a‖": f"{r['tilde_rel_dist'][-1]:.3f}",
+                "R(0.3) start → end": f"{r['r03'][0]:.3f} → {r['r03'][-1]:.3f}",
+                "held-out midpoint loss start → end": f"{r['heldout_loss'][0]:.4f} → {r['heldout_loss'][-1]:.4f}",
+            }
+            for r in drift["runs"]
         ]
-        md += _table(
-            [
-                {
-                    "run": r["label"],
-                    "epochs": r["epoch"][-1],
-                    "units reassigned vs WM": f"{r['changed_vs_wm'][-1]:.1%}",
-                    "‖θ̃ − θ_a‖ / ‖θ_a‖": f"{r['tilde_rel_dist'][-1]:.3f}",
-                    "R(0.3) start → end": f"{r['r03'][0]:.3f} → {r['r03'][-1]:.3f}",
-                    "held-out midpoint loss start → end": f"{r['heldout_loss'][0]:.4f} → {r['heldout_loss'][-1]:.4f}",
-                }
-                for r in drift["runs"]
-            ]
-        )
-        fig("ste_drift.png", "STE drift from weight matching", _drift_sentence(drift), lambda p: F.ste_drift(drift, p))
+    )
+    fig("ste_drift.png", "STE drift from weight matching", _drift_sentence(drift), lambda p: F.ste_drift(drift, p))
+    return md
+
+
+def _width_section(res: dict[str, Any], fig: AddFigure) -> list[str]:
+    """Barrier and R(0.3) per width multiplier, and the width-sweep figure."""
     ws = res.get("width_sweep")
-    if ws:
-        md += ["", "## Width sweep", "", f"One model pair per width ({_over(_first_barrier(ws))}); test split.", ""]
-        md += _table(
-            [
-                {
-                    "width": f"x{x['width_mult']:g}",
-                    **{
-                        f"{METHOD_LABEL.get(m, m)} loss barrier": _pm(_get_path(d, "barrier", "test", "loss_barrier"))
-                        for m, d in x["methods"].items()
-                    },
-                    **{
-                        f"{METHOD_LABEL.get(m, m)} R(0.3)": _pm(_get_path(d, "R", "0.3", "after"))
-                        for m, d in x["methods"].items()
-                        if "R" in d
-                    },
-                }
-                for x in sorted(ws, key=lambda x: x["width_mult"])
-            ]
-        )
-        fig(
-            "width_sweep.png",
-            "Width sweep",
-            _caption(
-                res,
-                "width_sweep",
-                "Loss barrier and R against the width multiplier (error bars: std over pairs where there are several).",
-            ),
-            lambda p: F.width_sweep(ws, p),
-        )
+    if not ws:
+        return []
+    md = ["", "## Width sweep", "", f"One model pair per width ({_over(_first_barrier(ws))}); test split.", ""]
+    md += _table(
+        [
+            {
+                "width": f"x{x['width_mult']:g}",
+                **{
+                    f"{METHOD_LABEL.get(m, m)} loss barrier": _pm(_get_path(d, "barrier", "test", "loss_barrier"))
+                    for m, d in x["methods"].items()
+                },
+                **{
+                    f"{METHOD_LABEL.get(m, m)} R(0.3)": _pm(_get_path(d, "R", "0.3", "after"))
+                    for m, d in x["methods"].items()
+                    if "R" in d
+                },
+            }
+            for x in sorted(ws, key=lambda x: x["width_mult"])
+        ]
+    )
+    fig(
+        "width_sweep.png",
+        "Width sweep",
+        _caption(
+            res,
+            "width_sweep",
+            "Loss barrier and R against the width multiplier (error bars: std over pairs where there are several).",
+        ),
+        lambda p: F.width_sweep(ws, p),
+    )
+    return md
 
-    from .studies import write_studies  # issue 12's studies section
 
-    md += write_studies(res, fig)
-    md += ["", "## Figures"]
+def _figures_section(figs: list[tuple[str, str, str]]) -> list[str]:
+    md = ["", "## Figures"]
     for name, title, caption in figs:
         md += ["", f"### {title}", "", f"![{title}]({name})", "", caption]
-    if timing:
+    return md
+
+
+def _timings_section(timing: dict[str, Any] | None) -> list[str]:
+    if not timing:
+        return []
+    md = [
+        "",
+        "## Timings",
+        "",
+        "Stage compute time (from the cache; 0 for stages reused): "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timing["stage_seconds_by_kind"].items())),
+    ]
+    if timing.get("ran_with"):  # results are bit-identical only for the same threads and device
         md += [
             "",
-            "## Timings",
-            "",
-            "Stage compute time (from the cache; 0 for stages reused): "
-            + ", ".join(f"{k} {v:.1f}s" for k, v in sorted(timing["stage_seconds_by_kind"].items())),
+            "Stages ran with: "
+            + "; ".join(f"{w['threads']} torch threads on {w['device']}" for w in timing["ran_with"])
+            + ".",
         ]
-        if timing.get("ran_with"):  # results are bit-identical only for the same threads and device
-            md += [
-                "",
-                "Stages ran with: "
-                + "; ".join(f"{w['threads']} torch threads on {w['device']}" for w in timing["ran_with"])
-                + ".",
-            ]
-    text = "\n".join(md) + "\n"
-    written["report.md"] = atomic_write_text(inside("report.md"), text)
-    written["report.html"] = atomic_write_text(inside("report.html"), render_html(text, f"lmckit report: {r['name']}"))
-    written["results.json"] = atomic_write_text(
-        inside("results.json"), json.dumps(res, indent=1, sort_keys=True, allow_nan=False) + "\n"
-    )
-    if timing is not None:
-        written["timings.json"] = atomic_write_json(inside("timings.json"), timing)
-    return written
+    return md
 
 
 def _get_path(d: Any, *path: str) -> Any:
@@ -599,9 +665,12 @@ def _per_index_sentence(spectra: dict[str, Any]) -> str:
         tail += v[len(v) // 2 :]
     a = sum(lead) / max(len(lead), 1)
     b = sum(tail) / max(len(tail), 1)
+    verdict = (
+        "aligns the dominant directions far more" if a > 2 * abs(b) else "does not single out the dominant directions"
+    )
     return (
         f"After WM the leading 10% of singular directions have mean alignment {a:.3f} against {b:.3f} for the "
-        f"trailing half: WM {'aligns the dominant directions far more' if a > 2 * abs(b) else 'does not single out the dominant directions'} in this run."
+        f"trailing half: WM {verdict} in this run."
     )
 
 
@@ -630,8 +699,6 @@ def render_html(md: str, title: str) -> str:
     Raw HTML in the Markdown is escaped, not passed through (``html=False``); the page links its images by
     the relative paths the Markdown gives.
     """
-    from markdown_it import MarkdownIt
-
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
     return (
         f'<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'

@@ -10,15 +10,7 @@ import torch
 from lmckit.match import anchor_matching, merge_many, weight_matching
 from lmckit.match.activation import activation_matching
 from lmckit.models import create_model
-from lmckit.perm import apply_permutation, invert_permutation, random_permutation, validate_perms
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from lmckit.perm import apply_permutation, invert_permutation, random_permutation, spec_for, validate_perms
 
 
 def _train(name, ds, seed, steps=6):
@@ -38,7 +30,7 @@ def _train(name, ds, seed, steps=6):
 @pytest.mark.parametrize("name", ["vit_tiny", "lstm_tiny"])
 def test_zoo_arch_through_every_matcher(name, synthetic):
     a, b = _train(name, synthetic, 0), _train(name, synthetic, 1)
-    spec = a.permutation_spec()
+    spec = spec_for(a)
     sd_a, sd_b = a.state_dict(), b.state_dict()
     # AM recovers a planted permutation of A exactly (sites derived from the spec: Q/K/V, LSTM states)
     planted = random_permutation(spec, 2)
@@ -64,7 +56,7 @@ def test_ste_runs_on_head_structured_specs(synthetic):
     from lmckit.match.ste import ste_matching
 
     a, b = _train("vit_tiny", synthetic, 0), _train("vit_tiny", synthetic, 1)
-    spec = a.permutation_spec()
+    spec = spec_for(a)
     res = ste_matching(
         a,
         a.state_dict(),
@@ -85,7 +77,7 @@ def test_barrier_curve_on_lstm(synthetic):
     from lmckit.lmc import barrier_curve
 
     a, b = _train("lstm_tiny", synthetic, 0), _train("lstm_tiny", synthetic, 1)
-    spec = a.permutation_spec()
+    spec = spec_for(a)
     wm = weight_matching(spec, a.state_dict(), b.state_dict())
     cur = barrier_curve(
         a,

@@ -61,7 +61,8 @@ def _int(v: int) -> bytes:
 
 
 def py2_cifar_pickle(x: np.ndarray, labels, batch_label: bytes = b"training batch 1 of 5") -> bytes:
-    """A CIFAR batch pickled the way Python 2's cPickle wrote the official files (protocol 2, str as SHORT_BINSTRING)."""
+    """A CIFAR batch pickled the way Python 2's cPickle wrote the official files (protocol 2, str as
+    SHORT_BINSTRING)."""
     x = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.uint8)
     n = x.shape[0]
     out = b"\x80\x02}q\x00("

@@ -1,6 +1,6 @@
 """Claims 1-4 on real Fashion-MNIST MLPs (784-512-512-512-10, Adam 1e-3, batch 500, 5 epochs, seeds 0/1).
 
-Run with ``pytest -m slow tests/test_analysis_slow.py`` (about 2 minutes on 2 cores).
+Run with ``pytest -m slow tests/test_claims_fashion_mnist.py`` (about 2 minutes on 2 cores).
 Reference (prototype): L2 41.19 -> 35.59 (reduction 0.136); R(0) 0.001 -> 0.071;
 R(0.3) 0.006 -> 0.219; midpoint barrier 0.048 measured vs 0.088 Taylor; gamma = 0.3
 keeps 36/34/86 of 512 directions with test accuracy 0.870 vs 0.877.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from reliability_helpers import fingerprint, make_checkpoint, run_cli, snapshot, snapshot_diff
-from test_data_helpers import IDX_NAMES, idx_bytes, planted_images, write_idx_dataset
+from tests.helpers.data_files import IDX_NAMES, idx_bytes, planted_images, write_idx_dataset
+from tests.helpers.reliability import fingerprint, make_checkpoint, run_cli, snapshot, snapshot_diff
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_multi_and_merge_perm_files_record_hashes(env, capsys):
 
 
 def test_perm_file_without_hashes_is_applied_with_a_note(env, capsys):
-    from reliability_helpers import good_perms
+    from tests.helpers.reliability import good_perms
 
     a, b = make_checkpoint(env / "a.safetensors", seed=0), make_checkpoint(env / "b.safetensors", seed=1)
     (env / "old.json").write_text(json.dumps({"perms": good_perms(a)}))

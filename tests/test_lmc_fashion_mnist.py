@@ -57,8 +57,10 @@ def test_mlp_fashion_mnist_naive_barrier_and_weight_matching(fmnist):
     rep = barrier_curve(a, sa, sbp, fmnist, points=25, bn_reset="repair", progress=False)["test"]
     print(
         f"\nendpoint test loss {naive.endpoint_loss}, acc {naive.endpoint_accuracy}"
-        f"\nnaive: loss barrier {naive.loss_barrier:.4f}, acc barrier {naive.accuracy_barrier:.4f}, mid acc {naive.midpoint_accuracy:.4f}"
-        f"\nWM:    loss barrier {wm.loss_barrier:.4f}, acc barrier {wm.accuracy_barrier:.4f}, mid acc {wm.midpoint_accuracy:.4f}"
+        f"\nnaive: loss barrier {naive.loss_barrier:.4f}, acc barrier {naive.accuracy_barrier:.4f}, "
+        f"mid acc {naive.midpoint_accuracy:.4f}"
+        f"\nWM:    loss barrier {wm.loss_barrier:.4f}, acc barrier {wm.accuracy_barrier:.4f}, "
+        f"mid acc {wm.midpoint_accuracy:.4f}"
         f"\nWM+REPAIR: loss barrier {rep.loss_barrier:.4f}, acc barrier {rep.accuracy_barrier:.4f}"
         f"\n25-point test curve: {seconds:.2f}s"
     )

@@ -1,4 +1,5 @@
-"""``--arch module:callable``: users' own architectures on plain safetensors state dicts, and check-spec's exit codes."""
+"""``--arch module:callable``: users' own architectures on plain safetensors state dicts, and check-spec's exit
+codes."""
 
 from __future__ import annotations
 

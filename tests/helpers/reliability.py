@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 
@@ -224,7 +224,7 @@ def _zygote_main() -> None:  # pragma: no cover - runs in the zygote process
 
     import lmckit.cli
     import lmckit.data
-    import lmckit.pipeline.reproduce  # noqa: F401
+    import lmckit.reproduce  # noqa: F401
     import lmckit.train  # noqa: F401
 
     _torch.set_num_threads(1)
@@ -265,7 +265,6 @@ def _zygote_main() -> None:  # pragma: no cover - runs in the zygote process
 
 if __name__ == "__main__":  # pragma: no cover
     if sys.argv[1:] == ["zygote"]:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         _zygote_main()
 
 

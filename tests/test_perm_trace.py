@@ -12,19 +12,10 @@ import torch.nn.functional as F
 
 from lmckit.errors import LmcError
 from lmckit.models import create_model, list_models
-from lmckit.perm import PermutationSpec, apply_permutation, random_permutation
+from lmckit.perm import PermutationSpec, apply_permutation, random_permutation, spec_for
 from lmckit.perm.check import check_spec
 from lmckit.perm.trace import SpecWarning, activation_sites, example_input_for, trace_spec, trace_streams
-from odd_models import ODD_MODELS
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread (two threads spin-wait badly on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.odd_models import ODD_MODELS
 
 
 def _zoo(name: str, norm: str | None = None) -> nn.Module:
@@ -54,7 +45,7 @@ def test_traced_spec_equals_rule_spec(name, norm):
     model = _zoo(name, norm)
     x = example_input_for(model, batch=2)
     traced = _no_spec_warnings(trace_spec, model, x)
-    rules = model.permutation_spec()
+    rules = spec_for(model)
     assert set(traced.axes) == set(rules.axes) == set(model.state_dict())
     assert _partition(traced) == _partition(rules)
     assert sorted(traced.sizes.values()) == sorted(rules.sizes.values())
@@ -304,7 +295,7 @@ def test_tracing_and_checking_leave_the_model_untouched():
 # --------------------------------------------------------------------------- the check itself must fail on bad specs
 def test_check_catches_a_wrong_spec_and_names_the_group():
     m = _zoo("resnet_tiny")
-    spec = m.permutation_spec()
+    spec = spec_for(m)
     axes = dict(spec.axes)
     axes["layer1.0.bn1.running_mean"] = (None,)  # forget one BN buffer: only train-mode stats reveal it
     bad = PermutationSpec(axes=axes, sizes=spec.sizes, shapes=spec.shapes)
@@ -348,7 +339,7 @@ def test_activation_sites_carry_their_group_equivariantly(case):
         model = _zoo(case)
         x = example_input_for(model, batch=4)
         sites = activation_sites(model)
-        spec = model.permutation_spec()
+        spec = spec_for(model)
         assert sites == activation_sites_traced_names(model, x, spec)
     assert set(sites) == set(spec.sizes)
     assert all(sites.values())

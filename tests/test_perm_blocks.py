@@ -1,6 +1,6 @@
 """Issue 11: attention heads, embeddings, recurrent layers and block permutations (cat, flatten, pad).
 
-Every pattern of :mod:`arch_models` must trace to a spec that preserves the function (train and eval
+Every pattern of :mod:`tests.helpers.arch_models` must trace to a spec that preserves the function (train and eval
 mode), permutes the units it used to pin, and lets WM and AM recover planted permutations exactly.
 """
 
@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch_models import ARCH_CASES
 from lmckit.errors import LmcError
 from lmckit.match import weight_matching
 from lmckit.match.activation import activation_matching
@@ -29,19 +28,13 @@ from lmckit.perm import (
     head_block_perm,
     invert_permutation,
     random_permutation,
+    spec_for,
     split_head_perm,
     validate_perms,
 )
 from lmckit.perm.check import check_spec
 from lmckit.perm.trace import SpecWarning, trace_spec
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.helpers.arch_models import ARCH_CASES
 
 
 def _traced(case):
@@ -75,7 +68,8 @@ def test_pattern_spec_preserves_function_and_permutes_what_was_pinned(name):
 
 @pytest.mark.parametrize("name", [n for n, c in ARCH_CASES.items() if c.heads])
 def test_head_structure_is_needed(name):
-    """Dropping the head constraint (one unconstrained assignment over all Q/K rows, as C2M3 does) breaks the function."""
+    """Dropping the head constraint (one unconstrained assignment over all Q/K rows, as C2M3 does) breaks the
+    function."""
     m, x, spec = _traced(ARCH_CASES[name])
     free = PermutationSpec(axes=spec.axes, sizes=spec.sizes, shapes=spec.shapes, heads={})
     p = random_permutation(free, 0)
@@ -176,7 +170,6 @@ def test_validate_perms_rejects_broken_head_structure():
     with pytest.raises(LmcError, match="whole attention heads"):
         validate_perms(spec, bad)
     bad = dict(p)
-    d = spec.sizes[vo] // h
     hv, wv = split_head_perm(p[vo], h)
     bad[vo] = head_block_perm(torch.roll(hv, 1), wv)  # different head mapping for V/O
     with pytest.raises(LmcError, match="differently"):
@@ -268,7 +261,8 @@ def test_wm_warns_on_low_coverage():
     ],
 )
 def test_r_gamma_on_attention_gate_and_block_matrices(name):
-    """R(gamma) = 1 for a model and its planted permutation once un-permuted, on W_Q/W_K/W_V/W_O, gate and block layers."""
+    """R(gamma) = 1 for a model and its planted permutation once un-permuted, on W_Q/W_K/W_V/W_O, gate and block
+    layers."""
     from lmckit.analysis import layers_of, svd_alignment, truncate_state
     from lmckit.models import create_model
 
@@ -277,7 +271,7 @@ def test_r_gamma_on_attention_gate_and_block_matrices(name):
         sd = ARCH_CASES[name].factory().state_dict()
     else:
         m = create_model(name)
-        spec, sd = m.permutation_spec(), m.state_dict()
+        spec, sd = spec_for(m), m.state_dict()
     sd = {
         k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) if v.is_floating_point() else v
         for k, v in sd.items()
@@ -301,7 +295,7 @@ def test_r_gamma_on_attention_gate_and_block_matrices(name):
 
 def test_fused_qkv_heads_used_otherwise_are_pinned():
     """Summing the (3, H, d) projections mixes Q, K and V: no head permutation survives; pinned with a warning."""
-    from arch_models import TimmAttention
+    from tests.helpers.arch_models import TimmAttention
 
     class Summed(TimmAttention):
         def forward(self, x):
