@@ -169,6 +169,8 @@ class MatchMethod:
         Whether a module of the architecture is needed (a forward pass).
     data_when:
         Optional ``options -> bool`` overriding ``needs_data`` per options.
+    label:
+        Short display name for legends and tables (``WM``, ``AM``, ``STE``); defaults to ``name``.
     """
 
     name: str
@@ -181,6 +183,11 @@ class MatchMethod:
     func: MatchFunction = field(repr=False)
     needs_model: bool = False
     data_when: Callable[[MethodOptions], bool] | None = field(default=None, repr=False)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
     def options(self, values: Mapping[str, Any] | None = None, **kw: Any) -> MethodOptions:
         """Validated options from a mapping and/or keywords (unknown names raise :class:`LmcError`)."""
@@ -254,6 +261,7 @@ class MatchMethod:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "label": self.label,
             "description": self.description,
             "reference": self.reference,
             "needs_data": self.needs_data,
@@ -278,6 +286,7 @@ def register_method(
     multi: tuple[str, ...] = ("anchor",),
     needs_model: bool = False,
     data_when: Callable[[MethodOptions], bool] | None = None,
+    label: str = "",
 ) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
@@ -305,6 +314,7 @@ def register_method(
             func=func,
             needs_model=needs_model,
             data_when=data_when,
+            label=label,
         )
         return func
 
@@ -334,6 +344,40 @@ def get_method(name: str) -> MatchMethod:
         raise LmcError(f"unknown matching method {name!r}", f"known methods: {', '.join(_REGISTRY)}") from None
 
 
+def methods_supporting(scheme: str) -> list[str]:
+    """Names of the methods supporting the multi-model ``scheme`` (``anchor`` or ``mergemany``)."""
+    if scheme not in MULTI_SCHEMES:
+        raise LmcError(f"unknown multi-model scheme {scheme!r}", f"choose one of {', '.join(MULTI_SCHEMES)}")
+    return [n for n in list_methods() if _REGISTRY[n].supports(scheme)]
+
+
+def check_scheme(method: str, scheme: str) -> MatchMethod:
+    """The method ``method`` after checking it supports the multi-model ``scheme``.
+
+    The one place that says, e.g., "MergeMany is defined for weight matching only"
+    (from the registry's ``multi`` field). Raises :class:`LmcError` for an unknown
+    method or scheme, or a method without the scheme.
+    """
+    m = get_method(method)
+    ok = methods_supporting(scheme)
+    if method not in ok:
+        raise LmcError(
+            f"the multi-model scheme {scheme!r} is not defined for {method} matching "
+            f"(it is defined for: {', '.join(ok) or 'no method'})",
+            f"use --method {ok[0]}, or --multi anchor" if ok else "use --multi anchor",
+        )
+    return m
+
+
+#: The name of the method MergeMany runs (the first method supporting the ``mergemany`` scheme).
+def mergemany_method() -> str:
+    """The method MergeMany's inner matchings use (weight matching, per the registry)."""
+    names = methods_supporting("mergemany")
+    if not names:
+        raise LmcError("no registered matching method supports MergeMany")
+    return names[0]
+
+
 # --------------------------------------------------------------------------- built-in adapters
 @dataclass(frozen=True)
 class WeightOptions(MethodOptions):
@@ -358,6 +402,7 @@ class WeightOptions(MethodOptions):
     options=WeightOptions,
     multi=("anchor", "mergemany"),
     objective="sum_k <A_k, pi(B)_k>_F per sweep; higher is better (non-decreasing)",
+    label="WM",
 )
 def _weight(spec, sd_a, sd_b, *, model, dataset, options: WeightOptions, seed, device, progress) -> MatchResult:
     from .weight import weight_matching
@@ -399,6 +444,7 @@ class ActivationOptions(MethodOptions):
     options=ActivationOptions,
     multi=("anchor",),
     objective="summed similarity of matched units; higher is better",
+    label="AM",
 )
 def _activation(spec, sd_a, sd_b, *, model, dataset, options: ActivationOptions, seed, device, progress) -> MatchResult:
     from .activation import activation_matching
@@ -462,6 +508,7 @@ class SteOptions(MethodOptions):
     options=SteOptions,
     multi=("anchor",),
     objective="best held-out midpoint loss so far; lower is better (non-increasing)",
+    label="STE",
 )
 def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress) -> MatchResult:
     from .ste import ste_matching

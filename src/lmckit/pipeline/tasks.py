@@ -12,7 +12,7 @@ stages' hashes but not those of weight matching.
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -23,34 +23,18 @@ from ..errors import LmcError
 from ..store import atomic_write_json
 from .stages import Stage, StageContext
 
+#: The three-model experiment's name for MergeMany (a multi-model scheme, not a two-model method).
+MERGE_MANY = "merge_many"
+
 __all__ = [
     "TrainStage",
     "MatchStage",
     "BarrierStage",
     "AnalysisStage",
     "ThreeModelStage",
-    "method_available",
     "train_stage",
     "load_model_of",
 ]
-
-
-def method_available(method: str) -> bool:
-    """Whether the library behind a matching method is importable in this build."""
-    mod = {
-        "naive": None,
-        "weight": "lmckit.match.weight",
-        "activation": "lmckit.match.activation",
-        "ste": "lmckit.match.ste",
-        "merge_many": "lmckit.match.multi",
-        "anchor": "lmckit.match.multi",
-    }.get(method, "?")
-    if mod is None:
-        return True
-    try:
-        return importlib.util.find_spec(mod) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _pairs(d: Mapping[str, Any]) -> tuple:
@@ -181,7 +165,7 @@ class _Pair:
 # --------------------------------------------------------------------------- match
 @dataclass(frozen=True)
 class MatchStage(Stage):
-    """Find the permutation of B that aligns it to A: ``weight``, ``activation`` or ``ste``.
+    """Find the permutation of B that aligns it to A with a registry method (:mod:`lmckit.match.registry`).
 
     Writes ``perms.json`` (:func:`lmckit.perm.save_perms`) and ``result.json``
     (:meth:`lmckit.match.MatchResult.to_dict`). ``options`` holds the
@@ -201,44 +185,22 @@ class MatchStage(Stage):
         return f"{self.method} seed {self.seed}: {self.a.label()} vs seed {_unpairs(self.b.config).get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
+        from ..match.registry import get_method
         from ..perm import save_perms
 
         p = _Pair(ctx, self.a, self.b)
-        opt = dict(self.options)
-        if self.method == "weight":
-            from ..match import weight_matching
-
-            res = weight_matching(
-                p.spec, p.sd_a, p.sd_b, seed=self.seed, max_iter=int(opt.get("max_iter", 100)), device=p.device
-            )
-        elif self.method == "activation":
-            from ..checkpoint import build_model
-            from ..match import activation_matching
-
-            model_b = build_model(p.model.lmckit_config, p.sd_b, self.b.label()).to(p.device)
-            res = activation_matching(p.model, model_b, p.dataset, **_activation_kwargs(opt, self.seed, p.device))
-        elif self.method == "ste":
-            from ..match.ste import ste_matching
-
-            res = ste_matching(
-                p.model,
-                p.sd_a,
-                p.sd_b,
-                p.dataset,
-                spec=p.spec,
-                epochs=int(opt["epochs"]),
-                lr=float(opt["lr"]),
-                batch_size=int(opt["batch_size"]),
-                seed=self.seed,
-                device=p.device,
-                state_dir=ctx.dir / "ste",
-                progress=True,
-                wm_max_iter=int(opt.get("max_iter", 100)),
-                train_limit=int(opt.get("train_limit", 0)) or None,
-                protocol=str(opt.get("protocol", "heldout-best")),
-            )
-        else:
-            raise LmcError(f"unknown matching method {self.method!r}", "use weight, activation or ste")
+        method = get_method(self.method)
+        res = method.match(
+            p.spec,
+            p.sd_a,
+            p.sd_b,
+            model=p.model,
+            dataset=p.dataset,
+            options=stage_match_options(self.method, dict(self.options), ctx.dir),
+            seed=self.seed,
+            device=p.device,
+            progress=True,
+        )
         save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)
         d = res.to_dict()
         d.pop("seconds", None)
@@ -246,11 +208,43 @@ class MatchStage(Stage):
         atomic_write_json(ctx.dir / "timing.json", {"seconds": float(res.seconds)})
 
 
-def _activation_kwargs(opt: Mapping[str, Any], seed: int, device) -> dict[str, Any]:
-    """``samples`` training images as batches of at most 500 for :func:`lmckit.match.activation_matching`."""
-    samples = int(opt.get("samples", 5000))
+def _activation_samples(opt: dict[str, Any]) -> dict[str, Any]:
+    """``samples`` training images as batches of at most 500."""
+    samples = int(opt.pop("samples", 5000))
     batch = min(500, samples)
-    return {"num_batches": -(-samples // batch), "batch_size": batch, "seed": seed, "device": device}
+    return {**opt, "num_batches": -(-samples // batch), "batch_size": batch}
+
+
+def _ste_names(opt: dict[str, Any]) -> dict[str, Any]:
+    """``max_iter`` is STE's inner weight matching; ``train_limit = 0`` means all training images."""
+    opt = dict(opt)
+    if "max_iter" in opt:
+        opt["wm_max_iter"] = opt.pop("max_iter")
+    if not opt.get("train_limit"):
+        opt.pop("train_limit", None)
+    return opt
+
+
+#: Stage option names that differ from the registry's, kept so earlier stages keep their hashes:
+#: ``method -> (stage options -> registry options)``. A method not listed here (e.g. ``sinkhorn``)
+#: uses the registry's option names directly.
+_LEGACY_STAGE_OPTIONS = {"activation": _activation_samples, "ste": _ste_names}
+
+
+def stage_match_options(method: str, options: Mapping[str, Any], stage_dir: Path | None = None):
+    """The registry options (:class:`lmckit.match.registry.MethodOptions`) of a match stage.
+
+    ``options`` are the stage's own (``MatchStage.options`` as a dict); a
+    method with a ``state_dir`` option (STE) keeps its resumable state in
+    ``stage_dir / method``. Raises :class:`LmcError` for an unknown method or option.
+    """
+    from ..match.registry import get_method
+
+    m = get_method(method)
+    opt = _LEGACY_STAGE_OPTIONS.get(method, dict)(dict(options))
+    if stage_dir is not None and "state_dir" in {f.name for f in dataclasses.fields(m.options_type)}:
+        opt["state_dir"] = str(Path(stage_dir) / method)
+    return m.options(opt)
 
 
 # --------------------------------------------------------------------------- barrier
@@ -428,7 +422,7 @@ class ThreeModelStage(Stage):
         spec = spec_for(model)
         dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
         out: dict[str, Any] = {"method": self.method, "n_models": len(self.models)}
-        if self.method == "merge_many":
+        if self.method == MERGE_MANY:
             from ..match import merge_many
 
             res = merge_many(
