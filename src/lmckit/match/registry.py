@@ -46,6 +46,7 @@ from .result import MatchResult
 BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn",)
 #: Multi-model schemes a method can support.
 MULTI_SCHEMES = ("anchor", "mergemany")
+SCHEME_LABEL = {"anchor": "anchor matching", "mergemany": "MergeMany"}
 
 
 # --------------------------------------------------------------------------- options
@@ -171,6 +172,12 @@ class MatchMethod:
         Optional ``options -> bool`` overriding ``needs_data`` per options.
     label:
         Short display name for legends and tables (``WM``, ``AM``, ``STE``); defaults to ``name``.
+    record:
+        Optional ``(result, options) -> dict``: what a perm file records about a run of the method
+        (default: ``{"options": options.to_dict()}``); see :meth:`run_record`.
+    iterations:
+        Optional ``(result, options) -> str``: what the method iterated, in its own terms, for a
+        one-line summary (default: its steps and whether it converged); see :meth:`iterations_line`.
     """
 
     name: str
@@ -184,10 +191,22 @@ class MatchMethod:
     needs_model: bool = False
     data_when: Callable[[MethodOptions], bool] | None = field(default=None, repr=False)
     label: str = ""
+    record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = field(default=None, repr=False)
+    iterations: Callable[[MatchResult, MethodOptions], str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.label:
             object.__setattr__(self, "label", self.name)
+
+    def run_record(self, result: MatchResult, options: MethodOptions) -> dict[str, Any]:
+        """Method-specific metadata of a run, for its perm file (JSON-ready)."""
+        return self.record(result, options) if self.record else {"options": options.to_dict()}
+
+    def iterations_line(self, result: MatchResult, options: MethodOptions) -> str:
+        """One line saying what the run iterated (``sweeps: 4 (converged)``)."""
+        if self.iterations:
+            return self.iterations(result, options)
+        return f"steps:       {result.sweeps}" + ("" if result.converged else " (not converged)")
 
     def options(self, values: Mapping[str, Any] | None = None, **kw: Any) -> MethodOptions:
         """Validated options from a mapping and/or keywords (unknown names raise :class:`LmcError`)."""
@@ -287,6 +306,8 @@ def register_method(
     needs_model: bool = False,
     data_when: Callable[[MethodOptions], bool] | None = None,
     label: str = "",
+    record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = None,
+    iterations: Callable[[MatchResult, MethodOptions], str] | None = None,
 ) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
@@ -315,6 +336,8 @@ def register_method(
             needs_model=needs_model,
             data_when=data_when,
             label=label,
+            record=record,
+            iterations=iterations,
         )
         return func
 
@@ -362,7 +385,7 @@ def check_scheme(method: str, scheme: str) -> MatchMethod:
     ok = methods_supporting(scheme)
     if method not in ok:
         raise LmcError(
-            f"the multi-model scheme {scheme!r} is not defined for {method} matching "
+            f"{SCHEME_LABEL[scheme]} (--multi {scheme}) is not defined for {method} matching "
             f"(it is defined for: {', '.join(ok) or 'no method'})",
             f"use --method {ok[0]}, or --multi anchor" if ok else "use --multi anchor",
         )
@@ -403,6 +426,12 @@ class WeightOptions(MethodOptions):
     multi=("anchor", "mergemany"),
     objective="sum_k <A_k, pi(B)_k>_F per sweep; higher is better (non-decreasing)",
     label="WM",
+    record=lambda res, o: {"restarts": o.restarts, "max_iter": o.max_iter},
+    iterations=lambda res, o: (
+        f"sweeps:      {res.sweeps}"
+        + (f" (best of {o.restarts} restarts)" if o.restarts > 1 else "")
+        + (" (converged)" if res.converged else f" (max-iter {o.max_iter} reached, not converged)")
+    ),
 )
 def _weight(spec, sd_a, sd_b, *, model, dataset, options: WeightOptions, seed, device, progress) -> MatchResult:
     from .weight import weight_matching
@@ -445,6 +474,15 @@ class ActivationOptions(MethodOptions):
     multi=("anchor",),
     objective="summed similarity of matched units; higher is better",
     label="AM",
+    record=lambda res, o: {
+        "similarity": o.similarity,
+        "num_batches": res.extra.get("batches", o.num_batches),
+        "batch_size": o.batch_size,
+    },
+    iterations=lambda res, o: (
+        "assignment:  one linear assignment per group on "
+        f"{res.extra.get('batches', o.num_batches)} batches of {o.batch_size} {o.split} images (not iterative)"
+    ),
 )
 def _activation(spec, sd_a, sd_b, *, model, dataset, options: ActivationOptions, seed, device, progress) -> MatchResult:
     from .activation import activation_matching
@@ -509,6 +547,14 @@ class SteOptions(MethodOptions):
     multi=("anchor",),
     objective="best held-out midpoint loss so far; lower is better (non-increasing)",
     label="STE",
+    record=lambda res, o: {
+        "ste_preset": res.extra["preset"],
+        "ste_protocol": res.extra["protocol"],
+        "ste_settings": res.extra["settings"],
+        "heldout_loss": res.extra["best_heldout_loss"],
+        "changed_vs_wm": res.extra["changed_vs_wm"],
+    },
+    iterations=lambda res, o: f"epochs:      {res.sweeps} (protocol {o.protocol})",
 )
 def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress) -> MatchResult:
     from .ste import ste_matching

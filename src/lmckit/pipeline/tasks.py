@@ -408,8 +408,10 @@ class ThreeModelStage(Stage):
     def run(self, ctx: StageContext) -> None:
         from ..checkpoint import build_model
         from ..data import load_dataset
-        from ..evaluate import evaluate
-        from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
+        from ..lmc import barrier_curve
+        from ..lmc.landscape import plane_landscape
+        from ..match.registry import mergemany_method
+        from ..merge import align_models, merged_accuracy_curve
         from ..perm import apply_permutation, load_perms, spec_for
 
         if len(self.models) < 3:
@@ -423,18 +425,17 @@ class ThreeModelStage(Stage):
         dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
         out: dict[str, Any] = {"method": self.method, "n_models": len(self.models)}
         if self.method == MERGE_MANY:
-            from ..match import merge_many
-
-            res = merge_many(
-                spec, states, seed=self.seed, wm_max_iter=int(dict(self.options).get("max_iter", 100)), device=dev
-            )
+            wm = mergemany_method()
+            opts = stage_match_options(wm, dict(self.options))
+            res = align_models(model, states, wm, "mergemany", spec=spec, seed=self.seed, device=dev, options=opts)
             perms = res.perms
             out["passes"], out["converged"], out["objective"] = res.passes, res.converged, res.objective
         else:
             if len(self.matches) != len(self.models) or self.matches[0] is not None:
-                raise ValueError("ThreeModelStage needs matches = (None, match of model 1, match of model 2, ...)")
+                raise LmcError("ThreeModelStage needs matches = (None, match of model 1, match of model 2, ...)")
             perms = [None] + [load_perms(ctx.input(m) / "perms.json", spec) for m in self.matches[1:]]
         aligned = [apply_permutation(spec, p, sd) if p is not None else dict(sd) for p, sd in zip(perms, states)]
+        lim = self.limit or None
         bar = barrier_curve(
             model,
             aligned[1],
@@ -442,37 +443,26 @@ class ThreeModelStage(Stage):
             dataset,
             splits=self.splits,
             points=self.points,
-            limit=self.limit or None,
+            limit=lim,
             device=dev,
             bn_batches=self.bn_batches,
             progress=True,
         )
         out["pair_barrier"] = bar.to_dict()
         if self.grid:
-            from ..lmc.landscape import plane_landscape
-
             land = plane_landscape(
                 model,
-                aligned[0],
-                aligned[1],
-                aligned[2],
+                *aligned[:3],
                 dataset,
                 grid=self.grid,
                 split="test",
-                limit=self.limit or None,
+                limit=lim,
                 device=dev,
                 bn_batches=self.bn_batches,
                 progress=True,
             )
             out["landscape"] = land.to_dict()
-        merged = []
-        bn = has_batchnorm(model)
-        for n in range(1, len(aligned) + 1):
-            sd = mix_states(aligned[:n], [1.0 / n] * n)
-            m = build_model(model_cfg, sd, f"average of {n} models").to(dev)
-            if bn and n > 1:
-                reset_bn_stats(m, dataset, num_batches=self.bn_batches, device=dev)
-            loss, acc = evaluate(m, dataset, "test", device=dev, limit=self.limit or None)
-            merged.append({"n": n, "loss": loss, "accuracy": acc})
-        out["merged"] = merged
+        out["merged"] = merged_accuracy_curve(
+            model, aligned, dataset, "test", "auto", dev, seed=0, limit=lim, start=1, bn_batches=self.bn_batches
+        )
         _write(ctx, out)
