@@ -15,15 +15,49 @@ methods drawn on one shared colour scale and the same axes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from ..match.registry import get_method, list_methods
+from ..pipeline.recipe import NAIVE
+from ..pipeline.tasks import MERGE_MANY
 from ..plotting import LOSS_CMAP, integer_ticks, legend_outside, plain_log_axis, save_figure, subplot_grid
 from ..plotting import pyplot as _plt
 
-METHOD_LABEL = {"naive": "naive", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
-METHOD_COLOR = {"naive": "0.5", "weight": "C3", "activation": "C0", "ste": "C2", "merge_many": "C4"}
-METHOD_STYLE = {"naive": "-", "weight": "-", "activation": "--", "ste": ":", "merge_many": "-."}
+
+class _ByMethod(Mapping):
+    """``{method: value}`` for the naive path, every method of the matching registry (in its order), MergeMany.
+
+    Read from the registry when used, so a newly registered method gets its label (the entry's ``label``),
+    a colour and a line style in every figure and table without an edit here.
+    """
+
+    def __init__(self, naive: str, merge_many: str, of_method: Callable[[str, int], str]):
+        self._naive, self._merge_many, self._of = naive, merge_many, of_method
+
+    def _table(self) -> dict[str, str]:
+        d = {NAIVE: self._naive}
+        d.update({m: self._of(m, i) for i, m in enumerate(list_methods())})
+        d[MERGE_MANY] = self._merge_many
+        return d
+
+    def __getitem__(self, key: str) -> str:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+_COLORS = ("C3", "C0", "C2", "C1", "C5", "C6", "C7", "C8", "C9")  # C4 is MergeMany's
+_STYLES = ("-", "--", ":", (0, (5, 1, 1, 1)), (0, (1, 2)), (0, (6, 2)))
+#: legend label of each method (the registry's ``label``: WM, AM, STE, ...)
+METHOD_LABEL = _ByMethod("naive", "MergeMany", lambda m, i: get_method(m).label)
+METHOD_COLOR = _ByMethod("0.5", "C4", lambda m, i: _COLORS[i % len(_COLORS)])
+METHOD_STYLE = _ByMethod("-", "-.", lambda m, i: _STYLES[i % len(_STYLES)])
 
 
 def _save(fig, path: Path, axes: Any = None, ncol: int | None = None) -> Path:
@@ -46,7 +80,7 @@ def _grid(n: int, size: float = 3.0):
 
 
 def _ordered(methods: Mapping[str, Any]) -> list[str]:
-    """Method names in the report's order (naive, WM, AM, STE, MergeMany, then any other)."""
+    """Method names in the report's order (naive, the registry's order, MergeMany, then any other)."""
     order = list(METHOD_LABEL)
     return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
@@ -60,8 +94,8 @@ def interpolation(exp: Mapping[str, Any], path: Path) -> Path:
     plt = _plt()
     methods = {m: exp["methods"][m] for m in _ordered(exp["methods"]) if "curves" in exp["methods"][m]}
     splits = [s for s in next(iter(methods.values()))["curves"] if s != "lambdas"]
-    aligned = [m for m in methods if m != "naive"]
-    cols = 3 if aligned and "naive" in methods else 2
+    aligned = [m for m in methods if m != NAIVE]
+    cols = 3 if aligned and NAIVE in methods else 2
     fig, grid = plt.subplots(len(splits), cols, figsize=(3.4 * cols, 2.9 * len(splits)), squeeze=False)
     for i, sp in enumerate(splits):
         panels = [("loss", list(methods), "loss (nats)", "")]
@@ -118,7 +152,7 @@ def spectra(exp: Mapping[str, Any], path: Path) -> Path:
 def r_bars(exp: Mapping[str, Any], path: Path) -> Path:
     """R(gamma) before matching and after each method, mean +- std over pairs and searches."""
     plt = _plt()
-    methods = [m for m, d in exp["methods"].items() if "R" in d and m != "naive"]  # naive = "no permutation"
+    methods = [m for m, d in exp["methods"].items() if "R" in d and m != NAIVE]  # naive = "no permutation"
     gammas = list(exp["methods"][methods[0]]["R"])
     series = [("no permutation", exp["methods"][methods[0]]["R"], "before", "0.6")]
     series += [(METHOD_LABEL.get(m, m), exp["methods"][m]["R"], "after", METHOD_COLOR.get(m)) for m in methods]
