@@ -1,4 +1,5 @@
-"""The whole analysis of one pair of models, as used by ``lmckit analyze`` (and reusable by pipelines)."""
+"""The whole analysis of one pair of models: the one implementation behind ``lmckit analyze`` and the
+pipeline's analysis stage (:class:`lmckit.pipeline.tasks.AnalysisStage`)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,18 @@ from .taylor import taylor_midpoint
 
 @dataclass
 class PairAnalysis:
-    """Everything :func:`analyze_pair` computed: ``summary`` (JSON-ready) and the objects the plots need."""
+    """Everything :func:`analyze_pair` computed: ``summary`` (JSON-ready) and the objects the plots need.
+
+    ``distances`` is :func:`lmckit.analysis.distances`'s result, ``taylor``
+    :func:`lmckit.analysis.taylor_midpoint`'s (None when not computed).
+    """
 
     summary: dict[str, Any]
     svd: SVDAlignment
     projections: dict[str, Any] | None = None
     sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    distances: dict[str, Any] = field(default_factory=dict)
+    taylor: dict[str, Any] | None = None
 
 
 def analyze_pair(
@@ -44,10 +51,15 @@ def analyze_pair(
     taylor: bool = False,
     taylor_samples: int = 10000,
     taylor_batch_size: int = 1000,
+    projections: bool = True,
+    rank_sweeps: bool = True,
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> PairAnalysis:
     """Distances, SVD alignment, and (with a dataset) input projections, rank sweeps and the Taylor estimate.
+
+    ``projections``, ``rank_sweeps`` and ``taylor`` choose the data-dependent
+    parts (each needs ``dataset``).
 
     ``perms`` permutes ``theta_b`` (``None``: identity, so "after" equals
     "before"). Rank sweeps run on model A and on the midpoint
@@ -128,16 +140,17 @@ def analyze_pair(
         "per_layer": per_layer,
         "entries_counted": len(dist["entries"]),
     }
-    result = PairAnalysis(summary, svd)
+    result = PairAnalysis(summary, svd, distances=dist)
 
     if dataset is not None:
-        t = time.perf_counter()
-        proj = input_projections(
-            model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed, svds=svds_a
-        )
-        timings["input_projections"] = time.perf_counter() - t
-        result.projections = proj
-        summary["input_projections"] = projection_summary(proj)
+        if projections:
+            t = time.perf_counter()
+            proj = input_projections(
+                model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed, svds=svds_a
+            )
+            timings["input_projections"] = time.perf_counter() - t
+            result.projections = proj
+            summary["input_projections"] = projection_summary(proj)
 
         t = time.perf_counter()
         sweep_gammas = [g for g in gammas if g > 0]
@@ -145,7 +158,7 @@ def analyze_pair(
         sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else dict(sd_b)
         bn = has_batchnorm(model)
         can_reset = bn_reset_function() is not None
-        if sweep_gammas or fractions:
+        if rank_sweeps and (sweep_gammas or fractions):
             kw = dict(
                 gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit
             )
@@ -171,7 +184,7 @@ def analyze_pair(
                 batch_size=taylor_batch_size,
                 device=device,
             )
-            summary["taylor"] = tay
+            result.taylor = summary["taylor"] = tay
             summary["taylor_midpoint"] = tay["taylor_midpoint"]
             summary["measured_midpoint"] = tay["measured_midpoint"]
             timings["taylor"] = tay["seconds"]

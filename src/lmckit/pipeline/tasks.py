@@ -291,7 +291,8 @@ class BarrierStage(Stage):
 # --------------------------------------------------------------------------- analysis
 @dataclass(frozen=True)
 class AnalysisStage(Stage):
-    """Distances and SVD alignment of a matched pair, plus optional data-dependent analyses.
+    """Distances and SVD alignment of a matched pair, plus optional data-dependent analyses
+    (:func:`lmckit.analysis.analyze_pair`, as ``lmckit analyze``; this stage writes what it computed).
 
     Always: :func:`lmckit.analysis.distances` and :func:`lmckit.analysis.svd_alignment`
     (R before/after at ``gammas``, per layer). ``arrays``: spectra and per-index
@@ -321,50 +322,41 @@ class AnalysisStage(Stage):
         return f"{m} analysis, seed {_unpairs(self.a.config).get('seed')}-{_unpairs(self.b.config).get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
-        from ..analysis import distances, input_projections, rank_sweep, svd_alignment, taylor_midpoint
-        from ..analysis.layers import has_batchnorm, midpoint_state
+        from ..analysis import analyze_pair
 
         p = _Pair(ctx, self.a, self.b, self.match)
-        out: dict[str, Any] = {}
-        dist = distances(p.spec, p.sd_a, p.sd_b, p.perms)
-        out["l2_before"], out["l2_after"], out["reduction"] = dist["l2_before"], dist["l2_after"], dist["reduction"]
-        out["distance_per_layer"] = dist["per_layer"]
-        svd = svd_alignment(p.spec, p.sd_a, p.sd_b, p.perms, self.gammas)
-        s = svd.summary(arrays=self.arrays)
+        res = analyze_pair(
+            p.model,
+            p.spec,
+            p.sd_a,
+            p.sd_b,
+            p.perms,
+            dataset=p.dataset,
+            gammas=self.gammas,
+            rank_fractions=self.rank_fractions,
+            eval_limit=self.eval_limit or None,
+            projection_batches=self.projection_batches,
+            taylor=self.taylor,
+            taylor_samples=self.taylor_samples,
+            projections=self.projections,
+            rank_sweeps=self.rank,
+            device=p.device,
+            seed=self.seed,
+        )
+        dist = res.distances
+        out: dict[str, Any] = {"l2_before": dist["l2_before"], "l2_after": dist["l2_after"]}
+        out["reduction"], out["distance_per_layer"] = dist["reduction"], dist["per_layer"]
+        s = res.svd.summary(arrays=self.arrays)
         out["R"], out["R_per_layer"] = s["R"], s["per_layer"]
         if self.taylor:
-            out["taylor"] = taylor_midpoint(
-                p.model,
-                p.spec,
-                p.sd_a,
-                p.sd_b_aligned(),
-                p.dataset,
-                num_samples=self.taylor_samples,
-                seed=self.seed,
-                device=p.device,
-            )
+            out["taylor"] = res.taylor
         if self.projections:
-            proj = input_projections(
-                p.model, p.spec, p.sd_a, p.dataset, num_batches=self.projection_batches, device=p.device, seed=self.seed
-            )
             out["projections"] = {
-                name: {"mean_abs": d["mean_abs"], "random_mean_abs": d["random_mean_abs"]} for name, d in proj.items()
+                name: {"mean_abs": d["mean_abs"], "random_mean_abs": d["random_mean_abs"]}
+                for name, d in res.projections.items()
             }
         if self.rank:
-            bn = has_batchnorm(p.model)
-            kw = dict(
-                gammas=[g for g in self.gammas if g > 0],
-                fractions=list(self.rank_fractions),
-                split="test",
-                spec=p.spec,
-                device=p.device,
-                limit=self.eval_limit or None,
-                reset_bn=bn,
-            )
-            out["rank_sweep"] = {
-                "A": rank_sweep(p.model, p.sd_a, p.dataset, **kw),
-                "midpoint": rank_sweep(p.model, midpoint_state(p.sd_a, p.sd_b_aligned()), p.dataset, **kw),
-            }
+            out["rank_sweep"] = res.sweeps
         _write(ctx, out)
 
 
