@@ -10,11 +10,12 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..lmc.bn import has_batchnorm
 from ..perm import PermutationSpec, apply_permutation
 from .distance import distances
-from .layers import has_batchnorm, midpoint_state
+from .layers import midpoint_state
 from .projection import input_projections, projection_summary
-from .rank import bn_reset_function, rank_sweep
+from .rank import rank_sweep
 from .svd import DEFAULT_GAMMAS, SVDAlignment, gamma_key, state_svds, svd_alignment
 from .taylor import taylor_midpoint
 
@@ -157,19 +158,12 @@ def analyze_pair(
         fractions = list(rank_fractions)
         sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else dict(sd_b)
         bn = has_batchnorm(model)
-        can_reset = bn_reset_function() is not None
         if rank_sweeps and (sweep_gammas or fractions):
             kw = dict(
                 gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit
             )
-            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn and can_reset, svds=svds_a, **kw)
-            if bn and not can_reset:
-                notes.append(
-                    "BatchNorm model: the midpoint rank sweep needs a BN reset (lmckit.lmc.reset_bn_stats), "
-                    "which is not available; skipped"
-                )
-            else:
-                result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
+            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn, svds=svds_a, **kw)
+            result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
             summary["rank_sweep"] = result.sweeps
             timings["rank_sweep"] = time.perf_counter() - t
         if taylor:
