@@ -1,9 +1,11 @@
 """Report figures drawn from the aggregated results tree (JSON numbers, not live objects).
 
-The per-pair plots of :mod:`lmckit.analysis.plots` take live analysis
-objects of one pair; the report needs mean and standard deviation over
-pairs and searches read back from stage folders, so it draws its own
-figures here. Each function writes one PNG (Agg backend) and returns its path.
+Each figure that also exists outside the report is drawn by one function of
+the experiment's own module (:mod:`lmckit.analysis.plots` for a pair's SVD
+figures, :mod:`lmckit.lmc.plot` for landscapes, :mod:`lmckit.merge` for the
+merged-accuracy panel), from plain data; the functions here pick that data
+(mean and standard deviation over pairs and searches) out of the results
+tree. Each function writes one PNG (Agg backend) and returns its path.
 
 Conventions shared by every figure: axes labelled with their units
 (accuracy as a fraction in [0, 1], loss as cross-entropy in nats), integer
@@ -14,15 +16,15 @@ methods drawn on one shared colour scale and the same axes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..analysis import plots
 from ..match.registry import get_method, list_methods
-from ..pipeline.recipe import NAIVE
+from ..pipeline.recipe import NAIVE, SEARCHED_METHOD
 from ..pipeline.tasks import MERGE_MANY
-from ..plotting import LOSS_CMAP, integer_ticks, legend_outside, plain_log_axis, save_figure, subplot_grid
+from ..plotting import LOSS_CMAP, integer_ticks, save_figure, save_with_legend, subplot_grid
 from ..plotting import pyplot as _plt
 
 
@@ -60,19 +62,7 @@ METHOD_COLOR = _ByMethod("0.5", "C4", lambda m, i: _COLORS[i % len(_COLORS)])
 METHOD_STYLE = _ByMethod("-", "-.", lambda m, i: _STYLES[i % len(_STYLES)])
 
 
-def _save(fig, path: Path, axes: Any = None, ncol: int | None = None) -> Path:
-    """Save with a legend below the panels (from ``axes``) and room kept for it."""
-    leg = legend_outside(fig, axes, ncol=ncol) if axes is not None else None
-    bottom = 0.0
-    if leg is not None:
-        rows = math.ceil(len(leg.get_texts()) / leg._ncols)  # noqa: SLF001 - matplotlib keeps ncols private
-        bottom = min(0.4, (0.22 * rows + 0.1) / fig.get_size_inches()[1])
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fig.tight_layout(rect=(0, bottom, 1, 1))
-    return save_figure(fig, path, dpi=90, metadata={"Software": None}, bbox_inches="tight")
+_save = save_with_legend
 
 
 def _grid(n: int, size: float = 3.0):
@@ -132,105 +122,28 @@ def interpolation(exp: Mapping[str, Any], path: Path) -> Path:
 
 
 def spectra(exp: Mapping[str, Any], path: Path) -> Path:
-    sp = exp["spectra"]
-    fig, axes = _grid(len(sp))
     a, b = exp["pairs"][0]
-    for ax, (name, d) in zip(axes, sp.items()):
-        ax.plot(d["sigma_a"], lw=1.2, label=f"model A (seed {a})")
-        ax.plot(d["sigma_b"], lw=1.2, ls="--", label=f"model B (seed {b})")
-        ax.set_yscale("log")
-        plain_log_axis(ax)
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("singular index i (0 = largest)")
-        if ax is axes[0]:
-            ax.set_ylabel("singular value σ_i")
-        integer_ticks(ax)
-    fig.suptitle("Singular values of corresponding layers, two seeds", fontsize=9)
-    return _save(fig, path, axes[:1])
+    return plots.plot_spectra(exp["spectra"], path, labels=(f"model A (seed {a})", f"model B (seed {b})"))
 
 
 def r_bars(exp: Mapping[str, Any], path: Path) -> Path:
     """R(gamma) before matching and after each method, mean +- std over pairs and searches."""
-    plt = _plt()
     methods = [m for m, d in exp["methods"].items() if "R" in d and m != NAIVE]  # naive = "no permutation"
-    gammas = list(exp["methods"][methods[0]]["R"])
     series = [("no permutation", exp["methods"][methods[0]]["R"], "before", "0.6")]
     series += [(METHOD_LABEL.get(m, m), exp["methods"][m]["R"], "after", METHOD_COLOR.get(m)) for m in methods]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(gammas) * len(series) / 2, 3.4))
-    w = 0.8 / len(series)
-    for j, (name, R, when, color) in enumerate(series):
-        xs = [i + (j - (len(series) - 1) / 2) * w for i in range(len(gammas))]
-        ax.bar(
-            xs,
-            [R[g][when]["mean"] for g in gammas],
-            yerr=[R[g][when]["std"] for g in gammas],
-            width=w,
-            label=name,
-            color=color,
-            capsize=2,
-        )
-    ax.set_xticks(range(len(gammas)), [f"γ = {g}" for g in gammas])
-    ax.set_ylabel("alignment score R(γ)")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_title("Alignment of singular vectors (mean ± std)", fontsize=9)
-    return _save(fig, path, [ax])
+    return plots.plot_r_bars(series, path)
 
 
 def per_index(exp: Mapping[str, Any], path: Path) -> Path:
-    sp = exp["spectra"]
-    fig, axes = _grid(len(sp))
-    for ax, (name, d) in zip(axes, sp.items()):
-        ax.plot(d["per_index_before"], color="0.6", lw=0.8, label="before matching")
-        ax.plot(d["per_index_after"], color="C3", lw=0.8, label="after WM")
-        ax.axhline(0, color="k", lw=0.4)
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("singular index i (0 = largest)")
-        if ax is axes[0]:
-            ax.set_ylabel("(u_i·Pu'_i)(v_i·Qv'_i)")
-        integer_ticks(ax)
-    fig.suptitle("Per-index alignment against singular-value rank", fontsize=9)
-    return _save(fig, path, axes[:1])
+    return plots.plot_per_index(exp["spectra"], path, after_label=f"after {METHOD_LABEL[SEARCHED_METHOD]}")
 
 
 def projections(exp: Mapping[str, Any], path: Path) -> Path:
-    pr = exp["projections"]
-    fig, axes = _grid(len(pr))
-    for ax, (name, d) in zip(axes, pr.items()):
-        ax.plot(d["mean_abs"], lw=1.0, label="right-singular vector v_i")
-        ax.plot(d["random_mean_abs"], lw=0.8, color="0.6", label="random unit direction")
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("singular index i (0 = largest)")
-        if ax is axes[0]:
-            ax.set_ylabel("mean |v_i · z| over inputs z")
-        integer_ticks(ax)
-    fig.suptitle("Layer inputs projected on right-singular vectors", fontsize=9)
-    return _save(fig, path, axes[:1])
+    return plots.plot_projections(exp["projections"], path)
 
 
 def rank(exp: Mapping[str, Any], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    for i, (who, recs) in enumerate(exp["rank_sweep"].items()):
-        full = next((r for r in recs if r["kind"] == "full"), None)
-        for kind, marker in (("fraction", "o"), ("gamma", "s")):
-            pts = sorted((r["kept_fraction"], r["accuracy"]) for r in recs if r["kind"] == kind)
-            if pts:
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker=marker,
-                    ms=3,
-                    color=f"C{i}",
-                    ls="-" if kind == "fraction" else "none",
-                    label=f"{who}: {'top fraction of the rank' if kind == 'fraction' else 'σ_i >= γ σ_max'}",
-                )
-        if full is not None:
-            ax.axhline(full["accuracy"], color=f"C{i}", ls=":", lw=0.8, label=f"{who}: untruncated")
-    ax.set_xscale("log")
-    ax.set_xlabel("kept directions / full rank, hidden layers (log scale)")
-    ax.set_ylabel("test accuracy (fraction)")
-    ax.set_title("Accuracy of rank-k truncated models", fontsize=9)
-    return _save(fig, path, [ax], ncol=2)
+    return plots.plot_rank_sweep(exp["rank_sweep"], path)
 
 
 def three_models(three: Mapping[str, Any], path: Path) -> Path:
