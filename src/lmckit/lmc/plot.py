@@ -10,7 +10,7 @@ surfaces use the report's colour map (:data:`lmckit.plotting.LOSS_CMAP`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..errors import LmcError
 from .barrier import BarrierResult
@@ -95,49 +95,78 @@ def plot_curves(
 
 
 def plot_landscape(
-    result: LandscapeResult, path: str | Path, metric: str = "loss", title: str | None = None, levels: int = 20
+    panels: LandscapeResult | Mapping[str, LandscapeResult | Mapping[str, Any]],
+    path: str | Path,
+    metric: str = "loss",
+    title: str | None = None,
+    levels: int = 16,
+    split: str | None = None,
 ) -> Path:
-    """Filled contour plot of ``metric`` ("loss" or "accuracy") over the plane, models marked.
+    """Filled contours of ``metric`` ("loss" or "accuracy") over the plane of three models, models marked.
 
-    Loss is drawn on log-spaced levels, accuracy (a fraction in [0, 1]) on linear ones; both with the
-    colour maps of the report's landscape figure (dark = low).
+    The one landscape figure (``lmckit landscape`` and the report's three-model section). ``panels``: one
+    :class:`LandscapeResult`, or ``{panel title: LandscapeResult or its dict}`` (e.g. one panel per
+    matching method). Every panel shares one colour scale, the same axis limits (grey: outside a panel's
+    evaluated grid) and an equal aspect ratio, so panels compare directly. Loss is drawn on log-spaced
+    levels (losses far from the models are orders of magnitude above those near them), accuracy (a
+    fraction in [0, 1]) on linear ones, with the colour maps of :mod:`lmckit.plotting` (dark = low).
     """
     if metric not in ("loss", "accuracy"):
         raise LmcError(f"unknown landscape metric {metric!r}", "use loss or accuracy")
     import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
 
-    from ..plotting import ACCURACY_CMAP, LOSS_CMAP
+    from ..plotting import ACCURACY_CMAP, LOSS_CMAP, save_figure, subplot_grid
 
-    z = np.asarray(result.loss if metric == "loss" else result.accuracy, dtype=float)
-    fig = _figure(figsize=(6, 5))
-    ax = fig.subplots()
+    if isinstance(panels, LandscapeResult):
+        panels = {"": panels}
+    items = [(t, ld.to_dict() if isinstance(ld, LandscapeResult) else ld) for t, ld in panels.items()]
+    if not items:
+        raise LmcError("no landscape to plot")
+    split = split or items[0][1].get("split", "test")
+    zs = [np.asarray(ld[metric], dtype=float) for _, ld in items]
     if metric == "loss":
-        # Log-spaced levels: losses far outside the triangle are orders of magnitude
-        # above those near the models and would flatten a linear colour scale.
-        from matplotlib.colors import LogNorm
-
-        z = np.clip(z, 1e-4, None)
-        lo, hi = float(z.min()), float(z.max())
-        lv = np.geomspace(lo, hi if hi > lo * 1.001 else lo * 1.001, levels)
-        from matplotlib.ticker import LogFormatterSciNotation, LogLocator
-
-        cs = ax.contourf(result.xs, result.ys, z, levels=lv, norm=LogNorm(vmin=lv[0], vmax=lv[-1]), cmap=LOSS_CMAP)
-        cbar = fig.colorbar(cs, ax=ax, shrink=0.85, ticks=LogLocator(subs=(1.0, 3.0)), format=LogFormatterSciNotation())
+        zs = [np.maximum(z, 1e-4) for z in zs]
+    lo, hi = float(min(z.min() for z in zs)), float(max(z.max() for z in zs))
+    if metric == "loss":
+        hi = hi if hi > lo * 1.001 else lo * 1.001
+        lv, norm, cmap = np.geomspace(lo, hi, levels), LogNorm(vmin=lo, vmax=hi), LOSS_CMAP
     else:
-        cs = ax.contourf(result.xs, result.ys, z, levels=levels, cmap=ACCURACY_CMAP)
-        cbar = fig.colorbar(cs, ax=ax, shrink=0.85)
-    cbar.set_label(f"{result.split} {'loss (nats, log scale)' if metric == 'loss' else 'accuracy (fraction)'}")
-    pts = list(result.models.items())
-    tri = [p for _, p in pts] + [pts[0][1]]
-    ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", linewidth=1)
-    for label, (x, y) in pts:
-        ax.plot(x, y, "o", color="white", markeredgecolor="black", markersize=9)
-        ax.annotate(
-            label, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontsize=11, fontweight="bold"
-        )
-    ax.set_xlabel("coordinate along $\\theta_B - \\theta_A$ (L2 units)")
-    ax.set_ylabel("orthogonal coordinate (L2 units)")
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_title(title or f"{result.split} {metric} on the plane of three models\n({_bn_label(result.bn_reset)})")
-    fig.tight_layout()
-    return _save(fig, path)
+        hi = hi if hi > lo else lo + 1e-6
+        lv, norm, cmap = np.linspace(lo, hi, levels), Normalize(vmin=lo, vmax=hi), ACCURACY_CMAP
+    xlim = (min(min(ld["xs"]) for _, ld in items), max(max(ld["xs"]) for _, ld in items))
+    ylim = (min(min(ld["ys"]) for _, ld in items), max(max(ld["ys"]) for _, ld in items))
+    fig, axes = subplot_grid(len(items), 3.6)
+    cs = None
+    for ax, (name, ld), z in zip(axes, items, zs):
+        cs = ax.contourf(ld["xs"], ld["ys"], z, levels=lv, norm=norm, cmap=cmap)
+        pts = list(ld["models"].items())
+        tri = [p for _, p in pts] + [pts[0][1]]
+        ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", lw=0.8)
+        for label, (x, y) in pts:
+            ax.plot([x], [y], "o", color="white", markeredgecolor="black", ms=6)
+            ax.annotate(
+                label, (x, y), color="white", fontsize=7, fontweight="bold", xytext=(4, 4), textcoords="offset points"
+            )
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.set_facecolor("0.85")  # outside this panel's evaluated grid (the axes are shared by all panels)
+        ax.set_aspect("equal", adjustable="box")
+        if name:
+            ax.set_title(name, fontsize=8)
+        ax.set_xlabel("coordinate along θ_B − θ_A (L2 units)", fontsize=7)
+        if ax is axes[0]:
+            ax.set_ylabel("orthogonal coordinate (L2 units)", fontsize=7)
+    shared = "; shared by all panels" if len(items) > 1 else ""
+    if metric == "loss":
+        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 6)})  # readable values, log-spaced
+        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85, ticks=ticks, format="%.3g")
+        cbar.minorticks_off()
+        cbar.set_label(f"{split} loss (nats, log scale{shared})", fontsize=7)
+    else:
+        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85)
+        cbar.set_label(f"{split} accuracy (fraction{shared})", fontsize=7)
+    bn = items[0][1].get("bn_reset")
+    default = f"{split} {metric} on the plane of three models" + (f" ({_bn_label(bn)})" if bn is not None else "")
+    fig.suptitle(title or default, fontsize=9)
+    return save_figure(fig, path, dpi=90, metadata={"Software": None}, bbox_inches="tight")

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import plots
+from ..lmc.plot import plot_landscape
 from ..match.registry import get_method, list_methods
 from ..pipeline.recipe import NAIVE, SEARCHED_METHOD
 from ..pipeline.tasks import MERGE_MANY
-from ..plotting import LOSS_CMAP, integer_ticks, save_figure, save_with_legend, subplot_grid
+from ..plotting import integer_ticks, save_with_legend, subplot_grid
 from ..plotting import pyplot as _plt
 
 
@@ -166,51 +167,11 @@ def three_models(three: Mapping[str, Any], path: Path) -> Path:
 
 
 def landscape(three: Mapping[str, Any], path: Path) -> Path:
-    """Loss on the plane of the three aligned models, one panel per method, on ONE shared log colour scale.
-
-    Every panel uses the same colour normalisation (the min and max loss over all panels), the same
-    colour map as ``lmckit landscape`` (:data:`lmckit.plotting.LOSS_CMAP`, dark = low loss), the same
-    axis limits and an equal aspect ratio, so the methods compare directly.
-    """
-    import numpy as np
-    from matplotlib.colors import LogNorm
-
-    items = [(m, three[m]["landscape"]) for m in _ordered(three) if "landscape" in three[m]]
-    zs = [np.maximum(np.asarray(ld["loss"], dtype=float), 1e-4) for _, ld in items]
-    lo = float(min(z.min() for z in zs))
-    hi = float(max(z.max() for z in zs))
-    hi = hi if hi > lo * 1.001 else lo * 1.001
-    levels = np.geomspace(lo, hi, 16)
-    norm = LogNorm(vmin=lo, vmax=hi)
-    xlim = (min(min(ld["xs"]) for _, ld in items), max(max(ld["xs"]) for _, ld in items))
-    ylim = (min(min(ld["ys"]) for _, ld in items), max(max(ld["ys"]) for _, ld in items))
-    fig, axes = _grid(len(items), size=3.6)
-    cs = None
-    for ax, (m, ld), z in zip(axes, items, zs):
-        cs = ax.contourf(ld["xs"], ld["ys"], z, levels=levels, norm=norm, cmap=LOSS_CMAP)
-        pts = list(ld["models"].items())
-        tri = [p for _, p in pts] + [pts[0][1]]
-        ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", lw=0.8)
-        for name, (x, y) in pts:
-            ax.plot([x], [y], "o", color="white", markeredgecolor="black", ms=6)
-            ax.annotate(
-                name, (x, y), color="white", fontsize=7, fontweight="bold", xytext=(4, 4), textcoords="offset points"
-            )
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
-        ax.set_facecolor("0.85")  # outside this method's evaluated grid (the axes are shared by all panels)
-        ax.set_aspect("equal", adjustable="box")
-        ax.set_title(f"{METHOD_LABEL.get(m, m)}", fontsize=8)
-        ax.set_xlabel("coordinate along θ_B − θ_A (L2 units)", fontsize=7)
-        if ax is axes[0]:
-            ax.set_ylabel("orthogonal coordinate (L2 units)", fontsize=7)
-    if cs is not None:
-        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 6)})  # readable values, log-spaced
-        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85, ticks=ticks, format="%.3g")
-        cbar.minorticks_off()
-        cbar.set_label("test loss (nats, log scale; shared by all panels)", fontsize=7)
-    fig.suptitle("Loss on the plane through three aligned models (white: the models; grey: not evaluated)", fontsize=9)
-    return save_figure(fig, path, dpi=90, metadata={"Software": None}, bbox_inches="tight")
+    """Loss on the plane of the three aligned models, one panel per method, on ONE shared log colour scale
+    (:func:`lmckit.lmc.plot.plot_landscape`, as ``lmckit landscape``)."""
+    panels = {METHOD_LABEL.get(m, m): three[m]["landscape"] for m in _ordered(three) if "landscape" in three[m]}
+    title = "Loss on the plane through three aligned models (white: the models; grey: not evaluated)"
+    return plot_landscape(panels, path, "loss", title=title, split="test")
 
 
 def width_sweep(ws: list[Mapping[str, Any]], path: Path, split: str = "test", gamma: str | None = None) -> Path:
