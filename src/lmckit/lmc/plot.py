@@ -1,8 +1,8 @@
-"""Figures for interpolation curves and plane landscapes.
+"""Figures for interpolation curves and plane landscapes: each drawn by one function here, for the CLI
+(``lmckit barrier --plot``, ``lmckit landscape``) and the reproduction report alike.
 
-Drawn on bare :class:`matplotlib.figure.Figure` objects rendered by the Agg
-canvas: no pyplot global state, no GUI backend, safe in threads and notebooks.
-Accuracies are drawn as fractions in [0, 1] (the unit of every lmckit JSON and
+Drawn with pyplot on the non-interactive Agg backend (:mod:`lmckit.plotting`; no GUI, each figure
+closed once written). Accuracies are drawn as fractions in [0, 1] (the unit of every lmckit JSON and
 API), losses as cross-entropy in nats; legends sit below the panels; loss
 surfaces use the report's colour map (:data:`lmckit.plotting.LOSS_CMAP`).
 """
@@ -17,81 +17,102 @@ from .barrier import BarrierResult
 from .landscape import LandscapeResult
 
 
-def _figure(**kw):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kw)
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _bn_label(mode: bool | str) -> str:
     return {True: "BN statistics reset", False: "no BN reset", "repair": "REPAIR"}.get(mode, str(mode))
 
 
-def _save(fig, path: str | Path) -> Path:
-    from ..plotting import save_figure
-
-    path = Path(path)
-    return save_figure(fig, path, dpi=150, fmt=path.suffix.lstrip(".").lower() or "png", bbox_inches="tight")
+def _curve_data(res: BarrierResult | Mapping[str, Any]) -> Mapping[str, Any]:
+    """A :class:`BarrierResult` as mean/std curves (std 0); aggregated curves pass through."""
+    if not isinstance(res, BarrierResult):
+        return res
+    out: dict[str, Any] = {"lambdas": list(res.curves[res.splits[0]].lambdas)}
+    for s in res.splits:
+        c = res.curves[s]
+        zero = [0.0] * len(c.lambdas)
+        out[s] = {"loss_mean": list(c.loss), "loss_std": zero, "accuracy_mean": list(c.accuracy), "accuracy_std": zero}
+    return out
 
 
 def plot_curves(
-    results: Mapping[str, BarrierResult], path: str | Path, split: str | None = None, title: str | None = None
+    results: Mapping[str, BarrierResult | Mapping[str, Any]],
+    path: str | Path,
+    split: str | None = None,
+    title: str | None = None,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+    baseline: str = "naive",
 ) -> Path:
-    """Loss (left) and accuracy (right) against lambda, one line per labelled result.
+    """Loss, loss of the aligned curves only (zoomed), and accuracy against lambda; one row per split.
+
+    The one interpolation figure (``lmckit barrier --plot`` and the report). Lines are means, shaded
+    +-1 std (a single run has std 0). The middle panel, drawn when ``baseline`` and another curve are
+    both present, leaves out the ``baseline`` (unaligned) path so the aligned curves, which otherwise
+    overlap in a thin strip, can be told apart.
 
     Parameters
     ----------
     results:
-        ``{label: BarrierResult}``, e.g. ``{"naive": r0, "weight matching": r1}``.
+        ``{label: BarrierResult}``, e.g. ``{"naive": r0, "weight matching": r1}``, or aggregated curves
+        ``{label: {"lambdas": [...], split: {"loss_mean", "loss_std", "accuracy_mean", "accuracy_std"}}}``.
+        A single-split :class:`BarrierResult`'s legend entry carries its barriers.
     path:
         Output image (.png, .pdf, .svg), written atomically.
     split:
-        Which split to draw (default: the first split of the first result).
-        With ``split="all"`` every split of every result is drawn
-        (test solid, train dashed).
+        Which split to draw (default: the first split of the first result); ``"all"``: one row per split.
+    styles:
+        Optional ``{label: matplotlib line keywords}`` (colour, line style); default colours C0, C1, ...
     """
     if not results:
         raise LmcError("no curves to plot")
-    first = next(iter(results.values()))
-    fig = _figure(figsize=(10, 4))
-    ax_l, ax_a = fig.subplots(1, 2)
-    styles = {"test": "-", "train": "--", "val": ":"}
-    for k, (label, res) in enumerate(results.items()):
-        color = f"C{k}"
-        if split == "all":
-            splits = res.splits
-        else:
-            s = split or first.splits[0]
-            if s not in res.curves:
-                raise LmcError(f"curve {label!r} has no {s!r} split (it has {', '.join(res.splits)})")
-            splits = [s]
+    from ..plotting import pyplot, save_with_legend
+
+    data = {k: _curve_data(v) for k, v in results.items()}
+    first = next(iter(data.values()))
+    have = [s for s in first if s != "lambdas"]
+    splits = have if split == "all" else [split or have[0]]
+    for label, d in data.items():
         for s in splits:
-            c = res.curves[s]
-            lab = label if len(splits) == 1 else f"{label} ({s})"
-            ls = styles.get(s, "-")
-            lab_l = f"{lab}: loss barrier {c.loss_barrier:.4f}"
-            lab_a = f"{lab}: accuracy barrier {c.accuracy_barrier:.4f}"
-            ax_l.plot(c.lambdas, c.loss, ls, color=color, marker=".", label=lab_l)
-            ax_a.plot(c.lambdas, list(c.accuracy), ls, color=color, marker=".", label=lab_a)
-            for ax, vals in ((ax_l, c.endpoint_loss), (ax_a, list(c.endpoint_accuracy))):
-                ax.plot([0.0, 1.0], list(vals), "o", color=color, markersize=8, markeredgecolor="black")
-    shown = split if split not in (None, "all") else (first.splits[0] if split is None else "train/test")
-    for ax, ylabel in ((ax_l, f"{shown} loss (cross-entropy, nats)"), (ax_a, f"{shown} accuracy (fraction)")):
-        ax.set_xlabel("interpolation coefficient $\\lambda$")
-        ax.set_ylabel(ylabel)
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-        ax.set_xticklabels(["0\n(model A)", "0.25", "0.5", "0.75", "1\n(model B)"])
-        ax.grid(alpha=0.3)
-    # legends below each panel, outside the data
-    for ax in (ax_l, ax_a):
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
-    fig.suptitle(title or f"Linear interpolation between two models ({_bn_label(first.bn_reset)})")
-    fig.tight_layout()
-    return _save(fig, path)
+            if s not in d:
+                raise LmcError(
+                    f"curve {label!r} has no {s!r} split (it has {', '.join(x for x in d if x != 'lambdas')})"
+                )
+    names = dict.fromkeys(data)
+    for label, res in results.items():
+        if isinstance(res, BarrierResult) and len(splits) == 1:
+            c = res.curves[splits[0]]
+            names[label] = f"{label} (loss barrier {c.loss_barrier:.4f}, accuracy barrier {c.accuracy_barrier:.4f})"
+    styles = styles or {k: {"color": f"C{i}"} for i, k in enumerate(data)}
+    aligned = [m for m in data if m != baseline]
+    cols = 3 if aligned and baseline in data else 2
+    fig, grid = pyplot().subplots(len(splits), cols, figsize=(3.4 * cols, 2.9 * len(splits)), squeeze=False)
+    for i, sp in enumerate(splits):
+        panels = [("loss", list(data), "loss (nats)", "")]
+        if cols == 3:
+            panels.append(("loss", aligned, "loss (nats)", " (aligned methods, zoomed)"))
+        panels.append(("accuracy", list(data), "accuracy (fraction)", ""))
+        for ax, (q, which, unit, note) in zip(grid[i], panels):
+            for m in which:
+                d = data[m]
+                lam = d["lambdas"]
+                mu, sd = d[sp][f"{q}_mean"], d[sp][f"{q}_std"]
+                st = {"ls": "-", **styles.get(m, {})}
+                ax.plot(lam, mu, label=names[m] or m, lw=1.4, **st)
+                ax.fill_between(
+                    lam,
+                    [a - b for a, b in zip(mu, sd)],
+                    [a + b for a, b in zip(mu, sd)],
+                    color=st.get("color"),
+                    alpha=0.2,
+                    lw=0,
+                )
+            ax.set_title(f"{sp} {q}{note}", fontsize=8)
+            ax.set_xlabel("λ (0: model A, 1: model B)")
+            ax.set_ylabel(f"{sp} {unit}")
+            ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+    if title is None:
+        bn = next((r.bn_reset for r in results.values() if isinstance(r, BarrierResult)), None)
+        title = "Linear interpolation between two models" + (f" ({_bn_label(bn)})" if bn is not None else "")
+    fig.suptitle(title, fontsize=9)
+    return save_with_legend(fig, Path(path), [grid[0][0]])
 
 
 def plot_landscape(

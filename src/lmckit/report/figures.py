@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import plots
-from ..lmc.plot import plot_landscape
+from ..lmc.plot import plot_curves, plot_landscape
 from ..match.registry import get_method, list_methods
 from ..pipeline.recipe import NAIVE, SEARCHED_METHOD
 from ..pipeline.tasks import MERGE_MANY
@@ -77,49 +77,13 @@ def _ordered(methods: Mapping[str, Any]) -> list[str]:
 
 
 def interpolation(exp: Mapping[str, Any], path: Path) -> Path:
-    """Per split: loss, loss of the aligned methods only (zoomed), accuracy, against lambda.
-
-    One row per split; mean over pairs, shaded +-1 std. The middle panel leaves out the naive path so that
-    the aligned methods' curves, which otherwise overlap in a thin strip, can be told apart.
-    """
-    plt = _plt()
-    methods = {m: exp["methods"][m] for m in _ordered(exp["methods"]) if "curves" in exp["methods"][m]}
-    splits = [s for s in next(iter(methods.values()))["curves"] if s != "lambdas"]
-    aligned = [m for m in methods if m != NAIVE]
-    cols = 3 if aligned and NAIVE in methods else 2
-    fig, grid = plt.subplots(len(splits), cols, figsize=(3.4 * cols, 2.9 * len(splits)), squeeze=False)
-    for i, sp in enumerate(splits):
-        panels = [("loss", list(methods), "loss (nats)", "")]
-        if cols == 3:
-            panels.append(("loss", aligned, "loss (nats)", " (aligned methods, zoomed)"))
-        panels.append(("accuracy", list(methods), "accuracy (fraction)", ""))
-        for ax, (q, which, unit, note) in zip(grid[i], panels):
-            for m in which:
-                d = methods[m]
-                lam = d["curves"]["lambdas"]
-                mu, sd = d["curves"][sp][f"{q}_mean"], d["curves"][sp][f"{q}_std"]
-                ax.plot(
-                    lam,
-                    mu,
-                    label=METHOD_LABEL.get(m, m),
-                    color=METHOD_COLOR.get(m),
-                    ls=METHOD_STYLE.get(m, "-"),
-                    lw=1.4,
-                )
-                ax.fill_between(
-                    lam,
-                    [a - b for a, b in zip(mu, sd)],
-                    [a + b for a, b in zip(mu, sd)],
-                    color=METHOD_COLOR.get(m),
-                    alpha=0.2,
-                    lw=0,
-                )
-            ax.set_title(f"{sp} {q}{note}", fontsize=8)
-            ax.set_xlabel("λ (0: model A, 1: model B)")
-            ax.set_ylabel(f"{sp} {unit}")
-            ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
-    fig.suptitle(f"{exp['label']}: linear interpolation (mean ± std over {len(exp['pairs'])} pair(s))", fontsize=9)
-    return _save(fig, path, [grid[0][0]])
+    """Per split: loss, loss of the aligned methods only (zoomed), accuracy, against lambda
+    (:func:`lmckit.lmc.plot.plot_curves`, as ``lmckit barrier --plot``); mean over pairs, shaded +-1 std."""
+    methods = [m for m in _ordered(exp["methods"]) if "curves" in exp["methods"][m]]
+    curves = {METHOD_LABEL.get(m, m): exp["methods"][m]["curves"] for m in methods}
+    styles = {METHOD_LABEL.get(m, m): {"color": METHOD_COLOR.get(m), "ls": METHOD_STYLE.get(m, "-")} for m in methods}
+    title = f"{exp['label']}: linear interpolation (mean ± std over {len(exp['pairs'])} pair(s))"
+    return plot_curves(curves, path, "all", title, styles, baseline=METHOD_LABEL[NAIVE])
 
 
 def spectra(exp: Mapping[str, Any], path: Path) -> Path:
