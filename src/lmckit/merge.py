@@ -441,30 +441,51 @@ def merge_models(
 
 
 # --------------------------------------------------------------------------- plot
+def draw_merged_accuracy(
+    ax: Any,
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+    model_accuracies: Sequence[float] | None = None,
+    split: str = "test",
+    labels: bool = True,
+) -> None:
+    """The merged-accuracy panel: accuracy of the uniform average against the number of merged models.
+
+    Drawn onto ``ax`` for ``lmckit merge --plot`` (:func:`plot_merged_accuracy`) and the report's
+    three-model figure alike. ``curves`` maps a label (``weight``, ``ste``, ``naive``, ...) to the output of
+    :func:`merged_accuracy_curve`; ``styles`` optional line keywords per label; ``model_accuracies`` draws
+    the mean accuracy of the individual models as a reference line; ``labels=False`` leaves the lines
+    unlabelled (when another panel of the figure carries the legend).
+    """
+    from .plotting import integer_ticks
+
+    for label, rows in curves.items():
+        kw = dict((styles or {}).get(label, {}))
+        if labels:
+            kw["label"] = label
+        ax.plot([r["n"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3, **kw)
+    if model_accuracies:
+        mean = sum(model_accuracies) / len(model_accuracies)
+        ax.axhline(mean, color="gray", ls="--", label="mean single model" if labels else None)
+    ax.set_xlabel("number of averaged models n")
+    ax.set_ylabel(f"{split} accuracy of the average (fraction)")
+    ax.set_title("Merged model accuracy", fontsize=9)
+    integer_ticks(ax)
+
+
 def plot_merged_accuracy(
     curves: Mapping[str, Sequence[Mapping[str, float]]],
     path: str | Path,
     title: str | None = None,
     model_accuracies: Sequence[float] | None = None,
+    split: str = "test",
 ) -> Path:
-    """Accuracy of the uniform average against the number of merged models, one line per curve.
-
-    ``curves`` maps a label (``weight``, ``ste``, ``naive``, ...) to the output
-    of :func:`merged_accuracy_curve`; ``model_accuracies`` draws the mean
-    accuracy of the individual models as a reference line.
-    """
-    from .plotting import pyplot, save_figure
+    """Accuracy of the uniform average against the number of merged models, one line per curve
+    (:func:`draw_merged_accuracy`), legend below the panel."""
+    from .plotting import pyplot, save_with_legend
 
     fig, ax = pyplot().subplots(figsize=(5.5, 4))
-    for label, rows in curves.items():
-        ax.plot([r["n"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
-    if model_accuracies:
-        ax.axhline(sum(model_accuracies) / len(model_accuracies), color="gray", ls="--", label="mean single model")
-    ax.set_xlabel("number of models averaged")
-    ax.set_ylabel("accuracy (fraction)")
-    ns = sorted({r["n"] for rows in curves.values() for r in rows})
-    if ns:
-        ax.set_xticks(ns)
-    ax.set_title(title or "accuracy of the uniform average")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside the data
-    return save_figure(fig, path, dpi=100, tight_layout=True, bbox_inches="tight")
+    draw_merged_accuracy(ax, curves, model_accuracies=model_accuracies, split=split)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_with_legend(fig, Path(path), [ax], dpi=100)

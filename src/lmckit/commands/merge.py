@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
                 args.plot,
                 title=f"uniform average of n models ({args.split})",
                 model_accuracies=summary["model_accuracies"],
+                split=args.split,
             )
             summary["merged_accuracy_plot"] = str(args.plot)
         atomic_write_json(tmp / "merge.json", summary)

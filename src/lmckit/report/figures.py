@@ -23,6 +23,7 @@ from typing import Any
 from ..analysis import plots
 from ..lmc.plot import plot_curves, plot_landscape
 from ..match.registry import get_method, list_methods
+from ..merge import draw_merged_accuracy
 from ..pipeline.recipe import NAIVE, SEARCHED_METHOD
 from ..pipeline.tasks import MERGE_MANY
 from ..plotting import integer_ticks, save_with_legend, subplot_grid
@@ -119,14 +120,11 @@ def three_models(three: Mapping[str, Any], path: Path) -> Path:
         c = d["pair_curve"]
         kw = dict(color=METHOD_COLOR.get(m), ls=METHOD_STYLE.get(m, "-"))
         a1.plot(c["lambdas"], c["loss"], label=METHOD_LABEL.get(m, m), **kw)
-        a2.plot([r["n"] for r in d["merged"]], [r["accuracy"] for r in d["merged"]], marker="o", ms=3, **kw)
     a1.set_xlabel("λ (0: π_b(θ_b), 1: π_c(θ_c))")
     a1.set_ylabel(f"{next(iter(three.values()))['split']} loss (nats)")
     a1.set_title("Path between two models matched to one anchor", fontsize=9)
-    a2.set_xlabel("number of averaged models n")
-    a2.set_ylabel("test accuracy of the average (fraction)")
-    a2.set_title("Merged model accuracy", fontsize=9)
-    integer_ticks(a2)
+    styles = {m: {"color": METHOD_COLOR.get(m), "ls": METHOD_STYLE.get(m, "-")} for m in three}
+    draw_merged_accuracy(a2, {m: three[m]["merged"] for m in _ordered(three)}, styles, labels=False)
     return _save(fig, path, [a1])
 
 
