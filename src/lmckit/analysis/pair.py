@@ -36,6 +36,53 @@ class PairAnalysis:
     taylor: dict[str, Any] | None = None
 
 
+def _per_layer(dist: Mapping[str, Any], svd: SVDAlignment) -> list[dict[str, Any]]:
+    """One record per module in state-dict (network) order: distances for all, SVD fields for weight layers."""
+    svd_by_name = {la.layer.name: la for la in svd.layers}
+    per_layer: list[dict[str, Any]] = []
+    for d in dist["per_layer"]:
+        la = svd_by_name.get(d["name"])
+        rec = {
+            "name": d["name"],
+            "shape": d["shape"],
+            "output_layer": False,
+            "l2_before": d["l2_before"],
+            "l2_after": d["l2_after"],
+            "reduction": d["reduction"],
+            "R": None,
+            "kept": None,
+            "rank": None,
+        }
+        if la is not None:
+            rec.update(
+                shape=list(la.layer.shape),
+                output_layer=la.layer.is_output,
+                R=la.R,
+                rank=la.layer.rank,
+                kept={g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
+            )
+        per_layer.append(rec)
+    # matrices that are blocks of one entry (W_Q/W_K/W_V of a fused projection, LSTM/GRU gates) have SVD rows of
+    # their own; their distances are in their entry's (module's) record
+    seen = {d["name"] for d in dist["per_layer"]}
+    for la in svd.layers:
+        if la.layer.name not in seen:
+            per_layer.append(
+                {
+                    "name": la.layer.name,
+                    "shape": list(la.layer.shape),
+                    "output_layer": la.layer.is_output,
+                    "l2_before": None,
+                    "l2_after": None,
+                    "reduction": None,
+                    "R": la.R,
+                    "rank": la.layer.rank,
+                    "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
+                }
+            )
+    return per_layer
+
+
 def analyze_pair(
     model: nn.Module,
     spec: PermutationSpec,
@@ -89,49 +136,7 @@ def analyze_pair(
     if perms is None:
         notes.append("no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)")
 
-    # One record per module in state-dict (network) order: distances for all, SVD fields for weight layers.
-    svd_by_name = {la.layer.name: la for la in svd.layers}
-    per_layer: list[dict[str, Any]] = []
-    for d in dist["per_layer"]:
-        la = svd_by_name.get(d["name"])
-        rec = {
-            "name": d["name"],
-            "shape": d["shape"],
-            "output_layer": False,
-            "l2_before": d["l2_before"],
-            "l2_after": d["l2_after"],
-            "reduction": d["reduction"],
-            "R": None,
-            "kept": None,
-            "rank": None,
-        }
-        if la is not None:
-            rec.update(
-                shape=list(la.layer.shape),
-                output_layer=la.layer.is_output,
-                R=la.R,
-                rank=la.layer.rank,
-                kept={g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
-            )
-        per_layer.append(rec)
-    # matrices that are blocks of one entry (W_Q/W_K/W_V of a fused projection, LSTM/GRU gates) have SVD rows of
-    # their own; their distances are in their entry's (module's) record
-    seen = {d["name"] for d in dist["per_layer"]}
-    for la in svd.layers:
-        if la.layer.name not in seen:
-            per_layer.append(
-                {
-                    "name": la.layer.name,
-                    "shape": list(la.layer.shape),
-                    "output_layer": la.layer.is_output,
-                    "l2_before": None,
-                    "l2_after": None,
-                    "reduction": None,
-                    "R": la.R,
-                    "rank": la.layer.rank,
-                    "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
-                }
-            )
+    per_layer = _per_layer(dist, svd)
     summary: dict[str, Any] = {
         "l2_before": dist["l2_before"],
         "l2_after": dist["l2_after"],

@@ -33,6 +33,18 @@ def _curve_data(res: BarrierResult | Mapping[str, Any]) -> Mapping[str, Any]:
     return out
 
 
+def _splits(data: Mapping[str, Mapping[str, Any]], split: str | None) -> list[str]:
+    """The splits to draw (``None``: the first; ``"all"``: every one); LmcError when a curve lacks one."""
+    have = [s for s in next(iter(data.values())) if s != "lambdas"]
+    splits = have if split == "all" else [split or have[0]]
+    for label, d in data.items():
+        for s in splits:
+            if s not in d:
+                has = ", ".join(x for x in d if x != "lambdas")
+                raise LmcError(f"curve {label!r} has no {s!r} split (it has {has})")
+    return splits
+
+
 def plot_curves(
     results: Mapping[str, BarrierResult | Mapping[str, Any]],
     path: str | Path,
@@ -66,16 +78,8 @@ def plot_curves(
     from ..plotting import pyplot, save_with_legend
 
     data = {k: _curve_data(v) for k, v in results.items()}
-    first = next(iter(data.values()))
-    have = [s for s in first if s != "lambdas"]
-    splits = have if split == "all" else [split or have[0]]
-    for label, d in data.items():
-        for s in splits:
-            if s not in d:
-                raise LmcError(
-                    f"curve {label!r} has no {s!r} split (it has {', '.join(x for x in d if x != 'lambdas')})"
-                )
-    names = dict.fromkeys(data)
+    splits = _splits(data, split)
+    names = {k: k for k in data}
     for label, res in results.items():
         if isinstance(res, BarrierResult) and len(splits) == 1:
             c = res.curves[splits[0]]
@@ -95,7 +99,7 @@ def plot_curves(
                 lam = d["lambdas"]
                 mu, sd = d[sp][f"{q}_mean"], d[sp][f"{q}_std"]
                 st = {"ls": "-", **styles.get(m, {})}
-                ax.plot(lam, mu, label=names[m] or m, lw=1.4, **st)
+                ax.plot(lam, mu, label=names[m], lw=1.4, **st)
                 ax.fill_between(
                     lam,
                     [a - b for a, b in zip(mu, sd)],
@@ -113,6 +117,33 @@ def plot_curves(
         title = "Linear interpolation between two models" + (f" ({_bn_label(bn)})" if bn is not None else "")
     fig.suptitle(title, fontsize=9)
     return save_with_legend(fig, Path(path), [grid[0][0]])
+
+
+def _landscape_scale(zs: list[Any], metric: str, levels: int):
+    """``(lo, hi, levels, norm, cmap)`` shared by every panel: log-spaced for loss, linear for accuracy."""
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    from ..plotting import ACCURACY_CMAP, LOSS_CMAP
+
+    lo, hi = float(min(z.min() for z in zs)), float(max(z.max() for z in zs))
+    if metric == "loss":
+        hi = hi if hi > lo * 1.001 else lo * 1.001
+        return lo, hi, np.geomspace(lo, hi, levels), LogNorm(vmin=lo, vmax=hi), LOSS_CMAP
+    hi = hi if hi > lo else lo + 1e-6
+    return lo, hi, np.linspace(lo, hi, levels), Normalize(vmin=lo, vmax=hi), ACCURACY_CMAP
+
+
+def _mark_models(ax: Any, models: Mapping[str, Any]) -> None:
+    """The three models as labelled white dots joined by a dashed triangle."""
+    pts = list(models.items())
+    tri = [p for _, p in pts] + [pts[0][1]]
+    ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", lw=0.8)
+    for label, (x, y) in pts:
+        ax.plot([x], [y], "o", color="white", markeredgecolor="black", ms=6)
+        ax.annotate(
+            label, (x, y), color="white", fontsize=7, fontweight="bold", xytext=(4, 4), textcoords="offset points"
+        )
 
 
 def plot_landscape(
@@ -135,9 +166,8 @@ def plot_landscape(
     if metric not in ("loss", "accuracy"):
         raise LmcError(f"unknown landscape metric {metric!r}", "use loss or accuracy")
     import numpy as np
-    from matplotlib.colors import LogNorm, Normalize
 
-    from ..plotting import ACCURACY_CMAP, LOSS_CMAP, save_figure, subplot_grid
+    from ..plotting import save_figure, subplot_grid
 
     if isinstance(panels, LandscapeResult):
         panels = {"": panels}
@@ -148,27 +178,14 @@ def plot_landscape(
     zs = [np.asarray(ld[metric], dtype=float) for _, ld in items]
     if metric == "loss":
         zs = [np.maximum(z, 1e-4) for z in zs]
-    lo, hi = float(min(z.min() for z in zs)), float(max(z.max() for z in zs))
-    if metric == "loss":
-        hi = hi if hi > lo * 1.001 else lo * 1.001
-        lv, norm, cmap = np.geomspace(lo, hi, levels), LogNorm(vmin=lo, vmax=hi), LOSS_CMAP
-    else:
-        hi = hi if hi > lo else lo + 1e-6
-        lv, norm, cmap = np.linspace(lo, hi, levels), Normalize(vmin=lo, vmax=hi), ACCURACY_CMAP
+    lo, hi, lv, norm, cmap = _landscape_scale(zs, metric, levels)
     xlim = (min(min(ld["xs"]) for _, ld in items), max(max(ld["xs"]) for _, ld in items))
     ylim = (min(min(ld["ys"]) for _, ld in items), max(max(ld["ys"]) for _, ld in items))
     fig, axes = subplot_grid(len(items), 3.6)
     cs = None
     for ax, (name, ld), z in zip(axes, items, zs):
         cs = ax.contourf(ld["xs"], ld["ys"], z, levels=lv, norm=norm, cmap=cmap)
-        pts = list(ld["models"].items())
-        tri = [p for _, p in pts] + [pts[0][1]]
-        ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", lw=0.8)
-        for label, (x, y) in pts:
-            ax.plot([x], [y], "o", color="white", markeredgecolor="black", ms=6)
-            ax.annotate(
-                label, (x, y), color="white", fontsize=7, fontweight="bold", xytext=(4, 4), textcoords="offset points"
-            )
+        _mark_models(ax, ld["models"])
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
         ax.set_facecolor("0.85")  # outside this panel's evaluated grid (the axes are shared by all panels)
