@@ -33,6 +33,14 @@ def _curve_data(res: BarrierResult | Mapping[str, Any]) -> Mapping[str, Any]:
     return out
 
 
+def _legend_name(label: str, res: Any, splits: list[str]) -> str:
+    """``label``, with the barriers of a single run drawn on one split."""
+    if not isinstance(res, BarrierResult) or len(splits) != 1:
+        return label
+    c = res.curves[splits[0]]
+    return f"{label} (loss barrier {c.loss_barrier:.4f}, accuracy barrier {c.accuracy_barrier:.4f})"
+
+
 def _splits(data: Mapping[str, Mapping[str, Any]], split: str | None) -> list[str]:
     """The splits to draw (``None``: the first; ``"all"``: every one); LmcError when a curve lacks one."""
     have = [s for s in next(iter(data.values())) if s != "lambdas"]
@@ -79,11 +87,7 @@ def plot_curves(
 
     data = {k: _curve_data(v) for k, v in results.items()}
     splits = _splits(data, split)
-    names = {k: k for k in data}
-    for label, res in results.items():
-        if isinstance(res, BarrierResult) and len(splits) == 1:
-            c = res.curves[splits[0]]
-            names[label] = f"{label} (loss barrier {c.loss_barrier:.4f}, accuracy barrier {c.accuracy_barrier:.4f})"
+    names = {k: _legend_name(k, r, splits) for k, r in results.items()}
     styles = styles or {k: {"color": f"C{i}"} for i, k in enumerate(data)}
     aligned = [m for m in data if m != baseline]
     cols = 3 if aligned and baseline in data else 2
@@ -98,16 +102,7 @@ def plot_curves(
                 d = data[m]
                 lam = d["lambdas"]
                 mu, sd = d[sp][f"{q}_mean"], d[sp][f"{q}_std"]
-                st = {"ls": "-", **styles.get(m, {})}
-                ax.plot(lam, mu, label=names[m], lw=1.4, **st)
-                ax.fill_between(
-                    lam,
-                    [a - b for a, b in zip(mu, sd)],
-                    [a + b for a, b in zip(mu, sd)],
-                    color=st.get("color"),
-                    alpha=0.2,
-                    lw=0,
-                )
+                _band(ax, lam, mu, sd, names[m], {"ls": "-", **styles.get(m, {})})
             ax.set_title(f"{sp} {q}{note}", fontsize=8)
             ax.set_xlabel("λ (0: model A, 1: model B)")
             ax.set_ylabel(f"{sp} {unit}")
@@ -117,6 +112,28 @@ def plot_curves(
         title = "Linear interpolation between two models" + (f" ({_bn_label(bn)})" if bn is not None else "")
     fig.suptitle(title, fontsize=9)
     return save_with_legend(fig, Path(path), [grid[0][0]])
+
+
+def _band(ax: Any, lam: Any, mu: Any, sd: Any, label: str, style: Mapping[str, Any]) -> None:
+    """A mean curve with its +-1 std band."""
+    ax.plot(lam, mu, label=label, lw=1.4, **style)
+    lo, hi = [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)]
+    ax.fill_between(lam, lo, hi, color=style.get("color"), alpha=0.2, lw=0)
+
+
+def _colorbar(fig: Any, axes: list, cs: Any, metric: str, lo: float, hi: float, split: str, shared: bool) -> None:
+    """One colour bar for every panel: readable log-spaced ticks for loss, linear for accuracy."""
+    import numpy as np
+
+    note = "; shared by all panels" if shared else ""
+    if metric == "loss":
+        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 6)})  # readable values, log-spaced
+        cbar = fig.colorbar(cs, ax=axes, shrink=0.85, ticks=ticks, format="%.3g")
+        cbar.minorticks_off()
+        cbar.set_label(f"{split} loss (nats, log scale{note})", fontsize=7)
+    else:
+        cbar = fig.colorbar(cs, ax=axes, shrink=0.85)
+        cbar.set_label(f"{split} accuracy (fraction{note})", fontsize=7)
 
 
 def _landscape_scale(zs: list[Any], metric: str, levels: int):
@@ -195,15 +212,7 @@ def plot_landscape(
         ax.set_xlabel("coordinate along θ_B − θ_A (L2 units)", fontsize=7)
         if ax is axes[0]:
             ax.set_ylabel("orthogonal coordinate (L2 units)", fontsize=7)
-    shared = "; shared by all panels" if len(items) > 1 else ""
-    if metric == "loss":
-        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 6)})  # readable values, log-spaced
-        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85, ticks=ticks, format="%.3g")
-        cbar.minorticks_off()
-        cbar.set_label(f"{split} loss (nats, log scale{shared})", fontsize=7)
-    else:
-        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85)
-        cbar.set_label(f"{split} accuracy (fraction{shared})", fontsize=7)
+    _colorbar(fig, [a for a in axes if a.get_visible()], cs, metric, lo, hi, split, len(items) > 1)
     bn = items[0][1].get("bn_reset")
     default = f"{split} {metric} on the plane of three models" + (f" ({_bn_label(bn)})" if bn is not None else "")
     fig.suptitle(title or default, fontsize=9)

@@ -409,8 +409,7 @@ class ThreeModelStage(Stage):
         if len(self.models) < 3:
             raise LmcError(f"the three-model experiment needs at least 3 models, got {len(self.models)}")
         loaded = [load_model_of(ctx, t) for t in self.models]
-        states = [sd for sd, _, _ in loaded]
-        model_cfg, cfg = loaded[0][1], loaded[0][2]
+        (_, model_cfg, cfg), states = loaded[0], [sd for sd, _, _ in loaded]
         dev = ctx.device
         model = build_model(model_cfg, states[0], self.models[0].label()).to(dev)
         spec = spec_for(model)
