@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "match",
         help="find permutations aligning model B (or B, C, ...) to model A",
-        description="Weight matching (WM) or activation matching (AM) between two checkpoints; with --multi, "
+        description="A matching method of `lmckit methods` (weight, activation, STE, Sinkhorn, ...) between two "
+        "checkpoints; with --multi, "
         "three or more checkpoints matched to an anchor or by MergeMany. A perm file applies to the "
         "second model: apply_permutation(spec, perms, B) is aligned to A.",
     )
@@ -68,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-iter",
         type=int_in(1, MAX_ITER),
         default=None,
-        help=f"WM: maximum sweeps (MergeMany: passes) (default 100, at most {MAX_ITER})",
+        help=f"WM: maximum sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
     )
     p.add_argument(
         "--similarity",

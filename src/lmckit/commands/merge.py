@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-iter",
         type=int_in(1, MAX_ITER),
         default=None,
-        help=f"WM sweeps / MergeMany passes (default 100, at most {MAX_ITER})",
+        help=f"WM sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
     )
     p.add_argument(
         "--ste-preset", choices=["adam", "git-re-basin"], default=None, help="STE optimiser preset (default adam)"
