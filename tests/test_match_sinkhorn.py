@@ -279,7 +279,8 @@ def test_cli_match_sinkhorn_anchor(checkpoints, tmp_path, capsys):
         (["--method", "sinkhorn", "--option", "steps=0"], "steps must be at least 1"),
         (["--method", "sinkhorn", "--option", "steps"], "not KEY=VALUE"),
         (["--method", "sinkhorn", "--option", "bogus=1"], "no option 'bogus'"),
-        (["--method", "weight", "--option", "steps=3"], "--option is for registry methods"),
+        (["--method", "weight", "--option", "steps=3"], "method 'weight' has no option 'steps'"),
+        (["--method", "weight", "--epochs", "2"], "--epochs applies to --method ste only"),
     ],
 )
 def test_cli_bad_options_exit_2(checkpoints, tmp_path, capsys, argv, message):

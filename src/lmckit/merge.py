@@ -28,23 +28,35 @@ Given N models of one architecture with states ``theta_0 .. theta_{N-1}``:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from .errors import LmcError
+from .lmc import check_compatible, has_batchnorm
+from .match import anchor_matching, merge_many
+from .match.registry import MethodOptions, check_scheme, get_method
 from .perm import Perms, PermutationSpec, apply_permutation, spec_for
 
 State = Mapping[str, torch.Tensor]
-METHODS = ("weight", "activation", "ste")
-MULTI = ("anchor", "mergemany")
 
 
 # --------------------------------------------------------------------------- input checks
+def _options(method: str, options: MethodOptions | Mapping[str, Any] | None) -> MethodOptions:
+    """``options`` as the registry method's validated options (defaults for None)."""
+    m = get_method(method)
+    if isinstance(options, m.options_type):
+        return options
+    if isinstance(options, MethodOptions):
+        raise LmcError(f"method {method!r} takes {m.options_type.__name__}, got {type(options).__name__}")
+    return m.options(options)
+
+
 def check_merge_inputs(
     model: nn.Module,
     states: Sequence[State],
@@ -53,24 +65,19 @@ def check_merge_inputs(
     multi: str = "anchor",
     split: str = "test",
     bn_reset: str | bool = "auto",
-    ste_kwargs: Mapping[str, Any] | None = None,
+    options: MethodOptions | Mapping[str, Any] | None = None,
 ) -> PermutationSpec:
     """Validate everything :func:`merge_models` needs, before any work or any file is written.
 
-    Checks the method and multi-model scheme, that there are at least two
+    Checks the method (a name of :mod:`lmckit.match.registry`) and that it
+    supports the multi-model scheme, its options, that there are at least two
     states of one architecture matching the model's permutation spec, that the
-    dataset has the evaluation ``split`` (and a ``train`` split where
-    activation matching, STE or a BatchNorm reset need training data), and the
-    STE options. Raises :class:`~lmckit.errors.LmcError`; returns the spec.
+    dataset has the evaluation ``split`` (and a ``train`` split where the
+    method or a BatchNorm reset needs training data). Raises
+    :class:`~lmckit.errors.LmcError`; returns the spec.
     """
-    from .lmc import check_compatible
-
-    if method not in METHODS:
-        raise LmcError(f"unknown merge method {method!r}", f"choose one of {', '.join(METHODS)}")
-    if multi not in MULTI:
-        raise LmcError(f"unknown multi-model scheme {multi!r}", f"choose one of {', '.join(MULTI)}")
-    if multi == "mergemany" and method != "weight":
-        raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
+    m = check_scheme(method, multi)
+    opts = _options(method, options)
     if len(states) < 2:
         raise LmcError(f"merging needs at least two models, got {len(states)}")
     if bn_reset not in ("auto", "on", "off", "repair", True, False):
@@ -82,17 +89,11 @@ def check_merge_inputs(
     if dataset is None:
         raise LmcError("merging needs a dataset to evaluate on")
     dataset.size(split)
-    needs_train = method in ("activation", "ste") or (
-        bn_reset in ("on", "repair", True)
-        or (bn_reset == "auto" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()))
+    needs_train = m.requires_data(opts) or (
+        bn_reset in ("on", "repair", True) or (bn_reset == "auto" and has_batchnorm(model))
     )
     if needs_train:
         dataset.size("train")
-    if method == "ste":
-        from .match.ste import resolve_preset
-
-        kw = dict(ste_kwargs or {})
-        resolve_preset(kw.get("preset", "adam"), kw.get("epochs"), kw.get("lr"), kw.get("batch_size"))
     return spec
 
 
@@ -106,11 +107,10 @@ def align_models(
     spec: PermutationSpec | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    max_iter: int = 100,
-    ste_kwargs: Mapping[str, Any] | None = None,
-    am_kwargs: Mapping[str, Any] | None = None,
+    options: MethodOptions | Mapping[str, Any] | None = None,
     state_dir: str | Path | None = None,
     progress: bool = True,
+    passes: int = 100,
 ):
     """Bring all ``states`` into the unit order of ``states[0]``.
 
@@ -121,76 +121,53 @@ def align_models(
     states:
         N >= 2 state dicts (not modified).
     method:
-        ``weight``, ``activation`` or ``ste`` (two-model method used against the anchor).
+        A two-model method of the registry (``lmckit methods``), used against the anchor.
     multi:
-        ``anchor`` (match each model to model 0) or ``mergemany`` (weight only).
+        ``anchor`` (match each model to model 0) or ``mergemany`` (the methods whose registry
+        entry supports it: weight matching).
     dataset:
-        Needed by ``activation`` and ``ste``.
-    ste_kwargs, am_kwargs:
-        Extra options of :func:`lmckit.match.ste.ste_matching` /
-        :func:`lmckit.match.activation_matching`.
+        Needed by the methods that read data (activation matching, STE, ...).
+    options:
+        The method's options (:class:`~lmckit.match.registry.MethodOptions` or a mapping; None: defaults).
+        For MergeMany, the weight-matching options of every inner matching (``max_iter``: its sweeps).
     state_dir:
-        STE only: model ``i``'s resumable state goes to ``state_dir/model_i``.
+        For a method with a resumable state (STE): model ``i``'s state goes to
+        ``state_dir/model_i`` (default: the ``state_dir`` option, if set).
+    passes:
+        MergeMany's maximum passes over the models.
 
     Returns
     -------
     MultiMatchResult
         ``perms[i]`` puts model ``i`` in model 0's order (identity for model 0).
-    """
-    from .match import anchor_matching, merge_many
 
-    if method not in METHODS:
-        raise LmcError(f"unknown merge method {method!r}", f"choose one of {', '.join(METHODS)}")
-    if multi not in MULTI:
-        raise LmcError(f"unknown multi-model scheme {multi!r}", f"choose one of {', '.join(MULTI)}")
+    Raises
+    ------
+    LmcError
+        Unknown method or scheme, a method without the scheme, bad options, missing data.
+    """
+    m = check_scheme(method, multi)
+    opts = _options(method, options)
     if len(states) < 2:
         raise LmcError(f"merging needs at least two models, got {len(states)}")
     spec = spec if spec is not None else spec_for(model)
     if multi == "mergemany":
-        if method != "weight":
-            raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
-        return merge_many(spec, states, seed=seed, max_iter=max_iter, device=device)
-    if method in ("activation", "ste") and dataset is None:
+        wm_iter = getattr(opts, "max_iter", 100)  # the inner weight matchings' sweeps
+        return merge_many(spec, states, seed=seed, max_iter=passes, wm_max_iter=wm_iter, device=device)
+    if m.requires_data(opts) and dataset is None:
         raise LmcError(f"{method} matching needs a dataset")
-    matcher: Callable | None = None
-    if method == "ste":
-        from .match.ste import ste_matching
+    base = state_dir if state_dir is not None else getattr(opts, "state_dir", None)
+    resumable = "state_dir" in {f.name for f in dataclasses.fields(opts)}
 
-        def matcher(i, sd_ref, sd_i):
-            sdir = None if state_dir is None else Path(state_dir) / f"model_{i}"
-            return ste_matching(
-                model,
-                sd_ref,
-                sd_i,
-                dataset,
-                spec=spec,
-                seed=seed,
-                device=device,
-                state_dir=sdir,
-                progress=progress,
-                **dict(ste_kwargs or {}),
-            )
-    elif method == "activation":
-        from .checkpoint import build_model
-        from .match import activation_matching
+    def matcher(i, sd_ref, sd_i):
+        o = opts
+        if resumable and base is not None:
+            o = dataclasses.replace(opts, state_dir=str(Path(base) / f"model_{i}"))
+        return m.match(
+            spec, sd_ref, sd_i, model=model, dataset=dataset, options=o, seed=seed, device=device, progress=progress
+        )
 
-        cfg = getattr(model, "lmckit_config", None)
-
-        def _net(sd):
-            if cfg is not None:
-                return build_model(cfg, sd)
-            m = copy.deepcopy(model)
-            m.load_state_dict(dict(sd))
-            return m
-
-        def matcher(i, sd_ref, sd_i):
-            return activation_matching(
-                _net(sd_ref), _net(sd_i), dataset, spec=spec, seed=seed, device=device, **dict(am_kwargs or {})
-            )
-
-    return anchor_matching(
-        spec, states, anchor=0, method=method, matcher=matcher, seed=seed, max_iter=max_iter, device=device
-    )
+    return anchor_matching(spec, states, anchor=0, method=method, matcher=matcher)
 
 
 def aligned_states(
@@ -286,14 +263,16 @@ def merged_accuracy_curve(
     seed: int = 0,
     limit: int | None = None,
     start: int = 2,
+    bn_batches: int = 10,
 ) -> list[dict[str, float]]:
     """Loss and accuracy of the uniform average of the first ``n`` states, ``n = start .. N``.
 
     .. math:: \\theta^{(n)} = \\frac1n \\sum_{i<n} \\theta_i
 
     Pass aligned states (``pi_i(theta_i)``) for a method's curve and the raw
-    states for the naive one. Each average gets a BN reset as in
-    :func:`merged_state`.
+    states for the naive one. Each average of two or more states gets a BN
+    reset on ``bn_batches`` training batches as in :func:`merged_state`
+    (``n = 1`` is the first model as it is).
 
     Returns
     -------
@@ -303,7 +282,7 @@ def merged_accuracy_curve(
         raise LmcError(f"the merged-accuracy curve needs at least {start} models, got {len(states)}")
     out = []
     for n in range(start, len(states) + 1):
-        st = merged_state(model, states[:n], dataset, bn_reset, device, seed)
+        st = merged_state(model, states[:n], dataset, bn_reset, device, seed, bn_batches) if n > 1 else states[0]
         loss, acc = evaluate_state(model, st, dataset, split, device, limit)
         out.append({"n": n, "loss": loss, "accuracy": acc})
     return out
@@ -408,11 +387,10 @@ def merge_models(
     device: torch.device | str | None = None,
     curve: bool = True,
     limit: int | None = None,
-    max_iter: int = 100,
-    ste_kwargs: Mapping[str, Any] | None = None,
-    am_kwargs: Mapping[str, Any] | None = None,
+    options: MethodOptions | Mapping[str, Any] | None = None,
     state_dir: str | Path | None = None,
     progress: bool = True,
+    passes: int = 100,
 ) -> MergeResult:
     """Align ``states`` (:func:`align_models`), average them, and measure everything (module docstring).
 
@@ -421,10 +399,8 @@ def merge_models(
     and for the naive average.
     """
     t0 = time.time()
-    spec = check_merge_inputs(model, states, dataset, method, multi, split, bn_reset, ste_kwargs)
-    res = align_models(
-        model, states, method, multi, dataset, spec, seed, device, max_iter, ste_kwargs, am_kwargs, state_dir, progress
-    )
+    spec = check_merge_inputs(model, states, dataset, method, multi, split, bn_reset, options)
+    res = align_models(model, states, method, multi, dataset, spec, seed, device, options, state_dir, progress, passes)
     aligned = aligned_states(spec, states, res.perms)
     metrics = []
     for sd in states:
@@ -465,30 +441,51 @@ def merge_models(
 
 
 # --------------------------------------------------------------------------- plot
+def draw_merged_accuracy(
+    ax: Any,
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
+    model_accuracies: Sequence[float] | None = None,
+    split: str = "test",
+    labels: bool = True,
+) -> None:
+    """The merged-accuracy panel: accuracy of the uniform average against the number of merged models.
+
+    Drawn onto ``ax`` for ``lmckit merge --plot`` (:func:`plot_merged_accuracy`) and the report's
+    three-model figure alike. ``curves`` maps a label (``weight``, ``ste``, ``naive``, ...) to the output of
+    :func:`merged_accuracy_curve`; ``styles`` optional line keywords per label; ``model_accuracies`` draws
+    the mean accuracy of the individual models as a reference line; ``labels=False`` leaves the lines
+    unlabelled (when another panel of the figure carries the legend).
+    """
+    from .plotting import integer_ticks
+
+    for label, rows in curves.items():
+        kw = dict((styles or {}).get(label, {}))
+        if labels:
+            kw["label"] = label
+        ax.plot([r["n"] for r in rows], [r["accuracy"] for r in rows], marker="o", ms=3, **kw)
+    if model_accuracies:
+        mean = sum(model_accuracies) / len(model_accuracies)
+        ax.axhline(mean, color="gray", ls="--", label="mean single model" if labels else None)
+    ax.set_xlabel("number of averaged models n")
+    ax.set_ylabel(f"{split} accuracy of the average (fraction)")
+    ax.set_title("Merged model accuracy", fontsize=9)
+    integer_ticks(ax)
+
+
 def plot_merged_accuracy(
     curves: Mapping[str, Sequence[Mapping[str, float]]],
     path: str | Path,
     title: str | None = None,
     model_accuracies: Sequence[float] | None = None,
+    split: str = "test",
 ) -> Path:
-    """Accuracy of the uniform average against the number of merged models, one line per curve.
-
-    ``curves`` maps a label (``weight``, ``ste``, ``naive``, ...) to the output
-    of :func:`merged_accuracy_curve`; ``model_accuracies`` draws the mean
-    accuracy of the individual models as a reference line.
-    """
-    from .plotting import pyplot, save_figure
+    """Accuracy of the uniform average against the number of merged models, one line per curve
+    (:func:`draw_merged_accuracy`), legend below the panel."""
+    from .plotting import pyplot, save_with_legend
 
     fig, ax = pyplot().subplots(figsize=(5.5, 4))
-    for label, rows in curves.items():
-        ax.plot([r["n"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
-    if model_accuracies:
-        ax.axhline(sum(model_accuracies) / len(model_accuracies), color="gray", ls="--", label="mean single model")
-    ax.set_xlabel("number of models averaged")
-    ax.set_ylabel("accuracy (fraction)")
-    ns = sorted({r["n"] for rows in curves.values() for r in rows})
-    if ns:
-        ax.set_xticks(ns)
-    ax.set_title(title or "accuracy of the uniform average")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # outside the data
-    return save_figure(fig, path, dpi=100, tight_layout=True, bbox_inches="tight")
+    draw_merged_accuracy(ax, curves, model_accuracies=model_accuracies, split=split)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return save_with_legend(fig, Path(path), [ax], dpi=100)

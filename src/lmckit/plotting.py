@@ -129,3 +129,23 @@ def legend_outside(fig: Any, axes: Any, ncol: int | None = None, fontsize: float
         frameon=False,
         bbox_to_anchor=(0.5, 0.0),
     )
+
+
+def save_with_legend(fig: Any, path: Any, axes: Any = None, ncol: int | None = None, dpi: int = 90) -> Any:
+    """Save ``fig`` with one legend below the panels (collected from ``axes``) and room kept for it.
+
+    The layout every figure of the report and of the CLI shares (:func:`legend_outside`, tight layout,
+    no ``Software`` metadata so the PNG bytes depend on the data only). Returns the path written.
+    """
+    import math
+    import warnings
+
+    leg = legend_outside(fig, axes, ncol=ncol) if axes is not None else None
+    bottom = 0.0
+    if leg is not None:
+        rows = math.ceil(len(leg.get_texts()) / leg._ncols)  # noqa: SLF001 - matplotlib keeps ncols private
+        bottom = min(0.4, (0.22 * rows + 0.1) / fig.get_size_inches()[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig.tight_layout(rect=(0, bottom, 1, 1))
+    return save_figure(fig, path, dpi=dpi, metadata={"Software": None}, bbox_inches="tight")

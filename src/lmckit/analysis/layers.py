@@ -202,7 +202,3 @@ def midpoint_state(
         b = sd_b[k]
         out[k] = torch.lerp(a, b.to(a.device, a.dtype), lam) if a.is_floating_point() else a.clone()
     return out
-
-
-def has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

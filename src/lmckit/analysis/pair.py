@@ -1,4 +1,5 @@
-"""The whole analysis of one pair of models, as used by ``lmckit analyze`` (and reusable by pipelines)."""
+"""The whole analysis of one pair of models: the one implementation behind ``lmckit analyze`` and the
+pipeline's analysis stage (:class:`lmckit.pipeline.tasks.AnalysisStage`)."""
 
 from __future__ import annotations
 
@@ -9,74 +10,34 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..lmc.bn import has_batchnorm
 from ..perm import PermutationSpec, apply_permutation
 from .distance import distances
-from .layers import has_batchnorm, midpoint_state
+from .layers import midpoint_state
 from .projection import input_projections, projection_summary
-from .rank import bn_reset_function, rank_sweep
+from .rank import rank_sweep
 from .svd import DEFAULT_GAMMAS, SVDAlignment, gamma_key, state_svds, svd_alignment
 from .taylor import taylor_midpoint
 
 
 @dataclass
 class PairAnalysis:
-    """Everything :func:`analyze_pair` computed: ``summary`` (JSON-ready) and the objects the plots need."""
+    """Everything :func:`analyze_pair` computed: ``summary`` (JSON-ready) and the objects the plots need.
+
+    ``distances`` is :func:`lmckit.analysis.distances`'s result, ``taylor``
+    :func:`lmckit.analysis.taylor_midpoint`'s (None when not computed).
+    """
 
     summary: dict[str, Any]
     svd: SVDAlignment
     projections: dict[str, Any] | None = None
     sweeps: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    distances: dict[str, Any] = field(default_factory=dict)
+    taylor: dict[str, Any] | None = None
 
 
-def analyze_pair(
-    model: nn.Module,
-    spec: PermutationSpec,
-    sd_a: Mapping[str, torch.Tensor],
-    sd_b: Mapping[str, torch.Tensor],
-    perms: Mapping[str, torch.Tensor] | None = None,
-    *,
-    dataset=None,
-    gammas: Iterable[float] = DEFAULT_GAMMAS,
-    rank_fractions: Iterable[float] = (),
-    rank_split: str = "test",
-    eval_limit: int | None = None,
-    projection_batches: int = 4,
-    taylor: bool = False,
-    taylor_samples: int = 10000,
-    taylor_batch_size: int = 1000,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-) -> PairAnalysis:
-    """Distances, SVD alignment, and (with a dataset) input projections, rank sweeps and the Taylor estimate.
-
-    ``perms`` permutes ``theta_b`` (``None``: identity, so "after" equals
-    "before"). Rank sweeps run on model A and on the midpoint
-    ``(theta_a + pi(theta_b)) / 2``, at each gamma of ``gammas`` (skipping 0,
-    which keeps everything) and each of ``rank_fractions``. A BatchNorm model's
-    midpoint sweep needs a BN reset (``lmckit.lmc.reset_bn_stats``); without it
-    the midpoint sweep is skipped with a note.
-
-    Returns
-    -------
-    :class:`PairAnalysis`. ``summary`` has ``l2_before``, ``l2_after``,
-    ``reduction``, ``R`` (gamma key -> before/after), ``per_layer``, ``notes``,
-    ``timings`` and, when computed, ``rank_sweep``, ``input_projections``,
-    ``taylor_midpoint``/``measured_midpoint``/``taylor``.
-    """
-    gammas = tuple(float(g) for g in gammas)
-    notes: list[str] = []
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    dist = distances(spec, sd_a, sd_b, perms)
-    timings["distances"] = time.perf_counter() - t
-    t = time.perf_counter()
-    svds_a, svds_b = state_svds(spec, sd_a), state_svds(spec, sd_b)
-    svd = svd_alignment(spec, sd_a, sd_b, perms, gammas, svds_a=svds_a, svds_b=svds_b)
-    timings["svd"] = time.perf_counter() - t
-    if perms is None:
-        notes.append("no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)")
-
-    # One record per module in state-dict (network) order: distances for all, SVD fields for weight layers.
+def _per_layer(dist: Mapping[str, Any], svd: SVDAlignment) -> list[dict[str, Any]]:
+    """One record per module in state-dict (network) order: distances for all, SVD fields for weight layers."""
     svd_by_name = {la.layer.name: la for la in svd.layers}
     per_layer: list[dict[str, Any]] = []
     for d in dist["per_layer"]:
@@ -119,6 +80,63 @@ def analyze_pair(
                     "kept": {g: {"a": ka, "b": kb} for g, (ka, kb) in la.kept.items()},
                 }
             )
+    return per_layer
+
+
+def analyze_pair(
+    model: nn.Module,
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    perms: Mapping[str, torch.Tensor] | None = None,
+    *,
+    dataset=None,
+    gammas: Iterable[float] = DEFAULT_GAMMAS,
+    rank_fractions: Iterable[float] = (),
+    rank_split: str = "test",
+    eval_limit: int | None = None,
+    projection_batches: int = 4,
+    taylor: bool = False,
+    taylor_samples: int = 10000,
+    taylor_batch_size: int = 1000,
+    projections: bool = True,
+    rank_sweeps: bool = True,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> PairAnalysis:
+    """Distances, SVD alignment, and (with a dataset) input projections, rank sweeps and the Taylor estimate.
+
+    ``projections``, ``rank_sweeps`` and ``taylor`` choose the data-dependent
+    parts (each needs ``dataset``).
+
+    ``perms`` permutes ``theta_b`` (``None``: identity, so "after" equals
+    "before"). Rank sweeps run on model A and on the midpoint
+    ``(theta_a + pi(theta_b)) / 2``, at each gamma of ``gammas`` (skipping 0,
+    which keeps everything) and each of ``rank_fractions``. A BatchNorm model's
+    midpoint sweep needs a BN reset (``lmckit.lmc.reset_bn_stats``); without it
+    the midpoint sweep is skipped with a note.
+
+    Returns
+    -------
+    :class:`PairAnalysis`. ``summary`` has ``l2_before``, ``l2_after``,
+    ``reduction``, ``R`` (gamma key -> before/after), ``per_layer``, ``notes``,
+    ``timings`` and, when computed, ``rank_sweep``, ``input_projections``,
+    ``taylor_midpoint``/``measured_midpoint``/``taylor``.
+    """
+    gammas = tuple(float(g) for g in gammas)
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    dist = distances(spec, sd_a, sd_b, perms)
+    timings["distances"] = time.perf_counter() - t
+    t = time.perf_counter()
+    svds_a, svds_b = state_svds(spec, sd_a), state_svds(spec, sd_b)
+    svd = svd_alignment(spec, sd_a, sd_b, perms, gammas, svds_a=svds_a, svds_b=svds_b)
+    timings["svd"] = time.perf_counter() - t
+    if perms is None:
+        notes.append("no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)")
+
+    per_layer = _per_layer(dist, svd)
     summary: dict[str, Any] = {
         "l2_before": dist["l2_before"],
         "l2_after": dist["l2_after"],
@@ -128,35 +146,29 @@ def analyze_pair(
         "per_layer": per_layer,
         "entries_counted": len(dist["entries"]),
     }
-    result = PairAnalysis(summary, svd)
+    result = PairAnalysis(summary, svd, distances=dist)
 
     if dataset is not None:
-        t = time.perf_counter()
-        proj = input_projections(
-            model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed, svds=svds_a
-        )
-        timings["input_projections"] = time.perf_counter() - t
-        result.projections = proj
-        summary["input_projections"] = projection_summary(proj)
+        if projections:
+            t = time.perf_counter()
+            proj = input_projections(
+                model, spec, sd_a, dataset, num_batches=projection_batches, device=device, seed=seed, svds=svds_a
+            )
+            timings["input_projections"] = time.perf_counter() - t
+            result.projections = proj
+            summary["input_projections"] = projection_summary(proj)
 
         t = time.perf_counter()
         sweep_gammas = [g for g in gammas if g > 0]
         fractions = list(rank_fractions)
         sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else dict(sd_b)
         bn = has_batchnorm(model)
-        can_reset = bn_reset_function() is not None
-        if sweep_gammas or fractions:
+        if rank_sweeps and (sweep_gammas or fractions):
             kw = dict(
                 gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit
             )
-            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn and can_reset, svds=svds_a, **kw)
-            if bn and not can_reset:
-                notes.append(
-                    "BatchNorm model: the midpoint rank sweep needs a BN reset (lmckit.lmc.reset_bn_stats), "
-                    "which is not available; skipped"
-                )
-            else:
-                result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
+            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn, svds=svds_a, **kw)
+            result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
             summary["rank_sweep"] = result.sweeps
             timings["rank_sweep"] = time.perf_counter() - t
         if taylor:
@@ -171,7 +183,7 @@ def analyze_pair(
                 batch_size=taylor_batch_size,
                 device=device,
             )
-            summary["taylor"] = tay
+            result.taylor = summary["taylor"] = tay
             summary["taylor_midpoint"] = tay["taylor_midpoint"]
             summary["measured_midpoint"] = tay["measured_midpoint"]
             timings["taylor"] = tay["seconds"]

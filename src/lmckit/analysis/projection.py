@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..evaluate import module_mode
 from ..perm import PermutationSpec
 from .layers import layers_of
 from .svd import SVDs, layer_svd
@@ -126,11 +127,9 @@ def input_projections(
         return hook
 
     handles = [t[0].register_forward_hook(hook_for(n, t[0])) for n, t in targets.items()]
-    was_training = model.training
-    model.eval()
     params = {k: t.to(dev) for k, t in sd.items()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), module_mode(model):
             batches = dataset.batches(
                 split, batch_size, shuffle=True, device=dev, generator=torch.Generator().manual_seed(seed)
             )
@@ -141,7 +140,6 @@ def input_projections(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out: dict[str, dict[str, Any]] = {}
     for name, a in acc.items():
         n = max(a["count"], 1)

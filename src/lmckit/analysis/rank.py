@@ -24,8 +24,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
+from ..evaluate import evaluate
+from ..lmc.bn import has_batchnorm, reset_bn_stats
 from ..perm import PermutationSpec, spec_for
-from .layers import has_batchnorm, layer_weight, layers_of
+from .layers import layer_weight, layers_of
 from .svd import SVDs, kept_count, layer_svd, state_svds
 
 
@@ -78,15 +80,6 @@ def truncate_state(
     return out, kept
 
 
-def bn_reset_function():
-    """``lmckit.lmc.reset_bn_stats`` when that module is present, else ``None``."""
-    try:
-        from ..lmc import reset_bn_stats  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return reset_bn_stats
-
-
 def _evaluate_state(
     model: nn.Module,
     sd: Mapping[str, torch.Tensor],
@@ -97,15 +90,12 @@ def _evaluate_state(
     limit: int | None,
     reset_bn: bool,
 ) -> tuple[float, float]:
-    from ..evaluate import evaluate
-
     m = copy.deepcopy(model)
     m.load_state_dict(dict(sd))
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     m = m.to(dev)
     if reset_bn:
-        reset = bn_reset_function()
-        m = reset(m, dataset, device=dev) or m
+        reset_bn_stats(m, dataset, device=dev)
     return evaluate(m, dataset, split, batch_size=batch_size, device=dev, limit=limit)
 
 
@@ -146,12 +136,6 @@ def rank_sweep(
     kept count), ``kept_total``, ``rank_total``, ``loss``, ``acc``.
     """
     spec = spec or spec_for(model)
-    if reset_bn and has_batchnorm(model) and bn_reset_function() is None:
-        raise LmcError(
-            "this model has BatchNorm and its statistics must be recomputed (BN reset), "
-            "but lmckit.lmc.reset_bn_stats is not available",
-            "analyse a model without BatchNorm",
-        )
     reset = reset_bn and has_batchnorm(model)
     ev = dict(dataset=dataset, split=split, batch_size=batch_size, device=device, limit=limit, reset_bn=reset)
     loss, acc = _evaluate_state(model, sd, **ev)

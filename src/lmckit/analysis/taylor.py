@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..evaluate import module_mode
 from ..perm import PermutationSpec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,9 +106,7 @@ def taylor_midpoint(
             j = idx[s : s + batch_size]
             yield dataset.normalize(images[j]).to(dtype), labels[j]
 
-    was_training = model.training
-    model.train(has_bn)
-    try:
+    with module_mode(model, train=has_bn):
 
         def mean_loss(state: Mapping[str, torch.Tensor]) -> float:
             tot = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device, read once
@@ -130,8 +129,6 @@ def taylor_midpoint(
             hd = sum((h * delta[k]).sum() for h, k in zip(hv, params) if h is not None)
             quad_t += hd.double() if isinstance(hd, torch.Tensor) else float(hd)
         quad = float(quad_t)
-    finally:
-        model.train(was_training)
     dnorm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))) if delta else 0.0
     return {
         "taylor_midpoint": -quad / 8.0,

@@ -548,12 +548,14 @@ def load_named_dataset(
 
 # --------------------------------------------------------------------------- outputs checked before any work
 @contextlib.contextmanager
-def staged_outputs(out: Path):
-    """Write a command's files into a hidden temp folder next to ``out``; move them into ``out`` at the end.
+def staged_outputs(out: Path, *, keep: bool = False, lock: Path | None = None):
+    """Write a command's files into a hidden temp folder inside ``out``; move them into ``out`` at the end.
 
-    Yields the temp folder. On success each file is renamed into ``out`` (created if missing); on any
-    failure the temp folder is removed, and so is ``out`` when this call created it, so a failed command
-    leaves the output folder as it was (no ``perm_*.json`` without its ``merge.json``).
+    Yields the temp folder. On success each file is renamed into ``out`` (created if missing; folders are
+    merged), so all files appear together. On any failure the temp folder is removed, ``lock`` too when
+    this call found it missing, and ``out`` when this call created it (with ``keep``: only when nothing
+    else is in it, so state written directly into ``out``, such as STE's resumable ``out/ste``, survives
+    for the next run). A failed command leaves no ``perm_*.json`` without its ``summary.json``.
     """
     import shutil
     import tempfile
@@ -561,6 +563,7 @@ def staged_outputs(out: Path):
     from ..store import make_dirs, os_error
 
     created = not out.exists()
+    lock_created = lock is not None and not lock.exists()
     make_dirs(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".lmckit-tmp-", dir=out))
@@ -574,10 +577,15 @@ def staged_outputs(out: Path):
             os.replace(f, out / f.name) if not (f.is_dir() and (out / f.name).is_dir()) else _merge_dir(f, out / f.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created:
+        if lock_created:
+            lock.unlink(missing_ok=True)
+        if created and not keep:
             shutil.rmtree(out, ignore_errors=True)
+        elif created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _merge_dir(src: Path, dst: Path) -> None:
@@ -591,3 +599,66 @@ def _merge_dir(src: Path, dst: Path) -> None:
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(f, target)
+
+
+# --------------------------------------------------------------------------- matching-method options
+#: CLI flags that set an option of a registry matching method: argparse dest -> option name. A flag
+#: applies to every method whose options have that name; its argparse default must be None ("not given").
+METHOD_FLAGS = {
+    "max_iter": "max_iter",
+    "restarts": "restarts",
+    "similarity": "similarity",
+    "num_batches": "num_batches",
+    "batch_size": "batch_size",
+    "ste_preset": "preset",
+    "ste_protocol": "protocol",
+    "epochs": "epochs",
+    "ste_state": "state_dir",
+}
+
+
+def add_option_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --method (see `lmckit methods NAME`), e.g. --option steps=200; repeatable; "
+        "overrides the flag of the same option (default: the method's own)",
+    )
+
+
+def method_options(args: argparse.Namespace, method: str):
+    """The validated registry options of ``method`` from its CLI flags and ``--option KEY=VALUE``.
+
+    Raises :class:`LmcError` for a flag the method has no option for, a malformed ``--option``, an
+    unknown option or a bad value.
+    """
+    import dataclasses
+
+    from ..errors import LmcError
+    from ..match.registry import get_method, list_methods
+
+    def names(m: str) -> set[str]:
+        return {f.name for f in dataclasses.fields(get_method(m).options_type)}
+
+    mine = names(method)
+    values: dict[str, Any] = {}
+    for dest, opt in METHOD_FLAGS.items():
+        v = getattr(args, dest, None)
+        if v is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if opt not in mine:
+            users = [m for m in list_methods() if opt in names(m)]
+            raise LmcError(
+                f"{flag} applies to --method {' or '.join(users)} only (got --method {method})", f"drop {flag}"
+            )
+        values[opt] = v
+    for item in getattr(args, "option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            hint = f"e.g. --option steps=200; see lmckit methods {method}"
+            raise LmcError(f"--option {item!r} is not KEY=VALUE", hint)
+        values[key.strip().replace("-", "_")] = value.strip()
+    return get_method(method).options(values)

@@ -16,12 +16,14 @@ from .common import (
     add_data,
     add_device,
     add_json,
+    add_option_flag,
     add_quiet,
     check_output_path,
     describe_model,
     int_in,
     load_checkpoints,
     load_named_dataset,
+    method_options,
     print_json,
     refuse_outputs_in_inputs,
     staged_outputs,
@@ -33,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "match",
         help="find permutations aligning model B (or B, C, ...) to model A",
-        description="Weight matching (WM) or activation matching (AM) between two checkpoints; with --multi, "
+        description="A matching method of `lmckit methods` (weight, activation, STE, Sinkhorn, ...) between two "
+        "checkpoints; with --multi, "
         "three or more checkpoints matched to an anchor or by MergeMany. A perm file applies to the "
         "second model: apply_permutation(spec, perms, B) is aligned to A.",
     )
@@ -42,17 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method",
         choices=list_methods(),
         default="weight",
-        help="weight (default), activation matching, ste (straight-through estimator), or any method "
-        "of `lmckit methods` (e.g. sinkhorn)",
+        help="a method of `lmckit methods`: weight (default), activation, ste (straight-through estimator), "
+        "sinkhorn, ...; its options come from the flags below that it has, and --option KEY=VALUE",
     )
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of a registry method other than weight/activation/ste (see `lmckit methods NAME`), "
-        "e.g. --option steps=200; repeatable (default: the method's own)",
-    )
+    add_option_flag(p)
     p.add_argument(
         "--multi",
         choices=["anchor", "mergemany"],
@@ -66,32 +62,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--restarts",
         type=int_in(1, MAX_RESTARTS),
-        default=1,
+        default=None,
         help=f"WM: independent descents, best kept (default 1, at most {MAX_RESTARTS})",
     )
     p.add_argument(
         "--max-iter",
         type=int_in(1, MAX_ITER),
-        default=100,
-        help=f"WM: maximum sweeps (MergeMany: passes) (default 100, at most {MAX_ITER})",
+        default=None,
+        help=f"WM: maximum sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
     )
     p.add_argument(
         "--similarity",
         choices=["pearson", "cross_moment"],
-        default="pearson",
+        default=None,
         help="AM: unit similarity (default pearson)",
     )
     p.add_argument(
         "--num-batches",
         type=int_in(1, 100_000),
-        default=10,
+        default=None,
         help="AM: training batches used (default 10, at most 100000)",
     )
     p.add_argument(
         "--batch-size",
         type=int_in(1, MAX_BATCH),
-        default=500,
-        help=f"AM: batch size (default 500, at most {MAX_BATCH})",
+        default=None,
+        help=f"AM, STE, sinkhorn: batch size (AM default 500, at most {MAX_BATCH})",
     )
     p.add_argument("--dataset", default=None, help="AM/STE: dataset name (default: the one recorded in checkpoint A)")
     p.add_argument(
@@ -104,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ste-protocol",
         choices=["heldout-best", "git-re-basin", "random-mixing"],
-        default="heldout-best",
+        default=None,
         help="STE: which permutation is kept (heldout-best: best on a held-out set with identity and WM as "
         "candidates; git-re-basin: lowest minibatch midpoint loss, SGD preset; random-mixing: loss at "
         "lambda ~ U(0,1), the final permutation) (default heldout-best)",
@@ -130,20 +126,12 @@ def _abs(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
-    from ..errors import LmcError
-
-    for name in ("restarts", "max_iter", "num_batches", "batch_size"):
-        if getattr(args, name) < 1:
-            raise LmcError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import build_model
     from ..device import resolve_device
     from ..errors import LmcError
+    from ..match.registry import check_scheme
 
-    _check_numbers(args)
     if len(args.models) < 2:
         raise LmcError("lmckit match needs at least two checkpoints", "lmckit match A B --out perm.json")
     if len(args.models) > 2 and args.multi is None:
@@ -151,17 +139,8 @@ def run(args: argparse.Namespace) -> int:
             f"{len(args.models)} checkpoints given without --multi",
             "add --multi anchor (match all to the first) or --multi mergemany, with --out FOLDER",
         )
-    method, args.method_options = get_method(args.method), _method_options(args)
-    if args.multi is not None and not method.supports(args.multi):
-        raise LmcError(
-            f"--multi {args.multi} is not defined for {args.method} matching "
-            f"(it supports: {', '.join(method.multi) or 'two models only'})",
-            "use --method weight, or --multi anchor",
-        )
-    if args.epochs is not None and args.method != "ste":
-        raise LmcError(f"--epochs applies to --method ste only (got --method {args.method})", "drop --epochs")
-    if args.ste_state is not None and args.method != "ste":
-        raise LmcError(f"--ste-state applies to --method ste only (got --method {args.method})", "drop --ste-state")
+    method = check_scheme(args.method, args.multi) if args.multi else get_method(args.method)
+    args.method_options = method_options(args, args.method)
     out = Path(args.out)
     outputs = [("--out", out)] + (
         [("--out", out / f"perm_{i}.json") for i in range(len(args.models))] + [("--out", out / "summary.json")]
@@ -189,95 +168,23 @@ def run(args: argparse.Namespace) -> int:
     return _run_multi(args, spec, states, models, dataset, device)
 
 
-_FLAG_METHODS = ("weight", "activation", "ste")  # set by their own flags above; others by --option
-
-
-def _method_options(args: argparse.Namespace):
-    """The registry options of ``--method`` from ``--option KEY=VALUE`` (None for the flag-driven methods)."""
-    from ..errors import LmcError
-
-    if args.method in _FLAG_METHODS:
-        if args.option:
-            raise LmcError(
-                f"--option is for registry methods other than {', '.join(_FLAG_METHODS)}",
-                f"set {args.method} matching with its own flags (lmckit match --help)",
-            )
-        return None
-    pairs = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LmcError(
-                f"--option {item!r} is not KEY=VALUE", f"e.g. --option steps=200; see lmckit methods {args.method}"
-            )
-        pairs[key.strip().replace("-", "_")] = value.strip()
-    return get_method(args.method).options(pairs)
-
-
-def _match_pair(args, spec, sd_a, sd_b, model_a, model_b, dataset, device):
-    if args.method not in _FLAG_METHODS:
-        return get_method(args.method).match(
-            spec,
-            sd_a,
-            sd_b,
-            model=model_a,
-            dataset=dataset,
-            options=args.method_options,
-            seed=args.seed,
-            device=device,
-            progress=not args.json,
-        )
-    if args.method == "weight":
-        from ..match import weight_matching
-
-        return weight_matching(
-            spec,
-            sd_a,
-            sd_b,
-            seed=args.seed,
-            max_iter=args.max_iter,
-            restarts=args.restarts,
-            device=device,
-            progress=not args.json,
-        )
-    if args.method == "ste":
-        from ..match.ste import ste_matching
-
-        return ste_matching(
-            model_a,
-            sd_a,
-            sd_b,
-            dataset,
-            spec=spec,
-            preset=args.ste_preset,
-            epochs=args.epochs,
-            seed=args.seed,
-            device=device,
-            state_dir=args.ste_state,
-            progress=not args.json,
-            protocol=args.ste_protocol,
-        )
-    from ..match import activation_matching
-
-    return activation_matching(
-        model_a,
-        model_b,
-        dataset,
-        spec=spec,
-        num_batches=args.num_batches,
-        batch_size=args.batch_size,
-        method=args.similarity,
-        seed=args.seed,
-        device=device,
-    )
-
-
 def _run_pair(args, spec, states, models, dataset, device) -> int:
     from ..match import l2_distance
     from ..perm import apply_permutation, save_perms
 
     sd_a, sd_b = states
-    res = _match_pair(args, spec, sd_a, sd_b, models[0], models[1], dataset, device)
+    method, opts = get_method(args.method), args.method_options
+    res = method.match(
+        spec,
+        sd_a,
+        sd_b,
+        model=models[0],
+        dataset=dataset,
+        options=opts,
+        seed=args.seed,
+        device=device,
+        progress=not args.json,
+    )
     aligned = apply_permutation(spec, res.perms, sd_b)
     l2_before, l2_after = l2_distance(spec, sd_a, sd_b), l2_distance(spec, sd_a, aligned)
     cov = spec.coverage()
@@ -295,26 +202,8 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
         "l2_after": l2_after,
         "sweeps": res.sweeps,
     }
-    if res.method == "weight":
-        extra.update(restarts=args.restarts, max_iter=args.max_iter)
-    elif res.method == "ste":
-        extra.update(
-            dataset=dataset.name,
-            ste_preset=res.extra["preset"],
-            ste_protocol=res.extra["protocol"],
-            ste_settings=res.extra["settings"],
-            heldout_loss=res.extra["best_heldout_loss"],
-            changed_vs_wm=res.extra["changed_vs_wm"],
-        )
-    elif res.method == "activation":
-        extra.update(
-            similarity=args.similarity,
-            dataset=dataset.name,
-            num_batches=res.extra["batches"],
-            batch_size=args.batch_size,
-        )
-    else:
-        extra.update(options=args.method_options.to_dict(), dataset=None if dataset is None else dataset.name)
+    extra.update(method.run_record(res, opts))
+    extra["dataset"] = None if dataset is None else dataset.name
     out = save_perms(args.out, res.perms, **extra)
     summary = {
         "method": res.method,
@@ -335,119 +224,38 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
         return 0
     print(f"model:       {describe_model(models[0].lmckit_config)}")
     print(
-        f"spec:        {cov['groups']} groups, {cov['units']} units; permutes {cov['entries_permuted']}/{cov['entries']} "
-        f"entries, {cov['elements_permuted']}/{cov['elements']} elements"
-    )
-    what = (
-        "sum <A, pi(B)>"
-        if res.method == "weight"
-        else {
-            "heldout-best": "held-out midpoint loss, best so far",
-            "git-re-basin": "lowest minibatch midpoint loss seen",
-            "random-mixing": "held-out midpoint loss of the final permutation",
-        }[args.ste_protocol]
-        if res.method == "ste"
-        else f"summed {args.similarity} similarity"
-        if res.method == "activation"
-        else get_method(res.method).objective
+        f"spec:        {cov['groups']} groups, {cov['units']} units; "
+        f"permutes {cov['entries_permuted']}/{cov['entries']} entries, "
+        f"{cov['elements_permuted']}/{cov['elements']} elements"
     )
     print(f"method:      {res.method} matching (seed {args.seed})")
-    print(f"objective:   {res.initial_objective:.6g} -> {res.final_objective:.6g}  ({what})")
+    print(f"objective:   {res.initial_objective:.6g} -> {res.final_objective:.6g}  ({method.objective})")
     print(f"L2 distance: {l2_before:.6g} -> {l2_after:.6g}  (reduction {100 * summary['l2_reduction']:.2f}%)")
-    print(_iterations_line(args, res))
+    print(method.iterations_line(res, opts))
     print(f"seconds:     {res.seconds:.3f}")
     print(f"wrote {out}")
     return 0
 
 
-def _iterations_line(args, res) -> str:
-    """What the method iterated, in its own terms (weight matching's sweeps mean nothing for AM)."""
-    if res.method == "weight":
-        runs = f" (best of {args.restarts} restarts)" if args.restarts > 1 else ""
-        return f"sweeps:      {res.sweeps}{runs}" + (
-            " (converged)" if res.converged else f" (max-iter {args.max_iter} reached, not converged)"
-        )
-    if res.method == "activation":
-        return (
-            f"assignment:  one linear assignment per group on {res.extra.get('batches', args.num_batches)} "
-            f"batches of {args.batch_size} training images (not iterative)"
-        )
-    if res.method == "ste":
-        return f"epochs:      {res.sweeps} (protocol {args.ste_protocol})"
-    return f"steps:       {res.sweeps}" + ("" if res.converged else " (not converged)")
-
-
 def _run_multi(args, spec, states, models, dataset, device) -> int:
-    from ..match import anchor_matching, l2_distance, merge_many
+    from ..match import l2_distance
+    from ..merge import align_models
     from ..perm import apply_permutation, save_perms
     from ..store import atomic_write_json
 
-    if args.multi == "anchor":
-        matcher = None
-        if args.method == "ste":
-            from ..match.ste import ste_matching
-
-            def matcher(i, sd_ref, sd_i):
-                state = None if args.ste_state is None else Path(args.ste_state) / f"model_{i}"
-                return ste_matching(
-                    models[0],
-                    sd_ref,
-                    sd_i,
-                    dataset,
-                    spec=spec,
-                    preset=args.ste_preset,
-                    epochs=args.epochs,
-                    seed=args.seed,
-                    device=device,
-                    state_dir=state,
-                    progress=not args.json,
-                    protocol=args.ste_protocol,
-                )
-
-        if args.method == "activation":
-            from ..match import activation_matching
-
-            def matcher(i, _sd_ref, _sd_i):
-                return activation_matching(
-                    models[0],
-                    models[i],
-                    dataset,
-                    spec=spec,
-                    num_batches=args.num_batches,
-                    batch_size=args.batch_size,
-                    method=args.similarity,
-                    seed=args.seed,
-                    device=device,
-                )
-
-        if args.method not in _FLAG_METHODS:
-
-            def matcher(i, sd_ref, sd_i):
-                return get_method(args.method).match(
-                    spec,
-                    sd_ref,
-                    sd_i,
-                    model=models[0],
-                    dataset=dataset,
-                    options=args.method_options,
-                    seed=args.seed,
-                    device=device,
-                    progress=not args.json,
-                )
-
-        res = anchor_matching(
-            spec,
-            states,
-            anchor=0,
-            method=args.method,
-            matcher=matcher,
-            seed=args.seed,
-            max_iter=args.max_iter,
-            restarts=args.restarts,
-            device=device,
-        )
-    else:
-        res = merge_many(spec, states, seed=args.seed, max_iter=args.max_iter, device=device)
+    res = align_models(
+        models[0],
+        states,
+        args.method,
+        args.multi,
+        dataset,
+        spec,
+        seed=args.seed,
+        device=device,
+        options=args.method_options,
+        progress=not args.json,
+        passes=args.max_iter or 100,
+    )
     out = Path(args.out)
     rows = []
     ref_hash = state_fingerprint(states[0])
@@ -500,7 +308,8 @@ def _run_multi(args, spec, states, models, dataset, device) -> int:
     print(f"objective: {res.objective[0]:.6g} -> {res.objective[-1]:.6g}")
     for r in rows:
         print(
-            f"  [{r['index']}] {r['model']}: L2 to reference {r['l2_to_reference_before']:.6g} -> {r['l2_to_reference_after']:.6g}"
+            f"  [{r['index']}] {r['model']}: L2 to reference "
+            f"{r['l2_to_reference_before']:.6g} -> {r['l2_to_reference_after']:.6g}"
         )
     print(f"wrote {len(rows)} perm files and summary.json to {out}")
     return 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import dataclasses
 from pathlib import Path
 
+from ..match.registry import list_methods
 from .common import (
     MAX_EPOCHS,
     MAX_ITER,
@@ -17,15 +17,18 @@ from .common import (
     add_data,
     add_device,
     add_json,
+    add_option_flag,
     add_quiet,
     check_output_path,
     describe_model,
     int_in,
     load_checkpoints,
     load_named_dataset,
+    method_options,
     print_json,
     print_table,
     refuse_outputs_in_inputs,
+    staged_outputs,
     state_fingerprint,
 )
 
@@ -34,16 +37,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge",
         help="merge several models: align, average uniformly, report accuracies and barriers",
-        description="Align every model to the first (anchor) with weight matching, activation matching or STE (or "
+        description="Align every model to the first (anchor) with a matching method of `lmckit methods` (or "
         "all together by MergeMany), write the uniform average as DIR/merged.safetensors (BatchNorm "
-        "statistics recomputed or REPAIR applied, as --bn-reset says), one perm JSON per model and DIR/merge.json (with the merged-accuracy curve: "
+        "statistics recomputed or REPAIR applied, as --bn-reset says), one perm JSON per model and DIR/merge.json "
+        "(with the merged-accuracy curve: "
         "the average of the first n aligned models vs the naive average); --plot PATH also draws that "
         "curve as a PNG.",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
     p.add_argument(
-        "--method", choices=["weight", "activation", "ste"], default="weight", help="alignment method (default weight)"
+        "--method",
+        choices=list_methods(),
+        default="weight",
+        help="alignment method of `lmckit methods` (default weight); its options come from the flags below "
+        "that it has, and --option KEY=VALUE",
     )
+    add_option_flag(p)
     p.add_argument(
         "--multi",
         choices=["anchor", "mergemany"],
@@ -72,11 +81,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-iter",
         type=int_in(1, MAX_ITER),
-        default=100,
-        help=f"WM sweeps / MergeMany passes (default 100, at most {MAX_ITER})",
+        default=None,
+        help=f"WM sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
     )
     p.add_argument(
-        "--ste-preset", choices=["adam", "git-re-basin"], default="adam", help="STE optimiser preset (default adam)"
+        "--ste-preset", choices=["adam", "git-re-basin"], default=None, help="STE optimiser preset (default adam)"
     )
     p.add_argument(
         "--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE epochs, at least 1 (default: the preset's)"
@@ -99,40 +108,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- run
-@contextlib.contextmanager
-def staged_merge(out: Path, created: bool, lock_created: bool):
-    """A temp folder inside ``out`` whose files are moved into ``out`` together at the end.
-
-    On failure the temp folder goes, the lock file goes if this run created it, and ``out`` goes if this
-    run created it and nothing else is in it; resumable STE state (``out/ste``) is kept.
-    """
-    import shutil
-    import tempfile
-
-    from ..store import make_dirs, os_error
-
-    make_dirs(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=".merge-tmp-", dir=out))
-    except OSError as e:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise os_error(e, out) from None
-    try:
-        yield tmp
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if lock_created:
-            (out / ".lock").unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
     from ..device import resolve_device
@@ -144,12 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.models) < 2:
         raise LmcError("lmckit merge needs at least two checkpoints", "lmckit merge A B C --out DIR")
-    if args.multi == "mergemany" and args.method != "weight":
-        raise LmcError("MergeMany is defined for weight matching only", "use --method weight, or --multi anchor")
+    opts = method_options(args, args.method)
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
-    if args.epochs is not None and args.method != "ste":
-        raise LmcError(f"--epochs applies to --method ste only (got --method {args.method})", "drop --epochs")
     if args.plot is not None:
         if args.no_curve:
             raise LmcError("--plot draws the merged-accuracy curve, which --no-curve skips", "drop one of them")
@@ -167,19 +139,10 @@ def run(args: argparse.Namespace) -> int:
     states, infos, model, _ = load_checkpoints(args.models, arch=args.arch)
     dataset = load_named_dataset(args.dataset, infos[0], args.data_dir, label="model 0")
     check_model_fits(model, dataset, "train", where=args.models[0])
-    check_merge_inputs(
-        model,
-        states,
-        dataset,
-        args.method,
-        args.multi,
-        args.split,
-        args.bn_reset,
-        {"preset": args.ste_preset, "epochs": args.epochs},
-    )
-    created = not out.exists()
-    lock_created = not (out / ".lock").exists()
-    with staged_merge(out, created, lock_created) as tmp, file_lock(out / ".lock", wait=False):
+    check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset, opts)
+    resumable = any(f.name == "state_dir" for f in dataclasses.fields(opts))
+    # a failed run keeps its resumable state (out/ste) for the next one
+    with staged_outputs(out, keep=True, lock=out / ".lock") as tmp, file_lock(out / ".lock", wait=False):
         res = merge_models(
             model,
             states,
@@ -193,10 +156,10 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             curve=not args.no_curve,
             limit=args.limit,
-            max_iter=args.max_iter,
-            ste_kwargs={"preset": args.ste_preset, "epochs": args.epochs},
-            state_dir=out / "ste" if args.method == "ste" else None,
+            options=opts,
+            state_dir=out / "ste" if resumable else None,
             progress=not args.json,
+            passes=args.max_iter or 100,
         )
         paths = [str(Path(p).resolve()) for p in args.models]
         hashes = [state_fingerprint(sd) for sd in states]
@@ -240,14 +203,14 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             model_sha256=hashes,
         )
-        if args.method == "ste":
-            summary["ste"] = {"preset": args.ste_preset, "epochs": args.epochs}
+        summary["options"] = opts.to_dict()
         if res.curve and args.plot:
             plot_merged_accuracy(
                 res.curve,
                 args.plot,
                 title=f"uniform average of n models ({args.split})",
                 model_accuracies=summary["model_accuracies"],
+                split=args.split,
             )
             summary["merged_accuracy_plot"] = str(args.plot)
         atomic_write_json(tmp / "merge.json", summary)
@@ -255,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
         print_json(summary)
         return 0
     print(
-        f"model:  {describe_model(model.lmckit_config)}; {len(states)} checkpoints; dataset {dataset.name} ({args.split})"
+        f"model:  {describe_model(model.lmckit_config)}; {len(states)} checkpoints; "
+        f"dataset {dataset.name} ({args.split})"
     )
     print(f"method: {args.method} ({args.multi}), seed {args.seed}; {res.seconds:.1f}s")
     print_table(

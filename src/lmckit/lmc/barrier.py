@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, module_mode
 from ..progress import NullProgress, Progress
 from .bn import Repairer, has_batchnorm, reset_bn_stats, training_batches
 from .interpolate import check_compatible, copy_state, interpolate_states, lambda_grid
@@ -188,10 +188,8 @@ def check_model_fits(
     """
     device = device or next(model.parameters()).device
     x, _ = dataset.tensors(split, device=device, limit=2)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), module_mode(model):
             out = model(x)
     except RuntimeError as e:
         shape = "x".join(str(int(s)) for s in x.shape[1:])
@@ -202,8 +200,6 @@ def check_model_fits(
             "the model expects other inputs",
             "pass the --dataset the models were trained on",
         ) from None
-    finally:
-        model.train(was_training)
     if out.dim() != 2 or out.shape[1] != dataset.num_classes:
         raise LmcError(
             f"the model outputs {tuple(out.shape[1:])} logits, "

@@ -49,6 +49,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import LmcError
+from ..evaluate import module_mode
 
 NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -60,6 +61,10 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has BatchNorm layers with running statistics (what a BN reset recomputes).
+
+    The one test for "is this a BatchNorm model" (BN reset, REPAIR, rank sweeps, merging).
+    """
     return bool(batchnorm_layers(model))
 
 
@@ -132,21 +137,18 @@ def reset_bn_stats(
         if dataset is None:
             raise LmcError("reset_bn_stats needs a dataset or pre-drawn batches")
         batches = training_batches(dataset, num_batches, batch_size, seed, device or _model_device(model))
-    modes = {m: m.training for m in model.modules()}
     momenta = [bn.momentum for bn in bns]
     try:
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        for x in batches:
-            model(x)
+        with module_mode(model):
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            for x in batches:
+                model(x)
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom
-        for m, t in modes.items():
-            m.training = t
     return model
 
 
@@ -257,18 +259,16 @@ def site_stats(
 
     for name, m in sites:
         hooks.append(m.register_forward_hook(make_hook(name)))
-    was_training = model.training
-    model.eval()
     try:
-        for x in batches:
-            try:
-                model(x)
-            except _StopForward:
-                pass
+        with module_mode(model):
+            for x in batches:
+                try:
+                    model(x)
+                except _StopForward:
+                    pass
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     out = {}
     for name, (n, s1, s2) in acc.items():
         mean = s1 / n
@@ -282,15 +282,12 @@ def _execution_order(
 ) -> list[tuple[str, nn.Module]]:
     order: list[str] = []
     hooks = [m.register_forward_hook(lambda _m, _i, _o, n=n: order.append(n)) for n, m in sites]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), module_mode(model):
             model(x[:2])
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     seen = list(dict.fromkeys(order))
     by_name = dict(sites)
     missing = [n for n in by_name if n not in seen]

@@ -79,18 +79,7 @@ def interpolate_states(sd_a: State, sd_b: State, lam: float) -> dict[str, torch.
     """
     check_compatible([sd_a, sd_b], ["model A", "model B"])
     lam = float(lam)
-    if lam == 0.0:
-        return copy_state(sd_a)
-    if lam == 1.0:
-        return copy_state(sd_b)
-    out: dict[str, torch.Tensor] = {}
-    for k, a in sd_a.items():
-        b = sd_b[k]
-        if a.is_floating_point():
-            out[k] = ((1.0 - lam) * a.detach() + lam * b.detach().to(a.device)).to(a.dtype)
-        else:
-            out[k] = a.detach().clone()
-    return out
+    return mix_states([sd_a, sd_b], [1.0 - lam, lam], require_affine=False)
 
 
 def mix_states(

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
+from ..evaluate import module_mode
 from ..perm.spec import PermutationSpec, entry_segments, is_segmented, warn_low_coverage
 from .result import MatchResult
 from .weight import _lap, _solve_heads, check_finite
@@ -331,15 +332,12 @@ def activation_matching(
         _Recorder(ma, names, derived_a),
         _Recorder(mb, names, derived_sources(mb, spec) and {g: derived_sources(mb, spec)[g] for g in derived_a}),
     )
-    modes = [(m, m.training) for m in (ma, mb)]
     n_units = spec.sizes
     stats: dict[str, dict[str, Any]] = {g: {"n": 0} for g in list(sites_a) + list(derived_a)}
     gen = torch.Generator().manual_seed(int(seed))
     used = 0
     try:
-        ma.eval()
-        mb.eval()
-        with torch.no_grad():
+        with torch.no_grad(), module_mode(ma, mb):
             for x, _y in dataset.batches(split, batch_size, shuffle=True, generator=gen, device=dev):
                 if num_batches is not None and used >= int(num_batches):
                     break
@@ -381,8 +379,6 @@ def activation_matching(
     finally:
         rec_a.remove()
         rec_b.remove()
-        for m, was in modes:
-            m.train(was)
     if used == 0:
         raise LmcError(f"dataset {dataset.name!r} split {split!r} gave no batches", "use a non-empty split")
     perms: dict[str, torch.Tensor] = {}

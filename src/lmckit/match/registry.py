@@ -46,6 +46,7 @@ from .result import MatchResult
 BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn",)
 #: Multi-model schemes a method can support.
 MULTI_SCHEMES = ("anchor", "mergemany")
+SCHEME_LABEL = {"anchor": "anchor matching", "mergemany": "MergeMany"}
 
 
 # --------------------------------------------------------------------------- options
@@ -169,6 +170,14 @@ class MatchMethod:
         Whether a module of the architecture is needed (a forward pass).
     data_when:
         Optional ``options -> bool`` overriding ``needs_data`` per options.
+    label:
+        Short display name for legends and tables (``WM``, ``AM``, ``STE``); defaults to ``name``.
+    record:
+        Optional ``(result, options) -> dict``: what a perm file records about a run of the method
+        (default: ``{"options": options.to_dict()}``); see :meth:`run_record`.
+    iterations:
+        Optional ``(result, options) -> str``: what the method iterated, in its own terms, for a
+        one-line summary (default: its steps and whether it converged); see :meth:`iterations_line`.
     """
 
     name: str
@@ -181,6 +190,23 @@ class MatchMethod:
     func: MatchFunction = field(repr=False)
     needs_model: bool = False
     data_when: Callable[[MethodOptions], bool] | None = field(default=None, repr=False)
+    label: str = ""
+    record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = field(default=None, repr=False)
+    iterations: Callable[[MatchResult, MethodOptions], str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
+    def run_record(self, result: MatchResult, options: MethodOptions) -> dict[str, Any]:
+        """Method-specific metadata of a run, for its perm file (JSON-ready)."""
+        return self.record(result, options) if self.record else {"options": options.to_dict()}
+
+    def iterations_line(self, result: MatchResult, options: MethodOptions) -> str:
+        """One line saying what the run iterated (``sweeps: 4 (converged)``)."""
+        if self.iterations:
+            return self.iterations(result, options)
+        return f"steps:       {result.sweeps}" + ("" if result.converged else " (not converged)")
 
     def options(self, values: Mapping[str, Any] | None = None, **kw: Any) -> MethodOptions:
         """Validated options from a mapping and/or keywords (unknown names raise :class:`LmcError`)."""
@@ -254,6 +280,7 @@ class MatchMethod:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "label": self.label,
             "description": self.description,
             "reference": self.reference,
             "needs_data": self.needs_data,
@@ -278,6 +305,9 @@ def register_method(
     multi: tuple[str, ...] = ("anchor",),
     needs_model: bool = False,
     data_when: Callable[[MethodOptions], bool] | None = None,
+    label: str = "",
+    record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = None,
+    iterations: Callable[[MatchResult, MethodOptions], str] | None = None,
 ) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
@@ -305,6 +335,9 @@ def register_method(
             func=func,
             needs_model=needs_model,
             data_when=data_when,
+            label=label,
+            record=record,
+            iterations=iterations,
         )
         return func
 
@@ -334,6 +367,40 @@ def get_method(name: str) -> MatchMethod:
         raise LmcError(f"unknown matching method {name!r}", f"known methods: {', '.join(_REGISTRY)}") from None
 
 
+def methods_supporting(scheme: str) -> list[str]:
+    """Names of the methods supporting the multi-model ``scheme`` (``anchor`` or ``mergemany``)."""
+    if scheme not in MULTI_SCHEMES:
+        raise LmcError(f"unknown multi-model scheme {scheme!r}", f"choose one of {', '.join(MULTI_SCHEMES)}")
+    return [n for n in list_methods() if _REGISTRY[n].supports(scheme)]
+
+
+def check_scheme(method: str, scheme: str) -> MatchMethod:
+    """The method ``method`` after checking it supports the multi-model ``scheme``.
+
+    The one place that says, e.g., "MergeMany is defined for weight matching only"
+    (from the registry's ``multi`` field). Raises :class:`LmcError` for an unknown
+    method or scheme, or a method without the scheme.
+    """
+    m = get_method(method)
+    ok = methods_supporting(scheme)
+    if method not in ok:
+        raise LmcError(
+            f"{SCHEME_LABEL[scheme]} (--multi {scheme}) is not defined for {method} matching "
+            f"(it is defined for: {', '.join(ok) or 'no method'})",
+            f"use --method {ok[0]}, or --multi anchor" if ok else "use --multi anchor",
+        )
+    return m
+
+
+#: The name of the method MergeMany runs (the first method supporting the ``mergemany`` scheme).
+def mergemany_method() -> str:
+    """The method MergeMany's inner matchings use (weight matching, per the registry)."""
+    names = methods_supporting("mergemany")
+    if not names:
+        raise LmcError("no registered matching method supports MergeMany")
+    return names[0]
+
+
 # --------------------------------------------------------------------------- built-in adapters
 @dataclass(frozen=True)
 class WeightOptions(MethodOptions):
@@ -358,6 +425,13 @@ class WeightOptions(MethodOptions):
     options=WeightOptions,
     multi=("anchor", "mergemany"),
     objective="sum_k <A_k, pi(B)_k>_F per sweep; higher is better (non-decreasing)",
+    label="WM",
+    record=lambda res, o: {"restarts": o.restarts, "max_iter": o.max_iter},
+    iterations=lambda res, o: (
+        f"sweeps:      {res.sweeps}"
+        + (f" (best of {o.restarts} restarts)" if o.restarts > 1 else "")
+        + (" (converged)" if res.converged else f" (max-iter {o.max_iter} reached, not converged)")
+    ),
 )
 def _weight(spec, sd_a, sd_b, *, model, dataset, options: WeightOptions, seed, device, progress) -> MatchResult:
     from .weight import weight_matching
@@ -399,6 +473,16 @@ class ActivationOptions(MethodOptions):
     options=ActivationOptions,
     multi=("anchor",),
     objective="summed similarity of matched units; higher is better",
+    label="AM",
+    record=lambda res, o: {
+        "similarity": o.similarity,
+        "num_batches": res.extra.get("batches", o.num_batches),
+        "batch_size": o.batch_size,
+    },
+    iterations=lambda res, o: (
+        "assignment:  one linear assignment per group on "
+        f"{res.extra.get('batches', o.num_batches)} batches of {o.batch_size} {o.split} images (not iterative)"
+    ),
 )
 def _activation(spec, sd_a, sd_b, *, model, dataset, options: ActivationOptions, seed, device, progress) -> MatchResult:
     from .activation import activation_matching
@@ -462,6 +546,15 @@ class SteOptions(MethodOptions):
     options=SteOptions,
     multi=("anchor",),
     objective="best held-out midpoint loss so far; lower is better (non-increasing)",
+    label="STE",
+    record=lambda res, o: {
+        "ste_preset": res.extra["preset"],
+        "ste_protocol": res.extra["protocol"],
+        "ste_settings": res.extra["settings"],
+        "heldout_loss": res.extra["best_heldout_loss"],
+        "changed_vs_wm": res.extra["changed_vs_wm"],
+    },
+    iterations=lambda res, o: f"epochs:      {res.sweeps} (protocol {o.protocol})",
 )
 def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress) -> MatchResult:
     from .ste import ste_matching

@@ -212,6 +212,7 @@ def _inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: l
     options=SinkhornOptions,
     multi=("anchor",),
     data_when=lambda o: o.loss == "midpoint",
+    label="Sinkhorn",
     objective="sum_k <A_k, pi(B)_k>_F at the identity and at the final hard permutation; higher is better",
 )
 def _sinkhorn_method(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult:

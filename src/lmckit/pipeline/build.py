@@ -14,7 +14,9 @@ For every model entry of the recipe (and every width of the width sweep):
   sweep); every method's first search carries the Taylor estimate.
 * the three-model experiment on the first model entry.
 
-Methods whose library is not in this build are left out, with a note.
+Matching methods come from the registry (:mod:`lmckit.match.registry`): a
+method named in a recipe runs with the options the recipe sets for it (the
+``[match]`` table) and its registry defaults otherwise.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LmcError
-from .recipe import RESERVED_OVERRIDES, ModelEntry, Recipe
+from ..match.registry import mergemany_method
+from .recipe import NAIVE, RESERVED_OVERRIDES, SEARCHED_METHOD, ModelEntry, Recipe
 from .stages import Stage
-from .tasks import AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, method_available, train_stage
+from .tasks import MERGE_MANY, AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, train_stage
 
 __all__ = ["Experiment", "Plan", "build_plan", "check_data"]
 
@@ -114,24 +117,30 @@ def _thaw(v: Any) -> Any:
     return v
 
 
+def _ste_options(m) -> tuple:
+    s = m.ste
+    opts = (
+        ("batch_size", s.batch_size),
+        ("epochs", s.epochs),
+        ("lr", s.lr),
+        ("max_iter", s.max_iter),
+        ("train_limit", s.train_limit),
+    )
+    # the default protocol stays out of the options, so the STE stages' hashes of earlier runs still hold
+    return opts + ((("protocol", s.protocol),) if s.protocol != "heldout-best" else ())
+
+
+#: ``method -> (recipe.match -> the match stage's options)`` for the methods the ``[match]`` table
+#: configures; any other registry method runs with its registry defaults (options ``()``).
+RECIPE_OPTIONS = {
+    "weight": lambda m: (("max_iter", m.max_iter),),
+    "activation": lambda m: (("samples", m.am_samples),),
+    "ste": _ste_options,
+}
+
+
 def _match_options(recipe: Recipe, method: str) -> tuple:
-    m = recipe.match
-    if method == "weight":
-        return (("max_iter", m.max_iter),)
-    if method == "activation":
-        return (("samples", m.am_samples),)
-    if method == "ste":
-        s = m.ste
-        opts = (
-            ("batch_size", s.batch_size),
-            ("epochs", s.epochs),
-            ("lr", s.lr),
-            ("max_iter", s.max_iter),
-            ("train_limit", s.train_limit),
-        )
-        # the default protocol stays out of the options, so the STE stages' hashes of earlier runs still hold
-        return opts + ((("protocol", s.protocol),) if s.protocol != "heldout-best" else ())
-    return ()
+    return RECIPE_OPTIONS.get(method, lambda m: ())(recipe.match)
 
 
 def _experiment(
@@ -152,17 +161,17 @@ def _experiment(
     for pair in pairs:
         ta, tb = trains[pair[0]], trains[pair[1]]
         for method in methods:
-            searches = recipe.match.searches if method == "weight" else 1
+            searches = recipe.match.searches if method == SEARCHED_METHOD else 1
             for search in range(searches):
                 key = (pair, method, search)
                 match = None
-                if method != "naive":
+                if method != NAIVE:
                     match = MatchStage(ta, tb, method, search, _match_options(recipe, method))
                     exp.matches[key] = match
                 if search == 0:
                     exp.barriers[key] = BarrierStage(ta, tb, match, b.lambdas, b.splits, b.limit, b.bn_batches)
-                if an.enabled and method != "naive":
-                    first_wm = full and search == 0 and method == "weight" and pair == pairs[0]
+                if an.enabled and method != NAIVE:
+                    first_wm = full and search == 0 and method == SEARCHED_METHOD and pair == pairs[0]
                     exp.analyses[key] = AnalysisStage(
                         ta,
                         tb,
@@ -177,8 +186,8 @@ def _experiment(
                         rank_fractions=an.rank_fractions if first_wm and an.rank else (),
                         eval_limit=an.eval_limit,
                     )
-        if an.enabled and an.taylor and full and "naive" in methods:
-            exp.analyses[(pair, "naive", 0)] = AnalysisStage(
+        if an.enabled and an.taylor and full and NAIVE in methods:
+            exp.analyses[(pair, NAIVE, 0)] = AnalysisStage(
                 ta, tb, None, an.gammas, taylor=True, taylor_samples=an.taylor_samples, eval_limit=an.eval_limit
             )
     return exp
@@ -187,12 +196,7 @@ def _experiment(
 def build_plan(recipe: Recipe) -> Plan:
     """The stage graph of a recipe (nothing runs)."""
     notes: list[str] = []
-    methods = []
-    for meth in recipe.match.methods:
-        if method_available(meth):
-            methods.append(meth)
-        else:
-            notes.append(f"method {meth!r} skipped: its library (lmckit.match) is not in this build")
+    methods = list(recipe.match.methods)
     pairs = recipe.pairs()
     exps = [
         _experiment(recipe, m, m.width_mult, methods, recipe.train.seeds, pairs, True, m.display())
@@ -201,37 +205,33 @@ def build_plan(recipe: Recipe) -> Plan:
     plan = Plan(recipe, exps, notes=notes)
     t = recipe.three_models
     if t.enabled:
-        if not method_available("anchor"):
-            notes.append(
-                "three-model experiment skipped: lmckit.match.multi (anchor matching, MergeMany) is not in this build"
+        trains = [exps[0].trains[s] for s in recipe.train.seeds[: t.models]]
+        three_methods = list(t.methods) + ([MERGE_MANY] if t.merge_many else [])
+        b = recipe.barrier
+        for meth in three_methods:
+            merge_many = meth == MERGE_MANY
+            opts = _match_options(recipe, mergemany_method() if merge_many else meth)
+            matches: tuple = ()
+            if not merge_many:  # pairwise matchings to the anchor: shared, cached match stages
+                matches = (None,) + tuple(MatchStage(trains[0], tr, meth, 0, opts) for tr in trains[1:])
+            plan.three[meth] = ThreeModelStage(
+                tuple(trains),
+                meth,
+                matches,
+                0,
+                opts if merge_many else (),
+                b.lambdas,
+                ("test",),
+                t.grid if t.landscape else 0,
+                b.limit,
+                b.bn_batches,
             )
-        else:
-            trains = [exps[0].trains[s] for s in recipe.train.seeds[: t.models]]
-            three_methods = [m for m in t.methods if method_available(m)] + (["merge_many"] if t.merge_many else [])
-            b = recipe.barrier
-            for meth in three_methods:
-                opts = _match_options(recipe, "weight" if meth == "merge_many" else meth)
-                matches: tuple = ()
-                if meth != "merge_many":  # pairwise matchings to the anchor: shared, cached match stages
-                    matches = (None,) + tuple(MatchStage(trains[0], tr, meth, 0, opts) for tr in trains[1:])
-                plan.three[meth] = ThreeModelStage(
-                    tuple(trains),
-                    meth,
-                    matches,
-                    0,
-                    opts if meth == "merge_many" else (),
-                    b.lambdas,
-                    ("test",),
-                    t.grid if t.landscape else 0,
-                    b.limit,
-                    b.bn_batches,
-                )
     w = recipe.width_sweep
     if w.enabled:
         m0 = recipe.models[0]
         seeds = recipe.train.seeds[: 2 * w.pairs]
         wpairs = [(seeds[2 * i], seeds[2 * i + 1]) for i in range(w.pairs)]
-        wmethods = [m for m in w.methods if method_available(m)]
+        wmethods = list(w.methods)
         wrecipe = recipe
         for width in w.widths:
             plan.width.append(

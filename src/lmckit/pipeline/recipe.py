@@ -22,9 +22,10 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import LmcError
+from ..match.registry import list_methods, methods_supporting
 
 __all__ = [
     "Recipe",
@@ -45,7 +46,31 @@ __all__ = [
     "recipe_to_dict",
 ]
 
-METHODS = ("naive", "weight", "activation", "ste")
+#: The "no permutation" baseline of match.methods (not a matching method: no match stage runs).
+NAIVE = "naive"
+#: The default match.methods; any method of the matching registry may be named (:func:`method_choices`).
+METHODS = (NAIVE, "weight", "activation", "ste")
+#: The method ``match.searches`` repeats with seeds 0..searches-1 (every other method runs one search)
+#: and whose first search carries the data-dependent analyses: weight matching, the method the claims are about.
+SEARCHED_METHOD = "weight"
+
+
+def method_choices() -> tuple[str, ...]:
+    """``naive`` and every method of the matching registry (``lmckit methods``)."""
+    return (NAIVE, *list_methods())
+
+
+def anchor_method_choices() -> tuple[str, ...]:
+    """The registry methods that support anchor matching (the three-model experiment)."""
+    return tuple(methods_supporting("anchor"))
+
+
+def field_choices(meta: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """A field's allowed values (``choices`` may be a function, read when the recipe is checked)."""
+    c = meta.get("choices")
+    return tuple(c()) if callable(c) else c
+
+
 MAX_SEED = 2**63 - 1
 #: most [[models]] entries, and most stages a recipe may plan (checked before the plan is built or listed)
 MAX_MODELS = 32
@@ -71,7 +96,7 @@ def _f(
     *,
     min: float | None = None,
     max: float | None = None,
-    choices: Sequence[str] | None = None,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
     mapping: bool = False,
     help: str = "",
     check: str = "",
@@ -81,7 +106,7 @@ def _f(
     meta = {
         "min": min,
         "max": max,
-        "choices": tuple(choices) if choices else None,
+        "choices": choices if callable(choices) else (tuple(choices) if choices else None),
         "mapping": mapping,
         "help": help,
         "check": check,
@@ -156,7 +181,7 @@ class SteSection:
 
 @dataclass(frozen=True)
 class MatchSection:
-    methods: tuple[str, ...] = _f(METHODS, choices=METHODS, max_len=len(METHODS))
+    methods: tuple[str, ...] = _f(METHODS, choices=method_choices, max_len=32)
     pairs: str = _f(
         "disjoint",
         choices=("disjoint", "all"),
@@ -205,7 +230,7 @@ class AnalysisSection:
 class ThreeModelSection:
     enabled: bool = _f(True)
     models: int = _f(3, min=3, max=64, help="models matched to the anchor (the first seed)")
-    methods: tuple[str, ...] = _f(("weight", "ste"), choices=("weight", "ste"), max_len=2)
+    methods: tuple[str, ...] = _f(("weight", "ste"), choices=anchor_method_choices, max_len=32)
     landscape: bool = _f(True)
     grid: int = _f(9, min=3, max=201, help="points per side of the loss-landscape grid (at most 201)")
     merge_many: bool = _f(True, help="also run MergeMany")
@@ -215,7 +240,7 @@ class ThreeModelSection:
 class WidthSweepSection:
     enabled: bool = _f(False)
     widths: tuple[float, ...] = _f((0.25, 0.5, 1.0, 2.0), min=1e-6, max=1024.0, max_len=32)
-    methods: tuple[str, ...] = _f(("naive", "weight"), choices=("naive", "weight", "activation"), max_len=3)
+    methods: tuple[str, ...] = _f((NAIVE, "weight"), choices=method_choices, max_len=32)
     pairs: int = _f(1, min=1, max=32, help="model pairs per width")
 
 
@@ -353,10 +378,11 @@ def _check_scalar(tp: Any, value: Any, key: str, meta: Mapping[str, Any], source
         raise _bad(f"{key} must be more than {meta['min']:g}, got {value!r}", source=source)
     if meta.get("max") is not None and value > meta["max"]:
         raise _bad(f"{key} must be at most {meta['max']:g}, got {value!r}", source=source)
-    if meta.get("choices") and value not in meta["choices"]:
-        close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+    choices = field_choices(meta)
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
         raise _bad(
-            f"{key} = {value!r} is not one of {', '.join(meta['choices'])}",
+            f"{key} = {value!r} is not one of {', '.join(choices)}",
             f"did you mean {close[0]!r}?" if close else None,
             source,
         )
@@ -472,7 +498,7 @@ def _cross_checks(r: Recipe, source: str) -> None:
     if len(set(seeds)) != len(seeds):
         raise _bad(f"train.seeds has duplicates: {list(seeds)}", source=source)
     if not r.match.methods:
-        raise _bad("match.methods is empty", f"choose from {', '.join(METHODS)}", source)
+        raise _bad("match.methods is empty", f"choose from {', '.join(method_choices())}", source)
     if r.three_models.enabled and r.three_models.models > len(seeds):
         raise _bad(
             f"three_models.models = {r.three_models.models} needs as many train.seeds (have {len(seeds)})",
@@ -493,7 +519,7 @@ def _cross_checks(r: Recipe, source: str) -> None:
 
 def _report_checks(r: Recipe, source: str) -> None:
     """Combinations that would run for a long time and then fail in a stage or in the report."""
-    if not any(m != "naive" for m in r.match.methods):
+    if not any(m != NAIVE for m in r.match.methods):
         raise _bad(
             f"match.methods = {list(r.match.methods)} has no matching method; the report compares matched "
             "against naive paths",
@@ -526,7 +552,7 @@ def _stage_budget(r: Recipe, source: str) -> None:
     """Refuse recipes that would plan more than :data:`MAX_STAGES` stages (before anything is built or listed)."""
     n_seeds = len(r.train.seeds)
     n_pairs = n_seeds * (n_seeds - 1) // 2 if r.match.pairs == "all" else n_seeds // 2
-    per_pair = sum((r.match.searches if m == "weight" else 1) * 2 + 1 for m in r.match.methods)
+    per_pair = sum((r.match.searches if m == SEARCHED_METHOD else 1) * 2 + 1 for m in r.match.methods)
     total = len(r.models) * (n_seeds + n_pairs * per_pair)
     if r.width_sweep.enabled:
         total += len(r.width_sweep.widths) * (2 * r.width_sweep.pairs * (1 + 3 * len(r.width_sweep.methods)))

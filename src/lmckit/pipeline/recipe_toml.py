@@ -15,7 +15,7 @@ import math
 import typing
 from typing import Any
 
-from .recipe import Recipe
+from .recipe import Recipe, field_choices
 
 __all__ = ["recipe_toml", "schema_rows"]
 
@@ -88,8 +88,9 @@ EXTRA_HELP = {
 def _comment(f: dataclasses.Field, default: Any) -> str:
     meta = f.metadata
     parts = [meta.get("help") or EXTRA_HELP.get(f.name, "")]
-    if meta.get("choices"):
-        parts.append("one of " + ", ".join(meta["choices"]))
+    choices = field_choices(meta)
+    if choices:
+        parts.append("one of " + ", ".join(choices))
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and hi is not None:
         parts.append(f"in [{lo:g}, {hi:g}]")

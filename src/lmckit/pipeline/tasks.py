@@ -12,7 +12,7 @@ stages' hashes but not those of weight matching.
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -23,34 +23,18 @@ from ..errors import LmcError
 from ..store import atomic_write_json
 from .stages import Stage, StageContext
 
+#: The three-model experiment's name for MergeMany (a multi-model scheme, not a two-model method).
+MERGE_MANY = "merge_many"
+
 __all__ = [
     "TrainStage",
     "MatchStage",
     "BarrierStage",
     "AnalysisStage",
     "ThreeModelStage",
-    "method_available",
     "train_stage",
     "load_model_of",
 ]
-
-
-def method_available(method: str) -> bool:
-    """Whether the library behind a matching method is importable in this build."""
-    mod = {
-        "naive": None,
-        "weight": "lmckit.match.weight",
-        "activation": "lmckit.match.activation",
-        "ste": "lmckit.match.ste",
-        "merge_many": "lmckit.match.multi",
-        "anchor": "lmckit.match.multi",
-    }.get(method, "?")
-    if mod is None:
-        return True
-    try:
-        return importlib.util.find_spec(mod) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _pairs(d: Mapping[str, Any]) -> tuple:
@@ -181,7 +165,7 @@ class _Pair:
 # --------------------------------------------------------------------------- match
 @dataclass(frozen=True)
 class MatchStage(Stage):
-    """Find the permutation of B that aligns it to A: ``weight``, ``activation`` or ``ste``.
+    """Find the permutation of B that aligns it to A with a registry method (:mod:`lmckit.match.registry`).
 
     Writes ``perms.json`` (:func:`lmckit.perm.save_perms`) and ``result.json``
     (:meth:`lmckit.match.MatchResult.to_dict`). ``options`` holds the
@@ -201,44 +185,22 @@ class MatchStage(Stage):
         return f"{self.method} seed {self.seed}: {self.a.label()} vs seed {_unpairs(self.b.config).get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
+        from ..match.registry import get_method
         from ..perm import save_perms
 
         p = _Pair(ctx, self.a, self.b)
-        opt = dict(self.options)
-        if self.method == "weight":
-            from ..match import weight_matching
-
-            res = weight_matching(
-                p.spec, p.sd_a, p.sd_b, seed=self.seed, max_iter=int(opt.get("max_iter", 100)), device=p.device
-            )
-        elif self.method == "activation":
-            from ..checkpoint import build_model
-            from ..match import activation_matching
-
-            model_b = build_model(p.model.lmckit_config, p.sd_b, self.b.label()).to(p.device)
-            res = activation_matching(p.model, model_b, p.dataset, **_activation_kwargs(opt, self.seed, p.device))
-        elif self.method == "ste":
-            from ..match.ste import ste_matching
-
-            res = ste_matching(
-                p.model,
-                p.sd_a,
-                p.sd_b,
-                p.dataset,
-                spec=p.spec,
-                epochs=int(opt["epochs"]),
-                lr=float(opt["lr"]),
-                batch_size=int(opt["batch_size"]),
-                seed=self.seed,
-                device=p.device,
-                state_dir=ctx.dir / "ste",
-                progress=True,
-                wm_max_iter=int(opt.get("max_iter", 100)),
-                train_limit=int(opt.get("train_limit", 0)) or None,
-                protocol=str(opt.get("protocol", "heldout-best")),
-            )
-        else:
-            raise LmcError(f"unknown matching method {self.method!r}", "use weight, activation or ste")
+        method = get_method(self.method)
+        res = method.match(
+            p.spec,
+            p.sd_a,
+            p.sd_b,
+            model=p.model,
+            dataset=p.dataset,
+            options=stage_match_options(self.method, dict(self.options), ctx.dir),
+            seed=self.seed,
+            device=p.device,
+            progress=True,
+        )
         save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)
         d = res.to_dict()
         d.pop("seconds", None)
@@ -246,11 +208,43 @@ class MatchStage(Stage):
         atomic_write_json(ctx.dir / "timing.json", {"seconds": float(res.seconds)})
 
 
-def _activation_kwargs(opt: Mapping[str, Any], seed: int, device) -> dict[str, Any]:
-    """``samples`` training images as batches of at most 500 for :func:`lmckit.match.activation_matching`."""
-    samples = int(opt.get("samples", 5000))
+def _activation_samples(opt: dict[str, Any]) -> dict[str, Any]:
+    """``samples`` training images as batches of at most 500."""
+    samples = int(opt.pop("samples", 5000))
     batch = min(500, samples)
-    return {"num_batches": -(-samples // batch), "batch_size": batch, "seed": seed, "device": device}
+    return {**opt, "num_batches": -(-samples // batch), "batch_size": batch}
+
+
+def _ste_names(opt: dict[str, Any]) -> dict[str, Any]:
+    """``max_iter`` is STE's inner weight matching; ``train_limit = 0`` means all training images."""
+    opt = dict(opt)
+    if "max_iter" in opt:
+        opt["wm_max_iter"] = opt.pop("max_iter")
+    if not opt.get("train_limit"):
+        opt.pop("train_limit", None)
+    return opt
+
+
+#: Stage option names that differ from the registry's, kept so earlier stages keep their hashes:
+#: ``method -> (stage options -> registry options)``. A method not listed here (e.g. ``sinkhorn``)
+#: uses the registry's option names directly.
+_LEGACY_STAGE_OPTIONS = {"activation": _activation_samples, "ste": _ste_names}
+
+
+def stage_match_options(method: str, options: Mapping[str, Any], stage_dir: Path | None = None):
+    """The registry options (:class:`lmckit.match.registry.MethodOptions`) of a match stage.
+
+    ``options`` are the stage's own (``MatchStage.options`` as a dict); a
+    method with a ``state_dir`` option (STE) keeps its resumable state in
+    ``stage_dir / method``. Raises :class:`LmcError` for an unknown method or option.
+    """
+    from ..match.registry import get_method
+
+    m = get_method(method)
+    opt = _LEGACY_STAGE_OPTIONS.get(method, dict)(dict(options))
+    if stage_dir is not None and "state_dir" in {f.name for f in dataclasses.fields(m.options_type)}:
+        opt["state_dir"] = str(Path(stage_dir) / method)
+    return m.options(opt)
 
 
 # --------------------------------------------------------------------------- barrier
@@ -297,7 +291,8 @@ class BarrierStage(Stage):
 # --------------------------------------------------------------------------- analysis
 @dataclass(frozen=True)
 class AnalysisStage(Stage):
-    """Distances and SVD alignment of a matched pair, plus optional data-dependent analyses.
+    """Distances and SVD alignment of a matched pair, plus optional data-dependent analyses
+    (:func:`lmckit.analysis.analyze_pair`, as ``lmckit analyze``; this stage writes what it computed).
 
     Always: :func:`lmckit.analysis.distances` and :func:`lmckit.analysis.svd_alignment`
     (R before/after at ``gammas``, per layer). ``arrays``: spectra and per-index
@@ -327,50 +322,41 @@ class AnalysisStage(Stage):
         return f"{m} analysis, seed {_unpairs(self.a.config).get('seed')}-{_unpairs(self.b.config).get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
-        from ..analysis import distances, input_projections, rank_sweep, svd_alignment, taylor_midpoint
-        from ..analysis.layers import has_batchnorm, midpoint_state
+        from ..analysis import analyze_pair
 
         p = _Pair(ctx, self.a, self.b, self.match)
-        out: dict[str, Any] = {}
-        dist = distances(p.spec, p.sd_a, p.sd_b, p.perms)
-        out["l2_before"], out["l2_after"], out["reduction"] = dist["l2_before"], dist["l2_after"], dist["reduction"]
-        out["distance_per_layer"] = dist["per_layer"]
-        svd = svd_alignment(p.spec, p.sd_a, p.sd_b, p.perms, self.gammas)
-        s = svd.summary(arrays=self.arrays)
+        res = analyze_pair(
+            p.model,
+            p.spec,
+            p.sd_a,
+            p.sd_b,
+            p.perms,
+            dataset=p.dataset,
+            gammas=self.gammas,
+            rank_fractions=self.rank_fractions,
+            eval_limit=self.eval_limit or None,
+            projection_batches=self.projection_batches,
+            taylor=self.taylor,
+            taylor_samples=self.taylor_samples,
+            projections=self.projections,
+            rank_sweeps=self.rank,
+            device=p.device,
+            seed=self.seed,
+        )
+        dist = res.distances
+        out: dict[str, Any] = {"l2_before": dist["l2_before"], "l2_after": dist["l2_after"]}
+        out["reduction"], out["distance_per_layer"] = dist["reduction"], dist["per_layer"]
+        s = res.svd.summary(arrays=self.arrays)
         out["R"], out["R_per_layer"] = s["R"], s["per_layer"]
         if self.taylor:
-            out["taylor"] = taylor_midpoint(
-                p.model,
-                p.spec,
-                p.sd_a,
-                p.sd_b_aligned(),
-                p.dataset,
-                num_samples=self.taylor_samples,
-                seed=self.seed,
-                device=p.device,
-            )
+            out["taylor"] = res.taylor
         if self.projections:
-            proj = input_projections(
-                p.model, p.spec, p.sd_a, p.dataset, num_batches=self.projection_batches, device=p.device, seed=self.seed
-            )
             out["projections"] = {
-                name: {"mean_abs": d["mean_abs"], "random_mean_abs": d["random_mean_abs"]} for name, d in proj.items()
+                name: {"mean_abs": d["mean_abs"], "random_mean_abs": d["random_mean_abs"]}
+                for name, d in res.projections.items()
             }
         if self.rank:
-            bn = has_batchnorm(p.model)
-            kw = dict(
-                gammas=[g for g in self.gammas if g > 0],
-                fractions=list(self.rank_fractions),
-                split="test",
-                spec=p.spec,
-                device=p.device,
-                limit=self.eval_limit or None,
-                reset_bn=bn,
-            )
-            out["rank_sweep"] = {
-                "A": rank_sweep(p.model, p.sd_a, p.dataset, **kw),
-                "midpoint": rank_sweep(p.model, midpoint_state(p.sd_a, p.sd_b_aligned()), p.dataset, **kw),
-            }
+            out["rank_sweep"] = res.sweeps
         _write(ctx, out)
 
 
@@ -414,33 +400,33 @@ class ThreeModelStage(Stage):
     def run(self, ctx: StageContext) -> None:
         from ..checkpoint import build_model
         from ..data import load_dataset
-        from ..evaluate import evaluate
-        from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
+        from ..lmc import barrier_curve
+        from ..lmc.landscape import plane_landscape
+        from ..match.registry import mergemany_method
+        from ..merge import align_models, merged_accuracy_curve
         from ..perm import apply_permutation, load_perms, spec_for
 
         if len(self.models) < 3:
             raise LmcError(f"the three-model experiment needs at least 3 models, got {len(self.models)}")
         loaded = [load_model_of(ctx, t) for t in self.models]
-        states = [sd for sd, _, _ in loaded]
-        model_cfg, cfg = loaded[0][1], loaded[0][2]
+        (_, model_cfg, cfg), states = loaded[0], [sd for sd, _, _ in loaded]
         dev = ctx.device
         model = build_model(model_cfg, states[0], self.models[0].label()).to(dev)
         spec = spec_for(model)
         dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
         out: dict[str, Any] = {"method": self.method, "n_models": len(self.models)}
-        if self.method == "merge_many":
-            from ..match import merge_many
-
-            res = merge_many(
-                spec, states, seed=self.seed, wm_max_iter=int(dict(self.options).get("max_iter", 100)), device=dev
-            )
+        if self.method == MERGE_MANY:
+            wm = mergemany_method()
+            opts = stage_match_options(wm, dict(self.options))
+            res = align_models(model, states, wm, "mergemany", spec=spec, seed=self.seed, device=dev, options=opts)
             perms = res.perms
             out["passes"], out["converged"], out["objective"] = res.passes, res.converged, res.objective
         else:
             if len(self.matches) != len(self.models) or self.matches[0] is not None:
-                raise ValueError("ThreeModelStage needs matches = (None, match of model 1, match of model 2, ...)")
+                raise LmcError("ThreeModelStage needs matches = (None, match of model 1, match of model 2, ...)")
             perms = [None] + [load_perms(ctx.input(m) / "perms.json", spec) for m in self.matches[1:]]
         aligned = [apply_permutation(spec, p, sd) if p is not None else dict(sd) for p, sd in zip(perms, states)]
+        lim = self.limit or None
         bar = barrier_curve(
             model,
             aligned[1],
@@ -448,37 +434,26 @@ class ThreeModelStage(Stage):
             dataset,
             splits=self.splits,
             points=self.points,
-            limit=self.limit or None,
+            limit=lim,
             device=dev,
             bn_batches=self.bn_batches,
             progress=True,
         )
         out["pair_barrier"] = bar.to_dict()
         if self.grid:
-            from ..lmc.landscape import plane_landscape
-
             land = plane_landscape(
                 model,
-                aligned[0],
-                aligned[1],
-                aligned[2],
+                *aligned[:3],
                 dataset,
                 grid=self.grid,
                 split="test",
-                limit=self.limit or None,
+                limit=lim,
                 device=dev,
                 bn_batches=self.bn_batches,
                 progress=True,
             )
             out["landscape"] = land.to_dict()
-        merged = []
-        bn = has_batchnorm(model)
-        for n in range(1, len(aligned) + 1):
-            sd = mix_states(aligned[:n], [1.0 / n] * n)
-            m = build_model(model_cfg, sd, f"average of {n} models").to(dev)
-            if bn and n > 1:
-                reset_bn_stats(m, dataset, num_batches=self.bn_batches, device=dev)
-            loss, acc = evaluate(m, dataset, "test", device=dev, limit=self.limit or None)
-            merged.append({"n": n, "loss": loss, "accuracy": acc})
-        out["merged"] = merged
+        out["merged"] = merged_accuracy_curve(
+            model, aligned, dataset, "test", "auto", dev, seed=0, limit=lim, start=1, bn_batches=self.bn_batches
+        )
         _write(ctx, out)

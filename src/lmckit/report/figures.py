@@ -1,9 +1,11 @@
 """Report figures drawn from the aggregated results tree (JSON numbers, not live objects).
 
-The per-pair plots of :mod:`lmckit.analysis.plots` take live analysis
-objects of one pair; the report needs mean and standard deviation over
-pairs and searches read back from stage folders, so it draws its own
-figures here. Each function writes one PNG (Agg backend) and returns its path.
+Each figure that also exists outside the report is drawn by one function of
+the experiment's own module (:mod:`lmckit.analysis.plots` for a pair's SVD
+figures, :mod:`lmckit.lmc.plot` for landscapes, :mod:`lmckit.merge` for the
+merged-accuracy panel), from plain data; the functions here pick that data
+(mean and standard deviation over pairs and searches) out of the results
+tree. Each function writes one PNG (Agg backend) and returns its path.
 
 Conventions shared by every figure: axes labelled with their units
 (accuracy as a fraction in [0, 1], loss as cross-entropy in nats), integer
@@ -14,31 +16,55 @@ methods drawn on one shared colour scale and the same axes.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from ..plotting import LOSS_CMAP, integer_ticks, legend_outside, plain_log_axis, save_figure, subplot_grid
+from ..analysis import plots
+from ..lmc.plot import plot_curves, plot_landscape
+from ..match.registry import get_method, list_methods
+from ..merge import draw_merged_accuracy
+from ..pipeline.recipe import NAIVE, SEARCHED_METHOD
+from ..pipeline.tasks import MERGE_MANY
+from ..plotting import integer_ticks, save_with_legend, subplot_grid
 from ..plotting import pyplot as _plt
 
-METHOD_LABEL = {"naive": "naive", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
-METHOD_COLOR = {"naive": "0.5", "weight": "C3", "activation": "C0", "ste": "C2", "merge_many": "C4"}
-METHOD_STYLE = {"naive": "-", "weight": "-", "activation": "--", "ste": ":", "merge_many": "-."}
+
+class _ByMethod(Mapping):
+    """``{method: value}`` for the naive path, every method of the matching registry (in its order), MergeMany.
+
+    Read from the registry when used, so a newly registered method gets its label (the entry's ``label``),
+    a colour and a line style in every figure and table without an edit here.
+    """
+
+    def __init__(self, naive: str, merge_many: str, of_method: Callable[[str, int], str]):
+        self._naive, self._merge_many, self._of = naive, merge_many, of_method
+
+    def _table(self) -> dict[str, str]:
+        d = {NAIVE: self._naive}
+        d.update({m: self._of(m, i) for i, m in enumerate(list_methods())})
+        d[MERGE_MANY] = self._merge_many
+        return d
+
+    def __getitem__(self, key: str) -> str:
+        return self._table()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
 
 
-def _save(fig, path: Path, axes: Any = None, ncol: int | None = None) -> Path:
-    """Save with a legend below the panels (from ``axes``) and room kept for it."""
-    leg = legend_outside(fig, axes, ncol=ncol) if axes is not None else None
-    bottom = 0.0
-    if leg is not None:
-        rows = math.ceil(len(leg.get_texts()) / leg._ncols)  # noqa: SLF001 - matplotlib keeps ncols private
-        bottom = min(0.4, (0.22 * rows + 0.1) / fig.get_size_inches()[1])
-    import warnings
+_COLORS = ("C3", "C0", "C2", "C1", "C5", "C6", "C7", "C8", "C9")  # C4 is MergeMany's
+_STYLES = ("-", "--", ":", (0, (5, 1, 1, 1)), (0, (1, 2)), (0, (6, 2)))
+#: legend label of each method (the registry's ``label``: WM, AM, STE, ...)
+METHOD_LABEL = _ByMethod("naive", "MergeMany", lambda m, i: get_method(m).label)
+METHOD_COLOR = _ByMethod("0.5", "C4", lambda m, i: _COLORS[i % len(_COLORS)])
+METHOD_STYLE = _ByMethod("-", "-.", lambda m, i: _STYLES[i % len(_STYLES)])
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fig.tight_layout(rect=(0, bottom, 1, 1))
-    return save_figure(fig, path, dpi=90, metadata={"Software": None}, bbox_inches="tight")
+
+_save = save_with_legend
 
 
 def _grid(n: int, size: float = 3.0):
@@ -46,157 +72,44 @@ def _grid(n: int, size: float = 3.0):
 
 
 def _ordered(methods: Mapping[str, Any]) -> list[str]:
-    """Method names in the report's order (naive, WM, AM, STE, MergeMany, then any other)."""
+    """Method names in the report's order (naive, the registry's order, MergeMany, then any other)."""
     order = list(METHOD_LABEL)
     return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 def interpolation(exp: Mapping[str, Any], path: Path) -> Path:
-    """Per split: loss, loss of the aligned methods only (zoomed), accuracy, against lambda.
-
-    One row per split; mean over pairs, shaded +-1 std. The middle panel leaves out the naive path so that
-    the aligned methods' curves, which otherwise overlap in a thin strip, can be told apart.
-    """
-    plt = _plt()
-    methods = {m: exp["methods"][m] for m in _ordered(exp["methods"]) if "curves" in exp["methods"][m]}
-    splits = [s for s in next(iter(methods.values()))["curves"] if s != "lambdas"]
-    aligned = [m for m in methods if m != "naive"]
-    cols = 3 if aligned and "naive" in methods else 2
-    fig, grid = plt.subplots(len(splits), cols, figsize=(3.4 * cols, 2.9 * len(splits)), squeeze=False)
-    for i, sp in enumerate(splits):
-        panels = [("loss", list(methods), "loss (nats)", "")]
-        if cols == 3:
-            panels.append(("loss", aligned, "loss (nats)", " (aligned methods, zoomed)"))
-        panels.append(("accuracy", list(methods), "accuracy (fraction)", ""))
-        for ax, (q, which, unit, note) in zip(grid[i], panels):
-            for m in which:
-                d = methods[m]
-                lam = d["curves"]["lambdas"]
-                mu, sd = d["curves"][sp][f"{q}_mean"], d["curves"][sp][f"{q}_std"]
-                ax.plot(
-                    lam,
-                    mu,
-                    label=METHOD_LABEL.get(m, m),
-                    color=METHOD_COLOR.get(m),
-                    ls=METHOD_STYLE.get(m, "-"),
-                    lw=1.4,
-                )
-                ax.fill_between(
-                    lam,
-                    [a - b for a, b in zip(mu, sd)],
-                    [a + b for a, b in zip(mu, sd)],
-                    color=METHOD_COLOR.get(m),
-                    alpha=0.2,
-                    lw=0,
-                )
-            ax.set_title(f"{sp} {q}{note}", fontsize=8)
-            ax.set_xlabel("λ (0: model A, 1: model B)")
-            ax.set_ylabel(f"{sp} {unit}")
-            ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
-    fig.suptitle(f"{exp['label']}: linear interpolation (mean ± std over {len(exp['pairs'])} pair(s))", fontsize=9)
-    return _save(fig, path, [grid[0][0]])
+    """Per split: loss, loss of the aligned methods only (zoomed), accuracy, against lambda
+    (:func:`lmckit.lmc.plot.plot_curves`, as ``lmckit barrier --plot``); mean over pairs, shaded +-1 std."""
+    methods = [m for m in _ordered(exp["methods"]) if "curves" in exp["methods"][m]]
+    curves = {METHOD_LABEL.get(m, m): exp["methods"][m]["curves"] for m in methods}
+    styles = {METHOD_LABEL.get(m, m): {"color": METHOD_COLOR.get(m), "ls": METHOD_STYLE.get(m, "-")} for m in methods}
+    title = f"{exp['label']}: linear interpolation (mean ± std over {len(exp['pairs'])} pair(s))"
+    return plot_curves(curves, path, "all", title, styles, baseline=METHOD_LABEL[NAIVE])
 
 
 def spectra(exp: Mapping[str, Any], path: Path) -> Path:
-    sp = exp["spectra"]
-    fig, axes = _grid(len(sp))
     a, b = exp["pairs"][0]
-    for ax, (name, d) in zip(axes, sp.items()):
-        ax.plot(d["sigma_a"], lw=1.2, label=f"model A (seed {a})")
-        ax.plot(d["sigma_b"], lw=1.2, ls="--", label=f"model B (seed {b})")
-        ax.set_yscale("log")
-        plain_log_axis(ax)
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("singular index i (0 = largest)")
-        if ax is axes[0]:
-            ax.set_ylabel("singular value σ_i")
-        integer_ticks(ax)
-    fig.suptitle("Singular values of corresponding layers, two seeds", fontsize=9)
-    return _save(fig, path, axes[:1])
+    return plots.plot_spectra(exp["spectra"], path, labels=(f"model A (seed {a})", f"model B (seed {b})"))
 
 
 def r_bars(exp: Mapping[str, Any], path: Path) -> Path:
     """R(gamma) before matching and after each method, mean +- std over pairs and searches."""
-    plt = _plt()
-    methods = [m for m, d in exp["methods"].items() if "R" in d and m != "naive"]  # naive = "no permutation"
-    gammas = list(exp["methods"][methods[0]]["R"])
+    methods = [m for m, d in exp["methods"].items() if "R" in d and m != NAIVE]  # naive = "no permutation"
     series = [("no permutation", exp["methods"][methods[0]]["R"], "before", "0.6")]
     series += [(METHOD_LABEL.get(m, m), exp["methods"][m]["R"], "after", METHOD_COLOR.get(m)) for m in methods]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(gammas) * len(series) / 2, 3.4))
-    w = 0.8 / len(series)
-    for j, (name, R, when, color) in enumerate(series):
-        xs = [i + (j - (len(series) - 1) / 2) * w for i in range(len(gammas))]
-        ax.bar(
-            xs,
-            [R[g][when]["mean"] for g in gammas],
-            yerr=[R[g][when]["std"] for g in gammas],
-            width=w,
-            label=name,
-            color=color,
-            capsize=2,
-        )
-    ax.set_xticks(range(len(gammas)), [f"γ = {g}" for g in gammas])
-    ax.set_ylabel("alignment score R(γ)")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_title("Alignment of singular vectors (mean ± std)", fontsize=9)
-    return _save(fig, path, [ax])
+    return plots.plot_r_bars(series, path)
 
 
 def per_index(exp: Mapping[str, Any], path: Path) -> Path:
-    sp = exp["spectra"]
-    fig, axes = _grid(len(sp))
-    for ax, (name, d) in zip(axes, sp.items()):
-        ax.plot(d["per_index_before"], color="0.6", lw=0.8, label="before matching")
-        ax.plot(d["per_index_after"], color="C3", lw=0.8, label="after WM")
-        ax.axhline(0, color="k", lw=0.4)
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("singular index i (0 = largest)")
-        if ax is axes[0]:
-            ax.set_ylabel("(u_i·Pu'_i)(v_i·Qv'_i)")
-        integer_ticks(ax)
-    fig.suptitle("Per-index alignment against singular-value rank", fontsize=9)
-    return _save(fig, path, axes[:1])
+    return plots.plot_per_index(exp["spectra"], path, after_label=f"after {METHOD_LABEL[SEARCHED_METHOD]}")
 
 
 def projections(exp: Mapping[str, Any], path: Path) -> Path:
-    pr = exp["projections"]
-    fig, axes = _grid(len(pr))
-    for ax, (name, d) in zip(axes, pr.items()):
-        ax.plot(d["mean_abs"], lw=1.0, label="right-singular vector v_i")
-        ax.plot(d["random_mean_abs"], lw=0.8, color="0.6", label="random unit direction")
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("singular index i (0 = largest)")
-        if ax is axes[0]:
-            ax.set_ylabel("mean |v_i · z| over inputs z")
-        integer_ticks(ax)
-    fig.suptitle("Layer inputs projected on right-singular vectors", fontsize=9)
-    return _save(fig, path, axes[:1])
+    return plots.plot_projections(exp["projections"], path)
 
 
 def rank(exp: Mapping[str, Any], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    for i, (who, recs) in enumerate(exp["rank_sweep"].items()):
-        full = next((r for r in recs if r["kind"] == "full"), None)
-        for kind, marker in (("fraction", "o"), ("gamma", "s")):
-            pts = sorted((r["kept_fraction"], r["accuracy"]) for r in recs if r["kind"] == kind)
-            if pts:
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] for p in pts],
-                    marker=marker,
-                    ms=3,
-                    color=f"C{i}",
-                    ls="-" if kind == "fraction" else "none",
-                    label=f"{who}: {'top fraction of the rank' if kind == 'fraction' else 'σ_i >= γ σ_max'}",
-                )
-        if full is not None:
-            ax.axhline(full["accuracy"], color=f"C{i}", ls=":", lw=0.8, label=f"{who}: untruncated")
-    ax.set_xscale("log")
-    ax.set_xlabel("kept directions / full rank, hidden layers (log scale)")
-    ax.set_ylabel("test accuracy (fraction)")
-    ax.set_title("Accuracy of rank-k truncated models", fontsize=9)
-    return _save(fig, path, [ax], ncol=2)
+    return plots.plot_rank_sweep(exp["rank_sweep"], path)
 
 
 def three_models(three: Mapping[str, Any], path: Path) -> Path:
@@ -207,63 +120,20 @@ def three_models(three: Mapping[str, Any], path: Path) -> Path:
         c = d["pair_curve"]
         kw = dict(color=METHOD_COLOR.get(m), ls=METHOD_STYLE.get(m, "-"))
         a1.plot(c["lambdas"], c["loss"], label=METHOD_LABEL.get(m, m), **kw)
-        a2.plot([r["n"] for r in d["merged"]], [r["accuracy"] for r in d["merged"]], marker="o", ms=3, **kw)
     a1.set_xlabel("λ (0: π_b(θ_b), 1: π_c(θ_c))")
     a1.set_ylabel(f"{next(iter(three.values()))['split']} loss (nats)")
     a1.set_title("Path between two models matched to one anchor", fontsize=9)
-    a2.set_xlabel("number of averaged models n")
-    a2.set_ylabel("test accuracy of the average (fraction)")
-    a2.set_title("Merged model accuracy", fontsize=9)
-    integer_ticks(a2)
+    styles = {m: {"color": METHOD_COLOR.get(m), "ls": METHOD_STYLE.get(m, "-")} for m in three}
+    draw_merged_accuracy(a2, {m: three[m]["merged"] for m in _ordered(three)}, styles, labels=False)
     return _save(fig, path, [a1])
 
 
 def landscape(three: Mapping[str, Any], path: Path) -> Path:
-    """Loss on the plane of the three aligned models, one panel per method, on ONE shared log colour scale.
-
-    Every panel uses the same colour normalisation (the min and max loss over all panels), the same
-    colour map as ``lmckit landscape`` (:data:`lmckit.plotting.LOSS_CMAP`, dark = low loss), the same
-    axis limits and an equal aspect ratio, so the methods compare directly.
-    """
-    import numpy as np
-    from matplotlib.colors import LogNorm
-
-    items = [(m, three[m]["landscape"]) for m in _ordered(three) if "landscape" in three[m]]
-    zs = [np.maximum(np.asarray(ld["loss"], dtype=float), 1e-4) for _, ld in items]
-    lo = float(min(z.min() for z in zs))
-    hi = float(max(z.max() for z in zs))
-    hi = hi if hi > lo * 1.001 else lo * 1.001
-    levels = np.geomspace(lo, hi, 16)
-    norm = LogNorm(vmin=lo, vmax=hi)
-    xlim = (min(min(ld["xs"]) for _, ld in items), max(max(ld["xs"]) for _, ld in items))
-    ylim = (min(min(ld["ys"]) for _, ld in items), max(max(ld["ys"]) for _, ld in items))
-    fig, axes = _grid(len(items), size=3.6)
-    cs = None
-    for ax, (m, ld), z in zip(axes, items, zs):
-        cs = ax.contourf(ld["xs"], ld["ys"], z, levels=levels, norm=norm, cmap=LOSS_CMAP)
-        pts = list(ld["models"].items())
-        tri = [p for _, p in pts] + [pts[0][1]]
-        ax.plot([p[0] for p in tri], [p[1] for p in tri], "w--", lw=0.8)
-        for name, (x, y) in pts:
-            ax.plot([x], [y], "o", color="white", markeredgecolor="black", ms=6)
-            ax.annotate(
-                name, (x, y), color="white", fontsize=7, fontweight="bold", xytext=(4, 4), textcoords="offset points"
-            )
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
-        ax.set_facecolor("0.85")  # outside this method's evaluated grid (the axes are shared by all panels)
-        ax.set_aspect("equal", adjustable="box")
-        ax.set_title(f"{METHOD_LABEL.get(m, m)}", fontsize=8)
-        ax.set_xlabel("coordinate along θ_B − θ_A (L2 units)", fontsize=7)
-        if ax is axes[0]:
-            ax.set_ylabel("orthogonal coordinate (L2 units)", fontsize=7)
-    if cs is not None:
-        ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 6)})  # readable values, log-spaced
-        cbar = fig.colorbar(cs, ax=[a for a in axes if a.get_visible()], shrink=0.85, ticks=ticks, format="%.3g")
-        cbar.minorticks_off()
-        cbar.set_label("test loss (nats, log scale; shared by all panels)", fontsize=7)
-    fig.suptitle("Loss on the plane through three aligned models (white: the models; grey: not evaluated)", fontsize=9)
-    return save_figure(fig, path, dpi=90, metadata={"Software": None}, bbox_inches="tight")
+    """Loss on the plane of the three aligned models, one panel per method, on ONE shared log colour scale
+    (:func:`lmckit.lmc.plot.plot_landscape`, as ``lmckit landscape``)."""
+    panels = {METHOD_LABEL.get(m, m): three[m]["landscape"] for m in _ordered(three) if "landscape" in three[m]}
+    title = "Loss on the plane through three aligned models (white: the models; grey: not evaluated)"
+    return plot_landscape(panels, path, "loss", title=title, split="test")
 
 
 def width_sweep(ws: list[Mapping[str, Any]], path: Path, split: str = "test", gamma: str | None = None) -> Path:

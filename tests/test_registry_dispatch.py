@@ -1,0 +1,193 @@
+"""Dispatch through the matching registry: recipes, pipeline stages, merge, CLI flags, report legends.
+
+Adding a method must need no edit outside its module: these tests register or name ``sinkhorn`` (or a
+throw-away method) and check that recipes, stages, ``merge.align_models``, the CLI and the report's
+legends pick it up, and that the legacy stage options still map onto the registry's options.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lmckit.checkpoint import save_model
+from lmckit.cli import main
+from lmckit.errors import LmcError
+from lmckit.evaluate import module_mode
+from lmckit.match import registry
+from lmckit.match.registry import MethodOptions, check_scheme, get_method, mergemany_method, register_method
+from lmckit.merge import align_models
+from lmckit.models import create_model
+from lmckit.perm import apply_permutation, invert_permutation, random_permutation, spec_for
+from lmckit.pipeline.build import build_plan
+from lmckit.pipeline.recipe import load_recipe
+from lmckit.pipeline.tasks import MatchStage, stage_match_options
+
+FAST = ["steps=60", "iters=10", "check_every=20"]
+
+
+# --------------------------------------------------------------------------- recipes and the stage plan
+def test_recipe_names_a_registry_method_with_no_other_edit():
+    r = load_recipe(
+        "tiny",
+        ['match.methods=["naive", "weight", "sinkhorn"]', 'three_models.methods=["weight", "sinkhorn"]'],
+    )
+    plan = build_plan(r)
+    matches = [s for e in plan.experiments for s in e.matches.values()]
+    sk = [m for m in matches if m.method == "sinkhorn"]
+    assert sk and all(isinstance(m, MatchStage) and m.options == () for m in sk)
+    assert len(sk) == len(r.pairs())  # one search: match.searches repeats weight matching only
+    assert sum(m.method == "weight" for m in matches) == len(r.pairs()) * r.match.searches
+    three = plan.three["sinkhorn"]
+    assert [m.method for m in three.matches[1:]] == ["sinkhorn", "sinkhorn"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ('match.methods=["naive", "bogus"]', "sinkhorn"),  # the error lists the registry's methods
+        ('three_models.methods=["naive"]', "is not one of"),  # naive is no anchor method
+    ],
+)
+def test_recipe_rejects_unknown_methods_listing_the_registry(override, message):
+    with pytest.raises(LmcError, match=message):
+        load_recipe("tiny", [override])
+
+
+def test_legacy_stage_options_map_onto_registry_options(tmp_path):
+    am = stage_match_options("activation", {"samples": 1200})
+    assert (am.num_batches, am.batch_size) == (3, 500)
+    assert stage_match_options("activation", {"samples": 300}).batch_size == 300
+    ste = stage_match_options(
+        "ste", {"epochs": 2, "lr": 0.01, "batch_size": 64, "max_iter": 7, "train_limit": 0}, tmp_path
+    )
+    assert (ste.epochs, ste.lr, ste.batch_size, ste.wm_max_iter, ste.train_limit) == (2, 0.01, 64, 7, None)
+    assert ste.state_dir == str(tmp_path / "ste")
+    assert stage_match_options("ste", {"train_limit": 500}).train_limit == 500
+    assert stage_match_options("weight", {"max_iter": 20}).max_iter == 20
+    assert stage_match_options("sinkhorn", {"steps": 5}).steps == 5
+    with pytest.raises(LmcError, match="no option"):
+        stage_match_options("weight", {"steps": 5})
+
+
+# --------------------------------------------------------------------------- multi-model schemes
+def test_mergemany_is_checked_once_from_the_registry():
+    assert mergemany_method() == "weight"
+    assert check_scheme("weight", "mergemany").name == "weight"
+    for m in ("activation", "ste", "sinkhorn"):
+        assert check_scheme(m, "anchor").name == m
+        with pytest.raises(LmcError, match="MergeMany .* not defined for"):
+            check_scheme(m, "mergemany")
+    with pytest.raises(LmcError, match="unknown multi-model scheme"):
+        check_scheme("weight", "everything")
+
+
+def test_align_models_runs_any_registry_method_against_the_anchor():
+    torch.manual_seed(0)
+    m = create_model("mlp_tiny")
+    spec = spec_for(m)
+    sd = m.state_dict()
+    planted = [random_permutation(spec, seed=s) for s in (3, 4)]
+    states = [sd] + [apply_permutation(spec, p, sd) for p in planted]
+    opts = get_method("sinkhorn").options({k: v for k, v in (x.split("=") for x in FAST)})
+    res = align_models(m, states, "sinkhorn", "anchor", spec=spec, options=opts, progress=False)
+    for p, perms in zip(planted, res.perms[1:]):
+        inv = invert_permutation(p)
+        assert all(torch.equal(perms[g], inv[g]) for g in spec.sizes)
+    with pytest.raises(LmcError, match="MergeMany"):
+        align_models(m, states, "sinkhorn", "mergemany", spec=spec)
+
+
+# --------------------------------------------------------------------------- CLI flags -> options
+@pytest.fixture()
+def three_ckpts(tmp_path):
+    torch.manual_seed(0)
+    m = create_model("mlp_tiny")
+    spec = spec_for(m)
+    sd = m.state_dict()
+    planted = random_permutation(spec, seed=5)
+    a = save_model(tmp_path / "a.safetensors", m, sd, dataset="synthetic")
+    b = save_model(tmp_path / "b.safetensors", m, apply_permutation(spec, planted, sd), dataset="synthetic")
+    return spec, planted, str(a), str(b)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "activation", "--restarts", "2"], "--restarts applies to --method weight only"),
+        (["--method", "sinkhorn", "--ste-protocol", "git-re-basin"], "--ste-protocol applies to --method ste only"),
+        (["--method", "weight", "--option", "max_iter=0"], "max_iter must be positive"),
+    ],
+)
+def test_cli_flags_apply_to_the_methods_with_that_option(three_ckpts, tmp_path, capsys, argv, message):
+    _, _, a, b = three_ckpts
+    assert main(["match", a, b, *argv, "--out", str(tmp_path / "p.json")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_option_sets_weight_matching_too(three_ckpts, tmp_path, capsys):
+    spec, planted, a, b = three_ckpts
+    out = tmp_path / "p.json"
+    assert main(["match", a, b, "--option", "max_iter=3", "--restarts", "2", "--out", str(out), "--json"]) == 0
+    raw = json.loads(out.read_text())
+    assert (raw["max_iter"], raw["restarts"]) == (3, 2)
+    assert json.loads(capsys.readouterr().out)["l2_after"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cli_merge_with_a_registry_method(three_ckpts, tmp_path, capsys):
+    _, _, a, b = three_ckpts
+    out = tmp_path / "m"
+    opts = [x for kv in FAST for x in ("--option", kv)]
+    argv = ["merge", a, b, a, "--method", "sinkhorn", *opts, "--points", "3", "--no-curve", "--out", str(out)]
+    assert main([*argv, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["method"] == "sinkhorn" and d["options"]["steps"] == 60
+    assert all(b["loss_barrier"] == pytest.approx(0.0, abs=1e-4) for b in d["pairwise_barriers"])
+
+
+# --------------------------------------------------------------------------- report legends
+def test_report_legends_read_the_registry():
+    from lmckit.report.figures import METHOD_COLOR, METHOD_LABEL, METHOD_STYLE
+
+    assert [METHOD_LABEL[m] for m in ("naive", "weight", "activation", "ste", "merge_many")] == [
+        "naive",
+        "WM",
+        "AM",
+        "STE",
+        "MergeMany",
+    ]
+
+    @dataclass(frozen=True)
+    class NoOptions(MethodOptions):
+        pass
+
+    register_method(
+        "throwaway", description="x", reference="x", needs_data=False, options=NoOptions, objective="x", label="TA"
+    )(lambda *a, **k: None)
+    try:
+        assert METHOD_LABEL["throwaway"] == "TA" and "throwaway" in list(METHOD_LABEL)
+        assert METHOD_COLOR["throwaway"] not in (METHOD_COLOR[m] for m in ("naive", "weight", "activation", "ste"))
+        assert METHOD_STYLE["throwaway"]
+    finally:
+        del registry._REGISTRY["throwaway"]
+    assert "throwaway" not in list(METHOD_LABEL)
+
+
+# --------------------------------------------------------------------------- modes
+def test_module_mode_restores_each_submodules_mode_even_on_error():
+    m = create_model("mlp_tiny")
+    m.train()
+    first = next(iter(m.children()))
+    first.eval()  # a mixed state: one child in eval mode, the rest in train mode
+    before = [x.training for x in m.modules()]
+    with pytest.raises(RuntimeError), module_mode(m):
+        assert not any(x.training for x in m.modules())
+        raise RuntimeError("boom")
+    assert [x.training for x in m.modules()] == before
+    with module_mode(m, train=True):
+        assert all(x.training for x in m.modules())
+    assert [x.training for x in m.modules()] == before
