@@ -68,10 +68,15 @@ def _perturbed(sd, scale, seed):
     return {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("certify", [True, False])
-def test_projector_equals_weight_matching_along_a_trajectory(certify):
-    """A sequence of slowly moving A's (as theta~ in STE): every projection equals weight_matching's."""
-    model = create_model("mlp", in_channels=1, image_size=8, width=24, depth=3)
+@pytest.mark.parametrize("certify,name", [(True, "mlp"), (False, "mlp"), (False, "vgg_tiny"), (False, "resnet_tiny")])
+def test_projector_equals_weight_matching_along_a_trajectory(certify, name):
+    """A sequence of slowly moving A's (as theta~ in STE): every projection equals weight_matching's.
+
+    Conv models check the gathered-A products of 4-D kernels and the norm vectors."""
+    if name == "mlp":
+        model = create_model("mlp", in_channels=1, image_size=8, width=24, depth=3)
+    else:
+        model = create_model(name)
     spec = spec_for(model)
     torch.manual_seed(0)
     sd_b = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -41,14 +41,18 @@ relaxation cannot settle; after ``bf_passes`` passes the group is solved by
 the LAP as weight matching would, so the certificate can only save work,
 never change an answer.
 
-What stays the same cost: the cost matrices themselves (one matrix product
-per (tensor, axis) term, re-used within a call while the neighbouring
-permutations do not move), since ``theta~`` changes densely at every step.
+Cost matrices: ``theta~`` changes densely at every step, so each group's
+terms are computed once per call (one matrix product per (tensor, axis)
+term, against B in its original unit order with A's other axes gathered by
+the inverse permutations, so B is never permuted or copied), and within a
+call a neighbour's move of ``s`` units is folded in by a rank-``s``
+correction, ``O(n^2 s)``, as in :mod:`lmckit.match.weight`; the LAP negates
+the group's sum in place and restores it.
 
 Result equality with :func:`weight_matching` (``restarts=1``) holds exactly
-in exact arithmetic; in floating point the cost matrices are computed by the
-same products in the same order, so the permutations agree bit for bit in
-practice (``tests/test_projection.py`` and ``benchmarks/bench_ste.py`` check it).
+in exact arithmetic; in floating point the cost matrices are built as :func:`weight_matching`
+builds them (products from the unpermuted B, rank-s corrections), so the
+permutations agree in practice (``tests/test_projection.py`` and ``benchmarks/bench_ste.py`` check it).
 Specs in which a group moves two axes of one tensor (a quadratic term) are
 passed to :func:`weight_matching` unchanged.
 """
@@ -61,7 +65,16 @@ import numpy as np
 import torch
 
 from ..perm.spec import Perms, PermutationSpec, is_segmented
-from .weight import DEFAULT_TOL, _flat, _lap, objective_keys, weight_matching
+from .weight import (
+    DEFAULT_TOL,
+    RANK_UPDATE_MAX_FRACTION,
+    RANK_UPDATE_REFRESH,
+    _add_product,
+    _flat,
+    _lap,
+    objective_keys,
+    weight_matching,
+)
 
 #: Relative slack of the certificate: eps = CERT_SLACK * tol * scale_g / n (see the module docstring).
 CERT_SLACK = 0.1
@@ -190,10 +203,18 @@ class WarmProjector:
                 else:
                     mats.append((k, a))
             self.mats[g], self.vecs[g], self.neighbours[g] = mats, vecs, nb
-        self.norm_b = {k: float(torch.linalg.vector_norm(self.B[k].double())) for k in keys}
+        self.norm_b = {k: float(torch.linalg.vector_norm(self.B[k], dtype=torch.float64)) for k in keys}
         self.solvable = [g for g in self.groups if spec.sizes[g] > 1]
-        self._bp: dict[str, torch.Tensor] | None = None
-        self._bp_perms: dict[str, torch.Tensor] | None = None
+        # Every cost term is computed against B in its original unit order (fixed for the whole run), with
+        # A's other axes gathered by the inverse permutations of their groups (see _term):
+        # R = B^{(a)} per (entry, axis), and the biases/norm vectors of a group stacked.
+        self.right = {(k, a): _flat(self.B[k], a) for g in self.groups for k, a in self.mats[g]}
+        self.vec_b = {g: torch.stack([self.B[k] for k in self.vecs[g]], 1) for g in self.groups if self.vecs[g]}
+        self.others = {
+            (k, a): [(i, h) for i, h in enumerate(self.axes[k]) if h is not None and i != a]
+            for g in self.groups
+            for k, a in self.mats[g]
+        }
         self._v: dict[str, np.ndarray] = {}
         self.stats = {
             "calls": 0,
@@ -204,26 +225,81 @@ class WarmProjector:
             "held": 0,
             "moves": 0,
             "fallback": 0,
+            "terms_built": 0,
+            "terms_updated": 0,
         }
 
-    # ------------------------------------------------------------------ helpers
-    def _permuted_b(self, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._bp is not None and all(torch.equal(self._bp_perms[g], perms[g]) for g in self.groups):
-            return dict(self._bp)
-        out = {}
-        for k in self.keys:
-            w = self.B[k]
-            for a, g in enumerate(self.axes[k]):
-                if g is not None:
-                    w = w.index_select(a, perms[g])
-            out[k] = w
-        return out
+    # ------------------------------------------------------------------ cost matrices
+    def _updatable(self, k: str, a: int) -> str | None:
+        """The one group on the other axis of a 2-D entry (its moves are rank-s corrections), else ``None``."""
+        o = self.others[(k, a)]
+        return o[0][1] if self.B[k].dim() == 2 and len(o) == 1 else None
 
-    @staticmethod
-    def _contribution(a: int, am: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if b.dim() == 2 and a == 1:
-            return (am.t() @ b).double()
-        return (am @ _flat(b, a).t()).double()
+    def _term(self, A: Mapping[str, torch.Tensor], k: str, a: int, inv: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_c A^{(a)}[i, c] pi(B)^{(a)}[j, c]`` with rows ``j`` in B's original order of the group on ``a``.
+
+        Position ``c`` of ``pi(B)`` on another axis holds unit ``p_h[c]`` of B, so the term equals
+        ``A^{(a)}`` with that axis gathered by ``argsort(p_h)``, times B's own ``B^{(a)T}``.
+        """
+        t = A[k]
+        for i, h in self.others[(k, a)]:
+            t = t.index_select(i, inv[h])
+        return _flat(t, a) @ self.right[(k, a)].t()
+
+    def _build(self, g: str, A, vec_a, perms, inv, stamps) -> list:
+        """Group ``g``'s cost sum from scratch (float64): ``[sum, {term: p_h or stamp}, rank updates]``."""
+        n = self.spec.sizes[g]
+        c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        seen = {}
+        for k, a in self.mats[g]:
+            c += self._term(A, k, a, inv)
+            h = self._updatable(k, a)
+            seen[(k, a)] = perms[h] if h is not None else tuple(stamps[x] for _, x in self.others[(k, a)])
+            self.stats["terms_built"] += 1
+        if vec_a[g] is not None:
+            c += vec_a[g] @ self.vec_b[g].t()
+        return [c, seen, 0]
+
+    def _cost(self, g: str, ent, A, vec_a, perms, inv, stamps):
+        """Group ``g``'s cost matrix in B's original unit order, brought up to date with its neighbours' moves.
+
+        A 2-D term whose other group ``h`` moved the positions ``S`` since it was summed changes by
+        ``A^{(a)}[:, S] (B^{(a)}[:, p_new[S]] - B^{(a)}[:, p_old[S]])^T`` (``O(n^2 |S|)``, as in
+        :mod:`lmckit.match.weight`); any other change of a term, more than half the units moved, or
+        :data:`lmckit.match.weight.RANK_UPDATE_REFRESH` corrections in a row rebuild the sum.
+        """
+        if ent is None:
+            return self._build(g, A, vec_a, perms, inv, stamps)
+        stale = []
+        for (k, a), was in ent[1].items():
+            h = self._updatable(k, a)
+            if h is None:
+                if was != tuple(stamps[x] for _, x in self.others[(k, a)]):
+                    return self._build(g, A, vec_a, perms, inv, stamps)
+                continue
+            if was is perms[h]:
+                continue
+            moved = torch.nonzero(was != perms[h]).flatten()
+            if moved.numel() > RANK_UPDATE_MAX_FRACTION * was.numel():
+                return self._build(g, A, vec_a, perms, inv, stamps)
+            if moved.numel():
+                stale.append((k, a, moved, was, perms[h]))
+        if not stale:
+            return ent
+        if ent[2] >= RANK_UPDATE_REFRESH:
+            return self._build(g, A, vec_a, perms, inv, stamps)
+        for k, a, moved, p_old, p_new in stale:
+            o = 1 - a
+            a_s = A[k].index_select(o, moved)
+            d = self.B[k].index_select(o, p_new[moved]) - self.B[k].index_select(o, p_old[moved])
+            if a == 0:
+                _add_product(ent[0], a_s, d)
+            else:
+                _add_product(ent[0], a_s.t(), d.t())
+            ent[1][(k, a)] = p_new
+            self.stats["terms_updated"] += 1
+        ent[2] += 1
+        return ent
 
     # ------------------------------------------------------------------ projection
     def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int) -> Perms:
@@ -248,24 +324,19 @@ class WarmProjector:
             return {g: p.to("cpu") for g, p in res.perms.items()}
         dev = self.device
         A = {k: sd_a[k].detach().to(device=dev, dtype=self.dtype) for k in self.keys}
-        am: dict[tuple[str, int], torch.Tensor] = {}
-        for g in self.groups:
-            for k, a in self.mats[g]:
-                am[(k, a)] = A[k] if (A[k].dim() == 2 and a == 1) else _flat(A[k], a).contiguous()
         vec_a = {g: (torch.stack([A[k] for k in self.vecs[g]], 1) if self.vecs[g] else None) for g in self.groups}
-        norm_a = {k: float(torch.linalg.vector_norm(A[k].double())) for k in self.keys}
+        norm_a = {k: float(torch.linalg.vector_norm(A[k], dtype=torch.float64)) for k in self.keys}
         scale = {g: sum(norm_a[k] * self.norm_b[k] for k in {k for k, _ in self.members[g]}) for g in self.groups}
 
         perms = {g: init[g].to(dev).to(torch.long) for g in self.spec.sizes}
         inv = {g: torch.argsort(p) for g, p in perms.items()}
         perms_np = {g: perms[g].cpu().numpy() for g in self.groups}
-        bp = self._permuted_b(perms)
         rng = np.random.default_rng([int(seed), 0])
         clock = 0
         moved_at = {g: 0 for g in self.groups}
-        moved_any = {g: 0 for g in self.spec.sizes}
+        stamps = {g: 0 for g in self.spec.sizes}
         solved_at: dict[str, int] = {}
-        cache: dict = {}
+        sums: dict[str, list] = {}
         for _ in range(self.max_iter):
             changed = False
             order = [self.solvable[i] for i in rng.permutation(len(self.solvable))]
@@ -275,23 +346,9 @@ class WarmProjector:
                     self.stats["skipped"] += 1
                     continue
                 solved_at[g] = clock
-                inv_g = inv[g]
                 n = self.spec.sizes[g]
-                c = torch.zeros(n, n, dtype=torch.float64, device=dev)
-                for k, a in self.mats[g]:
-                    stamp = tuple(moved_any[h] for i, h in enumerate(self.axes[k]) if h is not None and i != a)
-                    hit = cache.get((k, a))
-                    if hit is None or hit[0] != stamp:
-                        hit = (stamp, self._contribution(a, am[(k, a)], bp[k])[:, inv_g])
-                        cache[(k, a)] = hit
-                    c += hit[1]
-                if vec_a[g] is not None:
-                    hit = cache.get((g, "vec"))
-                    if hit is None:
-                        bv = torch.stack([bp[k] for k in self.vecs[g]], 1)
-                        hit = cache[(g, "vec")] = (vec_a[g] @ bv.t()).double()[:, inv_g]
-                    c += hit
-                c_np = c.cpu().numpy()
+                sums[g] = self._cost(g, sums.get(g), A, vec_a, perms, inv, stamps)
+                c_np = sums[g][0].cpu().numpy()
                 p_old = perms_np[g]
                 if self.certify:
                     eps = CERT_SLACK * self.tol * scale[g] / n
@@ -301,7 +358,7 @@ class WarmProjector:
                         self.stats["certified"] += 1
                         continue  # no assignment beats p_old by more than the acceptance threshold
                 self.stats["solves"] += 1
-                p_new = _lap(c_np)
+                p_new = _lap(c_np, inplace=dev.type == "cpu")  # the sum is ours: negated and restored in place
                 if np.array_equal(p_new, p_old):
                     continue
                 rows = np.arange(n)
@@ -309,23 +366,15 @@ class WarmProjector:
                 if not delta > self.tol * scale[g]:
                     continue
                 p_new_t = torch.from_numpy(np.ascontiguousarray(p_new, dtype=np.int64)).to(dev)
-                q = inv_g[p_new_t]
-                for k in {k for k, _ in self.members[g]}:
-                    w = bp[k]
-                    for a, x in enumerate(self.axes[k]):
-                        if x == g:
-                            w = w.index_select(a, q)
-                    bp[k] = w
                 perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
                 clock += 1
                 moved_at[g] = clock
-                moved_any[g] += 1
+                stamps[g] += 1
                 self.stats["moves"] += 1
                 changed = True
             self.stats["sweeps"] += 1
             if not changed:
                 break
-        self._bp, self._bp_perms = bp, {g: perms[g] for g in self.groups}
         return {g: perms[g].to("cpu") for g in self.spec.sizes}
 
 
