@@ -145,6 +145,14 @@ class WarmProjector:
         **Approximation** (default 1: off): project only at every ``every``-th
         call and return ``init`` unchanged at the others (a projection held
         for ``every`` steps). Changes the result; see :func:`ste_projector`.
+    step_sweeps:
+        **Approximation** (default 0: off): at most this many sweeps per call,
+        so the descent continues across calls from where it stopped (the
+        projection tracks the moving optimum instead of reaching it at every
+        step). Changes the result; see :func:`ste_projector`.
+
+    Calls with ``full=True`` (STE's end-of-epoch projection, the one it
+    scores) ignore both approximations: they run the descent to convergence.
 
     Notes
     -----
@@ -164,6 +172,7 @@ class WarmProjector:
         certify: bool = False,
         bf_passes: int = 12,
         every: int = 1,
+        step_sweeps: int = 0,
     ):
         self.spec = spec
         self.sd_b = sd_b
@@ -171,6 +180,9 @@ class WarmProjector:
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = int(every)
+        if int(step_sweeps) < 0:
+            raise ValueError(f"step_sweeps must be >= 0, got {step_sweeps}")
+        self.step_sweeps = int(step_sweeps)
         keys = objective_keys(spec, sd_b)
         first = next((v for v in sd_b.values() if isinstance(v, torch.Tensor)), None)
         self.device = (
@@ -302,10 +314,13 @@ class WarmProjector:
         return ent
 
     # ------------------------------------------------------------------ projection
-    def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int) -> Perms:
-        """``WM(sd_a, theta_b)`` warm-started at ``init`` with group order seeded by ``seed`` (CPU LongTensors)."""
+    def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int, full: bool = False) -> Perms:
+        """``WM(sd_a, theta_b)`` warm-started at ``init`` with group order seeded by ``seed`` (CPU LongTensors).
+
+        ``full``: run to convergence whatever the approximations (``every``, ``step_sweeps``) say.
+        """
         self.stats["calls"] += 1
-        if (self.stats["calls"] - 1) % self.every:
+        if not full and (self.stats["calls"] - 1) % self.every:
             self.stats["held"] += 1  # approximation: keep the last projection for every-1 of every calls
             return {g: init[g].to("cpu") for g in self.spec.sizes}
         if self.quadratic:
@@ -337,7 +352,8 @@ class WarmProjector:
         stamps = {g: 0 for g in self.spec.sizes}
         solved_at: dict[str, int] = {}
         sums: dict[str, list] = {}
-        for _ in range(self.max_iter):
+        sweeps = self.max_iter if full or not self.step_sweeps else min(self.max_iter, self.step_sweeps)
+        for _ in range(sweeps):
             changed = False
             order = [self.solvable[i] for i in rng.permutation(len(self.solvable))]
             for g in order:
@@ -378,9 +394,76 @@ class WarmProjector:
         return {g: perms[g].to("cpu") for g in self.spec.sizes}
 
 
+class WeightMatchingProjector:
+    """``WM(theta~, theta_b)`` by :func:`weight_matching` at every call (with the same approximations).
+
+    Used for specs :class:`WarmProjector` does not model (attention heads,
+    block axes, quadratic terms: ``weight_matching`` honours them) and for
+    ``LMCKIT_STE_PROJECTION=reference``. ``every`` and ``step_sweeps`` mean
+    what they mean for :class:`WarmProjector` (``step_sweeps`` is
+    ``weight_matching``'s ``max_iter`` of a step's projection), and so does
+    ``full``; ``stats`` counts calls, held calls and sweeps.
+    """
+
+    certify = False
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        sd_b: Mapping[str, torch.Tensor],
+        max_iter: int = 100,
+        device: torch.device | str | None = None,
+        tol: float = DEFAULT_TOL,
+        every: int = 1,
+        step_sweeps: int = 0,
+    ):
+        if int(every) < 1 or int(step_sweeps) < 0:
+            raise ValueError(f"every must be >= 1 and step_sweeps >= 0, got {every}, {step_sweeps}")
+        self.spec, self.sd_b, self.device, self.tol = spec, sd_b, device, float(tol)
+        self.max_iter, self.every, self.step_sweeps = int(max_iter), int(every), int(step_sweeps)
+        self.stats = {"calls": 0, "held": 0, "sweeps": 0}
+
+    def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int, full: bool = False) -> Perms:
+        """As :meth:`WarmProjector.__call__`."""
+        self.stats["calls"] += 1
+        if not full and (self.stats["calls"] - 1) % self.every:
+            self.stats["held"] += 1
+            return {g: init[g].to("cpu") for g in self.spec.sizes}
+        sweeps = self.max_iter if full or not self.step_sweeps else min(self.max_iter, self.step_sweeps)
+        res = weight_matching(
+            self.spec,
+            sd_a,
+            self.sd_b,
+            seed=seed,
+            max_iter=sweeps,
+            init_perms=init,
+            restarts=1,
+            device=self.device,
+            tol=self.tol,
+        )
+        self.stats["sweeps"] += res.sweeps
+        return {g: p.to("cpu") for g, p in res.perms.items()}
+
+
+def _env_count(name: str, default: int, least: int) -> int:
+    """Integer environment setting ``name`` (>= ``least``), else :class:`LmcError`."""
+    import os
+
+    from ..errors import LmcError
+
+    raw = os.environ.get(name, str(default)).strip() or str(default)
+    try:
+        val = int(raw)
+    except ValueError:
+        val = least - 1
+    if val < least:
+        raise LmcError(f"{name} must be an integer >= {least}, got {raw!r}", f"fix or unset {name}")
+    return val
+
+
 def ste_projector(
     spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int, device: torch.device | str | None
-) -> WarmProjector | None:
+) -> WarmProjector | WeightMatchingProjector:
     """The projector STE uses for its per-step projections, chosen by the environment.
 
     ``LMCKIT_STE_PROJECTION``:
@@ -388,22 +471,31 @@ def ste_projector(
     * unset or ``exact``: :class:`WarmProjector` (the same permutation as
       :func:`weight_matching` at every step);
     * ``certified``: the same with the optimality certificate (exact too);
-    * ``reference``: ``None``, i.e. STE calls :func:`weight_matching` itself.
+    * ``reference``: :class:`WeightMatchingProjector`, i.e. :func:`weight_matching`
+      itself at every step.
 
-    ``LMCKIT_STE_PROJECT_EVERY=k`` (default 1) turns on the approximation of
-    projecting at every ``k``-th step only (the permutation of the midpoint is
-    then up to ``k - 1`` steps old, the end-of-epoch projection that STE
-    scores included). It changes STE's result; its effect on the final
-    permutation is measured by ``benchmarks/bench_ste.py --every k`` (40 steps
-    of the MLP with k = 4: 55% of units assigned differently from the exact
-    run, held-out midpoint loss 0.491 vs 0.482; the step 1.6x cheaper). It is
-    not part of STE's resume fingerprint, and a resumed run restarts the
-    k-cycle, so set it for whole runs only.
+    Specs with attention heads or block axes (the ViT, the LSTM, ``cat``/``pad``/
+    ``flatten`` axes) always get :class:`WeightMatchingProjector`: the warm
+    projector models free whole-axis groups only.
+
+    Two approximations, off by default, change STE's result (measured by
+    ``benchmarks/bench_ste.py``, see the README's speed section); neither is
+    part of STE's resume fingerprint, so set them for whole runs only. The
+    end-of-epoch projection, which STE scores and returns, is always run to
+    convergence:
+
+    * ``LMCKIT_STE_PROJECT_SWEEPS=s`` (default 0: off): at most ``s`` sweeps
+      of the warm-started descent per training step; the descent continues at
+      the next step from where it stopped (``s = 1``: one sweep per step, one
+      assignment solve per group).
+    * ``LMCKIT_STE_PROJECT_EVERY=k`` (default 1): project at every ``k``-th
+      step only (the permutation of the midpoint is then up to ``k - 1``
+      steps old; a resumed run restarts the k-cycle).
 
     Raises
     ------
     LmcError
-        An unknown mode or a bad ``k``.
+        An unknown mode or a bad ``k`` or ``s``.
     """
     import os
 
@@ -412,26 +504,8 @@ def ste_projector(
     mode = os.environ.get("LMCKIT_STE_PROJECTION", "exact").strip().lower() or "exact"
     if mode not in ("exact", "certified", "reference"):
         raise LmcError(f"unknown LMCKIT_STE_PROJECTION={mode!r}", "use exact, certified or reference")
-    raw = os.environ.get("LMCKIT_STE_PROJECT_EVERY", "1").strip() or "1"
-    try:
-        every = int(raw)
-    except ValueError:
-        every = 0
-    if every < 1:
-        raise LmcError(f"LMCKIT_STE_PROJECT_EVERY must be a positive integer, got {raw!r}")
-    if mode == "reference":
-        if every != 1:
-            raise LmcError(
-                "LMCKIT_STE_PROJECT_EVERY needs the exact or certified projection", "unset LMCKIT_STE_PROJECTION"
-            )
-        return None
-    if spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
-        # The warm projector models free whole-axis groups only; attention heads and block axes
-        # (cat, pad, flatten, LSTM gates) go through weight_matching itself, which honours them.
-        if every != 1:
-            raise LmcError(
-                "LMCKIT_STE_PROJECT_EVERY is not available for specs with attention heads or block axes",
-                "unset LMCKIT_STE_PROJECT_EVERY",
-            )
-        return None
-    return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every)
+    every = _env_count("LMCKIT_STE_PROJECT_EVERY", 1, 1)
+    sweeps = _env_count("LMCKIT_STE_PROJECT_SWEEPS", 0, 0)
+    if mode == "reference" or spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
+        return WeightMatchingProjector(spec, sd_b, max_iter, device, every=every, step_sweeps=sweeps)
+    return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every, step_sweeps=sweeps)
