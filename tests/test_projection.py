@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmckit.match import lap
-from lmckit.match.projection import WarmProjector, certify_assignment
+from lmckit.match.projection import WarmProjector, WeightMatchingProjector, certify_assignment
 from lmckit.match.weight import weight_matching
 from lmckit.models import create_model
 from lmckit.perm import apply_permutation, spec_for
@@ -68,10 +68,15 @@ def _perturbed(sd, scale, seed):
     return {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
-@pytest.mark.parametrize("certify", [True, False])
-def test_projector_equals_weight_matching_along_a_trajectory(certify):
-    """A sequence of slowly moving A's (as theta~ in STE): every projection equals weight_matching's."""
-    model = create_model("mlp", in_channels=1, image_size=8, width=24, depth=3)
+@pytest.mark.parametrize("certify,name", [(True, "mlp"), (False, "mlp"), (False, "vgg_tiny"), (False, "resnet_tiny")])
+def test_projector_equals_weight_matching_along_a_trajectory(certify, name):
+    """A sequence of slowly moving A's (as theta~ in STE): every projection equals weight_matching's.
+
+    Conv models check the gathered-A products of 4-D kernels and the norm vectors."""
+    if name == "mlp":
+        model = create_model("mlp", in_channels=1, image_size=8, width=24, depth=3)
+    else:
+        model = create_model(name)
     spec = spec_for(model)
     torch.manual_seed(0)
     sd_b = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -108,13 +113,21 @@ def test_ste_projector_modes_from_environment(monkeypatch):
     monkeypatch.setenv("LMCKIT_STE_PROJECTION", "certified")
     assert ste_projector(spec, sd, 10, "cpu").certify
     monkeypatch.setenv("LMCKIT_STE_PROJECTION", "reference")
-    assert ste_projector(spec, sd, 10, "cpu") is None
+    assert isinstance(ste_projector(spec, sd, 10, "cpu"), WeightMatchingProjector)
     monkeypatch.setenv("LMCKIT_STE_PROJECTION", "bogus")
     with pytest.raises(LmcError):
         ste_projector(spec, sd, 10, "cpu")
     monkeypatch.setenv("LMCKIT_STE_PROJECTION", "exact")
     for bad in ("0", "x"):
         monkeypatch.setenv("LMCKIT_STE_PROJECT_EVERY", bad)
+        with pytest.raises(LmcError):
+            ste_projector(spec, sd, 10, "cpu")
+    monkeypatch.setenv("LMCKIT_STE_PROJECT_EVERY", "2")
+    monkeypatch.setenv("LMCKIT_STE_PROJECT_SWEEPS", "1")
+    p = ste_projector(spec, sd, 10, "cpu")
+    assert isinstance(p, WarmProjector) and p.every == 2 and p.step_sweeps == 1
+    for bad in ("-1", "x"):
+        monkeypatch.setenv("LMCKIT_STE_PROJECT_SWEEPS", bad)
         with pytest.raises(LmcError):
             ste_projector(spec, sd, 10, "cpu")
 
@@ -155,4 +168,25 @@ def test_structured_specs_use_weight_matching_itself(name):
 
     m = create_model(name)
     spec = spec_for(m)
-    assert ste_projector(spec, m.state_dict(), 10, "cpu") is None
+    assert isinstance(ste_projector(spec, m.state_dict(), 10, "cpu"), WeightMatchingProjector)
+
+
+def test_step_sweeps_is_weight_matching_with_that_many_sweeps_and_full_ignores_it():
+    """The per-step sweep cap (an approximation) equals weight_matching(max_iter=s) from the same start,
+    the projector for structured specs does the same, and ``full=True`` runs to convergence."""
+    model = create_model("mlp", in_channels=1, image_size=8, width=24, depth=3)
+    spec = spec_for(model)
+    torch.manual_seed(0)
+    sd_b = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    a = dict(create_model("mlp", in_channels=1, image_size=8, width=24, depth=3).state_dict())  # unrelated A
+    ident = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    warm, ref = WarmProjector(spec, sd_b, step_sweeps=1), WeightMatchingProjector(spec, sd_b, step_sweeps=1)
+    one = weight_matching(spec, a, sd_b, seed=5, max_iter=1, init_perms=ident).perms
+    conv = weight_matching(spec, a, sd_b, seed=5, max_iter=100, init_perms=ident).perms
+    assert any(not torch.equal(one[g], conv[g]) for g in spec.sizes)  # one sweep does not converge here
+    for proj in (warm, ref):
+        got = proj(a, ident, 5)
+        assert all(torch.equal(got[g], one[g]) for g in spec.sizes)
+        got = proj(a, ident, 5, full=True)
+        assert all(torch.equal(got[g], conv[g]) for g in spec.sizes)

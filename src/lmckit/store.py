@@ -19,11 +19,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the CLI's light commands never load it
+    import torch
 
 from .errors import LmcError
 
@@ -115,7 +117,8 @@ def _json_default(o: Any) -> Any:
         return sorted(o)
     if hasattr(o, "to_dict"):
         return o.to_dict()
-    if isinstance(o, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(o, torch.Tensor):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
@@ -290,6 +293,8 @@ def load_state(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict
 
 def check_state_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
     """Raise :class:`LmcError` naming the first tensor with NaN or inf values."""
+    import torch
+
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = int((~torch.isfinite(v)).sum())

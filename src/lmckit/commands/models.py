@@ -1,4 +1,4 @@
-"""``lmckit models``: list the model registry."""
+"""``lmckit models``: list the model zoo (from :mod:`lmckit.model_index`: no torch import)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import list_models, model_entry
+    from ..model_index import MODEL_INDEX, list_index
 
-    names = list_models(args.pattern, include_tiny=not args.no_tiny)
+    names = list_index(args.pattern, include_tiny=not args.no_tiny)
     if args.json:
-        print_json([{"name": n, "description": model_entry(n).description, "tiny": model_entry(n).tiny} for n in names])
+        print_json([{"name": n, "description": MODEL_INDEX[n][0], "tiny": MODEL_INDEX[n][1]} for n in names])
         return 0
     w = max((len(n) for n in names), default=4)
     for n in names:
-        print(f"{n.ljust(w)}  {model_entry(n).description}")
+        print(f"{n.ljust(w)}  {MODEL_INDEX[n][0]}")
     return 0

@@ -49,10 +49,11 @@ import hashlib
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # numpy and torch are imported by the parsers: the registry imports this module for its layout
+    import numpy as np
+    import torch
 
 from ..errors import LmcError
 from .idx import read_bytes
@@ -100,6 +101,8 @@ class _DtypeStub:
         self.order = order
 
     def numpy(self) -> np.dtype:
+        import numpy as np
+
         return np.dtype(self.code).newbyteorder({"|": "=", "=": "="}.get(self.order, self.order))
 
 
@@ -119,6 +122,8 @@ class _ArrayStub:
             raise ValueError("ndarray state needs a numeric dtype and raw bytes")
         if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
             raise ValueError(f"bad ndarray shape {shape!r}")
+        import numpy as np
+
         dt = dtype.numpy()
         n = 1
         for d in shape:
@@ -206,6 +211,9 @@ def parse_cifar_batch(data: bytes, where: str = "CIFAR batch") -> tuple[torch.Te
     ``(N, 3072)``) and ``labels`` (N ints in ``[0, 10)``); keys may be bytes
     (Python 2 files) or str.
     """
+    import numpy as np
+    import torch
+
     obj = restricted_unpickle(data, where)
     if not isinstance(obj, dict):
         raise LmcError(
@@ -238,6 +246,9 @@ def parse_cifar_batch(data: bytes, where: str = "CIFAR batch") -> tuple[torch.Te
 
 def parse_cifar_bin(data: bytes, where: str = "CIFAR binary batch") -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels from one binary-version batch: records of 1 label byte + 3072 pixel bytes."""
+    import numpy as np
+    import torch
+
     if len(data) == 0 or len(data) % RECORD:
         raise LmcError(
             f"{where} has {len(data)} bytes, not a whole number of {RECORD}-byte CIFAR records",
@@ -268,6 +279,8 @@ def cifar_layout(folder: Path) -> tuple[str, dict[str, tuple[str, ...]]] | None:
 
 def load_cifar_folder(folder: Path) -> tuple[dict, dict, dict, dict]:
     """Load every batch of the layout present in ``folder``; returns ``(images, labels, source, sha256s)``."""
+    import torch
+
     layout = cifar_layout(folder)
     if layout is None:
         raise LmcError(

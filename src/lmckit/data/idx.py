@@ -7,20 +7,16 @@ import hashlib
 import math
 import zlib
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import LmcError
 
-_DTYPES = {
-    0x08: np.uint8,
-    0x09: np.int8,
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
+if TYPE_CHECKING:  # numpy and torch are imported by the parsers (the data registry imports this module)
+    import numpy as np
+    import torch
+
+#: IDX type codes and their numpy dtypes
+_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 #: the largest IDX file lmckit reads (the largest real one, MNIST's training images, is 47 MB)
@@ -66,6 +62,8 @@ def _gunzip_bounded(raw: bytes, path: Path) -> bytes:
 
 def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
     """Parse IDX bytes into a numpy array, validating magic, dims and length."""
+    import numpy as np
+
     if len(data) < 4:
         raise LmcError(
             f"{where} is too short to be an IDX file ({len(data)} bytes)", "the file is truncated; get it again"
@@ -95,6 +93,9 @@ def parse_idx(data: bytes, where: str = "IDX data") -> np.ndarray:
 
 def load_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """Images (N, 1, H, W) uint8 and labels (N,) int64 from a pair of IDX files."""
+    import numpy as np
+    import torch
+
     ib, lb = read_bytes(images_path), read_bytes(labels_path)
     images = parse_idx(ib, f"IDX file {images_path}")
     labels = parse_idx(lb, f"IDX file {labels_path}")

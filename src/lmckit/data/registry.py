@@ -15,14 +15,13 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import LmcError
-from . import cifar
-from .dataset import Dataset
-from .idx import load_idx_pair
+from . import cifar  # (its parsers import numpy and torch: `lmckit data list` stays light)
+
+if TYPE_CHECKING:
+    from .dataset import Dataset
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -55,6 +54,8 @@ def cache_root() -> Path:
 
 
 def _load_idx_folder(folder: Path):
+    from .idx import load_idx_pair
+
     images, labels, source, sums = {}, {}, {}, {}
     for split, (img, lab) in IDX_FILES.items():
         ip, lp = _find_file(folder, img), _find_file(folder, lab)
@@ -266,6 +267,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
     ``val_size > 0`` holds out that many training images (a seeded random
     subset) as a ``val`` split; the rest stay in ``train``.
     """
+    import torch
+
+    from .dataset import Dataset
+
     folder = find_dataset(name, data_dir)
     key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed)
     if key in _CACHE:

@@ -4,9 +4,6 @@ Every two-model method returns a :class:`MatchResult` whose ``perms`` align
 model B to model A: ``apply_permutation(spec, res.perms, sd_b)``.
 """
 
-from .result import MatchResult, MultiMatchResult
-from .weight import l2_distance, objective_keys, weight_matching
-
 __all__ = [
     "MatchResult",
     "MultiMatchResult",
@@ -16,10 +13,25 @@ __all__ = [
     "merge_many",
     "l2_distance",
     "objective_keys",
+    "ste_matching",
 ]
 
 
-def __getattr__(name):  # lazy: activation/multi import models and data only when used
+_LAZY = {
+    "MatchResult": "result",
+    "MultiMatchResult": "result",
+    "weight_matching": "weight",
+    "l2_distance": "weight",
+    "objective_keys": "weight",
+    "ste_matching": "ste",
+}
+
+
+def __getattr__(name):  # lazy: importing lmckit.match.registry (the CLI's help) must not load torch
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if name == "activation_matching":
         from .activation import activation_matching
 
@@ -29,6 +41,3 @@ def __getattr__(name):  # lazy: activation/multi import models and data only whe
 
         return getattr(multi, name)
     raise AttributeError(name)
-
-
-from .ste import ste_matching  # noqa: E402  (STE, lmckit.match.ste)

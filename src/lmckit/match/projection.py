@@ -41,14 +41,18 @@ relaxation cannot settle; after ``bf_passes`` passes the group is solved by
 the LAP as weight matching would, so the certificate can only save work,
 never change an answer.
 
-What stays the same cost: the cost matrices themselves (one matrix product
-per (tensor, axis) term, re-used within a call while the neighbouring
-permutations do not move), since ``theta~`` changes densely at every step.
+Cost matrices: ``theta~`` changes densely at every step, so each group's
+terms are computed once per call (one matrix product per (tensor, axis)
+term, against B in its original unit order with A's other axes gathered by
+the inverse permutations, so B is never permuted or copied), and within a
+call a neighbour's move of ``s`` units is folded in by a rank-``s``
+correction, ``O(n^2 s)``, as in :mod:`lmckit.match.weight`; the LAP negates
+the group's sum in place and restores it.
 
 Result equality with :func:`weight_matching` (``restarts=1``) holds exactly
-in exact arithmetic; in floating point the cost matrices are computed by the
-same products in the same order, so the permutations agree bit for bit in
-practice (``tests/test_projection.py`` and ``benchmarks/bench_ste.py`` check it).
+in exact arithmetic; in floating point the cost matrices are built as :func:`weight_matching`
+builds them (products from the unpermuted B, rank-s corrections), so the
+permutations agree in practice (``tests/test_projection.py`` and ``benchmarks/bench_ste.py`` check it).
 Specs in which a group moves two axes of one tensor (a quadratic term) are
 passed to :func:`weight_matching` unchanged.
 """
@@ -61,7 +65,16 @@ import numpy as np
 import torch
 
 from ..perm.spec import Perms, PermutationSpec, is_segmented
-from .weight import DEFAULT_TOL, _flat, _lap, objective_keys, weight_matching
+from .weight import (
+    DEFAULT_TOL,
+    RANK_UPDATE_MAX_FRACTION,
+    RANK_UPDATE_REFRESH,
+    _add_product,
+    _flat,
+    _lap,
+    objective_keys,
+    weight_matching,
+)
 
 #: Relative slack of the certificate: eps = CERT_SLACK * tol * scale_g / n (see the module docstring).
 CERT_SLACK = 0.1
@@ -132,6 +145,14 @@ class WarmProjector:
         **Approximation** (default 1: off): project only at every ``every``-th
         call and return ``init`` unchanged at the others (a projection held
         for ``every`` steps). Changes the result; see :func:`ste_projector`.
+    step_sweeps:
+        **Approximation** (default 0: off): at most this many sweeps per call,
+        so the descent continues across calls from where it stopped (the
+        projection tracks the moving optimum instead of reaching it at every
+        step). Changes the result; see :func:`ste_projector`.
+
+    Calls with ``full=True`` (STE's end-of-epoch projection, the one it
+    scores) ignore both approximations: they run the descent to convergence.
 
     Notes
     -----
@@ -151,6 +172,7 @@ class WarmProjector:
         certify: bool = False,
         bf_passes: int = 12,
         every: int = 1,
+        step_sweeps: int = 0,
     ):
         self.spec = spec
         self.sd_b = sd_b
@@ -158,6 +180,9 @@ class WarmProjector:
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = int(every)
+        if int(step_sweeps) < 0:
+            raise ValueError(f"step_sweeps must be >= 0, got {step_sweeps}")
+        self.step_sweeps = int(step_sweeps)
         keys = objective_keys(spec, sd_b)
         first = next((v for v in sd_b.values() if isinstance(v, torch.Tensor)), None)
         self.device = (
@@ -190,10 +215,18 @@ class WarmProjector:
                 else:
                     mats.append((k, a))
             self.mats[g], self.vecs[g], self.neighbours[g] = mats, vecs, nb
-        self.norm_b = {k: float(torch.linalg.vector_norm(self.B[k].double())) for k in keys}
+        self.norm_b = {k: float(torch.linalg.vector_norm(self.B[k], dtype=torch.float64)) for k in keys}
         self.solvable = [g for g in self.groups if spec.sizes[g] > 1]
-        self._bp: dict[str, torch.Tensor] | None = None
-        self._bp_perms: dict[str, torch.Tensor] | None = None
+        # Every cost term is computed against B in its original unit order (fixed for the whole run), with
+        # A's other axes gathered by the inverse permutations of their groups (see _term):
+        # R = B^{(a)} per (entry, axis), and the biases/norm vectors of a group stacked.
+        self.right = {(k, a): _flat(self.B[k], a) for g in self.groups for k, a in self.mats[g]}
+        self.vec_b = {g: torch.stack([self.B[k] for k in self.vecs[g]], 1) for g in self.groups if self.vecs[g]}
+        self.others = {
+            (k, a): [(i, h) for i, h in enumerate(self.axes[k]) if h is not None and i != a]
+            for g in self.groups
+            for k, a in self.mats[g]
+        }
         self._v: dict[str, np.ndarray] = {}
         self.stats = {
             "calls": 0,
@@ -204,32 +237,90 @@ class WarmProjector:
             "held": 0,
             "moves": 0,
             "fallback": 0,
+            "terms_built": 0,
+            "terms_updated": 0,
         }
 
-    # ------------------------------------------------------------------ helpers
-    def _permuted_b(self, perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._bp is not None and all(torch.equal(self._bp_perms[g], perms[g]) for g in self.groups):
-            return dict(self._bp)
-        out = {}
-        for k in self.keys:
-            w = self.B[k]
-            for a, g in enumerate(self.axes[k]):
-                if g is not None:
-                    w = w.index_select(a, perms[g])
-            out[k] = w
-        return out
+    # ------------------------------------------------------------------ cost matrices
+    def _updatable(self, k: str, a: int) -> str | None:
+        """The one group on the other axis of a 2-D entry (its moves are rank-s corrections), else ``None``."""
+        o = self.others[(k, a)]
+        return o[0][1] if self.B[k].dim() == 2 and len(o) == 1 else None
 
-    @staticmethod
-    def _contribution(a: int, am: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if b.dim() == 2 and a == 1:
-            return (am.t() @ b).double()
-        return (am @ _flat(b, a).t()).double()
+    def _term(self, A: Mapping[str, torch.Tensor], k: str, a: int, inv: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_c A^{(a)}[i, c] pi(B)^{(a)}[j, c]`` with rows ``j`` in B's original order of the group on ``a``.
+
+        Position ``c`` of ``pi(B)`` on another axis holds unit ``p_h[c]`` of B, so the term equals
+        ``A^{(a)}`` with that axis gathered by ``argsort(p_h)``, times B's own ``B^{(a)T}``.
+        """
+        t = A[k]
+        for i, h in self.others[(k, a)]:
+            t = t.index_select(i, inv[h])
+        return _flat(t, a) @ self.right[(k, a)].t()
+
+    def _build(self, g: str, A, vec_a, perms, inv, stamps) -> list:
+        """Group ``g``'s cost sum from scratch (float64): ``[sum, {term: p_h or stamp}, rank updates]``."""
+        n = self.spec.sizes[g]
+        c = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        seen = {}
+        for k, a in self.mats[g]:
+            c += self._term(A, k, a, inv)
+            h = self._updatable(k, a)
+            seen[(k, a)] = perms[h] if h is not None else tuple(stamps[x] for _, x in self.others[(k, a)])
+            self.stats["terms_built"] += 1
+        if vec_a[g] is not None:
+            c += vec_a[g] @ self.vec_b[g].t()
+        return [c, seen, 0]
+
+    def _cost(self, g: str, ent, A, vec_a, perms, inv, stamps):
+        """Group ``g``'s cost matrix in B's original unit order, brought up to date with its neighbours' moves.
+
+        A 2-D term whose other group ``h`` moved the positions ``S`` since it was summed changes by
+        ``A^{(a)}[:, S] (B^{(a)}[:, p_new[S]] - B^{(a)}[:, p_old[S]])^T`` (``O(n^2 |S|)``, as in
+        :mod:`lmckit.match.weight`); any other change of a term, more than half the units moved, or
+        :data:`lmckit.match.weight.RANK_UPDATE_REFRESH` corrections in a row rebuild the sum.
+        """
+        if ent is None:
+            return self._build(g, A, vec_a, perms, inv, stamps)
+        stale = []
+        for (k, a), was in ent[1].items():
+            h = self._updatable(k, a)
+            if h is None:
+                if was != tuple(stamps[x] for _, x in self.others[(k, a)]):
+                    return self._build(g, A, vec_a, perms, inv, stamps)
+                continue
+            if was is perms[h]:
+                continue
+            moved = torch.nonzero(was != perms[h]).flatten()
+            if moved.numel() > RANK_UPDATE_MAX_FRACTION * was.numel():
+                return self._build(g, A, vec_a, perms, inv, stamps)
+            if moved.numel():
+                stale.append((k, a, moved, was, perms[h]))
+        if not stale:
+            return ent
+        if ent[2] >= RANK_UPDATE_REFRESH:
+            return self._build(g, A, vec_a, perms, inv, stamps)
+        for k, a, moved, p_old, p_new in stale:
+            o = 1 - a
+            a_s = A[k].index_select(o, moved)
+            d = self.B[k].index_select(o, p_new[moved]) - self.B[k].index_select(o, p_old[moved])
+            if a == 0:
+                _add_product(ent[0], a_s, d)
+            else:
+                _add_product(ent[0], a_s.t(), d.t())
+            ent[1][(k, a)] = p_new
+            self.stats["terms_updated"] += 1
+        ent[2] += 1
+        return ent
 
     # ------------------------------------------------------------------ projection
-    def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int) -> Perms:
-        """``WM(sd_a, theta_b)`` warm-started at ``init`` with group order seeded by ``seed`` (CPU LongTensors)."""
+    def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int, full: bool = False) -> Perms:
+        """``WM(sd_a, theta_b)`` warm-started at ``init`` with group order seeded by ``seed`` (CPU LongTensors).
+
+        ``full``: run to convergence whatever the approximations (``every``, ``step_sweeps``) say.
+        """
         self.stats["calls"] += 1
-        if (self.stats["calls"] - 1) % self.every:
+        if not full and (self.stats["calls"] - 1) % self.every:
             self.stats["held"] += 1  # approximation: keep the last projection for every-1 of every calls
             return {g: init[g].to("cpu") for g in self.spec.sizes}
         if self.quadratic:
@@ -248,25 +339,21 @@ class WarmProjector:
             return {g: p.to("cpu") for g, p in res.perms.items()}
         dev = self.device
         A = {k: sd_a[k].detach().to(device=dev, dtype=self.dtype) for k in self.keys}
-        am: dict[tuple[str, int], torch.Tensor] = {}
-        for g in self.groups:
-            for k, a in self.mats[g]:
-                am[(k, a)] = A[k] if (A[k].dim() == 2 and a == 1) else _flat(A[k], a).contiguous()
         vec_a = {g: (torch.stack([A[k] for k in self.vecs[g]], 1) if self.vecs[g] else None) for g in self.groups}
-        norm_a = {k: float(torch.linalg.vector_norm(A[k].double())) for k in self.keys}
+        norm_a = {k: float(torch.linalg.vector_norm(A[k], dtype=torch.float64)) for k in self.keys}
         scale = {g: sum(norm_a[k] * self.norm_b[k] for k in {k for k, _ in self.members[g]}) for g in self.groups}
 
         perms = {g: init[g].to(dev).to(torch.long) for g in self.spec.sizes}
         inv = {g: torch.argsort(p) for g, p in perms.items()}
         perms_np = {g: perms[g].cpu().numpy() for g in self.groups}
-        bp = self._permuted_b(perms)
         rng = np.random.default_rng([int(seed), 0])
         clock = 0
         moved_at = {g: 0 for g in self.groups}
-        moved_any = {g: 0 for g in self.spec.sizes}
+        stamps = {g: 0 for g in self.spec.sizes}
         solved_at: dict[str, int] = {}
-        cache: dict = {}
-        for _ in range(self.max_iter):
+        sums: dict[str, list] = {}
+        sweeps = self.max_iter if full or not self.step_sweeps else min(self.max_iter, self.step_sweeps)
+        for _ in range(sweeps):
             changed = False
             order = [self.solvable[i] for i in rng.permutation(len(self.solvable))]
             for g in order:
@@ -275,23 +362,9 @@ class WarmProjector:
                     self.stats["skipped"] += 1
                     continue
                 solved_at[g] = clock
-                inv_g = inv[g]
                 n = self.spec.sizes[g]
-                c = torch.zeros(n, n, dtype=torch.float64, device=dev)
-                for k, a in self.mats[g]:
-                    stamp = tuple(moved_any[h] for i, h in enumerate(self.axes[k]) if h is not None and i != a)
-                    hit = cache.get((k, a))
-                    if hit is None or hit[0] != stamp:
-                        hit = (stamp, self._contribution(a, am[(k, a)], bp[k])[:, inv_g])
-                        cache[(k, a)] = hit
-                    c += hit[1]
-                if vec_a[g] is not None:
-                    hit = cache.get((g, "vec"))
-                    if hit is None:
-                        bv = torch.stack([bp[k] for k in self.vecs[g]], 1)
-                        hit = cache[(g, "vec")] = (vec_a[g] @ bv.t()).double()[:, inv_g]
-                    c += hit
-                c_np = c.cpu().numpy()
+                sums[g] = self._cost(g, sums.get(g), A, vec_a, perms, inv, stamps)
+                c_np = sums[g][0].cpu().numpy()
                 p_old = perms_np[g]
                 if self.certify:
                     eps = CERT_SLACK * self.tol * scale[g] / n
@@ -301,7 +374,7 @@ class WarmProjector:
                         self.stats["certified"] += 1
                         continue  # no assignment beats p_old by more than the acceptance threshold
                 self.stats["solves"] += 1
-                p_new = _lap(c_np)
+                p_new = _lap(c_np, inplace=dev.type == "cpu")  # the sum is ours: negated and restored in place
                 if np.array_equal(p_new, p_old):
                     continue
                 rows = np.arange(n)
@@ -309,29 +382,88 @@ class WarmProjector:
                 if not delta > self.tol * scale[g]:
                     continue
                 p_new_t = torch.from_numpy(np.ascontiguousarray(p_new, dtype=np.int64)).to(dev)
-                q = inv_g[p_new_t]
-                for k in {k for k, _ in self.members[g]}:
-                    w = bp[k]
-                    for a, x in enumerate(self.axes[k]):
-                        if x == g:
-                            w = w.index_select(a, q)
-                    bp[k] = w
                 perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
                 clock += 1
                 moved_at[g] = clock
-                moved_any[g] += 1
+                stamps[g] += 1
                 self.stats["moves"] += 1
                 changed = True
             self.stats["sweeps"] += 1
             if not changed:
                 break
-        self._bp, self._bp_perms = bp, {g: perms[g] for g in self.groups}
         return {g: perms[g].to("cpu") for g in self.spec.sizes}
+
+
+class WeightMatchingProjector:
+    """``WM(theta~, theta_b)`` by :func:`weight_matching` at every call (with the same approximations).
+
+    Used for specs :class:`WarmProjector` does not model (attention heads,
+    block axes, quadratic terms: ``weight_matching`` honours them) and for
+    ``LMCKIT_STE_PROJECTION=reference``. ``every`` and ``step_sweeps`` mean
+    what they mean for :class:`WarmProjector` (``step_sweeps`` is
+    ``weight_matching``'s ``max_iter`` of a step's projection), and so does
+    ``full``; ``stats`` counts calls, held calls and sweeps.
+    """
+
+    certify = False
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        sd_b: Mapping[str, torch.Tensor],
+        max_iter: int = 100,
+        device: torch.device | str | None = None,
+        tol: float = DEFAULT_TOL,
+        every: int = 1,
+        step_sweeps: int = 0,
+    ):
+        if int(every) < 1 or int(step_sweeps) < 0:
+            raise ValueError(f"every must be >= 1 and step_sweeps >= 0, got {every}, {step_sweeps}")
+        self.spec, self.sd_b, self.device, self.tol = spec, sd_b, device, float(tol)
+        self.max_iter, self.every, self.step_sweeps = int(max_iter), int(every), int(step_sweeps)
+        self.stats = {"calls": 0, "held": 0, "sweeps": 0}
+
+    def __call__(self, sd_a: Mapping[str, torch.Tensor], init: Perms, seed: int, full: bool = False) -> Perms:
+        """As :meth:`WarmProjector.__call__`."""
+        self.stats["calls"] += 1
+        if not full and (self.stats["calls"] - 1) % self.every:
+            self.stats["held"] += 1
+            return {g: init[g].to("cpu") for g in self.spec.sizes}
+        sweeps = self.max_iter if full or not self.step_sweeps else min(self.max_iter, self.step_sweeps)
+        res = weight_matching(
+            self.spec,
+            sd_a,
+            self.sd_b,
+            seed=seed,
+            max_iter=sweeps,
+            init_perms=init,
+            restarts=1,
+            device=self.device,
+            tol=self.tol,
+        )
+        self.stats["sweeps"] += res.sweeps
+        return {g: p.to("cpu") for g, p in res.perms.items()}
+
+
+def _env_count(name: str, default: int, least: int) -> int:
+    """Integer environment setting ``name`` (>= ``least``), else :class:`LmcError`."""
+    import os
+
+    from ..errors import LmcError
+
+    raw = os.environ.get(name, str(default)).strip() or str(default)
+    try:
+        val = int(raw)
+    except ValueError:
+        val = least - 1
+    if val < least:
+        raise LmcError(f"{name} must be an integer >= {least}, got {raw!r}", f"fix or unset {name}")
+    return val
 
 
 def ste_projector(
     spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int, device: torch.device | str | None
-) -> WarmProjector | None:
+) -> WarmProjector | WeightMatchingProjector:
     """The projector STE uses for its per-step projections, chosen by the environment.
 
     ``LMCKIT_STE_PROJECTION``:
@@ -339,22 +471,31 @@ def ste_projector(
     * unset or ``exact``: :class:`WarmProjector` (the same permutation as
       :func:`weight_matching` at every step);
     * ``certified``: the same with the optimality certificate (exact too);
-    * ``reference``: ``None``, i.e. STE calls :func:`weight_matching` itself.
+    * ``reference``: :class:`WeightMatchingProjector`, i.e. :func:`weight_matching`
+      itself at every step.
 
-    ``LMCKIT_STE_PROJECT_EVERY=k`` (default 1) turns on the approximation of
-    projecting at every ``k``-th step only (the permutation of the midpoint is
-    then up to ``k - 1`` steps old, the end-of-epoch projection that STE
-    scores included). It changes STE's result; its effect on the final
-    permutation is measured by ``benchmarks/bench_ste.py --every k`` (40 steps
-    of the MLP with k = 4: 55% of units assigned differently from the exact
-    run, held-out midpoint loss 0.491 vs 0.482; the step 1.6x cheaper). It is
-    not part of STE's resume fingerprint, and a resumed run restarts the
-    k-cycle, so set it for whole runs only.
+    Specs with attention heads or block axes (the ViT, the LSTM, ``cat``/``pad``/
+    ``flatten`` axes) always get :class:`WeightMatchingProjector`: the warm
+    projector models free whole-axis groups only.
+
+    Two approximations, off by default, change STE's result (measured by
+    ``benchmarks/bench_ste.py``, see the README's speed section); neither is
+    part of STE's resume fingerprint, so set them for whole runs only. The
+    end-of-epoch projection, which STE scores and returns, is always run to
+    convergence:
+
+    * ``LMCKIT_STE_PROJECT_SWEEPS=s`` (default 0: off): at most ``s`` sweeps
+      of the warm-started descent per training step; the descent continues at
+      the next step from where it stopped (``s = 1``: one sweep per step, one
+      assignment solve per group).
+    * ``LMCKIT_STE_PROJECT_EVERY=k`` (default 1): project at every ``k``-th
+      step only (the permutation of the midpoint is then up to ``k - 1``
+      steps old; a resumed run restarts the k-cycle).
 
     Raises
     ------
     LmcError
-        An unknown mode or a bad ``k``.
+        An unknown mode or a bad ``k`` or ``s``.
     """
     import os
 
@@ -363,26 +504,8 @@ def ste_projector(
     mode = os.environ.get("LMCKIT_STE_PROJECTION", "exact").strip().lower() or "exact"
     if mode not in ("exact", "certified", "reference"):
         raise LmcError(f"unknown LMCKIT_STE_PROJECTION={mode!r}", "use exact, certified or reference")
-    raw = os.environ.get("LMCKIT_STE_PROJECT_EVERY", "1").strip() or "1"
-    try:
-        every = int(raw)
-    except ValueError:
-        every = 0
-    if every < 1:
-        raise LmcError(f"LMCKIT_STE_PROJECT_EVERY must be a positive integer, got {raw!r}")
-    if mode == "reference":
-        if every != 1:
-            raise LmcError(
-                "LMCKIT_STE_PROJECT_EVERY needs the exact or certified projection", "unset LMCKIT_STE_PROJECTION"
-            )
-        return None
-    if spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
-        # The warm projector models free whole-axis groups only; attention heads and block axes
-        # (cat, pad, flatten, LSTM gates) go through weight_matching itself, which honours them.
-        if every != 1:
-            raise LmcError(
-                "LMCKIT_STE_PROJECT_EVERY is not available for specs with attention heads or block axes",
-                "unset LMCKIT_STE_PROJECT_EVERY",
-            )
-        return None
-    return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every)
+    every = _env_count("LMCKIT_STE_PROJECT_EVERY", 1, 1)
+    sweeps = _env_count("LMCKIT_STE_PROJECT_SWEEPS", 0, 0)
+    if mode == "reference" or spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
+        return WeightMatchingProjector(spec, sd_b, max_iter, device, every=every, step_sweeps=sweeps)
+    return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every, step_sweeps=sweeps)

@@ -34,16 +34,18 @@ import dataclasses
 import importlib
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import LmcError
-from ..perm.spec import PermutationSpec
-from .result import MatchResult
+
+if TYPE_CHECKING:  # (annotations only: listing methods and their options, e.g. for --help, needs no torch)
+    import torch
+
+    from ..perm.spec import PermutationSpec
+    from .result import MatchResult
 
 #: Modules that register built-in methods when imported (besides the adapters in this file).
-BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn",)
+BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn_options",)  # (registration only: no torch)
 #: Multi-model schemes a method can support.
 MULTI_SCHEMES = ("anchor", "mergemany")
 SCHEME_LABEL = {"anchor": "anchor matching", "mergemany": "MergeMany"}
@@ -139,7 +141,7 @@ def _one_of(opts: MethodOptions, name: str, allowed: tuple[str, ...]) -> None:
 
 # --------------------------------------------------------------------------- method
 #: ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult``
-MatchFunction = Callable[..., MatchResult]
+MatchFunction = Callable[..., "MatchResult"]
 
 
 @dataclass(frozen=True)

@@ -228,18 +228,20 @@ def _project(
     max_iter: int,
     device: torch.device,
     projector=None,
+    full: bool = False,
 ) -> Perms:
     """``WM(theta~, theta_b)`` warm-started at ``init``.
 
-    With a :class:`lmckit.match.projection.WarmProjector` for ``(spec, sd_b)``
-    (``projector``, from :func:`lmckit.match.projection.ste_projector`) the same
-    descent runs with state kept between steps (see that module for the exact
-    and the approximate modes and their environment switches).
+    With a projector for ``(spec, sd_b)`` (from
+    :func:`lmckit.match.projection.ste_projector`) the same descent runs with
+    state kept between steps (see that module for the exact and the
+    approximate modes and their environment switches); ``full`` (the
+    end-of-epoch projection) runs it to convergence whatever the approximations.
     """
     from .weight import weight_matching  # noqa: WPS433
 
     if projector is not None and init is not None:
-        return projector(tilde_sd, init, seed)
+        return projector(tilde_sd, init, seed, full=full)
     res = weight_matching(
         spec, tilde_sd, sd_b, seed=seed, max_iter=max_iter, init_perms=init, restarts=1, device=device
     )
@@ -353,7 +355,6 @@ def ste_matching(
     """
     from ..device import resolve_device
     from ..progress import Progress
-    from .result import MatchResult  # noqa: WPS433
 
     t0 = time.time()
     dev = resolve_device(device if device is not None else "cpu")
@@ -363,221 +364,311 @@ def ste_matching(
     check_protocol(protocol)
     preset = PROTOCOLS[protocol] if preset is None else preset
     cfg = resolve_preset(preset, epochs, lr, batch_size)
-
-    sd_a = {k: v.detach().to(dev) for k, v in sd_a.items()}
-    sd_b = {k: v.detach().to(dev) for k, v in sd_b.items()}
-    net = copy.deepcopy(model).to(dev)
-    param_keys = [k for k, p in net.named_parameters() if p.is_floating_point()]
-    missing = [k for k in param_keys if k not in sd_a]
-    if missing:
+    run = _SteRun(
+        model, sd_a, sd_b, dataset, spec, cfg, protocol, int(seed), dev, heldout_size, wm_max_iter, track_alignment
+    )
+    run.open(state_dir, train_limit)
+    if run.start_epoch > cfg.epochs:
         raise LmcError(
-            f"the model's parameters {missing[:3]} are not in the state dicts",
-            "pass state dicts of this model's architecture",
-        )
-    has_bn = _has_batchnorm(net)
-    heldout = _HeldOut(dataset, seed, heldout_size, dev)
-
-    bn_batches = None
-    if has_bn:
-        from ..lmc import reset_bn_stats, training_batches  # noqa: WPS433
-
-        bn_batches = training_batches(dataset, seed=int(seed), device=dev)
-
-    def score(perms: Perms) -> float:
-        """Held-out loss of the midpoint (theta_a + pi(theta_b)) / 2 (after a BN reset)."""
-        mid = midpoint_state(sd_a, apply_permutation(spec, perms, sd_b))
-        if has_bn:
-            net.load_state_dict(mid)
-            reset_bn_stats(net, batches=bn_batches)
-            mid = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        return heldout.loss(net, mid)
-
-    a_cpu = {k: v.cpu() for k, v in sd_a.items()}
-    b_cpu = {k: v.cpu() for k, v in sd_b.items()}
-
-    def r03(perms: Perms) -> float | None:
-        if not track_alignment:
-            return None
-        from ..analysis.svd import gamma_key, svd_alignment  # noqa: WPS433
-
-        return float(svd_alignment(spec, a_cpu, b_cpu, perms, gammas=(0.3,)).R[gamma_key(0.3)]["after"])
-
-    # ---------------------------------------------------------------- state (fresh or resumed)
-    fingerprint = {
-        "version": STATE_VERSION,
-        "optimizer": cfg.optimizer,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "momentum": cfg.momentum,
-        "seed": int(seed),
-        "heldout_size": int(heldout_size),
-        "wm_max_iter": int(wm_max_iter),
-        "train_limit": train_limit,
-        "a": _state_digest(sd_a),
-        "b": _state_digest(sd_b),
-        "dataset": getattr(dataset, "name", "?"),
-        "protocol": protocol,
-    }
-    tilde = {k: sd_a[k].detach().clone().requires_grad_(True) for k in param_keys}
-    opt = _make_optimizer(cfg, [tilde[k] for k in param_keys])
-    gen = torch.Generator().manual_seed(int(seed))
-    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
-    resumed = state_path is not None and state_path.exists()
-    if resumed:
-        meta = _load_state(state_path, fingerprint, tilde, opt, gen, param_keys, spec)
-        hist, cur, best, best_loss, start_epoch, pi_wm = meta
-    else:
-        pi_wm = _project(spec, sd_a, sd_b, None, _step_seed(seed, -1, 0), wm_max_iter, dev)
-        ident = identity_permutation(spec)
-        l_id, l_wm = score(ident), score(pi_wm)
-        hist = {
-            "candidates": [{"name": "identity", "heldout_loss": l_id}, {"name": "wm", "heldout_loss": l_wm}],
-            "epochs": [],
-            "initial": {
-                "changed_vs_wm": 0.0,
-                "tilde_dist": 0.0,
-                "r03": r03(pi_wm),
-                "heldout_loss": l_wm,
-                "identity_heldout_loss": l_id,
-            },
-        }
-        if protocol == "heldout-best":
-            best, best_loss = (ident, l_id) if l_id <= l_wm else (pi_wm, l_wm)
-        else:  # git-re-basin: filled by the first minibatch; random-mixing: the final projection
-            best, best_loss = pi_wm, math.inf
-            hist["candidates"] = []
-        hist["minibatch_best"] = []
-        cur = pi_wm
-        start_epoch = 0
-        if state_path is not None:
-            _save_state(state_path, fingerprint, tilde, opt, gen, param_keys, hist, cur, best, best_loss, 0, pi_wm)
-
-    # ---------------------------------------------------------------- training
-    from torch.func import functional_call
-
-    from .projection import ste_projector  # noqa: WPS433
-
-    projector = ste_projector(spec, sd_b, wm_max_iter, dev)  # the per-step projections (see _project)
-    if start_epoch > cfg.epochs:
-        raise LmcError(
-            f"the STE state in {state_dir} already holds {start_epoch} epochs, more than the {cfg.epochs} asked for",
+            f"the STE state in {state_dir} already holds {run.start_epoch} epochs, "
+            f"more than the {cfg.epochs} asked for",
             "ask for at least that many epochs, or use another state folder",
         )
     n_train = dataset.size("train") if train_limit is None else min(int(train_limit), dataset.size("train"))
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
-    a_norm = math.sqrt(sum(float(sd_a[k].double().pow(2).sum()) for k in param_keys))
-    todo = max(0, cfg.epochs - start_epoch) * steps_per_epoch
+    todo = max(0, cfg.epochs - run.start_epoch) * steps_per_epoch
     with Progress(todo if progress else 0, "ste") as bar:
-        for epoch in range(start_epoch, cfg.epochs):
-            net.train()
-            loss_sum, n_seen = 0.0, 0
-            for step, (x, y) in enumerate(
-                dataset.batches("train", cfg.batch_size, shuffle=True, generator=gen, device=dev, limit=n_train)
-            ):
-                with torch.no_grad():
-                    tilde_sd = dict(sd_a)
-                    tilde_sd.update({k: tilde[k].detach() for k in param_keys})
-                    cur = _project(
-                        spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, step), wm_max_iter, dev, projector
-                    )
-                    pb = apply_permutation(spec, cur, sd_b)
-                lam = 0.5
-                if protocol == "random-mixing":  # one draw per step, seeded by the step (resumable)
-                    lam = float(
-                        torch.rand((), generator=torch.Generator().manual_seed(_step_seed(seed + 104729, epoch, step)))
-                    )
-                out = functional_call(net, ste_midpoint(sd_a, pb, tilde, lam), (x,))
-                loss = F.cross_entropy(out, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise LmcError(
-                        f"STE diverged (midpoint loss {lv}) at epoch {epoch + 1}",
-                        "lower the learning rate (--lr) or use the adam preset",
-                    )
-                if protocol == "git-re-basin" and lv < best_loss:  # the step's projection, by its minibatch loss
-                    best, best_loss = cur, lv
-                loss_sum += lv * int(y.shape[0])
-                n_seen += int(y.shape[0])
-                if progress:
-                    bar.update(1, epoch=epoch + 1, mid_loss=lv)
-            # end of epoch: project the updated theta~, score it, record drift
-            with torch.no_grad():
-                tilde_sd = dict(sd_a)
-                tilde_sd.update({k: tilde[k].detach() for k in param_keys})
-                cur = _project(
-                    spec, tilde_sd, sd_b, cur, _step_seed(seed, epoch, steps_per_epoch), wm_max_iter, dev, projector
-                )
-                dist = math.sqrt(sum(float((tilde[k].detach() - sd_a[k]).double().pow(2).sum()) for k in param_keys))
-            l_cur = score(cur)
-            if protocol == "heldout-best":
-                hist["candidates"].append({"name": f"epoch {epoch + 1}", "heldout_loss": l_cur})
-                if l_cur < best_loss:
-                    best, best_loss = cur, l_cur
-            elif protocol == "random-mixing":
-                best, best_loss = cur, l_cur
-            hist.setdefault("minibatch_best", []).append(best_loss)
-            rec = {
-                "epoch": epoch + 1,
-                "train_midpoint_loss": loss_sum / max(n_seen, 1),
-                "heldout_loss": l_cur,
-                # the kept permutation's selection loss so far (git-re-basin: a minibatch loss)
-                "best_heldout_loss" if protocol != "git-re-basin" else "kept_minibatch_loss": best_loss,
-                "changed_vs_wm": perm_changed_units(cur, pi_wm),
-                "tilde_dist": dist,
-                "tilde_rel_dist": dist / max(a_norm, 1e-12),
-                "r03": r03(cur),
-            }
-            hist["epochs"].append(rec)
-            if progress:
-                bar.write(
-                    f"[ste {protocol}] epoch {epoch + 1}/{cfg.epochs}: train mid loss "
-                    f"{rec['train_midpoint_loss']:.4f}, held-out mid loss {l_cur:.4f} (kept {best_loss:.4f}), "
-                    f"changed vs WM {rec['changed_vs_wm']:.3f}"
-                )
-            if state_path is not None:
-                _save_state(
-                    state_path, fingerprint, tilde, opt, gen, param_keys, hist, cur, best, best_loss, epoch + 1, pi_wm
-                )
+        for epoch in range(run.start_epoch, cfg.epochs):
+            run.train_epoch(epoch, n_train, steps_per_epoch, bar if progress else None)
+    return run.result(preset, state_dir, t0)
 
-    drift = drift_history(hist)
-    if protocol == "random-mixing" and not hist["epochs"]:  # no training: the final projection is plain WM's
-        best, best_loss = pi_wm, hist["initial"]["heldout_loss"]
-    kept_heldout = best_loss if protocol != "git-re-basin" else score(best)
-    extra = {
-        "protocol": protocol,
-        "preset": preset,
-        "settings": asdict(cfg),
-        "heldout": heldout.source,
-        "drift": drift,
-        "candidates": hist["candidates"],
-        "best_heldout_loss": kept_heldout,
-        "kept_minibatch_loss": best_loss if protocol == "git-re-basin" else None,
-        "changed_vs_wm": perm_changed_units(best, pi_wm),
-        "wm_perms": pi_wm,
-        "resumed": bool(resumed),
-    }
-    if state_dir is not None:
-        write_drift(state_dir, drift)
-    objective, run_best = [], math.inf
-    if protocol == "heldout-best":
-        for c in hist["candidates"]:  # running best: non-increasing, ends at the returned permutation's loss
-            run_best = min(run_best, c["heldout_loss"])
-            objective.append(run_best)
-    elif protocol == "git-re-basin":
-        objective = [float(v) for v in hist.get("minibatch_best", [])]
-    else:
-        objective = [float(r["heldout_loss"]) for r in hist["epochs"]] or [float(best_loss)]
-    return MatchResult(
-        perms={g: best[g].clone() for g in spec.sizes},
-        objective=objective,
-        sweeps=len(hist["epochs"]),
-        seconds=time.time() - t0,
-        method="ste",
-        extra=extra,
-    )
+
+class _SteRun:
+    """One STE run's state and its parts: set-up (fresh or resumed), one epoch, scoring, the result.
+
+    The pieces of :func:`ste_matching` (see its docstring and the module's for
+    what each computes); the order of every seeded draw is that of one loop.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sd_a: Mapping[str, torch.Tensor],
+        sd_b: Mapping[str, torch.Tensor],
+        dataset,
+        spec: PermutationSpec,
+        cfg: StePreset,
+        protocol: str,
+        seed: int,
+        dev: torch.device,
+        heldout_size: int,
+        wm_max_iter: int,
+        track_alignment: bool,
+    ):
+        self.spec, self.cfg, self.protocol, self.seed, self.dev = spec, cfg, protocol, seed, dev
+        self.dataset, self.wm_max_iter, self.track_alignment = dataset, int(wm_max_iter), track_alignment
+        self.heldout_size = int(heldout_size)
+        self.sd_a = {k: v.detach().to(dev) for k, v in sd_a.items()}
+        self.sd_b = {k: v.detach().to(dev) for k, v in sd_b.items()}
+        self.net = copy.deepcopy(model).to(dev)
+        self.param_keys = [k for k, p in self.net.named_parameters() if p.is_floating_point()]
+        missing = [k for k in self.param_keys if k not in self.sd_a]
+        if missing:
+            raise LmcError(
+                f"the model's parameters {missing[:3]} are not in the state dicts",
+                "pass state dicts of this model's architecture",
+            )
+        self.has_bn = _has_batchnorm(self.net)
+        self.heldout = _HeldOut(dataset, seed, heldout_size, dev)
+        self.bn_batches = None
+        if self.has_bn:
+            from ..lmc import training_batches  # noqa: WPS433
+
+            self.bn_batches = training_batches(dataset, seed=int(seed), device=dev)
+        self.a_cpu = {k: v.cpu() for k, v in self.sd_a.items()}
+        self.b_cpu = {k: v.cpu() for k, v in self.sd_b.items()}
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, perms: Perms) -> float:
+        """Held-out loss of the midpoint (theta_a + pi(theta_b)) / 2 (after a BN reset)."""
+        mid = midpoint_state(self.sd_a, apply_permutation(self.spec, perms, self.sd_b))
+        if self.has_bn:
+            from ..lmc import reset_bn_stats  # noqa: WPS433
+
+            self.net.load_state_dict(mid)
+            reset_bn_stats(self.net, batches=self.bn_batches)
+            mid = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        return self.heldout.loss(self.net, mid)
+
+    def r03(self, perms: Perms) -> float | None:
+        """R(0.3) of ``perms`` (``None`` unless alignment is tracked)."""
+        if not self.track_alignment:
+            return None
+        from ..analysis.svd import gamma_key, svd_alignment  # noqa: WPS433
+
+        res = svd_alignment(self.spec, self.a_cpu, self.b_cpu, perms, gammas=(0.3,))
+        return float(res.R[gamma_key(0.3)]["after"])
+
+    def tilde_state(self) -> dict[str, torch.Tensor]:
+        """``theta~`` as a full state dict (buffers from A), without gradient."""
+        out = dict(self.sd_a)
+        out.update({k: self.tilde[k].detach() for k in self.param_keys})
+        return out
+
+    # ------------------------------------------------------------------ state (fresh or resumed)
+    def open(self, state_dir: str | Path | None, train_limit: int | None) -> None:
+        """Create ``theta~`` and the optimiser; resume from ``state_dir`` or score the first candidates."""
+        cfg, seed, spec = self.cfg, self.seed, self.spec
+        self.fingerprint = {
+            "version": STATE_VERSION,
+            "optimizer": cfg.optimizer,
+            "lr": cfg.lr,
+            "batch_size": cfg.batch_size,
+            "momentum": cfg.momentum,
+            "seed": int(seed),
+            "heldout_size": self.heldout_size,
+            "wm_max_iter": self.wm_max_iter,
+            "train_limit": train_limit,
+            "a": _state_digest(self.sd_a),
+            "b": _state_digest(self.sd_b),
+            "dataset": getattr(self.dataset, "name", "?"),
+            "protocol": self.protocol,
+        }
+        self.tilde = {k: self.sd_a[k].detach().clone().requires_grad_(True) for k in self.param_keys}
+        self.opt = _make_optimizer(cfg, [self.tilde[k] for k in self.param_keys])
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+        self.state_dir = state_dir
+        self.resumed = self.state_path is not None and self.state_path.exists()
+        if self.resumed:
+            meta = _load_state(self.state_path, self.fingerprint, self.tilde, self.opt, self.gen, self.param_keys, spec)
+            self.hist, self.cur, self.best, self.best_loss, self.start_epoch, self.pi_wm = meta
+        else:
+            self.pi_wm = _project(spec, self.sd_a, self.sd_b, None, _step_seed(seed, -1, 0), self.wm_max_iter, self.dev)
+            ident = identity_permutation(spec)
+            l_id, l_wm = self.score(ident), self.score(self.pi_wm)
+            self.hist = {
+                "candidates": [{"name": "identity", "heldout_loss": l_id}, {"name": "wm", "heldout_loss": l_wm}],
+                "epochs": [],
+                "initial": {
+                    "changed_vs_wm": 0.0,
+                    "tilde_dist": 0.0,
+                    "r03": self.r03(self.pi_wm),
+                    "heldout_loss": l_wm,
+                    "identity_heldout_loss": l_id,
+                },
+            }
+            if self.protocol == "heldout-best":
+                self.best, self.best_loss = (ident, l_id) if l_id <= l_wm else (self.pi_wm, l_wm)
+            else:  # git-re-basin: filled by the first minibatch; random-mixing: the final projection
+                self.best, self.best_loss = self.pi_wm, math.inf
+                self.hist["candidates"] = []
+            self.hist["minibatch_best"] = []
+            self.cur = self.pi_wm
+            self.start_epoch = 0
+            self.save(0)
+        from .projection import ste_projector  # noqa: WPS433
+
+        # the per-step projections (see _project)
+        self.projector = ste_projector(spec, self.sd_b, self.wm_max_iter, self.dev)
+
+    def save(self, epoch: int) -> None:
+        """Write the resumable state after ``epoch`` finished epochs (when a state folder was given)."""
+        if self.state_path is not None:
+            _save_state(
+                self.state_path,
+                self.fingerprint,
+                self.tilde,
+                self.opt,
+                self.gen,
+                self.param_keys,
+                self.hist,
+                self.cur,
+                self.best,
+                self.best_loss,
+                epoch,
+                self.pi_wm,
+            )
+
+    # ------------------------------------------------------------------ one epoch
+    def _step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Project ``theta~``, take one optimiser step on the straight-through midpoint loss; the loss."""
+        from torch.func import functional_call
+
+        seed = self.seed
+        with torch.no_grad():
+            self.cur = _project(
+                self.spec,
+                self.tilde_state(),
+                self.sd_b,
+                self.cur,
+                _step_seed(seed, epoch, step),
+                self.wm_max_iter,
+                self.dev,
+                self.projector,
+            )
+            pb = apply_permutation(self.spec, self.cur, self.sd_b)
+        lam = 0.5
+        if self.protocol == "random-mixing":  # one draw per step, seeded by the step (resumable)
+            lam = float(torch.rand((), generator=torch.Generator().manual_seed(_step_seed(seed + 104729, epoch, step))))
+        out = functional_call(self.net, ste_midpoint(self.sd_a, pb, self.tilde, lam), (x,))
+        loss = F.cross_entropy(out, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise LmcError(
+                f"STE diverged (midpoint loss {lv}) at epoch {epoch + 1}",
+                "lower the learning rate (--lr) or use the adam preset",
+            )
+        if self.protocol == "git-re-basin" and lv < self.best_loss:  # the step's projection, by its minibatch loss
+            self.best, self.best_loss = self.cur, lv
+        return lv
+
+    def train_epoch(self, epoch: int, n_train: int, steps_per_epoch: int, bar) -> None:
+        """One pass over the training images, then the end-of-epoch projection, its score and drift record."""
+        cfg, protocol = self.cfg, self.protocol
+        self.net.train()
+        loss_sum, n_seen = 0.0, 0
+        for step, (x, y) in enumerate(
+            self.dataset.batches(
+                "train", cfg.batch_size, shuffle=True, generator=self.gen, device=self.dev, limit=n_train
+            )
+        ):
+            lv = self._step(epoch, step, x, y)
+            loss_sum += lv * int(y.shape[0])
+            n_seen += int(y.shape[0])
+            if bar is not None:
+                bar.update(1, epoch=epoch + 1, mid_loss=lv)
+        # end of epoch: project the updated theta~ (to convergence), score it, record drift
+        with torch.no_grad():
+            self.cur = _project(
+                self.spec,
+                self.tilde_state(),
+                self.sd_b,
+                self.cur,
+                _step_seed(self.seed, epoch, steps_per_epoch),
+                self.wm_max_iter,
+                self.dev,
+                self.projector,
+                full=True,
+            )
+            dist = math.sqrt(
+                sum(float((self.tilde[k].detach() - self.sd_a[k]).double().pow(2).sum()) for k in self.param_keys)
+            )
+        l_cur = self.score(self.cur)
+        if protocol == "heldout-best":
+            self.hist["candidates"].append({"name": f"epoch {epoch + 1}", "heldout_loss": l_cur})
+            if l_cur < self.best_loss:
+                self.best, self.best_loss = self.cur, l_cur
+        elif protocol == "random-mixing":
+            self.best, self.best_loss = self.cur, l_cur
+        self.hist.setdefault("minibatch_best", []).append(self.best_loss)
+        a_norm = math.sqrt(sum(float(self.sd_a[k].double().pow(2).sum()) for k in self.param_keys))
+        rec = {
+            "epoch": epoch + 1,
+            "train_midpoint_loss": loss_sum / max(n_seen, 1),
+            "heldout_loss": l_cur,
+            # the kept permutation's selection loss so far (git-re-basin: a minibatch loss)
+            "best_heldout_loss" if protocol != "git-re-basin" else "kept_minibatch_loss": self.best_loss,
+            "changed_vs_wm": perm_changed_units(self.cur, self.pi_wm),
+            "tilde_dist": dist,
+            "tilde_rel_dist": dist / max(a_norm, 1e-12),
+            "r03": self.r03(self.cur),
+        }
+        self.hist["epochs"].append(rec)
+        if bar is not None:
+            bar.write(
+                f"[ste {protocol}] epoch {epoch + 1}/{cfg.epochs}: train mid loss "
+                f"{rec['train_midpoint_loss']:.4f}, held-out mid loss {l_cur:.4f} (kept {self.best_loss:.4f}), "
+                f"changed vs WM {rec['changed_vs_wm']:.3f}"
+            )
+        self.save(epoch + 1)
+
+    # ------------------------------------------------------------------ result
+    def result(self, preset: str, state_dir: str | Path | None, t0: float):
+        """The :class:`MatchResult` of the run (see :func:`ste_matching`); writes the drift files."""
+        from .result import MatchResult  # noqa: WPS433
+
+        protocol, hist = self.protocol, self.hist
+        drift = drift_history(hist)
+        best, best_loss = self.best, self.best_loss
+        if protocol == "random-mixing" and not hist["epochs"]:  # no training: the final projection is plain WM's
+            best, best_loss = self.pi_wm, hist["initial"]["heldout_loss"]
+        kept_heldout = best_loss if protocol != "git-re-basin" else self.score(best)
+        extra = {
+            "protocol": protocol,
+            "preset": preset,
+            "settings": asdict(self.cfg),
+            "heldout": self.heldout.source,
+            "drift": drift,
+            "candidates": hist["candidates"],
+            "best_heldout_loss": kept_heldout,
+            "kept_minibatch_loss": best_loss if protocol == "git-re-basin" else None,
+            "changed_vs_wm": perm_changed_units(best, self.pi_wm),
+            "wm_perms": self.pi_wm,
+            "resumed": bool(self.resumed),
+        }
+        if state_dir is not None:
+            write_drift(state_dir, drift)
+        objective, run_best = [], math.inf
+        if protocol == "heldout-best":
+            for c in hist["candidates"]:  # running best: non-increasing, ends at the returned permutation's loss
+                run_best = min(run_best, c["heldout_loss"])
+                objective.append(run_best)
+        elif protocol == "git-re-basin":
+            objective = [float(v) for v in hist.get("minibatch_best", [])]
+        else:
+            objective = [float(r["heldout_loss"]) for r in hist["epochs"]] or [float(best_loss)]
+        return MatchResult(
+            perms={g: best[g].clone() for g in self.spec.sizes},
+            objective=objective,
+            sweeps=len(hist["epochs"]),
+            seconds=time.time() - t0,
+            method="ste",
+            extra=extra,
+        )
 
 
 def _make_optimizer(cfg: StePreset, params: list[torch.Tensor]) -> torch.optim.Optimizer:

@@ -28,7 +28,10 @@ def register_model(name: str, description: str = "", tiny: bool = False):
     def deco(fn: Callable[..., nn.Module]):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], tiny)
+        from ..model_index import MODEL_INDEX  # the static table `lmckit models` lists (kept equal by a test)
+
+        text = description or MODEL_INDEX.get(name, ("",))[0] or (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = ModelEntry(name, fn, text, tiny)
         return fn
 
     return deco

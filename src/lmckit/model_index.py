@@ -1,0 +1,44 @@
+"""The model zoo's names and one-line descriptions, without importing the zoo (torch).
+
+``lmckit models`` lists the zoo from this table so that it starts in a fraction
+of a second; :mod:`lmckit.models.registry` takes a factory's description from
+here when its ``register_model`` call gives none, and
+``tests/test_cli_light.py`` checks that the table equals the registry (names,
+descriptions, tiny flags): a model added to the zoo must be added here too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+#: name -> (description, tiny test model)
+MODEL_INDEX: dict[str, tuple[str, bool]] = {
+    "lstm": (
+        "LSTM on image rows (28 steps of 28 pixels), hidden 128, 1 layer (options width, depth, width_mult, norm)",
+        False,
+    ),
+    "lstm_tiny": ("LSTM with 2 layers of 6 hidden units, for tests", True),
+    "mlp": ("MLP 784-512-512-512-10 (depth 3, width 512; options depth, width, width_mult, norm)", False),
+    "mlp_tiny": ("MLP with 2 hidden layers of 16 units, for tests", True),
+    "resnet20": ("ResNet-20 (CIFAR-style, norm on shortcuts; width_mult, norm)", False),
+    "resnet32": ("ResNet-32 (CIFAR-style, norm on shortcuts; width_mult, norm)", False),
+    "resnet44": ("ResNet-44 (CIFAR-style, norm on shortcuts; width_mult, norm)", False),
+    "resnet_tiny": ("ResNet with 1 block per stage and width 1/4, for tests", True),
+    "vgg11": ("VGG11 (CIFAR-style, one linear head; width_mult, norm)", False),
+    "vgg13": ("VGG13 (CIFAR-style, one linear head; width_mult, norm)", False),
+    "vgg16": ("VGG16 (CIFAR-style, one linear head; width_mult, norm)", False),
+    "vgg_tiny": ("3-conv VGG with 4-8 channels, for tests", True),
+    "vit": (
+        "ViT: 7x7 patches (16 tokens + class token), pre-LN, width 64, depth 4, 4 heads, MLP ratio 2 "
+        "(options width, depth, heads, mlp_ratio, patch_size, width_mult, norm)",
+        False,
+    ),
+    "vit_tiny": ("ViT with width 8, depth 1, 2 heads, for tests", True),
+}
+
+
+def list_index(pattern: str = "*", include_tiny: bool = True) -> list[str]:
+    """Names in :data:`MODEL_INDEX` matching the glob ``pattern`` (as ``lmckit.models.list_models``)."""
+    return sorted(
+        n for n, (_, tiny) in MODEL_INDEX.items() if fnmatch.fnmatch(n, pattern) and (include_tiny or not tiny)
+    )
