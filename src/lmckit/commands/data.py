@@ -178,7 +178,8 @@ def run_info(args: argparse.Namespace) -> int:
     for f in rep["files"]:
         if f["status"] == "mismatch":
             print(
-                f"warning: {f['path']} does not match the known {f['algo']} checksum; the file differs from the published dataset"
+                f"warning: {f['path']} does not match the known {f['algo']} checksum; "
+                "the file differs from the published dataset"
             )
     if rep.get("error"):
         raise LmcError(rep["error"], rep.get("hint"))

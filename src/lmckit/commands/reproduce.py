@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 (repeatable; default: the recipe's values)",
+        help="override a recipe setting, e.g. --set train.seeds=[0,1] --set match.ste.epochs=2 "
+        "(repeatable; default: the recipe's values)",
     )
     p.add_argument(
         "--jobs",

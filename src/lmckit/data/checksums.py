@@ -30,7 +30,10 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Checksum:
-    """A known digest: ``algo`` (``sha256``/``md5``) of ``of`` (``content``: decompressed bytes; ``archive``: the file as published)."""
+    """A known digest: ``algo`` (``sha256``/``md5``) of ``of``.
+
+    ``of`` is ``content`` (the decompressed bytes) or ``archive`` (the file as published).
+    """
 
     algo: str
     digest: str

@@ -155,7 +155,8 @@ def _check(ck: Checksum | None, data_md5: str | None, data_sha: str | None, data
     if actual != ck.digest.lower():
         raise LmcError(
             f"checksum mismatch for {what}: {ck.algo} {actual}, expected {ck.digest}",
-            "the download is corrupt or the mirror serves other files; nothing was kept, try again or use another mirror",
+            "the download is corrupt or the mirror serves other files; nothing was kept, "
+            "try again or use another mirror",
         )
 
 

@@ -89,7 +89,8 @@ register_dataset(
         (0.2860,),
         (0.3530,),
         ("/usr/share/datasets/fashion-mnist",),
-        "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (Debian), or run `lmckit data download fashion-mnist` when online",
+        "install it with `apt-get update && apt-get install -y dataset-fashion-mnist` (Debian), "
+        "or run `lmckit data download fashion-mnist` when online",
     )
 )
 register_dataset(
@@ -102,7 +103,8 @@ register_dataset(
         (0.4914, 0.4822, 0.4465),
         (0.2470, 0.2435, 0.2616),
         (),
-        "put cifar-10-batches-py/ (from cifar-10-python.tar.gz) or cifar-10-batches-bin/ in a folder and pass --data-dir, "
+        "put cifar-10-batches-py/ (from cifar-10-python.tar.gz) or cifar-10-batches-bin/ in a folder "
+        "and pass --data-dir, "
         "or run `lmckit data download cifar10` when online",
         subdirs=(cifar.PY_DIR, cifar.BIN_DIR),
         present=lambda f: cifar.cifar_layout(f) is not None,
@@ -117,7 +119,8 @@ register_dataset(
         (0.1307,),
         (0.3081,),
         ("/usr/share/datasets/mnist",),
-        "put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir, or run `lmckit data download mnist` when online",
+        "put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir, "
+        "or run `lmckit data download mnist` when online",
     )
 )
 

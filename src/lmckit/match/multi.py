@@ -124,7 +124,10 @@ def anchor_matching(
 
 
 def pairwise_inner_sum(states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]) -> float:
-    """``sum_{i<j} <theta_i, theta_j>`` over ``keys``, as ``(||sum_i theta_i||^2 - sum_i ||theta_i||^2) / 2`` in float64."""
+    """``sum_{i<j} <theta_i, theta_j>`` over ``keys``.
+
+    Computed as ``(||sum_i theta_i||^2 - sum_i ||theta_i||^2) / 2`` in float64.
+    """
     tot = 0.0
     for k in keys:
         ts = [sd[k].detach().double() for sd in states]

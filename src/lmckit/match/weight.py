@@ -417,7 +417,10 @@ class _Problem:
     def _operands(
         k: str, a: int, am: torch.Tensor, b: torch.Tensor, inv_g: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(L, R)`` of one (entry, axis) term ``L @ R^T``: ``L = A^{(a)}``, ``R = pi(B)^{(a)}`` rows in B's order of ``g``."""
+        """``(L, R)`` of one (entry, axis) term ``L @ R^T``.
+
+        ``L = A^{(a)}``, ``R = pi(B)^{(a)}`` rows in B's order of ``g``.
+        """
         if b.dim() == 2 and a == 1:
             return am.t(), b.index_select(1, inv_g).t()  # (in x out), (in x out)
         return am, _flat(b, a).index_select(0, inv_g)
@@ -523,7 +526,7 @@ class _Problem:
         ent = cache.get((g, "sum"))
         stale = []
         if ent is not None:
-            for k, a, am, h in upd:
+            for k, a, _am, h in upd:
                 p_old, p_new = ent[1][(k, a)], perms[h]
                 if p_old is p_new:
                     continue
@@ -539,7 +542,7 @@ class _Problem:
         ):
             ent = cache[(g, "sum")] = self._build_sum(g, perms)
         elif stale:
-            for k, a, moved, p_old, p_new, h in stale:
+            for k, a, moved, p_old, p_new, _h in stale:
                 self._rank_update(ent[0], k, a, moved, p_old, p_new)
                 ent[1][(k, a)] = p_new
                 self.counters["cost_terms_updated"] += 1
@@ -560,7 +563,7 @@ class _Problem:
                     hit = cache[(k, a)] = (stamp, left @ right.t())
                     self.counters["cost_terms_recomputed"] += 1
                 _accumulate(c, hit[1])
-            for k, a, off, m, inner, am, quad in plain_segs:
+            for k, a, off, m, inner, am, _quad in plain_segs:
                 stamp = tuple(stamps[h] for j, e in enumerate(self.axes[k]) if j != a for h in entry_groups(e))
                 hit = cache.get((k, a, "seg", off))
                 if hit is None or hit[0] != stamp:
@@ -833,7 +836,7 @@ def _descend(
                 scale = sum(prob.scale.get(pt[0], 0.0) for pt, _ in moves)
                 if not delta > tol * scale:
                     continue
-                for (g, inv_g, c_lin, c_quad, c_np), p_new in moves:
+                for (g, inv_g, _c_lin, _c_quad, _c_np), p_new in moves:
                     p_new_t = torch.from_numpy(p_new).to(dev)
                     q = inv_g[p_new_t]  # positions in bp of the new units
                     if bp:
