@@ -33,7 +33,7 @@ def test_shipped_recipes_parse_build_and_round_trip():
         assert order(p.targets()) and not p.notes
     q = load_recipe("quick")
     assert q.data.dataset == "fashion-mnist" and dict(q.models[0].options) == {"depth": 3, "width": 512}
-    assert set(q.match.methods) == {"naive", "weight", "activation", "ste"} and q.three_models.enabled
+    assert set(q.match.methods) == {"naive", "weight", "activation", "ste", "sinkhorn"} and q.three_models.enabled
     assert len(q.train.seeds) >= 3 and q.analysis.taylor and q.analysis.projections and q.analysis.rank
 
 

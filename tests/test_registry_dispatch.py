@@ -45,6 +45,40 @@ def test_recipe_names_a_registry_method_with_no_other_edit():
     assert [m.method for m in three.matches[1:]] == ["sinkhorn", "sinkhorn"]
 
 
+def test_recipe_match_options_reach_that_methods_stages_only():
+    base = ['match.methods=["naive", "weight", "ste", "sinkhorn"]', 'three_models.methods=["weight", "sinkhorn"]']
+    plain = build_plan(load_recipe("tiny", base))
+    r = load_recipe("tiny", base + ["match.options.sinkhorn.steps=40", 'match.options.sinkhorn.loss="midpoint"'])
+    plan = build_plan(r)
+
+    def stages(p, method):
+        return [s for e in p.experiments for s in e.matches.values() if s.method == method]
+
+    sk = stages(plan, "sinkhorn")
+    assert sk and all(m.options == (("loss", "midpoint"), ("steps", 40)) for m in sk)
+    assert all(m.options == (("loss", "midpoint"), ("steps", 40)) for m in plan.three["sinkhorn"].matches[1:])
+    opts = stage_match_options("sinkhorn", dict(sk[0].options))
+    assert (opts.steps, opts.loss) == (40, "midpoint")
+    for method in ("weight", "ste"):  # other methods' stages (and so their hashes) are untouched
+        assert stages(plan, method) == stages(plain, method)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("match.options.sinkhron.steps=3", "no matching method 'sinkhron'"),
+        ("match.options.naive.steps=3", "no matching method 'naive'"),
+        ("match.options.weight.max_iter=3", "set by the \\[match\\] table"),
+        ("match.options.sinkhorn.stepz=3", "match.options.sinkhorn: method 'sinkhorn' has no option 'stepz'"),
+        ("match.options.sinkhorn.steps=0", "match.options.sinkhorn: option steps must be at least 1"),
+        ("match.options.sinkhorn=3", "must be a table"),
+    ],
+)
+def test_recipe_match_options_are_validated_by_the_registry(override, message):
+    with pytest.raises(LmcError, match=message):
+        load_recipe("tiny", [override])
+
+
 @pytest.mark.parametrize(
     "override,message",
     [

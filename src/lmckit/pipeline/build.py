@@ -140,7 +140,14 @@ RECIPE_OPTIONS = {
 
 
 def _match_options(recipe: Recipe, method: str) -> tuple:
-    return RECIPE_OPTIONS.get(method, lambda m: ())(recipe.match)
+    """The match stage's options: the ``[match]`` table's for weight/activation/STE, else ``match.options.<method>``.
+
+    A method without options in the recipe gets ``()`` (its registry defaults), so the hashes of
+    earlier stages hold.
+    """
+    if method in RECIPE_OPTIONS:
+        return RECIPE_OPTIONS[method](recipe.match)
+    return dict(recipe.match.options).get(method, ())
 
 
 def _experiment(

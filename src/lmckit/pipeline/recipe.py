@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import LmcError
-from ..match.registry import list_methods, methods_supporting
+from ..match.registry import get_method, list_methods, methods_supporting
 
 __all__ = [
     "Recipe",
@@ -193,6 +193,13 @@ class MatchSection:
     max_iter: int = _f(100, min=1, max=100_000, help="weight-matching sweeps")
     am_samples: int = _f(5000, min=1, max=10_000_000, help="training images for activation statistics")
     ste: SteSection = _f(SteSection())
+    options: tuple = _f(
+        (),
+        mapping=True,
+        check="method_options",
+        help="registry options of methods the keys above do not set, e.g. {sinkhorn = {steps = 100}} "
+        "(lmckit methods lists each method's options)",
+    )
 
 
 @dataclass(frozen=True)
@@ -410,6 +417,33 @@ def _check_model_kwargs(v: dict[str, Any], key: str, source: str) -> None:
             )
 
 
+#: Methods whose options the ``[match]`` table sets with its own keys (max_iter, am_samples, [match.ste]).
+MATCH_TABLE_METHODS = ("weight", "activation", "ste")
+
+
+def _check_method_options(v: dict[str, Any], key: str, source: str) -> None:
+    """``match.options``: a table per registry method, each validated by the method's options dataclass."""
+    for name, opts in v.items():
+        if name == NAIVE or name not in method_choices():
+            raise _bad(
+                f"{key}.{name}: no matching method {name!r}",
+                f"choose from {', '.join(m for m in method_choices() if m != NAIVE)} (lmckit methods)",
+                source,
+            )
+        if name in MATCH_TABLE_METHODS:
+            raise _bad(
+                f"{key}.{name}: {name}'s options are set by the [match] table's own keys",
+                "use match.max_iter (weight), match.am_samples (activation) or [match.ste] (ste)",
+                source,
+            )
+        if not isinstance(opts, dict):
+            raise _bad(f"{key}.{name} must be a table like {{steps = 100}}, got {opts!r}", source=source)
+        try:
+            get_method(name).options(opts)
+        except LmcError as e:
+            raise _bad(f"{key}.{name}: {e.message}", e.hint or "", source) from None
+
+
 def _check_overrides(v: dict[str, Any], key: str, source: str) -> None:
     """Training overrides may not contradict what the recipe sets elsewhere (seeds, dataset, model)."""
     for k, x in v.items():
@@ -458,6 +492,8 @@ def _value(tp: Any, v: Any, key: str, meta: Mapping[str, Any], source: str) -> A
             _check_overrides(v, key, source)
         elif meta.get("check") == "model_kwargs":
             _check_model_kwargs(v, key, source)
+        elif meta.get("check") == "method_options":
+            _check_method_options(v, key, source)
         return _freeze(v)
     if meta.get("check") == "name":
         _check_name(v, key, source)
