@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from ..plotting import LOSS_CMAP, integer_ticks, legend_outside, plain_log_axis, save_figure, subplot_grid
 from ..plotting import pyplot as _plt
+from .architectures import layer_label
 
 METHOD_LABEL = {"naive": "naive", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
 METHOD_COLOR = {"naive": "0.5", "weight": "C3", "activation": "C0", "ste": "C2", "merge_many": "C4"}
@@ -106,7 +107,7 @@ def spectra(exp: Mapping[str, Any], path: Path) -> Path:
         ax.plot(d["sigma_b"], lw=1.2, ls="--", label=f"model B (seed {b})")
         ax.set_yscale("log")
         plain_log_axis(ax)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(layer_label(name), fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
         if ax is axes[0]:
             ax.set_ylabel("singular value σ_i")
@@ -149,7 +150,7 @@ def per_index(exp: Mapping[str, Any], path: Path) -> Path:
         ax.plot(d["per_index_before"], color="0.6", lw=0.8, label="before matching")
         ax.plot(d["per_index_after"], color="C3", lw=0.8, label="after WM")
         ax.axhline(0, color="k", lw=0.4)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(layer_label(name), fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
         if ax is axes[0]:
             ax.set_ylabel("(u_i·Pu'_i)(v_i·Qv'_i)")
@@ -164,7 +165,7 @@ def projections(exp: Mapping[str, Any], path: Path) -> Path:
     for ax, (name, d) in zip(axes, pr.items()):
         ax.plot(d["mean_abs"], lw=1.0, label="right-singular vector v_i")
         ax.plot(d["random_mean_abs"], lw=0.8, color="0.6", label="random unit direction")
-        ax.set_title(name, fontsize=8)
+        ax.set_title(layer_label(name), fontsize=8)
         ax.set_xlabel("singular index i (0 = largest)")
         if ax is axes[0]:
             ax.set_ylabel("mean |v_i · z| over inputs z")

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from ..store import atomic_write_json, atomic_write_text
 from . import figures as F
+from .architectures import layer_label
 from .figures import METHOD_LABEL
 
 __all__ = ["write_report", "summary_rows", "check_finite_tree", "render_html"]
@@ -349,6 +350,9 @@ def write_report(
             lambda p: F.width_sweep(ws, p),
         )
 
+    from .architectures import write_architectures  # attention / LSTM layer kinds, model size (issue 12)
+
+    md += write_architectures(res, fig)
     from .studies import write_studies  # issue 12's studies section
 
     md += write_studies(res, fig)
@@ -553,7 +557,7 @@ def _layer_section(e: dict[str, Any]) -> list[str]:
         ]
         rows = []
         for row in t["rows"]:
-            cells: dict[str, Any] = {"layer": row["layer"]}
+            cells: dict[str, Any] = {"layer": layer_label(row["layer"])}
             if "l2_before" in row:
                 cells["L2 distance"] = f"{row['l2_before']:.2f} → {row['l2_after']:.2f}"
                 cells["reduction"] = f"{row['reduction']:.1%}"
