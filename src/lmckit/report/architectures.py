@@ -91,7 +91,7 @@ def has_kinds(exp: dict[str, Any]) -> bool:
     return any(layer_kind(n) for n in names)
 
 
-def r_by_kind(exp: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def r_by_kind(exp: dict[str, Any]) -> list[dict[str, Any]]:
     """R(gamma) per layer kind and method: the mean over matrices of that kind and matched pairs.
 
     Parameters
@@ -101,7 +101,8 @@ def r_by_kind(exp: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     Returns
     -------
-    ``{kind: {"matrices": n, "R": {gamma: {"before": x, method: x, ...}}}}`` in network order;
+    ``[{"kind": kind, "matrices": n, "R": {gamma: {"before": x, method: x, ...}}}, ...]`` in network
+    order (a list: results.json sorts mapping keys);
     ``before`` is R with no permutation (the same for every method), each method's value is R
     after its permutation. Only matrices with an R value enter.
     """
@@ -116,13 +117,13 @@ def r_by_kind(exp: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 slot = k["R"].setdefault(g, {})
                 slot.setdefault("before", {})[(tuple(t["pair"]), row["layer"])] = v["before"]
                 slot.setdefault(t["method"], []).append(v["after"])
-    out: dict[str, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
     for kind, k in acc.items():
         r = {}
         for g, slot in k["R"].items():
             before = list(slot.pop("before").values())
             r[g] = {"before": sum(before) / len(before), **{m: sum(v) / len(v) for m, v in slot.items()}}
-        out[kind] = {"matrices": len(k["names"]), "R": r}
+        out.append({"kind": kind, "matrices": len(k["names"]), "R": r})
     return out
 
 
@@ -209,8 +210,8 @@ def write_architectures(res: dict[str, Any], fig: Callable[[str, str, str, Calla
     for a, e in zip(arch, res["experiments"]):
         md += ["", f"*{a['label']}*", "", _size_sentence(a, e), ""]
         rows = []
-        for kind, k in a["R_by_kind"].items():
-            cells: dict[str, Any] = {"layer kind": kind, "matrices": k["matrices"]}
+        for k in a["R_by_kind"]:
+            cells: dict[str, Any] = {"layer kind": k["kind"], "matrices": k["matrices"]}
             for g, v in k["R"].items():
                 cells[f"R({g}) before"] = f"{v['before']:.3f}"
                 for m, x in v.items():
