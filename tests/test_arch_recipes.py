@@ -219,3 +219,36 @@ def test_r_by_kind_averages_matrices_and_pairs_by_hand():
     assert r["before"] == pytest.approx((0.1 + 0.3 + 0.2) / 3)  # one value per (pair, matrix), not per method
     assert r["weight"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)
     assert r["ste"] == pytest.approx(0.4)
+
+
+def test_taylor_on_a_vit_matches_the_second_difference_of_the_loss():
+    """Delta^T H Delta through attention (double backward needs the math SDPA kernel) = finite difference."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmckit.analysis.taylor import taylor_midpoint
+    from lmckit.data import load_dataset
+    from lmckit.models import create_model
+
+    ds = load_dataset("synthetic")
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", in_channels=1, image_size=28, num_classes=10).double()
+    sd_a = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    sd_b = create_model("vit_tiny", in_channels=1, image_size=28, num_classes=10).double().state_dict()
+    n = ds.size("test")
+    out = taylor_midpoint(model, None, sd_a, sd_b, ds, num_samples=n, split="test", batch_size=n)
+    x, y = ds.on_device("test")
+    x = ds.normalize(x).double()
+    mid = {k: (a + sd_b[k]) / 2 for k, a in sd_a.items()}
+    delta = {k: sd_a[k] - sd_b[k] for k in sd_a}
+
+    def loss(t: float) -> float:
+        state = {k: mid[k] + t * delta[k] for k in mid}
+        with torch.no_grad():
+            return float(F.cross_entropy(torch.func.functional_call(model.eval(), state, (x,)), y))
+
+    eps = 1e-3
+    fd = (loss(eps) - 2 * loss(0.0) + loss(-eps)) / eps**2
+    assert math.isfinite(out["dHd"]) and out["dHd"] == pytest.approx(fd, rel=1e-4)
+    assert out["taylor_midpoint"] == pytest.approx(-fd / 8, rel=1e-4)
