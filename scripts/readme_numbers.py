@@ -138,6 +138,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
                 f"{pm(tay['measured_midpoint'])}, second-order Taylor estimate {pm(tay['taylor_midpoint'])} "
                 f"(n = {tay['taylor_midpoint']['n']} pairs).",
             ]
+        md += _kinds_line(res, e)
         md += [""]
         claims = [c for c in res.get("claims", []) if c.get("model", e["label"]) == e["label"]]
         if claims:
@@ -190,6 +191,21 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
         )
         md += [""]
     return "\n".join(md)
+
+
+def _kinds_line(res: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    """Model size and R(0.3) by layer kind (W_Q ... W_O, LSTM gates) where results have ``architectures``."""
+    arch = next((a for a in res.get("architectures", []) if a["label"] == e["label"]), None)
+    if not arch:
+        return []
+    kinds = [k for k in arch["R_by_kind"] if "weight" in k["R"].get("0.3", {})]
+    return [
+        "",
+        f"{arch['parameters']:,} parameters, widest permutation group {arch['widest']} units, "
+        f"{arch['epochs']} training epoch(s). R(0.3) before → after WM by layer kind (mean over matrices and pairs): "
+        + ", ".join(f"{k['kind']} {k['R']['0.3']['before']:.3f} → {k['R']['0.3']['weight']:.3f}" for k in kinds)
+        + ".",
+    ]
 
 
 def load(name: str, root: Path = RESULTS) -> tuple[dict[str, Any], dict[str, Any]]:

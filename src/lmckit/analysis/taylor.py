@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..evaluate import module_mode
 from ..perm import PermutationSpec
@@ -117,17 +118,10 @@ def taylor_midpoint(
 
         loss_a, loss_b, loss_m = mean_loss(state_a), mean_loss(state_b), mean_loss(state_m)
         quad_t = torch.zeros((), dtype=torch.float64, device=dev)
-        for x, y in batches():
-            params = {k: state_m[k].clone().requires_grad_(True) for k in trainable}
-            full = {**state_m, **params}
-            loss = loss_fn(torch.func.functional_call(model, full, (x,)), y).sum() / n
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-            g_dot_d = sum((g * delta[k]).sum() for g, k in zip(grads, params) if g is not None)
-            if not isinstance(g_dot_d, torch.Tensor) or not g_dot_d.requires_grad:
-                continue  # the loss is linear (or constant) in the parameters on this batch: no curvature
-            hv = torch.autograd.grad(g_dot_d, list(params.values()), allow_unused=True)
-            hd = sum((h * delta[k]).sum() for h, k in zip(hv, params) if h is not None)
-            quad_t += hd.double() if isinstance(hd, torch.Tensor) else float(hd)
+        # the fused attention kernels (flash / memory-efficient) have no double backward: the
+        # Hessian-vector product of a transformer needs the plain math kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            quad_t = _quad_form(batches(), model, state_m, trainable, delta, loss_fn, n, quad_t)
         quad = float(quad_t)
     dnorm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))) if delta else 0.0
     return {
@@ -144,3 +138,19 @@ def taylor_midpoint(
         "bn_batch_statistics": has_bn,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _quad_form(batches, model, state_m, trainable, delta, loss_fn, n, quad_t):
+    """Accumulate ``Delta^T H Delta`` over ``batches`` by Hessian-vector products at the midpoint."""
+    for x, y in batches:
+        params = {k: state_m[k].clone().requires_grad_(True) for k in trainable}
+        full = {**state_m, **params}
+        loss = loss_fn(torch.func.functional_call(model, full, (x,)), y).sum() / n
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        g_dot_d = sum((g * delta[k]).sum() for g, k in zip(grads, params) if g is not None)
+        if not isinstance(g_dot_d, torch.Tensor) or not g_dot_d.requires_grad:
+            continue  # the loss is linear (or constant) in the parameters on this batch: no curvature
+        hv = torch.autograd.grad(g_dot_d, list(params.values()), allow_unused=True)
+        hd = sum((h * delta[k]).sum() for h, k in zip(hv, params) if h is not None)
+        quad_t += hd.double() if isinstance(hd, torch.Tensor) else float(hd)
+    return quad_t

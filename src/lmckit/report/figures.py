@@ -28,6 +28,7 @@ from ..pipeline.recipe import NAIVE, SEARCHED_METHOD
 from ..pipeline.tasks import MERGE_MANY
 from ..plotting import integer_ticks, save_with_legend, subplot_grid
 from ..plotting import pyplot as _plt
+from .architectures import layer_label
 
 
 class _ByMethod(Mapping):
@@ -87,9 +88,14 @@ def interpolation(exp: Mapping[str, Any], path: Path) -> Path:
     return plot_curves(curves, path, "all", title, styles, baseline=METHOD_LABEL[NAIVE])
 
 
+def _labelled(per_layer: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-layer panels titled by their reader-facing label (``blocks.0.attn W_Q``, ``lstm l0 W_f (hidden)``)."""
+    return {layer_label(k): v for k, v in per_layer.items()}
+
+
 def spectra(exp: Mapping[str, Any], path: Path) -> Path:
     a, b = exp["pairs"][0]
-    return plots.plot_spectra(exp["spectra"], path, labels=(f"model A (seed {a})", f"model B (seed {b})"))
+    return plots.plot_spectra(_labelled(exp["spectra"]), path, labels=(f"model A (seed {a})", f"model B (seed {b})"))
 
 
 def r_bars(exp: Mapping[str, Any], path: Path) -> Path:
@@ -101,11 +107,11 @@ def r_bars(exp: Mapping[str, Any], path: Path) -> Path:
 
 
 def per_index(exp: Mapping[str, Any], path: Path) -> Path:
-    return plots.plot_per_index(exp["spectra"], path, after_label=f"after {METHOD_LABEL[SEARCHED_METHOD]}")
+    return plots.plot_per_index(_labelled(exp["spectra"]), path, after_label=f"after {METHOD_LABEL[SEARCHED_METHOD]}")
 
 
 def projections(exp: Mapping[str, Any], path: Path) -> Path:
-    return plots.plot_projections(exp["projections"], path)
+    return plots.plot_projections(_labelled(exp["projections"]), path)
 
 
 def rank(exp: Mapping[str, Any], path: Path) -> Path:

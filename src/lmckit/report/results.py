@@ -25,6 +25,7 @@ from ..pipeline.build import Experiment, Plan
 from ..pipeline.executor import plan as order
 from ..pipeline.recipe import recipe_to_dict
 from ..pipeline.stages import stage_hash, stage_path
+from .architectures import architecture_summary, layer_kind
 from .claims import CLAIMS, Evidence, paper_value
 from .claims import dig as _get
 
@@ -241,10 +242,12 @@ def _layer_tables(method: str, ans: list[tuple[Any, dict[str, Any]]]) -> list[di
     for pair, runs in by_pair.items():
         dist = [{d["name"]: d for d in a.get("distance_per_layer", [])} for a in runs]
         rr = [{d["name"]: d["R"] for d in a.get("R_per_layer", [])} for a in runs]
-        names = list(dist[0]) or list(rr[0])
+        names = _with_split_matrices(list(dist[0]), list(rr[0]))
         rows = []
         for name in names:
             row: dict[str, Any] = {"layer": name}
+            if layer_kind(name):  # W_Q, W_K, W_V, W_O, LSTM gates (issue 12)
+                row["kind"] = layer_kind(name)
             if all(name in d for d in dist):
                 for q in ("l2_before", "l2_after", "reduction"):
                     row[q] = sum(d[name][q] for d in dist) / len(dist)
@@ -254,6 +257,30 @@ def _layer_tables(method: str, ans: list[tuple[Any, dict[str, Any]]]) -> list[di
                 }
             rows.append(row)
         out.append({"pair": list(pair), "method": method, "searches": len(runs), "rows": rows})
+    return out
+
+
+def _with_split_matrices(modules: list[str], matrices: list[str]) -> list[str]:
+    """Module rows (distances) in network order, each followed by the matrices R was measured on inside it.
+
+    A fused attention projection (``blocks.0.attn``) or an LSTM (``lstm``) is one module for the L2
+    distance but several matrices for R (``blocks.0.attn.in_proj_weight:q`` ..., ``lstm.weight_ih_l0:i`` ...):
+    those get rows of their own, after their module's row. Matrices of no listed module go last.
+    """
+    out = list(modules)
+    placed = set(out)
+    for name in matrices:
+        if name in placed:
+            continue
+        base = name.partition(":")[0]
+        owner = max((m for m in out if m and base.startswith(m + ".")), key=len, default=None)
+        at = len(out)
+        if owner is not None:
+            at = out.index(owner) + 1
+            while at < len(out) and out[at] not in modules and out[at].startswith(owner + "."):
+                at += 1
+        out.insert(at, name)
+        placed.add(name)
     return out
 
 
@@ -327,6 +354,10 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
 
     if getattr(plan, "studies", None) is not None:
         res["studies"] = collect_studies(plan, root)
+
+    arch = architecture_summary(plan, res, root)
+    if arch:
+        res["architectures"] = arch
     res["claims"] = judge_claims(res) + study_claims(res)
     return res
 

@@ -30,6 +30,7 @@ from markdown_it import MarkdownIt
 
 from ..store import atomic_write_json, atomic_write_text
 from . import figures as F
+from .architectures import layer_label, write_architectures
 from .figures import METHOD_LABEL
 from .studies import write_studies
 
@@ -161,6 +162,7 @@ def write_report(
     md += _three_models_section(res, figs.add)
     md += _ste_drift_section(res, figs.add)
     md += _width_section(res, figs.add)
+    md += write_architectures(res, figs.add)  # attention / LSTM layer kinds, model size (issue 12)
     md += write_studies(res, figs.add)
     md += _figures_section(figs.listed) + _timings_section(timing)
     text = "\n".join(md) + "\n"
@@ -619,7 +621,7 @@ def _layer_section(e: dict[str, Any]) -> list[str]:
         ]
         rows = []
         for row in t["rows"]:
-            cells: dict[str, Any] = {"layer": row["layer"]}
+            cells: dict[str, Any] = {"layer": layer_label(row["layer"])}
             if "l2_before" in row:
                 cells["L2 distance"] = f"{row['l2_before']:.2f} → {row['l2_after']:.2f}"
                 cells["reduction"] = f"{row['reduction']:.1%}"
