@@ -12,9 +12,9 @@ import math
 import pytest
 
 from lmckit.pipeline.recipe import load_recipe
-from lmckit.reproduce import reproduce
 from lmckit.report.architectures import kind_of_row, layer_kind, layer_label, r_by_kind
 from lmckit.report.results import _with_split_matrices
+from lmckit.reproduce import reproduce
 
 TINY = [
     "data.dataset=synthetic",
