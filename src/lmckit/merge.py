@@ -1,4 +1,4 @@
-"""Merging three or more models: align, average uniformly, measure (PAPER.md claim 6).
+"""Merging three or more models: align, average uniformly, measure (docs/definitions.md claim 6).
 
 Given N models of one architecture with states ``theta_0 .. theta_{N-1}``:
 

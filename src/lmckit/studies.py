@@ -8,7 +8,7 @@ live in :mod:`lmckit.pipeline.studies`.
   matrix only (``W_k = sum_{sigma_i >= gamma sigma_max} sigma_i u_i v_i^T``,
   "WM-top") or on its remainder ``W - W_k`` ("WM-tail"), biases and norm
   parameters unchanged. The permutation is then applied to the full model B.
-  The SVD view of PAPER.md (Theorem 4.1 of Ito et al.) predicts that the
+  The SVD view of Ito et al. (Theorem 4.1; docs/definitions.md) predicts that the
   dominant directions carry WM's objective.
 * :func:`reassign_fraction` (study "alignment-dose"): starting from a
   permutation, re-assign a fraction ``f`` of the units of every group at

@@ -1,4 +1,4 @@
-"""L2 distance between two models before and after permutation (PAPER.md, "Distance reduction").
+"""L2 distance between two models before and after permutation (docs/definitions.md, "Distance reduction").
 
     d0 = ||theta_a - theta_b||_2,   d1 = ||theta_a - pi(theta_b)||_2,   reduction = 1 - d1 / d0.
 

@@ -1,6 +1,6 @@
 """Which state-dict entries are "layers" for the SVD analyses, and how they read as matrices.
 
-Rule (PAPER.md, "Setting"): every entry named ``*.weight`` with two or more
+Rule (docs/definitions.md, "Setting"): every entry named ``*.weight`` with two or more
 axes is a layer ``W_l``. Its rows are moved by ``P`` = the group of axis 0
 (``None``: identity) and its columns by ``Q`` = the group of axis 1
 (``None``: identity). A conv kernel ``(out, in, kh, kw)`` is read as the

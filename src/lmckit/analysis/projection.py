@@ -1,4 +1,4 @@
-"""Projections of layer inputs onto right-singular vectors (PAPER.md, Claim 4).
+"""Projections of layer inputs onto right-singular vectors (docs/definitions.md, Claim 4).
 
 For a layer ``W = sum_i sigma_i u_i v_i^T`` and its input vectors ``z`` over
 training data, we report

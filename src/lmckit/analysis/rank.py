@@ -1,4 +1,4 @@
-"""Rank-k truncation: keep only each layer's dominant singular directions (PAPER.md, Claim 4).
+"""Rank-k truncation: keep only each layer's dominant singular directions (docs/definitions.md, Claim 4).
 
 For a layer ``W = sum_i sigma_i u_i v_i^T`` (conv kernels read as
 ``out x (in*k*k)``) the truncated weight is ``W_k = sum_{i<k} sigma_i u_i v_i^T``

@@ -1,6 +1,6 @@
 """Singular-value view of weight matching: spectra, alignment score R(gamma), per-index alignment.
 
-Definitions (PAPER.md, "SVD view" and "Alignment score R(gamma)")
+Definitions (docs/definitions.md, "SVD view" and "Alignment score R(gamma)")
 -----------------------------------------------------------------
 Each layer ``W = sum_i sigma_i u_i v_i^T`` (singular values in decreasing
 order). A permutation maps ``W_b`` to ``P W_b Q^T``, whose singular vectors

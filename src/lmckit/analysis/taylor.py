@@ -1,4 +1,4 @@
-"""Second-order Taylor estimate of the midpoint barrier (PAPER.md, Claim 2).
+"""Second-order Taylor estimate of the midpoint barrier (docs/definitions.md, Claim 2).
 
 With ``theta_m = (theta_a + pi(theta_b)) / 2`` and ``Delta = theta_a - pi(theta_b)``,
 ``theta_a = theta_m + Delta/2`` and ``pi(theta_b) = theta_m - Delta/2``, so expanding

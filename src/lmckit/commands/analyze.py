@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "analyze",
         help="distances, SVD alignment R(gamma), input projections, rank-k, Taylor estimate",
         description="Analyse a pair of models before and after a permutation of model B "
-        "(PAPER.md Definitions and Claims 1-4).",
+        "(docs/definitions.md Definitions and Claims 1-4).",
     )
     p.add_argument("a", metavar="A", help="model A: run folder or .safetensors")
     p.add_argument("b", metavar="B", help="model B: run folder or .safetensors")

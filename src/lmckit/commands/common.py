@@ -10,6 +10,17 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+#: documented upper bounds of the count and size options (see the README's reliability section)
+from ..limits import (  # noqa: F401  (re-exported: the commands import them from here)
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_GRID,
+    MAX_ITER,
+    MAX_POINTS,
+    MAX_RESTARTS,
+    MAX_SAMPLES,
+    MAX_SEED,
+)
 from ..store import check_output_path  # noqa: F401  (re-exported: every command checks its outputs with it)
 
 # torch, the model zoo and the store are imported inside the functions that need them, so that
@@ -402,17 +413,6 @@ def float_in(lo: float, hi: float, lo_open: bool = False):
 
     parse.__name__ = f"number in [{lo:g}, {hi:g}]"
     return parse
-
-
-#: documented upper bounds of the count and size options (see the README's reliability section)
-MAX_POINTS = 1001  # lambdas of a barrier curve
-MAX_GRID = 201  # points per side of a landscape grid (201 x 201 evaluations)
-MAX_SEED = 2**63 - 1
-MAX_BATCH = 1_000_000
-MAX_ITER = 100_000
-MAX_RESTARTS = 10_000
-MAX_EPOCHS = 100_000
-MAX_SAMPLES = 10_000_000
 
 
 # --------------------------------------------------------------------------- outputs never overwrite inputs

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=LazyChoices("train", "PRESETS"),
         metavar="PRESET",
         default=None,
-        help="named recipe (see PAPER.md): %(choices)s (default: the preset matching --model and --dataset, else none)",
+        help="named training recipe (lmckit.train.PRESETS): %(choices)s "
+        "(default: the preset matching --model and --dataset, else none)",
     )
     p.add_argument("--model", default=None, help="registered model (`lmckit models`); default mlp")
     p.add_argument("--dataset", default=None, help="dataset name; default fashion-mnist")

@@ -1,6 +1,6 @@
 """Loss and accuracy barriers along the linear path between two models.
 
-Definitions (PAPER.md): with theta(lambda) = (1 - lambda) theta_a + lambda theta_b
+Definitions (docs/definitions.md): with theta(lambda) = (1 - lambda) theta_a + lambda theta_b
 on a grid of lambdas that contains 0 and 1,
 
     loss barrier     = max_lambda  L(theta(lambda)) - [(1 - lambda) L(0) + lambda L(1)]

@@ -1,7 +1,7 @@
 """Straight-through estimator (STE) permutation search.
 
 The method (Ainsworth, Hayase and Srinivasa, "Git Re-Basin", 2023, Sec. 3.3;
-restated in PAPER.md "Definitions") learns a dense copy ``theta~`` of model A
+restated in docs/definitions.md) learns a dense copy ``theta~`` of model A
 whose *projection* onto the permutation orbit of model B gives the
 permutation:
 
@@ -34,7 +34,7 @@ Implementation choices (the project's, documented here)
 
   - ``"heldout-best"`` (lmckit's default, described in the next item):
     keep-best on a held-out set, identity and plain WM as candidates.
-  - ``"git-re-basin"`` (the reference code of Ainsworth et al.; PAPER.md
+  - ``"git-re-basin"`` (the reference code of Ainsworth et al.; docs/definitions.md
     "What the literature's code does"): default optimiser SGD lr 1e-2,
     momentum 0.9, batch 1000; the permutation kept is the one with the
     lowest *minibatch* midpoint loss seen during training (the projection

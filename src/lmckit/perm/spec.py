@@ -7,7 +7,7 @@ A permutation of group ``g`` with ``n`` units is a LongTensor ``p`` of length
 ``W' = W.index_select(axis, p)``: unit ``i`` of the permuted model is unit
 ``p[i]`` of the original. In matrix form ``P[i, p[i]] = 1`` and, for a layer
 ``W_l`` whose rows are moved by ``P_l`` and columns by ``P_{l-1}``,
-``W_l' = P_l W_l P_{l-1}^T`` exactly as in PAPER.md.
+``W_l' = P_l W_l P_{l-1}^T`` exactly as in docs/definitions.md.
 
 A conv kernel ``(out, in, k, k)`` is moved on axis 0 by the output group and
 on axis 1 by the input group, so a permutation acts on whole input-channel

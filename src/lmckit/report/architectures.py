@@ -4,7 +4,7 @@
 matrices ``W_Q, W_K, W_V`` (keys ``<module>.in_proj_weight:q|k|v``), ``out_proj`` as ``W_O``,
 and the LSTM weights ``weight_ih_l<n>`` / ``weight_hh_l<n>`` as one matrix per gate
 (``W_i, W_f, W_g, W_o``; keys ``lstm.weight_ih_l0:i`` ...). This module names those layer
-kinds, averages R(gamma) per kind (PAPER.md, "Setting": ``R(gamma)`` of one weight matrix),
+kinds, averages R(gamma) per kind (docs/definitions.md, "Setting": ``R(gamma)`` of one weight matrix),
 and describes the trained models' size beside the paper's (MLP 784-512x3-10, 5 epochs), so a
 report can say when a model is too small for a claim to be expected.
 """
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 __all__ = ["layer_kind", "layer_label", "kind_of_row", "r_by_kind", "model_sizes", "write_architectures"]
 
-#: hidden units per layer of the paper's MLP (PAPER.md, "Setting")
+#: hidden units per layer of the paper's MLP (docs/definitions.md, "Setting")
 PAPER_WIDTH = 512
 _QKV = {"q": "W_Q", "k": "W_K", "v": "W_V"}
 _RNN = re.compile(r"^(?P<mod>.*)\.weight_(?P<io>ih|hh)_l(?P<layer>\d+)(?:_reverse)?$")

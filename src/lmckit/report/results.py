@@ -5,7 +5,7 @@ recomputed. Aggregates are ``{"mean", "std", "n", "values"}`` over model
 pairs (and weight-matching searches where there are several); ``std`` is the
 sample standard deviation (0 for a single value).
 
-Each claim of PAPER.md is judged from the numbers with a criterion written
+Each claim of docs/definitions.md is judged from the numbers with a criterion written
 next to it (``criterion``), never in advance. The criteria are the project's
 reading of the paper's words ("near 0", "clearly differs", ...), stated in
 the report so a reader can disagree.

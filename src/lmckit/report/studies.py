@@ -6,7 +6,7 @@
 criterion (appended to the report's claims, ``id`` ``study-*``);
 :func:`write_studies` adds the markdown section and figures. Numbers the
 literature published are printed beside lmckit's, labelled with their source
-(PAPER.md, "What the literature's code does").
+(docs/definitions.md, "Published values").
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from .results import _experiment, stats
 
 __all__ = ["collect_studies", "study_claims", "write_studies", "PUBLISHED"]
 
-#: numbers the literature published, with their source (PAPER.md "What the literature's code does")
+#: numbers the literature published, with their source (docs/definitions.md, "Published values")
 PUBLISHED = {
-    "wm_reduction_mlp_fmnist": (0.179, "Ito et al., Table 1 (MLP, Fashion-MNIST), via PAPER.md"),
-    "wm_reduction_mlp_mnist": (0.203, "Ito et al., Table 1 (MLP, MNIST), via PAPER.md"),
-    "prototype_ste_r03": ("0.19-0.22", "PAPER.md's quick prototype (Fashion-MNIST MLP, STE started at A)"),
-    "prototype_wm_r03": (0.22, "PAPER.md's quick prototype"),
-    "prototype_three_ste": (0.12, "PAPER.md's quick prototype (three-model pair barrier, STE)"),
-    "prototype_three_wm": (0.14, "PAPER.md's quick prototype (three-model pair barrier, WM)"),
+    "wm_reduction_mlp_fmnist": (0.179, "Ito et al., Table 1 (MLP, Fashion-MNIST), as quoted in docs/definitions.md"),
+    "wm_reduction_mlp_mnist": (0.203, "Ito et al., Table 1 (MLP, MNIST), as quoted in docs/definitions.md"),
+    "prototype_ste_r03": ("0.19-0.22", "an unpublished pre-lmckit prototype run (Fashion-MNIST MLP, STE started at A)"),
+    "prototype_wm_r03": (0.22, "an unpublished pre-lmckit prototype run"),
+    "prototype_three_ste": (0.12, "an unpublished pre-lmckit prototype run (three-model pair barrier, STE)"),
+    "prototype_three_wm": (0.14, "an unpublished pre-lmckit prototype run (three-model pair barrier, WM)"),
 }
 
 R03 = "0.3"
