@@ -72,6 +72,7 @@ def test_recipe_match_options_reach_that_methods_stages_only():
         ("match.options.sinkhorn.stepz=3", "match.options.sinkhorn: method 'sinkhorn' has no option 'stepz'"),
         ("match.options.sinkhorn.steps=0", "match.options.sinkhorn: option steps must be at least 1"),
         ("match.options.sinkhorn=3", "must be a table"),
+        ("match.options.sinkhorn.steps=1000000000000", "option steps must be at most 100,000"),
     ],
 )
 def test_recipe_match_options_are_validated_by_the_registry(override, message):
@@ -225,3 +226,38 @@ def test_module_mode_restores_each_submodules_mode_even_on_error():
     with module_mode(m, train=True):
         assert all(x.training for x in m.modules())
     assert [x.training for x in m.modules()] == before
+
+
+def test_recipe_match_options_for_a_method_nothing_runs_are_refused_and_dumped_as_tables():
+    with pytest.raises(LmcError, match="match.options.sinkhorn is set, but no part of the recipe runs sinkhorn"):
+        load_recipe("tiny", ["match.options.sinkhorn.steps=3"])
+    from lmckit.pipeline.recipe import recipe_to_dict
+
+    r = load_recipe("tiny", ['three_models.methods=["weight", "sinkhorn"]', "match.options.sinkhorn.steps=3"])
+    assert recipe_to_dict(r)["match"]["options"] == {"sinkhorn": {"steps": 3}}
+    assert recipe_to_dict(load_recipe("tiny"))["match"]["options"] == {}
+
+
+@pytest.mark.parametrize(
+    "method,values,message",
+    [
+        ("weight", {"restarts": 20_000}, "option restarts must be at most 10,000"),
+        ("weight", {"max_iter": 100_000_000}, "option max_iter must be at most 100,000"),
+        ("activation", {"batch_size": 10**7}, "option batch_size must be at most 1,000,000"),
+        ("ste", {"epochs": 10**6}, "option epochs must be at most 100,000"),
+        ("sinkhorn", {"steps": 99_999_999_999}, "option steps must be at most 100,000"),
+        ("sinkhorn", {"iters": 10**6}, "option iters must be at most 100,000"),
+    ],
+)
+def test_method_options_obey_the_documented_bounds_of_the_cli_flags(method, values, message):
+    with pytest.raises(LmcError, match=message):
+        get_method(method).options(values)
+    get_method(method).options({k: 1 for k in values})  # in range: accepted
+
+
+def test_cli_option_beyond_a_bound_exits_2_before_any_work(three_ckpts, tmp_path, capsys):
+    _, _, a, b = three_ckpts
+    rc = main(["match", a, b, "--option", "restarts=20000", "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "at most 10,000" in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()

@@ -16,6 +16,17 @@ MAX_PARAMS = 1_000_000_000
 #: most elements in one input batch of check-spec (batch x channels x height x width)
 MAX_INPUT_ELEMENTS = 100_000_000
 
+#: documented upper bounds of the count and size options, for the CLI flags and the matching methods' options alike
+#: (``--option``, recipe ``match.options``; see the README's reliability section)
+MAX_POINTS = 1001  # lambdas of a barrier curve
+MAX_GRID = 201  # points per side of a landscape grid (201 x 201 evaluations)
+MAX_SEED = 2**63 - 1
+MAX_BATCH = 1_000_000
+MAX_ITER = 100_000  # sweeps, steps, passes
+MAX_RESTARTS = 10_000
+MAX_EPOCHS = 100_000
+MAX_SAMPLES = 10_000_000
+
 
 def check_model_size(name: str, options: Mapping[str, Any], where: str = "model") -> int:
     """Build ``name(**options)`` on the meta device and refuse it above :data:`MAX_PARAMS` parameters.

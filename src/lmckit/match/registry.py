@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import LmcError
+from ..limits import MAX_BATCH, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SAMPLES
 
 if TYPE_CHECKING:  # (annotations only: listing methods and their options, e.g. for --help, needs no torch)
     import torch
@@ -131,6 +132,14 @@ def _positive(opts: MethodOptions, *names: str) -> None:
         v = getattr(opts, n)
         if v is not None and not v > 0:
             raise LmcError(f"option {n} must be positive, got {v}")
+
+
+def _at_most(opts: MethodOptions, bound: int, *names: str) -> None:
+    """The documented upper bounds (:mod:`lmckit.limits`) hold for options as for the CLI flags."""
+    for n in names:
+        v = getattr(opts, n)
+        if v is not None and v > bound:
+            raise LmcError(f"option {n} must be at most {bound:,}, got {v:,}", "lower it (a documented upper bound)")
 
 
 def _one_of(opts: MethodOptions, name: str, allowed: tuple[str, ...]) -> None:
@@ -415,6 +424,8 @@ class WeightOptions(MethodOptions):
 
     def validate(self) -> None:
         _positive(self, "max_iter", "restarts")
+        _at_most(self, MAX_ITER, "max_iter")
+        _at_most(self, MAX_RESTARTS, "restarts")
         if not self.tol >= 0:
             raise LmcError(f"option tol must be >= 0, got {self.tol}")
 
@@ -464,6 +475,8 @@ class ActivationOptions(MethodOptions):
     def validate(self) -> None:
         _one_of(self, "similarity", ("pearson", "cross_moment"))
         _positive(self, "num_batches", "batch_size")
+        _at_most(self, MAX_BATCH, "batch_size")
+        _at_most(self, MAX_SAMPLES, "num_batches")
 
 
 @register_method(
@@ -537,6 +550,10 @@ class SteOptions(MethodOptions):
         if self.preset is not None:
             _one_of(self, "preset", ("adam", "git-re-basin"))
         _positive(self, "epochs", "lr", "batch_size", "heldout_size", "wm_max_iter", "train_limit")
+        _at_most(self, MAX_EPOCHS, "epochs")
+        _at_most(self, MAX_BATCH, "batch_size")
+        _at_most(self, MAX_ITER, "wm_max_iter")
+        _at_most(self, MAX_SAMPLES, "heldout_size", "train_limit")
 
 
 @register_method(

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import LmcError
-from .registry import MethodOptions, register_method
+from ..limits import MAX_BATCH, MAX_ITER, MAX_SAMPLES
+from .registry import MethodOptions, _at_most, register_method
 
 if TYPE_CHECKING:
     from .result import MatchResult
@@ -64,6 +65,9 @@ class SinkhornOptions(MethodOptions):
         for name in ("steps", "iters", "batch_size", "check_every"):
             if int(getattr(self, name)) < 1:
                 raise LmcError(f"option {name} must be at least 1, got {getattr(self, name)}")
+        _at_most(self, MAX_ITER, "steps", "iters", "check_every")
+        _at_most(self, MAX_BATCH, "batch_size")
+        _at_most(self, MAX_SAMPLES, "train_limit")
         for name in ("lr", "tau"):
             v = getattr(self, name)
             if not (v > 0 and v < float("inf")):

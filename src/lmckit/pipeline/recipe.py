@@ -197,8 +197,8 @@ class MatchSection:
         (),
         mapping=True,
         check="method_options",
-        help="registry options of methods the keys above do not set, e.g. {sinkhorn = {steps = 100}} "
-        "(lmckit methods lists each method's options)",
+        help="registry options of every method other than weight, activation and ste (those are set by the keys "
+        "above), e.g. {sinkhorn = {steps = 100}}; `lmckit methods` lists each method's options",
     )
 
 
@@ -549,8 +549,26 @@ def _cross_checks(r: Recipe, source: str) -> None:
         )
     _study_checks(r, source)
     _report_checks(r, source)
+    _method_options_used(r, source)
     _stage_budget(r, source)
     _train_settings(r, source)
+
+
+def _method_options_used(r: Recipe, source: str) -> None:
+    """``match.options.<method>`` for a method no part of the recipe runs would be silently ignored: refuse it."""
+    used = set(r.match.methods)
+    if r.three_models.enabled:
+        used |= set(r.three_models.methods)
+    if r.width_sweep.enabled:
+        used |= set(r.width_sweep.methods)
+    for name, _ in r.match.options:
+        if name not in used:
+            raise _bad(
+                f"match.options.{name} is set, but no part of the recipe runs {name}",
+                f"add {name} to match.methods (or three_models.methods / width_sweep.methods), "
+                f"or remove match.options.{name}",
+                source,
+            )
 
 
 def _report_checks(r: Recipe, source: str) -> None:
@@ -779,7 +797,12 @@ def recipe_to_dict(r: Any) -> Any:
         out = {}
         for f in dataclasses.fields(r):
             v = getattr(r, f.name)
-            out[f.name] = dict((k, recipe_to_dict(x)) for k, x in v) if f.metadata.get("mapping") else recipe_to_dict(v)
+            if f.metadata.get("check") == "method_options":  # a table of tables: {method: {option: value}}
+                out[f.name] = {k: {o: recipe_to_dict(y) for o, y in x} for k, x in v}
+            elif f.metadata.get("mapping"):
+                out[f.name] = dict((k, recipe_to_dict(x)) for k, x in v)
+            else:
+                out[f.name] = recipe_to_dict(v)
         return out
     if isinstance(r, tuple):
         return [recipe_to_dict(x) for x in r]
