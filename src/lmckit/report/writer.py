@@ -639,7 +639,8 @@ def _drift_sentence(drift: dict[str, Any]) -> str:
     ch, r0, r1 = sm["changed_vs_wm_end"]["mean"], sm["r03_start"]["mean"], sm["r03_end"]["mean"]
     dist = sm["tilde_rel_dist_end"]["mean"]
     text = (
-        f"After {sm['epochs']} STE epoch(s) the permutation differs from plain WM's on {ch:.1%} of units "
+        f"After {sm['epochs']} STE epoch(s) the projection of θ̃ (the trajectory's last permutation, not "
+        f"necessarily the one the protocol keeps) differs from plain WM's on {ch:.1%} of units "
         f"(mean over {n} run{'s' if n != 1 else ''}; STE's dense copy θ̃ ended {dist:.2f} × ‖θ_a‖ away from "
         f"model A (it acts only through its projection to a permutation), R(0.3) went "
         f"from {r0:.3f} to {r1:.3f})"
