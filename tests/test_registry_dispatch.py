@@ -261,3 +261,20 @@ def test_cli_option_beyond_a_bound_exits_2_before_any_work(three_ckpts, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and "at most 10,000" in err and "Traceback" not in err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_method_that_cannot_align_a_recipes_model_is_refused_when_planned(tmp_path):
+    """Sinkhorn refuses attention heads: at planning (dry run included), before any model trains."""
+    from lmckit.pipeline.reproduce import prepare
+
+    vit = ["models.0.name=vit", "models.0.options={width=8,depth=1,heads=2}", "width_sweep.enabled=false"]
+    with pytest.raises(LmcError, match="sinkhorn cannot align model 'vit'.*head structure") as e:
+        prepare("tiny", vit + ['match.methods=["naive","weight","sinkhorn"]'])
+    assert "remove sinkhorn from match.methods" in e.value.hint
+    prepare("tiny", vit)  # the same model with methods that honour heads plans fine
+    prepare("tiny", ['match.methods=["naive","weight","sinkhorn"]'])  # an MLP: Sinkhorn plans fine
+    rc = main(
+        ["reproduce", "--recipe", "tiny", "--dry-run", "--out", str(tmp_path / "r"), "--cache", str(tmp_path / "c")]
+        + [a for s in vit + ['match.methods=["naive","weight","sinkhorn"]'] for a in ("--set", s)]
+    )
+    assert rc == 2 and not (tmp_path / "c").exists()

@@ -189,6 +189,10 @@ class MatchMethod:
     iterations:
         Optional ``(result, options) -> str``: what the method iterated, in its own terms, for a
         one-line summary (default: its steps and whether it converged); see :meth:`iterations_line`.
+    check_spec:
+        Optional ``spec -> None`` raising :class:`LmcError` for a permutation spec the method cannot
+        align (e.g. Sinkhorn and attention heads); ``lmckit reproduce`` calls it when it plans a recipe,
+        before any model trains. See :meth:`check`.
     """
 
     name: str
@@ -204,6 +208,7 @@ class MatchMethod:
     label: str = ""
     record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = field(default=None, repr=False)
     iterations: Callable[[MatchResult, MethodOptions], str] | None = field(default=None, repr=False)
+    check_spec: Callable[[PermutationSpec], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -222,6 +227,11 @@ class MatchMethod:
     def options(self, values: Mapping[str, Any] | None = None, **kw: Any) -> MethodOptions:
         """Validated options from a mapping and/or keywords (unknown names raise :class:`LmcError`)."""
         return self.options_type.from_mapping({**dict(values or {}), **kw}, self.name)
+
+    def check(self, spec: PermutationSpec) -> None:
+        """Raise :class:`LmcError` when this method cannot align models of ``spec`` (no-op without a hook)."""
+        if self.check_spec is not None:
+            self.check_spec(spec)
 
     def requires_data(self, options: MethodOptions | None = None) -> bool:
         """Whether a run with ``options`` needs a dataset."""
@@ -319,6 +329,7 @@ def register_method(
     label: str = "",
     record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = None,
     iterations: Callable[[MatchResult, MethodOptions], str] | None = None,
+    check_spec: Callable[[PermutationSpec], None] | None = None,
 ) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
@@ -349,6 +360,7 @@ def register_method(
             label=label,
             record=record,
             iterations=iterations,
+            check_spec=check_spec,
         )
         return func
 

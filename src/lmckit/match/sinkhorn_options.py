@@ -81,6 +81,13 @@ class SinkhornOptions(MethodOptions):
 
 
 # --------------------------------------------------------------------------- method
+def _check_structures(spec) -> None:
+    """Attention heads and block axes are not modelled by this relaxation (see :mod:`lmckit.match.sinkhorn`)."""
+    from .sinkhorn import _check_structures as check  # torch: imported only when a spec is checked
+
+    check(spec)
+
+
 @register_method(
     "sinkhorn",
     description="Sinkhorn re-basin: soft permutations (Sinkhorn operator with a temperature) trained by Adam, "
@@ -92,6 +99,7 @@ class SinkhornOptions(MethodOptions):
     multi=("anchor",),
     data_when=lambda o: o.loss == "midpoint",
     label="Sinkhorn",
+    check_spec=lambda spec: _check_structures(spec),
     objective="sum_k <A_k, pi(B)_k>_F at the identity and at the final hard permutation; higher is better",
 )
 def _sinkhorn_method(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import LmcError
 from .build import Plan, build_plan, check_data
 from .executor import RunSummary
 from .executor import plan as order
@@ -25,10 +26,51 @@ __all__ = ["prepare", "stage_costs"]
 
 
 def prepare(recipe: str = "quick", sets: Sequence[str] = (), data_dir: str | None = None) -> tuple[Recipe, Plan]:
-    """Load and validate the recipe, check its data is present, build its stage graph."""
+    """Load and validate the recipe, check its data is present, build its stage graph.
+
+    Also refuses, before anything trains, a matching method the recipe applies to a model it cannot
+    align (:func:`check_methods_fit_models`).
+    """
     r = load_recipe(recipe, sets)
     check_data(r, data_dir)
-    return r, build_plan(r)
+    plan = build_plan(r)
+    check_methods_fit_models(plan, source=recipe)
+    return r, plan
+
+
+def check_methods_fit_models(plan: Plan, source: str = "") -> None:
+    """Run each planned method's spec check (registry ``check_spec``) on the models it will align.
+
+    A method that refuses some architectures (Sinkhorn: attention heads, block axes) would otherwise
+    fail only at its match stage, after the models trained. Each model configuration is built once at
+    initialisation (default input shape; structure does not depend on it) and traced. Raises
+    :class:`LmcError` naming the method, the model and the recipe keys to change.
+    """
+    from ..match.registry import get_method, list_methods
+    from ..models import create_model
+    from ..perm import spec_for
+    from .tasks import MatchStage
+
+    hooked = {m for m in list_methods() if get_method(m).check_spec is not None}
+    todo: dict[tuple, set[str]] = {}
+    for stage in plan.targets():
+        if isinstance(stage, MatchStage) and stage.method in hooked:
+            cfg = stage.b.train_config()
+            todo.setdefault((cfg.model, tuple(sorted(cfg.model_options.items()))), set()).add(stage.method)
+    for (name, options), methods in todo.items():
+        spec = spec_for(create_model(name, **dict(options)))
+        for method in sorted(methods):
+            try:
+                get_method(method).check(spec)
+            except LmcError as e:
+                where = f"recipe {source}: " if source else "recipe: "
+                raise LmcError(
+                    f"{where}{method} cannot align model {name!r}: {e.message}",
+                    f"remove {method} from match.methods (and three_models.methods / width_sweep.methods) "
+                    f"for this model; {e.hint}"
+                    if e.hint
+                    else f"remove {method} from the recipe's methods",
+                ) from None
 
 
 def stage_costs(
