@@ -42,6 +42,18 @@ BLOCK = re.compile(
 LABEL = {"naive": "naive (no permutation)", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
 
 
+def label(method: str) -> str:
+    """The README's name of a method: ours above, else the matching registry's label (``Sinkhorn``)."""
+    if method in LABEL:
+        return LABEL[method]
+    try:
+        from lmckit.match.registry import get_method
+
+        return get_method(method).label
+    except Exception:  # a method this lmckit does not know (an old results file): its key
+        return method
+
+
 def ordered(d: dict[str, Any]) -> list[str]:
     """Method keys in the README's order (naive, WM, AM, STE, MergeMany, others)."""
     order = list(LABEL)
@@ -103,7 +115,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
             rn = _get(d, "R", "0.3", "after", "n") or 0
             rows.append(
                 [
-                    LABEL.get(m, m),
+                    label(m),
                     pm(b.get("loss_barrier")),
                     pm(b.get("accuracy_barrier")),
                     pm(_get(d, "R", "0", "after")),
@@ -168,7 +180,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
             ["method", "loss barrier between the two matched models", "its accuracy barrier"]
             + [f"accuracy of the average of {n}" for n in ns],
             [
-                [LABEL.get(m, m), f"{d['pair_loss_barrier']:.3f}", f"{d['pair_accuracy_barrier']:.3f}"]
+                [label(m), f"{d['pair_loss_barrier']:.3f}", f"{d['pair_accuracy_barrier']:.3f}"]
                 + [f"{x['accuracy']:.4f}" for x in three[m]["merged"]]
                 for m in ordered(three)
                 for d in [three[m]]
@@ -181,7 +193,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
         methods = ordered(ws[0]["methods"])
         md += ["Width sweep (one pair per width, test split):", ""]
         md += _table(
-            ["width"] + [f"{LABEL.get(m, m)} loss barrier" for m in methods] + ["WM R(0.3) after"],
+            ["width"] + [f"{label(m)} loss barrier" for m in methods] + ["WM R(0.3) after"],
             [
                 [f"x{x['width_mult']:g}"]
                 + [pm(_get(x, "methods", m, "barrier", "test", "loss_barrier")) for m in methods]
