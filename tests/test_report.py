@@ -280,3 +280,32 @@ def test_report_renders_in_chromium_without_broken_images_or_errors(tiny, tmp_pa
     # the probe can fail: a missing image and a console error are both reported
     bad = browse(out / "report.html", tmp_path, extra='<img src="missing.png"><script>console.error("boom")</script>')
     assert bad["broken"] == ["missing.png"] and any("boom" in e for e in bad["errors"])
+
+
+@pytest.mark.parametrize(
+    "rise0,rise3,held",
+    [
+        (0.070, 0.226, True),  # quick's MLP: 3.2x
+        (0.134, 0.140, False),  # the ViT of vit-fmnist: 1.04x is "more", not "much more"
+        (0.100, 0.200, True),  # exactly twice
+        (0.100, 0.199, False),
+        (-0.010, 0.050, True),  # no rise at gamma = 0
+        (0.000, 0.000, False),  # no rise at all
+    ],
+)
+def test_claim_3_needs_a_rise_at_high_gamma_at_least_twice_that_at_gamma_0(rise0, rise3, held):
+    """Hand-made evidence: R before/after at gamma 0 and 0.3, leading singular values 1% apart."""
+    from lmckit.report.claims import CLAIMS, Evidence
+
+    def r(before, after):
+        return {"before": {"mean": before}, "after": {"mean": after}}
+
+    exp = {
+        "methods": {"weight": {"R": {"0": r(0.01, 0.01 + rise0), "0.3": r(0.02, 0.02 + rise3)}}},
+        "spectra": {"fc1": {"sigma_a": [10.0] * 20, "sigma_b": [10.1] * 20}},
+    }
+    claim = CLAIMS["3"]
+    rec = claim.record(Evidence({"recipe": {}}, exp, True))
+    assert rec["held"] is held
+    assert rec["numbers"]["R_rise_high_gamma"] == pytest.approx(rise3)
+    assert "at least twice" in rec["criterion"]

@@ -146,6 +146,10 @@ def _judge_2(ev: Evidence) -> Verdict | None:
     )
 
 
+#: claim 3's "much more": WM's rise of R at the high gamma is at least this multiple of its rise at gamma = 0
+CLAIM3_FACTOR = 2.0
+
+
 def _judge_3(ev: Evidence) -> Verdict | None:
     gam = ev.gammas
     if len(gam) < 2 or not ev.experiment.get("spectra"):
@@ -159,7 +163,7 @@ def _judge_3(ev: Evidence) -> Verdict | None:
         k = max(1, len(sa) // 10)
         diffs += [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(sa[:k], sb[:k])]
     spec_diff = sum(diffs) / len(diffs) if diffs else 0.0
-    held = rise1 > rise0 and spec_diff < 0.1
+    held = rise1 >= CLAIM3_FACTOR * max(rise0, 0.0) and rise1 > 0 and spec_diff < 0.1
     return Verdict(
         held,
         {"R_rise_low_gamma": rise0, "R_rise_high_gamma": rise1, "top_sigma_rel_diff": spec_diff},
@@ -301,8 +305,8 @@ CLAIMS: dict[str, Claim] = {
             "Singular values of corresponding layers are nearly equal across seeds, and WM raises the alignment "
             "score R much more at gamma = 0.3 than at gamma = 0: it aligns the dominant singular vectors.",
             "R_bars",
-            "WM raises R more at gamma={g1} than at gamma={g0}, and the top 10% singular values "
-            "of corresponding layers differ by < 10% on average",
+            'WM\'s rise of R at gamma={g1} is at least twice its rise at gamma={g0} ("much more"), and the top '
+            "10% singular values of corresponding layers differ by < 10% on average",
             _judge_3,
         ),
         Claim(
