@@ -271,6 +271,8 @@ def test_a_method_that_cannot_align_a_recipes_model_is_refused_when_planned(tmp_
     with pytest.raises(LmcError, match="sinkhorn cannot align model 'vit'.*head structure") as e:
         prepare("tiny", vit + ['match.methods=["naive","weight","sinkhorn"]'])
     assert "remove sinkhorn from match.methods" in e.value.hint
+    with pytest.raises(LmcError, match="sinkhorn cannot align model 'vit'"):  # in the three-model stage only
+        prepare("tiny", vit + ['three_models.methods=["weight","sinkhorn"]'])
     prepare("tiny", vit)  # the same model with methods that honour heads plans fine
     prepare("tiny", ['match.methods=["naive","weight","sinkhorn"]'])  # an MLP: Sinkhorn plans fine
     rc = main(

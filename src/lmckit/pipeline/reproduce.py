@@ -52,13 +52,19 @@ def check_methods_fit_models(plan: Plan, source: str = "") -> None:
     from .tasks import MatchStage
 
     hooked = {m for m in list_methods() if get_method(m).check_spec is not None}
-    todo: dict[tuple, set[str]] = {}
+    todo: dict[str, tuple[str, dict, set[str]]] = {}  # model configuration -> (name, options, methods)
     for stage in plan.targets():
-        if isinstance(stage, MatchStage) and stage.method in hooked:
-            cfg = stage.b.train_config()
-            todo.setdefault((cfg.model, tuple(sorted(cfg.model_options.items()))), set()).add(stage.method)
-    for (name, options), methods in todo.items():
-        spec = spec_for(create_model(name, **dict(options)))
+        # match stages of the pair experiments, and those inside three-model stages
+        for m in [stage, *(getattr(stage, "matches", None) or ())]:
+            if isinstance(m, MatchStage) and m.method in hooked:
+                cfg = m.b.train_config()
+                key = f"{cfg.model} {sorted(cfg.model_options.items())!r}"
+                todo.setdefault(key, (cfg.model, dict(cfg.model_options), set()))[2].add(m.method)
+    for name, options, methods in todo.values():
+        try:
+            spec = spec_for(create_model(name, **options))
+        except Exception:  # a model that cannot be built here fails in its training stage, with its own message
+            continue
         for method in sorted(methods):
             try:
                 get_method(method).check(spec)
