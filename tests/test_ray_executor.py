@@ -263,10 +263,12 @@ def reference(tmp_path_factory):
 def test_worker_killed_mid_stage_is_retried_and_results_identical(tmp_path, reference):
     """SIGKILL the Ray worker while it runs a stage: the task is retried, the stage resumes, results.json matches.
 
-    Each task notes its start (worker pid) before it calls ``run_stage``; the test kills that pid
-    and counts the kill as mid-stage when, with the worker dead, the stage's ``.partial`` log shows
-    that worker's start and the stage is not complete. Stages are short, so a kill may land
-    before or after the stage body: it then tries the next stage (at most 10 kills).
+    Each task notes its start (worker pid) before it calls ``run_stage``; the test waits until that
+    stage's ``.partial`` log shows the worker's start line (so the stage body is running), kills the
+    pid, and counts the kill as mid-stage when, with the worker dead, the stage is not complete.
+    Killing at the marker itself lands before the stage body on a slow machine (CI saw 10 of 10
+    kills land there), so the kill waits for the log line. A stage that completes first is skipped
+    (at most 10 kills).
     """
     from lmckit.store import is_complete
 
@@ -276,24 +278,38 @@ def test_worker_killed_mid_stage_is_retried_and_results_identical(tmp_path, refe
 
     def killer() -> None:
         seen: set[str] = set()
+        watching: dict[str, tuple[int, str, str]] = {}  # marker name -> (worker pid, kind, hash)
         deadline = time.time() + 240
         while time.time() < deadline and run.proc.poll() is None and not hits and len(kills) < 10:
             for mark in run.cache.glob(".ray/run-*/*.started"):
+                if mark.name in seen:
+                    continue
                 lines = mark.read_text().splitlines()
-                if mark.name in seen or len(lines) != 1:
+                if len(lines) != 1 or len(lines[0].split()) < 3:  # one attempt, its line written in full
                     continue
                 seen.add(mark.name)
-                pid = int(lines[0].split()[0])
                 kind, h = mark.stem.split("-", 1)
+                watching[mark.name] = (int(lines[0].split()[0]), kind, h)
+            for name, (pid, kind, h) in list(watching.items()):
                 final = run.cache / kind / h
+                plog = final.with_name(h + ".partial") / "log.txt"
+                if is_complete(final):
+                    del watching[name]  # finished before its start line was seen: try another stage
+                    continue
+                try:
+                    started = f"(pid {pid})" in plog.read_text()
+                except OSError:
+                    started = False
+                if not started:
+                    continue
+                del watching[name]
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     continue
                 kills.append(pid)
-                plog = final.with_name(h + ".partial") / "log.txt"
                 time.sleep(0.05)  # the kill is delivered; the partial folder is as the worker left it
-                if not is_complete(final) and plog.exists() and f"(pid {pid})" in plog.read_text():
+                if not is_complete(final):
                     hits.append((pid, kind, h))
                     return
             time.sleep(0.002)
