@@ -108,6 +108,7 @@ def test_two_processes_sharing_a_cache_compute_each_stage_once(zygote, tmp_path)
     assert len(logs) == 8  # 3 models, 1 match, 2 barriers, 2 analyses
     for log in logs:
         assert log.read_text().count(" started ") == 1, f"{log} was computed twice:\n{log.read_text()}"
-    # the training run folders were written once too (one run folder per seed, no leftovers)
-    assert len([p for p in (cache / "train").iterdir() if p.is_dir()]) == 3
+    # each model was trained once, in its own stage folder (one folder per model, no ROOT/train/ runs)
+    assert len([p for p in (cache / "model").glob("*/model.safetensors")]) == 3
+    assert not (cache / "train").exists()
     assert not list(cache.glob("*/*.partial"))

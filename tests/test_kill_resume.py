@@ -304,7 +304,7 @@ def kill_reproduce_series(zygote: Zygote, tmp: Path, sets: list[str], random_kil
     log = KillLog()
     root = tmp / "killed"
     events = [
-        lambda: any((root / "cache" / "train").glob("*.partial/checkpoint.safetensors")),
+        lambda: any((root / "cache" / "model").glob("*.partial/checkpoint.safetensors")),
         lambda: any((root / "cache" / "match").glob("*.partial")),
         lambda: any((root / "cache" / "barrier").glob("*.partial")),
         lambda: any((root / "report").glob("*.png")),

@@ -703,21 +703,10 @@ def train(
         raise LmcError(f"output folder {out_root} is a file", "pass a folder for the run store (--out)")
 
     # Everything is validated before anything is written under out_root (no lock or .partial is left
-    # behind by a bad device, model option or dataset). The dataset is cached per process.
-    resolve_device(device)
+    # behind by a bad device, model option or dataset).
     if threads is not None and not 1 <= int(threads) <= 4096:
         raise LmcError(f"--threads must be between 1 and 4096, got {threads}")
-    ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
-    check_model_size(
-        config.model,
-        {
-            "in_channels": ds.in_channels,
-            "image_size": ds.image_size,
-            "num_classes": ds.num_classes,
-            **config.model_options,
-        },
-        "training setting",
-    )
+    ds = _validated_dataset(config, device, data_dir)
     final = _cached_or_target(run_dir_for(config, out_root), ds)
     if is_complete(final):
         return load_result(final, cached=True)
@@ -750,6 +739,61 @@ def train(
                 with contextlib.suppress(OSError):
                     p.rmdir()  # only if empty
         raise
+
+
+def train_in_folder(
+    config: TrainConfig,
+    folder: str | os.PathLike,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    keep: frozenset[str] = frozenset({"log.txt"}),
+    callback: Callable[[int, dict[str, Any]], None] | None = None,
+    channels_last: bool | None = None,
+    tf32: bool | None = None,
+) -> TrainResult:
+    """Train ``config`` inside ``folder``, a work folder the caller has locked and will publish itself.
+
+    This is how the pipeline's model stage trains: the stage's own folder is the model's only folder
+    (no second run folder under ``ROOT/train/``). The training is the one :func:`train` runs, epoch
+    for epoch (same weights for the same config, data, threads and device); the files differ in one
+    name only: the run record is ``train.json`` (``config.json`` marks a finished stage folder).
+    The folder receives ``model.safetensors``, ``metrics.jsonl`` and ``train.json``; while training,
+    ``checkpoint.safetensors`` after each epoch, from which a call on the same folder resumes (a
+    killed stage keeps its ``.partial`` folder). A fresh start removes what an earlier attempt left
+    in ``folder`` except the names in ``keep`` (the caller's log). Nothing is locked or renamed here.
+
+    Returns the :class:`TrainResult` with ``run_dir = folder``. Raises :class:`LmcError` as
+    :func:`train` does (bad device, model option, dataset; a checkpoint of another config or data).
+    """
+    _validated_dataset(config, device, data_dir)
+    folder = Path(folder)
+    run = _setup(config, folder, folder, device, data_dir, channels_last, tf32)
+    run.keep, run.record, run.publish = frozenset(keep), IN_FOLDER_RECORD, False
+    _resume_or_clean(run)
+    _run_epochs(run, progress, callback)
+    return _finish(run)
+
+
+IN_FOLDER_RECORD = "train.json"  # the run record of train_in_folder (config.json is the stage's)
+
+
+def _validated_dataset(config: TrainConfig, device: str | torch.device, data_dir: str | os.PathLike | None):
+    """Check the device, load the dataset (cached per process) and check the model's size: the dataset."""
+    resolve_device(device)
+    ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
+    check_model_size(
+        config.model,
+        {
+            "in_channels": ds.in_channels,
+            "image_size": ds.image_size,
+            "num_classes": ds.num_classes,
+            **config.model_options,
+        },
+        "training setting",
+    )
+    return ds
 
 
 def data_fingerprint(ds) -> str:
@@ -812,6 +856,9 @@ class _Run:
     elapsed: float = 0.0  # training seconds, summed over resumes
     resumed: list[int] = field(default_factory=list)  # epochs after which earlier processes stopped
     resume_note: str | None = None
+    keep: frozenset[str] = frozenset()  # names a fresh start leaves in ``partial`` (train_in_folder: the log)
+    record: str = "config.json"  # the run record's file name
+    publish: bool = True  # rename ``partial`` to ``final`` when done (train_in_folder: the caller does)
 
     @property
     def ckpt(self) -> Path:
@@ -876,7 +923,8 @@ def _resume_or_clean(run: _Run) -> None:
     ckpt, partial, ds = run.ckpt, run.partial, run.ds
     if not ckpt.exists():
         for p in partial.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if p.name not in run.keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         return
     try:
         meta = load_checkpoint_into(ckpt, run.model, run.optimizer, run.gen)
@@ -1004,8 +1052,8 @@ def _finish(run: _Run) -> TrainResult:
     run.ckpt.unlink(missing_ok=True)
     for p in partial.glob(".*.tmp"):  # temp files of writes interrupted by an earlier kill
         p.unlink(missing_ok=True)
-    atomic_write_json(partial / "config.json", _run_record(run, result))
-    final = finalize_dir(partial, run.final)
+    atomic_write_json(partial / run.record, _run_record(run, result))
+    final = finalize_dir(partial, run.final) if run.publish else partial
     return TrainResult(
         final,
         float(result["test_loss"]),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +33,7 @@ __all__ = [
     "ThreeModelStage",
     "train_stage",
     "load_model_of",
+    "load_trained",
 ]
 
 
@@ -80,12 +80,13 @@ def _write(ctx: StageContext, obj: Any, name: str = "result.json") -> None:
 # --------------------------------------------------------------------------- train
 @dataclass(frozen=True)
 class TrainStage(Stage):
-    """Train one model with :func:`lmckit.train.train`.
+    """Train one model with :func:`lmckit.train.train_in_folder`.
 
     ``config`` holds every field of the resolved :class:`lmckit.train.TrainConfig`
-    as sorted pairs. The checkpoint goes where ``lmckit train`` would put it
-    (``ROOT/train/<config hash>``, resumable per epoch); this stage's folder
-    records the path and the final metrics.
+    as sorted pairs. The model is trained in this stage's own folder
+    (``model.safetensors``, ``metrics.jsonl``, the run record ``train.json``; resumable
+    per epoch from the ``.partial`` folder), so one trained model has one folder;
+    ``result.json`` holds the final metrics.
     """
 
     KIND = "model"
@@ -103,15 +104,13 @@ class TrainStage(Stage):
         return f"{d.get('model')} x{w:g} on {d.get('dataset')} seed {d.get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
-        from ..train import train
+        from ..train import train_in_folder
 
         cfg = self.train_config()
-        res = train(cfg, out_root=ctx.root, device=ctx.runtime.device, progress=True, data_dir=ctx.runtime.data_dir)
-        rel = os.path.relpath(res.run_dir, ctx.root)
+        res = train_in_folder(cfg, ctx.dir, device=ctx.runtime.device, progress=True, data_dir=ctx.runtime.data_dir)
         _write(
             ctx,
             {
-                "run_dir": rel,
                 "test_loss": res.test_loss,
                 "test_accuracy": res.test_accuracy,
                 "train_loss": res.train_loss,
@@ -131,11 +130,21 @@ def train_stage(preset: str | None, overrides: Mapping[str, Any]) -> TrainStage:
 
 def load_model_of(ctx: StageContext, t: TrainStage):
     """``(state_dict, model config, train config)`` of a finished train stage."""
+
+    return (*load_trained(ctx.input(t), ctx.root), t.train_config())
+
+
+def load_trained(folder: Path, root: Path) -> tuple[dict, dict]:
+    """``(state_dict, model config)`` of a finished model stage's folder.
+
+    Caches written before lmckit trained in the stage folder hold a ``run_dir`` pointer (relative to
+    ``root``) to a ``ROOT/train/<hash>`` run instead; those are still read.
+    """
     from ..checkpoint import load_checkpoint
 
-    rec = json.loads((ctx.input(t) / "result.json").read_text())
-    sd, info = load_checkpoint(ctx.root / rec["run_dir"])
-    return sd, info["model"], t.train_config()
+    rec = json.loads((folder / "result.json").read_text())
+    sd, info = load_checkpoint(root / rec["run_dir"] if "run_dir" in rec else folder / "model.safetensors")
+    return sd, info["model"]
 
 
 class _Pair:
@@ -185,6 +194,7 @@ class MatchStage(Stage):
         return f"{self.method} seed {self.seed}: {self.a.label()} vs seed {_unpairs(self.b.config).get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
+        from ..analysis import alignment_tracker
         from ..match.registry import get_method
         from ..perm import save_perms
 
@@ -200,6 +210,7 @@ class MatchStage(Stage):
             seed=self.seed,
             device=p.device,
             progress=True,
+            alignment=alignment_tracker(p.spec, p.sd_a, p.sd_b),
         )
         save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)
         d = res.to_dict()

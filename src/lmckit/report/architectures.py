@@ -134,22 +134,22 @@ def model_sizes(plan: Any, root: str | Path) -> list[dict[str, Any]]:
     (permutation group name -> units), ``widest`` (units of the largest group), ``heads``
     (attention module -> heads), ``epochs`` and ``model`` (name).
     """
-    from ..checkpoint import build_model, load_checkpoint
+    from ..checkpoint import build_model
     from ..perm import spec_for
-    from .results import _read
+    from ..pipeline.stages import stage_path
+    from ..pipeline.tasks import load_trained
 
     root = Path(root)
     out = []
     for e in plan.experiments:
         t = next(iter(e.trains.values()))
-        rec = _read(root, t)
-        sd, info = load_checkpoint(root / rec["run_dir"])
-        model = build_model(info["model"], sd, t.label())
+        sd, model_cfg = load_trained(stage_path(root, t), root)
+        model = build_model(model_cfg, sd, t.label())
         spec = spec_for(model)
         out.append(
             {
                 "label": e.label,
-                "model": str(info["model"].get("name", "")),
+                "model": str(model_cfg.get("name", "")),
                 "parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
                 "groups": {g: int(n) for g, n in spec.sizes.items()},
                 "widest": int(max(spec.sizes.values())) if spec.sizes else 0,
