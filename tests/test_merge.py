@@ -237,7 +237,9 @@ def test_match_cli_method_ste(ckpts, tmp_path, capsys):
     import lmckit
 
     validate_perms(spec_for(lmckit.load(ckpts[0])), raw["perms"])
-    assert (tmp_path / "state" / "drift.png").exists()
+    assert (tmp_path / "state" / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r03 = json.loads((tmp_path / "state" / "drift.json").read_text())["r03"]
+    assert len(r03) == 2 and all(r is not None and -1.0 <= r <= 1.0 for r in r03)  # the CLI tracks R(0.3)
 
 
 def test_merge_models_activation_library(ckpts, synthetic):

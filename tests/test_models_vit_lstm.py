@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from lmckit.analysis import alignment_tracker
 from lmckit.match import anchor_matching, merge_many, weight_matching
 from lmckit.match.activation import activation_matching
 from lmckit.models import create_model
@@ -68,9 +69,10 @@ def test_ste_runs_on_head_structured_specs(synthetic):
         progress=False,
         heldout_size=200,
         train_limit=400,
-        track_alignment=True,
+        alignment=alignment_tracker(spec, a.state_dict(), b.state_dict()),
     )
     validate_perms(spec, res.perms)
+    assert all(r is not None for r in res.extra["drift"]["r03"])
 
 
 def test_barrier_curve_on_lstm(synthetic):

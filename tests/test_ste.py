@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmckit.analysis import alignment_tracker, svd_alignment
 from lmckit.errors import LmcError
 from lmckit.evaluate import evaluate
 from lmckit.match import ste as ste_mod
@@ -73,8 +74,23 @@ def test_ste_valid_and_never_worse_than_identity_or_wm(mlp_pair, synthetic, tmp_
     model, sd_a, sd_b = mlp_pair
     spec = spec_for(model)
     before = {k: v.clone() for k, v in sd_a.items()}
+    calls = []
+
+    def tracker(perms):
+        calls.append({g: p.clone() for g, p in perms.items()})
+        return alignment_tracker(spec, sd_a, sd_b)(perms)
+
     res = ste_matching(
-        model, sd_a, sd_b, synthetic, epochs=2, batch_size=100, seed=0, progress=False, state_dir=tmp_path
+        model,
+        sd_a,
+        sd_b,
+        synthetic,
+        epochs=2,
+        batch_size=100,
+        seed=0,
+        progress=False,
+        state_dir=tmp_path,
+        alignment=tracker,
     )
     assert res.method == "ste"
     validate_perms(spec, {g: p.tolist() for g, p in res.perms.items()})
@@ -95,8 +111,15 @@ def test_ste_valid_and_never_worse_than_identity_or_wm(mlp_pair, synthetic, tmp_
     assert d["epoch"] == [0, 1, 2] and d["changed_vs_wm"][0] == 0.0 and d["tilde_dist"][0] == 0.0
     assert d["tilde_dist"][2] > 0.0 and all(0.0 <= c <= 1.0 for c in d["changed_vs_wm"])
     assert all(r is not None and -1.0 <= r <= 1.0 for r in d["r03"])
+    # R(0.3) comes from the caller's alignment function, once per drift epoch, for the permutation then
+    assert len(calls) == 3 and torch.equal(calls[0][next(iter(calls[0]))], res.extra["wm_perms"][next(iter(calls[0]))])
+    want = svd_alignment(spec, sd_a, sd_b, calls[-1], gammas=(0.3,)).R["0.3"]["after"]
+    assert d["r03"][-1] == pytest.approx(want, abs=1e-12)
     assert json.loads((tmp_path / "drift.json").read_text())["epoch"] == [0, 1, 2]
-    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "drift.png").exists()  # the library writes the record; the CLI draws it
+    # without an alignment function R(0.3) is not tracked
+    plain = ste_matching(model, sd_a, sd_b, synthetic, epochs=1, batch_size=100, seed=0, progress=False)
+    assert plain.extra["drift"]["r03"] == [None, None]
 
 
 def test_ste_deterministic_for_a_seed(mlp_pair, synthetic):

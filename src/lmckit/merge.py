@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .analysis import alignment_tracker
 from .errors import LmcError
 from .lmc import check_compatible, has_batchnorm
 from .match import anchor_matching, merge_many
@@ -164,7 +165,16 @@ def align_models(
         if resumable and base is not None:
             o = dataclasses.replace(opts, state_dir=str(Path(base) / f"model_{i}"))
         return m.match(
-            spec, sd_ref, sd_i, model=model, dataset=dataset, options=o, seed=seed, device=device, progress=progress
+            spec,
+            sd_ref,
+            sd_i,
+            model=model,
+            dataset=dataset,
+            options=o,
+            seed=seed,
+            device=device,
+            progress=progress,
+            alignment=alignment_tracker(spec, sd_ref, sd_i),
         )
 
     return anchor_matching(spec, states, anchor=0, method=method, matcher=matcher)

@@ -18,6 +18,7 @@ from .svd import (
     DEFAULT_GAMMAS,
     LayerAlignment,
     SVDAlignment,
+    alignment_tracker,
     cross_alignment,
     gamma_key,
     inner_product_identity,
@@ -49,5 +50,6 @@ __all__ = [
     "matrix_alignment",
     "state_svds",
     "svd_alignment",
+    "alignment_tracker",
     "taylor_midpoint",
 ]

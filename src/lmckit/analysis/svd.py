@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -272,3 +272,28 @@ def svd_alignment(
         )
     totals = {k: {w: (tot_sum[k][w] / tot_min[k] if tot_min[k] else 0.0) for w in ("before", "after")} for k in keys}
     return SVDAlignment(gammas, totals, out)
+
+
+def alignment_tracker(
+    spec: PermutationSpec,
+    sd_a: Mapping[str, torch.Tensor],
+    sd_b: Mapping[str, torch.Tensor],
+    gamma: float = 0.3,
+) -> Callable[[Mapping[str, torch.Tensor]], float]:
+    """A function ``perms -> R(gamma)`` of model B permuted by ``perms`` against model A.
+
+    The total alignment score ``R(gamma)`` of :func:`svd_alignment` (``"after"``; definition in
+    docs/definitions.md), computed on CPU copies of the state dicts (taken at the first call).
+    Matching methods that track it while they iterate (STE's drift record) take this function, since
+    the analysis layer sits above matching: ``get_method("ste").match(..., alignment=alignment_tracker(
+    spec, sd_a, sd_b))``. Returns a float in [-1, 1]; raises as :func:`svd_alignment` does.
+    """
+    key, cpu = gamma_key(gamma), {}
+
+    def r(perms: Mapping[str, torch.Tensor]) -> float:
+        if not cpu:
+            cpu["a"] = {k: v.detach().cpu() for k, v in sd_a.items()}
+            cpu["b"] = {k: v.detach().cpu() for k, v in sd_b.items()}
+        return float(svd_alignment(spec, cpu["a"], cpu["b"], perms, gammas=(gamma,)).R[key]["after"])
+
+    return r

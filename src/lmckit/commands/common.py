@@ -662,3 +662,24 @@ def method_options(args: argparse.Namespace, method: str):
             raise LmcError(f"--option {item!r} is not KEY=VALUE", hint)
         values[key.strip().replace("-", "_")] = value.strip()
     return get_method(method).options(values)
+
+
+def draw_ste_drift(folder: str | os.PathLike | None) -> list[Path]:
+    """Draw ``drift.png`` beside every STE ``drift.json`` under ``folder`` (a ``--ste-state`` folder).
+
+    The figure is the report's (:func:`lmckit.report.figures.ste_drift`) with one run; epochs
+    without an R(0.3) value are left out of that panel. Returns the files written (none when
+    ``folder`` is ``None`` or holds no drift record).
+    """
+    if folder is None or not Path(folder).is_dir():
+        return []
+    from ..report.figures import ste_drift  # matplotlib: only for commands that ran STE
+
+    out = []
+    for rec in sorted(Path(folder).rglob("drift.json")):
+        drift = json.loads(rec.read_text())
+        run = {
+            k: [float("nan") if v is None else v for v in vals] for k, vals in drift.items() if isinstance(vals, list)
+        }
+        out.append(ste_drift({"runs": [{"label": "STE", **run}]}, rec.with_name("drift.png")))
+    return out

@@ -20,6 +20,7 @@ from .common import (
     add_quiet,
     check_output_path,
     describe_model,
+    draw_ste_drift,
     int_in,
     load_checkpoints,
     load_named_dataset,
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_pair(args, spec, states, models, dataset, device) -> int:
+    from ..analysis import alignment_tracker
     from ..match import l2_distance
     from ..perm import apply_permutation, save_perms
 
@@ -184,7 +186,9 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
         seed=args.seed,
         device=device,
         progress=not args.json,
+        alignment=alignment_tracker(spec, sd_a, sd_b),
     )
+    draw_ste_drift(getattr(opts, "state_dir", None))
     aligned = apply_permutation(spec, res.perms, sd_b)
     l2_before, l2_after = l2_distance(spec, sd_a, sd_b), l2_distance(spec, sd_a, aligned)
     cov = spec.coverage()
@@ -256,6 +260,7 @@ def _run_multi(args, spec, states, models, dataset, device) -> int:
         progress=not args.json,
         passes=args.max_iter or 100,
     )
+    draw_ste_drift(getattr(args.method_options, "state_dir", None))
     out = Path(args.out)
     rows = []
     ref_hash = state_fingerprint(states[0])

@@ -21,6 +21,7 @@ from .common import (
     add_quiet,
     check_output_path,
     describe_model,
+    draw_ste_drift,
     int_in,
     load_checkpoints,
     load_named_dataset,
@@ -161,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.json,
             passes=args.max_iter or 100,
         )
+        draw_ste_drift(out / "ste" if resumable else None)
         paths = [str(Path(p).resolve()) for p in args.models]
         hashes = [state_fingerprint(sd) for sd in states]
         perm_files = []

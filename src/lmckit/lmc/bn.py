@@ -1,7 +1,7 @@
 """BatchNorm statistics reset and REPAIR for interpolated networks.
 
-BN reset
---------
+BN reset (:func:`lmckit.evaluate.reset_bn_stats`, re-exported here)
+--------------------------------------------------------------------
 The running statistics of an interpolated network are not the interpolation
 of its endpoints' statistics. Before evaluating a point of a linear path, a
 BatchNorm model gets its statistics recomputed (Jordan et al. 2023, "RESET"):
@@ -49,107 +49,20 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import LmcError
-from ..evaluate import module_mode
+from ..evaluate import batchnorm_layers, has_batchnorm, model_device, module_mode, reset_bn_stats, training_batches
+
+__all__ = [
+    "batchnorm_layers",  # the BN reset lives in lmckit.evaluate (matching uses it too); re-exported here
+    "has_batchnorm",
+    "reset_bn_stats",
+    "training_batches",
+    "repair_sites",
+    "site_stats",
+    "repair_interpolation",
+]
 
 NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
-    """All BatchNorm layers (1d/2d/3d, SyncBatchNorm) that track running statistics."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has BatchNorm layers with running statistics (what a BN reset recomputes).
-
-    The one test for "is this a BatchNorm model" (BN reset, REPAIR, rank sweeps, merging).
-    """
-    return bool(batchnorm_layers(model))
-
-
-def training_batches(
-    dataset,
-    num_batches: int = 10,
-    batch_size: int = 500,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    split: str = "train",
-) -> list[torch.Tensor]:
-    """A fixed, seeded list of ``num_batches`` normalised input batches from ``split``.
-
-    The same seed gives the same images, so every point of a curve (and both
-    endpoints for REPAIR) sees the same data. Labels are not needed.
-    """
-    if num_batches < 1 or batch_size < 1:
-        raise LmcError(
-            f"BN reset / REPAIR needs num_batches >= 1 and batch_size >= 1 (got {num_batches}, {batch_size})"
-        )
-    gen = torch.Generator().manual_seed(int(seed))
-    out: list[torch.Tensor] = []
-    for x, _ in dataset.batches(split, batch_size, shuffle=True, generator=gen, device=device):
-        out.append(x)
-        if len(out) >= num_batches:
-            break
-    return out
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def reset_bn_stats(
-    model: nn.Module,
-    dataset=None,
-    *,
-    num_batches: int = 10,
-    batch_size: int = 500,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    batches: Sequence[torch.Tensor] | None = None,
-) -> nn.Module:
-    """Recompute every BatchNorm layer's running statistics of ``model`` in place.
-
-    Parameters
-    ----------
-    model:
-        The network (its BN buffers are overwritten; nothing else changes).
-    dataset:
-        A :class:`lmckit.data.Dataset`; ``num_batches`` seeded training batches
-        of ``batch_size`` are drawn from it (see :func:`training_batches`).
-        Not needed when ``batches`` is given.
-    batches:
-        Pre-drawn input batches (reuse them across the points of a curve).
-
-    Notes
-    -----
-    Only the BN layers are put in train mode; every other module stays in
-    eval mode (no dropout noise). Momentum and train/eval modes are restored
-    afterwards. A model without BatchNorm is returned unchanged.
-    """
-    bns = batchnorm_layers(model)
-    if not bns:
-        return model
-    if batches is None:
-        if dataset is None:
-            raise LmcError("reset_bn_stats needs a dataset or pre-drawn batches")
-        batches = training_batches(dataset, num_batches, batch_size, seed, device or _model_device(model))
-    momenta = [bn.momentum for bn in bns]
-    try:
-        with module_mode(model):
-            for bn in bns:
-                bn.reset_running_stats()
-                bn.momentum = None
-                bn.train()
-            for x in batches:
-                model(x)
-    finally:
-        for bn, mom in zip(bns, momenta):
-            bn.momentum = mom
-    return model
 
 
 # --------------------------------------------------------------------------- REPAIR
@@ -402,7 +315,7 @@ def repair_interpolation(
     if batches is None:
         if dataset is None:
             raise LmcError("repair_interpolation needs a dataset or pre-drawn batches")
-        batches = training_batches(dataset, num_batches, batch_size, seed, device or _model_device(model))
+        batches = training_batches(dataset, num_batches, batch_size, seed, device or model_device(model))
     saved = copy_state(model.state_dict())
     sd_a, sd_b = copy_state(sd_a), copy_state(sd_b)  # they may alias the workspace's own tensors
     try:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import typing
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -254,6 +255,7 @@ class MatchMethod:
         seed: int = 0,
         device: torch.device | str | None = None,
         progress: bool = False,
+        alignment: Callable[[Mapping[str, torch.Tensor]], float] | None = None,
     ) -> MatchResult:
         """Permutations of B's units aligning B to A (``apply_permutation(spec, res.perms, sd_b)``).
 
@@ -272,6 +274,10 @@ class MatchMethod:
             An instance of ``options_type``, a mapping (validated), or None (defaults).
         seed, device, progress:
             Randomness, where to compute, whether to show progress.
+        alignment:
+            ``perms -> R(0.3)`` (:func:`lmckit.analysis.alignment_tracker`), for methods that record
+            it while they iterate (STE's drift); passed to the method's function only when that
+            function takes an ``alignment`` argument, ignored otherwise.
 
         Raises
         ------
@@ -286,6 +292,7 @@ class MatchMethod:
             raise LmcError(f"{self.name} matching needs data", "pass a dataset (CLI: --dataset NAME)")
         if self.needs_model and model is None:
             raise LmcError(f"{self.name} matching needs a model of the architecture (for forward passes)")
+        hooks = {"alignment": alignment} if self.tracks_alignment else {}
         return self.func(
             spec,
             sd_a,
@@ -296,7 +303,13 @@ class MatchMethod:
             seed=int(seed),
             device=device,
             progress=progress,
+            **hooks,
         )
+
+    @property
+    def tracks_alignment(self) -> bool:
+        """Whether the method's function takes an ``alignment`` function (see :meth:`match`)."""
+        return "alignment" in inspect.signature(self.func).parameters
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -587,7 +600,9 @@ class SteOptions(MethodOptions):
     },
     iterations=lambda res, o: f"epochs:      {res.sweeps} (protocol {o.protocol})",
 )
-def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress) -> MatchResult:
+def _ste(
+    spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress, alignment=None
+) -> MatchResult:
     from .ste import ste_matching
 
     return ste_matching(
@@ -609,4 +624,5 @@ def _ste(spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device,
         track_alignment=options.track_alignment,
         train_limit=options.train_limit,
         protocol=options.protocol,
+        alignment=alignment,
     )

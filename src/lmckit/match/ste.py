@@ -72,7 +72,10 @@ Implementation choices (the project's, documented here)
 * Drift is recorded per epoch: the fraction of units whose assignment
   differs from plain WM's, ``||theta~ - theta_a||_2``, the SVD alignment
   score R(0.3) of the current permutation, and the training and held-out
-  midpoint losses (JSON and a plot in ``state_dir``).
+  midpoint losses (``drift.json`` in ``state_dir``; the CLI draws it as ``drift.png`` with
+  :func:`lmckit.report.figures.ste_drift`). R(0.3) is an analysis of the permutation
+  (:mod:`lmckit.analysis`, a layer above matching), so it is computed by an ``alignment``
+  function the caller passes in (:func:`lmckit.analysis.alignment_tracker`).
 """
 
 from __future__ import annotations
@@ -83,13 +86,14 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LmcError
+from ..evaluate import has_batchnorm, reset_bn_stats, training_batches
 from ..perm import (
     Perms,
     PermutationSpec,
@@ -102,7 +106,7 @@ from ..perm import (
 
 STATE_FILE = "ste_state.safetensors"
 DRIFT_JSON = "drift.json"
-DRIFT_PLOT = "drift.png"
+DRIFT_PLOT = "drift.png"  # drawn from drift.json by the CLI (lmckit.commands.common.draw_ste_drift)
 STATE_VERSION = 1
 
 
@@ -171,10 +175,6 @@ def resolve_preset(
 
 
 # --------------------------------------------------------------------------- helpers
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def midpoint_state(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``(sd_a + sd_b) / 2`` for floating entries; integer entries (``num_batches_tracked``) from ``sd_a``."""
     return {k: (0.5 * (v + sd_b[k].to(v.device)) if v.is_floating_point() else v.clone()) for k, v in sd_a.items()}
@@ -296,6 +296,7 @@ def ste_matching(
     track_alignment: bool = True,
     train_limit: int | None = None,
     protocol: str = "heldout-best",
+    alignment: Callable[[Perms], float] | None = None,
 ):
     """Find the permutation of model B by the straight-through estimator.
 
@@ -318,15 +319,17 @@ def ste_matching(
     device:
         Where to compute (default: CPU).
     state_dir:
-        Folder for the resumable state and the drift JSON/plot.
+        Folder for the resumable state and ``drift.json``.
     progress:
         Show a progress bar with the current midpoint loss.
     heldout_size:
         Images in the held-out set that scores candidate permutations.
     wm_max_iter:
         Sweep limit of each warm-started projection.
-    track_alignment:
-        Compute R(0.3) of the current permutation every epoch.
+    track_alignment, alignment:
+        With ``track_alignment`` and an ``alignment`` function (``perms -> R(0.3)``, e.g.
+        :func:`lmckit.analysis.alignment_tracker`), R(0.3) of the current permutation is
+        recorded every epoch in the drift history; otherwise its ``r03`` entries are ``None``.
     train_limit:
         Train on the first ``train_limit`` training images only (quick runs, tests).
     protocol:
@@ -365,7 +368,18 @@ def ste_matching(
     preset = PROTOCOLS[protocol] if preset is None else preset
     cfg = resolve_preset(preset, epochs, lr, batch_size)
     run = _SteRun(
-        model, sd_a, sd_b, dataset, spec, cfg, protocol, int(seed), dev, heldout_size, wm_max_iter, track_alignment
+        model,
+        sd_a,
+        sd_b,
+        dataset,
+        spec,
+        cfg,
+        protocol,
+        int(seed),
+        dev,
+        heldout_size,
+        wm_max_iter,
+        alignment if track_alignment else None,
     )
     run.open(state_dir, train_limit)
     if run.start_epoch > cfg.epochs:
@@ -403,10 +417,10 @@ class _SteRun:
         dev: torch.device,
         heldout_size: int,
         wm_max_iter: int,
-        track_alignment: bool,
+        alignment: Callable[[Perms], float] | None,
     ):
         self.spec, self.cfg, self.protocol, self.seed, self.dev = spec, cfg, protocol, seed, dev
-        self.dataset, self.wm_max_iter, self.track_alignment = dataset, int(wm_max_iter), track_alignment
+        self.dataset, self.wm_max_iter, self.alignment = dataset, int(wm_max_iter), alignment
         self.heldout_size = int(heldout_size)
         self.sd_a = {k: v.detach().to(dev) for k, v in sd_a.items()}
         self.sd_b = {k: v.detach().to(dev) for k, v in sd_b.items()}
@@ -418,36 +432,25 @@ class _SteRun:
                 f"the model's parameters {missing[:3]} are not in the state dicts",
                 "pass state dicts of this model's architecture",
             )
-        self.has_bn = _has_batchnorm(self.net)
+        self.has_bn = has_batchnorm(self.net)
         self.heldout = _HeldOut(dataset, seed, heldout_size, dev)
         self.bn_batches = None
         if self.has_bn:
-            from ..lmc import training_batches  # noqa: WPS433
-
             self.bn_batches = training_batches(dataset, seed=int(seed), device=dev)
-        self.a_cpu = {k: v.cpu() for k, v in self.sd_a.items()}
-        self.b_cpu = {k: v.cpu() for k, v in self.sd_b.items()}
 
     # ------------------------------------------------------------------ scoring
     def score(self, perms: Perms) -> float:
         """Held-out loss of the midpoint (theta_a + pi(theta_b)) / 2 (after a BN reset)."""
         mid = midpoint_state(self.sd_a, apply_permutation(self.spec, perms, self.sd_b))
         if self.has_bn:
-            from ..lmc import reset_bn_stats  # noqa: WPS433
-
             self.net.load_state_dict(mid)
             reset_bn_stats(self.net, batches=self.bn_batches)
             mid = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         return self.heldout.loss(self.net, mid)
 
     def r03(self, perms: Perms) -> float | None:
-        """R(0.3) of ``perms`` (``None`` unless alignment is tracked)."""
-        if not self.track_alignment:
-            return None
-        from ..analysis.svd import gamma_key, svd_alignment  # noqa: WPS433
-
-        res = svd_alignment(self.spec, self.a_cpu, self.b_cpu, perms, gammas=(0.3,))
-        return float(res.R[gamma_key(0.3)]["after"])
+        """R(0.3) of ``perms`` by the caller's ``alignment`` function (``None`` when not tracked)."""
+        return None if self.alignment is None else float(self.alignment(perms))
 
     def tilde_state(self) -> dict[str, torch.Tensor]:
         """``theta~`` as a full state dict (buffers from A), without gradient."""
@@ -777,37 +780,7 @@ def drift_history(hist: Mapping[str, Any]) -> dict[str, list]:
 
 
 def write_drift(folder: str | Path, drift: Mapping[str, Any]) -> None:
-    """Write ``drift.json`` and ``drift.png`` (fraction changed vs WM, distance, R(0.3), losses)."""
+    """Write ``drift.json`` (see :func:`drift_history`); the CLI draws it as ``drift.png``."""
     from ..store import atomic_write_json
 
-    folder = Path(folder)
-    atomic_write_json(folder / DRIFT_JSON, dict(drift))
-    plot_drift(drift, folder / DRIFT_PLOT)
-
-
-def plot_drift(drift: Mapping[str, Any], path: str | Path) -> Path:
-    from ..plotting import pyplot, save_figure
-
-    ep = drift["epoch"]
-    fig, axes = pyplot().subplots(1, 4, figsize=(16, 3.6))
-    panels = [
-        ("changed_vs_wm", "units reassigned vs WM"),
-        ("tilde_dist", "||theta~ - theta_a||"),
-        ("r03", "R(0.3) of current pi"),
-    ]
-    for ax, (k, title) in zip(axes, panels):
-        xs = [e for e, v in zip(ep, drift[k]) if v is not None]
-        ys = [v for v in drift[k] if v is not None]
-        ax.plot(xs, ys, marker="o")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-    ax = axes[3]
-    for k, lab in (("train_midpoint_loss", "train (running)"), ("heldout_loss", "held-out")):
-        xs = [e for e, v in zip(ep, drift[k]) if v is not None]
-        ys = [v for v in drift[k] if v is not None]
-        ax.plot(xs, ys, marker="o", label=lab)
-    ax.axhline(drift["identity_heldout_loss"], color="gray", ls="--", label="identity (held-out)")
-    ax.set_title("midpoint loss")
-    ax.set_xlabel("epoch")
-    ax.legend(fontsize=8)
-    return save_figure(fig, path, dpi=100, tight_layout=True)
+    atomic_write_json(Path(folder) / DRIFT_JSON, dict(drift))
