@@ -3,7 +3,7 @@
 The allowed direction (DESIGN.md, issue 14), lowest first; a module may
 import its own layer and the layers below it, never a layer above::
 
-    base (errors, device, progress, store, model_index)
+    base (errors, device, progress, store, model_index, states)
       -> data, models, evaluate
       -> perm, checkpoint
       -> match
@@ -37,7 +37,7 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "lmckit"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "device", "progress", "store", "model_index"),
+    ("errors", "device", "progress", "store", "model_index", "states"),
     ("data", "models", "evaluate"),
     ("perm", "checkpoint", "limits"),
     ("match",),

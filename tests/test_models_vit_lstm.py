@@ -94,3 +94,16 @@ def test_barrier_curve_on_lstm(synthetic):
     # lambda = 1 is the permuted B: same loss as B itself (permutation preserves the function)
     cur_b = barrier_curve(a, b.state_dict(), b.state_dict(), synthetic, points=3, limit=200, progress=False)
     assert cur["test"].endpoint_loss[1] == pytest.approx(cur_b["test"].endpoint_loss[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "lstm_tiny"])
+def test_tiny_variants_take_width_mult_so_recipes_can_name_them(name):
+    """vit_tiny / lstm_tiny scale with width_mult like their full-size models (recipes pass it always)."""
+    one, two = create_model(name), create_model(name, width_mult=2.0)
+    sizes1, sizes2 = spec_for(one).sizes, spec_for(two).sizes
+    assert sizes1.keys() == sizes2.keys()
+    assert all(sizes2[g] >= 2 * sizes1[g] or sizes1[g] == sizes2[g] for g in sizes1)
+    assert sum(sizes2.values()) > sum(sizes1.values())
+    assert {k: v.shape for k, v in create_model(name, width_mult=1.0).state_dict().items()} == {
+        k: v.shape for k, v in one.state_dict().items()
+    }

@@ -26,6 +26,7 @@ MAX_ITER = 100_000  # sweeps, steps, passes
 MAX_RESTARTS = 10_000
 MAX_EPOCHS = 100_000
 MAX_SAMPLES = 10_000_000
+MAX_BATCHES = 100_000  # training batches a method draws (activation matching's statistics)
 
 
 def check_model_size(name: str, options: Mapping[str, Any], where: str = "model") -> int:

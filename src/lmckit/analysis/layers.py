@@ -196,6 +196,12 @@ def midpoint_state(
     New tensors; neither input is modified. Pass ``pi(theta_b)`` as ``sd_b`` for
     the permuted midpoint. BatchNorm running statistics are averaged too; they
     are only meaningful after a BN reset.
+
+    Computed with ``torch.lerp``, which rounds differently from
+    :func:`lmckit.states.interpolate_states` (``(1 - lam) a + lam b``) in the last bit: the rank-sweep
+    numbers of published results were computed this way, so the analyses keep it (switching would
+    change them in the last digits). Barriers, landscapes, merging and STE use
+    :mod:`lmckit.states`.
     """
     out: dict[str, torch.Tensor] = {}
     for k, a in sd_a.items():

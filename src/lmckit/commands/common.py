@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 #: documented upper bounds of the count and size options (see the README's reliability section)
 from ..limits import (  # noqa: F401  (re-exported: the commands import them from here)
     MAX_BATCH,
+    MAX_BATCHES,
     MAX_EPOCHS,
     MAX_GRID,
     MAX_ITER,
@@ -615,6 +616,68 @@ METHOD_FLAGS = {
     "epochs": "epochs",
     "ste_state": "state_dir",
 }
+
+
+def add_method_flags(p: argparse.ArgumentParser, *, state_flag: bool = True) -> None:
+    """The flags of :data:`METHOD_FLAGS` (``--restarts``, ``--max-iter``, ``--similarity``, ...), declared
+    once for every command that runs a registry method (``match``, ``merge``), plus ``--option``.
+
+    Each flag's default is None (the method's own default); :func:`method_options` refuses a flag the
+    chosen method has no option for. ``state_flag=False`` leaves out ``--ste-state`` (``merge`` keeps
+    the STE state in its output folder).
+    """
+    p.add_argument(
+        "--restarts",
+        type=int_in(1, MAX_RESTARTS),
+        default=None,
+        help=f"WM: independent descents, best kept (default 1, at most {MAX_RESTARTS})",
+    )
+    p.add_argument(
+        "--max-iter",
+        type=int_in(1, MAX_ITER),
+        default=None,
+        help=f"WM: maximum sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
+    )
+    p.add_argument(
+        "--similarity", choices=["pearson", "cross_moment"], default=None, help="AM: unit similarity (default pearson)"
+    )
+    p.add_argument(
+        "--num-batches",
+        type=int_in(1, MAX_BATCHES),
+        default=None,
+        help=f"AM: training batches used (default 10, at most {MAX_BATCHES})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int_in(1, MAX_BATCH),
+        default=None,
+        help=f"AM, STE, sinkhorn: batch size (AM default 500, at most {MAX_BATCH})",
+    )
+    p.add_argument(
+        "--ste-preset",
+        choices=["adam", "git-re-basin"],
+        default=None,
+        help="STE: optimiser preset (adam: Adam 1e-3, batch 256, 10 epochs; git-re-basin: SGD 1e-2 m0.9, "
+        "batch 1000; default: the protocol's)",
+    )
+    p.add_argument(
+        "--ste-protocol",
+        choices=["heldout-best", "git-re-basin", "random-mixing"],
+        default=None,
+        help="STE: which permutation is kept (heldout-best: best on a held-out set with identity and WM as "
+        "candidates; git-re-basin: lowest minibatch midpoint loss, SGD preset; random-mixing: loss at "
+        "lambda ~ U(0,1), the final permutation) (default heldout-best)",
+    )
+    p.add_argument(
+        "--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE: epochs, at least 1 (default: the preset's)"
+    )
+    if state_flag:
+        p.add_argument(
+            "--ste-state",
+            default=None,
+            help="STE: folder for the resumable state, drift.json and drift.png (default: none, not resumable)",
+        )
+    add_option_flag(p)
 
 
 def add_option_flag(p: argparse.ArgumentParser) -> None:

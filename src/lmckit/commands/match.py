@@ -7,16 +7,12 @@ from pathlib import Path
 
 from ..match.registry import get_method, list_methods
 from .common import (
-    MAX_BATCH,
-    MAX_EPOCHS,
-    MAX_ITER,
-    MAX_RESTARTS,
     MAX_SEED,
     add_arch,
     add_data,
     add_device,
     add_json,
-    add_option_flag,
+    add_method_flags,
     add_quiet,
     check_output_path,
     describe_model,
@@ -49,7 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a method of `lmckit methods`: weight (default), activation, ste (straight-through estimator), "
         "sinkhorn, ...; its options come from the flags below that it has, and --option KEY=VALUE",
     )
-    add_option_flag(p)
     p.add_argument(
         "--multi",
         choices=["anchor", "mergemany"],
@@ -60,60 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the group / model / batch order (default 0)"
     )
-    p.add_argument(
-        "--restarts",
-        type=int_in(1, MAX_RESTARTS),
-        default=None,
-        help=f"WM: independent descents, best kept (default 1, at most {MAX_RESTARTS})",
-    )
-    p.add_argument(
-        "--max-iter",
-        type=int_in(1, MAX_ITER),
-        default=None,
-        help=f"WM: maximum sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
-    )
-    p.add_argument(
-        "--similarity",
-        choices=["pearson", "cross_moment"],
-        default=None,
-        help="AM: unit similarity (default pearson)",
-    )
-    p.add_argument(
-        "--num-batches",
-        type=int_in(1, 100_000),
-        default=None,
-        help="AM: training batches used (default 10, at most 100000)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int_in(1, MAX_BATCH),
-        default=None,
-        help=f"AM, STE, sinkhorn: batch size (AM default 500, at most {MAX_BATCH})",
-    )
     p.add_argument("--dataset", default=None, help="AM/STE: dataset name (default: the one recorded in checkpoint A)")
-    p.add_argument(
-        "--ste-preset",
-        choices=["adam", "git-re-basin"],
-        default=None,
-        help="STE: optimiser preset (adam: Adam 1e-3, batch 256, 10 epochs; git-re-basin: SGD 1e-2 m0.9, "
-        "batch 1000; default: the protocol's)",
-    )
-    p.add_argument(
-        "--ste-protocol",
-        choices=["heldout-best", "git-re-basin", "random-mixing"],
-        default=None,
-        help="STE: which permutation is kept (heldout-best: best on a held-out set with identity and WM as "
-        "candidates; git-re-basin: lowest minibatch midpoint loss, SGD preset; random-mixing: loss at "
-        "lambda ~ U(0,1), the final permutation) (default heldout-best)",
-    )
-    p.add_argument(
-        "--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE: epochs, at least 1 (default: the preset's)"
-    )
-    p.add_argument(
-        "--ste-state",
-        default=None,
-        help="STE: folder for the resumable state and drift.json/png (default: none, not resumable)",
-    )
+    add_method_flags(p)
     add_data(p)
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
     add_device(p)

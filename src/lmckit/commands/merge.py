@@ -8,8 +8,6 @@ from pathlib import Path
 
 from ..match.registry import list_methods
 from .common import (
-    MAX_EPOCHS,
-    MAX_ITER,
     MAX_POINTS,
     MAX_SEED,
     DeprecatedAlias,
@@ -17,7 +15,7 @@ from .common import (
     add_data,
     add_device,
     add_json,
-    add_option_flag,
+    add_method_flags,
     add_quiet,
     check_output_path,
     describe_model,
@@ -53,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="alignment method of `lmckit methods` (default weight); its options come from the flags below "
         "that it has, and --option KEY=VALUE",
     )
-    add_option_flag(p)
+    add_method_flags(p, state_flag=False)
     p.add_argument(
         "--multi",
         choices=["anchor", "mergemany"],
@@ -78,18 +76,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed", type=int_in(0, MAX_SEED), default=0, help="seed of matching, STE and BN-reset batches (default 0)"
-    )
-    p.add_argument(
-        "--max-iter",
-        type=int_in(1, MAX_ITER),
-        default=None,
-        help=f"WM sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
-    )
-    p.add_argument(
-        "--ste-preset", choices=["adam", "git-re-basin"], default=None, help="STE optimiser preset (default adam)"
-    )
-    p.add_argument(
-        "--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE epochs, at least 1 (default: the preset's)"
     )
     p.add_argument(
         "--limit", type=int, default=None, help="evaluate on the first N items of the split only (default: all)"

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import LmcError
-from ..limits import MAX_BATCH, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SAMPLES
+from ..limits import MAX_BATCH, MAX_BATCHES, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SAMPLES
 
 if TYPE_CHECKING:  # (annotations only: listing methods and their options, e.g. for --help, needs no torch)
     import torch
@@ -501,7 +501,7 @@ class ActivationOptions(MethodOptions):
         _one_of(self, "similarity", ("pearson", "cross_moment"))
         _positive(self, "num_batches", "batch_size")
         _at_most(self, MAX_BATCH, "batch_size")
-        _at_most(self, MAX_SAMPLES, "num_batches")
+        _at_most(self, MAX_BATCHES, "num_batches")
 
 
 @register_method(

@@ -103,6 +103,7 @@ from ..perm import (
     spec_for,
     validate_perms,
 )
+from ..states import interpolate_states
 
 STATE_FILE = "ste_state.safetensors"
 DRIFT_JSON = "drift.json"
@@ -175,11 +176,6 @@ def resolve_preset(
 
 
 # --------------------------------------------------------------------------- helpers
-def midpoint_state(sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``(sd_a + sd_b) / 2`` for floating entries; integer entries (``num_batches_tracked``) from ``sd_a``."""
-    return {k: (0.5 * (v + sd_b[k].to(v.device)) if v.is_floating_point() else v.clone()) for k, v in sd_a.items()}
-
-
 def ste_midpoint(
     sd_a: Mapping[str, torch.Tensor],
     pb: Mapping[str, torch.Tensor],
@@ -441,7 +437,7 @@ class _SteRun:
     # ------------------------------------------------------------------ scoring
     def score(self, perms: Perms) -> float:
         """Held-out loss of the midpoint (theta_a + pi(theta_b)) / 2 (after a BN reset)."""
-        mid = midpoint_state(self.sd_a, apply_permutation(self.spec, perms, self.sd_b))
+        mid = interpolate_states(self.sd_a, apply_permutation(self.spec, perms, self.sd_b), 0.5)
         if self.has_bn:
             self.net.load_state_dict(mid)
             reset_bn_stats(self.net, batches=self.bn_batches)

@@ -69,5 +69,7 @@ def lstm(
 
 
 @register_model("lstm_tiny", "LSTM with 2 layers of 6 hidden units, for tests", tiny=True)
-def lstm_tiny(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, norm: str = "none") -> LSTMClassifier:
-    return lstm(in_channels, image_size, num_classes, width=6, depth=2, norm=norm)
+def lstm_tiny(
+    in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width_mult: float = 1.0, norm: str = "none"
+) -> LSTMClassifier:
+    return lstm(in_channels, image_size, num_classes, width_mult, width=6, depth=2, norm=norm)

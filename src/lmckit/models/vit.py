@@ -149,5 +149,7 @@ def vit(
 
 
 @register_model("vit_tiny", "ViT with width 8, depth 1, 2 heads, for tests", tiny=True)
-def vit_tiny(in_channels: int = 1, image_size: int = 28, num_classes: int = 10, norm: str = "layernorm") -> ViT:
-    return vit(in_channels, image_size, num_classes, width=8, depth=1, heads=2, norm=norm)
+def vit_tiny(
+    in_channels: int = 1, image_size: int = 28, num_classes: int = 10, width_mult: float = 1.0, norm: str = "layernorm"
+) -> ViT:
+    return vit(in_channels, image_size, num_classes, width_mult, width=8, depth=1, heads=2, norm=norm)
