@@ -29,7 +29,18 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["match", "--help"], ["models"], ["models", "--json"], ["data", "list"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["match", "--help"],
+        ["merge", "--help"],
+        ["train", "--help"],
+        ["models"],
+        ["models", "--json"],
+        ["data", "list"],
+    ],
+)
 def test_light_commands_import_no_heavy_module(argv):
     proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("match",),
     ("lmc", "plotting"),
     ("analysis",),
-    ("merge", "train", "studies"),  # experiments
+    ("merge", "train", "studies", "presets"),  # experiments (presets: train's plain-data recipes)
     ("pipeline",),
     ("report",),
     ("reproduce",),  # the recipe driver: runs the pipeline, then writes the report

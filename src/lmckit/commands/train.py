@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--preset",
-        choices=LazyChoices("train", "PRESETS"),
+        choices=LazyChoices("presets", "PRESETS"),
         metavar="PRESET",
         default=None,
         help="named training recipe (lmckit.train.PRESETS): %(choices)s "
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="training batch size")
     p.add_argument(
         "--optimizer",
-        choices=LazyChoices("train", "OPTIMIZERS"),
+        choices=LazyChoices("presets", "OPTIMIZERS"),
         metavar="OPTIMIZER",
         default=None,
         help="one of %(choices)s",
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     p.add_argument(
         "--schedule",
-        choices=LazyChoices("train", "SCHEDULES"),
+        choices=LazyChoices("presets", "SCHEDULES"),
         metavar="SCHEDULE",
         default=None,
         help="one of %(choices)s",
