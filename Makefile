@@ -6,7 +6,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	.venv/bin/lmckit reproduce $(ARGS)
+	.venv/bin/lmckit reproduce --jobs auto $(ARGS)
 
 test: setup
 	.venv/bin/python -m pytest $(ARGS)

@@ -25,7 +25,7 @@ from lmckit.pipeline import (
     stage_hash,
     stage_path,
 )
-from lmckit.pipeline.stages import dependencies, read_output, run_stage
+from lmckit.pipeline.stages import critical_path, dependencies, read_output, run_stage
 from lmckit.store import atomic_write_json, is_complete
 
 
@@ -245,3 +245,60 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pic
         pytest.fail("could not craft the header length")
     state, meta = load_state(path)
     assert torch.equal(state["w"], torch.ones(2)) and meta["pad"] == "x" * pad
+
+
+@dataclass(frozen=True)
+class Costly(Stage):
+    """A stage with a declared cost that records the order in which stages ran."""
+
+    KIND = "costly"
+    name: str = ""
+    weight: float = 1.0
+    after: tuple = ()
+    log: str = ""
+
+    def cost(self) -> float:
+        return self.weight
+
+    def run(self, ctx):
+        with open(self.log, "a") as f:
+            f.write(self.name + "\n")
+        atomic_write_json(ctx.dir / "result.json", {"name": self.name})
+
+
+def test_critical_path_is_cost_plus_the_costliest_waiting_chain():
+    a = Costly("a", 1.0)
+    b = Costly("b", 5.0, (a,))
+    c = Costly("c", 2.0, (a,))
+    d = Costly("d", 10.0, (c,))
+    e = Costly("e", 0.5)
+    order = plan([b, d, e])
+    cp = critical_path(order)
+    # by hand: d 10, c 2+10, b 5, a 1+max(5, 12) = 13, e 0.5
+    assert cp == {d: 10.0, c: 12.0, b: 5.0, a: 13.0, e: 0.5}
+    # only the stages given count (finished stages are left out by the scheduler)
+    assert critical_path([c, d]) == {c: 12.0, d: 10.0}
+
+
+def test_scheduler_starts_the_longest_chain_first(tmp_path):
+    """In plan order the cheap independent stage would run first; by critical path it runs last."""
+    log = str(tmp_path / "order.txt")
+    cheap = Costly("cheap", 1.0, log=log)
+    head = Costly("head", 1.0, log=log)
+    tail = Costly("tail", 50.0, (head,), log=log)
+    order = plan([cheap, tail])
+    assert order.index(cheap) < order.index(head)  # plan order puts the cheap stage first
+    InProcessExecutor().run([cheap, tail], tmp_path / "root")
+    assert (tmp_path / "order.txt").read_text().split() == ["head", "tail", "cheap"]
+
+
+def test_pipeline_stage_costs_rank_ste_over_weight_matching():
+    """The cost hints of the quick recipe's stages: an STE match outranks training, which outranks WM."""
+    from lmckit.pipeline.tasks import MatchStage, train_stage
+
+    a = train_stage("mlp-fmnist", {"seed": 0})
+    b = train_stage("mlp-fmnist", {"seed": 1})
+    ste = MatchStage(a, b, "ste", 0, (("epochs", 3),))
+    wm = MatchStage(a, b, "weight", 0, ())
+    assert ste.cost() == 90.0 and wm.cost() == 1.0 and a.cost() == 25.0
+    assert MatchStage(a, b, "ste", 0, (("epochs", -1),)).cost() == 1.0  # bad options: the run says why

@@ -239,3 +239,18 @@ def test_timings_give_the_cost_of_each_stage_kind(tiny):
 
     first = stage_costs(res.plan, root / "cache", res.summary, res.seconds)["stages_by_kind"]  # the first, full run
     assert sum(v["ran"] for v in first.values()) == len(res.summary.ran) > 0
+
+
+def test_jobs_auto_is_one_job_per_core_and_bad_values_are_usage_errors(tmp_path, capsys, monkeypatch):
+    import os
+
+    from lmckit.commands import reproduce as cmd
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert cmd._jobs("auto") == 3 and cmd._jobs("AUTO") == 3 and cmd._jobs("2") == 2
+    argv = ["reproduce", "--recipe", "tiny", "--dry-run", "--out", str(tmp_path / "r"), "--cache", str(tmp_path / "c")]
+    assert main([*argv, "--jobs", "auto"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--jobs", "many"]) == 2
+    assert "'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()  # a dry run creates nothing

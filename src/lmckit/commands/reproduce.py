@@ -30,10 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--jobs",
-        type=int_in(1, 256),
+        type=_jobs,
         default=None,
-        help="stages run in parallel (local: process pool, default 1 = in process; ray: most in flight, "
-        "default: as the cluster's resources allow; at most 256)",
+        help="stages run in parallel, or 'auto' (one per CPU core, each with one torch thread; `make run` "
+        "uses it) (local: process pool, default 1 = in process; ray: most in flight, default: as the "
+        "cluster's resources allow; at most 256)",
     )
     p.add_argument(
         "--executor",
@@ -179,3 +180,16 @@ def run(args: argparse.Namespace) -> int:
         f"Report: {res.out / 'report.md'} (and report.html, results.json)"
     )
     return 0
+
+
+def _jobs(text: str) -> int:
+    """``--jobs``: an integer in [1, 256], or ``auto`` (the CPU cores this process may use, at most 256)."""
+    if text.strip().lower() == "auto":
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(256, cores))
+    try:
+        return int_in(1, 256)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 'auto': one job per CPU core)") from None

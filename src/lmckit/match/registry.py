@@ -194,6 +194,10 @@ class MatchMethod:
         Optional ``spec -> None`` raising :class:`LmcError` for a permutation spec the method cannot
         align (e.g. Sinkhorn and attention heads); ``lmckit reproduce`` calls it when it plans a recipe,
         before any model trains. See :meth:`check`.
+    cost:
+        Optional ``options -> float``: a rough run time (about seconds for the quick recipe's MLP pair
+        on 2 CPU cores) that the pipeline's scheduler uses to start long stages first; default 1.
+        Never hashed, never changes a result.
     """
 
     name: str
@@ -210,6 +214,7 @@ class MatchMethod:
     record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = field(default=None, repr=False)
     iterations: Callable[[MatchResult, MethodOptions], str] | None = field(default=None, repr=False)
     check_spec: Callable[[PermutationSpec], None] | None = field(default=None, repr=False)
+    cost: Callable[[MethodOptions], float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -343,6 +348,7 @@ def register_method(
     record: Callable[[MatchResult, MethodOptions], dict[str, Any]] | None = None,
     iterations: Callable[[MatchResult, MethodOptions], str] | None = None,
     check_spec: Callable[[PermutationSpec], None] | None = None,
+    cost: Callable[[MethodOptions], float] | None = None,
 ) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
@@ -374,6 +380,7 @@ def register_method(
             record=record,
             iterations=iterations,
             check_spec=check_spec,
+            cost=cost,
         )
         return func
 
@@ -599,6 +606,7 @@ class SteOptions(MethodOptions):
         "changed_vs_wm": res.extra["changed_vs_wm"],
     },
     iterations=lambda res, o: f"epochs:      {res.sweeps} (protocol {o.protocol})",
+    cost=lambda o: 30.0 * (o.epochs or 10),
 )
 def _ste(
     spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress, alignment=None

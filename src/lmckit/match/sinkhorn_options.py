@@ -100,6 +100,7 @@ def _check_structures(spec) -> None:
     data_when=lambda o: o.loss == "midpoint",
     label="Sinkhorn",
     check_spec=lambda spec: _check_structures(spec),
+    cost=lambda o: o.steps / 8.0,
     objective="sum_k <A_k, pi(B)_k>_F at the identity and at the final hard permutation; higher is better",
 )
 def _sinkhorn_method(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult:

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 from ..errors import LmcError
 from ..progress import Progress
 from ..store import is_complete
-from .stages import Runtime, Stage, StageOutcome, dependencies, run_stage, stage_label, stage_path
+from .stages import Runtime, Stage, StageOutcome, critical_path, dependencies, run_stage, stage_label, stage_path
 
 __all__ = [
     "plan",
@@ -152,7 +152,10 @@ class Executor:
         if not todo:
             return summary
         done: set[Stage] = {s for s in order if s not in todo}
-        pending = list(todo)
+        # longest remaining chain first (ties in plan order): with several workers, the STE chains
+        # start early instead of ending the run alone; the order never changes a result
+        priority = critical_path(todo)
+        pending = sorted(todo, key=lambda s: -priority[s])
         running: dict[cf.Future, Stage] = {}
         failure: StageOutcome | None = None
         with Progress(len(todo), "stages", every=0.0, unit="stage") as bar:

@@ -49,7 +49,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Sequence
 
 from ..errors import LmcError
 from ..store import atomic_write_json, config_hash, file_lock, finalize_dir, is_complete, partial_dir
@@ -96,6 +96,31 @@ class Stage:
     def label(self) -> str:
         """A short human-readable description (logs, dry runs)."""
         return self.KIND
+
+    def cost(self) -> float:
+        """A rough relative cost (about seconds on 2 CPU cores for the quick recipe's MLP), used only to
+        order runnable stages (longest remaining chain first, :func:`critical_path`); never hashed,
+        never changes a result."""
+        return 1.0
+
+
+def critical_path(stages: Sequence[Stage]) -> dict[Stage, float]:
+    """For each stage, its :meth:`Stage.cost` plus the costliest chain of stages (among ``stages``)
+    that wait on it: the scheduler starts the runnable stage with the largest value first, so long
+    chains (training -> STE -> three-model stage) do not end the run alone on one worker.
+
+    ``stages`` must be in topological order (as :func:`lmckit.pipeline.executor.plan` returns them).
+    """
+    among = set(stages)
+    waiting: dict[Stage, list[Stage]] = {s: [] for s in stages}
+    for s in stages:
+        for d in dependencies(s):
+            if d in among:
+                waiting[d].append(s)
+    out: dict[Stage, float] = {}
+    for s in reversed(stages):
+        out[s] = float(s.cost()) + max((out[w] for w in waiting[s]), default=0.0)
+    return out
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,12 @@ class TrainStage(Stage):
         w = kw.get("width_mult", 1.0) if isinstance(kw, dict) else 1.0
         return f"{d.get('model')} x{w:g} on {d.get('dataset')} seed {d.get('seed')}"
 
+    def cost(self) -> float:
+        d = _unpairs(self.config)
+        kw = d.get("model_kwargs", {})
+        w = float(kw.get("width_mult", 1.0)) if isinstance(kw, dict) else 1.0
+        return 5.0 * float(d.get("epochs", 1)) * max(0.25, w)
+
     def run(self, ctx: StageContext) -> None:
         from ..train import train_in_folder
 
@@ -193,6 +199,17 @@ class MatchStage(Stage):
     def label(self) -> str:
         return f"{self.method} seed {self.seed}: {self.a.label()} vs seed {_unpairs(self.b.config).get('seed')}"
 
+    def cost(self) -> float:
+        from ..match.registry import get_method
+
+        m = get_method(self.method)
+        if m.cost is None:
+            return 1.0
+        try:
+            return float(m.cost(stage_match_options(self.method, dict(self.options))))
+        except LmcError:  # options the run itself will refuse, with its message
+            return 1.0
+
     def run(self, ctx: StageContext) -> None:
         from ..analysis import alignment_tracker
         from ..match.registry import get_method
@@ -279,6 +296,9 @@ class BarrierStage(Stage):
     def label(self) -> str:
         m = self.match.method if self.match else "naive"
         return f"{m} path, seed {_unpairs(self.a.config).get('seed')}-{_unpairs(self.b.config).get('seed')}"
+
+    def cost(self) -> float:
+        return 0.25 * self.points * len(self.splits)
 
     def run(self, ctx: StageContext) -> None:
         from ..lmc import barrier_curve
@@ -407,6 +427,9 @@ class ThreeModelStage(Stage):
 
     def label(self) -> str:
         return f"{self.method}, {len(self.models)} models"
+
+    def cost(self) -> float:
+        return 5.0 + 0.2 * self.points + 0.1 * self.grid * self.grid
 
     def run(self, ctx: StageContext) -> None:
         from ..checkpoint import build_model
