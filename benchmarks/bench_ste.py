@@ -16,8 +16,8 @@ and 1; cached under ``benchmarks/out/``). Then, in this one process:
   - ``exact``: :class:`lmckit.match.projection.WarmProjector` (the default);
   - ``certified``: the same descent with solves skipped under an optimality
     certificate;
-  - approximations (``LMCKIT_STE_PROJECT_SWEEPS=s``: at most ``s`` sweeps per
-    step; ``LMCKIT_STE_PROJECT_EVERY=k``: project every ``k``-th step), each
+  - approximations (STE options ``project_sweeps=s``: at most ``s`` sweeps per
+    step; ``project_every=k``: project every ``k``-th step), each
     compared with the exact run: units of the returned and of the last
     end-of-epoch permutation assigned differently, and held-out midpoint
     losses, next to the same numbers for the exact run with another seed
@@ -111,9 +111,9 @@ def ste_run(model, a, b, ds, steps: int, batch: int, mode: str, record: list, ev
     import lmckit.match.ste as ste
 
     os.environ["LMCKIT_STE_PROJECTION"] = mode
-    os.environ["LMCKIT_STE_PROJECT_EVERY"] = str(every)
-    os.environ["LMCKIT_STE_PROJECT_SWEEPS"] = str(sweeps)
     kw = dict(
+        project_every=every,
+        project_sweeps=sweeps,
         batch_size=batch,
         progress=False,
         track_alignment=False,
@@ -139,8 +139,6 @@ def ste_run(model, a, b, ds, steps: int, batch: int, mode: str, record: list, ev
     finally:
         ste._project = orig
         os.environ.pop("LMCKIT_STE_PROJECTION", None)
-        os.environ.pop("LMCKIT_STE_PROJECT_EVERY", None)
-        os.environ.pop("LMCKIT_STE_PROJECT_SWEEPS", None)
     return (t_run - t_setup) / steps, res
 
 

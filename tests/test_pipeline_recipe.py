@@ -151,3 +151,20 @@ def test_pinned_stage_hashes():
 
 
 PINNED = {"train0": "d1aee283ec520172", "wm01": "63cb11f6c94e8eb5"}
+
+
+def test_ste_projection_approximations_enter_the_stage_options_only_when_set():
+    """Defaults leave the STE stages' options (and so their hashes) as before; set values are hashed."""
+
+    def ste_stages(sets=()):
+        p = build_plan(load_recipe("tiny", sets))
+        return {s for s in order(p.targets()) if isinstance(s, MatchStage) and s.method == "ste"}
+
+    plain = ste_stages()
+    assert plain and all(not any(k.startswith("project_") for k, _ in s.options) for s in plain)
+    approx = ste_stages(["match.ste.project_sweeps=1", "match.ste.project_every=2"])
+    assert len(approx) == len(plain) and not approx & plain
+    assert all(dict(s.options)["project_sweeps"] == 1 and dict(s.options)["project_every"] == 2 for s in approx)
+    for bad in ("match.ste.project_sweeps=-1", "match.ste.project_every=0"):
+        with pytest.raises(LmcError, match="project_"):
+            load_recipe("tiny", [bad])

@@ -163,6 +163,45 @@ def test_ste_resume_after_kill_equals_uninterrupted(mlp_pair, synthetic, tmp_pat
         ste_matching(model, sd_a, sd_b, synthetic, state_dir=tmp_path, **{**kw, "seed": 2})
     with pytest.raises(LmcError, match="already holds 3 epochs"):
         ste_matching(model, sd_a, sd_b, synthetic, state_dir=tmp_path, **{**kw, "epochs": 2})
+    with pytest.raises(LmcError, match="another run"):  # the approximations change the run: not resumable
+        ste_matching(model, sd_a, sd_b, synthetic, state_dir=tmp_path, **{**kw, "project_every": 2})
+
+
+def test_projection_approximations_are_options_that_change_the_run(mlp_pair, synthetic):
+    """project_sweeps / project_every: validated registry options; with them off the run is the exact one."""
+    from lmckit.match.registry import get_method
+    from lmckit.perm import validate_perms
+
+    model, sd_a, sd_b = mlp_pair
+    spec = spec_for(model)
+    m = get_method("ste")
+    for bad in ({"project_sweeps": -1}, {"project_every": 0}, {"project_every": 10**9}):
+        with pytest.raises(LmcError):
+            m.options(bad)
+    kw = dict(epochs=2, batch_size=100, lr=1e-2, seed=0, progress=False, track_alignment=False, train_limit=1000)
+    exact = ste_matching(model, sd_a, sd_b, synthetic, **kw)
+    off = ste_matching(model, sd_a, sd_b, synthetic, project_sweeps=0, project_every=1, **kw)
+    assert off.objective == exact.objective and all(torch.equal(off.perms[g], exact.perms[g]) for g in off.perms)
+    import unittest.mock as um
+
+    from lmckit.match import projection
+
+    made = []
+    real = projection.ste_projector
+
+    def spy(*a, **k):
+        made.append(k)
+        return real(*a, **k)
+
+    with um.patch.object(projection, "ste_projector", spy):
+        approx = m.match(
+            spec, sd_a, sd_b, model=model, dataset=synthetic, seed=0,
+            options={"epochs": 2, "batch_size": 100, "lr": 1e-2, "track_alignment": False, "train_limit": 1000,
+                     "project_sweeps": 1, "project_every": 2},
+        )  # fmt: skip
+    assert made == [{"every": 2, "step_sweeps": 1}]  # the registry options reach the per-step projector
+    validate_perms(spec, {g: p.tolist() for g, p in approx.perms.items()})
+    assert approx.extra["settings"]["epochs"] == 2 and len(approx.objective) == len(exact.objective)
 
 
 def test_ste_vgg_tiny_batchnorm(synthetic):

@@ -445,26 +445,15 @@ class WeightMatchingProjector:
         return {g: p.to("cpu") for g, p in res.perms.items()}
 
 
-def _env_count(name: str, default: int, least: int) -> int:
-    """Integer environment setting ``name`` (>= ``least``), else :class:`LmcError`."""
-    import os
-
-    from ..errors import LmcError
-
-    raw = os.environ.get(name, str(default)).strip() or str(default)
-    try:
-        val = int(raw)
-    except ValueError:
-        val = least - 1
-    if val < least:
-        raise LmcError(f"{name} must be an integer >= {least}, got {raw!r}", f"fix or unset {name}")
-    return val
-
-
 def ste_projector(
-    spec: PermutationSpec, sd_b: Mapping[str, torch.Tensor], max_iter: int, device: torch.device | str | None
+    spec: PermutationSpec,
+    sd_b: Mapping[str, torch.Tensor],
+    max_iter: int,
+    device: torch.device | str | None,
+    every: int = 1,
+    step_sweeps: int = 0,
 ) -> WarmProjector | WeightMatchingProjector:
-    """The projector STE uses for its per-step projections, chosen by the environment.
+    """The projector STE uses for its per-step projections.
 
     ``LMCKIT_STE_PROJECTION``:
 
@@ -479,23 +468,24 @@ def ste_projector(
     projector models free whole-axis groups only.
 
     Two approximations, off by default, change STE's result (measured by
-    ``benchmarks/bench_ste.py``, see the README's speed section); neither is
-    part of STE's resume fingerprint, so set them for whole runs only. The
-    end-of-epoch projection, which STE scores and returns, is always run to
-    convergence:
+    ``benchmarks/bench_ste.py`` and on the quick recipe, see the README's speed
+    section). They are STE options (``project_sweeps``, ``project_every``: in the
+    stage hash and STE's resume fingerprint, set per recipe with
+    ``[match.ste]``, per command with ``--option``). The end-of-epoch
+    projection, which STE scores and returns, is always run to convergence:
 
-    * ``LMCKIT_STE_PROJECT_SWEEPS=s`` (default 0: off): at most ``s`` sweeps
-      of the warm-started descent per training step; the descent continues at
-      the next step from where it stopped (``s = 1``: one sweep per step, one
+    * ``step_sweeps = s`` (default 0: off): at most ``s`` sweeps of the
+      warm-started descent per training step; the descent continues at the
+      next step from where it stopped (``s = 1``: one sweep per step, one
       assignment solve per group).
-    * ``LMCKIT_STE_PROJECT_EVERY=k`` (default 1): project at every ``k``-th
-      step only (the permutation of the midpoint is then up to ``k - 1``
-      steps old; a resumed run restarts the k-cycle).
+    * ``every = k`` (default 1): project at every ``k``-th step only (the
+      permutation of the midpoint is then up to ``k - 1`` steps old; a resumed
+      run restarts the k-cycle).
 
     Raises
     ------
     LmcError
-        An unknown mode or a bad ``k`` or ``s``.
+        An unknown ``LMCKIT_STE_PROJECTION`` mode, ``every < 1`` or ``step_sweeps < 0``.
     """
     import os
 
@@ -504,8 +494,11 @@ def ste_projector(
     mode = os.environ.get("LMCKIT_STE_PROJECTION", "exact").strip().lower() or "exact"
     if mode not in ("exact", "certified", "reference"):
         raise LmcError(f"unknown LMCKIT_STE_PROJECTION={mode!r}", "use exact, certified or reference")
-    every = _env_count("LMCKIT_STE_PROJECT_EVERY", 1, 1)
-    sweeps = _env_count("LMCKIT_STE_PROJECT_SWEEPS", 0, 0)
+    if int(every) < 1 or int(step_sweeps) < 0:
+        raise LmcError(
+            f"STE projection: project_every must be >= 1 and project_sweeps >= 0, got {every}, {step_sweeps}"
+        )
+    every, sweeps = int(every), int(step_sweeps)
     if mode == "reference" or spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
         return WeightMatchingProjector(spec, sd_b, max_iter, device, every=every, step_sweeps=sweeps)
     return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every, step_sweeps=sweeps)

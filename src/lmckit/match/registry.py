@@ -564,6 +564,8 @@ class SteOptions(MethodOptions):
     (default: the protocol's own) and overrides, held-out set, projection sweeps, resumable state folder.
 
     ``state_dir`` is where the run is kept (resume, drift plot); it does not change the result.
+    ``project_sweeps`` (0: off) and ``project_every`` (1: off) are the two documented approximations
+    of the per-step projection (:func:`lmckit.match.ste.ste_matching`); they change the result.
     """
 
     protocol: str = "heldout-best"
@@ -576,6 +578,8 @@ class SteOptions(MethodOptions):
     train_limit: int | None = None
     track_alignment: bool = True
     state_dir: str | None = None
+    project_sweeps: int = 0
+    project_every: int = 1
 
     def validate(self) -> None:
         _one_of(self, "protocol", ("heldout-best", "git-re-basin", "random-mixing"))
@@ -586,6 +590,10 @@ class SteOptions(MethodOptions):
         _at_most(self, MAX_BATCH, "batch_size")
         _at_most(self, MAX_ITER, "wm_max_iter")
         _at_most(self, MAX_SAMPLES, "heldout_size", "train_limit")
+        _positive(self, "project_every")
+        if self.project_sweeps < 0:
+            raise LmcError(f"ste option project_sweeps must be >= 0 (0: off), got {self.project_sweeps}")
+        _at_most(self, MAX_ITER, "project_sweeps", "project_every")
 
 
 @register_method(
@@ -633,4 +641,6 @@ def _ste(
         train_limit=options.train_limit,
         protocol=options.protocol,
         alignment=alignment,
+        project_sweeps=options.project_sweeps,
+        project_every=options.project_every,
     )

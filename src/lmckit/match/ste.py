@@ -293,6 +293,8 @@ def ste_matching(
     train_limit: int | None = None,
     protocol: str = "heldout-best",
     alignment: Callable[[Perms], float] | None = None,
+    project_sweeps: int = 0,
+    project_every: int = 1,
 ):
     """Find the permutation of model B by the straight-through estimator.
 
@@ -328,6 +330,11 @@ def ste_matching(
         recorded every epoch in the drift history; otherwise its ``r03`` entries are ``None``.
     train_limit:
         Train on the first ``train_limit`` training images only (quick runs, tests).
+    project_sweeps, project_every:
+        Approximations of the per-step projection (off by default: 0 and 1): at most
+        ``project_sweeps`` warm-started sweeps per step, and a projection at every
+        ``project_every``-th step only (:func:`lmckit.match.projection.ste_projector`). The
+        end-of-epoch projection STE scores and returns always runs to convergence.
     protocol:
         Which permutation is returned (module docstring): ``"heldout-best"``,
         ``"git-re-basin"`` or ``"random-mixing"``.
@@ -376,6 +383,7 @@ def ste_matching(
         heldout_size,
         wm_max_iter,
         alignment if track_alignment else None,
+        (int(project_sweeps), int(project_every)),
     )
     run.open(state_dir, train_limit)
     if run.start_epoch > cfg.epochs:
@@ -414,9 +422,16 @@ class _SteRun:
         heldout_size: int,
         wm_max_iter: int,
         alignment: Callable[[Perms], float] | None,
+        approx: tuple[int, int] = (0, 1),
     ):
         self.spec, self.cfg, self.protocol, self.seed, self.dev = spec, cfg, protocol, seed, dev
         self.dataset, self.wm_max_iter, self.alignment = dataset, int(wm_max_iter), alignment
+        self.project_sweeps, self.project_every = approx
+        if self.project_sweeps < 0 or self.project_every < 1:
+            raise LmcError(
+                f"STE: project_sweeps must be >= 0 and project_every >= 1, got {self.project_sweeps}, "
+                f"{self.project_every}"
+            )
         self.heldout_size = int(heldout_size)
         self.sd_a = {k: v.detach().to(dev) for k, v in sd_a.items()}
         self.sd_b = {k: v.detach().to(dev) for k, v in sd_b.items()}
@@ -472,6 +487,8 @@ class _SteRun:
             "b": _state_digest(self.sd_b),
             "dataset": getattr(self.dataset, "name", "?"),
             "protocol": self.protocol,
+            "project_sweeps": self.project_sweeps,
+            "project_every": self.project_every,
         }
         self.tilde = {k: self.sd_a[k].detach().clone().requires_grad_(True) for k in self.param_keys}
         self.opt = _make_optimizer(cfg, [self.tilde[k] for k in self.param_keys])
@@ -509,7 +526,9 @@ class _SteRun:
         from .projection import ste_projector  # noqa: WPS433
 
         # the per-step projections (see _project)
-        self.projector = ste_projector(spec, self.sd_b, self.wm_max_iter, self.dev)
+        self.projector = ste_projector(
+            spec, self.sd_b, self.wm_max_iter, self.dev, every=self.project_every, step_sweeps=self.project_sweeps
+        )
 
     def save(self, epoch: int) -> None:
         """Write the resumable state after ``epoch`` finished epochs (when a state folder was given)."""
@@ -726,8 +745,14 @@ def _load_state(
     tensors, meta = load_state(path)
     if meta.get("format") != "lmckit.ste_state":
         raise LmcError(f"{path} is not an lmckit STE state file", "use another state folder")
-    # states written before train_limit / protocol existed
-    old = {"train_limit": None, "protocol": "heldout-best", **(meta.get("fingerprint") or {})}
+    # states written before train_limit / protocol / the projection approximations existed
+    old = {
+        "train_limit": None,
+        "protocol": "heldout-best",
+        "project_sweeps": 0,
+        "project_every": 1,
+        **(meta.get("fingerprint") or {}),
+    }
     if old != fingerprint:
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         raise LmcError(

@@ -126,8 +126,10 @@ def _ste_options(m) -> tuple:
         ("max_iter", s.max_iter),
         ("train_limit", s.train_limit),
     )
-    # the default protocol stays out of the options, so the STE stages' hashes of earlier runs still hold
-    return opts + ((("protocol", s.protocol),) if s.protocol != "heldout-best" else ())
+    # defaults stay out of the options, so the STE stages' hashes of earlier runs still hold
+    extra = (("project_every", s.project_every),) if s.project_every != 1 else ()
+    extra += (("project_sweeps", s.project_sweeps),) if s.project_sweeps != 0 else ()
+    return opts + extra + ((("protocol", s.protocol),) if s.protocol != "heldout-best" else ())
 
 
 #: ``method -> (recipe.match -> the match stage's options)`` for the methods the ``[match]`` table

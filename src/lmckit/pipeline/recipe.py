@@ -169,6 +169,16 @@ class SteSection:
     batch_size: int = _f(256, min=1, max=1_000_000)
     max_iter: int = _f(30, min=1, max=100_000, help="weight-matching sweeps per projection")
     train_limit: int = _f(0, min=0, max=100_000_000, help="train STE on the first N training images only (0: all)")
+    project_sweeps: int = _f(
+        0,
+        min=0,
+        max=100_000,
+        help="approximation: at most N sweeps of each step's warm-started projection, continued at the next "
+        "step (0: off, every projection to convergence; the end-of-epoch projection always converges)",
+    )
+    project_every: int = _f(
+        1, min=1, max=100_000, help="approximation: project at every k-th step only (1: off, every step)"
+    )
     protocol: str = _f(
         "heldout-best",
         choices=("heldout-best", "git-re-basin", "random-mixing"),
