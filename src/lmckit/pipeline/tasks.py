@@ -107,7 +107,7 @@ class TrainStage(Stage):
         d = _unpairs(self.config)
         kw = d.get("model_kwargs", {})
         w = float(kw.get("width_mult", 1.0)) if isinstance(kw, dict) else 1.0
-        return 5.0 * float(d.get("epochs", 1)) * max(0.25, w)
+        return 5.0 * float(d.get("epochs", 1)) * max(0.1, w) ** 1.5  # hidden layers cost ~ width^2
 
     def run(self, ctx: StageContext) -> None:
         from ..train import train_in_folder

@@ -196,6 +196,16 @@ def _header(res: dict[str, Any], cache: str | None) -> list[str]:
             f"STE protocol: **{ste.get('protocol', 'heldout-best')}** ({ste['epochs']} epoch(s), lr {ste['lr']:g}, "
             f"batch {ste['batch_size']}, {'SGD momentum 0.9' if ste.get('protocol') == 'git-re-basin' else 'Adam'}).",
         ]
+        sweeps, every = int(ste.get("project_sweeps", 0)), int(ste.get("project_every", 1))
+        if sweeps or every > 1:  # the documented approximations of the per-step projection
+            parts = ([f"at most {sweeps} sweep(s) per step"] if sweeps else []) + (
+                [f"a projection every {every} steps"] if every > 1 else []
+            )
+            md[-1] += (
+                f" Per-step projection approximated ({', '.join(parts)}; the end-of-epoch projection STE "
+                "scores and returns runs to convergence; `match.ste.project_sweeps = 0` and `project_every = 1` "
+                "give the exact one)."
+            )
     if cache:
         md += ["", f"Stage outputs: `{cache}` (rerun the same command to reuse them)."]
     for n in res.get("notes", []):
