@@ -152,9 +152,7 @@ class Executor:
         if not todo:
             return summary
         done: set[Stage] = {s for s in order if s not in todo}
-        # longest remaining chain first (ties in plan order): with several workers, the STE chains
-        # start early instead of ending the run alone; the order never changes a result
-        priority = critical_path(todo)
+        priority = critical_path(todo)  # longest remaining chain first, ties in plan order (never changes a result)
         pending = sorted(todo, key=lambda s: -priority[s])
         running: dict[cf.Future, Stage] = {}
         failure: StageOutcome | None = None
