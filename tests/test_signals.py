@@ -82,6 +82,16 @@ def _reproduce(root: Path, jobs: int = 2) -> list[str]:
     )
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, as in a foreground terminal.
+
+    A job started in the background (``cmd &``, as CI runners and ``nohup`` may start the suite)
+    inherits SIGINT ignored, and Python then rightly leaves it ignored; Ctrl-C reaches a foreground
+    process with the default disposition, which is what this test models.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_reproduce(root: Path, sig: signal.Signals) -> None:
     proc = subprocess.Popen(
         _reproduce(root),
@@ -90,6 +100,7 @@ def _signal_reproduce(root: Path, sig: signal.Signals) -> None:
         text=True,
         env=subprocess_env(),
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     try:
         seen: dict[int, str] = {}
