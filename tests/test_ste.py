@@ -184,16 +184,14 @@ def test_projection_approximations_are_options_that_change_the_run(mlp_pair, syn
     assert off.objective == exact.objective and all(torch.equal(off.perms[g], exact.perms[g]) for g in off.perms)
     import unittest.mock as um
 
-    from lmckit.match import projection
-
     made = []
-    real = projection.ste_projector
+    real = ste_mod.ste_projector
 
     def spy(*a, **k):
         made.append(k)
         return real(*a, **k)
 
-    with um.patch.object(projection, "ste_projector", spy):
+    with um.patch.object(ste_mod, "ste_projector", spy):
         approx = m.match(
             spec, sd_a, sd_b, model=model, dataset=synthetic, seed=0,
             options={"epochs": 2, "batch_size": 100, "lr": 1e-2, "track_alignment": False, "train_limit": 1000,

@@ -39,7 +39,17 @@ import torch.nn as nn
 
 from .analysis import alignment_tracker
 from .errors import LmcError
-from .lmc import check_compatible, has_batchnorm
+from .evaluate import evaluate
+from .lmc import (
+    Repairer,
+    barrier_curve,
+    check_compatible,
+    has_batchnorm,
+    mix_states,
+    reset_bn_stats,
+    resolve_bn_mode,
+    training_batches,
+)
 from .match import anchor_matching, merge_many
 from .match.registry import MethodOptions, check_scheme, get_method
 from .perm import Perms, PermutationSpec, apply_permutation, spec_for
@@ -192,7 +202,6 @@ def aligned_states(
 # --------------------------------------------------------------------------- averaging and evaluation
 def average_states(states: Sequence[State]) -> dict[str, torch.Tensor]:
     """Uniform average ``(1/N) sum_i theta_i`` of floating entries; integer entries from ``states[0]``."""
-    from .lmc import mix_states
 
     n = len(states)
     if n == 0:
@@ -222,7 +231,6 @@ def merged_state(
     (:class:`lmckit.lmc.Repairer`; an :class:`LmcError` names what is missing when the model has no place
     to fold the correction). Both use the fixed seeded batches of :func:`lmckit.lmc.training_batches`.
     """
-    from .lmc import Repairer, reset_bn_stats, resolve_bn_mode, training_batches
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     avg = average_states(states)
@@ -255,7 +263,6 @@ def evaluate_state(
     batch_size: int = 2000,
 ) -> tuple[float, float]:
     """``(loss, accuracy)`` of ``model`` with weights ``state`` (eval mode, state used as given)."""
-    from .evaluate import evaluate
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     net = _workspace(model, dev)
@@ -315,7 +322,6 @@ def pairwise_barriers(
 
     Returns ``[{"models": [i, j], "loss_barrier", "accuracy_barrier", "midpoint_loss", "midpoint_accuracy"}]``.
     """
-    from .lmc import barrier_curve
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
     net = _workspace(model, dev)

@@ -21,11 +21,16 @@ live in :mod:`lmckit.pipeline.studies`.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
 
+from .analysis.layers import layers_of
+from .analysis.rank import truncate_state
+from .analysis.svd import kept_count, layer_svd
 from .errors import LmcError
+from .match import weight_matching
 from .perm import Perms, PermutationSpec
 
 __all__ = ["split_directions", "direction_matching", "reassign_fraction", "spectrum_concentration", "spearman"]
@@ -49,7 +54,6 @@ def split_directions(
     ``top`` and ``tail`` state dicts (non-weight entries copied unchanged into both) and
     ``kept[layer] = {"kept": k, "rank": r}``.
     """
-    from .analysis.rank import truncate_state
 
     top, kept = truncate_state(spec, sd, gamma=float(gamma), keep_output_layer=False)
     tail = dict(sd)
@@ -81,7 +85,6 @@ def direction_matching(
     -------
     MatchResult with ``extra["part"]``, ``extra["gamma"]`` and ``extra["kept"]`` (per layer, model A).
     """
-    from .match import weight_matching
 
     if part not in ("top", "tail"):
         raise LmcError(f"part must be 'top' or 'tail', got {part!r}")
@@ -133,8 +136,6 @@ def spectrum_concentration(
     Returns ``{"total": sum_l k_l / sum_l r_l, "per_layer": {layer: k_l / r_l}}``
     over every weight matrix (``r_l = min(out, in*k*k)``).
     """
-    from .analysis.layers import layers_of
-    from .analysis.svd import kept_count, layer_svd
 
     per: dict[str, float] = {}
     k_tot = r_tot = 0
@@ -149,7 +150,6 @@ def spectrum_concentration(
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation of two equally long sequences (:func:`scipy.stats.spearmanr`; 0 if undefined)."""
-    import math
 
     from scipy.stats import spearmanr
 

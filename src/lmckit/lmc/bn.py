@@ -50,6 +50,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import LmcError
 from ..evaluate import batchnorm_layers, has_batchnorm, model_device, module_mode, reset_bn_stats, training_batches
+from ..perm import spec_for
+from .interpolate import copy_state, interpolate_states
 
 __all__ = [
     "batchnorm_layers",  # the BN reset lives in lmckit.evaluate (matching uses it too); re-exported here
@@ -89,7 +91,6 @@ def repair_sites(model: nn.Module, spec=None) -> list[tuple[str, nn.Module]]:
         norm layers without a per-unit affine, or hidden Linear/Conv layers
         without a bias (no place to fold the shift).
     """
-    from ..perm import spec_for
 
     spec = spec if spec is not None else spec_for(model)
     arch = type(model).__name__
@@ -310,7 +311,6 @@ def repair_interpolation(
     measure the endpoints once). ``model`` is used as a workspace and
     restored to its original weights afterwards.
     """
-    from .interpolate import copy_state, interpolate_states
 
     if batches is None:
         if dataset is None:

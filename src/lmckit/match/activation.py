@@ -40,8 +40,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..device import resolve_device
 from ..errors import LmcError
 from ..evaluate import module_mode
+from ..perm import spec_for
 from ..perm.spec import PermutationSpec, entry_segments, is_segmented, warn_low_coverage
 from .result import MatchResult
 from .weight import _lap, _solve_heads, check_finite
@@ -307,15 +309,11 @@ def activation_matching(
         p0 = next(model_a.parameters(), None)
         dev = p0.device if p0 is not None else torch.device("cpu")
     else:
-        from ..device import resolve_device
-
         dev = resolve_device(device)
     example = None
     if spec is None or (sites is None and not hasattr(model_a, "hidden_modules")):
         example = dataset.tensors(split, limit=2)[0]  # for fx tracing of non-zoo models
     if spec is None:
-        from ..perm import spec_for
-
         spec = spec_for(model_a, example)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     spec.check_state(sd_a, "model A")

@@ -59,11 +59,13 @@ passed to :func:`weight_matching` unchanged.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import numpy as np
 import torch
 
+from ..errors import LmcError
 from ..perm.spec import Perms, PermutationSpec, is_segmented
 from .weight import (
     DEFAULT_TOL,
@@ -487,9 +489,6 @@ def ste_projector(
     LmcError
         An unknown ``LMCKIT_STE_PROJECTION`` mode, ``every < 1`` or ``step_sweeps < 0``.
     """
-    import os
-
-    from ..errors import LmcError
 
     mode = os.environ.get("LMCKIT_STE_PROJECTION", "exact").strip().lower() or "exact"
     if mode not in ("exact", "certified", "reference"):

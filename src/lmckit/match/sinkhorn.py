@@ -55,15 +55,18 @@ Implementation choices (the project's, documented here)
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from ..device import resolve_device
 from ..errors import LmcError
-from ..perm.spec import Perms, PermutationSpec, identity_permutation, is_segmented
+from ..perm.spec import Perms, PermutationSpec, apply_permutation, identity_permutation, is_segmented
+from ..progress import Progress
 from .result import MatchResult
 from .sinkhorn_options import INITS, LOSSES, SinkhornOptions  # noqa: F401  (the options live there)
 from .weight import _lap, check_pair, objective_keys
@@ -239,8 +242,6 @@ def sinkhorn_matching(
     converged = True
     bar = None
     if progress and params:
-        from ..progress import Progress
-
         bar = Progress(opts.steps, "sinkhorn re-basin", unit="step")
     try:
         for step in range(1, opts.steps + 1 if params else 1):
@@ -264,7 +265,6 @@ def sinkhorn_matching(
 
     perms = identity_permutation(spec)
     perms.update(current)
-    from ..perm.spec import apply_permutation
 
     j0 = _inner(sd_a, sd_b, keys)
     j1 = _inner(sd_a, apply_permutation(spec, perms, {k: sd_b[k] for k in sd_b}), keys)
@@ -314,9 +314,6 @@ def _midpoint_loss(
     dev: torch.device,
 ):
     """``S -> CE(f((theta_a + S(theta_b)) / 2; x), y)`` on the next seeded training minibatch."""
-    import copy
-
-    from torch.func import functional_call
 
     net = copy.deepcopy(model).to(dev)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())

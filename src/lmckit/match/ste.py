@@ -81,6 +81,7 @@ Implementation choices (the project's, documented here)
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import math
 import time
@@ -91,7 +92,9 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
+from ..device import resolve_device
 from ..errors import LmcError
 from ..evaluate import has_batchnorm, reset_bn_stats, training_batches
 from ..perm import (
@@ -103,7 +106,12 @@ from ..perm import (
     spec_for,
     validate_perms,
 )
+from ..progress import Progress
 from ..states import interpolate_states
+from ..store import atomic_write_json, load_state, save_state
+from .projection import ste_projector
+from .result import MatchResult
+from .weight import weight_matching
 
 STATE_FILE = "ste_state.safetensors"
 DRIFT_JSON = "drift.json"
@@ -146,8 +154,6 @@ PROTOCOLS: dict[str, str] = {"heldout-best": "adam", "git-re-basin": "git-re-bas
 def check_protocol(protocol: str) -> str:
     """``protocol`` if it names an STE protocol (:data:`PROTOCOLS`), else :class:`LmcError`."""
     if protocol not in PROTOCOLS:
-        import difflib
-
         close = difflib.get_close_matches(str(protocol), list(PROTOCOLS), n=1)
         raise LmcError(
             f"unknown STE protocol {protocol!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
@@ -234,7 +240,6 @@ def _project(
     approximate modes and their environment switches); ``full`` (the
     end-of-epoch projection) runs it to convergence whatever the approximations.
     """
-    from .weight import weight_matching  # noqa: WPS433
 
     if projector is not None and init is not None:
         return projector(tilde_sd, init, seed, full=full)
@@ -262,7 +267,6 @@ class _HeldOut:
 
     @torch.no_grad()
     def loss(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> float:
-        from torch.func import functional_call
 
         model.eval()
         tot = 0.0
@@ -359,8 +363,6 @@ def ste_matching(
         Unknown protocol or preset, bad settings, a diverging run, or a state
         folder of another run.
     """
-    from ..device import resolve_device
-    from ..progress import Progress
 
     t0 = time.time()
     dev = resolve_device(device if device is not None else "cpu")
@@ -523,7 +525,6 @@ class _SteRun:
             self.cur = self.pi_wm
             self.start_epoch = 0
             self.save(0)
-        from .projection import ste_projector  # noqa: WPS433
 
         # the per-step projections (see _project)
         self.projector = ste_projector(
@@ -551,7 +552,6 @@ class _SteRun:
     # ------------------------------------------------------------------ one epoch
     def _step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> float:
         """Project ``theta~``, take one optimiser step on the straight-through midpoint loss; the loss."""
-        from torch.func import functional_call
 
         seed = self.seed
         with torch.no_grad():
@@ -647,7 +647,6 @@ class _SteRun:
     # ------------------------------------------------------------------ result
     def result(self, preset: str, state_dir: str | Path | None, t0: float):
         """The :class:`MatchResult` of the run (see :func:`ste_matching`); writes the drift files."""
-        from .result import MatchResult  # noqa: WPS433
 
         protocol, hist = self.protocol, self.hist
         drift = drift_history(hist)
@@ -710,7 +709,6 @@ def _save_state(
     epoch: int,
     pi_wm: Perms,
 ) -> None:
-    from ..store import save_state
 
     tensors: dict[str, torch.Tensor] = {f"tilde.{k}": tilde[k].detach().clone() for k in param_keys}
     for idx, st in opt.state_dict()["state"].items():
@@ -740,7 +738,6 @@ def _load_state(
     param_keys: list[str],
     spec: PermutationSpec,
 ):
-    from ..store import load_state
 
     tensors, meta = load_state(path)
     if meta.get("format") != "lmckit.ste_state":
@@ -802,6 +799,5 @@ def drift_history(hist: Mapping[str, Any]) -> dict[str, list]:
 
 def write_drift(folder: str | Path, drift: Mapping[str, Any]) -> None:
     """Write ``drift.json`` (see :func:`drift_history`); the CLI draws it as ``drift.png``."""
-    from ..store import atomic_write_json
 
     atomic_write_json(Path(folder) / DRIFT_JSON, dict(drift))

@@ -121,6 +121,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..errors import LmcError
 from ..perm.spec import (
     Perms,
@@ -133,6 +134,8 @@ from ..perm.spec import (
     validate_perms,
     warn_low_coverage,
 )
+from ..progress import Progress
+from .lap import solve
 from .result import MatchResult
 
 #: State-dict suffixes that are statistics, not parameters (left out of the WM objective by default).
@@ -660,7 +663,6 @@ def _lap(cost: np.ndarray, inplace: bool = False) -> np.ndarray:
     solve and restored after it (negation is exact), which spares the solvers'
     negated ``n x n`` copy; only for matrices nothing else reads meanwhile.
     """
-    from .lap import solve
 
     if inplace and cost.dtype == np.float64 and cost.flags.writeable and cost.flags.c_contiguous:
         np.negative(cost, out=cost)
@@ -930,8 +932,6 @@ def weight_matching(
         first = next((v for v in sd_a.values() if isinstance(v, torch.Tensor)), None)
         dev = first.device if first is not None else torch.device("cpu")
     else:
-        from ..device import resolve_device
-
         dev = resolve_device(device)
     keys = objective_keys(spec, sd_a, include_buffers)
     prob = _Problem(spec, sd_a, sd_b, keys, dev)
@@ -940,8 +940,6 @@ def weight_matching(
     finals = []
     bar = None
     if progress:
-        from ..progress import Progress
-
         bar = Progress(max_iter * restarts, "weight matching", unit="sweep")
     try:
         for r in range(int(restarts)):

@@ -24,9 +24,22 @@ All study barriers are measured on the test split with the recipe's
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ..analysis import distances, svd_alignment
+from ..analysis.svd import state_svds
+from ..checkpoint import build_model
+from ..data import load_dataset
+from ..evaluate import evaluate
+from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
+from ..match import merge_many
+from ..match.ste import PRESETS, PROTOCOLS
+from ..perm import apply_permutation, load_perms, perm_changed_units, spec_for
+from ..studies import direction_matching, reassign_fraction, spectrum_concentration
 from .recipe import Recipe
 from .stages import Stage, StageContext
 from .tasks import AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, _Pair, _write, load_model_of
@@ -53,9 +66,6 @@ def evaluate_perms(
     ``l2_after``, ``reduction``, ``R`` (``{gamma: R after}``) and, with ``wm``,
     ``changed_vs_wm`` (fraction of units assigned differently from ``wm``).
     """
-    from ..analysis import distances, svd_alignment
-    from ..lmc import barrier_curve
-    from ..perm import apply_permutation, perm_changed_units
 
     sd_b = apply_permutation(p.spec, perms, p.sd_b) if perms is not None else dict(p.sd_b)
     bar = barrier_curve(
@@ -88,7 +98,6 @@ def evaluate_perms(
 
 
 def _svds(p: _Pair):
-    from ..analysis.svd import state_svds
 
     return state_svds(p.spec, p.sd_a), state_svds(p.spec, p.sd_b)
 
@@ -119,7 +128,6 @@ class DirectionsStage(Stage):
         return f"WM-top/tail at gamma {list(self.gammas)}, {self.wm.label()}"
 
     def run(self, ctx: StageContext) -> None:
-        from ..studies import direction_matching
 
         p = _Pair(ctx, self.a, self.b, self.wm)
         svds = _svds(p)
@@ -171,9 +179,6 @@ class DoseStage(Stage):
         return f"alignment dose f={list(self.fractions)} x{self.draws}, {self.wm.label()}"
 
     def run(self, ctx: StageContext) -> None:
-        import torch
-
-        from ..studies import reassign_fraction
 
         p = _Pair(ctx, self.a, self.b, self.wm)
         svds = _svds(p)
@@ -202,12 +207,6 @@ class SpectrumStage(Stage):
         return f"spectrum concentration at gamma {self.gamma:g}, {self.model.label()}"
 
     def run(self, ctx: StageContext) -> None:
-        import math
-
-        from ..checkpoint import build_model
-        from ..data import load_dataset
-        from ..perm import spec_for
-        from ..studies import spectrum_concentration
 
         sd, model_cfg, cfg = load_model_of(ctx, self.model)
         spec = spec_for(build_model(model_cfg, sd, self.model.label()))
@@ -253,13 +252,6 @@ class ManyModelsStage(Stage):
         return f"{self.method}, N = {list(self.counts)} models"
 
     def run(self, ctx: StageContext) -> None:
-        from ..analysis import svd_alignment
-        from ..analysis.svd import state_svds
-        from ..checkpoint import build_model
-        from ..data import load_dataset
-        from ..evaluate import evaluate
-        from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
-        from ..perm import apply_permutation, load_perms, spec_for
 
         loaded = [load_model_of(ctx, t) for t in self.models]
         states = [sd for sd, _, _ in loaded]
@@ -300,8 +292,6 @@ class ManyModelsStage(Stage):
         for n in self.counts:
             extra: dict[str, Any] = {}
             if self.method == "merge_many":
-                from ..match import merge_many
-
                 res = merge_many(spec, states[:n], seed=self.seed, wm_max_iter=self.wm_max_iter, device=dev)
                 aligned = [apply_permutation(spec, q, sd) for q, sd in zip(res.perms, states[:n])]
                 extra = {"passes": res.passes, "converged": res.converged}
@@ -366,7 +356,6 @@ class StudyPlan:
 
 def _ste_options(recipe: Recipe, protocol: str, epochs: int, train_limit: int) -> tuple:
     """MatchStage options of an STE run with the protocol's literature optimiser settings (:data:`PROTOCOLS`)."""
-    from ..match.ste import PRESETS, PROTOCOLS
 
     pre = PRESETS[PROTOCOLS[protocol]]
     opts = (
@@ -381,7 +370,7 @@ def _ste_options(recipe: Recipe, protocol: str, epochs: int, train_limit: int) -
 
 def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
     """The stages of the recipe's enabled studies on its first model entry (``None`` when none is enabled)."""
-    from .build import _experiment, _match_options
+    from .build import _experiment, _match_options  # build imports this module (a cycle at import time)
 
     st = recipe.studies
     if not any(

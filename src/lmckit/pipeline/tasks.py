@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..analysis import alignment_tracker, analyze_pair
+from ..checkpoint import build_model, load_checkpoint
+from ..data import load_dataset
 from ..errors import LmcError
+from ..lmc import barrier_curve
+from ..lmc.landscape import plane_landscape
+from ..match.registry import get_method, mergemany_method
+from ..merge import align_models, merged_accuracy_curve
+from ..perm import apply_permutation, load_perms, save_perms, spec_for
 from ..store import atomic_write_json
+from ..train import TrainConfig, make_config, train_in_folder
 from .stages import Stage, StageContext
 
 #: The three-model experiment's name for MergeMany (a multi-model scheme, not a two-model method).
@@ -58,7 +68,6 @@ def _unpairs(p: tuple) -> dict[str, Any]:
 
 def _clean(x: Any) -> Any:
     """JSON-ready copy with NaN/inf turned into None (results.json must be NaN-free)."""
-    import math
 
     if isinstance(x, float):
         return x if math.isfinite(x) else None
@@ -93,7 +102,6 @@ class TrainStage(Stage):
     config: tuple = ()
 
     def train_config(self):
-        from ..train import TrainConfig
 
         return TrainConfig.from_dict(_unpairs(self.config))
 
@@ -110,7 +118,6 @@ class TrainStage(Stage):
         return 5.0 * float(d.get("epochs", 1)) * max(0.1, w) ** 1.5  # hidden layers cost ~ width^2
 
     def run(self, ctx: StageContext) -> None:
-        from ..train import train_in_folder
 
         cfg = self.train_config()
         res = train_in_folder(cfg, ctx.dir, device=ctx.runtime.device, progress=True, data_dir=ctx.runtime.data_dir)
@@ -128,7 +135,6 @@ class TrainStage(Stage):
 
 def train_stage(preset: str | None, overrides: Mapping[str, Any]) -> TrainStage:
     """A :class:`TrainStage` from a preset plus overrides (resolved through :func:`lmckit.train.make_config`)."""
-    from ..train import make_config
 
     cfg = make_config(preset, **dict(overrides))
     return TrainStage(_pairs(cfg.to_dict()))
@@ -146,7 +152,6 @@ def load_trained(folder: Path, root: Path) -> tuple[dict, dict]:
     Caches written before lmckit trained in the stage folder hold a ``run_dir`` pointer (relative to
     ``root``) to a ``ROOT/train/<hash>`` run instead; those are still read.
     """
-    from ..checkpoint import load_checkpoint
 
     rec = json.loads((folder / "result.json").read_text())
     sd, info = load_checkpoint(root / rec["run_dir"] if "run_dir" in rec else folder / "model.safetensors")
@@ -157,9 +162,6 @@ class _Pair:
     """Models A and B (B un-permuted), their spec, a workspace model and the dataset."""
 
     def __init__(self, ctx: StageContext, a: TrainStage, b: TrainStage, match: "MatchStage | None" = None):
-        from ..checkpoint import build_model
-        from ..data import load_dataset
-        from ..perm import load_perms, spec_for
 
         self.sd_a, model_cfg, cfg = load_model_of(ctx, a)
         self.sd_b, model_cfg_b, _ = load_model_of(ctx, b)
@@ -172,7 +174,6 @@ class _Pair:
         self.perms = load_perms(ctx.input(match) / "perms.json", self.spec) if match is not None else None
 
     def sd_b_aligned(self):
-        from ..perm import apply_permutation
 
         return apply_permutation(self.spec, self.perms, self.sd_b) if self.perms is not None else dict(self.sd_b)
 
@@ -200,7 +201,6 @@ class MatchStage(Stage):
         return f"{self.method} seed {self.seed}: {self.a.label()} vs seed {_unpairs(self.b.config).get('seed')}"
 
     def cost(self) -> float:
-        from ..match.registry import get_method
 
         m = get_method(self.method)
         if m.cost is None:
@@ -211,9 +211,6 @@ class MatchStage(Stage):
             return 1.0
 
     def run(self, ctx: StageContext) -> None:
-        from ..analysis import alignment_tracker
-        from ..match.registry import get_method
-        from ..perm import save_perms
 
         p = _Pair(ctx, self.a, self.b)
         method = get_method(self.method)
@@ -266,7 +263,6 @@ def stage_match_options(method: str, options: Mapping[str, Any], stage_dir: Path
     method with a ``state_dir`` option (STE) keeps its resumable state in
     ``stage_dir / method``. Raises :class:`LmcError` for an unknown method or option.
     """
-    from ..match.registry import get_method
 
     m = get_method(method)
     opt = _LEGACY_STAGE_OPTIONS.get(method, dict)(dict(options))
@@ -301,7 +297,6 @@ class BarrierStage(Stage):
         return 0.25 * self.points * len(self.splits)
 
     def run(self, ctx: StageContext) -> None:
-        from ..lmc import barrier_curve
 
         p = _Pair(ctx, self.a, self.b, self.match)
         res = barrier_curve(
@@ -353,7 +348,6 @@ class AnalysisStage(Stage):
         return f"{m} analysis, seed {_unpairs(self.a.config).get('seed')}-{_unpairs(self.b.config).get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
-        from ..analysis import analyze_pair
 
         p = _Pair(ctx, self.a, self.b, self.match)
         res = analyze_pair(
@@ -432,13 +426,6 @@ class ThreeModelStage(Stage):
         return 5.0 + 0.2 * self.points + 0.1 * self.grid * self.grid
 
     def run(self, ctx: StageContext) -> None:
-        from ..checkpoint import build_model
-        from ..data import load_dataset
-        from ..lmc import barrier_curve
-        from ..lmc.landscape import plane_landscape
-        from ..match.registry import mergemany_method
-        from ..merge import align_models, merged_accuracy_curve
-        from ..perm import apply_permutation, load_perms, spec_for
 
         if len(self.models) < 3:
             raise LmcError(f"the three-model experiment needs at least 3 models, got {len(self.models)}")
