@@ -267,7 +267,6 @@ class _HeldOut:
 
     @torch.no_grad()
     def loss(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> float:
-
         model.eval()
         tot = 0.0
         for s in range(0, int(self.y.shape[0]), self.batch_size):
@@ -709,7 +708,6 @@ def _save_state(
     epoch: int,
     pi_wm: Perms,
 ) -> None:
-
     tensors: dict[str, torch.Tensor] = {f"tilde.{k}": tilde[k].detach().clone() for k in param_keys}
     for idx, st in opt.state_dict()["state"].items():
         for name, v in st.items():
@@ -738,7 +736,6 @@ def _load_state(
     param_keys: list[str],
     spec: PermutationSpec,
 ):
-
     tensors, meta = load_state(path)
     if meta.get("format") != "lmckit.ste_state":
         raise LmcError(f"{path} is not an lmckit STE state file", "use another state folder")

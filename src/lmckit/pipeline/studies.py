@@ -98,7 +98,6 @@ def evaluate_perms(
 
 
 def _svds(p: _Pair):
-
     return state_svds(p.spec, p.sd_a), state_svds(p.spec, p.sd_b)
 
 
@@ -128,7 +127,6 @@ class DirectionsStage(Stage):
         return f"WM-top/tail at gamma {list(self.gammas)}, {self.wm.label()}"
 
     def run(self, ctx: StageContext) -> None:
-
         p = _Pair(ctx, self.a, self.b, self.wm)
         svds = _svds(p)
         kw = dict(points=self.points, limit=self.limit, bn_batches=self.bn_batches, wm=p.perms, svds=svds)
@@ -179,7 +177,6 @@ class DoseStage(Stage):
         return f"alignment dose f={list(self.fractions)} x{self.draws}, {self.wm.label()}"
 
     def run(self, ctx: StageContext) -> None:
-
         p = _Pair(ctx, self.a, self.b, self.wm)
         svds = _svds(p)
         pts = []
@@ -207,7 +204,6 @@ class SpectrumStage(Stage):
         return f"spectrum concentration at gamma {self.gamma:g}, {self.model.label()}"
 
     def run(self, ctx: StageContext) -> None:
-
         sd, model_cfg, cfg = load_model_of(ctx, self.model)
         spec = spec_for(build_model(model_cfg, sd, self.model.label()))
         out: dict[str, Any] = {"gamma": self.gamma, **spectrum_concentration(spec, sd, self.gamma)}
@@ -252,7 +248,6 @@ class ManyModelsStage(Stage):
         return f"{self.method}, N = {list(self.counts)} models"
 
     def run(self, ctx: StageContext) -> None:
-
         loaded = [load_model_of(ctx, t) for t in self.models]
         states = [sd for sd, _, _ in loaded]
         model_cfg, cfg = loaded[0][1], loaded[0][2]

@@ -102,23 +102,22 @@ class TrainStage(Stage):
     config: tuple = ()
 
     def train_config(self):
-
         return TrainConfig.from_dict(_unpairs(self.config))
+
+    def width_mult(self) -> float:
+        """The model's ``width_mult`` option (1.0 when not set)."""
+        kw = _unpairs(self.config).get("model_kwargs", {})
+        return float(kw.get("width_mult", 1.0)) if isinstance(kw, dict) else 1.0
 
     def label(self) -> str:
         d = _unpairs(self.config)
-        kw = d.get("model_kwargs", {})
-        w = kw.get("width_mult", 1.0) if isinstance(kw, dict) else 1.0
-        return f"{d.get('model')} x{w:g} on {d.get('dataset')} seed {d.get('seed')}"
+        return f"{d.get('model')} x{self.width_mult():g} on {d.get('dataset')} seed {d.get('seed')}"
 
     def cost(self) -> float:
-        d = _unpairs(self.config)
-        kw = d.get("model_kwargs", {})
-        w = float(kw.get("width_mult", 1.0)) if isinstance(kw, dict) else 1.0
-        return 5.0 * float(d.get("epochs", 1)) * max(0.1, w) ** 1.5  # hidden layers cost ~ width^2
+        epochs = float(_unpairs(self.config).get("epochs", 1))
+        return 5.0 * epochs * max(0.1, self.width_mult()) ** 1.5  # hidden layers cost ~ width^2
 
     def run(self, ctx: StageContext) -> None:
-
         cfg = self.train_config()
         res = train_in_folder(cfg, ctx.dir, device=ctx.runtime.device, progress=True, data_dir=ctx.runtime.data_dir)
         _write(
@@ -162,7 +161,6 @@ class _Pair:
     """Models A and B (B un-permuted), their spec, a workspace model and the dataset."""
 
     def __init__(self, ctx: StageContext, a: TrainStage, b: TrainStage, match: "MatchStage | None" = None):
-
         self.sd_a, model_cfg, cfg = load_model_of(ctx, a)
         self.sd_b, model_cfg_b, _ = load_model_of(ctx, b)
         if model_cfg != model_cfg_b:
@@ -174,7 +172,6 @@ class _Pair:
         self.perms = load_perms(ctx.input(match) / "perms.json", self.spec) if match is not None else None
 
     def sd_b_aligned(self):
-
         return apply_permutation(self.spec, self.perms, self.sd_b) if self.perms is not None else dict(self.sd_b)
 
 
@@ -201,7 +198,6 @@ class MatchStage(Stage):
         return f"{self.method} seed {self.seed}: {self.a.label()} vs seed {_unpairs(self.b.config).get('seed')}"
 
     def cost(self) -> float:
-
         m = get_method(self.method)
         if m.cost is None:
             return 1.0
@@ -211,7 +207,6 @@ class MatchStage(Stage):
             return 1.0
 
     def run(self, ctx: StageContext) -> None:
-
         p = _Pair(ctx, self.a, self.b)
         method = get_method(self.method)
         res = method.match(
@@ -297,7 +292,6 @@ class BarrierStage(Stage):
         return 0.25 * self.points * len(self.splits)
 
     def run(self, ctx: StageContext) -> None:
-
         p = _Pair(ctx, self.a, self.b, self.match)
         res = barrier_curve(
             p.model,
@@ -348,7 +342,6 @@ class AnalysisStage(Stage):
         return f"{m} analysis, seed {_unpairs(self.a.config).get('seed')}-{_unpairs(self.b.config).get('seed')}"
 
     def run(self, ctx: StageContext) -> None:
-
         p = _Pair(ctx, self.a, self.b, self.match)
         res = analyze_pair(
             p.model,
@@ -426,7 +419,6 @@ class ThreeModelStage(Stage):
         return 5.0 + 0.2 * self.points + 0.1 * self.grid * self.grid
 
     def run(self, ctx: StageContext) -> None:
-
         if len(self.models) < 3:
             raise LmcError(f"the three-model experiment needs at least 3 models, got {len(self.models)}")
         loaded = [load_model_of(ctx, t) for t in self.models]
