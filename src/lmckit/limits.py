@@ -7,6 +7,7 @@ with a ``RuntimeError`` traceback.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from .errors import LmcError
@@ -27,6 +28,18 @@ MAX_RESTARTS = 10_000
 MAX_EPOCHS = 100_000
 MAX_SAMPLES = 10_000_000
 MAX_BATCHES = 100_000  # training batches a method draws (activation matching's statistics)
+MAX_JOBS = 256  # stages in parallel (reproduce --jobs)
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity set where the OS has one, else ``os.cpu_count()``).
+
+    The one count behind ``reproduce --jobs auto`` (one stage per core) and the torch threads each pool
+    worker gets (cores // jobs), so the two never disagree inside a CPU-limited container.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 def check_model_size(name: str, options: Mapping[str, Any], where: str = "model") -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..limits import MAX_JOBS, usable_cpus
 from .common import add_data, add_device, add_json, add_quiet, int_in, print_json, print_table, refuse_outputs_in_inputs
 
 
@@ -185,11 +186,8 @@ def run(args: argparse.Namespace) -> int:
 def _jobs(text: str) -> int:
     """``--jobs``: an integer in [1, 256], or ``auto`` (the CPU cores this process may use, at most 256)."""
     if text.strip().lower() == "auto":
-        import os
-
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(256, cores))
+        return min(MAX_JOBS, usable_cpus())
     try:
-        return int_in(1, 256)(text)
+        return int_in(1, MAX_JOBS)(text)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{e} (or 'auto': one job per CPU core)") from None
