@@ -8,38 +8,23 @@ projection with :func:`lmckit.match.weight.weight_matching` from scratch
 repeats work whose answer is almost always "nothing changes". A
 :class:`WarmProjector` runs *the same* coordinate descent (same seeded visiting
 order, same per-group skip rule, same acceptance threshold, same cost
-matrices) but keeps state between calls and replaces most assignment solves
-by a cheap optimality certificate:
+matrices) but keeps state between calls, and solves each assignment problem
+warm-started from its previous solution:
 
-Optimality certificate (LP duality for the assignment problem)
----------------------------------------------------------------
-For a group with cost matrix ``C`` (``n x n``, maximised) and its current
-assignment ``p``, suppose column potentials ``v`` satisfy
-
-.. math::
-
-    v_j \\ge v_{p(i)} + C_{ij} - C_{i p(i)} - \\varepsilon
-    \\quad \\text{for all } i, j .
-
-Summing over the rows of any permutation ``sigma`` (both ``p`` and ``sigma``
-are bijections, so the ``v`` terms cancel) gives
-``sum_i C[i, sigma(i)] - sum_i C[i, p(i)] <= n * eps``: no assignment beats
-``p`` by more than ``n * eps``. (With ``u_i = C_{i p(i)} - v_{p(i)}`` these
-are the dual-feasibility conditions ``u_i + v_j >= C_ij - eps`` with
-complementary slackness on ``p``; Kuhn 1955, Jonker and Volgenant 1987.)
-Weight matching accepts a new assignment only when it raises the objective
-by more than ``tol * scale_g`` (see :mod:`lmckit.match.weight`), so with
-``eps = 0.1 * tol * scale_g / n`` a certified group's solve could not have
-changed anything: skipping it leaves the result of the descent unchanged.
-
-The potentials are found by Bellman-Ford relaxation (a longest-path problem on
-the "move row i from column p(i) to column j" graph, ``O(n^2)`` per pass,
-vectorised), warm-started from the group's potentials of the previous call: a
-gradient step changes ``C`` little, so one to a few passes usually restore
-feasibility. When ``p`` is not optimal the graph has a positive cycle and the
-relaxation cannot settle; after ``bf_passes`` passes the group is solved by
-the LAP as weight matching would, so the certificate can only save work,
-never change an answer.
+Warm-started assignment solves
+------------------------------
+Each group's LAP is solved by :func:`lmckit.match.lap_warm.solve_warm` from
+the group's previous assignment and the optimal column potentials of its
+previous solve: the potentials are repaired for the new cost matrix in
+``O(n^2)`` (row potentials ``u_i = min_j (c_ij - v_j)``), every row whose
+assigned column stays tight keeps it, and only the others are re-assigned by
+shortest augmenting paths (Jonker and Volgenant 1987; Crouse 2016). The
+result is an optimal assignment, as from scipy's solver, so the descent is
+unchanged; when nothing needs to move the solve is just the ``O(n^2)``
+repair, which proves the old assignment optimal (LP duality). On the MLP's
+STE (``benchmarks/bench_ste.py``) this is several times cheaper than a solve
+from scratch. Without numba, or with ``solver="cold"``, every solve starts
+from scratch (:func:`lmckit.match.lap.solve`).
 
 Cost matrices: ``theta~`` changes densely at every step, so each group's
 terms are computed once per call (one matrix product per (tensor, axis)
@@ -67,6 +52,7 @@ import torch
 
 from ..errors import LmcError
 from ..perm.spec import Perms, PermutationSpec, is_segmented
+from . import lap_warm
 from .weight import (
     DEFAULT_TOL,
     RANK_UPDATE_MAX_FRACTION,
@@ -77,47 +63,6 @@ from .weight import (
     objective_keys,
     weight_matching,
 )
-
-#: Relative slack of the certificate: eps = CERT_SLACK * tol * scale_g / n (see the module docstring).
-CERT_SLACK = 0.1
-
-
-def certify_assignment(
-    cost: np.ndarray, p: np.ndarray, v: np.ndarray | None, eps: float, passes: int
-) -> tuple[bool, np.ndarray]:
-    """Try to prove that assignment ``p`` is optimal for ``cost`` within ``n * eps``.
-
-    Parameters
-    ----------
-    cost:
-        ``(n, n)`` float64 cost matrix (maximised).
-    p:
-        ``(n,)`` column of each row.
-    v:
-        ``(n,)`` column potentials to start from (e.g. the previous call's), or ``None`` (zeros).
-    eps:
-        Per-edge slack (>= 0); the certificate bounds any improvement by ``n * eps``.
-    passes:
-        Bellman-Ford relaxation passes allowed.
-
-    Returns
-    -------
-    (certified, v)
-        ``certified`` is True when ``v`` satisfies
-        ``v_j >= v_{p(i)} + cost[i, j] - cost[i, p(i)] - eps`` for all ``i, j``
-        (then ``sum cost[i, sigma(i)] <= sum cost[i, p(i)] + n * eps`` for every
-        permutation ``sigma``); ``v`` the potentials reached.
-    """
-    n = cost.shape[0]
-    v = np.zeros(n) if v is None else v.copy()
-    rows = np.arange(n)
-    w = cost - cost[rows, p][:, None]  # gain of moving row i from column p(i) to column j
-    for _ in range(int(passes)):
-        cand = (w + v[p][:, None]).max(axis=0) - eps
-        if bool((cand <= v).all()):
-            return True, v
-        np.maximum(v, cand, out=v)
-    return False, v
 
 
 class WarmProjector:
@@ -135,14 +80,11 @@ class WarmProjector:
         Where cost matrices are computed (default: the device of ``sd_b``).
     tol:
         Acceptance threshold, as in :func:`weight_matching`.
-    certify:
-        Use the optimality certificate to skip solves (default False: every
-        solve runs, as in ``weight_matching``). Exact either way; measured on
-        the MLP's STE (``benchmarks/bench_ste.py``) the certificate costs more
-        than it saves, because the projection moves some group at most steps
-        and the relaxation needs 5-30 passes to settle.
-    bf_passes:
-        Bellman-Ford passes tried before falling back to the LAP.
+    solver:
+        ``"warm"`` (default): each group's assignment problem warm-started from
+        its previous solution (:mod:`lmckit.match.lap_warm`; needs numba,
+        otherwise the same as ``"cold"``); ``"cold"``: every solve from scratch
+        (:func:`lmckit.match.lap.solve`). Both are exact.
     every:
         **Approximation** (default 1: off): project only at every ``every``-th
         call and return ``init`` unchanged at the others (a projection held
@@ -161,7 +103,7 @@ class WarmProjector:
     ``projector(sd_a, init, seed)`` returns what
     ``weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter,
     init_perms=init, restarts=1, tol=tol).perms`` returns (see the module
-    docstring); ``stats`` counts calls, sweeps, solves, certified skips and moves.
+    docstring); ``stats`` counts calls, sweeps, solves, rows freed by the warm solves and moves.
     """
 
     def __init__(
@@ -171,14 +113,16 @@ class WarmProjector:
         max_iter: int = 100,
         device: torch.device | str | None = None,
         tol: float = DEFAULT_TOL,
-        certify: bool = False,
-        bf_passes: int = 12,
+        solver: str = "warm",
         every: int = 1,
         step_sweeps: int = 0,
     ):
         self.spec = spec
         self.sd_b = sd_b
-        self.max_iter, self.tol, self.certify, self.bf_passes = int(max_iter), float(tol), bool(certify), int(bf_passes)
+        self.max_iter, self.tol = int(max_iter), float(tol)
+        if solver not in ("warm", "cold"):
+            raise ValueError(f"solver must be 'warm' or 'cold', got {solver!r}")
+        self.warm = solver == "warm" and lap_warm.available()
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = int(every)
@@ -229,12 +173,12 @@ class WarmProjector:
             for g in self.groups
             for k, a in self.mats[g]
         }
-        self._v: dict[str, np.ndarray] = {}
+        self._v: dict[str, np.ndarray] = {}  # optimal column potentials of each group's last warm solve
         self.stats = {
             "calls": 0,
             "sweeps": 0,
             "solves": 0,
-            "certified": 0,
+            "freed": 0,
             "skipped": 0,
             "held": 0,
             "moves": 0,
@@ -368,15 +312,12 @@ class WarmProjector:
                 sums[g] = self._cost(g, sums.get(g), A, vec_a, perms, inv, stamps)
                 c_np = sums[g][0].cpu().numpy()
                 p_old = perms_np[g]
-                if self.certify:
-                    eps = CERT_SLACK * self.tol * scale[g] / n
-                    ok, v = certify_assignment(c_np, p_old, self._v.get(g), eps, self.bf_passes)
-                    self._v[g] = v
-                    if ok:
-                        self.stats["certified"] += 1
-                        continue  # no assignment beats p_old by more than the acceptance threshold
                 self.stats["solves"] += 1
-                p_new = _lap(c_np, inplace=dev.type == "cpu")  # the sum is ours: negated and restored in place
+                if self.warm:
+                    p_new, self._v[g], freed = lap_warm.solve_warm(c_np, p_old, self._v.get(g))
+                    self.stats["freed"] += freed
+                else:
+                    p_new = _lap(c_np, inplace=dev.type == "cpu")  # the sum is ours: negated and restored in place
                 if np.array_equal(p_new, p_old):
                     continue
                 rows = np.arange(n)
@@ -407,7 +348,7 @@ class WeightMatchingProjector:
     ``full``; ``stats`` counts calls, held calls and sweeps.
     """
 
-    certify = False
+    warm = False
 
     def __init__(
         self,
@@ -461,7 +402,8 @@ def ste_projector(
 
     * unset or ``exact``: :class:`WarmProjector` (the same permutation as
       :func:`weight_matching` at every step);
-    * ``certified``: the same with the optimality certificate (exact too);
+    * ``exact-cold``: the same descent with every assignment solved from
+      scratch (:func:`lmckit.match.lap.solve`; for benchmarks);
     * ``reference``: :class:`WeightMatchingProjector`, i.e. :func:`weight_matching`
       itself at every step.
 
@@ -491,8 +433,8 @@ def ste_projector(
     """
 
     mode = os.environ.get("LMCKIT_STE_PROJECTION", "exact").strip().lower() or "exact"
-    if mode not in ("exact", "certified", "reference"):
-        raise LmcError(f"unknown LMCKIT_STE_PROJECTION={mode!r}", "use exact, certified or reference")
+    if mode not in ("exact", "exact-cold", "reference"):
+        raise LmcError(f"unknown LMCKIT_STE_PROJECTION={mode!r}", "use exact, exact-cold or reference")
     if int(every) < 1 or int(step_sweeps) < 0:
         raise LmcError(
             f"STE projection: project_every must be >= 1 and project_sweeps >= 0, got {every}, {step_sweeps}"
@@ -500,4 +442,5 @@ def ste_projector(
     every, sweeps = int(every), int(step_sweeps)
     if mode == "reference" or spec.heads or any(is_segmented(e) for ax in spec.axes.values() for e in ax):
         return WeightMatchingProjector(spec, sd_b, max_iter, device, every=every, step_sweeps=sweeps)
-    return WarmProjector(spec, sd_b, max_iter, device, certify=(mode == "certified"), every=every, step_sweeps=sweeps)
+    solver = "cold" if mode == "exact-cold" else "warm"
+    return WarmProjector(spec, sd_b, max_iter, device, solver=solver, every=every, step_sweeps=sweeps)
