@@ -51,11 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 
-try:  # numba is a dependency; tolerate a platform without its wheels (callers fall back to scipy)
-    import numba as _numba
-except ImportError:  # pragma: no cover - exercised only where numba is missing
-    _numba = None
-
+_NUMBA: bool | None = None  # whether numba imports; looked up lazily (its import costs ~0.4 s)
 
 #: Passes of the potential centring after each solve (see :func:`solve_warm`); 1 was fastest on the MLP's
 #: STE (benchmarks/bench_ste.py, 512 units: 1.6 ms per solve; 2.6, 1.9 and 2.7 ms with 0, 2 and 4 passes).
@@ -63,8 +59,16 @@ CENTER_PASSES = 1
 
 
 def available() -> bool:
-    """Whether the compiled warm-start solver can be used (numba importable)."""
-    return _numba is not None
+    """Whether the compiled warm-start solver can be used (numba importable; imported on the first call)."""
+    global _NUMBA
+    if _NUMBA is None:
+        try:  # numba is a dependency; tolerate a platform without its wheels (callers fall back to scipy)
+            import numba  # noqa: F401
+
+            _NUMBA = True
+        except ImportError:  # pragma: no cover - exercised only where numba is missing
+            _NUMBA = False
+    return _NUMBA
 
 
 def _warm_kernel(cost, sign, col4row, v, center_passes):  # pragma: no cover - compiled by numba
@@ -172,7 +176,9 @@ _COMPILED = None
 def _kernel():
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = _numba.njit(cache=True, nogil=True)(_warm_kernel)
+        import numba
+
+        _COMPILED = numba.njit(cache=True, nogil=True)(_warm_kernel)
     return _COMPILED
 
 
@@ -213,7 +219,7 @@ def solve_warm(
         A non-square or non-finite ``cost``, a ``prev``/``v`` of the wrong
         shape, or numba not installed (check :func:`available` first).
     """
-    if _numba is None:
+    if not available():
         raise ValueError("the warm-started LAP solver needs numba (pip install numba)")
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
