@@ -172,3 +172,19 @@ def test_step_sweeps_is_weight_matching_with_that_many_sweeps_and_full_ignores_i
         assert all(torch.equal(got[g], one[g]) for g in spec.sizes)
         got = proj(a, ident, 5, full=True)
         assert all(torch.equal(got[g], conv[g]) for g in spec.sizes)
+
+
+def test_without_numba_the_projector_solves_from_scratch_with_the_same_result(monkeypatch):
+    model = create_model("mlp", in_channels=1, image_size=8, width=16, depth=2)
+    spec = spec_for(model)
+    sd_b = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    a = _perturbed(sd_b, 0.5, 7)
+    init = {g: torch.arange(n) for g, n in spec.sizes.items()}
+    want = WarmProjector(spec, sd_b, max_iter=100)(a, init, 0)
+    monkeypatch.setattr(lap_warm, "_NUMBA", False)  # as on a platform without numba's wheels
+    proj = WarmProjector(spec, sd_b, max_iter=100)
+    assert not proj.warm
+    got = proj(a, init, 0)
+    assert all(torch.equal(got[g], want[g]) for g in spec.sizes) and proj.stats["freed"] == 0
+    with pytest.raises(ValueError, match="numba"):
+        lap_warm.solve_warm(np.eye(2))
