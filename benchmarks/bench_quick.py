@@ -4,7 +4,8 @@ Runs ``lmckit reproduce`` twice, each from its own empty cache and report folder
 
 * **baseline**: the settings ``quick`` ran with before the speed work of issue 15 was switched on,
   i.e. stages one at a time in process (``--jobs 1``, torch's default threads) and STE's exact
-  per-step projection (``match.ste.project_sweeps=0``, ``project_every=1``);
+  per-step projection (``match.ste.project_sweeps=0``, ``project_every=1``) with every assignment
+  solved from scratch (``LMCKIT_STE_PROJECTION=exact-cold``);
 * **now**: what ``make run`` runs: ``--jobs auto`` (one stage per core, one torch thread each,
   longest remaining chain first) and the recipe's own STE settings.
 
@@ -35,11 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(label: str, args: list[str], work: Path) -> dict:
+def run(label: str, args: list[str], work: Path, env_extra: dict[str, str] | None = None) -> dict:
     """One ``lmckit reproduce`` from an empty cache; its wall time and stage seconds by kind."""
     out, cache = work / label / "report", work / label / "cache"
     cmd = [sys.executable, "-m", "lmckit.cli", "reproduce", "--out", str(out), "--cache", str(cache), *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(env_extra or {})
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
@@ -49,7 +51,7 @@ def run(label: str, args: list[str], work: Path) -> dict:
     timings = json.loads((out / "timings.json").read_text())
     return {
         "label": label,
-        "command": "lmckit reproduce " + " ".join(args),
+        "command": "".join(f"{k}={v} " for k, v in (env_extra or {}).items()) + "lmckit reproduce " + " ".join(args),
         "wall_seconds": wall,
         "stage_seconds": timings["stage_seconds_total"],
         "by_kind": {k: round(v, 1) for k, v in sorted(timings["stage_seconds_by_kind"].items())},
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline",
                 [*base, "--jobs", "1", "--set", "match.ste.project_sweeps=0", "--set", "match.ste.project_every=1"],
                 work,
+                {"LMCKIT_STE_PROJECTION": "exact-cold"},  # every assignment solved from scratch, as before
             ),
             run("now", [*base, "--jobs", "auto"], work),
         ]

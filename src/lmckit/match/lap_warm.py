@@ -167,6 +167,11 @@ def _warm_kernel(cost, sign, col4row, v, center_passes):  # pragma: no cover - c
             delta[i] = 0.5 * m if 0.0 < m < inf else 0.0
         for i in range(n):
             v[new_col4row[i]] -= delta[i]
+    # potentials are defined up to a common shift (u recomputed at the next repair): keep them near 0,
+    # so that a long run of centred solves (which only lower v) loses no precision
+    shift = v.max()
+    for j in range(n):
+        v[j] -= shift
     return new_col4row, v, n_free
 
 
