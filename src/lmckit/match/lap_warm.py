@@ -183,7 +183,10 @@ def _kernel():
     if _COMPILED is None:
         import numba
 
-        _COMPILED = numba.njit(cache=True, nogil=True)(_warm_kernel)
+        try:  # compiled once and cached beside this file (or in numba's user cache folder)
+            _COMPILED = numba.njit(cache=True, nogil=True)(_warm_kernel)
+        except RuntimeError:  # pragma: no cover - no writable cache location: compile in each process instead
+            _COMPILED = numba.njit(cache=False, nogil=True)(_warm_kernel)
     return _COMPILED
 
 
