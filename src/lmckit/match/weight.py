@@ -44,8 +44,10 @@ objective (one value per sweep) is non-decreasing.
 
 Speed
 -----
-- B is kept permuted by the current permutations on every axis (``Bp``). The
-  cost against ``Bp`` is ``C_full = sum A^{(a)} Bp^{(a)T}`` (one matrix
+- The entries that some cost term reads permuted (conv kernels, block axes,
+  quadratic entries; :attr:`_Problem.bp_keys`) are kept permuted by the
+  current permutations on every axis (``Bp``); the rest are read from B as
+  it is (see the rank-s updates). The cost against ``Bp`` is ``C_full = sum A^{(a)} Bp^{(a)T}`` (one matrix
   product per (entry, axis); all 1-D entries of a group share one product);
   against B's original unit order it is ``C_g = C_full[:, argsort(p_g)]``
   because position ``j`` of ``Bp`` holds unit ``p_g[j]`` of B. After a new
@@ -66,13 +68,21 @@ Speed
   accumulates beyond a few float32 roundings of a term) and when a neighbour
   moved more than :data:`RANK_UPDATE_MAX_FRACTION` of its units. Other terms
   (conv kernels, block axes) are cached per term, in the input precision.
-- Memory: the sums are built from the unpermuted B a block of rows at a
-  time, a permuted copy of B is kept only when some term needs it, float64
-  sums and norms run over blocks of rows, and the LAP negates its matrix in
-  place. On 784-w-w-w-10 MLP pairs the resident peak stays under
-  3 x (models + one cost matrix) from w = 2048 on (289 MB of 325 at 2048,
-  841 of 1227 at 4096; ``benchmarks/bench_wm_width.py``); below that the
-  process's fixed allocator overhead dominates.
+- Memory (issue 15's budget: resident peak at most 3 x (the two models +
+  the largest float64 cost matrix)): the sums are built from the unpermuted
+  B a block of rows at a time, into work buffers reused across terms and
+  blocks (fresh ``n x n``-sized temporaries fragment the C heap: at 1024
+  units it held up to three sums' worth of freed blocks); a group's old sum
+  is dropped before its rebuild; only the entries some term reads permuted
+  are kept permuted (not a whole permuted copy of B: 325 MB at GPT-2 small);
+  float64 norms and objective terms run over blocks of rows in one float64
+  buffer; the LAP negates its matrix in place; the heap's free pages are
+  handed back (``malloc_trim``) before each solve and each rebuild. The
+  cached cost data (sums and per-term products) are held in an LRU cache
+  under a byte cap (``weight_matching(cache_bytes=...)``, default
+  :func:`default_cache_bytes`, derived from the budget); an evicted entry is
+  rebuilt when next needed. ``benchmarks/bench_wm_width.py`` and
+  ``benchmarks/bench_wm_transformer.py`` measure the peak against the budget.
 - Products run on the tensors' device (CUDA when present) in the input
   precision (float32 for float32/half models) and are summed in float64;
   only the LAP runs on the CPU.
