@@ -106,9 +106,9 @@ def child(depth: int, threads: int, max_iter: int, base: str | None = None) -> d
     del m
     rss_models, peak_create = _rss.rss_mb(), _rss.peak_mb()
     _rss.reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = weight_matching(spec, sds[0], sds[1], seed=0, max_iter=max_iter)
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = max(peak_create, _rss.peak_mb()) if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model_bytes = sum(v.numel() * v.element_size() for sd in sds for v in sd.values())
     largest = max(spec.sizes.values())
@@ -116,6 +116,7 @@ def child(depth: int, threads: int, max_iter: int, base: str | None = None) -> d
         "depth": depth,
         "params_per_model": sum(v.numel() for v in sds[0].values()),
         "seconds": secs,
+        "cpu_seconds": cpu,
         "sweeps": res.sweeps,
         "sweep_seconds": res.extra["sweep_seconds"],
         "solves": res.extra["solves"],

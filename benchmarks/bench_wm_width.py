@@ -88,9 +88,9 @@ def child(width: int, variant: str, threads: int, max_iter: int, base: str = BAS
         del m
     rss_models, peak_create = _rss.rss_mb(), _rss.peak_mb()
     _rss.reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = wm(spec, sds[0], sds[1], seed=0, max_iter=max_iter)
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = max(peak_create, _rss.peak_mb()) if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model_bytes = sum(v.numel() * v.element_size() for sd in sds for v in sd.values())
     budget = 3 * (model_bytes + 8 * width * width) / 2**20
@@ -98,6 +98,7 @@ def child(width: int, variant: str, threads: int, max_iter: int, base: str = BAS
         "width": width,
         "variant": variant,
         "seconds": secs,
+        "cpu_seconds": cpu,
         "sweeps": res.sweeps,
         "objective": res.objective[-1],
         "rss_peak_over_start_mb": peak - rss0,

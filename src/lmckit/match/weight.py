@@ -161,6 +161,9 @@ UNCACHED_MAX_INNER = 64
 RANK_UPDATE_MAX_FRACTION = 0.5
 #: After this many rank-s updates in a row a group's cost sum is rebuilt from scratch (bounds float rounding drift).
 RANK_UPDATE_REFRESH = 16
+#: Extra heap trims (at set-up's end, before a sum is rebuilt) only for problems whose largest float64 cost matrix
+#: has at least this many bytes: below it the memory is small and a trim (0.1-2 ms) would slow repeated calls (STE).
+TRIM_MIN_BYTES = 1 << 21
 
 
 class _CostCache(OrderedDict):
@@ -530,7 +533,8 @@ class _Problem:
         """
         const, upd, _ = self._plan(g)
         n = self.spec.sizes[g]
-        _trim_heap()  # freed blocks (the sum this one replaces) back to the OS before n x n float64 more is held
+        if 8 * n * n >= TRIM_MIN_BYTES:  # freed blocks (the sum this one replaces) back before n x n float64 more
+            _trim_heap()
         s = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         rows = _rows_per_block(n)
         terms = [(k, a, None) for k, a, _ in const] + [(k, a, torch.argsort(perms[h])) for k, a, _, h in upd]
@@ -873,13 +877,15 @@ def _descend(
     ``cache_bytes`` caps the cached cost data (:class:`_CostCache`).
     """
     dev = prob.device
+    n_units = prob.spec.sizes
     perms = {g: p.to(dev) for g, p in init.items()}
     inv = {g: torch.argsort(p) for g, p in perms.items()}
     perms_np = {g: perms[g].cpu().numpy() for g in prob.spec.sizes}
     # B permuted by the current permutations, kept only when some cost term needs it
     bp = prob.permuted_b(perms, prob.bp_keys) if prob.needs_bp else {}
     total = prob.objective_of(perms, bp) if prob.needs_bp else prob.objective_of(perms)
-    _trim_heap()  # the set-up's float64 blocks are free: give them back before the first cost sums are built
+    if 8 * max((n_units[g] for g in prob.groups), default=0) ** 2 >= TRIM_MIN_BYTES:
+        _trim_heap()  # the set-up's float64 blocks are free: give them back before the first cost sums are built
     history = [total]
     clock = 0  # counts accepted moves
     moved_at = {g: 0 for g in prob.spec.sizes}
@@ -897,7 +903,6 @@ def _descend(
     solvable = list(units)
     sweeps, converged = 0, False
     t_loop = time.perf_counter()
-    n_units = prob.spec.sizes
     for _ in range(max_iter):
         changed = False
         order = [solvable[i] for i in rng.permutation(len(solvable))]
