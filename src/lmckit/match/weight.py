@@ -47,7 +47,8 @@ Speed
 - The entries that some cost term reads permuted (conv kernels, block axes,
   quadratic entries; :attr:`_Problem.bp_keys`) are kept permuted by the
   current permutations on every axis (``Bp``); the rest are read from B as
-  it is (see the rank-s updates). The cost against ``Bp`` is ``C_full = sum A^{(a)} Bp^{(a)T}`` (one matrix
+  it is (see the rank-s updates). The cost against ``Bp`` is
+  ``C_full = sum A^{(a)} Bp^{(a)T}`` (one matrix
   product per (entry, axis); all 1-D entries of a group share one product);
   against B's original unit order it is ``C_g = C_full[:, argsort(p_g)]``
   because position ``j`` of ``Bp`` holds unit ``p_g[j]`` of B. After a new
@@ -77,7 +78,8 @@ Speed
   are kept permuted (not a whole permuted copy of B: 325 MB at GPT-2 small);
   float64 norms and objective terms run over blocks of rows in one float64
   buffer; the LAP negates its matrix in place; the heap's free pages are
-  handed back (``malloc_trim``) before each solve and each rebuild. The
+  handed back (``malloc_trim``) before each solve and, for cost matrices of
+  :data:`TRIM_MIN_BYTES` and more, after the set-up and before each rebuild. The
   cached cost data (sums and per-term products) are held in an LRU cache
   under a byte cap (``weight_matching(cache_bytes=...)``, default
   :func:`default_cache_bytes`, derived from the budget); an evicted entry is
@@ -1050,13 +1052,15 @@ def weight_matching(
     ------
     LmcError
         State dicts that do not fit the spec (architecture, width), NaN/inf
-        entries, a bad ``init_perms``, or bad ``max_iter``/``restarts``.
+        entries, a bad ``init_perms``, or bad ``max_iter``/``restarts``/``cache_bytes``.
     """
     t0 = time.perf_counter()
     if int(max_iter) < 1:
         raise LmcError(f"max_iter must be at least 1, got {max_iter}")
     if int(restarts) < 1:
         raise LmcError(f"restarts must be at least 1, got {restarts}")
+    if cache_bytes is not None and int(cache_bytes) < 0:
+        raise LmcError(f"cache_bytes must be at least 0 (or None for the default cap), got {cache_bytes}")
     check_pair(spec, sd_a, sd_b)
     if init_perms is None:  # (warm starts, e.g. STE's projections, were warned about by their caller)
         warn_low_coverage(spec, "weight matching")
@@ -1069,8 +1073,6 @@ def weight_matching(
     keys = objective_keys(spec, sd_a, include_buffers)
     prob = _Problem(spec, sd_a, sd_b, keys, dev)
     cap = default_cache_bytes(prob) if cache_bytes is None else int(cache_bytes)
-    if cap < 0:
-        raise LmcError(f"cache_bytes must be at least 0, got {cache_bytes}")
     setup = time.perf_counter() - t0
     best = None
     finals = []
