@@ -44,8 +44,11 @@ objective (one value per sweep) is non-decreasing.
 
 Speed
 -----
-- B is kept permuted by the current permutations on every axis (``Bp``). The
-  cost against ``Bp`` is ``C_full = sum A^{(a)} Bp^{(a)T}`` (one matrix
+- The entries that some cost term reads permuted (conv kernels, block axes,
+  quadratic entries; :attr:`_Problem.bp_keys`) are kept permuted by the
+  current permutations on every axis (``Bp``); the rest are read from B as
+  it is (see the rank-s updates). The cost against ``Bp`` is
+  ``C_full = sum A^{(a)} Bp^{(a)T}`` (one matrix
   product per (entry, axis); all 1-D entries of a group share one product);
   against B's original unit order it is ``C_g = C_full[:, argsort(p_g)]``
   because position ``j`` of ``Bp`` holds unit ``p_g[j]`` of B. After a new
@@ -66,13 +69,22 @@ Speed
   accumulates beyond a few float32 roundings of a term) and when a neighbour
   moved more than :data:`RANK_UPDATE_MAX_FRACTION` of its units. Other terms
   (conv kernels, block axes) are cached per term, in the input precision.
-- Memory: the sums are built from the unpermuted B a block of rows at a
-  time, a permuted copy of B is kept only when some term needs it, float64
-  sums and norms run over blocks of rows, and the LAP negates its matrix in
-  place. On 784-w-w-w-10 MLP pairs the resident peak stays under
-  3 x (models + one cost matrix) from w = 2048 on (289 MB of 325 at 2048,
-  841 of 1227 at 4096; ``benchmarks/bench_wm_width.py``); below that the
-  process's fixed allocator overhead dominates.
+- Memory (issue 15's budget: resident peak at most 3 x (the two models +
+  the largest float64 cost matrix)): the sums are built from the unpermuted
+  B a block of rows at a time, into work buffers reused across terms and
+  blocks (fresh ``n x n``-sized temporaries fragment the C heap: at 1024
+  units it held up to three sums' worth of freed blocks); a group's old sum
+  is dropped before its rebuild; only the entries some term reads permuted
+  are kept permuted (not a whole permuted copy of B: 325 MB at GPT-2 small);
+  float64 norms and objective terms run over blocks of rows in one float64
+  buffer; the LAP negates its matrix in place; the heap's free pages are
+  handed back (``malloc_trim``) before each solve and, for cost matrices of
+  :data:`TRIM_MIN_BYTES` and more, after the set-up and before each rebuild. The
+  cached cost data (sums and per-term products) are held in an LRU cache
+  under a byte cap (``weight_matching(cache_bytes=...)``, default
+  :func:`default_cache_bytes`, derived from the budget); an evicted entry is
+  rebuilt when next needed. ``benchmarks/bench_wm_width.py`` and
+  ``benchmarks/bench_wm_transformer.py`` measure the peak against the budget.
 - Products run on the tensors' device (CUDA when present) in the input
   precision (float32 for float32/half models) and are summed in float64;
   only the LAP runs on the CPU.
@@ -115,6 +127,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
@@ -150,6 +163,58 @@ UNCACHED_MAX_INNER = 64
 RANK_UPDATE_MAX_FRACTION = 0.5
 #: After this many rank-s updates in a row a group's cost sum is rebuilt from scratch (bounds float rounding drift).
 RANK_UPDATE_REFRESH = 16
+#: Extra heap trims (at set-up's end, before a sum is rebuilt) only for problems whose largest float64 cost matrix
+#: has at least this many bytes: below it the memory is small and a trim (0.1-2 ms) would slow repeated calls (STE).
+TRIM_MIN_BYTES = 1 << 21
+
+
+class _CostCache(OrderedDict):
+    """Cached cost data of one descent (groups' running sums, per-term products) under a byte cap.
+
+    A mapping like the plain ``dict`` it replaces: ``get`` marks an entry as
+    used, storing an entry evicts the least recently used others until the
+    held bytes fit ``cap`` (the entry just stored is never evicted). Every
+    entry can be recomputed from scratch, so eviction costs time, never
+    correctness: :meth:`_Problem.cost_original` rebuilds what it does not find.
+    Entries are a group's sum ``[C, perms at build, updates]`` (bytes of ``C``)
+    or a term ``(stamp, T)`` (bytes of ``T``).
+    """
+
+    def __init__(self, cap: float = float("inf")):
+        super().__init__()
+        self.cap = cap
+        self.held = 0  # bytes of the cached tensors
+        self.peak = 0
+        self.evictions = 0
+
+    @staticmethod
+    def _nbytes(value: Any) -> int:
+        t = value[0] if isinstance(value, list) else value[1]
+        return t.numel() * t.element_size()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key in self:
+            self.pop(key)
+        super().__setitem__(key, value)
+        self.held += self._nbytes(value)
+        while self.held > self.cap and len(self) > 1:
+            old = next(iter(self))
+            self.pop(old)
+            self.evictions += 1
+        self.peak = max(self.peak, self.held)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        if key not in self:
+            return default[0] if default else super().pop(key)
+        value = super().pop(key)
+        self.held -= self._nbytes(value)
+        return value
 
 
 # --------------------------------------------------------------------------- checks
@@ -234,7 +299,13 @@ def _norm64(t: torch.Tensor) -> float:
         return 0.0
     m = t.reshape(t.shape[0] if t.dim() else 1, -1)
     rows = max(1, (1 << 19) // max(1, m.shape[1]))
-    return sum(float(torch.sum(m[i : i + rows].double() ** 2)) for i in range(0, m.shape[0], rows)) ** 0.5
+    return sum(float(torch.sum(_sq64(m[i : i + rows]))) for i in range(0, m.shape[0], rows)) ** 0.5
+
+
+def _sq64(t: torch.Tensor) -> torch.Tensor:
+    """``t.double() ** 2`` in one float64 buffer (the same values; no second float64 temporary)."""
+    x = t.to(torch.float64, copy=True)
+    return x.mul_(x)
 
 
 def _segflat(t: torch.Tensor, axis: int, off: int, n: int, inner: int) -> torch.Tensor:
@@ -334,19 +405,37 @@ class _Problem:
         return cache[k]
 
     # ------------------------------------------------------------------ state
-    def permuted_b(self, perms: Perms) -> dict[str, torch.Tensor]:
-        out = {}
-        for k in self.keys:
-            w = self.B[k]
-            for a, g in enumerate(self.axes[k]):
-                if g is not None:
-                    w = w.index_select(a, axis_index(g, perms, w.shape[a], w.device))
-            out[k] = w
-        return out
+    def permuted_b(self, perms: Perms, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """B permuted by ``perms`` on every axis, for ``keys`` (default every objective entry)."""
+        return {k: self._permuted(k, perms) for k in (self.keys if keys is None else keys)}
 
-    def objective(self, bp: Mapping[str, torch.Tensor], keys: list[str] | None = None) -> float:
-        """``sum_k <A_k, bp_k>`` over ``keys`` (default all), products and sum in float64."""
-        tot = 0.0
+    def _permuted(self, k: str, perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        w = self.B[k]
+        for a, g in enumerate(self.axes[k]):
+            if g is not None:
+                w = w.index_select(a, axis_index(g, perms, w.shape[a], w.device))
+        return w
+
+    @property
+    def bp_keys(self) -> list[str]:
+        """Entries some cost term reads permuted (conv kernels, block axes, quadratic entries), in ``keys`` order.
+
+        Only these are kept permuted during the descent (``bp``); the other
+        terms are computed from the unpermuted B, so a permuted copy of the
+        whole of B is never held.
+        """
+        if "_bp_keys" not in self.__dict__:
+            need = set()
+            for g in self.groups:
+                need.update(k for k, _a, _am in self._plan(g)[2])
+                need.update(t[0] for t in self.segs[g])
+                need.update(k for k, _a, _am in self.quad[g])
+            self._bp_keys = [k for k in self.keys if k in need]
+        return self._bp_keys
+
+    def objective(self, bp: Mapping[str, torch.Tensor], keys: list[str] | None = None, start: float = 0.0) -> float:
+        """``start + sum_k <A_k, bp_k>`` over ``keys`` (default all), products and sum in float64."""
+        tot = start
         for k in self.keys if keys is None else keys:
             if self.A[k].numel() == 0:
                 continue
@@ -355,7 +444,10 @@ class _Problem:
             b = b.reshape(a.shape)
             rows = max(1, (1 << 19) // max(1, a.shape[1]))
             for i in range(0, a.shape[0], rows):
-                tot += float(torch.sum(a[i : i + rows].double() * b[i : i + rows].double()))
+                # a.double() * b.double() in one float64 buffer: float32 -> float64 is exact, so the
+                # in-place product with b's block rounds exactly as the product of two float64 copies
+                x = a[i : i + rows].to(torch.float64, copy=True)
+                tot += float(torch.sum(x.mul_(b[i : i + rows])))
         return tot
 
     # ------------------------------------------------------------------ cost
@@ -443,16 +535,30 @@ class _Problem:
         """
         const, upd, _ = self._plan(g)
         n = self.spec.sizes[g]
+        if 8 * n * n >= TRIM_MIN_BYTES:  # freed blocks (the sum this one replaces) back before n x n float64 more
+            _trim_heap()
         s = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         rows = _rows_per_block(n)
         terms = [(k, a, None) for k, a, _ in const] + [(k, a, torch.argsort(perms[h])) for k, a, _, h in upd]
+        # One work buffer for the gathered rows of A and one for the block product, reused by every
+        # term and block: repeated allocations of these sizes fragment the C heap (measured: up to
+        # three times the sum's own size held at 1024 units). ``out=`` runs the same kernels.
+        dt = self.A[terms[0][0]].dtype if terms else torch.float32
+        m_max = max((_flat(self.A[k], a).shape[1] for k, a, inv_h in terms if inv_h is not None), default=0)
+        ws_left = torch.empty(min(rows, n) * m_max, dtype=dt, device=self.device) if m_max else None
+        ws_prod = torch.empty(min(rows, n) * n, dtype=dt, device=self.device) if terms else None
         for k, a, inv_h in terms:
             af, bf = _flat(self.A[k], a), _flat(self.B[k], a)
             bt = bf.t()
             for i in range(0, n, rows):
-                left = af[i : i + rows] if inv_h is None else af[i : i + rows].index_select(1, inv_h)
-                s[i : i + rows] += left @ bt
+                r = min(rows, n - i)
+                left = af[i : i + r]
+                if inv_h is not None:
+                    left = torch.index_select(left, 1, inv_h, out=ws_left[: r * left.shape[1]].view(r, -1))
+                prod = torch.mm(left, bt, out=ws_prod[: r * n].view(r, n))
+                s[i : i + r] += prod
             self.counters["cost_terms_recomputed"] += 1
+        del ws_left, ws_prod
         if self.vec_a[g] is not None:  # biases / norm vectors: only g moves them
             _add_product(s, self.vec_a[g], torch.stack([self.B[k] for k in self.vec_keys[g]], 1))
         return [s, {(k, a): perms[h] for k, a, _, h in upd}, 0]
@@ -460,17 +566,21 @@ class _Problem:
     @property
     def needs_bp(self) -> bool:
         """Whether some cost term is computed from the permuted B (conv kernels, block axes, quadratic entries)."""
-        return any(self._plan(g)[2] or self.segs[g] or self.quad[g] for g in self.groups)
+        return bool(self.bp_keys)
 
-    def objective_of(self, perms: Mapping[str, torch.Tensor]) -> float:
-        """``J(pi)`` permuting one entry at a time (no permuted copy of the whole model)."""
+    def objective_of(self, perms: Mapping[str, torch.Tensor], bp: Mapping[str, torch.Tensor] | None = None) -> float:
+        """``J(pi)`` permuting one entry at a time (no permuted copy of the whole model).
+
+        With ``bp`` (B permuted for some entries) those entries are read from it
+        and the sum runs on across entries, as :meth:`objective` over a whole
+        permuted B does (the same float64 additions in the same order).
+        """
         tot = 0.0
         for k in self.keys:
-            w = self.B[k]
-            for a, g in enumerate(self.axes[k]):
-                if g is not None:
-                    w = w.index_select(a, axis_index(g, perms, w.shape[a], w.device))
-            tot += self.objective({k: w}, [k])
+            if bp is None:
+                tot += self.objective({k: self._permuted(k, perms)}, [k])
+            else:
+                tot = self.objective({k: bp[k] if k in bp else self._permuted(k, perms)}, [k], start=tot)
         return tot
 
     def _rank_update(
@@ -491,7 +601,7 @@ class _Problem:
         for j in range(0, moved.numel(), blk):
             idx = moved[j : j + blk]
             a_s = A.index_select(o, idx)
-            d = B.index_select(o, p_new[idx]) - B.index_select(o, p_old[idx])
+            d = B.index_select(o, p_new[idx]).sub_(B.index_select(o, p_old[idx]))  # in place: one temporary less
             if a == 0:  # (n, s) @ (s, n)
                 _add_product(s, a_s, d)
             else:  # A^{(1)} = A^T: (s, n)^T @ (s, n)
@@ -543,7 +653,11 @@ class _Problem:
                 or any(t[2].numel() > RANK_UPDATE_MAX_FRACTION * t[3].numel() for t in stale)
             )
         ):
-            ent = cache[(g, "sum")] = self._build_sum(g, perms)
+            if ent is not None:  # free the old sum before its replacement is built (one n x n float64 less at peak)
+                cache.pop((g, "sum"), None)
+                ent = None
+            ent = self._build_sum(g, perms)
+            cache[(g, "sum")] = ent
         elif stale:
             for k, a, moved, p_old, p_new, _h in stale:
                 self._rank_update(ent[0], k, a, moved, p_old, p_new)
@@ -752,21 +866,33 @@ def _units(prob: _Problem) -> tuple[dict[str, list[str]], dict[str, int]]:
 
 
 def _descend(
-    prob: _Problem, init: Perms, rng: np.random.Generator, max_iter: int, tol: float, progress: Any = None
+    prob: _Problem,
+    init: Perms,
+    rng: np.random.Generator,
+    max_iter: int,
+    tol: float,
+    progress: Any = None,
+    cache_bytes: float = float("inf"),
 ) -> tuple[Perms, list[float], int, bool, dict[str, int]]:
-    """One coordinate-descent run from ``init``; returns perms, objective history, sweeps, converged, counters."""
+    """One coordinate-descent run from ``init``; returns perms, objective history, sweeps, converged, counters.
+
+    ``cache_bytes`` caps the cached cost data (:class:`_CostCache`).
+    """
     dev = prob.device
+    n_units = prob.spec.sizes
     perms = {g: p.to(dev) for g, p in init.items()}
     inv = {g: torch.argsort(p) for g, p in perms.items()}
     perms_np = {g: perms[g].cpu().numpy() for g in prob.spec.sizes}
     # B permuted by the current permutations, kept only when some cost term needs it
-    bp = prob.permuted_b(perms) if prob.needs_bp else {}
-    total = prob.objective(bp) if prob.needs_bp else prob.objective_of(perms)
+    bp = prob.permuted_b(perms, prob.bp_keys) if prob.needs_bp else {}
+    total = prob.objective_of(perms, bp) if prob.needs_bp else prob.objective_of(perms)
+    if 8 * max((n_units[g] for g in prob.groups), default=0) ** 2 >= TRIM_MIN_BYTES:
+        _trim_heap()  # the set-up's float64 blocks are free: give them back before the first cost sums are built
     history = [total]
     clock = 0  # counts accepted moves
     moved_at = {g: 0 for g in prob.spec.sizes}
     moved_at_any = {g: 0 for g in prob.spec.sizes}  # per-group move counter (cache stamps)
-    cost_cache: dict = {}
+    cost_cache = _CostCache(cache_bytes)
     solved_at: dict[str, int] = {}
     stats = {"solves": 0, "skipped": 0, "moves": 0}
     units, unit_heads = _units(prob)
@@ -779,7 +905,6 @@ def _descend(
     solvable = list(units)
     sweeps, converged = 0, False
     t_loop = time.perf_counter()
-    n_units = prob.spec.sizes
     for _ in range(max_iter):
         changed = False
         order = [solvable[i] for i in rng.permutation(len(solvable))]
@@ -841,9 +966,10 @@ def _descend(
                 for (g, inv_g, _c_lin, _c_quad, _c_np), p_new in moves:
                     p_new_t = torch.from_numpy(p_new).to(dev)
                     q = inv_g[p_new_t]  # positions in bp of the new units
-                    if bp:
-                        keys = [k for k in {k for k, _ in prob.members[g]} if k not in updates]
-                        bp.update(prob.reindex(g, q, bp, keys))
+                    if bp:  # one entry at a time: its old copy is freed before the next is made
+                        for k in {k for k, _ in prob.members[g]}:
+                            if k in bp and k not in updates:
+                                bp.update(prob.reindex(g, q, bp, [k]))
                     perms[g], perms_np[g], inv[g] = p_new_t, p_new, torch.argsort(p_new_t)
                     moved_at_any[g] += 1
                     clock += 1
@@ -860,6 +986,7 @@ def _descend(
             converged = True
             break
     stats["sweep_seconds"] = time.perf_counter() - t_loop  # the sweeps alone (no set-up, no final copy)
+    stats["cache_evictions"], stats["cache_peak_bytes"] = cost_cache.evictions, cost_cache.peak
     return {g: p.cpu() for g, p in perms.items()}, history, sweeps, converged, stats
 
 
@@ -877,6 +1004,7 @@ def weight_matching(
     tol: float = DEFAULT_TOL,
     include_buffers: bool = False,
     progress: bool = False,
+    cache_bytes: int | None = None,
 ) -> MatchResult:
     """Permutations of B that maximise ``sum_k <A_k, pi(B)_k>_F`` (minimise ``||A - pi(B)||``).
 
@@ -903,6 +1031,13 @@ def weight_matching(
         Count BatchNorm running statistics in the objective (default: parameters only).
     progress:
         Show a progress line per sweep (for long interactive runs).
+    cache_bytes:
+        Cap on the bytes of cached cost data (the groups' running cost sums and
+        cached per-term products); the least recently used are dropped and
+        recomputed when next needed (slower, same descent up to float
+        rounding). Default :func:`default_cache_bytes`: what the memory budget
+        ``3 x (models + largest cost matrix)`` leaves after the problem's own
+        tensors and the transients of a solve.
 
     Returns
     -------
@@ -917,13 +1052,15 @@ def weight_matching(
     ------
     LmcError
         State dicts that do not fit the spec (architecture, width), NaN/inf
-        entries, a bad ``init_perms``, or bad ``max_iter``/``restarts``.
+        entries, a bad ``init_perms``, or bad ``max_iter``/``restarts``/``cache_bytes``.
     """
     t0 = time.perf_counter()
     if int(max_iter) < 1:
         raise LmcError(f"max_iter must be at least 1, got {max_iter}")
     if int(restarts) < 1:
         raise LmcError(f"restarts must be at least 1, got {restarts}")
+    if cache_bytes is not None and int(cache_bytes) < 0:
+        raise LmcError(f"cache_bytes must be at least 0 (or None for the default cap), got {cache_bytes}")
     check_pair(spec, sd_a, sd_b)
     if init_perms is None:  # (warm starts, e.g. STE's projections, were warned about by their caller)
         warn_low_coverage(spec, "weight matching")
@@ -935,6 +1072,7 @@ def weight_matching(
         dev = resolve_device(device)
     keys = objective_keys(spec, sd_a, include_buffers)
     prob = _Problem(spec, sd_a, sd_b, keys, dev)
+    cap = default_cache_bytes(prob) if cache_bytes is None else int(cache_bytes)
     setup = time.perf_counter() - t0
     best = None
     finals = []
@@ -944,7 +1082,7 @@ def weight_matching(
     try:
         for r in range(int(restarts)):
             rng = np.random.default_rng([int(seed), r])
-            out = _descend(prob, init, rng, int(max_iter), tol, bar)
+            out = _descend(prob, init, rng, int(max_iter), tol, bar, cap)
             finals.append(out[1][-1])
             if best is None or out[1][-1] > best[1][-1]:
                 best = out + (r,)
@@ -970,6 +1108,9 @@ def weight_matching(
         "objective_entries": len(keys),
         "setup_seconds": setup,
         "sweep_seconds": stats["sweep_seconds"],
+        "cost_cache_cap_bytes": cap,
+        "cost_cache_peak_bytes": stats["cache_peak_bytes"],
+        "cost_cache_evictions": stats["cache_evictions"],
         **prob.counters,
     }
     if prob.unmatched:
@@ -983,6 +1124,25 @@ def weight_matching(
         converged=converged,
         extra=extra,
     )
+
+
+def default_cache_bytes(prob: _Problem) -> int:
+    """Default cap on a descent's cached cost data, from the memory budget of issue 15.
+
+    The budget is ``3 (M + C)``: ``M`` the bytes of A and B as the problem holds
+    them, ``C`` the bytes of the largest float64 cost matrix. The problem holds
+    ``M`` plus the permuted entries ``bp`` (:attr:`_Problem.bp_keys`), and a
+    solve needs up to about ``2 C`` more while it runs (a sum being rebuilt, a
+    copy of the cost for other terms or the solver). What is left,
+    ``2 M + C - bp``, is the cap. On every benchmarked model (MLPs up to
+    4096 units, GPT-2-small-shaped transformers) the uncapped cache stays
+    below it, so it only binds where the cached sums would outgrow the models
+    (wide groups between narrow layers).
+    """
+    m = sum(t.numel() * t.element_size() for d in (prob.A, prob.B) for t in d.values())
+    c = 8 * max((prob.spec.sizes[g] for g in prob.groups), default=0) ** 2
+    bp = sum(prob.B[k].numel() * prob.B[k].element_size() for k in prob.bp_keys)
+    return max(0, 2 * m + c - bp)
 
 
 def matching_floor_seconds(
