@@ -20,7 +20,9 @@ previous solve: the potentials are repaired for the new cost matrix in
 assigned column stays tight keeps it, and only the others are re-assigned by
 shortest augmenting paths (Jonker and Volgenant 1987; Crouse 2016). The
 result is an optimal assignment, as from scipy's solver, so the descent is
-unchanged; when nothing needs to move the solve is just the ``O(n^2)``
+unchanged wherever the optimum is unique (generic for real-valued costs; on
+exact ties the two solvers may pick different assignments of equal
+objective, as two exact solvers may); when nothing needs to move the solve is just the ``O(n^2)``
 repair, which proves the old assignment optimal (LP duality). On the MLP's
 STE (``benchmarks/bench_ste.py``) this is several times cheaper than a solve
 from scratch. Without numba, or with ``solver="cold"``, every solve starts
