@@ -10,9 +10,10 @@ Runs ``lmckit reproduce`` twice, each from its own empty cache and report folder
   longest remaining chain first) and the recipe's own STE settings.
 
 Prints one table (wall seconds, stage seconds by kind from each report's ``timings.json``, the
-ratio baseline / now) and writes it as JSON. Both runs compute the same stages; the non-STE numbers
-agree up to the last digits (thread counts differ), STE's within their seed-to-seed spread when the
-recipe approximates the projection (see the recipe's comments).
+ratio baseline / now) and writes it as JSON. Both runs compute the same stages; the numbers agree
+up to the last digits (thread counts differ); if a recipe approximates STE's projection
+(``match.ste.project_sweeps``/``project_every``), its STE numbers differ within their seed-to-seed
+spread.
 
     python benchmarks/bench_quick.py                       # quick, about 20 min on 2 cores
     python benchmarks/bench_quick.py --without sinkhorn    # like for like with a recipe run before Sinkhorn

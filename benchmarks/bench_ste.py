@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-exact-checks", action="store_true", help="skip the exact-cold and other-seed runs")
     ap.add_argument("--json", default=None, help="default benchmarks/out/bench_ste[_vit].json")
     args = ap.parse_args(argv)
+    for name, low in (("steps", 1), ("batch", 1), ("threads", 1), ("train_epochs", 1), ("every", 1), ("sweeps", 0)):
+        if getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be at least {low}")
     torch.set_num_threads(args.threads)
 
     from lmckit.data import load_dataset

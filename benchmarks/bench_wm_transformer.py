@@ -230,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         est = deep["seconds_per_sweep_per_layer"] * 12
         print(
             f"extrapolated (not measured) to depth 12: {est:.1f} s per sweep "
-            f"(per-layer time of depth {deep['depth']}); sweeps grew "
-            + " -> ".join(str(r["sweeps"]) for r in rows)
-            + " with depth",
+            f"(per-layer time of depth {deep['depth']})"
+            + ("; sweeps by depth " + " -> ".join(str(r["sweeps"]) for r in rows) if len(rows) > 1 else ""),
             flush=True,
         )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -99,3 +99,18 @@ def test_inputs_are_not_modified_and_bad_inputs_raise():
         solve_warm(c, np.arange(4))
     with pytest.raises(ValueError, match="permutation"):
         solve_warm(c, np.array([0, 0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="integer"):
+        solve_warm(c, np.array([0.5, 1.5, 2.5, 3.5, 4.5]))
+    with pytest.raises(ValueError, match="complex"):
+        solve_warm(c + 1j)
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e15, 1e17])
+def test_potentials_far_beyond_the_costs_are_ignored_not_trusted(scale):
+    """Huge potentials would cancel the costs in floating point: the answer must still be scipy's optimum."""
+    rng = np.random.default_rng(5)
+    c = rng.normal(size=(50, 50))
+    want = linear_sum_assignment(c, maximize=True)[1]
+    col, v, _ = solve_warm(c, np.arange(50), rng.normal(size=50) * scale)
+    assert _total(c, col) == pytest.approx(_total(c, want), abs=1e-9)
+    _assert_optimal_duals(c, col, v)

@@ -114,8 +114,11 @@ def test_default_cap_from_the_budget_and_bad_cap():
     m = sum(sd[k].numel() * 4 for sd in (sd_a, sd_b) for k in keys)
     assert res.extra["cost_cache_cap_bytes"] == 2 * m + 8 * 32 * 32  # an MLP keeps no permuted entry
     assert res.extra["cost_cache_evictions"] == 0  # never binding on a plain MLP
-    with pytest.raises(LmcError, match="cache_bytes"):
-        weight_matching(spec, sd_a, sd_b, cache_bytes=-1)
+    for bad in (-1, float("nan"), 1.5, True, "1000", float("-inf")):
+        with pytest.raises(LmcError, match="cache_bytes"):
+            weight_matching(spec, sd_a, sd_b, cache_bytes=bad)
+    unc = weight_matching(spec, sd_a, sd_b, seed=0, cache_bytes=float("inf"))  # no cap
+    assert all(torch.equal(unc.perms[g], res.perms[g]) for g in res.perms)
 
 
 # --------------------------------------------------------------------------- permuted entries

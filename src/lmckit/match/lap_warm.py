@@ -58,6 +58,11 @@ _NUMBA: bool | None = None  # whether numba imports; looked up lazily (its impor
 CENTER_PASSES = 1
 
 
+#: Potentials ``v`` passed in whose spread (max - min) exceeds this many times ``n`` times the spread of the
+#: costs are ignored (started from 0): optimal potentials never spread beyond ``n`` times the costs' spread.
+V_SPREAD_LIMIT = 1e3
+
+
 def available() -> bool:
     """Whether the compiled warm-start solver can be used (numba importable; imported on the first call)."""
     global _NUMBA
@@ -218,21 +223,30 @@ def solve_warm(
         ``col``: ``(n,)`` int64, row ``i`` assigned column ``col[i]``, an
         optimal assignment (the same as any exact solver's when the optimum is
         unique); ``v``: ``(n,)`` float64 optimal column potentials, to pass to
-        the next call; ``freed``: rows that had to be re-assigned (0 when
-        ``prev`` was already optimal and ``v`` certified it).
+        the next call; ``freed``: rows that had to be re-assigned (few when
+        ``prev`` is still optimal: only rows whose assigned edge ties another
+        one up to rounding, re-assigned to the same column).
 
     Raises
     ------
     ValueError
-        A non-square or non-finite ``cost``, a ``prev``/``v`` of the wrong
-        shape, or numba not installed (check :func:`available` first).
+        A non-square, complex or non-finite ``cost``; a ``prev`` that is not an
+        integer permutation of ``range(n)``; a ``prev``/``v`` of the wrong
+        shape or a non-finite ``v``; numba not installed (check
+        :func:`available` first). A ``v`` whose spread exceeds
+        :data:`V_SPREAD_LIMIT` ``* n *`` the costs' spread is ignored (it would
+        lose the costs to rounding), not an error.
     """
     if not available():
         raise ValueError("the warm-started LAP solver needs numba (pip install numba)")
+    if np.iscomplexobj(cost):
+        raise ValueError("the LAP needs a real cost matrix, got a complex one")
     cost = np.ascontiguousarray(cost, dtype=np.float64)
     if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
         raise ValueError(f"the LAP needs a square 2-D cost matrix, got shape {cost.shape}")
     n = cost.shape[0]
+    if prev is not None and not np.issubdtype(np.asarray(prev).dtype, np.integer):
+        raise ValueError(f"prev must hold integer column indices, got dtype {np.asarray(prev).dtype}")
     p = np.full(n, -1, np.int64) if prev is None else np.ascontiguousarray(prev, dtype=np.int64)
     vv = np.zeros(n) if v is None else np.array(v, dtype=np.float64, copy=True)
     if p.shape != (n,) or vv.shape != (n,):
@@ -243,6 +257,11 @@ def solve_warm(
         raise ValueError("the cost matrix (or v) has non-finite entries; the assignment problem is ill-posed")
     if prev is not None and not np.array_equal(np.sort(p), np.arange(n)):
         raise ValueError("prev must be a permutation of range(n)")
+    # Any v gives the optimum in exact arithmetic, but potentials far larger than the costs' spread would
+    # cancel the costs away in floating point: such a v (not one this function returned) is ignored.
+    spread = float(np.ptp(cost)) + np.finfo(np.float64).tiny
+    if float(np.ptp(vv)) > V_SPREAD_LIMIT * max(n, 1) * spread:
+        vv = np.zeros(n)
     col, vv, freed = _kernel()(cost, -1.0 if maximize else 1.0, p, vv, CENTER_PASSES)
     if freed < 0:  # pragma: no cover - finite costs always admit an augmenting path
         raise ValueError("no augmenting path found; the assignment problem is infeasible")

@@ -22,8 +22,9 @@ shortest augmenting paths (Jonker and Volgenant 1987; Crouse 2016). The
 result is an optimal assignment, as from scipy's solver, so the descent is
 unchanged wherever the optimum is unique (generic for real-valued costs; on
 exact ties the two solvers may pick different assignments of equal
-objective, as two exact solvers may); when nothing needs to move the solve is just the ``O(n^2)``
-repair, which proves the old assignment optimal (LP duality). On the MLP's
+objective, as two exact solvers may); when nothing needs to move, the solve is the ``O(n^2)``
+repair (which proves the old assignment optimal, LP duality) plus the re-assignment of the few
+rows whose assigned edge ties another one up to rounding. On the MLP's
 STE (``benchmarks/bench_ste.py``) this is several times cheaper than a solve
 from scratch. Without numba, or with ``solver="cold"``, every solve starts
 from scratch (:func:`lmckit.match.lap.solve`).

@@ -236,8 +236,8 @@ def _project(
 
     With a projector for ``(spec, sd_b)`` (from
     :func:`lmckit.match.projection.ste_projector`) the same descent runs with
-    state kept between steps (see that module for the exact and the
-    approximate modes and their environment switches); ``full`` (the
+    state kept between steps (see that module for the exact modes, chosen by
+    ``LMCKIT_STE_PROJECTION``, and the approximations, which are STE options); ``full`` (the
     end-of-epoch projection) runs it to convergence whatever the approximations.
     """
 

@@ -1033,9 +1033,12 @@ def weight_matching(
         Show a progress line per sweep (for long interactive runs).
     cache_bytes:
         Cap on the bytes of cached cost data (the groups' running cost sums and
-        cached per-term products); the least recently used are dropped and
-        recomputed when next needed (slower, same descent up to float
-        rounding). Default :func:`default_cache_bytes`: what the memory budget
+        cached per-term products; a whole number >= 0, or ``float("inf")`` for
+        no cap); the least recently used are dropped and recomputed when next
+        needed (slower, same descent up to float rounding). The entry in use is
+        always kept, so with a cap below one cost matrix the cache holds just
+        that entry (``extra["cost_cache_peak_bytes"]`` reports what it held).
+        Default :func:`default_cache_bytes`: what the memory budget
         ``3 x (models + largest cost matrix)`` leaves after the problem's own
         tensors and the transients of a solve.
 
@@ -1059,8 +1062,8 @@ def weight_matching(
         raise LmcError(f"max_iter must be at least 1, got {max_iter}")
     if int(restarts) < 1:
         raise LmcError(f"restarts must be at least 1, got {restarts}")
-    if cache_bytes is not None and int(cache_bytes) < 0:
-        raise LmcError(f"cache_bytes must be at least 0 (or None for the default cap), got {cache_bytes}")
+    if cache_bytes is not None:
+        _check_cache_bytes(cache_bytes)
     check_pair(spec, sd_a, sd_b)
     if init_perms is None:  # (warm starts, e.g. STE's projections, were warned about by their caller)
         warn_low_coverage(spec, "weight matching")
@@ -1072,7 +1075,11 @@ def weight_matching(
         dev = resolve_device(device)
     keys = objective_keys(spec, sd_a, include_buffers)
     prob = _Problem(spec, sd_a, sd_b, keys, dev)
-    cap = default_cache_bytes(prob) if cache_bytes is None else int(cache_bytes)
+    cap = (
+        default_cache_bytes(prob)
+        if cache_bytes is None
+        else (int(cache_bytes) if np.isfinite(cache_bytes) else float("inf"))
+    )
     setup = time.perf_counter() - t0
     best = None
     finals = []
@@ -1124,6 +1131,17 @@ def weight_matching(
         converged=converged,
         extra=extra,
     )
+
+
+def _check_cache_bytes(cache_bytes: Any) -> None:
+    """``cache_bytes`` must be a whole number >= 0 or ``inf`` (not a bool, NaN or a fraction)."""
+    number = isinstance(cache_bytes, (int, float, np.integer, np.floating)) and not isinstance(cache_bytes, bool)
+    whole = number and (cache_bytes == float("inf") or (np.isfinite(cache_bytes) and cache_bytes == int(cache_bytes)))
+    if not whole or cache_bytes < 0:
+        raise LmcError(
+            f"cache_bytes must be a whole number of bytes >= 0, float('inf') for no cap, or None for the "
+            f"default cap; got {cache_bytes!r}"
+        )
 
 
 def default_cache_bytes(prob: _Problem) -> int:
