@@ -259,8 +259,10 @@ def solve_warm(
         raise ValueError("prev must be a permutation of range(n)")
     # Any v gives the optimum in exact arithmetic, but potentials far larger than the costs' spread would
     # cancel the costs away in floating point: such a v (not one this function returned) is ignored.
-    spread = float(np.ptp(cost)) + np.finfo(np.float64).tiny
-    if float(np.ptp(vv)) > V_SPREAD_LIMIT * max(n, 1) * spread:
+    # (the spread of row 0 bounds the costs' spread from below: the O(n^2) spread only when that bound fails)
+    limit = V_SPREAD_LIMIT * max(n, 1)
+    v_spread = float(np.ptp(vv))
+    if v_spread > limit * float(np.ptp(cost[0])) and v_spread > limit * float(np.ptp(cost)):
         vv = np.zeros(n)
     col, vv, freed = _kernel()(cost, -1.0 if maximize else 1.0, p, vv, CENTER_PASSES)
     if freed < 0:  # pragma: no cover - finite costs always admit an augmenting path
