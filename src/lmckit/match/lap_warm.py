@@ -59,7 +59,8 @@ CENTER_PASSES = 1
 
 
 #: Potentials ``v`` passed in whose spread (max - min) exceeds this many times ``n`` times the spread of the
-#: costs are ignored (started from 0): optimal potentials never spread beyond ``n`` times the costs' spread.
+#: costs are ignored (started from 0); the potentials this function returns are shortest-path lengths over at
+#: most ``n`` edges, so they spread about ``n`` times the costs' spread at most.
 V_SPREAD_LIMIT = 1e3
 
 
