@@ -78,6 +78,13 @@ def choose(n: int) -> str:
     return "lapx" if int(n) <= LAPX_MAX_UNITS else "scipy"
 
 
+def check_square(cost: np.ndarray) -> np.ndarray:
+    """``cost`` itself if it is a square 2-D array, else ``ValueError`` (the one shape check of every LAP solver)."""
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"the LAP needs a square 2-D cost matrix, got shape {cost.shape}")
+    return cost
+
+
 def solve(cost: np.ndarray, maximize: bool = True, solver: str | None = None) -> np.ndarray:
     """Column assigned to each row of a square cost matrix.
 
@@ -104,9 +111,7 @@ def solve(cost: np.ndarray, maximize: bool = True, solver: str | None = None) ->
     ValueError
         A non-square or non-2-D ``cost``, or ``solver="lapx"`` without the package.
     """
-    cost = np.asarray(cost)
-    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
-        raise ValueError(f"the LAP needs a square 2-D cost matrix, got shape {cost.shape}")
+    cost = check_square(np.asarray(cost))
     n = cost.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)

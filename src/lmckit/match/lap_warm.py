@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .lap import check_square
+
 _NUMBA: bool | None = None  # whether numba imports; looked up lazily (its import costs ~0.4 s)
 
 #: Passes of the potential centring after each solve (see :func:`solve_warm`); 1 was fastest on the MLP's
@@ -242,9 +244,7 @@ def solve_warm(
         raise ValueError("the warm-started LAP solver needs numba (pip install numba)")
     if np.iscomplexobj(cost):
         raise ValueError("the LAP needs a real cost matrix, got a complex one")
-    cost = np.ascontiguousarray(cost, dtype=np.float64)
-    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
-        raise ValueError(f"the LAP needs a square 2-D cost matrix, got shape {cost.shape}")
+    cost = check_square(np.ascontiguousarray(cost, dtype=np.float64))
     n = cost.shape[0]
     if prev is not None and not np.issubdtype(np.asarray(prev).dtype, np.integer):
         raise ValueError(f"prev must hold integer column indices, got dtype {np.asarray(prev).dtype}")
