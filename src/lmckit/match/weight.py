@@ -884,8 +884,8 @@ def _descend(
     inv = {g: torch.argsort(p) for g, p in perms.items()}
     perms_np = {g: perms[g].cpu().numpy() for g in prob.spec.sizes}
     # B permuted by the current permutations, kept only when some cost term needs it
-    bp = prob.permuted_b(perms, prob.bp_keys) if prob.needs_bp else {}
-    total = prob.objective_of(perms, bp) if prob.needs_bp else prob.objective_of(perms)
+    bp = prob.permuted_b(perms, prob.bp_keys)  # {} when no term needs a permuted entry
+    total = prob.objective_of(perms, bp or None)
     if 8 * max((n_units[g] for g in prob.groups), default=0) ** 2 >= TRIM_MIN_BYTES:
         _trim_heap()  # the set-up's float64 blocks are free: give them back before the first cost sums are built
     history = [total]
