@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import os
 import signal
 import sys
@@ -57,6 +58,10 @@ class Terminated(KeyboardInterrupt):
 COMPUTING = ("train", "match", "barrier", "analyze", "merge", "landscape", "check-spec", "reproduce")
 
 
+#: the last usage error argparse reported (for --json's error object)
+_USAGE_ERROR: list[str] = []
+
+
 class LmckitParser(argparse.ArgumentParser):
     """argparse with lmckit's error convention: ``lmckit CMD: error: MSG`` on stderr, then CMD's usage, exit 2.
 
@@ -68,6 +73,7 @@ class LmckitParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        _USAGE_ERROR.append(f"{self.prog}: {message}")
         # the error line first (one convention for every error), then this (sub)command's usage, not the top level's
         self.exit(2, f"{self.prog}: error: {message}\n  fix: see `{self.prog} --help`\n{self.short_usage()}\n")
 
@@ -132,37 +138,129 @@ def ending_signals() -> Iterator[None]:
                 signal.signal(sig, h)
 
 
+class StdoutError(LmcError):
+    """Standard output cannot be written (a full device such as ``/dev/full``, a closed pipe, an I/O error)."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: a failing write or flush raises :class:`StdoutError`.
+
+    Without it a full or closed stdout ends in a traceback, or in Python's "Exception ignored" note when
+    the interpreter flushes at exit.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, name, *a):
+        if self._stream is None:  # file descriptor 1 was closed when Python started
+            raise StdoutError("cannot write to standard output: it is closed", "run the command with an open stdout")
+        try:
+            return getattr(self._stream, name)(*a)
+        except OSError as e:
+            raise StdoutError(
+                f"cannot write to standard output: {e.strerror or e} (errno {e.errno})",
+                "write to a file or a pipe that is read to its end",
+            ) from None
+        except ValueError as e:  # "I/O operation on closed file"
+            raise StdoutError(f"cannot write to standard output: {e}") from None
+
+    def write(self, text):
+        return self._guard("write", text)
+
+    def writelines(self, lines):
+        return self._guard("writelines", lines)
+
+    def flush(self):
+        return self._guard("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so the exit-time flush of what could not be written stays quiet."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def _cwd_error() -> str | None:
+    """A message when the working folder is gone (deleted under the shell): checked before torch is imported,
+    whose libraries would otherwise fail to load with an unrelated message."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return "the current working folder no longer exists (it was deleted or moved away)"
+    except OSError as e:
+        return f"the current working folder cannot be read: {e.strerror or e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    cmd_guess = next((a for a in argv if not a.startswith("-")), None)
+
+    def fail(command: str | None, message: str, code: int, hint: str | None = None) -> int:
+        """The error line on stderr; with --json also one JSON error object on stdout (unless one was printed)."""
+        prefix = f"lmckit {command}" if command else "lmckit"
+        print(f"{prefix}: error: {message}" + (f"\n  fix: {hint}" if hint else ""), file=sys.stderr)
+        if want_json:
+            _json_error(command, message, code, hint)
+        return code
+
+    bad_cwd = _cwd_error()
+    if bad_cwd:
+        return fail(cmd_guess, bad_cwd, 2, "cd to an existing folder and run the command again")
     parser = build_parser()
+    _USAGE_ERROR.clear()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version (0) or a usage error (2, message already on stderr)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if code and want_json:
+            _json_error(cmd_guess, _USAGE_ERROR[-1] if _USAGE_ERROR else "bad command line", code)
+        return code
     if not getattr(args, "func", None):
-        print("lmckit: error: no command given\n  fix: `lmckit --help` lists the commands", file=sys.stderr)
-        return 2
+        return fail(None, "no command given", 2, "`lmckit --help` lists the commands")
     # lmckit.store imports torch: read only once a command runs, so `lmckit --help` and parse errors stay fast
+    from .commands import common
     from .store import USER_ERRNOS, os_error
 
+    want_json = bool(getattr(args, "json", False))
+    common.JSON_PRINTED[0] = 0
     quiet = bool(getattr(args, "quiet", False))
     saved_quiet = os.environ.get("LMCKIT_NO_PROGRESS")
     if quiet:  # progress lines off, in this process and in any worker it starts
         os.environ["LMCKIT_NO_PROGRESS"] = "1"
+    real_stdout = sys.stdout
+    sys.stdout = _GuardedStdout(real_stdout)
     try:
         with ending_signals():
-            return int(args.func(args) or 0)
-    except LmcError as e:
-        print(f"lmckit {args.command}: error: {e.render()}", file=sys.stderr)
+            rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a full stdout fails here, inside the command, not at the interpreter's exit
+        if rc and want_json and not common.JSON_PRINTED[0]:
+            _json_error(
+                args.command, f"lmckit {args.command} failed (exit status {rc}); see the messages on stderr", rc
+            )
+        return rc
+    except StdoutError as e:
+        sys.stdout = real_stdout
+        print(f"lmckit {args.command}: error: {e.message}", file=sys.stderr)
+        _silence_stdout()
         return 2
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    except LmcError as e:
+        return fail(args.command, e.message, 2, e.hint)
     except OSError as e:  # a write to a read-only or full disk, a name too long, ...: the user's path, not a bug
         if e.errno not in USER_ERRNOS or not e.filename:
+            if want_json:
+                _json_error(args.command, f"{type(e).__name__}: {e}", 1)
             raise
-        print(f"lmckit {args.command}: error: {os_error(e, e.filename, 'use').render()}", file=sys.stderr)
-        return 2
+        err = os_error(e, e.filename, "use")
+        return fail(args.command, err.message, 2, err.hint)
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         name = signal.Signals(signum).name
@@ -170,13 +268,36 @@ def main(argv: list[str] | None = None) -> int:
             f"lmckit {args.command}: stopped by {name}; finished work is kept, rerun the same command to resume",
             file=sys.stderr,
         )
+        if want_json:
+            _json_error(args.command, f"stopped by {name}", 128 + signum)
         return 128 + signum
+    except Exception as e:  # a bug: its traceback follows on stderr; --json still gets its one document
+        if want_json:
+            _json_error(args.command, f"{type(e).__name__}: {e}", 1)
+        raise
     finally:
+        if isinstance(sys.stdout, _GuardedStdout):
+            sys.stdout = real_stdout
         if quiet:
             if saved_quiet is None:
                 os.environ.pop("LMCKIT_NO_PROGRESS", None)
             else:
                 os.environ["LMCKIT_NO_PROGRESS"] = saved_quiet
+
+
+def _json_error(command: str | None, message: str, code: int, hint: str | None = None) -> None:
+    """``--json``'s document on failure: ``{"error": ..., "hint": ..., "exit_code": N, "command": ...}``.
+
+    Printed only when the command has not printed its own document; a stdout that cannot be written is
+    left alone (the error line on stderr already says why).
+    """
+    from .commands import common
+
+    if common.JSON_PRINTED[0]:
+        return
+    with contextlib.suppress(OSError, ValueError, LmcError):
+        common.print_json({"error": message, "hint": hint, "exit_code": code, "command": command})
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -130,11 +130,68 @@ def config_hash(config: Mapping[str, Any], length: int = 16) -> str:
 
 
 # --------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+def _file_kind(mode: int) -> str | None:
+    """``None`` for a regular file, else what the path is (``"folder"``, ``"character device"``, ...)."""
+    import stat
+
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISFIFO, "named pipe (FIFO)"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_replaceable(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse to write ``path`` unless it is missing or a regular file: :class:`LmcError` naming it.
+
+    The one check behind every file lmckit writes (:func:`atomic_write_bytes`, :func:`replace_file`,
+    :func:`check_output_path`, lock files): a write goes to a temporary file that is then renamed over
+    ``path``, and a rename would silently replace a device (``/dev/full``, ``/dev/null``), a named pipe,
+    a socket or a folder with a regular file. A symbolic link is judged by what it points to (the link
+    itself is replaced, its target left alone).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # missing (or a dangling link): free to write
+        return
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES):
+            raise os_error(e, path) from None
+        return
+    kind = _file_kind(st.st_mode)
+    if kind == "folder":
+        raise LmcError(
+            f"cannot write {what} {path}: it is a folder", "give a file name (e.g. a name inside that folder)"
+        )
+    if kind is not None:
+        raise LmcError(
+            f"cannot write {what} {path}: it is a {kind}, not a regular file (lmckit writes a temporary file "
+            "and renames it into place, which would replace it)",
+            "give the path of a regular file or of a file that does not exist yet",
+        )
+
+
+def replace_file(src: str | os.PathLike, dst: str | os.PathLike, what: str = "output") -> None:
+    """``os.replace(src, dst)`` after :func:`check_replaceable` on ``dst`` (only a regular file is replaced)."""
+    check_replaceable(dst, what)
+    os.replace(src, dst)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "output") -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
+
+    Refuses (:class:`LmcError` naming ``path``, nothing written) when ``path`` is a folder, a device, a
+    named pipe or a socket (:func:`check_replaceable`, checked before and again just before the rename).
+    """
     path = Path(path)
-    if path.is_dir():
-        raise LmcError(f"cannot write {path}: it is a folder", "give a file name (e.g. a name inside that folder)")
+    check_replaceable(path, what)
     make_dirs(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
@@ -146,7 +203,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path, what)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -258,6 +315,38 @@ def _sniff(path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _utf8_path(path: Path) -> Iterator[str]:
+    """A name of ``path`` that safetensors (which takes UTF-8 strings only) can open.
+
+    ``str(path)`` itself when it is valid UTF-8; else the file is opened here and ``/proc/self/fd/N`` given
+    instead, so a file reached through a folder whose name is not UTF-8 loads like any other (rather than
+    failing as "corrupt").
+    """
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield name
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        if not os.path.exists(proc):
+            raise LmcError(
+                f"cannot open {os.fsdecode(path)!r}: its name is not valid UTF-8 and this system has no /proc",
+                "rename the file or folder to a UTF-8 name",
+            )
+        yield proc
+    finally:
+        os.close(fd)
+
+
 def load_state(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors checkpoint and its JSON metadata, refusing anything else.
 
@@ -270,12 +359,14 @@ def load_state(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict
     _sniff(path)
     try:
         state: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt") as f:
+        with _utf8_path(path) as name, safe_open(name, framework="pt") as f:
             raw_meta = f.metadata() or {}
             for k in f.keys():
                 state[k] = f.get_tensor(k)
     except LmcError:
         raise
+    except OSError as e:
+        raise os_error(e, path, "read") from None
     except Exception as e:  # safetensors raises several types for corrupt files
         raise LmcError(
             f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})", "re-create it"
@@ -336,6 +427,7 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output fo
     """
     path = Path(path)
     make_dirs(path.parent)
+    check_replaceable(path, "lock file")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -381,9 +473,10 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
             )
     if p.exists():
         if folder and not p.is_dir():
-            raise LmcError(f"{what} {path} is a file", "pass a folder path")
-        if not folder and p.is_dir():
-            raise LmcError(f"cannot write {path}: it is a folder", "give a file name (e.g. a name inside that folder)")
+            kind = _file_kind(p.stat().st_mode) or "file"
+            raise LmcError(f"{what} {path} is a {kind}, not a folder", "pass a folder path")
+        if not folder:
+            check_replaceable(p, what)
     for parent in p.parents:
         if parent.exists() and not parent.is_dir():
             raise LmcError(f"{what} {path} cannot be created: {parent} is a file", "pass a path under a folder")

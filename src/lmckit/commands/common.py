@@ -137,11 +137,17 @@ def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
+#: JSON documents printed on stdout by :func:`print_json` since :func:`lmckit.cli.main` started (``--json``
+#: prints exactly one: the result, or on failure :func:`lmckit.cli.main`'s error object)
+JSON_PRINTED = [0]
+
+
 def print_json(obj: Any) -> None:
     from ..store import _json_default
 
-    json.dump(obj, sys.stdout, indent=2, default=_json_default)
-    sys.stdout.write("\n")
+    text = json.dumps(obj, indent=2, default=_json_default)  # serialise first: a failure prints nothing
+    sys.stdout.write(text + "\n")
+    JSON_PRINTED[0] += 1
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, floatfmt: str = "{:.4f}") -> None:
@@ -561,7 +567,7 @@ def staged_outputs(out: Path, *, keep: bool = False, lock: Path | None = None):
     import shutil
     import tempfile
 
-    from ..store import make_dirs, os_error
+    from ..store import make_dirs, os_error, replace_file
 
     created = not out.exists()
     lock_created = lock is not None and not lock.exists()
@@ -575,7 +581,13 @@ def staged_outputs(out: Path, *, keep: bool = False, lock: Path | None = None):
     try:
         yield tmp
         for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name) if not (f.is_dir() and (out / f.name).is_dir()) else _merge_dir(f, out / f.name)
+            if f.is_dir():
+                if (out / f.name).is_dir():
+                    _merge_dir(f, out / f.name)
+                else:
+                    os.replace(f, out / f.name)  # a folder over a missing path (a file in the way fails: ENOTDIR)
+            else:
+                replace_file(f, out / f.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if lock_created:
@@ -590,16 +602,16 @@ def staged_outputs(out: Path, *, keep: bool = False, lock: Path | None = None):
 
 
 def _merge_dir(src: Path, dst: Path) -> None:
-    import shutil
+    from ..store import replace_file
 
     for f in src.iterdir():
         target = dst / f.name
         if f.is_dir() and target.is_dir():
             _merge_dir(f, target)
-        else:
-            if target.is_dir():
-                shutil.rmtree(target)
+        elif f.is_dir():
             os.replace(f, target)
+        else:
+            replace_file(f, target)
 
 
 # --------------------------------------------------------------------------- matching-method options

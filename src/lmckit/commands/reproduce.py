@@ -83,6 +83,15 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         from importlib import resources
 
+        folder = resources.files("lmckit") / "recipes"
+        if args.json:
+            print_json(
+                {
+                    "recipes": [{"name": n, "description": load_recipe(n).description} for n in recipe_names()],
+                    "folder": str(folder),
+                }
+            )
+            return 0
         for n in recipe_names():
             print(f"{n:20s} {load_recipe(n).description}")
         print(
@@ -95,15 +104,16 @@ def run(args: argparse.Namespace) -> int:
 
         r = load_recipe(args.show, args.sets)
         sets = "".join(f" --set {s}" for s in args.sets)
-        print(
-            recipe_toml(
-                r,
-                f"lmckit recipe {r.name!r} (from `lmckit reproduce --show {args.show}{sets}`)\n"
-                "Every key is written with its value; the comment above it gives its meaning and "
-                "default.\nRun it with: lmckit reproduce --recipe THIS_FILE.toml",
-            ),
-            end="",
+        text = recipe_toml(
+            r,
+            f"lmckit recipe {r.name!r} (from `lmckit reproduce --show {args.show}{sets}`)\n"
+            "Every key is written with its value; the comment above it gives its meaning and "
+            "default.\nRun it with: lmckit reproduce --recipe THIS_FILE.toml",
         )
+        if args.json:
+            print_json({"recipe": r.name, "toml": text})
+        else:
+            print(text, end="")
         return 0
     from pathlib import Path
 

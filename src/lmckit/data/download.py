@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import LmcError
 from ..progress import Progress
-from ..store import atomic_write_bytes, file_lock
+from ..store import atomic_write_bytes, file_lock, replace_file
 from .checksums import ARCHIVE_CHECKSUMS, KNOWN_CHECKSUMS, Checksum, digest
 from .registry import cache_root, dataset_info
 
@@ -295,7 +295,7 @@ def _download_locked(
                 if rf.content:
                     content = _gunzip(tmp, f"{rf.name} from {url}") if rf.name.endswith(".gz") else tmp.read_bytes()
                     _check(rf.content, None, None, content, f"{rf.name} from {url} (decompressed)")
-                os.replace(tmp, folder / rf.name)
+                replace_file(tmp, folder / rf.name, "dataset file")
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)

@@ -28,10 +28,19 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..errors import LmcError
-from ..limits import usable_cpus
 from ..progress import Progress
 from ..store import is_complete
-from .stages import Runtime, Stage, StageOutcome, critical_path, dependencies, run_stage, stage_label, stage_path
+from .stages import (
+    STAGE_THREADS,
+    Runtime,
+    Stage,
+    StageOutcome,
+    critical_path,
+    dependencies,
+    run_stage,
+    stage_label,
+    stage_path,
+)
 
 __all__ = [
     "plan",
@@ -287,9 +296,9 @@ def end_processes(procs: Sequence, grace: float = 5.0) -> None:
 class ProcessPoolExecutor(Executor):
     """Runs up to ``jobs`` independent stages at once in spawned worker processes.
 
-    Each worker gets ``max(1, usable cores // jobs)`` torch threads (:func:`lmckit.limits.usable_cpus`) unless the
-    runtime names a count. Workers are spawned (not forked) so no torch or
-    OpenMP state is inherited.
+    Each stage runs with :data:`~lmckit.pipeline.stages.STAGE_THREADS` torch threads (as in process and in
+    Ray tasks, so ``--jobs`` never changes a result) unless the runtime names a count. Workers are spawned
+    (not forked) so no torch or OpenMP state is inherited.
     """
 
     def __init__(self, jobs: int):
@@ -301,7 +310,7 @@ class ProcessPoolExecutor(Executor):
 
     def _ensure(self, runtime: Runtime) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            self._threads = runtime.threads or max(1, usable_cpus() // self.jobs)
+            self._threads = runtime.threads or STAGE_THREADS
             self._pool = cf.ProcessPoolExecutor(
                 self.jobs,
                 mp_context=multiprocessing.get_context("spawn"),

@@ -17,8 +17,8 @@ Guarantees (the same as the in-process executor)
   root never compute one stage twice), same ``.partial`` life cycle. The
   report is written by the driver from the stage folders, so ``results.json``
   is byte-identical to an in-process run whenever each stage computes the
-  same numbers (CPU: same torch thread count per stage; see
-  :class:`StageResources`).
+  same numbers, which it does: every executor runs a stage with
+  :data:`~lmckit.pipeline.stages.STAGE_THREADS` torch threads.
 * A worker process killed in the middle of a stage: Ray retries the task
   (``max_retries``); the retry takes the released lock and resumes in the
   ``.partial`` folder (training resumes from its last epoch checkpoint).
@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LmcError
+from ..store import atomic_write_text
 from .executor import Executor
 from .stages import Runtime, Stage, StageOutcome, run_stage, stage_hash, stage_label, stage_path
 
@@ -112,8 +113,9 @@ class StageResources:
     ----------
     cpus:
         ``(kind, cpus)`` pairs; kinds missing here ask for ``default_cpus``.
-        The CPUs a stage gets are also its torch thread count (rounded down,
-        at least 1) unless the runtime names a thread count.
+        They are reserved for the task; its torch thread count stays
+        :data:`~lmckit.pipeline.stages.STAGE_THREADS` (as in process), so where a
+        stage ran never changes its result.
     gpus:
         ``(kind, gpus)`` pairs (fractions allowed: 0.5 lets two such stages
         share a GPU); kinds missing here ask for :meth:`gpu_default`.
@@ -271,7 +273,7 @@ def check_shared_root(ray, root: Path, timeout: float = 120.0) -> list[str]:
     tokdir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)
     path = tokdir / f"fs-check-{token}.token"
-    path.write_text(token)
+    atomic_write_text(path, token)
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         reader = ray.remote(num_cpus=0, max_retries=1)(_read_token)
@@ -434,9 +436,7 @@ class RayExecutor(Executor):
                 f"{self._total[0]:g} CPU and {self._total[1]:g} GPU",
                 f"lower --ray-resources {kind}=... or add nodes",
             )
-        rt = runtime
-        if not rt.threads:
-            rt = dataclasses.replace(rt, threads=max(1, int(cpus)))
+        rt = runtime  # torch threads: STAGE_THREADS as in process (run_stage), whatever CPUs the task reserves
         if rt.data_dir:
             rt = dataclasses.replace(rt, data_dir=str(Path(rt.data_dir).resolve()))
         ref = self._remote.options(

@@ -57,6 +57,7 @@ from ..store import atomic_write_json, config_hash, file_lock, finalize_dir, is_
 __all__ = [
     "Stage",
     "Runtime",
+    "STAGE_THREADS",
     "StageContext",
     "StageOutcome",
     "dependencies",
@@ -129,7 +130,17 @@ class Runtime:
 
     device: str = "auto"
     data_dir: str | None = None
-    threads: int | None = None  # torch intra-op threads inside a stage; None keeps torch's default
+    threads: int | None = None  # torch intra-op threads inside a stage; None: STAGE_THREADS, in every executor
+
+
+#: torch intra-op threads of every stage unless :attr:`Runtime.threads` names another count. Fixed, not
+#: "the cores this process may use": float32 reductions (matmul, sums) split their work by thread and so round
+#: differently with another count, and a stage's result must be a function of its inputs alone, the same in
+#: process (``--jobs 1``), in a process pool (``--jobs 2``) and in a Ray task (measured on the tiny recipe:
+#: 2 threads in process vs 1 per pool worker changed the naive barrier in its 7th digit, 1 vs 1 is
+#: byte-identical). One thread is what ``--jobs auto`` (one stage per core) always used; the shipped results
+#: in docs/results were computed with it.
+STAGE_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -296,11 +307,10 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
         t0, c0 = time.time(), time.process_time()
         prev_threads = None
         try:
-            if runtime.threads:
-                import torch
+            import torch
 
-                prev_threads = torch.get_num_threads()
-                torch.set_num_threads(runtime.threads)
+            prev_threads = torch.get_num_threads()
+            torch.set_num_threads(runtime.threads or STAGE_THREADS)  # see STAGE_THREADS: same count everywhere
             with _redirect_to(logf) as log:
                 print(f"== {label} started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})", file=log)
                 try:
@@ -353,8 +363,9 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
 
 
 def _where(ctx: StageContext) -> dict[str, Any]:
-    """How the stage ran, for its provenance: torch threads and device (not hashed; results can differ in
-    the last digits between thread counts, e.g. ``--jobs 1`` vs ``--jobs 2``)."""
+    """How the stage ran, for its provenance: torch threads and device (not hashed: the thread count is
+    :data:`STAGE_THREADS` in every executor unless a caller's :class:`Runtime` names another, and results can
+    differ in the last digits between thread counts or devices)."""
     import torch
 
     return {"threads": torch.get_num_threads(), "device": str(ctx.device)}
