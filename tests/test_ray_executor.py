@@ -31,6 +31,7 @@ from lmckit.pipeline.ray_executor import (
     parse_resources,
     ray_available,
 )
+from lmckit.pipeline.stages import STAGE_THREADS
 from lmckit.pipeline.tasks import MatchStage, TrainStage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,6 +257,22 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     reproduce("tiny", out=root / "report", cache=root / "cache")
     return (root / "report" / "results.json").read_bytes()
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_run_on_a_fresh_cache_is_byte_identical_to_in_process(tmp_path, reference):
+    """The tiny recipe as Ray tasks from an empty cache: results.json equals the in-process run's byte for byte
+    (every executor runs a stage with STAGE_THREADS torch threads; before, Ray's tasks and the in-process run
+    used different counts and differed in the 7th digit)."""
+    run = RayRun(tmp_path, "report")
+    try:
+        assert run.wait(600) == 0, run.log.read_text()[-3000:]
+    finally:
+        run.stop()
+    assert (run.out / "results.json").read_bytes() == reference
+    threads = {json.loads(t)["threads"] for t in _complete_stages(run.cache).values()}
+    assert threads == {STAGE_THREADS}
 
 
 @needs_ray
