@@ -382,6 +382,23 @@ def load_state(path: str | os.PathLike, check_finite: bool = True) -> tuple[dict
     return state, meta
 
 
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict: sha256 over every tensor's name, dtype, shape and bytes (sorted by name).
+
+    Identifies a model by its weights, whatever file or folder they were loaded from; recorded in every
+    perm file (``lmckit match``/``merge`` and the pipeline's match stages) so that a permutation is never
+    applied to a model it was not computed for. Returns ``"sha256:<64 hex digits>"``.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
 def check_state_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
     """Raise :class:`LmcError` naming the first tensor with NaN or inf values."""
     import torch
@@ -420,10 +437,15 @@ def finalize_dir(partial: Path, final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output folder") -> Iterator[None]:
+def file_lock(
+    path: str | os.PathLike, wait: bool = True, what: str = "output folder", owner: str | None = None
+) -> Iterator[None]:
     """An advisory exclusive lock (``fcntl.flock``) on ``path``.
 
-    With ``wait=False`` a held lock raises :class:`LmcError` instead of blocking.
+    The holder writes its pid, ``owner`` (what it locked it for) and its command line into the lock file.
+    With ``wait=False`` a held lock raises :class:`LmcError` naming that holder; with ``wait=True`` a line
+    on stderr says who is being waited for (which process, which run) before blocking, so a run that waits
+    on another never sits silent.
     """
     path = Path(path)
     make_dirs(path.parent)
@@ -433,21 +455,39 @@ def file_lock(path: str | os.PathLike, wait: bool = True, what: str = "output fo
     except OSError as e:
         raise os_error(e, path, "create the lock file") from None
     try:
-        flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
         try:
-            fcntl.flock(fd, flags)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LmcError(
-                f"another lmckit process is using the {what} {path.parent}",
-                "wait for it to finish, or use another --out folder",
-            ) from None
+            holder = lock_holder(path)
+            if not wait:
+                raise LmcError(
+                    f"another lmckit process ({holder}) is using the {what} {path.parent}",
+                    "wait for it to finish, or use another --out folder",
+                ) from None
+            print(f"lmckit: waiting for the {what} lock {path}, held by {holder}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        cmd = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+        os.write(fd, f"{os.getpid()}\n{owner or what}\n{cmd}\n".encode(errors="replace"))
         yield
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def lock_holder(path: str | os.PathLike) -> str:
+    """Who holds the lock file ``path``, as its holder wrote it: ``"pid 123 (stage model/ab12: reproduce ...)"``."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(4096).decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    if not lines or not lines[0].strip().isdigit():
+        return "a process that did not say which"
+    what = "; ".join(x.strip() for x in lines[1:3] if x.strip())
+    text = f"pid {lines[0].strip()}" + (f" ({what})" if what else "")
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]
 
 
 def check_output_path(what: str, path: str | Path | None, folder: bool = False) -> None:

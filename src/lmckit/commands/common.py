@@ -22,7 +22,7 @@ from ..limits import (  # noqa: F401  (re-exported: the commands import them fro
     MAX_SAMPLES,
     MAX_SEED,
 )
-from ..store import check_output_path  # noqa: F401  (re-exported: every command checks its outputs with it)
+from ..store import check_output_path, state_fingerprint  # noqa: F401  (re-exported: commands import them here)
 
 # torch, the model zoo and the store are imported inside the functions that need them, so that
 # `lmckit --help` and argument errors answer without loading torch (benchmarks/bench_cli.py).
@@ -458,24 +458,6 @@ def refuse_outputs_in_inputs(
 
 
 # --------------------------------------------------------------------------- model identities in perm files
-def state_fingerprint(state: Mapping[str, Any]) -> str:
-    """Content hash of a state dict: sha256 over every tensor's name, dtype, shape and bytes (sorted by name).
-
-    Identifies a model by its weights, whatever file or folder they were loaded from; recorded in every
-    perm file so that a permutation is never applied to a model it was not computed for.
-    """
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()
-
-
 def add_force_perm(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--force-perm",

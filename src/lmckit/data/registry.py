@@ -222,6 +222,10 @@ def find_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Path:
 
 
 _CACHE: dict[tuple, Dataset] = {}
+#: every dataset :func:`load_dataset` returned in this process: name -> its files' checksums (file name ->
+#: sha256 of the content). A pipeline stage clears it before it runs and records what it read, so a cached
+#: stage is reused only on the same data (:func:`lmckit.pipeline.stages.cache_problem`).
+LOADED: dict[str, dict[str, str]] = {}
 
 
 def _validate(info: DatasetInfo, folder: Path, images: dict, labels: dict, source: dict) -> None:
@@ -277,6 +281,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
     folder = find_dataset(name, data_dir)
     key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed)
     if key in _CACHE:
+        LOADED[name] = dict(_CACHE[key].checksums)
         return _CACHE[key]
     info = dataset_info(name)
     images, labels, source, sums = info.loader(folder)
@@ -292,4 +297,5 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
         images["train"], labels["train"] = images["train"][ti], labels["train"][ti]
     ds = Dataset(name, images, labels, info.num_classes, info.mean, info.std, source, sums)
     _CACHE[key] = ds
+    LOADED[name] = dict(ds.checksums)
     return ds

@@ -29,7 +29,6 @@ from typing import Callable, Iterable, Sequence
 
 from ..errors import LmcError
 from ..progress import Progress
-from ..store import is_complete
 from .stages import (
     STAGE_THREADS,
     Runtime,
@@ -37,6 +36,7 @@ from .stages import (
     StageOutcome,
     critical_path,
     dependencies,
+    is_cached,
     run_stage,
     stage_label,
     stage_path,
@@ -86,7 +86,14 @@ class PlanEntry:
 
 def dry_run(targets: Iterable[Stage], root: str | os.PathLike) -> list[PlanEntry]:
     """Every stage of the plan with its folder and whether it is already complete."""
-    return [PlanEntry(s, stage_path(root, s), is_complete(stage_path(root, s))) for s in plan(targets)]
+    entries: list[PlanEntry] = []
+    stale: set[Stage] = set()
+    for s in plan(targets):  # a stage reading one that must run cannot be counted as cached yet
+        ok = not any(d in stale for d in dependencies(s)) and is_cached(root, s)
+        if not ok:
+            stale.add(s)
+        entries.append(PlanEntry(s, stage_path(root, s), ok))
+    return entries
 
 
 @dataclass
@@ -154,8 +161,8 @@ class Executor:
         order = plan(targets)
         summary = RunSummary()
         todo: list[Stage] = []
-        for s in order:
-            if is_complete(stage_path(root, s)):
+        for s in order:  # in plan order: a stage whose input will run is not reused before that input is known
+            if not any(d in todo for d in dependencies(s)) and is_cached(root, s, runtime):
                 summary.outcomes.append(StageOutcome(s.KIND, stage_path(root, s).name, stage_label(s), "cached"))
             else:
                 todo.append(s)

@@ -66,6 +66,9 @@ __all__ = [
     "stage_path",
     "stage_label",
     "run_stage",
+    "cache_problem",
+    "is_cached",
+    "folder_manifest",
     "readable_config",
 ]
 
@@ -295,12 +298,16 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
     h = stage_hash(spec)
     final = root / spec.KIND / h
     label = stage_label(spec)
-    if is_complete(final):
+    if is_complete(final) and cache_problem(root, spec, runtime) is None:
         return StageOutcome(spec.KIND, h, label, "cached", log=str(final / "log.txt"))
     lock = root / ".locks" / f"{spec.KIND}-{h}.lock"
-    with file_lock(lock, wait=True, what="stage"):
-        if is_complete(final):  # another process finished it while we waited
-            return StageOutcome(spec.KIND, h, label, "cached", log=str(final / "log.txt"))
+    with file_lock(lock, wait=True, what="stage", owner=f"stage {label}"):
+        if is_complete(final):  # another process finished it while we waited, or it is there but not trusted
+            why = cache_problem(root, spec, runtime)
+            if why is None:
+                return StageOutcome(spec.KIND, h, label, "cached", log=str(final / "log.txt"))
+            print(f"warning: cached stage {label} ({final}) is not used: {why}; recomputing it", file=sys.stderr)
+            _discard(final)
         work = partial_dir(final)
         work.mkdir(parents=True, exist_ok=True)
         logf = work / "log.txt"
@@ -317,7 +324,9 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
                     ctx = StageContext(spec, root, work, runtime)
                     for dep in dependencies(spec):
                         ctx.input(dep)
+                    _loaded_data().clear()
                     spec.run(ctx)
+                    data = {k: dict(v) for k, v in _loaded_data().items()}
                     where = _where(ctx)  # threads and device: float sums may round differently with others
                 except LmcError as e:
                     print(f"== failed: {e.render()}", file=log)
@@ -354,12 +363,141 @@ def run_stage(spec: Stage, root: str | os.PathLike, runtime: Runtime | None = No
                 "pid": os.getpid(),
                 "lmckit": _version(),
                 **where,
+                # what cache_problem checks before the folder is reused: its files, its inputs, its data
+                "files": folder_manifest(work),
+                "inputs": _input_digests(root, spec),
+                "data": data,
             },
         )
         # config.json last: its presence (outside .partial) marks the folder complete.
         atomic_write_json(work / "config.json", readable_config(spec))
         finalize_dir(work, final)
     return StageOutcome(spec.KIND, h, label, "ran", seconds, log=str(final / "log.txt"))
+
+
+# --------------------------------------------------------------------------- what a cached folder is trusted for
+#: files of a stage folder outside its manifest: the record holding the manifest, and the readable config
+_UNLISTED = ("stage.json", "config.json")
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def folder_manifest(folder: str | os.PathLike) -> dict[str, list]:
+    """``{relative path: [size in bytes, "sha256:..."]}`` of every regular file under a stage folder (but
+    ``stage.json`` and ``config.json``): recorded in ``stage.json`` when the stage finishes."""
+    folder = Path(folder)
+    out: dict[str, list] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if rel in _UNLISTED or p.is_symlink() or not p.is_file():
+            continue
+        out[rel] = [p.stat().st_size, _file_digest(p)]
+    return out
+
+
+def _manifest_digest(files: dict) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _stage_record(folder: Path) -> dict | None:
+    try:
+        rec = json.loads((folder / "stage.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _input_digests(root: Path, spec: Stage) -> dict[str, str]:
+    """``{"kind/hash": digest of its manifest}`` of the stages ``spec`` read (those that record one)."""
+    out = {}
+    for dep in dependencies(spec):
+        rec = _stage_record(stage_path(root, dep))
+        if rec and isinstance(rec.get("files"), dict):
+            out[f"{dep.KIND}/{stage_hash(dep)}"] = _manifest_digest(rec["files"])
+    return out
+
+
+def _loaded_data() -> dict:
+    from ..data.registry import LOADED
+
+    return LOADED
+
+
+def _current_checksums(name: str, runtime: Runtime | None) -> dict[str, str] | None:
+    """Checksums of dataset ``name`` as this run would read it (None: it cannot be read here)."""
+    from ..data import load_dataset
+
+    try:
+        return dict(load_dataset(name, data_dir=(runtime or Runtime()).data_dir).checksums)
+    except LmcError:
+        return None
+
+
+def cache_problem(root: str | os.PathLike, spec: Stage, runtime: Runtime | None = None) -> str | None:
+    """Why the complete folder of ``spec`` must not be reused, or None when it may.
+
+    Checked on every cache hit (:func:`is_cached`, :func:`run_stage`) against what ``stage.json`` recorded
+    when the stage finished: every file's size and sha256 (a file edited, truncated or deleted by hand), the
+    manifests of the input stages it read (an input recomputed since, with other content) and the checksums
+    of the dataset files it read (another ``--data-dir``, or files replaced in place). Folders written by an
+    lmckit that recorded none of this are trusted as before.
+    """
+    folder = stage_path(root, spec)
+    rec = _stage_record(folder)
+    if rec is None:
+        return "its stage.json is missing or not valid JSON"
+    files = rec.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return "its stage.json lists no valid file manifest"
+    for rel, entry in sorted(files.items()):
+        p = folder / rel
+        try:
+            size, digest = entry
+            st = p.stat()
+        except (OSError, ValueError, TypeError):
+            return f"{rel} is missing"
+        if st.st_size != size:
+            return f"{rel} is {st.st_size} bytes but was {size} when written (edited or truncated)"
+        if _file_digest(p) != digest:
+            return f"{rel} was edited after it was written (its sha256 differs)"
+    inputs = rec.get("inputs") or {}
+    for key, digest in sorted(inputs.items()) if isinstance(inputs, dict) else ():
+        kind, _, h = key.partition("/")
+        dep_rec = _stage_record(Path(root) / kind / h)
+        if dep_rec and isinstance(dep_rec.get("files"), dict) and _manifest_digest(dep_rec["files"]) != digest:
+            return f"its input {key} was recomputed since, with other content"
+    data = rec.get("data") or {}
+    for name, sums in sorted(data.items()) if isinstance(data, dict) else ():
+        now = _current_checksums(name, runtime)
+        if now is not None and now != sums:
+            return f"the files of dataset {name} differ from those it was computed on"
+    return None
+
+
+def is_cached(root: str | os.PathLike, spec: Stage, runtime: Runtime | None = None) -> bool:
+    """The stage's folder is complete and may be reused (:func:`cache_problem` finds nothing)."""
+    return is_complete(stage_path(root, spec)) and cache_problem(root, spec, runtime) is None
+
+
+def _discard(final: Path) -> None:
+    """Remove an untrusted complete folder (renamed first, so it never looks complete half-deleted)."""
+    import shutil
+
+    gone = final.with_name(f"{final.name}.stale-{os.getpid()}")
+    os.replace(final, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _where(ctx: StageContext) -> dict[str, Any]:

@@ -38,11 +38,21 @@ from ..evaluate import evaluate
 from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
 from ..match import merge_many
 from ..match.ste import PRESETS, PROTOCOLS
-from ..perm import apply_permutation, load_perms, perm_changed_units, spec_for
+from ..perm import apply_permutation, perm_changed_units, spec_for
 from ..studies import direction_matching, reassign_fraction, spectrum_concentration
 from .recipe import Recipe
 from .stages import Stage, StageContext
-from .tasks import AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, _Pair, _write, load_model_of
+from .tasks import (
+    AnalysisStage,
+    BarrierStage,
+    MatchStage,
+    ThreeModelStage,
+    TrainStage,
+    _Pair,
+    _write,
+    load_model_of,
+    load_stage_perms,
+)
 
 __all__ = [
     "DirectionsStage",
@@ -279,7 +289,10 @@ class ManyModelsStage(Stage):
             return cache[key]
 
         if self.method != "merge_many":
-            perms = [None] + [load_perms(ctx.input(m) / "perms.json", spec) for m in self.matches[1:]]
+            perms = [None] + [
+                load_stage_perms(ctx.input(m) / "perms.json", spec, states[0], sd)
+                for m, sd in zip(self.matches[1:], states[1:])
+            ]
             aligned_all = [
                 apply_permutation(spec, q, sd) if q is not None else dict(sd) for q, sd in zip(perms, states)
             ]

@@ -28,7 +28,7 @@ from ..lmc.landscape import plane_landscape
 from ..match.registry import get_method, mergemany_method
 from ..merge import align_models, merged_accuracy_curve
 from ..perm import apply_permutation, load_perms, save_perms, spec_for
-from ..store import atomic_write_json
+from ..store import atomic_write_json, read_json, state_fingerprint
 from ..train import TrainConfig, make_config, train_in_folder
 from .stages import Stage, StageContext
 
@@ -157,6 +157,27 @@ def load_trained(folder: Path, root: Path) -> tuple[dict, dict]:
     return sd, info["model"]
 
 
+def load_stage_perms(path: Path, spec, sd_a: Mapping[str, Any], sd_b: Mapping[str, Any]):
+    """The permutations of a match stage's ``perms.json`` (B aligned to A), checked against the two models.
+
+    The file records the content hashes of the models it was computed for (``model_a_sha256``,
+    ``model_b_sha256``: :func:`lmckit.store.state_fingerprint`); a file recording other models raises
+    :class:`LmcError` naming it (a cache edited by hand, or a model stage recomputed with other weights).
+    Files of earlier lmckit versions record none and are read as before.
+    """
+    perms = load_perms(path, spec)
+    d = read_json(path, "permutation file")
+    for key, sd, role in (("model_a_sha256", sd_a, "reference model A"), ("model_b_sha256", sd_b, "permuted model B")):
+        rec = d.get(key)
+        if rec is not None and rec != state_fingerprint(sd):
+            raise LmcError(
+                f"{path} was computed for other models: it records {key} {str(rec)[:19]}..., the {role} it is "
+                f"read for is {state_fingerprint(sd)[:19]}...",
+                "the cache was edited or mixed with another; delete that match folder and rerun lmckit reproduce",
+            )
+    return perms
+
+
 class _Pair:
     """Models A and B (B un-permuted), their spec, a workspace model and the dataset."""
 
@@ -169,7 +190,11 @@ class _Pair:
         self.model = build_model(model_cfg, self.sd_a, a.label()).to(self.device)
         self.spec = spec_for(self.model)
         self.dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
-        self.perms = load_perms(ctx.input(match) / "perms.json", self.spec) if match is not None else None
+        self.perms = (
+            load_stage_perms(ctx.input(match) / "perms.json", self.spec, self.sd_a, self.sd_b)
+            if match is not None
+            else None
+        )
 
     def sd_b_aligned(self):
         return apply_permutation(self.spec, self.perms, self.sd_b) if self.perms is not None else dict(self.sd_b)
@@ -221,7 +246,14 @@ class MatchStage(Stage):
             progress=True,
             alignment=alignment_tracker(p.spec, p.sd_a, p.sd_b),
         )
-        save_perms(ctx.dir / "perms.json", res.perms, method=self.method, seed=self.seed)
+        save_perms(
+            ctx.dir / "perms.json",
+            res.perms,
+            method=self.method,
+            seed=self.seed,
+            model_a_sha256=state_fingerprint(p.sd_a),
+            model_b_sha256=state_fingerprint(p.sd_b),
+        )
         d = res.to_dict()
         d.pop("seconds", None)
         _write(ctx, d)
@@ -437,7 +469,10 @@ class ThreeModelStage(Stage):
         else:
             if len(self.matches) != len(self.models) or self.matches[0] is not None:
                 raise LmcError("ThreeModelStage needs matches = (None, match of model 1, match of model 2, ...)")
-            perms = [None] + [load_perms(ctx.input(m) / "perms.json", spec) for m in self.matches[1:]]
+            perms = [None] + [
+                load_stage_perms(ctx.input(m) / "perms.json", spec, states[0], sd)
+                for m, sd in zip(self.matches[1:], states[1:])
+            ]
         aligned = [apply_permutation(spec, p, sd) if p is not None else dict(sd) for p, sd in zip(perms, states)]
         lim = self.limit or None
         bar = barrier_curve(
