@@ -309,3 +309,30 @@ def test_claim_3_needs_a_rise_at_high_gamma_at_least_twice_that_at_gamma_0(rise0
     assert rec["held"] is held
     assert rec["numbers"]["R_rise_high_gamma"] == pytest.approx(rise3)
     assert "at least twice" in rec["criterion"]
+
+
+# --------------------------------------------------------------------------- text a user controls (issue 28)
+def test_user_text_reaches_the_report_as_text_only(tiny, tmp_path):
+    """A multi-line recipe description with a heading, a table and terminal escapes, a name with an OSC
+    title escape and a note with a heading: report.md and report.html carry their words, no markup, no ESC/BEL."""
+    import copy
+
+    from lmckit.report.writer import plain, write_report
+
+    write_report(tiny[1], tmp_path / "base")
+    base = (tmp_path / "base" / "report.md").read_text()
+    res = copy.deepcopy(tiny[1])
+    res["recipe"]["description"] = "line one\n# Injected heading\n| a | b |\n|---|---|\n| 1 | 2 |\n\x1b[31mred\x07 end"
+    res["recipe"]["name"] = "evil\x1b]0;pwned\x07name"
+    res["notes"] = ["a note\n## Injected note heading\x1b[2J"]
+    write_report(res, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    page = (tmp_path / "r" / "report.html").read_text()
+    for text in (md, page):
+        assert not any(c in text for c in "\x1b\x07\x00"), "a control character reached the report"
+    assert "Injected heading" in md and "Injected note heading" in md  # the words stay, as text
+    assert not any(line.startswith(("# Injected", "## Injected", "| a |")) for line in md.splitlines())
+    assert md.count("\n#") == base.count("\n#") and md.count("\n|") == base.count("\n|")  # no heading, no row added
+    assert page.count("<table") == render_html(base, "x").count("<table") and "<h1>Injected" not in page
+    assert "evil]0;pwnedname" in md and "<title>lmckit report: evil]0;pwnedname</title>" in page
+    assert plain("# x") == "\\# x" and plain("1. x") == "1\\. x" and plain("a\n\n|b|") == "a |b|"

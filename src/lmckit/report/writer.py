@@ -96,9 +96,31 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+#: control characters (C0 but tab and newline, DEL, C1): ESC and BEL would drive a terminal showing report.md
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: what would start a Markdown block (heading, quote, list, table row, fence, thematic break) at a line's start
+_BLOCK_START = re.compile(r"^([#>+*=|_~`-]|\d+[.)])")
+
+
+def plain(text: Any) -> str:
+    """Text a user controls (recipe name and description, labels, notes) as one line of Markdown text.
+
+    Control characters are removed, every run of whitespace (line breaks included) becomes one space, and a
+    leading character that would start a Markdown block (``#`` heading, ``|`` table row, ``>`` quote, list
+    markers, fences) is backslash-escaped: a multi-line recipe ``description`` cannot add headings, tables
+    or anything else to report.md / report.html, only text.
+    """
+    s = " ".join(_CONTROL.sub("", str(text)).split())
+    m = _BLOCK_START.match(s)
+    if m:
+        k = len(m.group(1)) - 1  # before the marker's last character: "\\#", "1\\."
+        s = s[:k] + "\\" + s[k:]
+    return s
+
+
 def _cell(v: Any) -> str:
-    """A table cell: pipes escaped (a ``|`` would split the cell), no line breaks."""
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    """A table cell: pipes escaped (a ``|`` would split the cell), no line breaks, no control characters."""
+    return " ".join(_CONTROL.sub("", str(v)).replace("|", "\\|").split("\n"))
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
@@ -165,11 +187,11 @@ def write_report(
     md += write_architectures(res, figs.add)  # attention / LSTM layer kinds, model size (issue 12)
     md += write_studies(res, figs.add)
     md += _figures_section(figs.listed) + _timings_section(timing)
-    text = "\n".join(md) + "\n"
+    text = _CONTROL.sub("", "\n".join(md) + "\n")  # whatever user text a section let through: no ESC, BEL, ...
     written = figs.written
     written["report.md"] = atomic_write_text(figs.inside("report.md"), text)
     written["report.html"] = atomic_write_text(
-        figs.inside("report.html"), render_html(text, f"lmckit report: {res['recipe']['name']}")
+        figs.inside("report.html"), render_html(text, f"lmckit report: {plain(res['recipe']['name'])}")
     )
     written["results.json"] = atomic_write_text(
         figs.inside("results.json"), json.dumps(res, indent=1, sort_keys=True, allow_nan=False) + "\n"
@@ -182,7 +204,7 @@ def write_report(
 def _header(res: dict[str, Any], cache: str | None) -> list[str]:
     """Title, recipe description, what ran (dataset, seeds, methods, models, STE protocol), cache, notes."""
     r = res["recipe"]
-    md: list[str] = [f"# lmckit reproduction: recipe `{r['name']}`", "", r.get("description", ""), ""]
+    md: list[str] = [f"# lmckit reproduction: recipe `{plain(r['name'])}`", "", plain(r.get("description", "")), ""]
     md += [
         f"Dataset **{r['data']['dataset']}**, seeds {r['train']['seeds']}, methods "
         f"{', '.join(METHOD_LABEL.get(m, m) for m in r['match']['methods'])}, model(s) "
@@ -209,7 +231,7 @@ def _header(res: dict[str, Any], cache: str | None) -> list[str]:
     if cache:
         md += ["", f"Stage outputs: `{cache}` (rerun the same command to reuse them)."]
     for n in res.get("notes", []):
-        md += ["", f"> note: {n}"]
+        md += ["", f"> note: {plain(n)}"]
     return md
 
 
@@ -228,7 +250,7 @@ def _experiment_section(res: dict[str, Any], e: dict[str, Any], pre: str, fig: A
     """One model's section: trained models, barrier, distance/Taylor and layer tables; its figures (``pre`` +
     name; no prefix for the first experiment)."""
     label = e["label"]
-    md = ["", f"## {label}", "", "Trained models (accuracies: fractions of the full split):", ""]
+    md = ["", f"## {plain(label)}", "", "Trained models (accuracies: fractions of the full split):", ""]
     md += _table(
         [
             {
