@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             _json_error(command, message, code, hint)
         return code
 
+    from .commands import common
+
+    common.JSON_PRINTED[0] = 0  # per call: main may run several times in one process
     bad_cwd = _cwd_error()
     if bad_cwd:
         return fail(cmd_guess, bad_cwd, 2, "cd to an existing folder and run the command again")
@@ -227,11 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         return fail(None, "no command given", 2, "`lmckit --help` lists the commands")
     # lmckit.store imports torch: read only once a command runs, so `lmckit --help` and parse errors stay fast
-    from .commands import common
     from .store import USER_ERRNOS, os_error
 
     want_json = bool(getattr(args, "json", False))
-    common.JSON_PRINTED[0] = 0
     quiet = bool(getattr(args, "quiet", False))
     saved_quiet = os.environ.get("LMCKIT_NO_PROGRESS")
     if quiet:  # progress lines off, in this process and in any worker it starts

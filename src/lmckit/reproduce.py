@@ -29,7 +29,10 @@ from .pipeline.recipe import Recipe
 from .pipeline.reproduce import prepare, stage_costs
 from .pipeline.stages import Runtime
 from .report import collect, timings, write_report
-from .store import file_lock
+from .store import check_output_path, check_replaceable, file_kind, file_lock
+
+#: the files every report folder gets (figures besides: the .png files)
+REPORT_FILES = ("report.md", "report.html", "results.json", "timings.json", ".lmckit.lock")
 
 __all__ = ["ReproduceResult", "reproduce"]
 
@@ -93,13 +96,18 @@ def reproduce(
         for p in (path, *path.parents):
             if p.exists() and not p.is_dir():
                 raise LmcError(
-                    f"the {what} {path} cannot be created: {p} is a file",
+                    f"the {what} {path} cannot be created: {p} is a {file_kind(p) or 'file'}",
                     f"pass a folder path to {flag} (it is created if missing)",
                 )
+    if out_dir.is_dir():  # the report's own files: refused now, not after every stage ran
+        for name in sorted({*REPORT_FILES, *(p.name for p in out_dir.glob("*.png"))}):
+            check_replaceable(out_dir / name, "report file")
     res = ReproduceResult(r, plan, out_dir, cache)
     res.entries = dry_run(plan.targets(), cache)
     if dry:
         return res
+    check_output_path("stage cache --cache", cache, folder=True)  # a real run writes there (a dry run need not)
+    check_output_path("stage cache lock folder", cache / ".locks", folder=True)
     if executor == "ray":
         check_device_name(device)  # Ray workers may have a GPU this driver lacks: check the name only
     else:

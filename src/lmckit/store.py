@@ -148,6 +148,15 @@ def _file_kind(mode: int) -> str | None:
     return "special file"
 
 
+def file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is not a regular file (``"folder"``, ``"named pipe (FIFO)"``, ...); None for a
+    regular file or a missing path."""
+    try:
+        return _file_kind(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
 def check_replaceable(path: str | os.PathLike, what: str = "output") -> None:
     """Refuse to write ``path`` unless it is missing or a regular file: :class:`LmcError` naming it.
 
@@ -461,7 +470,7 @@ def file_lock(
             holder = lock_holder(path)
             if not wait:
                 raise LmcError(
-                    f"another lmckit process ({holder}) is using the {what} {path.parent}",
+                    f"another lmckit process is using the {what} {path.parent} ({holder})",
                     "wait for it to finish, or use another --out folder",
                 ) from None
             print(f"lmckit: waiting for the {what} lock {path}, held by {holder}", file=sys.stderr, flush=True)
@@ -500,6 +509,10 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
     if path is None:
         return
     p = Path(path)
+    if not folder and str(path).endswith(("/", os.sep)):
+        raise LmcError(
+            f"cannot write {what} {path}: a name ending in '/' is a folder's", "give a file name (without the '/')"
+        )
     try:
         name_max = os.pathconf(_existing_parent(p), "PC_NAME_MAX")
     except (OSError, ValueError):

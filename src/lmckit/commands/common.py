@@ -424,7 +424,12 @@ def float_in(lo: float, hi: float, lo_open: bool = False):
 
 # --------------------------------------------------------------------------- outputs never overwrite inputs
 def _real(p: str | Path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
+    from ..errors import LmcError
+
+    try:
+        return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic-link loop (RuntimeError before Python 3.13, OSError after)
+        raise LmcError(f"cannot resolve {p}: {getattr(e, 'strerror', None) or e}", "fix or remove the link") from None
 
 
 def refuse_outputs_in_inputs(

@@ -144,6 +144,8 @@ def run_info(args: argparse.Namespace) -> int:
         raise LmcError(f"--val-size must not be negative, got {args.val_size}")
     rep = dataset_report(args.name, args.data_dir, args.val_size, not args.no_checksums)
     if args.json:
+        if rep.get("error"):  # --json's one document on failure carries the exit status too
+            rep["exit_code"] = 2
         print_json(rep)
         if rep.get("error"):  # the report is on stdout; the error follows the one convention (stderr, exit 2)
             raise LmcError(rep["error"], rep.get("hint"))
@@ -189,6 +191,10 @@ def run_info(args: argparse.Namespace) -> int:
 def run_download(args: argparse.Namespace) -> int:
     from ..data.download import download_dataset, download_plan
 
+    if args.root is not None:  # checked in a dry run too: it lists what the real run would write there
+        from ..store import check_output_path
+
+        check_output_path("--root", args.root, folder=True)
     if args.dry_run:
         plan = download_plan(args.name, args.mirror)
         print_json({"name": args.name, "dry_run": True, "files": plan}) if args.json else print_table(plan)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         outputs + [("--ste-state", args.ste_state)],
         [(f"model {chr(65 + i) if i < 26 else i}", m) for i, m in enumerate(args.models)],
     )
-    check_output_path("--out", out, folder=bool(args.multi))
+    check_output_path("--out", args.out, folder=bool(args.multi))  # the raw text: a trailing "/" names a folder
     check_output_path("--ste-state", args.ste_state, folder=True)
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(

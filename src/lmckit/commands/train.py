@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .common import LazyChoices, add_data, add_device, add_json, add_quiet, print_json
 
@@ -129,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     from ..train import train
 
     config, preset = config_from_args(args)
+    from ..train import check_run_store
+
+    check_run_store(Path(args.out))  # the run store before the first line of progress (a file, a FIFO, ...)
     if not args.quiet and not args.json:
         print(
             f"training {config.model} on {config.dataset}, seed {config.seed}"

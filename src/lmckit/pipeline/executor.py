@@ -207,6 +207,10 @@ class Executor:
                     s = running.pop(fut)
                     try:
                         out = fut.result()
+                    except LmcError as e:  # raised around the stage (its lock, its folder): the user's paths
+                        out = StageOutcome(
+                            s.KIND, stage_path(root, s).name, stage_label(s), "failed", 0.0, e.message, e.hint, True
+                        )
                     except Exception as e:  # the worker itself died
                         out = StageOutcome(
                             s.KIND,

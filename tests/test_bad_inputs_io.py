@@ -1,0 +1,662 @@
+"""Bad-input table, round three (issue 28): outputs, environment oddities, --json discipline, hostile names,
+locks and concurrent runs, stdout that cannot be written.
+
+Reuses the machinery of ``tests/test_bad_inputs.py`` (its :class:`Workspace`, the :class:`Row` record, the
+snapshot and CLI runners) with rows of its own. Every row must end in exit status 2, one paragraph on
+stderr naming the file or setting (a regex), no traceback and an unchanged workspace; a row whose command
+line has ``--json`` must also print exactly one JSON document on stdout, the error object with its exit code.
+Each class is fixed through one shared mechanism: :func:`lmckit.store.check_replaceable` (outputs that are
+not regular files), :class:`lmckit.cli._GuardedStdout` (stdout), :func:`lmckit.cli.main` (``--json`` errors,
+the working folder), :func:`lmckit.store.file_lock` (locks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.helpers.reliability import run_cli, snapshot, snapshot_diff, subprocess_env
+from tests.test_bad_inputs import TINY_RECIPE, Row, Workspace
+
+ROWS: list[Row] = []
+IS_ROOT = os.geteuid() == 0
+
+
+def row(id: str, pattern: str, xfail: str | None = None):
+    def deco(fn):
+        ROWS.append(Row(id, fn, pattern, xfail))
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- making files that are not files
+def make_special(path: Path, kind: str) -> Path:
+    """Put a ``kind`` at ``path``: fifo, chardev (a /dev/full-like node; root only), socket, folder, file,
+    link-fifo / link-chardev (a symlink to one). Returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        if not IS_ROOT:
+            pytest.skip("creating a device node needs root")
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # /dev/full's numbers, in the sandbox
+    elif kind == "socket":
+        cwd = os.getcwd()
+        os.chdir(path.parent)  # bind by a short relative name (socket paths are limited to 108 bytes)
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(path.name)
+            s.close()
+        finally:
+            os.chdir(cwd)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "file":
+        path.write_text("a file, not a folder\n")
+    elif kind.startswith("link-"):
+        target = make_special(path.with_name(f".target-{path.name}"), kind[5:])
+        path.symlink_to(target.name)
+    else:  # pragma: no cover - a typo in a row
+        raise ValueError(kind)
+    return path
+
+
+KIND_WORDS = {
+    "fifo": "named pipe",
+    "chardev": "character device",
+    "socket": "socket",
+    "folder": "folder",
+    "file": "file",
+    "link-fifo": "named pipe",
+    "link-chardev": "character device",
+    "link-folder": "folder",
+}
+FILE_KINDS = ["fifo", "chardev", "socket", "folder", "link-fifo", "link-chardev", "link-folder"]
+FOLDER_KINDS = ["file", "fifo", "chardev", "socket"]
+
+
+def _b(ws: Workspace) -> Path:
+    return ws.ckpt("b.safetensors", seed=1)
+
+
+# --------------------------------------------------------------------------- file outputs that are not files
+FILE_WRITERS: dict[str, Callable[[Workspace, Path], list]] = {
+    "match-out": lambda ws, p: ["match", ws.a, _b(ws), "--out", p],
+    "barrier-plot": lambda ws, p: [
+        "barrier",
+        ws.a,
+        _b(ws),
+        "--dataset",
+        "synthetic",
+        "--points",
+        "3",
+        "--limit",
+        "50",
+        "--plot",
+        p,
+    ],
+    "merge-plot": lambda ws, p: ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic", "--plot", p],
+    "landscape-plot": lambda ws, p: [
+        "landscape",
+        ws.a,
+        _b(ws),
+        ws.ckpt("c.safetensors", seed=2),
+        "--dataset",
+        "synthetic",
+        "--grid",
+        "3",
+        "--limit",
+        "20",
+        "--plot",
+        p,
+    ],
+}
+
+for _writer, _argv in FILE_WRITERS.items():
+    for _kind in FILE_KINDS:
+
+        def _build(ws, _argv=_argv, _kind=_kind):
+            return _argv(ws, make_special(ws.out / "target.png", _kind))
+
+        ROWS.append(Row(f"out-{_writer}-is-{_kind}", _build, rf"target\.png.*{KIND_WORDS[_kind]}"))
+
+
+# --------------------------------------------------------------------------- folder outputs that are not folders
+FOLDER_WRITERS: dict[str, Callable[[Workspace, Path], list]] = {
+    "train-out": lambda ws, p: ["train", "--model", "mlp_tiny", "--dataset", "synthetic", "--out", p, "--epochs", "1"],
+    "merge-out": lambda ws, p: ["merge", ws.a, _b(ws), "--out", p, "--dataset", "synthetic"],
+    "analyze-plot": lambda ws, p: ["analyze", ws.a, _b(ws), "--no-data", "--plot", p],
+    "match-multi-out": lambda ws, p: [
+        "match",
+        ws.a,
+        _b(ws),
+        ws.ckpt("c.safetensors", seed=2),
+        "--multi",
+        "anchor",
+        "--out",
+        p,
+    ],
+    "reproduce-out": lambda ws, p: ["reproduce", "--recipe", "tiny", "--out", p, "--cache", ws.out / "cache"],
+    "reproduce-cache": lambda ws, p: ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", p],
+    "data-download-root": lambda ws, p: ["data", "download", "mnist", "--root", p, "--dry-run"],
+}
+
+for _writer, _argv in FOLDER_WRITERS.items():
+    for _kind in FOLDER_KINDS:
+
+        def _build(ws, _argv=_argv, _kind=_kind):
+            return _argv(ws, make_special(ws.out / "target.d", _kind))
+
+        _word = KIND_WORDS[_kind]
+        ROWS.append(Row(f"outdir-{_writer}-is-{_kind}", _build, rf"target\.d.*({_word}|not a folder|is a file)"))
+
+
+# --------------------------------------------------------------------------- an output's own files inside its folder
+INNER = {
+    "report-md": ("reproduce", "report.md"),
+    "results-json": ("reproduce", "results.json"),
+    "report-html": ("reproduce", "report.html"),
+    "report-figure": ("reproduce", "interpolation.png"),
+    "report-lock": ("reproduce", ".lmckit.lock"),
+}
+
+
+def _reproduce_into(ws: Workspace, name: str, kind: str) -> list:
+    make_special(ws.out / "r" / name, kind)
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache"]
+
+
+for _id, (_cmd, _name) in INNER.items():
+    for _kind in ("fifo", "chardev", "socket", "folder"):
+        if _kind == "folder" and _name.endswith(".png"):
+            continue
+
+        def _build(ws, _name=_name, _kind=_kind):
+            return _reproduce_into(ws, _name, _kind)
+
+        ROWS.append(Row(f"inner-{_id}-is-{_kind}", _build, rf"{re.escape(_name)}.*{KIND_WORDS[_kind]}"))
+
+
+@row("inner-merge-lock-is-fifo", r"\.lock.*named pipe")
+def _(ws):
+    make_special(ws.out / "m" / ".lock", "fifo")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+@row("inner-analyze-figure-is-fifo", r"spectra\.png.*named pipe")
+def _(ws):
+    make_special(ws.out / "plots" / "spectra.png", "fifo")
+    return ["analyze", ws.a, _b(ws), "--no-data", "--plot", ws.out / "plots"]
+
+
+@row("inner-cache-locks-is-a-file", r"\.locks.*(file|in the way)")
+def _(ws):
+    (ws.out / "cache").mkdir()
+    (ws.out / "cache" / ".locks").write_text("not a folder")
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache", "--quiet"]
+
+
+# --------------------------------------------------------------------------- hostile output names
+@row("name-out-trailing-slash-on-a-file-output", r"perm\.json/?.*(folder|directory|file name)")
+def _(ws):
+    return ["match", ws.a, _b(ws), "--out", str(ws.out / "perm.json") + "/"]
+
+
+@row("name-out-through-a-file", r"earlier-result\.txt.*(is a file|not a directory|in the way)")
+def _(ws):
+    return ["match", ws.a, _b(ws), "--out", ws.out / "earlier-result.txt" / "perm.json"]
+
+
+@row("name-out-is-the-output-folder-itself", r"out.*folder")
+def _(ws):
+    return ["match", ws.a, _b(ws), "--out", ws.out]
+
+
+@row("name-out-empty-string", r"(--out|empty|folder|''|\")")
+def _(ws):
+    return ["match", ws.a, _b(ws), "--out", ""]
+
+
+@row("name-out-too-long", r"(longer than the file system allows|too long)")
+def _(ws):
+    return ["match", ws.a, _b(ws), "--out", ws.out / ("x" * 300 + ".json")]
+
+
+@row("name-plot-too-long-component-in-folder", r"(longer than the file system allows|too long)")
+def _(ws):
+    return ["analyze", ws.a, _b(ws), "--no-data", "--plot", ws.out / ("d" * 300) / "x"]
+
+
+@row("name-out-is-dev-null-path-via-link", r"character device")
+def _(ws):
+    link = ws.out / "null.json"
+    link.symlink_to("/dev/null")
+    return ["match", ws.a, _b(ws), "--out", link]
+
+
+@row("name-out-link-loop", r"loop\.json.*(symbolic links|loop)")
+def _(ws):
+    (ws.out / "loop.json").symlink_to("loop.json")
+    return ["match", ws.a, _b(ws), "--out", ws.out / "loop.json"]
+
+
+@row("name-plot-is-input-checkpoint-link", r"(input|a\.safetensors)")
+def _(ws):
+    (ws.out / "alias.png").symlink_to(ws.a)
+    return [
+        "barrier",
+        ws.a,
+        _b(ws),
+        "--dataset",
+        "synthetic",
+        "--points",
+        "3",
+        "--limit",
+        "50",
+        "--plot",
+        ws.out / "alias.png",
+    ]
+
+
+@row("name-read-only-folder-output", r"(not writable|read-only|Permission denied|EACCES|may write)")
+def _(ws):
+    (ws.out / "ro").mkdir()
+    if IS_ROOT:  # root ignores modes: the file system calls are patched
+        from tests.helpers.reliability import read_only_dir
+
+        read_only_dir(ws.monkeypatch, ws.out / "ro")
+    else:
+        (ws.out / "ro").chmod(0o500)
+    return ["match", ws.a, _b(ws), "--out", ws.out / "ro" / "perm.json"]
+
+
+# --------------------------------------------------------------------------- --json: one document, also on errors
+JSON_BAD: dict[str, Callable[[Workspace], tuple[list, str]]] = {  # id -> ws -> (argv, pattern)
+    "models-bad-arg": lambda ws: (["models", "--json", "--bogus"], r"unrecognized arguments: --bogus"),
+    "methods-bad-arg": lambda ws: (["methods", "--json", "--bogus"], r"unrecognized arguments: --bogus"),
+    "data-list-data-dir-is-file": lambda ws: (
+        ["data", "info", "mnist", "--json", "--data-dir", ws.file("notdir", "x")],
+        r"notdir",
+    ),
+    "data-info-unknown": lambda ws: (["data", "info", "nosuchdata", "--json"], r"nosuchdata"),
+    "data-download-unknown": lambda ws: (["data", "download", "nosuchdata", "--json", "--dry-run"], r"nosuchdata"),
+    "train-bad-model": lambda ws: (
+        ["train", "--model", "nosuchmodel", "--dataset", "synthetic", "--out", ws.out / "runs", "--json"],
+        r"nosuchmodel",
+    ),
+    "train-bad-epochs": lambda ws: (
+        ["train", "--model", "mlp_tiny", "--dataset", "synthetic", "--out", ws.out / "runs", "--epochs", "x", "--json"],
+        r"--epochs",
+    ),
+    "check-spec-missing": lambda ws: (["check-spec", ws.inp / "none.safetensors", "--json"], r"none\.safetensors"),
+    "match-missing": lambda ws: (
+        ["match", ws.a, ws.inp / "none.safetensors", "--out", ws.out / "p.json", "--json"],
+        r"none\.safetensors",
+    ),
+    "match-out-fifo": lambda ws: (
+        ["match", ws.a, _b(ws), "--out", make_special(ws.out / "p.json", "fifo"), "--json"],
+        r"p\.json.*named pipe",
+    ),
+    "barrier-missing": lambda ws: (["barrier", ws.a, ws.inp / "none", "--json"], r"none"),
+    "barrier-bad-points": lambda ws: (["barrier", ws.a, _b(ws), "--points", "0", "--json"], r"--points"),
+    "analyze-missing": lambda ws: (["analyze", ws.a, ws.inp / "none", "--no-data", "--json"], r"none"),
+    "merge-missing-out": lambda ws: (["merge", ws.a, _b(ws), "--json"], r"--out"),
+    "landscape-missing-plot": lambda ws: (["landscape", ws.a, _b(ws), _b(ws), "--json"], r"--plot"),
+    "reproduce-unknown-recipe": lambda ws: (
+        ["reproduce", "--recipe", "nosuchrecipe", "--out", ws.out / "r", "--cache", ws.out / "c", "--json"],
+        r"nosuchrecipe",
+    ),
+    "reproduce-show-unknown": lambda ws: (["reproduce", "--show", "nosuchrecipe", "--json"], r"nosuchrecipe"),
+    "reproduce-dry-run-bad-set": lambda ws: (
+        [
+            "reproduce",
+            "--recipe",
+            "tiny",
+            "--set",
+            "nokey=1",
+            "--dry-run",
+            "--out",
+            ws.out / "r",
+            "--cache",
+            ws.out / "c",
+            "--json",
+        ],
+        r"nokey",
+    ),
+    "top-level-unknown-command": lambda ws: (["nosuchcommand", "--json"], r"nosuchcommand"),
+}
+
+#: the message each JSON row must match (the argv half is built in the row, the pattern needs no files)
+JSON_PATTERNS: dict[str, str] = {}
+
+for _id, _fn in JSON_BAD.items():
+
+    def _build(ws, _fn=_fn, _id=_id):
+        argv, JSON_PATTERNS[_id] = _fn(ws)
+        return argv
+
+    ROWS.append(Row(f"json-{_id}", _build, "(set when built)"))
+
+
+# --------------------------------------------------------------------------- locks held by others, lock files
+@row("lock-report-folder-held", r"another lmckit process is using the report folder .*\(pid \d+ \(a test holding it")
+def _(ws):
+    from lmckit.store import file_lock
+
+    lock = ws.out / "r" / ".lmckit.lock"
+    cm = file_lock(lock, wait=False, what="report folder", owner="a test holding it")
+    cm.__enter__()
+    ws.monkeypatch.setattr(ws, "_held", cm, raising=False)
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache"]
+
+
+@row("lock-merge-folder-held", r"another lmckit process is using the output folder .*\(pid \d+ \(a test holding it")
+def _(ws):
+    from lmckit.store import file_lock
+
+    (ws.out / "m").mkdir()
+    cm = file_lock(ws.out / "m" / ".lock", wait=False, what="output folder", owner="a test holding it")
+    cm.__enter__()
+    ws.monkeypatch.setattr(ws, "_held", cm, raising=False)
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+# --------------------------------------------------------------------------- environment oddities
+@row("env-lmckit-data-is-a-fifo", r"(fifo|synthetic-missing|not found|no dataset|LMCKIT_DATA|mnist)")
+def _(ws):
+    ws.monkeypatch.setenv("LMCKIT_DATA", str(make_special(ws.inp / "fifo", "fifo")))
+    return ["barrier", ws.a, _b(ws), "--dataset", "mnist", "--points", "3", "--limit", "50"]
+
+
+@row("env-data-dir-is-a-socket", r"sock")
+def _(ws):
+    return ["barrier", ws.a, _b(ws), "--dataset", "mnist", "--data-dir", make_special(ws.inp / "sock", "socket")]
+
+
+@row("env-data-dir-is-a-device", r"dev")
+def _(ws):
+    return ["barrier", ws.a, _b(ws), "--dataset", "mnist", "--data-dir", make_special(ws.inp / "dev", "chardev")]
+
+
+@row("env-recipe-is-a-fifo", r"recipe.*(not a regular file|named pipe|device, pipe)")
+def _(ws):
+    return ["reproduce", "--recipe", make_special(ws.inp / "recipe.toml", "fifo"), "--out", ws.out / "r"]
+
+
+@row("env-perm-is-a-socket", r"p\.json.*(not a regular file|socket|device, pipe)")
+def _(ws):
+    return [
+        "barrier",
+        ws.a,
+        _b(ws),
+        "--dataset",
+        "synthetic",
+        "--points",
+        "3",
+        "--limit",
+        "50",
+        "--perm",
+        make_special(ws.inp / "p.json", "socket"),
+    ]
+
+
+@row("env-checkpoint-is-a-device", r"b\.safetensors.*(not a regular file|device)")
+def _(ws):
+    return ["check-spec", make_special(ws.inp / "b.safetensors", "chardev")]
+
+
+@row("env-recipe-description-with-escapes-and-bad-key", r"recipe.*nokey")
+def _(ws):
+    text = TINY_RECIPE.replace('description = "', 'nokey = 1\ndescription = "\\u001b[31m\\u0007')
+    return ws.recipe(text)
+
+
+# --------------------------------------------------------------------------- the table
+def test_table_has_enough_rows():
+    assert len(ROWS) >= 100
+    assert len({r.id for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(r, id=r.id, marks=[pytest.mark.xfail(strict=True, reason=r.xfail)] if r.xfail else []) for r in ROWS],
+)
+def test_bad_input_io(case: Row, tmp_path, monkeypatch, capsys):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    try:
+        argv = case.build(ws)
+        pattern = JSON_PATTERNS[case.id[5:]] if case.id.startswith("json-") else case.pattern
+        before = snapshot(ws.root)
+        specials = {p: os.lstat(p) for p in ws.root.rglob("*") if not (p.is_file() or p.is_dir()) or p.is_symlink()}
+        rc, out, err = run_cli(argv, capsys)
+        after = snapshot(ws.root)
+    finally:
+        held = getattr(ws, "_held", None)
+        if held is not None:
+            with contextlib.suppress(Exception):
+                held.__exit__(None, None, None)
+    assert rc == 2, f"exit status {rc}, stderr:\n{err}\nstdout:\n{out[-2000:]}"
+    assert re.search(pattern, err, re.S | re.I), f"message does not match {pattern!r}:\n{err}"
+    assert re.match(r"lmckit[ :]", err) and "error:" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3, f"not one paragraph:\n{err}"
+    assert snapshot_diff(before, after) == [], "the failed command changed files"
+    for p, st in specials.items():  # devices, pipes, sockets and links are the same nodes, not replaced
+        now = os.lstat(p)
+        assert (now.st_ino, now.st_mode) == (st.st_ino, st.st_mode), f"{p} was replaced"
+    if "--json" in [str(a) for a in argv]:
+        doc = json.loads(out)  # exactly one JSON document, nothing else on stdout
+        assert doc["exit_code"] == 2 and isinstance(doc["error"], str) and re.search(pattern, doc["error"], re.S | re.I)
+
+
+# --------------------------------------------------------------------------- real processes
+def _env(ws: Workspace) -> dict:
+    return subprocess_env(XDG_CACHE_HOME=str(ws.root.parent / "xdg"), LMCKIT_DATA=str(ws.empty))
+
+
+@pytest.mark.parametrize("argv", [["methods", "--json"], ["models"], ["reproduce", "--list"], ["data", "list"]])
+def test_full_stdout_is_one_line_and_status_2(argv, tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmckit.cli", *argv],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(ws),
+            timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"lmckit {argv[0]}: error: cannot write to standard output: No space left on device (errno 28)"
+    ]
+
+
+@pytest.mark.parametrize("how", ["read-end-closed", "fd-closed"])
+def test_closed_stdout_is_one_line_and_nonzero(how, tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    cmd = [sys.executable, "-m", "lmckit.cli", "methods", "--json"]
+    if how == "read-end-closed":
+        r, w = os.pipe()
+        os.close(r)
+        proc = subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, text=True, env=_env(ws), timeout=120)
+        os.close(w)
+        want = "Broken pipe"
+    else:
+        proc = subprocess.run(
+            ["sh", "-c", 'exec "$@" >&-', "sh", *cmd], stderr=subprocess.PIPE, text=True, env=_env(ws), timeout=120
+        )
+        want = "closed"
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("lmckit methods: error: cannot write to standard output")
+        and want in lines[0]
+    )
+
+
+def test_deleted_working_folder_is_named_before_torch_loads(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    gone = tmp_path / "gone"
+    code = (
+        "import os, sys\n"
+        f"os.chdir({str(gone)!r}); os.rmdir({str(gone)!r})\n"
+        "from lmckit.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for argv in (["check-spec", str(ws.a)], ["methods", "--json"]):
+        gone.mkdir()
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=_env(ws), timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "working folder no longer exists" in proc.stderr and "libtorch" not in proc.stderr
+        assert "Traceback" not in proc.stderr
+        if "--json" in argv:
+            assert json.loads(proc.stdout)["exit_code"] == 2
+
+
+def test_checkpoint_through_a_path_that_is_not_utf8_loads(tmp_path, monkeypatch, capsys):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    folder = Path(os.fsdecode(os.fsencode(str(ws.inp)) + b"/run-\xff\xfe"))
+    folder.mkdir()
+    a = folder / "model.safetensors"
+    a.write_bytes(ws.a.read_bytes())
+    rc, out, err = run_cli(["check-spec", a, "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmckit.cli", "check-spec", os.fsencode(str(folder))],
+        capture_output=True,
+        env=_env(ws),
+        timeout=120,
+    )
+    assert proc.returncode == 0 and b"function preserved" in proc.stdout, proc.stderr
+
+
+GOOD_JSON: dict[str, Callable[[Workspace], list]] = {
+    "models": lambda ws: ["models", "--json"],
+    "methods": lambda ws: ["methods", "--json"],
+    "data-list": lambda ws: ["data", "list", "--json"],
+    "data-info": lambda ws: ["data", "info", "synthetic", "--json"],
+    "data-download-dry-run": lambda ws: ["data", "download", "mnist", "--dry-run", "--json", "--root", ws.out / "d"],
+    "train": lambda ws: [
+        "train",
+        "--model",
+        "mlp_tiny",
+        "--dataset",
+        "synthetic",
+        "--out",
+        ws.out / "runs",
+        "--epochs",
+        "1",
+        "--json",
+        "--quiet",
+    ],
+    "check-spec": lambda ws: ["check-spec", ws.a, "--json"],
+    "match": lambda ws: ["match", ws.a, _b(ws), "--out", ws.out / "p.json", "--json", "--quiet"],
+    "barrier": lambda ws: [
+        "barrier",
+        ws.a,
+        _b(ws),
+        "--dataset",
+        "synthetic",
+        "--points",
+        "3",
+        "--limit",
+        "50",
+        "--json",
+        "--quiet",
+    ],
+    "analyze": lambda ws: ["analyze", ws.a, _b(ws), "--no-data", "--json", "--quiet"],
+    "merge": lambda ws: ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic", "--json", "--quiet"],
+    "landscape": lambda ws: [
+        "landscape",
+        ws.a,
+        _b(ws),
+        ws.ckpt("c.safetensors", seed=2),
+        "--dataset",
+        "synthetic",
+        "--grid",
+        "3",
+        "--limit",
+        "20",
+        "--plot",
+        ws.out / "l.png",
+        "--json",
+        "--quiet",
+    ],
+    "reproduce-list": lambda ws: ["reproduce", "--list", "--json"],
+    "reproduce-show": lambda ws: ["reproduce", "--show", "tiny", "--json"],
+    "reproduce-dry-run": lambda ws: [
+        "reproduce",
+        "--recipe",
+        "tiny",
+        "--dry-run",
+        "--out",
+        ws.out / "r",
+        "--cache",
+        ws.out / "c",
+        "--json",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD_JSON))
+def test_every_json_command_prints_one_document_on_success(name, tmp_path, monkeypatch, capsys):
+    """The good half of the --json check (the bad half: the ``json-*`` rows above, one per subcommand)."""
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    rc, out, err = run_cli(GOOD_JSON[name](ws), capsys)
+    assert rc == 0, err
+    doc = json.loads(out)  # raises on text around the document or on two documents
+    assert doc not in (None, "", [], {}) and not (isinstance(doc, dict) and "error" in doc)
+
+
+def test_every_subcommand_with_json_is_covered_good_and_bad():
+    from lmckit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    with_json = set()
+    for name, p in sub.choices.items():
+        if any("--json" in a.option_strings for a in p._actions):
+            with_json.add(name)
+        for a in p._actions:  # `data list|info|download`
+            if getattr(a, "choices", None) and isinstance(a.choices, dict):
+                with_json |= {
+                    f"{name}-{k}" for k, q in a.choices.items() if any("--json" in b.option_strings for b in q._actions)
+                }
+    good = {k.split("-dry")[0].replace("-list", "").replace("-show", "") for k in GOOD_JSON} | set(GOOD_JSON)
+    bad = (
+        {k.rsplit("-", 1)[0] for k in JSON_BAD}
+        | {"-".join(k.split("-")[:2]) for k in JSON_BAD}
+        | {k.split("-")[0] for k in JSON_BAD}
+    )
+    missing = {c for c in with_json if c not in good or c not in bad}
+    assert not missing, f"subcommands with --json lacking a good or a bad case: {sorted(missing)}"
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    """A kill (here: KeyboardInterrupt) during the write: the old content stays, no temp file is left."""
+    from lmckit import store
+
+    p = tmp_path / "f.json"
+    p.write_text("old\n")
+
+    def boom(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        store.atomic_write_text(p, "new\n")
+    assert p.read_text() == "old\n" and sorted(x.name for x in tmp_path.iterdir()) == ["f.json"]
