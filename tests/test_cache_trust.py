@@ -183,7 +183,8 @@ def test_a_run_waiting_on_a_lock_says_who_holds_it(tmp_path):
         assert holder.stdout.readline().strip() == "held"
         who = lock_holder(lock)
         assert who.startswith(f"pid {holder.pid} (stage model/abc seed 0; ") and "reproduce --recipe tiny" in who
-        with pytest.raises(LmcError, match=rf"another lmckit process is using the stage .*\(pid {holder.pid} \(stage model/abc"):
+        busy = rf"another lmckit process is using the stage .*\(pid {holder.pid} \(stage model/abc"
+        with pytest.raises(LmcError, match=busy):
             with file_lock(lock, wait=False, what="stage"):
                 pass
         r = subprocess.run(
