@@ -103,7 +103,7 @@ def reproduce(
         for name in sorted({*REPORT_FILES, *(p.name for p in out_dir.glob("*.png"))}):
             check_replaceable(out_dir / name, "report file")
     res = ReproduceResult(r, plan, out_dir, cache)
-    res.entries = dry_run(plan.targets(), cache)
+    res.entries = dry_run(plan.targets(), cache, Runtime(device=device, data_dir=data_dir))
     if dry:
         return res
     check_output_path("stage cache --cache", cache, folder=True)  # a real run writes there (a dry run need not)

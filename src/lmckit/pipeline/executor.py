@@ -84,12 +84,14 @@ class PlanEntry:
     cached: bool
 
 
-def dry_run(targets: Iterable[Stage], root: str | os.PathLike) -> list[PlanEntry]:
-    """Every stage of the plan with its folder and whether it is already complete."""
+def dry_run(targets: Iterable[Stage], root: str | os.PathLike, runtime: Runtime | None = None) -> list[PlanEntry]:
+    """Every stage of the plan with its folder and whether it is cached: complete, trusted
+    (:func:`~lmckit.pipeline.stages.cache_problem`, with ``runtime``'s data folder) and reading only cached
+    stages."""
     entries: list[PlanEntry] = []
     stale: set[Stage] = set()
     for s in plan(targets):  # a stage reading one that must run cannot be counted as cached yet
-        ok = not any(d in stale for d in dependencies(s)) and is_cached(root, s)
+        ok = not any(d in stale for d in dependencies(s)) and is_cached(root, s, runtime)
         if not ok:
             stale.add(s)
         entries.append(PlanEntry(s, stage_path(root, s), ok))
