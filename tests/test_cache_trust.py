@@ -205,3 +205,20 @@ def test_a_run_waiting_on_a_lock_says_who_holds_it(tmp_path):
         ), r.stderr
     finally:
         holder.wait(30)
+
+
+def test_a_pipe_left_in_a_partial_folder_fails_the_stage_instead_of_blocking(tmp_path):
+    """A FIFO named like the stage log in a .partial folder: the stage fails naming it (it would block forever)."""
+    final = stage_path(tmp_path, Source())
+    part = final.with_name(final.name + ".partial")
+    part.mkdir(parents=True)
+    os.mkfifo(part / "log.txt")
+    with InProcessExecutor() as ex, pytest.raises(LmcError, match=r"log\.txt.*named pipe"):
+        ex.run([Source()], tmp_path)
+    assert stat_is_fifo(part / "log.txt")
+
+
+def stat_is_fifo(p) -> bool:
+    import stat
+
+    return stat.S_ISFIFO(os.lstat(p).st_mode)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LmcError
-from ..store import atomic_write_text
+from ..store import atomic_write_text, check_replaceable
 from .executor import Executor
 from .stages import Runtime, Stage, StageOutcome, run_stage, stage_hash, stage_label, stage_path
 
@@ -226,9 +226,10 @@ def _ray_stage(spec: Stage, root: str, runtime: Runtime, marker_dir: str) -> Sta
     _exit_when_orphaned()
     mark = _marker_path(marker_dir, spec)
     try:
+        check_replaceable(mark, "start marker")
         with open(mark, "a") as f:
             f.write(f"{os.getpid()} {socket.gethostname()} {time.time():.3f}\n")
-    except OSError:  # progress display only; never fail a stage for it
+    except (OSError, LmcError):  # progress display only; never fail a stage for it
         pass
     return run_stage(spec, root, runtime)
 

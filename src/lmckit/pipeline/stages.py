@@ -280,7 +280,10 @@ class StageContext:
 
 @contextlib.contextmanager
 def _redirect_to(path: Path) -> Iterator[io.TextIOBase]:
-    """Send this process's Python-level stdout/stderr to ``path`` (appending)."""
+    """Send this process's Python-level stdout/stderr to ``path`` (appending; a regular file only)."""
+    from ..store import check_replaceable
+
+    check_replaceable(path, "stage log")  # a pipe left in a .partial folder would block the stage forever
     with open(path, "a", buffering=1) as f:
         with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             yield f
