@@ -202,7 +202,7 @@ def _cwd_error() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = "--json" in argv
-    cmd_guess = next((a for a in argv if not a.startswith("-")), None)
+    cmd_guess = next((a for a in argv if isinstance(a, str) and not a.startswith("-")), None)
 
     def fail(command: str | None, message: str, code: int, hint: str | None = None) -> int:
         """The error line on stderr; with --json also one JSON error object on stdout (unless one was printed)."""
