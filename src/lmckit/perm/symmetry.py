@@ -523,7 +523,7 @@ def _apply_segment(x: torch.Tensor, axis: int, m: torch.Tensor, inner: int) -> t
     y = x.movedim(axis, -1)
     shp = y.shape
     y = y.reshape(*shp[:-1], n, inner).double()
-    y = torch.einsum("ij,...jr->...ir", m.to(y.device), y)
+    y = torch.matmul(m.to(y.device), y)
     return y.reshape(shp).movedim(-1, axis).to(x.dtype)
 
 
@@ -532,7 +532,7 @@ def apply_transform(
     sym: Mapping[str, GroupSymmetry],
     t: Mapping[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
-    exclude: str | None = None,
+    exclude: str | tuple[str, int] | None = None,
     keys: Any = None,
 ) -> dict[str, torch.Tensor]:
     """A new state dict with every group's map applied along the axes it moves.
@@ -542,7 +542,8 @@ def apply_transform(
     ``W M^{-1}`` along reading ones (``sym[g].reads``; only the invertible
     class has any). Norm entries (``sym[g].norm_keys``) keep their values under
     matrices, except that the signed class moves them by ``|M|``.
-    ``exclude``: leave that group's axes untouched; ``keys``: only these entries
+    ``exclude``: leave that group's axes untouched (a ``(group, axis)`` pair:
+    only that axis of the listed entries); ``keys``: only these entries
     (others are omitted). Computed in float64, cast back to each entry's dtype;
     the caller's tensors are never modified.
     """
@@ -566,7 +567,7 @@ def apply_transform(
             parts, changed = [], False
             for g, n, inner, off in segs:
                 piece = w.narrow(i, off, n * inner)
-                if g is not None and g != exclude:
+                if g is not None and g != exclude and (g, i) != exclude:
                     m = t[g]
                     if m.dim() == 1:
                         idx = (m[:, None] * inner + torch.arange(inner)[None, :]).reshape(-1)
