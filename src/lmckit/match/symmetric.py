@@ -291,6 +291,7 @@ def weight_matching_sym(
     units = _units(spec)
     heads_of = {g: int(h) for h, ms in spec.heads.values() for g in ms}
     converged, sweeps, rejected, steps = False, 0, 0, 0
+    t_loop = time.perf_counter()
     for _ in range(int(max_iter)):
         sweeps += 1
         start = j
@@ -319,6 +320,7 @@ def weight_matching_sym(
         if j - start <= tol * max(abs(j), 1e-30) and sweeps > 1:
             converged = True
             break
+    sweep_seconds = time.perf_counter() - t_loop
     aligned = apply_transform(spec, sym, t, sd_b)
     return SymMatchResult(
         transform=t,
@@ -332,6 +334,7 @@ def weight_matching_sym(
         extra={
             "seed": int(seed),
             "relaxed_sweeps": relaxed_sweeps,
+            "sweep_seconds": sweep_seconds,
             "steps": steps,
             "steps_rejected": rejected,
             "distance_before": relative_distance(spec, sd_a, sd_b),
