@@ -800,3 +800,101 @@ def log_condition(m: torch.Tensor) -> float:
     """``log10`` of the condition number of a transform matrix (0 for orthogonal maps)."""
     s = torch.linalg.svdvals(m.double())
     return math.log10(float(s[0] / s[-1])) if s.numel() and float(s[-1]) > 0 else float("inf")
+
+
+# ----------------------------------------------------------------------------------------------- transform files
+TRANSFORM_FORMAT = "lmckit.transform"
+
+
+def save_transform(
+    path: Any, transform: Mapping[str, torch.Tensor], sym: Mapping[str, GroupSymmetry], **header: Any
+) -> Any:
+    """Write a transform file: safetensors with one tensor per group, the JSON header in its metadata.
+
+    Generalises the perm file (:func:`lmckit.perm.save_perms`): a permutation-class group is stored as
+    its int64 index, any other as its ``n x n`` float64 matrix. The header (metadata key
+    ``lmckit_transform``) has ``format``, ``version``, each group's ``class`` / ``fix_ones`` / ``heads``,
+    and whatever the caller adds (``lmckit match`` records both models' content hashes, the symmetry
+    class, and whether the norms were folded). Written atomically.
+    """
+    from ..store import save_state
+
+    head = {
+        "format": TRANSFORM_FORMAT,
+        "version": 1,
+        "groups": {g: {"class": s.cls, "fix_ones": s.fix_ones, "heads": s.heads} for g, s in sym.items()},
+        **header,
+    }
+    tensors = {g: (t.long() if t.dim() == 1 else t.double()) for g, t in transform.items()}
+    return save_state(path, tensors, {"lmckit_transform": head})
+
+
+def load_transform(path: Any, spec: PermutationSpec, tol: float = 1e-6) -> tuple[Transform, dict[str, Any]]:
+    """Read a transform file for ``spec``; check every entry is an element of its recorded class.
+
+    Returns ``(transform, header)``. Raises :class:`LmcError` (naming the file and group) for a file that
+    is not a transform file, groups that do not fit the spec, wrong shapes, an index that is not a
+    permutation, a matrix off its class by more than ``tol`` (``Q^T Q = I``; ``Q 1 = 1`` when
+    ``fix_ones``; one +-1 per row and column for ``signed``; block structure under a head structure).
+    """
+    from ..store import load_state
+    from .spec import validate_perms
+
+    tensors, meta = load_state(path)
+    head = meta.get("lmckit_transform")
+    if not isinstance(head, dict) or head.get("format") != TRANSFORM_FORMAT:
+        raise LmcError(
+            f"{path} is not a transform file (no lmckit_transform header)",
+            "pass a file written by lmckit match --symmetry",
+        )
+    groups = head.get("groups") or {}
+    unknown = sorted(set(tensors) ^ set(spec.sizes))
+    if unknown or set(groups) != set(tensors):
+        odd = unknown[:4] or sorted(set(groups) ^ set(tensors))[:4]
+        raise LmcError(
+            f"transform file {path} does not fit the model: groups {odd} are not in both the file and the model",
+            "use a transform file computed for models of this architecture (lmckit match --symmetry)",
+        )
+    out: Transform = {}
+    idx = {g: t for g, t in tensors.items() if t.dim() == 1}
+    for g, t in tensors.items():
+        n = spec.sizes[g]
+        cls = groups[g].get("class")
+        where = f"transform file {path}: group {g!r}"
+        if t.dim() == 1:
+            if cls != "permutation":
+                raise LmcError(f"{where} is an index but its class is {cls!r}")
+            continue
+        if tuple(t.shape) != (n, n) or not t.is_floating_point():
+            raise LmcError(f"{where} has shape {tuple(t.shape)}, the model has {n} units (expected {n} x {n})")
+        t = t.double()
+        eye = torch.eye(n, dtype=torch.float64)
+        if cls in ("orthogonal", "signed") and float((t.T @ t - eye).abs().max()) > tol:
+            raise LmcError(f"{where} is not orthogonal (class {cls})", "the file is corrupt or was edited")
+        if cls == "signed" and not bool(((t.abs() - t.abs().round()).abs() < tol).all()):
+            raise LmcError(f"{where} is not a signed permutation", "the file is corrupt or was edited")
+        if groups[g].get("fix_ones") and float((t.sum(1) - 1).abs().max()) > tol:
+            raise LmcError(f"{where} does not fix the all-ones direction (LayerNorm stream)")
+        if cls == "invertible" and float(torch.linalg.svdvals(t)[-1]) <= tol:
+            raise LmcError(f"{where} is singular")
+        if cls not in ("orthogonal", "signed", "invertible"):
+            raise LmcError(f"{where} has unknown class {cls!r}")
+        out[g] = t
+    if idx:
+        sub = PermutationSpec(axes={}, sizes={g: spec.sizes[g] for g in idx})
+        out.update(validate_perms(sub, idx, f"transform file {path}"))
+    for name, (h, members) in spec.heads.items():  # one head permutation shared, within-head blocks only
+        hp = None
+        for g in members:
+            d = spec.sizes[g] // int(h)
+            m = transform_matrix(out[g]).abs().reshape(int(h), d, int(h), d).sum((1, 3))
+            nz = m > tol
+            if not bool((nz.sum(1) == 1).all()):
+                raise LmcError(f"transform file {path}: group {g!r} mixes attention heads ({name!r})")
+            cur = nz.float().argmax(1)
+            if hp is not None and not torch.equal(hp, cur):
+                raise LmcError(
+                    f"transform file {path}: groups {list(members)} permute the heads of {name!r} differently"
+                )
+            hp = cur
+    return out, head
