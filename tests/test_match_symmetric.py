@@ -36,11 +36,23 @@ def test_wm_recovers_a_planted_transform(norm, cls):
     sd_a, sd_b, sym = _planted(spec, model, cls)
     assert any(s.cls == cls for s in sym.values())
     res = weight_matching_sym(spec, sd_a, sd_b, cls, model=model, max_iter=200)
+    assert res.extra["start"] == "permutation" and res.extra["start_sweeps"] >= 1
     aligned = apply_transform(spec, res.sym, res.transform, sd_b)
     assert res.extra["distance_before"] > 0.5
     assert relative_distance(spec, sd_a, aligned) < 1e-6 and res.extra["distance_after"] < 1e-6
     assert res.converged and res.sweeps < 200
     assert all(b >= a - 1e-9 * abs(a) for a, b in zip(res.objective, res.objective[1:]))  # non-decreasing
+
+
+def test_wm_from_the_identity_also_recovers_a_planted_transform():
+    model = _vit("none")
+    spec = spec_for(model)
+    sd_a, sd_b, _ = _planted(spec, model, "orthogonal")
+    res = weight_matching_sym(spec, sd_a, sd_b, "orthogonal", model=model, start="identity")
+    assert res.extra["start"] == "identity" and res.extra["start_sweeps"] == 0
+    assert res.extra["distance_after"] < 1e-6
+    with pytest.raises(LmcError, match="unknown start 'random'"):
+        weight_matching_sym(spec, sd_a, sd_b, "orthogonal", model=model, start="random")
 
 
 def test_wm_on_a_traced_gpt_block_with_rmsnorm():
