@@ -322,7 +322,7 @@ def weight_matching_sym(
     t_loop = time.perf_counter()
     for _ in range(int(max_iter)):
         sweeps += 1
-        start = j
+        j_start = j
         for ui in torch.randperm(len(units), generator=gen).tolist():
             u = units[ui]
             costs = [(sym[g].cls, _cost_full(spec, a_mats, bt, g, terms[g]) @ transform_matrix(t[g])) for g in u]
@@ -345,7 +345,7 @@ def weight_matching_sym(
             else:
                 rejected += 1
         history.append(j)
-        if j - start <= tol * max(abs(j), 1e-30) and sweeps > 1:
+        if j - j_start <= tol * max(abs(j), 1e-30) and sweeps > 1:
             converged = True
             break
     sweep_seconds = time.perf_counter() - t_loop
