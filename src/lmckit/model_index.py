@@ -29,7 +29,8 @@ MODEL_INDEX: dict[str, tuple[str, bool]] = {
     "vgg16": ("VGG16 (CIFAR-style, one linear head; width_mult, norm)", False),
     "vgg_tiny": ("3-conv VGG with 4-8 channels, for tests", True),
     "vit": (
-        "ViT: 7x7 patches (16 tokens + class token), pre-LN, width 64, depth 4, 4 heads, MLP ratio 2 "
+        "ViT: 7x7 patches (16 tokens + class token), pre-norm (LayerNorm unless norm is given), width 64, "
+        "depth 4, 4 heads, MLP ratio 2 "
         "(options width, depth, heads, mlp_ratio, patch_size, width_mult, norm)",
         False,
     ),

@@ -16,9 +16,11 @@ from .common import (
     add_quiet,
     check_output_path,
     int_in,
+    is_transform_file,
     load_checkpoints,
     load_named_dataset,
     load_perm_file,
+    load_transform_file,
     print_json,
     print_table,
     refuse_outputs_in_inputs,
@@ -37,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--perm",
         default=None,
-        help="permutation JSON (lmckit match) applied to B before interpolating (default: identity)",
+        help="permutation JSON (lmckit match) applied to B before interpolating (default: identity), or a "
+        "transform file (*.safetensors, lmckit match --symmetry): then both models' norms are folded and the "
+        "path runs between folded A and the transformed folded B",
     )
     p.add_argument(
         "--points",
@@ -104,9 +108,16 @@ def run(args: argparse.Namespace) -> int:
         hint="interpolate two models of the same architecture and width",
         arch=args.arch,
     )
+    transformed = is_transform_file(args.perm)
     perms = (
-        load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
+        load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm)
+        if args.perm and not transformed
+        else None
     )
+    if transformed:  # a transform file (lmckit match --symmetry): the path runs between the folded models
+        sd_fa, sd_ft, _head = load_transform_file(
+            args.perm, spec, model, ("model B", sd_b), ("model A", sd_a), args.force_perm
+        )
     dataset = load_named_dataset(args.dataset, info_a, args.data_dir)
     name = dataset.name
     splits = ["train", "test"] if args.split == "both" else [args.split]
@@ -123,10 +134,13 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_naive:
         curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", **common)
     sd_bp = sd_b
-    if args.perm:
+    if args.perm and not transformed:
         sd_bp = apply_permutation(spec, perms, sd_b)
-    label = "permuted" if args.perm else "naive"
-    curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", **common)
+    label = "transformed (folded)" if transformed else "permuted" if args.perm else "naive"
+    if transformed:
+        curves[label] = barrier_curve(model, sd_fa, sd_ft, dataset, progress=f"barrier ({label})", **common)
+    else:
+        curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", **common)
     main = curves[label]
 
     out = main.to_dict(collapse=len(splits) == 1)

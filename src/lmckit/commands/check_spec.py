@@ -69,6 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--traced", action="store_true", help="check the torch.fx-traced spec instead of the model's own rules"
     )
+    p.add_argument(
+        "--symmetry",
+        choices=("permutation", "signed", "orthogonal", "invertible"),
+        default="permutation",
+        help="class of maps to check (default permutation): signed permutations, orthogonal or invertible maps "
+        "where the model's ops admit them (LayerNorm/RMSNorm gains folded first; each group's class and the op "
+        "limiting it are listed; exit 1 when no group admits the class)",
+    )
     add_device(p)
     add_arch(p)
     add_json(p)
@@ -156,10 +164,17 @@ def run(args: argparse.Namespace) -> int:
     x = example_input_for(model, batch=args.batch, seed=args.seed).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpecWarning)  # reported in the summary instead
-        report = check_spec(model, x, seed=args.seed, tol=args.tol, traced=args.traced)
+        report = check_spec(
+            model,
+            x,
+            seed=args.seed,
+            tol=args.tol,
+            traced=args.traced,
+            symmetry=None if args.symmetry == "permutation" else args.symmetry,
+        )
     if args.json:
         print_json({"model": args.model, "kind": kind, **report.to_dict()})
     else:
         print(f"{args.model} ({kind}, {type(model).__name__})")
         print(report.summary())
-    return 0 if report.ok else 2 if report.vacuous else 1
+    return 0 if report.ok else 2 if getattr(report, "vacuous", False) else 1

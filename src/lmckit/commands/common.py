@@ -520,6 +520,55 @@ def load_perm_file(
     return perms
 
 
+def is_transform_file(path: str | Path | None) -> bool:
+    """A transform file (``lmckit match --symmetry``) rather than a perm JSON: named ``*.safetensors``."""
+    return path is not None and str(path).endswith(".safetensors")
+
+
+def load_transform_file(
+    path: str | Path,
+    spec,
+    model,
+    permuted: tuple[str, Mapping[str, Any]],
+    reference: tuple[str, Mapping[str, Any]],
+    force: bool = False,
+):
+    """Read a transform file and apply it: ``(folded A state, aligned folded B state, header)``.
+
+    Checked like a perm file (:func:`load_perm_file`): both models' content hashes must match (unless
+    ``force``), every entry must be an element of its class (:func:`lmckit.perm.symmetry.load_transform`),
+    and each group's class must be the one the model admits under the file's symmetry. The norms are folded
+    in both models as when the file was computed (the interpolation path is between folded models).
+    """
+    from ..checkpoint import build_model
+    from ..errors import LmcError
+    from ..perm.symmetry import apply_transform, derive_symmetry, fold_norms, load_transform
+
+    transform, head = load_transform(path, spec)
+    for (label, sd), rec, role in (
+        (permuted, head.get("model_b_sha256"), "the transformed model"),
+        (reference, head.get("model_a_sha256"), "the reference model"),
+    ):
+        if rec and rec != state_fingerprint(sd):
+            msg = f"transform file {path} was computed for other models: {label} is not {role} it records"
+            if force:
+                print(f"warning: {msg}; applied anyway (--force-perm)", file=sys.stderr)
+                continue
+            raise LmcError(msg, "pass the models the file was computed for (in the same order), or add --force-perm")
+    cfg = model.lmckit_config
+    fa, _, _ = fold_norms(build_model(cfg, reference[1]))
+    fb, _, _ = fold_norms(build_model(cfg, permuted[1]))
+    sym = derive_symmetry(spec, fa.state_dict(), head.get("symmetry", "permutation"), model=fa)
+    for g, s in sym.items():
+        want = head["groups"][g]["class"]
+        if s.cls != want:
+            raise LmcError(
+                f"transform file {path}: group {g!r} is {want} in the file but the model admits {s.cls}"
+                + (f" ({s.limit})" if s.limit else "")
+            )
+    return fa.state_dict(), apply_transform(spec, sym, transform, fb.state_dict()), head
+
+
 # --------------------------------------------------------------------------- datasets named by a checkpoint
 def load_named_dataset(
     given: str | None, info: Mapping[str, Any], data_dir: str | None, label: str = "model A", val_size: int = 0

@@ -58,6 +58,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="AM/STE: dataset name (default: the one recorded in checkpoint A)")
     add_method_flags(p)
     add_data(p)
+    p.add_argument(
+        "--symmetry",
+        choices=("permutation", "signed", "orthogonal", "invertible"),
+        default="permutation",
+        help="class of maps to align with (default permutation). signed / orthogonal: per group the largest "
+        "class up to this one that the model admits (LayerNorm/RMSNorm folded into the next Linear first; "
+        "`lmckit check-spec --symmetry` lists them); methods weight and activation, two models; --out is then "
+        "a transform file (.safetensors). invertible has no exact matching step and is refused",
+    )
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
     add_device(p)
     add_arch(p)
@@ -83,6 +92,22 @@ def run(args: argparse.Namespace) -> int:
             f"{len(args.models)} checkpoints given without --multi",
             "add --multi anchor (match all to the first) or --multi mergemany, with --out FOLDER",
         )
+    if args.symmetry != "permutation":
+        if args.multi:
+            raise LmcError(
+                f"--symmetry {args.symmetry} aligns two models; --multi supports permutations only",
+                "drop --multi, or use --symmetry permutation",
+            )
+        if args.method not in ("weight", "activation"):
+            raise LmcError(
+                f"method {args.method!r} supports the permutation class only (--symmetry {args.symmetry})",
+                "use --method weight or activation (`lmckit methods` lists each method's classes)",
+            )
+        if not str(args.out).endswith(".safetensors"):
+            raise LmcError(
+                f"--out {args.out}: a transform file is safetensors (matrices), its name must end in .safetensors",
+                "e.g. --out transform.safetensors",
+            )
     method = check_scheme(args.method, args.multi) if args.multi else get_method(args.method)
     args.method_options = method_options(args, args.method)
     out = Path(args.out)
@@ -107,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = None
     if method.requires_data(args.method_options):
         dataset = load_named_dataset(args.dataset, infos[0], args.data_dir)
+    if args.symmetry != "permutation":
+        return _run_pair_symmetry(args, spec, states, models, dataset)
     if args.multi is None:
         return _run_pair(args, spec, states, models, dataset, device)
     return _run_multi(args, spec, states, models, dataset, device)
@@ -180,6 +207,83 @@ def _run_pair(args, spec, states, models, dataset, device) -> int:
     print(f"L2 distance: {l2_before:.6g} -> {l2_after:.6g}  (reduction {100 * summary['l2_reduction']:.2f}%)")
     print(method.iterations_line(res, opts))
     print(f"seconds:     {res.seconds:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_pair_symmetry(args, spec, states, models, dataset) -> int:
+    """``--symmetry signed|orthogonal``: fold both models' norms, match under the class, write a transform file."""
+    from ..match.symmetric import relative_distance, weight_matching_sym
+    from ..perm.symmetry import apply_transform, fold_norms, save_transform
+
+    sd_a, sd_b = states
+    (fa, folded, skipped), (fb, _, _) = fold_norms(models[0]), fold_norms(models[1])
+    fsa, fsb = fa.state_dict(), fb.state_dict()
+    if args.method == "weight":
+        res = weight_matching_sym(
+            spec, fsa, fsb, args.symmetry, model=fa, seed=args.seed, max_iter=args.max_iter or 200
+        )
+    else:
+        from ..match import activation_matching
+
+        res = activation_matching(
+            fa,
+            fb,
+            dataset,
+            spec,
+            num_batches=args.num_batches or 10,
+            batch_size=args.batch_size or 500,
+            seed=args.seed,
+            symmetry=args.symmetry,
+        )
+    aligned = apply_transform(spec, res.sym, res.transform, fsb)
+    before, after = relative_distance(spec, fsa, fsb), relative_distance(spec, fsa, aligned)
+    classes = {g: s.cls for g, s in res.sym.items()}
+    out = save_transform(
+        args.out,
+        res.transform,
+        res.sym,
+        symmetry=args.symmetry,
+        method=res.method,
+        seed=args.seed,
+        folded=folded,
+        model_a=_abs(args.models[0]),
+        model_b=_abs(args.models[1]),
+        model_a_sha256=state_fingerprint(sd_a),
+        model_b_sha256=state_fingerprint(sd_b),
+        model=models[0].lmckit_config,
+        relative_l2_before=before,
+        relative_l2_after=after,
+        sweeps=res.sweeps,
+        converged=res.converged,
+    )
+    summary = {
+        "method": res.method,
+        "symmetry": args.symmetry,
+        "classes": classes,
+        "limits": {g: s.limit for g, s in res.sym.items() if s.limit},
+        "folded": folded,
+        "not_folded": skipped,
+        "objective_before": float(res.objective[0]),
+        "objective": float(res.objective[-1]),
+        "relative_l2_before": before,
+        "relative_l2_after": after,
+        "l2_reduction": (1 - after / before) if before > 0 else 0.0,
+        "sweeps": res.sweeps,
+        "converged": res.converged,
+        "seconds": res.seconds,
+        "out": str(out),
+    }
+    if args.json:
+        print_json(summary)
+        return 0
+    print(f"model:       {describe_model(models[0].lmckit_config)}")
+    if folded:
+        print(f"folded:      {len(folded)} norms' gain/bias into the next Linear (the path is between folded models)")
+    for g, s in res.sym.items():
+        print(f"  {g}: {s.cls}" + (f" (limited by {s.limit})" if s.limit else ""))
+    print(res.summary())
+    print(f"L2 / ||A||:  {before:.6g} -> {after:.6g}  (reduction {100 * summary['l2_reduction']:.2f}%)")
     print(f"wrote {out}")
     return 0
 

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  reference:  {e['reference']}")
         print(f"  needs data: {'yes' if e['needs_data'] else 'no'};  3+ models: {multi}")
         print(f"  objective:  {e['objective']}")
+        print(f"  symmetry:   {', '.join(e['symmetries'])} (lmckit match --symmetry)")
         opts = ", ".join(f"{o['name']}={o['default']!r}" for o in e["options"])
         print(f"  options:    {opts or '(none)'}")
     return 0

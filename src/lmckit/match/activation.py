@@ -270,7 +270,8 @@ def activation_matching(
     sites: Mapping[str, Any] | None = None,
     split: str = "train",
     eps: float = 1e-8,
-) -> MatchResult:
+    symmetry: str = "permutation",
+) -> MatchResult | Any:
     """Permutations of B's units that maximise the activation similarity to A's.
 
     Parameters
@@ -292,6 +293,15 @@ def activation_matching(
         Where the forward passes run; default the device of ``model_a``.
     sites:
         Optional group -> module name(s) override of ``model.hidden_modules()``.
+    symmetry:
+        ``"permutation"`` (default, this function as documented above) or a
+        larger class (``"signed"``, ``"orthogonal"``; :mod:`lmckit.perm.symmetry`):
+        then each group takes the exact step of its class on the cross moment
+        ``E[z^a z^b^T]`` (Procrustes per stream, the joint head step per head
+        structure; :func:`lmckit.match.symmetric.activation_matching_sym`) and a
+        :class:`~lmckit.match.symmetric.SymMatchResult` is returned. Norms must
+        be folded in both models for a LayerNorm/RMSNorm stream to take
+        orthogonal maps.
 
     Returns
     -------
@@ -301,6 +311,10 @@ def activation_matching(
         similarity, sample counts and the mean matched similarity per group.
     """
     t0 = time.perf_counter()
+    if symmetry != "permutation":
+        from ..perm.symmetry import derive_symmetry
+
+        sym_a = derive_symmetry(spec or spec_for(model_a), model_a.state_dict(), symmetry, model=model_a)
     if method not in METHODS:
         raise LmcError(f"unknown activation-matching method {method!r}", f"choose one of {', '.join(METHODS)}")
     if num_batches is not None and int(num_batches) < 1:
@@ -379,6 +393,17 @@ def activation_matching(
         rec_b.remove()
     if used == 0:
         raise LmcError(f"dataset {dataset.name!r} split {split!r} gave no batches", "use a non-empty split")
+    if symmetry != "permutation":
+        from .symmetric import _check_classes, activation_matching_sym
+
+        _check_classes(sym_a, derive_symmetry(spec, sd_b, symmetry, model=model_b))
+        cross = {g: (stats[g]["sab"] / float(stats[g]["n"])).cpu() for g in spec.sizes}
+        res = activation_matching_sym(spec, sym_a, cross, symmetry)
+        res.extra.update(
+            seed=int(seed), batches=used, batch_size=int(batch_size), split=split, similarity="cross_moment"
+        )
+        res.seconds = time.perf_counter() - t0
+        return res
     perms: dict[str, torch.Tensor] = {}
     before = after = 0.0
     per_group = {}

@@ -198,6 +198,10 @@ class MatchMethod:
         Optional ``options -> float``: a rough run time (about seconds for the quick recipe's MLP pair
         on 2 CPU cores) that the pipeline's scheduler uses to start long stages first; default 1.
         Never hashed, never changes a result.
+    symmetries:
+        Symmetry classes the method aligns with (:mod:`lmckit.perm.symmetry`; ``lmckit match --symmetry``):
+        every method supports ``"permutation"``; weight and activation matching also ``"signed"`` and
+        ``"orthogonal"`` (:mod:`lmckit.match.symmetric`).
     """
 
     name: str
@@ -215,6 +219,7 @@ class MatchMethod:
     iterations: Callable[[MatchResult, MethodOptions], str] | None = field(default=None, repr=False)
     check_spec: Callable[[PermutationSpec], None] | None = field(default=None, repr=False)
     cost: Callable[[MethodOptions], float] | None = field(default=None, repr=False)
+    symmetries: tuple[str, ...] = ("permutation",)
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -326,6 +331,7 @@ class MatchMethod:
             "multi": list(self.multi),
             "objective": self.objective,
             "options": self.options_type.describe(),
+            "symmetries": list(self.symmetries),
         }
 
 
@@ -349,6 +355,7 @@ def register_method(
     iterations: Callable[[MatchResult, MethodOptions], str] | None = None,
     check_spec: Callable[[PermutationSpec], None] | None = None,
     cost: Callable[[MethodOptions], float] | None = None,
+    symmetries: tuple[str, ...] = ("permutation",),
 ) -> Callable[[MatchFunction], MatchFunction]:
     """Decorator registering ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress)``.
 
@@ -381,6 +388,7 @@ def register_method(
             iterations=iterations,
             check_spec=check_spec,
             cost=cost,
+            symmetries=tuple(symmetries),
         )
         return func
 
@@ -466,6 +474,7 @@ class WeightOptions(MethodOptions):
     "weight",
     description="Weight matching: coordinate descent of linear assignments maximising sum <A, pi(B)>",
     reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin: Merging Models modulo Permutation Symmetries', ICLR 2023",
+    symmetries=("permutation", "signed", "orthogonal"),
     needs_data=False,
     options=WeightOptions,
     multi=("anchor", "mergemany"),
@@ -515,6 +524,7 @@ class ActivationOptions(MethodOptions):
     "activation",
     description="Activation matching: one assignment per layer maximising unit correlation on data",
     reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023 (after Li et al., 'Convergent Learning', 2016)",
+    symmetries=("permutation", "signed", "orthogonal"),
     needs_data=True,
     needs_model=True,
     options=ActivationOptions,

@@ -45,6 +45,7 @@ class LSTMClassifier(nn.Module):
             for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 b.move_blocks(f"lstm.{kind}_l{layer}", 0, [(g, h, 1)] * 4)
             b.move(f"lstm.weight_hh_l{layer}", 1, g)
+            b.ops(g, "LSTM:lstm")  # gates are elementwise nonlinear: permutations only (lmckit.perm.symmetry)
             if prev is not None:
                 b.move(f"lstm.weight_ih_l{layer}", 1, prev)
             prev = g

@@ -1,9 +1,12 @@
-"""Vision transformer (ViT) for small images: patch embedding, class token, pre-LN blocks.
+"""Vision transformer (ViT) for small images: patch embedding, class token, pre-norm blocks.
 
 ``image_size / patch_size`` squared patch tokens plus a class token (Fashion-MNIST:
 28 x 28 in patches of 7 x 7 -> 16 tokens + 1), a learned positional table, ``depth``
-pre-LN blocks ``x + attn(ln1(x))``, ``x + mlp(ln2(x))`` with ``nn.MultiheadAttention``,
-a final norm on the class token and a linear head.
+pre-norm blocks ``x + attn(ln1(x))``, ``x + mlp(ln2(x))`` with ``nn.MultiheadAttention``,
+a final norm on the class token and a linear head. ``norm`` picks the norm:
+``"layernorm"`` (the default: a pre-LN ViT), ``"batchnorm"`` (over the tokens), or
+``"none"`` (no norm at all: ``ln1``, ``ln2`` and the final norm are identities, so the
+blocks are ``x + attn(x)``, ``x + mlp(x)``; the ``vit-fmnist`` recipe trains this one).
 
 Permutation symmetry (``permutation_rules``): the residual stream ``patch`` (patch
 conv output channels, class token, positional table, every norm, ``out_proj`` and
@@ -12,6 +15,11 @@ conv output channels, class token, positional table, every norm, ``out_proj`` an
 (rows 0..2E of ``in_proj``: Q and K share it) and ``blocks.i.attn.vo`` (V rows
 and ``out_proj`` columns) with one head permutation shared by both
 (``spec.heads["blocks.i.attn"]``).
+
+The rules also record the ops each group passes through (``spec.ops``, for
+:mod:`lmckit.perm.symmetry`): the stream the norms (if any), the attention and
+Linear readers and the residual additions; the MLP hidden units the GELU; the
+head groups the attention.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Pre-LN vision transformer; see the module docstring."""
+    """Pre-norm vision transformer (pre-LN with ``norm="layernorm"``, no norm with ``"none"``); see the module."""
 
     def __init__(
         self,
@@ -124,11 +132,25 @@ class ViT(nn.Module):
             b.out_axis(f"{p}.fc2", s)
         b.out_axis("norm.norm", s)
         b.in_axis("head", s)
+        norm_kind = {"layernorm": "LayerNorm", "batchnorm": "BatchNorm1d"}.get(self.norm_kind)
+        stream_ops = ["Conv2d:patch", "flatten", "transpose", "cat", "add", "getitem", "Linear:head"]
+        for i in range(self.depth):
+            p = f"blocks.{i}"
+            stream_ops += [f"MultiheadAttention:{p}.attn", f"Linear:{p}.fc1"]
+            if norm_kind:
+                stream_ops += [f"{norm_kind}:{p}.ln1.norm", f"{norm_kind}:{p}.ln2.norm"]
+            b.ops(f"{p}.fc1", f"GELU:{p}.act")
+            b.ops(f"{p}.attn.qk", f"MultiheadAttention:{p}.attn")
+            b.ops(f"{p}.attn.vo", f"MultiheadAttention:{p}.attn")
+        if norm_kind:
+            stream_ops.append(f"{norm_kind}:norm.norm")
+        b.ops(s, *stream_ops)
 
 
 @register_model(
     "vit",
-    "ViT: 7x7 patches (16 tokens + class token), pre-LN, width 64, depth 4, 4 heads, MLP ratio 2 "
+    "ViT: 7x7 patches (16 tokens + class token), pre-norm (LayerNorm unless norm is given), width 64, "
+    "depth 4, 4 heads, MLP ratio 2 "
     "(options width, depth, heads, mlp_ratio, patch_size, width_mult, norm)",
 )
 def vit(

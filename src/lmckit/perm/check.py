@@ -33,7 +33,7 @@ from . import has_rules, spec_for
 from .spec import PermutationSpec, apply_permutation, identity_permutation, invert_permutation, random_permutation
 from .trace import SpecWarning, example_input_for, trace_streams
 
-__all__ = ["CheckReport", "check_spec"]
+__all__ = ["CheckReport", "SymmetryReport", "check_spec", "check_symmetry"]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -222,7 +222,8 @@ def check_spec(
     dtype: torch.dtype | None = torch.float64,
     raise_on_fail: bool = False,
     traced: bool = False,
-) -> CheckReport:
+    symmetry: str | None = None,
+) -> CheckReport | SymmetryReport:
     """Check that a random permutation of ``model`` by ``spec`` leaves its function unchanged.
 
     Parameters
@@ -242,6 +243,11 @@ def check_spec(
         Precision of the check (float64 by default; ``None`` keeps the model's).
     raise_on_fail:
         Raise :class:`LmcError` instead of returning ``ok=False``.
+    symmetry:
+        ``None`` / ``"permutation"``: the permutation check above. ``"signed"``,
+        ``"orthogonal"`` or ``"invertible"``: :func:`check_symmetry` (a random
+        element of each group's class, derived from the model's ops; returns a
+        :class:`SymmetryReport`).
 
     Returns
     -------
@@ -250,6 +256,8 @@ def check_spec(
         outputs and the updated running statistics agree within ``tol``;
         with the spec's coverage.
     """
+    if symmetry not in (None, "permutation"):
+        return check_symmetry(model, example_input, symmetry, spec, seed, tol, dtype, raise_on_fail, traced)
     if example_input is None:
         example_input = example_input_for(model)
     source, caught, opaque = "given", [], []
@@ -293,3 +301,202 @@ def check_spec(
     if raise_on_fail:
         report.raise_if_failed()
     return report
+
+
+# --------------------------------------------------------------------------------------------- symmetry classes
+@dataclass
+class SymmetryReport:
+    """Outcome of :func:`check_symmetry`.
+
+    ``groups``: per group the class applied, the classes admitted, the op
+    limiting it (``limit``) and its head count. ``folded`` / ``fold_skipped``:
+    norms whose gain and bias were folded into the next Linear first (and
+    those that could not be, with why); ``fold_diff``: the relative output
+    change folding itself caused (train and eval, max). ``refusal``: why no
+    group admits the class (then ``ok`` is false). ``train_diff`` /
+    ``eval_diff`` / ``stats_diff``: as in :class:`CheckReport`, for the random
+    transform; ``culprits``: groups (head structures as a whole) whose map alone
+    changes the output.
+    """
+
+    ok: bool
+    symmetry: str
+    tol: float
+    seed: int
+    train_diff: float
+    eval_diff: float
+    stats_diff: float
+    fold_diff: float
+    folded: list[str]
+    fold_skipped: list[str]
+    groups: dict[str, dict[str, Any]]
+    spec_source: str
+    refusal: str | None = None
+    culprits: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"symmetry class {self.symmetry} (spec: {self.spec_source})"]
+        if self.folded:
+            lines.append(
+                f"folded the gain/bias of {len(self.folded)} norms into the next Linear "
+                f"({', '.join(self.folded[:4])}{' ...' if len(self.folded) > 4 else ''}): relative output change "
+                f"{self.fold_diff:.3g}"
+            )
+        lines += [f"not folded: {w}" for w in self.fold_skipped]
+        for g, d in self.groups.items():
+            extra = f" ({d['heads']} heads)" if d["heads"] > 1 else ""
+            extra += ", fixing the all-ones direction" if d["fix_ones"] else ""
+            lines.append(f"  {g}: {d['class']}{extra}" + (f"; limited by {d['limit']}" if d["limit"] else ""))
+        if self.refusal:
+            lines.append(f"REFUSED: {self.refusal}")
+            return "\n".join(lines)
+        lines += [
+            f"train mode: max relative output diff {self.train_diff:.3g}, running-stats diff {self.stats_diff:.3g}",
+            f"eval mode:  max relative output diff {self.eval_diff:.3g}",
+        ]
+        if self.ok:
+            lines.append(f"function preserved (tol {self.tol:g})")
+        else:
+            lines.append(
+                f"FUNCTION CHANGED (tol {self.tol:g})"
+                + (f": groups responsible: {', '.join(self.culprits)}" if self.culprits else "")
+            )
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> "SymmetryReport":
+        if self.refusal:
+            raise LmcError(f"the model does not admit {self.symmetry} maps: {self.refusal}")
+        if not self.ok:
+            raise LmcError(
+                f"a random {self.symmetry} transform changes the model's function: relative output diff "
+                f"{max(self.train_diff, self.eval_diff):.3g}, running statistics {self.stats_diff:.3g}, "
+                f"tolerance {self.tol:g}"
+                + (f"; groups responsible: {', '.join(self.culprits)}" if self.culprits else ""),
+                "the spec's ops (spec.ops) do not describe the model: report the model",
+            )
+        return self
+
+
+def _compare_transform(a: nn.Module, spec, sym, t, x) -> tuple[float, float, float]:
+    from .symmetry import apply_transform, invert_transform
+
+    b = copy.deepcopy(a)
+    b.load_state_dict(apply_transform(spec, sym, t, a.state_dict()))
+    a2 = copy.deepcopy(a)
+    train_diff = _rel_diff(_forward(a2, x, True), _forward(b, x, True))
+    sa, sb = a2.state_dict(), apply_transform(spec, sym, invert_transform(t), b.state_dict())
+    stats = 0.0
+    for k, va in sa.items():
+        vb = sb[k]
+        if va.is_floating_point() and va.numel():
+            d = float((va.double() - vb.double()).abs().max())
+            stats = max(stats, d / max(float(va.double().abs().max()), 1e-30) if d > 0 else 0.0)
+        elif not torch.equal(va, vb):
+            stats = float("inf")
+    eval_diff = _rel_diff(_forward(a, x, False), _forward(b, x, False))
+    return train_diff, eval_diff, stats
+
+
+def check_symmetry(
+    model: nn.Module,
+    example_input: torch.Tensor | None,
+    symmetry: str,
+    spec: PermutationSpec | None = None,
+    seed: int = 0,
+    tol: float = 1e-5,
+    dtype: torch.dtype | None = torch.float64,
+    raise_on_fail: bool = False,
+    traced: bool = False,
+    fold: bool = True,
+) -> SymmetryReport:
+    """Check that a random element of ``symmetry`` (per group, as derived) leaves ``model``'s function unchanged.
+
+    The groups' classes come from :func:`lmckit.perm.symmetry.derive_symmetry`
+    on the spec's ops; with ``fold`` (default) LayerNorm/RMSNorm gains and
+    biases are first folded into the Linear layers they feed
+    (:func:`~lmckit.perm.symmetry.fold_norms`, its own output change reported
+    as ``fold_diff``), since the orthogonal classes need them folded. The check
+    then draws a random transform (a shared head permutation per head
+    structure), and compares outputs in train and eval mode (float64 by
+    default; dropout kept in eval) and the updated buffers after undoing the
+    transform. A class no group admits is refused (``refusal``, naming the
+    ops that limit it; ``ok`` false).
+    """
+    from .symmetry import derive_symmetry, fold_norms, identity_transform, random_transform, refusal
+
+    if example_input is None:
+        example_input = example_input_for(model)
+    x = example_input
+    if dtype is not None and x.is_floating_point():
+        x = x.to(dtype)
+    base = copy.deepcopy(model)
+    if dtype is not None:
+        base = base.to(dtype)
+    source = "given"
+    if spec is None:
+        spec, source, _, _ = _derive_spec(base, x, traced)
+    spec.check_state(base.state_dict(), f"{type(model).__name__} state dict")
+    folded, skipped, fold_diff = [], [], 0.0
+    if fold:
+        new, folded, skipped = fold_norms(base, x)
+        if folded:
+            fold_diff = max(
+                _rel_diff(_forward(copy.deepcopy(base), x, tr), _forward(copy.deepcopy(new), x, tr))
+                for tr in (True, False)
+            )
+            base = new
+    sym = derive_symmetry(spec, base.state_dict(), symmetry, model=base)
+    why = refusal(sym, symmetry)
+    groups = {g: s.to_dict() for g, s in sym.items()}
+    if why is not None:
+        rep = SymmetryReport(
+            False,
+            symmetry,
+            tol,
+            seed,
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            fold_diff,
+            folded,
+            skipped,
+            groups,
+            source,
+            refusal=why,
+        )
+        if raise_on_fail:
+            rep.raise_if_failed()
+        return rep
+    t = random_transform(spec, sym, seed)
+    train_diff, eval_diff, stats = _compare_transform(base, spec, sym, t, x)
+    ok = max(train_diff, eval_diff, stats, fold_diff) <= tol
+    culprits: list[str] = []
+    if not ok:
+        ident = identity_transform(spec, sym)
+        units: list[list[str]] = [list(m) for _, m in spec.heads.values()]
+        units += [[g] for g in spec.sizes if not any(g in u for u in units)]
+        for u in units:
+            only = {h: (t[h] if h in u else ident[h]) for h in spec.sizes}
+            if max(_compare_transform(base, spec, sym, only, x)) > tol:
+                culprits.append("+".join(u))
+    rep = SymmetryReport(
+        ok,
+        symmetry,
+        tol,
+        seed,
+        train_diff,
+        eval_diff,
+        stats,
+        fold_diff,
+        folded,
+        skipped,
+        groups,
+        source,
+        culprits=culprits,
+    )
+    if raise_on_fail:
+        rep.raise_if_failed()
+    return rep

@@ -36,6 +36,20 @@ each head, ``p_m[i*d_m + j] = h[i]*d_m + w_{m,i}[j]``. Multi-head attention
 is invariant exactly under this group (heads are interchangeable as wholes;
 inside a head Q and K share one feature permutation, V and the output
 projection's input another).
+
+Ops per group (symmetries beyond permutations)
+----------------------------------------------
+``spec.ops[name]`` optionally lists the ops group ``name``'s units pass through
+between the layers that write and read them, as labels ``"Kind:where"``
+(``"LayerNorm:blocks.0.ln1.norm"``, ``"GELU:blocks.0.act"``,
+``"MultiheadAttention:blocks.0.attn"``, ``"add"``; the kind is a module class
+name or a function/method name, ``where`` the module, when there is one). It
+is plain data that any spec producer may fill (zoo rules through
+:meth:`SpecBuilder.ops`, the fx tracer from the graph); permutations never
+read it. :mod:`lmckit.perm.symmetry` derives from it the largest class of maps
+(signed permutation, orthogonal, invertible) that keeps the function, and
+names the op that limits a group; a group without an entry is limited to
+permutations.
 """
 
 from __future__ import annotations
@@ -137,6 +151,8 @@ class PermutationSpec:
     sizes: dict[str, int]
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     heads: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+    #: group -> op labels its units pass through (see "Ops per group" in the module docstring); optional
+    ops: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -224,6 +240,9 @@ class PermutationSpec:
                     raise ValueError(
                         f"head structure {name!r}: group {g!r} of {self.sizes[g]} units is not {h} equal heads"
                     )
+        for g in self.ops:
+            if g not in self.sizes:
+                raise ValueError(f"spec ops name unknown group {g!r}")
 
     def check_state(self, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
         """Raise :class:`LmcError` when a state dict does not fit this spec."""
@@ -255,6 +274,8 @@ class PermutationSpec:
         }
         if self.heads:
             out["heads"] = {n: [int(h), list(m)] for n, (h, m) in self.heads.items()}
+        if self.ops:
+            out["ops"] = {g: list(v) for g, v in self.ops.items()}
         return out
 
     @classmethod
@@ -265,6 +286,7 @@ class PermutationSpec:
             sizes=dict(d["sizes"]),
             shapes={k: tuple(v) for k, v in d.get("shapes", {}).items()},
             heads={n: (int(v[0]), tuple(v[1])) for n, v in d.get("heads", {}).items()},
+            ops={g: tuple(v) for g, v in d.get("ops", {}).items()},
         )
 
 
@@ -283,6 +305,12 @@ class SpecBuilder:
         self.axes: dict[str, list[AxisEntry]] = {k: [None] * v.dim() for k, v in state.items()}
         self.sizes: dict[str, int] = {}
         self.heads: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._ops: dict[str, list[str]] = {}
+
+    def ops(self, group: str, *labels: str) -> None:
+        """Record ops ``group``'s units pass through (``"Kind:where"`` labels; see the module docstring)."""
+        cur = self._ops.setdefault(group, [])
+        cur.extend(x for x in labels if x not in cur)
 
     def head_structure(self, name: str, n_heads: int, members: list[str]) -> None:
         """Constrain ``members`` to head-block permutations sharing one head mapping (see module docstring)."""
@@ -334,6 +362,7 @@ class SpecBuilder:
             sizes=dict(self.sizes),
             shapes={k: tuple(v.shape) for k, v in self.state.items()},
             heads=dict(self.heads),
+            ops={g: tuple(v) for g, v in self._ops.items()},
         )
         spec.validate()
         return spec

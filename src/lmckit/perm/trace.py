@@ -24,7 +24,7 @@ the elements of a union-find. Rules join them:
   varies along a stream axis (size > 1 there) would break equivariance, so that
   stream is pinned.
 - BatchNorm / InstanceNorm (weight, bias, running_mean, running_var; never
-  ``num_batches_tracked``), LayerNorm (its affine axes that cover the stream
+  ``num_batches_tracked``), LayerNorm and RMSNorm (their affine axes that cover the stream
   axis), GroupNorm with ``num_groups`` 1 or ``C`` and PReLU join their per-channel
   entries to the stream. Other GroupNorms are refused (pinned with a warning).
 - pooling, upsampling, softmax / normalize (equivariant along every axis),
@@ -341,6 +341,10 @@ _TRANSPOSE_FUNCS = {torch.transpose, torch.swapaxes, torch.swapdims}
 _TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
 
 _PINNED = 0  # union-find element standing for "identity permutation"
+#: LayerNorm and RMSNorm (torch >= 2.4) normalise over trailing axes; their affine entries follow the unit axis
+_LN_MODULES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+#: ops after which a stream that no longer appears in the output was reduced over its units (not consumed by a layer)
+_OP_REDUCTIONS = _REDUCE_NAMES | {"max", "min"}
 
 
 class _DictInfo(dict):
@@ -456,6 +460,8 @@ class _Tracer:
         self.module_calls: dict[str, int] = {}
         self.site_nodes: list[tuple[fx.Node, str]] = []  # (call_module node, kind)
         self.opaque_ops: list[str] = []
+        self.op_records: list[tuple[str, tuple[int, ...], tuple[int, ...], bool]] = []  # for spec.ops
+        self.elem_ops: list[tuple[int, str]] = []  # (element, op label) of units created inside a module
         self.refines: list[tuple[int, list[tuple[int | None, int, int]], str]] = []  # (elem, pieces, where)
         self.slices: list[tuple[int, int, int, int, str]] = []  # (elem, start, stop, piece elem, where)
         self.heads: list[tuple[str, int, list[int]]] = []  # (name, n_heads, member elems)
@@ -1184,6 +1190,7 @@ class _Tracer:
         layer_streams = []
         for layer in range(m.num_layers):
             hs = self.fresh(h, name if m.num_layers == 1 else f"{name}.l{layer}")
+            self.elem_ops.append((hs, f"{type(m).__name__}:{name}"))  # gates: elementwise nonlinear (spec.ops)
             rows = self.refined([(hs, h, 1)] * gates, f"{type(m).__name__} {name!r} gates")
             for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 self.join_key(rows, f"{name}.{kind}_l{layer}", 0)
@@ -1317,7 +1324,7 @@ class _Tracer:
                     f"commute with channel permutations)",
                 )
             return dict(inf)
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, _LN_MODULES):
             self.site_nodes.append((node, "norm"))
             inf = dict(self.tinfo(src))
             s = self.shape(src) or ()
@@ -1523,10 +1530,13 @@ class _Tracer:
                     self.info[node] = self.invariant_like(node)
             elif node.op == "call_module":
                 self.info[node] = self.call_module(node)
+                self._record_op(node)
             elif node.op == "call_function":
                 self.info[node] = self.call_function(node)
+                self._record_op(node)
             elif node.op == "call_method":
                 self.info[node] = self.call_method(node)
+                self._record_op(node)
             elif node.op == "output":
                 self.pin_all(node.args, "model output", warn=False)
             if self.info.get(node) is None and node.op not in ("output",) and node.meta.get("tensor_meta") is not None:
@@ -1534,6 +1544,84 @@ class _Tracer:
                 self.info[node] = self.opaque(node)
             if self.w_partner:
                 self.check_heads(node)
+
+    def _record_op(self, node: fx.Node) -> None:
+        """Remember which streams ``node`` reads, as ``spec.ops`` data (see :mod:`lmckit.perm.spec`).
+
+        The label is ``"Kind:module"`` for modules, the function or method name otherwise
+        (``mul_scalar`` / ``truediv_scalar`` when the other operand is a Python number); a
+        reduction whose input stream does not survive into its output reduced over the units
+        and gets the suffix ``/units``. Only :mod:`lmckit.perm.symmetry` reads these labels.
+        """
+        ins = {e for a in _flat_nodes((node.args, node.kwargs)) for e in self.tinfo(a).values()}
+        if not ins:
+            return
+        if node.op == "call_module":
+            label = f"{type(self.gm.get_submodule(str(node.target))).__name__}:{node.target}"
+        else:
+            label = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+            label = str(label).strip("_")
+            if label in ("mul", "truediv", "imul", "itruediv") and len(_flat_nodes(node.args)) == 1:
+                label = label.lstrip("i") + "_scalar"
+        outs: set[int] = set()
+        stack = [self.info.get(node)]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, _DictInfo):
+                stack.extend(x.values())
+            elif isinstance(x, dict):
+                outs.update(x.values())
+            elif isinstance(x, (list, tuple)):
+                stack.extend(x)
+        self.op_records.append((label, tuple(ins), tuple(outs), label in _OP_REDUCTIONS))
+
+    def _group_ops(self, root_group: dict[int, str], heads: dict[str, tuple[int, tuple[str, ...]]]) -> dict:
+        """``spec.ops``: per group the labels of the ops its units (or its head-split axes) pass through.
+
+        Ops on head-split axes are attributed through the head joints; ops on streams that belong
+        to no group but not known to be linear are attributed to every head-structured group
+        (conservative: a symmetry beyond permutations is then refused there, never wrongly granted).
+        """
+        uf = self.uf
+        via: dict[int, set[str]] = {}
+        for r, g in root_group.items():
+            via.setdefault(r, set()).add(g)
+        head_axes: set[int] = set()
+        for f, _H, _d, h, w in self.joints:
+            g = root_group.get(uf.find(f))
+            if g is not None:
+                head_axes.add(uf.find(h))  # the head axis carries head permutations only: ops there move whole heads
+                via.setdefault(uf.find(w), set()).add(g)
+        from .symmetry import is_linear_label  # lazy: symmetry is plain data + torch, no cycle at import
+
+        in_heads = {g for _, members in heads.values() for g in members}
+        ops: dict[str, list[str]] = {g: [] for g in root_group.values()}
+        pinned = uf.find(_PINNED)
+        for label, ins, outs, reduction in self.op_records:
+            out_roots = {uf.find(o) for o in outs}
+            for e in ins:
+                r = uf.find(e)
+                if r == pinned or (r in head_axes and r not in via):
+                    continue
+                lab = label + "/units" if reduction and r not in out_roots else label
+                targets = via.get(r)
+                if targets is None:
+                    if is_linear_label(lab):
+                        continue
+                    targets = in_heads
+                for g in targets:
+                    if lab not in ops[g]:
+                        ops[g].append(lab)
+        for e, lab in self.elem_ops:
+            g = root_group.get(uf.find(e))
+            if g is not None and lab not in ops[g]:
+                ops[g].append(lab)
+        for name, _h, elems in self.heads:  # nn.MultiheadAttention's own Q/K and V/O groups
+            for x in elems:
+                g = root_group.get(uf.find(x))
+                if g is not None and f"MultiheadAttention:{name}" not in ops[g]:
+                    ops[g].append(f"MultiheadAttention:{name}")
+        return ops
 
     # ---------------------------------------------------------------- block permutations
     def _class_size(self, r: int) -> int | None:
@@ -1769,11 +1857,13 @@ class _Tracer:
         for g in [g for g in sizes if g not in used]:  # a stream whose every axis ended in fixed blocks
             del sizes[g]
         heads = {n: hv for n, hv in heads.items() if all(g in sizes for g in hv[1])}
+        ops = self._group_ops(root_group, heads)
         spec = PermutationSpec(
             axes={k: tuple(v) for k, v in axes.items()},
             sizes=sizes,
             shapes={k: tuple(v.shape) for k, v in self.state.items()},
             heads=heads,
+            ops={g: tuple(v) for g, v in ops.items() if g in sizes},
         )
         spec.validate()
         if self.strict and msgs:
