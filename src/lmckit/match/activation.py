@@ -43,7 +43,7 @@ import torch.nn as nn
 from ..device import resolve_device
 from ..errors import LmcError
 from ..evaluate import module_mode
-from ..perm import spec_for
+from ..perm import spec_for, uses_export
 from ..perm.spec import PermutationSpec, entry_segments, is_segmented, warn_low_coverage
 from .result import MatchResult
 from .weight import _lap, _solve_heads, check_finite
@@ -82,6 +82,8 @@ def resolve_sites(
     raw_sites: Mapping[str, Any] | None = sites
     if raw_sites is None and hasattr(model, "hidden_modules"):
         raw_sites = model.hidden_modules()
+    if raw_sites is None and uses_export(model):  # an ATen graph has no modules: read groups where produced
+        raw_sites = {g: [] for g in spec.sizes}
     if raw_sites is None:
         try:
             from ..perm import trace  # noqa: WPS433
@@ -151,9 +153,12 @@ def derived_sources(model: nn.Module, spec: PermutationSpec) -> dict[str, list[t
                 e = spec.axes.get(f"{name}.weight_hh_l{layer}", (None, None))[1]
                 if isinstance(e, str) and e not in out:
                     out[e] = [(name, _rnn_extractor(layer))]
-        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and f"{name}.weight" in spec.axes:
-            entry = spec.axes[f"{name}.weight"][0]
-            axis = -1 if isinstance(m, nn.Linear) else 1
+        elif (
+            isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_transposed_linear(m)
+        ) and f"{name}.weight" in spec.axes:
+            # transposed linear layers (Hugging Face's Conv1D, weight (in, out)) move their units on axis 1
+            entry = spec.axes[f"{name}.weight"][1 if _is_transposed_linear(m) else 0]
+            axis = -1 if isinstance(m, nn.Linear) or _is_transposed_linear(m) else 1
             for g in [entry] if isinstance(entry, str) else [x for x, _, _ in entry] if is_segmented(entry) else []:
                 if g is None or g in out:
                     continue
@@ -161,6 +166,18 @@ def derived_sources(model: nn.Module, spec: PermutationSpec) -> dict[str, list[t
                 if segs:
                     out[g] = [(name, _output_extractor(axis, segs))]
     return out
+
+
+def _is_transposed_linear(m: nn.Module) -> bool:
+    """``y = x W + b`` with ``W`` stored ``(in, out)`` and ``nf`` output features (``transformers``' Conv1D)."""
+    w = getattr(m, "weight", None)
+    return (
+        not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and isinstance(getattr(m, "nf", None), int)
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and w.shape[1] == m.nf
+    )
 
 
 def _take(t: torch.Tensor, axis: int, segs: list[tuple[int, int]]) -> list[torch.Tensor]:
