@@ -160,3 +160,17 @@ def test_cli_barrier_in_nats_per_token(pair, capsys):
     assert abs(la - math.log(256)) < 0.5  # an untrained byte model: about ln(256) nats per token, not per window
     assert res["perplexity"][0] == pytest.approx(math.exp(la))
     assert res["perplexity_barrier_factor"] == pytest.approx(math.exp(res["loss_barrier"]))
+
+
+def test_cli_analyze_and_landscape_run_on_hf_folders(pair, tmp_path, capsys):
+    """Tied embeddings pass through analyze's functional_call; landscape evaluates per token."""
+    _, _, _, fa, fb = pair
+    assert main(["analyze", "--hf", fa, fb, "--dataset", "text-synthetic", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["l2_before"] > 0 and any(p["name"] == "lm_head" for p in res["per_layer"])
+    plot = tmp_path / "plane.png"
+    fc = _save(_gpt2(2), tmp_path / "c")
+    args = ["landscape", "--hf", fa, fb, fc, "--dataset", "text-synthetic", "--limit", "4", "--grid", "3"]
+    assert main(args + ["--plot", str(plot), "--json"]) == 0
+    land = json.loads(capsys.readouterr().out)
+    assert plot.is_file() and all(abs(v - 5.545) < 0.5 for row in land["loss"] for v in row)  # ~ln(256) per token
