@@ -70,6 +70,14 @@ def _llama():
     return T.LlamaForCausalLM(cfg)
 
 
+def _llama_mha():
+    cfg = T.LlamaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return T.LlamaForCausalLM(cfg)
+
+
 def _tokens(seed=0, n=2):
     return torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
 
@@ -80,11 +88,13 @@ MODELS = {
     "bert_base": (_bert_base, _tokens),
     "vit": (_vit, lambda seed=0, n=2: torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))),
     "llama": (_llama, _tokens),
+    "llama_mha": (_llama_mha, _tokens),
 }
 # hidden_coverage (share of matrix output rows that move) each class reaches; pinned: vocabulary / class rows
-# (embedding tables count their vocabulary rows), BertModel its residual stream (it is the output)
+# (embedding tables count their vocabulary rows), BertModel its residual stream (it is the output), Llama with
+# grouped-query attention its attention (see test_llama_gqa_pins_attention)
 # of the output layers always; Llama additionally its attention (see test_llama_pins_rope_attention)
-MIN_COVERAGE = {"gpt2": 0.7, "bert": 0.8, "bert_base": 0.4, "vit": 0.95, "llama": 0.5}
+MIN_COVERAGE = {"gpt2": 0.7, "bert": 0.8, "bert_base": 0.4, "vit": 0.95, "llama": 0.5, "llama_mha": 0.75}
 
 
 def _build(name):
@@ -153,9 +163,24 @@ def test_bert_structure(traced):
     assert ax["bert.pooler.dense.weight"][1] == resid and ax["classifier.weight"][0] is None
 
 
-def test_llama_pins_rope_attention(traced):
-    """RoPE mixes features within a head by position: Q/K features cannot be permuted; the MLP (SwiGLU: gate
-    and up rows together) and the residual stream (RMSNorm weights) are."""
+def test_llama_rope_heads_move_whole(traced):
+    """RoPE rotates each head's feature pairs by position: Q/K heads move as whole blocks (no within-head
+    permutation), V/O heads with free within-head permutations, one head mapping for both."""
+    _, res = traced["llama_mha"]
+    ax, heads = res.spec.axes, res.spec.heads
+    q = ax["model.layers.0.self_attn.q_proj.weight"][0]
+    assert isinstance(q, tuple) and len(q) == 1 and q[0][1:] == (4, 4)  # 4 heads of 4 features, as blocks
+    assert ax["model.layers.0.self_attn.k_proj.weight"][0] == q
+    v = ax["model.layers.0.self_attn.v_proj.weight"][0]
+    assert isinstance(v, str) and ax["model.layers.0.self_attn.o_proj.weight"][1] == v
+    assert any(h == 4 and set(m) == {v, q[0][0]} for h, m in heads.values())
+    assert not any("attention" in w for w in res.warnings)
+
+
+def test_llama_gqa_pins_attention(traced):
+    """With grouped-query attention the heads are not permuted yet (the key/value-group plus within-group
+    query-head symmetry is not expressed): attention is pinned and said so; the MLP (SwiGLU: gate and up
+    rows together) and the residual stream (RMSNorm weights) are permuted."""
     _, res = traced["llama"]
     ax = res.spec.axes
     gate = ax["model.layers.0.mlp.gate_proj.weight"][0]
@@ -191,7 +216,7 @@ def test_weight_matching_recovers_planted(traced, name):
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "llama_mha"])
 def test_activation_matching_recovers_planted(traced, name):
     spec, sd, planted, sd_b = _planted(name, traced)
     m_a, m_b = _build(name), _build(name)

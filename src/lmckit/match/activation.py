@@ -15,7 +15,9 @@ With ``E`` the mean over samples:
 Groups without a site module (attention Q/K and V/O features, recurrent
 hidden states, blocks of concatenated or padded streams) are read where they
 are produced: the output rows of the Linear/Conv whose ``weight`` rows the
-group moves (the segment of a block axis: the group's channels only), the
+group moves (the segment of a block axis: the group's channels only; a group
+moving whole blocks of features, such as rotary-embedded Q/K heads, is read
+with each within-block position as one sample), the
 query/key/value projections of ``nn.MultiheadAttention`` computed from its
 input (a Q/K unit pools its query and key activations), and each layer's
 output sequence of ``nn.LSTM``/``nn.GRU`` (token axes are samples).
@@ -165,6 +167,9 @@ def derived_sources(model: nn.Module, spec: PermutationSpec) -> dict[str, list[t
                 segs = [(0, sizes[g])] if isinstance(entry, str) else _rows_segment(entry, g, sizes)
                 if segs:
                     out[g] = [(name, _output_extractor(axis, segs))]
+                elif is_segmented(entry) and axis == -1:  # whole blocks (heads whose features are pinned)
+                    blocks = [(o, n, k) for x, n, k, o in entry_segments(entry, None, sizes) if x == g]
+                    out[g] = [(name, _block_extractor(blocks))]
     return out
 
 
@@ -189,6 +194,18 @@ def _take(t: torch.Tensor, axis: int, segs: list[tuple[int, int]]) -> list[torch
 def _output_extractor(axis: int, segs: list[tuple[int, int]]):
     def fn(_m, _inputs, output):
         return _take(output, axis, segs)
+
+    return fn
+
+
+def _block_extractor(blocks: list[tuple[int, int, int]]):
+    """Units that own runs of ``inner`` features (``(offset, n, inner)``): feature ``r`` of every unit is one
+    sample, so two units' similarity sums the products of their features position by position (the
+    features inside a block never move, e.g. rotary-embedded query/key heads)."""
+
+    def fn(_m, _inputs, output):
+        flat = output.reshape(-1, output.shape[-1])
+        return [flat[:, o : o + n * k].reshape(-1, n, k).transpose(1, 2).reshape(-1, n) for o, n, k in blocks]
 
     return fn
 

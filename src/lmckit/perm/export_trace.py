@@ -398,6 +398,98 @@ class _ExportTracer(_Tracer):
         out[last] = p
         return out
 
+    # ------------------------------------------------------------ heads whose features are pinned (RoPE)
+    def _resolve_joints(self, full: dict[int, Any]) -> None:
+        """Heads that may move while their features may not: before the fx tracer's family rules, a head-split
+        stream whose within-head axis is pinned (rotary position embeddings multiply each feature by a
+        position-dependent cos/sin and swap feature halves) but whose head axis and flat stream are free
+        becomes a block stream of whole heads: ``p[i*d + j] = h[i]*d + j``. That is the joint's own
+        parametrisation with the within-head permutation fixed to the identity, so it is exact; the head
+        axis then becomes a group of ``H`` units and joins the head structure of the heads' other
+        streams (V/O) as a member with one unit per head."""
+        uf = self.uf
+        pinned = uf.find(0)
+        keep = []
+        if not hasattr(self, "head_only"):
+            self.head_only: list[int] = []
+        for j in self.joints:
+            f, H, d, h, w = j
+            if uf.find(w) == pinned and uf.find(h) != pinned and uf.find(f) != pinned:
+                e = self.refined([(h, H, d)], "attention heads whose features are pinned")
+                uf.union(e, f)
+                self.head_only.append(h)
+                w_of = [x for x, hh in self.w_partner.items() if hh == h and uf.find(x) == pinned]
+                for x in w_of:
+                    del self.w_partner[x]
+            else:
+                keep.append(j)
+        self.joints = keep
+        self._family_rules(full)
+
+    def _family_rules(self, full: dict[int, Any]) -> None:
+        """The fx tracer's ``_resolve_joints`` (same rules, same messages), except that the head elements of
+        head-only streams count as head axes (they are), not as other streams meeting the family."""
+        if not self.joints:
+            return
+        uf = self.uf
+        pinned = uf.find(0)
+        by_hw: dict[tuple[int, int], list[int]] = {}
+        for f, _H, _d, h, w in self.joints:
+            by_hw.setdefault((uf.find(h), uf.find(w)), []).append(f)
+        for fs in by_hw.values():
+            for f in fs[1:]:
+                uf.union(fs[0], f)
+        allowed = {x for _, _, _, h, w in self.joints for x in (h, w)} | set(getattr(self, "head_only", []))
+        allowed |= set(self.w_partner) | set(self.w_partner.values())
+        key_roots = {uf.find(e) for e in self.key_elem.values()}
+        other_roots = {uf.find(i) for i in range(1, len(uf.parent)) if i not in allowed}
+        other_roots.discard(pinned)
+        fam: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for j in self.joints:
+            fam.setdefault(uf.find(j[3]), []).append(j)
+        for hr, js in fam.items():
+            bad = None
+            w_roots = {uf.find(j[4]) for j in js}
+            flat_roots = {uf.find(j[0]) for j in js}
+            if hr == pinned or pinned in w_roots or pinned in flat_roots:
+                bad = "the heads or their features are left unpermuted"
+            elif hr in other_roots or w_roots & other_roots or hr in key_roots:
+                bad = "the head axis or a head's feature axis meets other streams or parameters"
+            elif len({j[1] for j in js}) != 1:
+                bad = "different head counts"
+            elif flat_roots & set(full):
+                bad = "a head-split stream is itself split into blocks"
+            if bad is None:
+                for fr in flat_roots:
+                    if len({uf.find(j[4]) for j in js if uf.find(j[0]) == fr}) > 1:
+                        bad = "one stream is split into heads in two different ways"
+            if bad is not None:
+                for _, _, _, h, w in js:
+                    for x in (h, w):
+                        if uf.find(x) != pinned:
+                            self.pin(x, f"attention heads: {bad}")
+                for f, *_ in js:
+                    if uf.find(f) != pinned:
+                        self.pin(f, f"attention heads: {bad}")
+
+    def _head_structures(self, root_group: dict[int, str], pinned_root: int) -> dict[str, tuple[int, tuple[str, ...]]]:
+        heads = super()._head_structures(root_group, pinned_root)
+        uf = self.uf
+        for h in dict.fromkeys(uf.find(x) for x in getattr(self, "head_only", [])):
+            g = root_group.get(h)
+            if g is None or h == pinned_root:
+                continue
+            n = self._class_size(h)
+            members: list[str] = []
+            for f, _H, _d, hh, _w in self.joints:  # the heads' other streams (V/O) share the head mapping
+                gf = root_group.get(uf.find(f))
+                if uf.find(hh) == h and gf is not None and gf not in members:
+                    members.append(gf)
+            for name in [k for k, (_, m) in heads.items() if set(m) & set(members)]:
+                del heads[name]
+            heads[f"{g}.heads"] = (int(n), tuple(members + [g]))
+        return heads
+
     def _sites(self, root_group: dict[int, str]) -> dict[str, list[str]]:
         return {g: [] for g in root_group.values()}  # no modules in an ATen graph: activation sites are not known
 
