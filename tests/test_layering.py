@@ -5,7 +5,7 @@ import its own layer and the layers below it, never a layer above::
 
     base (errors, device, progress, store, model_index, states)
       -> data, models, evaluate
-      -> perm, checkpoint
+      -> perm, checkpoint, hf (Hugging Face folders, optional transformers)
       -> match
       -> lmc, plotting
       -> analysis
@@ -39,7 +39,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "lmckit"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "device", "progress", "store", "model_index", "states"),
     ("data", "models", "evaluate"),
-    ("perm", "checkpoint", "limits"),
+    ("perm", "checkpoint", "limits", "hf"),  # hf: Hugging Face folders in and out (converts at the edge)
     ("match",),
     ("lmc", "plotting"),
     ("analysis",),

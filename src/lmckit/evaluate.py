@@ -47,6 +47,10 @@ def evaluate(
 ) -> tuple[float, float]:
     """Return ``(mean loss, accuracy)`` of ``model`` (in eval mode) on ``split``.
 
+    Per target: per image for classifiers; per token for language models (logits ``(B, V, T)``, targets
+    ``(B, T)``), the loss then in nats per token (perplexity ``exp(loss)``) and the accuracy of the
+    next-token prediction.
+
     The model's train/eval mode is restored afterwards. Batches are gathered
     from the split held on the device (:meth:`Dataset.on_device`); the sums
     stay on the device (float64 loss, int64 count) and are read once at the
@@ -62,7 +66,7 @@ def evaluate(
             # float32 batch sum, accumulated in float64 (the same rounding as the earlier Python-float sum)
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
-            n += int(y.shape[0])
+            n += int(y.numel())  # one target per image, or per token ((B, T) targets of a language model)
     return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
 
 

@@ -127,7 +127,12 @@ def input_projections(
         return hook
 
     handles = [t[0].register_forward_hook(hook_for(n, t[0])) for n, t in targets.items()]
-    params = {k: t.to(dev) for k, t in sd.items()}
+    # tied tensors (a language model's embedding and output layer) are passed once: functional_call ties them
+    seen, tied = {}, set()
+    for k, v in model.state_dict().items():
+        if v.numel() and seen.setdefault((v.data_ptr(), tuple(v.shape)), k) != k:
+            tied.add(k)
+    params = {k: t.to(dev) for k, t in sd.items() if k not in tied}
     try:
         with torch.no_grad(), module_mode(model):
             batches = dataset.batches(

@@ -15,6 +15,7 @@ from .common import (
     add_data,
     add_device,
     add_force_perm,
+    add_hf,
     add_json,
     add_quiet,
     check_output_path,
@@ -93,6 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data(p)
     add_device(p)
     add_arch(p)
+    add_hf(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -142,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         labels=["model A", "model B"],
         hint="analyse two models of the same architecture and width",
         arch=args.arch,
+        hf=args.hf,
     )
     model = model.to(device)
     perms = (

@@ -12,6 +12,7 @@ from .common import (
     add_data,
     add_device,
     add_force_perm,
+    add_hf,
     add_json,
     add_quiet,
     check_output_path,
@@ -79,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_quiet(p)
     add_device(p)
     add_arch(p)
+    add_hf(p)
     p.set_defaults(func=run)
 
 
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         labels=["model A", "model B"],
         hint="interpolate two models of the same architecture and width",
         arch=args.arch,
+        hf=args.hf,
     )
     transformed = is_transform_file(args.perm)
     perms = (
@@ -147,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     out.update({"a": str(args.a), "b": str(args.b), "perm": args.perm, "dataset": name})
     if args.compare_naive:
         out["naive"] = curves["naive"].to_dict(collapse=len(splits) == 1)
+    lm = hasattr(dataset, "context")  # a token dataset: losses are per token (docs/definitions.md, LM rows)
+    if lm:
+        for d in [out] + ([out["naive"]] if args.compare_naive else []):
+            _add_lm_units(d)
     if args.plot:
         from ..lmc.plot import plot_curves
 
@@ -174,7 +181,30 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
     print(f"dataset {name}, {len(main.lambdas)} lambdas, BN reset: {main.bn_reset}")
+    if lm:
+        import math
+
+        for r in rows:
+            r["mid_ppl"] = math.exp(r["mid_loss"])
+            r["ppl_A"], r["ppl_B"] = math.exp(r["loss_A"]), math.exp(r["loss_B"])
+        print("language model: losses in nats per token, ppl = exp(loss) (perplexity), acc = next-token accuracy")
     print_table(rows)
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _add_lm_units(d: dict) -> None:
+    """Perplexities beside the per-token losses of a curve's JSON (every split, collapsed or not)."""
+    import math
+
+    if "loss" in d and isinstance(d["loss"], list):
+        d["loss_unit"] = "nats/token"
+        d["perplexity"] = [math.exp(x) for x in d["loss"]]
+        d["midpoint_perplexity"] = math.exp(d["midpoint_loss"])
+        d["endpoint_perplexity"] = [math.exp(x) for x in d["endpoint_loss"]]
+        # exp(loss barrier): the factor by which the worst point's perplexity exceeds the endpoints' interpolation
+        d["perplexity_barrier_factor"] = math.exp(d["loss_barrier"])
+    for v in d.values():
+        if isinstance(v, dict):
+            _add_lm_units(v)

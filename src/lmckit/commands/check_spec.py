@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import MAX_SEED, add_arch, add_device, add_json, add_quiet, float_in, int_in, load_arch, print_json
+from .common import MAX_SEED, add_arch, add_device, add_hf, add_json, add_quiet, float_in, int_in, load_arch, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_device(p)
     add_arch(p)
+    add_hf(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -88,6 +89,12 @@ def _load_model(args: argparse.Namespace):
     from ..errors import LmcError
     from ..models import create_model, list_models
 
+    if getattr(args, "hf", False):  # a local Hugging Face folder (traced with torch.export)
+        if getattr(args, "arch", None):
+            raise LmcError("--arch and --hf both say what the model is", "pass one of them")
+        from ..hf import load_hf
+
+        return load_hf(args.model)[0], "hf"
     if getattr(args, "arch", None):  # the user's own architecture; MODEL is then an optional state dict of it
         model = load_arch(args.arch)
         if args.model not in ("-", "") and Path(args.model).exists():

@@ -178,6 +178,16 @@ def add_arch(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_hf(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--hf",
+        action="store_true",
+        help="the MODEL arguments are local Hugging Face model folders (config.json + model.safetensors or a "
+        "sharded model.safetensors.index.json); needs pip install 'lmckit[hf]'. Local files only, never a "
+        "download; pickles (pytorch_model.bin) are refused",
+    )
+
+
 def load_arch(arch: str):
     """Build the user's model from ``"module:callable"`` (imports and runs the user's code, explicitly asked for).
 
@@ -283,6 +293,7 @@ def load_checkpoints(
     labels: Sequence[str] | None = None,
     hint: str = "pass checkpoints of the same architecture and width",
     arch: str | None = None,
+    hf: bool = False,
 ):
     """Load checkpoints that must hold one architecture: ``(states, infos, model, spec)``.
 
@@ -295,6 +306,7 @@ def load_checkpoints(
     ----------
     paths : run folders or ``.safetensors`` files.
     arch : ``"module:callable"`` building the user's own model (then the files are plain state dicts of it).
+    hf : the paths are local Hugging Face model folders (:func:`lmckit.hf.load_checkpoints`).
     labels : optional names of the inputs (``"model A"``, ...); errors then say ``model A (PATH)``.
     hint : the fix suggested when two checkpoints are different models.
     """
@@ -303,8 +315,14 @@ def load_checkpoints(
     from ..perm import spec_for
 
     names = [str(p) if labels is None else f"{labels[i]} ({p})" for i, p in enumerate(paths)]
+    if arch is not None and hf:
+        raise LmcError("--arch and --hf both say what the models are", "pass one of them")
     if arch is not None:  # the user's own architecture, plain state dicts (see add_arch)
         return _load_arch_checkpoints(paths, names, arch)
+    if hf:  # Hugging Face folders (the optional lmckit.hf module converts them at the edge)
+        from ..hf import load_checkpoints as load_hf_checkpoints
+
+        return load_hf_checkpoints(paths, names)
     states, infos = [], []
     for path in paths:
         if not Path(path).exists():

@@ -12,6 +12,7 @@ from .common import (
     add_data,
     add_device,
     add_force_perm,
+    add_hf,
     add_json,
     add_quiet,
     check_output_path,
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", default=None, help="dataset name (default: the one recorded in model A)")
     add_force_perm(p)
+    add_hf(p)
     add_data(p)
     add_device(p)
     add_json(p)
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path("--plot", plot)
     check_output_path("--plot", acc_path)
     device = resolve_device(args.device)
-    states, infos, model, spec = load_checkpoints(args.models)
+    states, infos, model, spec = load_checkpoints(args.models, hf=args.hf)
     sd_a, sd_b, sd_c = states
     perm_b = perm_c = None
     if args.perms:

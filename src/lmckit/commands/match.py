@@ -11,6 +11,7 @@ from .common import (
     add_arch,
     add_data,
     add_device,
+    add_hf,
     add_json,
     add_method_flags,
     add_quiet,
@@ -70,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
     add_device(p)
     add_arch(p)
+    add_hf(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path("--ste-state", args.ste_state, folder=True)
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(
-        args.models, hint="match checkpoints of the same architecture and width", arch=args.arch
+        args.models, hint="match checkpoints of the same architecture and width", arch=args.arch, hf=args.hf
     )
     models = [model] + [
         build_model(model.lmckit_config, sd, str(path)) for path, sd in zip(args.models[1:], states[1:])

@@ -14,6 +14,7 @@ from .common import (
     add_arch,
     add_data,
     add_device,
+    add_hf,
     add_json,
     add_method_flags,
     add_quiet,
@@ -89,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data(p)
     add_device(p)
     add_arch(p)
+    add_hf(p)
     add_json(p)
     add_quiet(p)
     p.set_defaults(func=run)
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.plot).suffix.lower() != ".png":
             raise LmcError(f"--plot {args.plot} must be a .png file")
     out = Path(args.out)
-    names = ["merged.safetensors", "merge.json", "ste", ".lock"]
+    names = ["merged.safetensors", "merge.json", "ste", ".lock"] + (["merged-hf"] if args.hf else [])
     names += [f"perm_{i}.json" for i in range(len(args.models))]
     inputs = [(f"model {i}", m) for i, m in enumerate(args.models)]
     refuse_outputs_in_inputs([("--out", out)] + [("--out", out / n) for n in names] + [("--plot", args.plot)], inputs)
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_path("--plot", args.plot)
     device = resolve_device(args.device)
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)
-    states, infos, model, _ = load_checkpoints(args.models, arch=args.arch)
+    states, infos, model, _ = load_checkpoints(args.models, arch=args.arch, hf=args.hf)
     dataset = load_named_dataset(args.dataset, infos[0], args.data_dir, label="model 0")
     check_model_fits(model, dataset, "train", where=args.models[0])
     check_merge_inputs(model, states, dataset, args.method, args.multi, args.split, args.bn_reset, opts)
@@ -180,12 +182,17 @@ def run(args: argparse.Namespace) -> int:
                 "model_sha256": hashes,
             },
         )
+        if args.hf:  # the merged model also as a Hugging Face folder (config + safetensors) for from_pretrained
+            from ..hf import save_hf
+
+            save_hf(model, res.merged, tmp / "merged-hf")
         merged_file = out / "merged.safetensors"
         summary = res.to_dict()
         summary.update(
             models=paths,
             perm_files=perm_files,
             merged_checkpoint=str(merged_file),
+            **({"merged_hf_folder": str(out / "merged-hf")} if args.hf else {}),
             dataset=dataset.name,
             model=model.lmckit_config,
             seed=args.seed,

@@ -277,7 +277,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
     import torch
 
     from .dataset import Dataset
+    from .text import TEXT_DATASETS
 
+    if name in TEXT_DATASETS:  # token windows of a text corpus (lmckit.data.text), for language models
+        from .text import load_text_dataset
+
+        return load_text_dataset(name, data_dir, val_size=val_size, val_seed=val_seed)
     folder = find_dataset(name, data_dir)
     key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed)
     if key in _CACHE:

@@ -200,7 +200,8 @@ def check_model_fits(
             "the model expects other inputs",
             "pass the --dataset the models were trained on",
         ) from None
-    if out.dim() != 2 or out.shape[1] != dataset.num_classes:
+    dims = (2, 3) if hasattr(dataset, "context") else (2,)  # token datasets: (B, V, T) logits of a language model
+    if out.dim() not in dims or out.shape[1] != dataset.num_classes:
         raise LmcError(
             f"the model outputs {tuple(out.shape[1:])} logits, "
             f"dataset {dataset.name} has {dataset.num_classes} classes",

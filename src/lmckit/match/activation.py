@@ -15,7 +15,9 @@ With ``E`` the mean over samples:
 Groups without a site module (attention Q/K and V/O features, recurrent
 hidden states, blocks of concatenated or padded streams) are read where they
 are produced: the output rows of the Linear/Conv whose ``weight`` rows the
-group moves (the segment of a block axis: the group's channels only), the
+group moves (the segment of a block axis: the group's channels only; a group
+moving whole blocks of features, such as rotary-embedded Q/K heads, is read
+with each within-block position as one sample), the
 query/key/value projections of ``nn.MultiheadAttention`` computed from its
 input (a Q/K unit pools its query and key activations), and each layer's
 output sequence of ``nn.LSTM``/``nn.GRU`` (token axes are samples).
@@ -43,7 +45,7 @@ import torch.nn as nn
 from ..device import resolve_device
 from ..errors import LmcError
 from ..evaluate import module_mode
-from ..perm import spec_for
+from ..perm import spec_for, uses_export
 from ..perm.spec import PermutationSpec, entry_segments, is_segmented, warn_low_coverage
 from .result import MatchResult
 from .weight import _lap, _solve_heads, check_finite
@@ -82,6 +84,8 @@ def resolve_sites(
     raw_sites: Mapping[str, Any] | None = sites
     if raw_sites is None and hasattr(model, "hidden_modules"):
         raw_sites = model.hidden_modules()
+    if raw_sites is None and uses_export(model):  # an ATen graph has no modules: read groups where produced
+        raw_sites = {g: [] for g in spec.sizes}
     if raw_sites is None:
         try:
             from ..perm import trace  # noqa: WPS433
@@ -151,16 +155,34 @@ def derived_sources(model: nn.Module, spec: PermutationSpec) -> dict[str, list[t
                 e = spec.axes.get(f"{name}.weight_hh_l{layer}", (None, None))[1]
                 if isinstance(e, str) and e not in out:
                     out[e] = [(name, _rnn_extractor(layer))]
-        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and f"{name}.weight" in spec.axes:
-            entry = spec.axes[f"{name}.weight"][0]
-            axis = -1 if isinstance(m, nn.Linear) else 1
+        elif (
+            isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_transposed_linear(m)
+        ) and f"{name}.weight" in spec.axes:
+            # transposed linear layers (Hugging Face's Conv1D, weight (in, out)) move their units on axis 1
+            entry = spec.axes[f"{name}.weight"][1 if _is_transposed_linear(m) else 0]
+            axis = -1 if isinstance(m, nn.Linear) or _is_transposed_linear(m) else 1
             for g in [entry] if isinstance(entry, str) else [x for x, _, _ in entry] if is_segmented(entry) else []:
                 if g is None or g in out:
                     continue
                 segs = [(0, sizes[g])] if isinstance(entry, str) else _rows_segment(entry, g, sizes)
                 if segs:
                     out[g] = [(name, _output_extractor(axis, segs))]
+                elif is_segmented(entry) and axis == -1:  # whole blocks (heads whose features are pinned)
+                    blocks = [(o, n, k) for x, n, k, o in entry_segments(entry, None, sizes) if x == g]
+                    out[g] = [(name, _block_extractor(blocks))]
     return out
+
+
+def _is_transposed_linear(m: nn.Module) -> bool:
+    """``y = x W + b`` with ``W`` stored ``(in, out)`` and ``nf`` output features (``transformers``' Conv1D)."""
+    w = getattr(m, "weight", None)
+    return (
+        not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and isinstance(getattr(m, "nf", None), int)
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and w.shape[1] == m.nf
+    )
 
 
 def _take(t: torch.Tensor, axis: int, segs: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -172,6 +194,18 @@ def _take(t: torch.Tensor, axis: int, segs: list[tuple[int, int]]) -> list[torch
 def _output_extractor(axis: int, segs: list[tuple[int, int]]):
     def fn(_m, _inputs, output):
         return _take(output, axis, segs)
+
+    return fn
+
+
+def _block_extractor(blocks: list[tuple[int, int, int]]):
+    """Units that own runs of ``inner`` features (``(offset, n, inner)``): feature ``r`` of every unit is one
+    sample, so two units' similarity sums the products of their features position by position (the
+    features inside a block never move, e.g. rotary-embedded query/key heads)."""
+
+    def fn(_m, _inputs, output):
+        flat = output.reshape(-1, output.shape[-1])
+        return [flat[:, o : o + n * k].reshape(-1, n, k).transpose(1, 2).reshape(-1, n) for o, n, k in blocks]
 
     return fn
 

@@ -39,6 +39,7 @@ __all__ = [
     "validate_perms",
     "spec_for",
     "has_rules",
+    "uses_export",
     "CoverageWarning",
     "COVERAGE_WARN_THRESHOLD",
     "head_block_perm",
@@ -52,12 +53,25 @@ def has_rules(model) -> bool:
     return hasattr(model, "permutation_rules") or hasattr(model, "permutation_spec")
 
 
+def uses_export(model) -> bool:
+    """Whether ``model`` is traced through ``torch.export`` (:mod:`lmckit.perm.export_trace`) instead of torch.fx.
+
+    True for Hugging Face ``transformers`` models (which torch.fx cannot trace) and for any model with a true
+    ``lmckit_tracer == "export"`` attribute; the choice is by where the class comes from, not by its name.
+    """
+    if getattr(model, "lmckit_tracer", None) == "export":
+        return True
+    return type(model).__module__.split(".", 1)[0] == "transformers"
+
+
 def spec_for(model, example_input=None) -> PermutationSpec:
-    """The permutation spec of ``model``: its own rules where it has them, fx tracing otherwise.
+    """The permutation spec of ``model``: its own rules where it has them, tracing otherwise.
 
     Zoo models declare their groups with ``permutation_rules(b)`` on a :class:`SpecBuilder` over
     their state dict (so ``models`` never imports ``perm``); a user architecture may instead
-    return a whole spec from ``permutation_spec()``; any other model is traced with torch.fx.
+    return a whole spec from ``permutation_spec()``; models for which :func:`uses_export` holds
+    (Hugging Face ``transformers``) are traced with ``torch.export`` (``example_input`` required:
+    token ids or images); any other model is traced with torch.fx.
     """
     rules = getattr(model, "permutation_rules", None)
     if rules is not None:
@@ -67,6 +81,14 @@ def spec_for(model, example_input=None) -> PermutationSpec:
     if hasattr(model, "permutation_spec"):
         return model.permutation_spec()
     # lazy: torch.fx and the tracer load only for models without their own rules (zoo models never need them)
+    if uses_export(model):
+        from .export_trace import export_trace_spec
+
+        if example_input is None:  # the model's own `example_input`, else a clear LmcError
+            from .trace import example_input_for
+
+            example_input = example_input_for(model)
+        return export_trace_spec(model, example_input)
     from .trace import trace_spec
 
     return trace_spec(model, example_input)
@@ -81,6 +103,8 @@ _LAZY = {
     "example_input_for": "trace",
     "SpecWarning": "trace",
     "TraceResult": "trace",
+    "export_trace_spec": "export_trace",
+    "export_trace_streams": "export_trace",
     "check_spec": "check",
     "CheckReport": "check",
 }

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LmcError
-from . import has_rules, spec_for
+from . import has_rules, spec_for, uses_export
 from .spec import PermutationSpec, apply_permutation, identity_permutation, invert_permutation, random_permutation
 from .trace import SpecWarning, example_input_for, trace_streams
 
@@ -197,7 +197,12 @@ def _derive_spec(
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always", SpecWarning)
         if traced or not has_rules(model):
-            res = trace_streams(model, example_input)
+            if uses_export(model):
+                from .export_trace import export_trace_streams
+
+                res = export_trace_streams(model, example_input)
+            else:
+                res = trace_streams(model, example_input)
             for msg in res.warnings:
                 warnings.warn(f"trace_spec({type(model).__name__}): {msg}", SpecWarning, stacklevel=2)
             spec, source, opaque = res.spec, "traced", res.opaque

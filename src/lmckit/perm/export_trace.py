@@ -1,0 +1,539 @@
+"""Permutation specs from ``torch.export`` graphs: a table of rules over core ATen ops.
+
+Why
+---
+``torch.fx.symbolic_trace`` cannot trace most Hugging Face ``transformers``
+models (data-dependent Python in ``forward``; measured: GPT2LMHeadModel,
+BertForSequenceClassification, LlamaForCausalLM, ViTForImageClassification
+all fail), while ``torch.export.export(model, (x,))`` succeeds on all of them
+in eval mode and yields a graph of a small, stable set of ATen ops
+(``aten.linear``, ``aten.addmm``, ``aten.layer_norm``,
+``aten.scaled_dot_product_attention``, ``aten.view``, ``aten.transpose``...).
+This module walks that graph with the fx tracer's machinery
+(:class:`lmckit.perm.trace._Tracer`: the union-find of streams and state-dict
+axes, block refinements, head structures and spec building are imported, not
+copied) and replaces only the per-op dispatch by :data:`ATEN_RULES`, one rule
+per ATen op family. Adding an op is one entry in that table.
+
+Rules (the semantics are those of the fx tracer's module docstring)
+-------------------------------------------------------------------
+- ``linear(x, W, b)``: ``W' = P_out W P_in^T``; ``addmm(b, x, M)`` / ``mm`` /
+  ``matmul`` with ``M`` a parameter of shape ``(in, out)`` (GPT-2's ``Conv1D``,
+  whose weight is stored transposed): ``M' = P_in M P_out^T``, ``b' = P_out b``;
+  ``M = t(W)`` is treated as ``linear``.
+- ``embedding(W, idx)``: a producer moving ``W``'s columns (axis 1); tied
+  weights (GPT-2's ``wte`` / ``lm_head``) share storage and move together.
+- ``layer_norm`` / ``rms_norm``: the affine entries move with the normalised
+  unit axis (normalising over all units commutes with permuting them).
+  Hand-written RMSNorm (Llama) is seen through as ``pow``, ``mean`` over the
+  unit axis (invariant), ``rsqrt`` and elementwise ``mul`` by the weight.
+- ``scaled_dot_product_attention``: as ``F.scaled_dot_product_attention``.
+- elementwise ops, casts, ``dropout``, ``expand``, views and reshapes,
+  ``transpose`` / ``permute`` / ``t``, ``split`` / ``chunk`` / ``unbind``,
+  ``slice`` / ``select``, ``cat`` / ``stack``, reductions, ``softmax``,
+  ``conv2d``: as in the fx tracer.
+- any op whose tensor inputs carry no units (masks, position ids, RoPE
+  tables) gives an invariant result without a warning: that is exact.
+  Any other unknown op pins the units flowing into it and says so.
+
+Entry points: :func:`export_trace_streams` and :func:`export_trace_spec`
+(the same results as :func:`lmckit.perm.trace.trace_streams` /
+:func:`~lmckit.perm.trace.trace_spec`). Models that need them are picked by
+:func:`lmckit.perm.uses_export`.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import LmcError
+from .spec import PermutationSpec
+from .trace import SpecWarning, TraceResult, _DictInfo, _flat_nodes, _Tracer
+
+__all__ = ["ATEN_RULES", "export_graph", "export_trace_streams", "export_trace_spec"]
+
+aten = torch.ops.aten
+
+Rule = Callable[["_ExportTracer", fx.Node], Any]
+#: ATen op packet -> rule (``rule(tracer, node) -> stream info of the node's value``).
+ATEN_RULES: dict[Any, Rule] = {}
+
+
+def _rule(*ops: Any) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for op in ops:
+            ATEN_RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def _arg(node: fx.Node, pos: int, kw: str, default: Any = None) -> Any:
+    if kw in node.kwargs:
+        return node.kwargs[kw]
+    return node.args[pos] if len(node.args) > pos else default
+
+
+# ------------------------------------------------------------------ identity-like and elementwise
+@_rule(
+    aten.clone,
+    aten.contiguous,
+    aten.alias,
+    aten.detach,
+    aten.lift_fresh_copy,
+    aten.to,
+    aten._to_copy,
+    aten.type_as,
+    aten.dropout,
+    aten.feature_dropout,
+    aten.alpha_dropout,
+    aten.softmax,
+    aten._softmax,
+    aten.log_softmax,
+    aten._log_softmax,
+)
+def _same(tr: _ExportTracer, node: fx.Node) -> Any:
+    """Value-preserving (casts, copies, eval dropout) or equivariant along every axis (softmax)."""
+    return dict(tr.tinfo(node.args[0]))
+
+
+_ELEMENTWISE = [
+    "add", "sub", "rsub", "mul", "div", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid",
+    "relu", "gelu", "silu", "mish", "elu", "selu", "leaky_relu", "hardtanh", "hardswish", "hardsigmoid",
+    "softplus", "erf", "sin", "cos", "clamp", "clamp_min", "clamp_max", "where", "masked_fill", "maximum",
+    "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "__and__",
+    "__or__", "bitwise_and", "bitwise_or", "bitwise_not", "reciprocal", "square", "fill", "zeros_like",
+    "ones_like", "full_like", "sign", "floor", "ceil", "round", "relu6", "glu_placeholder",
+]  # fmt: skip
+
+
+@_rule(*[getattr(aten, n) for n in _ELEMENTWISE if hasattr(aten, n)])
+def _elementwise(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.broadcast(node, list(node.args) + list(node.kwargs.values()))
+
+
+@_rule(aten.expand, aten.expand_as, aten.repeat)
+def _expand(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.align(node, node.args[0])
+
+
+# ------------------------------------------------------------------ shape ops
+@_rule(aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten)
+def _reshape(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.reshape(node, node.args[0])
+
+
+@_rule(aten.transpose, aten.swapaxes, aten.swapdims)
+def _transpose(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.swap(node, node.args[0], int(node.args[1]), int(node.args[2]))
+
+
+@_rule(aten.permute)
+def _permute(tr: _ExportTracer, node: fx.Node) -> Any:
+    n = len(tr.shape(node.args[0]) or ())
+    return tr.transpose(node, node.args[0], [int(x) % n for x in node.args[1]])
+
+
+@_rule(aten.t, aten.numpy_T)
+def _t(tr: _ExportTracer, node: fx.Node) -> Any:
+    n = len(tr.shape(node.args[0]) or ())
+    return tr.transpose(node, node.args[0], list(range(n))[::-1]) if n == 2 else dict(tr.tinfo(node.args[0]))
+
+
+@_rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split)
+def _split(tr: _ExportTracer, node: fx.Node) -> Any:
+    src = node.args[0]
+    s = tr.shape(src)
+    vals = node.meta.get("val")
+    dim = _arg(node, 2, "dim", 0)
+    if s is None or not isinstance(vals, (list, tuple)) or not isinstance(dim, int):
+        return tr.opaque(node)
+    return tr.split(node, src, [int(v.shape[dim % len(s)]) for v in vals], dim)
+
+
+@_rule(aten.unbind)
+def _unbind(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.unbind(node, node.args[0], int(_arg(node, 1, "dim", 0)))
+
+
+@_rule(aten.slice)
+def _slice(tr: _ExportTracer, node: fx.Node) -> Any:
+    src = node.args[0]
+    s = tr.shape(src)
+    if s is None:
+        return tr.opaque(node)
+    dim = int(_arg(node, 1, "dim", 0)) % len(s)
+    start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    if any(not (x is None or isinstance(x, int)) for x in (start, end, step)):
+        return tr.opaque(node)
+    items = [slice(None)] * dim + [slice(start, min(end, s[dim]) if end is not None else None, step)]
+    return tr.index_items(node, src, items)
+
+
+@_rule(aten.select)
+def _select(tr: _ExportTracer, node: fx.Node) -> Any:
+    src = node.args[0]
+    s = tr.shape(src)
+    if s is None:
+        return tr.opaque(node)
+    dim = int(node.args[1]) % len(s)
+    return tr.index_items(node, src, [slice(None)] * dim + [int(node.args[2])])
+
+
+@_rule(aten.cat, aten.concat, aten.concatenate)
+def _cat(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.cat(node, list(node.args[0]), int(_arg(node, 1, "dim", 0)))
+
+
+@_rule(aten.stack)
+def _stack(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.stack(node, list(node.args[0]), int(_arg(node, 1, "dim", 0)))
+
+
+# ------------------------------------------------------------------ reductions
+@_rule(aten.mean, aten.sum, aten.amax, aten.amin, aten.logsumexp, aten.var, aten.std, aten.prod)
+def _reduce(tr: _ExportTracer, node: fx.Node) -> Any:
+    src = node.args[0]
+    dim = _arg(node, 1, "dim", None)
+    keepdim = _arg(node, 2, "keepdim", False)
+    if node.target.overloadpacket in (aten.var, aten.std):
+        keepdim = node.kwargs.get("keepdim", keepdim if isinstance(keepdim, bool) else False)
+    if isinstance(dim, (list, tuple)) and len(dim) == 0:
+        dim = None
+    if not isinstance(keepdim, bool):
+        return tr.opaque(node)
+    res = tr.reduce(node, src, dim, keepdim)
+    return tr.opaque(node) if res is None else res
+
+
+# ------------------------------------------------------------------ layers
+@_rule(aten.linear)
+def _linear(tr: _ExportTracer, node: fx.Node) -> Any:
+    x, w = node.args[0], node.args[1]
+    b = _arg(node, 2, "bias", None)
+    wk, bk = tr._keyed(w), tr._keyed(b)
+    if wk is None or (b is not None and bk is None):
+        return tr.matmul_bias(node, x, w, b, transposed=True)
+    return tr.linear_like(node, _layer_name(wk), x, wk, bk)
+
+
+@_rule(aten.addmm)
+def _addmm(tr: _ExportTracer, node: fx.Node) -> Any:
+    b, x, m = node.args[0], node.args[1], node.args[2]
+    if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+        return tr.opaque(node, f"aten.addmm at node {node.name!r} with beta/alpha != 1")
+    return tr.matmul_bias(node, x, m, b)
+
+
+@_rule(aten.mm, aten.matmul, aten.bmm)
+def _mm(tr: _ExportTracer, node: fx.Node) -> Any:
+    return tr.matmul_bias(node, node.args[0], node.args[1], None)
+
+
+@_rule(aten.embedding)
+def _embedding(tr: _ExportTracer, node: fx.Node) -> Any:
+    w, idx = node.args[0], node.args[1]
+    wk = tr._keyed(w)
+    tr.pin_all(idx, f"aten.embedding at node {node.name!r} takes indices")
+    s = tr.shape(node)
+    if wk is None or not s:
+        return tr.opaque(node, f"aten.embedding at node {node.name!r} uses a table that is not a parameter")
+    tr.site_nodes_export.append((node, "producer"))
+    return {len(s) - 1: tr.producer(_layer_name(wk), [(wk, 1)])}
+
+
+@_rule(aten.layer_norm, aten.rms_norm)
+def _norm(tr: _ExportTracer, node: fx.Node) -> Any:
+    src = node.args[0]
+    k = len(node.args[1])
+    if node.target.overloadpacket is aten.layer_norm:
+        w, b = _arg(node, 2, "weight", None), _arg(node, 3, "bias", None)
+    else:
+        w, b = _arg(node, 2, "weight", None), None
+    inf = dict(tr.tinfo(src))
+    s = tr.shape(src) or ()
+    for arg in (w, b):
+        if arg is None:
+            continue
+        key = tr._keyed(arg)
+        if key is None:
+            return tr.opaque(node, f"{node.target} at node {node.name!r} has an affine that is not a parameter")
+        for d, e in inf.items():
+            if d >= len(s) - k:  # the unit axis is normalised: its affine entries move with it
+                tr.join_key(e, key, d - (len(s) - k))
+    return inf
+
+
+@_rule(aten.conv1d, aten.conv2d, aten.conv3d)
+def _conv(tr: _ExportTracer, node: fx.Node) -> Any:
+    x, w = node.args[0], node.args[1]
+    b = _arg(node, 2, "bias", None)
+    wk, bk = tr._keyed(w), tr._keyed(b)
+    if wk is None or (b is not None and bk is None):
+        return tr.opaque(node, f"{node.target} at node {node.name!r} uses weights that are not parameters")
+    return tr.conv_like(node, _layer_name(wk), x, wk, bk, int(_arg(node, 6, "groups", 1)))
+
+
+@_rule(aten.scaled_dot_product_attention)
+def _sdpa(tr: _ExportTracer, node: fx.Node) -> Any:
+    if node.kwargs.get("enable_gqa"):
+        return tr.opaque(node, f"aten.scaled_dot_product_attention at node {node.name!r} with enable_gqa")
+    return tr.sdpa(node)
+
+
+def _layer_name(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+class _GetItem:
+    """A stand-in ``operator.getitem`` node (``src[items]``) for the fx tracer's indexing rule."""
+
+    op = "call_function"
+    target = operator.getitem
+
+    def __init__(self, node: fx.Node, src: Any, items: tuple) -> None:
+        self.name, self.meta, self.args, self.kwargs = node.name, node.meta, (src, items), {}
+
+
+_IGNORED = {aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride}
+
+
+class _ExportTracer(_Tracer):
+    """The fx tracer's stream algebra, dispatched on ATen ops (:data:`ATEN_RULES`)."""
+
+    def __init__(self, gm: fx.GraphModule, state: dict[str, torch.Tensor], strict: bool):
+        super().__init__(gm, state, strict)
+        self.site_nodes_export: list[tuple[fx.Node, str]] = []
+        # torch.export keeps one name of tied tensors (GPT-2's lm_head.weight for wte): name layers after the
+        # first key in state-dict order that shares the storage
+        first: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+        self.canonical: dict[str, str] = {}
+        for k, v in state.items():
+            if v.dim() == 0 or v.numel() == 0:
+                continue
+            sig = (v.data_ptr(), tuple(v.shape), tuple(v.stride()))
+            self.canonical[k] = first.setdefault(sig, k)
+
+    def _keyed(self, arg: Any) -> str | None:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            key = str(arg.target)
+            if key in self.state:
+                return self.canonical.get(key, key)
+        return None
+
+    def call_module(self, node: fx.Node) -> Any:
+        if str(node.target).startswith("_guards"):
+            return None  # torch.export's input guards: no tensor flows out
+        return super().call_module(node)
+
+    def _carries_units(self, node: fx.Node) -> bool:
+        def has(inf: Any) -> bool:
+            if isinstance(inf, dict):
+                return bool(inf) if not isinstance(inf, _DictInfo) else any(has(v) for v in inf.values())
+            if isinstance(inf, (tuple, list)):
+                return any(has(v) for v in inf)
+            return False
+
+        return any(has(self.info.get(n)) for n in _flat_nodes((node.args, node.kwargs)))
+
+    def call_function(self, node: fx.Node) -> Any:
+        t = node.target
+        if t is operator.getitem:
+            return self.getitem(node)
+        packet = getattr(t, "overloadpacket", None)
+        if packet in _IGNORED:
+            return None
+        rule = ATEN_RULES.get(packet)
+        if rule is not None:
+            return rule(self, node)
+        if not self._carries_units(node):
+            return self.invariant_like(node)  # exact: no input moves with any permutation
+        return self.opaque(node, f"{t} at node {node.name!r} has no rule in lmckit.perm.export_trace.ATEN_RULES")
+
+    def index_items(self, node: fx.Node, src: Any, items: list[Any]) -> Any:
+        """``src[items]`` by the fx tracer's ``getitem`` rule (items: ints and slices, leading axes)."""
+        return self.getitem(_GetItem(node, src, tuple(items)))
+
+    def matmul_bias(self, node: fx.Node, x: Any, m: Any, b: Any, transposed: bool = False) -> Any:
+        """``x @ m (+ b)``; when ``m`` is a parameter (or ``t(W)`` of one) the product is a producer.
+
+        ``transposed``: ``m`` is stored ``(out, in)`` (``aten.linear``); else ``(in, out)`` (``Conv1D``).
+        """
+        key, tr_ = self._keyed(m), transposed
+        if key is None and isinstance(m, fx.Node) and m.op == "call_function":
+            if getattr(m.target, "overloadpacket", None) in (aten.t, aten.numpy_T) or (
+                getattr(m.target, "overloadpacket", None) is aten.transpose and len(self.shape(m) or ()) == 2
+            ):
+                key, tr_ = self._keyed(m.args[0]), not transposed
+        bk = self._keyed(b)
+        if key is not None and self.state[key].dim() == 2 and (b is None or bk is not None):
+            if tr_:
+                return self.linear_like(node, _layer_name(key), x, key, bk)
+            return self.conv1d_like(node, _layer_name(key), x, key, bk)
+        if transposed:
+            return self.opaque(node, f"aten.linear at node {node.name!r} uses weights that are not parameters")
+        out = self.matmul(node, x, m)
+        if b is not None and isinstance(out, dict):
+            self.info[node] = out  # the product, then `+ b` broadcast (same output shape)
+            out = self.broadcast(node, [node, b])
+        return out
+
+    def conv1d_like(self, node: fx.Node, name: str, src: Any, w: str, b: str | None) -> dict[int, int]:
+        """``y = x M + b`` with ``M`` stored ``(in, out)`` (HF ``Conv1D``): ``M' = P_in M P_out^T``."""
+        inf = self.tinfo(src)
+        s = self.shape(src)
+        last = (len(s) - 1) if s else 0
+        if last in inf:
+            self.join_key(inf[last], w, 0)
+        else:
+            self.pin(self.key(w, 0), f"{name!r} reads an unpermuted input with weights tied to these units")
+        p = self.producer(name, [(w, 1)] + ([(b, 0)] if b else []))
+        out = {d: e for d, e in inf.items() if d != last}
+        out[last] = p
+        return out
+
+    # ------------------------------------------------------------ heads whose features are pinned (RoPE)
+    def _resolve_joints(self, full: dict[int, Any]) -> None:
+        """Heads that may move while their features may not: before the fx tracer's family rules, a head-split
+        stream whose within-head axis is pinned (rotary position embeddings multiply each feature by a
+        position-dependent cos/sin and swap feature halves) but whose head axis and flat stream are free
+        becomes a block stream of whole heads: ``p[i*d + j] = h[i]*d + j``. That is the joint's own
+        parametrisation with the within-head permutation fixed to the identity, so it is exact; the head
+        axis then becomes a group of ``H`` units and joins the head structure of the heads' other
+        streams (V/O) as a member with one unit per head."""
+        uf = self.uf
+        pinned = uf.find(0)
+        keep = []
+        if not hasattr(self, "head_only"):
+            self.head_only: list[int] = []
+        for j in self.joints:
+            f, H, d, h, w = j
+            if uf.find(w) == pinned and uf.find(h) != pinned and uf.find(f) != pinned:
+                e = self.refined([(h, H, d)], "attention heads whose features are pinned")
+                uf.union(e, f)
+                self.head_only.append(h)
+                w_of = [x for x, hh in self.w_partner.items() if hh == h and uf.find(x) == pinned]
+                for x in w_of:
+                    del self.w_partner[x]
+            else:
+                keep.append(j)
+        self.joints = keep
+        self._family_rules(full)
+
+    def _family_rules(self, full: dict[int, Any]) -> None:
+        """The fx tracer's ``_resolve_joints`` (same rules, same messages), except that the head elements of
+        head-only streams count as head axes (they are), not as other streams meeting the family."""
+        if not self.joints:
+            return
+        uf = self.uf
+        pinned = uf.find(0)
+        by_hw: dict[tuple[int, int], list[int]] = {}
+        for f, _H, _d, h, w in self.joints:
+            by_hw.setdefault((uf.find(h), uf.find(w)), []).append(f)
+        for fs in by_hw.values():
+            for f in fs[1:]:
+                uf.union(fs[0], f)
+        allowed = {x for _, _, _, h, w in self.joints for x in (h, w)} | set(getattr(self, "head_only", []))
+        allowed |= set(self.w_partner) | set(self.w_partner.values())
+        key_roots = {uf.find(e) for e in self.key_elem.values()}
+        other_roots = {uf.find(i) for i in range(1, len(uf.parent)) if i not in allowed}
+        other_roots.discard(pinned)
+        fam: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for j in self.joints:
+            fam.setdefault(uf.find(j[3]), []).append(j)
+        for hr, js in fam.items():
+            bad = None
+            w_roots = {uf.find(j[4]) for j in js}
+            flat_roots = {uf.find(j[0]) for j in js}
+            if hr == pinned or pinned in w_roots or pinned in flat_roots:
+                bad = "the heads or their features are left unpermuted"
+            elif hr in other_roots or w_roots & other_roots or hr in key_roots:
+                bad = "the head axis or a head's feature axis meets other streams or parameters"
+            elif len({j[1] for j in js}) != 1:
+                bad = "different head counts"
+            elif flat_roots & set(full):
+                bad = "a head-split stream is itself split into blocks"
+            if bad is None:
+                for fr in flat_roots:
+                    if len({uf.find(j[4]) for j in js if uf.find(j[0]) == fr}) > 1:
+                        bad = "one stream is split into heads in two different ways"
+            if bad is not None:
+                for _, _, _, h, w in js:
+                    for x in (h, w):
+                        if uf.find(x) != pinned:
+                            self.pin(x, f"attention heads: {bad}")
+                for f, *_ in js:
+                    if uf.find(f) != pinned:
+                        self.pin(f, f"attention heads: {bad}")
+
+    def _head_structures(self, root_group: dict[int, str], pinned_root: int) -> dict[str, tuple[int, tuple[str, ...]]]:
+        heads = super()._head_structures(root_group, pinned_root)
+        uf = self.uf
+        for h in dict.fromkeys(uf.find(x) for x in getattr(self, "head_only", [])):
+            g = root_group.get(h)
+            if g is None or h == pinned_root:
+                continue
+            n = self._class_size(h)
+            members: list[str] = []
+            for f, _H, _d, hh, _w in self.joints:  # the heads' other streams (V/O) share the head mapping
+                gf = root_group.get(uf.find(f))
+                if uf.find(hh) == h and gf is not None and gf not in members:
+                    members.append(gf)
+            for name in [k for k, (_, m) in heads.items() if set(m) & set(members)]:
+                del heads[name]
+            heads[f"{g}.heads"] = (int(n), tuple(members + [g]))
+        return heads
+
+    def _sites(self, root_group: dict[int, str]) -> dict[str, list[str]]:
+        return {g: [] for g in root_group.values()}  # no modules in an ATen graph: activation sites are not known
+
+
+def export_graph(model: nn.Module, example_input: Any) -> fx.GraphModule:
+    """``torch.export.export(model, (x,)).module()`` in eval mode, errors as :class:`LmcError`.
+
+    The model's train/eval flags are restored. ``example_input``: a tensor (token ids
+    ``(B, T)`` int64 for language models, images ``(B, C, H, W)``) or a tuple of them.
+    """
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, args, strict=False)
+        return ep.module()
+    except Exception as e:  # noqa: BLE001  (export raises many types)
+        raise LmcError(
+            f"cannot export {type(model).__name__} with torch.export: {type(e).__name__}: {str(e).splitlines()[0]}",
+            "pass an example input the model accepts (token ids for language models), or give the model a "
+            "permutation_spec() method",
+        ) from None
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def export_trace_streams(model: nn.Module, example_input: Any, strict: bool = False) -> TraceResult:
+    """Trace ``model`` through ``torch.export`` and return its spec and the tracer's warnings.
+
+    Same result type as :func:`lmckit.perm.trace.trace_streams` (``sites`` are empty: an ATen graph
+    has no modules to hook). Raises :class:`LmcError` when the model does not export.
+    """
+    gm = export_graph(model, example_input)
+    tr = _ExportTracer(gm, model.state_dict(), strict)
+    tr.run()
+    return tr.build()
+
+
+def export_trace_spec(model: nn.Module, example_input: Any, strict: bool = False) -> PermutationSpec:
+    """Permutation spec of ``model`` by ``torch.export`` tracing (warnings as :class:`SpecWarning`)."""
+    res = export_trace_streams(model, example_input, strict)
+    for msg in res.warnings:
+        warnings.warn(f"export_trace_spec({type(model).__name__}): {msg}", SpecWarning, stacklevel=2)
+    return res.spec
