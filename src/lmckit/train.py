@@ -683,7 +683,7 @@ def data_fingerprint(ds) -> str:
 
 def _recorded_checksums(run_dir: Path) -> dict | None:
     try:
-        rec = json.loads((run_dir / "config.json").read_text())
+        rec = read_json(run_dir / "config.json", "run config", expect=dict)
         return dict(rec["provenance"]["dataset"]["checksums"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

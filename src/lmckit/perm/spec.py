@@ -48,7 +48,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import LmcError
-from ..store import atomic_write_json, read_json
+from ..store import atomic_write_json, check_format, read_json
 
 Perms = dict[str, torch.Tensor]
 #: One segment of a block-permuted axis: ``(group or None, units, inner)``.
@@ -425,10 +425,15 @@ def perm_changed_units(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tens
 
 
 # --------------------------------------------------------------------------- JSON I/O
+#: the ``format`` and ``version`` a permutation file records (files without them, from older lmckit, are read)
+PERM_FORMAT = "lmckit.permutation"
+PERM_VERSION = 1
+
+
 def perms_to_json(perms: Mapping[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
     return {
-        "format": "lmckit.permutation",
-        "version": 1,
+        "format": PERM_FORMAT,
+        "version": PERM_VERSION,
         "perms": {g: [int(i) for i in p.tolist()] for g, p in perms.items()},
         **extra,
     }
@@ -502,8 +507,9 @@ def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], **extra: Any
 
 def load_perms(path: str | Path, spec: PermutationSpec | None = None) -> Perms:
     """Read a permutation JSON file (written by :func:`save_perms`); validate against ``spec``."""
-    d = read_json(path, "permutation file")
-    if not isinstance(d, dict) or "perms" not in d:
+    d = read_json(path, "permutation file", expect=dict, allow_nan=False)
+    check_format(d, f"permutation file {path}", PERM_FORMAT, PERM_VERSION)
+    if "perms" not in d:
         raise LmcError(f"permutation file {path} has no 'perms' key", "pass a file written by lmckit match")
     if spec is None:
         raw = d["perms"]

@@ -725,14 +725,9 @@ def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
             )
         text = f.read_text()
         source = name_or_path
-    try:
-        return tomllib.loads(text), source
-    except tomllib.TOMLDecodeError as e:
-        raise LmcError(
-            f"recipe {source} is not valid TOML: {e}", "fix the file (see the shipped recipes for examples)"
-        ) from None
-    except RecursionError:
-        raise _too_deep(source) from None
+    from ..store import parse_toml
+
+    return parse_toml(text, f"recipe {source}"), source
 
 
 def _too_deep(source: str) -> LmcError:
@@ -742,15 +737,18 @@ def _too_deep(source: str) -> LmcError:
     )
 
 
-def _parse_literal(text: str) -> Any:
+def _parse_literal(text: str, key: str = "") -> Any:
+    from ..store import check_parsed
+
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        v = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
     except RecursionError:
         raise LmcError(
             f"--set value {text[:40]!r}... is nested too deeply", "pass a plain value, list or table"
         ) from None
+    return check_parsed(v, f"--set {key}" if key else "--set value", allow_nan=False, what="recipe value")
 
 
 def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
@@ -778,7 +776,7 @@ def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
             if not isinstance(node, (dict, list)):
                 raise LmcError(f"--set {key}: {where} is a value, not a table")
         last = parts[-1]
-        value = _parse_literal(text.strip())
+        value = _parse_literal(text.strip(), key)
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise LmcError(f"--set {key}: {last!r} is not an index of a list of {len(node)} items")

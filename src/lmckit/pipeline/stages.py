@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import functools
 import io
-import json
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 from ..errors import LmcError
-from ..store import atomic_write_json, config_hash, file_lock, finalize_dir, is_complete, partial_dir
+from ..store import atomic_write_json, config_hash, file_lock, finalize_dir, is_complete, partial_dir, read_json
 
 __all__ = [
     "Stage",
@@ -369,9 +368,6 @@ def _version() -> str:
 def read_output(root: str | os.PathLike, spec: Stage, name: str = "result.json") -> Any:
     """Read a JSON output of a finished stage."""
     path = stage_path(root, spec) / name
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LmcError(
-            f"stage output {path} is missing", "rerun lmckit reproduce; the cache may have been edited"
-        ) from None
+    if not path.exists():
+        raise LmcError(f"stage output {path} is missing", "rerun lmckit reproduce; the cache may have been edited")
+    return read_json(path, "stage output")

@@ -13,7 +13,6 @@ stages' hashes but not those of weight matching.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..lmc.landscape import plane_landscape
 from ..match.registry import get_method, mergemany_method
 from ..merge import align_models, merged_accuracy_curve
 from ..perm import apply_permutation, load_perms, save_perms, spec_for
-from ..store import atomic_write_json
+from ..store import atomic_write_json, read_json
 from ..train import TrainConfig, make_config, train_in_folder
 from .stages import Stage, StageContext
 
@@ -152,7 +151,7 @@ def load_trained(folder: Path, root: Path) -> tuple[dict, dict]:
     ``root``) to a ``ROOT/train/<hash>`` run instead; those are still read.
     """
 
-    rec = json.loads((folder / "result.json").read_text())
+    rec = read_json(folder / "result.json", "stage result", expect=dict)
     sd, info = load_checkpoint(root / rec["run_dir"] if "run_dir" in rec else folder / "model.safetensors")
     return sd, info["model"]
 
