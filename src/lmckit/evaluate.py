@@ -44,8 +44,14 @@ def evaluate(
     batch_size: int = 2000,
     device: torch.device | str | None = None,
     limit: int | None = None,
+    where: str | None = None,
 ) -> tuple[float, float]:
     """Return ``(mean loss, accuracy)`` of ``model`` (in eval mode) on ``split``.
+
+    A non-finite mean loss (NaN or inf: weights so large that the logits overflow float32, or a
+    diverged model) raises :class:`NonFiniteLoss` naming ``where`` (which model, which lambda or grid
+    point) and the split: every barrier, landscape, merge, rank and study evaluation goes through here,
+    so a NaN never reaches a table, a JSON record or a report as if it were a number.
 
     The model's train/eval mode is restored afterwards. Batches are gathered
     from the split held on the device (:meth:`Dataset.on_device`); the sums
@@ -63,7 +69,25 @@ def evaluate(
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
             n += int(y.shape[0])
-    return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+    loss = float(loss_sum) / max(n, 1)
+    require_finite_loss(loss, where or "the model", split)
+    return loss, int(correct) / max(n, 1)
+
+
+class NonFiniteLoss(LmcError):
+    """A loss that is NaN or infinite: the CLI exits 2 naming the model (and lambda); no NaN is printed."""
+
+
+def require_finite_loss(loss: float, where: str, split: str = "") -> float:
+    """Return ``loss``; raise :class:`NonFiniteLoss` naming ``where`` and ``split`` when it is NaN or inf."""
+    if loss - loss != 0.0:
+        on = f" on the {split} split" if split else ""
+        raise NonFiniteLoss(
+            f"{where}: the mean loss{on} is {loss} (not a finite number)",
+            "the weights are so large that the logits overflow float32 (or the model diverged); "
+            "check the checkpoint (lmckit check-spec) or use another one",
+        )
+    return loss
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:

@@ -232,22 +232,26 @@ def _place(path: list) -> str:
     return "".join(parts).lstrip(".")
 
 
-def check_parsed(obj: Any, where: str, *, allow_nan: bool = True, what: str = "file") -> Any:
+def check_parsed(
+    obj: Any, where: str, *, allow_nan: bool = True, what: str = "file", nesting_only: bool = False
+) -> Any:
     """Walk a parsed JSON/TOML document (iteratively) and refuse what lmckit never writes; return ``obj``.
 
     Refused, with :class:`LmcError` naming ``where`` and the key path (e.g. ``perms.fc1[3]``): nesting
     deeper than :data:`MAX_NESTING`, integers outside int64, numbers that overflowed to infinity
     (``1e400``), a key given twice in one object, and NaN/Infinity unless ``allow_nan`` (lmckit's result
-    records may hold NaN; permutation files and configs may not).
+    records may hold NaN; permutation files and configs may not). ``nesting_only``: check the nesting alone.
     """
     stack: list[tuple[Any, list]] = [(obj, [])]
     while stack:
         x, path = stack.pop()
         bad = None
+        if nesting_only and not isinstance(x, (dict, list)):
+            continue
         if isinstance(x, _Bad):
             bad = x.why
         elif isinstance(x, float) and x - x != 0.0 and not allow_nan:
-            bad = f"{x} is not a finite number"
+            bad = f"must be finite, got {x}"
         elif isinstance(x, int) and not isinstance(x, bool) and not INT64_MIN <= x <= INT64_MAX:
             bad = f"the integer {str(x)[:24]} does not fit in 64 bits"
         elif isinstance(x, (dict, list)):

@@ -167,8 +167,10 @@ def analyze_pair(
             kw = dict(
                 gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit
             )
-            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn, svds=svds_a, **kw)
-            result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
+            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn, svds=svds_a, name="model A", **kw)
+            result.sweeps["midpoint"] = rank_sweep(
+                model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, name="the midpoint of A and B", **kw
+            )
             summary["rank_sweep"] = result.sweeps
             timings["rank_sweep"] = time.perf_counter() - t
         if taylor:

@@ -120,13 +120,16 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=device,
     )
+    names = (f"model A ({args.a})", f"model B ({args.b})")
     if args.compare_naive:
-        curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", **common)
+        curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", names=names, **common)
     sd_bp = sd_b
     if args.perm:
         sd_bp = apply_permutation(spec, perms, sd_b)
     label = "permuted" if args.perm else "naive"
-    curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", **common)
+    if args.perm:
+        names = (names[0], f"model B ({args.b}) permuted by {args.perm}")
+    curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", names=names, **common)
     main = curves[label]
 
     out = main.to_dict(collapse=len(splits) == 1)

@@ -42,6 +42,11 @@ class DatasetInfo:
     generated: bool = False  # made in memory (no files): the synthetic test datasets
     subdirs: tuple[str, ...] = ()  # subfolders an archive unpacks into, also searched
     present: Callable[[Path], bool] | None = None  # folder holds a complete copy (default: all ``files``)
+    image_size: int = 28  # side of the (square) images: model size checks use it before the data is read
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.mean)
 
     def is_present(self, folder: Path) -> bool:
         if not folder.is_dir():
@@ -108,6 +113,7 @@ register_dataset(
         "or run `lmckit data download cifar10` when online",
         subdirs=(cifar.PY_DIR, cifar.BIN_DIR),
         present=lambda f: cifar.cifar_layout(f) is not None,
+        image_size=32,
     )
 )
 register_dataset(
@@ -161,6 +167,7 @@ register_dataset(
         (0.5, 0.5, 0.5),
         (0.25, 0.25, 0.25),
         generated=True,
+        image_size=32,
         install_hint="generated in memory",
     )
 )

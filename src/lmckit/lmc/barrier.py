@@ -35,9 +35,23 @@ def _endpoint_index(lambdas: Sequence[float]) -> tuple[int, int]:
     return lam.index(0.0), lam.index(1.0)
 
 
+def point_name(lam: float, names: tuple[str, str] = ("model A", "model B")) -> str:
+    """How errors name the point ``(1 - lam) A + lam B`` of a path: the endpoint itself at 0 and 1."""
+    if lam == 0.0:
+        return names[0]
+    if lam == 1.0:
+        return names[1]
+    return f"the interpolation at lambda={lam:g} between {names[0]} and {names[1]}"
+
+
 def _check_curve(lambdas: Sequence[float], values: Sequence[float]) -> None:
     if len(lambdas) != len(values):
         raise LmcError(f"{len(lambdas)} lambdas but {len(values)} values")
+    for lam, v in zip(lambdas, values):
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam - lam != 0.0:
+            raise LmcError(f"lambdas: {lam!r} is not a finite number")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v - v != 0.0:
+            raise LmcError(f"the value at lambda={lam:g} is {v!r}, not a finite number", "no barrier of a NaN curve")
 
 
 def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
@@ -247,6 +261,7 @@ def barrier_curve(
     seed: int = 0,
     reset_endpoints: bool = True,
     progress: bool | str = True,
+    names: tuple[str, str] = ("model A", "model B"),
 ) -> BarrierResult:
     """Evaluate loss and accuracy along ``(1 - l) sd_a + l sd_b``.
 
@@ -284,6 +299,11 @@ def barrier_curve(
         The fixed training batches used by BN reset / REPAIR.
     progress:
         Show progress (True), or a description string for the progress line.
+    names:
+        What to call the two endpoints in errors (default ``("model A", "model B")``).
+
+    Raises :class:`~lmckit.evaluate.NonFiniteLoss` (an :class:`LmcError`) naming the endpoint or lambda
+    whose loss is NaN or inf.
 
     Returns
     -------
@@ -331,7 +351,15 @@ def barrier_curve(
                 if mode is True and (interior or reset_endpoints):
                     reset_bn_stats(model, batches=batches)
                 for s in splits:
-                    loss, acc = evaluate(model, dataset, s, batch_size=batch_size, device=device, limit=limit)
+                    loss, acc = evaluate(
+                        model,
+                        dataset,
+                        s,
+                        batch_size=batch_size,
+                        device=device,
+                        limit=limit,
+                        where=point_name(lam, names),
+                    )
                     values[s][0].append(loss)
                     values[s][1].append(acc)
                 bar.update(1, lam=lam, loss=values[splits[0]][0][-1])

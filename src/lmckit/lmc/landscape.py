@@ -195,7 +195,14 @@ def plane_landscape(
                     if mode is True:
                         reset_bn_stats(model, batches=batches)
                     loss[i][j], acc[i][j] = evaluate(
-                        model, dataset, split, batch_size=batch_size, device=device, limit=limit
+                        model,
+                        dataset,
+                        split,
+                        batch_size=batch_size,
+                        device=device,
+                        limit=limit,
+                        where=f"the landscape point (x={x:g}, y={y:g}) = "
+                        + " + ".join(f"{wi:g} x model {lab}" for wi, lab in zip(w, labels)),
                     )
                     bar.update(1, loss=loss[i][j])
     finally:

@@ -633,18 +633,25 @@ def _stage_budget(r: Recipe, source: str) -> None:
 
 def _train_settings(r: Recipe, source: str) -> None:
     """Every model's training settings resolve (checked now, naming the recipe key, not after other models trained)."""
-    from ..train import make_config
+    from ..data.registry import dataset_info
+    from ..train import check_training_size, make_config
     from .build import _train_overrides
 
+    try:
+        info = dataset_info(r.data.dataset)
+    except LmcError:
+        info = None  # an unknown dataset name is reported by the data checks, naming data.dataset
     for i, m in enumerate(r.models):
         preset = m.preset or r.train.preset
         widths = [m.width_mult] + (
             [w * m.width_mult for w in r.width_sweep.widths] if i == 0 and r.width_sweep.enabled else []
         )
         for w in widths:
-            for seed in r.train.seeds:
+            for k, seed in enumerate(r.train.seeds):
                 try:
-                    make_config(preset, **_train_overrides(r, m, w, seed))
+                    cfg = make_config(preset, **_train_overrides(r, m, w, seed))
+                    if k == 0 and info is not None:  # the size is the seed's alone: check it once per width
+                        check_training_size(cfg, info.in_channels, info.image_size, info.num_classes)
                 except LmcError as e:
                     keys = [k for k, _ in list(r.train.overrides) + list(m.overrides) if k in e.message]
                     where = ", ".join(
@@ -738,6 +745,8 @@ def _too_deep(source: str) -> LmcError:
 
 
 def _parse_literal(text: str, key: str = "") -> Any:
+    """A ``--set`` value: TOML if it parses, else the text. Numbers are checked by the recipe's schema
+    after the override (naming the recipe and the key); only the nesting is bounded here."""
     from ..store import check_parsed
 
     try:
@@ -745,10 +754,20 @@ def _parse_literal(text: str, key: str = "") -> Any:
     except tomllib.TOMLDecodeError:
         return text
     except RecursionError:
-        raise LmcError(
-            f"--set value {text[:40]!r}... is nested too deeply", "pass a plain value, list or table"
-        ) from None
-    return check_parsed(v, f"--set {key}" if key else "--set value", allow_nan=False, what="recipe value")
+        v = None
+    try:
+        return check_parsed(v, "", nesting_only=True) if v is not None else _deep(text)
+    except LmcError:
+        return _deep(text)
+
+
+def _deep(text: str):
+    from ..store import MAX_NESTING
+
+    raise LmcError(
+        f"--set value {text[:40]!r}... is nested more than {MAX_NESTING} levels deep",
+        "pass a plain value, list or table",
+    )
 
 
 def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:

@@ -303,6 +303,7 @@ class BarrierStage(Stage):
             device=p.device,
             bn_batches=self.bn_batches,
             progress=True,
+            names=(f"model A ({self.a.label()})", f"model B ({self.b.label()})"),
         )
         _write(ctx, res.to_dict())
 
