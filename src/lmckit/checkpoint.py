@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from .checks import check_device
 from .errors import LmcError
 from .models import model_from_config
 from .store import load_state, read_json, save_state
@@ -83,11 +84,12 @@ def build_model(
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Load a model with its weights from a run folder or a .safetensors file."""
+    """Load a model with its weights from a run folder or a .safetensors file (``device`` checked first)."""
+    dev = check_device(device)
     state, info = load_checkpoint(path)
     model = build_model(info["model"], state, str(path))
     model.lmckit_info = info
-    return model.to(device)
+    return model.to(dev)
 
 
 def save_model(

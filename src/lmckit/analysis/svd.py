@@ -54,6 +54,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ..checks import check_int, check_real
+from ..errors import LmcError
 from ..perm import PermutationSpec
 from .layers import Layer, as_matrix, layer_weight, layers_of, perms_for, permute_kron_rows, permute_rows
 
@@ -232,10 +234,12 @@ def svd_alignment(
     -------
     :class:`SVDAlignment` with totals ``R[gamma_key(g)] = {"before": R, "after": R}``.
     """
-    gammas = tuple(float(g) for g in gammas)
-    for g in gammas:
-        if not 0.0 <= g <= 1.0:
-            raise ValueError(f"gamma must lie in [0, 1], got {g}")
+    if not isinstance(spec, PermutationSpec):
+        raise LmcError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    spec.check_state(sd_a, "model A")
+    spec.check_state(sd_b, "model B")
+    gammas = tuple(check_real(g, "gammas", 0.0, 1.0) for g in gammas)
+    cross_k = check_int(cross_k, "cross_k", 1)
     keys = [gamma_key(g) for g in gammas]
     tot_sum = {k: {"before": 0.0, "after": 0.0} for k in keys}
     tot_min = {k: 0 for k in keys}

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..checks import check_device, check_int, check_module, check_real
 from ..errors import LmcError
 from ..evaluate import evaluate, module_mode
 from ..progress import NullProgress, Progress
@@ -309,9 +310,15 @@ def barrier_curve(
     -------
     BarrierResult
     """
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    check_module(model)
+    device = next(model.parameters()).device if device is None else check_device(device)
+    if limit is not None:
+        limit = check_int(limit, "limit", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    if lambdas is not None:
+        lambdas = [check_real(x, "lambdas") for x in lambdas]
+    if isinstance(splits, str):
+        splits = (splits,)
     splits = list(dict.fromkeys(splits))
     if not splits:
         raise LmcError("no split to evaluate", "pass --split test, train or both")

@@ -227,7 +227,8 @@ class PermutationSpec:
                     )
 
     def check_state(self, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
-        """Raise :class:`LmcError` when a state dict does not fit this spec."""
+        """Raise :class:`LmcError` when a state dict does not fit this spec (or is not a state dict)."""
+        check_state(state, where)
         missing = [k for k in self.axes if k not in state]
         extra = [k for k in state if k not in self.axes]
         if missing or extra:
