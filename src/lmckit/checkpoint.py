@@ -40,7 +40,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     info: dict[str, Any] = {"path": str(p)}
     model_cfg = meta.get("lmckit_model")
     if p.is_dir() and (p / "config.json").exists():
-        cfg = read_json(p / "config.json", "run config")
+        cfg = read_json(p / "config.json", "run config", expect=dict)
         info["config"] = cfg
         model_cfg = model_cfg or (cfg.get("model") if isinstance(cfg, dict) else None)
     if not isinstance(model_cfg, dict) or "name" not in model_cfg:

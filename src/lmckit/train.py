@@ -498,7 +498,7 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
     """Read the :class:`TrainResult` of a finished run folder."""
 
     run_dir = Path(run_dir)
-    info = read_json(run_dir / "config.json", "run config")
+    info = read_json(run_dir / "config.json", "run config", expect=dict)
     try:
         r = info["result"]
         cfg = TrainConfig.from_dict(info["config"])

@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..checks import check_int, check_real
+from ..checks import as_perms, check_int, check_real
 from ..errors import LmcError
 from ..perm import PermutationSpec
 from .layers import Layer, as_matrix, layer_weight, layers_of, perms_for, permute_kron_rows, permute_rows
@@ -238,6 +238,8 @@ def svd_alignment(
         raise LmcError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     spec.check_state(sd_a, "model A")
     spec.check_state(sd_b, "model B")
+    if perms is not None:
+        perms = as_perms(perms, "perms", spec.sizes)
     gammas = tuple(check_real(g, "gammas", 0.0, 1.0) for g in gammas)
     cross_k = check_int(cross_k, "cross_k", 1)
     keys = [gamma_key(g) for g in gammas]
