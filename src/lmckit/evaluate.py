@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .checks import check_device
 from .data import Dataset
 from .errors import LmcError
 
@@ -116,6 +117,7 @@ def training_batches(
     The same seed gives the same images, so every point of a curve (and both
     endpoints for REPAIR) sees the same data. Labels are not needed.
     """
+    device = check_device(device)
     if num_batches < 1 or batch_size < 1:
         raise LmcError(
             f"BN reset / REPAIR needs num_batches >= 1 and batch_size >= 1 (got {num_batches}, {batch_size})"

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from .analysis import alignment_tracker
+from .checks import check_device, check_module, check_state
 from .errors import LmcError
 from .evaluate import evaluate
 from .lmc import (
@@ -89,6 +90,9 @@ def check_merge_inputs(
     """
     m = check_scheme(method, multi)
     opts = _options(method, options)
+    check_module(model)
+    if isinstance(states, (str, bytes, dict)) or not isinstance(states, Sequence):
+        raise LmcError(f"states must be a list of state dicts, got {type(states).__name__}")
     if len(states) < 2:
         raise LmcError(f"merging needs at least two models, got {len(states)}")
     if bn_reset not in ("auto", "on", "off", "repair", True, False):
@@ -159,6 +163,9 @@ def align_models(
     """
     m = check_scheme(method, multi)
     opts = _options(method, options)
+    check_module(model)
+    if isinstance(states, (str, bytes, dict)) or not isinstance(states, Sequence):
+        raise LmcError(f"states must be a list of state dicts, got {type(states).__name__}")
     if len(states) < 2:
         raise LmcError(f"merging needs at least two models, got {len(states)}")
     spec = spec if spec is not None else spec_for(model)
@@ -268,7 +275,9 @@ def evaluate_state(
     Raises :class:`~lmckit.evaluate.NonFiniteLoss` naming ``where`` when the loss is NaN or inf.
     """
 
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = check_device(device) if device is not None else torch.device("cpu")
+    check_module(model)
+    check_state(state, where)
     net = _workspace(model, dev)
     net.load_state_dict({k: v.to(dev) for k, v in state.items()})
     return evaluate(net, dataset, split, batch_size=batch_size, device=dev, limit=limit, where=where)

@@ -38,9 +38,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..checks import check_real
+from ..checks import check_real, check_state
 from ..perm import PermutationSpec
-from ..perm.spec import axis_index, entry_segments, is_segmented
+from ..perm.spec import axis_index, check_spec, entry_segments, is_segmented
 from ..states import check_compatible
 
 _GATE_LABELS = {3: ("q", "k", "v"), 4: ("i", "f", "g", "o")}  # fused projections; LSTM gates
@@ -105,6 +105,9 @@ def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = 
     ``ValueError`` if a spec permutes a kernel's spatial axes (no zoo or
     traced model does; such a layer could not be read as ``P W Q^T``).
     """
+    check_spec(spec)
+    if state is not None:
+        check_state(state, "state")
     out: list[Layer] = []
     for key, axes in spec.axes.items():
         last = key.rsplit(".", 1)[-1]

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..checks import check_module, check_state
 from ..errors import LmcError
 from ..evaluate import evaluate
 from ..lmc.bn import has_batchnorm, reset_bn_stats
@@ -140,6 +141,8 @@ def rank_sweep(
     ``kind`` (full | gamma | fraction), ``threshold``, ``kept`` (layer ->
     kept count), ``kept_total``, ``rank_total``, ``loss``, ``acc``.
     """
+    check_module(model)
+    check_state(sd, "sd")
     spec = spec or spec_for(model)
     reset = reset_bn and has_batchnorm(model)
     ev = dict(dataset=dataset, split=split, batch_size=batch_size, device=device, limit=limit, reset_bn=reset)

@@ -174,6 +174,11 @@ register_dataset(
 
 
 def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry of dataset ``name`` (:class:`LmcError` for another type or an unknown name)."""
+    if not isinstance(name, str):
+        raise LmcError(
+            f"dataset name must be a string, got {type(name).__name__}", f"known datasets: {', '.join(DATASETS)}"
+        )
     if name not in DATASETS:
         close = difflib.get_close_matches(name, list(DATASETS), n=1)
         raise LmcError(
@@ -279,8 +284,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
     """
     import torch
 
+    from ..checks import check_int
     from .dataset import Dataset
 
+    dataset_info(name)  # a name that is not a string or not registered: LmcError naming it
+    val_size, val_seed = check_int(val_size, "val_size", 0), check_int(val_seed, "val_seed")
     folder = find_dataset(name, data_dir)
     key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed)
     if key in _CACHE:

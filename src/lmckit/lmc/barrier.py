@@ -225,6 +225,7 @@ def check_model_fits(
 
 def resolve_bn_mode(model: nn.Module, mode: str | bool) -> bool | str:
     """Map ``auto|on|off|repair`` to what is done: ``True``, ``False`` or ``"repair"``."""
+    check_module(model)
     if mode is True or mode is False:
         mode = "on" if mode else "off"
     if mode not in BN_MODES:

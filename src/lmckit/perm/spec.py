@@ -344,12 +344,13 @@ class SpecBuilder:
 # --------------------------------------------------------------------------- algebra
 def identity_permutation(spec: PermutationSpec, device: torch.device | str = "cpu") -> Perms:
     """The identity permutation of every group of ``spec``, on ``device`` (checked: LmcError if unusable)."""
-    _check_spec(spec)
+    check_spec(spec)
     dev = check_device(device)
     return {g: torch.arange(n, device=dev) for g, n in spec.sizes.items()}
 
 
-def _check_spec(spec: Any, arg: str = "spec") -> None:
+def check_spec(spec: Any, arg: str = "spec") -> None:
+    """Raise :class:`LmcError` unless ``spec`` is a :class:`PermutationSpec` (an API argument check)."""
     if not isinstance(spec, PermutationSpec):
         raise LmcError(
             f"{arg} must be a PermutationSpec, got {type(spec).__name__}", "build one with lmckit.perm.spec_for(model)"
@@ -363,7 +364,7 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perms:
     every member and an independent random permutation inside each head of
     each member (uniform over the head-structured group).
     """
-    _check_spec(spec)
+    check_spec(spec)
     gen = torch.Generator().manual_seed(check_int(seed, "seed", 0, 2**63 - 1))
     out = {g: torch.randperm(n, generator=gen) for g, n in spec.sizes.items()}
     for _, (h, members) in spec.heads.items():
@@ -407,7 +408,7 @@ def apply_permutation(
     must be a mapping of names to tensors. Anything else raises :class:`LmcError` naming the argument
     and group (never a malformed state dict).
     """
-    _check_spec(spec)
+    check_spec(spec)
     perms = as_perms(perms, "perms", spec.sizes)
     check_state(state, "state")
     out: dict[str, torch.Tensor] = {}
