@@ -764,6 +764,7 @@ def _api_cases():
         barrier_curve,
         check_compatible,
         copy_state,
+        float_keys,
         interpolate_states,
         lambda_grid,
         loss_barrier,
@@ -1165,6 +1166,32 @@ def _api_cases():
         r"model must be a torch\.nn\.Module",
         lambda t: merge_models(None, [t["sa"], t["sb"]], t["ds"]),
     )
+    from lmckit.match import objective_keys
+    from lmckit.models import list_models, model_entry, model_from_config
+    from lmckit.perm import head_block_perm, split_head_perm, warn_low_coverage
+
+    c["heads-block-none"] = (r"head: a NoneType", lambda t: head_block_perm(None, torch.zeros(2, 2, dtype=torch.long)))
+    c["heads-block-within-1d"] = (
+        r"within must be a tensor of shape \(heads=2, d\)",
+        lambda t: head_block_perm(torch.arange(2), torch.arange(4)),
+    )
+    c["heads-block-within-dup"] = (
+        r"within\[1\]: not a permutation",
+        lambda t: head_block_perm(torch.arange(2), torch.tensor([[0, 1], [1, 1]])),
+    )
+    c["heads-split-zero"] = (r"n_heads must be at least 1, got 0", lambda t: split_head_perm(torch.arange(4), 0))
+    c["heads-split-not-perm"] = (
+        r"p: not a permutation",
+        lambda t: split_head_perm(torch.zeros(4, dtype=torch.long), 2),
+    )
+    c["models-list-int"] = (r"pattern must be a string", lambda t: list_models(5))
+    c["models-entry-none"] = (r"model name must be a string, got NoneType", lambda t: model_entry(None))
+    c["models-create-none"] = (r"model name must be a string", lambda t: create_model(None))
+    c["models-config-none"] = (r"model config must be a mapping", lambda t: model_from_config(None))
+    c["models-config-list"] = (r"model config must be a mapping", lambda t: model_from_config([1]))
+    c["coverage-spec-none"] = (r"spec must be a PermutationSpec", lambda t: warn_low_coverage(None, "x"))
+    c["objective-keys-none"] = (r"spec must be a PermutationSpec", lambda t: objective_keys(None))
+    c["float-keys-none"] = (r"state must be a state dict", lambda t: float_keys(None))
     if nocuda:
         c["load-cuda"] = (
             r"device: device 'cuda' requested but CUDA is not available",
@@ -1179,7 +1206,7 @@ API_CASES = _api_cases()
 
 
 def test_api_case_count():
-    assert len(API_CASES) >= 120
+    assert len(API_CASES) >= 140
 
 
 @pytest.mark.parametrize("name", list(API_CASES))

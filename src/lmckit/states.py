@@ -144,6 +144,7 @@ def mix_states(
 
 def float_keys(state: State) -> list[str]:
     """Keys of the floating-point entries, in state-dict order."""
+    check_state(state)
     return [k for k, v in state.items() if v.is_floating_point()]
 
 

@@ -228,6 +228,8 @@ def objective_keys(
     Keys whose last name component is in :data:`STAT_SUFFIXES` (BatchNorm
     running statistics) are excluded unless ``include_buffers``.
     """
+    if not isinstance(spec, PermutationSpec):
+        raise LmcError(f"spec must be a PermutationSpec, got {type(spec).__name__}", "use lmckit.perm.spec_for(model)")
     keys = []
     for k, ax in spec.axes.items():
         if all(not entry_groups(g) for g in ax):

@@ -28,7 +28,7 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str, description: str = "", tiny: bool = False):
     def deco(fn: Callable[..., nn.Module]):
         if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
+            raise LmcError(f"model {name!r} registered twice", "choose another name for your model")
         from ..model_index import MODEL_INDEX  # the static table `lmckit models` lists (kept equal by a test)
 
         text = description or MODEL_INDEX.get(name, ("",))[0] or (fn.__doc__ or "").strip().split("\n")[0]
@@ -39,10 +39,16 @@ def register_model(name: str, description: str = "", tiny: bool = False):
 
 
 def list_models(pattern: str = "*", include_tiny: bool = True) -> list[str]:
+    """Names of the registered models matching the shell ``pattern`` (sorted)."""
+    if not isinstance(pattern, str):
+        raise LmcError(f"pattern must be a string (a shell pattern such as 'mlp*'), got {type(pattern).__name__}")
     return sorted(n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (include_tiny or not e.tiny))
 
 
 def model_entry(name: str) -> ModelEntry:
+    """The registry entry of model ``name`` (:class:`LmcError` for another type or an unknown name)."""
+    if not isinstance(name, str):
+        raise LmcError(f"model name must be a string, got {type(name).__name__}", "run `lmckit models` to list them")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         raise LmcError(
@@ -100,6 +106,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Build the model a config ``{"name": ..., **options}`` describes (:class:`LmcError` for a non-mapping)."""
+    if not isinstance(config, Mapping):
+        raise LmcError(f"model config must be a mapping with a 'name', got {type(config).__name__}")
     cfg = dict(config)
     name = cfg.pop("name", None)
     if not isinstance(name, str):

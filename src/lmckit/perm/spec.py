@@ -377,15 +377,29 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perms:
 
 
 def head_block_perm(head: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
-    """Flat permutation ``p[i*d + j] = head[i]*d + within[i, j]`` (``within``: ``H x d``)."""
+    """Flat permutation ``p[i*d + j] = head[i]*d + within[i, j]`` (``within``: ``H x d``).
+
+    ``head`` must be a permutation of ``H`` heads and each row of ``within`` one of ``d`` units
+    (:func:`lmckit.checks.as_perm`; else :class:`LmcError`).
+    """
+    head = as_perm(head, None, "head")
+    if not isinstance(within, torch.Tensor) or within.dim() != 2 or within.shape[0] != head.numel():
+        raise LmcError(f"within must be a tensor of shape (heads={head.numel()}, d), got {type(within).__name__}")
+    for i in range(within.shape[0]):
+        as_perm(within[i], None, f"within[{i}]")
     d = within.shape[1]
     return (head.long()[:, None] * d + within.long()).reshape(-1)
 
 
 def split_head_perm(p: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Inverse of :func:`head_block_perm`: ``(head, within)``, or ``None`` if ``p`` is not head-structured."""
+    """Inverse of :func:`head_block_perm`: ``(head, within)``, or ``None`` if ``p`` is not head-structured.
+
+    ``p`` must be a permutation and ``n_heads`` an integer >= 1 (else :class:`LmcError`).
+    """
+    p = as_perm(p, None, "p")
+    n_heads = check_int(n_heads, "n_heads", 1)
     n = p.numel()
-    if n_heads < 1 or n % n_heads:
+    if n % n_heads:
         return None
     d = n // n_heads
     blocks = p.reshape(n_heads, d)
@@ -583,6 +597,7 @@ def warn_low_coverage(spec: PermutationSpec, where: str, threshold: float = COVE
     left pinned (a pre-LN transformer with only its MLP hidden units permuted
     scores about 0.4).
     """
+    check_spec(spec)
     frac = float(spec.coverage()["hidden_coverage"])
     if frac < threshold:
         warnings.warn(
