@@ -749,6 +749,14 @@ def _load_state(
     tensors, meta = load_state(path)
     if meta.get("format") != "lmckit.ste_state":
         raise LmcError(f"{path} is not an lmckit STE state file", "use another state folder")
+    missing = [f"tilde.{k}" for k in param_keys if f"tilde.{k}" not in tensors]
+    if not isinstance(meta.get("fingerprint") or {}, dict) or missing:
+        raise LmcError(
+            f"STE state file {path} is damaged ("
+            + (f"missing tensors {missing[:3]}" if missing else "its fingerprint is not an object")
+            + ")",
+            "delete the state folder to start over, or use another one",
+        )
     # states written before train_limit / protocol / the projection approximations existed
     old = {
         "train_limit": None,
