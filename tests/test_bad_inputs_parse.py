@@ -589,6 +589,11 @@ def _(ws):
     )
 
 
+@row("p3-size-dry-run-val-size", r"recipe .*train\.overrides\.val_size: val_size 100000 must be between 0 and .* 2000")
+def _(ws):
+    return _dry(ws, "train.overrides.val_size=100000")
+
+
 @row("p3-size-check-spec-width-mult", r"width_mult|--width-mult")
 def _(ws):
     return ["check-spec", "mlp_tiny", "--width-mult", "100000"]

@@ -43,6 +43,7 @@ class DatasetInfo:
     subdirs: tuple[str, ...] = ()  # subfolders an archive unpacks into, also searched
     present: Callable[[Path], bool] | None = None  # folder holds a complete copy (default: all ``files``)
     image_size: int = 28  # side of the (square) images: model size checks use it before the data is read
+    train_size: int | None = None  # training images (known sizes: a dry run checks val_size against it)
 
     @property
     def in_channels(self) -> int:
@@ -114,6 +115,7 @@ register_dataset(
         subdirs=(cifar.PY_DIR, cifar.BIN_DIR),
         present=lambda f: cifar.cifar_layout(f) is not None,
         image_size=32,
+        train_size=50000,
     )
 )
 register_dataset(
@@ -156,6 +158,7 @@ register_dataset(
         (0.25,),
         generated=True,
         install_hint="generated in memory",
+        train_size=2000,
     )
 )
 register_dataset(
@@ -168,6 +171,7 @@ register_dataset(
         (0.25, 0.25, 0.25),
         generated=True,
         image_size=32,
+        train_size=1000,
         install_hint="generated in memory",
     )
 )

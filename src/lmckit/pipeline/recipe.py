@@ -652,6 +652,11 @@ def _train_settings(r: Recipe, source: str) -> None:
                     cfg = make_config(preset, **_train_overrides(r, m, w, seed))
                     if k == 0 and info is not None:  # the size is the seed's alone: check it once per width
                         check_training_size(cfg, info.in_channels, info.image_size, info.num_classes)
+                        if info.train_size is not None and cfg.val_size >= info.train_size:
+                            raise LmcError(  # load_dataset refuses it too, but only once a stage runs
+                                f"val_size {cfg.val_size} must be between 0 and the training set size "
+                                f"{info.train_size} of {info.name}"
+                            )
                 except LmcError as e:
                     keys = [k for k, _ in list(r.train.overrides) + list(m.overrides) if k in e.message]
                     where = ", ".join(
