@@ -37,7 +37,7 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "lmckit"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "device", "progress", "store", "model_index", "states"),
+    ("errors", "device", "progress", "store", "model_index", "states", "checks"),
     ("data", "models", "evaluate"),
     ("perm", "checkpoint", "limits", "hf"),  # hf: Hugging Face folders in and out (converts at the edge)
     ("match",),

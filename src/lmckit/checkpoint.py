@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from .checks import check_device
 from .errors import LmcError
 from .models import model_from_config
 from .store import load_state, read_json, save_state
@@ -39,7 +40,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     info: dict[str, Any] = {"path": str(p)}
     model_cfg = meta.get("lmckit_model")
     if p.is_dir() and (p / "config.json").exists():
-        cfg = read_json(p / "config.json", "run config")
+        cfg = read_json(p / "config.json", "run config", expect=dict)
         info["config"] = cfg
         model_cfg = model_cfg or (cfg.get("model") if isinstance(cfg, dict) else None)
     if not isinstance(model_cfg, dict) or "name" not in model_cfg:
@@ -83,11 +84,12 @@ def build_model(
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Load a model with its weights from a run folder or a .safetensors file."""
+    """Load a model with its weights from a run folder or a .safetensors file (``device`` checked first)."""
+    dev = check_device(device)
     state, info = load_checkpoint(path)
     model = build_model(info["model"], state, str(path))
     model.lmckit_info = info
-    return model.to(device)
+    return model.to(dev)
 
 
 def save_model(

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .checks import check_device
 from .data import Dataset
 from .errors import LmcError
 
@@ -44,12 +45,18 @@ def evaluate(
     batch_size: int = 2000,
     device: torch.device | str | None = None,
     limit: int | None = None,
+    where: str | None = None,
 ) -> tuple[float, float]:
     """Return ``(mean loss, accuracy)`` of ``model`` (in eval mode) on ``split``.
 
     Per target: per image for classifiers; per token for language models (logits ``(B, V, T)``, targets
     ``(B, T)``), the loss then in nats per token (perplexity ``exp(loss)``) and the accuracy of the
     next-token prediction.
+
+    A non-finite mean loss (NaN or inf: weights so large that the logits overflow float32, or a
+    diverged model) raises :class:`NonFiniteLoss` naming ``where`` (which model, which lambda or grid
+    point) and the split: every barrier, landscape, merge, rank and study evaluation goes through here,
+    so a NaN never reaches a table, a JSON record or a report as if it were a number.
 
     The model's train/eval mode is restored afterwards. Batches are gathered
     from the split held on the device (:meth:`Dataset.on_device`); the sums
@@ -67,7 +74,25 @@ def evaluate(
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum()
             n += int(y.numel())  # one target per image, or per token ((B, T) targets of a language model)
-    return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+    loss = float(loss_sum) / max(n, 1)
+    require_finite_loss(loss, where or "the model", split)
+    return loss, int(correct) / max(n, 1)
+
+
+class NonFiniteLoss(LmcError):
+    """A loss that is NaN or infinite: the CLI exits 2 naming the model (and lambda); no NaN is printed."""
+
+
+def require_finite_loss(loss: float, where: str, split: str = "") -> float:
+    """Return ``loss``; raise :class:`NonFiniteLoss` naming ``where`` and ``split`` when it is NaN or inf."""
+    if loss - loss != 0.0:
+        on = f" on the {split} split" if split else ""
+        raise NonFiniteLoss(
+            f"{where}: the mean loss{on} is {loss} (not a finite number)",
+            "the weights are so large that the logits overflow float32 (or the model diverged); "
+            "check the checkpoint (lmckit check-spec) or use another one",
+        )
+    return loss
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -96,6 +121,7 @@ def training_batches(
     The same seed gives the same images, so every point of a curve (and both
     endpoints for REPAIR) sees the same data. Labels are not needed.
     """
+    device = check_device(device)
     if num_batches < 1 or batch_size < 1:
         raise LmcError(
             f"BN reset / REPAIR needs num_batches >= 1 and batch_size >= 1 (got {num_batches}, {batch_size})"

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from .analysis import alignment_tracker
+from .checks import check_device, check_module, check_state
 from .errors import LmcError
 from .evaluate import evaluate
 from .lmc import (
@@ -89,6 +90,9 @@ def check_merge_inputs(
     """
     m = check_scheme(method, multi)
     opts = _options(method, options)
+    check_module(model)
+    if isinstance(states, (str, bytes, dict)) or not isinstance(states, Sequence):
+        raise LmcError(f"states must be a list of state dicts, got {type(states).__name__}")
     if len(states) < 2:
         raise LmcError(f"merging needs at least two models, got {len(states)}")
     if bn_reset not in ("auto", "on", "off", "repair", True, False):
@@ -159,6 +163,9 @@ def align_models(
     """
     m = check_scheme(method, multi)
     opts = _options(method, options)
+    check_module(model)
+    if isinstance(states, (str, bytes, dict)) or not isinstance(states, Sequence):
+        raise LmcError(f"states must be a list of state dicts, got {type(states).__name__}")
     if len(states) < 2:
         raise LmcError(f"merging needs at least two models, got {len(states)}")
     spec = spec if spec is not None else spec_for(model)
@@ -261,13 +268,19 @@ def evaluate_state(
     device: torch.device | str | None = None,
     limit: int | None = None,
     batch_size: int = 2000,
+    where: str = "the merged model",
 ) -> tuple[float, float]:
-    """``(loss, accuracy)`` of ``model`` with weights ``state`` (eval mode, state used as given)."""
+    """``(loss, accuracy)`` of ``model`` with weights ``state`` (eval mode, state used as given).
 
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    Raises :class:`~lmckit.evaluate.NonFiniteLoss` naming ``where`` when the loss is NaN or inf.
+    """
+
+    dev = check_device(device) if device is not None else torch.device("cpu")
+    check_module(model)
+    check_state(state, where)
     net = _workspace(model, dev)
     net.load_state_dict({k: v.to(dev) for k, v in state.items()})
-    return evaluate(net, dataset, split, batch_size=batch_size, device=dev, limit=limit)
+    return evaluate(net, dataset, split, batch_size=batch_size, device=dev, limit=limit, where=where)
 
 
 def merged_accuracy_curve(
@@ -300,7 +313,8 @@ def merged_accuracy_curve(
     out = []
     for n in range(start, len(states) + 1):
         st = merged_state(model, states[:n], dataset, bn_reset, device, seed, bn_batches) if n > 1 else states[0]
-        loss, acc = evaluate_state(model, st, dataset, split, device, limit)
+        where = f"the merge of the first {n} models" if n > 1 else "model 0"
+        loss, acc = evaluate_state(model, st, dataset, split, device, limit, where=where)
         out.append({"n": n, "loss": loss, "accuracy": acc})
     return out
 
@@ -339,6 +353,7 @@ def pairwise_barriers(
             seed=seed,
             limit=limit,
             progress=f"barrier {i}-{j}" if progress else False,
+            names=(f"model {i}", f"model {j}"),
         )
         c = res[split]
         out.append(
@@ -419,8 +434,8 @@ def merge_models(
     res = align_models(model, states, method, multi, dataset, spec, seed, device, options, state_dir, progress, passes)
     aligned = aligned_states(spec, states, res.perms)
     metrics = []
-    for sd in states:
-        loss, acc = evaluate_state(model, sd, dataset, split, device, limit)
+    for i, sd in enumerate(states):
+        loss, acc = evaluate_state(model, sd, dataset, split, device, limit, where=f"model {i}")
         metrics.append({"loss": loss, "accuracy": acc})
     merged = merged_state(model, aligned, dataset, bn_reset, device, seed)
     m_loss, m_acc = evaluate_state(model, merged, dataset, split, device, limit)

@@ -11,6 +11,30 @@ from __future__ import annotations
 
 import fnmatch
 
+# Size options shared by the zoo: the smallest and largest value each may take (checked by
+# lmckit.models.registry.check_size_options before a model is built; shown in `lmckit train --help`). The
+# maxima are far above any model in the paper (an MLP of width 512 and depth 3, a ViT of depth 4 with 4
+# heads) and keep a typo (``--depth 100000``) from building a model that passes the parameter cap
+# (lmckit.limits.MAX_PARAMS) but trains for minutes before anything fails.
+MAX_WIDTH = 65_536
+MAX_DEPTH = 256
+MAX_WIDTH_MULT = 256.0
+MAX_IN_CHANNELS = 4_096
+MAX_IMAGE_SIZE = 4_096
+MAX_NUM_CLASSES = 1_000_000
+MAX_HEADS = 1_024
+MAX_MLP_RATIO = 64.0
+SIZE_LIMITS: dict[str, tuple[int, int]] = {
+    "width": (1, MAX_WIDTH),
+    "depth": (0, MAX_DEPTH),
+    "in_channels": (1, MAX_IN_CHANNELS),
+    "image_size": (1, MAX_IMAGE_SIZE),
+    "num_classes": (1, MAX_NUM_CLASSES),
+    "heads": (1, MAX_HEADS),
+    "patch_size": (1, MAX_IMAGE_SIZE),
+}
+FLOAT_LIMITS: dict[str, float] = {"width_mult": MAX_WIDTH_MULT, "mlp_ratio": MAX_MLP_RATIO}
+
 #: name -> (description, tiny test model)
 MODEL_INDEX: dict[str, tuple[str, bool]] = {
     "lstm": (

@@ -25,16 +25,24 @@ from typing import Mapping, Sequence
 
 import torch
 
+from .checks import check_real, check_state
 from .errors import LmcError
 
 State = Mapping[str, torch.Tensor]
 
 
 def check_compatible(states: Sequence[State], names: Sequence[str] | None = None) -> None:
-    """Raise :class:`LmcError` unless all state dicts have the same keys, shapes and dtypes."""
+    """Raise :class:`LmcError` unless all state dicts have the same keys, shapes and dtypes.
+
+    Each must be a mapping of names to tensors (:func:`lmckit.checks.check_state`).
+    """
+    if isinstance(states, (str, bytes, Mapping)) or not isinstance(states, Sequence):
+        raise LmcError(f"expected a list of state dicts, got {type(states).__name__}")
     if not states:
         raise LmcError("no state dicts given")
     names = list(names) if names is not None else [f"model {i}" for i in range(len(states))]
+    for st, nm in zip(states, names):
+        check_state(st, nm)
     ref = states[0]
     for st, nm in zip(states[1:], names[1:]):
         if set(st) != set(ref):
@@ -60,6 +68,7 @@ def check_compatible(states: Sequence[State], names: Sequence[str] | None = None
 
 def copy_state(state: State) -> dict[str, torch.Tensor]:
     """A deep copy (new tensors) of a state dict."""
+    check_state(state)
     return {k: v.detach().clone() for k, v in state.items()}
 
 
@@ -82,7 +91,7 @@ def interpolate_states(sd_a: State, sd_b: State, lam: float) -> dict[str, torch.
         (``sd_b``) is returned, bitwise equal to it.
     """
     check_compatible([sd_a, sd_b], ["model A", "model B"])
-    lam = float(lam)
+    lam = check_real(lam, "lam")
     return mix_states([sd_a, sd_b], [1.0 - lam, lam], require_affine=False)
 
 
@@ -110,10 +119,12 @@ def mix_states(
         from the first state dict. When one weight is exactly 1 and the others
         exactly 0, a bitwise copy of that model is returned.
     """
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise LmcError(f"weights must be a list of numbers, got {type(weights).__name__}")
+    check_compatible(states)
     if len(states) != len(weights):
         raise LmcError(f"{len(states)} state dicts but {len(weights)} weights")
-    check_compatible(states)
-    w = [float(x) for x in weights]
+    w = [check_real(x, f"weights[{i}]") for i, x in enumerate(weights)]
     if require_affine and abs(sum(w) - 1.0) > 1e-6:
         raise LmcError(f"weights must sum to 1 for an affine combination, got sum {sum(w)!r}")
     ones = [i for i, x in enumerate(w) if x == 1.0]
@@ -133,10 +144,15 @@ def mix_states(
 
 def float_keys(state: State) -> list[str]:
     """Keys of the floating-point entries, in state-dict order."""
+    check_state(state)
     return [k for k, v in state.items() if v.is_floating_point()]
 
 
 def state_vector(state: State, keys: Sequence[str] | None = None) -> torch.Tensor:
     """Flatten the float entries ``keys`` (default: all) into one float64 vector."""
-    keys = float_keys(state) if keys is None else keys
+    check_state(state)
+    keys = float_keys(state) if keys is None else list(keys)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise LmcError(f"keys: {missing[:3]} are not entries of the state dict")
     return torch.cat([state[k].detach().reshape(-1).to(torch.float64) for k in keys])

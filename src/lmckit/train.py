@@ -498,7 +498,7 @@ def load_result(run_dir: str | os.PathLike, cached: bool = True) -> TrainResult:
     """Read the :class:`TrainResult` of a finished run folder."""
 
     run_dir = Path(run_dir)
-    info = read_json(run_dir / "config.json", "run config")
+    info = read_json(run_dir / "config.json", "run config", expect=dict)
     try:
         r = info["result"]
         cfg = TrainConfig.from_dict(info["config"])
@@ -662,17 +662,21 @@ def _validated_dataset(config: TrainConfig, device: str | torch.device, data_dir
     """Check the device, load the dataset (cached per process) and check the model's size: the dataset."""
     resolve_device(device)
     ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
-    check_model_size(
-        config.model,
-        {
-            "in_channels": ds.in_channels,
-            "image_size": ds.image_size,
-            "num_classes": ds.num_classes,
-            **config.model_options,
-        },
-        "training setting",
-    )
+    check_training_size(config, ds.in_channels, ds.image_size, ds.num_classes)
     return ds
+
+
+def check_training_size(
+    config: TrainConfig, in_channels: int, image_size: int, num_classes: int, where: str = "training setting"
+) -> int:
+    """The one size check of a training run's model (:func:`lmckit.limits.check_model_size`), on the
+    dataset's shape: run before training, and by recipe validation (so ``reproduce --dry-run``) with the
+    shape the dataset registry records. Returns the parameter count; raises :class:`LmcError`."""
+    return check_model_size(
+        config.model,
+        {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes, **config.model_options},
+        where,
+    )
 
 
 def data_fingerprint(ds) -> str:
@@ -683,7 +687,7 @@ def data_fingerprint(ds) -> str:
 
 def _recorded_checksums(run_dir: Path) -> dict | None:
     try:
-        rec = json.loads((run_dir / "config.json").read_text())
+        rec = read_json(run_dir / "config.json", "run config", expect=dict)
         return dict(rec["provenance"]["dataset"]["checksums"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

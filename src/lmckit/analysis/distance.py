@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from ..perm import PermutationSpec, apply_permutation
+from ..perm.spec import check_spec
 from .layers import is_stat_key, module_of
 
 
@@ -49,6 +50,7 @@ def distances(
     module, in network order, with ``name``, ``keys``, ``shape`` (of its first
     entry, the weight), ``numel``, ``l2_before``, ``l2_after``, ``reduction``.
     """
+    check_spec(spec)
     spec.check_state(sd_a, "model A")
     spec.check_state(sd_b, "model B")
     sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else sd_b

@@ -38,8 +38,10 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checks import check_real, check_state
 from ..perm import PermutationSpec
-from ..perm.spec import axis_index, entry_segments, is_segmented
+from ..perm.spec import axis_index, check_spec, entry_segments, is_segmented
+from ..states import check_compatible
 
 _GATE_LABELS = {3: ("q", "k", "v"), 4: ("i", "f", "g", "o")}  # fused projections; LSTM gates
 _RNN_LABELS = {3: ("r", "z", "n"), 4: ("i", "f", "g", "o")}  # GRU / LSTM gates (torch's row order)
@@ -103,6 +105,9 @@ def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = 
     ``ValueError`` if a spec permutes a kernel's spatial axes (no zoo or
     traced model does; such a layer could not be read as ``P W Q^T``).
     """
+    check_spec(spec)
+    if state is not None:
+        check_state(state, "state")
     out: list[Layer] = []
     for key, axes in spec.axes.items():
         last = key.rsplit(".", 1)[-1]
@@ -203,6 +208,8 @@ def midpoint_state(
     change them in the last digits). Barriers, landscapes, merging and STE use
     :mod:`lmckit.states`.
     """
+    check_compatible([sd_a, sd_b], ["model A", "model B"])
+    lam = check_real(lam, "lam")
     out: dict[str, torch.Tensor] = {}
     for k, a in sd_a.items():
         b = sd_b[k]

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..checks import check_module, check_real
 from ..lmc.bn import has_batchnorm
 from ..perm import PermutationSpec, apply_permutation
 from .distance import distances
@@ -123,7 +124,8 @@ def analyze_pair(
     ``timings`` and, when computed, ``rank_sweep``, ``input_projections``,
     ``taylor_midpoint``/``measured_midpoint``/``taylor``.
     """
-    gammas = tuple(float(g) for g in gammas)
+    check_module(model)
+    gammas = tuple(check_real(g, "gammas", 0.0, 1.0) for g in gammas)
     notes: list[str] = []
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -167,8 +169,10 @@ def analyze_pair(
             kw = dict(
                 gammas=sweep_gammas, fractions=fractions, split=rank_split, spec=spec, device=device, limit=eval_limit
             )
-            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn, svds=svds_a, **kw)
-            result.sweeps["midpoint"] = rank_sweep(model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, **kw)
+            result.sweeps["A"] = rank_sweep(model, sd_a, dataset, reset_bn=bn, svds=svds_a, name="model A", **kw)
+            result.sweeps["midpoint"] = rank_sweep(
+                model, midpoint_state(sd_a, sd_bp), dataset, reset_bn=bn, name="the midpoint of A and B", **kw
+            )
             summary["rank_sweep"] = result.sweeps
             timings["rank_sweep"] = time.perf_counter() - t
         if taylor:

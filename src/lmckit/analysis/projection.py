@@ -28,8 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checks import check_device, check_int, check_module
 from ..evaluate import module_mode
+from ..limits import MAX_BATCH, MAX_BATCHES
 from ..perm import PermutationSpec
+from ..perm.spec import check_spec
 from .layers import layers_of
 from .svd import SVDs, layer_svd
 
@@ -67,7 +70,14 @@ def input_projections(
     (lists, length ``r``; ``mean_sq`` is mean ``(v_i . z)^2``) plus ``"mean_norm"`` (mean ``||z||``) and
     ``"count"`` (vectors used). Layers that are not ``nn.Linear`` / ungrouped ``nn.Conv2d`` are skipped.
     """
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    check_module(model)
+    check_spec(spec)
+    spec.check_state(sd, "sd")
+    num_batches = check_int(num_batches, "num_batches", 1, MAX_BATCHES)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH)
+    max_positions = check_int(max_positions, "max_positions", 1)
+    seed = check_int(seed, "seed")
+    dev = check_device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed + 1)  # random directions and position subsample
     targets: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for layer in layers_of(spec, sd):

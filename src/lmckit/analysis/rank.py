@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ..checks import check_module, check_state
 from ..errors import LmcError
 from ..evaluate import evaluate
 from ..lmc.bn import has_batchnorm, reset_bn_stats
@@ -89,6 +90,7 @@ def _evaluate_state(
     device: torch.device | str | None,
     limit: int | None,
     reset_bn: bool,
+    where: str = "the model",
 ) -> tuple[float, float]:
     m = copy.deepcopy(model)
     m.load_state_dict(dict(sd))
@@ -96,7 +98,7 @@ def _evaluate_state(
     m = m.to(dev)
     if reset_bn:
         reset_bn_stats(m, dataset, device=dev)
-    return evaluate(m, dataset, split, batch_size=batch_size, device=dev, limit=limit)
+    return evaluate(m, dataset, split, batch_size=batch_size, device=dev, limit=limit, where=where)
 
 
 def rank_sweep(
@@ -114,8 +116,12 @@ def rank_sweep(
     limit: int | None = None,
     reset_bn: bool = False,
     svds: SVDs | None = None,
+    name: str = "the model",
 ) -> list[dict[str, Any]]:
     """Loss and accuracy of the rank-truncated model against the threshold.
+
+    ``name`` says which model ``sd`` is in the :class:`~lmckit.evaluate.NonFiniteLoss` raised when a
+    loss is NaN or inf.
 
     Parameters
     ----------
@@ -135,10 +141,12 @@ def rank_sweep(
     ``kind`` (full | gamma | fraction), ``threshold``, ``kept`` (layer ->
     kept count), ``kept_total``, ``rank_total``, ``loss``, ``acc``.
     """
+    check_module(model)
+    check_state(sd, "sd")
     spec = spec or spec_for(model)
     reset = reset_bn and has_batchnorm(model)
     ev = dict(dataset=dataset, split=split, batch_size=batch_size, device=device, limit=limit, reset_bn=reset)
-    loss, acc = _evaluate_state(model, sd, **ev)
+    loss, acc = _evaluate_state(model, sd, **ev, where=name)
     full_rank = sum(la.rank for la in layers_of(spec, sd) if not (keep_output_layer and la.is_output))
     records = [
         {
@@ -155,7 +163,7 @@ def rank_sweep(
     todo = [("gamma", float(g)) for g in (gammas or ())] + [("fraction", float(f)) for f in (fractions or ())]
     for kind, t in todo:
         sd_k, kept = truncate_state(spec, sd, **{kind: t}, keep_output_layer=keep_output_layer, svds=svds)
-        loss, acc = _evaluate_state(model, sd_k, **ev)
+        loss, acc = _evaluate_state(model, sd_k, **ev, where=f"{name} truncated at {kind} {t:g}")
         records.append(
             {
                 "kind": kind,

@@ -54,7 +54,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from ..checks import as_perms, check_int, check_real
+from ..errors import LmcError
 from ..perm import PermutationSpec
+from ..perm.spec import check_spec
 from .layers import Layer, as_matrix, layer_weight, layers_of, perms_for, permute_kron_rows, permute_rows
 
 DEFAULT_GAMMAS = (0.0, 0.3)
@@ -71,6 +74,10 @@ def layer_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ``U`` is ``(out, r)``, ``V`` is ``(in*k*k, r)`` (singular vectors as
     columns), ``r = min(out, in*k*k)``, ``sigma`` decreasing.
     """
+    if not isinstance(w, torch.Tensor) or w.dim() < 1 or not w.is_floating_point():
+        raise LmcError(f"w must be a floating-point weight tensor, got {type(w).__name__}")
+    if not bool(torch.isfinite(w).all()):
+        raise LmcError("w has NaN/inf entries: no SVD of a non-finite matrix")
     m = as_matrix(w.detach().to("cpu", torch.float64))
     with single_thread():
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
@@ -98,6 +105,8 @@ SVDs = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 def state_svds(spec: PermutationSpec, sd: Mapping[str, torch.Tensor]) -> SVDs:
     """``{weight key: (U, sigma, V)}`` for every layer of ``sd`` (see :func:`layer_svd`); compute once, reuse."""
+    check_spec(spec)
+    spec.check_state(sd, "sd")
     return {layer.name: layer_svd(layer_weight(layer, sd)) for layer in layers_of(spec, sd)}
 
 
@@ -125,6 +134,9 @@ def cross_alignment(
 
 def matrix_alignment(w_a: torch.Tensor, w_b: torch.Tensor, gamma: float = 0.0) -> tuple[float, int, int]:
     """``(R_l(gamma), |I_a|, |I_b|)`` for two matrices (or kernels) as given, with no permutation."""
+    gamma = check_real(gamma, "gamma", 0.0, 1.0)
+    if isinstance(w_a, torch.Tensor) and isinstance(w_b, torch.Tensor) and w_a.shape != w_b.shape:
+        raise LmcError(f"w_a and w_b have shapes {tuple(w_a.shape)} and {tuple(w_b.shape)}; they must be equal")
     u_a, s_a, v_a = layer_svd(w_a)
     u_b, s_b, v_b = layer_svd(w_b)
     c = cross_alignment(u_a, v_a, u_b, v_b)
@@ -232,10 +244,13 @@ def svd_alignment(
     -------
     :class:`SVDAlignment` with totals ``R[gamma_key(g)] = {"before": R, "after": R}``.
     """
-    gammas = tuple(float(g) for g in gammas)
-    for g in gammas:
-        if not 0.0 <= g <= 1.0:
-            raise ValueError(f"gamma must lie in [0, 1], got {g}")
+    check_spec(spec)
+    spec.check_state(sd_a, "model A")
+    spec.check_state(sd_b, "model B")
+    if perms is not None:
+        perms = as_perms(perms, "perms", spec.sizes)
+    gammas = tuple(check_real(g, "gammas", 0.0, 1.0) for g in gammas)
+    cross_k = check_int(cross_k, "cross_k", 1)
     keys = [gamma_key(g) for g in gammas]
     tot_sum = {k: {"before": 0.0, "after": 0.0} for k in keys}
     tot_min = {k: 0 for k in keys}

@@ -41,8 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..checks import check_device, check_int, check_module
 from ..evaluate import module_mode
+from ..limits import MAX_BATCH, MAX_SAMPLES
 from ..perm import PermutationSpec
+from ..states import check_compatible
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -82,11 +85,16 @@ def taylor_midpoint(
     ``seconds``.
     """
     t0 = time.perf_counter()
+    check_module(model)
+    check_compatible([sd_a, sd_b_permuted], ["model A", "model B"])
     if spec is not None:
         spec.check_state(sd_a, "model A")
         spec.check_state(sd_b_permuted, "model B")
+    num_samples = check_int(num_samples, "num_samples", 1, MAX_SAMPLES)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH)
+    seed = check_int(seed, "seed")
     loss_fn = loss_fn or _cross_entropy
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = check_device(device) if device is not None else next(model.parameters()).device
     trainable = [k for k, p in model.named_parameters() if p.requires_grad]
     # clone: train-mode BatchNorm updates running statistics in place
     state_a = {k: v.detach().to(dev).clone() for k, v in sd_a.items()}

@@ -134,16 +134,21 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         device=device,
     )
+    names = (f"model A ({args.a})", f"model B ({args.b})")
     if args.compare_naive:
-        curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", **common)
+        curves["naive"] = barrier_curve(model, sd_a, sd_b, dataset, progress="barrier (naive)", names=names, **common)
     sd_bp = sd_b
     if args.perm and not transformed:
         sd_bp = apply_permutation(spec, perms, sd_b)
     label = "transformed (folded)" if transformed else "permuted" if args.perm else "naive"
+    if args.perm:
+        names = (names[0], f"model B ({args.b}) {'transformed' if transformed else 'permuted'} by {args.perm}")
     if transformed:
-        curves[label] = barrier_curve(model, sd_fa, sd_ft, dataset, progress=f"barrier ({label})", **common)
+        curves[label] = barrier_curve(
+            model, sd_fa, sd_ft, dataset, progress=f"barrier ({label})", names=names, **common
+        )
     else:
-        curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", **common)
+        curves[label] = barrier_curve(model, sd_a, sd_bp, dataset, progress=f"barrier ({label})", names=names, **common)
     main = curves[label]
 
     out = main.to_dict(collapse=len(splits) == 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..model_index import FLOAT_LIMITS, SIZE_LIMITS
 from .common import MAX_SEED, add_arch, add_device, add_hf, add_json, add_quiet, float_in, int_in, load_arch, print_json
 
 
@@ -25,21 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--in-channels",
-        type=int_in(1, 4096),
+        type=int_in(*SIZE_LIMITS["in_channels"]),
         default=None,
-        help="input channels (model names only; at most 4096; default: the model's)",
+        help=f"input channels (model names only; at most {SIZE_LIMITS['in_channels'][1]}; default: the model's)",
     )
     p.add_argument(
         "--image-size",
-        type=int_in(1, 4096),
+        type=int_in(*SIZE_LIMITS["image_size"]),
         default=None,
-        help="input height = width (model names only; at most 4096; default: the model's)",
+        help=f"input height = width (model names only; at most {SIZE_LIMITS['image_size'][1]}; default: the model's)",
     )
     p.add_argument(
         "--num-classes",
-        type=int_in(1, 1_000_000),
+        type=int_in(*SIZE_LIMITS["num_classes"]),
         default=None,
-        help="output classes (model names only; default: the model's)",
+        help=f"output classes (model names only; at most {SIZE_LIMITS['num_classes'][1]:,}; default: the model's)",
     )
     p.add_argument(
         "--norm",
@@ -49,9 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--width-mult",
-        type=float_in(0.0, 1024.0, lo_open=True),
+        type=float_in(0.0, 1024.0, lo_open=True),  # the models' own bound (FLOAT_LIMITS) is checked after parsing
         default=None,
-        help="width multiplier (model names only; at most 1024; default: the model's)",
+        help=f"width multiplier (model names only; at most {FLOAT_LIMITS['width_mult']:g}; default: the model's)",
     )
     p.add_argument("--seed", type=int_in(0, MAX_SEED), default=0, help="seed of the random permutation and input batch")
     p.add_argument(

@@ -508,7 +508,13 @@ def load_perm_file(
     from ..store import read_json
 
     perms = load_perms(path, spec)
-    d = read_json(path, "permutation file")
+    d = read_json(path, "permutation file", expect=dict)
+    for key in ("model_b_sha256", "model_sha256", "model_a_sha256", "reference_sha256"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise LmcError(
+                f"permutation file {path}: {key} must be a string (a content hash), not {type(d[key]).__name__}",
+                "pass a file written by lmckit match",
+            )
     rec_perm = d.get("model_b_sha256") or d.get("model_sha256")
     rec_ref = d.get("model_a_sha256") or d.get("reference_sha256")
     if not rec_perm and not rec_ref:
@@ -806,7 +812,9 @@ def draw_ste_drift(folder: str | os.PathLike | None) -> list[Path]:
 
     out = []
     for rec in sorted(Path(folder).rglob("drift.json")):
-        drift = json.loads(rec.read_text())
+        from ..store import read_json
+
+        drift = read_json(rec, "STE drift record", expect=dict)
         run = {
             k: [float("nan") if v is None else v for v in vals] for k, vals in drift.items() if isinstance(vals, list)
         }

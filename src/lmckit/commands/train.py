@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import LazyChoices, add_data, add_device, add_json, add_quiet, print_json
+from ..model_index import FLOAT_LIMITS, SIZE_LIMITS
+from .common import MAX_BATCH, MAX_EPOCHS, LazyChoices, add_data, add_device, add_json, add_quiet, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="registered model (`lmckit models`); default mlp")
     p.add_argument("--dataset", default=None, help="dataset name; default fashion-mnist")
     p.add_argument("--seed", type=int, default=None, help="seeds the initialisation and batch order (default 0)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size")
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (1..{MAX_EPOCHS:,})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"training batch size (1..{MAX_BATCH:,})")
     p.add_argument(
         "--optimizer",
         choices=LazyChoices("presets", "OPTIMIZERS"),
@@ -57,10 +58,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop (pad 4) and flip"
     )
     p.add_argument("--val-size", type=int, default=None, help="training images held out as a val split")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="evaluation batch size")
-    p.add_argument("--width", type=int, default=None, help="hidden width (MLP)")
-    p.add_argument("--depth", type=int, default=None, help="hidden layers (MLP)")
-    p.add_argument("--width-mult", type=float, default=None, help="width multiplier")
+    p.add_argument("--eval-batch-size", type=int, default=None, help=f"evaluation batch size (1..{MAX_BATCH:,})")
+    p.add_argument(
+        "--width", type=int, default=None, help=f"hidden width (MLP, ViT, LSTM; 1..{SIZE_LIMITS['width'][1]})"
+    )
+    p.add_argument(
+        "--depth", type=int, default=None, help=f"hidden layers (MLP, ViT, LSTM; 0..{SIZE_LIMITS['depth'][1]})"
+    )
+    p.add_argument(
+        "--width-mult", type=float, default=None, help=f"width multiplier (in (0, {FLOAT_LIMITS['width_mult']:g}])"
+    )
     p.add_argument("--norm", choices=("none", "batchnorm", "layernorm"), default=None, help="normalisation layers")
     p.add_argument("--activation", default=None, help="MLP activation (relu, gelu, tanh, silu, leaky_relu)")
     p.add_argument(

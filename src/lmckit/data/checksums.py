@@ -20,7 +20,6 @@ Sources
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -106,16 +105,27 @@ def check_file(path: Path, known: Checksum | None) -> dict[str, Any]:
         "checksum_of": known.of if known else None,
         "status": "unknown",
     }
-    try:
+    from ..errors import LmcError
+    from ..store import check_input_file
+    from .idx import MAX_IDX_BYTES, _gunzip_bounded
+
+    try:  # a device, FIFO or a file above the dataset bound is not read (/dev/zero would never end)
+        check_input_file(path, "dataset file", MAX_IDX_BYTES)
         raw = path.read_bytes()
+    except LmcError as e:
+        row.update(status="unreadable", error=e.message)
+        return row
     except OSError as e:
         row.update(status="unreadable", error=str(e))
         return row
     row["bytes"] = len(raw)
     content = raw
     if raw[:2] == b"\x1f\x8b":
-        try:
-            content = gzip.decompress(raw)
+        try:  # bounded: a gzip bomb is reported, not decompressed until memory runs out
+            content = _gunzip_bounded(raw, path)
+        except LmcError as e:
+            row.update(status="unreadable", error=e.message)
+            return row
         except (OSError, EOFError, zlib.error) as e:
             row.update(status="unreadable", error=f"corrupt gzip: {e}")
             return row

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from ..checks import check_int
 from ..errors import LmcError
 
 SPLITS = ("train", "val", "test")
@@ -92,6 +93,7 @@ class Dataset:
         x = self._check_split(split)
         y = self.labels[split]
         if limit is not None:
+            limit = check_int(limit, "limit", 0)
             x, y = x[:limit], y[:limit]
         return self.normalize(x.to(device)), y.to(device)
 
@@ -113,8 +115,11 @@ class Dataset:
         caller). ``augment`` applies CIFAR-style random crop (pad 4) and
         horizontal flip using the same generator.
         """
+        batch_size = check_int(batch_size, "batch_size")
         if batch_size <= 0:
             raise LmcError(f"batch size must be positive, got {batch_size}")
+        if limit is not None:
+            limit = check_int(limit, "limit", 0)
         x_all, y_all = self.on_device(split, device)  # whole split on the device: no per-batch host copy
         n = x_all.shape[0] if limit is None else min(limit, x_all.shape[0])
         # The order is drawn on the CPU generator (same stream on every device), moved once.
@@ -134,6 +139,9 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     The offsets and flips are drawn from ``generator`` on the CPU (the same
     stream whatever the batch's device); the gather runs on the batch's device.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise LmcError(f"x must be a 4-D image batch (N, C, H, W), got {type(x).__name__}")
+    pad = check_int(pad, "pad", 0)
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)

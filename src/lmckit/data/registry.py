@@ -42,6 +42,12 @@ class DatasetInfo:
     generated: bool = False  # made in memory (no files): the synthetic test datasets
     subdirs: tuple[str, ...] = ()  # subfolders an archive unpacks into, also searched
     present: Callable[[Path], bool] | None = None  # folder holds a complete copy (default: all ``files``)
+    image_size: int = 28  # side of the (square) images: model size checks use it before the data is read
+    train_size: int | None = None  # training images (known sizes: a dry run checks val_size against it)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.mean)
 
     def is_present(self, folder: Path) -> bool:
         if not folder.is_dir():
@@ -108,6 +114,8 @@ register_dataset(
         "or run `lmckit data download cifar10` when online",
         subdirs=(cifar.PY_DIR, cifar.BIN_DIR),
         present=lambda f: cifar.cifar_layout(f) is not None,
+        image_size=32,
+        train_size=50000,
     )
 )
 register_dataset(
@@ -150,6 +158,7 @@ register_dataset(
         (0.25,),
         generated=True,
         install_hint="generated in memory",
+        train_size=2000,
     )
 )
 register_dataset(
@@ -161,12 +170,19 @@ register_dataset(
         (0.5, 0.5, 0.5),
         (0.25, 0.25, 0.25),
         generated=True,
+        image_size=32,
+        train_size=1000,
         install_hint="generated in memory",
     )
 )
 
 
 def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry of dataset ``name`` (:class:`LmcError` for another type or an unknown name)."""
+    if not isinstance(name, str):
+        raise LmcError(
+            f"dataset name must be a string, got {type(name).__name__}", f"known datasets: {', '.join(DATASETS)}"
+        )
     if name not in DATASETS:
         close = difflib.get_close_matches(name, list(DATASETS), n=1)
         raise LmcError(
@@ -276,13 +292,16 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
     """
     import torch
 
+    from ..checks import check_int
     from .dataset import Dataset
     from .text import TEXT_DATASETS
 
-    if name in TEXT_DATASETS:  # token windows of a text corpus (lmckit.data.text), for language models
+    val_size, val_seed = check_int(val_size, "val_size", 0), check_int(val_seed, "val_seed")
+    if isinstance(name, str) and name in TEXT_DATASETS:  # token windows of a text corpus (lmckit.data.text)
         from .text import load_text_dataset
 
         return load_text_dataset(name, data_dir, val_size=val_size, val_seed=val_seed)
+    dataset_info(name)  # a name that is not a string or not registered: LmcError naming it
     folder = find_dataset(name, data_dir)
     key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed)
     if key in _CACHE:

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..checks import check_device, check_int, check_module, check_real
 from ..errors import LmcError
 from ..evaluate import evaluate, module_mode
 from ..progress import NullProgress, Progress
@@ -35,9 +36,23 @@ def _endpoint_index(lambdas: Sequence[float]) -> tuple[int, int]:
     return lam.index(0.0), lam.index(1.0)
 
 
+def point_name(lam: float, names: tuple[str, str] = ("model A", "model B")) -> str:
+    """How errors name the point ``(1 - lam) A + lam B`` of a path: the endpoint itself at 0 and 1."""
+    if lam == 0.0:
+        return names[0]
+    if lam == 1.0:
+        return names[1]
+    return f"the interpolation at lambda={lam:g} between {names[0]} and {names[1]}"
+
+
 def _check_curve(lambdas: Sequence[float], values: Sequence[float]) -> None:
     if len(lambdas) != len(values):
         raise LmcError(f"{len(lambdas)} lambdas but {len(values)} values")
+    for lam, v in zip(lambdas, values):
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam - lam != 0.0:
+            raise LmcError(f"lambdas: {lam!r} is not a finite number")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v - v != 0.0:
+            raise LmcError(f"the value at lambda={lam:g} is {v!r}, not a finite number", "no barrier of a NaN curve")
 
 
 def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
@@ -211,6 +226,7 @@ def check_model_fits(
 
 def resolve_bn_mode(model: nn.Module, mode: str | bool) -> bool | str:
     """Map ``auto|on|off|repair`` to what is done: ``True``, ``False`` or ``"repair"``."""
+    check_module(model)
     if mode is True or mode is False:
         mode = "on" if mode else "off"
     if mode not in BN_MODES:
@@ -248,6 +264,7 @@ def barrier_curve(
     seed: int = 0,
     reset_endpoints: bool = True,
     progress: bool | str = True,
+    names: tuple[str, str] = ("model A", "model B"),
 ) -> BarrierResult:
     """Evaluate loss and accuracy along ``(1 - l) sd_a + l sd_b``.
 
@@ -285,14 +302,25 @@ def barrier_curve(
         The fixed training batches used by BN reset / REPAIR.
     progress:
         Show progress (True), or a description string for the progress line.
+    names:
+        What to call the two endpoints in errors (default ``("model A", "model B")``).
+
+    Raises :class:`~lmckit.evaluate.NonFiniteLoss` (an :class:`LmcError`) naming the endpoint or lambda
+    whose loss is NaN or inf.
 
     Returns
     -------
     BarrierResult
     """
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    check_module(model)
+    device = next(model.parameters()).device if device is None else check_device(device)
+    if limit is not None:
+        limit = check_int(limit, "limit", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    if lambdas is not None:
+        lambdas = [check_real(x, "lambdas") for x in lambdas]
+    if isinstance(splits, str):
+        splits = (splits,)
     splits = list(dict.fromkeys(splits))
     if not splits:
         raise LmcError("no split to evaluate", "pass --split test, train or both")
@@ -332,7 +360,15 @@ def barrier_curve(
                 if mode is True and (interior or reset_endpoints):
                     reset_bn_stats(model, batches=batches)
                 for s in splits:
-                    loss, acc = evaluate(model, dataset, s, batch_size=batch_size, device=device, limit=limit)
+                    loss, acc = evaluate(
+                        model,
+                        dataset,
+                        s,
+                        batch_size=batch_size,
+                        device=device,
+                        limit=limit,
+                        where=point_name(lam, names),
+                    )
                     values[s][0].append(loss)
                     values[s][1].append(acc)
                 bar.update(1, lam=lam, loss=values[splits[0]][0][-1])

@@ -9,6 +9,7 @@ here. This module adds the lambda grid of a curve.
 from __future__ import annotations
 
 from ..errors import LmcError
+from ..limits import MAX_POINTS
 from ..states import (  # noqa: F401  (re-exported: the state arithmetic lives in lmckit.states)
     State,
     check_compatible,
@@ -27,8 +28,10 @@ def lambda_grid(points: int = 25) -> list[float]:
     value is exactly 0.5; for even ``points`` 0.5 is inserted so the midpoint
     is always evaluated.
     """
-    if int(points) != points or points < 2:
+    if isinstance(points, bool) or not isinstance(points, (int, float)) or int(points) != points or points < 2:
         raise LmcError(f"points must be an integer >= 2 (got {points!r})", "use e.g. --points 25")
+    if points > MAX_POINTS:
+        raise LmcError(f"points must be at most {MAX_POINTS} (got {points!r})", "use e.g. --points 25")
     points = int(points)
     grid = [i / (points - 1) for i in range(points)]
     if 0.5 not in grid:

@@ -24,8 +24,10 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..checks import check_device, check_int, check_module
 from ..errors import LmcError
 from ..evaluate import evaluate
+from ..limits import MAX_GRID
 from ..progress import NullProgress, Progress
 from .barrier import check_model_fits, resolve_bn_mode
 from .bn import Repairer, reset_bn_stats, training_batches
@@ -153,14 +155,16 @@ def plane_landscape(
         models, with target statistics the barycentric mixture of the three
         models' statistics.
     """
-    if int(grid) != grid or grid < 2:
+    if isinstance(grid, bool) or not isinstance(grid, (int, float)) or int(grid) != grid or grid < 2:
         raise LmcError(f"grid must be an integer >= 2 (got {grid!r})")
-    if not (margin >= 0 and math.isfinite(margin)):
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not (margin >= 0 and math.isfinite(margin)):
         raise LmcError(f"margin must be a finite number >= 0 (got {margin!r})")
-    grid = int(grid)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    grid = check_int(int(grid), "grid", 2, MAX_GRID)
+    check_module(model)
+    device = next(model.parameters()).device if device is None else check_device(device)
+    if limit is not None:
+        limit = check_int(limit, "limit", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     dataset.size(split)
     check_compatible([sd_a, sd_b, sd_c], [f"model {label}" for label in labels])
     check_model_fits(model, dataset, split, device)
@@ -195,7 +199,14 @@ def plane_landscape(
                     if mode is True:
                         reset_bn_stats(model, batches=batches)
                     loss[i][j], acc[i][j] = evaluate(
-                        model, dataset, split, batch_size=batch_size, device=device, limit=limit
+                        model,
+                        dataset,
+                        split,
+                        batch_size=batch_size,
+                        device=device,
+                        limit=limit,
+                        where=f"the landscape point (x={x:g}, y={y:g}) = "
+                        + " + ".join(f"{wi:g} x model {lab}" for wi, lab in zip(w, labels)),
                     )
                     bar.update(1, loss=loss[i][j])
     finally:

@@ -42,9 +42,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..checks import check_int, check_module, check_real
 from ..device import resolve_device
 from ..errors import LmcError
 from ..evaluate import module_mode
+from ..limits import MAX_BATCH, MAX_BATCHES
 from ..perm import spec_for, uses_export
 from ..perm.spec import PermutationSpec, entry_segments, is_segmented, warn_low_coverage
 from .result import MatchResult
@@ -351,8 +353,13 @@ def activation_matching(
         sym_a = derive_symmetry(spec or spec_for(model_a), model_a.state_dict(), symmetry, model=model_a)
     if method not in METHODS:
         raise LmcError(f"unknown activation-matching method {method!r}", f"choose one of {', '.join(METHODS)}")
-    if num_batches is not None and int(num_batches) < 1:
-        raise LmcError(f"num_batches must be at least 1, got {num_batches}")
+    check_module(model_a, "model_a")
+    check_module(model_b, "model_b")
+    if num_batches is not None:
+        num_batches = check_int(num_batches, "num_batches", 1, MAX_BATCHES)
+    batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH)
+    seed = check_int(seed, "seed")
+    eps = check_real(eps, "eps", 0.0)
     if device is None:
         p0 = next(model_a.parameters(), None)
         dev = p0.device if p0 is not None else torch.device("cpu")

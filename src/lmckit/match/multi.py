@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..errors import LmcError
 from ..perm.spec import (
     Perms,
@@ -44,6 +45,10 @@ Matcher = Callable[[int, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]
 
 
 def _check_states(spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], minimum: int = 2) -> None:
+    if not isinstance(spec, PermutationSpec):
+        raise LmcError(f"spec must be a PermutationSpec, got {type(spec).__name__}", "use lmckit.perm.spec_for(model)")
+    if isinstance(states, (str, bytes, Mapping)) or not isinstance(states, Sequence):
+        raise LmcError(f"states must be a list of state dicts, got {type(states).__name__}")
     if len(states) < minimum:
         raise LmcError(f"multi-model matching needs at least {minimum} models, got {len(states)}")
     for i, sd in enumerate(states):
@@ -86,6 +91,9 @@ def anchor_matching(
     """
     t0 = time.perf_counter()
     _check_states(spec, states)
+    anchor = check_int(anchor, "anchor")
+    seed, max_iter = check_int(seed, "seed"), check_int(max_iter, "max_iter", 1)
+    restarts = check_int(restarts, "restarts", 1)
     if not 0 <= anchor < len(states):
         raise LmcError(f"anchor index {anchor} is out of range for {len(states)} models")
     if matcher is None:
@@ -178,8 +186,8 @@ def merge_many(
     t0 = time.perf_counter()
     _check_states(spec, states)
     n = len(states)
-    if int(max_iter) < 1:
-        raise LmcError(f"max_iter must be at least 1, got {max_iter}")
+    seed, max_iter = check_int(seed, "seed"), check_int(max_iter, "max_iter", 1)
+    wm_max_iter = check_int(wm_max_iter, "wm_max_iter", 1)
     if init_perms is None:
         perms = [identity_permutation(spec) for _ in range(n)]
     else:

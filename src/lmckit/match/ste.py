@@ -94,9 +94,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..device import resolve_device
+from ..checks import check_device, check_int, check_module, check_real
 from ..errors import LmcError
 from ..evaluate import has_batchnorm, reset_bn_stats, training_batches
+from ..limits import MAX_BATCH, MAX_EPOCHS
 from ..perm import (
     Perms,
     PermutationSpec,
@@ -364,7 +365,16 @@ def ste_matching(
     """
 
     t0 = time.time()
-    dev = resolve_device(device if device is not None else "cpu")
+    check_module(model)
+    dev = check_device(device if device is not None else "cpu")
+    seed = check_int(seed, "seed")
+    heldout_size = check_int(heldout_size, "heldout_size", 0)
+    if epochs is not None:
+        epochs = check_int(epochs, "epochs", 0, MAX_EPOCHS)  # 0: the WM start only (the API allows it)
+    if batch_size is not None:
+        batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH)
+    if lr is not None and check_real(lr, "lr") <= 0:
+        raise LmcError(f"lr must be positive, got {lr}")
     spec = spec if spec is not None else spec_for(model)
     spec.check_state(sd_a, "model A")
     spec.check_state(sd_b, "model B")
@@ -739,6 +749,14 @@ def _load_state(
     tensors, meta = load_state(path)
     if meta.get("format") != "lmckit.ste_state":
         raise LmcError(f"{path} is not an lmckit STE state file", "use another state folder")
+    missing = [f"tilde.{k}" for k in param_keys if f"tilde.{k}" not in tensors]
+    if not isinstance(meta.get("fingerprint") or {}, dict) or missing:
+        raise LmcError(
+            f"STE state file {path} is damaged ("
+            + (f"missing tensors {missing[:3]}" if missing else "its fingerprint is not an object")
+            + ")",
+            "delete the state folder to start over, or use another one",
+        )
     # states written before train_limit / protocol / the projection approximations existed
     old = {
         "train_limit": None,

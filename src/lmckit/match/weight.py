@@ -134,8 +134,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..device import resolve_device
 from ..errors import LmcError
+from ..limits import MAX_ITER, MAX_RESTARTS
 from ..perm.spec import (
     Perms,
     PermutationSpec,
@@ -226,6 +228,8 @@ def objective_keys(
     Keys whose last name component is in :data:`STAT_SUFFIXES` (BatchNorm
     running statistics) are excluded unless ``include_buffers``.
     """
+    if not isinstance(spec, PermutationSpec):
+        raise LmcError(f"spec must be a PermutationSpec, got {type(spec).__name__}", "use lmckit.perm.spec_for(model)")
     keys = []
     for k, ax in spec.axes.items():
         if all(not entry_groups(g) for g in ax):
@@ -251,6 +255,8 @@ def check_pair(
     where_b: str = "model B",
 ) -> None:
     """Raise :class:`LmcError` unless both state dicts fit ``spec`` and are finite."""
+    if not isinstance(spec, PermutationSpec):
+        raise LmcError(f"spec must be a PermutationSpec, got {type(spec).__name__}", "use lmckit.perm.spec_for(model)")
     spec.check_state(sd_a, where_a)
     spec.check_state(sd_b, where_b)
     check_finite(sd_a, where_a)
@@ -284,6 +290,7 @@ def l2_distance(
     keys: list[str] | None = None,
 ) -> float:
     """``||A - B||_2`` over ``keys`` (default: every floating-point parameter entry), in float64."""
+    check_pair(spec, sd_a, sd_b)
     keys = parameter_keys(spec, sd_a) if keys is None else keys
     tot = 0.0
     for k in keys:
@@ -1058,10 +1065,9 @@ def weight_matching(
         entries, a bad ``init_perms``, or bad ``max_iter``/``restarts``/``cache_bytes``.
     """
     t0 = time.perf_counter()
-    if int(max_iter) < 1:
-        raise LmcError(f"max_iter must be at least 1, got {max_iter}")
-    if int(restarts) < 1:
-        raise LmcError(f"restarts must be at least 1, got {restarts}")
+    max_iter = check_int(max_iter, "max_iter", 1, MAX_ITER)
+    restarts = check_int(restarts, "restarts", 1, MAX_RESTARTS)
+    seed = check_int(seed, "seed")
     if cache_bytes is not None:
         _check_cache_bytes(cache_bytes)
     check_pair(spec, sd_a, sd_b)

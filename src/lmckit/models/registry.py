@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from ..errors import LmcError
+from ..model_index import FLOAT_LIMITS, SIZE_LIMITS  # the size options' bounds (light: --help shows them)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str, description: str = "", tiny: bool = False):
     def deco(fn: Callable[..., nn.Module]):
         if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
+            raise LmcError(f"model {name!r} registered twice", "choose another name for your model")
         from ..model_index import MODEL_INDEX  # the static table `lmckit models` lists (kept equal by a test)
 
         text = description or MODEL_INDEX.get(name, ("",))[0] or (fn.__doc__ or "").strip().split("\n")[0]
@@ -38,10 +39,16 @@ def register_model(name: str, description: str = "", tiny: bool = False):
 
 
 def list_models(pattern: str = "*", include_tiny: bool = True) -> list[str]:
+    """Names of the registered models matching the shell ``pattern`` (sorted)."""
+    if not isinstance(pattern, str):
+        raise LmcError(f"pattern must be a string (a shell pattern such as 'mlp*'), got {type(pattern).__name__}")
     return sorted(n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (include_tiny or not e.tiny))
 
 
 def model_entry(name: str) -> ModelEntry:
+    """The registry entry of model ``name`` (:class:`LmcError` for another type or an unknown name)."""
+    if not isinstance(name, str):
+        raise LmcError(f"model name must be a string, got {type(name).__name__}", "run `lmckit models` to list them")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         raise LmcError(
@@ -51,29 +58,39 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-# Size options shared by the zoo and the smallest value each may take.
-_SIZE_MINIMA = {"width": 1, "depth": 0, "in_channels": 1, "image_size": 1, "num_classes": 1}
-
-
 def check_size_options(name: str, kwargs: dict[str, Any]) -> None:
-    """Raise :class:`LmcError` for a size option out of range (``width=-3`` would otherwise be clamped to 1).
+    """Raise :class:`LmcError` for a size option out of range, before anything is built.
 
-    ``width_mult`` must be a finite number > 0; ``width`` >= 1, ``depth`` >= 0, ``in_channels``,
-    ``image_size``, ``num_classes`` >= 1 (integers).
+    Integer options (:data:`SIZE_LIMITS`): ``width`` 1..65536, ``depth`` 0..256, ``in_channels`` 1..4096,
+    ``image_size`` 1..4096, ``num_classes`` 1..10^6, ``heads`` 1..1024, ``patch_size`` 1..``image_size``.
+    Float options (:data:`FLOAT_LIMITS`): ``width_mult`` in (0, 256], ``mlp_ratio`` in (0, 64]. The
+    message names the model and the option. (``width=-3`` would otherwise be clamped to 1, and
+    ``depth=100000`` build a model that passes the parameter cap but trains for minutes.)
     """
     import math
 
-    if "width_mult" in kwargs:
-        v = kwargs["width_mult"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise LmcError(
-                f"model {name!r}: width_mult must be a positive number, got {v!r}", "fix the width_mult setting"
-            )
-    for key, lo in _SIZE_MINIMA.items():
+    for key, hi in FLOAT_LIMITS.items():
         if key in kwargs:
+            v = kwargs[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise LmcError(f"model {name!r}: {key} must be a positive number, got {v!r}", f"fix the {key} setting")
+            if v > hi:
+                raise LmcError(f"model {name!r}: {key} must be at most {hi:g}, got {v!r}", f"fix the {key} setting")
+    for key, (lo, hi) in SIZE_LIMITS.items():
+        if key in kwargs and not (key == "patch_size" and kwargs[key] is None):
             v = kwargs[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise LmcError(f"model {name!r}: {key} must be an integer >= {lo}, got {v!r}", f"fix the {key} setting")
+            if v > hi:
+                raise LmcError(
+                    f"model {name!r}: {key} must be at most {hi:,} (lmckit's limit), got {v:,}",
+                    f"fix the {key} setting",
+                )
+    if kwargs.get("patch_size") is not None and kwargs["patch_size"] > kwargs.get("image_size", kwargs["patch_size"]):
+        raise LmcError(
+            f"model {name!r}: patch_size {kwargs['patch_size']} is larger than image_size {kwargs['image_size']}",
+            "use a patch size that divides the image size",
+        )
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -89,6 +106,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Build the model a config ``{"name": ..., **options}`` describes (:class:`LmcError` for a non-mapping)."""
+    if not isinstance(config, Mapping):
+        raise LmcError(f"model config must be a mapping with a 'name', got {type(config).__name__}")
     cfg = dict(config)
     name = cfg.pop("name", None)
     if not isinstance(name, str):

@@ -61,8 +61,9 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checks import as_perm, as_perms, check_device, check_int, check_state, same_groups
 from ..errors import LmcError
-from ..store import atomic_write_json, read_json
+from ..store import atomic_write_json, check_format, read_json
 
 Perms = dict[str, torch.Tensor]
 #: One segment of a block-permuted axis: ``(group or None, units, inner)``.
@@ -245,7 +246,8 @@ class PermutationSpec:
                 raise ValueError(f"spec ops name unknown group {g!r}")
 
     def check_state(self, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
-        """Raise :class:`LmcError` when a state dict does not fit this spec."""
+        """Raise :class:`LmcError` when a state dict does not fit this spec (or is not a state dict)."""
+        check_state(state, where)
         missing = [k for k in self.axes if k not in state]
         extra = [k for k in state if k not in self.axes]
         if missing or extra:
@@ -370,7 +372,18 @@ class SpecBuilder:
 
 # --------------------------------------------------------------------------- algebra
 def identity_permutation(spec: PermutationSpec, device: torch.device | str = "cpu") -> Perms:
-    return {g: torch.arange(n, device=device) for g, n in spec.sizes.items()}
+    """The identity permutation of every group of ``spec``, on ``device`` (checked: LmcError if unusable)."""
+    check_spec(spec)
+    dev = check_device(device)
+    return {g: torch.arange(n, device=dev) for g, n in spec.sizes.items()}
+
+
+def check_spec(spec: Any, arg: str = "spec") -> None:
+    """Raise :class:`LmcError` unless ``spec`` is a :class:`PermutationSpec` (an API argument check)."""
+    if not isinstance(spec, PermutationSpec):
+        raise LmcError(
+            f"{arg} must be a PermutationSpec, got {type(spec).__name__}", "build one with lmckit.perm.spec_for(model)"
+        )
 
 
 def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perms:
@@ -380,7 +393,8 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perms:
     every member and an independent random permutation inside each head of
     each member (uniform over the head-structured group).
     """
-    gen = torch.Generator().manual_seed(seed)
+    check_spec(spec)
+    gen = torch.Generator().manual_seed(check_int(seed, "seed", 0, 2**63 - 1))
     out = {g: torch.randperm(n, generator=gen) for g, n in spec.sizes.items()}
     for _, (h, members) in spec.heads.items():
         hp = torch.randperm(int(h), generator=gen)
@@ -392,15 +406,29 @@ def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perms:
 
 
 def head_block_perm(head: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
-    """Flat permutation ``p[i*d + j] = head[i]*d + within[i, j]`` (``within``: ``H x d``)."""
+    """Flat permutation ``p[i*d + j] = head[i]*d + within[i, j]`` (``within``: ``H x d``).
+
+    ``head`` must be a permutation of ``H`` heads and each row of ``within`` one of ``d`` units
+    (:func:`lmckit.checks.as_perm`; else :class:`LmcError`).
+    """
+    head = as_perm(head, None, "head")
+    if not isinstance(within, torch.Tensor) or within.dim() != 2 or within.shape[0] != head.numel():
+        raise LmcError(f"within must be a tensor of shape (heads={head.numel()}, d), got {type(within).__name__}")
+    for i in range(within.shape[0]):
+        as_perm(within[i], None, f"within[{i}]")
     d = within.shape[1]
     return (head.long()[:, None] * d + within.long()).reshape(-1)
 
 
 def split_head_perm(p: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Inverse of :func:`head_block_perm`: ``(head, within)``, or ``None`` if ``p`` is not head-structured."""
+    """Inverse of :func:`head_block_perm`: ``(head, within)``, or ``None`` if ``p`` is not head-structured.
+
+    ``p`` must be a permutation and ``n_heads`` an integer >= 1 (else :class:`LmcError`).
+    """
+    p = as_perm(p, None, "p")
+    n_heads = check_int(n_heads, "n_heads", 1)
     n = p.numel()
-    if n_heads < 1 or n % n_heads:
+    if n % n_heads:
         return None
     d = n // n_heads
     blocks = p.reshape(n_heads, d)
@@ -417,7 +445,15 @@ def apply_permutation(
 
     The caller's tensors are never modified. Entries with no permuted axis are
     shared (not copied) with ``state``.
+
+    ``perms`` must hold every group of ``spec`` and no other, each a permutation of the group's size (a
+    1-D integer tensor, a list of ints or a numpy integer array; see :mod:`lmckit.checks`); ``state``
+    must be a mapping of names to tensors. Anything else raises :class:`LmcError` naming the argument
+    and group (never a malformed state dict).
     """
+    check_spec(spec)
+    perms = as_perms(perms, "perms", spec.sizes)
+    check_state(state, "state")
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         ax = spec.axes.get(key)
@@ -433,8 +469,11 @@ def apply_permutation(
 
 
 def invert_permutation(perms: Mapping[str, torch.Tensor]) -> Perms:
-    """``inv[g][p[g][i]] = i``: applying ``p`` then ``inv`` is the identity."""
-    return {g: torch.argsort(p) for g, p in perms.items()}
+    """``inv[g][p[g][i]] = i``: applying ``p`` then ``inv`` is the identity.
+
+    Raises :class:`LmcError` when an entry of ``perms`` is not a permutation (:func:`lmckit.checks.as_perm`).
+    """
+    return {g: torch.argsort(p) for g, p in as_perms(perms, "perms").items()}
 
 
 def compose_permutations(first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor]) -> Perms:
@@ -442,22 +481,38 @@ def compose_permutations(first: Mapping[str, torch.Tensor], then: Mapping[str, t
 
     ``apply(then, apply(first, s))`` takes unit ``then[i]`` of the ``first``-permuted
     model, which is unit ``first[then[i]]`` of ``s``.
+
+    Both must hold the same groups with the same sizes (else :class:`LmcError`).
     """
+    first, then = as_perms(first, "first"), as_perms(then, "then")
+    same_groups(first, then, ("first", "then"))
     return {g: first[g][then[g].to(first[g].device)] for g in first}
 
 
 def perm_changed_units(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """Fraction of all units whose assignment differs between two permutation sets."""
+    """Fraction of all units whose assignment differs between two permutation sets (same groups and sizes)."""
+    a, b = as_perms(a, "a"), as_perms(b, "b")
+    same_groups(a, b, ("a", "b"))
     tot = sum(int(p.numel()) for p in a.values())
     diff = sum(int((a[g].cpu() != b[g].cpu()).sum()) for g in a)
     return diff / max(tot, 1)
 
 
 # --------------------------------------------------------------------------- JSON I/O
+#: the ``format`` and ``version`` a permutation file records (files without them, from older lmckit, are read)
+PERM_FORMAT = "lmckit.permutation"
+PERM_VERSION = 1
+
+
 def perms_to_json(perms: Mapping[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
+    """The JSON object of a permutation file (``format``, ``version``, ``perms`` and ``extra`` keys).
+
+    Each entry is checked to be a permutation (:func:`lmckit.checks.as_perm`; else :class:`LmcError`).
+    """
+    perms = as_perms(perms, "perms")
     return {
-        "format": "lmckit.permutation",
-        "version": 1,
+        "format": PERM_FORMAT,
+        "version": PERM_VERSION,
         "perms": {g: [int(i) for i in p.tolist()] for g, p in perms.items()},
         **extra,
     }
@@ -488,8 +543,8 @@ def validate_perms(spec: PermutationSpec, perms: Mapping[str, Any], where: str =
     out: Perms = {}
     for g, n in spec.sizes.items():
         p = perms[g]
-        if isinstance(p, torch.Tensor):
-            lst = p.tolist()
+        if isinstance(p, torch.Tensor) or type(p).__module__ == "numpy":
+            lst = as_perm(p, None, f"{where}: group {g!r}").tolist()
         elif isinstance(p, (list, tuple)):
             lst = list(p)
         else:
@@ -531,8 +586,14 @@ def save_perms(path: str | Path, perms: Mapping[str, torch.Tensor], **extra: Any
 
 def load_perms(path: str | Path, spec: PermutationSpec | None = None) -> Perms:
     """Read a permutation JSON file (written by :func:`save_perms`); validate against ``spec``."""
-    d = read_json(path, "permutation file")
-    if not isinstance(d, dict) or "perms" not in d:
+    d = read_json(path, "permutation file", allow_nan=False)
+    if not isinstance(d, dict):
+        raise LmcError(
+            f"permutation file {path} holds a JSON {type(d).__name__}, not an object with a 'perms' key",
+            "pass a file written by lmckit match",
+        )
+    check_format(d, f"permutation file {path}", PERM_FORMAT, PERM_VERSION)
+    if "perms" not in d:
         raise LmcError(f"permutation file {path} has no 'perms' key", "pass a file written by lmckit match")
     if spec is None:
         raw = d["perms"]
@@ -565,6 +626,7 @@ def warn_low_coverage(spec: PermutationSpec, where: str, threshold: float = COVE
     left pinned (a pre-LN transformer with only its MLP hidden units permuted
     scores about 0.4).
     """
+    check_spec(spec)
     frac = float(spec.coverage()["hidden_coverage"])
     if frac < threshold:
         warnings.warn(

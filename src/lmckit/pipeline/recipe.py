@@ -633,18 +633,30 @@ def _stage_budget(r: Recipe, source: str) -> None:
 
 def _train_settings(r: Recipe, source: str) -> None:
     """Every model's training settings resolve (checked now, naming the recipe key, not after other models trained)."""
-    from ..train import make_config
+    from ..data.registry import dataset_info
+    from ..train import check_training_size, make_config
     from .build import _train_overrides
 
+    try:
+        info = dataset_info(r.data.dataset)
+    except LmcError:
+        info = None  # an unknown dataset name is reported by the data checks, naming data.dataset
     for i, m in enumerate(r.models):
         preset = m.preset or r.train.preset
         widths = [m.width_mult] + (
             [w * m.width_mult for w in r.width_sweep.widths] if i == 0 and r.width_sweep.enabled else []
         )
         for w in widths:
-            for seed in r.train.seeds:
+            for k, seed in enumerate(r.train.seeds):
                 try:
-                    make_config(preset, **_train_overrides(r, m, w, seed))
+                    cfg = make_config(preset, **_train_overrides(r, m, w, seed))
+                    if k == 0 and info is not None:  # the size is the seed's alone: check it once per width
+                        check_training_size(cfg, info.in_channels, info.image_size, info.num_classes)
+                        if info.train_size is not None and cfg.val_size >= info.train_size:
+                            raise LmcError(  # load_dataset refuses it too, but only once a stage runs
+                                f"val_size {cfg.val_size} must be between 0 and the training set size "
+                                f"{info.train_size} of {info.name}"
+                            )
                 except LmcError as e:
                     keys = [k for k, _ in list(r.train.overrides) + list(m.overrides) if k in e.message]
                     where = ", ".join(
@@ -725,14 +737,9 @@ def _read_toml(name_or_path: str) -> tuple[dict[str, Any], str]:
             )
         text = f.read_text()
         source = name_or_path
-    try:
-        return tomllib.loads(text), source
-    except tomllib.TOMLDecodeError as e:
-        raise LmcError(
-            f"recipe {source} is not valid TOML: {e}", "fix the file (see the shipped recipes for examples)"
-        ) from None
-    except RecursionError:
-        raise _too_deep(source) from None
+    from ..store import parse_toml
+
+    return parse_toml(text, f"recipe {source}"), source
 
 
 def _too_deep(source: str) -> LmcError:
@@ -742,15 +749,30 @@ def _too_deep(source: str) -> LmcError:
     )
 
 
-def _parse_literal(text: str) -> Any:
+def _parse_literal(text: str, key: str = "") -> Any:
+    """A ``--set`` value: TOML if it parses, else the text. Numbers are checked by the recipe's schema
+    after the override (naming the recipe and the key); only the nesting is bounded here."""
+    from ..store import check_parsed
+
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        v = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
     except RecursionError:
-        raise LmcError(
-            f"--set value {text[:40]!r}... is nested too deeply", "pass a plain value, list or table"
-        ) from None
+        v = None
+    try:
+        return check_parsed(v, "", nesting_only=True) if v is not None else _deep(text)
+    except LmcError:
+        return _deep(text)
+
+
+def _deep(text: str):
+    from ..store import MAX_NESTING
+
+    raise LmcError(
+        f"--set value {text[:40]!r}... is nested more than {MAX_NESTING} levels deep",
+        "pass a plain value, list or table",
+    )
 
 
 def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
@@ -778,7 +800,7 @@ def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
             if not isinstance(node, (dict, list)):
                 raise LmcError(f"--set {key}: {where} is a value, not a table")
         last = parts[-1]
-        value = _parse_literal(text.strip())
+        value = _parse_literal(text.strip(), key)
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise LmcError(f"--set {key}: {last!r} is not an index of a list of {len(node)} items")

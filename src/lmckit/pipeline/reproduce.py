@@ -10,12 +10,12 @@ layering, so this package never imports the report writer.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import LmcError
+from ..store import read_json
 from .build import Plan, build_plan, check_data
 from .executor import RunSummary
 from .executor import plan as order
@@ -102,7 +102,7 @@ def stage_costs(
         k["count"] += 1
         f = stage_path(Path(cache), s) / "stage.json"
         if f.exists():
-            k["seconds"] += float(json.loads(f.read_text()).get("seconds", 0.0))
+            k["seconds"] += float(read_json(f, "stage record", expect=dict).get("seconds", 0.0))
     for o in summary.outcomes if summary is not None else []:
         if o.kind in kinds and o.status in ("ran", "cached"):
             kinds[o.kind][o.status] += 1

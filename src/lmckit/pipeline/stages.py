@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 from ..errors import LmcError
-from ..store import atomic_write_json, config_hash, file_lock, finalize_dir, is_complete, partial_dir
+from ..store import atomic_write_json, config_hash, file_lock, finalize_dir, is_complete, partial_dir, read_json
 
 __all__ = [
     "Stage",
@@ -414,10 +414,9 @@ def _manifest_digest(files: dict) -> str:
 
 def _stage_record(folder: Path) -> dict | None:
     try:
-        rec = json.loads((folder / "stage.json").read_text())
-    except (OSError, ValueError, RecursionError):
+        return read_json(folder / "stage.json", "stage record", expect=dict)
+    except (LmcError, OSError):  # unreadable or not a record: the stage is not trusted (recomputed)
         return None
-    return rec if isinstance(rec, dict) else None
 
 
 def _input_digests(root: Path, spec: Stage) -> dict[str, str]:
@@ -521,9 +520,6 @@ def _version() -> str:
 def read_output(root: str | os.PathLike, spec: Stage, name: str = "result.json") -> Any:
     """Read a JSON output of a finished stage."""
     path = stage_path(root, spec) / name
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LmcError(
-            f"stage output {path} is missing", "rerun lmckit reproduce; the cache may have been edited"
-        ) from None
+    if not path.exists():
+        raise LmcError(f"stage output {path} is missing", "rerun lmckit reproduce; the cache may have been edited")
+    return read_json(path, "stage output")

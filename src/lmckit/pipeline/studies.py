@@ -313,7 +313,9 @@ class ManyModelsStage(Stage):
             m = build_model(model_cfg, sd, f"average of {n} models").to(dev)
             if bn:
                 reset_bn_stats(m, dataset, num_batches=self.bn_batches, device=dev)
-            loss, acc = evaluate(m, dataset, "test", device=dev, limit=self.limit or None)
+            loss, acc = evaluate(
+                m, dataset, "test", device=dev, limit=self.limit or None, where=f"the average of {n} aligned models"
+            )
             non_anchor = [(i, j) for i, j in pairs if i > 0]
             rows.append(
                 {

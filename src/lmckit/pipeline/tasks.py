@@ -13,7 +13,6 @@ stages' hashes but not those of weight matching.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +151,7 @@ def load_trained(folder: Path, root: Path) -> tuple[dict, dict]:
     ``root``) to a ``ROOT/train/<hash>`` run instead; those are still read.
     """
 
-    rec = json.loads((folder / "result.json").read_text())
+    rec = read_json(folder / "result.json", "stage result", expect=dict)
     sd, info = load_checkpoint(root / rec["run_dir"] if "run_dir" in rec else folder / "model.safetensors")
     return sd, info["model"]
 
@@ -336,6 +335,7 @@ class BarrierStage(Stage):
             device=p.device,
             bn_batches=self.bn_batches,
             progress=True,
+            names=(f"model A ({self.a.label()})", f"model B ({self.b.label()})"),
         )
         _write(ctx, res.to_dict())
 

@@ -13,7 +13,6 @@ the report so a reader can disagree.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -25,6 +24,7 @@ from ..pipeline.build import Experiment, Plan
 from ..pipeline.executor import plan as order
 from ..pipeline.recipe import recipe_to_dict
 from ..pipeline.stages import stage_hash, stage_path
+from ..store import read_json
 from .architectures import architecture_summary, layer_kind
 from .claims import CLAIMS, Evidence, paper_value
 from .claims import dig as _get
@@ -77,7 +77,7 @@ def stats(values: Iterable[float], over: str | None = None) -> dict[str, Any]:
 
 
 def _read(root: Path, spec) -> dict[str, Any]:
-    return json.loads((stage_path(root, spec) / "result.json").read_text())
+    return read_json(stage_path(root, spec) / "result.json", "stage result", expect=dict)
 
 
 def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
@@ -367,7 +367,7 @@ DRIFT_SERIES = ("changed_vs_wm", "tilde_dist", "tilde_rel_dist", "r03", "heldout
 
 
 def _perm_lists(root: Path, spec) -> dict[str, list[int]]:
-    return json.loads((stage_path(root, spec) / "perms.json").read_text())["perms"]
+    return read_json(stage_path(root, spec) / "perms.json", "permutation file", expect=dict)["perms"]
 
 
 def changed_fraction(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
@@ -481,7 +481,7 @@ def timings(plan: Plan, root: str | Path) -> dict[str, Any]:
     for s in order(plan.targets()):
         f = stage_path(root, s) / "stage.json"
         if f.exists():
-            rec = json.loads(f.read_text())
+            rec = read_json(f, "stage record", expect=dict)
             per[s.KIND] = per.get(s.KIND, 0.0) + float(rec.get("seconds", 0.0))
             where.add((rec.get("threads"), rec.get("device")))
     return {

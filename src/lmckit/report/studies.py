@@ -11,11 +11,11 @@ literature published are printed beside lmckit's, labelled with their source
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 from ..pipeline.stages import stage_path
+from ..store import read_json
 from ..studies import spearman
 from . import studies_figures as SF
 from .results import _experiment, stats
@@ -37,7 +37,7 @@ R0 = "0"
 
 
 def _read(root: Path, spec) -> dict[str, Any]:
-    return json.loads((stage_path(root, spec) / "result.json").read_text())
+    return read_json(stage_path(root, spec) / "result.json", "stage result", expect=dict)
 
 
 def _mean(xs) -> float:
@@ -144,7 +144,7 @@ def collect_studies(plan, root: str | Path) -> dict[str, Any]:
                     mt = _read(root, r["match"])
                     row["changed_vs_wm"] = mt.get("changed_vs_wm") or 0.0
                     row["seconds"] = float(
-                        json.loads((stage_path(root, r["match"]) / "timing.json").read_text())["seconds"]
+                        read_json(stage_path(root, r["match"]) / "timing.json", "stage timing", expect=dict)["seconds"]
                     )
                 rows.append(row)
             entry: dict[str, Any] = {
