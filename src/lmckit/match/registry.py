@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import LmcError
 from ..limits import MAX_BATCH, MAX_BATCHES, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SAMPLES
+from .ste_protocols import PROTOCOLS as STE_PROTOCOLS
 
 if TYPE_CHECKING:  # (annotations only: listing methods and their options, e.g. for --help, needs no torch)
     import torch
@@ -582,7 +583,7 @@ class SteOptions(MethodOptions):
     project_every: int = 1
 
     def validate(self) -> None:
-        _one_of(self, "protocol", ("heldout-best", "git-re-basin", "random-mixing"))
+        _one_of(self, "protocol", tuple(STE_PROTOCOLS))
         if self.preset is not None:
             _one_of(self, "preset", ("adam", "git-re-basin"))
         _positive(self, "epochs", "lr", "batch_size", "heldout_size", "wm_max_iter", "train_limit")
