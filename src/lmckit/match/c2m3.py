@@ -274,17 +274,7 @@ def c2m3(
             gap = 0.0
             Q: list[dict[str, torch.Tensor]] = []
             for i in range(n_models):
-                X, Y, U = XYU[i]
-                G = {g: torch.zeros(spec.sizes[g], spec.sizes[g], device=dev) for g in groups}
-                for e in entries:
-                    sm = S[e.key] - U[e.key]
-                    if len(e.axes) == 1:
-                        ((a, g),) = e.axes
-                        G[g] += _unf(W[i][e.key], a) @ _unf(sm, a).t()
-                    else:
-                        (a0, g0), (a1, g1) = e.axes
-                        G[g0] += _unf(X[e.key], a0) @ _unf(sm, a0).t()
-                        G[g1] += _unf(Y[e.key], a1) @ _unf(sm, a1).t()
+                G = _gradient(W[i], *XYU[i], S, entries, {g: spec.sizes[g] for g in groups}, dev)
                 qi = {}
                 for g in groups:
                     gt = np.ascontiguousarray(G[g].t().double().cpu().numpy())  # rows: universe u, cols: units v
@@ -385,6 +375,34 @@ def c2m3(
             "reference": 0,
         },
     )
+
+
+def _gradient(
+    w: Mapping[str, torch.Tensor],
+    X: Mapping[str, torch.Tensor],
+    Y: Mapping[str, torch.Tensor],
+    U: Mapping[str, torch.Tensor],
+    S: Mapping[str, torch.Tensor],
+    entries: Sequence[_Entry],
+    sizes: Mapping[str, int],
+    dev: torch.device,
+) -> dict[str, torch.Tensor]:
+    """``dF / dP_i^g`` for one model: ``Z^{(a)} (S - U_i)^{(a)T}`` summed over the (entry, axis) terms of ``g``.
+
+    ``w``: the model's entries; ``X = W P^c``, ``Y = P^{rT} W`` (two-axis entries), ``U`` the model
+    in the universe, ``S`` the sum of every model's ``U``. One matrix product per term.
+    """
+    G = {g: torch.zeros(n, n, device=dev) for g, n in sizes.items()}
+    for e in entries:
+        sm = S[e.key] - U[e.key]
+        if len(e.axes) == 1:
+            ((a, g),) = e.axes
+            G[g] += _unf(w[e.key], a) @ _unf(sm, a).t()
+        else:
+            (a0, g0), (a1, g1) = e.axes
+            G[g0] += _unf(X[e.key], a0) @ _unf(sm, a0).t()
+            G[g1] += _unf(Y[e.key], a1) @ _unf(sm, a1).t()
+    return G
 
 
 def _square_poly(v0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor | None) -> np.ndarray:
