@@ -46,11 +46,15 @@ Implementation choices (the project's, documented here)
   ``patience`` iterations in a row each raising ``F`` by at most ``tol * |F|`` (the
   reference's patience rule with a relative threshold instead of its absolute 1e-6), or after
   ``max_iter`` iterations (the reference's 200).
-* Start (``init``): ``"identity"`` (every ``P_i = I``, the reference matcher's
-  ``frank_wolfe_sync.yaml``), ``"uniform"`` (``1/n`` plus a seeded perturbation of relative size
-  0.01, made doubly stochastic by Sinkhorn-Knopp: the reference merger's ``'sinkhorn'``
-  initialisation), or ``"anchor"`` (the permutations of pairwise weight matching to model 0,
-  the reference's ``'LAP'`` initialisation).
+* Start (``init``): ``"anchor"`` (lmckit's default: the permutations of pairwise weight
+  matching to model 0, the reference's ``'LAP'`` initialisation of its two-model Frank-Wolfe),
+  ``"identity"`` (every ``P_i = I``, the reference matcher's ``frank_wolfe_sync.yaml``) or
+  ``"uniform"`` (``1/n`` plus a seeded perturbation of relative size 0.01, made doubly stochastic
+  by Sinkhorn-Knopp: the reference merger's ``'sinkhorn'`` initialisation). The relaxation is not
+  concave, and Frank-Wolfe stops at a stationary point near its start: on four permuted copies
+  of a trained 16-unit MLP, the identity start found the planted alignment in 1 of 10 draws,
+  the uniform start in 2, the anchor start in 10 (docs/definitions.md); on independently trained
+  models the anchor start also reached the highest objective. Hence the default.
 * Only the entries of the weight-matching objective count (parameters with a permuted axis:
   :func:`lmckit.match.weight.objective_keys`, no BatchNorm statistics); groups no such entry
   sees keep the identity. Specs with attention heads, block axes (``cat``, ``pad``, LSTM
@@ -84,7 +88,7 @@ from .multi import _check_states, pairwise_inner_sum
 from .result import MultiMatchResult
 from .weight import _lap, objective_keys, weight_matching
 
-INITS = ("identity", "uniform", "anchor")
+INITS = ("anchor", "identity", "uniform")
 
 
 def check_spec(spec: PermutationSpec) -> None:
@@ -159,7 +163,7 @@ def c2m3(
     *,
     seed: int = 0,
     max_iter: int = 200,
-    init: str = "identity",
+    init: str = "anchor",
     tol: float = 1e-9,
     patience: int = 5,
     refresh: int = 25,
