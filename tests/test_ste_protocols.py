@@ -154,3 +154,21 @@ def test_state_of_another_protocol_is_refused(pair, synthetic, tmp_path):
     ste_matching(model, sd_a, sd_b, synthetic, protocol="random-mixing", **kw)
     with pytest.raises(LmcError, match="protocol"):
         ste_matching(model, sd_a, sd_b, synthetic, protocol="git-re-basin", **kw)
+
+
+def test_ste_mm_protocols_are_listed_wherever_protocols_are():
+    from lmckit.match.registry import get_method
+    from lmckit.pipeline.build import _match_options
+    from lmckit.pipeline.recipe import load_recipe
+
+    for p in ("ste-mm-random", "ste-mm-midpoint"):
+        assert get_method("ste").options(protocol=p).protocol == p  # --option protocol=...
+        assert p in get_method("ste").description  # lmckit methods
+        r = load_recipe("quick", [f"match.ste.protocol={p}"])  # [match.ste] protocol
+        assert dict(_match_options(r, "ste"))["protocol"] == p
+        s = load_recipe(
+            "ste-protocols", [f'studies.ste_protocols.protocols=["{p}"]', "studies.ste_protocols.epochs=[2]"]
+        )
+        assert s.studies.ste_protocols.protocols == (p,)
+    with pytest.raises(LmcError, match="protocol"):
+        get_method("ste").options(protocol="ste-mm")
