@@ -316,3 +316,20 @@ def test_composition_convention():
     pi, pj = random_permutation(spec, seed=1), random_permutation(spec, seed=2)
     pw = pairwise_from_common([pi, pj])
     assert torch.equal(pw[(0, 1)]["A"], compose_permutations(pj, invert_permutation(pi))["A"])
+
+
+def test_pairwise_wm_on_planted_copies_is_cycle_consistent(tiny):
+    # pairwise WM recovers every planted relative permutation exactly, so its triangles close: this pins the
+    # orientation pairwise_weight_matching and cycle_error share (p_ij aligns j to i)
+    _, spec, sd = tiny
+    _, states = _planted(spec, sd, 4, seed=50)
+    pw = pairwise_weight_matching(spec, states)
+    for (i, j), p in pw.items():
+        al = apply_permutation(spec, p, states[j])
+        assert all(torch.equal(al[k], states[i][k]) for k in sd)
+    assert cycle_error(pw) == 0.0
+    # inverting one pair's permutation breaks the triangles through it
+    bad = dict(pw)
+    bad[(0, 1)] = invert_permutation(pw[(0, 1)])
+    per = triangle_cycle_errors(bad)
+    assert per[(0, 2, 3)] == 0.0 and per[(0, 1, 2)] > 0.0 and per[(0, 1, 3)] > 0.0
