@@ -33,13 +33,13 @@ import torch
 from ..analysis import distances, svd_alignment
 from ..analysis.svd import state_svds
 from ..checkpoint import build_model
-from ..data import load_dataset
 from ..evaluate import evaluate
 from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
 from ..match import merge_many
 from ..match.ste import PRESETS, PROTOCOLS
 from ..perm import apply_permutation, load_perms, perm_changed_units, spec_for
 from ..studies import direction_matching, reassign_fraction, spectrum_concentration
+from ..train import dataset_of
 from .recipe import Recipe
 from .stages import Stage, StageContext
 from .tasks import AnalysisStage, BarrierStage, MatchStage, ThreeModelStage, TrainStage, _Pair, _write, load_model_of
@@ -209,7 +209,7 @@ class SpectrumStage(Stage):
         out: dict[str, Any] = {"gamma": self.gamma, **spectrum_concentration(spec, sd, self.gamma)}
         if cfg.optimizer in ("adamw", "sgd") and cfg.schedule == "constant":
             # decoupled (AdamW) or plain SGD decay alone multiplies the weights by (1 - lr wd) every step
-            n = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size).size("train")
+            n = dataset_of(cfg, ctx.runtime.data_dir).size("train")
             steps = cfg.epochs * math.ceil(n / cfg.batch_size)
             out["decay_factor"] = (1.0 - cfg.lr * cfg.weight_decay) ** steps
             out["steps"] = steps
@@ -254,7 +254,7 @@ class ManyModelsStage(Stage):
         dev = ctx.device
         model = build_model(model_cfg, states[0], self.models[0].label()).to(dev)
         spec = spec_for(model)
-        dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
+        dataset = dataset_of(cfg, ctx.runtime.data_dir)
         bn = has_batchnorm(model)
         cache: dict[tuple, dict[str, Any]] = {}
 
