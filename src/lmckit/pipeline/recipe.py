@@ -60,6 +60,13 @@ def method_choices() -> tuple[str, ...]:
     return (NAIVE, *list_methods())
 
 
+def ste_protocol_choices() -> tuple[str, ...]:
+    """The STE protocols of :data:`lmckit.match.ste.PROTOCOLS` (read when a recipe is checked)."""
+    from ..match.ste import PROTOCOLS
+
+    return tuple(PROTOCOLS)
+
+
 def anchor_method_choices() -> tuple[str, ...]:
     """The registry methods that support anchor matching (the three-model experiment)."""
     return tuple(methods_supporting("anchor"))
@@ -102,7 +109,10 @@ def _f(
     check: str = "",
     max_len: int | None = None,
     above_min: bool = False,
+    omit_default: bool = False,
 ) -> Any:
+    """A recipe field with its checks and help. ``omit_default``: left out of :func:`recipe_to_dict` (and so
+    of every report's ``results.json``) while at its default, for keys added after reports were pinned."""
     meta = {
         "min": min,
         "max": max,
@@ -112,6 +122,7 @@ def _f(
         "check": check,
         "max_len": max_len,
         "above_min": above_min,
+        "omit_default": omit_default,
     }
     if isinstance(default, (list, dict, tuple)) or (
         dataclasses.is_dataclass(default) and not isinstance(default, type)
@@ -141,6 +152,15 @@ class ModelEntry:
     preset: str = _f("", help="lmckit.train preset for this model (default: train.preset)")
     overrides: tuple = _f(
         (), mapping=True, check="overrides", help="training overrides for this model, on top of train.overrides"
+    )
+    seeds: tuple[int, ...] = _f(
+        (),
+        min=0,
+        max=MAX_SEED,
+        max_len=64,
+        omit_default=True,
+        help="this entry's seeds, paired as match.pairs says (empty: train.seeds; not for the first entry, "
+        "whose seeds the three-model experiment, width sweep and studies use)",
     )
 
     def display(self) -> str:
@@ -306,6 +326,14 @@ class ManyModelsStudy:
     methods: tuple[str, ...] = _f(
         ("weight", "activation", "ste", "merge_many"), choices=("weight", "activation", "ste", "merge_many"), max_len=4
     )
+    ste_protocols: tuple[str, ...] = _f(
+        (),
+        choices=lambda: ste_protocol_choices(),
+        max_len=8,
+        omit_default=True,
+        help="STE protocols also run here, each matching models 1..N-1 to the anchor with the ste_protocols "
+        "study's settings for it (epochs, train_limit; every one must be listed there)",
+    )
 
 
 @dataclass(frozen=True)
@@ -322,6 +350,16 @@ class SteProtocolsStudy:
     train_limit: int = _f(0, min=0, max=100_000_000, help="STE trains on the first N training images (0: all)")
     pairs: int = _f(
         3, min=1, max=32, help="disjoint model pairs (plus the three-model matches of the first three seeds)"
+    )
+
+
+@dataclass(frozen=True)
+class PaperSection:
+    enabled: bool = _f(
+        False,
+        omit_default=True,
+        help="the report's 'paper' section: claims 1-6 per model entry and per STE protocol side by side, with "
+        "mean, std and 95% intervals over pairs and the paper's values (docs/definitions.md, 'The paper recipe')",
     )
 
 
@@ -347,9 +385,11 @@ class Recipe:
     three_models: ThreeModelSection = _f(ThreeModelSection())
     width_sweep: WidthSweepSection = _f(WidthSweepSection())
     studies: StudiesSection = _f(StudiesSection())
+    paper: PaperSection = _f(PaperSection(), omit_default=True)
 
-    def pairs(self) -> list[tuple[int, int]]:
-        s = self.train.seeds
+    def pairs(self, seeds: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """Model pairs of ``seeds`` (default: ``train.seeds``) as ``match.pairs`` says."""
+        s = tuple(self.train.seeds if seeds is None else seeds)
         if self.match.pairs == "all":
             return [(s[i], s[j]) for i in range(len(s)) for j in range(i + 1, len(s))]
         return [(s[i], s[i + 1]) for i in range(0, len(s) - 1, 2)]
@@ -543,6 +583,15 @@ def _cross_checks(r: Recipe, source: str) -> None:
         raise _bad(f"train.seeds needs at least two seeds, got {list(seeds)}", source=source)
     if len(set(seeds)) != len(seeds):
         raise _bad(f"train.seeds has duplicates: {list(seeds)}", source=source)
+    for i, m in enumerate(r.models):
+        if m.seeds and i == 0:
+            raise _bad(
+                "models.0.seeds is set: the first model entry uses train.seeds",
+                "set train.seeds instead, or give the seeds to a later entry",
+                source,
+            )
+        if m.seeds and (len(m.seeds) < 2 or len(set(m.seeds)) != len(m.seeds)):
+            raise _bad(f"models.{i}.seeds needs at least two distinct seeds, got {list(m.seeds)}", source=source)
     if not r.match.methods:
         raise _bad("match.methods is empty", f"choose from {', '.join(method_choices())}", source)
     if r.three_models.enabled and r.three_models.models > len(seeds):
@@ -678,6 +727,13 @@ def _study_checks(r: Recipe, source: str) -> None:
         )
     if st.many_models.enabled and (not st.many_models.counts or not st.many_models.methods):
         raise _bad("studies.many_models.counts and .methods must not be empty", source=source)
+    missing = [x for x in st.many_models.ste_protocols if not (p.enabled and x in p.protocols)]
+    if st.many_models.enabled and missing:
+        raise _bad(
+            f"studies.many_models.ste_protocols names {', '.join(missing)}, which studies.ste_protocols does not run",
+            "enable studies.ste_protocols and list the protocol there (its epochs and train_limit are used)",
+            source,
+        )
 
 
 def parse_recipe(raw: Mapping[str, Any], source: str = "") -> Recipe:
@@ -801,12 +857,18 @@ def load_recipe(name_or_path: str = "quick", sets: Sequence[str] = ()) -> Recipe
         raise _too_deep(source) from None
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
 def recipe_to_dict(r: Any) -> Any:
     """A JSON-able view of a recipe (mappings back as dicts)."""
     if dataclasses.is_dataclass(r) and not isinstance(r, type):
         out = {}
         for f in dataclasses.fields(r):
             v = getattr(r, f.name)
+            if f.metadata.get("omit_default") and v == _default_of(f):
+                continue
             if f.metadata.get("check") == "method_options":  # a table of tables: {method: {option: value}}
                 out[f.name] = {k: {o: recipe_to_dict(y) for o, y in x} for k, x in v}
             elif f.metadata.get("mapping"):

@@ -435,6 +435,13 @@ def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
             sp.many[meth] = ManyModelsStage(
                 models, meth, matches, tuple(sorted(mm.counts)), 0, recipe.match.max_iter, **bkw
             )
+        ps = st.ste_protocols
+        for proto in mm.ste_protocols:  # STE under each named protocol, with the ste_protocols study's settings
+            opts = _ste_options(recipe, proto, ps.epochs[ps.protocols.index(proto)], ps.train_limit)
+            matches = (None,) + tuple(MatchStage(models[0], t, "ste", 0, opts) for t in models[1:])
+            sp.many[f"ste[{proto}]"] = ManyModelsStage(
+                models, "ste", matches, tuple(sorted(mm.counts)), 0, recipe.match.max_iter, **bkw
+            )
     if st.ste_protocols.enabled:
         ps = st.ste_protocols
         ppairs = [(seeds[2 * i], seeds[2 * i + 1]) for i in range(ps.pairs)]
