@@ -22,6 +22,7 @@ from ..limits import (  # noqa: F401  (re-exported: the commands import them fro
     MAX_SAMPLES,
     MAX_SEED,
 )
+from ..match.ste_protocols import PROTOCOLS as STE_PROTOCOLS
 from ..store import check_output_path  # noqa: F401  (re-exported: every command checks its outputs with it)
 
 # torch, the model zoo and the store are imported inside the functions that need them, so that
@@ -665,11 +666,12 @@ def add_method_flags(p: argparse.ArgumentParser, *, state_flag: bool = True) -> 
     )
     p.add_argument(
         "--ste-protocol",
-        choices=["heldout-best", "git-re-basin", "random-mixing"],
+        choices=list(STE_PROTOCOLS),
         default=None,
         help="STE: which permutation is kept (heldout-best: best on a held-out set with identity and WM as "
         "candidates; git-re-basin: lowest minibatch midpoint loss, SGD preset; random-mixing: loss at "
-        "lambda ~ U(0,1), the final permutation) (default heldout-best)",
+        "lambda ~ U(0,1), the final permutation; ste-mm-random / ste-mm-midpoint: Ito et al.'s code, loss "
+        "at weights rand(2)/sum or at the midpoint, the last step's projection) (default heldout-best)",
     )
     p.add_argument(
         "--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE: epochs, at least 1 (default: the preset's)"

@@ -14,6 +14,12 @@ __all__ = [
     "l2_distance",
     "objective_keys",
     "ste_matching",
+    "ste_mm",
+    "c2m3",
+    "cycle_error",
+    "triangle_cycle_errors",
+    "pairwise_from_common",
+    "pairwise_weight_matching",
 ]
 
 
@@ -24,6 +30,12 @@ _LAZY = {
     "l2_distance": "weight",
     "objective_keys": "weight",
     "ste_matching": "ste",
+    "ste_mm": "ste_mm",
+    "c2m3": "c2m3",
+    "cycle_error": "cycle",
+    "triangle_cycle_errors": "cycle",
+    "pairwise_from_common": "cycle",
+    "pairwise_weight_matching": "cycle",
 }
 
 

@@ -31,6 +31,7 @@ Objective direction (``MatchResult.objective``), per method:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 import typing
@@ -39,15 +40,16 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import LmcError
 from ..limits import MAX_BATCH, MAX_BATCHES, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SAMPLES
+from .ste_protocols import PROTOCOLS as STE_PROTOCOLS
 
 if TYPE_CHECKING:  # (annotations only: listing methods and their options, e.g. for --help, needs no torch)
     import torch
 
     from ..perm.spec import PermutationSpec
-    from .result import MatchResult
+    from .result import MatchResult, MultiMatchResult
 
 #: Modules that register built-in methods when imported (besides the adapters in this file).
-BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn_options",)  # (registration only: no torch)
+BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn_options", "lmckit.match.many_options")  # (registration only: no torch)
 #: Multi-model schemes a method can support.
 MULTI_SCHEMES = ("anchor", "mergemany")
 SCHEME_LABEL = {"anchor": "anchor matching", "mergemany": "MergeMany"}
@@ -407,6 +409,12 @@ def get_method(name: str) -> MatchMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in _MANY:
+            raise LmcError(
+                f"{name!r} is a many-model method (it brings {_MANY[name].models_label()} models into one order), "
+                "not a two-model matching method",
+                f"two-model methods: {', '.join(_REGISTRY)}",
+            ) from None
         raise LmcError(f"unknown matching method {name!r}", f"known methods: {', '.join(_REGISTRY)}") from None
 
 
@@ -442,6 +450,192 @@ def mergemany_method() -> str:
     if not names:
         raise LmcError("no registered matching method supports MergeMany")
     return names[0]
+
+
+# --------------------------------------------------------------------------- many-model methods
+#: ``func(spec, states, *, model, dataset, options, seed, device, progress) -> MultiMatchResult``
+ManyFunction = Callable[..., "MultiMatchResult"]
+
+
+@dataclass(frozen=True)
+class ManyMethod:
+    """One registered many-model method: brings ``N >= min_models`` models into one unit order.
+
+    The many-model counterpart of :class:`MatchMethod` (MergeMany, STE-MM, C2M3): one call
+    signature for every method, so the many-models study and the CLI run any of them::
+
+        m = get_many_method("c2m3")
+        res = m.match(spec, states, model=model, dataset=dataset, options={"max_iter": 50}, seed=0)
+        res.perms[i]        # puts model i in the common order (model 0's: identity for model 0)
+
+    Attributes
+    ----------
+    name, description, reference, objective, label, options_type, needs_data, needs_model, cost:
+        As for :class:`MatchMethod` (``objective`` describes ``MultiMatchResult.objective``).
+    min_models:
+        The fewest models the method is defined for (``lmckit methods`` shows ``N >= min_models``).
+    func:
+        ``func(spec, states, *, model, dataset, options, seed, device, progress) -> MultiMatchResult``.
+    check_spec:
+        Optional ``spec -> None`` raising :class:`LmcError` for a spec the method cannot align.
+    """
+
+    name: str
+    description: str
+    reference: str
+    min_models: int
+    needs_data: bool
+    options_type: type[MethodOptions]
+    objective: str
+    func: ManyFunction = field(repr=False)
+    needs_model: bool = False
+    label: str = ""
+    check_spec: Callable[[PermutationSpec], None] | None = field(default=None, repr=False)
+    cost: Callable[[MethodOptions], float] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
+    def models_label(self) -> str:
+        """``"N >= 3"``."""
+        return f"N >= {self.min_models}"
+
+    def options(self, values: Mapping[str, Any] | None = None, **kw: Any) -> MethodOptions:
+        """Validated options from a mapping and/or keywords (unknown names raise :class:`LmcError`)."""
+        return self.options_type.from_mapping({**dict(values or {}), **kw}, self.name)
+
+    def check(self, spec: PermutationSpec) -> None:
+        """Raise :class:`LmcError` when this method cannot align models of ``spec`` (no-op without a hook)."""
+        if self.check_spec is not None:
+            self.check_spec(spec)
+
+    def match(
+        self,
+        spec: PermutationSpec,
+        states: typing.Sequence[Mapping[str, torch.Tensor]],
+        *,
+        model: torch.nn.Module | None = None,
+        dataset=None,
+        options: MethodOptions | Mapping[str, Any] | None = None,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> MultiMatchResult:
+        """Permutations putting every model of ``states`` in one order (``res.perms[i]`` for model ``i``).
+
+        Raises
+        ------
+        LmcError
+            Fewer than ``min_models`` states, bad options, a missing dataset or model, a spec the
+            method does not model, states that do not fit ``spec``.
+        """
+        if len(states) < self.min_models:
+            raise LmcError(
+                f"{self.name} needs at least {self.min_models} models, got {len(states)}",
+                "use weight matching for two models" if self.min_models > 2 else "pass more models",
+            )
+        if options is None or isinstance(options, Mapping):
+            options = self.options(options)
+        elif not isinstance(options, self.options_type):
+            raise LmcError(f"method {self.name!r} takes {self.options_type.__name__}, got {type(options).__name__}")
+        if self.needs_data and dataset is None:
+            raise LmcError(f"{self.name} needs data", "pass a dataset (CLI: --dataset NAME)")
+        if self.needs_model and model is None:
+            raise LmcError(f"{self.name} needs a model of the architecture (for forward passes)")
+        self.check(spec)
+        return self.func(
+            spec,
+            states,
+            model=model,
+            dataset=dataset,
+            options=options,
+            seed=int(seed),
+            device=device,
+            progress=progress,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "kind": "many-model",
+            "description": self.description,
+            "reference": self.reference,
+            "min_models": self.min_models,
+            "needs_data": self.needs_data,
+            "objective": self.objective,
+            "options": self.options_type.describe(),
+        }
+
+
+_MANY: dict[str, ManyMethod] = {}
+
+
+def register_many_method(
+    name: str,
+    *,
+    description: str,
+    reference: str,
+    min_models: int,
+    needs_data: bool,
+    options: type[MethodOptions],
+    objective: str,
+    needs_model: bool = False,
+    label: str = "",
+    check_spec: Callable[[PermutationSpec], None] | None = None,
+    cost: Callable[[MethodOptions], float] | None = None,
+) -> Callable[[ManyFunction], ManyFunction]:
+    """Decorator registering a many-model method ``func(spec, states, *, model, dataset, options, seed, device,
+    progress) -> MultiMatchResult``.
+
+    Raises ``ValueError`` (a programming error, at import) for a duplicate name (in either registry),
+    ``min_models < 2`` or options that are not a :class:`MethodOptions` dataclass.
+    """
+    if int(min_models) < 2:
+        raise ValueError(f"min_models of {name!r} must be at least 2, got {min_models}")
+    if not (isinstance(options, type) and issubclass(options, MethodOptions) and dataclasses.is_dataclass(options)):
+        raise ValueError(f"options of method {name!r} must be a MethodOptions dataclass")
+
+    def deco(func: ManyFunction) -> ManyFunction:
+        if (name in _MANY and _MANY[name].func is not func) or name in _REGISTRY:
+            raise ValueError(f"matching method {name!r} is already registered")
+        _MANY[name] = ManyMethod(
+            name=name,
+            description=description,
+            reference=reference,
+            min_models=int(min_models),
+            needs_data=needs_data,
+            options_type=options,
+            objective=objective,
+            func=func,
+            needs_model=needs_model,
+            label=label,
+            check_spec=check_spec,
+            cost=cost,
+        )
+        return func
+
+    return deco
+
+
+def list_many_methods() -> list[str]:
+    """Names of the registered many-model methods, in registration order."""
+    _load_builtins()
+    return list(_MANY)
+
+
+def get_many_method(name: str) -> ManyMethod:
+    """The many-model method called ``name``; :class:`LmcError` listing the known ones otherwise."""
+    _load_builtins()
+    try:
+        return _MANY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_MANY), n=1)
+        raise LmcError(
+            f"unknown many-model method {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            f"known many-model methods: {', '.join(_MANY)}",
+        ) from None
 
 
 # --------------------------------------------------------------------------- built-in adapters
@@ -582,7 +776,7 @@ class SteOptions(MethodOptions):
     project_every: int = 1
 
     def validate(self) -> None:
-        _one_of(self, "protocol", ("heldout-best", "git-re-basin", "random-mixing"))
+        _one_of(self, "protocol", tuple(STE_PROTOCOLS))
         if self.preset is not None:
             _one_of(self, "preset", ("adam", "git-re-basin"))
         _positive(self, "epochs", "lr", "batch_size", "heldout_size", "wm_max_iter", "train_limit")
@@ -598,7 +792,8 @@ class SteOptions(MethodOptions):
 
 @register_method(
     "ste",
-    description="Straight-through estimator: learn theta~ whose WM projection minimises the midpoint loss",
+    description="Straight-through estimator: learn theta~ whose WM projection minimises the midpoint loss "
+    f"(protocols: {', '.join(STE_PROTOCOLS)})",
     reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023, Sec. 3.3",
     needs_data=True,
     needs_model=True,

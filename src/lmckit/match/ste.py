@@ -49,6 +49,19 @@ Implementation choices (the project's, documented here)
     ``l ~ U(0, 1)`` drawn per step (seeded per step, so resumable and
     deterministic) instead of ``l = 1/2``; default Adam lr 1e-3, batch 256;
     the final permutation (the projection after the last epoch) is returned.
+  - ``"ste-mm-random"`` and ``"ste-mm-midpoint"``: the STE of Ito, Yamada and
+    Kumagai's own code (github e5-a/STE-MM, ``srcs/search/mult/ste.py``,
+    function ``ste``, ``mid: False`` / ``mid: True``; the many-model form is
+    :func:`lmckit.match.ste_mm.ste_mm`). The loss is taken at
+    ``l_0 theta_a + l_1 [pi(theta_b) + theta~ - sg(theta~)]`` with
+    ``(l_0, l_1) = u / (u_0 + u_1)``, ``u ~ U[0, 1)^2`` drawn per step
+    (``ste-mm-random``: their ``np.random.rand(N + 1)`` normalised, so
+    ``l_1 = u_1 / (u_0 + u_1)``, concentrated around 1/2, not uniform on [0, 1])
+    or ``l_0 = l_1 = 1/2`` (``ste-mm-midpoint``); default Adam lr 1e-3, batch
+    256, 10 epochs (their ``configs/rebasin/method/ste.yaml``); the returned
+    permutation is the projection used at the last training step (their
+    ``wms`` after the loop: fitted before the step's update), with no selection.
+    docs/definitions.md lists every difference from the other protocols.
 
   Every protocol still scores the end-of-epoch projection on the held-out
   set for the drift record; only ``heldout-best`` selects with it.
@@ -110,7 +123,9 @@ from ..progress import Progress
 from ..states import interpolate_states
 from ..store import atomic_write_json, load_state, save_state
 from .projection import ste_projector
-from .result import MatchResult
+from .result import MatchResult, perms_equal
+from .ste_protocols import PROTOCOLS as _PROTOCOLS
+from .ste_protocols import STE_MM_PROTOCOLS
 from .weight import weight_matching
 
 STATE_FILE = "ste_state.safetensors"
@@ -147,8 +162,9 @@ PRESETS: dict[str, StePreset] = {
     "git-re-basin": StePreset("sgd", 1e-2, 1000, 50, 0.9),
 }
 
-#: STE protocols (which permutation a run returns) and the optimiser preset each uses by default.
-PROTOCOLS: dict[str, str] = {"heldout-best": "adam", "git-re-basin": "git-re-basin", "random-mixing": "adam"}
+#: STE protocols (which permutation a run returns) and the optimiser preset each uses by default
+#: (defined without torch in :mod:`lmckit.match.ste_protocols`, which the CLI and recipes list).
+PROTOCOLS = _PROTOCOLS
 
 
 def check_protocol(protocol: str) -> str:
@@ -207,6 +223,56 @@ def ste_midpoint(
         else:
             mid[k] = (1.0 - lam) * v + lam * pb[k] if v.is_floating_point() else v.clone()
     return mid
+
+
+def ste_mm_point(
+    sd_a: Mapping[str, torch.Tensor],
+    pbs: list[Mapping[str, torch.Tensor]],
+    tildes: list[Mapping[str, torch.Tensor]],
+    lams: list[float],
+) -> dict[str, torch.Tensor]:
+    """The straight-through convex combination ``l_0 theta_a + sum_i l_i [pi_i(theta_i) + theta~_i - sg(theta~_i)]``.
+
+    The point of Ito et al.'s STE (github e5-a/STE-MM, ``srcs/search/mult/ste.py``, function
+    ``ste``: ``lerp_mult([model_a.state_dict(), *ste_states], lams)`` of
+    ``srcs/utils/merge.py``, summed in that order). ``pbs[i]`` is model ``i + 1`` projected onto
+    ``tildes[i]`` (its learned copy; keys: the learned parameters); ``lams`` has ``len(pbs) + 1``
+    weights, ``lams[0]`` the anchor's. A learned entry has the value
+    ``l_0 a + sum_i l_i pbs[i]`` and gradient ``l_i`` with respect to ``tildes[i]``; other float
+    entries (buffers) are fresh tensors ``l_0 a + sum_i l_i pbs[i]`` without gradient; integer
+    entries are copies of ``sd_a``'s. With two models and ``lams = (1 - l, l)`` this is
+    :func:`ste_midpoint` up to rounding.
+    """
+    if len(lams) != len(pbs) + 1 or len(tildes) != len(pbs):
+        raise LmcError(f"ste_mm_point: {len(lams)} weights for {len(pbs)} projected models and {len(tildes)} copies")
+    ls = [float(v) for v in lams]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd_a.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        acc = v * ls[0]
+        for lam, pb, t in zip(ls[1:], pbs, tildes):
+            acc = acc + lam * ((pb[k] + t[k] - t[k].detach()) if k in t else pb[k])
+        out[k] = acc
+    return out
+
+
+def ste_mm_weights(n: int, mid: bool, seed: int) -> list[float]:
+    """The convex weights of one STE-MM step over ``n`` points (the anchor first).
+
+    ``mid``: ``1/n`` each (their ``np.ones(N + 1)`` normalised); otherwise ``u / sum(u)`` with
+    ``u ~ U[0, 1)^n`` from a generator seeded by ``seed`` (their ``np.random.rand(N + 1)``
+    normalised; github e5-a/STE-MM, ``srcs/search/mult/ste.py``, function ``ste``). For ``n = 2``
+    the second weight ``u_1 / (u_0 + u_1)`` has density concentrated around 1/2 (not uniform).
+    """
+    if mid:
+        return [1.0 / n] * n
+    u = torch.rand(n, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    tot = float(u.sum())
+    if not tot > 0:  # all draws exactly 0 (probability 2^-53n): the uniform mean
+        return [1.0 / n] * n
+    return [float(x) / tot for x in u]
 
 
 def _state_digest(sd: Mapping[str, torch.Tensor]) -> str:
@@ -340,7 +406,7 @@ def ste_matching(
         end-of-epoch projection STE scores and returns always runs to convergence.
     protocol:
         Which permutation is returned (module docstring): ``"heldout-best"``,
-        ``"git-re-basin"`` or ``"random-mixing"``.
+        ``"git-re-basin"``, ``"random-mixing"``, ``"ste-mm-random"`` or ``"ste-mm-midpoint"``.
 
     Returns
     -------
@@ -351,7 +417,9 @@ def ste_matching(
         non-increasing, its last value is the returned permutation's);
         ``git-re-basin``: the lowest minibatch midpoint loss seen by the end of
         each epoch; ``random-mixing``: the held-out midpoint loss of the
-        end-of-epoch projection (the last is the returned permutation's).
+        end-of-epoch projection (the last is the returned permutation's);
+        ``ste-mm-*``: the held-out midpoint loss of the permutation kept after
+        each epoch (that epoch's last step's projection).
         ``extra`` holds the protocol, the raw candidate losses, the drift
         history, the preset, the held-out set description and
         ``changed_vs_wm`` of the returned permutation.
@@ -434,6 +502,7 @@ class _SteRun:
                 f"{self.project_every}"
             )
         self.heldout_size = int(heldout_size)
+        self.step_perm: Perms | None = None  # the projection the last training step used (ste-mm-*)
         self.sd_a = {k: v.detach().to(dev) for k, v in sd_a.items()}
         self.sd_b = {k: v.detach().to(dev) for k, v in sd_b.items()}
         self.net = copy.deepcopy(model).to(dev)
@@ -517,7 +586,7 @@ class _SteRun:
             }
             if self.protocol == "heldout-best":
                 self.best, self.best_loss = (ident, l_id) if l_id <= l_wm else (self.pi_wm, l_wm)
-            else:  # git-re-basin: filled by the first minibatch; random-mixing: the final projection
+            else:  # git-re-basin: filled by the first minibatch; random-mixing, ste-mm-*: the final projection
                 self.best, self.best_loss = self.pi_wm, math.inf
                 self.hist["candidates"] = []
             self.hist["minibatch_best"] = []
@@ -565,10 +634,17 @@ class _SteRun:
                 self.projector,
             )
             pb = apply_permutation(self.spec, self.cur, self.sd_b)
-        lam = 0.5
-        if self.protocol == "random-mixing":  # one draw per step, seeded by the step (resumable)
-            lam = float(torch.rand((), generator=torch.Generator().manual_seed(_step_seed(seed + 104729, epoch, step))))
-        out = functional_call(self.net, ste_midpoint(self.sd_a, pb, self.tilde, lam), (x,))
+        if self.protocol in STE_MM_PROTOCOLS:  # Ito et al.'s point: weights drawn per step, seeded by the step
+            lams = ste_mm_weights(2, self.protocol == "ste-mm-midpoint", _step_seed(seed + 130363, epoch, step))
+            point = ste_mm_point(self.sd_a, [pb], [self.tilde], lams)
+            self.step_perm = self.cur  # the projection this step trains on (theirs returns the last one)
+        else:
+            lam = 0.5
+            if self.protocol == "random-mixing":  # one draw per step, seeded by the step (resumable)
+                g = torch.Generator().manual_seed(_step_seed(seed + 104729, epoch, step))
+                lam = float(torch.rand((), generator=g))
+            point = ste_midpoint(self.sd_a, pb, self.tilde, lam)
+        out = functional_call(self.net, point, (x,))
         loss = F.cross_entropy(out, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -621,6 +697,9 @@ class _SteRun:
                 self.best, self.best_loss = self.cur, l_cur
         elif protocol == "random-mixing":
             self.best, self.best_loss = self.cur, l_cur
+        elif protocol in STE_MM_PROTOCOLS:  # the last step's projection, as their code returns it
+            self.best = self.cur if self.step_perm is None else self.step_perm
+            self.best_loss = l_cur if perms_equal(self.best, self.cur) else self.score(self.best)
         self.hist.setdefault("minibatch_best", []).append(self.best_loss)
         a_norm = math.sqrt(sum(float(self.sd_a[k].double().pow(2).sum()) for k in self.param_keys))
         rec = {
@@ -650,7 +729,8 @@ class _SteRun:
         protocol, hist = self.protocol, self.hist
         drift = drift_history(hist)
         best, best_loss = self.best, self.best_loss
-        if protocol == "random-mixing" and not hist["epochs"]:  # no training: the final projection is plain WM's
+        if (protocol == "random-mixing" or protocol in STE_MM_PROTOCOLS) and not hist["epochs"]:
+            # no training: the final projection is plain WM's
             best, best_loss = self.pi_wm, hist["initial"]["heldout_loss"]
         kept_heldout = best_loss if protocol != "git-re-basin" else self.score(best)
         extra = {
@@ -675,6 +755,8 @@ class _SteRun:
                 objective.append(run_best)
         elif protocol == "git-re-basin":
             objective = [float(v) for v in hist.get("minibatch_best", [])]
+        elif protocol in STE_MM_PROTOCOLS:  # the held-out loss of the permutation kept after each epoch
+            objective = [float(r["best_heldout_loss"]) for r in hist["epochs"]] or [float(best_loss)]
         else:
             objective = [float(r["heldout_loss"]) for r in hist["epochs"]] or [float(best_loss)]
         return MatchResult(

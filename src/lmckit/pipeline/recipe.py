@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import LmcError
 from ..match.registry import get_method, list_methods, methods_supporting
+from ..match.ste_protocols import PROTOCOLS as STE_PROTOCOLS
 
 __all__ = [
     "Recipe",
@@ -201,11 +202,12 @@ class SteSection:
     )
     protocol: str = _f(
         "heldout-best",
-        choices=("heldout-best", "git-re-basin", "random-mixing"),
+        choices=tuple(STE_PROTOCOLS),
         help="which permutation STE keeps: best on a held-out set (identity and WM as candidates), "
-        "git-re-basin's lowest minibatch midpoint loss (SGD momentum 0.9), or random mixing's final "
-        "one (loss at lambda ~ U(0,1)); lr and batch_size above apply to every protocol (the "
-        "ste_protocols study uses each protocol's literature values)",
+        "git-re-basin's lowest minibatch midpoint loss (SGD momentum 0.9), random mixing's final "
+        "one (loss at lambda ~ U(0,1)), or Ito et al.'s code's last-step projection (ste-mm-random: "
+        "loss at weights rand(2)/sum; ste-mm-midpoint: at the midpoint); lr and batch_size above apply "
+        "to every protocol (the ste_protocols study uses each protocol's literature values)",
     )
 
 
@@ -341,11 +343,15 @@ class SteProtocolsStudy:
     enabled: bool = _f(False)
     protocols: tuple[str, ...] = _f(
         ("heldout-best", "git-re-basin", "random-mixing"),
-        choices=("heldout-best", "git-re-basin", "random-mixing"),
-        max_len=3,
+        choices=tuple(STE_PROTOCOLS),
+        max_len=len(STE_PROTOCOLS),
     )
     epochs: tuple[int, ...] = _f(
-        (3, 20, 3), min=1, max=100_000, max_len=3, help="STE epochs per protocol (same order as protocols)"
+        (3, 20, 3),
+        min=1,
+        max=100_000,
+        max_len=len(STE_PROTOCOLS),
+        help="STE epochs per protocol (same order as protocols)",
     )
     train_limit: int = _f(0, min=0, max=100_000_000, help="STE trains on the first N training images (0: all)")
     pairs: int = _f(
