@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .result import MultiMatchResult
 
 MERGE_MANY_STOPS = ("perms", "distance")  # lmckit.match.multi.MERGE_MANY_STOPS (kept equal by a test)
-C2M3_INITS = ("identity", "uniform", "anchor")  # lmckit.match.c2m3.INITS (kept equal by a test)
+C2M3_INITS = ("anchor", "identity", "uniform")  # lmckit.match.c2m3.INITS (kept equal by a test)
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,11 @@ def _ste_mm(spec, states, *, model, dataset, options: SteMmOptions, seed, device
 
 @dataclass(frozen=True)
 class C2m3Options(MethodOptions):
-    """C2M3: Frank-Wolfe iterations at most, start, stopping tolerance and patience, refresh period."""
+    """C2M3: Frank-Wolfe iterations at most, start (``anchor``: pairwise WM to model 0; ``identity`` and
+    ``uniform``: the reference code's), stopping tolerance and patience, refresh period."""
 
     max_iter: int = 200
-    init: str = "identity"
+    init: str = "anchor"
     tol: float = 1e-9
     patience: int = 5
     refresh: int = 25

@@ -54,7 +54,7 @@ from torch.func import functional_call
 
 from ..device import resolve_device
 from ..errors import LmcError
-from ..perm.spec import Perms, PermutationSpec, apply_permutation, identity_permutation, spec_for
+from ..perm import Perms, PermutationSpec, apply_permutation, identity_permutation, spec_for
 from ..progress import Progress
 from .multi import _check_states
 from .projection import ste_projector
