@@ -62,10 +62,15 @@ def method_choices() -> tuple[str, ...]:
 
 
 def ste_protocol_choices() -> tuple[str, ...]:
-    """The STE protocols of :data:`lmckit.match.ste.PROTOCOLS` (read when a recipe is checked)."""
-    from ..match.ste import PROTOCOLS
+    """The STE protocols (:data:`lmckit.match.ste_protocols.PROTOCOLS`)."""
+    return tuple(STE_PROTOCOLS)
 
-    return tuple(PROTOCOLS)
+
+def joint_method_choices() -> tuple[str, ...]:
+    """``pairwise`` and the registry's many-model methods except MergeMany (``merge_many`` in ``methods``)."""
+    from ..match.registry import list_many_methods
+
+    return ("pairwise", *(m for m in list_many_methods() if m != "mergemany"))
 
 
 def anchor_method_choices() -> tuple[str, ...]:
@@ -328,6 +333,14 @@ class ManyModelsStudy:
     methods: tuple[str, ...] = _f(
         ("weight", "activation", "ste", "merge_many"), choices=("weight", "activation", "ste", "merge_many"), max_len=4
     )
+    joint: tuple[str, ...] = _f(
+        (),
+        choices=lambda: joint_method_choices(),
+        max_len=8,
+        omit_default=True,
+        help="many-model methods also run (STE-MM, C2M3: options from match.options.<method>) on the first N "
+        "models for every N, and 'pairwise' (WM of every pair: its cycle error)",
+    )
     ste_protocols: tuple[str, ...] = _f(
         (),
         choices=lambda: ste_protocol_choices(),
@@ -479,7 +492,17 @@ MATCH_TABLE_METHODS = ("weight", "activation", "ste")
 
 def _check_method_options(v: dict[str, Any], key: str, source: str) -> None:
     """``match.options``: a table per registry method, each validated by the method's options dataclass."""
+    from ..match.registry import get_many_method, list_many_methods
+
     for name, opts in v.items():
+        if name in list_many_methods():  # a many-model method (studies.many_models.joint)
+            if not isinstance(opts, dict):
+                raise _bad(f"{key}.{name} must be a table like {{epochs = 1}}, got {opts!r}", source=source)
+            try:
+                get_many_method(name).options(opts)
+            except LmcError as e:
+                raise _bad(f"{key}.{name}: {e.message}", e.hint or "", source) from None
+            continue
         if name == NAIVE or name not in method_choices():
             raise _bad(
                 f"{key}.{name}: no matching method {name!r}",
@@ -626,6 +649,8 @@ def _method_options_used(r: Recipe, source: str) -> None:
         used |= set(r.three_models.methods)
     if r.width_sweep.enabled:
         used |= set(r.width_sweep.methods)
+    if r.studies.many_models.enabled:
+        used |= set(r.studies.many_models.joint)
     for name, _ in r.match.options:
         if name not in used:
             raise _bad(
