@@ -82,6 +82,8 @@ def test_hash_changes_with_every_setting():
         augment=True,
         eval_batch_size=250,
         precision="bf16",
+        preprocess="scale01",
+        keep_epoch="best-test",
     )
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_kwargs", "nesterov"}
     assert set(changed) == fields

@@ -33,7 +33,8 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Return ``(state_dict, info)``: ``info`` has ``model`` (config) and, for run folders, ``config``."""
+    """Return ``(state_dict, info)``: ``info`` has ``model`` (config), for run folders ``config``, and ``train``
+    (the training config) where the file records it."""
     p = Path(path)
     f = checkpoint_file(p)
     state, meta = load_state(f)
@@ -51,6 +52,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     info["model"] = model_cfg
     if "dataset" in meta:
         info["dataset"] = meta["dataset"]
+    if isinstance(meta.get("lmckit_train"), dict):  # the training config (lmckit.train.TrainConfig.to_dict)
+        info["train"] = meta["lmckit_train"]
     return state, info
 
 

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .checkpoint import save_model
-from .data import load_dataset, random_crop_flip
+from .data import PREPROCESSING, load_dataset, random_crop_flip
 from .device import PRECISIONS, autocast, channels_last_wanted, resolve_device, tf32_allowed, tf32_scope
 from .errors import LmcError
 from .evaluate import evaluate
@@ -92,6 +92,11 @@ CHECKPOINT = "checkpoint.safetensors"
 MAX_INT = 2**63 - 1
 MAX_EPOCHS = 100_000
 MAX_BATCH = 1_000_000
+#: :attr:`TrainConfig.keep_epoch`: which epoch's weights a run keeps
+KEEP_EPOCHS = ("last", "best-test", "best-val")
+#: settings added after v0.1, left out of the hashed dict at these defaults (earlier runs keep their hashes)
+HASH_DEFAULTS = {"precision": "fp32", "preprocess": "standardize", "keep_epoch": "last"}
+BEST = "best.safetensors"  # the best epoch's weights while a keep_epoch = best-* run trains
 
 
 # --------------------------------------------------------------------------- config
@@ -180,6 +185,26 @@ class TrainConfig:
         evaluations and checkpoints stay float32. It changes what is computed,
         so it is part of the hash; to keep the hashes of every earlier run,
         it enters the hash only when it is not ``fp32``.
+    preprocess:
+        What the model sees of the pixels (:data:`lmckit.data.PREPROCESSING`):
+        ``standardize`` (default: scaled to [0, 1], then standardised per
+        channel with the training set's mean and std) or ``scale01`` (only
+        scaled to [0, 1], as the STE-MM authors' ``ToTensor`` does: e5-a/STE-MM
+        ``srcs/datasets/FMNIST.py``). Every later stage that evaluates the
+        model (barriers, matching on data, analyses) loads the data with the
+        model's own preprocessing (:func:`dataset_of`).
+    keep_epoch:
+        Which epoch's weights the run keeps (:data:`KEEP_EPOCHS`): ``last``
+        (default), ``best-test`` (the epoch with the highest test accuracy,
+        ties to the earlier epoch: what the STE-MM authors' training keeps, a
+        ``ModelCheckpoint(monitor='val_acc_epoch', mode='max', save_top_k=1)``
+        whose validation loader is the test set, e5-a/STE-MM ``srcs/train.py``
+        and ``srcs/datasets/template.py``; it selects on the data the results
+        are reported on) or ``best-val`` (the same on the held-out ``val``
+        split, the proper choice; needs ``val_size > 0``).
+
+    ``preprocess`` and ``keep_epoch`` enter the hash only away from their
+    defaults (as ``precision`` does), so every earlier run keeps its hash.
     """
 
     model: str = "mlp"
@@ -199,6 +224,8 @@ class TrainConfig:
     augment: bool = False
     eval_batch_size: int = 2000
     precision: str = "fp32"
+    preprocess: str = "standardize"
+    keep_epoch: str = "last"
 
     def __post_init__(self) -> None:
         kw = self.model_kwargs
@@ -242,6 +269,21 @@ class TrainConfig:
         for name, hi in (("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH), ("eval_batch_size", MAX_BATCH)):
             if getattr(self, name) > hi:
                 raise LmcError(f"training setting {name} must be at most {hi}, got {getattr(self, name)}")
+        if self.preprocess not in PREPROCESSING:
+            raise LmcError(
+                f"unknown preprocessing {self.preprocess!r} (training setting preprocess)",
+                f"choose one of {', '.join(PREPROCESSING)}",
+            )
+        if self.keep_epoch not in KEEP_EPOCHS:
+            raise LmcError(
+                f"unknown keep_epoch {self.keep_epoch!r} (training setting keep_epoch)",
+                f"choose one of {', '.join(KEEP_EPOCHS)}",
+            )
+        if self.keep_epoch == "best-val" and self.val_size <= 0:
+            raise LmcError(
+                "training setting keep_epoch = 'best-val' needs a validation split",
+                "set val_size to the number of training images to hold out (e.g. 5000)",
+            )
         if self.optimizer not in OPTIMIZERS:
             raise LmcError(f"unknown optimizer {self.optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -270,8 +312,9 @@ class TrainConfig:
         """Plain-JSON form (the hash input); :meth:`from_dict` inverts it."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["model_kwargs"] = self.model_options
-        if d["precision"] == "fp32":  # added after v0.1: absent at its default, so older hashes still hold
-            del d["precision"]
+        for name, default in HASH_DEFAULTS.items():  # added later: absent at their defaults, older hashes hold
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -290,6 +333,14 @@ class TrainConfig:
     def hash(self) -> str:
 
         return config_hash(self.to_dict())
+
+
+def dataset_of(config: TrainConfig, data_dir: str | os.PathLike | None = None):
+    """The dataset a model of ``config`` was trained and is evaluated on: its name, validation split and
+    preprocessing (:func:`lmckit.data.load_dataset`; cached per process). Raises :class:`LmcError` when it
+    cannot be found."""
+
+    return load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size, preprocess=config.preprocess)
 
 
 def preset_for(model: str, dataset: str) -> str | None:
@@ -661,7 +712,7 @@ IN_FOLDER_RECORD = "train.json"  # the run record of train_in_folder (config.jso
 def _validated_dataset(config: TrainConfig, device: str | torch.device, data_dir: str | os.PathLike | None):
     """Check the device, load the dataset (cached per process) and check the model's size: the dataset."""
     resolve_device(device)
-    ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
+    ds = dataset_of(config, data_dir)
     check_training_size(config, ds.in_channels, ds.image_size, ds.num_classes)
     return ds
 
@@ -742,6 +793,7 @@ class _Run:
     keep: frozenset[str] = frozenset()  # names a fresh start leaves in ``partial`` (train_in_folder: the log)
     record: str = "config.json"  # the run record's file name
     publish: bool = True  # rename ``partial`` to ``final`` when done (train_in_folder: the caller does)
+    best: dict[str, Any] | None = None  # keep_epoch = best-*: {"epoch", "metric", "value"} of the best epoch so far
 
     @property
     def ckpt(self) -> Path:
@@ -784,7 +836,7 @@ def _setup(
     dev = resolve_device(device)
     cfg_dict = config.to_dict()
     h = config_hash(cfg_dict)
-    ds = load_dataset(config.dataset, data_dir=data_dir, val_size=config.val_size)
+    ds = dataset_of(config, data_dir)
     model = build_untrained(config, ds).to(dev)
     use_cl = channels_last_wanted(model, dev, channels_last)
     use_tf32 = tf32_allowed(dev, tf32)
@@ -825,6 +877,12 @@ def _resume_or_clean(run: _Run) -> None:
             f"point --data-dir at the data it started on, or delete {partial} to restart on this data",
         )
     run.start_epoch, run.metrics, run.elapsed = int(meta["epoch"]), list(meta["metrics"]), float(meta["elapsed"])
+    run.best = meta.get("best")
+    if run.best is not None and not (partial / BEST).exists():
+        raise LmcError(
+            f"cannot resume from {ckpt}: the best epoch's weights ({BEST}) are missing",
+            f"delete {partial} to restart this run",
+        )
     run.resumed = list(meta.get("resumed", [])) + [run.start_epoch]
     where = _where(run.dev, run.gpu)
     if meta.get("where", where) != where:  # still correct, but float sums may round differently
@@ -882,6 +940,7 @@ def _run_epochs(run: _Run, progress: bool, callback) -> None:
             row["seconds"] = train_seconds
             row["eval_seconds"] = time.perf_counter() - t0 - train_seconds
             run.metrics.append(row)
+            _keep_if_best(run, row)
             run.elapsed += time.perf_counter() - t0
             _checkpoint(run, epoch + 1)
             bar.update(1, loss=train_loss, test_acc=row["test_acc"])
@@ -889,6 +948,28 @@ def _run_epochs(run: _Run, progress: bool, callback) -> None:
                 callback(epoch + 1, row)
     finally:
         bar.close()
+
+
+def _keep_if_best(run: _Run, row: dict[str, Any]) -> None:
+    """``keep_epoch = best-*``: save this epoch's weights (atomically) when its accuracy beats every earlier one.
+
+    Strictly higher only, so ties keep the earlier epoch, as Lightning's ``ModelCheckpoint(mode='max')``
+    does (its comparison is ``torch.gt``) in the STE-MM authors' ``srcs/train.py``. Written before the
+    epoch's checkpoint, which records ``run.best``: a kill between the two resumes from the previous
+    checkpoint and repeats the epoch.
+    """
+    keep = run.config.keep_epoch
+    if keep == "last":
+        return
+    metric = "test_acc" if keep == "best-test" else "val_acc"
+    value = float(row[metric])
+    if run.best is None or value > run.best["value"]:
+        save_state(
+            run.partial / BEST,
+            {k: v.detach().to("cpu").contiguous() for k, v in run.model.state_dict().items()},
+            {"epoch": int(row["epoch"]), "metric": metric, "value": value},
+        )
+        run.best = {"epoch": int(row["epoch"]), "metric": metric, "value": value}
 
 
 def _checkpoint(run: _Run, epoch: int) -> None:
@@ -906,6 +987,7 @@ def _checkpoint(run: _Run, epoch: int) -> None:
             "resumed": run.resumed,
             "data_checksums": dict(run.ds.checksums),
             "where": _where(run.dev, run.gpu),
+            **({"best": run.best} if run.best is not None else {}),
         },
     )
     run.write_metrics()
@@ -915,9 +997,15 @@ def _finish(run: _Run) -> TrainResult:
     """Evaluate on the training split, save the model and its record, and rename ``.partial`` to the run folder."""
     config, ds, dev, model, partial = run.config, run.ds, run.dev, run.model, run.partial
     t0 = time.perf_counter()
+    last = run.metrics[-1]
+    if config.keep_epoch != "last":  # the kept epoch's weights replace the last epoch's
+        if run.best is None:
+            raise LmcError(f"the run in {partial} has no best epoch recorded", f"delete {partial} to restart this run")
+        tensors, _ = load_state(partial / BEST)
+        model.load_state_dict({k: v.to(dev) for k, v in tensors.items()})
+        last = run.metrics[run.best["epoch"] - 1]
     train_eval = evaluate(model, ds, "train", batch_size=config.eval_batch_size, device=dev)
     run.elapsed += time.perf_counter() - t0
-    last = run.metrics[-1]
     result = {
         "test_loss": last["test_loss"],
         "test_accuracy": last["test_acc"],
@@ -925,6 +1013,8 @@ def _finish(run: _Run) -> TrainResult:
         "train_accuracy": train_eval[1],
         "epochs": config.epochs,
     }
+    if config.keep_epoch != "last":
+        result["kept_epoch"] = int(last["epoch"])
     if "val_loss" in last:
         result["val_loss"], result["val_accuracy"] = last["val_loss"], last["val_acc"]
     save_model(
@@ -933,6 +1023,7 @@ def _finish(run: _Run) -> TrainResult:
     # metrics.jsonl again: a kill between the last checkpoint and its metrics line must not lose that line
     run.write_metrics()
     run.ckpt.unlink(missing_ok=True)
+    (partial / BEST).unlink(missing_ok=True)
     for p in partial.glob(".*.tmp"):  # temp files of writes interrupted by an earlier kill
         p.unlink(missing_ok=True)
     atomic_write_json(partial / run.record, _run_record(run, result))

@@ -603,8 +603,11 @@ def load_named_dataset(
     from ..errors import LmcError
 
     name = dataset_name(given, info)
+    # the preprocessing the model was trained with (lmckit.train.TrainConfig.preprocess; absent: the default)
+    pre = (info.get("train") or {}).get("preprocess", "standardize")
     try:
-        return load_dataset(name, data_dir, val_size=val_size) if val_size else load_dataset(name, data_dir)
+        kw = {"preprocess": pre} if pre != "standardize" else {}
+        return load_dataset(name, data_dir, val_size=val_size, **kw) if val_size else load_dataset(name, data_dir, **kw)
     except LmcError as e:
         if given:
             raise

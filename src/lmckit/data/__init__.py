@@ -1,10 +1,11 @@
 """Datasets from their standard on-disk formats, held in memory as tensors."""
 
-from .registry import DATASETS, cache_root, candidate_dirs, dataset_info, find_dataset, load_dataset
+from .registry import DATASETS, PREPROCESSING, cache_root, candidate_dirs, dataset_info, find_dataset, load_dataset
 
 __all__ = [
     "Dataset",
     "DATASETS",
+    "PREPROCESSING",
     "cache_root",
     "candidate_dirs",
     "dataset_info",

@@ -242,6 +242,9 @@ _CACHE: dict[tuple, Dataset] = {}
 #: sha256 of the content). A pipeline stage clears it before it runs and records what it read, so a cached
 #: stage is reused only on the same data (:func:`lmckit.pipeline.stages.cache_problem`).
 LOADED: dict[str, dict[str, str]] = {}
+#: what :meth:`Dataset.normalize` does to the pixels (:func:`load_dataset`'s ``preprocess``):
+#: ``standardize`` (scale to [0, 1], then per-channel mean/std of the training set) or ``scale01`` (x / 255 only)
+PREPROCESSING = ("standardize", "scale01")
 
 
 def _validate(info: DatasetInfo, folder: Path, images: dict, labels: dict, source: dict) -> None:
@@ -284,11 +287,25 @@ def _folder_signature(folder: Path) -> tuple:
     )
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size: int = 0, val_seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    val_size: int = 0,
+    val_seed: int = 0,
+    preprocess: str = "standardize",
+) -> Dataset:
     """Load a dataset into memory (cached per process).
 
     ``val_size > 0`` holds out that many training images (a seeded random
     subset) as a ``val`` split; the rest stay in ``train``.
+
+    ``preprocess`` (one of :data:`PREPROCESSING`) says what
+    :meth:`Dataset.normalize` does to the uint8 pixels: ``standardize``
+    (lmckit's default) scales to [0, 1] and standardises per channel with the
+    training set's mean and std; ``scale01`` only scales to [0, 1]
+    (``x / 255``), as ``torchvision.transforms.ToTensor`` does in the STE-MM
+    authors' code (e5-a/STE-MM ``srcs/datasets/FMNIST.py``, ``DataModule.setup``).
+    Raises :class:`LmcError` for another value.
     """
     import torch
 
@@ -302,8 +319,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
 
         return load_text_dataset(name, data_dir, val_size=val_size, val_seed=val_seed)
     dataset_info(name)  # a name that is not a string or not registered: LmcError naming it
+    if preprocess not in PREPROCESSING:
+        raise LmcError(f"unknown preprocessing {preprocess!r}", f"choose one of {', '.join(PREPROCESSING)}")
     folder = find_dataset(name, data_dir)
-    key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed)
+    key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed, preprocess)
     if key in _CACHE:
         LOADED[name] = dict(_CACHE[key].checksums)
         return _CACHE[key]
@@ -319,7 +338,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, val_size:
         vi, ti = perm[:val_size].sort().values, perm[val_size:].sort().values
         images["val"], labels["val"] = images["train"][vi], labels["train"][vi]
         images["train"], labels["train"] = images["train"][ti], labels["train"][ti]
-    ds = Dataset(name, images, labels, info.num_classes, info.mean, info.std, source, sums)
+    mean, std = info.mean, info.std
+    if preprocess == "scale01":  # normalize() then computes (x / 255 - 0) / 1 = x / 255 exactly
+        mean, std = (0.0,) * len(mean), (1.0,) * len(std)
+    ds = Dataset(name, images, labels, info.num_classes, mean, std, source, sums)
     _CACHE[key] = ds
     LOADED[name] = dict(ds.checksums)
     return ds

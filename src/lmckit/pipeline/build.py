@@ -208,7 +208,16 @@ def build_plan(recipe: Recipe) -> Plan:
     methods = list(recipe.match.methods)
     pairs = recipe.pairs()
     exps = [
-        _experiment(recipe, m, m.width_mult, methods, recipe.train.seeds, pairs, True, m.display())
+        _experiment(
+            recipe,
+            m,
+            m.width_mult,
+            methods,
+            m.seeds or recipe.train.seeds,
+            recipe.pairs(m.seeds) if m.seeds else pairs,
+            True,
+            m.display(),
+        )
         for m in recipe.models
     ]
     plan = Plan(recipe, exps, notes=notes)

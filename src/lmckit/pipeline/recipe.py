@@ -61,6 +61,18 @@ def method_choices() -> tuple[str, ...]:
     return (NAIVE, *list_methods())
 
 
+def ste_protocol_choices() -> tuple[str, ...]:
+    """The STE protocols (:data:`lmckit.match.ste_protocols.PROTOCOLS`)."""
+    return tuple(STE_PROTOCOLS)
+
+
+def joint_method_choices() -> tuple[str, ...]:
+    """``pairwise`` and the registry's many-model methods except MergeMany (``merge_many`` in ``methods``)."""
+    from ..match.registry import list_many_methods
+
+    return ("pairwise", *(m for m in list_many_methods() if m != "mergemany"))
+
+
 def anchor_method_choices() -> tuple[str, ...]:
     """The registry methods that support anchor matching (the three-model experiment)."""
     return tuple(methods_supporting("anchor"))
@@ -103,7 +115,10 @@ def _f(
     check: str = "",
     max_len: int | None = None,
     above_min: bool = False,
+    omit_default: bool = False,
 ) -> Any:
+    """A recipe field with its checks and help. ``omit_default``: left out of :func:`recipe_to_dict` (and so
+    of every report's ``results.json``) while at its default, for keys added after reports were pinned."""
     meta = {
         "min": min,
         "max": max,
@@ -113,6 +128,7 @@ def _f(
         "check": check,
         "max_len": max_len,
         "above_min": above_min,
+        "omit_default": omit_default,
     }
     if isinstance(default, (list, dict, tuple)) or (
         dataclasses.is_dataclass(default) and not isinstance(default, type)
@@ -142,6 +158,15 @@ class ModelEntry:
     preset: str = _f("", help="lmckit.train preset for this model (default: train.preset)")
     overrides: tuple = _f(
         (), mapping=True, check="overrides", help="training overrides for this model, on top of train.overrides"
+    )
+    seeds: tuple[int, ...] = _f(
+        (),
+        min=0,
+        max=MAX_SEED,
+        max_len=64,
+        omit_default=True,
+        help="this entry's seeds, paired as match.pairs says (empty: train.seeds; not for the first entry, "
+        "whose seeds the three-model experiment, width sweep and studies use)",
     )
 
     def display(self) -> str:
@@ -308,6 +333,22 @@ class ManyModelsStudy:
     methods: tuple[str, ...] = _f(
         ("weight", "activation", "ste", "merge_many"), choices=("weight", "activation", "ste", "merge_many"), max_len=4
     )
+    joint: tuple[str, ...] = _f(
+        (),
+        choices=lambda: joint_method_choices(),
+        max_len=8,
+        omit_default=True,
+        help="many-model methods also run (STE-MM, C2M3: options from match.options.<method>) on the first N "
+        "models for every N, and 'pairwise' (WM of every pair: its cycle error)",
+    )
+    ste_protocols: tuple[str, ...] = _f(
+        (),
+        choices=lambda: ste_protocol_choices(),
+        max_len=8,
+        omit_default=True,
+        help="STE protocols also run here, each matching models 1..N-1 to the anchor with the ste_protocols "
+        "study's settings for it (epochs, train_limit; every one must be listed there)",
+    )
 
 
 @dataclass(frozen=True)
@@ -328,6 +369,16 @@ class SteProtocolsStudy:
     train_limit: int = _f(0, min=0, max=100_000_000, help="STE trains on the first N training images (0: all)")
     pairs: int = _f(
         3, min=1, max=32, help="disjoint model pairs (plus the three-model matches of the first three seeds)"
+    )
+
+
+@dataclass(frozen=True)
+class PaperSection:
+    enabled: bool = _f(
+        False,
+        omit_default=True,
+        help="the report's 'paper' section: claims 1-6 per model entry and per STE protocol side by side, with "
+        "mean, std and 95% intervals over pairs and the paper's values (docs/definitions.md, 'The paper recipe')",
     )
 
 
@@ -353,9 +404,11 @@ class Recipe:
     three_models: ThreeModelSection = _f(ThreeModelSection())
     width_sweep: WidthSweepSection = _f(WidthSweepSection())
     studies: StudiesSection = _f(StudiesSection())
+    paper: PaperSection = _f(PaperSection(), omit_default=True)
 
-    def pairs(self) -> list[tuple[int, int]]:
-        s = self.train.seeds
+    def pairs(self, seeds: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """Model pairs of ``seeds`` (default: ``train.seeds``) as ``match.pairs`` says."""
+        s = tuple(self.train.seeds if seeds is None else seeds)
         if self.match.pairs == "all":
             return [(s[i], s[j]) for i in range(len(s)) for j in range(i + 1, len(s))]
         return [(s[i], s[i + 1]) for i in range(0, len(s) - 1, 2)]
@@ -439,7 +492,17 @@ MATCH_TABLE_METHODS = ("weight", "activation", "ste")
 
 def _check_method_options(v: dict[str, Any], key: str, source: str) -> None:
     """``match.options``: a table per registry method, each validated by the method's options dataclass."""
+    from ..match.registry import get_many_method, list_many_methods
+
     for name, opts in v.items():
+        if name in list_many_methods():  # a many-model method (studies.many_models.joint)
+            if not isinstance(opts, dict):
+                raise _bad(f"{key}.{name} must be a table like {{epochs = 1}}, got {opts!r}", source=source)
+            try:
+                get_many_method(name).options(opts)
+            except LmcError as e:
+                raise _bad(f"{key}.{name}: {e.message}", e.hint or "", source) from None
+            continue
         if name == NAIVE or name not in method_choices():
             raise _bad(
                 f"{key}.{name}: no matching method {name!r}",
@@ -549,6 +612,15 @@ def _cross_checks(r: Recipe, source: str) -> None:
         raise _bad(f"train.seeds needs at least two seeds, got {list(seeds)}", source=source)
     if len(set(seeds)) != len(seeds):
         raise _bad(f"train.seeds has duplicates: {list(seeds)}", source=source)
+    for i, m in enumerate(r.models):
+        if m.seeds and i == 0:
+            raise _bad(
+                "models.0.seeds is set: the first model entry uses train.seeds",
+                "set train.seeds instead, or give the seeds to a later entry",
+                source,
+            )
+        if m.seeds and (len(m.seeds) < 2 or len(set(m.seeds)) != len(m.seeds)):
+            raise _bad(f"models.{i}.seeds needs at least two distinct seeds, got {list(m.seeds)}", source=source)
     if not r.match.methods:
         raise _bad("match.methods is empty", f"choose from {', '.join(method_choices())}", source)
     if r.three_models.enabled and r.three_models.models > len(seeds):
@@ -577,6 +649,8 @@ def _method_options_used(r: Recipe, source: str) -> None:
         used |= set(r.three_models.methods)
     if r.width_sweep.enabled:
         used |= set(r.width_sweep.methods)
+    if r.studies.many_models.enabled:
+        used |= set(r.studies.many_models.joint)
     for name, _ in r.match.options:
         if name not in used:
             raise _bad(
@@ -696,6 +770,13 @@ def _study_checks(r: Recipe, source: str) -> None:
         )
     if st.many_models.enabled and (not st.many_models.counts or not st.many_models.methods):
         raise _bad("studies.many_models.counts and .methods must not be empty", source=source)
+    missing = [x for x in st.many_models.ste_protocols if not (p.enabled and x in p.protocols)]
+    if st.many_models.enabled and missing:
+        raise _bad(
+            f"studies.many_models.ste_protocols names {', '.join(missing)}, which studies.ste_protocols does not run",
+            "enable studies.ste_protocols and list the protocol there (its epochs and train_limit are used)",
+            source,
+        )
 
 
 def parse_recipe(raw: Mapping[str, Any], source: str = "") -> Recipe:
@@ -829,12 +910,18 @@ def load_recipe(name_or_path: str = "quick", sets: Sequence[str] = ()) -> Recipe
         raise _too_deep(source) from None
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
 def recipe_to_dict(r: Any) -> Any:
     """A JSON-able view of a recipe (mappings back as dicts)."""
     if dataclasses.is_dataclass(r) and not isinstance(r, type):
         out = {}
         for f in dataclasses.fields(r):
             v = getattr(r, f.name)
+            if f.metadata.get("omit_default") and v == _default_of(f):
+                continue
             if f.metadata.get("check") == "method_options":  # a table of tables: {method: {option: value}}
                 out[f.name] = {k: {o: recipe_to_dict(y) for o, y in x} for k, x in v}
             elif f.metadata.get("mapping"):

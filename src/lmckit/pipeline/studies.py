@@ -33,13 +33,13 @@ import torch
 from ..analysis import distances, svd_alignment
 from ..analysis.svd import state_svds
 from ..checkpoint import build_model
-from ..data import load_dataset
 from ..evaluate import evaluate
 from ..lmc import barrier_curve, has_batchnorm, mix_states, reset_bn_stats
 from ..match import merge_many
 from ..match.ste import PRESETS, PROTOCOLS
 from ..perm import apply_permutation, perm_changed_units, spec_for
 from ..studies import direction_matching, reassign_fraction, spectrum_concentration
+from ..train import dataset_of
 from .recipe import Recipe
 from .stages import Stage, StageContext
 from .tasks import (
@@ -59,6 +59,7 @@ __all__ = [
     "DoseStage",
     "SpectrumStage",
     "ManyModelsStage",
+    "JointManyStage",
     "StudyPlan",
     "build_studies",
     "evaluate_perms",
@@ -219,7 +220,7 @@ class SpectrumStage(Stage):
         out: dict[str, Any] = {"gamma": self.gamma, **spectrum_concentration(spec, sd, self.gamma)}
         if cfg.optimizer in ("adamw", "sgd") and cfg.schedule == "constant":
             # decoupled (AdamW) or plain SGD decay alone multiplies the weights by (1 - lr wd) every step
-            n = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size).size("train")
+            n = dataset_of(cfg, ctx.runtime.data_dir).size("train")
             steps = cfg.epochs * math.ceil(n / cfg.batch_size)
             out["decay_factor"] = (1.0 - cfg.lr * cfg.weight_decay) ** steps
             out["steps"] = steps
@@ -264,7 +265,7 @@ class ManyModelsStage(Stage):
         dev = ctx.device
         model = build_model(model_cfg, states[0], self.models[0].label()).to(dev)
         spec = spec_for(model)
-        dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
+        dataset = dataset_of(cfg, ctx.runtime.data_dir)
         bn = has_batchnorm(model)
         cache: dict[tuple, dict[str, Any]] = {}
 
@@ -336,6 +337,126 @@ class ManyModelsStage(Stage):
         _write(ctx, {"method": self.method, "rows": rows})
 
 
+#: the many-models study's "pairwise" method: weight matching of every pair, no common order (its cycle error)
+PAIRWISE = "pairwise"
+
+
+@dataclass(frozen=True)
+class JointManyStage(Stage):
+    """N = 2, 3, ... models brought into one order by a many-model method of the registry, or matched pair by pair.
+
+    ``method``: a name of :func:`lmckit.match.registry.list_many_methods` other than MergeMany (which
+    :class:`ManyModelsStage` runs), e.g. ``ste-mm`` (Ito et al.'s joint STE, e5-a/STE-MM
+    ``srcs/search/mult/ste.py``) or ``c2m3`` (Crisostomi et al., NeurIPS 2024), run with ``options`` on the
+    first N models for every N of ``counts`` (N below the method's ``min_models`` is skipped); or
+    :data:`PAIRWISE`: weight matching of every pair separately (:func:`lmckit.match.cycle.pairwise_weight_matching`),
+    whose permutations need not compose.
+
+    Per N, the row has :class:`ManyModelsStage`'s numbers (the uniform average's test ``merged_loss`` and
+    ``merged_accuracy``, BatchNorm reset where the model has BatchNorm; ``pair_barriers`` of every pair
+    ``i < j`` of the aligned models, in that order; ``mean_pair_barrier``) and ``cycle_error``
+    (:func:`lmckit.match.cycle.cycle_error`, N >= 3: the fraction of (triangle, unit) pairs whose
+    composed permutation around the triangle is not the identity; 0 for every method mapping to one
+    common order) and the method's ``seconds``. For :data:`PAIRWISE` each pair's barrier is between
+    model i and model j matched directly to i, and the merge averages the models matched to model 0.
+    """
+
+    KIND = "study-many-joint"
+    models: tuple[TrainStage, ...] = ()
+    method: str = "c2m3"
+    options: tuple = ()
+    counts: tuple[int, ...] = (2, 3, 4, 5)
+    seed: int = 0
+    points: int = 25
+    limit: int = 0
+    bn_batches: int = 10
+
+    def label(self) -> str:
+        return f"{self.method}, N = {list(self.counts)} models"
+
+    def cost(self) -> float:
+        return 60.0 * len(self.counts)
+
+    def run(self, ctx: StageContext) -> None:
+        import time
+
+        from ..match.cycle import cycle_error, pairwise_from_common, pairwise_weight_matching
+        from ..match.registry import get_many_method
+
+        loaded = [load_model_of(ctx, t) for t in self.models]
+        states = [sd for sd, _, _ in loaded]
+        model_cfg, cfg = loaded[0][1], loaded[0][2]
+        dev = ctx.device
+        model = build_model(model_cfg, states[0], self.models[0].label()).to(dev)
+        spec = spec_for(model)
+        dataset = dataset_of(cfg, ctx.runtime.data_dir)
+        bn = has_batchnorm(model)
+        opts = dict(self.options)
+        rows = []
+        pairwise_all = None
+        if self.method == PAIRWISE:
+            t0 = time.perf_counter()
+            pairwise_all = pairwise_weight_matching(spec, states, seed=self.seed, device=dev, **opts)
+            pw_seconds = time.perf_counter() - t0
+        else:
+            many = get_many_method(self.method)
+        for n in self.counts:
+            pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+            if pairwise_all is not None:
+                pw = {q: pairwise_all[q] for q in pairs}
+                bars = [
+                    self._barrier(model, dataset, dev, states[i], apply_permutation(spec, pw[(i, j)], states[j]))
+                    for i, j in pairs
+                ]
+                aligned = [dict(states[0])] + [apply_permutation(spec, pw[(0, j)], states[j]) for j in range(1, n)]
+                extra = {"seconds": pw_seconds}
+            else:
+                if n < many.min_models:
+                    continue
+                t0 = time.perf_counter()
+                res = many.match(
+                    spec, states[:n], model=model, dataset=dataset, options=opts, seed=self.seed, device=dev
+                )
+                extra = {"seconds": time.perf_counter() - t0, "passes": res.passes, "converged": bool(res.converged)}
+                aligned = [apply_permutation(spec, q, sd) for q, sd in zip(res.perms, states[:n])]
+                pw = pairwise_from_common(res.perms)
+                bars = [self._barrier(model, dataset, dev, aligned[i], aligned[j]) for i, j in pairs]
+            if n >= 3:
+                extra["cycle_error"] = cycle_error(pw, n)
+            sd = mix_states(aligned, [1.0 / n] * n)
+            m = build_model(model_cfg, sd, f"average of {n} models").to(dev)
+            if bn:
+                reset_bn_stats(m, dataset, num_batches=self.bn_batches, device=dev)
+            loss, acc = evaluate(m, dataset, "test", device=dev, limit=self.limit or None)
+            rows.append(
+                {
+                    "n": n,
+                    "merged_loss": loss,
+                    "merged_accuracy": acc,
+                    "pair_barriers": bars,
+                    "mean_pair_barrier": sum(bars) / len(bars),
+                    **extra,
+                }
+            )
+            print(f"N={n}: merged acc {acc:.4f}, mean pair barrier {rows[-1]['mean_pair_barrier']:.4f}", flush=True)
+        _write(ctx, {"method": self.method, "rows": rows})
+
+    def _barrier(self, model, dataset, dev, sa, sb) -> float:
+        bar = barrier_curve(
+            model,
+            sa,
+            sb,
+            dataset,
+            splits=("test",),
+            points=self.points,
+            limit=self.limit or None,
+            device=dev,
+            bn_batches=self.bn_batches,
+            progress=False,
+        ).to_dict(collapse=True)
+        return float(bar["loss_barrier"])
+
+
 # --------------------------------------------------------------------------- the plan
 @dataclass
 class StudyPlan:
@@ -376,6 +497,13 @@ def _ste_options(recipe: Recipe, protocol: str, epochs: int, train_limit: int) -
         ("train_limit", int(train_limit)),
     )
     return opts + ((("protocol", protocol),) if protocol != "heldout-best" else ())
+
+
+def _joint_options(recipe: Recipe, method: str) -> tuple:
+    """A joint many-models method's options: ``match.options.<method>`` (``pairwise``: WM's ``max_iter``)."""
+    if method == PAIRWISE:
+        return (("max_iter", recipe.match.max_iter),)
+    return tuple(dict(recipe.match.options).get(method, ()))
 
 
 def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
@@ -449,6 +577,22 @@ def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
                 matches = (None,) + tuple(MatchStage(models[0], t, meth, 0, opts) for t in models[1:])
             sp.many[meth] = ManyModelsStage(
                 models, meth, matches, tuple(sorted(mm.counts)), 0, recipe.match.max_iter, **bkw
+            )
+        ps = st.ste_protocols
+        for meth in mm.joint:  # many-model methods of the registry (STE-MM, C2M3) and pairwise WM
+            sp.many[meth] = JointManyStage(
+                models,
+                meth,
+                _joint_options(recipe, meth),
+                tuple(sorted(mm.counts)),
+                0,
+                **bkw,
+            )
+        for proto in mm.ste_protocols:  # STE under each named protocol, with the ste_protocols study's settings
+            opts = _ste_options(recipe, proto, ps.epochs[ps.protocols.index(proto)], ps.train_limit)
+            matches = (None,) + tuple(MatchStage(models[0], t, "ste", 0, opts) for t in models[1:])
+            sp.many[f"ste[{proto}]"] = ManyModelsStage(
+                models, "ste", matches, tuple(sorted(mm.counts)), 0, recipe.match.max_iter, **bkw
             )
     if st.ste_protocols.enabled:
         ps = st.ste_protocols

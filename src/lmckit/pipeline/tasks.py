@@ -20,7 +20,6 @@ from typing import Any, Mapping
 
 from ..analysis import alignment_tracker, analyze_pair
 from ..checkpoint import build_model, load_checkpoint
-from ..data import load_dataset
 from ..errors import LmcError
 from ..lmc import barrier_curve
 from ..lmc.landscape import plane_landscape
@@ -28,7 +27,7 @@ from ..match.registry import get_method, mergemany_method
 from ..merge import align_models, merged_accuracy_curve
 from ..perm import apply_permutation, load_perms, save_perms, spec_for
 from ..store import atomic_write_json, read_json, state_fingerprint
-from ..train import TrainConfig, make_config, train_in_folder
+from ..train import TrainConfig, dataset_of, make_config, train_in_folder
 from .stages import Stage, StageContext
 
 #: The three-model experiment's name for MergeMany (a multi-model scheme, not a two-model method).
@@ -188,7 +187,7 @@ class _Pair:
         self.device = ctx.device
         self.model = build_model(model_cfg, self.sd_a, a.label()).to(self.device)
         self.spec = spec_for(self.model)
-        self.dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
+        self.dataset = dataset_of(cfg, ctx.runtime.data_dir)
         self.perms = (
             load_stage_perms(ctx.input(match) / "perms.json", self.spec, self.sd_a, self.sd_b)
             if match is not None
@@ -458,7 +457,7 @@ class ThreeModelStage(Stage):
         dev = ctx.device
         model = build_model(model_cfg, states[0], self.models[0].label()).to(dev)
         spec = spec_for(model)
-        dataset = load_dataset(cfg.dataset, data_dir=ctx.runtime.data_dir, val_size=cfg.val_size)
+        dataset = dataset_of(cfg, ctx.runtime.data_dir)
         out: dict[str, Any] = {"method": self.method, "n_models": len(self.models)}
         if self.method == MERGE_MANY:
             wm = mergemany_method()

@@ -359,6 +359,10 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     if arch:
         res["architectures"] = arch
     res["claims"] = judge_claims(res) + study_claims(res)
+    if plan.recipe.paper.enabled:  # issue 30: the claims per model entry and STE protocol, side by side
+        from .paper import collect_paper
+
+        res["paper"] = collect_paper(res)
     return res
 
 

@@ -32,6 +32,7 @@ from ..store import atomic_write_json, atomic_write_text
 from . import figures as F
 from .architectures import layer_label, write_architectures
 from .figures import METHOD_LABEL
+from .paper import write_paper
 from .studies import write_studies
 
 __all__ = ["write_report", "summary_rows", "check_finite_tree", "render_html"]
@@ -170,7 +171,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html``, ``results.json``, the figures and ``timings.json`` into ``out``.
 
-    The report is the concatenation of its sections, in order: header, how to read it, claims, summary,
+    The report is the concatenation of its sections, in order: header, how to read it, claims, the paper
+    recipe's side-by-side claims (when ``res`` has them), summary,
     one section per experiment, three models, STE drift, width sweep, the studies, figures, timings.
     Returns file name -> path of the files written. Raises ``ValueError`` for a non-finite number in ``res``.
     """
@@ -178,7 +180,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     check_finite_tree(res)
     figs = _Figures(out)
-    md = _header(res, cache) + _conventions(res) + _claims_section(res) + _summary_section(res)
+    md = _header(res, cache) + _conventions(res) + _claims_section(res) + write_paper(res) + _summary_section(res)
     for i, e in enumerate(res["experiments"]):
         md += _experiment_section(res, e, "" if i == 0 else f"{_slug(e['label'])}_", figs.add)
     md += _three_models_section(res, figs.add)
