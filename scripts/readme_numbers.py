@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Write README.md's measured tables from committed results files, never by hand.
+"""Write the measured tables of README.md and the documentation from committed results files, never by hand.
 
-Each block of README.md between
+Each block of README.md or docs/results.md (:data:`DOCS`) between
 
     <!-- readme-numbers:begin NAME -->
     <!-- readme-numbers:end NAME -->
 
 is generated from ``docs/results/NAME/results.json`` (a ``results.json`` written by
 ``lmckit reproduce``) and ``docs/results/NAME/run.json`` (which command produced it, when, and
-on what machine). ``tests/test_readme_numbers.py`` fails when a block differs from what this
-script writes from the cited files.
+on what machine). ``NAME:headline`` instead of ``NAME`` writes the short form the README shows
+(the methods table and the claims' verdicts). ``tests/test_readme_numbers.py`` fails when a
+block differs from what this script writes from the cited files.
 
 Usage::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,9 +37,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+#: every file holding generated blocks (the README's headline, the documentation's full tables)
+DOCS = (README, ROOT / "docs" / "results.md")
 RESULTS = ROOT / "docs" / "results"
 BLOCK = re.compile(
-    r"(<!-- readme-numbers:begin (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- readme-numbers:end (?P=name) -->)", re.S
+    r"(<!-- readme-numbers:begin (?P<name>[\w.-]+)(?::(?P<view>headline))? -->\n)(?P<body>.*?)"
+    r"(<!-- readme-numbers:end (?P=name)(?::(?P=view))? -->)",
+    re.S,
 )
 LABEL = {"naive": "naive (no permutation)", "weight": "WM", "activation": "AM", "ste": "STE", "merge_many": "MergeMany"}
 
@@ -85,14 +91,22 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
 
 
-def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
-    """The Markdown of block ``name`` from a results tree and its run record."""
+def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None = None, base: str = ".") -> str:
+    """The Markdown of block ``name`` from a results tree and its run record.
+
+    ``view="headline"``: only the methods table of each experiment and the claims' verdicts.
+    ``base``: the folder (relative to the repository root) of the file holding the block, so that
+    the link to the results file works from there (on GitHub and in the documentation site).
+    """
     src = f"docs/results/{name}/results.json"
+    href = Path(os.path.relpath(src, base)).as_posix()
     md = [
         f"*Produced by `{run['command']}` ({run['date']}; {run['conditions']}; lmckit {run.get('commit', '?')}). "
-        f"Every number below is read from [`{src}`]({src}).*",
+        f"Every number below is read from [`{src}`]({href}).*",
         "",
     ]
+    if view == "headline":
+        md = [f"*`{run['command']}`, {run['date']}; numbers read from [`{src}`]({href}).*", ""]
     rec = res["recipe"]
     ev = res.get("evaluation", {})
     for e in res["experiments"]:
@@ -136,6 +150,14 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
             ],
             rows,
         )
+        if view == "headline":
+            claims = [c for c in res.get("claims", []) if c.get("model", e["label"]) == e["label"]]
+            md += [""] + _table(
+                ["claim of the paper", "verdict"],
+                [[f"{c['id']}: {c.get('title', '')}", "held" if c["held"] else "**did not hold**"] for c in claims],
+            )
+            md += [""]
+            continue
         before = _get(e["methods"], "weight", "R")
         if before:
             md += [
@@ -168,7 +190,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
             )
             md += [""]
     three = res.get("three_models")
-    if three:
+    if three and view != "headline":
         md += [
             f"Three models (seeds {', '.join(str(s) for s in rec['train']['seeds'][: rec['three_models']['models']])}"
             f"; models 1 and 2 matched to model 0; one triple, single values; "
@@ -188,7 +210,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
         )
         md += [""]
     ws = res.get("width_sweep")
-    if ws:
+    if ws and view != "headline":
         ws = sorted(ws, key=lambda x: x["width_mult"])
         methods = ordered(ws[0]["methods"])
         md += ["Width sweep (one pair per width, test split):", ""]
@@ -225,14 +247,22 @@ def load(name: str, root: Path = RESULTS) -> tuple[dict[str, Any], dict[str, Any
     return (json.loads((folder / "results.json").read_text()), json.loads((folder / "run.json").read_text()))
 
 
-def rewrite(text: str, root: Path = RESULTS) -> str:
-    """``text`` with every marked block regenerated from ``root/NAME``."""
+def rewrite(text: str, root: Path = RESULTS, base: str = ".") -> str:
+    """``text`` with every marked block regenerated from ``root/NAME`` (links relative to folder ``base``)."""
 
     def sub(m: re.Match) -> str:
         res, run = load(m.group("name"), root)
-        return m.group(1) + render(m.group("name"), res, run) + "\n" + m.group(4)
+        return m.group(1) + render(m.group("name"), res, run, m.group("view"), base) + "\n" + m.group(5)
 
     return BLOCK.sub(sub, text)
+
+
+def base_of(path: Path) -> str:
+    """The folder of ``path`` relative to the repository root (``.`` for README.md, ``docs`` for a page)."""
+    try:
+        return Path(path).resolve().parent.relative_to(ROOT).as_posix()
+    except ValueError:
+        return "."
 
 
 def import_run(report: Path, name: str, command: str, conditions: str) -> Path:
@@ -256,8 +286,10 @@ def import_run(report: Path, name: str, command: str, conditions: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 when README.md is not what the files give")
-    ap.add_argument("--readme", default=str(README))
+    ap.add_argument("--check", action="store_true", help="exit 1 when a file is not what the results give")
+    ap.add_argument(
+        "--readme", action="append", default=None, help="a file holding blocks (repeatable; default: README + docs)"
+    )
     ap.add_argument("--import", dest="report", default=None, help="a report folder whose results.json to commit")
     ap.add_argument("--name", default="quick")
     ap.add_argument("--command", default="lmckit reproduce --recipe quick")
@@ -265,21 +297,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.report:
         print(f"wrote {import_run(Path(args.report), args.name, args.command, args.conditions)}")
-    path = Path(args.readme)
-    old = path.read_text()
-    new = rewrite(old)
-    if args.check:
-        if new != old:
-            sys.stdout.writelines(
-                difflib.unified_diff(old.splitlines(True), new.splitlines(True), "README.md", "from docs/results")
-            )
-            print("README.md is stale: run python scripts/readme_numbers.py", file=sys.stderr)
-            return 1
-        return 0
-    if new != old:
-        path.write_text(new)
-        print(f"updated {path}")
-    return 0
+    stale = 0
+    for path in map(Path, args.readme or DOCS):
+        old = path.read_text()
+        new = rewrite(old, base=base_of(path))
+        if args.check:
+            if new != old:
+                sys.stdout.writelines(
+                    difflib.unified_diff(old.splitlines(True), new.splitlines(True), path.name, "from docs/results")
+                )
+                print(f"{path} is stale: run python scripts/readme_numbers.py", file=sys.stderr)
+                stale = 1
+        elif new != old:
+            path.write_text(new)
+            print(f"updated {path}")
+    return stale
 
 
 if __name__ == "__main__":

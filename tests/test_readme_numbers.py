@@ -1,4 +1,5 @@
-"""README.md's measured numbers are exactly what scripts/readme_numbers.py writes from the files they cite."""
+"""The measured numbers of README.md and docs/results.md are exactly what scripts/readme_numbers.py
+writes from the files they cite."""
 
 from __future__ import annotations
 
@@ -15,22 +16,34 @@ rn = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rn)
 
 README = (ROOT / "README.md").read_text()
+TEXTS = {p: p.read_text() for p in rn.DOCS}
 NAMES = [m.group("name") for m in rn.BLOCK.finditer(README)]
 
 
-def test_the_readme_has_generated_blocks_citing_committed_files():
+def test_the_readme_and_the_results_page_have_generated_blocks_citing_committed_files():
     assert NAMES, "README.md has no <!-- readme-numbers:begin NAME --> block"
-    for name in NAMES:
-        folder = ROOT / "docs" / "results" / name
-        res, run = rn.load(name)
-        assert {"command", "date", "conditions"} <= set(run), f"{folder}/run.json must say how the run was made"
-        assert res["experiments"] and res["claims"]
-        block = next(m.group("body") for m in rn.BLOCK.finditer(README) if m.group("name") == name)
-        assert f"docs/results/{name}/results.json" in block and run["command"] in block
+    for path, text in TEXTS.items():
+        blocks = list(rn.BLOCK.finditer(text))
+        assert blocks, f"{path} has no generated block"
+        for m in blocks:
+            name = m.group("name")
+            folder = ROOT / "docs" / "results" / name
+            res, run = rn.load(name)
+            assert {"command", "date", "conditions"} <= set(run), f"{folder}/run.json must say how the run was made"
+            assert res["experiments"] and res["claims"]
+            assert f"docs/results/{name}/results.json" in m.group("body") and run["command"] in m.group("body")
 
 
 def test_readme_numbers_match_their_files():
-    assert rn.rewrite(README) == README, "README.md is stale: run python scripts/readme_numbers.py"
+    for path, text in TEXTS.items():
+        assert rn.rewrite(text, base=rn.base_of(path)) == text, f"{path} is stale: run python scripts/readme_numbers.py"
+
+
+def test_links_to_results_work_from_each_file():
+    for path, text in TEXTS.items():
+        for m in rn.BLOCK.finditer(text):
+            for href in re.findall(r"\]\(([^)]+results\.json)\)", m.group("body")):
+                assert (path.parent / href).is_file(), f"{path}: link {href} points nowhere"
 
 
 def test_a_changed_number_is_caught(tmp_path):
@@ -62,4 +75,4 @@ def test_check_mode_fails_on_a_stale_readme(tmp_path):
     m = next(rn.BLOCK.finditer(text))
     stale.write_text(text[: m.start("body")] + "typed by hand\n" + text[m.end("body") :])
     assert rn.main(["--check", "--readme", str(stale)]) == 1
-    assert rn.main(["--check"]) == 0
+    assert rn.main(["--check"]) == 0  # README and docs/results.md as committed

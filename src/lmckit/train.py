@@ -203,6 +203,8 @@ class TrainConfig:
         are reported on) or ``best-val`` (the same on the held-out ``val``
         split, the proper choice; needs ``val_size > 0``).
 
+    Notes
+    -----
     ``preprocess`` and ``keep_epoch`` enter the hash only away from their
     defaults (as ``precision`` does), so every earlier run keeps its hash.
     """
@@ -616,17 +618,19 @@ def train(
         (:func:`lmckit.device.channels_last_wanted`, :func:`lmckit.device.tf32_allowed`);
         neither on CPU.
 
-    Determinism on CUDA: a rerun on the same GPU model, driver and torch
-    gives the same weights up to cuDNN/cuBLAS kernel choices and atomics;
-    lmckit does not force deterministic algorithms, so CUDA runs are not
-    promised to be bit-identical (and never equal CPU runs bit for bit).
-
     Returns
     -------
     TrainResult
         Final test metrics (of the last epoch's evaluation), train metrics
         (a clean evaluation pass over the training split in eval mode), wall
         seconds spent training (summed over resumes), and ``cached``.
+
+    Notes
+    -----
+    Determinism on CUDA: a rerun on the same GPU model, driver and torch
+    gives the same weights up to cuDNN/cuBLAS kernel choices and atomics;
+    lmckit does not force deterministic algorithms, so CUDA runs are not
+    promised to be bit-identical (and never equal CPU runs bit for bit).
     """
 
     if Path(out_root).exists() and not Path(out_root).is_dir():

@@ -239,6 +239,8 @@ def download_dataset(
     spec:
         Override the files and checksums (tests, private mirrors).
 
+    Notes
+    -----
     Files that are present and verify are skipped. Each new file is verified
     before it gets its final name; on any failure nothing partial remains.
     """

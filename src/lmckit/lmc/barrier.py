@@ -305,12 +305,14 @@ def barrier_curve(
     names:
         What to call the two endpoints in errors (default ``("model A", "model B")``).
 
-    Raises :class:`~lmckit.evaluate.NonFiniteLoss` (an :class:`LmcError`) naming the endpoint or lambda
-    whose loss is NaN or inf.
-
     Returns
     -------
     BarrierResult
+
+    Raises
+    ------
+    NonFiniteLoss
+        (an :class:`LmcError`) naming the endpoint or lambda whose loss is NaN or inf.
     """
     check_module(model)
     device = next(model.parameters()).device if device is None else check_device(device)

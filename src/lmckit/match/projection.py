@@ -98,11 +98,10 @@ class WarmProjector:
         projection tracks the moving optimum instead of reaching it at every
         step). Changes the result; see :func:`ste_projector`.
 
-    Calls with ``full=True`` (STE's end-of-epoch projection, the one it
-    scores) ignore both approximations: they run the descent to convergence.
-
     Notes
     -----
+    Calls with ``full=True`` (STE's end-of-epoch projection, the one it
+    scores) ignore both approximations: they run the descent to convergence.
     ``projector(sd_a, init, seed)`` returns what
     ``weight_matching(spec, sd_a, sd_b, seed=seed, max_iter=max_iter,
     init_perms=init, restarts=1, tol=tol).perms`` returns (see the module

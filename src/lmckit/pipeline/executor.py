@@ -118,7 +118,7 @@ class RunSummary:
 class Executor:
     """Base executor: dependency-ordered scheduling over :meth:`_submit`.
 
-    Parameters
+    Attributes
     ----------
     jobs:
         Most stages in flight at once.

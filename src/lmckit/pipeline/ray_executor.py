@@ -122,6 +122,8 @@ class StageResources:
     default_cpus:
         CPUs of kinds not listed in ``cpus``.
 
+    Notes
+    -----
     Kinds are the stage folder names ``model``, ``match``, ``barrier``,
     ``analysis``, ``three``, plus ``ste`` for match and three-model stages
     that run the straight-through estimator (they train, so they want a GPU
