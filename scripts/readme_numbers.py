@@ -87,6 +87,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
     """The Markdown of block ``name`` from a results tree and its run record."""
+    if "paper" in res:
+        return render_paper(name, res, run)
     src = f"docs/results/{name}/results.json"
     md = [
         f"*Produced by `{run['command']}` ({run['date']}; {run['conditions']}; lmckit {run.get('commit', '?')}). "
@@ -203,6 +205,45 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
         )
         md += [""]
     return "\n".join(md)
+
+
+def render_paper(name: str, res: dict[str, Any], run: dict[str, Any]) -> str:
+    """The compact block of a recipe with a ``paper`` section (issue 30): WM's distance reduction beside the
+    paper's, and each claim's verdict per setting with its margin's mean, 95% interval and where it lies."""
+    src = f"docs/results/{name}/results.json"
+    p = res["paper"]
+    md = [
+        f"*Produced by `{run['command']}` ({run['date']}; {run['conditions']}; lmckit {run.get('commit', '?')}). "
+        f"Every number below is read from [`{src}`]({src}); criteria: `docs/definitions.md`, 'The paper recipe'.*",
+        "",
+    ]
+    for e in res["experiments"]:
+        accs = [m["test_accuracy"] for m in e["models"]]
+        md.append(
+            f"- **{e['label']}**: {len(accs)} models, test accuracy {sum(accs) / len(accs):.4f} on average "
+            f"({min(accs):.4f}-{max(accs):.4f}), {len(e['pairs'])} disjoint pairs."
+        )
+    md += [""]
+    md += _table(
+        ["model", "WM L2 distance reduction", "paper (Table 1)"],
+        [[r["model"], pm(r["reduction"], "{:.1%}"), f"{r['paper']:.1%}"] for r in p["reduction"]],
+    )
+    md += [""]
+    rows = []
+    for c in p["claims"]:
+        for k, cond in enumerate(c["conditions"]):
+            rows.append(
+                [
+                    c["claim"] if k == 0 else "",
+                    c["setting"] if k == 0 else "",
+                    ("held" if c["held"] else "**did not hold**") if k == 0 else "",
+                    f"{cond['quantity']} {cond['side']}",
+                    pm(cond["margin"], "{:.4f}"),
+                    cond["decided"],
+                ]
+            )
+    md += _table(["claim", "setting", "verdict", "margin per pair", "mean ± std [95% CI]", "interval"], rows)
+    return "\n".join(md + [""])
 
 
 def _kinds_line(res: dict[str, Any], e: dict[str, Any]) -> list[str]:

@@ -265,6 +265,12 @@ def _anchored(name: str) -> bool:
     return name in ANCHORED or name.startswith("ste[")
 
 
+def _wm_better(rows: list[dict[str, Any]], wm: list[dict[str, Any]]) -> list[int]:
+    """The N at which WM's uniform merge has a lower test loss than ``rows``' method."""
+    w = {r["n"]: r["merged_loss"] for r in wm}
+    return [r["n"] for r in rows if r["n"] in w and w[r["n"]] < r["merged_loss"]]
+
+
 def _many_claims(res: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Claim 6 both ways per STE variant of the ``many_models`` study, and the many-models table."""
     m = dig(res, "studies", "many_models", "methods", default=None)
@@ -311,11 +317,7 @@ def _many_claims(res: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, A
                     }
                 ],
                 note="WM's merged loss lower at N = "
-                + ", ".join(
-                    str(r["n"])
-                    for r, w in zip(rows, m["weight"])
-                    if r["n"] == w["n"] and w["merged_loss"] < r["merged_loss"]
-                )
+                + (", ".join(str(n) for n in _wm_better(rows, m["weight"])) or "none")
                 + f" of {[r['n'] for r in rows]}",
             )
         )
@@ -332,7 +334,7 @@ def _many_claims(res: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, A
                     else {}
                 ),
                 "anchored": _anchored(name),
-                **{k: r[k] for k in ("cycle_error",) if k in r},
+                **{k: r[k] for k in ("cycle_error", "seconds") if k in r},
             }
             for r in rows
         ]
@@ -380,6 +382,19 @@ def _pm(s: dict[str, Any] | None, pct: bool = False) -> str:
     if "ci95" in s:
         txt += f" [{f(s['ci95'][0])}, {f(s['ci95'][1])}]"
     return txt + f" (n={s['n']})"
+
+
+def _many_row(name: str, r: dict[str, Any]) -> str:
+    """One row of the many-models table."""
+    if "cycle_error" in r:
+        cyc = f"{r['cycle_error']:.4f}"
+    else:
+        cyc = "0 (one anchor order)" if r["anchored"] and r["n"] >= 3 else "-"
+    secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+    return (
+        f"| {name} | {r['n']} | {r['merged_loss']:.4f} | {r['merged_accuracy']:.4f} | "
+        f"{_pm(r.get('non_anchor_pair_barrier'))} | {r['mean_pair_barrier']:.4f} | {cyc} | {secs} |"
+    )
 
 
 def write_paper(res: dict[str, Any]) -> list[str]:
@@ -434,15 +449,12 @@ def write_paper(res: dict[str, Any]) -> list[str]:
             "Merged: the uniform average of the N aligned models (test split). Pair barrier: mean test-loss "
             "barrier over pairs among models 1..N-1 (N >= 3).",
             "",
-            "| method | N | merged loss | merged acc | pair barrier (non-anchor) | mean pair barrier (all) |",
-            "|---|---|---|---|---|---|",
+            "| method | N | merged loss | merged acc | pair barrier (non-anchor) | mean pair barrier (all) | "
+            "cycle error | seconds |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, rows in t.items():
-            for r in rows:
-                md.append(
-                    f"| {name} | {r['n']} | {r['merged_loss']:.4f} | {r['merged_accuracy']:.4f} | "
-                    f"{_pm(r.get('non_anchor_pair_barrier'))} | {r['mean_pair_barrier']:.4f} |"
-                )
+            md += [_many_row(name, r) for r in rows]
     if p.get("splits"):
         md += ["", "### Train vs test split", "", "Mean loss barrier per split (model pairs):", ""]
         md += ["| model | method | split | loss barrier |", "|---|---|---|---|"]
