@@ -98,6 +98,8 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
     ``base``: the folder (relative to the repository root) of the file holding the block, so that
     the link to the results file works from there (on GitHub and in the documentation site).
     """
+    if "paper" in res:
+        return render_paper(name, res, run, base)
     src = f"docs/results/{name}/results.json"
     href = Path(os.path.relpath(src, base)).as_posix()
     md = [
@@ -225,6 +227,46 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
         )
         md += [""]
     return "\n".join(md)
+
+
+def render_paper(name: str, res: dict[str, Any], run: dict[str, Any], base: str = ".") -> str:
+    """The compact block of a recipe with a ``paper`` section (issue 30): WM's distance reduction beside the
+    paper's, and each claim's verdict per setting with its margin's mean, 95% interval and where it lies."""
+    src = f"docs/results/{name}/results.json"
+    href = Path(os.path.relpath(src, base)).as_posix()
+    p = res["paper"]
+    md = [
+        f"*Produced by `{run['command']}` ({run['date']}; {run['conditions']}; lmckit {run.get('commit', '?')}). "
+        f"Every number below is read from [`{src}`]({href}); criteria: `docs/definitions.md`, 'The paper recipe'.*",
+        "",
+    ]
+    for e in res["experiments"]:
+        accs = [m["test_accuracy"] for m in e["models"]]
+        md.append(
+            f"- **{e['label']}**: {len(accs)} models, test accuracy {sum(accs) / len(accs):.4f} on average "
+            f"({min(accs):.4f}-{max(accs):.4f}), {len(e['pairs'])} disjoint pairs."
+        )
+    md += [""]
+    md += _table(
+        ["model", "WM L2 distance reduction", "paper (Table 1)"],
+        [[r["model"], pm(r["reduction"], "{:.1%}"), f"{r['paper']:.1%}"] for r in p["reduction"]],
+    )
+    md += [""]
+    rows = []
+    for c in p["claims"]:
+        for k, cond in enumerate(c["conditions"]):
+            rows.append(
+                [
+                    c["claim"] if k == 0 else "",
+                    c["setting"] if k == 0 else "",
+                    ("held" if c["held"] else "**did not hold**") if k == 0 else "",
+                    f"{cond['quantity']} {cond['side']}",
+                    pm(cond["margin"], "{:.4f}"),
+                    cond["decided"],
+                ]
+            )
+    md += _table(["claim", "setting", "verdict", "margin per pair", "mean ± std [95% CI]", "interval"], rows)
+    return "\n".join(md + [""])
 
 
 def _kinds_line(res: dict[str, Any], e: dict[str, Any]) -> list[str]:

@@ -186,7 +186,9 @@ def test_paper_recipe_plan_trains_the_authors_recipe_and_the_held_out_choice():
         0.0,
         "constant",
     )
-    assert max(plan.studies.many["weight"].counts) >= 6 and "ste[random-mixing]" in plan.studies.many
+    assert max(plan.studies.many["weight"].counts) >= 6
+    assert {"ste[ste-mm-random]", "ste-mm", "c2m3", "pairwise", "merge_many"} <= set(plan.studies.many)
+    assert {"ste-mm-random", "ste-mm-midpoint", "heldout-best"} <= set(plan.studies.protocols)
     raw = {"train": {"seeds": [0, 1]}, "models": [{"seeds": [0, 1]}], "three_models": {"enabled": False}}
     with pytest.raises(LmcError, match="models.0.seeds is set"):
         parse_recipe(raw)

@@ -265,6 +265,12 @@ def _anchored(name: str) -> bool:
     return name in ANCHORED or name.startswith("ste[")
 
 
+def _wm_better(rows: list[dict[str, Any]], wm: list[dict[str, Any]]) -> list[int]:
+    """The N at which WM's uniform merge has a lower test loss than ``rows``' method."""
+    w = {r["n"]: r["merged_loss"] for r in wm}
+    return [r["n"] for r in rows if r["n"] in w and w[r["n"]] < r["merged_loss"]]
+
+
 def _many_claims(res: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Claim 6 both ways per STE variant of the ``many_models`` study, and the many-models table."""
     m = dig(res, "studies", "many_models", "methods", default=None)
@@ -311,11 +317,7 @@ def _many_claims(res: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, A
                     }
                 ],
                 note="WM's merged loss lower at N = "
-                + ", ".join(
-                    str(r["n"])
-                    for r, w in zip(rows, m["weight"])
-                    if r["n"] == w["n"] and w["merged_loss"] < r["merged_loss"]
-                )
+                + (", ".join(str(n) for n in _wm_better(rows, m["weight"])) or "none")
                 + f" of {[r['n'] for r in rows]}",
             )
         )
@@ -332,7 +334,7 @@ def _many_claims(res: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, A
                     else {}
                 ),
                 "anchored": _anchored(name),
-                **{k: r[k] for k in ("cycle_error",) if k in r},
+                **{k: r[k] for k in ("cycle_error", "seconds") if k in r},
             }
             for r in rows
         ]
@@ -351,6 +353,33 @@ def _splits_study(res: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+#: the STE-MM authors' STE settings (e5-a/STE-MM configs/rebasin/method/ste.yaml; 60000 Fashion-MNIST images)
+AUTHORS_STE = {"epochs": 10, "images": 60000, "batch_size": 256}
+
+
+def _notes(res: dict[str, Any]) -> list[str]:
+    """What this run did differently from the authors' protocol, in numbers (sizing, not choices)."""
+    rec = res.get("recipe") or {}
+    out = []
+    ps = dig(rec, "studies", "ste_protocols", default={}) or {}
+    if ps.get("enabled"):
+        n = ps.get("train_limit") or AUTHORS_STE["images"]
+        for proto, ep in zip(ps.get("protocols", []), ps.get("epochs", [])):
+            out.append(
+                f"STE {proto}: {ep} epoch(s) on the first {n} training images "
+                f"(the authors: {AUTHORS_STE['epochs']} epochs on {AUTHORS_STE['images']}), "
+                f"{100 * ep * n / (AUTHORS_STE['epochs'] * AUTHORS_STE['images']):.1f}% of their STE training"
+            )
+    mm = dig(rec, "match", "options", "ste-mm", default=None)
+    if isinstance(mm, dict):
+        ep, n = mm.get("epochs") or AUTHORS_STE["epochs"], mm.get("train_limit") or AUTHORS_STE["images"]
+        out.append(
+            f"STE-MM (joint, many models): {ep} epoch(s) on the first {n} training images "
+            f"({100 * ep * n / (AUTHORS_STE['epochs'] * AUTHORS_STE['images']):.1f}% of the authors' STE training)"
+        )
+    return out
+
+
 def collect_paper(res: dict[str, Any]) -> dict[str, Any]:
     """``results["paper"]``: the side-by-side claims (``claims``), WM's distance reduction per model entry
     beside the paper's 17.9% (``reduction``), the many-models table (``many_models``) and the train/test
@@ -365,7 +394,12 @@ def collect_paper(res: dict[str, Any]) -> dict[str, Any]:
     claims += _protocol_claims(res)
     many, table = _many_claims(res)
     claims += many
-    out: dict[str, Any] = {"claims": claims, "reduction": reduction, "splits": _splits_study(res)}
+    out: dict[str, Any] = {
+        "claims": claims,
+        "reduction": reduction,
+        "splits": _splits_study(res),
+        "notes": _notes(res),
+    }
     if table is not None:
         out["many_models"] = table
     return out
@@ -380,6 +414,19 @@ def _pm(s: dict[str, Any] | None, pct: bool = False) -> str:
     if "ci95" in s:
         txt += f" [{f(s['ci95'][0])}, {f(s['ci95'][1])}]"
     return txt + f" (n={s['n']})"
+
+
+def _many_row(name: str, r: dict[str, Any]) -> str:
+    """One row of the many-models table."""
+    if "cycle_error" in r:
+        cyc = f"{r['cycle_error']:.4f}"
+    else:
+        cyc = "0 (one anchor order)" if r["anchored"] and r["n"] >= 3 else "-"
+    secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+    return (
+        f"| {name} | {r['n']} | {r['merged_loss']:.4f} | {r['merged_accuracy']:.4f} | "
+        f"{_pm(r.get('non_anchor_pair_barrier'))} | {r['mean_pair_barrier']:.4f} | {cyc} | {secs} |"
+    )
 
 
 def write_paper(res: dict[str, Any]) -> list[str]:
@@ -398,6 +445,9 @@ def write_paper(res: dict[str, Any]) -> list[str]:
         "interval never changes it.",
         "",
     ]
+    if p.get("notes"):
+        md += ["Sizing of this run against the authors' protocol (CPU budget; not tuned to any number):", ""]
+        md += [f"- {n}." for n in p["notes"]] + [""]
     if p.get("reduction"):
         md += ["WM's L2 distance reduction (paper: 17.9%, MLP on Fashion-MNIST, Table 1):", ""]
         md += ["| model | reduction | paper |", "|---|---|---|"]
@@ -434,15 +484,12 @@ def write_paper(res: dict[str, Any]) -> list[str]:
             "Merged: the uniform average of the N aligned models (test split). Pair barrier: mean test-loss "
             "barrier over pairs among models 1..N-1 (N >= 3).",
             "",
-            "| method | N | merged loss | merged acc | pair barrier (non-anchor) | mean pair barrier (all) |",
-            "|---|---|---|---|---|---|",
+            "| method | N | merged loss | merged acc | pair barrier (non-anchor) | mean pair barrier (all) | "
+            "cycle error | seconds |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, rows in t.items():
-            for r in rows:
-                md.append(
-                    f"| {name} | {r['n']} | {r['merged_loss']:.4f} | {r['merged_accuracy']:.4f} | "
-                    f"{_pm(r.get('non_anchor_pair_barrier'))} | {r['mean_pair_barrier']:.4f} |"
-                )
+            md += [_many_row(name, r) for r in rows]
     if p.get("splits"):
         md += ["", "### Train vs test split", "", "Mean loss barrier per split (model pairs):", ""]
         md += ["| model | method | split | loss barrier |", "|---|---|---|---|"]
