@@ -183,8 +183,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print_table(summary_rows(res.results))
     print()
+    several = len({x.get("model") for x in res.results["claims"]}) > 1
     for c in res.results["claims"]:
-        who = f" ({c['model']})" if len({x.get("model") for x in res.results["claims"]}) > 1 else ""
+        who = f" ({c['model']})" if several and c.get("model") else ""
         print(f"[{'held' if c['held'] else 'NOT held'}] claim {c['id']}{who}: {c['text']}")
     print(
         f"\n{len(res.summary.ran)} stages run, {len(res.summary.cached)} reused; {res.seconds:.1f}s. "
