@@ -246,6 +246,8 @@ def render_paper(name: str, res: dict[str, Any], run: dict[str, Any], base: str 
             f"- **{e['label']}**: {len(accs)} models, test accuracy {sum(accs) / len(accs):.4f} on average "
             f"({min(accs):.4f}-{max(accs):.4f}), {len(e['pairs'])} disjoint pairs."
         )
+    for note in p.get("notes", []):
+        md.append(f"- Sizing (CPU budget, not tuned to any number): {note}.")
     md += [""]
     md += _table(
         ["model", "WM L2 distance reduction", "paper (Table 1)"],
