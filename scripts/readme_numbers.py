@@ -99,7 +99,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
     the link to the results file works from there (on GitHub and in the documentation site).
     """
     if "paper" in res:
-        return render_paper(name, res, run, base)
+        return render_paper(name, res, run, base, view)
     src = f"docs/results/{name}/results.json"
     href = Path(os.path.relpath(src, base)).as_posix()
     md = [
@@ -229,12 +229,14 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
     return "\n".join(md)
 
 
-def render_paper(name: str, res: dict[str, Any], run: dict[str, Any], base: str = ".") -> str:
+def render_paper(name: str, res: dict[str, Any], run: dict[str, Any], base: str = ".", view: str | None = None) -> str:
     """The compact block of a recipe with a ``paper`` section (issue 30): WM's distance reduction beside the
     paper's, and each claim's verdict per setting with its margin's mean, 95% interval and where it lies."""
     src = f"docs/results/{name}/results.json"
     href = Path(os.path.relpath(src, base)).as_posix()
     p = res["paper"]
+    if view == "headline":
+        return _paper_headline(src, href, res, run)
     md = [
         f"*Produced by `{run['command']}` ({run['date']}; {run['conditions']}; lmckit {run.get('commit', '?')}). "
         f"Every number below is read from [`{src}`]({href}); criteria: `docs/definitions.md`, 'The paper recipe'.*",
@@ -268,6 +270,28 @@ def render_paper(name: str, res: dict[str, Any], run: dict[str, Any], base: str 
                 ]
             )
     md += _table(["claim", "setting", "verdict", "margin per pair", "mean ± std [95% CI]", "interval"], rows)
+    return "\n".join(md + [""])
+
+
+def _paper_headline(src: str, href: str, res: dict[str, Any], run: dict[str, Any]) -> str:
+    """The README's view of a ``paper`` block: WM's distance reduction beside Table 1, then per claim in how
+    many of the judged settings (training choice x STE protocol x N) it held, naming those where it did not."""
+    p = res["paper"]
+    red = ", ".join(f"{pm(r['reduction'], '{:.1%}')} ({r['model'].removeprefix('mlp ')})" for r in p["reduction"])
+    md = [
+        f"*`{run['command']}`, {run['date']}; numbers read from [`{src}`]({href}).*",
+        "",
+        f"WM's L2 distance reduction: {red}; the paper's Table 1: {p['reduction'][0]['paper']:.1%}.",
+        "",
+    ]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for c in p["claims"]:
+        by.setdefault(c["claim"], []).append(c)
+    rows = []
+    for claim, cs in by.items():
+        failed = [c["setting"].removeprefix("mlp ") for c in cs if not c["held"]]
+        rows.append([claim, f"{len(cs) - len(failed)} / {len(cs)}", "; ".join(failed) if failed else "-"])
+    md += _table(["claim", "held in (settings judged)", "settings where it did not hold"], rows)
     return "\n".join(md + [""])
 
 

@@ -76,3 +76,23 @@ def test_check_mode_fails_on_a_stale_readme(tmp_path):
     stale.write_text(text[: m.start("body")] + "typed by hand\n" + text[m.end("body") :])
     assert rn.main(["--check", "--readme", str(stale)]) == 1
     assert rn.main(["--check"]) == 0  # README and docs/results.md as committed
+
+
+def test_paper_headline_counts_each_claims_settings():
+    """The README's paper view: per claim, held / judged over its settings, and the failed ones named."""
+    res = {
+        "experiments": [],
+        "paper": {
+            "reduction": [{"model": "mlp a", "paper": 0.179, "reduction": {"mean": 0.184, "std": 0.0, "n": 1}}],
+            "claims": [
+                {"claim": "1", "setting": "mlp a", "held": True},
+                {"claim": "5b", "setting": "mlp a, STE x", "held": False},
+                {"claim": "5b", "setting": "mlp a, STE y", "held": True},
+            ],
+        },
+    }
+    run = {"command": "lmckit reproduce --recipe paper", "date": "d", "conditions": "c"}
+    md = rn.render("paper", res, run, "headline")
+    assert "18.4% (a); the paper's Table 1: 17.9%" in md
+    assert "| 1 | 1 / 1 | - |" in md
+    assert "| 5b | 1 / 2 | a, STE x |" in md
