@@ -27,6 +27,8 @@ NOT_RUN = {
     "adding-a-method.md": "fragments of one module, shown piece by piece (test_registry_dispatch.py registers one)",
     "scaling.md": "starts Ray clusters and writes to /shared (the Ray tier of test_ray_executor.py runs a local one)",
 }
+#: pages whose runnable blocks need an optional extra's module (skipped with the reason where it is missing)
+NEEDS = {"docs/hf.md": "transformers"}
 DOCS = [README] + sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in NOT_RUN)
 
 #: (language, text in the README, replacement in the test)
@@ -114,6 +116,9 @@ RUNNABLE = [
 
 @pytest.mark.parametrize("lang,code,where", RUNNABLE, ids=[b[2] for b in RUNNABLE])
 def test_readme_block_runs(lang, code, where, tmp_path):
+    need = NEEDS.get(where.rsplit(":", 1)[0])
+    if need:
+        pytest.importorskip(need, reason=f"{where} needs {need} (pip install 'lmckit[hf]')")
     p = _run(lang, _rewrite(lang, code), tmp_path)
     assert p.returncode == 0, f"{where} ({lang}) failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     if "lmckit landscape" in code:  # the tour
