@@ -90,7 +90,6 @@ import inspect
 import warnings
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -100,7 +99,7 @@ from .rules import attention, cat_split, elementwise, layers, norms, shape
 from .rules import recurrent as recurrent_rules
 from .spec import PermutationSpec
 from .trace_build import Tracer
-from .trace_core import SpecWarning, TraceResult, _DictInfo, _flat_nodes, op_rule
+from .trace_core import SpecWarning, TraceResult, _DictInfo, _flat_nodes, op_rule, symbolic_trace
 
 __all__ = [
     "SpecWarning",
@@ -184,7 +183,7 @@ def trace_streams(model: nn.Module, example_input: torch.Tensor | None = None, s
     if example_input is None:
         example_input = example_input_for(model)
     try:
-        gm = fx.symbolic_trace(model)
+        gm = symbolic_trace(model)
     except LmcError:
         raise
     except Exception as e:  # noqa: BLE001  (fx raises many types)

@@ -34,6 +34,7 @@ __all__ = [
     "TraceResult",
     "TracerCore",
     "op_rule",
+    "symbolic_trace",
     "FUNCTION_RULES",
     "METHOD_RULES",
     "MODULE_RULES",
@@ -209,6 +210,42 @@ def op_rule(*targets: Any, replace: bool = False) -> Callable[[Callable], Callab
     return deco
 
 
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, also keeping as one ``call_module`` node every module whose own type has a rule.
+
+    torch.fx inlines the ``forward`` of modules outside ``torch.nn``; a user module registered with
+    :func:`op_rule` must stay whole for its rule to see it. Only the exact type counts (a subclass of
+    ``nn.Linear`` with its own ``forward`` is still traced through), so graphs of models without registered
+    user modules are exactly ``torch.fx.symbolic_trace``'s.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in MODULE_RULES or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, with modules whose type has a registered rule kept whole.
+
+    Parameters
+    ----------
+    model:
+        The module to trace.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        The graph, named after the model's class as ``torch.fx.symbolic_trace`` names it.
+
+    Raises
+    ------
+    Exception
+        Whatever torch.fx raises for a model it cannot trace (data-dependent control flow ...).
+    """
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
 # --------------------------------------------------------------------------- the tracer
 class TracerCore:
     """Walks a shape-propagated fx graph, dispatching each node to its registered rule; holds the union-find.
@@ -273,16 +310,19 @@ class TracerCore:
                 seen[sig] = k
 
     def key(self, key: str, axis: int) -> int:
+        """The element of state-dict axis ``(key, axis)`` (made on first use)."""
         e = self.key_elem.get((key, axis))
         if e is None:
             e = self.key_elem[(key, axis)] = self.uf.make()
         return e
 
     def join_key(self, stream: int | None, key: str, axis: int) -> None:
+        """Tie axis ``axis`` of state entry ``key`` to ``stream`` (nothing when either does not exist)."""
         if stream is not None and key in self.state and axis < self.state[key].dim():
             self.uf.union(stream, self.key(key, axis))
 
     def producer(self, name: str, keys: list[tuple[str, int]]) -> int:
+        """A new stream started by layer ``name`` (groups are named after producers), tied to ``keys``' axes."""
         p = self.uf.make()
         self.producer_name[p] = name
         self.producer_order.append(p)
@@ -307,10 +347,12 @@ class TracerCore:
         return e
 
     def pin(self, stream: int, reason: str, warn: bool = True) -> None:
+        """Fix ``stream``'s units (identity permutation); ``reason`` ends up in the warning when ``warn``."""
         self.pin_reasons.append((stream, reason, warn))
         self.uf.union(_PINNED, stream)
 
     def pin_all(self, arg: Any, reason: str, warn: bool = True) -> None:
+        """Pin every stream of every node in ``arg`` (nodes, or nested tuples/dicts of them)."""
         for n in _flat_nodes(arg):
             self._pin_info(self.info.get(n), reason, warn)
 
@@ -327,6 +369,7 @@ class TracerCore:
 
     # ---------------------------------------------------------------- node facts
     def shape(self, arg: Any) -> tuple[int, ...] | None:
+        """Shape of a tensor node (``()`` for a Python number, ``None`` when unknown or not a tensor)."""
         if isinstance(arg, fx.Node):
             tm = arg.meta.get("tensor_meta")
             if isinstance(tm, TensorMetadata):
@@ -337,12 +380,14 @@ class TracerCore:
         return None
 
     def tinfo(self, arg: Any) -> dict[int, int]:
+        """Stream info ``{axis: element}`` of a tensor node (``{}``: invariant, or not a tensor node)."""
         if isinstance(arg, fx.Node):
             inf = self.info.get(arg)
             return inf if isinstance(inf, dict) and not isinstance(inf, _DictInfo) else {}
         return {}
 
     def invariant_like(self, node: fx.Node) -> Any:
+        """The info of an invariant value shaped like ``node``'s (``{}`` per tensor, tuples and dicts kept)."""
         tm = node.meta.get("tensor_meta")
         return self._inv(tm)
 
@@ -357,6 +402,7 @@ class TracerCore:
 
     # ---------------------------------------------------------------- rules
     def opaque(self, node: fx.Node, why: str | None = None) -> Any:
+        """An op the tracer cannot see through: pin every stream flowing in, return an invariant result."""
         reason = why or f"{_op_name(node)} at node {node.name!r} is not understood by the tracer"
         self.opaque_ops.append(reason)
         self.pin_all((node.args, node.kwargs), reason)
@@ -374,7 +420,6 @@ class TracerCore:
                 self.pin(e, f"{_op_name(node)} at node {node.name!r} separates a head's features from their head")
 
     # ---------------------------------------------------------------- dispatch
-    # ---------------------------------------------------------------- functions and methods
     def _dim_arg(self, node: fx.Node, pos: int, default: Any = None, kw: str = "dim") -> Any:
         if kw in node.kwargs:
             return node.kwargs[kw]
@@ -409,6 +454,7 @@ class TracerCore:
 
     # ---------------------------------------------------------------- walk
     def run(self) -> None:
+        """Walk the graph once in order, giving every node its stream info (``self.info``)."""
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 self.info[node] = self.invariant_like(node)
