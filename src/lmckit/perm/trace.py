@@ -99,7 +99,9 @@ from .rules import attention, cat_split, elementwise, layers, norms, shape
 from .rules import recurrent as recurrent_rules
 from .spec import PermutationSpec
 from .trace_build import Tracer
-from .trace_core import SpecWarning, TraceResult, _DictInfo, _flat_nodes, op_rule, symbolic_trace
+from .trace_core import SpecWarning, TraceResult, op_rule, symbolic_trace
+from .trace_core import _DictInfo as _DictInfo  # re-exported: lmckit.perm.export_trace imports it from here
+from .trace_core import _flat_nodes as _flat_nodes  # re-exported: lmckit.perm.export_trace imports it from here
 
 __all__ = [
     "SpecWarning",
@@ -110,8 +112,6 @@ __all__ = [
     "example_input_for",
     "op_rule",
 ]
-# names the torch.export tracer (lmckit.perm.export_trace) imports from here
-_COMPAT = (_DictInfo, _flat_nodes)
 
 
 class _Tracer(Tracer):
