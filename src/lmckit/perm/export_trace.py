@@ -476,24 +476,40 @@ class _ExportTracer(_Tracer):
                 continue
             for _, e, _, _ in lst[1:]:
                 uf.union(lst[0][1], e)
-        by_src: dict[int, int] = {}
-        for rep, e, _, _ in self.repeats:
+        by_src: dict[int, tuple[int, int, int]] = {}
+        refined = self._refined_roots()
+        for rep, e, n, r in self.repeats:
             rr, re_ = uf.find(rep), uf.find(e)
             if rr == pinned and re_ != pinned:
                 self.pin(e, why + "the repeated heads are left unpermuted")
             elif re_ == pinned and rr != pinned:
                 self.pin(rep, why + "the repeated key/value heads are left unpermuted")
-            elif rr != pinned and (rr == re_ or rr in self._refined_roots() or re_ in self._refined_roots()):
+            elif rr != pinned and (rr == re_ or rr in refined or re_ in refined):
                 for x in (rep, e):
                     self.pin(x, why + "the repeated heads or their source are cut into blocks")
             elif rr != pinned:
-                if re_ in by_src and uf.find(by_src[re_]) != rr:
-                    uf.union(by_src[re_], rep)  # two repeats of one source: one repeated stream (a restriction)
-                by_src.setdefault(re_, rep)
+                first = by_src.setdefault(re_, (rep, n, r))
+                if (first[1], first[2]) != (n, r):  # one source repeated twice as often: two structures, one group
+                    for x in (first[0], rep):
+                        if uf.find(x) != pinned:
+                            self.pin(x, why + "one key/value stream is repeated in two different ways")
+                elif uf.find(first[0]) != rr:
+                    uf.union(first[0], rep)  # two repeats of one source: one repeated stream (a restriction)
         roots = {uf.find(x) for rec in self.repeats for x in rec[:2]} - {pinned}
-        for _f, _H, _d, h, w in self.joints:
-            if uf.find(h) in roots and uf.find(w) != pinned:
+        for f, _H, _d, h, w in self.joints:
+            if (uf.find(h) in roots or uf.find(f) in roots) and uf.find(w) != pinned:
                 self.pin(w, why + "a head's features cannot move with repeated heads", warn=False)
+
+    def _check_repeat_sources(self) -> None:
+        """A repeated stream that will be a group needs its source to be one (the head structure that ties
+        them names both); a source that moves no parameter axis and no block is fixed, so its repeats are."""
+        uf = self.uf
+        pinned = uf.find(0)
+        named = {uf.find(x) for _, pieces, _ in self.refines for x, _, _ in pieces if x is not None}
+        named |= {uf.find(e) for e in self.key_elem.values()} & {uf.find(p) for p in self.producer_order}
+        for rep, e, _, _ in self.repeats:
+            if uf.find(rep) != pinned and uf.find(e) not in named:
+                self.pin(rep, "repeated heads (grouped-query attention): their source moves no parameters")
 
     def _refined_roots(self) -> set[int]:
         return {self.uf.find(e) for e, _, _ in self.refines}
@@ -566,6 +582,7 @@ class _ExportTracer(_Tracer):
                 keep.append(j)
         self.joints = keep
         self._family_rules(full)
+        self._check_repeat_sources()
 
     def _family_rules(self, full: dict[int, Any]) -> None:
         """The fx tracer's ``_resolve_joints`` (same rules, same messages), except that the head elements of
@@ -651,7 +668,12 @@ class _ExportTracer(_Tracer):
             heads[f"{g}.heads"] = (int(n), tuple(members + [g]))
         for rr, (er, n) in reps.items():  # repeated heads: n source heads, the repeats of each one head
             g_rep, g_src = root_group.get(rr), root_group.get(er)
-            if g_rep is not None and g_src is not None:
+            if g_rep is not None and g_src is None:  # _check_repeat_sources pins these: never a free repeat
+                raise LmcError(
+                    f"internal error in the export tracer: repeated heads {g_rep!r} have no source group",
+                    "report this with the model; give the model a permutation_spec() method meanwhile",
+                )
+            if g_rep is not None:
                 heads[f"{g_rep}.heads"] = (int(n), (g_rep, g_src))
         return heads
 
