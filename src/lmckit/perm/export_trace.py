@@ -27,7 +27,11 @@ Rules (the semantics are those of the fx tracer's module docstring)
   unit axis (normalising over all units commutes with permuting them).
   Hand-written RMSNorm (Llama) is seen through as ``pow``, ``mean`` over the
   unit axis (invariant), ``rsqrt`` and elementwise ``mul`` by the weight.
-- ``scaled_dot_product_attention``: as ``F.scaled_dot_product_attention``.
+- ``scaled_dot_product_attention``: as ``F.scaled_dot_product_attention``; with ``enable_gqa=True`` the
+  key/value heads are first repeated to the query heads, as below.
+- repeated heads: ``x[:, :, None].expand(B, n, r, ...).reshape(B, n*r, ...)`` (``transformers``'
+  ``repeat_kv``) merges a unit axis with ``r`` broadcast copies of it into a repeated-heads stream of
+  ``n*r`` units, tied to its source by a head structure (grouped-query attention, below).
 - elementwise ops, casts, ``dropout``, ``expand``, views and reshapes,
   ``transpose`` / ``permute`` / ``t``, ``split`` / ``chunk`` / ``unbind``,
   ``slice`` / ``select``, ``cat`` / ``stack``, reductions, ``softmax``,
@@ -35,6 +39,34 @@ Rules (the semantics are those of the fx tracer's module docstring)
 - any op whose tensor inputs carry no units (masks, position ids, RoPE
   tables) gives an invariant result without a warning: that is exact.
   Any other unknown op pins the units flowing into it and says so.
+
+Grouped-query attention
+-----------------------
+``n`` key/value heads, ``H = n*r`` query heads of ``d`` features; query head ``g*r + k`` reads key/value
+head ``g`` (``repeat_kv`` and ``enable_gqa`` both repeat in blocks). The spec has, per layer, a
+key/value-head group ``KV`` of ``n`` units (``k_proj`` and ``v_proj`` rows in blocks of ``d``) and a
+query-head group ``Q`` of ``H`` units (``q_proj`` rows and ``o_proj`` columns in blocks of ``d``), and the
+head structure ``(n, (Q, KV))``: ``p_KV = s`` and ``p_Q[g*r + k] = s[g]*r + t_g[k]``, i.e. a permutation
+``s`` of the key/value groups shared by both groups and a free permutation ``t_g`` of the query heads inside
+each group (:func:`lmckit.perm.spec.head_block_perm` with ``n`` heads of ``r`` units; ``KV`` has one unit
+per head). Every such permutation keeps the function exactly: the new query head ``g*r + k`` is the old
+head ``s[g]*r + t_g[k]``, whose group is ``s[g]``, and the new key/value head ``g`` is the old head ``s[g]``;
+as the ``r`` repeats of a key/value head are equal copies, the repeated keys and values permuted by ``p_Q``
+are the repeats of the keys and values permuted by ``s`` for every choice of the ``t_g``. So each new query
+head attends exactly as the old head it came from, its output is that head's output, and ``o_proj``'s
+columns, moved by the same head map, sum the same terms. Moving a query head to another group is not in
+this set and changes the function (tests/test_hf_specs.py checks both).
+
+Not covered, and why: within-head features. Rotary embeddings rotate feature pairs ``(j, j + d/2)`` by
+position-dependent angles of distinct frequencies, and no permutation but the identity commutes with that
+(a pair moved to another pair changes its frequency; swapping the two features of a pair reverses its
+rotation), so Q/K features are pinned, as in multi-head Llama. V/O features (free in multi-head attention:
+``v_proj`` rows and ``o_proj`` columns inside each head) would need ``o_proj``'s columns of query head
+``g*r + k`` moved by ``t_g`` on the heads and by key/value head ``g``'s feature map at once, a product of two
+groups on one axis; a permutation spec moves an axis by one group (or by blocks of distinct groups), and its
+head structures leave each member's within-head maps free, so neither can tie ``o_proj``'s feature map to
+``v_proj``'s: V/O features are pinned in grouped-query attention (exact; so are Q/K features of a model
+without rotary embeddings). The projections' rows and columns still all move, by whole heads.
 
 Entry points: :func:`export_trace_streams` and :func:`export_trace_spec`
 (the same results as :func:`lmckit.perm.trace.trace_streams` /
