@@ -361,3 +361,34 @@ def test_spec_for_dispatches_to_export(traced):
         warnings.simplefilter("ignore")
         spec = spec_for(m, _tokens())
     assert spec.axes == res.spec.axes and spec.sizes == res.spec.sizes
+
+
+def test_llama_gqa_cli_check_spec_and_match(traced, tmp_path, capsys):
+    """A user's GQA Llama folders: check-spec prints the grouped-query head structures (permuted, not pinned)
+    and the preserved function; match recovers a planted group swap with within-group query-head moves."""
+    import json
+
+    from lmckit.cli import main
+    from lmckit.perm import load_perms
+
+    _, res = traced["llama"]
+    spec = res.spec
+    a = _build("llama")
+    planted = _gqa_planted(spec)
+    b = _build("llama")
+    b.load_state_dict(apply_permutation(spec, planted, a.state_dict()))
+    fa, fb = str(tmp_path / "a"), str(tmp_path / "b")
+    a.save_pretrained(fa)
+    b.save_pretrained(fb)
+    assert main(["check-spec", "--hf", fa]) == 0
+    out = capsys.readouterr().out
+    assert "function preserved" in out
+    gq, gkv = _gqa_groups(spec, 0)
+    assert f"{gq}.heads (2 heads: {gq}, {gkv})" in out
+    perm_file = tmp_path / "perm.json"
+    assert main(["match", "--hf", fa, fb, "--out", str(perm_file), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["l2_after"] < 1e-5 * max(summary["l2_before"], 1.0)
+    perms, inv = load_perms(perm_file), invert_permutation(planted)
+    for grp in spec.sizes:
+        assert torch.equal(perms[grp], inv[grp]), grp
