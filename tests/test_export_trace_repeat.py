@@ -2,7 +2,8 @@
 
 The Hugging Face Llama checks live in tests/test_hf_specs.py (the hf tier); these need only torch: a
 grouped-query attention without rotary embeddings (so Q/K features would be free in multi-head attention),
-written with ``repeat_kv``'s ``[:, :, None].expand(...).reshape(...)`` and with ``enable_gqa=True``.
+written with ``repeat_kv``'s ``[:, :, None].expand(...).reshape(...)``, with ``repeat_interleave`` and with
+``enable_gqa=True``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class ToyGQA(nn.Module):
             k = k[:, :, None].expand(b, KV, H // KV, T, HD).reshape(b, H, T, HD)
             v = v[:, :, None].expand(b, KV, H // KV, T, HD).reshape(b, H, T, HD)
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.how == "repeat_interleave":
+            k, v = k.repeat_interleave(H // KV, dim=1), torch.repeat_interleave(v, H // KV, dim=-3)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         h = h + self.o(a.transpose(1, 2).reshape(b, T, H * HD))
@@ -52,7 +56,7 @@ def _x(seed: int = 0, n: int = 3) -> torch.Tensor:
     return torch.randn(n, T, 3, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", params=["repeat", "enable_gqa"])
+@pytest.fixture(scope="module", params=["repeat", "repeat_interleave", "enable_gqa"])
 def traced(request):
     torch.manual_seed(0)
     m = ToyGQA(request.param).eval()

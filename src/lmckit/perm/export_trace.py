@@ -31,7 +31,8 @@ Rules (the semantics are those of the fx tracer's module docstring)
   key/value heads are first repeated to the query heads, as below.
 - repeated heads: ``x[:, :, None].expand(B, n, r, ...).reshape(B, n*r, ...)`` (``transformers``'
   ``repeat_kv``) merges a unit axis with ``r`` broadcast copies of it into a repeated-heads stream of
-  ``n*r`` units, tied to its source by a head structure (grouped-query attention, below).
+  ``n*r`` units, tied to its source by a head structure (grouped-query attention, below);
+  ``repeat_interleave(x, r, dim)`` with an integer ``r`` is the same stream.
 - elementwise ops, casts, ``dropout``, ``expand``, views and reshapes,
   ``transpose`` / ``permute`` / ``t``, ``split`` / ``chunk`` / ``unbind``,
   ``slice`` / ``select``, ``cat`` / ``stack``, reductions, ``softmax``,
@@ -318,6 +319,21 @@ def _sdpa(tr: _ExportTracer, node: fx.Node) -> Any:
     if node.kwargs.get("enable_gqa"):
         return tr.sdpa_gqa(node)
     return tr.sdpa(node)
+
+
+@_rule(aten.repeat_interleave)
+def _repeat_interleave(tr: _ExportTracer, node: fx.Node) -> Any:
+    """``x.repeat_interleave(r, dim)`` with an integer ``r``: unit ``i`` of axis ``dim`` becomes units
+    ``i*r .. i*r + r-1`` (the blocks of ``repeat_kv``; see :meth:`_ExportTracer.repeat_heads`)."""
+    src, r, dim = node.args[0], _arg(node, 1, "repeats"), _arg(node, 2, "dim", None)
+    s = tr.shape(src)
+    if s is None or not isinstance(r, int) or isinstance(r, bool) or not isinstance(dim, int):
+        return tr.opaque(node, f"aten.repeat_interleave at node {node.name!r} without an integer count and axis")
+    dim %= len(s)
+    inf = tr.tinfo(src)
+    if dim not in inf or r == 1:
+        return dict(inf)
+    return tr._repeated(inf, dim, s[dim], r, f"aten.repeat_interleave at node {node.name!r}", drop=None)
 
 
 def _layer_name(key: str) -> str:
