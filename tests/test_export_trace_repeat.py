@@ -121,3 +121,29 @@ def test_repeated_heads_planted_weight_matching(traced):
     inv = invert_permutation(planted)
     for grp in spec.sizes:
         assert torch.equal(wm.perms[grp], inv[grp]), grp
+
+
+def test_repeat_without_a_permuted_source_stays_in_place(monkeypatch):
+    """Soundness fallback: if the key/value heads end up without a group (here forced by dropping their name,
+    as happens to a stream the tracer cannot name), the repeated query heads must not move freely either: they
+    are left in place and said so, and the spec still keeps the function."""
+    from lmckit.perm import trace as tr_mod
+
+    base = tr_mod._Tracer._name_groups
+
+    def forget_sources(self, members, refined, used, pinned_root, msgs):
+        root_group, sizes = base(self, members, refined, used, pinned_root, msgs)
+        for _rep, e, _, _ in getattr(self, "repeats", []):
+            g = root_group.pop(self.uf.find(e), None)
+            sizes.pop(g, None)
+        return root_group, sizes
+
+    monkeypatch.setattr(tr_mod._Tracer, "_name_groups", forget_sources)
+    torch.manual_seed(0)
+    m = ToyGQA().eval()
+    res = export_trace_streams(m, _x())
+    ax = res.spec.axes
+    assert ax["q.weight"][0] is None and ax["k.weight"][0] is None and ax["o.weight"][1] is None
+    assert res.spec.heads == {}
+    assert any("repeated heads whose source is not permuted" in w for w in res.warnings)
+    assert check_spec(m.double(), _x(1).double(), spec=res.spec, tol=1e-9).ok

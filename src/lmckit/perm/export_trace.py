@@ -696,6 +696,26 @@ class _ExportTracer(_Tracer):
                 used[rh] = owner
         return seg_of, used
 
+    def _name_groups(
+        self,
+        members: dict[int, list[tuple[str, int]]],
+        refined: dict[int, list],
+        used_in_segments: dict[int, str],
+        pinned_root: int,
+        msgs: list[str],
+    ) -> tuple[dict[int, str], dict[str, int]]:
+        """The fx tracer's names; a repeated stream whose source got no group (a stream the tracer could not
+        name, e.g. one that joined axes of different sizes) is left unpermuted, as its source is."""
+        root_group, sizes = super()._name_groups(members, refined, used_in_segments, pinned_root, msgs)
+        uf = self.uf
+        for rep, e, _, _ in self.repeats:
+            rr, er = uf.find(rep), uf.find(e)
+            if rr in root_group and er not in root_group:
+                g = root_group.pop(rr)
+                sizes.pop(g, None)
+                msgs.append(f"units of {g!r} left unpermuted: repeated heads whose source is not permuted")
+        return root_group, sizes
+
     def _head_structures(self, root_group: dict[int, str], pinned_root: int) -> dict[str, tuple[int, tuple[str, ...]]]:
         heads = super()._head_structures(root_group, pinned_root)
         uf = self.uf
@@ -716,12 +736,7 @@ class _ExportTracer(_Tracer):
             heads[f"{g}.heads"] = (int(n), tuple(members + [g]))
         for rr, (er, n) in reps.items():  # repeated heads: n source heads, the repeats of each one head
             g_rep, g_src = root_group.get(rr), root_group.get(er)
-            if g_rep is not None and g_src is None:  # _check_repeat_sources pins these: never a free repeat
-                raise LmcError(
-                    f"internal error in the export tracer: repeated heads {g_rep!r} have no source group",
-                    "report this with the model; give the model a permutation_spec() method meanwhile",
-                )
-            if g_rep is not None:
+            if g_rep is not None and g_src is not None:  # (_name_groups never names a repeat without its source)
                 heads[f"{g_rep}.heads"] = (int(n), (g_rep, g_src))
         return heads
 
