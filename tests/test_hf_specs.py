@@ -16,16 +16,19 @@ import torch
 T = pytest.importorskip("transformers", reason="the hf tier needs `pip install 'lmckit[hf]'` (transformers)")
 
 from lmckit.data.text import TextDataset  # noqa: E402
+from lmckit.errors import LmcError  # noqa: E402
 from lmckit.match import activation_matching, weight_matching  # noqa: E402
 from lmckit.perm import (  # noqa: E402
     apply_permutation,
     check_spec,
+    identity_permutation,
     invert_permutation,
     random_permutation,
     spec_for,
     uses_export,
 )
-from lmckit.perm.export_trace import export_trace_streams  # noqa: E402
+from lmckit.perm.export_trace import export_graph, export_trace_streams  # noqa: E402
+from lmckit.perm.spec import head_block_perm, validate_perms  # noqa: E402
 
 VOCAB, SEQ = 40, 8
 
@@ -62,9 +65,19 @@ def _vit():
     return T.ViTForImageClassification(cfg)
 
 
-def _llama():
+def _llama(**kw):
+    """Grouped-query attention: 4 query heads in 2 key/value groups (head dim 4)."""
     cfg = T.LlamaConfig(
         hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False, bos_token_id=0, eos_token_id=0, **kw,
+    )  # fmt: skip
+    return T.LlamaForCausalLM(cfg)
+
+
+def _llama_gqa3():
+    """Grouped-query attention with 3 query heads per key/value head: 6 query heads, 2 key/value heads."""
+    cfg = T.LlamaConfig(
+        hidden_size=24, intermediate_size=24, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
         vocab_size=VOCAB, max_position_embeddings=SEQ, use_cache=False, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     return T.LlamaForCausalLM(cfg)
@@ -89,12 +102,14 @@ MODELS = {
     "vit": (_vit, lambda seed=0, n=2: torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))),
     "llama": (_llama, _tokens),
     "llama_mha": (_llama_mha, _tokens),
+    "llama_gqa3": (_llama_gqa3, _tokens),
 }
 # hidden_coverage (share of matrix output rows that move) each class reaches; pinned: vocabulary / class rows
-# (embedding tables count their vocabulary rows), BertModel its residual stream (it is the output), Llama with
-# grouped-query attention its attention (see test_llama_gqa_pins_attention)
-# of the output layers always; Llama additionally its attention (see test_llama_pins_rope_attention)
-MIN_COVERAGE = {"gpt2": 0.7, "bert": 0.8, "bert_base": 0.4, "vit": 0.95, "llama": 0.5, "llama_mha": 0.75}
+# (embedding tables count their vocabulary rows), BertModel its residual stream (it is the output); Llama's
+# attention moves by whole heads (RoPE pins Q/K features; with grouped-query attention the V/O features too)
+MIN_COVERAGE = {
+    "gpt2": 0.7, "bert": 0.8, "bert_base": 0.4, "vit": 0.95, "llama": 0.7, "llama_mha": 0.75, "llama_gqa3": 0.7,
+}  # fmt: skip
 
 
 def _build(name):
@@ -177,18 +192,129 @@ def test_llama_rope_heads_move_whole(traced):
     assert not any("attention" in w for w in res.warnings)
 
 
-def test_llama_gqa_pins_attention(traced):
-    """With grouped-query attention the heads are not permuted yet (the key/value-group plus within-group
-    query-head symmetry is not expressed): attention is pinned and said so; the MLP (SwiGLU: gate and up
-    rows together) and the residual stream (RMSNorm weights) are permuted."""
-    _, res = traced["llama"]
-    ax = res.spec.axes
+def _gqa_groups(spec, layer):
+    """(query-head group, key/value-head group) of a Llama layer with grouped-query attention."""
+    p = f"model.layers.{layer}.self_attn."
+    return spec.axes[p + "q_proj.weight"][0][0][0], spec.axes[p + "k_proj.weight"][0][0][0]
+
+
+@pytest.mark.parametrize("name, n_heads, n_kv", [("llama", 4, 2), ("llama_gqa3", 6, 2)])
+def test_llama_gqa_heads(traced, name, n_heads, n_kv):
+    """Grouped-query attention: the key/value heads move as whole blocks (k_proj and v_proj rows, one group of
+    n_kv units), the query heads as whole blocks (q_proj rows and o_proj columns, one group of n_heads units),
+    under one head structure of n_kv heads: a key/value-group permutation shared by both groups and a free
+    query-head permutation inside each group. RoPE pins the Q/K features, the repeat pins the V/O features
+    (see lmckit.perm.export_trace._ExportTracer.repeat_heads). MLP (SwiGLU: gate and up rows together) and
+    residual stream (RMSNorm weights) as in multi-head Llama; nothing is reported pinned."""
+    _, res = traced[name]
+    spec = res.spec
+    ax, d = spec.axes, 4
     gate = ax["model.layers.0.mlp.gate_proj.weight"][0]
     assert gate is not None and ax["model.layers.0.mlp.up_proj.weight"][0] == gate
     resid = ax["model.embed_tokens.weight"][1]
     assert ax["model.layers.0.input_layernorm.weight"] == (resid,)
-    assert ax["model.layers.0.self_attn.q_proj.weight"][0] is None
-    assert any("attention heads" in w for w in res.warnings)
+    for layer in (0, 1):
+        p = f"model.layers.{layer}.self_attn."
+        gq, gkv = _gqa_groups(spec, layer)
+        assert ax[p + "q_proj.weight"] == (((gq, n_heads, d),), resid)
+        assert ax[p + "o_proj.weight"] == (resid, ((gq, n_heads, d),))
+        assert ax[p + "k_proj.weight"] == (((gkv, n_kv, d),), resid)
+        assert ax[p + "v_proj.weight"] == (((gkv, n_kv, d),), resid)
+        assert spec.sizes[gq] == n_heads and spec.sizes[gkv] == n_kv and gq != gkv
+        assert spec.heads[f"{gq}.heads"] == (n_kv, (gq, gkv))
+    assert len(spec.heads) == 2
+    assert res.warnings == []
+    cov = spec.coverage()  # every attention row moves: q/k/v rows and o_proj's (residual) rows
+    for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert ax[f"model.layers.0.self_attn.{k}.weight"][0] is not None
+    assert cov["heads"][f"{_gqa_groups(spec, 0)[0]}.heads"] == {"heads": n_kv, "groups": list(_gqa_groups(spec, 0))}
+
+
+def _gqa_planted(spec, seed=5):
+    """A planted permutation of a GQA Llama: random MLP and residual permutations, and in every layer the two
+    key/value groups swapped and the query heads of the first (new) group permuted, the second's kept."""
+    perms = random_permutation(spec, seed)
+    for layer in (0, 1):
+        gq, gkv = _gqa_groups(spec, layer)
+        r = spec.sizes[gq] // 2
+        perms[gkv] = torch.tensor([1, 0])
+        within = torch.stack([torch.arange(r).flip(0), torch.arange(r)])
+        perms[gq] = head_block_perm(torch.tensor([1, 0]), within)
+    return perms
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_gqa3"])
+def test_llama_gqa_symmetry_is_exact_and_tight(traced, name):
+    """The planted group + within-group permutation keeps the function (float64); moving one query head to the
+    other key/value group (a permutation the head structure forbids) changes it, and is refused."""
+    m, res = traced[name]
+    spec = res.spec
+    x = _tokens(1, 3)
+    model = _build(name).double()
+    sd = model.state_dict()
+    with torch.no_grad():
+        ref = model(x).logits
+        model.load_state_dict(apply_permutation(spec, _gqa_planted(spec), sd))
+        rel = ((model(x).logits - ref).abs().max() / ref.abs().max()).item()
+        assert rel < 1e-5
+        bad = identity_permutation(spec)
+        gq, _ = _gqa_groups(spec, 0)
+        n = spec.sizes[gq]
+        bad[gq] = torch.tensor([n - 1] + list(range(1, n - 1)) + [0])  # swaps a head of group 0 with one of group 1
+        model.load_state_dict(apply_permutation(spec, bad, sd))
+        rel_bad = ((model(x).logits - ref).abs().max() / ref.abs().max()).item()
+    assert rel_bad > 1e-3
+    with pytest.raises(LmcError, match="whole attention heads"):
+        validate_perms(spec, bad)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_gqa3"])
+def test_llama_gqa_planted_recovered(traced, name):
+    """Weight and activation matching undo a planted key/value-group swap with a within-group query-head
+    permutation (plus random MLP and residual permutations) exactly."""
+    m, res = traced[name]
+    spec = res.spec
+    sd = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+        for i, (k, v) in enumerate(m.state_dict().items())
+    }
+    planted = _gqa_planted(spec)
+    sd_b = apply_permutation(spec, planted, sd)
+    inv = invert_permutation(planted)
+    wm = weight_matching(spec, sd, sd_b, seed=0)
+    m_a, m_b = _build(name), _build(name)
+    m_a.load_state_dict(sd)
+    m_b.load_state_dict(sd_b)
+    data = TextDataset("random-tokens", {"train": torch.randint(0, VOCAB, (64, SEQ + 1))}, vocab_size=VOCAB)
+    am = activation_matching(m_a, m_b, data, spec=spec, num_batches=2, batch_size=32)
+    for grp in spec.sizes:
+        assert torch.equal(wm.perms[grp], inv[grp]), grp
+        assert torch.equal(am.perms[grp], inv[grp]), grp
+    gq, gkv = _gqa_groups(spec, 0)
+    assert not torch.equal(inv[gq], torch.arange(spec.sizes[gq]))  # the attention part was really planted
+
+
+@pytest.mark.parametrize("how", ["eager", "sdpa_enable_gqa"])
+def test_llama_gqa_other_attention_paths(traced, monkeypatch, how):
+    """The same spec when attention is eager (matmul, softmax, matmul on repeat_kv'd heads) or sdpa with
+    enable_gqa=True (no repeat_kv: the key/value heads are repeated inside the op)."""
+    _, res = traced["llama"]
+    kw = {}
+    if how == "eager":
+        kw["attn_implementation"] = "eager"
+    else:
+        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # transformers' switch to sdpa(enable_gqa=True)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = _llama(**kw).eval()
+        gm = export_graph(m, _tokens())
+        sdpa = [n for n in gm.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+        assert bool(sdpa) == (how != "eager") and all(n.kwargs.get("enable_gqa") for n in sdpa)
+        other = export_trace_streams(m, _tokens())
+    assert other.spec.axes == res.spec.axes and other.spec.heads == res.spec.heads and other.warnings == []
+    rep = check_spec(m, _tokens(1, 3), spec=other.spec, tol=1e-5)
+    assert rep.ok, rep.summary()
 
 
 def _planted(name, traced, seed=3):
@@ -216,7 +342,7 @@ def test_weight_matching_recovers_planted(traced, name):
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "llama_mha"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "llama_mha", "llama_gqa3"])
 def test_activation_matching_recovers_planted(traced, name):
     spec, sd, planted, sd_b = _planted(name, traced)
     m_a, m_b = _build(name), _build(name)
@@ -235,3 +361,34 @@ def test_spec_for_dispatches_to_export(traced):
         warnings.simplefilter("ignore")
         spec = spec_for(m, _tokens())
     assert spec.axes == res.spec.axes and spec.sizes == res.spec.sizes
+
+
+def test_llama_gqa_cli_check_spec_and_match(traced, tmp_path, capsys):
+    """A user's GQA Llama folders: check-spec prints the grouped-query head structures (permuted, not pinned)
+    and the preserved function; match recovers a planted group swap with within-group query-head moves."""
+    import json
+
+    from lmckit.cli import main
+    from lmckit.perm import load_perms
+
+    _, res = traced["llama"]
+    spec = res.spec
+    a = _build("llama")
+    planted = _gqa_planted(spec)
+    b = _build("llama")
+    b.load_state_dict(apply_permutation(spec, planted, a.state_dict()))
+    fa, fb = str(tmp_path / "a"), str(tmp_path / "b")
+    a.save_pretrained(fa)
+    b.save_pretrained(fb)
+    assert main(["check-spec", "--hf", fa]) == 0
+    out = capsys.readouterr().out
+    assert "function preserved" in out
+    gq, gkv = _gqa_groups(spec, 0)
+    assert f"{gq}.heads (2 heads: {gq}, {gkv})" in out
+    perm_file = tmp_path / "perm.json"
+    assert main(["match", "--hf", fa, fb, "--out", str(perm_file), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["l2_after"] < 1e-5 * max(summary["l2_before"], 1.0)
+    perms, inv = load_perms(perm_file), invert_permutation(planted)
+    for grp in spec.sizes:
+        assert torch.equal(perms[grp], inv[grp]), grp

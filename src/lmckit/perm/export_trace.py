@@ -27,7 +27,12 @@ Rules (the semantics are those of the fx tracer's module docstring)
   unit axis (normalising over all units commutes with permuting them).
   Hand-written RMSNorm (Llama) is seen through as ``pow``, ``mean`` over the
   unit axis (invariant), ``rsqrt`` and elementwise ``mul`` by the weight.
-- ``scaled_dot_product_attention``: as ``F.scaled_dot_product_attention``.
+- ``scaled_dot_product_attention``: as ``F.scaled_dot_product_attention``; with ``enable_gqa=True`` the
+  key/value heads are first repeated to the query heads, as below.
+- repeated heads: ``x[:, :, None].expand(B, n, r, ...).reshape(B, n*r, ...)`` (``transformers``'
+  ``repeat_kv``) merges a unit axis with ``r`` broadcast copies of it into a repeated-heads stream of
+  ``n*r`` units, tied to its source by a head structure (grouped-query attention, below);
+  ``repeat_interleave(x, r, dim)`` with an integer ``r`` is the same stream.
 - elementwise ops, casts, ``dropout``, ``expand``, views and reshapes,
   ``transpose`` / ``permute`` / ``t``, ``split`` / ``chunk`` / ``unbind``,
   ``slice`` / ``select``, ``cat`` / ``stack``, reductions, ``softmax``,
@@ -35,6 +40,34 @@ Rules (the semantics are those of the fx tracer's module docstring)
 - any op whose tensor inputs carry no units (masks, position ids, RoPE
   tables) gives an invariant result without a warning: that is exact.
   Any other unknown op pins the units flowing into it and says so.
+
+Grouped-query attention
+-----------------------
+``n`` key/value heads, ``H = n*r`` query heads of ``d`` features; query head ``g*r + k`` reads key/value
+head ``g`` (``repeat_kv`` and ``enable_gqa`` both repeat in blocks). The spec has, per layer, a
+key/value-head group ``KV`` of ``n`` units (``k_proj`` and ``v_proj`` rows in blocks of ``d``) and a
+query-head group ``Q`` of ``H`` units (``q_proj`` rows and ``o_proj`` columns in blocks of ``d``), and the
+head structure ``(n, (Q, KV))``: ``p_KV = s`` and ``p_Q[g*r + k] = s[g]*r + t_g[k]``, i.e. a permutation
+``s`` of the key/value groups shared by both groups and a free permutation ``t_g`` of the query heads inside
+each group (:func:`lmckit.perm.spec.head_block_perm` with ``n`` heads of ``r`` units; ``KV`` has one unit
+per head). Every such permutation keeps the function exactly: the new query head ``g*r + k`` is the old
+head ``s[g]*r + t_g[k]``, whose group is ``s[g]``, and the new key/value head ``g`` is the old head ``s[g]``;
+as the ``r`` repeats of a key/value head are equal copies, the repeated keys and values permuted by ``p_Q``
+are the repeats of the keys and values permuted by ``s`` for every choice of the ``t_g``. So each new query
+head attends exactly as the old head it came from, its output is that head's output, and ``o_proj``'s
+columns, moved by the same head map, sum the same terms. Moving a query head to another group is not in
+this set and changes the function (tests/test_hf_specs.py checks both).
+
+Not covered, and why: within-head features. Rotary embeddings rotate feature pairs ``(j, j + d/2)`` by
+position-dependent angles of distinct frequencies, and no permutation but the identity commutes with that
+(a pair moved to another pair changes its frequency; swapping the two features of a pair reverses its
+rotation), so Q/K features are pinned, as in multi-head Llama. V/O features (free in multi-head attention:
+``v_proj`` rows and ``o_proj`` columns inside each head) would need ``o_proj``'s columns of query head
+``g*r + k`` moved by ``t_g`` on the heads and by key/value head ``g``'s feature map at once, a product of two
+groups on one axis; a permutation spec moves an axis by one group (or by blocks of distinct groups), and its
+head structures leave each member's within-head maps free, so neither can tie ``o_proj``'s feature map to
+``v_proj``'s: V/O features are pinned in grouped-query attention (exact; so are Q/K features of a model
+without rotary embeddings). The projections' rows and columns still all move, by whole heads.
 
 Entry points: :func:`export_trace_streams` and :func:`export_trace_spec`
 (the same results as :func:`lmckit.perm.trace.trace_streams` /
@@ -54,7 +87,7 @@ import torch.nn as nn
 
 from ..errors import LmcError
 from .spec import PermutationSpec
-from .trace import SpecWarning, TraceResult, _DictInfo, _flat_nodes, _Tracer
+from .trace import SpecWarning, TraceResult, _DictInfo, _flat_nodes, _op_name, _Tracer
 
 __all__ = ["ATEN_RULES", "export_graph", "export_trace_streams", "export_trace_spec"]
 
@@ -126,7 +159,8 @@ def _expand(tr: _ExportTracer, node: fx.Node) -> Any:
 # ------------------------------------------------------------------ shape ops
 @_rule(aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten, aten.unflatten)
 def _reshape(tr: _ExportTracer, node: fx.Node) -> Any:
-    return tr.reshape(node, node.args[0])
+    out = tr.repeat_heads(node, node.args[0])
+    return out if out is not None else tr.reshape(node, node.args[0])
 
 
 @_rule(aten.transpose, aten.swapaxes, aten.swapdims)
@@ -283,8 +317,23 @@ def _conv(tr: _ExportTracer, node: fx.Node) -> Any:
 @_rule(aten.scaled_dot_product_attention)
 def _sdpa(tr: _ExportTracer, node: fx.Node) -> Any:
     if node.kwargs.get("enable_gqa"):
-        return tr.opaque(node, f"aten.scaled_dot_product_attention at node {node.name!r} with enable_gqa")
+        return tr.sdpa_gqa(node)
     return tr.sdpa(node)
+
+
+@_rule(aten.repeat_interleave)
+def _repeat_interleave(tr: _ExportTracer, node: fx.Node) -> Any:
+    """``x.repeat_interleave(r, dim)`` with an integer ``r``: unit ``i`` of axis ``dim`` becomes units
+    ``i*r .. i*r + r-1`` (the blocks of ``repeat_kv``; see :meth:`_ExportTracer.repeat_heads`)."""
+    src, r, dim = node.args[0], _arg(node, 1, "repeats"), _arg(node, 2, "dim", None)
+    s = tr.shape(src)
+    if s is None or not isinstance(r, int) or isinstance(r, bool) or not isinstance(dim, int):
+        return tr.opaque(node, f"aten.repeat_interleave at node {node.name!r} without an integer count and axis")
+    dim %= len(s)
+    inf = tr.tinfo(src)
+    if dim not in inf or r == 1:
+        return dict(inf)
+    return tr._repeated(inf, dim, s[dim], r, f"aten.repeat_interleave at node {node.name!r}", drop=None)
 
 
 def _layer_name(key: str) -> str:
@@ -310,6 +359,9 @@ class _ExportTracer(_Tracer):
     def __init__(self, gm: fx.GraphModule, state: dict[str, torch.Tensor], strict: bool):
         super().__init__(gm, state, strict)
         self.site_nodes_export: list[tuple[fx.Node, str]] = []
+        # repeated heads (grouped-query attention): (element of the n*r repeated units, element of the n
+        # repeated units, n, r); see repeat_heads
+        self.repeats: list[tuple[int, int, int, int]] = []
         # torch.export keeps one name of tied tensors (GPT-2's lm_head.weight for wte): name layers after the
         # first key in state-dict order that shares the storage
         first: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
@@ -360,6 +412,156 @@ class _ExportTracer(_Tracer):
         """``src[items]`` by the fx tracer's ``getitem`` rule (items: ints and slices, leading axes)."""
         return self.getitem(_GetItem(node, src, tuple(items)))
 
+    # ------------------------------------------------------------ repeated heads (grouped-query attention)
+    def repeat_heads(self, node: fx.Node, src: Any) -> dict[int, int] | None:
+        """``x[:, :, None].expand(B, n, r, ...).reshape(B, n*r, ...)`` (``repeat_kv``): a unit axis merged with
+        the broadcast copies after it. ``None`` when ``node`` is not that pattern (the plain reshape rule runs).
+
+        Output unit ``i*r + k`` is a copy of input unit ``i`` for every ``k``, so permuting the input by
+        ``s`` gives the output permuted by ``P[i*r + k] = s[i]*r + t_i[k]`` for EVERY choice of the
+        permutations ``t_i`` of the ``r`` copies (they are equal): the merged axis becomes a new stream
+        (``n*r`` units) recorded in ``self.repeats`` with its source, and at build time its group is
+        constrained to that two-level form by a head structure of ``n`` heads shared with the source's group
+        (:meth:`_head_structures`). A within-head axis whose head is the repeated axis is pinned and
+        dropped: each of its ``n`` per-head feature permutations would be read by ``r`` output heads that
+        move by ``t_i``, a product (``t_i`` x feature map) on one axis that the spec does not express.
+        """
+        if not isinstance(src, fx.Node) or getattr(src.target, "overloadpacket", None) is not aten.expand:
+            return None
+        xs, es, os_ = self.shape(src.args[0]), self.shape(src), self.shape(node)
+        if xs is None or es is None or os_ is None or len(xs) != len(es) or len(os_) != len(es) - 1:
+            return None
+        inf = self.tinfo(src)
+        a = next(
+            (
+                a
+                for a in range(1, len(es))
+                if xs[a] == 1
+                and es[a] > 1
+                and a - 1 in inf
+                and a not in inf
+                and os_ == es[: a - 1] + (es[a - 1] * es[a],) + es[a + 1 :]
+            ),
+            None,
+        )
+        if a is None:
+            return None
+        return self._repeated(inf, a - 1, es[a - 1], es[a], f"{_op_name(node)} at node {node.name!r}", drop=a)
+
+    def _repeated(self, inf: dict[int, int], d: int, n: int, r: int, where: str, drop: int | None) -> dict[int, int]:
+        """Stream info after repeating axis ``d`` (``n`` units, element ``inf[d]``) ``r`` times in blocks
+        (unit ``i`` -> ``i*r .. i*r + r-1``); ``drop``: an axis removed by the merge (its info is shifted)."""
+        e = inf[d]
+        rep = self.fresh(n * r)
+        self.repeats.append((rep, e, n, r))
+        out: dict[int, int] = {}
+        for dd, x in inf.items():
+            if dd == d:
+                out[dd] = rep
+                continue
+            h = self.w_partner.get(x)
+            if h is not None and self.uf.find(h) == self.uf.find(e):
+                if self.uf.find(x) != self.uf.find(0):
+                    self.pin(
+                        x,
+                        f"{where} repeats heads (grouped-query attention): a key/value head's features would move "
+                        "with one permutation per key/value head, read by query heads that move inside their "
+                        "group, which a permutation spec cannot express",
+                        warn=False,
+                    )
+                continue
+            out[dd - 1 if drop is not None and dd > drop else dd] = x
+        return out
+
+    def sdpa_gqa(self, node: fx.Node) -> Any:
+        """``F.scaled_dot_product_attention(q, k, v, enable_gqa=True)``: key/value heads repeated in blocks
+        (``repeat_interleave`` over the head axis) to the query heads, then :meth:`sdpa` (see
+        :meth:`repeat_heads`)."""
+        a = list(node.args)
+        q = a[0] if len(a) > 0 else node.kwargs.get("query")
+        kv = [a[i] if len(a) > i else node.kwargs.get(kw) for i, kw in ((1, "key"), (2, "value"))]
+        sq = self.shape(q)
+        if sq is None or len(sq) < 3:
+            return self.opaque(node)
+        H = sq[-3]
+        saved: dict[fx.Node, Any] = {}
+        try:
+            for t in kv:
+                s = self.shape(t)
+                if not isinstance(t, fx.Node) or t in saved or s is None or len(s) < 3 or s[-3] == H:
+                    continue
+                if H % s[-3]:
+                    return self.opaque(node, f"aten.scaled_dot_product_attention at node {node.name!r}: "
+                                       f"{H} query heads are not groups of {s[-3]} key/value heads")  # fmt: skip
+                inf = self.tinfo(t)
+                saved[t] = self.info.get(t)
+                d = len(s) - 3
+                if d in inf:
+                    where = f"aten.scaled_dot_product_attention (enable_gqa) at node {node.name!r}"
+                    self.info[t] = self._repeated(inf, d, s[-3], H // s[-3], where, drop=None)
+            return self.sdpa(node)
+        finally:
+            self.info.update(saved)
+
+    def _resolve_repeats(self) -> None:
+        """Make repeated heads consistent (a step of the block fixpoint): streams repeated into one stream share
+        one source stream; a pinned source or repeat pins the other (a repeat of fixed units, or fixed
+        repeated units, keep the source fixed); a repeat that is itself cut into blocks, or of a stream that is,
+        pins both; head-split streams on the repeated axes lose their within-head permutations (see
+        :meth:`repeat_heads`)."""
+        uf = self.uf
+        pinned = uf.find(0)
+        why = "repeated heads (grouped-query attention): "
+        by_rep: dict[int, list[tuple[int, int, int, int]]] = {}
+        for rec in self.repeats:
+            by_rep.setdefault(uf.find(rec[0]), []).append(rec)
+        for lst in by_rep.values():
+            if len({(n, r) for _, _, n, r in lst}) > 1:
+                for rep, e, _, _ in lst:
+                    for x in (rep, e):
+                        if uf.find(x) != pinned:
+                            self.pin(x, why + "one stream repeats sources of different sizes")
+                continue
+            for _, e, _, _ in lst[1:]:
+                uf.union(lst[0][1], e)
+        by_src: dict[int, tuple[int, int, int]] = {}
+        refined = self._refined_roots()
+        for rep, e, n, r in self.repeats:
+            rr, re_ = uf.find(rep), uf.find(e)
+            if rr == pinned and re_ != pinned:
+                self.pin(e, why + "the repeated heads are left unpermuted")
+            elif re_ == pinned and rr != pinned:
+                self.pin(rep, why + "the repeated key/value heads are left unpermuted")
+            elif rr != pinned and (rr == re_ or rr in refined or re_ in refined):
+                for x in (rep, e):
+                    self.pin(x, why + "the repeated heads or their source are cut into blocks")
+            elif rr != pinned:
+                first = by_src.setdefault(re_, (rep, n, r))
+                if (first[1], first[2]) != (n, r):  # one source repeated twice as often: two structures, one group
+                    for x in (first[0], rep):
+                        if uf.find(x) != pinned:
+                            self.pin(x, why + "one key/value stream is repeated in two different ways")
+                elif uf.find(first[0]) != rr:
+                    uf.union(first[0], rep)  # two repeats of one source: one repeated stream (a restriction)
+        roots = {uf.find(x) for rec in self.repeats for x in rec[:2]} - {pinned}
+        for f, _H, _d, h, w in self.joints:
+            if (uf.find(h) in roots or uf.find(f) in roots) and uf.find(w) != pinned:
+                self.pin(w, why + "a head's features cannot move with repeated heads", warn=False)
+
+    def _check_repeat_sources(self) -> None:
+        """A repeated stream that will be a group needs its source to be one (the head structure that ties
+        them names both); a source that moves no parameter axis and no block is fixed, so its repeats are."""
+        uf = self.uf
+        pinned = uf.find(0)
+        named = {uf.find(x) for _, pieces, _ in self.refines for x, _, _ in pieces if x is not None}
+        named |= {uf.find(e) for e in self.key_elem.values()} & {uf.find(p) for p in self.producer_order}
+        for rep, e, _, _ in self.repeats:
+            if uf.find(rep) != pinned and uf.find(e) not in named:
+                self.pin(rep, "repeated heads (grouped-query attention): their source moves no parameters")
+
+    def _refined_roots(self) -> set[int]:
+        return {self.uf.find(e) for e, _, _ in self.refines}
+
     def matmul_bias(self, node: fx.Node, x: Any, m: Any, b: Any, transposed: bool = False) -> Any:
         """``x @ m (+ b)``; when ``m`` is a parameter (or ``t(W)`` of one) the product is a producer.
 
@@ -407,17 +609,20 @@ class _ExportTracer(_Tracer):
         parametrisation with the within-head permutation fixed to the identity, so it is exact; the head
         axis then becomes a group of ``H`` units and joins the head structure of the heads' other
         streams (V/O) as a member with one unit per head."""
+        self._resolve_repeats()
         uf = self.uf
         pinned = uf.find(0)
         keep = []
         if not hasattr(self, "head_only"):
             self.head_only: list[int] = []
+            self.head_flat: list[tuple[int, int]] = []  # (head elem, its flat stream) of the head-only joints
         for j in self.joints:
             f, H, d, h, w = j
             if uf.find(w) == pinned and uf.find(h) != pinned and uf.find(f) != pinned:
                 e = self.refined([(h, H, d)], "attention heads whose features are pinned")
                 uf.union(e, f)
                 self.head_only.append(h)
+                self.head_flat.append((h, f))
                 w_of = [x for x, hh in self.w_partner.items() if hh == h and uf.find(x) == pinned]
                 for x in w_of:
                     del self.w_partner[x]
@@ -425,6 +630,7 @@ class _ExportTracer(_Tracer):
                 keep.append(j)
         self.joints = keep
         self._family_rules(full)
+        self._check_repeat_sources()
 
     def _family_rules(self, full: dict[int, Any]) -> None:
         """The fx tracer's ``_resolve_joints`` (same rules, same messages), except that the head elements of
@@ -472,12 +678,52 @@ class _ExportTracer(_Tracer):
                     if uf.find(f) != pinned:
                         self.pin(f, f"attention heads: {bad}")
 
+    def _segments(
+        self,
+        refined: dict[int, list],
+        members: dict[int, list[tuple[str, int]]],
+        producers: dict[int, list[str]],
+        msgs: list[str],
+    ) -> tuple[dict[int, list[tuple[int | None, int, int]]], dict[int, str]]:
+        """The fx tracer's segments; the head group of a head-only joint is named after the projection that
+        was split into those heads (``q_proj.0``), not after whichever block stream was seen first."""
+        seg_of, used = super()._segments(refined, members, producers, msgs)
+        uf = self.uf
+        for h, f in reversed(getattr(self, "head_flat", [])):
+            rh = uf.find(h)
+            owner = (producers.get(uf.find(f)) or [None])[0]
+            if rh in used and owner is not None:
+                used[rh] = owner
+        return seg_of, used
+
+    def _name_groups(
+        self,
+        members: dict[int, list[tuple[str, int]]],
+        refined: dict[int, list],
+        used_in_segments: dict[int, str],
+        pinned_root: int,
+        msgs: list[str],
+    ) -> tuple[dict[int, str], dict[str, int]]:
+        """The fx tracer's names; a repeated stream whose source got no group (a stream the tracer could not
+        name, e.g. one that joined axes of different sizes) is left unpermuted, as its source is."""
+        root_group, sizes = super()._name_groups(members, refined, used_in_segments, pinned_root, msgs)
+        uf = self.uf
+        for rep, e, _, _ in self.repeats:
+            rr, er = uf.find(rep), uf.find(e)
+            if rr in root_group and er not in root_group:
+                g = root_group.pop(rr)
+                sizes.pop(g, None)
+                msgs.append(f"units of {g!r} left unpermuted: repeated heads whose source is not permuted")
+        return root_group, sizes
+
     def _head_structures(self, root_group: dict[int, str], pinned_root: int) -> dict[str, tuple[int, tuple[str, ...]]]:
         heads = super()._head_structures(root_group, pinned_root)
         uf = self.uf
+        reps = {uf.find(rep): (uf.find(e), n) for rep, e, n, _ in self.repeats if uf.find(rep) != pinned_root}
+        rep_roots = set(reps) | {e for e, _ in reps.values()}
         for h in dict.fromkeys(uf.find(x) for x in getattr(self, "head_only", [])):
             g = root_group.get(h)
-            if g is None or h == pinned_root:
+            if g is None or h == pinned_root or h in rep_roots:
                 continue
             n = self._class_size(h)
             members: list[str] = []
@@ -488,6 +734,10 @@ class _ExportTracer(_Tracer):
             for name in [k for k, (_, m) in heads.items() if set(m) & set(members)]:
                 del heads[name]
             heads[f"{g}.heads"] = (int(n), tuple(members + [g]))
+        for rr, (er, n) in reps.items():  # repeated heads: n source heads, the repeats of each one head
+            g_rep, g_src = root_group.get(rr), root_group.get(er)
+            if g_rep is not None and g_src is not None:  # (_name_groups never names a repeat without its source)
+                heads[f"{g_rep}.heads"] = (int(n), (g_rep, g_src))
         return heads
 
     def _sites(self, root_group: dict[int, str]) -> dict[str, list[str]]:
