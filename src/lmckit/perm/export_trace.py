@@ -87,7 +87,8 @@ import torch.nn as nn
 
 from ..errors import LmcError
 from .spec import PermutationSpec
-from .trace import SpecWarning, TraceResult, _DictInfo, _flat_nodes, _op_name, _Tracer
+from .trace import SpecWarning, TraceResult, _DictInfo, _flat_nodes, _Tracer
+from .trace_core import _op_name
 
 __all__ = ["ATEN_RULES", "export_graph", "export_trace_streams", "export_trace_spec"]
 
