@@ -292,6 +292,7 @@ def import_reference(ref: Path):
         hint = " (build lap_uv into <ref>/srcs: see docs/results.md)" if "lap_uv" in str(e) else ""
         raise CheckError(f"cannot import the authors' code from {srcs}: {e}{hint}") from None
     return {
+        "ste_module": ste_mod,
         "ste": ste_mod.ste,
         "Net": mlp.Net,
         "fix_randomseed": seed.fix_randomseed,
@@ -299,6 +300,18 @@ def import_reference(ref: Path):
         "weight_matching": wm.weight_matching,
         "weight_matching_uv": wm_uv.weight_matching_uv,
     }
+
+
+def lmckit_start(match_dir: Path):
+    """lmckit's STE starting projection ``pi_wm`` (``perm.wm.*`` in the stage's ``ste/ste_state.safetensors``)."""
+    from safetensors.torch import load_file
+
+    f = match_dir / "ste" / "ste_state.safetensors"
+    if not f.exists():
+        return None
+    st = load_file(str(f))
+    out = {k[len("perm.wm.") :]: v.long() for k, v in st.items() if k.startswith("perm.wm.")}
+    return out or None
 
 
 def run_authors(ref, args, seed, sd_a, sd_b, proto, x_train, y_train):
@@ -309,14 +322,32 @@ def run_authors(ref, args, seed, sd_a, sd_b, proto, x_train, y_train):
     net_a, net_b = load_authors_net(sd_a, Net), load_authors_net(sd_b, Net)
     ref["fix_randomseed"](seed)  # then their DataModule's loader: shuffled from the global generator
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True)
-    t0, load0 = time.time(), os.getloadavg()[0]
-    permed, wms = ref["ste"](
-        net_a, [net_b], loader, None, args.lr, args.epochs, PROTOCOLS[proto], "cpu", [1, 28, 28], args.fast_wm
-    )
-    secs = time.time() - t0
+    # Observation only: their WM class, as ste() looks it up in its module, is swapped for a subclass that
+    # calls their fit unchanged and keeps a copy of the first projection (theta~ = theta_a: their STE's
+    # starting WM), so the units STE moves away from its own start can be counted as lmckit's
+    # changed_vs_wm is. Restored after the call.
+    attr = "weight_matching_uv" if args.fast_wm else "weight_matching"
+    first: dict[str, Any] = {}
+
+    class Recording(ref[attr]):
+        def fit(self, *a, **k):
+            super().fit(*a, **k)
+            first.setdefault("perm", {p: v.detach().cpu().clone() for p, v in self.perm.items()})
+
+    mod = ref["ste_module"]
+    setattr(mod, attr, Recording)
+    try:
+        t0, load0 = time.time(), os.getloadavg()[0]
+        permed, wms = ref["ste"](
+            net_a, [net_b], loader, None, args.lr, args.epochs, PROTOCOLS[proto], "cpu", [1, 28, 28], args.fast_wm
+        )
+        secs = time.time() - t0
+    finally:
+        setattr(mod, attr, ref[attr])
     names = authors_perm_groups(ref["generate_permutation_spec"](Net(), [1, 1, 28, 28]))
     perms = {names[p]: v.detach().cpu().long() for p, v in wms[0].perm.items()}
     ref["_last_permed"] = permed[1]
+    ref["_first_projection"] = {names[p]: v.long() for p, v in first["perm"].items()}
     return perms, secs, load0, len(loader) * args.epochs
 
 
@@ -420,11 +451,18 @@ def run(args) -> dict[str, Any]:
                         f"results.json has {ref_row[k]:.6f}: the evaluation is not the recipe's"
                     )
             lm["changed_vs_wm_results_json"] = ref_row.get("changed_vs_wm")
+            lm_start = lmckit_start(matches[(a, b, proto)])  # lmckit STE's first projection (its pi_wm)
+            if lm_start is not None:
+                lm["changed_vs_own_start"] = perm_changed_units(lm_perms, lm_start)
+                lm["own_start_vs_lmckit_wm"] = perm_changed_units(lm_start, wm_perms)
 
             perms, secs, load0, steps = run_authors(ref, args, args.seed, sd_a, sd_b, proto, x_train, y_train)
             check_perm_applies(ref, sd_b, proto, perms, spec, (a, b))
+            start = ref["_first_projection"]
             row = measure(model, spec, sd_a, sd_b, perms, ds, wm_perms, ref_perms=lm_perms)
             row.update(pair=[a, b], seconds=secs, load1=load0, steps=steps, output_diff=diff)
+            row["changed_vs_own_start"] = perm_changed_units(perms, start)  # as lmckit's changed_vs_wm
+            row["own_start_vs_lmckit_wm"] = perm_changed_units(start, wm_perms)
             # context, outside the verdict: the run-to-run spread of the authors' own code (another seed),
             # and how far lmckit's two protocols are from each other on this pair
             perms2, secs2, _, _ = run_authors(ref, args, args.spread_seed, sd_a, sd_b, proto, x_train, y_train)
@@ -467,6 +505,15 @@ def summarize(out: dict[str, Any]) -> None:
         }
         s["seconds"] = stats(r["seconds"] for r in rows)
         s["changed_authors_seed_to_seed"] = stats(r["changed_vs_authors_other_seed"] for r in rows)
+        if all("changed_vs_own_start" in r for r in lm_rows):
+            s["changed_vs_own_start"] = {
+                "authors": stats(r["changed_vs_own_start"] for r in rows),
+                "lmckit": stats(r["changed_vs_own_start"] for r in lm_rows),
+            }
+            s["own_start_vs_lmckit_wm"] = {
+                "authors": stats(r["own_start_vs_lmckit_wm"] for r in rows),
+                "lmckit": stats(r["own_start_vs_lmckit_wm"] for r in lm_rows),
+            }
         s["authors_other_seed_barrier"] = stats(r["other_seed"]["loss_barrier"] for r in rows)
         s["authors_other_seed_R03"] = stats(r["other_seed"]["R03"] for r in rows)
         if all("changed_vs_lmckit_other_protocol" in r for r in lm_rows):
@@ -528,6 +575,17 @@ def render(out: dict[str, Any]) -> str:
             f"{s['authors_other_seed_barrier']['mean']:.4f}, "
             f"R(0.3) {s['authors_other_seed_R03']['mean']:.3f}"
         )
+        if "changed_vs_own_start" in s:
+            o, w = s["changed_vs_own_start"], s["own_start_vs_lmckit_wm"]
+            lines.append(
+                f"{proto:<16}   context: units the returned permutation moved from the STE's own start (its first "
+                f"projection, a WM): authors {o['authors']['mean']:.1%} +- {o['authors']['std']:.1%}, lmckit "
+                f"{o['lmckit']['mean']:.1%} +- {o['lmckit']['std']:.1%}"
+            )
+            lines.append(
+                f"{proto:<16}   context: that start against lmckit's WM stage: authors {w['authors']['mean']:.1%}, "
+                f"lmckit {w['lmckit']['mean']:.1%}"
+            )
         if "changed_lmckit_protocol_to_protocol" in s:
             lines.append(
                 f"{proto:<16}   context: lmckit's ste-mm-random vs ste-mm-midpoint: "
