@@ -38,6 +38,13 @@ What it does, per disjoint pair (seed 2k, seed 2k+1) of the ``paper`` recipe's f
    same code, and checks that the barrier and R(0.3) equal the ones in ``--results`` (the recipe's
    ``results.json``, ``studies.ste_protocols``): the two sides are evaluated identically.
 
+Context, outside the verdict: the authors' code run again with ``--spread-seed`` (its run-to-run spread
+of the permutation and the barrier), lmckit's two protocols against each other, the authors' plain WM
+(their solver from the identity) against lmckit's WM stage, and the units each side's STE moved away
+from its own starting projection (a WM: the authors' first ``fit`` in ``ste``, recorded by a subclass of
+their WM class that calls their ``fit`` unchanged and copies the result; lmckit's ``pi_wm`` from the
+stage's ``ste/ste_state.safetensors``).
+
 Verdict rule (fixed before any number was seen)
 -----------------------------------------------
 For each protocol and each metric m in {test-loss barrier, merged test loss, R(0.3), fraction of units
