@@ -207,6 +207,120 @@ def _(ws):
     return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache", "--quiet"]
 
 
+# --------------------------------------------------------------------------- the run store, checked before training
+TRAIN_ARGV = ["train", "--model", "mlp_tiny", "--dataset", "synthetic", "--epochs", "1"]
+
+
+def _train_into(ws: Workspace, store: Path) -> list:
+    """``lmckit train`` into ``store``; no --quiet, so a progress line printed before the refusal fails the row."""
+    return [*TRAIN_ARGV, "--out", store]
+
+
+def _run_folder(store: Path) -> Path:
+    from lmckit.cli import build_parser
+    from lmckit.commands.train import config_from_args
+    from lmckit.train import run_dir_for
+
+    config, _ = config_from_args(build_parser().parse_args([*TRAIN_ARGV, "--out", str(store)]))
+    return run_dir_for(config, store)
+
+
+STORE_CASES: dict[str, tuple[Callable[[Path], None], str]] = {  # id -> (make it, in the store), message
+    "train-folder-is-a-file": (lambda s: make_special(s / "train", "file"), r"runs/train is a file"),
+    "train-folder-is-a-fifo": (lambda s: make_special(s / "train", "fifo"), r"runs/train is a named pipe"),
+    "train-folder-is-a-link-loop": (lambda s: (s / "train").symlink_to("train"), r"runs/train.*loop"),
+    "train-folder-is-a-dangling-link": (
+        lambda s: (s / "train").symlink_to("nowhere"),
+        r"runs/train.*symbolic link to nowhere, which does not exist",
+    ),
+    "run-folder-is-a-file": (lambda s: make_special(_run_folder(s), "file"), r"in the way of the run folder.*file"),
+    "run-folder-is-a-fifo": (lambda s: make_special(_run_folder(s), "fifo"), r"run folder.*named pipe"),
+    "run-folder-is-unfinished": (lambda s: make_special(_run_folder(s), "folder"), r"not a finished run"),
+    "partial-is-a-file": (
+        lambda s: make_special(_run_folder(s).with_suffix(".partial"), "file"),
+        r"unfinished run folder .*\.partial is a file",
+    ),
+    "lock-is-a-fifo": (lambda s: make_special(_run_folder(s).with_suffix(".lock"), "fifo"), r"\.lock.*named pipe"),
+    "lock-is-a-folder": (lambda s: make_special(_run_folder(s).with_suffix(".lock"), "folder"), r"\.lock.*folder"),
+    "resumed-model-file-is-a-folder": (
+        lambda s: (
+            make_special(_run_folder(s).with_suffix(".partial") / "checkpoint.safetensors", "file"),
+            make_special(_run_folder(s).with_suffix(".partial") / "model.safetensors", "folder"),
+        ),
+        r"model\.safetensors: it is a folder",
+    ),
+    "resumed-metrics-is-a-fifo": (
+        lambda s: (
+            make_special(_run_folder(s).with_suffix(".partial") / "checkpoint.safetensors", "file"),
+            make_special(_run_folder(s).with_suffix(".partial") / "metrics.jsonl", "fifo"),
+        ),
+        r"metrics\.jsonl: it is a named pipe",
+    ),
+}
+
+for _id, (_make, _pattern) in STORE_CASES.items():
+
+    def _build(ws, _make=_make):
+        store = ws.out / "runs"
+        store.mkdir()
+        _make(store)
+        return _train_into(ws, store)
+
+    ROWS.append(Row(f"train-store-{_id}", _build, _pattern))
+
+
+@row("train-store-is-a-link-loop", r"runs.*symbolic links form a loop")
+def _(ws):
+    (ws.out / "runs").symlink_to("runs")
+    return _train_into(ws, ws.out / "runs")
+
+
+@row("train-store-is-a-dangling-link", r"runs.*symbolic link to nowhere/x, which does not exist")
+def _(ws):
+    (ws.out / "runs").symlink_to("nowhere/x")
+    return _train_into(ws, ws.out / "runs")
+
+
+# --------------------------------------------------------------------------- symbolic-link loops and chains
+def _chain(folder: Path, n: int) -> Path:
+    """``l0`` (a file) and ``l1 -> l0``, ..., ``ln -> l(n-1)``: a chain longer than the kernel follows for n > 40."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "l0").write_text("x")
+    for i in range(1, n + 1):
+        (folder / f"l{i}").symlink_to(f"l{i - 1}")
+    return folder / f"l{n}"
+
+
+@row("link-chain-1500-as-model", r"model A .*l1500.*(loop|chain)")
+def _(ws):
+    return ["match", _chain(ws.inp / "chain", 1500), _b(ws), "--out", ws.out / "p.json"]
+
+
+@row("link-chain-1500-as-merge-out", r"l1500.*(loop|chain)")
+def _(ws):
+    return ["merge", ws.a, _b(ws), "--out", _chain(ws.out / "chain", 1500), "--dataset", "synthetic"]
+
+
+@row("link-cycle-of-two-as-landscape-model", r"model C .*cyc1.*loop")
+def _(ws):
+    (ws.inp / "cyc1").symlink_to("cyc2")
+    (ws.inp / "cyc2").symlink_to("cyc1")
+    return ["landscape", ws.a, _b(ws), ws.inp / "cyc1", "--dataset", "synthetic", "--plot", ws.out / "l.png"]
+
+
+@row("link-loop-as-default-reports-folder", r"report folder reports/tiny.*loop")
+def _(ws):
+    (ws.out / "reports").symlink_to("reports")
+    ws.monkeypatch.chdir(ws.out)
+    return ["reproduce", "--recipe", "tiny", "--cache", ws.out / "cache", "--dry-run"]
+
+
+@row("link-loop-as-data-download-root", r"--root .*loop")
+def _(ws):
+    (ws.out / "loop").symlink_to("loop")
+    return ["data", "download", "mnist", "--root", ws.out / "loop", "--dry-run"]
+
+
 # --------------------------------------------------------------------------- hostile output names
 @row("name-out-trailing-slash-on-a-file-output", r"perm\.json/?.*(folder|directory|file name)")
 def _(ws):

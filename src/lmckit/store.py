@@ -707,6 +707,51 @@ def lock_holder(path: str | os.PathLike) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:300]
 
 
+#: the most symbolic links the kernel follows while resolving one path (Linux MAXSYMLINKS)
+MAX_LINKS = 40
+
+
+def _loop_error(what: str, path: str | os.PathLike) -> LmcError:
+    return LmcError(
+        f"cannot use {what} {path}: its symbolic links form a loop (or a chain of more than {MAX_LINKS} links)",
+        "fix or remove the link, or pass the real path",
+    )
+
+
+def real_path(path: str | os.PathLike, what: str = "path") -> Path:
+    """The absolute path with every symbolic link resolved (``~`` expanded); a missing tail is kept as given.
+
+    The one resolver for user paths (comparing outputs with inputs, recording where a model came from,
+    confining report files): a symbolic-link loop, a cyclic path or a chain of links longer than the kernel
+    follows is :class:`LmcError` naming ``what`` and ``path``, never a ``RuntimeError`` or
+    ``RecursionError`` (Python's resolver recurses once per link).
+    """
+    text = os.path.abspath(os.path.expanduser(os.fsdecode(path)))
+    try:
+        os.stat(text)  # the kernel stops at MAX_LINKS links: a loop or an endless chain fails here, cheaply
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _loop_error(what, path) from None
+    try:
+        return Path(text).resolve()
+    except (RuntimeError, RecursionError):  # "Symlink loop from ..." (a loop below a missing name)
+        raise _loop_error(what, path) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _loop_error(what, path) from None
+        raise os_error(e, path, "resolve") from None
+
+
+def _lstat_chain(what: str, path: str | os.PathLike) -> None:
+    """Raise :class:`LmcError` when ``path`` or a folder above it is a symbolic-link loop (ELOOP on stat)."""
+    for q in (Path(path), *Path(path).parents):
+        try:
+            os.stat(q)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _loop_error(what, path) from None
+
+
 def check_output_path(what: str, path: str | Path | None, folder: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: :class:`LmcError` naming it.
 
@@ -731,6 +776,15 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
                 f"cannot write {what} {path}: the name {part[:40]}... is longer than the file system "
                 f"allows ({len(os.fsencode(part))} > {name_max} bytes)",
                 "use a shorter name",
+            )
+    if str(path) == "":
+        raise LmcError(f"{what} is an empty string", f"give {what} a path")
+    _lstat_chain(what, path)
+    for q in (p, *p.parents) if folder else p.parents:  # mkdir -p cannot go through a link to nowhere
+        if q.is_symlink() and not q.exists():
+            raise LmcError(
+                f"{what} {path} cannot be created: {q} is a symbolic link to {os.readlink(q)}, which does not exist",
+                "create the link's target folder, or remove the link",
             )
     if p.exists():
         if folder and not p.is_dir():

@@ -72,7 +72,9 @@ from .store import (
     atomic_write_json,
     atomic_write_text,
     check_output_path,
+    check_replaceable,
     config_hash,
+    file_kind,
     file_lock,
     finalize_dir,
     is_complete,
@@ -646,7 +648,7 @@ def train(
         return load_result(final, cached=True)
     if final.exists():
         raise LmcError(f"{final} exists but is not a finished run (no config.json)", "delete that folder and run again")
-    check_run_store(Path(out_root))
+    check_run_store(Path(out_root), config)
     lock = final.with_name(final.name + ".lock")
     created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     lock_created, partial = not lock.exists(), partial_dir(final)
@@ -768,10 +770,40 @@ def is_complete_run(folder: Path) -> bool:
     return is_complete(folder)
 
 
-def check_run_store(root: Path) -> None:
-    """The run store can be written (checked before the lock file is created)."""
+#: the files a training run writes in its ``.partial`` folder (checked before training when it resumes)
+RUN_FILES = (CHECKPOINT, BEST, "model.safetensors", "metrics.jsonl", "config.json")
 
+
+def check_run_store(root: Path, config: TrainConfig | None = None) -> None:
+    """Refuse, before any training (and before the first line of progress), a run store that cannot hold
+    ``config``'s run: :class:`LmcError` naming the path.
+
+    Checks the store ``root`` and its ``train/`` folder (folders, writable, no symbolic-link loop, nothing
+    in the way), and with ``config`` its run: the run folder (absent or a finished run), its ``.partial``
+    folder (absent or a folder), its lock file (absent or a regular file) and, when a killed run will be
+    resumed, each file the run writes there (absent or a regular file: :func:`lmckit.store.check_replaceable`).
+    """
     check_output_path("run store --out", root, folder=True)
+    check_output_path("run store folder", Path(root) / "train", folder=True)
+    if config is None:
+        return
+    final = run_dir_for(config, root)
+    if os.path.lexists(final) and not is_complete(final):
+        if final.is_dir():
+            raise LmcError(
+                f"{final} exists but is not a finished run (no config.json)", "delete that folder and run again"
+            )
+        raise LmcError(
+            f"{final} is in the way of the run folder: it is a "
+            + ("symbolic link to a missing path" if final.is_symlink() else file_kind(final) or "file"),
+            f"delete {final} and run again",
+        )
+    partial = partial_dir(final)
+    check_output_path("unfinished run folder", partial, folder=True)
+    check_replaceable(final.with_name(final.name + ".lock"), "lock file")
+    if (partial / CHECKPOINT).exists():  # a resume keeps the folder: what it writes there must be writable
+        for name in RUN_FILES:
+            check_replaceable(partial / name, "run file")
 
 
 @dataclass

@@ -442,13 +442,10 @@ def float_in(lo: float, hi: float, lo_open: bool = False):
 
 
 # --------------------------------------------------------------------------- outputs never overwrite inputs
-def _real(p: str | Path) -> Path:
-    from ..errors import LmcError
+def _real(p: str | Path, what: str = "path") -> Path:
+    from ..store import real_path
 
-    try:
-        return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
-    except (RuntimeError, OSError) as e:  # a symbolic-link loop (RuntimeError before Python 3.13, OSError after)
-        raise LmcError(f"cannot resolve {p}: {getattr(e, 'strerror', None) or e}", "fix or remove the link") from None
+    return real_path(p, what)
 
 
 def refuse_outputs_in_inputs(
@@ -463,11 +460,11 @@ def refuse_outputs_in_inputs(
     """
     from ..errors import LmcError
 
-    real_in = [(w, p, _real(p)) for w, p in inputs if p is not None]
+    real_in = [(w, p, _real(p, w)) for w, p in inputs if p is not None]
     for what, out in outputs:
         if out is None:
             continue
-        o = _real(out)
+        o = _real(out, what)
         for iwhat, inp, i in real_in:
             same = o == i
             if not same and o.exists() and i.exists():

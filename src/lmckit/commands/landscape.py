@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from ..lmc.landscape import plane_landscape
     from ..lmc.plot import plot_landscape
     from ..perm import apply_permutation
+    from ..store import real_path
 
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
@@ -145,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     d = res.to_dict()
     summary = {
         **d,
-        "models_files": [str(Path(p).resolve()) for p in args.models],
-        "perm_files": [str(Path(p).resolve()) for p in args.perms] if args.perms else None,
+        "models_files": [str(real_path(p, "model")) for p in args.models],
+        "perm_files": [str(real_path(p, "--perm")) for p in args.perms] if args.perms else None,
         "loss_plot": str(loss_plot),
         "accuracy_plot": str(acc_plot),
         "model": model.lmckit_config,

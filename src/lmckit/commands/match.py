@@ -78,7 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _abs(path: str) -> str:
-    return str(Path(path).resolve())
+    from ..store import real_path
+
+    return str(real_path(path, "model"))
 
 
 def run(args: argparse.Namespace) -> int:

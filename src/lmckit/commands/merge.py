@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from ..lmc import check_model_fits
     from ..merge import check_merge_inputs, merge_models, plot_merged_accuracy
     from ..perm import save_perms
-    from ..store import atomic_write_json, file_lock
+    from ..store import atomic_write_json, file_lock, real_path
 
     if len(args.models) < 2:
         raise LmcError("lmckit merge needs at least two checkpoints", "lmckit merge A B C --out DIR")
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             passes=args.max_iter or 100,
         )
         draw_ste_drift(out / "ste" if resumable else None)
-        paths = [str(Path(p).resolve()) for p in args.models]
+        paths = [str(real_path(p, "model")) for p in args.models]
         hashes = [state_fingerprint(sd) for sd in states]
         perm_files = []
         for i, (path, perms) in enumerate(zip(paths, res.perms)):

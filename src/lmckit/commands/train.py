@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     config, preset = config_from_args(args)
     from ..train import check_run_store
 
-    check_run_store(Path(args.out))  # the run store before the first line of progress (a file, a FIFO, ...)
+    check_run_store(Path(args.out), config)  # the whole store before the first line of progress
     if not args.quiet and not args.json:
         print(
             f"training {config.model} on {config.dataset}, seed {config.seed}"
