@@ -1182,12 +1182,12 @@ def _(ws):
     return ["check-spec", "mlp_tiny", "--tol=-1"]
 
 
-@row("r2-data-info-missing-dataset", r"lmckit data: error: dataset mnist not found")
+@row("r2-data-info-missing-dataset", r"lmckit data info: error: dataset mnist not found")
 def _(ws):
     return ["data", "info", "mnist", "--data-dir", ws.empty]
 
 
-@row("r2-data-info-missing-dataset-json", r"lmckit data: error: dataset mnist not found")
+@row("r2-data-info-missing-dataset-json", r"lmckit data info: error: dataset mnist not found")
 def _(ws):
     return ["data", "info", "mnist", "--data-dir", ws.empty, "--json"]
 

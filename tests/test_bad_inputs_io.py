@@ -281,6 +281,72 @@ def _(ws):
     return _train_into(ws, ws.out / "runs")
 
 
+# --------------------------------------------------------------------------- data info and download: exit 2, one line
+def _idx_folder(ws: Workspace, name: str, **kw) -> Path:
+    from tests.helpers.data_files import write_idx_dataset
+
+    write_idx_dataset(ws.inp / "data" / name, **kw)
+    return ws.inp / "data"
+
+
+@row("data-info-files-differ-from-the-published", r"data info: error: 4 of the 4 files of fashion-mnist .*mismatch")
+def _(ws):
+    return ["data", "info", "fashion-mnist", "--data-dir", _idx_folder(ws, "fashion-mnist", gz=True)]
+
+
+@row("data-info-files-differ-json", r"4 of the 4 files of fashion-mnist .*do not match the published dataset")
+def _(ws):
+    return ["data", "info", "fashion-mnist", "--data-dir", _idx_folder(ws, "fashion-mnist", gz=True), "--json"]
+
+
+@row("data-info-idx-file-garbled", r"data info: error: .*train-images-idx3-ubyte.*(magic|not an IDX)")
+def _(ws):
+    data = _idx_folder(ws, "mnist")
+    (data / "mnist" / "train-images-idx3-ubyte").write_bytes(b"garbage, not an IDX file")
+    return ["data", "info", "mnist", "--data-dir", data, "--no-checksums"]
+
+
+@row("data-info-data-dir-is-a-link-loop", r"data info: error: .*mnist not found")
+def _(ws):
+    (ws.inp / "loop").symlink_to("loop")
+    return ["data", "info", "mnist", "--data-dir", ws.inp / "loop"]
+
+
+@row("data-download-dataset-folder-is-a-file", r"dataset folder .*target\.d/mnist is a file, not a folder")
+def _(ws):
+    make_special(ws.out / "target.d" / "mnist", "file")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--mirror", "http://127.0.0.1:9/"]
+
+
+@row("data-download-dataset-file-is-a-folder", r"dataset file .*train-images-idx3-ubyte\.gz: it is a folder")
+def _(ws):
+    make_special(ws.out / "target.d" / "mnist" / "train-images-idx3-ubyte.gz", "folder")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--dry-run"]
+
+
+@row("data-download-lock-is-a-fifo", r"\.download\.lock.*named pipe")
+def _(ws):
+    make_special(ws.out / "target.d" / "mnist" / ".download.lock", "fifo")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--mirror", "http://127.0.0.1:9/"]
+
+
+@row("data-download-root-empty-string", r"--root is an empty string")
+def _(ws):
+    return ["data", "download", "mnist", "--root", "", "--mirror", "http://127.0.0.1:9/"]
+
+
+@row("data-download-root-dangling-link", r"--root .*symbolic link to nowhere")
+def _(ws):
+    (ws.out / "target.d").symlink_to("nowhere")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--dry-run"]
+
+
+@row("data-download-user-cache-under-a-fifo", r"dataset folder .*xdg-fifo/lmckit/datasets/mnist.*named pipe")
+def _(ws):
+    ws.monkeypatch.setenv("XDG_CACHE_HOME", str(make_special(ws.out / "xdg-fifo", "fifo")))
+    return ["data", "download", "mnist", "--mirror", "http://127.0.0.1:9/", "--timeout", "1"]
+
+
 # --------------------------------------------------------------------------- symbolic-link loops and chains
 def _chain(folder: Path, n: int) -> Path:
     """``l0`` (a file) and ``l1 -> l0``, ..., ``ln -> l(n-1)``: a chain longer than the kernel follows for n > 40."""
@@ -591,8 +657,9 @@ def test_full_stdout_is_one_line_and_status_2(argv, tmp_path, monkeypatch):
             timeout=120,
         )
     assert proc.returncode == 2, proc.stderr
+    command = " ".join(argv[:2]) if argv[0] == "data" else argv[0]  # `lmckit data list`, as its usage errors say
     assert proc.stderr.strip().splitlines() == [
-        f"lmckit {argv[0]}: error: cannot write to standard output: No space left on device (errno 28)"
+        f"lmckit {command}: error: cannot write to standard output: No space left on device (errno 28)"
     ]
 
 

@@ -794,7 +794,10 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
             check_replaceable(p, what)
     for parent in p.parents:
         if parent.exists() and not parent.is_dir():
-            raise LmcError(f"{what} {path} cannot be created: {parent} is a file", "pass a path under a folder")
+            raise LmcError(
+                f"{what} {path} cannot be created: {parent} is a {file_kind(parent) or 'file'}",
+                "pass a path under a folder",
+            )
     base = p if (p.exists() and p.is_dir()) else _existing_parent(p)
     if not os.access(base, os.W_OK | os.X_OK):
         raise LmcError(
