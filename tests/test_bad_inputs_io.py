@@ -841,3 +841,50 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         store.atomic_write_text(p, "new\n")
     assert p.read_text() == "old\n" and sorted(x.name for x in tmp_path.iterdir()) == ["f.json"]
+
+
+SEQUENCE = [  # good and bad --json commands, each printing one document (state left by one must not reach the next)
+    ["methods", "--json"],
+    ["models", "--json", "--bogus"],
+    ["data", "info", "nosuchdata", "--json"],
+    ["reproduce", "--list", "--json"],
+    ["reproduce", "--show", "nosuchrecipe", "--json"],
+    ["nosuchcommand", "--json"],
+    ["data", "list", "--json"],
+    ["methods", "--json", "--bogus"],
+]
+
+_RUN_SEQUENCE = """
+import contextlib, io, json, sys
+from lmckit.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        rc = main(argv)
+    out.append([rc, o.getvalue(), e.getvalue()])
+sys.__stdout__.write(json.dumps(out))
+"""
+
+
+def test_commands_in_one_process_print_what_they_print_alone(tmp_path, monkeypatch):
+    """Module state (the --json document counter, the last usage error) is reset per call of ``main``:
+    a sequence run in one process gives each command's output (stdout, stderr, exit status) byte for byte."""
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+
+    def run(argvs):
+        proc = subprocess.run(
+            [sys.executable, "-c", _RUN_SEQUENCE, json.dumps(argvs)],
+            capture_output=True,
+            text=True,
+            env=_env(ws),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    together = run(SEQUENCE)
+    alone = [run([argv])[0] for argv in SEQUENCE]
+    for argv, t, a in zip(SEQUENCE, together, alone):
+        assert t == a, f"{argv}: in a sequence {t!r}, alone {a!r}"
+        json.loads(t[1])  # one document each
