@@ -888,3 +888,51 @@ def test_commands_in_one_process_print_what_they_print_alone(tmp_path, monkeypat
     for argv, t, a in zip(SEQUENCE, together, alone):
         assert t == a, f"{argv}: in a sequence {t!r}, alone {a!r}"
         json.loads(t[1])  # one document each
+
+
+# --------------------------------------------------------------------------- a trailing '/' on a path argument
+SLASHED = [  # every path argument that may name a folder, written with a trailing '/'
+    ["train", "--out", "runs/", "--data-dir", "data/"],
+    ["check-spec", "runs/train/abc/"],
+    ["match", "runs/a/", "runs/b/", "--out", "p.json"],
+    ["match", "runs/a/", "runs/b/", "runs/c//", "--multi", "anchor", "--out", "p.json"],
+    ["barrier", "runs/a/", "runs/b/", "--data-dir", "data/"],
+    ["analyze", "runs/a/", "runs/b/", "--plot", "figs/"],
+    ["merge", "runs/a/", "runs/b/", "--out", "m/"],
+    ["landscape", "runs/a/", "runs/b/", "runs/c/", "--plot", "l.png"],
+    ["reproduce", "--recipe", "tiny", "--out", "r/", "--cache", "c/", "--data-dir", "data/"],
+    ["data", "info", "mnist", "--data-dir", "data/"],
+    ["data", "download", "mnist", "--root", "d/"],
+]
+
+
+@pytest.mark.parametrize("argv", SLASHED, ids=lambda a: "-".join(a[:2]))
+def test_a_trailing_slash_parses_as_the_same_argument(argv):
+    """``runs/a/`` and ``runs/a`` are one argument (common.path_arg), so messages, JSON, perm files, provenance
+    and the report cannot differ; a file output keeps its '/' (refused: a row above)."""
+    from lmckit.cli import build_parser
+
+    def bare(a: str) -> str:
+        return a.rstrip("/") if "/" in a and a != "p.json" else a
+
+    with_slash = vars(build_parser().parse_args(argv))
+    without = vars(build_parser().parse_args([bare(a) for a in argv]))
+    assert with_slash == without
+    assert build_parser().parse_args(["data", "download", "mnist", "--root", "/"]).root == "/"
+
+
+def test_a_trailing_slash_changes_no_output(tmp_path, monkeypatch, capsys):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    a, b = ws.a, _b(ws)
+    docs = []
+    for suffix in ("", "/"):
+        run_folder = ws.inp / "run-a"
+        run_folder.mkdir(exist_ok=True)
+        if not (run_folder / "model.safetensors").exists():
+            (run_folder / "model.safetensors").write_bytes(a.read_bytes())
+        argv = ["barrier", f"{run_folder}{suffix}", b, "--dataset", "synthetic", "--points", "3", "--limit", "50"]
+        rc, out, err = run_cli([*argv, "--json", "--quiet"], capsys)
+        assert rc == 0, err
+        doc = json.loads(out)
+        docs.append({k: v for k, v in doc.items() if "seconds" not in k and k != "timings"})
+    assert docs[0] == docs[1] and docs[0]["a"] == str(ws.inp / "run-a")

@@ -126,9 +126,22 @@ class DeprecatedAlias(argparse.Action):
             setattr(namespace, self.dest, values)
 
 
+def path_arg(text: str) -> str:
+    """argparse type of a path that may name a folder (a run folder, an output or data folder): trailing
+    ``/`` dropped, so ``runs/a/`` and ``runs/a`` are one argument everywhere (messages, JSON, perm files,
+    provenance, report). ``/`` and ``""`` are kept as given (an empty path is refused where it is used).
+
+    Not used for file outputs (``match --out``, ``--plot FILE.png``): there a trailing ``/`` names a folder
+    and is refused by :func:`lmckit.store.check_output_path`.
+    """
+    stripped = text.rstrip("/" + os.sep)
+    return stripped if stripped else text[:1]
+
+
 def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
+        type=path_arg,
         default=None,
         help="folder holding the dataset (default: search LMCKIT_DATA, the system folders, then the user cache)",
     )

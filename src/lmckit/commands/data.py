@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LmcError
-from .common import add_data, add_json, print_json, print_table
+from .common import add_data, add_json, path_arg, print_json, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pd = dsub.add_parser("download", help="download a dataset into the user cache (checksums verified)")
     pd.add_argument("name")
-    pd.add_argument("--root", default=None, help="folder to hold NAME/ (default: the user cache, which is searched)")
+    pd.add_argument(
+        "--root", type=path_arg, default=None, help="folder to hold NAME/ (default: the user cache, which is searched)"
+    )
     pd.add_argument(
         "--mirror",
         default=None,

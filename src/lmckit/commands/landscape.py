@@ -22,6 +22,7 @@ from .common import (
     load_checkpoints,
     load_named_dataset,
     load_perm_file,
+    path_arg,
     print_json,
     refuse_outputs_in_inputs,
 )
@@ -35,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "by --perm first, e.g. the perm files of `lmckit match --multi anchor` or `lmckit merge`), and "
         "plot it. The loss plot goes to --plot, the accuracy plot next to it (NAME-accuracy.png).",
     )
-    p.add_argument("models", nargs=3, metavar="MODEL", help="three run folders or .safetensors checkpoints: A B C")
+    p.add_argument(
+        "models", nargs=3, metavar="MODEL", type=path_arg, help="three run folders or .safetensors checkpoints: A B C"
+    )
     p.add_argument(
         "--perm",
         action="append",

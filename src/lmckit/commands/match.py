@@ -22,6 +22,7 @@ from .common import (
     load_checkpoints,
     load_named_dataset,
     method_options,
+    path_arg,
     print_json,
     refuse_outputs_in_inputs,
     staged_outputs,
@@ -38,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "three or more checkpoints matched to an anchor or by MergeMany. A perm file applies to the "
         "second model: apply_permutation(spec, perms, B) is aligned to A.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL", type=path_arg, help="run folders or .safetensors checkpoints: A B [C ...]"
+    )
     p.add_argument(
         "--method",
         choices=list_methods(),

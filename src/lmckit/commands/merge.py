@@ -25,6 +25,7 @@ from .common import (
     load_checkpoints,
     load_named_dataset,
     method_options,
+    path_arg,
     print_json,
     print_table,
     refuse_outputs_in_inputs,
@@ -44,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the average of the first n aligned models vs the naive average); --plot PATH also draws that "
         "curve as a PNG.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL", type=path_arg, help="run folders or .safetensors checkpoints: A B [C ...]"
+    )
     p.add_argument(
         "--method",
         choices=list_methods(),
@@ -59,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="anchor",
         help="anchor: match each model to the first (default); mergemany: weight matching to the mean of the others",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=path_arg, help="output folder")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
     p.add_argument(
         "--points",
