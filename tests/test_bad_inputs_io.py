@@ -602,6 +602,385 @@ def _(ws):
     return ws.recipe(text)
 
 
+# =========================================================================== unseen pass (round three, rel-fix)
+#: class of each unseen-pass row (docs/reliability.md "Round three: unseen pass" counts them by class)
+UNSEEN_CLASS: dict[str, str] = {}
+
+
+def unseen(id: str, cls: str, pattern: str):
+    UNSEEN_CLASS[f"u-{id}"] = cls
+    return row(f"u-{id}", pattern)
+
+
+def _barrier_argv(ws: Workspace, *extra) -> list:
+    return ["barrier", ws.a, _b(ws), "--dataset", "synthetic", "--points", "3", "--limit", "50", *extra]
+
+
+def _perm_json(ws: Workspace, text: str | bytes) -> Path:
+    return ws.file("p.json", text)
+
+
+def _good_perm_obj(ws: Workspace) -> dict:
+    from tests.helpers.reliability import good_perms
+
+    return {"format": "lmckit.permutation", "version": 1, "perms": good_perms(ws.a)}
+
+
+# ---- outputs that are not regular files (lmckit.store.check_replaceable / check_output_path)
+@unseen("merge-merged-checkpoint-is-a-fifo", "outputs", r"merged\.safetensors.*named pipe")
+def _(ws):
+    make_special(ws.out / "m" / "merged.safetensors", "fifo")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+@unseen("merge-record-is-a-folder", "outputs", r"merge\.json.*folder")
+def _(ws):
+    make_special(ws.out / "m" / "merge.json", "folder")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+@unseen("merge-perm-file-is-a-socket", "outputs", r"perm_1\.json.*socket")
+def _(ws):
+    make_special(ws.out / "m" / "perm_1.json", "socket")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+@unseen("match-multi-perm-file-is-a-fifo", "outputs", r"perm_1\.json.*named pipe")
+def _(ws):
+    make_special(ws.out / "d" / "perm_1.json", "fifo")
+    return ["match", ws.a, _b(ws), ws.ckpt("c.safetensors", seed=2), "--multi", "anchor", "--out", ws.out / "d"]
+
+
+@unseen("match-multi-summary-is-a-folder", "outputs", r"summary\.json.*folder")
+def _(ws):
+    make_special(ws.out / "d" / "summary.json", "folder")
+    return ["match", ws.a, _b(ws), ws.ckpt("c.safetensors", seed=2), "--multi", "anchor", "--out", ws.out / "d"]
+
+
+@unseen("landscape-accuracy-plot-is-a-fifo", "outputs", r"l-accuracy\.png.*named pipe")
+def _(ws):
+    make_special(ws.out / "l-accuracy.png", "fifo")
+    return [
+        "landscape", ws.a, _b(ws), ws.ckpt("c.safetensors", seed=2), "--dataset", "synthetic", "--grid", "3",
+        "--limit", "20", "--plot", ws.out / "l.png",
+    ]  # fmt: skip
+
+
+@unseen("analyze-figure-is-a-folder", "outputs", r"spectra\.png.*folder")
+def _(ws):
+    make_special(ws.out / "plots" / "spectra.png", "folder")
+    return ["analyze", ws.a, _b(ws), "--no-data", "--plot", ws.out / "plots"]
+
+
+@unseen("reproduce-results-is-a-link-to-dev-null", "outputs", r"results\.json.*character device")
+def _(ws):
+    (ws.out / "r").mkdir()
+    (ws.out / "r" / "results.json").symlink_to("/dev/null")
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache"]
+
+
+@unseen("train-store-folder-is-a-link-to-a-fifo", "outputs", r"runs/train is a named pipe")
+def _(ws):
+    (ws.out / "runs").mkdir()
+    make_special(ws.out / "runs" / "train", "link-fifo")
+    return _train_into(ws, ws.out / "runs")
+
+
+@unseen("barrier-plot-under-a-fifo", "outputs", r"curve\.png.*fifo.*named pipe")
+def _(ws):
+    make_special(ws.out / "fifo", "fifo")
+    return _barrier_argv(ws, "--plot", ws.out / "fifo" / "curve.png")
+
+
+@unseen("merge-out-under-a-socket", "outputs", r"--out .*sock/m .*socket")
+def _(ws):
+    make_special(ws.out / "sock", "socket")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "sock" / "m", "--dataset", "synthetic"]
+
+
+@unseen("reproduce-cache-locks-is-a-fifo", "outputs", r"\.locks.*named pipe")
+def _(ws):
+    make_special(ws.out / "cache" / ".locks", "fifo")
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache", "--quiet"]
+
+
+# ---- outside files: parser, numbers, format fields
+@unseen("perm-json-lone-surrogate-group", "parser", r"p\.json")
+def _(ws):
+    text = json.dumps(_good_perm_obj(ws))[:-2] + ', "\\ud800": [0]}}'
+    return _barrier_argv(ws, "--perm", _perm_json(ws, text))
+
+
+@unseen("perm-json-entries-as-strings", "parser", r"p\.json.*(integer|int)")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: [str(i) for i in p] for g, p in obj["perms"].items()}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-entries-as-bools", "parser", r"p\.json.*(integer|bool)")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: [True] + [False] * (len(p) - 1) for g, p in obj["perms"].items()}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-entries-nested-lists", "parser", r"p\.json")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: [[i] for i in p] for g, p in obj["perms"].items()}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-format-with-trailing-space", "parser", r"p\.json.*format")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["format"] = "lmckit.permutation "
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-version-zero", "parser", r"p\.json.*version")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["version"] = 0
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-10-mib-of-whitespace-then-garbage", "parser", r"p\.json")
+def _(ws):
+    return _barrier_argv(ws, "--perm", _perm_json(ws, b" " * (10 * 2**20) + b"x"))
+
+
+@unseen("perm-transform-file-is-a-perm-json", "parser", r"p\.safetensors")
+def _(ws):
+    p = ws.file("p.safetensors", json.dumps(_good_perm_obj(ws)))
+    return _barrier_argv(ws, "--perm", p)
+
+
+@unseen("recipe-utf16", "parser", r"recipe\.toml.*(UTF-8|not valid)")
+def _(ws):
+    p = ws.file("recipe.toml", TINY_RECIPE.encode("utf-16"))
+    return ["reproduce", "--recipe", p, "--out", ws.out / "r", "--cache", ws.out / "c", "--dry-run"]
+
+
+@unseen("recipe-nul-byte", "parser", r"recipe\.toml")
+def _(ws):
+    p = ws.file("recipe.toml", TINY_RECIPE.replace("[data]", "[data]\x00"))
+    return ["reproduce", "--recipe", p, "--out", ws.out / "r", "--cache", ws.out / "c", "--dry-run"]
+
+
+@unseen("recipe-seeds-bool", "parser", r"seeds")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seeds = [true, false]")), "--dry-run"]
+
+
+@unseen("recipe-seeds-float", "parser", r"seeds")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seeds = [0.5, 1.5]")), "--dry-run"]
+
+
+@unseen("recipe-seeds-duplicate", "parser", r"seeds")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seeds = [1, 1, 2]")), "--dry-run"]
+
+
+@unseen("recipe-name-with-slash", "parser", r"name")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace('name = "tiny"', 'name = "../tiny"')), "--dry-run"]
+
+
+@unseen("recipe-lambdas-huge", "sizes", r"lambdas")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("lambdas = 5", "lambdas = 100000000")), "--dry-run"]
+
+
+@unseen("recipe-grid-huge", "sizes", r"grid")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("grid = 3", "grid = 1000000")), "--dry-run"]
+
+
+@unseen("recipe-am-samples-huge", "sizes", r"am_samples")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("am_samples = 500", "am_samples = 1000000000000")), "--dry-run"]
+
+
+@unseen("recipe-gamma-out-of-range", "parser", r"gammas")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("gammas = [0.0, 0.3]", "gammas = [0.0, 7.0]")), "--dry-run"]
+
+
+@unseen("recipe-set-value-with-newline", "parser", r"(--set|description|one line)")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE, 'description="a\\n# heading"', "nokey=1"), "--dry-run"]
+
+
+@unseen("run-folder-config-is-a-fifo", "parser", r"config\.json.*(regular file|named pipe)")
+def _(ws):
+    folder = ws.inp / "run"
+    folder.mkdir()
+    ws.ckpt("run/model.safetensors", seed=0)
+    make_special(folder / "config.json", "fifo")
+    return _barrier_argv(ws)[:1] + [folder] + _barrier_argv(ws)[2:]
+
+
+@unseen("run-folder-model-is-a-link-loop", "naming", r"checkpoint .*model\.safetensors: its symbolic links form a loop")
+def _(ws):
+    folder = ws.inp / "run"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to("model.safetensors")
+    return ["check-spec", folder]
+
+
+@unseen("run-folder-model-is-a-dangling-link", "naming", r"model\.safetensors")
+def _(ws):
+    folder = ws.inp / "run"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to("gone.safetensors")
+    return ["barrier", folder, _b(ws), "--dataset", "synthetic"]
+
+
+@unseen("checkpoint-is-a-link-loop", "naming", r"checkpoint .*loop\.safetensors: its symbolic links form a loop")
+def _(ws):
+    (ws.inp / "loop.safetensors").symlink_to("loop.safetensors")
+    return ["check-spec", ws.inp / "loop.safetensors"]
+
+
+@unseen("perm-is-a-link-loop", "naming", r"p\.json: its symbolic links form a loop")
+def _(ws):
+    (ws.inp / "p.json").symlink_to("p.json")
+    return _barrier_argv(ws, "--perm", ws.inp / "p.json")
+
+
+@unseen("recipe-is-a-link-loop", "naming", r"recipe\.toml.*loop")
+def _(ws):
+    (ws.inp / "recipe.toml").symlink_to("recipe.toml")
+    return ["reproduce", "--recipe", ws.inp / "recipe.toml", "--out", ws.out / "r", "--dry-run"]
+
+
+@unseen("data-dir-is-a-dangling-link", "naming", r"(gone|not a folder|not found)")
+def _(ws):
+    (ws.inp / "data").symlink_to("gone")
+    return ["data", "info", "mnist", "--data-dir", ws.inp / "data"]
+
+
+# ---- numbers and sizes from options
+@unseen("train-lr-nan", "numbers", r"\blr must be a finite number, got nan")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--lr", "nan", "--quiet"]
+
+
+@unseen("train-lr-inf", "numbers", r"\blr must be a finite number, got inf")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--lr", "inf", "--quiet"]
+
+
+@unseen("train-val-size-negative", "naming", r"training setting val_size must not be negative, got -5")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--val-size", "-5", "--quiet"]
+
+
+@unseen("train-threads-zero", "numbers", r"--threads")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--threads", "0", "--quiet"]
+
+
+@unseen("train-eval-batch-size-zero", "numbers", r"eval_batch_size must be positive")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--eval-batch-size", "0", "--quiet"]
+
+
+@unseen("train-epochs-1e300", "numbers", r"--epochs")
+def _(ws):
+    return [*TRAIN_ARGV[:-2], "--epochs", "1e300", "--out", ws.out / "runs", "--quiet"]
+
+
+@unseen("train-seed-negative", "numbers", r"seed must be between 0 and")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--seed", "-1", "--quiet"]
+
+
+@unseen("barrier-limit-zero", "numbers", r"--limit")
+def _(ws):
+    return ["barrier", ws.a, _b(ws), "--dataset", "synthetic", "--limit", "0"]
+
+
+@unseen("data-info-val-size-huge", "sizes", r"(--val-size|val)")
+def _(ws):
+    return ["data", "info", "synthetic", "--val-size", str(10**12)]
+
+
+@unseen("data-download-timeout-nan", "numbers", r"--timeout")
+def _(ws):
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--timeout", "nan"]
+
+
+@unseen("data-download-timeout-negative", "numbers", r"--timeout")
+def _(ws):
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--timeout", "-1"]
+
+
+@unseen("data-download-mirror-not-a-url", "traceback", r"--mirror 'ftp//nowhere' is not an http://, https://")
+def _(ws):
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--mirror", "ftp//nowhere", "--timeout", "1"]
+
+
+@unseen("check-spec-tol-inf", "numbers", r"--tol")
+def _(ws):
+    return ["check-spec", "mlp_tiny", "--tol", "inf"]
+
+
+@unseen("match-max-iter-zero", "numbers", r"--max-iter")
+def _(ws):
+    return ["match", ws.a, _b(ws), "--out", ws.out / "p.json", "--max-iter", "0"]
+
+
+@unseen("analyze-gamma-nan", "numbers", r"(gamma|--)")
+def _(ws):
+    return ["analyze", ws.a, _b(ws), "--no-data", "--gammas", "nan"]
+
+
+# ---- --json: one document, also on errors
+@unseen("json-train-store-is-a-fifo", "json", r"runs/train is a named pipe")
+def _(ws):
+    (ws.out / "runs").mkdir()
+    make_special(ws.out / "runs" / "train", "fifo")
+    return [*_train_into(ws, ws.out / "runs"), "--json"]
+
+
+@unseen("json-merge-out-is-a-file", "json", r"m.*(file|not a folder)")
+def _(ws):
+    make_special(ws.out / "m", "file")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic", "--json"]
+
+
+@unseen("json-landscape-bad-grid", "json", r"--grid")
+def _(ws):
+    return ["landscape", ws.a, _b(ws), _b(ws), "--plot", ws.out / "l.png", "--grid", "0", "--json"]
+
+
+@unseen("json-data-download-root-loop", "json", r"--root .*loop")
+def _(ws):
+    (ws.out / "loop").symlink_to("loop")
+    return ["data", "download", "mnist", "--root", ws.out / "loop", "--dry-run", "--json"]
+
+
+@unseen("json-check-spec-link-loop", "json", r"loop\.safetensors")
+def _(ws):
+    (ws.inp / "loop.safetensors").symlink_to("loop.safetensors")
+    return ["check-spec", ws.inp / "loop.safetensors", "--json"]
+
+
+@unseen("json-data-info-files-differ", "json", r"do not match the published dataset")
+def _(ws):
+    return ["data", "info", "fashion-mnist", "--data-dir", _idx_folder(ws, "fashion-mnist", gz=True), "--json"]
+
+
+# ---- hostile names
+@unseen("checkpoint-name-dash", "naming", r"(-|not found|does not exist|option)")
+def _(ws):
+    return ["check-spec", "-"]
+
+
 # --------------------------------------------------------------------------- the table
 def test_table_has_enough_rows():
     assert len(ROWS) >= 100

@@ -16,13 +16,15 @@ import torch.nn as nn
 from .checks import check_device
 from .errors import LmcError
 from .models import model_from_config
-from .store import load_state, read_json, save_state
+from .store import check_no_link_loop, load_state, read_json, save_state
 
 
 def checkpoint_file(path: str | Path) -> Path:
     p = Path(path)
+    check_no_link_loop("checkpoint", p)
     if p.is_dir():
         f = p / "model.safetensors"
+        check_no_link_loop("checkpoint", f)
         if not f.exists():
             raise LmcError(
                 f"{p} is not a finished lmckit run folder (no model.safetensors)",

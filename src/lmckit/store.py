@@ -92,6 +92,8 @@ def check_input_file(path: str | os.PathLike, what: str, max_bytes: int) -> int:
     except FileNotFoundError:
         raise LmcError(f"{what} {path} does not exist") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _loop_error(what, path) from None
         raise os_error(e, path, "read") from None
     if stat.S_ISDIR(st.st_mode):
         raise LmcError(f"{what} {path} is a folder, not a file", "pass a file")
@@ -742,8 +744,9 @@ def real_path(path: str | os.PathLike, what: str = "path") -> Path:
         raise os_error(e, path, "resolve") from None
 
 
-def _lstat_chain(what: str, path: str | os.PathLike) -> None:
-    """Raise :class:`LmcError` when ``path`` or a folder above it is a symbolic-link loop (ELOOP on stat)."""
+def check_no_link_loop(what: str, path: str | os.PathLike) -> None:
+    """Raise :class:`LmcError` naming ``what`` when ``path`` or a folder above it is a symbolic-link loop (or a
+    chain of more than :data:`MAX_LINKS` links), which ``Path.exists`` would report as a missing path."""
     for q in (Path(path), *Path(path).parents):
         try:
             os.stat(q)
@@ -779,7 +782,7 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
             )
     if str(path) == "":
         raise LmcError(f"{what} is an empty string", f"give {what} a path")
-    _lstat_chain(what, path)
+    check_no_link_loop(what, path)
     for q in (p, *p.parents) if folder else p.parents:  # mkdir -p cannot go through a link to nowhere
         if q.is_symlink() and not q.exists():
             raise LmcError(

@@ -297,8 +297,9 @@ class TrainConfig:
                 raise LmcError(f"training setting {name} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LmcError(f"learning rate must be a positive number, got {self.lr}")
-        if self.val_size < 0 or self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
-            raise LmcError("val_size, weight_decay, momentum and warmup_epochs must not be negative")
+        for name in ("val_size", "weight_decay", "momentum", "warmup_epochs"):  # name the one that is negative
+            if getattr(self, name) < 0:
+                raise LmcError(f"training setting {name} must not be negative, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
             raise LmcError(
                 f"warm-up ({self.warmup_epochs} epochs) is longer than training ({self.epochs} epochs)",

@@ -144,6 +144,9 @@ def _load_model(args: argparse.Namespace):
             )
         return create_model(args.model, **opts), "model"
     path = Path(args.model)
+    from ..store import check_no_link_loop
+
+    check_no_link_loop("checkpoint", path)
     if path.exists():
         if opts:
             raise LmcError(

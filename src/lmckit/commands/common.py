@@ -461,6 +461,21 @@ def _real(p: str | Path, what: str = "path") -> Path:
     return real_path(p, what)
 
 
+def check_folder_outputs(what: str, folder: str | Path, files: Sequence[str], folders: Sequence[str] = ()) -> None:
+    """Refuse, before any work, an output folder whose files (``files``) or sub-folders (``folders``) cannot be
+    written: each name already there as a device, pipe, socket or folder (a file where a folder goes) is an
+    :class:`LmcError` naming it (:func:`lmckit.store.check_replaceable`,
+    :func:`lmckit.store.check_output_path`). Without it a command writing several files stops at the first
+    bad one and leaves the earlier ones behind.
+    """
+    from ..store import check_replaceable
+
+    for name in files:
+        check_replaceable(Path(folder) / name, what)
+    for name in folders:
+        check_output_path(what, Path(folder) / name, folder=True)
+
+
 def refuse_outputs_in_inputs(
     outputs: Sequence[tuple[str, str | Path | None]], inputs: Sequence[tuple[str, str | Path | None]]
 ) -> None:

@@ -15,6 +15,7 @@ from .common import (
     add_json,
     add_method_flags,
     add_quiet,
+    check_folder_outputs,
     check_output_path,
     describe_model,
     draw_ste_drift,
@@ -128,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         [(f"model {chr(65 + i) if i < 26 else i}", m) for i, m in enumerate(args.models)],
     )
     check_output_path("--out", args.out, folder=bool(args.multi))  # the raw text: a trailing "/" names a folder
+    if args.multi:
+        check_folder_outputs("--out", out, [p.name for _, p in outputs[1:]])
     check_output_path("--ste-state", args.ste_state, folder=True)
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(

@@ -18,6 +18,7 @@ from .common import (
     add_json,
     add_method_flags,
     add_quiet,
+    check_folder_outputs,
     check_output_path,
     describe_model,
     draw_ste_drift,
@@ -125,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
     inputs = [(f"model {i}", m) for i, m in enumerate(args.models)]
     refuse_outputs_in_inputs([("--out", out)] + [("--out", out / n) for n in names] + [("--plot", args.plot)], inputs)
     check_output_path("--out", out, folder=True)
+    check_folder_outputs(
+        "--out",
+        out,
+        [n for n in names if n.endswith(".json") or n.endswith(".safetensors")],
+        [n for n in ("ste", "merged-hf") if n in names],
+    )
     check_output_path("--plot", args.plot)
     device = resolve_device(args.device)
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)

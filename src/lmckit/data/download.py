@@ -91,6 +91,26 @@ SOURCES: dict[str, DownloadSpec] = {
 }
 
 
+def base_url(spec: DownloadSpec, mirror: str | None = None) -> str:
+    """The URL the files are fetched under: ``mirror``, else ``LMCKIT_DATA_MIRROR``, else the official one.
+
+    Raises :class:`LmcError` naming the setting when the URL is not ``http://``, ``https://`` or ``file://``
+    (urllib would raise ``ValueError: unknown url type`` mid-download).
+    """
+    from urllib.parse import urlsplit
+
+    given, where = (mirror, "--mirror") if mirror else (os.environ.get("LMCKIT_DATA_MIRROR"), "LMCKIT_DATA_MIRROR")
+    url = given or spec.base_url
+    if given and (
+        urlsplit(url).scheme.lower() not in ("http", "https", "file") or not urlsplit(url).path + urlsplit(url).netloc
+    ):
+        raise LmcError(
+            f"{where} {url!r} is not an http://, https:// or file:// URL",
+            "give the mirror's base URL, e.g. https://example.org/mnist/ or file:///srv/datasets/mnist/",
+        )
+    return url.rstrip("/") + "/"
+
+
 def _offline_hint(name: str) -> str:
     return (
         f"check the network (or set LMCKIT_DATA_MIRROR to a reachable mirror); offline, copy the files of {name} "
@@ -272,7 +292,7 @@ def download_dataset(
             f"dataset {name} has no download source" + (" (it is generated in memory)" if info.generated else ""),
             f"datasets that can be downloaded: {', '.join(SOURCES)}",
         )
-    base = (mirror or os.environ.get("LMCKIT_DATA_MIRROR") or spec.base_url).rstrip("/") + "/"
+    base = base_url(spec, mirror)
     if not isinstance(timeout, (int, float)) or not (0 < timeout <= 3600):
         raise LmcError(f"--timeout must be between 0 and 3600 seconds, got {timeout}")
     folder = download_target(name, root, spec)
@@ -332,7 +352,7 @@ def download_plan(name: str, mirror: str | None = None) -> list[dict[str, Any]]:
         raise LmcError(
             f"dataset {name} has no download source", f"datasets that can be downloaded: {', '.join(SOURCES)}"
         )
-    base = (mirror or os.environ.get("LMCKIT_DATA_MIRROR") or spec.base_url).rstrip("/") + "/"
+    base = base_url(spec, mirror)
     rows = []
     for rf in spec.files:
         ck = rf.archive or rf.content
