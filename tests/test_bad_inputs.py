@@ -674,7 +674,7 @@ def _(ws):
     return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1), "--no-data", "--plot", ws.out / "earlier-result.txt"]
 
 
-@row("train-out-is-a-file", r"output folder .*earlier-result\.txt is a file")
+@row("train-out-is-a-file", r"run store --out .*earlier-result\.txt is a file")
 def _(ws):
     return ["train", "--preset", "tiny", "--out", ws.out / "earlier-result.txt", "--quiet"]
 

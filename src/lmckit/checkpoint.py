@@ -7,6 +7,7 @@ model config); :func:`save_model` writes both kinds.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +26,10 @@ def checkpoint_file(path: str | Path) -> Path:
     if p.is_dir():
         f = p / "model.safetensors"
         check_no_link_loop("checkpoint", f)
+        if f.is_symlink() and not f.exists():
+            raise LmcError(
+                f"{f} is a symbolic link to {os.readlink(f)}, which does not exist", "fix the link or pass another run"
+            )
         if not f.exists():
             raise LmcError(
                 f"{p} is not a finished lmckit run folder (no model.safetensors)",

@@ -636,8 +636,7 @@ def train(
     promised to be bit-identical (and never equal CPU runs bit for bit).
     """
 
-    if Path(out_root).exists() and not Path(out_root).is_dir():
-        raise LmcError(f"output folder {out_root} is a file", "pass a folder for the run store (--out)")
+    check_run_store(Path(out_root))  # the store itself before the data is loaded (a file, a FIFO, a link loop)
 
     # Everything is validated before anything is written under out_root (no lock or .partial is left
     # behind by a bad device, model option or dataset).
