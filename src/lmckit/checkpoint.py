@@ -79,8 +79,8 @@ def build_model(
         try:
             with torch.device("meta"):
                 skeleton = model_from_config(dict(model_cfg))
-        except LmcError:
-            raise
+        except LmcError as e:  # the metadata's sizes out of bounds: say whose metadata
+            raise LmcError(f"{where}: its model config cannot be built: {e.message}", e.hint) from None
         except (RuntimeError, ValueError, OverflowError, MemoryError) as e:  # e.g. absurd sizes in the metadata
             raise LmcError(
                 f"{where}: its model config {dict(model_cfg)} cannot be built ({type(e).__name__}: {e})",
