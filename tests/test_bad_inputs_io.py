@@ -1380,3 +1380,12 @@ def test_a_trailing_slash_changes_no_output(tmp_path, monkeypatch, capsys):
         doc = json.loads(out)
         docs.append({k: v for k, v in doc.items() if "seconds" not in k and k != "timings"})
     assert docs[0] == docs[1] and docs[0]["a"] == str(ws.inp / "run-a")
+
+
+def test_unseen_pass_counts_match_the_docs():
+    """docs/reliability.md "Round three: unseen pass" counts the u-* rows and the API cases kept here."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    section = doc.split("## Round three: unseen pass", 1)[1]
+    assert f"{len(UNSEEN_CLASS)} through the CLI" in section
+    assert f"{len(API_CASES)} kept as `test_api_refuses_paths_with_lmc_error`" in section
+    assert all(rid in {r.id for r in ROWS} for rid in UNSEEN_CLASS)
