@@ -939,6 +939,13 @@ def _(ws):
     return ["analyze", ws.a, _b(ws), "--dataset", "synthetic", "--rank-fractions", "0", "--limit", "50"]
 
 
+# ---- environment
+@unseen("env-data-mirror-not-a-url-dry-run", "environment", r"LMCKIT_DATA_MIRROR 'notaurl' is not an http")
+def _(ws):
+    ws.monkeypatch.setenv("LMCKIT_DATA_MIRROR", "notaurl")
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--dry-run"]
+
+
 # ---- --json: one document, also on errors
 @unseen("json-train-store-is-a-fifo", "json", r"runs/train is a named pipe")
 def _(ws):
