@@ -269,6 +269,15 @@ for _id, (_make, _pattern) in STORE_CASES.items():
     ROWS.append(Row(f"train-store-{_id}", _build, _pattern))
 
 
+@row("train-store-train-folder-read-only", r"run store folder .*runs/train: .*runs/train is not writable")
+def _(ws):
+    from tests.helpers.reliability import read_only_dir
+
+    (ws.out / "runs" / "train").mkdir(parents=True)
+    read_only_dir(ws.monkeypatch, ws.out / "runs" / "train")
+    return _train_into(ws, ws.out / "runs")
+
+
 @row("train-store-is-a-link-loop", r"runs.*symbolic links form a loop")
 def _(ws):
     (ws.out / "runs").symlink_to("runs")
