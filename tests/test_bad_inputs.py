@@ -674,7 +674,7 @@ def _(ws):
     return ["analyze", ws.a, ws.ckpt("b.safetensors", seed=1), "--no-data", "--plot", ws.out / "earlier-result.txt"]
 
 
-@row("train-out-is-a-file", r"output folder .*earlier-result\.txt is a file")
+@row("train-out-is-a-file", r"run store --out .*earlier-result\.txt is a file")
 def _(ws):
     return ["train", "--preset", "tiny", "--out", ws.out / "earlier-result.txt", "--quiet"]
 
@@ -972,7 +972,7 @@ def _(ws):
     return ["check-spec", "mlp", "--in-channels", "4096", "--image-size", "4096"]
 
 
-@row("r2-train-width-mult-1e12", r"(cannot be built|parameters)")
+@row("r2-train-width-mult-1e12", r"(cannot be built|parameters|width_mult must be at most 256, got 1000000000000)")
 def _(ws):
     return ["train", "--preset", "tiny", "--width-mult", "1e12", "--out", ws.out, "--quiet"]
 
@@ -1182,12 +1182,12 @@ def _(ws):
     return ["check-spec", "mlp_tiny", "--tol=-1"]
 
 
-@row("r2-data-info-missing-dataset", r"lmckit data: error: dataset mnist not found")
+@row("r2-data-info-missing-dataset", r"lmckit data info: error: dataset mnist not found")
 def _(ws):
     return ["data", "info", "mnist", "--data-dir", ws.empty]
 
 
-@row("r2-data-info-missing-dataset-json", r"lmckit data: error: dataset mnist not found")
+@row("r2-data-info-missing-dataset-json", r"lmckit data info: error: dataset mnist not found")
 def _(ws):
     return ["data", "info", "mnist", "--data-dir", ws.empty, "--json"]
 

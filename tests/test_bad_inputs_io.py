@@ -207,6 +207,195 @@ def _(ws):
     return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache", "--quiet"]
 
 
+# --------------------------------------------------------------------------- the run store, checked before training
+TRAIN_ARGV = ["train", "--model", "mlp_tiny", "--dataset", "synthetic", "--epochs", "1"]
+
+
+def _train_into(ws: Workspace, store: Path) -> list:
+    """``lmckit train`` into ``store``; no --quiet, so a progress line printed before the refusal fails the row."""
+    return [*TRAIN_ARGV, "--out", store]
+
+
+def _run_folder(store: Path) -> Path:
+    from lmckit.cli import build_parser
+    from lmckit.commands.train import config_from_args
+    from lmckit.train import run_dir_for
+
+    config, _ = config_from_args(build_parser().parse_args([*TRAIN_ARGV, "--out", str(store)]))
+    return run_dir_for(config, store)
+
+
+STORE_CASES: dict[str, tuple[Callable[[Path], None], str]] = {  # id -> (make it, in the store), message
+    "train-folder-is-a-file": (lambda s: make_special(s / "train", "file"), r"runs/train is a file"),
+    "train-folder-is-a-fifo": (lambda s: make_special(s / "train", "fifo"), r"runs/train is a named pipe"),
+    "train-folder-is-a-link-loop": (lambda s: (s / "train").symlink_to("train"), r"runs/train.*loop"),
+    "train-folder-is-a-dangling-link": (
+        lambda s: (s / "train").symlink_to("nowhere"),
+        r"runs/train.*symbolic link to nowhere, which does not exist",
+    ),
+    "run-folder-is-a-file": (lambda s: make_special(_run_folder(s), "file"), r"in the way of the run folder.*file"),
+    "run-folder-is-a-fifo": (lambda s: make_special(_run_folder(s), "fifo"), r"run folder.*named pipe"),
+    "run-folder-is-unfinished": (lambda s: make_special(_run_folder(s), "folder"), r"not a finished run"),
+    "partial-is-a-file": (
+        lambda s: make_special(_run_folder(s).with_suffix(".partial"), "file"),
+        r"unfinished run folder .*\.partial is a file",
+    ),
+    "lock-is-a-fifo": (lambda s: make_special(_run_folder(s).with_suffix(".lock"), "fifo"), r"\.lock.*named pipe"),
+    "lock-is-a-folder": (lambda s: make_special(_run_folder(s).with_suffix(".lock"), "folder"), r"\.lock.*folder"),
+    "resumed-model-file-is-a-folder": (
+        lambda s: (
+            make_special(_run_folder(s).with_suffix(".partial") / "checkpoint.safetensors", "file"),
+            make_special(_run_folder(s).with_suffix(".partial") / "model.safetensors", "folder"),
+        ),
+        r"model\.safetensors: it is a folder",
+    ),
+    "resumed-metrics-is-a-fifo": (
+        lambda s: (
+            make_special(_run_folder(s).with_suffix(".partial") / "checkpoint.safetensors", "file"),
+            make_special(_run_folder(s).with_suffix(".partial") / "metrics.jsonl", "fifo"),
+        ),
+        r"metrics\.jsonl: it is a named pipe",
+    ),
+}
+
+for _id, (_make, _pattern) in STORE_CASES.items():
+
+    def _build(ws, _make=_make):
+        store = ws.out / "runs"
+        store.mkdir()
+        _make(store)
+        return _train_into(ws, store)
+
+    ROWS.append(Row(f"train-store-{_id}", _build, _pattern))
+
+
+@row("train-store-train-folder-read-only", r"run store folder .*runs/train: .*runs/train is not writable")
+def _(ws):
+    from tests.helpers.reliability import read_only_dir
+
+    (ws.out / "runs" / "train").mkdir(parents=True)
+    read_only_dir(ws.monkeypatch, ws.out / "runs" / "train")
+    return _train_into(ws, ws.out / "runs")
+
+
+@row("train-store-is-a-link-loop", r"runs.*symbolic links form a loop")
+def _(ws):
+    (ws.out / "runs").symlink_to("runs")
+    return _train_into(ws, ws.out / "runs")
+
+
+@row("train-store-is-a-dangling-link", r"runs.*symbolic link to nowhere/x, which does not exist")
+def _(ws):
+    (ws.out / "runs").symlink_to("nowhere/x")
+    return _train_into(ws, ws.out / "runs")
+
+
+# --------------------------------------------------------------------------- data info and download: exit 2, one line
+def _idx_folder(ws: Workspace, name: str, **kw) -> Path:
+    from tests.helpers.data_files import write_idx_dataset
+
+    write_idx_dataset(ws.inp / "data" / name, **kw)
+    return ws.inp / "data"
+
+
+@row("data-info-files-differ-from-the-published", r"data info: error: 4 of the 4 files of fashion-mnist .*mismatch")
+def _(ws):
+    return ["data", "info", "fashion-mnist", "--data-dir", _idx_folder(ws, "fashion-mnist", gz=True)]
+
+
+@row("data-info-files-differ-json", r"4 of the 4 files of fashion-mnist .*do not match the published dataset")
+def _(ws):
+    return ["data", "info", "fashion-mnist", "--data-dir", _idx_folder(ws, "fashion-mnist", gz=True), "--json"]
+
+
+@row("data-info-idx-file-garbled", r"data info: error: .*train-images-idx3-ubyte.*(magic|not an IDX)")
+def _(ws):
+    data = _idx_folder(ws, "mnist")
+    (data / "mnist" / "train-images-idx3-ubyte").write_bytes(b"garbage, not an IDX file")
+    return ["data", "info", "mnist", "--data-dir", data, "--no-checksums"]
+
+
+@row("data-info-data-dir-is-a-link-loop", r"data info: error: .*mnist not found")
+def _(ws):
+    (ws.inp / "loop").symlink_to("loop")
+    return ["data", "info", "mnist", "--data-dir", ws.inp / "loop"]
+
+
+@row("data-download-dataset-folder-is-a-file", r"dataset folder .*target\.d/mnist is a file, not a folder")
+def _(ws):
+    make_special(ws.out / "target.d" / "mnist", "file")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--mirror", "http://127.0.0.1:9/"]
+
+
+@row("data-download-dataset-file-is-a-folder", r"dataset file .*train-images-idx3-ubyte\.gz: it is a folder")
+def _(ws):
+    make_special(ws.out / "target.d" / "mnist" / "train-images-idx3-ubyte.gz", "folder")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--dry-run"]
+
+
+@row("data-download-lock-is-a-fifo", r"\.download\.lock.*named pipe")
+def _(ws):
+    make_special(ws.out / "target.d" / "mnist" / ".download.lock", "fifo")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--mirror", "http://127.0.0.1:9/"]
+
+
+@row("data-download-root-empty-string", r"--root is an empty string")
+def _(ws):
+    return ["data", "download", "mnist", "--root", "", "--mirror", "http://127.0.0.1:9/"]
+
+
+@row("data-download-root-dangling-link", r"--root .*symbolic link to nowhere")
+def _(ws):
+    (ws.out / "target.d").symlink_to("nowhere")
+    return ["data", "download", "mnist", "--root", ws.out / "target.d", "--dry-run"]
+
+
+@row("data-download-user-cache-under-a-fifo", r"dataset folder .*xdg-fifo/lmckit/datasets/mnist.*named pipe")
+def _(ws):
+    ws.monkeypatch.setenv("XDG_CACHE_HOME", str(make_special(ws.out / "xdg-fifo", "fifo")))
+    return ["data", "download", "mnist", "--mirror", "http://127.0.0.1:9/", "--timeout", "1"]
+
+
+# --------------------------------------------------------------------------- symbolic-link loops and chains
+def _chain(folder: Path, n: int) -> Path:
+    """``l0`` (a file) and ``l1 -> l0``, ..., ``ln -> l(n-1)``: a chain longer than the kernel follows for n > 40."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "l0").write_text("x")
+    for i in range(1, n + 1):
+        (folder / f"l{i}").symlink_to(f"l{i - 1}")
+    return folder / f"l{n}"
+
+
+@row("link-chain-1500-as-model", r"model A .*l1500.*(loop|chain)")
+def _(ws):
+    return ["match", _chain(ws.inp / "chain", 1500), _b(ws), "--out", ws.out / "p.json"]
+
+
+@row("link-chain-1500-as-merge-out", r"l1500.*(loop|chain)")
+def _(ws):
+    return ["merge", ws.a, _b(ws), "--out", _chain(ws.out / "chain", 1500), "--dataset", "synthetic"]
+
+
+@row("link-cycle-of-two-as-landscape-model", r"model C .*cyc1.*loop")
+def _(ws):
+    (ws.inp / "cyc1").symlink_to("cyc2")
+    (ws.inp / "cyc2").symlink_to("cyc1")
+    return ["landscape", ws.a, _b(ws), ws.inp / "cyc1", "--dataset", "synthetic", "--plot", ws.out / "l.png"]
+
+
+@row("link-loop-as-default-reports-folder", r"report folder reports/tiny.*loop")
+def _(ws):
+    (ws.out / "reports").symlink_to("reports")
+    ws.monkeypatch.chdir(ws.out)
+    return ["reproduce", "--recipe", "tiny", "--cache", ws.out / "cache", "--dry-run"]
+
+
+@row("link-loop-as-data-download-root", r"--root .*loop")
+def _(ws):
+    (ws.out / "loop").symlink_to("loop")
+    return ["data", "download", "mnist", "--root", ws.out / "loop", "--dry-run"]
+
+
 # --------------------------------------------------------------------------- hostile output names
 @row("name-out-trailing-slash-on-a-file-output", r"perm\.json/?.*(folder|directory|file name)")
 def _(ws):
@@ -422,6 +611,457 @@ def _(ws):
     return ws.recipe(text)
 
 
+# =========================================================================== unseen pass (round three, rel-fix)
+#: class of each unseen-pass row (docs/reliability.md "Round three: unseen pass" counts them by class)
+UNSEEN_CLASS: dict[str, str] = {}
+
+
+def unseen(id: str, cls: str, pattern: str):
+    UNSEEN_CLASS[f"u-{id}"] = cls
+    return row(f"u-{id}", pattern)
+
+
+def _barrier_argv(ws: Workspace, *extra) -> list:
+    return ["barrier", ws.a, _b(ws), "--dataset", "synthetic", "--points", "3", "--limit", "50", *extra]
+
+
+def _perm_json(ws: Workspace, text: str | bytes) -> Path:
+    return ws.file("p.json", text)
+
+
+def _good_perm_obj(ws: Workspace) -> dict:
+    from tests.helpers.reliability import good_perms
+
+    return {"format": "lmckit.permutation", "version": 1, "perms": good_perms(ws.a)}
+
+
+# ---- outputs that are not regular files (lmckit.store.check_replaceable / check_output_path)
+@unseen("merge-merged-checkpoint-is-a-fifo", "outputs", r"merged\.safetensors.*named pipe")
+def _(ws):
+    make_special(ws.out / "m" / "merged.safetensors", "fifo")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+@unseen("merge-record-is-a-folder", "outputs", r"merge\.json.*folder")
+def _(ws):
+    make_special(ws.out / "m" / "merge.json", "folder")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+@unseen("merge-perm-file-is-a-socket", "outputs", r"perm_1\.json.*socket")
+def _(ws):
+    make_special(ws.out / "m" / "perm_1.json", "socket")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic"]
+
+
+@unseen("match-multi-perm-file-is-a-fifo", "outputs", r"perm_1\.json.*named pipe")
+def _(ws):
+    make_special(ws.out / "d" / "perm_1.json", "fifo")
+    return ["match", ws.a, _b(ws), ws.ckpt("c.safetensors", seed=2), "--multi", "anchor", "--out", ws.out / "d"]
+
+
+@unseen("match-multi-summary-is-a-folder", "outputs", r"summary\.json.*folder")
+def _(ws):
+    make_special(ws.out / "d" / "summary.json", "folder")
+    return ["match", ws.a, _b(ws), ws.ckpt("c.safetensors", seed=2), "--multi", "anchor", "--out", ws.out / "d"]
+
+
+@unseen("landscape-accuracy-plot-is-a-fifo", "outputs", r"l-accuracy\.png.*named pipe")
+def _(ws):
+    make_special(ws.out / "l-accuracy.png", "fifo")
+    return [
+        "landscape", ws.a, _b(ws), ws.ckpt("c.safetensors", seed=2), "--dataset", "synthetic", "--grid", "3",
+        "--limit", "20", "--plot", ws.out / "l.png",
+    ]  # fmt: skip
+
+
+@unseen("analyze-figure-is-a-folder", "outputs", r"spectra\.png.*folder")
+def _(ws):
+    make_special(ws.out / "plots" / "spectra.png", "folder")
+    return ["analyze", ws.a, _b(ws), "--no-data", "--plot", ws.out / "plots"]
+
+
+@unseen("reproduce-results-is-a-link-to-dev-null", "outputs", r"results\.json.*character device")
+def _(ws):
+    (ws.out / "r").mkdir()
+    (ws.out / "r" / "results.json").symlink_to("/dev/null")
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache"]
+
+
+@unseen("train-store-folder-is-a-link-to-a-fifo", "outputs", r"runs/train is a named pipe")
+def _(ws):
+    (ws.out / "runs").mkdir()
+    make_special(ws.out / "runs" / "train", "link-fifo")
+    return _train_into(ws, ws.out / "runs")
+
+
+@unseen("barrier-plot-under-a-fifo", "outputs", r"curve\.png.*fifo.*named pipe")
+def _(ws):
+    make_special(ws.out / "fifo", "fifo")
+    return _barrier_argv(ws, "--plot", ws.out / "fifo" / "curve.png")
+
+
+@unseen("merge-out-under-a-socket", "outputs", r"--out .*sock/m .*socket")
+def _(ws):
+    make_special(ws.out / "sock", "socket")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "sock" / "m", "--dataset", "synthetic"]
+
+
+@unseen("reproduce-cache-locks-is-a-fifo", "outputs", r"\.locks.*named pipe")
+def _(ws):
+    make_special(ws.out / "cache" / ".locks", "fifo")
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cache", "--quiet"]
+
+
+# ---- outside files: parser, numbers, format fields
+@unseen("perm-json-lone-surrogate-group", "parser", r"p\.json")
+def _(ws):
+    text = json.dumps(_good_perm_obj(ws))[:-2] + ', "\\ud800": [0]}}'
+    return _barrier_argv(ws, "--perm", _perm_json(ws, text))
+
+
+@unseen("perm-json-entries-as-strings", "parser", r"p\.json.*(integer|int)")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: [str(i) for i in p] for g, p in obj["perms"].items()}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-entries-as-bools", "parser", r"p\.json.*(integer|bool)")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: [True] + [False] * (len(p) - 1) for g, p in obj["perms"].items()}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-entries-nested-lists", "parser", r"p\.json")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: [[i] for i in p] for g, p in obj["perms"].items()}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-format-with-trailing-space", "parser", r"p\.json.*format")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["format"] = "lmckit.permutation "
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-version-zero", "parser", r"p\.json.*version")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["version"] = 0
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen("perm-json-10-mib-of-whitespace-then-garbage", "parser", r"p\.json")
+def _(ws):
+    return _barrier_argv(ws, "--perm", _perm_json(ws, b" " * (10 * 2**20) + b"x"))
+
+
+@unseen("perm-transform-file-is-a-perm-json", "parser", r"p\.safetensors")
+def _(ws):
+    p = ws.file("p.safetensors", json.dumps(_good_perm_obj(ws)))
+    return _barrier_argv(ws, "--perm", p)
+
+
+@unseen("recipe-utf16", "parser", r"recipe\.toml.*(UTF-8|not valid)")
+def _(ws):
+    p = ws.file("recipe.toml", TINY_RECIPE.encode("utf-16"))
+    return ["reproduce", "--recipe", p, "--out", ws.out / "r", "--cache", ws.out / "c", "--dry-run"]
+
+
+@unseen("recipe-nul-byte", "parser", r"recipe\.toml")
+def _(ws):
+    p = ws.file("recipe.toml", TINY_RECIPE.replace("[data]", "[data]\x00"))
+    return ["reproduce", "--recipe", p, "--out", ws.out / "r", "--cache", ws.out / "c", "--dry-run"]
+
+
+@unseen("recipe-seeds-bool", "parser", r"seeds")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seeds = [true, false]")), "--dry-run"]
+
+
+@unseen("recipe-seeds-float", "parser", r"seeds")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seeds = [0.5, 1.5]")), "--dry-run"]
+
+
+@unseen("recipe-seeds-duplicate", "parser", r"seeds")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("seeds = [0, 1, 2]", "seeds = [1, 1, 2]")), "--dry-run"]
+
+
+@unseen("recipe-name-with-slash", "parser", r"name")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace('name = "tiny"', 'name = "../tiny"')), "--dry-run"]
+
+
+@unseen("recipe-lambdas-huge", "sizes", r"lambdas")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("lambdas = 5", "lambdas = 100000000")), "--dry-run"]
+
+
+@unseen("recipe-grid-huge", "sizes", r"grid")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("grid = 3", "grid = 1000000")), "--dry-run"]
+
+
+@unseen("recipe-am-samples-huge", "sizes", r"am_samples")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("am_samples = 500", "am_samples = 1000000000000")), "--dry-run"]
+
+
+@unseen("recipe-gamma-out-of-range", "parser", r"gammas")
+def _(ws):
+    return [*ws.recipe(TINY_RECIPE.replace("gammas = [0.0, 0.3]", "gammas = [0.0, 7.0]")), "--dry-run"]
+
+
+@unseen("run-folder-config-is-a-fifo", "parser", r"config\.json.*(regular file|named pipe)")
+def _(ws):
+    folder = ws.inp / "run"
+    folder.mkdir()
+    ws.ckpt("run/model.safetensors", seed=0)
+    make_special(folder / "config.json", "fifo")
+    return _barrier_argv(ws)[:1] + [folder] + _barrier_argv(ws)[2:]
+
+
+@unseen("run-folder-model-is-a-link-loop", "naming", r"checkpoint .*model\.safetensors: its symbolic links form a loop")
+def _(ws):
+    folder = ws.inp / "run"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to("model.safetensors")
+    return ["check-spec", folder]
+
+
+@unseen("run-folder-model-is-a-dangling-link", "naming", r"model\.safetensors is a symbolic link to gone\.safetensors")
+def _(ws):
+    folder = ws.inp / "run"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to("gone.safetensors")
+    return ["barrier", folder, _b(ws), "--dataset", "synthetic"]
+
+
+@unseen("checkpoint-is-a-link-loop", "naming", r"checkpoint .*loop\.safetensors: its symbolic links form a loop")
+def _(ws):
+    (ws.inp / "loop.safetensors").symlink_to("loop.safetensors")
+    return ["check-spec", ws.inp / "loop.safetensors"]
+
+
+@unseen("perm-is-a-link-loop", "naming", r"p\.json: its symbolic links form a loop")
+def _(ws):
+    (ws.inp / "p.json").symlink_to("p.json")
+    return _barrier_argv(ws, "--perm", ws.inp / "p.json")
+
+
+@unseen("recipe-is-a-link-loop", "naming", r"recipe\.toml.*loop")
+def _(ws):
+    (ws.inp / "recipe.toml").symlink_to("recipe.toml")
+    return ["reproduce", "--recipe", ws.inp / "recipe.toml", "--out", ws.out / "r", "--dry-run"]
+
+
+@unseen("data-dir-is-a-dangling-link", "naming", r"(gone|not a folder|not found)")
+def _(ws):
+    (ws.inp / "data").symlink_to("gone")
+    return ["data", "info", "mnist", "--data-dir", ws.inp / "data"]
+
+
+# ---- numbers and sizes from options
+@unseen("train-lr-nan", "numbers", r"\blr must be a finite number, got nan")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--lr", "nan", "--quiet"]
+
+
+@unseen("train-lr-inf", "numbers", r"\blr must be a finite number, got inf")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--lr", "inf", "--quiet"]
+
+
+@unseen("train-val-size-negative", "naming", r"training setting val_size must not be negative, got -5")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--val-size", "-5", "--quiet"]
+
+
+@unseen("train-threads-zero", "numbers", r"--threads")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--threads", "0", "--quiet"]
+
+
+@unseen("train-eval-batch-size-zero", "numbers", r"eval_batch_size must be positive")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--eval-batch-size", "0", "--quiet"]
+
+
+@unseen("train-epochs-1e300", "numbers", r"--epochs")
+def _(ws):
+    return [*TRAIN_ARGV[:-2], "--epochs", "1e300", "--out", ws.out / "runs", "--quiet"]
+
+
+@unseen("train-seed-negative", "numbers", r"seed must be between 0 and")
+def _(ws):
+    return [*TRAIN_ARGV, "--out", ws.out / "runs", "--seed", "-1", "--quiet"]
+
+
+@unseen("barrier-limit-zero", "numbers", r"--limit")
+def _(ws):
+    return ["barrier", ws.a, _b(ws), "--dataset", "synthetic", "--limit", "0"]
+
+
+@unseen("data-info-val-size-huge", "sizes", r"(--val-size|val)")
+def _(ws):
+    return ["data", "info", "synthetic", "--val-size", str(10**12)]
+
+
+@unseen("data-download-timeout-nan", "numbers", r"--timeout")
+def _(ws):
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--timeout", "nan"]
+
+
+@unseen("data-download-timeout-negative", "numbers", r"--timeout")
+def _(ws):
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--timeout", "-1"]
+
+
+@unseen("data-download-mirror-not-a-url", "traceback", r"--mirror 'ftp//nowhere' is not an http://, https://")
+def _(ws):
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--mirror", "ftp//nowhere", "--timeout", "1"]
+
+
+@unseen("check-spec-tol-inf", "numbers", r"--tol")
+def _(ws):
+    return ["check-spec", "mlp_tiny", "--tol", "inf"]
+
+
+@unseen("match-max-iter-zero", "numbers", r"--max-iter")
+def _(ws):
+    return ["match", ws.a, _b(ws), "--out", ws.out / "p.json", "--max-iter", "0"]
+
+
+@unseen("analyze-gamma-nan", "numbers", r"--gamma.*nan")
+def _(ws):
+    return ["analyze", ws.a, _b(ws), "--no-data", "--gamma", "nan"]
+
+
+@unseen("analyze-rank-fraction-zero", "numbers", r"rank.fraction")
+def _(ws):
+    return ["analyze", ws.a, _b(ws), "--dataset", "synthetic", "--rank-fractions", "0", "--limit", "50"]
+
+
+# ---- environment
+@unseen("env-data-mirror-not-a-url-dry-run", "environment", r"LMCKIT_DATA_MIRROR 'notaurl' is not an http")
+def _(ws):
+    ws.monkeypatch.setenv("LMCKIT_DATA_MIRROR", "notaurl")
+    return ["data", "download", "mnist", "--root", ws.out / "d", "--dry-run"]
+
+
+# ---- --json: one document, also on errors
+@unseen("json-train-store-is-a-fifo", "json", r"runs/train is a named pipe")
+def _(ws):
+    (ws.out / "runs").mkdir()
+    make_special(ws.out / "runs" / "train", "fifo")
+    return [*_train_into(ws, ws.out / "runs"), "--json"]
+
+
+@unseen("json-merge-out-is-a-file", "json", r"m.*(file|not a folder)")
+def _(ws):
+    make_special(ws.out / "m", "file")
+    return ["merge", ws.a, _b(ws), "--out", ws.out / "m", "--dataset", "synthetic", "--json"]
+
+
+@unseen("json-landscape-bad-grid", "json", r"--grid")
+def _(ws):
+    return ["landscape", ws.a, _b(ws), _b(ws), "--plot", ws.out / "l.png", "--grid", "0", "--json"]
+
+
+@unseen("json-data-download-root-loop", "json", r"--root .*loop")
+def _(ws):
+    (ws.out / "loop").symlink_to("loop")
+    return ["data", "download", "mnist", "--root", ws.out / "loop", "--dry-run", "--json"]
+
+
+@unseen("json-check-spec-link-loop", "json", r"loop\.safetensors")
+def _(ws):
+    (ws.inp / "loop.safetensors").symlink_to("loop.safetensors")
+    return ["check-spec", ws.inp / "loop.safetensors", "--json"]
+
+
+@unseen("json-data-info-files-differ", "json", r"do not match the published dataset")
+def _(ws):
+    return ["data", "info", "fashion-mnist", "--data-dir", _idx_folder(ws, "fashion-mnist", gz=True), "--json"]
+
+
+# ---- hostile names
+@unseen("checkpoint-name-dash", "naming", r"(-|not found|does not exist|option)")
+def _(ws):
+    return ["check-spec", "-"]
+
+
+# ---- the Python API: the same paths raise LmcError naming them (unseen pass, class "api")
+def _api_tiny_config():
+    from lmckit.train import make_config
+
+    return make_config("tiny", model="mlp_tiny", dataset="synthetic", epochs=1)
+
+
+API_CASES: dict[str, tuple[Callable[[Path], object], str]] = {  # id -> (call in a folder with loop, fifo, afile)
+    "checkpoint-load-loop": (lambda d: __import__("lmckit.checkpoint").checkpoint.load(d / "loop"), r"loop.*loop"),
+    "load-checkpoint-fifo": (
+        lambda d: __import__("lmckit.checkpoint").checkpoint.load_checkpoint(d / "fifo"),
+        r"fifo is not a regular file",
+    ),
+    "read-json-loop": (lambda d: __import__("lmckit.store").store.read_json(d / "loop", "record"), r"record .*loop"),
+    "load-state-loop": (lambda d: __import__("lmckit.store").store.load_state(d / "loop"), r"loop.*symbolic links"),
+    "atomic-write-under-a-file": (
+        lambda d: __import__("lmckit.store").store.atomic_write_text(d / "afile" / "x", "x"),
+        r"afile/x",
+    ),
+    "save-state-fifo": (
+        lambda d: __import__("lmckit.store").store.save_state(d / "fifo", {"w": __import__("torch").zeros(2)}, {}),
+        r"fifo: it is a named pipe",
+    ),
+    "download-root-fifo": (
+        lambda d: __import__("lmckit.data.download").data.download.download_dataset(
+            "mnist", d / "fifo", mirror="http://127.0.0.1:9/", timeout=1
+        ),
+        r"--root .*fifo is a named pipe",
+    ),
+    "download-mirror-gopher": (
+        lambda d: __import__("lmckit.data.download").data.download.download_plan("mnist", mirror="gopher:x"),
+        r"--mirror 'gopher:x'",
+    ),
+    "train-store-fifo": (
+        lambda d: __import__("lmckit.train").train.train(_api_tiny_config(), out_root=d / "fifo", progress=False),
+        r"run store --out .*fifo is a named pipe",
+    ),
+    "train-store-loop": (
+        lambda d: __import__("lmckit.train").train.train(_api_tiny_config(), out_root=d / "loop", progress=False),
+        r"run store --out .*loop: its symbolic links form a loop",
+    ),
+    "real-path-under-a-loop": (lambda d: __import__("lmckit.store").store.real_path(d / "loop" / "x"), r"loop/x"),
+    "file-lock-loop": (
+        lambda d: __import__("lmckit.store").store.file_lock(d / "loop").__enter__(),
+        r"loop.*symbolic links",
+    ),
+    "make-dirs-under-a-fifo": (lambda d: __import__("lmckit.store").store.make_dirs(d / "fifo" / "x"), r"fifo/x"),
+}
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_api_refuses_paths_with_lmc_error(case, tmp_path, monkeypatch):
+    from lmckit.errors import LmcError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "loop").symlink_to("loop")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "afile").write_text("x")
+    call, pattern = API_CASES[case]
+    with pytest.raises(LmcError, match=pattern):
+        call(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "xdg")
+    assert left == ["afile", "fifo", "loop"]  # nothing created beside them
+
+
 # --------------------------------------------------------------------------- the table
 def test_table_has_enough_rows():
     assert len(ROWS) >= 100
@@ -477,8 +1117,9 @@ def test_full_stdout_is_one_line_and_status_2(argv, tmp_path, monkeypatch):
             timeout=120,
         )
     assert proc.returncode == 2, proc.stderr
+    command = " ".join(argv[:2]) if argv[0] == "data" else argv[0]  # `lmckit data list`, as its usage errors say
     assert proc.stderr.strip().splitlines() == [
-        f"lmckit {argv[0]}: error: cannot write to standard output: No space left on device (errno 28)"
+        f"lmckit {command}: error: cannot write to standard output: No space left on device (errno 28)"
     ]
 
 
@@ -660,3 +1301,107 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temp(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         store.atomic_write_text(p, "new\n")
     assert p.read_text() == "old\n" and sorted(x.name for x in tmp_path.iterdir()) == ["f.json"]
+
+
+SEQUENCE = [  # good and bad --json commands, each printing one document (state left by one must not reach the next)
+    ["methods", "--json"],
+    ["models", "--json", "--bogus"],
+    ["data", "info", "nosuchdata", "--json"],
+    ["reproduce", "--list", "--json"],
+    ["reproduce", "--show", "nosuchrecipe", "--json"],
+    ["nosuchcommand", "--json"],
+    ["data", "list", "--json"],
+    ["methods", "--json", "--bogus"],
+]
+
+_RUN_SEQUENCE = """
+import contextlib, io, json, sys
+from lmckit.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        rc = main(argv)
+    out.append([rc, o.getvalue(), e.getvalue()])
+sys.__stdout__.write(json.dumps(out))
+"""
+
+
+def test_commands_in_one_process_print_what_they_print_alone(tmp_path, monkeypatch):
+    """Module state (the --json document counter, the last usage error) is reset per call of ``main``:
+    a sequence run in one process gives each command's output (stdout, stderr, exit status) byte for byte."""
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+
+    def run(argvs):
+        proc = subprocess.run(
+            [sys.executable, "-c", _RUN_SEQUENCE, json.dumps(argvs)],
+            capture_output=True,
+            text=True,
+            env=_env(ws),
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    together = run(SEQUENCE)
+    alone = [run([argv])[0] for argv in SEQUENCE]
+    for argv, t, a in zip(SEQUENCE, together, alone):
+        assert t == a, f"{argv}: in a sequence {t!r}, alone {a!r}"
+        json.loads(t[1])  # one document each
+
+
+# --------------------------------------------------------------------------- a trailing '/' on a path argument
+SLASHED = [  # every path argument that may name a folder, written with a trailing '/'
+    ["train", "--out", "runs/", "--data-dir", "data/"],
+    ["check-spec", "runs/train/abc/"],
+    ["match", "runs/a/", "runs/b/", "--out", "p.json"],
+    ["match", "runs/a/", "runs/b/", "runs/c//", "--multi", "anchor", "--out", "p.json"],
+    ["barrier", "runs/a/", "runs/b/", "--data-dir", "data/"],
+    ["analyze", "runs/a/", "runs/b/", "--plot", "figs/"],
+    ["merge", "runs/a/", "runs/b/", "--out", "m/"],
+    ["landscape", "runs/a/", "runs/b/", "runs/c/", "--plot", "l.png"],
+    ["reproduce", "--recipe", "tiny", "--out", "r/", "--cache", "c/", "--data-dir", "data/"],
+    ["data", "info", "mnist", "--data-dir", "data/"],
+    ["data", "download", "mnist", "--root", "d/"],
+]
+
+
+@pytest.mark.parametrize("argv", SLASHED, ids=lambda a: "-".join(a[:2]))
+def test_a_trailing_slash_parses_as_the_same_argument(argv):
+    """``runs/a/`` and ``runs/a`` are one argument (common.path_arg), so messages, JSON, perm files, provenance
+    and the report cannot differ; a file output keeps its '/' (refused: a row above)."""
+    from lmckit.cli import build_parser
+
+    def bare(a: str) -> str:
+        return a.rstrip("/") if "/" in a and a != "p.json" else a
+
+    with_slash = vars(build_parser().parse_args(argv))
+    without = vars(build_parser().parse_args([bare(a) for a in argv]))
+    assert with_slash == without
+    assert build_parser().parse_args(["data", "download", "mnist", "--root", "/"]).root == "/"
+
+
+def test_a_trailing_slash_changes_no_output(tmp_path, monkeypatch, capsys):
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    a, b = ws.a, _b(ws)
+    docs = []
+    for suffix in ("", "/"):
+        run_folder = ws.inp / "run-a"
+        run_folder.mkdir(exist_ok=True)
+        if not (run_folder / "model.safetensors").exists():
+            (run_folder / "model.safetensors").write_bytes(a.read_bytes())
+        argv = ["barrier", f"{run_folder}{suffix}", b, "--dataset", "synthetic", "--points", "3", "--limit", "50"]
+        rc, out, err = run_cli([*argv, "--json", "--quiet"], capsys)
+        assert rc == 0, err
+        doc = json.loads(out)
+        docs.append({k: v for k, v in doc.items() if "seconds" not in k and k != "timings"})
+    assert docs[0] == docs[1] and docs[0]["a"] == str(ws.inp / "run-a")
+
+
+def test_unseen_pass_counts_match_the_docs():
+    """docs/reliability.md "Round three: unseen pass" counts the u-* rows and the API cases kept here."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    section = doc.split("## Round three: unseen pass", 1)[1]
+    assert f"{len(UNSEEN_CLASS)} through the CLI" in section
+    assert f"{len(API_CASES)} kept as `test_api_refuses_paths_with_lmc_error`" in section
+    assert all(rid in {r.id for r in ROWS} for rid in UNSEEN_CLASS)

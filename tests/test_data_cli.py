@@ -35,12 +35,16 @@ def test_info_uncompressed_mnist_has_unknown_checksums(tmp_path, capsys):
 def test_info_reports_mismatch_against_known_checksums(tmp_path, capsys):
     write_idx_dataset(tmp_path / "fashion-mnist", gz=True)  # stand-ins for the real files
     rc, rep = _info(capsys, "fashion-mnist", "--data-dir", str(tmp_path))
-    assert rc == 1 and not rep["ok"]
+    assert rc == 2 and not rep["ok"] and rep["exit_code"] == 2  # data that is not the published one: exit 2
+    assert (
+        "4 of the 4 files of fashion-mnist" in rep["error"] and "t10k-images-idx3-ubyte.gz (mismatch)" in rep["error"]
+    )
     assert {(f["status"], f["algo"], f["checksum_of"]) for f in rep["files"]} == {("mismatch", "sha256", "content")}
     assert rep["splits"]["train"]["size"] == 20  # it still loads; the mismatch is reported
     rc = main(["data", "info", "fashion-mnist", "--data-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert rc == 1 and "mismatch" in out and "warning" in out and "class counts" in out
+    out, err = capsys.readouterr()
+    assert rc == 2 and "mismatch" in out and "warning" in out and "class counts" in out  # the report, then
+    assert err.startswith("lmckit data info: error: 4 of the 4 files") and len(err.strip().splitlines()) == 2
 
 
 def test_info_cifar_and_corrupt_file(tmp_path, capsys):
@@ -48,7 +52,7 @@ def test_info_cifar_and_corrupt_file(tmp_path, capsys):
     folder = tmp_path / "cifar10" / "cifar-10-batches-py"
     rc, rep = _info(capsys, "cifar10", "--data-dir", str(tmp_path))
     assert rep["folder"] == str(folder) and len(rep["files"]) == 6
-    assert {f["status"] for f in rep["files"]} == {"mismatch"} and rc == 1  # tiny batches are not the published ones
+    assert {f["status"] for f in rep["files"]} == {"mismatch"} and rc == 2  # tiny batches are not the published ones
     assert rep["image_shape"] == [3, 32, 32] and rep["splits"]["test"]["size"] == 4
     (folder / "test_batch").write_bytes(b"\x80\x02garbage")
     rc, rep = _info(capsys, "cifar10", "--data-dir", str(tmp_path), "--no-checksums")

@@ -7,6 +7,7 @@ model config); :func:`save_model` writes both kinds.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,13 +17,19 @@ import torch.nn as nn
 from .checks import check_device
 from .errors import LmcError
 from .models import model_from_config
-from .store import load_state, read_json, save_state
+from .store import check_no_link_loop, load_state, read_json, save_state
 
 
 def checkpoint_file(path: str | Path) -> Path:
     p = Path(path)
+    check_no_link_loop("checkpoint", p)
     if p.is_dir():
         f = p / "model.safetensors"
+        check_no_link_loop("checkpoint", f)
+        if f.is_symlink() and not f.exists():
+            raise LmcError(
+                f"{f} is a symbolic link to {os.readlink(f)}, which does not exist", "fix the link or pass another run"
+            )
         if not f.exists():
             raise LmcError(
                 f"{p} is not a finished lmckit run folder (no model.safetensors)",
@@ -72,8 +79,8 @@ def build_model(
         try:
             with torch.device("meta"):
                 skeleton = model_from_config(dict(model_cfg))
-        except LmcError:
-            raise
+        except LmcError as e:  # the metadata's sizes out of bounds: say whose metadata
+            raise LmcError(f"{where}: its model config cannot be built: {e.message}", e.hint) from None
         except (RuntimeError, ValueError, OverflowError, MemoryError) as e:  # e.g. absurd sizes in the metadata
             raise LmcError(
                 f"{where}: its model config {dict(model_cfg)} cannot be built ({type(e).__name__}: {e})",

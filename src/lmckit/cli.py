@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     from .store import USER_ERRNOS, os_error
 
     want_json = bool(getattr(args, "json", False))
+    if getattr(args, "data_command", None):  # errors name the command as its usage errors do: `lmckit data info`
+        args.command = f"{args.command} {args.data_command}"
     quiet = bool(getattr(args, "quiet", False))
     saved_quiet = os.environ.get("LMCKIT_NO_PROGRESS")
     if quiet:  # progress lines off, in this process and in any worker it starts

@@ -29,7 +29,7 @@ from .pipeline.recipe import Recipe
 from .pipeline.reproduce import prepare, stage_costs
 from .pipeline.stages import Runtime
 from .report import collect, timings, write_report
-from .store import check_output_path, check_replaceable, file_kind, file_lock
+from .store import check_output_path, check_replaceable, file_kind, file_lock, real_path
 
 #: the files every report folder gets (figures besides: the .png files)
 REPORT_FILES = ("report.md", "report.html", "results.json", "timings.json", ".lmckit.lock")
@@ -83,10 +83,8 @@ def reproduce(
         out_dir = Path(out)
     else:  # the recipe name is checked to be one safe path component; confine it to reports/ regardless
         out_dir = Path("reports") / r.name
-        if (
-            not out_dir.resolve().is_relative_to(Path("reports").resolve())
-            or out_dir.resolve() == Path("reports").resolve()
-        ):
+        real_out, reports = real_path(out_dir, "report folder"), real_path("reports", "report folder")
+        if not real_out.is_relative_to(reports) or real_out == reports:
             raise LmcError(
                 f"recipe name {r.name!r} would place the report outside reports/",
                 "set name to letters, digits, '-', '_' or '.', or pass --out",

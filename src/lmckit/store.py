@@ -92,6 +92,8 @@ def check_input_file(path: str | os.PathLike, what: str, max_bytes: int) -> int:
     except FileNotFoundError:
         raise LmcError(f"{what} {path} does not exist") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _loop_error(what, path) from None
         raise os_error(e, path, "read") from None
     if stat.S_ISDIR(st.st_mode):
         raise LmcError(f"{what} {path} is a folder, not a file", "pass a file")
@@ -707,6 +709,52 @@ def lock_holder(path: str | os.PathLike) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)[:300]
 
 
+#: the most symbolic links the kernel follows while resolving one path (Linux MAXSYMLINKS)
+MAX_LINKS = 40
+
+
+def _loop_error(what: str, path: str | os.PathLike) -> LmcError:
+    return LmcError(
+        f"cannot use {what} {path}: its symbolic links form a loop (or a chain of more than {MAX_LINKS} links)",
+        "fix or remove the link, or pass the real path",
+    )
+
+
+def real_path(path: str | os.PathLike, what: str = "path") -> Path:
+    """The absolute path with every symbolic link resolved (``~`` expanded); a missing tail is kept as given.
+
+    The one resolver for user paths (comparing outputs with inputs, recording where a model came from,
+    confining report files): a symbolic-link loop, a cyclic path or a chain of links longer than the kernel
+    follows is :class:`LmcError` naming ``what`` and ``path``, never a ``RuntimeError`` or
+    ``RecursionError`` (Python's resolver recurses once per link).
+    """
+    text = os.path.abspath(os.path.expanduser(os.fsdecode(path)))
+    try:
+        os.stat(text)  # the kernel stops at MAX_LINKS links: a loop or an endless chain fails here, cheaply
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _loop_error(what, path) from None
+    try:
+        return Path(text).resolve()
+    except (RuntimeError, RecursionError):  # "Symlink loop from ..." (a loop below a missing name)
+        raise _loop_error(what, path) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _loop_error(what, path) from None
+        raise os_error(e, path, "resolve") from None
+
+
+def check_no_link_loop(what: str, path: str | os.PathLike) -> None:
+    """Raise :class:`LmcError` naming ``what`` when ``path`` or a folder above it is a symbolic-link loop (or a
+    chain of more than :data:`MAX_LINKS` links), which ``Path.exists`` would report as a missing path."""
+    for q in (Path(path), *Path(path).parents):
+        try:
+            os.stat(q)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _loop_error(what, path) from None
+
+
 def check_output_path(what: str, path: str | Path | None, folder: bool = False) -> None:
     """Refuse, before any work, an output that cannot be written: :class:`LmcError` naming it.
 
@@ -732,6 +780,15 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
                 f"allows ({len(os.fsencode(part))} > {name_max} bytes)",
                 "use a shorter name",
             )
+    if str(path) == "":
+        raise LmcError(f"{what} is an empty string", f"give {what} a path")
+    check_no_link_loop(what, path)
+    for q in (p, *p.parents) if folder else p.parents:  # mkdir -p cannot go through a link to nowhere
+        if q.is_symlink() and not q.exists():
+            raise LmcError(
+                f"{what} {path} cannot be created: {q} is a symbolic link to {os.readlink(q)}, which does not exist",
+                "create the link's target folder, or remove the link",
+            )
     if p.exists():
         if folder and not p.is_dir():
             kind = _file_kind(p.stat().st_mode) or "file"
@@ -740,7 +797,10 @@ def check_output_path(what: str, path: str | Path | None, folder: bool = False) 
             check_replaceable(p, what)
     for parent in p.parents:
         if parent.exists() and not parent.is_dir():
-            raise LmcError(f"{what} {path} cannot be created: {parent} is a file", "pass a path under a folder")
+            raise LmcError(
+                f"{what} {path} cannot be created: {parent} is a {file_kind(parent) or 'file'}",
+                "pass a path under a folder",
+            )
     base = p if (p.exists() and p.is_dir()) else _existing_parent(p)
     if not os.access(base, os.W_OK | os.X_OK):
         raise LmcError(

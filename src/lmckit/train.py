@@ -72,7 +72,9 @@ from .store import (
     atomic_write_json,
     atomic_write_text,
     check_output_path,
+    check_replaceable,
     config_hash,
+    file_kind,
     file_lock,
     finalize_dir,
     is_complete,
@@ -295,8 +297,9 @@ class TrainConfig:
                 raise LmcError(f"training setting {name} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LmcError(f"learning rate must be a positive number, got {self.lr}")
-        if self.val_size < 0 or self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
-            raise LmcError("val_size, weight_decay, momentum and warmup_epochs must not be negative")
+        for name in ("val_size", "weight_decay", "momentum", "warmup_epochs"):  # name the one that is negative
+            if getattr(self, name) < 0:
+                raise LmcError(f"training setting {name} must not be negative, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
             raise LmcError(
                 f"warm-up ({self.warmup_epochs} epochs) is longer than training ({self.epochs} epochs)",
@@ -633,8 +636,7 @@ def train(
     promised to be bit-identical (and never equal CPU runs bit for bit).
     """
 
-    if Path(out_root).exists() and not Path(out_root).is_dir():
-        raise LmcError(f"output folder {out_root} is a file", "pass a folder for the run store (--out)")
+    check_run_store(Path(out_root))  # the store itself before the data is loaded (a file, a FIFO, a link loop)
 
     # Everything is validated before anything is written under out_root (no lock or .partial is left
     # behind by a bad device, model option or dataset).
@@ -646,7 +648,7 @@ def train(
         return load_result(final, cached=True)
     if final.exists():
         raise LmcError(f"{final} exists but is not a finished run (no config.json)", "delete that folder and run again")
-    check_run_store(Path(out_root))
+    check_run_store(Path(out_root), config)
     lock = final.with_name(final.name + ".lock")
     created = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
     lock_created, partial = not lock.exists(), partial_dir(final)
@@ -768,10 +770,40 @@ def is_complete_run(folder: Path) -> bool:
     return is_complete(folder)
 
 
-def check_run_store(root: Path) -> None:
-    """The run store can be written (checked before the lock file is created)."""
+#: the files a training run writes in its ``.partial`` folder (checked before training when it resumes)
+RUN_FILES = (CHECKPOINT, BEST, "model.safetensors", "metrics.jsonl", "config.json")
 
+
+def check_run_store(root: Path, config: TrainConfig | None = None) -> None:
+    """Refuse, before any training (and before the first line of progress), a run store that cannot hold
+    ``config``'s run: :class:`LmcError` naming the path.
+
+    Checks the store ``root`` and its ``train/`` folder (folders, writable, no symbolic-link loop, nothing
+    in the way), and with ``config`` its run: the run folder (absent or a finished run), its ``.partial``
+    folder (absent or a folder), its lock file (absent or a regular file) and, when a killed run will be
+    resumed, each file the run writes there (absent or a regular file: :func:`lmckit.store.check_replaceable`).
+    """
     check_output_path("run store --out", root, folder=True)
+    check_output_path("run store folder", Path(root) / "train", folder=True)
+    if config is None:
+        return
+    final = run_dir_for(config, root)
+    if os.path.lexists(final) and not is_complete(final):
+        if final.is_dir():
+            raise LmcError(
+                f"{final} exists but is not a finished run (no config.json)", "delete that folder and run again"
+            )
+        raise LmcError(
+            f"{final} is in the way of the run folder: it is a "
+            + ("symbolic link to a missing path" if final.is_symlink() else file_kind(final) or "file"),
+            f"delete {final} and run again",
+        )
+    partial = partial_dir(final)
+    check_output_path("unfinished run folder", partial, folder=True)
+    check_replaceable(final.with_name(final.name + ".lock"), "lock file")
+    if (partial / CHECKPOINT).exists():  # a resume keeps the folder: what it writes there must be writable
+        for name in RUN_FILES:
+            check_replaceable(partial / name, "run file")
 
 
 @dataclass

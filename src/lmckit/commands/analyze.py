@@ -23,6 +23,7 @@ from .common import (
     load_checkpoints,
     load_named_dataset,
     load_perm_file,
+    path_arg,
     print_json,
     print_table,
     recorded_dataset,
@@ -37,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Analyse a pair of models before and after a permutation of model B "
         "(docs/definitions.md Definitions and Claims 1-4).",
     )
-    p.add_argument("a", metavar="A", help="model A: run folder or .safetensors")
-    p.add_argument("b", metavar="B", help="model B: run folder or .safetensors")
+    p.add_argument("a", metavar="A", type=path_arg, help="model A: run folder or .safetensors")
+    p.add_argument("b", metavar="B", type=path_arg, help="model B: run folder or .safetensors")
     p.add_argument("--perm", default=None, help="permutation of B (JSON from `lmckit match`); default: identity")
     p.add_argument(
         "--gamma",
@@ -80,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-data", action="store_true", help="weights-only analyses (distances and SVD)")
     p.add_argument(
         "--plot",
+        type=path_arg,
         default=None,
         metavar="DIR",
         help="write the PNG figures (spectra, R bars, alignment, projections, rank sweep) into the folder "

@@ -22,6 +22,7 @@ from .common import (
     load_named_dataset,
     load_perm_file,
     load_transform_file,
+    path_arg,
     print_json,
     print_table,
     refuse_outputs_in_inputs,
@@ -35,8 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate (1 - lambda) A + lambda pi(B) on a lambda grid and report loss/accuracy "
         "barriers. pi is the permutation in --perm (identity without it).",
     )
-    p.add_argument("a", metavar="A", help="model A: a run folder or a .safetensors file written by lmckit")
-    p.add_argument("b", metavar="B", help="model B: a run folder or a .safetensors file (same architecture)")
+    p.add_argument(
+        "a", metavar="A", type=path_arg, help="model A: a run folder or a .safetensors file written by lmckit"
+    )
+    p.add_argument(
+        "b", metavar="B", type=path_arg, help="model B: a run folder or a .safetensors file (same architecture)"
+    )
     p.add_argument(
         "--perm",
         default=None,

@@ -6,7 +6,19 @@ import argparse
 from pathlib import Path
 
 from ..model_index import FLOAT_LIMITS, SIZE_LIMITS
-from .common import MAX_SEED, add_arch, add_device, add_hf, add_json, add_quiet, float_in, int_in, load_arch, print_json
+from .common import (
+    MAX_SEED,
+    add_arch,
+    add_device,
+    add_hf,
+    add_json,
+    add_quiet,
+    float_in,
+    int_in,
+    load_arch,
+    path_arg,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "model",
         metavar="MODEL_OR_CHECKPOINT",
+        type=path_arg,
         help="a registered model name (see `lmckit models`), a run folder or a .safetensors checkpoint "
         "(with --arch: a state dict of that model, or - for its initial weights)",
     )
@@ -131,6 +144,9 @@ def _load_model(args: argparse.Namespace):
             )
         return create_model(args.model, **opts), "model"
     path = Path(args.model)
+    from ..store import check_no_link_loop
+
+    check_no_link_loop("checkpoint", path)
     if path.exists():
         if opts:
             raise LmcError(

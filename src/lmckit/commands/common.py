@@ -126,9 +126,22 @@ class DeprecatedAlias(argparse.Action):
             setattr(namespace, self.dest, values)
 
 
+def path_arg(text: str) -> str:
+    """argparse type of a path that may name a folder (a run folder, an output or data folder): trailing
+    ``/`` dropped, so ``runs/a/`` and ``runs/a`` are one argument everywhere (messages, JSON, perm files,
+    provenance, report). ``/`` and ``""`` are kept as given (an empty path is refused where it is used).
+
+    Not used for file outputs (``match --out``, ``--plot FILE.png``): there a trailing ``/`` names a folder
+    and is refused by :func:`lmckit.store.check_output_path`.
+    """
+    stripped = text.rstrip("/" + os.sep)
+    return stripped if stripped else text[:1]
+
+
 def add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
+        type=path_arg,
         default=None,
         help="folder holding the dataset (default: search LMCKIT_DATA, the system folders, then the user cache)",
     )
@@ -442,13 +455,25 @@ def float_in(lo: float, hi: float, lo_open: bool = False):
 
 
 # --------------------------------------------------------------------------- outputs never overwrite inputs
-def _real(p: str | Path) -> Path:
-    from ..errors import LmcError
+def _real(p: str | Path, what: str = "path") -> Path:
+    from ..store import real_path
 
-    try:
-        return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
-    except (RuntimeError, OSError) as e:  # a symbolic-link loop (RuntimeError before Python 3.13, OSError after)
-        raise LmcError(f"cannot resolve {p}: {getattr(e, 'strerror', None) or e}", "fix or remove the link") from None
+    return real_path(p, what)
+
+
+def check_folder_outputs(what: str, folder: str | Path, files: Sequence[str], folders: Sequence[str] = ()) -> None:
+    """Refuse, before any work, an output folder whose files (``files``) or sub-folders (``folders``) cannot be
+    written: each name already there as a device, pipe, socket or folder (a file where a folder goes) is an
+    :class:`LmcError` naming it (:func:`lmckit.store.check_replaceable`,
+    :func:`lmckit.store.check_output_path`). Without it a command writing several files stops at the first
+    bad one and leaves the earlier ones behind.
+    """
+    from ..store import check_replaceable
+
+    for name in files:
+        check_replaceable(Path(folder) / name, what)
+    for name in folders:
+        check_output_path(what, Path(folder) / name, folder=True)
 
 
 def refuse_outputs_in_inputs(
@@ -463,11 +488,11 @@ def refuse_outputs_in_inputs(
     """
     from ..errors import LmcError
 
-    real_in = [(w, p, _real(p)) for w, p in inputs if p is not None]
+    real_in = [(w, p, _real(p, w)) for w, p in inputs if p is not None]
     for what, out in outputs:
         if out is None:
             continue
-        o = _real(out)
+        o = _real(out, what)
         for iwhat, inp, i in real_in:
             same = o == i
             if not same and o.exists() and i.exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LmcError
-from .common import add_data, add_json, print_json, print_table
+from .common import add_data, add_json, path_arg, print_json, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     pd = dsub.add_parser("download", help="download a dataset into the user cache (checksums verified)")
     pd.add_argument("name")
-    pd.add_argument("--root", default=None, help="folder to hold NAME/ (default: the user cache, which is searched)")
+    pd.add_argument(
+        "--root", type=path_arg, default=None, help="folder to hold NAME/ (default: the user cache, which is searched)"
+    )
     pd.add_argument(
         "--mirror",
         default=None,
@@ -139,17 +141,32 @@ def dataset_report(name: str, data_dir: str | None = None, val_size: int = 0, ch
     return rep
 
 
+def _bad_files_error(rep: dict[str, Any]) -> None:
+    """Turn files that fail their checksum (or cannot be read) into the report's error, as a load failure is."""
+    bad = [f for f in rep["files"] if f.get("status") in ("mismatch", "unreadable")]
+    if rep.get("error") or not bad:
+        return
+    names = ", ".join(f"{Path(f['path']).name} ({f['status']})" for f in bad)
+    rep["error"] = (
+        f"{len(bad)} of the {len(rep['files'])} files of {rep['name']} in {rep['folder']} "
+        f"do not match the published dataset: {names}"
+    )
+    rep["hint"] = f"get the files again (`lmckit data download {rep['name']} --force`) or check where they came from"
+
+
 def run_info(args: argparse.Namespace) -> int:
+    """Print the report (stdout); missing, unloadable or mismatching data is then one error line and exit 2."""
     if args.val_size < 0:
         raise LmcError(f"--val-size must not be negative, got {args.val_size}")
     rep = dataset_report(args.name, args.data_dir, args.val_size, not args.no_checksums)
+    _bad_files_error(rep)
     if args.json:
         if rep.get("error"):  # --json's one document on failure carries the exit status too
             rep["exit_code"] = 2
         print_json(rep)
         if rep.get("error"):  # the report is on stdout; the error follows the one convention (stderr, exit 2)
             raise LmcError(rep["error"], rep.get("hint"))
-        return 0 if rep.get("ok", True) else 1
+        return 0
     print(f"dataset {rep['name']}: {rep['num_classes']} classes, mean {rep['mean']}, std {rep['std']}")
     if rep["searched"]:
         print("search path:")
@@ -185,16 +202,13 @@ def run_info(args: argparse.Namespace) -> int:
             )
     if rep.get("error"):
         raise LmcError(rep["error"], rep.get("hint"))
-    return 0 if rep.get("ok", True) else 1
+    return 0
 
 
 def run_download(args: argparse.Namespace) -> int:
-    from ..data.download import download_dataset, download_plan
+    from ..data.download import download_dataset, download_plan, download_target
 
-    if args.root is not None:  # checked in a dry run too: it lists what the real run would write there
-        from ..store import check_output_path
-
-        check_output_path("--root", args.root, folder=True)
+    download_target(args.name, args.root)  # checked in a dry run too: it lists what the real run would write there
     if args.dry_run:
         plan = download_plan(args.name, args.mirror)
         print_json({"name": args.name, "dry_run": True, "files": plan}) if args.json else print_table(plan)

@@ -22,6 +22,7 @@ from .common import (
     load_checkpoints,
     load_named_dataset,
     load_perm_file,
+    path_arg,
     print_json,
     refuse_outputs_in_inputs,
 )
@@ -35,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "by --perm first, e.g. the perm files of `lmckit match --multi anchor` or `lmckit merge`), and "
         "plot it. The loss plot goes to --plot, the accuracy plot next to it (NAME-accuracy.png).",
     )
-    p.add_argument("models", nargs=3, metavar="MODEL", help="three run folders or .safetensors checkpoints: A B C")
+    p.add_argument(
+        "models", nargs=3, metavar="MODEL", type=path_arg, help="three run folders or .safetensors checkpoints: A B C"
+    )
     p.add_argument(
         "--perm",
         action="append",
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from ..lmc.landscape import plane_landscape
     from ..lmc.plot import plot_landscape
     from ..perm import apply_permutation
+    from ..store import real_path
 
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
@@ -145,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     d = res.to_dict()
     summary = {
         **d,
-        "models_files": [str(Path(p).resolve()) for p in args.models],
-        "perm_files": [str(Path(p).resolve()) for p in args.perms] if args.perms else None,
+        "models_files": [str(real_path(p, "model")) for p in args.models],
+        "perm_files": [str(real_path(p, "--perm")) for p in args.perms] if args.perms else None,
         "loss_plot": str(loss_plot),
         "accuracy_plot": str(acc_plot),
         "model": model.lmckit_config,

@@ -15,6 +15,7 @@ from .common import (
     add_json,
     add_method_flags,
     add_quiet,
+    check_folder_outputs,
     check_output_path,
     describe_model,
     draw_ste_drift,
@@ -22,6 +23,7 @@ from .common import (
     load_checkpoints,
     load_named_dataset,
     method_options,
+    path_arg,
     print_json,
     refuse_outputs_in_inputs,
     staged_outputs,
@@ -38,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "three or more checkpoints matched to an anchor or by MergeMany. A perm file applies to the "
         "second model: apply_permutation(spec, perms, B) is aligned to A.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL", type=path_arg, help="run folders or .safetensors checkpoints: A B [C ...]"
+    )
     p.add_argument(
         "--method",
         choices=list_methods(),
@@ -78,7 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _abs(path: str) -> str:
-    return str(Path(path).resolve())
+    from ..store import real_path
+
+    return str(real_path(path, "model"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         [(f"model {chr(65 + i) if i < 26 else i}", m) for i, m in enumerate(args.models)],
     )
     check_output_path("--out", args.out, folder=bool(args.multi))  # the raw text: a trailing "/" names a folder
+    if args.multi:
+        check_folder_outputs("--out", out, [p.name for _, p in outputs[1:]])
     check_output_path("--ste-state", args.ste_state, folder=True)
     device = resolve_device(args.device)
     states, infos, model, spec = load_checkpoints(

@@ -18,6 +18,7 @@ from .common import (
     add_json,
     add_method_flags,
     add_quiet,
+    check_folder_outputs,
     check_output_path,
     describe_model,
     draw_ste_drift,
@@ -25,6 +26,7 @@ from .common import (
     load_checkpoints,
     load_named_dataset,
     method_options,
+    path_arg,
     print_json,
     print_table,
     refuse_outputs_in_inputs,
@@ -44,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the average of the first n aligned models vs the naive average); --plot PATH also draws that "
         "curve as a PNG.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="run folders or .safetensors checkpoints: A B [C ...]")
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL", type=path_arg, help="run folders or .safetensors checkpoints: A B [C ...]"
+    )
     p.add_argument(
         "--method",
         choices=list_methods(),
@@ -59,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="anchor",
         help="anchor: match each model to the first (default); mergemany: weight matching to the mean of the others",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=path_arg, help="output folder")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
     p.add_argument(
         "--points",
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from ..lmc import check_model_fits
     from ..merge import check_merge_inputs, merge_models, plot_merged_accuracy
     from ..perm import save_perms
-    from ..store import atomic_write_json, file_lock
+    from ..store import atomic_write_json, file_lock, real_path
 
     if len(args.models) < 2:
         raise LmcError("lmckit merge needs at least two checkpoints", "lmckit merge A B C --out DIR")
@@ -122,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
     inputs = [(f"model {i}", m) for i, m in enumerate(args.models)]
     refuse_outputs_in_inputs([("--out", out)] + [("--out", out / n) for n in names] + [("--plot", args.plot)], inputs)
     check_output_path("--out", out, folder=True)
+    check_folder_outputs(
+        "--out",
+        out,
+        [n for n in names if n.endswith(".json") or n.endswith(".safetensors")],
+        [n for n in ("ste", "merged-hf") if n in names],
+    )
     check_output_path("--plot", args.plot)
     device = resolve_device(args.device)
     # every input is checked before anything is created (a failed command leaves no folder or lock behind)
@@ -151,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             passes=args.max_iter or 100,
         )
         draw_ste_drift(out / "ste" if resumable else None)
-        paths = [str(Path(p).resolve()) for p in args.models]
+        paths = [str(real_path(p, "model")) for p in args.models]
         hashes = [state_fingerprint(sd) for sd in states]
         perm_files = []
         for i, (path, perms) in enumerate(zip(paths, res.perms)):

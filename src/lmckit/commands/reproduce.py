@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 
 from ..limits import MAX_JOBS, usable_cpus
-from .common import add_data, add_device, add_json, add_quiet, int_in, print_json, print_table, refuse_outputs_in_inputs
+from .common import (
+    add_data,
+    add_device,
+    add_json,
+    add_quiet,
+    int_in,
+    path_arg,
+    print_json,
+    print_table,
+    refuse_outputs_in_inputs,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--recipe", default="quick", help="shipped recipe name (see --list) or a .toml file (default: quick)"
     )
-    p.add_argument("--out", default=None, help="report folder (default: reports/<recipe>)")
-    p.add_argument("--cache", default="runs", help="stage output root (default: runs/)")
+    p.add_argument("--out", type=path_arg, default=None, help="report folder (default: reports/<recipe>)")
+    p.add_argument("--cache", type=path_arg, default="runs", help="stage output root (default: runs/)")
     p.add_argument(
         "--set",
         dest="sets",

@@ -11,7 +11,17 @@ import sys
 from pathlib import Path
 
 from ..model_index import FLOAT_LIMITS, SIZE_LIMITS
-from .common import MAX_BATCH, MAX_EPOCHS, LazyChoices, add_data, add_device, add_json, add_quiet, print_json
+from .common import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    LazyChoices,
+    add_data,
+    add_device,
+    add_json,
+    add_quiet,
+    path_arg,
+    print_json,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="allow TF32 matmuls/convolutions on CUDA (default: on; never used on CPU; not hashed)",
     )
-    p.add_argument("--out", default="runs", help="root of the run store (default ./runs)")
+    p.add_argument("--out", type=path_arg, default="runs", help="root of the run store (default ./runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     for a in p._actions:  # the unset options take the preset's value: say so in --help
         if a.default is None and a.help != argparse.SUPPRESS and "default" not in (a.help or "").lower():
@@ -139,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     config, preset = config_from_args(args)
     from ..train import check_run_store
 
-    check_run_store(Path(args.out))  # the run store before the first line of progress (a file, a FIFO, ...)
+    check_run_store(Path(args.out), config)  # the whole store before the first line of progress
     if not args.quiet and not args.json:
         print(
             f"training {config.model} on {config.dataset}, seed {config.seed}"

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import LmcError
 from ..progress import Progress
-from ..store import atomic_write_bytes, file_lock, replace_file
+from ..store import atomic_write_bytes, check_output_path, check_replaceable, file_lock, replace_file
 from .checksums import ARCHIVE_CHECKSUMS, KNOWN_CHECKSUMS, Checksum, digest
 from .registry import cache_root, dataset_info
 
@@ -89,6 +89,26 @@ SOURCES: dict[str, DownloadSpec] = {
     "mnist": DownloadSpec("https://ossci-datasets.s3.amazonaws.com/mnist/", _idx_files("mnist")),
     "cifar10": DownloadSpec("https://www.cs.toronto.edu/~kriz/", _cifar_files()),
 }
+
+
+def base_url(spec: DownloadSpec, mirror: str | None = None) -> str:
+    """The URL the files are fetched under: ``mirror``, else ``LMCKIT_DATA_MIRROR``, else the official one.
+
+    Raises :class:`LmcError` naming the setting when the URL is not ``http://``, ``https://`` or ``file://``
+    (urllib would raise ``ValueError: unknown url type`` mid-download).
+    """
+    from urllib.parse import urlsplit
+
+    given, where = (mirror, "--mirror") if mirror else (os.environ.get("LMCKIT_DATA_MIRROR"), "LMCKIT_DATA_MIRROR")
+    url = given or spec.base_url
+    if given and (
+        urlsplit(url).scheme.lower() not in ("http", "https", "file") or not urlsplit(url).path + urlsplit(url).netloc
+    ):
+        raise LmcError(
+            f"{where} {url!r} is not an http://, https:// or file:// URL",
+            "give the mirror's base URL, e.g. https://example.org/mnist/ or file:///srv/datasets/mnist/",
+        )
+    return url.rstrip("/") + "/"
 
 
 def _offline_hint(name: str) -> str:
@@ -213,6 +233,27 @@ def _extract(tar_path: Path, rf: RemoteFile, folder: Path, url: str) -> list[Pat
     return written
 
 
+def download_target(name: str, root: str | os.PathLike | None = None, spec: DownloadSpec | None = None) -> Path:
+    """The folder a download of ``name`` fills (``<root>/<name>``, default root the user cache), checked.
+
+    Raises :class:`LmcError` naming the path, before anything is fetched or created (a dry run checks it
+    too): ``root`` empty, not a folder (a file, device, pipe), a symbolic-link loop or a link to nowhere,
+    under a file, or not writable; ``<root>/<name>`` not a folder; a file the download would replace
+    (a published file name or the lock) that is a folder, device, pipe or socket.
+    """
+    spec = spec or SOURCES.get(name)
+    if spec is None:
+        download_plan(name)  # the unknown-dataset / no-source error
+    if root is not None:
+        check_output_path("--root", root, folder=True)
+    folder = (Path(root) if root is not None else cache_root()) / name
+    check_output_path("dataset folder", folder, folder=True)
+    for rf in spec.files:
+        check_replaceable(folder / rf.name, "dataset file")
+    check_replaceable(folder / ".download.lock", "lock file")
+    return folder
+
+
 def download_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -251,10 +292,10 @@ def download_dataset(
             f"dataset {name} has no download source" + (" (it is generated in memory)" if info.generated else ""),
             f"datasets that can be downloaded: {', '.join(SOURCES)}",
         )
-    base = (mirror or os.environ.get("LMCKIT_DATA_MIRROR") or spec.base_url).rstrip("/") + "/"
-    folder = Path(root) / name if root is not None else cache_root() / name
+    base = base_url(spec, mirror)
     if not isinstance(timeout, (int, float)) or not (0 < timeout <= 3600):
         raise LmcError(f"--timeout must be between 0 and 3600 seconds, got {timeout}")
+    folder = download_target(name, root, spec)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     lock = folder / ".download.lock"
     lock_created = not lock.exists()
@@ -311,7 +352,7 @@ def download_plan(name: str, mirror: str | None = None) -> list[dict[str, Any]]:
         raise LmcError(
             f"dataset {name} has no download source", f"datasets that can be downloaded: {', '.join(SOURCES)}"
         )
-    base = (mirror or os.environ.get("LMCKIT_DATA_MIRROR") or spec.base_url).rstrip("/") + "/"
+    base = base_url(spec, mirror)
     rows = []
     for rf in spec.files:
         ck = rf.archive or rf.content

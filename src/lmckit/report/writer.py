@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from markdown_it import MarkdownIt
 
-from ..store import atomic_write_json, atomic_write_text
+from ..store import atomic_write_json, atomic_write_text, real_path
 from . import figures as F
 from .architectures import layer_label, write_architectures
 from .figures import METHOD_LABEL
@@ -150,14 +150,15 @@ class _Figures:
     """The report folder's files: paths confined to ``out``, the figures in the order the sections add them."""
 
     def __init__(self, out: Path):
-        self.out, self.root = out, out.resolve()
+        self.out, self.root = out, real_path(out, "report folder")
         self.written: dict[str, Path] = {}
         self.listed: list[tuple[str, str, str]] = []  # (file, title, caption)
 
     def inside(self, name: str) -> Path:
         """``out / name``, refusing a name that would leave the report folder."""
         p = self.out / name
-        if Path(name).is_absolute() or not p.resolve().is_relative_to(self.root) or p.resolve() == self.root:
+        real = real_path(p, "report file")
+        if Path(name).is_absolute() or not real.is_relative_to(self.root) or real == self.root:
             raise ValueError(f"report file name {name!r} leaves the report folder {self.out}")
         return p
 
