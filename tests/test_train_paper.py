@@ -146,3 +146,10 @@ def test_best_epoch_run_resumes_to_the_same_weights(tmp_path, synthetic):
     (p2 / "best.safetensors").unlink()
     with pytest.raises(LmcError, match="best epoch's weights"):
         train(cfg, tmp_path / "cut2", device="cpu", progress=False, threads=1)
+
+
+def test_generated_dataset_cache_ignores_the_working_directory(tmp_path, monkeypatch):
+    """The in-process cache of a generated dataset is one object whatever the cwd (it has no folder)."""
+    first = load_dataset("synthetic")
+    monkeypatch.chdir(tmp_path)
+    assert load_dataset("synthetic") is first

@@ -322,7 +322,9 @@ def load_dataset(
     if preprocess not in PREPROCESSING:
         raise LmcError(f"unknown preprocessing {preprocess!r}", f"choose one of {', '.join(PREPROCESSING)}")
     folder = find_dataset(name, data_dir)
-    key = (name, str(folder.absolute()), _folder_signature(folder), val_size, val_seed, preprocess)
+    # a generated dataset has no folder: its placeholder path must not depend on the working directory
+    where = str(folder) if dataset_info(name).generated else str(folder.absolute())
+    key = (name, where, _folder_signature(folder), val_size, val_seed, preprocess)
     if key in _CACHE:
         LOADED[name] = dict(_CACHE[key].checksums)
         return _CACHE[key]
