@@ -43,7 +43,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("match",),
     ("lmc", "plotting"),
     ("analysis",),
-    ("merge", "train", "studies", "presets"),  # experiments (presets: train's plain-data recipes)
+    # experiments (presets: train's plain-data recipes; train_config / train_store: its config and run files)
+    ("merge", "train", "train_config", "train_store", "studies", "presets"),
     ("pipeline",),
     ("report",),
     ("reproduce",),  # the recipe driver: runs the pipeline, then writes the report
