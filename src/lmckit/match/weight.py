@@ -122,8 +122,8 @@ whole head structure, at a cost of ``H^2 * sum_m O(d_m^3)`` for the solves
 (less than one unconstrained ``O((H d)^3)`` solve) plus the members' usual
 cost products.
 
-Modules
--------
+Layout
+------
 The objective's entries and the pair checks are :mod:`lmckit.match.objective`,
 the cost matrices :mod:`lmckit.match.weight_problem`, the sweep
 :mod:`lmckit.match.weight_sweep`; this module holds the public API
