@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import LmcError
-from .recipe_check import _too_deep, parse_recipe
+from .recipe_check import MATCH_TABLE_METHODS, _too_deep, parse_recipe  # noqa: F401  (MATCH_TABLE_METHODS: re-exported)
 from .recipe_schema import (  # noqa: F401  (re-exported: the schema's names are importable from here)
     MAX_MODELS,
     MAX_SEED,
