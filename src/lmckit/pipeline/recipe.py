@@ -1,7 +1,7 @@
 """Recipes: TOML files describing a whole reproduction, parsed into a validated dataclass tree.
 
 A recipe is data, never code: it is read with :mod:`tomllib` and checked
-field by field against the dataclasses below. Unknown keys raise
+field by field against the schema's dataclasses. Unknown keys raise
 :class:`~lmckit.errors.LmcError` with a "did you mean" hint, wrong types and
 out-of-range values raise it naming the dotted key.
 
