@@ -296,6 +296,7 @@ def test_cuda_matches_cpu():
 def test_concurrent_assignment_solves_equal_the_sequential_sweep(monkeypatch):
     """Non-neighbouring groups solved at once must give exactly the sequential trajectory."""
     from lmckit.match import weight as wmod
+    from lmckit.match import weight_sweep as sweep  # where the descent reads its pool settings
     from lmckit.models import create_model
     from lmckit.perm import spec_for
 
@@ -304,13 +305,13 @@ def test_concurrent_assignment_solves_equal_the_sequential_sweep(monkeypatch):
     torch.manual_seed(1)
     b = create_model("resnet_tiny", in_channels=1, image_size=28, norm="batchnorm")
     spec = spec_for(a)
-    monkeypatch.setattr(wmod, "_lap_workers", lambda: 4)
-    monkeypatch.setattr(wmod, "_PARALLEL_MIN_UNITS", 1)  # tiny groups: force the thread pool
+    monkeypatch.setattr(sweep, "_lap_workers", lambda: 4)
+    monkeypatch.setattr(sweep, "_PARALLEL_MIN_UNITS", 1)  # tiny groups: force the thread pool
     calls = []
-    real_pool = wmod._lap_pool
-    monkeypatch.setattr(wmod, "_lap_pool", lambda: calls.append(1) or real_pool())
+    real_pool = sweep._lap_pool
+    monkeypatch.setattr(sweep, "_lap_pool", lambda: calls.append(1) or real_pool())
     par = wmod.weight_matching(spec, a.state_dict(), b.state_dict(), seed=3)
-    monkeypatch.setattr(wmod, "_lap_workers", lambda: 1)
+    monkeypatch.setattr(sweep, "_lap_workers", lambda: 1)
     seq = wmod.weight_matching(spec, a.state_dict(), b.state_dict(), seed=3)
     assert calls, "the concurrent path was never taken"
     assert par.objective == seq.objective

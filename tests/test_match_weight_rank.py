@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lmckit.match.weight as wm
+import lmckit.match.weight_problem as wp  # where the cost computation reads its settings
 from lmckit.match import weight_matching
 from lmckit.models import create_model
 from lmckit.perm import apply_permutation, identity_permutation, invert_permutation, random_permutation, spec_for
@@ -78,7 +79,7 @@ def test_rank_update_equals_fresh_product(dtype):
 
 
 def _run(spec, sd_a, sd_b, monkeypatch, frac, **kw):
-    monkeypatch.setattr(wm, "RANK_UPDATE_MAX_FRACTION", frac)
+    monkeypatch.setattr(wp, "RANK_UPDATE_MAX_FRACTION", frac)
     return weight_matching(spec, sd_a, sd_b, **kw)
 
 
@@ -109,7 +110,7 @@ def test_zoo_descent_with_rank_updates_equals_full_recompute(monkeypatch, name):
     m, sd_a = _zoo(name, 0)
     _, sd_b = _zoo(name, 1)
     spec = spec_for(m)
-    monkeypatch.setattr(wm, "UNCACHED_MAX_INNER", 0)
+    monkeypatch.setattr(wp, "UNCACHED_MAX_INNER", 0)
     full = _run(spec, sd_a, sd_b, monkeypatch, -1.0, seed=0)
     forced = _run(spec, sd_a, sd_b, monkeypatch, 1.0, seed=0)
     monkeypatch.undo()
@@ -133,7 +134,7 @@ def test_planted_permutation_recovered_with_rank_updates(monkeypatch, name):
     spec = spec_for(m)
     planted = random_permutation(spec, seed=7)
     sd_b = apply_permutation(spec, planted, sd)
-    monkeypatch.setattr(wm, "UNCACHED_MAX_INNER", 0)
+    monkeypatch.setattr(wp, "UNCACHED_MAX_INNER", 0)
     res = _run(spec, sd, sd_b, monkeypatch, 1.0, seed=0)
     inv = invert_permutation(planted)
     for g in spec.sizes:

@@ -22,8 +22,16 @@ from ..limits import (  # noqa: F401  (re-exported: the commands import them fro
     MAX_SAMPLES,
     MAX_SEED,
 )
-from ..match.ste_protocols import PROTOCOLS as STE_PROTOCOLS
 from ..store import check_output_path, state_fingerprint  # noqa: F401  (re-exported: commands import them here)
+from .argtypes import (  # noqa: F401  (re-exported: the commands import them from here)
+    DefaultsHelpFormatter,
+    DeprecatedAlias,
+    LazyChoices,
+    float_in,
+    int_in,
+    path_arg,
+)
+from .method_flags import METHOD_FLAGS, add_method_flags, add_option_flag, method_options  # noqa: F401  (likewise)
 
 # torch, the model zoo and the store are imported inside the functions that need them, so that
 # `lmckit --help` and argument errors answer without loading torch (benchmarks/bench_cli.py).
@@ -36,31 +44,6 @@ def model_config_with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return _full(cfg)
 
 
-class LazyChoices:
-    """argparse ``choices`` read from ``lmckit.<module>.<name>`` when first checked or shown.
-
-    Building the parser then imports nothing heavy; pass a ``metavar`` with it
-    (argparse would otherwise list the choices, i.e. import them, at once).
-    """
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def _load(self) -> list:
-        import importlib
-
-        return list(getattr(importlib.import_module(f"lmckit.{self.module}"), self.name))
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._load()
-
-    def __iter__(self):
-        return iter(self._load())
-
-    def __len__(self) -> int:
-        return len(self._load())
-
-
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
 
@@ -68,74 +51,6 @@ def add_device(p: argparse.ArgumentParser) -> None:
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """``--quiet``: no progress lines on stderr (sets ``LMCKIT_NO_PROGRESS`` for the command; errors still print)."""
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr (errors and warnings still print)")
-
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Every option's help ends with its default, unless the text already states one.
-
-    Like :class:`argparse.ArgumentDefaultsHelpFormatter`, but skips texts that already say "default" (many
-    give it with its bounds, e.g. "(default 25, at most 1001)"), flags (``store_true``) and ``None`` defaults
-    (whose meaning the text states in words, e.g. "default: the preset's").
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.required and action.option_strings:
-            return f"{text} (required)"
-        if (
-            "default" in text.lower()
-            or action.default is None
-            or action.default is False
-            or action.default is argparse.SUPPRESS
-            or action.default == []
-        ):
-            return text
-        if isinstance(
-            action,
-            (
-                argparse._StoreTrueAction,
-                argparse._StoreFalseAction,
-                argparse._HelpAction,
-                argparse._VersionAction,
-                argparse._SubParsersAction,
-            ),
-        ):
-            return text
-        if not action.option_strings and action.nargs not in ("?", "*"):
-            return text
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
-
-
-class DeprecatedAlias(argparse.Action):
-    """A hidden old spelling of an option: stores into the new option's ``dest`` and notes the change on stderr.
-
-    ``extend=True`` appends the values (for options given several times, e.g. ``--perms A B`` -> ``--perm``).
-    """
-
-    def __init__(self, option_strings, dest, new: str, extend: bool = False, **kw):
-        kw.setdefault("help", argparse.SUPPRESS)
-        super().__init__(option_strings, dest, **kw)
-        self.new, self.extend = new, extend
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"note: {option_string} is deprecated and will be removed; use {self.new}", file=sys.stderr)
-        if self.extend:
-            cur = list(getattr(namespace, self.dest, None) or [])
-            setattr(namespace, self.dest, cur + list(values if isinstance(values, list) else [values]))
-        else:
-            setattr(namespace, self.dest, values)
-
-
-def path_arg(text: str) -> str:
-    """argparse type of a path that may name a folder (a run folder, an output or data folder): trailing
-    ``/`` dropped, so ``runs/a/`` and ``runs/a`` are one argument everywhere (messages, JSON, perm files,
-    provenance, report). ``/`` and ``""`` are kept as given (an empty path is refused where it is used).
-
-    Not used for file outputs (``match --out``, ``--plot FILE.png``): there a trailing ``/`` names a folder
-    and is refused by :func:`lmckit.store.check_output_path`.
-    """
-    stripped = text.rstrip("/" + os.sep)
-    return stripped if stripped else text[:1]
 
 
 def add_data(p: argparse.ArgumentParser) -> None:
@@ -412,48 +327,6 @@ def dataset_name(given: str | None, info: Mapping[str, Any]) -> str:
     raise LmcError(f"checkpoint {info['path']} records no dataset", "pass --dataset NAME (e.g. fashion-mnist)")
 
 
-# --------------------------------------------------------------------------- option bounds (checked at parse time)
-def int_in(lo: int, hi: int):
-    """argparse type: an integer in ``[lo, hi]``; anything else is a usage error (exit 2) before any work."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            try:
-                f = float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-            if not (f == f and abs(f) != float("inf") and f.is_integer()):
-                raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-            v = int(f)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {text}")
-        return v
-
-    parse.__name__ = f"integer in [{lo}, {hi}]"
-    return parse
-
-
-def float_in(lo: float, hi: float, lo_open: bool = False):
-    """argparse type: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``); NaN and inf are refused."""
-    import math
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if v < lo or v > hi or (lo_open and v == lo):
-            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text}")
-        return v
-
-    parse.__name__ = f"number in [{lo:g}, {hi:g}]"
-    return parse
-
-
 # --------------------------------------------------------------------------- outputs never overwrite inputs
 def _real(p: str | Path, what: str = "path") -> Path:
     from ..store import real_path
@@ -701,132 +574,6 @@ def _merge_dir(src: Path, dst: Path) -> None:
             os.replace(f, target)
         else:
             replace_file(f, target)
-
-
-# --------------------------------------------------------------------------- matching-method options
-#: CLI flags that set an option of a registry matching method: argparse dest -> option name. A flag
-#: applies to every method whose options have that name; its argparse default must be None ("not given").
-METHOD_FLAGS = {
-    "max_iter": "max_iter",
-    "restarts": "restarts",
-    "similarity": "similarity",
-    "num_batches": "num_batches",
-    "batch_size": "batch_size",
-    "ste_preset": "preset",
-    "ste_protocol": "protocol",
-    "epochs": "epochs",
-    "ste_state": "state_dir",
-}
-
-
-def add_method_flags(p: argparse.ArgumentParser, *, state_flag: bool = True) -> None:
-    """The flags of :data:`METHOD_FLAGS` (``--restarts``, ``--max-iter``, ``--similarity``, ...), declared
-    once for every command that runs a registry method (``match``, ``merge``), plus ``--option``.
-
-    Each flag's default is None (the method's own default); :func:`method_options` refuses a flag the
-    chosen method has no option for. ``state_flag=False`` leaves out ``--ste-state`` (``merge`` keeps
-    the STE state in its output folder).
-    """
-    p.add_argument(
-        "--restarts",
-        type=int_in(1, MAX_RESTARTS),
-        default=None,
-        help=f"WM: independent descents, best kept (default 1, at most {MAX_RESTARTS})",
-    )
-    p.add_argument(
-        "--max-iter",
-        type=int_in(1, MAX_ITER),
-        default=None,
-        help=f"WM: maximum sweeps (MergeMany: also its passes) (default 100, at most {MAX_ITER})",
-    )
-    p.add_argument(
-        "--similarity", choices=["pearson", "cross_moment"], default=None, help="AM: unit similarity (default pearson)"
-    )
-    p.add_argument(
-        "--num-batches",
-        type=int_in(1, MAX_BATCHES),
-        default=None,
-        help=f"AM: training batches used (default 10, at most {MAX_BATCHES})",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int_in(1, MAX_BATCH),
-        default=None,
-        help=f"AM, STE, sinkhorn: batch size (AM default 500, at most {MAX_BATCH})",
-    )
-    p.add_argument(
-        "--ste-preset",
-        choices=["adam", "git-re-basin"],
-        default=None,
-        help="STE: optimiser preset (adam: Adam 1e-3, batch 256, 10 epochs; git-re-basin: SGD 1e-2 m0.9, "
-        "batch 1000; default: the protocol's)",
-    )
-    p.add_argument(
-        "--ste-protocol",
-        choices=list(STE_PROTOCOLS),
-        default=None,
-        help="STE: which permutation is kept (heldout-best: best on a held-out set with identity and WM as "
-        "candidates; git-re-basin: lowest minibatch midpoint loss, SGD preset; random-mixing: loss at "
-        "lambda ~ U(0,1), the final permutation; ste-mm-random / ste-mm-midpoint: Ito et al.'s code, loss "
-        "at weights rand(2)/sum or at the midpoint, the last step's projection) (default heldout-best)",
-    )
-    p.add_argument(
-        "--epochs", type=int_in(1, MAX_EPOCHS), default=None, help="STE: epochs, at least 1 (default: the preset's)"
-    )
-    if state_flag:
-        p.add_argument(
-            "--ste-state",
-            default=None,
-            help="STE: folder for the resumable state, drift.json and drift.png (default: none, not resumable)",
-        )
-    add_option_flag(p)
-
-
-def add_option_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of --method (see `lmckit methods NAME`), e.g. --option steps=200; repeatable; "
-        "overrides the flag of the same option (default: the method's own)",
-    )
-
-
-def method_options(args: argparse.Namespace, method: str):
-    """The validated registry options of ``method`` from its CLI flags and ``--option KEY=VALUE``.
-
-    Raises :class:`LmcError` for a flag the method has no option for, a malformed ``--option``, an
-    unknown option or a bad value.
-    """
-    import dataclasses
-
-    from ..errors import LmcError
-    from ..match.registry import get_method, list_methods
-
-    def names(m: str) -> set[str]:
-        return {f.name for f in dataclasses.fields(get_method(m).options_type)}
-
-    mine = names(method)
-    values: dict[str, Any] = {}
-    for dest, opt in METHOD_FLAGS.items():
-        v = getattr(args, dest, None)
-        if v is None:
-            continue
-        flag = "--" + dest.replace("_", "-")
-        if opt not in mine:
-            users = [m for m in list_methods() if opt in names(m)]
-            raise LmcError(
-                f"{flag} applies to --method {' or '.join(users)} only (got --method {method})", f"drop {flag}"
-            )
-        values[opt] = v
-    for item in getattr(args, "option", None) or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            hint = f"e.g. --option steps=200; see lmckit methods {method}"
-            raise LmcError(f"--option {item!r} is not KEY=VALUE", hint)
-        values[key.strip().replace("-", "_")] = value.strip()
-    return get_method(method).options(values)
 
 
 def draw_ste_drift(folder: str | os.PathLike | None) -> list[Path]:

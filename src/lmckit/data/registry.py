@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import LmcError
 from . import cifar  # (its parsers import numpy and torch: `lmckit data list` stays light)
+from .cache import cache_root
 
 if TYPE_CHECKING:
     from .dataset import Dataset
@@ -53,10 +54,6 @@ class DatasetInfo:
         if not folder.is_dir():
             return False
         return self.present(folder) if self.present else _has_files(folder, self.files)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmckit" / "datasets"
 
 
 def _load_idx_folder(folder: Path):

@@ -196,7 +196,7 @@ def kjv_bytes(data_dir: str | Path | None = None) -> tuple[bytes, str]:
     import os
 
     from ..store import atomic_write_bytes
-    from .registry import cache_root
+    from .cache import cache_root
 
     roots = [Path(d) for d in (data_dir, os.environ.get("LMCKIT_DATA")) if d]
     cands = [r / "kjv" / KJV_FILE for r in roots] + [r / KJV_FILE for r in roots]

@@ -16,8 +16,13 @@ so a new method is one module that calls :func:`register_method` (see
 ``docs/adding-a-method.md``). The existing functions
 (:func:`~lmckit.match.weight.weight_matching`,
 :func:`~lmckit.match.activation.activation_matching`,
-:func:`~lmckit.match.ste.ste_matching`) keep their own signatures; the
-entries below are thin adapters over them.
+:func:`~lmckit.match.ste.ste_matching`) keep their own signatures; their
+entries are thin adapters over them (:mod:`lmckit.match.builtin_methods`).
+A method's options derive from :class:`~lmckit.match.method_options.MethodOptions`
+(importable from here as well). A registering module that cannot import its
+algorithm module (because that module imports it back, as
+:mod:`lmckit.match.sinkhorn` imports its options) names the function instead:
+:class:`LazyFunction` is resolved when the method first runs.
 
 Objective direction (``MatchResult.objective``), per method:
 
@@ -35,12 +40,18 @@ import difflib
 import importlib
 import inspect
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..errors import LmcError
-from ..limits import MAX_BATCH, MAX_BATCHES, MAX_EPOCHS, MAX_ITER, MAX_RESTARTS, MAX_SAMPLES
-from .ste_protocols import PROTOCOLS as STE_PROTOCOLS
+from .method_options import (  # noqa: F401  (re-exported: registering modules import them from here)
+    MethodOptions,
+    _at_most,
+    _convert,
+    _one_of,
+    _positive,
+    _type_name,
+)
 
 if TYPE_CHECKING:  # (annotations only: listing methods and their options, e.g. for --help, needs no torch)
     import torch
@@ -48,112 +59,53 @@ if TYPE_CHECKING:  # (annotations only: listing methods and their options, e.g. 
     from ..perm.spec import PermutationSpec
     from .result import MatchResult, MultiMatchResult
 
-#: Modules that register built-in methods when imported (besides the adapters in this file).
-BUILTIN_METHOD_MODULES = ("lmckit.match.sinkhorn_options", "lmckit.match.many_options")  # (registration only: no torch)
+#: Modules that register the built-in methods when imported (registration only: no torch), in registration order.
+BUILTIN_METHOD_MODULES = ("lmckit.match.builtin_methods", "lmckit.match.sinkhorn_options", "lmckit.match.many_options")
 #: Multi-model schemes a method can support.
 MULTI_SCHEMES = ("anchor", "mergemany")
 SCHEME_LABEL = {"anchor": "anchor matching", "mergemany": "MergeMany"}
 
 
-# --------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class MethodOptions:
-    """Base class of a method's options: a frozen dataclass validated on creation.
-
-    Subclasses declare typed fields with defaults and override :meth:`validate`
-    (raise :class:`LmcError` naming the option). :meth:`from_mapping` builds
-    one from user input (CLI ``--option key=value``, a recipe table), rejecting
-    unknown keys and converting strings to the declared types.
-    """
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`LmcError` for a bad value (subclasses add their checks)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None = None, method: str = "") -> "MethodOptions":
-        """Options from a mapping of names to values (strings are converted to the field types)."""
-        values = dict(values or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        where = f"method {method!r}" if method else cls.__name__
-        if unknown:
-            raise LmcError(
-                f"{where} has no option {', '.join(map(repr, unknown))}",
-                f"its options are: {', '.join(known) or '(none)'}",
-            )
-        hints = typing.get_type_hints(cls)
-        conv = {k: _convert(v, hints[k], f"{where} option {k!r}") for k, v in values.items()}
-        return cls(**conv)
-
-    @classmethod
-    def describe(cls) -> list[dict[str, Any]]:
-        """``[{name, type, default}]`` for listings."""
-        hints = typing.get_type_hints(cls)
-        return [{"name": f.name, "type": _type_name(hints[f.name]), "default": f.default} for f in fields(cls)]
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """``value`` as type ``tp`` (``int``, ``float``, ``bool``, ``str`` or ``X | None``)."""
-    args = typing.get_args(tp)
-    if type(None) in args:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        tp = next(a for a in args if a is not type(None))
-    if not isinstance(value, str):
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if tp in (int, float, bool, str) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise LmcError(f"{where} must be {tp.__name__}, got {value!r}")
-        return value
-    try:
-        if tp is bool:
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if tp in (int, float, str):
-            return tp(value)
-    except ValueError:
-        raise LmcError(f"{where} must be {tp.__name__}, got {value!r}") from None
-    return value
-
-
-def _positive(opts: MethodOptions, *names: str) -> None:
-    for n in names:
-        v = getattr(opts, n)
-        if v is not None and not v > 0:
-            raise LmcError(f"option {n} must be positive, got {v}")
-
-
-def _at_most(opts: MethodOptions, bound: int, *names: str) -> None:
-    """The documented upper bounds (:mod:`lmckit.limits`) hold for options as for the CLI flags."""
-    for n in names:
-        v = getattr(opts, n)
-        if v is not None and v > bound:
-            raise LmcError(f"option {n} must be at most {bound:,}, got {v:,}", "lower it (a documented upper bound)")
-
-
-def _one_of(opts: MethodOptions, name: str, allowed: tuple[str, ...]) -> None:
-    v = getattr(opts, name)
-    if v not in allowed:
-        raise LmcError(f"option {name} must be one of {', '.join(allowed)}, got {v!r}")
-
-
 # --------------------------------------------------------------------------- method
 #: ``func(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult``
 MatchFunction = Callable[..., "MatchResult"]
+
+
+@dataclass(frozen=True)
+class LazyFunction:
+    """A function named by its module and attribute, imported when first called (an entry of a name table).
+
+    A registering module passes one as a method's function (or ``check_spec``) when the algorithm's module
+    imports the registering module: importing it there would make an import circle, and importing it inside
+    a function only hides one. Calling it imports ``module`` and calls ``attr`` with the same arguments; its
+    signature is the target's (so :attr:`MatchMethod.tracks_alignment` sees the target's keywords).
+
+    Parameters
+    ----------
+    module:
+        Dotted module name, e.g. ``"lmckit.match.sinkhorn"``.
+    attr:
+        The function's name in that module.
+
+    Raises
+    ------
+    ImportError, AttributeError
+        When called or inspected, if the module or the attribute does not exist (a programming error).
+    """
+
+    module: str
+    attr: str
+
+    def resolve(self) -> Callable[..., Any]:
+        """The named function (its module is imported on the first call)."""
+        return getattr(importlib.import_module(self.module), self.attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.resolve())
 
 
 @dataclass(frozen=True)
@@ -372,7 +324,8 @@ def register_method(
         raise ValueError(f"options of method {name!r} must be a MethodOptions dataclass")
 
     def deco(func: MatchFunction) -> MatchFunction:
-        if name in _REGISTRY and _REGISTRY[name].func is not func:
+        _load_builtins()  # the built-in methods come first in registration order, whoever registers first
+        if name in _REGISTRY and _REGISTRY[name].func != func:  # (!=: a LazyFunction naming the same target)
             raise ValueError(f"matching method {name!r} is already registered")
         _REGISTRY[name] = MatchMethod(
             name=name,
@@ -644,208 +597,3 @@ def get_many_method(name: str) -> ManyMethod:
             f"unknown many-model method {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
             f"known many-model methods: {', '.join(_MANY)}",
         ) from None
-
-
-# --------------------------------------------------------------------------- built-in adapters
-@dataclass(frozen=True)
-class WeightOptions(MethodOptions):
-    """Weight matching: sweeps, restarts, acceptance tolerance, buffers in the objective."""
-
-    max_iter: int = 100
-    restarts: int = 1
-    tol: float = 1e-7
-    include_buffers: bool = False
-
-    def validate(self) -> None:
-        _positive(self, "max_iter", "restarts")
-        _at_most(self, MAX_ITER, "max_iter")
-        _at_most(self, MAX_RESTARTS, "restarts")
-        if not self.tol >= 0:
-            raise LmcError(f"option tol must be >= 0, got {self.tol}")
-
-
-@register_method(
-    "weight",
-    description="Weight matching: coordinate descent of linear assignments maximising sum <A, pi(B)>",
-    reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin: Merging Models modulo Permutation Symmetries', ICLR 2023",
-    symmetries=("permutation", "signed", "orthogonal"),
-    needs_data=False,
-    options=WeightOptions,
-    multi=("anchor", "mergemany"),
-    objective="sum_k <A_k, pi(B)_k>_F per sweep; higher is better (non-decreasing)",
-    label="WM",
-    record=lambda res, o: {"restarts": o.restarts, "max_iter": o.max_iter},
-    iterations=lambda res, o: (
-        f"sweeps:      {res.sweeps}"
-        + (f" (best of {o.restarts} restarts)" if o.restarts > 1 else "")
-        + (" (converged)" if res.converged else f" (max-iter {o.max_iter} reached, not converged)")
-    ),
-)
-def _weight(spec, sd_a, sd_b, *, model, dataset, options: WeightOptions, seed, device, progress) -> MatchResult:
-    from .weight import weight_matching
-
-    return weight_matching(
-        spec,
-        sd_a,
-        sd_b,
-        seed=seed,
-        max_iter=options.max_iter,
-        restarts=options.restarts,
-        device=device,
-        tol=options.tol,
-        include_buffers=options.include_buffers,
-        progress=progress,
-    )
-
-
-@dataclass(frozen=True)
-class ActivationOptions(MethodOptions):
-    """Activation matching: similarity, training batches used, batch size, split."""
-
-    similarity: str = "pearson"
-    num_batches: int = 10
-    batch_size: int = 500
-    split: str = "train"
-
-    def validate(self) -> None:
-        _one_of(self, "similarity", ("pearson", "cross_moment"))
-        _positive(self, "num_batches", "batch_size")
-        _at_most(self, MAX_BATCH, "batch_size")
-        _at_most(self, MAX_BATCHES, "num_batches")
-
-
-@register_method(
-    "activation",
-    description="Activation matching: one assignment per layer maximising unit correlation on data",
-    reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023 (after Li et al., 'Convergent Learning', 2016)",
-    symmetries=("permutation", "signed", "orthogonal"),
-    needs_data=True,
-    needs_model=True,
-    options=ActivationOptions,
-    multi=("anchor",),
-    objective="summed similarity of matched units; higher is better",
-    label="AM",
-    record=lambda res, o: {
-        "similarity": o.similarity,
-        "num_batches": res.extra.get("batches", o.num_batches),
-        "batch_size": o.batch_size,
-    },
-    iterations=lambda res, o: (
-        "assignment:  one linear assignment per group on "
-        f"{res.extra.get('batches', o.num_batches)} batches of {o.batch_size} {o.split} images (not iterative)"
-    ),
-)
-def _activation(spec, sd_a, sd_b, *, model, dataset, options: ActivationOptions, seed, device, progress) -> MatchResult:
-    from .activation import activation_matching
-
-    model_a, model_b = _with_state(model, sd_a), _with_state(model, sd_b)
-    return activation_matching(
-        model_a,
-        model_b,
-        dataset,
-        spec=spec,
-        num_batches=options.num_batches,
-        batch_size=options.batch_size,
-        method=options.similarity,
-        seed=seed,
-        device=device,
-        split=options.split,
-    )
-
-
-def _with_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``model`` holding ``sd`` (the caller's module is not changed)."""
-    import copy
-
-    m = copy.deepcopy(model)
-    m.load_state_dict(dict(sd))
-    return m
-
-
-@dataclass(frozen=True)
-class SteOptions(MethodOptions):
-    """STE: protocol (which permutation a run returns; see :mod:`lmckit.match.ste`), optimiser preset
-    (default: the protocol's own) and overrides, held-out set, projection sweeps, resumable state folder.
-
-    ``state_dir`` is where the run is kept (resume, drift plot); it does not change the result.
-    ``project_sweeps`` (0: off) and ``project_every`` (1: off) are the two documented approximations
-    of the per-step projection (:func:`lmckit.match.ste.ste_matching`); they change the result.
-    """
-
-    protocol: str = "heldout-best"
-    preset: str | None = None
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    heldout_size: int = 5000
-    wm_max_iter: int = 100
-    train_limit: int | None = None
-    track_alignment: bool = True
-    state_dir: str | None = None
-    project_sweeps: int = 0
-    project_every: int = 1
-
-    def validate(self) -> None:
-        _one_of(self, "protocol", tuple(STE_PROTOCOLS))
-        if self.preset is not None:
-            _one_of(self, "preset", ("adam", "git-re-basin"))
-        _positive(self, "epochs", "lr", "batch_size", "heldout_size", "wm_max_iter", "train_limit")
-        _at_most(self, MAX_EPOCHS, "epochs")
-        _at_most(self, MAX_BATCH, "batch_size")
-        _at_most(self, MAX_ITER, "wm_max_iter")
-        _at_most(self, MAX_SAMPLES, "heldout_size", "train_limit")
-        _positive(self, "project_every")
-        if self.project_sweeps < 0:
-            raise LmcError(f"ste option project_sweeps must be >= 0 (0: off), got {self.project_sweeps}")
-        _at_most(self, MAX_ITER, "project_sweeps", "project_every")
-
-
-@register_method(
-    "ste",
-    description="Straight-through estimator: learn theta~ whose WM projection minimises the midpoint loss "
-    f"(protocols: {', '.join(STE_PROTOCOLS)})",
-    reference="Ainsworth, Hayase, Srinivasa, 'Git Re-Basin', ICLR 2023, Sec. 3.3",
-    needs_data=True,
-    needs_model=True,
-    options=SteOptions,
-    multi=("anchor",),
-    objective="best held-out midpoint loss so far; lower is better (non-increasing)",
-    label="STE",
-    record=lambda res, o: {
-        "ste_preset": res.extra["preset"],
-        "ste_protocol": res.extra["protocol"],
-        "ste_settings": res.extra["settings"],
-        "heldout_loss": res.extra["best_heldout_loss"],
-        "changed_vs_wm": res.extra["changed_vs_wm"],
-    },
-    iterations=lambda res, o: f"epochs:      {res.sweeps} (protocol {o.protocol})",
-    cost=lambda o: 30.0 * (o.epochs or 10),
-)
-def _ste(
-    spec, sd_a, sd_b, *, model, dataset, options: SteOptions, seed, device, progress, alignment=None
-) -> MatchResult:
-    from .ste import ste_matching
-
-    return ste_matching(
-        model,
-        sd_a,
-        sd_b,
-        dataset,
-        spec=spec,
-        preset=options.preset,
-        epochs=options.epochs,
-        lr=options.lr,
-        batch_size=options.batch_size,
-        seed=seed,
-        device=device,
-        state_dir=options.state_dir,
-        progress=progress,
-        heldout_size=options.heldout_size,
-        wm_max_iter=options.wm_max_iter,
-        track_alignment=options.track_alignment,
-        train_limit=options.train_limit,
-        protocol=options.protocol,
-        alignment=alignment,
-        project_sweeps=options.project_sweeps,
-        project_every=options.project_every,
-    )

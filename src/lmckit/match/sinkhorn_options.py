@@ -1,21 +1,18 @@
 """Options and registration of Sinkhorn re-basin (:mod:`lmckit.match.sinkhorn`), without torch.
 
 The method registry imports this module to list the built-in methods (``lmckit
-match --help``); the algorithm itself, which needs torch, is imported when the
-method runs.
+match --help``); the algorithm itself, which needs torch (and imports this
+module for its options), is named by a :class:`~lmckit.match.registry.LazyFunction`
+and imported when the method first runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..errors import LmcError
 from ..limits import MAX_BATCH, MAX_ITER, MAX_SAMPLES
-from .registry import MethodOptions, _at_most, register_method
-
-if TYPE_CHECKING:
-    from .result import MatchResult
+from .registry import LazyFunction, MethodOptions, _at_most, register_method
 
 LOSSES = ("distance", "midpoint")
 INITS = ("identity", "uniform")
@@ -81,14 +78,11 @@ class SinkhornOptions(MethodOptions):
 
 
 # --------------------------------------------------------------------------- method
-def _check_structures(spec) -> None:
-    """Attention heads and block axes are not modelled by this relaxation (see :mod:`lmckit.match.sinkhorn`)."""
-    from .sinkhorn import _check_structures as check  # torch: imported only when a spec is checked
+#: The algorithm, named rather than imported: :mod:`lmckit.match.sinkhorn` imports this module (its options),
+#: so importing it here would close an import circle; the registry imports it when the method first runs.
+_SINKHORN = "lmckit.match.sinkhorn"
 
-    check(spec)
-
-
-@register_method(
+register_method(
     "sinkhorn",
     description="Sinkhorn re-basin: soft permutations (Sinkhorn operator with a temperature) trained by Adam, "
     "then one assignment per group",
@@ -99,13 +93,7 @@ def _check_structures(spec) -> None:
     multi=("anchor",),
     data_when=lambda o: o.loss == "midpoint",
     label="Sinkhorn",
-    check_spec=lambda spec: _check_structures(spec),
+    check_spec=LazyFunction(_SINKHORN, "_check_structures"),  # attention heads and block axes: refused
     cost=lambda o: o.steps / 8.0,
     objective="sum_k <A_k, pi(B)_k>_F at the identity and at the final hard permutation; higher is better",
-)
-def _sinkhorn_method(spec, sd_a, sd_b, *, model, dataset, options, seed, device, progress) -> MatchResult:
-    from .sinkhorn import sinkhorn_matching
-
-    return sinkhorn_matching(
-        spec, sd_a, sd_b, model=model, dataset=dataset, options=options, seed=seed, device=device, progress=progress
-    )
+)(LazyFunction(_SINKHORN, "sinkhorn_matching"))

@@ -94,13 +94,11 @@ Implementation choices (the project's, documented here)
 from __future__ import annotations
 
 import copy
-import difflib
-import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -118,84 +116,25 @@ from ..perm import (
     identity_permutation,
     perm_changed_units,
     spec_for,
-    validate_perms,
 )
 from ..progress import Progress
 from ..states import interpolate_states
-from ..store import atomic_write_json, load_state, save_state
 from .projection import ste_projector
 from .result import MatchResult, perms_equal
-from .ste_protocols import PROTOCOLS as _PROTOCOLS
+from .ste_presets import PRESETS, PROTOCOLS, StePreset, _make_optimizer, check_protocol, resolve_preset  # noqa: F401
 from .ste_protocols import STE_MM_PROTOCOLS
+from .ste_state import (  # noqa: F401  (re-exported: importable from here as before the split)
+    DRIFT_JSON,
+    DRIFT_PLOT,
+    STATE_FILE,
+    STATE_VERSION,
+    _load_state,
+    _save_state,
+    _state_digest,
+    drift_history,
+    write_drift,
+)
 from .weight import weight_matching
-
-STATE_FILE = "ste_state.safetensors"
-DRIFT_JSON = "drift.json"
-DRIFT_PLOT = "drift.png"  # drawn from drift.json by the CLI (lmckit.commands.common.draw_ste_drift)
-STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class StePreset:
-    """Optimiser settings of an STE run.
-
-    Attributes
-    ----------
-    optimizer: ``"adam"`` or ``"sgd"``.
-    lr: learning rate (constant; no schedule).
-    batch_size: training batch size.
-    epochs: default number of passes over the training split.
-    momentum: SGD momentum (ignored by Adam).
-    """
-
-    optimizer: str
-    lr: float
-    batch_size: int
-    epochs: int
-    momentum: float = 0.0
-
-
-#: Named presets. ``adam`` is the recipe of Ito et al. (Adam 1e-3, batch 256,
-#: about 10 epochs); ``git-re-basin`` follows Ainsworth et al.'s STE runs (SGD
-#: 1e-2 with momentum 0.9, batch 1000, long runs: 50 epochs here).
-PRESETS: dict[str, StePreset] = {
-    "adam": StePreset("adam", 1e-3, 256, 10),
-    "git-re-basin": StePreset("sgd", 1e-2, 1000, 50, 0.9),
-}
-
-#: STE protocols (which permutation a run returns) and the optimiser preset each uses by default
-#: (defined without torch in :mod:`lmckit.match.ste_protocols`, which the CLI and recipes list).
-PROTOCOLS = _PROTOCOLS
-
-
-def check_protocol(protocol: str) -> str:
-    """``protocol`` if it names an STE protocol (:data:`PROTOCOLS`), else :class:`LmcError`."""
-    if protocol not in PROTOCOLS:
-        close = difflib.get_close_matches(str(protocol), list(PROTOCOLS), n=1)
-        raise LmcError(
-            f"unknown STE protocol {protocol!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-            f"choose one of {', '.join(PROTOCOLS)}",
-        )
-    return protocol
-
-
-def resolve_preset(
-    preset: str = "adam", epochs: int | None = None, lr: float | None = None, batch_size: int | None = None
-) -> StePreset:
-    """The preset ``preset`` with the given overrides; raises :class:`LmcError` on bad values."""
-    if preset not in PRESETS:
-        raise LmcError(f"unknown STE preset {preset!r}", f"choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    e = p.epochs if epochs is None else int(epochs)
-    l_ = p.lr if lr is None else float(lr)
-    b = p.batch_size if batch_size is None else int(batch_size)
-    if e < 0:
-        raise LmcError(f"STE epochs must be >= 0, got {e}")
-    if not (l_ > 0 and math.isfinite(l_)):
-        raise LmcError(f"STE learning rate must be a positive number, got {l_}")
-    if b <= 0:
-        raise LmcError(f"STE batch size must be positive, got {b}")
-    return StePreset(p.optimizer, l_, b, e, p.momentum)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -274,14 +213,6 @@ def ste_mm_weights(n: int, mid: bool, seed: int) -> list[float]:
     if not tot > 0:  # all draws exactly 0 (probability 2^-53n): the uniform mean
         return [1.0 / n] * n
     return [float(x) / tot for x in u]
-
-
-def _state_digest(sd: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        h.update(k.encode())
-        h.update(sd[k].detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _step_seed(seed: int, epoch: int, step: int) -> int:
@@ -777,124 +708,3 @@ class _SteRun:
             method="ste",
             extra=extra,
         )
-
-
-def _make_optimizer(cfg: StePreset, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-
-
-# --------------------------------------------------------------------------- resumable state
-def _save_state(
-    path: Path,
-    fingerprint: dict,
-    tilde: dict,
-    opt: torch.optim.Optimizer,
-    gen: torch.Generator,
-    param_keys: list[str],
-    hist: dict,
-    cur: Perms,
-    best: Perms,
-    best_loss: float,
-    epoch: int,
-    pi_wm: Perms,
-) -> None:
-    tensors: dict[str, torch.Tensor] = {f"tilde.{k}": tilde[k].detach().clone() for k in param_keys}
-    for idx, st in opt.state_dict()["state"].items():
-        for name, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"opt.{idx}.{name}"] = v.detach().clone()
-    for tag, perms in (("cur", cur), ("best", best), ("wm", pi_wm)):
-        for g, p in perms.items():
-            tensors[f"perm.{tag}.{g}"] = p.to(torch.long).clone()
-    tensors["generator"] = gen.get_state()
-    meta = {
-        "fingerprint": fingerprint,
-        "epoch": epoch,
-        "history": hist,
-        "best_loss": best_loss,
-        "format": "lmckit.ste_state",
-    }
-    save_state(path, tensors, meta)
-
-
-def _load_state(
-    path: Path,
-    fingerprint: dict,
-    tilde: dict,
-    opt: torch.optim.Optimizer,
-    gen: torch.Generator,
-    param_keys: list[str],
-    spec: PermutationSpec,
-):
-    tensors, meta = load_state(path)
-    if meta.get("format") != "lmckit.ste_state":
-        raise LmcError(f"{path} is not an lmckit STE state file", "use another state folder")
-    missing = [f"tilde.{k}" for k in param_keys if f"tilde.{k}" not in tensors]
-    if not isinstance(meta.get("fingerprint") or {}, dict) or missing:
-        raise LmcError(
-            f"STE state file {path} is damaged ("
-            + (f"missing tensors {missing[:3]}" if missing else "its fingerprint is not an object")
-            + ")",
-            "delete the state folder to start over, or use another one",
-        )
-    # states written before train_limit / protocol / the projection approximations existed
-    old = {
-        "train_limit": None,
-        "protocol": "heldout-best",
-        "project_sweeps": 0,
-        "project_every": 1,
-        **(meta.get("fingerprint") or {}),
-    }
-    if old != fingerprint:
-        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        raise LmcError(
-            f"STE state in {path.parent} belongs to another run (differs in: {', '.join(diff)})",
-            "use another state folder, or delete it to start over",
-        )
-    with torch.no_grad():
-        for k in param_keys:
-            tilde[k].copy_(tensors[f"tilde.{k}"].to(tilde[k].device))
-    sd = opt.state_dict()
-    new_state: dict[int, dict[str, Any]] = {}
-    for name, v in tensors.items():
-        if name.startswith("opt."):
-            _, idx, field = name.split(".", 2)
-            new_state.setdefault(int(idx), {})[field] = v
-    sd["state"] = new_state
-    opt.load_state_dict(sd)
-    gen.set_state(tensors["generator"])
-
-    def perms(tag: str) -> Perms:
-        raw = {g: tensors[f"perm.{tag}.{g}"] for g in spec.sizes if f"perm.{tag}.{g}" in tensors}
-        return validate_perms(spec, raw, f"STE state {path} ({tag})")
-
-    return meta["history"], perms("cur"), perms("best"), float(meta["best_loss"]), int(meta["epoch"]), perms("wm")
-
-
-# --------------------------------------------------------------------------- drift report
-def drift_history(hist: Mapping[str, Any]) -> dict[str, list]:
-    """Per-epoch drift series (epoch 0 = the start, theta~ = theta_a, pi = WM)."""
-    ini = hist["initial"]
-    rows = [
-        {
-            "epoch": 0,
-            "train_midpoint_loss": None,
-            "heldout_loss": ini["heldout_loss"],
-            "changed_vs_wm": 0.0,
-            "tilde_dist": 0.0,
-            "tilde_rel_dist": 0.0,
-            "r03": ini["r03"],
-        }
-    ] + list(hist["epochs"])
-    keys = ["epoch", "train_midpoint_loss", "heldout_loss", "changed_vs_wm", "tilde_dist", "tilde_rel_dist", "r03"]
-    out = {k: [r.get(k) for r in rows] for k in keys}
-    out["identity_heldout_loss"] = ini["identity_heldout_loss"]
-    return out
-
-
-def write_drift(folder: str | Path, drift: Mapping[str, Any]) -> None:
-    """Write ``drift.json`` (see :func:`drift_history`); the CLI draws it as ``drift.png``."""
-
-    atomic_write_json(Path(folder) / DRIFT_JSON, dict(drift))

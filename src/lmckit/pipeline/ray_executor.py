@@ -2,7 +2,7 @@
 
 Ray (https://docs.ray.io) is an optional dependency: ``pip install 'lmckit[ray]'``.
 :class:`RayExecutor` plugs into the scheduling loop of
-:class:`lmckit.pipeline.executor.Executor` through ``_submit``: each stage whose
+:class:`lmckit.pipeline.scheduler.Executor` through ``_submit``: each stage whose
 inputs are finished becomes one Ray task, placed by Ray on whichever node has
 the CPUs/GPUs its stage kind asks for. Stages talk only through their folders
 under the output root, so the only requirement on the cluster is that every
@@ -50,7 +50,7 @@ from pathlib import Path
 
 from ..errors import LmcError
 from ..store import atomic_write_text, check_replaceable
-from .executor import Executor
+from .scheduler import Executor
 from .stages import Runtime, Stage, StageOutcome, run_stage, stage_hash, stage_label, stage_path
 
 __all__ = [

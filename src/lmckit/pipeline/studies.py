@@ -40,7 +40,9 @@ from ..match.ste import PRESETS, PROTOCOLS
 from ..perm import apply_permutation, perm_changed_units, spec_for
 from ..studies import direction_matching, reassign_fraction, spectrum_concentration
 from ..train import dataset_of
-from .recipe import Recipe
+from .experiment import _experiment
+from .recipe_schema import Recipe
+from .recipe_settings import _match_options
 from .stages import Stage, StageContext
 from .tasks import (
     AnalysisStage,
@@ -508,8 +510,6 @@ def _joint_options(recipe: Recipe, method: str) -> tuple:
 
 def build_studies(recipe: Recipe, plan) -> StudyPlan | None:
     """The stages of the recipe's enabled studies on its first model entry (``None`` when none is enabled)."""
-    from .build import _experiment, _match_options  # build imports this module (a cycle at import time)
-
     st = recipe.studies
     if not any(
         s.enabled for s in (st.directions, st.alignment_dose, st.weight_decay, st.many_models, st.ste_protocols)

@@ -15,6 +15,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from .labels import METHOD_LABEL
+from .markdown import _table
+
 __all__ = ["layer_kind", "layer_label", "kind_of_row", "r_by_kind", "model_sizes", "write_architectures"]
 
 #: hidden units per layer of the paper's MLP (docs/definitions.md, "Setting")
@@ -198,9 +201,6 @@ def write_architectures(res: dict[str, Any], fig: Callable[[str, str, str, Calla
     arch = res.get("architectures")
     if not arch:
         return []
-    from .figures import METHOD_LABEL  # (figures and writer import this module)
-    from .writer import _table
-
     md = ["", "## Layer kinds and model size", ""]
     md += [
         "Attention matrices W_Q, W_K, W_V (rows of the fused in_proj), W_O (out_proj) and LSTM gate matrices "

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .claims import CLAIM3_FACTOR, dig
-from .results import stats
+from .stats import stats
 
 __all__ = ["collect_paper", "write_paper", "CRITERIA"]
 

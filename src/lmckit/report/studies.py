@@ -18,7 +18,8 @@ from ..pipeline.stages import stage_path
 from ..store import read_json
 from ..studies import spearman
 from . import studies_figures as SF
-from .results import _experiment, stats
+from .experiment import _experiment
+from .stats import stats
 
 __all__ = ["collect_studies", "study_claims", "write_studies", "PUBLISHED"]
 

@@ -32,6 +32,7 @@ from ..store import atomic_write_json, atomic_write_text, real_path
 from . import figures as F
 from .architectures import layer_label, write_architectures
 from .figures import METHOD_LABEL
+from .markdown import _CONTROL, _cell, _table, plain  # noqa: F401  (plain, _table: importable from here as before)
 from .paper import write_paper
 from .studies import write_studies
 
@@ -95,42 +96,6 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
-
-
-#: control characters (C0 but tab and newline, DEL, C1): ESC and BEL would drive a terminal showing report.md
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-#: what would start a Markdown block (heading, quote, list, table row, fence, thematic break) at a line's start
-_BLOCK_START = re.compile(r"^([#>+*=|_~`-]|\d+[.)])")
-
-
-def plain(text: Any) -> str:
-    """Text a user controls (recipe name and description, labels, notes) as one line of Markdown text.
-
-    Control characters are removed, every run of whitespace (line breaks included) becomes one space, and a
-    leading character that would start a Markdown block (``#`` heading, ``|`` table row, ``>`` quote, list
-    markers, fences) is backslash-escaped: a multi-line recipe ``description`` cannot add headings, tables
-    or anything else to report.md / report.html, only text.
-    """
-    s = " ".join(_CONTROL.sub("", str(text)).split())
-    m = _BLOCK_START.match(s)
-    if m:
-        k = len(m.group(1)) - 1  # before the marker's last character: "\\#", "1\\."
-        s = s[:k] + "\\" + s[k:]
-    return s
-
-
-def _cell(v: Any) -> str:
-    """A table cell: pipes escaped (a ``|`` would split the cell), no line breaks, no control characters."""
-    return " ".join(_CONTROL.sub("", str(v)).replace("|", "\\|").split("\n"))
-
-
-def _table(rows: list[dict[str, Any]]) -> list[str]:
-    if not rows:
-        return []
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    out = ["| " + " | ".join(_cell(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    out += ["| " + " | ".join(_cell(r.get(c, "-")) for c in cols) + " |" for r in rows]
-    return out
 
 
 def _caption(res: dict[str, Any], figure: str, what: str, model: str | None = None) -> str:
