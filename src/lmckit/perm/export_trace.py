@@ -630,54 +630,19 @@ class _ExportTracer(_Tracer):
             else:
                 keep.append(j)
         self.joints = keep
-        self._family_rules(full)
+        super()._resolve_joints(full)  # the fx tracer's family rules, with this tracer's _joint_axes
         self._check_repeat_sources()
 
-    def _family_rules(self, full: dict[int, Any]) -> None:
-        """The fx tracer's ``_resolve_joints`` (same rules, same messages), except that the head elements of
-        head-only streams count as head axes (they are), not as other streams meeting the family."""
-        if not self.joints:
-            return
-        uf = self.uf
-        pinned = uf.find(0)
-        by_hw: dict[tuple[int, int], list[int]] = {}
-        for f, _H, _d, h, w in self.joints:
-            by_hw.setdefault((uf.find(h), uf.find(w)), []).append(f)
-        for fs in by_hw.values():
-            for f in fs[1:]:
-                uf.union(fs[0], f)
-        allowed = {x for _, _, _, h, w in self.joints for x in (h, w)} | set(getattr(self, "head_only", []))
-        allowed |= set(self.w_partner) | set(self.w_partner.values())
-        key_roots = {uf.find(e) for e in self.key_elem.values()}
-        other_roots = {uf.find(i) for i in range(1, len(uf.parent)) if i not in allowed}
-        other_roots.discard(pinned)
-        fam: dict[int, list[tuple[int, int, int, int, int]]] = {}
-        for j in self.joints:
-            fam.setdefault(uf.find(j[3]), []).append(j)
-        for hr, js in fam.items():
-            bad = None
-            w_roots = {uf.find(j[4]) for j in js}
-            flat_roots = {uf.find(j[0]) for j in js}
-            if hr == pinned or pinned in w_roots or pinned in flat_roots:
-                bad = "the heads or their features are left unpermuted"
-            elif hr in other_roots or w_roots & other_roots or hr in key_roots:
-                bad = "the head axis or a head's feature axis meets other streams or parameters"
-            elif len({j[1] for j in js}) != 1:
-                bad = "different head counts"
-            elif flat_roots & set(full):
-                bad = "a head-split stream is itself split into blocks"
-            if bad is None:
-                for fr in flat_roots:
-                    if len({uf.find(j[4]) for j in js if uf.find(j[0]) == fr}) > 1:
-                        bad = "one stream is split into heads in two different ways"
-            if bad is not None:
-                for _, _, _, h, w in js:
-                    for x in (h, w):
-                        if uf.find(x) != pinned:
-                            self.pin(x, f"attention heads: {bad}")
-                for f, *_ in js:
-                    if uf.find(f) != pinned:
-                        self.pin(f, f"attention heads: {bad}")
+    def _joint_axes(self) -> set[int]:
+        """The fx tracer's head family rules (``Tracer._resolve_joints``, same rules, same messages) run here
+        too, except that the head elements of head-only streams and the within-head partners count as head
+        axes (they are), not as other streams meeting the family."""
+        return (
+            super()._joint_axes()
+            | set(getattr(self, "head_only", []))
+            | set(self.w_partner)
+            | set(self.w_partner.values())
+        )
 
     def _segments(
         self,

@@ -199,6 +199,11 @@ class Tracer(TracerCore):
                         if uf.find(x) != uf.find(_PINNED):
                             self.pin(x, "a fused q/k/v tensor split into heads is used other than by unbind/indexing")
 
+    def _joint_axes(self) -> set[int]:
+        """The head and within-head elements of the joints: what a head family may touch (a subclass adds
+        its own head axes, as the export tracer does for heads whose features are pinned)."""
+        return {x for _, _, _, h, w in self.joints for x in (h, w)}
+
     def _resolve_joints(self, full: dict[int, Any]) -> None:
         """Head-split streams: joints sharing head and within-head axes are one flat stream; a family of
         flat streams sharing one head axis becomes a head structure. Anything else touching the head or
@@ -213,7 +218,7 @@ class Tracer(TracerCore):
         for fs in by_hw.values():
             for f in fs[1:]:
                 uf.union(fs[0], f)
-        allowed = {x for _, _, _, h, w in self.joints for x in (h, w)}
+        allowed = self._joint_axes()
         key_roots = {uf.find(e) for e in self.key_elem.values()}
         other_roots = {uf.find(i) for i in range(1, len(uf.parent)) if i not in allowed}
         fam: dict[int, list[tuple[int, int, int, int, int]]] = {}
