@@ -596,8 +596,11 @@ def _cross_checks(r: Recipe, source: str) -> None:
     from ..data import dataset_info
     from ..models.registry import model_entry
 
+    from ..data.text import TEXT_DATASETS
+
     try:
-        dataset_info(r.data.dataset)
+        if not (isinstance(r.data.dataset, str) and r.data.dataset in TEXT_DATASETS):  # token datasets (lmckit.data.text) are not in the image registry
+            dataset_info(r.data.dataset)
     except LmcError as e:
         raise _bad(f"data.dataset: {e.message}", e.hint, source) from None
     if not r.models:
