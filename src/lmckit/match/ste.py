@@ -123,6 +123,7 @@ from ..perm import (
 from ..progress import Progress
 from ..states import interpolate_states
 from ..store import atomic_write_json, load_state, save_state
+from ..tied import drop_tied
 from .projection import ste_projector
 from .result import MatchResult, perms_equal
 from .ste_protocols import PROTOCOLS as _PROTOCOLS
@@ -337,7 +338,7 @@ class _HeldOut:
         model.eval()
         tot = 0.0
         for s in range(0, int(self.y.shape[0]), self.batch_size):
-            out = functional_call(model, dict(state), (self.x[s : s + self.batch_size],))
+            out = functional_call(model, drop_tied(model, state), (self.x[s : s + self.batch_size],))
             tot += float(F.cross_entropy(out, self.y[s : s + self.batch_size], reduction="sum"))
         return tot / max(int(self.y.shape[0]), 1)
 
@@ -654,7 +655,7 @@ class _SteRun:
                 g = torch.Generator().manual_seed(_step_seed(seed + 104729, epoch, step))
                 lam = float(torch.rand((), generator=g))
             point = ste_midpoint(self.sd_a, pb, self.tilde, lam)
-        out = functional_call(self.net, point, (x,))
+        out = functional_call(self.net, drop_tied(self.net, point), (x,))
         loss = F.cross_entropy(out, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -57,9 +57,7 @@ def gpt2_spec(model: nn.Module):
     return _SPECS[key]
 
 
-def build_gpt2(
-    vocab: int, context: int, width: int, depth: int, heads: int, inner: int | None = None
-) -> nn.Module:
+def build_gpt2(vocab: int, context: int, width: int, depth: int, heads: int, inner: int | None = None) -> nn.Module:
     """A ``GPT2LMHeadModel`` of this size, adapted for lmckit (dropout 0, no cache); see the module docstring.
 
     Parameters
