@@ -95,7 +95,7 @@ def input_projections(
             )
         ):
             continue
-        if layer.split:
+        if layer.split or layer.col_split:
             continue
         _, s, v = svds[layer.name] if svds is not None else layer_svd(sd[layer.key])
         rnd = torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=torch.float64)

@@ -28,6 +28,7 @@ from ..store import read_json
 from .architectures import architecture_summary, layer_kind
 from .claims import CLAIMS, Evidence, paper_value
 from .claims import dig as _get
+from .lm import add_lm_units
 
 __all__ = [
     "collect",
@@ -273,11 +274,12 @@ def _with_split_matrices(modules: list[str], matrices: list[str]) -> list[str]:
         if name in placed:
             continue
         base = name.partition(":")[0]
-        owner = max((m for m in out if m and base.startswith(m + ".")), key=len, default=None)
+        # the owner: a module containing the matrix, or the module itself (GPT-2's c_attn -> c_attn:q, :k, :v)
+        owner = max((m for m in out if m and (base == m or base.startswith(m + "."))), key=len, default=None)
         at = len(out)
         if owner is not None:
             at = out.index(owner) + 1
-            while at < len(out) and out[at] not in modules and out[at].startswith(owner + "."):
+            while at < len(out) and out[at] not in modules and out[at].startswith((owner + ".", owner + ":")):
                 at += 1
         out.insert(at, name)
         placed.add(name)
@@ -358,6 +360,7 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     arch = architecture_summary(plan, res, root)
     if arch:
         res["architectures"] = arch
+    add_lm_units(res)  # language models: units and perplexities (issue 26)
     res["claims"] = judge_claims(res) + study_claims(res)
     if plan.recipe.paper.enabled:  # issue 30: the claims per model entry and STE protocol, side by side
         from .paper import collect_paper
