@@ -116,3 +116,18 @@ def test_tied_tensors_save_and_functional_call(tmp_path):
     with torch.no_grad():
         out = torch.func.functional_call(m, drop_tied(m, back), (x,))
     assert torch.allclose(out, m(x))
+
+
+def test_input_projections_read_conv1d_inputs_on_the_left_singular_vectors():
+    from lmckit.analysis.projection import input_projections
+    from lmckit.data import load_dataset
+
+    m = _gpt2(image_size=32, num_classes=256)
+    out = input_projections(m, spec_for(m), m.state_dict(), load_dataset("text-synthetic"), num_batches=1, batch_size=4)
+    # Conv1D c_fc is (in 16, out 64): its 16-dim inputs meet the 16 left singular vectors (u), not v (64-dim)
+    assert len(out["transformer.h.0.mlp.c_fc"]["mean_abs"]) == 16
+    assert len(out["transformer.h.0.mlp.c_proj"]["mean_abs"]) == 16  # (in 64, out 16): rank 16
+    assert "transformer.h.0.attn.c_attn:q" not in out  # column blocks of a fused weight are skipped
+    # a full orthonormal basis of the inputs: sum_i (u_i . z)^2 = |z|^2 >= (mean |z|)^2 on average
+    fc = out["transformer.h.0.mlp.c_fc"]
+    assert sum(fc["mean_sq"]) >= fc["mean_norm"] ** 2 * (1 - 1e-4)

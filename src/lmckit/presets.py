@@ -113,11 +113,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         augment=False,
     ),
     # Seconds-long recipe for tests and smoke runs.
-    "gpt2-text": dict(  # the gpt2-text recipe: a tiny HF GPT-2 on a CPU-sized sample of the KJV (2 epochs, 256 steps)
+    "gpt2-text": dict(  # the gpt2-text recipe: a tiny HF GPT-2 on a CPU-sized sample of the KJV (1 epoch, 128 steps)
         model="hf-gpt2",
         model_kwargs={},
         dataset="kjv-mini",
-        epochs=2,
+        epochs=1,
         batch_size=32,
         optimizer="adamw",
         lr=3e-3,
