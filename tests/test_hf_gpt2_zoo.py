@@ -131,3 +131,17 @@ def test_input_projections_read_conv1d_inputs_on_the_left_singular_vectors():
     # a full orthonormal basis of the inputs: sum_i (u_i . z)^2 = |z|^2 >= (mean |z|)^2 on average
     fc = out["transformer.h.0.mlp.c_fc"]
     assert sum(fc["mean_sq"]) >= fc["mean_norm"] ** 2 * (1 - 1e-4)
+
+
+def test_spec_is_right_after_a_meta_device_skeleton(monkeypatch):
+    """build_model checks a checkpoint on a meta-device skeleton first: that must not trace (and cache) a wrong
+    spec, in which the blocks' groups are merged because every meta parameter has the same null address."""
+    from lmckit.checkpoint import build_model
+    from lmckit.models import hf_gpt2 as mod
+
+    monkeypatch.setattr(mod, "_SPECS", {})
+    m = _gpt2()
+    model = build_model(m.lmckit_config, m.state_dict(), "test")
+    sizes = spec_for(model).sizes
+    assert {"transformer.h.1.mlp.c_fc", "transformer.h.1.attn.c_attn.0", "transformer.h.1.attn.c_attn.1"} <= set(sizes)
+    assert len(spec_for(model).heads) == 2

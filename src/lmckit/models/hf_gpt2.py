@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..errors import LmcError
@@ -49,11 +50,17 @@ def gpt2_spec(model: nn.Module):
 
     key = _arch_key(model)
     if key not in _SPECS:
+        from ..hf import _build, adapt
         from ..perm.export_trace import export_trace_streams
 
+        # traced on a fresh CPU copy of the architecture, never on ``model`` itself: the spec is structural,
+        # and a model on the ``meta`` device (lmckit.checkpoint.build_model's size check builds one) traces to
+        # a wrong spec (every parameter has the same null address, so the tracer merges the blocks' groups)
+        with torch.device("cpu"):
+            fresh = adapt(_build(type(model), model.config))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _SPECS[key] = export_trace_streams(model, model.example_input).spec
+            _SPECS[key] = export_trace_streams(fresh, fresh.example_input).spec
     return _SPECS[key]
 
 
