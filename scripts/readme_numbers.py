@@ -111,6 +111,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
         md = [f"*`{run['command']}`, {run['date']}; numbers read from [`{src}`]({href}).*", ""]
     rec = res["recipe"]
     ev = res.get("evaluation", {})
+    items = "windows" if "units" in res else "images"  # a language model's evaluation sets count token windows
     for e in res["experiments"]:
         accs = [m["test_accuracy"] for m in e["models"]]
         mean = sum(accs) / len(accs)
@@ -118,7 +119,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
             f"**{e['label']}** on {rec['data']['dataset']}: {len(e['models'])} models (seeds "
             f"{', '.join(str(m['seed']) for m in e['models'])}), test accuracy {mean:.4f} on average "
             f"({min(accs):.4f}-{max(accs):.4f}); {len(e['pairs'])} disjoint pairs. Barriers on the first "
-            f"{_get(ev, 'barrier', 'test') or 'all'} test images, {rec['barrier']['lambdas']} values of λ. "
+            f"{_get(ev, 'barrier', 'test') or 'all'} test {items}, {rec['barrier']['lambdas']} values of λ. "
             "Mean ± sample std over the pairs (R and distances after WM: over pairs × "
             f"{rec['match']['searches']} WM searches), [95% t-interval] where n ≥ 3; accuracies as fractions.",
             "",
@@ -152,6 +153,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
             ],
             rows,
         )
+        md += _lm_lines(res, e)
         if view == "headline":
             claims = [c for c in res.get("claims", []) if c.get("model", e["label"]) == e["label"]]
             md += [""] + _table(
@@ -170,7 +172,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
         if tay:
             md += [
                 "",
-                f"Midpoint barrier after WM on {tay.get('num_samples', '?')} training images: measured "
+                f"Midpoint barrier after WM on {tay.get('num_samples', '?')} training {items}: measured "
                 f"{pm(tay['measured_midpoint'])}, second-order Taylor estimate {pm(tay['taylor_midpoint'])} "
                 f"(n = {tay['taylor_midpoint']['n']} pairs).",
             ]
@@ -196,7 +198,7 @@ def render(name: str, res: dict[str, Any], run: dict[str, Any], view: str | None
         md += [
             f"Three models (seeds {', '.join(str(s) for s in rec['train']['seeds'][: rec['three_models']['models']])}"
             f"; models 1 and 2 matched to model 0; one triple, single values; "
-            f"{ev.get('three_models_test_images', 'all')} test images):",
+            f"{ev.get('three_models_test_images', 'all')} test {items}):",
             "",
         ]
         ns = [x["n"] for x in next(iter(three.values()))["merged"]]
@@ -293,6 +295,45 @@ def _paper_headline(src: str, href: str, res: dict[str, Any], run: dict[str, Any
         rows.append([claim, f"{len(cs) - len(failed)} / {len(cs)}", "; ".join(failed) if failed else "-"])
     md += _table(["claim", "held in (settings judged)", "settings where it did not hold"], rows)
     return "\n".join(md + [""])
+
+
+def _lm_lines(res: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    """Language-model recipes (results with ``units``): the test barriers in nats per token and as perplexities."""
+    if "units" not in res:
+        return []
+    rows = []
+    for m in ordered(e["methods"]):
+        d = e["methods"][m]
+        p = _get(d, "perplexity", "test") or {}
+        ends = p.get("endpoints")
+        rows.append(
+            [
+                label(m),
+                pm(_get(d, "barrier", "test", "loss_barrier"), "{:.4f}"),
+                pm(p.get("barrier_factor"), "{:.3f}"),
+                f"{ends[0]:.2f}, {ends[1]:.2f}" if ends else "-",
+                pm(p.get("midpoint"), "{:.2f}"),
+            ]
+        )
+    ppl = [m["test_perplexity"] for m in e["models"] if "test_perplexity" in m]
+    return [
+        "",
+        "Language model: losses are next-token cross-entropy in nats per token, accuracies next-token "
+        "accuracies, evaluation sizes count windows of tokens (not images); perplexity = exp(loss), "
+        "perplexity barrier factor = exp(loss barrier)"
+        + (f"; the trained models' test perplexity is {min(ppl):.2f}-{max(ppl):.2f}" if ppl else "")
+        + ".",
+        "",
+    ] + _table(
+        [
+            "method",
+            "test loss barrier (nats/token)",
+            "perplexity barrier factor",
+            "test perplexity of the path's ends",
+            "midpoint perplexity",
+        ],
+        rows,
+    )
 
 
 def _kinds_line(res: dict[str, Any], e: dict[str, Any]) -> list[str]:

@@ -68,8 +68,15 @@ def test_model_index_equals_the_registry():
     from lmckit.model_index import MODEL_INDEX, list_index
     from lmckit.models import list_models, model_entry
 
+    from lmckit.models.registry import PROVIDERS
+
     def zoo(names):  # the built-in zoo (other tests register user architectures, --arch, in this process)
-        return [n for n in names if model_entry(n).factory.__module__.startswith("lmckit.models.")]
+        return [
+            n
+            for n in names
+            if model_entry(n).factory.__module__.startswith("lmckit.models.")
+            or model_entry(n).factory.__module__ == PROVIDERS.get(n)
+        ]
 
     reg = {n: (model_entry(n).description, model_entry(n).tiny) for n in zoo(list_models())}
     assert len(reg) >= 10

@@ -3,7 +3,7 @@
 The allowed direction (DESIGN.md, issue 14), lowest first; a module may
 import its own layer and the layers below it, never a layer above::
 
-    base (errors, untrusted, device, progress, store, model_index, states)
+    base (errors, untrusted, device, progress, store, model_index, states, tied)
       -> data, models, evaluate
       -> perm, checkpoint, hf (Hugging Face folders, optional transformers)
       -> match
@@ -42,7 +42,7 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "lmckit"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "untrusted", "device", "progress", "store", "model_index", "states", "checks"),
+    ("errors", "untrusted", "device", "progress", "store", "model_index", "states", "checks", "tied"),
     ("data", "models", "evaluate"),
     ("perm", "checkpoint", "limits", "hf"),  # hf: Hugging Face folders in and out (converts at the edge)
     ("match",),

@@ -37,6 +37,11 @@ FLOAT_LIMITS: dict[str, float] = {"width_mult": MAX_WIDTH_MULT, "mlp_ratio": MAX
 
 #: name -> (description, tiny test model)
 MODEL_INDEX: dict[str, tuple[str, bool]] = {
+    "hf-gpt2": (
+        "Hugging Face GPT2LMHeadModel on byte tokens: width 64, depth 2, 4 heads, MLP 4x, context from the dataset "
+        "(options width, depth, heads, mlp_ratio, width_mult, norm=layernorm; needs lmckit[hf])",
+        False,
+    ),
     "lstm": (
         "LSTM on image rows (28 steps of 28 pixels), hidden 128, 1 layer (options width, depth, width_mult, norm)",
         False,

@@ -113,6 +113,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         augment=False,
     ),
     # Seconds-long recipe for tests and smoke runs.
+    "gpt2-text": dict(  # the gpt2-text recipe: a tiny HF GPT-2 on a CPU-sized sample of the KJV (1 epoch, 128 steps)
+        model="hf-gpt2",
+        model_kwargs={},
+        dataset="kjv-mini",
+        epochs=1,
+        batch_size=32,
+        optimizer="adamw",
+        lr=3e-3,
+        weight_decay=0.01,
+        schedule="cosine",
+        warmup_epochs=0.1,
+        augment=False,
+        eval_batch_size=256,
+    ),
     "tiny": dict(
         model="mlp_tiny",
         model_kwargs={},

@@ -276,10 +276,19 @@ def read_json(
 def save_state(
     path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Save a state dict as safetensors (atomically). ``metadata`` values are JSON-encoded."""
+    """Save a state dict as safetensors (atomically). ``metadata`` values are JSON-encoded.
+
+    Tied tensors (one storage under two names, e.g. GPT-2's ``transformer.wte.weight`` and
+    ``lm_head.weight``) are written as separate copies, which safetensors requires.
+    """
     from safetensors.torch import save
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors, seen = {}, set()
+    for k, v in state.items():
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        tensors[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
     meta = {k: json.dumps(v, default=_json_default) for k, v in (metadata or {}).items()}
     return atomic_write_bytes(path, save(tensors, metadata=meta))
 

@@ -604,4 +604,5 @@ def _train_epoch(
         with torch.no_grad():
             loss_sum += loss.detach() * yb.shape[0]
             correct += (out.argmax(1) == yb).sum()
-    return float(loss_sum) / n, int(correct) / n, lr
+    per = int(y_all[0].numel()) if n else 1  # targets per item: 1 (a label), or T (a language model's tokens)
+    return float(loss_sum) / n, int(correct) / (n * per), lr

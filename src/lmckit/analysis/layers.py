@@ -29,6 +29,13 @@ map) is read as one matrix whose rows or columns are permuted by the composite
 index vector (a block-diagonal permutation, or ``Q ⊗ I_{H*W}`` for a flatten).
 Head-structured permutations are ordinary permutations of the rows/columns,
 so ``R(gamma)`` needs nothing else for attention.
+
+A fused projection stored transposed, ``(in, 3 * d)`` (GPT-2's ``Conv1D``
+``c_attn``: columns are the Q, K, V blocks), is split the same way along its
+columns: three ``in x d`` matrices ``c_attn:q|k|v`` whose rows are moved by the
+stream's group and whose columns by the Q/K or V/O group. A transposed layer
+``W^T`` has the singular values of ``W`` with ``u`` and ``v`` exchanged, so
+``R(gamma)``, the spectra and rank truncation read it unchanged.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class Layer:
     in_entry: Any = None
     row_offset: int = 0  # rows [row_offset, row_offset + shape[0]) of the state entry (gate / Q, K, V blocks)
     split: bool = False
+    col_offset: int = 0  # columns [col_offset, col_offset + shape[1]) of a transposed fused weight (Conv1D c_attn)
+    col_split: bool = False
 
     @property
     def is_output(self) -> bool:
@@ -136,6 +145,19 @@ def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = 
                 for (g, n, _, off), lab in zip(segs, labels):
                     out.append(Layer(key, f"{name}:{lab}", (n,) + shape[1:], g, plain(e1), g, e1, off, True))
                 continue
+        if len(shape) == 2 and is_segmented(e1) and not is_segmented(e0):  # a transposed fused Q, K, V projection
+            segs = entry_segments(e1, shape[1], spec.sizes)
+            if (
+                len(segs) >= 2
+                and all(inner == 1 and g is not None for g, _, inner, _ in segs)
+                and len({n for _, n, _, _ in segs}) == 1
+            ):
+                labels = _GATE_LABELS.get(len(segs), tuple(str(i) for i in range(len(segs))))
+                for (g, n, _, off), lab in zip(segs, labels):
+                    out.append(
+                        Layer(key, f"{name}:{lab}", (shape[0], n), plain(e0), g, e0, g, col_offset=off, col_split=True)
+                    )
+                continue
         out.append(Layer(key, name, shape, plain(e0), plain(e1), e0, e1))
     return out
 
@@ -143,6 +165,8 @@ def layers_of(spec: PermutationSpec, state: Mapping[str, torch.Tensor] | None = 
 def layer_weight(layer: Layer, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The layer's weight tensor (its block of rows for a gate / Q, K, V matrix)."""
     w = state[layer.key]
+    if layer.col_split:
+        return w.narrow(1, layer.col_offset, int(layer.shape[1]))
     return w.narrow(0, layer.row_offset, layer.rows) if layer.split else w
 
 

@@ -68,7 +68,9 @@ def input_projections(
     -------
     layer name -> ``{"sigma", "mean_abs", "mean_sq", "random_mean_abs"}``
     (lists, length ``r``; ``mean_sq`` is mean ``(v_i . z)^2``) plus ``"mean_norm"`` (mean ``||z||``) and
-    ``"count"`` (vectors used). Layers that are not ``nn.Linear`` / ungrouped ``nn.Conv2d`` are skipped.
+    ``"count"`` (vectors used). Layers that are not ``nn.Linear`` / ungrouped ``nn.Conv2d`` / Hugging Face
+    ``Conv1D`` (GPT-2; its weight is stored ``(in, out)``, so its inputs are projected on the stored
+    matrix's left singular vectors) are skipped, as are the row / column blocks of fused weights.
     """
     check_module(model)
     check_spec(spec)
@@ -85,8 +87,11 @@ def input_projections(
             mod = model.get_submodule(layer.name)
         except AttributeError:
             continue
+        # Hugging Face's Conv1D (GPT-2) stores W^T, (in, out): its inputs meet the LEFT singular vectors
+        conv1d = type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2
         if not (
             isinstance(mod, nn.Linear)
+            or conv1d
             or (
                 isinstance(mod, nn.Conv2d)
                 and mod.groups == 1
@@ -95,9 +100,11 @@ def input_projections(
             )
         ):
             continue
-        if layer.split:
+        if layer.split or layer.col_split:
             continue
-        _, s, v = svds[layer.name] if svds is not None else layer_svd(sd[layer.key])
+        u, s, v = svds[layer.name] if svds is not None else layer_svd(sd[layer.key])
+        if conv1d:
+            v = u
         rnd = torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=torch.float64)
         rnd = rnd / rnd.norm(dim=0, keepdim=True)
         targets[layer.name] = (mod, s.float(), v.float().to(dev), rnd.float().to(dev))

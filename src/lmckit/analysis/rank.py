@@ -76,6 +76,10 @@ def truncate_state(
             full = out[layer.key].clone() if out[layer.key] is sd[layer.key] else out[layer.key]
             full[layer.row_offset : layer.row_offset + layer.rows] = w_k
             w_k = full
+        elif layer.col_split:  # one Q, K, V block of a transposed fused weight (columns)
+            full = out[layer.key].clone() if out[layer.key] is sd[layer.key] else out[layer.key]
+            full[:, layer.col_offset : layer.col_offset + int(layer.shape[1])] = w_k
+            w_k = full
         out[layer.key] = w_k
         kept[layer.name] = {"kept": int(k), "rank": layer.rank}
     return out, kept

@@ -46,6 +46,7 @@ from ..evaluate import module_mode
 from ..limits import MAX_BATCH, MAX_SAMPLES
 from ..perm import PermutationSpec
 from ..states import check_compatible
+from ..tied import drop_tied
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,11 +110,13 @@ def taylor_midpoint(
     idx = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))[:n]
     images, labels = dataset.on_device(split, dev)  # the split held on the device: no per-batch host copy
     idx = idx.to(images.device)
+    n_t = n * int(labels[0].numel()) if n else 1  # targets: one per image, T per window of a language model
 
     def batches():
         for s in range(0, n, batch_size):
             j = idx[s : s + batch_size]
-            yield dataset.normalize(images[j]).to(dtype), labels[j]
+            x = dataset.normalize(images[j])
+            yield (x.to(dtype) if x.is_floating_point() else x), labels[j]  # token ids stay integers
 
     with module_mode(model, train=has_bn):
 
@@ -121,15 +124,15 @@ def taylor_midpoint(
             tot = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device, read once
             with torch.no_grad():
                 for x, y in batches():
-                    tot += loss_fn(torch.func.functional_call(model, dict(state), (x,)), y).sum().double()
-            return float(tot) / n
+                    tot += loss_fn(torch.func.functional_call(model, drop_tied(model, state), (x,)), y).sum().double()
+            return float(tot) / n_t
 
         loss_a, loss_b, loss_m = mean_loss(state_a), mean_loss(state_b), mean_loss(state_m)
         quad_t = torch.zeros((), dtype=torch.float64, device=dev)
         # the fused attention kernels (flash / memory-efficient) have no double backward: the
         # Hessian-vector product of a transformer needs the plain math kernel
         with sdpa_kernel(SDPBackend.MATH):
-            quad_t = _quad_form(batches(), model, state_m, trainable, delta, loss_fn, n, quad_t)
+            quad_t = _quad_form(batches(), model, state_m, trainable, delta, loss_fn, n_t, quad_t)
         quad = float(quad_t)
     dnorm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))) if delta else 0.0
     return {
@@ -153,7 +156,7 @@ def _quad_form(batches, model, state_m, trainable, delta, loss_fn, n, quad_t):
     for x, y in batches:
         params = {k: state_m[k].clone().requires_grad_(True) for k in trainable}
         full = {**state_m, **params}
-        loss = loss_fn(torch.func.functional_call(model, full, (x,)), y).sum() / n
+        loss = loss_fn(torch.func.functional_call(model, drop_tied(model, full), (x,)), y).sum() / n
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
         g_dot_d = sum((g * delta[k]).sum() for g, k in zip(grads, params) if g is not None)
         if not isinstance(g_dot_d, torch.Tensor) or not g_dot_d.requires_grad:

@@ -61,6 +61,34 @@ class TextDataset:
     def context(self) -> int:
         return int(next(iter(self.windows.values())).shape[1] - 1)
 
+    @property
+    def in_channels(self) -> int:
+        """1: a token id per position (the image datasets' channel count, for model factories)."""
+        return 1
+
+    @property
+    def image_size(self) -> int:
+        """The context length ``T``: what a model factory receives as ``image_size`` for a token dataset."""
+        return self.context
+
+    @property
+    def images(self) -> dict[str, torch.Tensor]:
+        """Inputs ``(N, T)`` per split (views of the windows), as :attr:`Dataset.images` holds the images."""
+        return {s: w[:, :-1] for s, w in self.windows.items()}
+
+    @property
+    def labels(self) -> dict[str, torch.Tensor]:
+        """Next-token targets ``(N, T)`` per split (views of the windows)."""
+        return {s: w[:, 1:] for s, w in self.windows.items()}
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids are fed as they are (the identity; :meth:`Dataset.normalize` scales pixels)."""
+        return x
+
+    def on_device(self, split: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets ``(N, T)`` of the whole split on ``device`` (as :meth:`Dataset.on_device`)."""
+        return self.tensors(split, device)
+
     def splits(self) -> list[str]:
         return [s for s in ("train", "val", "test") if s in self.windows]
 
@@ -129,6 +157,13 @@ TEXT_DATASETS = {
         "from Debian's bible-kjv-text",
     ),
 }
+TEXT_DATASETS["kjv-mini"] = (
+    64,
+    "a CPU-sized sample of kjv: windows of 64 bytes, 4096 training and 1024 held-out windows drawn (seeded) from "
+    "kjv's train and test streams (the gpt2-text recipe)",
+)
+#: kjv-mini: (training windows, held-out windows, seed) drawn from kjv's splits
+KJV_MINI = (4096, 1024, 0)
 TEXT_DATASETS["text-synthetic"] = (
     32,
     "generated in memory (for tests): 96 KiB of bytes from a seeded order-1 Markov chain over 32 symbols, "
@@ -249,6 +284,10 @@ def load_text_dataset(
         data, where = kjv_bytes(data_dir)
         streams = split_stream(byte_tokens(data))
     wins = {s: windows(t, ctx) for s, t in streams.items()}
+    if name == "kjv-mini":  # a seeded sample of each split (sorted: the windows keep the corpus order)
+        g = torch.Generator().manual_seed(KJV_MINI[2])
+        for s, n in (("train", KJV_MINI[0]), ("test", KJV_MINI[1])):
+            wins[s] = wins[s][torch.randperm(wins[s].shape[0], generator=g)[:n].sort().values]
     if val_size < 0 or val_size >= wins["train"].shape[0]:
         raise LmcError(f"validation size {val_size} must be between 0 and {wins['train'].shape[0]} windows")
     if val_size:
@@ -260,7 +299,7 @@ def load_text_dataset(
         wins,
         BYTE_VOCAB,
         source={s: where for s in wins},
-        checksums={(KJV_FILE if name == "kjv" else name): hashlib.sha256(data).hexdigest()},
+        checksums={(name if name == "text-synthetic" else KJV_FILE): hashlib.sha256(data).hexdigest()},
     )
 
 

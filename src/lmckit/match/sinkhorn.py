@@ -67,6 +67,7 @@ from ..device import resolve_device
 from ..errors import LmcError
 from ..perm.spec import Perms, PermutationSpec, apply_permutation, identity_permutation, is_segmented
 from ..progress import Progress
+from ..tied import drop_tied
 from .result import MatchResult
 from .sinkhorn_options import INITS, LOSSES, SinkhornOptions  # noqa: F401  (the options live there)
 from .weight import _lap, check_pair, objective_keys
@@ -339,6 +340,6 @@ def _midpoint_loss(
         sb = soft_apply(spec, {g: s.to(b[permuted[0]].dtype) for g, s in soft.items()}, b, permuted) if permuted else {}
         mid = {k: (0.5 * (a[k] + sb.get(k, b[k])) if k in float_keys else a[k].clone()) for k in a}
         x, y = batch()
-        return F.cross_entropy(functional_call(net, mid, (x,)), y)
+        return F.cross_entropy(functional_call(net, drop_tied(net, mid), (x,)), y)
 
     return loss

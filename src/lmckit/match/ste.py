@@ -119,6 +119,7 @@ from ..perm import (
 )
 from ..progress import Progress
 from ..states import interpolate_states
+from ..tied import drop_tied
 from .projection import ste_projector
 from .result import MatchResult, perms_equal
 from .ste_presets import PRESETS, PROTOCOLS, StePreset, _make_optimizer, check_protocol, resolve_preset  # noqa: F401
@@ -268,7 +269,7 @@ class _HeldOut:
         model.eval()
         tot = 0.0
         for s in range(0, int(self.y.shape[0]), self.batch_size):
-            out = functional_call(model, dict(state), (self.x[s : s + self.batch_size],))
+            out = functional_call(model, drop_tied(model, state), (self.x[s : s + self.batch_size],))
             tot += float(F.cross_entropy(out, self.y[s : s + self.batch_size], reduction="sum"))
         return tot / max(int(self.y.shape[0]), 1)
 
@@ -585,7 +586,7 @@ class _SteRun:
                 g = torch.Generator().manual_seed(_step_seed(seed + 104729, epoch, step))
                 lam = float(torch.rand((), generator=g))
             point = ste_midpoint(self.sd_a, pb, self.tilde, lam)
-        out = functional_call(self.net, point, (x,))
+        out = functional_call(self.net, drop_tied(self.net, point), (x,))
         loss = F.cross_entropy(out, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

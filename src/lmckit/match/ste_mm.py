@@ -56,6 +56,7 @@ from ..device import resolve_device
 from ..errors import LmcError
 from ..perm import Perms, PermutationSpec, apply_permutation, identity_permutation, spec_for
 from ..progress import Progress
+from ..tied import drop_tied
 from .multi import _check_states
 from .projection import ste_projector
 from .result import MultiMatchResult
@@ -186,7 +187,7 @@ def ste_mm(
                     ]
                     pbs = [apply_permutation(spec, cur[i], others[i]) for i in range(len(others))]
                 lams = ste_mm_weights(n_models, mid, _step_seed(seed + 130363, epoch, step))
-                out = functional_call(net, ste_mm_point(sd_a, pbs, tildes, lams), (x,))
+                out = functional_call(net, drop_tied(net, ste_mm_point(sd_a, pbs, tildes, lams)), (x,))
                 loss = F.cross_entropy(out, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

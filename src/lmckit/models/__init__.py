@@ -1,4 +1,4 @@
-"""Model zoo: MLP, VGG-11/13/16, ResNet-20/32/44, ViT, LSTM (+ tiny test variants).
+"""Model zoo: MLP, VGG-11/13/16, ResNet-20/32/44, ViT, LSTM, a Hugging Face GPT-2 (+ tiny test variants).
 
 Every model takes image batches ``(N, C, H, W)`` and knows its permutation
 symmetry: ``model.permutation_rules(b)`` declares its groups and the axes they

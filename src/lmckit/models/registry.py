@@ -24,6 +24,21 @@ class ModelEntry:
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
+#: zoo models registered by a module of a higher layer (they need it to build or trace the model), by
+#: module name: imported by name when the registry is first read, so that lmckit.models imports nothing
+#: above it (``hf-gpt2`` builds a Hugging Face GPT2LMHeadModel and traces it with lmckit.perm.export_trace)
+PROVIDERS: dict[str, str] = {"hf-gpt2": "lmckit.hf.zoo"}
+_PROVIDED: set[str] = set()
+
+
+def _load_providers() -> None:
+    """Import each provider module once (its ``@register_model`` calls fill the registry)."""
+    import importlib
+
+    for module in sorted(set(PROVIDERS.values()) - _PROVIDED):
+        _PROVIDED.add(module)
+        importlib.import_module(module)
+
 
 def register_model(name: str, description: str = "", tiny: bool = False):
     def deco(fn: Callable[..., nn.Module]):
@@ -42,6 +57,7 @@ def list_models(pattern: str = "*", include_tiny: bool = True) -> list[str]:
     """Names of the registered models matching the shell ``pattern`` (sorted)."""
     if not isinstance(pattern, str):
         raise LmcError(f"pattern must be a string (a shell pattern such as 'mlp*'), got {type(pattern).__name__}")
+    _load_providers()
     return sorted(n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (include_tiny or not e.tiny))
 
 
@@ -49,6 +65,8 @@ def model_entry(name: str) -> ModelEntry:
     """The registry entry of model ``name`` (:class:`LmcError` for another type or an unknown name)."""
     if not isinstance(name, str):
         raise LmcError(f"model name must be a string, got {type(name).__name__}", "run `lmckit models` to list them")
+    if name not in _REGISTRY and name in PROVIDERS:
+        _load_providers()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         raise LmcError(

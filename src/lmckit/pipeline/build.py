@@ -57,10 +57,14 @@ class Plan:
 
 def check_data(recipe: Recipe, data_dir: str | None = None) -> None:
     """Fail fast, before any stage starts, when the recipe's dataset cannot be found."""
-    from ..data import find_dataset
+    from ..data import find_dataset, load_dataset
+    from ..data.text import TEXT_DATASETS
 
     try:
-        find_dataset(recipe.data.dataset, data_dir)
+        if recipe.data.dataset in TEXT_DATASETS:  # a token corpus: found (and checksummed) by loading it
+            load_dataset(recipe.data.dataset, data_dir)
+        else:
+            find_dataset(recipe.data.dataset, data_dir)
     except LmcError as e:
         raise LmcError(
             f"recipe {recipe.name!r} needs the {recipe.data.dataset} dataset, which is not available: {e.message}",

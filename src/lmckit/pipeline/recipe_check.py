@@ -212,10 +212,13 @@ def _value(tp: Any, v: Any, key: str, meta: Mapping[str, Any], source: str) -> A
 
 def _cross_checks(r: Recipe, source: str) -> None:
     from ..data import dataset_info
+    from ..data.text import TEXT_DATASETS
     from ..models.registry import model_entry
 
     try:
-        dataset_info(r.data.dataset)
+        # token datasets (lmckit.data.text) are not in the image registry
+        if not (isinstance(r.data.dataset, str) and r.data.dataset in TEXT_DATASETS):
+            dataset_info(r.data.dataset)
     except LmcError as e:
         raise _bad(f"data.dataset: {e.message}", e.hint, source) from None
     if not r.models:

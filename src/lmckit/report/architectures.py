@@ -36,22 +36,33 @@ def layer_kind(name: str) -> str:
 
     Returns
     -------
-    ``"W_Q"``, ``"W_K"``, ``"W_V"`` (rows of a fused attention projection), ``"W_O"`` (an
-    attention ``out_proj``), ``"W_i (input)"`` ... ``"W_o (hidden)"`` (an LSTM gate of the input
+    ``"W_Q"``, ``"W_K"``, ``"W_V"`` (rows of a fused attention projection, or the column blocks of
+    GPT-2's transposed ``attn.c_attn``), ``"W_O"`` (an attention ``out_proj``, GPT-2's
+    ``attn.c_proj``), ``"MLP in"`` / ``"MLP out"`` (GPT-2's ``mlp.c_fc`` / ``mlp.c_proj``),
+    ``"W_i (input)"`` ... ``"W_o (hidden)"`` (an LSTM gate of the input
     weights ``weight_ih`` or the hidden weights ``weight_hh``), ``"W_<part>"`` for any other
     segmented weight, else ``""``.
     """
     base, _, part = name.partition(":")
     if part:
-        if base.endswith("in_proj_weight") and part in _QKV:
+        if _is_fused_qkv(base) and part in _QKV:
             return _QKV[part]
         m = _RNN.match(base)
         if m:
             return f"W_{part} ({'input' if m['io'] == 'ih' else 'hidden'})"
         return f"W_{part}"
-    if base == "out_proj" or base.endswith(".out_proj"):
+    if base == "out_proj" or base.endswith(".out_proj") or base.endswith("attn.c_proj"):
         return "W_O"
+    if base.endswith("mlp.c_fc"):  # GPT-2's MLP (Hugging Face names)
+        return "MLP in"
+    if base.endswith("mlp.c_proj"):
+        return "MLP out"
     return ""
+
+
+def _is_fused_qkv(base: str) -> bool:
+    """A fused Q, K, V projection: ``nn.MultiheadAttention``'s ``in_proj_weight``, GPT-2's ``attn.c_attn``."""
+    return base.endswith("in_proj_weight") or base.endswith("attn.c_attn")
 
 
 def layer_label(name: str) -> str:
@@ -67,7 +78,7 @@ def layer_label(name: str) -> str:
     m = _RNN.match(base)
     if m:
         return f"{m['mod']} l{m['layer']} {kind}"
-    if base.endswith("in_proj_weight"):
+    if _is_fused_qkv(base):
         return f"{base.rsplit('.', 1)[0]} {kind}" if "." in base else kind
     if kind == "W_O":
         return f"{base.rsplit('.', 1)[0]} W_O" if "." in base else "W_O"
@@ -205,7 +216,9 @@ def write_architectures(res: dict[str, Any], fig: Callable[[str, str, str, Calla
     md += [
         "Attention matrices W_Q, W_K, W_V (rows of the fused in_proj), W_O (out_proj) and LSTM gate matrices "
         "W_i, W_f, W_g, W_o of the input (weight_ih) and hidden (weight_hh) weights are analysed as their own "
-        "layers. R(gamma) per layer kind: mean over the matrices of that kind and the matched pairs "
+        "layers (GPT-2: W_Q, W_K, W_V are the column blocks of the transposed fused c_attn, W_O is attn.c_proj, "
+        "MLP in / out are mlp.c_fc / mlp.c_proj, wte the tied embedding and output layer, wpe the positions). "
+        "R(gamma) per layer kind: mean over the matrices of that kind and the matched pairs "
         "(before: no permutation).",
     ]
     for a, e in zip(arch, res["experiments"]):

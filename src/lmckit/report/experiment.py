@@ -221,11 +221,12 @@ def _with_split_matrices(modules: list[str], matrices: list[str]) -> list[str]:
         if name in placed:
             continue
         base = name.partition(":")[0]
-        owner = max((m for m in out if m and base.startswith(m + ".")), key=len, default=None)
+        # the owner: a module containing the matrix, or the module itself (GPT-2's c_attn -> c_attn:q, :k, :v)
+        owner = max((m for m in out if m and (base == m or base.startswith(m + "."))), key=len, default=None)
         at = len(out)
         if owner is not None:
             at = out.index(owner) + 1
-            while at < len(out) and out[at] not in modules and out[at].startswith(owner + "."):
+            while at < len(out) and out[at] not in modules and out[at].startswith((owner + ".", owner + ":")):
                 at += 1
         out.insert(at, name)
         placed.add(name)

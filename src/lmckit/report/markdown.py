@@ -49,3 +49,17 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| " + " | ".join(_cell(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     out += ["| " + " | ".join(_cell(r.get(c, "-")) for c in cols) + " |" for r in rows]
     return out
+
+
+def _pm(s: dict[str, Any] | None, fmt: str = "{:.3f}", ci: bool = False) -> str:
+    """``mean ± std (n=N)``, or the single value; with ``ci`` also the 95% t-interval where n >= 3."""
+    if not s:
+        return "-"
+    n = s.get("n", 1)
+    if n > 1:
+        text = f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} (n={n})"
+        if ci and "ci95" in s:
+            lo, hi = s["ci95"]
+            text += f", 95% CI [{fmt.format(lo)}, {fmt.format(hi)}]"
+        return text
+    return fmt.format(s["mean"])

@@ -26,6 +26,7 @@ from .architectures import architecture_summary
 from .claims import CLAIMS, Evidence, paper_value
 from .claims import dig as _get
 from .experiment import _experiment, _read, _with_split_matrices  # noqa: F401  (importable from here as before)
+from .lm import add_lm_units
 from .paper import collect_paper
 from .stats import stats, t_interval  # noqa: F401  (likewise)
 from .studies import collect_studies, study_claims
@@ -113,6 +114,7 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
     arch = architecture_summary(plan, res, root)
     if arch:
         res["architectures"] = arch
+    add_lm_units(res)  # language models: units and perplexities (issue 26)
     res["claims"] = judge_claims(res) + study_claims(res)
     if plan.recipe.paper.enabled:  # issue 30: the claims per model entry and STE protocol, side by side
         res["paper"] = collect_paper(res)

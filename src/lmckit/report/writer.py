@@ -32,7 +32,8 @@ from ..store import atomic_write_json, atomic_write_text, real_path
 from . import figures as F
 from .architectures import layer_label, write_architectures
 from .figures import METHOD_LABEL
-from .markdown import _CONTROL, _cell, _table, plain  # noqa: F401  (plain, _table: importable from here as before)
+from .lm import is_language_model, write_lm
+from .markdown import _CONTROL, _cell, _pm, _table, plain  # noqa: F401  (plain, _table: importable from here as before)
 from .paper import write_paper
 from .studies import write_studies
 
@@ -49,20 +50,6 @@ def check_finite_tree(obj: Any, where: str = "results") -> None:
             check_finite_tree(v, f"{where}[{i}]")
     elif isinstance(obj, float) and not math.isfinite(obj):
         raise ValueError(f"{where} is {obj}")
-
-
-def _pm(s: dict[str, Any] | None, fmt: str = "{:.3f}", ci: bool = False) -> str:
-    """``mean ± std (n=N)``, or the single value; with ``ci`` also the 95% t-interval where n >= 3."""
-    if not s:
-        return "-"
-    n = s.get("n", 1)
-    if n > 1:
-        text = f"{fmt.format(s['mean'])} ± {fmt.format(s['std'])} (n={n})"
-        if ci and "ci95" in s:
-            lo, hi = s["ci95"]
-            text += f", 95% CI [{fmt.format(lo)}, {fmt.format(hi)}]"
-        return text
-    return fmt.format(s["mean"])
 
 
 def _over(*stats_: dict[str, Any] | None) -> str:
@@ -147,6 +134,7 @@ def write_report(
     check_finite_tree(res)
     figs = _Figures(out)
     md = _header(res, cache) + _conventions(res) + _claims_section(res) + write_paper(res) + _summary_section(res)
+    md += write_lm(res)  # language models: nats per token and perplexity (issue 26)
     for i, e in enumerate(res["experiments"]):
         md += _experiment_section(res, e, "" if i == 0 else f"{_slug(e['label'])}_", figs.add)
     md += _three_models_section(res, figs.add)
@@ -511,7 +499,21 @@ def _conventions(res: dict[str, Any]) -> list[str]:
             f"{ev.get('ste_train_images')} training images; the three-model experiment on "
             f"{ev.get('three_models_test_images')} test images. Trained models' accuracies use the full splits."
         ]
+    if is_language_model(res):  # token datasets: per-token units, and the evaluation sets count windows
+        md = [x.replace(" images", " windows") for x in md]
+        md.insert(
+            4,
+            "- **Language model.** Losses are next-token cross-entropy in **nats per token** (perplexity = "
+            "exp(loss)); accuracies are next-token accuracies (fractions of target tokens); evaluation sizes "
+            f"count windows of {_context(res)} tokens.",
+        )
     return md
+
+
+def _context(res: dict[str, Any]) -> str:
+    from ..data.text import TEXT_DATASETS
+
+    return str(TEXT_DATASETS.get(res["recipe"]["data"]["dataset"], ("T",))[0])
 
 
 def _claims_section(res: dict[str, Any]) -> list[str]:
