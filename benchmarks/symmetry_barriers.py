@@ -35,8 +35,12 @@ load average after each epoch are recorded under ``models``.
 
 Prints one JSON line per pair and method and summary tables; ``--out`` writes all of it as JSON.
 
-    PYTHONPATH=src nice -n 10 python benchmarks/symmetry_barriers.py --runs /tmp/symruns --am \
-        --widths 32,64,128 --out docs/results/symmetry-vit-fmnist.json
+The committed results (``docs/results/symmetry-vit-fmnist*.txt`` hold the printed output)::
+
+    PYTHONPATH=src python benchmarks/symmetry_barriers.py --runs /tmp/symruns --am \
+        --out docs/results/symmetry-vit-fmnist.json
+    PYTHONPATH=src python benchmarks/symmetry_barriers.py --runs /tmp/symruns --am \
+        --widths 64,128 --seeds 0,1,2 --sweep-seeds 0,1,2 --out docs/results/symmetry-vit-fmnist-widths.json
 """
 
 from __future__ import annotations
