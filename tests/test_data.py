@@ -137,7 +137,7 @@ def test_real_fashion_mnist_header_and_checksums():
 
 
 # --------------------------------------------------------------------------- validation split
-def test_validation_split_is_a_seeded_partition(tmp_path):
+def test_validation_split_is_a_seeded_partition(tmp_path, monkeypatch):
     write_idx_dataset(tmp_path / "mnist", n_train=30)
     full = load_dataset("mnist", data_dir=tmp_path)
     a = load_dataset("mnist", data_dir=tmp_path, val_size=7, val_seed=1)
@@ -149,7 +149,8 @@ def test_validation_split_is_a_seeded_partition(tmp_path):
         full.images["train"], full.labels["train"]
     )
     assert not torch.equal(a.labels["val"], b.labels["val"]) or not torch.equal(a.images["val"], b.images["val"])
-    load_dataset.__globals__["_CACHE"].clear()
+    # an empty cache for this check only (the session's cached datasets, e.g. the `synthetic` fixture, stay)
+    monkeypatch.setitem(load_dataset.__globals__, "_CACHE", {})
     again = load_dataset("mnist", data_dir=tmp_path, val_size=7, val_seed=1)
     assert torch.equal(again.images["val"], a.images["val"])
     with pytest.raises(LmcError):
