@@ -26,5 +26,5 @@ lint: setup
 # Installs the `docs` extra first.
 docs: setup
 	.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,docs]'
-	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true .venv/bin/mkdocs build --strict
 	.venv/bin/linkchecker --no-status --no-warnings build/site/index.html

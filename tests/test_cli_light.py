@@ -67,7 +67,6 @@ def test_importtime_of_models_lists_no_torch():
 def test_model_index_equals_the_registry():
     from lmckit.model_index import MODEL_INDEX, list_index
     from lmckit.models import list_models, model_entry
-
     from lmckit.models.registry import PROVIDERS
 
     def zoo(names):  # the built-in zoo (other tests register user architectures, --arch, in this process)

@@ -122,6 +122,7 @@ def _folded_gpt_block() -> nn.Module:  # test_match_symmetric.test_wm_on_a_trace
 # ------------------------------------------------------------------ the catalogue
 def _zoo_cases() -> dict[str, Case]:
     from lmckit.models import create_model, list_models, model_entry
+    from lmckit.models.registry import PROVIDERS
     from lmckit.perm.trace import example_input_for
 
     out: dict[str, Case] = {}
@@ -135,7 +136,7 @@ def _zoo_cases() -> dict[str, Case]:
 
         out[label] = (build, lambda build=build: example_input_for(build(), batch=2), "fx")
 
-    for name in list_models():
+    for name in (n for n in list_models() if n not in PROVIDERS):  # hf-gpt2: the hf cases below trace GPT-2
         params = inspect.signature(model_entry(name).factory).parameters
         norms = ("none", "batchnorm", "layernorm") if "norm" in params else (None,)
         add(name)  # default size (the tiny models' default is their size)
