@@ -997,6 +997,471 @@ def _(ws):
     return ["check-spec", "-"]
 
 
+# =========================================================================== unseen pass, part two (issue 28)
+#: class of each part-two row (docs/reliability.md "Round three, part two" counts them by class)
+UNSEEN2_CLASS: dict[str, str] = {}
+
+
+def unseen2(id: str, cls: str, pattern: str, xfail: str | None = None):
+    UNSEEN2_CLASS[f"v-{id}"] = cls
+    return row(f"v-{id}", pattern, xfail)
+
+
+def _hostile_b(ws: Workspace, kind: str) -> Path:
+    """``in/b.safetensors`` damaged as ``kind`` (bytes level, or a real checkpoint of another dtype / model)."""
+    import struct
+
+    if kind == "float16":
+        return ws.ckpt("b.safetensors", seed=1, state_edit=lambda s: {k: v.half() for k, v in s.items()})
+    if kind == "int8":
+        return ws.ckpt(
+            "b.safetensors", seed=1, state_edit=lambda s: {k: v.to(__import__("torch").int8) for k, v in s.items()}
+        )
+    if kind == "nan":
+
+        def nan(s):
+            k = next(iter(s))
+            s[k] = s[k].clone()
+            s[k].view(-1)[0] = float("nan")
+            return s
+
+        return ws.ckpt("b.safetensors", seed=1, state_edit=nan)
+    if kind == "other-model":
+        return ws.ckpt("b.safetensors", name="resnet_tiny", seed=1)
+    data = ws.ckpt("tmp-b.safetensors", seed=1).read_bytes()
+    (ws.inp / "tmp-b.safetensors").unlink()
+    n = int.from_bytes(data[:8], "little")
+    body = {
+        "truncated-half": data[: len(data) // 2],
+        "header-claims-2-62": struct.pack("<Q", 2**62) + data[8:],
+        "header-longer-than-file": struct.pack("<Q", len(data)) + data[8:],
+        "empty": b"",
+        "zero-header": b"\0" * 8,
+        "no-tensors": struct.pack("<Q", 2) + b"{}",
+        "header-not-object": struct.pack("<Q", 2) + b"[]",
+        "tail-garbage": data[: 8 + n] + b"\xff" * 3,
+    }[kind]
+    return ws.file("b.safetensors", body)
+
+
+HOSTILE_CKPT_KINDS = [
+    "truncated-half", "header-claims-2-62", "header-longer-than-file", "empty", "zero-header", "no-tensors",
+    "header-not-object", "tail-garbage", "float16", "int8", "nan", "other-model",
+]  # fmt: skip
+HOSTILE_CKPT_COMMANDS: dict[str, Callable[[Workspace, Path], list]] = {
+    "match": lambda ws, b: ["match", ws.a, b, "--out", ws.out / "p.json"],
+    "analyze": lambda ws, b: ["analyze", ws.a, b, "--no-data"],
+    "merge": lambda ws, b: ["merge", ws.a, b, "--out", ws.out / "m", "--dataset", "synthetic"],
+    "landscape": lambda ws, b: [
+        "landscape",
+        ws.a,
+        b,
+        ws.ckpt("c.safetensors", seed=2),
+        "--dataset",
+        "synthetic",
+        "--grid",
+        "3",
+        "--limit",
+        "20",
+        "--plot",
+        ws.out / "l.png",
+    ],  # fmt: skip
+}
+for _cmd, _argv in HOSTILE_CKPT_COMMANDS.items():
+    for _kind in HOSTILE_CKPT_KINDS:
+
+        def _build(ws, _argv=_argv, _kind=_kind):
+            return _argv(ws, _hostile_b(ws, _kind))
+
+        UNSEEN2_CLASS[f"v-ckpt-{_kind}-to-{_cmd}"] = "checkpoints"
+        ROWS.append(Row(f"v-ckpt-{_kind}-to-{_cmd}", _build, r"b\.safetensors"))
+
+for _kind in ["truncated-half", "header-claims-2-62", "no-tensors", "header-not-object", "int8", "nan"]:
+
+    def _build(ws, _kind=_kind):
+        return ["check-spec", _hostile_b(ws, _kind)]
+
+    UNSEEN2_CLASS[f"v-ckpt-{_kind}-to-check-spec"] = "checkpoints"
+    ROWS.append(Row(f"v-ckpt-{_kind}-to-check-spec", _build, r"b\.safetensors"))
+
+
+# ---- Hugging Face folders (--hf)
+_HF_BYTES: dict[str, bytes] = {}
+
+
+def _hf_folder(ws: Workspace, name: str = "hfa") -> Path:
+    """A tiny GPT-2 folder written by save_pretrained (config.json + model.safetensors), built once per session."""
+    if not _HF_BYTES:
+        T = pytest.importorskip("transformers")
+        import tempfile
+
+        cfg = T.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+        __import__("torch").manual_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            T.GPT2LMHeadModel(cfg).save_pretrained(d, safe_serialization=True)
+            for f in Path(d).iterdir():
+                _HF_BYTES[f.name] = f.read_bytes()
+    folder = ws.inp / name
+    folder.mkdir()
+    for k, v in _HF_BYTES.items():
+        if k in ("config.json", "model.safetensors"):
+            (folder / k).write_bytes(v)
+    return folder
+
+
+def _hf_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _hf_edit_config(ws: Workspace, edit) -> Path:
+    folder = _hf_folder(ws)
+    cfg = _hf_config(folder)
+    out = edit(cfg)
+    (folder / "config.json").write_text(out if isinstance(out, str) else json.dumps(cfg))
+    return folder
+
+
+def _hf_sharded(ws: Workspace, weight_map_edit) -> Path:
+    """The folder's model.safetensors moved to one shard, with an index whose weight_map ``weight_map_edit`` damages."""
+    from safetensors import safe_open
+
+    folder = _hf_folder(ws)
+    shard = folder / "model-00001-of-00001.safetensors"
+    (folder / "model.safetensors").rename(shard)
+    with safe_open(str(shard), "pt") as f:
+        wm = {k: shard.name for k in f.keys()}
+    index = weight_map_edit(wm)
+    (folder / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    return folder
+
+
+def _hf_state_edit(ws: Workspace, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = _hf_folder(ws)
+    st = load_file(str(folder / "model.safetensors"))
+    save_file(edit(st), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _first_key_edit(fn):
+    def edit(st):
+        k = sorted(st)[0]
+        st[k] = fn(st[k])
+        return st
+
+    return edit
+
+
+HF_CASES: dict[str, tuple[Callable[[Workspace], Path], str]] = {
+    "config-not-json": (lambda ws: _hf_edit_config(ws, lambda c: "{not json"), r"config\.json"),
+    "config-a-list": (lambda ws: _hf_edit_config(ws, lambda c: "[1, 2]"), r"config\.json.*not a JSON object"),
+    "config-empty-file": (lambda ws: _hf_edit_config(ws, lambda c: ""), r"config\.json"),
+    "config-no-architectures": (lambda ws: _hf_edit_config(ws, lambda c: c.pop("architectures")), r"architectures"),
+    "config-architectures-a-string": (
+        lambda ws: _hf_edit_config(ws, lambda c: c.update(architectures="GPT2LMHeadModel")),
+        r"architectures",
+    ),
+    "config-two-architectures": (
+        lambda ws: _hf_edit_config(ws, lambda c: c.update(architectures=["GPT2LMHeadModel", "GPT2Model"])),
+        r"architectures",
+    ),
+    "config-architecture-is-a-function": (
+        lambda ws: _hf_edit_config(ws, lambda c: c.update(architectures=["pipeline"])),
+        r"'pipeline' is not a transformers model class",
+    ),
+    "config-architecture-unknown": (
+        lambda ws: _hf_edit_config(ws, lambda c: c.update(architectures=["NoSuchModelForLM"])),
+        r"NoSuchModelForLM",
+    ),
+    "config-auto-map": (
+        lambda ws: _hf_edit_config(ws, lambda c: c.update(auto_map={"AutoModel": "evil.Model"})),
+        r"custom model code",
+    ),
+    "config-width-negative": (lambda ws: _hf_edit_config(ws, lambda c: c.update(n_embd=-8)), r"hfa"),
+    "config-width-string": (lambda ws: _hf_edit_config(ws, lambda c: c.update(n_embd="eight")), r"hfa"),
+    "config-heads-not-dividing": (lambda ws: _hf_edit_config(ws, lambda c: c.update(n_head=3)), r"hfa"),
+    "config-model-type-bert": (lambda ws: _hf_edit_config(ws, lambda c: c.update(model_type="bert")), r"hfa"),
+    "config-vocab-huge": (lambda ws: _hf_edit_config(ws, lambda c: c.update(vocab_size=10**12)), r"hfa"),
+    "config-is-a-folder": (
+        lambda ws: (lambda f: ((f / "config.json").unlink(), (f / "config.json").mkdir(), f)[2])(_hf_folder(ws)),
+        r"hfa.*config\.json",
+    ),
+    "config-is-a-fifo": (
+        lambda ws: (lambda f: ((f / "config.json").unlink(), os.mkfifo(f / "config.json"), f)[2])(_hf_folder(ws)),
+        r"config\.json.*(named pipe|regular file)",
+    ),
+    "config-is-a-link-loop": (
+        lambda ws: (lambda f: ((f / "config.json").unlink(), (f / "config.json").symlink_to("config.json"), f)[2])(
+            _hf_folder(ws)
+        ),
+        r"config\.json",
+    ),
+    "no-config": (lambda ws: (lambda f: ((f / "config.json").unlink(), f)[1])(_hf_folder(ws)), r"hfa.*config\.json"),
+    "only-pytorch-model-bin": (
+        lambda ws: (lambda f: ((f / "model.safetensors").rename(f / "pytorch_model.bin"), f)[1])(_hf_folder(ws)),
+        r"pytorch_model\.bin.*pickle",
+    ),
+    "no-weights": (
+        lambda ws: (lambda f: ((f / "model.safetensors").unlink(), f)[1])(_hf_folder(ws)),
+        r"hfa.*model\.safetensors",
+    ),
+    "index-shard-missing": (
+        lambda ws: _hf_sharded(ws, lambda wm: {"weight_map": {**wm, "extra": "model-00002-of-00002.safetensors"}}),
+        r"model-00002-of-00002\.safetensors.*missing",
+    ),
+    "index-points-outside": (
+        lambda ws: _hf_sharded(ws, lambda wm: {"weight_map": {k: "../a.safetensors" for k in wm}}),
+        r"\.\./a\.safetensors.*outside",
+    ),
+    "index-absolute-path": (
+        lambda ws: _hf_sharded(ws, lambda wm: {"weight_map": {k: "/etc/passwd" for k in wm}}),
+        r"/etc/passwd.*outside",
+    ),
+    "index-not-json": (lambda ws: _hf_sharded(ws, lambda wm: "{garbage"), r"index"),
+    "index-empty-weight-map": (lambda ws: _hf_sharded(ws, lambda wm: {"weight_map": {}}), r"weight_map"),
+    "index-weight-map-ints": (lambda ws: _hf_sharded(ws, lambda wm: {"weight_map": {k: 1 for k in wm}}), r"weight_map"),
+    "index-a-list": (lambda ws: _hf_sharded(ws, lambda wm: "[]"), r"weight_map"),
+    "index-shard-is-a-folder": (
+        lambda ws: (lambda f: ((f / "shard.safetensors").mkdir(), f)[1])(
+            _hf_sharded(ws, lambda wm: {"weight_map": {k: "shard.safetensors" for k in wm}})
+        ),
+        r"shard\.safetensors",
+    ),
+    "weights-truncated": (
+        lambda ws: (
+            lambda f: ((f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]), f)[1]
+        )(_hf_folder(ws)),
+        r"model\.safetensors",
+    ),
+    "weights-extra-tensor": (
+        lambda ws: _hf_state_edit(ws, lambda st: {**st, "evil.weight": __import__("torch").zeros(2)}),
+        r"evil\.weight",
+    ),
+    "weights-missing-tensor": (
+        lambda ws: _hf_state_edit(ws, lambda st: {k: v for k, v in st.items() if "ln_f" not in k}),
+        r"lacks tensors.*ln_f",
+    ),
+    "weights-misshapen": (lambda ws: _hf_state_edit(ws, _first_key_edit(lambda t: t[:1].clone())), r"has shape"),
+    "weights-nan": (
+        lambda ws: _hf_state_edit(ws, _first_key_edit(lambda t: t.clone().fill_(float("nan")))),
+        r"model\.safetensors.*(finite|nan)",
+    ),
+    "weights-int8": (
+        lambda ws: _hf_state_edit(ws, lambda st: {k: v.to(__import__("torch").int8) for k, v in st.items()}),
+        r"model\.safetensors",
+    ),
+    "weights-pickle-named-safetensors": (
+        lambda ws: (lambda f: (__import__("torch").save({"x": 1}, f / "model.safetensors"), f)[1])(_hf_folder(ws)),
+        r"model\.safetensors",
+    ),
+    "lmckit-run-folder": (
+        lambda ws: (
+            lambda f: (
+                f.mkdir(),
+                (f / "config.json").write_text('{"model": "mlp_tiny"}'),
+                (f / "model.safetensors").write_bytes(ws.a.read_bytes()),
+                f,
+            )[3]
+        )(ws.inp / "hfa"),
+        r"hfa.*architectures",
+    ),  # fmt: skip
+    "plain-safetensors-file": (lambda ws: ws.a, r"a\.safetensors.*not a folder"),
+    "hub-id": (lambda ws: Path("EleutherAI/pythia-70m"), r"Hub id"),
+}
+for _case, (_make, _pat) in HF_CASES.items():
+
+    def _build(ws, _make=_make):
+        pytest.importorskip("transformers")
+        return ["check-spec", "--hf", _make(ws)]
+
+    UNSEEN2_CLASS[f"v-hf-{_case}"] = "hf"
+    ROWS.append(Row(f"v-hf-{_case}", _build, _pat))
+
+
+@unseen2("hf-match-second-folder-bad-config", "hf", r"hfb.*config\.json")
+def _(ws):
+    pytest.importorskip("transformers")
+    a = _hf_folder(ws)
+    b = _hf_folder(ws, "hfb")
+    (b / "config.json").write_text("{")
+    return ["match", "--hf", a, b, "--out", ws.out / "p.json"]
+
+
+@unseen2("hf-match-folders-of-two-widths", "hf", r"hfb")
+def _(ws):
+    pytest.importorskip("transformers")
+    a = _hf_folder(ws)
+    b = _hf_folder(ws, "hfb")
+    cfg = _hf_config(b)
+    cfg["n_embd"] = 16
+    (b / "config.json").write_text(json.dumps(cfg))
+    return ["match", "--hf", a, b, "--out", ws.out / "p.json"]
+
+
+@unseen2("hf-barrier-hub-id-second", "hf", r"Hub id")
+def _(ws):
+    pytest.importorskip("transformers")
+    return ["barrier", "--hf", _hf_folder(ws), "gpt2", "--dataset", "text-synthetic", "--points", "3", "--limit", "4"]
+
+
+@unseen2("hf-merge-out-exists-as-file", "hf", r"m.*(file|not a folder|exists)")
+def _(ws):
+    pytest.importorskip("transformers")
+    (ws.out / "m").write_text("x")
+    return [
+        "merge", "--hf", _hf_folder(ws), _hf_folder(ws, "hfb"), "--out", ws.out / "m", "--dataset",
+        "text-synthetic", "--no-curve", "--limit", "4",
+    ]  # fmt: skip
+
+
+@unseen2("hf-barrier-image-dataset", "hf", r"(dataset|mnist|text)")
+def _(ws):
+    pytest.importorskip("transformers")
+    a = _hf_folder(ws)
+    return ["barrier", "--hf", a, _hf_folder(ws, "hfb"), "--dataset", "synthetic", "--points", "3", "--limit", "4"]
+
+
+# ---- the new recipes: --dry-run with bad --set
+def _dry(recipe: str, *sets: str):
+    def build(ws):
+        return [
+            "reproduce", "--recipe", recipe, "--dry-run", "--out", ws.out / "r", "--cache", ws.out / "c",
+            *[f"--set={s}" for s in sets],
+        ]  # fmt: skip
+
+    return build
+
+
+RECIPE_SETS: dict[str, tuple[str, list[str], str]] = {
+    "paper-val-size-negative": ("paper", ["models.1.overrides.val_size=-1"], r"val_size"),
+    "paper-seeds-repeated": ("paper", ["train.seeds=[0, 0]"], r"seeds"),
+    "paper-split-unknown": ("paper", ['barrier.splits=["nope"]'], r"splits"),
+    "paper-ste-protocol-unknown": ("paper", ['match.ste.protocol="bogus"'], r"protocol"),
+    "paper-keep-epoch-unknown": ("paper", ['models.0.overrides.keep_epoch="bogus"'], r"keep_epoch"),
+    "paper-methods-empty": ("paper", ["match.methods=[]"], r"methods"),
+    "paper-method-unknown": ("paper", ['match.methods=["naive", "magic"]'], r"magic"),
+    "paper-lambdas-one": ("paper", ["barrier.lambdas=1"], r"lambdas"),
+    "paper-limit-string": ("paper", ['barrier.limit="all"'], r"limit"),
+    "paper-preprocess-unknown": ("paper", ['models.0.overrides.preprocess="rot13"'], r"preprocess"),
+    "paper-models-index-negative": ("paper", ["models.-1.options.width=3"], r"models"),
+    "paper-dataset-unknown": ("paper", ['data.dataset="imagenet"'], r"imagenet"),
+    "gpt2-width-zero": ("gpt2-text", ["models.0.options.width=0"], r"width"),
+    "gpt2-depth-zero": ("gpt2-text", ["models.0.options.depth=0"], r"depth"),
+    "gpt2-image-dataset": ("gpt2-text", ['data.dataset="mnist"'], r"(mnist|dataset|token)"),
+    "gpt2-norm-batchnorm": ("gpt2-text", ['models.0.norm="batchnorm"'], r"norm"),
+    "gpt2-preset-unknown": ("gpt2-text", ['train.preset="nope"'], r"preset"),
+    "gpt2-am-samples-negative": ("gpt2-text", ["match.am_samples=-1"], r"am_samples"),
+    "gpt2-gamma-nan": ("gpt2-text", ["analysis.gammas=[nan]"], r"gammas"),
+    "gpt2-option-unknown": ("gpt2-text", ["models.0.options.colour=3"], r"colour"),
+    "set-empty-key": ("tiny", ["=3"], r"--set"),
+    "set-unterminated-list": ("tiny", ["train.seeds=[0, 1"], r"train\.seeds"),
+    "set-double-dot": ("tiny", ["train..seeds=[0, 1]"], r"train\.\.seeds"),
+    "set-on-a-table": ("tiny", ["match=3"], r"match"),
+    "set-name-with-slash": ("tiny", ['name="../x"'], r"name"),
+    "set-inline-table-for-seeds": ("tiny", ["train.seeds={a=1}"], r"seeds"),
+}
+for _case, (_recipe, _sets, _pat) in RECIPE_SETS.items():
+    UNSEEN2_CLASS[f"v-set-{_case}"] = "recipes"
+    ROWS.append(Row(f"v-set-{_case}", _dry(_recipe, *_sets), _pat))
+
+
+# ---- hostile recipe files
+RECIPE_FILES: dict[str, tuple[Callable[[str], str], str]] = {
+    "empty-file": (lambda t: "", r"recipe\.toml"),
+    "models-empty": (lambda t: t.split("[[models]]")[0].replace("[data]", "models = []\n[data]", 1), r"models"),
+    "model-unknown": (
+        lambda t: re.sub(r'(\[\[models\]\]\s*\nname = )"[^"]*"', r'\1"nosuchnet"', t, count=1),
+        r"nosuchnet",
+    ),
+    "seeds-datetime": (lambda t: t.replace("seeds = [0, 1, 2]", "seeds = 1979-05-27T07:32:00Z"), r"seeds"),
+    "splits-a-string": (lambda t: re.sub(r"splits = \[[^\]]*\]", 'splits = "test"', t), r"splits"),
+    "seeds-inline-table": (lambda t: t.replace("seeds = [0, 1, 2]", "seeds = {a = 1}"), r"seeds"),
+    "description-a-table": (
+        lambda t: t.replace('description = "', 'description = {x = 1}\nnothing = "'),
+        r"description",
+    ),
+    "name-empty": (lambda t: re.sub(r'^name = "[^"]*"', 'name = ""', t, count=1, flags=re.M), r"name"),
+    "data-a-list": (lambda t: t.replace("[data]", "data = [1]\n[dataz]"), r"data"),
+}
+for _case, (_edit, _pat) in RECIPE_FILES.items():
+
+    def _build(ws, _edit=_edit):
+        return [*ws.recipe(_edit(TINY_RECIPE)), "--dry-run"]
+
+    UNSEEN2_CLASS[f"v-recipe-{_case}"] = "recipes"
+    ROWS.append(Row(f"v-recipe-{_case}", _build, _pat))
+
+
+# ---- hostile perm files through the other subcommands
+@unseen2("perm-wrong-length-to-analyze", "perms", r"p\.json")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: p[:-1] for g, p in obj["perms"].items()}
+    return ["analyze", ws.a, _b(ws), "--no-data", "--perm", _perm_json(ws, json.dumps(obj))]
+
+
+@unseen2("perm-duplicates-to-landscape", "perms", r"p\.json")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    good = ws.file("pc.json", json.dumps(_good_perm_obj(ws)))
+    obj["perms"] = {g: [0] * len(p) for g, p in obj["perms"].items()}
+    return [
+        "landscape", ws.a, _b(ws), ws.ckpt("c.safetensors", seed=2), "--dataset", "synthetic", "--grid", "3",
+        "--limit", "20", "--plot", ws.out / "l.png", "--perm", _perm_json(ws, json.dumps(obj)), "--perm", good,
+    ]  # fmt: skip
+
+
+@unseen2("perm-empty-perms-to-barrier", "perms", r"p\.json")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen2("perm-file-empty-object", "perms", r"p\.json")
+def _(ws):
+    return _barrier_argv(ws, "--perm", _perm_json(ws, "{}"))
+
+
+@unseen2("perm-huge-entry-count", "perms", r"p\.json")
+def _(ws):
+    obj = _good_perm_obj(ws)
+    obj["perms"] = {g: list(range(200000)) for g in obj["perms"]}
+    return _barrier_argv(ws, "--perm", _perm_json(ws, json.dumps(obj)))
+
+
+@unseen2("perm-is-a-checkpoint", "perms", r"a\.safetensors|perm")
+def _(ws):
+    return _barrier_argv(ws, "--perm", ws.a)
+
+
+# ---- outputs
+@unseen2("match-out-is-a-link-to-the-checkpoint-a", "outputs", r"p\.json|a\.safetensors")
+def _(ws):
+    (ws.out / "p.json").symlink_to(ws.a)
+    return ["match", ws.a, _b(ws), "--out", ws.out / "p.json"]
+
+
+@unseen2("reproduce-out-under-a-file", "outputs", r"afile")
+def _(ws):
+    (ws.out / "afile").write_text("x")
+    return ["reproduce", "--recipe", "tiny", "--dry-run", "--out", ws.out / "afile" / "r", "--cache", ws.out / "c"]
+
+
+@unseen2("reproduce-cache-is-a-file", "outputs", r"--cache|cache")
+def _(ws):
+    (ws.out / "cachefile").write_text("x")
+    return ["reproduce", "--recipe", "tiny", "--out", ws.out / "r", "--cache", ws.out / "cachefile", "--quiet"]
+
+
+# ---- environment
+@unseen2("env-lmckit-data-relative-missing", "environment", r"(mnist|not found|LMCKIT_DATA|no dataset)")
+def _(ws):
+    ws.monkeypatch.setenv("LMCKIT_DATA", "no/such/relative/dir")
+    return ["barrier", ws.a, _b(ws), "--dataset", "mnist", "--points", "3", "--limit", "50"]
+
+
 # ---- the Python API: the same paths raise LmcError naming them (unseen pass, class "api")
 def _api_tiny_config():
     from lmckit.train import make_config

@@ -77,8 +77,12 @@ def _check_folder(path: str | os.PathLike, what: str) -> Path:
         raise LmcError(
             f"{what} {path} is not a folder", "pass a Hugging Face model folder (config.json + model.safetensors)"
         )
-    if not (p / "config.json").is_file():
+    if not os.path.lexists(p / "config.json"):
         raise LmcError(f"{what} {path} has no config.json", "pass the folder that save_pretrained wrote")
+    if not (p / "config.json").is_file():  # a folder, pipe, device, link loop: say which (store.check_input_file)
+        from ..store import MAX_JSON_BYTES, check_input_file
+
+        check_input_file(p / "config.json", f"{what}: config.json", MAX_JSON_BYTES)
     return p
 
 
@@ -138,7 +142,7 @@ def _load_config(folder: Path, what: str):
     archs = raw.get("architectures")
     if not isinstance(archs, list) or len(archs) != 1 or not isinstance(archs[0], str):
         raise LmcError(
-            f"{what}: config.json names no single model class in 'architectures' (got {archs!r})",
+            f"{what}: {folder / 'config.json'} names no single model class in 'architectures' (got {archs!r})",
             "save the model with save_pretrained, which records its class",
         )
     cls = getattr(T, archs[0], None)
@@ -167,11 +171,31 @@ def _load_config(folder: Path, what: str):
     return cls, config
 
 
-def _build(cls, config) -> nn.Module:
+def _build(cls, config, where: str = "") -> nn.Module:
+    """``cls(config)`` in eval mode; first built on the meta device (no memory) so that a config the class
+    cannot build (a negative width, heads not dividing it) or one above :data:`lmckit.limits.MAX_PARAMS`
+    parameters raises :class:`LmcError` naming ``where`` (the config file) instead of a traceback."""
     import warnings
 
+    from ..limits import MAX_PARAMS
+
+    label = where or f"{cls.__name__} config"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in cls(config).parameters())
+        except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError, AttributeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise LmcError(
+                f"{label}: a {cls.__name__} cannot be built from it ({type(e).__name__}: {msg})",
+                "re-save the model with save_pretrained (its config.json sizes are not valid)",
+            ) from None
+        if n > MAX_PARAMS:
+            raise LmcError(
+                f"{label}: its {cls.__name__} would have {n:,} parameters, more than the {MAX_PARAMS:,} lmckit allows",
+                "pass a smaller model",
+            )
         model = cls(config)
     return model.eval()
 
@@ -191,7 +215,7 @@ def load_hf(path: str | os.PathLike, what: str = "model") -> tuple[nn.Module, di
     folder = _check_folder(path, what)
     cls, config = _load_config(folder, what)
     files = _weight_files(folder, what)
-    model = _build(cls, config)
+    model = _build(cls, config, f"{what}: {folder / 'config.json'}")
     own = model.state_dict()
     loaded: set[str] = set()
     for f in files:
@@ -199,14 +223,19 @@ def load_hf(path: str | os.PathLike, what: str = "model") -> tuple[nn.Module, di
         unexpected = [k for k in shard if k not in own]
         if unexpected:
             raise LmcError(
-                f"{what}: {f.name} holds tensors the {cls.__name__} of its config.json does not have: {unexpected[:3]}",
+                f"{what}: {f} holds tensors the {cls.__name__} of its config.json does not have: {unexpected[:3]}",
                 "the weights and config.json come from different models",
             )
         for k, v in shard.items():
+            if own[k].is_floating_point() and not v.is_floating_point():
+                raise LmcError(
+                    f"{what}: tensor {k!r} in {f} is {str(v.dtype).replace('torch.', '')}, not floating point "
+                    "(a quantized or damaged checkpoint)",
+                    "pass the model's floating-point weights",
+                )
             if tuple(v.shape) != tuple(own[k].shape):
                 raise LmcError(
-                    f"{what}: tensor {k!r} in {f.name} has shape {tuple(v.shape)}; the config says "
-                    f"{tuple(own[k].shape)}",
+                    f"{what}: tensor {k!r} in {f} has shape {tuple(v.shape)}; the config says {tuple(own[k].shape)}",
                     "the weights and config.json come from different models",
                 )
         with torch.no_grad():

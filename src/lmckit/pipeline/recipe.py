@@ -185,6 +185,11 @@ def apply_overrides(raw: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
 def load_recipe(name_or_path: str = "quick", sets: Sequence[str] = ()) -> Recipe:
     """Read a shipped recipe by name or a TOML file by path, apply ``--set`` overrides, validate."""
     raw, source = _read_toml(name_or_path)
+    if not raw:  # an empty (or comments-only) file is a mistake, not "every default": that would start a full run
+        raise LmcError(
+            f"recipe {source} sets no key at all (an empty file)",
+            "write the recipe's keys (`lmckit reproduce --show quick` prints one with every key), or pass a name",
+        )
     # [[models]] arrays need to exist before "models.0.x" overrides
     if "models" not in raw and any(s.startswith("models.") for s in sets):
         raw["models"] = [{}]

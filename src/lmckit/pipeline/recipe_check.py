@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 from ..errors import LmcError
@@ -335,10 +336,17 @@ def _stage_budget(r: Recipe, source: str) -> None:
 def _train_settings(r: Recipe, source: str) -> None:
     """Every model's training settings resolve (checked now, naming the recipe key, not after other models trained)."""
     from ..data.registry import dataset_info  # (torch: imported when a recipe is checked, not when it is listed)
+    from ..data.text import BYTE_VOCAB, TEXT_DATASETS
     from ..train import check_training_size, make_config
 
     try:
-        info = dataset_info(r.data.dataset)
+        if isinstance(r.data.dataset, str) and r.data.dataset in TEXT_DATASETS:
+            # a token dataset's shape for the model factories: one channel, the context as image_size, byte vocab
+            info = SimpleNamespace(
+                in_channels=1, image_size=TEXT_DATASETS[r.data.dataset][0], num_classes=BYTE_VOCAB, train_size=None
+            )
+        else:
+            info = dataset_info(r.data.dataset)
     except LmcError:
         info = None  # an unknown dataset name is reported by the data checks, naming data.dataset
     for i, m in enumerate(r.models):
