@@ -1462,6 +1462,58 @@ def _(ws):
     return ["barrier", ws.a, _b(ws), "--dataset", "mnist", "--points", "3", "--limit", "50"]
 
 
+# ---- part two: the Python API with hostile files (lmckit.load, lmckit.hf.load_hf, load_recipe)
+def _api2_hf(ws: Workspace, case: str) -> Path:
+    return HF_CASES[case][0](ws)
+
+
+API2_CASES: dict[str, tuple[Callable[[Workspace], object], str]] = {
+    "load-truncated": (lambda ws: __import__("lmckit").load(_hostile_b(ws, "truncated-half")), r"b\.safetensors"),
+    "load-header-claims-2-62": (
+        lambda ws: __import__("lmckit").load(_hostile_b(ws, "header-claims-2-62")),
+        r"b\.safetensors",
+    ),
+    "load-empty": (lambda ws: __import__("lmckit").load(_hostile_b(ws, "empty")), r"b\.safetensors"),
+    "load-nan": (lambda ws: __import__("lmckit").load(_hostile_b(ws, "nan")), r"b\.safetensors"),
+    "load-int8": (lambda ws: __import__("lmckit").load(_hostile_b(ws, "int8")), r"b\.safetensors"),
+    "load-bytes-path": (lambda ws: __import__("lmckit").load(b"\xff/x.safetensors"), r"(path|x\.safetensors)"),
+    "load-device-bogus": (lambda ws: __import__("lmckit").load(ws.a, device="tpu:9"), r"tpu"),
+    "load-hf-config-width-negative": (
+        lambda ws: __import__("lmckit.hf").hf.load_hf(_api2_hf(ws, "config-width-negative")),
+        r"hfa/config\.json",
+    ),
+    "load-hf-index-outside": (
+        lambda ws: __import__("lmckit.hf").hf.load_hf(_api2_hf(ws, "index-points-outside")),
+        r"outside",
+    ),
+    "load-hf-int8": (lambda ws: __import__("lmckit.hf").hf.load_hf(_api2_hf(ws, "weights-int8")), r"int8"),
+    "load-recipe-empty": (
+        lambda ws: __import__("lmckit.pipeline.recipe").pipeline.recipe.load_recipe(str(ws.file("r.toml", ""))),
+        r"r\.toml.*no key",
+    ),
+    "load-recipe-gpt2-depth-0": (
+        lambda ws: __import__("lmckit.pipeline.recipe").pipeline.recipe.load_recipe(
+            "gpt2-text", ["models.0.options.depth=0"]
+        ),
+        r"depth must be at least 1",
+    ),
+}
+for _k in list(API2_CASES):
+    UNSEEN2_CLASS[f"api-{_k}"] = "api"
+
+
+@pytest.mark.parametrize("case", list(API2_CASES))
+def test_api_refuses_hostile_files_with_lmc_error(case, tmp_path, monkeypatch):
+    from lmckit.errors import LmcError
+
+    if "hf" in case:
+        pytest.importorskip("transformers")
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    call, pattern = API2_CASES[case]
+    with pytest.raises(LmcError, match=pattern):
+        call(ws)
+
+
 # ---- the Python API: the same paths raise LmcError naming them (unseen pass, class "api")
 def _api_tiny_config():
     from lmckit.train import make_config

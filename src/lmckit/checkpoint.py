@@ -94,10 +94,22 @@ def build_model(
 
 
 def load(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Load a model with its weights from a run folder or a .safetensors file (``device`` checked first)."""
+    """Load a model with its weights from a run folder or a .safetensors file (``device`` checked first).
+
+    Raises :class:`LmcError` naming the file for a bad checkpoint, including a tensor whose dtype is not the
+    model's own (an int8 or float64 file is refused, as every command refuses it, instead of cast).
+    """
     dev = check_device(device)
     state, info = load_checkpoint(path)
     model = build_model(info["model"], state, str(path))
+    own = model.state_dict()
+    for k, v in state.items():  # the commands' rule (commands.common.check_dtypes): loading would cast silently
+        if k in own and v.dtype != own[k].dtype:
+            raise LmcError(
+                f"{path}: tensor {k!r} is {v.dtype}, but the model holds {own[k].dtype} there",
+                "save the checkpoint with the model's own dtypes "
+                "(lmckit.checkpoint.save_model of the model after model.float())",
+            )
     model.lmckit_info = info
     return model.to(dev)
 
