@@ -1922,3 +1922,18 @@ def test_unseen_pass_counts_match_the_docs():
     assert f"{len(UNSEEN_CLASS)} through the CLI" in section
     assert f"{len(API_CASES)} kept as `test_api_refuses_paths_with_lmc_error`" in section
     assert all(rid in {r.id for r in ROWS} for rid in UNSEEN_CLASS)
+
+
+def test_unseen_part_two_counts_match_the_docs():
+    """docs/reliability.md "Round three, part two" counts the v-* rows and the API cases by class."""
+    import collections
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    section = doc.split("## Round three, part two: unseen pass", 1)[1]
+    by_class = collections.Counter(UNSEEN2_CLASS.values())
+    rows = sum(n for c, n in by_class.items() if c != "api")
+    assert f"{rows} through the CLI" in section and f"{by_class['api']} calls of the Python API" in section
+    assert len(API2_CASES) == by_class["api"]
+    assert all(rid in {r.id for r in ROWS} for rid in UNSEEN2_CLASS if rid.startswith("v-"))
+    tried = {"checkpoints": 54, "hf": 43, "recipes": 35, "perms": 6, "outputs": 3, "environment": 1, "api": 12}
+    assert dict(by_class) == tried, "update the table in docs/reliability.md"
