@@ -1937,3 +1937,33 @@ def test_unseen_part_two_counts_match_the_docs():
     assert all(rid in {r.id for r in ROWS} for rid in UNSEEN2_CLASS if rid.startswith("v-"))
     tried = {"checkpoints": 54, "hf": 43, "recipes": 35, "perms": 6, "outputs": 3, "environment": 1, "api": 12}
     assert dict(by_class) == tried, "update the table in docs/reliability.md"
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_sigterm_during_merge_then_rerun_completes(fraction, tmp_path, monkeypatch):
+    """Part two, kills: SIGTERM a `merge` at a fraction of its run time; the rerun of the same command exits 0
+    with every output and a merged checkpoint that loads (nothing half-written is reused or left)."""
+    import signal
+    import time
+
+    ws = Workspace(tmp_path / "ws", monkeypatch)
+    argv = [sys.executable, "-m", "lmckit.cli", "merge", str(ws.a), str(_b(ws)), "--dataset", "synthetic", "--quiet"]
+    env = _env(ws)
+    t0 = time.monotonic()
+    full = subprocess.run([*argv, "--out", str(tmp_path / "ref")], capture_output=True, env=env, timeout=300)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([*argv, "--out", str(tmp_path / "m")], stderr=subprocess.PIPE, env=env)
+    time.sleep(fraction * (time.monotonic() - t0))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert b"Traceback" not in err and proc.returncode in (0, 143, 128 + signal.SIGTERM, -signal.SIGTERM), err
+    rerun = subprocess.run([*argv, "--out", str(tmp_path / "m")], capture_output=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    names = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ref").iterdir())
+    from lmckit import load
+
+    load(tmp_path / "m" / "merged.safetensors")
+    assert json.loads((tmp_path / "m" / "perm_1.json").read_text()) == json.loads(
+        (tmp_path / "ref" / "perm_1.json").read_text()
+    )
