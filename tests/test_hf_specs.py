@@ -57,6 +57,15 @@ def _bert_base():
     return T.BertModel(cfg)
 
 
+def _bert_mlm():
+    """The masked-LM head ``cls.predictions`` (dense, GELU, LayerNorm, decoder tied to the word embeddings)."""
+    cfg = T.BertConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24, vocab_size=VOCAB,
+        max_position_embeddings=SEQ, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return T.BertForMaskedLM(cfg)
+
+
 def _vit():
     cfg = T.ViTConfig(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24, image_size=8,
@@ -99,6 +108,7 @@ MODELS = {
     "gpt2": (_gpt2, _tokens),
     "bert": (_bert, _tokens),
     "bert_base": (_bert_base, _tokens),
+    "bert_mlm": (_bert_mlm, _tokens),
     "vit": (_vit, lambda seed=0, n=2: torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))),
     "llama": (_llama, _tokens),
     "llama_mha": (_llama_mha, _tokens),
@@ -108,7 +118,8 @@ MODELS = {
 # (embedding tables count their vocabulary rows), BertModel its residual stream (it is the output); Llama's
 # attention moves by whole heads (RoPE pins Q/K features; with grouped-query attention the V/O features too)
 MIN_COVERAGE = {
-    "gpt2": 0.7, "bert": 0.8, "bert_base": 0.4, "vit": 0.95, "llama": 0.7, "llama_mha": 0.75, "llama_gqa3": 0.7,
+    "gpt2": 0.7, "bert": 0.8, "bert_base": 0.4, "bert_mlm": 0.7, "vit": 0.95, "llama": 0.7, "llama_mha": 0.75,
+    "llama_gqa3": 0.7,
 }  # fmt: skip
 
 
@@ -176,6 +187,18 @@ def test_bert_structure(traced):
     q = ax["bert.encoder.layer.0.attention.self.query.weight"][0]
     assert ax["bert.encoder.layer.0.attention.self.key.weight"][0] == q  # Q and K share features
     assert ax["bert.pooler.dense.weight"][1] == resid and ax["classifier.weight"][0] is None
+
+
+def test_bert_mlm_structure(traced):
+    """The MLM head works in the residual stream; its decoder is the word embedding (tied), vocabulary pinned."""
+    m, res = traced["bert_mlm"]
+    ax = res.spec.axes
+    resid = ax["bert.embeddings.word_embeddings.weight"][1]
+    assert m.cls.predictions.decoder.weight is m.bert.embeddings.word_embeddings.weight  # tied in the model
+    assert ax["cls.predictions.decoder.weight"] == (None, resid)  # tied: one group, vocab rows pinned
+    assert ax["cls.predictions.transform.dense.weight"] == (resid, resid)
+    assert ax["cls.predictions.transform.LayerNorm.weight"] == (resid,)
+    assert ax["cls.predictions.bias"] == (None,)
 
 
 def test_llama_rope_heads_move_whole(traced):
@@ -342,7 +365,7 @@ def test_weight_matching_recovers_planted(traced, name):
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "llama_mha", "llama_gqa3"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "bert_mlm", "llama", "llama_mha", "llama_gqa3"])
 def test_activation_matching_recovers_planted(traced, name):
     spec, sd, planted, sd_b = _planted(name, traced)
     m_a, m_b = _build(name), _build(name)

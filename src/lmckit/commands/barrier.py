@@ -128,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
         )
     dataset = load_named_dataset(args.dataset, info_a, args.data_dir)
     name = dataset.name
+    lm = hasattr(dataset, "context")  # a token dataset: losses are per token (docs/definitions.md, LM rows)
+    mask_id = getattr(model, "lmckit_mask_token_id", None)  # set by lmckit.hf.adapt for a masked LM (--hf)
+    masked = lm and mask_id is not None
+    if masked:  # a masked LM: loss on a fixed seeded 15% of each window's tokens, per masked token
+        from ..evaluate import MaskedLMDataset
+
+        dataset = MaskedLMDataset(dataset, mask_id, seed=0)
     splits = ["train", "test"] if args.split == "both" else [args.split]
 
     curves = {}
@@ -160,10 +167,12 @@ def run(args: argparse.Namespace) -> int:
     out.update({"a": str(args.a), "b": str(args.b), "perm": args.perm, "dataset": name})
     if args.compare_naive:
         out["naive"] = curves["naive"].to_dict(collapse=len(splits) == 1)
-    lm = hasattr(dataset, "context")  # a token dataset: losses are per token (docs/definitions.md, LM rows)
     if lm:
         for d in [out] + ([out["naive"]] if args.compare_naive else []):
-            _add_lm_units(d)
+            _add_lm_units(d, masked)
+        if masked:
+            out["loss_kind"] = "masked-LM loss (nats per masked token)"
+            out["masking"] = dataset.masking
     if args.plot:
         from ..lmc.plot import plot_curves
 
@@ -197,19 +206,27 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             r["mid_ppl"] = math.exp(r["mid_loss"])
             r["ppl_A"], r["ppl_B"] = math.exp(r["loss_A"]), math.exp(r["loss_B"])
-        print("language model: losses in nats per token, ppl = exp(loss) (perplexity), acc = next-token accuracy")
+        if masked:
+            m = dataset.masking
+            print(
+                f"masked language model: masked-LM loss (nats per masked token) on {m['rate']:.0%} of each window's "
+                f"tokens set to [MASK] (id {m['mask_token_id']}, seed {m['seed']}), ppl = exp(loss), "
+                "acc = masked-token accuracy"
+            )
+        else:
+            print("language model: losses in nats per token, ppl = exp(loss) (perplexity), acc = next-token accuracy")
     print_table(rows)
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0
 
 
-def _add_lm_units(d: dict) -> None:
-    """Perplexities beside the per-token losses of a curve's JSON (every split, collapsed or not)."""
+def _add_lm_units(d: dict, masked: bool = False) -> None:
+    """Perplexities beside the per-token (``masked``: per masked token) losses of a curve's JSON (every split)."""
     import math
 
     if "loss" in d and isinstance(d["loss"], list):
-        d["loss_unit"] = "nats/token"
+        d["loss_unit"] = "nats/masked token" if masked else "nats/token"
         d["perplexity"] = [math.exp(x) for x in d["loss"]]
         d["midpoint_perplexity"] = math.exp(d["midpoint_loss"])
         d["endpoint_perplexity"] = [math.exp(x) for x in d["endpoint_loss"]]
@@ -217,4 +234,4 @@ def _add_lm_units(d: dict) -> None:
         d["perplexity_barrier_factor"] = math.exp(d["loss_barrier"])
     for v in d.values():
         if isinstance(v, dict):
-            _add_lm_units(v)
+            _add_lm_units(v, masked)

@@ -38,7 +38,16 @@ import torch.nn as nn
 
 from ..errors import LmcError
 
-__all__ = ["adapt", "example_input", "load_hf", "save_hf", "load_checkpoints", "is_hf_folder", "require_transformers"]
+__all__ = [
+    "adapt",
+    "masked_lm_mask_id",
+    "example_input",
+    "load_hf",
+    "save_hf",
+    "load_checkpoints",
+    "is_hf_folder",
+    "require_transformers",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 #: config entries that say where or how a folder was written, not what model it holds
@@ -280,10 +289,46 @@ def _logits_hook(_module: nn.Module, _args: Any, output: Any) -> torch.Tensor:
     return logits
 
 
+def masked_lm_mask_id(model: nn.Module) -> int | None:
+    """The ``[MASK]`` token id of a masked language model, or ``None`` when ``model`` is not one.
+
+    Parameters
+    ----------
+    model:
+        A ``PreTrainedModel``.
+
+    Returns
+    -------
+    int or None
+        ``None`` unless the model's class is a masked-LM class of ``transformers``' own registry
+        (``MODEL_FOR_MASKED_LM_MAPPING_NAMES``, e.g. ``BertForMaskedLM``); else ``config.mask_token_id``
+        when the config sets one, otherwise ``vocab_size - 1``.
+
+    Notes
+    -----
+    The last id as the default mask token suits lmckit's byte-level text datasets (vocabulary 256): byte
+    255 never occurs in UTF-8 text, so masking with it hides the token without colliding with a real one.
+    A model with a reserved ``[MASK]`` id should record it as ``mask_token_id`` in its ``config.json``.
+    """
+    if not hasattr(model, "config"):
+        return None
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    except ImportError:
+        return None
+    if type(model).__name__ not in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()):
+        return None
+    mask_id = getattr(model.config, "mask_token_id", None)
+    if isinstance(mask_id, int) and not isinstance(mask_id, bool):
+        return mask_id
+    return int(model.config.vocab_size) - 1
+
+
 def adapt(model: nn.Module) -> nn.Module:
     """Prepare a loaded ``PreTrainedModel`` for lmckit (in place; idempotent); returns it.
 
-    Sets ``model.example_input`` (:func:`example_input`), ``use_cache=False`` and a forward hook making
+    Sets ``model.example_input`` (:func:`example_input`), ``use_cache=False``, ``model.lmckit_mask_token_id``
+    (:func:`masked_lm_mask_id`: an int for a masked language model, else ``None``) and a forward hook making
     ``model(x)`` return the logits tensor: ``(B, C)`` for sequence/image classifiers, ``(B, V, T)`` for
     causal and masked language models (vocabulary on axis 1, tokens on axis 2).
     """
@@ -294,6 +339,7 @@ def adapt(model: nn.Module) -> nn.Module:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     model.example_input = example_input(model)
+    model.lmckit_mask_token_id = masked_lm_mask_id(model)
     model.register_forward_hook(_logits_hook)
     model._lmckit_adapted = True
     return model
