@@ -333,6 +333,13 @@ def _stage_budget(r: Recipe, source: str) -> None:
         )
 
 
+def _have(module: str) -> bool:
+    """Whether an optional package can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _train_settings(r: Recipe, source: str) -> None:
     """Every model's training settings resolve (checked now, naming the recipe key, not after other models trained)."""
     from ..data.registry import dataset_info  # (torch: imported when a recipe is checked, not when it is listed)
@@ -340,7 +347,9 @@ def _train_settings(r: Recipe, source: str) -> None:
     from ..train import check_training_size, make_config
 
     try:
-        if isinstance(r.data.dataset, str) and r.data.dataset in TEXT_DATASETS:
+        if isinstance(r.data.dataset, str) and r.data.dataset in TEXT_DATASETS and not _have("transformers"):
+            info = None  # language models need the hf extra: training says so; listing and checking must not fail
+        elif isinstance(r.data.dataset, str) and r.data.dataset in TEXT_DATASETS:
             # a token dataset's shape for the model factories: one channel, the context as image_size, byte vocab
             info = SimpleNamespace(
                 in_channels=1, image_size=TEXT_DATASETS[r.data.dataset][0], num_classes=BYTE_VOCAB, train_size=None
