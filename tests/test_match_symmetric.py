@@ -82,6 +82,44 @@ def test_wm_orthogonal_lowers_the_distance_below_permutation_wm():
     assert orth.extra["distance_after"] < perm.extra["distance_after"] < perm.extra["distance_before"]
 
 
+@pytest.mark.parametrize("norm", ["none", "layernorm"])
+@pytest.mark.parametrize("cls", ["signed", "orthogonal", "permutation"])
+def test_wm_tracked_objective_equals_the_objective_of_the_returned_transform(norm, cls):
+    """The sweep updates T(B) by each step's change only; J after it must be J of the transform it returns.
+
+    Unrelated models (many accepted steps, head structures, norm gains under the signed class), compared
+    with ``sum <A, T(B)>`` recomputed from scratch over the same entries.
+    """
+    a, b = _vit(norm, 0), _vit(norm, 1)
+    spec = spec_for(a)
+    sd_a, sd_b = ({k: v.double() for k, v in m.state_dict().items()} for m in (a, b))  # fresh J in float64
+    res = weight_matching_sym(spec, sd_a, sd_b, cls, model=a, max_iter=15, start="identity", relax=False)
+    # no group of the ViT moves two axes of one tensor, so every step is exact and none may be rejected
+    # (a wrong incremental update shows up here: J computed on a stale T(B) falls and the step is refused)
+    assert res.extra["steps"] >= 10 and res.extra["steps_rejected"] == 0 and res.objective[-1] > res.objective[0]
+    _assert_tracked_objective(spec, sd_a, sd_b, res)
+
+
+def _assert_tracked_objective(spec, sd_a, sd_b, res):
+    from lmckit.match.symmetric import _objective_keys
+
+    aligned = apply_transform(spec, res.sym, res.transform, sd_b)
+    fresh = sum(float((sd_a[k] * aligned[k]).sum()) for k in _objective_keys(spec, sd_a))
+    assert abs(res.objective[-1] - fresh) <= 1e-10 * abs(fresh)
+
+
+def test_wm_signed_tracks_rmsnorm_gains_moved_by_abs():
+    """Unfolded RMSNorm under the signed class: the gains move by |D| (in J, not in the cost)."""
+    x = torch.randn(4, 5, 6)
+    a = perturb(GPTBlock().double())
+    spec = trace_streams(a, x.double()).spec
+    sd_a, sd_b, _ = _planted(spec, a, "signed")  # B: a random signed transform of A (sign flips in the gains)
+    res = weight_matching_sym(spec, sd_a, sd_b, "signed", model=a, max_iter=15, start="identity", relax=False)
+    assert res.sym["embed"].cls == "signed" and res.sym["embed"].norm_keys
+    assert not torch.equal(res.transform["embed"].abs(), res.transform["embed"])  # some sign flipped
+    _assert_tracked_objective(spec, sd_a, sd_b, res)
+
+
 def test_wm_refuses_invertible_and_mismatched_folding():
     a = _vit("layernorm")
     spec = spec_for(a)

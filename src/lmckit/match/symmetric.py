@@ -60,6 +60,7 @@ from ..perm.symmetry import (
     step,
     transform_matrix,
 )
+from ..perm.symmetry_transforms import apply_segment
 from . import lap as _lap
 from .weight import STAT_SUFFIXES, check_pair
 
@@ -174,18 +175,53 @@ def _cost_full(
     c = torch.zeros(n, n, dtype=torch.float64)
     for term in terms:
         key, i, off, sn, inner = term
-        c += a_mats[term] @ _matricize(bt[key], i, off, sn, inner).T
+        x = bt[key]
+        if x.dim() == 2 and inner == 1 and off == 0 and sn == x.shape[i] and x.dtype == torch.float64:
+            c.addmm_(a_mats[term], x.T if i == 0 else x)  # the matricized form as a view: no copy
+        else:
+            c += a_mats[term] @ _matricize(x, i, off, sn, inner).T
     return c
 
 
-def _groups_of(ax) -> set[str]:
-    out: set[str] = set()
-    for e in ax:
-        if isinstance(e, str):
-            out.add(e)
-        elif e is not None:
-            out.update(s[0] for s in e if s[0] is not None)
-    return out
+def _delta(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The map ``D`` with ``D M_old = M_new`` (``M^{-1} = M^T``: permutation, signed and orthogonal classes).
+
+    Indices (permutation-class groups) stay indices: ``argsort(old)[new]``.
+    """
+    if old.dim() == 1 and new.dim() == 1:
+        return torch.argsort(old)[new]
+    return transform_matrix(new) @ transform_matrix(old).T
+
+
+def _apply_delta(bt: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor], plan, d: torch.Tensor, cls: str) -> None:
+    """Into ``out`` (copies of ``bt``'s entries, made on first touch): ``d`` applied to one group's segments.
+
+    ``plan``: the group's ``(key, axis, offset, units, inner, is_norm)`` segments. The same arithmetic as
+    :func:`lmckit.perm.symmetry.apply_transform` (an index moves rows; a matrix ``D`` multiplies the
+    segment's units; norm gains move by ``|D|`` under the signed class and not at all under matrices).
+    """
+    for key, i, off, sn, inner, is_norm in plan:
+        if is_norm and d.dim() == 2 and cls != "signed":
+            continue
+        x = out.get(key, bt[key])
+        if off == 0 and sn * inner == x.shape[i]:  # the whole axis (most entries): a new tensor, no copies
+            if d.dim() == 1:
+                out[key] = x.index_select(i, (d[:, None] * inner + torch.arange(inner)[None, :]).reshape(-1))
+            elif inner == 1 and i == 0:
+                out[key] = ((d.abs() if is_norm else d) @ x.reshape(sn, -1)).reshape(x.shape)
+            elif inner == 1 and i == x.dim() - 1:
+                out[key] = x @ (d.abs() if is_norm else d).T
+            else:
+                out[key] = apply_segment(x, i, d.abs() if is_norm else d, inner)
+            continue
+        if key not in out:
+            out[key] = bt[key].clone()
+        seg = out[key].narrow(i, off, sn * inner)
+        if d.dim() == 1:
+            idx = (d[:, None] * inner + torch.arange(inner)[None, :]).reshape(-1)
+            seg.copy_(seg.index_select(i, idx))
+        else:
+            seg.copy_(apply_segment(seg, i, d.abs() if is_norm else d, inner))
 
 
 def weight_matching_sym(
@@ -310,7 +346,20 @@ def weight_matching_sym(
                         terms[g].append((key, i, off, sn, inner))
     a_mats = {term: _matricize(sd_a[term[0]], *term[1:]) for ts in terms.values() for term in ts}
     t = dict(init) if init is not None else identity_transform(spec, sym)
-    touched = {g: [k for k in keys if g in _groups_of(spec.axes[k])] for g in spec.sizes}
+    plan: dict[str, list[tuple[str, int, int, int, int, bool]]] = {g: [] for g in spec.sizes}
+    for key in keys:
+        for i, e in enumerate(spec.axes[key]):
+            if e is not None:
+                for sg, sn, inner, off in entry_segments(e, sd_b[key].shape[i], spec.sizes):
+                    if sg is not None:
+                        plan[sg].append((key, i, off, sn, inner, key in norm[sg]))
+    # J is linear in every group's map (so a step's gain is its value minus the old map's, both from the
+    # cost) unless a group moves two axes of one entry, or signed maps move norm gains by |M| (not in C)
+    linear = all(
+        s.cls in ("orthogonal", "permutation")
+        and len({(k, i) for k, i, *_ in plan[g]}) == len({k for k, *_ in plan[g]})
+        for g, s in sym.items()
+    )
     bt = apply_transform(spec, sym, t, sd_b, keys=keys)
     dots = {k: float((sd_a[k].double() * bt[k].double()).sum()) for k in keys}
     j = sum(dots.values())
@@ -327,16 +376,24 @@ def weight_matching_sym(
             u = units[ui]
             costs = [(sym[g].cls, _cost_full(spec, a_mats, bt, g, terms[g]) @ transform_matrix(t[g])) for g in u]
             if u[0] in heads_of:
-                mats, _ = head_step(heads_of[u[0]], costs, lap=_lap_max)
+                mats, v_new = head_step(heads_of[u[0]], costs, lap=_lap_max)
                 new = dict(zip(u, mats))
             else:
-                m, _ = step(costs[0][0], costs[0][1], fix_ones=sym[u[0]].fix_ones, lap=_lap_max)
+                m, v_new = step(costs[0][0], costs[0][1], fix_ones=sym[u[0]].fix_ones, lap=_lap_max)
                 new = {u[0]: m}
             cand = {**t, **new}
-            ks = list(dict.fromkeys(k for g in u for k in touched[g]))
-            bn = apply_transform(spec, sym, cand, sd_b, keys=ks)
-            dn = {k: float((sd_a[k].double() * bn[k].double()).sum()) for k in ks}
-            jn = j + sum(dn[k] - dots[k] for k in ks)
+            # only the unit's change D = M_new M_old^T (an index: old^{-1}[new]) applied to the current
+            # T(B): one product per (entry, axis) of the unit instead of re-applying every group's map
+            bn: dict[str, torch.Tensor] = {}
+            for g, m in new.items():
+                _apply_delta(bt, bn, plan[g], _delta(t[g], m), sym[g].cls)
+            ks = list(bn)  # the entries the step changed (norm gains under matrices stay)
+            if linear:  # J = tr(M^T C) + const: the step's value against the old map's, no pass over the entries
+                dn = {}
+                jn = j + v_new - sum(float((transform_matrix(t[g]) * c).sum()) for g, (_, c) in zip(u, costs))
+            else:
+                dn = {k: float((sd_a[k].double() * bn[k].double()).sum()) for k in ks}
+                jn = j + sum(dn[k] - dots[k] for k in ks)
             steps += 1
             if jn >= j - 1e-12 * max(abs(j), 1.0):  # exact steps never lower J; this only absorbs rounding
                 t, j = cand, jn

@@ -27,6 +27,7 @@ __all__ = [
     "invert_transform",
     "compose_transforms",
     "apply_transform",
+    "apply_segment",
     "log_condition",
     "TRANSFORM_FORMAT",
     "save_transform",
@@ -165,14 +166,13 @@ def compose_transforms(first: Mapping[str, torch.Tensor], then: Mapping[str, tor
     return out
 
 
-def _apply_segment(x: torch.Tensor, axis: int, m: torch.Tensor, inner: int) -> torch.Tensor:
+def apply_segment(x: torch.Tensor, axis: int, m: torch.Tensor, inner: int) -> torch.Tensor:
     """``x`` (one segment of ``n * inner`` entries on ``axis``) with ``m`` applied to its ``n`` units."""
     n = m.shape[0]
-    y = x.movedim(axis, -1)
+    y = x.movedim(axis, 0)  # (n * inner, *rest), unit-major: one (n, inner * rest) GEMM
     shp = y.shape
-    y = y.reshape(*shp[:-1], n, inner).double()
-    y = torch.matmul(m.to(y.device), y)
-    return y.reshape(shp).movedim(-1, axis).to(x.dtype)
+    y = m.to(y.device) @ y.reshape(n, -1).double()
+    return y.reshape(shp).movedim(0, axis).to(x.dtype)
 
 
 def apply_transform(
@@ -223,14 +223,14 @@ def apply_transform(
                         changed = True
                     elif g in norm_of.get(key, ()):  # norm gains: |M| under signed, untouched otherwise
                         if sym[g].cls == "signed":
-                            piece = _apply_segment(piece, i, m.abs(), inner)
+                            piece = apply_segment(piece, i, m.abs(), inner)
                             changed = True
                     else:
                         if (key, i) in sym[g].reads:
                             if g not in inv_t:
                                 inv_t[g] = torch.linalg.inv(m.double()).T
                             m = inv_t[g]
-                        piece = _apply_segment(piece, i, m, inner)
+                        piece = apply_segment(piece, i, m, inner)
                         changed = True
                 parts.append(piece)
             if changed:
