@@ -197,6 +197,66 @@ def align_models(
     return anchor_matching(spec, states, anchor=0, method=method, matcher=matcher)
 
 
+def fold_states(
+    model: nn.Module, states: Sequence[State]
+) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[str]]:
+    """Every state with its LayerNorm/RMSNorm gains and biases folded (:func:`lmckit.perm.symmetry.fold_norms`).
+
+    Returns ``(folded template, folded states, names of the folded norms)``; the function of every model is
+    unchanged (up to rounding). The states are not modified.
+    """
+    from .perm.symmetry import fold_norms
+
+    out, template, names = [], None, []
+    for sd in states:
+        m = copy.deepcopy(model)
+        m.load_state_dict(dict(sd))
+        template, names, _ = fold_norms(m)
+        out.append({k: v.detach().clone() for k, v in template.state_dict().items()})
+    return template, out, names
+
+
+def align_models_sym(
+    model: nn.Module,
+    states: Sequence[State],
+    symmetry: str,
+    method: str = "weight",
+    multi: str = "anchor",
+    spec: PermutationSpec | None = None,
+    seed: int = 0,
+    options: MethodOptions | Mapping[str, Any] | None = None,
+    progress: bool = True,
+    passes: int = 100,
+):
+    """Fold every model's norms and align them to model 0 under ``symmetry`` (weight matching only).
+
+    :func:`lmckit.match.symmetric_many.match_many_sym` (anchor or MergeMany over transforms). Returns
+    ``(SymMultiResult, aligned states)``: the aligned folded states in each entry's original dtype.
+    ``options``: weight matching's (``max_iter``: sweeps of each matching; ``lmckit merge --symmetry``
+    uses 1000 unless ``--max-iter`` says otherwise: orthogonal descent needs hundreds of sweeps).
+
+    Raises
+    ------
+    LmcError
+        A method other than weight matching (activation matching under a class: ``lmckit match
+        --symmetry``, two models), or what ``match_many_sym`` refuses.
+    """
+    from .match.symmetric_many import match_many_sym
+
+    if method != "weight":
+        raise LmcError(
+            f"merging under --symmetry {symmetry} uses weight matching (anchor or MergeMany), not {method}",
+            "use --method weight (activation matching under a class: lmckit match A B --symmetry ...)",
+        )
+    opts = _options(method, options)
+    spec = spec if spec is not None else spec_for(model)
+    template, folded, _ = fold_states(model, states)
+    max_iter = getattr(opts, "max_iter", 100)
+    res = match_many_sym(spec, folded, symmetry, template, multi, seed, max_iter, passes, progress=progress)
+    aligned = [{k: v.to(states[0][k].dtype) for k, v in sd.items()} for sd in res.aligned]
+    return res, aligned
+
+
 def aligned_states(
     spec: PermutationSpec, states: Sequence[State], perms: Sequence[Mapping[str, torch.Tensor]]
 ) -> list[dict[str, torch.Tensor]]:
@@ -386,9 +446,14 @@ class MergeResult:
     curve: dict[str, list[dict[str, float]]]
     seconds: float
     match: Any = field(repr=False, default=None)
+    symmetry: str = "permutation"
 
     def to_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.symmetry != "permutation":  # default output unchanged
+            extra = {"symmetry": self.symmetry, "parameterisation": "folded"}
         return {
+            **extra,
             "method": self.method,
             "multi": self.multi,
             "split": self.split,
@@ -422,17 +487,28 @@ def merge_models(
     state_dir: str | Path | None = None,
     progress: bool = True,
     passes: int = 100,
+    symmetry: str = "permutation",
 ) -> MergeResult:
     """Align ``states`` (:func:`align_models`), average them, and measure everything (module docstring).
 
     ``split``/``limit`` choose the evaluation data; ``points`` the lambda grid of
     the barriers; ``curve`` adds the merged-accuracy curves for this method
-    and for the naive average.
+    and for the naive average. ``symmetry``: ``"signed"`` or ``"orthogonal"`` align with
+    :func:`align_models_sym` instead (weight matching, anchor or MergeMany, on folded models); then
+    ``perms`` holds each model's transform, and the barriers, the merged model and its curve are on the
+    folded parameterisation (the naive curve stays on the raw weights).
     """
     t0 = time.time()
     spec = check_merge_inputs(model, states, dataset, method, multi, split, bn_reset, options)
-    res = align_models(model, states, method, multi, dataset, spec, seed, device, options, state_dir, progress, passes)
-    aligned = aligned_states(spec, states, res.perms)
+    if symmetry != "permutation":
+        res, aligned = align_models_sym(model, states, symmetry, method, multi, spec, seed, options, progress, passes)
+        maps = res.transforms
+    else:
+        res = align_models(
+            model, states, method, multi, dataset, spec, seed, device, options, state_dir, progress, passes
+        )
+        aligned = aligned_states(spec, states, res.perms)
+        maps = res.perms
     metrics = []
     for i, sd in enumerate(states):
         loss, acc = evaluate_state(model, sd, dataset, split, device, limit, where=f"model {i}")
@@ -457,7 +533,7 @@ def merge_models(
     return MergeResult(
         method,
         multi,
-        [dict(p) for p in res.perms],
+        [dict(p) for p in maps],
         merged,
         split,
         metrics,
@@ -468,6 +544,7 @@ def merge_models(
         curves,
         time.time() - t0,
         res,
+        symmetry,
     )
 
 

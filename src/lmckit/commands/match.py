@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         if args.multi:
             raise LmcError(
                 f"--symmetry {args.symmetry} aligns two models; --multi supports permutations only",
-                "drop --multi, or use --symmetry permutation",
+                f"for several models use lmckit merge A B C --symmetry {args.symmetry} [--multi mergemany] "
+                "(one transform file per model), or drop --multi",
             )
         if args.method not in ("weight", "activation"):
             raise LmcError(

@@ -63,6 +63,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="anchor",
         help="anchor: match each model to the first (default); mergemany: weight matching to the mean of the others",
     )
+    p.add_argument(
+        "--symmetry",
+        choices=("permutation", "signed", "orthogonal"),
+        default="permutation",
+        help="class of maps to align with (default permutation). signed / orthogonal: every model's norms are "
+        "folded, weight matching (anchor or mergemany) finds per group an element of the largest class up to "
+        "this one the model admits, one transform file per model (DIR/transform_I.safetensors, for lmckit "
+        "barrier --perm) replaces the perm files, and the merged model is the average of the folded aligned "
+        "models (1000 sweeps per matching unless --max-iter)",
+    )
     p.add_argument("--out", required=True, type=path_arg, help="output folder")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
     p.add_argument(
@@ -108,11 +118,27 @@ def run(args: argparse.Namespace) -> int:
     from ..lmc import check_model_fits
     from ..merge import check_merge_inputs, merge_models, plot_merged_accuracy
     from ..perm import save_perms
+    from ..perm.symmetry import save_transform
     from ..store import atomic_write_json, file_lock, real_path
 
     if len(args.models) < 2:
         raise LmcError("lmckit merge needs at least two checkpoints", "lmckit merge A B C --out DIR")
     opts = method_options(args, args.method)
+    sym = args.symmetry != "permutation"
+    if sym:
+        if args.hf:
+            raise LmcError(
+                f"--symmetry {args.symmetry} is not available for Hugging Face models (their specs are "
+                "permutation-only)",
+                "drop --symmetry",
+            )
+        if args.method != "weight":
+            raise LmcError(
+                f"merge --symmetry {args.symmetry} aligns by weight matching, not {args.method}",
+                "use --method weight (anchor or --multi mergemany)",
+            )
+        if args.max_iter is None:
+            opts = dataclasses.replace(opts, max_iter=1000)
     if args.limit is not None and args.limit < 1:
         raise LmcError(f"--limit must be at least 1, got {args.limit}")
     if args.plot is not None:
@@ -122,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             raise LmcError(f"--plot {args.plot} must be a .png file")
     out = Path(args.out)
     names = ["merged.safetensors", "merge.json", "ste", ".lock"] + (["merged-hf"] if args.hf else [])
-    names += [f"perm_{i}.json" for i in range(len(args.models))]
+    names += [f"transform_{i}.safetensors" if sym else f"perm_{i}.json" for i in range(len(args.models))]
     inputs = [(f"model {i}", m) for i, m in enumerate(args.models)]
     refuse_outputs_in_inputs([("--out", out)] + [("--out", out / n) for n in names] + [("--plot", args.plot)], inputs)
     check_output_path("--out", out, folder=True)
@@ -159,12 +185,32 @@ def run(args: argparse.Namespace) -> int:
             state_dir=out / "ste" if resumable else None,
             progress=not args.json,
             passes=args.max_iter or 100,
+            symmetry=args.symmetry,
         )
         draw_ste_drift(out / "ste" if resumable else None)
         paths = [str(real_path(p, "model")) for p in args.models]
         hashes = [state_fingerprint(sd) for sd in states]
         perm_files = []
         for i, (path, perms) in enumerate(zip(paths, res.perms)):
+            if sym:
+                save_transform(
+                    tmp / f"transform_{i}.safetensors",
+                    perms,
+                    res.match.sym,
+                    symmetry=args.symmetry,
+                    method="weight",
+                    multi=res.multi,
+                    seed=args.seed,
+                    folded=True,
+                    model_a=paths[0],
+                    model_b=path,
+                    model_a_sha256=hashes[0],
+                    model_b_sha256=hashes[i],
+                    model=model.lmckit_config,
+                    index=i,
+                )
+                perm_files.append(str(out / f"transform_{i}.safetensors"))
+                continue
             save_perms(
                 tmp / f"perm_{i}.json",
                 perms,
@@ -198,9 +244,12 @@ def run(args: argparse.Namespace) -> int:
             save_hf(model, res.merged, tmp / "merged-hf")
         merged_file = out / "merged.safetensors"
         summary = res.to_dict()
+        files = {"transform_files": perm_files} if sym else {"perm_files": perm_files}
+        if sym:
+            summary["alignment"] = res.match.to_dict()
         summary.update(
             models=paths,
-            perm_files=perm_files,
+            **files,
             merged_checkpoint=str(merged_file),
             **({"merged_hf_folder": str(out / "merged-hf")} if args.hf else {}),
             dataset=dataset.name,
@@ -227,6 +276,15 @@ def run(args: argparse.Namespace) -> int:
         f"dataset {dataset.name} ({args.split})"
     )
     print(f"method: {args.method} ({args.multi}), seed {args.seed}; {res.seconds:.1f}s")
+    if sym:
+        counts: dict[str, int] = {}
+        for s in res.match.sym.values():
+            counts[s.cls] = counts.get(s.cls, 0) + 1
+        print(
+            f"symmetry: {args.symmetry} ({', '.join(f'{n} {c}' for c, n in counts.items())} groups); norms folded, "
+            f"barriers and the merged model on folded weights; {res.match.passes} pass(es), "
+            + ("converged" if res.match.converged else "not converged")
+        )
     print_table(
         [{"model": i, "loss": m["loss"], "accuracy": m["accuracy"]} for i, m in enumerate(res.model_metrics)]
         + [{"model": "merged", "loss": res.merged_loss, "accuracy": res.merged_accuracy}]
@@ -245,5 +303,6 @@ def run(args: argparse.Namespace) -> int:
         )
     for label, rows in res.curve.items():
         print(f"merged accuracy ({label}): " + ", ".join(f"n={r['n']}: {r['accuracy']:.4f}" for r in rows))
-    print(f"wrote {merged_file}, {len(perm_files)} perm files and merge.json to {out}")
+    kind = "transform" if sym else "perm"
+    print(f"wrote {merged_file}, {len(perm_files)} {kind} files and merge.json to {out}")
     return 0

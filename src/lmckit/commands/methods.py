@@ -52,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  reference:  {e['reference']}")
         print(f"  needs data: {'yes' if e['needs_data'] else 'no'};  3+ models: {multi}")
         print(f"  objective:  {e['objective']}")
-        print(f"  symmetry:   {', '.join(e['symmetries'])} (lmckit match --symmetry)")
+        where = "lmckit match/merge --symmetry" if e["name"] == "weight" else "lmckit match --symmetry, two models"
+        print(
+            f"  symmetry:   {', '.join(e['symmetries'])} ({where})"
+            if len(e["symmetries"]) > 1
+            else f"  symmetry:   {', '.join(e['symmetries'])}"
+        )
         opts = ", ".join(f"{o['name']}={o['default']!r}" for o in e["options"])
         print(f"  options:    {opts or '(none)'}")
     if many:
