@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..errors import LmcError
 from ..perm import PermutationSpec, apply_permutation
 from ..perm.spec import check_spec
 from .layers import is_stat_key, module_of
@@ -34,6 +35,7 @@ def distances(
     sd_a: Mapping[str, torch.Tensor],
     sd_b: Mapping[str, torch.Tensor],
     perms: Mapping[str, torch.Tensor] | None = None,
+    sd_b_after: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Distances between ``theta_a`` and ``theta_b`` before and after applying ``perms`` to ``theta_b``.
 
@@ -42,6 +44,8 @@ def distances(
     spec: the models' permutation spec (both state dicts must fit it).
     sd_a, sd_b: state dicts (not modified).
     perms: permutation of ``theta_b`` (``None``: identity, so ``after == before``).
+    sd_b_after: ``theta_b`` already aligned (e.g. a transform of a larger symmetry class,
+        :func:`lmckit.perm.symmetry.apply_transform`), used for "after" instead of ``perms`` (not both).
 
     Returns
     -------
@@ -53,7 +57,13 @@ def distances(
     check_spec(spec)
     spec.check_state(sd_a, "model A")
     spec.check_state(sd_b, "model B")
-    sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else sd_b
+    if sd_b_after is not None:
+        if perms is not None:
+            raise LmcError("distances: pass perms or sd_b_after, not both")
+        spec.check_state(sd_b_after, "aligned model B")
+        sd_bp = sd_b_after
+    else:
+        sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else sd_b
     keys = counted_keys(spec, sd_a)
     per: dict[str, dict[str, Any]] = {}
     for k in keys:

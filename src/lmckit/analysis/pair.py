@@ -91,6 +91,7 @@ def analyze_pair(
     sd_b: Mapping[str, torch.Tensor],
     perms: Mapping[str, torch.Tensor] | None = None,
     *,
+    sd_b_after: Mapping[str, torch.Tensor] | None = None,
     dataset=None,
     gammas: Iterable[float] = DEFAULT_GAMMAS,
     rank_fractions: Iterable[float] = (),
@@ -111,7 +112,10 @@ def analyze_pair(
     parts (each needs ``dataset``).
 
     ``perms`` permutes ``theta_b`` (``None``: identity, so "after" equals
-    "before"). Rank sweeps run on model A and on the midpoint
+    "before"). ``sd_b_after`` is ``theta_b`` already aligned instead (a transform of a larger
+    symmetry class applied to the folded model, :func:`lmckit.perm.symmetry.apply_transform`; then
+    ``sd_a``/``sd_b`` are the folded models and ``perms`` is ``None``): every analysis runs on it as
+    on ``pi(theta_b)``. Rank sweeps run on model A and on the midpoint
     ``(theta_a + pi(theta_b)) / 2``, at each gamma of ``gammas`` (skipping 0,
     which keeps everything) and each of ``rank_fractions``. A BatchNorm model's
     midpoint sweep needs a BN reset (``lmckit.lmc.reset_bn_stats``); without it
@@ -129,13 +133,13 @@ def analyze_pair(
     notes: list[str] = []
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    dist = distances(spec, sd_a, sd_b, perms)
+    dist = distances(spec, sd_a, sd_b, perms, sd_b_after=sd_b_after)
     timings["distances"] = time.perf_counter() - t
     t = time.perf_counter()
     svds_a, svds_b = state_svds(spec, sd_a), state_svds(spec, sd_b)
-    svd = svd_alignment(spec, sd_a, sd_b, perms, gammas, svds_a=svds_a, svds_b=svds_b)
+    svd = svd_alignment(spec, sd_a, sd_b, perms, gammas, svds_a=svds_a, svds_b=svds_b, sd_b_after=sd_b_after)
     timings["svd"] = time.perf_counter() - t
-    if perms is None:
+    if perms is None and sd_b_after is None:
         notes.append("no permutation given: 'after' equals 'before' (pass --perm from `lmckit match`)")
 
     per_layer = _per_layer(dist, svd)
@@ -163,7 +167,10 @@ def analyze_pair(
         t = time.perf_counter()
         sweep_gammas = [g for g in gammas if g > 0]
         fractions = list(rank_fractions)
-        sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else dict(sd_b)
+        if sd_b_after is not None:
+            sd_bp = dict(sd_b_after)
+        else:
+            sd_bp = apply_permutation(spec, perms, sd_b) if perms is not None else dict(sd_b)
         bn = has_batchnorm(model)
         if rank_sweeps and (sweep_gammas or fractions):
             kw = dict(

@@ -228,6 +228,7 @@ def svd_alignment(
     cross_k: int = 64,
     svds_a: SVDs | None = None,
     svds_b: SVDs | None = None,
+    sd_b_after: Mapping[str, torch.Tensor] | None = None,
 ) -> SVDAlignment:
     """Spectra and alignment ``R(gamma)`` of every layer, before (identity) and after ``perms``.
 
@@ -239,6 +240,10 @@ def svd_alignment(
     gammas: thresholds ``gamma`` in [0, 1]; index ``i`` is kept when ``sigma_i >= gamma sigma_max``.
     cross_k: size of the leading block of ``C`` kept for plotting.
     svds_a, svds_b: precomputed :func:`state_svds` of the two models (optional).
+    sd_b_after: ``theta_b`` already aligned (a transform of a larger symmetry class), used for "after"
+        instead of ``perms`` (not both): its own SVDs give the "after" alignment, so an orthogonal map ``Q``
+        enters as ``U_A^T Q U_B`` (docs/definitions.md, "R(gamma) under a transform"). The kept counts are
+        B's (a map of the class keeps every singular value).
 
     Returns
     -------
@@ -249,6 +254,10 @@ def svd_alignment(
     spec.check_state(sd_b, "model B")
     if perms is not None:
         perms = as_perms(perms, "perms", spec.sizes)
+    if sd_b_after is not None:
+        if perms is not None:
+            raise LmcError("svd_alignment: pass perms or sd_b_after, not both")
+        spec.check_state(sd_b_after, "aligned model B")
     gammas = tuple(check_real(g, "gammas", 0.0, 1.0) for g in gammas)
     cross_k = check_int(cross_k, "cross_k", 1)
     keys = [gamma_key(g) for g in gammas]
@@ -258,11 +267,13 @@ def svd_alignment(
     for layer in layers_of(spec, sd_a):
         u_a, s_a, v_a = svds_a[layer.name] if svds_a is not None else layer_svd(layer_weight(layer, sd_a))
         u_b, s_b, v_b = svds_b[layer.name] if svds_b is not None else layer_svd(layer_weight(layer, sd_b))
-        p, q = perms_for(layer, perms)
-        c = {
-            "before": cross_alignment(u_a, v_a, u_b, v_b),
-            "after": cross_alignment(u_a, v_a, u_b, v_b, p, q, layer.kernel),
-        }
+        if sd_b_after is not None:
+            u_t, _, v_t = layer_svd(layer_weight(layer, sd_b_after))
+            after = cross_alignment(u_a, v_a, u_t, v_t)
+        else:
+            p, q = perms_for(layer, perms)
+            after = cross_alignment(u_a, v_a, u_b, v_b, p, q, layer.kernel)
+        c = {"before": cross_alignment(u_a, v_a, u_b, v_b), "after": after}
         kept, r_sum, r_norm = {}, {}, {}
         for g, k in zip(gammas, keys):
             ka, kb = kept_count(s_a, g), kept_count(s_b, g)

@@ -19,10 +19,13 @@ from .common import (
     add_json,
     add_quiet,
     check_output_path,
+    folded_state,
     int_in,
+    is_transform_file,
     load_checkpoints,
     load_named_dataset,
     load_perm_file,
+    load_transform_file,
     path_arg,
     print_json,
     print_table,
@@ -36,11 +39,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "analyze",
         help="distances, SVD alignment R(gamma), input projections, rank-k, Taylor estimate",
         description="Analyse a pair of models before and after a permutation of model B "
-        "(docs/definitions.md Definitions and Claims 1-4).",
+        "(docs/definitions.md Definitions and Claims 1-4), or a transform of a larger symmetry class "
+        "(a transform file from `lmckit match --symmetry`): then every analysis compares the folded models, "
+        "before: folded A against folded B, after: folded A against the transformed folded B.",
     )
     p.add_argument("a", metavar="A", type=path_arg, help="model A: run folder or .safetensors")
     p.add_argument("b", metavar="B", type=path_arg, help="model B: run folder or .safetensors")
-    p.add_argument("--perm", default=None, help="permutation of B (JSON from `lmckit match`); default: identity")
+    p.add_argument(
+        "--perm",
+        default=None,
+        help="permutation of B (JSON from `lmckit match`), or a transform file (*.safetensors, `lmckit match "
+        "--symmetry`): then both models' norms are folded and every analysis (distances, R, projections, rank "
+        "sweeps, Taylor) runs on folded A against folded B and the transformed folded B; default: identity",
+    )
     p.add_argument(
         "--gamma",
         type=float,
@@ -149,9 +160,15 @@ def run(args: argparse.Namespace) -> int:
         hf=args.hf,
     )
     model = model.to(device)
-    perms = (
-        load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm) if args.perm else None
-    )
+    transformed = is_transform_file(args.perm)
+    perms = sd_b_after = head = None
+    if transformed:  # a transform file: analyse the folded models (the parameterisation the transform acts on)
+        fa, sd_b_after, head = load_transform_file(
+            args.perm, spec, model, ("model B", sd_b), ("model A", sd_a), args.force_perm
+        )
+        sd_a, sd_b = fa, folded_state(model, sd_b)
+    elif args.perm:
+        perms = load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm)
 
     if args.taylor and args.no_data:
         raise LmcError(
@@ -174,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         sd_a,
         sd_b,
         perms,
+        sd_b_after=sd_b_after,
         dataset=dataset,
         gammas=args.gamma,
         rank_fractions=args.rank_fractions,
@@ -189,6 +207,16 @@ def run(args: argparse.Namespace) -> int:
         s["notes"].append("no dataset recorded in A and none given (--dataset): data-dependent analyses skipped")
     s["a"], s["b"], s["perm"] = str(args.a), str(args.b), args.perm
     s["dataset"] = dataset.name if dataset is not None else None
+    if transformed:
+        s["parameterisation"] = "folded"
+        s["symmetry"] = head.get("symmetry")
+        s["classes"] = {g: rec["class"] for g, rec in head["groups"].items()}
+        s["folded"] = head.get("folded")
+        s["notes"].append(
+            f"transform file ({s['symmetry']}): every analysis is on the folded models (norm gains and biases "
+            "folded into the next Linear); before = folded A vs folded B, after = folded A vs the transformed "
+            "folded B; R under a map Q is U_A^T Q U_B (docs/definitions.md)"
+        )
     if args.plot:
         from ..analysis.plots import write_plots
 
@@ -214,7 +242,10 @@ def _fmt(x: Any) -> str:
 
 def _print_readable(s: dict[str, Any]) -> None:
     gk = s["gammas"]
-    print(f"A: {s['a']}\nB: {s['b']}\npermutation: {s['perm'] or 'identity'}")
+    if s.get("parameterisation") == "folded":
+        print(f"A: {s['a']}\nB: {s['b']}\ntransform: {s['perm']} ({s['symmetry']}; parameterisation: folded)")
+    else:
+        print(f"A: {s['a']}\nB: {s['b']}\npermutation: {s['perm'] or 'identity'}")
     print(
         f"\nL2 distance {s['l2_before']:.4f} -> {s['l2_after']:.4f}  (reduction {s['reduction']:.4f}, "
         f"{s['entries_counted']} parameter entries)"

@@ -448,6 +448,14 @@ def is_transform_file(path: str | Path | None) -> bool:
     return path is not None and str(path).endswith(".safetensors")
 
 
+def folded_state(model, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with its norms folded (:func:`lmckit.perm.symmetry.fold_norms` of ``model``'s architecture)."""
+    from ..checkpoint import build_model
+    from ..perm.symmetry import fold_norms
+
+    return fold_norms(build_model(model.lmckit_config, state))[0].state_dict()
+
+
 def load_transform_file(
     path: str | Path,
     spec,
