@@ -17,6 +17,9 @@ R(0.3) of:
   all-ones direction under LayerNorm), per-head orthogonal Q/K and V/O maps with a head permutation,
   MLP hidden units permuted.
 - ``orth_am`` (``--am``): the activation-based variant (Procrustes on activations), on folded weights.
+- ``signed`` (``--signed``): generalised WM under the signed class on the folded weights (signed
+  permutations where the model admits them: the residual stream without norm; with LayerNorm the stream
+  stays permuted, see docs/symmetry.md).
 
 Every barrier says which parameterisation it interpolates (``raw`` or ``folded``).
 
@@ -56,7 +59,7 @@ from pathlib import Path
 import torch
 
 GAMMAS = (0.0, 0.3)
-METHODS = ("naive", "perm", "perm_folded", "orth", "orth_am")
+METHODS = ("naive", "perm", "perm_folded", "signed", "orth", "orth_am")
 
 
 def _ints(text: str) -> list[int]:
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--points", type=int, default=11)
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--am", action="store_true", help="also the activation-based orthogonal variant")
+    p.add_argument("--signed", action="store_true", help="also weight matching under the signed class")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -209,6 +213,22 @@ def main(argv: list[str] | None = None) -> int:
                         "R_after": r_scores(spec, fa, alo),
                         **barrier(fa_model, fa, alo),
                     }
+                    if args.signed:
+                        t = time.perf_counter()
+                        sg = weight_matching_sym(spec, fa, fb, "signed", model=fa_model, max_iter=args.max_iter)
+                        als = apply_transform(spec, sg.sym, sg.transform, fb)
+                        out["signed"] = {
+                            "param": "folded",
+                            "l2_before": sg.extra["distance_before"],
+                            "l2_after": sg.extra["distance_after"],
+                            "sweeps": sg.sweeps,
+                            "converged": sg.converged,
+                            "seconds": time.perf_counter() - t,
+                            "classes": sorted({s.cls for s in sg.sym.values()}),
+                            "R_before": r_fold,
+                            "R_after": r_scores(spec, fa, als),
+                            **barrier(fa_model, fa, als),
+                        }
                     if args.am:
                         am = activation_matching(
                             fa_model, fb_model, ds, num_batches=4, batch_size=500, symmetry="orthogonal"

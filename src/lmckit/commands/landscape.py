@@ -60,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="class of maps aligning B and C to A (default: none, as --perm says). signed / orthogonal without "
         "--perm: fold the three models' norms and align B and C to folded A by weight matching under the "
-        "class (lmckit match --symmetry S, seed --seed, at most 200 sweeps) before drawing the plane. With "
-        "--perm it must be the symmetry the files record (permutation for perm JSONs), else refused",
+        "class (lmckit match --symmetry S, seed --seed, at most 1000 sweeps, as merge --symmetry) before "
+        "drawing the plane. With --perm it must be the symmetry the files record (permutation for perm JSONs), "
+        "else refused",
     )
     p.add_argument("--perms", nargs=2, dest="perm", action=DeprecatedAlias, new="--perm PB --perm PC", extend=True)
     p.add_argument(
@@ -268,7 +269,7 @@ def _match_folded(args: argparse.Namespace, spec, model, states) -> dict:
     out, report = [fsa], {}
     for label, sd in (("B", states[1]), ("C", states[2])):
         fs = fold_norms(build_model(cfg, sd))[0].state_dict()
-        res = weight_matching_sym(spec, fsa, fs, args.symmetry, model=fa, seed=args.seed, max_iter=200)
+        res = weight_matching_sym(spec, fsa, fs, args.symmetry, model=fa, seed=args.seed, max_iter=1000)
         aligned = apply_transform(spec, res.sym, res.transform, fs)
         out.append(aligned)
         report[label] = {

@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="class of maps to align with (default permutation). signed / orthogonal: per group the largest "
         "class up to this one that the model admits (LayerNorm/RMSNorm folded into the next Linear first; "
         "`lmckit check-spec --symmetry` lists them); methods weight and activation, two models; --out is then "
-        "a transform file (.safetensors). invertible has no exact matching step and is refused",
+        "a transform file (.safetensors); weight matching runs at most 1000 sweeps unless --max-iter. "
+        "invertible has no exact matching step and is refused",
     )
     p.add_argument("--out", required=True, help="perm JSON file to write (with --multi: a folder)")
     add_device(p)
@@ -232,7 +233,7 @@ def _run_pair_symmetry(args, spec, states, models, dataset) -> int:
     fsa, fsb = fa.state_dict(), fb.state_dict()
     if args.method == "weight":
         res = weight_matching_sym(
-            spec, fsa, fsb, args.symmetry, model=fa, seed=args.seed, max_iter=args.max_iter or 200
+            spec, fsa, fsb, args.symmetry, model=fa, seed=args.seed, max_iter=args.max_iter or 1000
         )
     else:
         from ..match import activation_matching
