@@ -140,5 +140,6 @@ def build_plan(recipe: Recipe) -> Plan:
                 )
             )
     plan.studies = build_studies(recipe, plan)
-    plan.symmetry = build_symmetry(recipe, exps)
+    plan.symmetry, sym_notes = build_symmetry(recipe, exps)
+    plan.notes += sym_notes
     return plan

@@ -195,31 +195,49 @@ class SymmetryEntry:
     stage: SymmetryStage
 
 
-def _folding_changes(name: str, options: dict) -> bool:
-    """Whether :func:`~lmckit.perm.symmetry.fold_norms` folds anything in this model (built at initialisation);
-    a model that cannot be built here counts as folding (its folded baseline is then planned, never missed)."""
+def _model_facts(name: str, options: dict, classes: list[str]) -> tuple[bool, dict[str, str]]:
+    """Built at initialisation: whether :func:`~lmckit.perm.symmetry.fold_norms` folds anything, and per class
+    that no group of the folded model admits, one op that limits it. A model that cannot be built here counts
+    as folding and admitting every class (nothing is skipped; its training stage reports the failure)."""
     try:
         from ..models import create_model
-        from ..perm.symmetry import fold_norms
+        from ..perm import spec_for
+        from ..perm.symmetry import derive_symmetry, fold_norms
 
-        return bool(fold_norms(create_model(name, **options))[1])
+        folded_model, folded, _ = fold_norms(create_model(name, **options))
+        spec = spec_for(folded_model)
+        state = folded_model.state_dict()
+        idle: dict[str, str] = {}
+        for cls in classes:
+            sym = derive_symmetry(spec, state, cls, model=folded_model)
+            if all(s.cls == "permutation" for s in sym.values()):
+                idle[cls] = next((f"{g}: {s.limit}" for g, s in sym.items() if s.limit), "")
+        return bool(folded), idle
     except Exception:  # noqa: BLE001 - the training stage reports a model that cannot be built, with its message
-        return True
+        return True, {}
 
 
-def build_symmetry(recipe: Recipe, experiments: list[Experiment]) -> list[SymmetryEntry]:
-    """The rows of ``match.symmetry`` beyond permutation (none for the default ``["permutation"]``)."""
+def build_symmetry(recipe: Recipe, experiments: list[Experiment]) -> tuple[list[SymmetryEntry], list[str]]:
+    """The rows of ``match.symmetry`` beyond permutation (none for the default ``["permutation"]``), and notes
+    for the report: a model none of whose groups admits a requested class (its rows repeat permutation
+    matching on folded weights)."""
     classes = [c for c in recipe.match.symmetry if c != "permutation"]
     methods = [m for m in recipe.match.methods if m in SYMMETRY_METHODS]
     if not classes or not methods:
-        return []
+        return [], []
     b, an = recipe.barrier, recipe.analysis
     gammas = tuple(an.gammas) if an.enabled and an.alignment else ()
     out: list[SymmetryEntry] = []
+    notes: list[str] = []
     for e in experiments:
-        first = next(iter(e.trains.values()))
-        cfg = first.train_config()
-        folds = _folding_changes(cfg.model, dict(cfg.model_options))
+        cfg = next(iter(e.trains.values())).train_config()
+        folds, idle = _model_facts(cfg.model, dict(cfg.model_options), classes)
+        for cls, limit in idle.items():
+            notes.append(
+                f"match.symmetry: no group of {e.label} admits {cls} maps"
+                + (f" (e.g. {limit})" if limit else "")
+                + f", so its {cls} rows repeat permutation matching"
+            )
         for pair in e.pairs:
             ta, tb = e.trains[pair[0]], e.trains[pair[1]]
             for method in methods:
@@ -227,4 +245,4 @@ def build_symmetry(recipe: Recipe, experiments: list[Experiment]) -> list[Symmet
                 for cls in (["permutation"] if folds else []) + classes:
                     st = SymmetryStage(ta, tb, method, cls, 0, opts, b.lambdas, b.splits, b.limit, b.bn_batches, gammas)
                     out.append(SymmetryEntry(e.label, pair, method, cls, FOLDED, st))
-    return out
+    return out, notes
