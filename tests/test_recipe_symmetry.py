@@ -1,7 +1,7 @@
 """Issue 29: the recipe key ``match.symmetry`` (symmetry classes side by side in one recipe).
 
 Refusals at check time naming the key; the default plans nothing new (same stage hashes, byte-identical
-results.json); end to end on two tiny ViTs (no norm, LayerNorm) on the synthetic dataset: orthogonal rows
+results.json); end to end on two tiny ViTs (no norm, LayerNorm) on the synthetic dataset: signed and orthogonal rows
 on folded models whose path ends are the models' own losses and whose L2 after matching is at most that of
 permutation WM on the same (folded) weights.
 """
@@ -119,7 +119,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("symrecipe")
     plain, sym = root / "plain.toml", root / "sym.toml"
     plain.write_text(RECIPE.format(symmetry=""))
-    sym.write_text(RECIPE.format(symmetry='symmetry = ["permutation", "orthogonal"]'))
+    sym.write_text(RECIPE.format(symmetry='symmetry = ["permutation", "signed", "orthogonal"]'))
     first = reproduce(str(plain), out=root / "plain1", cache=root / "cache")
     second = reproduce(str(sym), out=root / "sym", cache=root / "cache")
     third = reproduce(str(plain), out=root / "plain2", cache=root / "cache")
@@ -141,7 +141,7 @@ def test_orthogonal_rows_on_the_folded_path(runs):
     root = runs[0]
     res = json.loads((root / "sym" / "results.json").read_text())
     sym = res["symmetry"]
-    assert sym["classes"] == ["permutation", "orthogonal"] and sym["splits"] == ["train", "test"]
+    assert sym["classes"] == ["permutation", "signed", "orthogonal"] and sym["splits"] == ["train", "test"]
     rows = sym["rows"]
     key = {(r["model"], r["method"], r["symmetry"], r["parameterisation"]): r for r in rows}
     for model in ("vit plain", "vit ln"):
@@ -150,6 +150,7 @@ def test_orthogonal_rows_on_the_folded_path(runs):
             assert orth["group_classes"].get("orthogonal", 0) > 0 and orth["pair"] == [0, 1]
             assert {"l2_before", "l2_after", "relative_l2_after", "R"} <= set(orth)
             assert set(orth["R"]) == {"0", "0.3"}
+            assert key[(model, method, "signed", "folded")]["group_classes"].get("signed", 0) > 0  # the heads
             assert key[(model, method, "permutation", "raw")]["same_as_folded"] == (model == "vit plain")
     assert key[("vit ln", "weight", "orthogonal", "folded")]["folded"]  # LayerNorms were folded
     assert not key[("vit plain", "weight", "orthogonal", "folded")]["folded"]
@@ -166,6 +167,7 @@ def test_orthogonal_rows_on_the_folded_path(runs):
     for model, base in (("vit plain", "raw"), ("vit ln", "folded")):
         perm = key[(model, "weight", "permutation", base)]["l2_after"]
         assert key[(model, "weight", "orthogonal", "folded")]["l2_after"] <= perm + 1e-9
+        assert key[(model, "weight", "orthogonal", "folded")]["relative_l2_after"] < 1.0
     summary = {(s["model"], s["method"], s["symmetry"], s["parameterisation"]) for s in sym["summary"]}
     assert summary == set(key)
     md = (root / "sym" / "report.md").read_text()
@@ -173,3 +175,27 @@ def test_orthogonal_rows_on_the_folded_path(runs):
     assert "| vit ln | WM | orthogonal | folded | 1 |" in md and "| vit plain | WM | permutation | raw (= folded" in md
     stage_dirs = list((root / "cache" / "symmetry").iterdir())
     assert any((d / "transform.safetensors").is_file() for d in stage_dirs)
+
+
+def test_a_stage_transform_file_gives_the_same_barrier_with_lmckit_barrier(runs, capsys):
+    """``transform.safetensors`` applies to folded B: ``lmckit barrier A B --perm`` measures the stage's path."""
+    from lmckit.pipeline.stages import stage_path
+
+    root, _, second, _ = runs
+    cache = root / "cache"
+    entry = next(
+        x for x in second.plan.symmetry if x.label == "vit ln" and x.method == "weight" and x.symmetry == "orthogonal"
+    )
+    row = _read_stage(cache, entry.stage)
+    capsys.readouterr()
+    argv = ["barrier", str(stage_path(cache, entry.stage.a)), str(stage_path(cache, entry.stage.b))]
+    argv += ["--perm", str(stage_path(cache, entry.stage) / "transform.safetensors"), "--points", "3"]
+    assert main(argv + ["--limit", "200", "--split", "test", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["loss_barrier"] == pytest.approx(row["barrier"]["loss_barrier"]["test"], rel=1e-5, abs=1e-6)
+
+
+def _read_stage(cache, stage):
+    from lmckit.pipeline.stages import stage_path
+
+    return json.loads((stage_path(cache, stage) / "result.json").read_text())
