@@ -12,7 +12,9 @@ For every model entry of the recipe (and every width of the width sweep):
   and searches). The first search of weight matching also carries the
   data-dependent analyses the recipe enables (spectra, projections, rank
   sweep); every method's first search carries the Taylor estimate.
-* the three-model experiment on the first model entry.
+* the three-model experiment on the first model entry;
+* with ``match.symmetry`` beyond ``["permutation"]``, per pair, class and method (weight, activation) a
+  :class:`~lmckit.pipeline.symmetry.SymmetryStage` on folded models (:mod:`lmckit.pipeline.symmetry`).
 
 Matching methods come from the registry (:mod:`lmckit.match.registry`): a
 method named in a recipe runs with the options the recipe sets for it (the
@@ -31,6 +33,7 @@ from .recipe_schema import Recipe
 from .recipe_settings import RECIPE_OPTIONS, _match_options, _train_overrides  # noqa: F401  (likewise)
 from .stages import Stage
 from .studies import build_studies
+from .symmetry import SymmetryEntry, build_symmetry
 from .tasks import MERGE_MANY, MatchStage, ThreeModelStage
 
 __all__ = ["Experiment", "Plan", "build_plan", "check_data"]
@@ -44,6 +47,7 @@ class Plan:
     width: list[Experiment] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     studies: Any = None  # lmckit.pipeline.studies.StudyPlan of the recipe's [studies] (issue 12), or None
+    symmetry: list[SymmetryEntry] = field(default_factory=list)  # match.symmetry's rows (issue 29)
 
     def targets(self) -> list[Stage]:
         out: list[Stage] = []
@@ -52,6 +56,7 @@ class Plan:
         out += list(self.three.values())
         if self.studies is not None:
             out += self.studies.targets()
+        out += [s.stage for s in self.symmetry]
         return out
 
 
@@ -135,4 +140,6 @@ def build_plan(recipe: Recipe) -> Plan:
                 )
             )
     plan.studies = build_studies(recipe, plan)
+    plan.symmetry, sym_notes = build_symmetry(recipe, exps)
+    plan.notes += sym_notes
     return plan

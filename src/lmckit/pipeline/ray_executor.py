@@ -69,7 +69,7 @@ RAY_INSTALL_HINT = "install the optional extra: pip install 'lmckit[ray]' (or pi
 #: Folder under the output root holding the per-run start markers and filesystem tokens.
 MARKER_DIR = ".ray"
 #: Stage kinds that may ask for resources; ``ste`` is a match (or three-model) stage whose method is STE.
-KINDS = ("model", "match", "ste", "barrier", "analysis", "three")
+KINDS = ("model", "match", "ste", "barrier", "analysis", "three", "symmetry")
 # Environment passed to every worker (a remote cluster does not inherit the driver's environment).
 _FORWARD_ENV = (
     "LMCKIT_DATA",

@@ -27,6 +27,8 @@ from .recipe_schema import (
     RESERVED_MODEL_KWARGS,
     RESERVED_OVERRIDES,
     SEARCHED_METHOD,
+    SYMMETRY_CLASSES,
+    SYMMETRY_METHODS,
     Recipe,
     field_choices,
     method_choices,
@@ -142,6 +144,35 @@ def _check_method_options(v: dict[str, Any], key: str, source: str) -> None:
             raise _bad(f"{key}.{name}: {e.message}", e.hint or "", source) from None
 
 
+def _check_symmetry(v: Any, key: str, source: str) -> None:
+    """``match.symmetry``: a non-empty list of distinct classes with an exact matching step, ``permutation`` in it."""
+    if not isinstance(v, list):
+        raise _bad(
+            f"{key} must be a list of classes, got {v!r}", 'e.g. symmetry = ["permutation", "orthogonal"]', source
+        )
+    if not v:
+        raise _bad(f"{key} is empty", 'list "permutation" (the default) and the classes to compare with it', source)
+    for x in v:
+        if x == "invertible":
+            raise _bad(
+                f"{key}: class 'invertible' has no exact matching step (the weight-matching objective is "
+                "unbounded over invertible maps), so it cannot be aligned under",
+                f"choose from {', '.join(SYMMETRY_CLASSES)}; `lmckit check-spec --symmetry invertible` lists "
+                "what it admits",
+                source,
+            )
+    dup = sorted({x for x in v if isinstance(x, str) and v.count(x) > 1})
+    if dup:
+        raise _bad(f"{key} lists {', '.join(map(repr, dup))} more than once: {v!r}", "name each class once", source)
+    if "permutation" not in v:
+        raise _bad(
+            f"{key} = {v!r} leaves out 'permutation'",
+            "the recipe's own matches are its permutation rows and always run; list "
+            '"permutation" first and the classes to compare with it, e.g. ["permutation", "orthogonal"]',
+            source,
+        )
+
+
 def _check_overrides(v: dict[str, Any], key: str, source: str) -> None:
     """Training overrides may not contradict what the recipe sets elsewhere (seeds, dataset, model)."""
     for k, x in v.items():
@@ -195,6 +226,8 @@ def _value(tp: Any, v: Any, key: str, meta: Mapping[str, Any], source: str) -> A
         return _freeze(v)
     if meta.get("check") == "name":
         _check_name(v, key, source)
+    if meta.get("check") == "symmetry":
+        _check_symmetry(v, key, source)
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, f"{key}.", source)
     origin = typing.get_origin(tp)
@@ -312,6 +345,14 @@ def _report_checks(r: Recipe, source: str) -> None:
         )
     if r.width_sweep.enabled and not r.width_sweep.methods:
         raise _bad("width_sweep.methods is empty", 'e.g. methods = ["naive", "weight"]', source)
+    extra = [c for c in r.match.symmetry if c != "permutation"]
+    if extra and not any(m in SYMMETRY_METHODS for m in r.match.methods):
+        raise _bad(
+            f"match.symmetry = {list(r.match.symmetry)} needs weight or activation in match.methods "
+            f"(the methods that align under {', '.join(extra)}), which has {list(r.match.methods)}",
+            'add weight (or activation) to match.methods, or set match.symmetry = ["permutation"]',
+            source,
+        )
 
 
 def _stage_budget(r: Recipe, source: str) -> None:
@@ -324,6 +365,9 @@ def _stage_budget(r: Recipe, source: str) -> None:
         total += len(r.width_sweep.widths) * (2 * r.width_sweep.pairs * (1 + 3 * len(r.width_sweep.methods)))
     if r.three_models.enabled:
         total += r.three_models.models * len(r.three_models.methods) + 3
+    classes = len(r.match.symmetry) - 1  # beyond permutation: one stage per class, plus a folded baseline
+    sym_methods = sum(m in SYMMETRY_METHODS for m in r.match.methods)
+    total += len(r.models) * n_pairs * sym_methods * (classes + 1 if classes else 0)
     if total > MAX_STAGES:
         raise _bad(
             f"the recipe would run about {total} stages, more than the {MAX_STAGES} allowed "

@@ -43,6 +43,10 @@ __all__ = [
 NAIVE = "naive"
 #: The default match.methods; any method of the matching registry may be named (:func:`method_choices`).
 METHODS = (NAIVE, "weight", "activation", "ste")
+#: The classes ``match.symmetry`` may list (:mod:`lmckit.perm.symmetry`; ``invertible`` has no exact matching
+#: step and is refused), and the methods that align under a class beyond permutations (on folded models).
+SYMMETRY_CLASSES = ("permutation", "signed", "orthogonal")
+SYMMETRY_METHODS = ("weight", "activation")
 #: The method ``match.searches`` repeats with seeds 0..searches-1 (every other method runs one search)
 #: and whose first search carries the data-dependent analyses: weight matching, the method the claims are about.
 SEARCHED_METHOD = "weight"
@@ -221,6 +225,18 @@ class MatchSection:
     )
     max_iter: int = _f(100, min=1, max=100_000, help="weight-matching sweeps")
     am_samples: int = _f(5000, min=1, max=10_000_000, help="training images for activation statistics")
+    symmetry: tuple[str, ...] = _f(
+        ("permutation",),
+        choices=SYMMETRY_CLASSES,
+        max_len=len(SYMMETRY_CLASSES),
+        check="symmetry",
+        omit_default=True,
+        help="symmetry classes compared side by side (docs/symmetry.md); 'permutation' (always listed) is the "
+        "recipe's own rows, each other class adds per model pair and method (weight, activation) a transform of "
+        "folded B (norm gains/biases folded into the next Linear), its barriers between folded A and "
+        "transformed folded B, L2 and R, plus permutation matching on folded weights where folding changes "
+        "the model; left out of results.json while ['permutation']",
+    )
     ste: SteSection = _f(SteSection())
     options: tuple = _f(
         (),

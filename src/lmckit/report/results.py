@@ -30,6 +30,7 @@ from .lm import add_lm_units
 from .paper import collect_paper
 from .stats import stats, t_interval  # noqa: F401  (likewise)
 from .studies import collect_studies, study_claims
+from .symmetry import collect_symmetry
 
 __all__ = [
     "collect",
@@ -110,6 +111,9 @@ def collect(plan: Plan, root: str | Path) -> dict[str, Any]:
         res["ste_drift"] = drift
     if getattr(plan, "studies", None) is not None:
         res["studies"] = collect_studies(plan, root)
+    sym = collect_symmetry(plan, root)  # match.symmetry beyond permutations (issue 29); absent by default
+    if sym is not None:
+        res["symmetry"] = sym
 
     arch = architecture_summary(plan, res, root)
     if arch:

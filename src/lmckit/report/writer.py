@@ -36,6 +36,7 @@ from .lm import is_language_model, write_lm
 from .markdown import _CONTROL, _cell, _pm, _table, plain  # noqa: F401  (plain, _table: importable from here as before)
 from .paper import write_paper
 from .studies import write_studies
+from .symmetry import write_symmetry
 
 __all__ = ["write_report", "summary_rows", "check_finite_tree", "render_html"]
 
@@ -126,7 +127,8 @@ def write_report(
 
     The report is the concatenation of its sections, in order: header, how to read it, claims, the paper
     recipe's side-by-side claims (when ``res`` has them), summary,
-    one section per experiment, three models, STE drift, width sweep, the studies, figures, timings.
+    one section per experiment, three models, STE drift, width sweep, symmetry classes (``match.symmetry``), the
+    studies, figures, timings.
     Returns file name -> path of the files written. Raises ``ValueError`` for a non-finite number in ``res``.
     """
     out = Path(out)
@@ -140,6 +142,7 @@ def write_report(
     md += _three_models_section(res, figs.add)
     md += _ste_drift_section(res, figs.add)
     md += _width_section(res, figs.add)
+    md += write_symmetry(res)  # match.symmetry: classes side by side (issue 29); nothing by default
     md += write_architectures(res, figs.add)  # attention / LSTM layer kinds, model size (issue 12)
     md += write_studies(res, figs.add)
     md += _figures_section(figs.listed) + _timings_section(timing)
