@@ -183,16 +183,6 @@ def _cost_full(
     return c
 
 
-def _delta(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """The map ``D`` with ``D M_old = M_new`` (``M^{-1} = M^T``: permutation, signed and orthogonal classes).
-
-    Indices (permutation-class groups) stay indices: ``argsort(old)[new]``.
-    """
-    if old.dim() == 1 and new.dim() == 1:
-        return torch.argsort(old)[new]
-    return transform_matrix(new) @ transform_matrix(old).T
-
-
 def _apply_delta(bt: Mapping[str, torch.Tensor], out: dict[str, torch.Tensor], plan, d: torch.Tensor, cls: str) -> None:
     """Into ``out`` (copies of ``bt``'s entries, made on first touch): ``d`` applied to one group's segments.
 
@@ -368,13 +358,14 @@ def weight_matching_sym(
     units = _units(spec)
     heads_of = {g: int(h) for h, ms in spec.heads.values() for g in ms}
     converged, sweeps, rejected, steps = False, 0, 0, 0
+    tm = {g: transform_matrix(m) for g, m in t.items()}  # each map's matrix form (M^{-1} = M^T here)
     t_loop = time.perf_counter()
     for _ in range(int(max_iter)):
         sweeps += 1
         j_start = j
         for ui in torch.randperm(len(units), generator=gen).tolist():
             u = units[ui]
-            costs = [(sym[g].cls, _cost_full(spec, a_mats, bt, g, terms[g]) @ transform_matrix(t[g])) for g in u]
+            costs = [(sym[g].cls, _cost_full(spec, a_mats, bt, g, terms[g]) @ tm[g]) for g in u]
             if u[0] in heads_of:
                 mats, v_new = head_step(heads_of[u[0]], costs, lap=_lap_max)
                 new = dict(zip(u, mats))
@@ -386,17 +377,19 @@ def weight_matching_sym(
             # T(B): one product per (entry, axis) of the unit instead of re-applying every group's map
             bn: dict[str, torch.Tensor] = {}
             for g, m in new.items():
-                _apply_delta(bt, bn, plan[g], _delta(t[g], m), sym[g].cls)
+                d = torch.argsort(t[g])[m] if m.dim() == 1 else m @ tm[g].T  # D M_old = M_new
+                _apply_delta(bt, bn, plan[g], d, sym[g].cls)
             ks = list(bn)  # the entries the step changed (norm gains under matrices stay)
             if linear:  # J = tr(M^T C) + const: the step's value against the old map's, no pass over the entries
                 dn = {}
-                jn = j + v_new - sum(float((transform_matrix(t[g]) * c).sum()) for g, (_, c) in zip(u, costs))
+                jn = j + v_new - sum(float((tm[g] * c).sum()) for g, (_, c) in zip(u, costs))
             else:
                 dn = {k: float((sd_a[k].double() * bn[k].double()).sum()) for k in ks}
                 jn = j + sum(dn[k] - dots[k] for k in ks)
             steps += 1
             if jn >= j - 1e-12 * max(abs(j), 1.0):  # exact steps never lower J; this only absorbs rounding
                 t, j = cand, jn
+                tm.update({g: transform_matrix(m) for g, m in new.items()})
                 bt.update(bn)
                 dots.update(dn)
             else:
