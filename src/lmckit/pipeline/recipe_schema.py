@@ -237,6 +237,14 @@ class MatchSection:
         "transformed folded B, L2 and R, plus permutation matching on folded weights where folding changes "
         "the model; left out of results.json while ['permutation']",
     )
+    symmetry_max_iter: int = _f(
+        1000,
+        min=1,
+        max=100_000,
+        omit_default=True,
+        help="weight-matching sweeps under a class beyond permutations (orthogonal descent needs hundreds; "
+        "the CLI's default too)",
+    )
     ste: SteSection = _f(SteSection())
     options: tuple = _f(
         (),

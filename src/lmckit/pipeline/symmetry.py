@@ -44,7 +44,9 @@ class SymmetryStage(Stage):
 
     ``symmetry``: a class of :data:`lmckit.perm.symmetry.CLASSES` with an exact step (``permutation``: the
     folded-weights baseline, run with the matching registry's method as the match stages run it).
-    ``options``: the match stage's options (weight: ``max_iter``; activation: ``samples``). ``gammas``:
+    ``options``: the match stage's options (weight: ``max_iter``, for the permutation baseline; activation:
+    ``samples``). ``sym_max_iter``: weight matching's sweeps under a class beyond permutations
+    (``match.symmetry_max_iter``). ``gammas``:
     R(gamma) thresholds (empty: no R). Writes ``result.json`` and, for a class beyond permutations,
     ``transform.safetensors`` (:func:`lmckit.perm.symmetry.save_transform`; it applies to the *folded* B).
     """
@@ -61,6 +63,7 @@ class SymmetryStage(Stage):
     limit: int = 0
     bn_batches: int = 10
     gammas: tuple[float, ...] = ()
+    sym_max_iter: int = 1000
 
     def label(self) -> str:
         sa, sb = _unpairs(self.a.config).get("seed"), _unpairs(self.b.config).get("seed")
@@ -158,7 +161,7 @@ class SymmetryStage(Stage):
             from ..match.symmetric import weight_matching_sym
 
             return weight_matching_sym(
-                p.spec, fsa, fsb, self.symmetry, model=fa, seed=self.seed, max_iter=self._opts().max_iter
+                p.spec, fsa, fsb, self.symmetry, model=fa, seed=self.seed, max_iter=self.sym_max_iter
             )
         if self.method == "activation":
             from ..match import activation_matching
@@ -243,6 +246,19 @@ def build_symmetry(recipe: Recipe, experiments: list[Experiment]) -> tuple[list[
             for method in methods:
                 opts = _match_options(recipe, method)
                 for cls in (["permutation"] if folds else []) + classes:
-                    st = SymmetryStage(ta, tb, method, cls, 0, opts, b.lambdas, b.splits, b.limit, b.bn_batches, gammas)
+                    st = SymmetryStage(
+                        ta,
+                        tb,
+                        method,
+                        cls,
+                        0,
+                        opts,
+                        b.lambdas,
+                        b.splits,
+                        b.limit,
+                        b.bn_batches,
+                        gammas,
+                        recipe.match.symmetry_max_iter,
+                    )
                     out.append(SymmetryEntry(e.label, pair, method, cls, FOLDED, st))
     return out, notes
