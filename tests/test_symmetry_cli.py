@@ -33,8 +33,8 @@ def test_check_spec_symmetry_cli(capsys):
     assert "patch: orthogonal, fixing the all-ones direction" in out and "function preserved" in out
     assert "blocks.0.fc1: permutation; limited by GELU 'blocks.0.act'" in out
     assert main(["check-spec", "lstm", "--width-mult", "0.125", "--symmetry", "orthogonal", "--json"]) == 1
-    rep = json.loads(capsys.readouterr().out)
-    assert not rep["ok"] and "LSTM 'lstm'" in rep["refusal"]
+    rep = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert not rep["ok"] and "LSTM 'lstm'" in rep["refusal"] and rep["train_diff"] is None  # never measured
 
 
 def test_match_barrier_with_a_transform_file(pair, capsys):
@@ -90,6 +90,21 @@ def test_a_tampered_transform_file_is_refused(pair, tmp_path, capsys):
     save_file(tensors, str(bad), metadata=meta)
     assert main(["barrier", str(a), str(b), "--perm", str(bad), "--dataset", "synthetic", "--points", "3"]) == 2
     assert "group 'patch' is not orthogonal" in capsys.readouterr().err
+    # an orthogonal map that does not fix the all-ones direction, with the header saying it need not (as in a
+    # file computed for a model without LayerNorm): the model's LayerNorm stream decides, even with --force-perm
+    import json as _json
+
+    from lmckit.perm.symmetry import sample
+
+    head = _json.loads(meta["lmckit_transform"])
+    head["groups"]["patch"]["fix_ones"] = False
+    tensors = load_file(str(t))
+    tensors["patch"] = sample("orthogonal", tensors["patch"].shape[0], torch.Generator().manual_seed(0)).contiguous()
+    save_file(tensors, str(bad), metadata={**meta, "lmckit_transform": _json.dumps(head)})
+    args = ["barrier", str(a), str(b), "--perm", str(bad), "--dataset", "synthetic", "--points", "3"]
+    for extra in ([], ["--force-perm"]):
+        assert main(args + extra) == 2
+        assert "does not fix the all-ones direction" in capsys.readouterr().err
 
 
 def test_methods_lists_symmetries(capsys):

@@ -81,6 +81,11 @@ def test_merge_cli_orthogonal_writes_transform_files_that_barrier_reads(tmp_path
     assert main(["merge", *paths, "--out", str(plain), *base]) == 0
     rep2 = json.loads(capsys.readouterr().out)
     assert "symmetry" not in rep2 and len(rep2["perm_files"]) == 3 and (plain / "perm_2.json").is_file()
+    # the folder reused by a two-model orthogonal merge: the earlier run's perm files go, only 0 and 1 remain
+    assert main(["merge", *paths[:2], "--symmetry", "orthogonal", "--out", str(plain), *base]) == 0
+    capsys.readouterr()
+    names = sorted(p.name for p in plain.iterdir() if p.name.startswith(("perm_", "transform_")))
+    assert names == ["transform_0.safetensors", "transform_1.safetensors"]
     # mergemany under the class
     mm = tmp_path / "mm"
     assert main(["merge", *paths, "--symmetry", "orthogonal", "--multi", "mergemany", "--out", str(mm), *base]) == 0
@@ -98,4 +103,10 @@ def test_merge_cli_symmetry_refusals(tmp_path, capsys):
     assert main([*args, "--symmetry", "orthogonal", "--method", "activation"]) == 2
     assert "aligns by weight matching, not activation" in capsys.readouterr().err
     assert main([*args, "--symmetry", "invertible"]) == 2
+    capsys.readouterr()
+    assert main([*args, "--symmetry", "orthogonal", "--restarts", "3"]) == 2
+    assert "--restarts is not used under --symmetry orthogonal" in capsys.readouterr().err
+    t = str(tmp_path / "t.safetensors")
+    assert main(["match", *paths, "--symmetry", "orthogonal", "--restarts", "2", "--out", t]) == 2
+    assert "--restarts is not used" in capsys.readouterr().err and not (tmp_path / "t.safetensors").exists()
     assert not (tmp_path / "o").exists()

@@ -497,6 +497,15 @@ def load_transform_file(
                 f"transform file {path}: group {g!r} is {want} in the file but the model admits {s.cls}"
                 + (f" ({s.limit})" if s.limit else "")
             )
+        # what the model needs, not what the header says: a LayerNorm stream keeps its function only under
+        # maps with Q 1 = 1 (checked even with --force-perm, which waives the models' identity only)
+        if s.fix_ones and transform[g].dim() == 2 and float((transform[g].sum(1) - 1).abs().max()) > 1e-6:
+            raise LmcError(
+                f"transform file {path}: group {g!r} does not fix the all-ones direction (Q 1 != 1), which this "
+                "model's LayerNorm stream needs: applied, it would change model B's function",
+                "use a transform computed for these models (lmckit match A B --symmetry ...); a file computed for "
+                "a model without LayerNorm does not apply to one with it",
+            )
     return fa.state_dict(), apply_transform(spec, sym, transform, fb.state_dict()), head
 
 

@@ -102,6 +102,18 @@ def run(args: argparse.Namespace) -> int:
             "add --multi anchor (match all to the first) or --multi mergemany, with --out FOLDER",
         )
     if args.symmetry != "permutation":
+        if args.hf:
+            raise LmcError(
+                f"--symmetry {args.symmetry} is not available for Hugging Face models (their export-traced specs "
+                "are permutation-only)",
+                "drop --symmetry",
+            )
+        if (getattr(args, "restarts", None) or 1) > 1:
+            raise LmcError(
+                f"--restarts is not used under --symmetry {args.symmetry}: weight matching under a class starts "
+                "once, from permutation WM's optimum",
+                "drop --restarts (or vary --seed)",
+            )
         if args.multi:
             raise LmcError(
                 f"--symmetry {args.symmetry} aligns two models; --multi supports permutations only",

@@ -111,6 +111,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------- run
+def _drop_stale_alignment_files(out: Path, keep: set[str]) -> None:
+    """Remove an earlier merge's ``perm_I.json`` / ``transform_I.safetensors`` that this run did not write.
+
+    Run after the new merge.json is in place, so the folder never lists files of two runs (a transform file
+    of an earlier, larger merge would still pass the hash checks for its pair). Only regular files with
+    exactly these names are touched.
+    """
+    import re
+
+    pattern = re.compile(r"(perm_\d+\.json|transform_\d+\.safetensors)")
+    for p in out.iterdir():
+        if pattern.fullmatch(p.name) and p.name not in keep and p.is_file() and not p.is_symlink():
+            p.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
     from ..device import resolve_device
@@ -136,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
             raise LmcError(
                 f"merge --symmetry {args.symmetry} aligns by weight matching, not {args.method}",
                 "use --method weight (anchor or --multi mergemany)",
+            )
+        if (getattr(args, "restarts", None) or 1) > 1:
+            raise LmcError(
+                f"--restarts is not used under --symmetry {args.symmetry}: weight matching under a class starts "
+                "once, from permutation WM's optimum",
+                "drop --restarts (or vary --seed)",
             )
         if args.max_iter is None:
             opts = dataclasses.replace(opts, max_iter=1000)
@@ -268,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
             )
             summary["merged_accuracy_plot"] = str(args.plot)
         atomic_write_json(tmp / "merge.json", summary)
+    _drop_stale_alignment_files(out, {Path(f).name for f in perm_files})
     if args.json:
         print_json(summary)
         return 0

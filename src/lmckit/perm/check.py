@@ -21,6 +21,7 @@ above it.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -340,7 +341,13 @@ class SymmetryReport:
     culprits: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; a difference never measured (the class was refused: NaN) is ``None``, so
+        ``--json`` stays strict JSON."""
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                out[k] = None
+        return out
 
     def summary(self) -> str:
         lines = [f"symmetry class {self.symmetry} (spec: {self.spec_source})"]
