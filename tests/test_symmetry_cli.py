@@ -53,6 +53,7 @@ def test_match_barrier_with_a_transform_file(pair, capsys):
     args = ["barrier", str(a), str(b), "--perm", str(t), "--dataset", "synthetic", "--points", "3", "--json"]
     assert main(args) == 0
     curve = json.loads(capsys.readouterr().out)
+    assert curve["symmetry"] == "orthogonal" and curve["parameterisation"] == "folded"
     # folding and an orthogonal map keep each endpoint's function: the endpoints match the raw models'
     assert main(args[:3] + args[5:]) == 0
     raw = json.loads(capsys.readouterr().out)

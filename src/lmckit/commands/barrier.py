@@ -165,8 +165,12 @@ def run(args: argparse.Namespace) -> int:
 
     out = main.to_dict(collapse=len(splits) == 1)
     out.update({"a": str(args.a), "b": str(args.b), "perm": args.perm, "dataset": name})
+    if transformed:  # as analyze and landscape say it: the path runs between the folded models
+        out.update(symmetry=_head.get("symmetry"), parameterisation="folded")
     if args.compare_naive:
         out["naive"] = curves["naive"].to_dict(collapse=len(splits) == 1)
+        if transformed:
+            out["naive"]["parameterisation"] = "raw"
     if lm:
         for d in [out] + ([out["naive"]] if args.compare_naive else []):
             _add_lm_units(d, masked)
