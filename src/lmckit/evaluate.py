@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checks import check_device
 from .data import Dataset
+from .data.dataset import index_batches
 from .errors import LmcError
 
 
@@ -216,10 +217,7 @@ class MaskedLMDataset:
             raise LmcError(f"batch size must be positive, got {batch_size}")
         x_all, y_all = self.tensors(split, device)
         n = x_all.shape[0] if limit is None else min(limit, x_all.shape[0])
-        order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(x_all.device)
-        stop = n - (n % batch_size) if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in index_batches(n, batch_size, shuffle, generator, x_all.device, drop_last):
             yield x_all[idx], y_all[idx]
 
 

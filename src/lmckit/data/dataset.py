@@ -122,15 +122,28 @@ class Dataset:
             limit = check_int(limit, "limit", 0)
         x_all, y_all = self.on_device(split, device)  # whole split on the device: no per-batch host copy
         n = x_all.shape[0] if limit is None else min(limit, x_all.shape[0])
-        # The order is drawn on the CPU generator (same stream on every device), moved once.
-        order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(x_all.device)
-        stop = n - (n % batch_size) if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
+        for idx in index_batches(n, batch_size, shuffle, generator, x_all.device, drop_last):
             xb = x_all[idx]
             if augment:
                 xb = random_crop_flip(xb, generator)
             yield self.normalize(xb), y_all[idx]
+
+
+def index_batches(
+    n: int,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    drop_last: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Index tensors of consecutive batches of ``n`` items: in order, or in a permutation drawn from
+    ``generator`` on the CPU (the same stream on every device) and moved once to ``device``; ``drop_last``
+    leaves out a short last batch. The batch order of every dataset class (images, text, masked text)."""
+    order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(device)
+    stop = n - (n % batch_size) if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from ..errors import LmcError
+from .dataset import index_batches
 
 #: Byte-level tokenizer: one token per UTF-8 byte, vocabulary 256.
 BYTE_VOCAB = 256
@@ -130,10 +131,8 @@ class TextDataset:
             raise LmcError(f"batch size must be positive, got {batch_size}")
         w_all = self._check_split(split).to(device)
         n = w_all.shape[0] if limit is None else min(limit, w_all.shape[0])
-        order = (torch.randperm(n, generator=generator) if shuffle else torch.arange(n)).to(w_all.device)
-        stop = n - (n % batch_size) if drop_last else n
-        for start in range(0, stop, batch_size):
-            w = w_all[order[start : start + batch_size]]
+        for idx in index_batches(n, batch_size, shuffle, generator, w_all.device, drop_last):
+            w = w_all[idx]
             yield w[:, :-1], w[:, 1:]
 
 
