@@ -197,25 +197,6 @@ def align_models(
     return anchor_matching(spec, states, anchor=0, method=method, matcher=matcher)
 
 
-def fold_states(
-    model: nn.Module, states: Sequence[State]
-) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[str]]:
-    """Every state with its LayerNorm/RMSNorm gains and biases folded (:func:`lmckit.perm.symmetry.fold_norms`).
-
-    Returns ``(folded template, folded states, names of the folded norms)``; the function of every model is
-    unchanged (up to rounding). The states are not modified.
-    """
-    from .perm.symmetry import fold_norms
-
-    out, template, names = [], None, []
-    for sd in states:
-        m = copy.deepcopy(model)
-        m.load_state_dict(dict(sd))
-        template, names, _ = fold_norms(m)
-        out.append({k: v.detach().clone() for k, v in template.state_dict().items()})
-    return template, out, names
-
-
 def align_models_sym(
     model: nn.Module,
     states: Sequence[State],
@@ -242,6 +223,7 @@ def align_models_sym(
         --symmetry``, two models), or what ``match_many_sym`` refuses.
     """
     from .match.symmetric_many import match_many_sym
+    from .perm.symmetry import fold_states
 
     if method != "weight":
         raise LmcError(

@@ -19,7 +19,6 @@ from .common import (
     add_json,
     add_quiet,
     check_output_path,
-    folded_state,
     int_in,
     is_transform_file,
     load_checkpoints,
@@ -163,10 +162,9 @@ def run(args: argparse.Namespace) -> int:
     transformed = is_transform_file(args.perm)
     perms = sd_b_after = head = None
     if transformed:  # a transform file: analyse the folded models (the parameterisation the transform acts on)
-        fa, sd_b_after, head = load_transform_file(
+        sd_a, sd_b, sd_b_after, head = load_transform_file(
             args.perm, spec, model, ("model B", sd_b), ("model A", sd_a), args.force_perm
         )
-        sd_a, sd_b = fa, folded_state(model, sd_b)
     elif args.perm:
         perms = load_perm_file(args.perm, spec, ("model B", sd_b), ("model A", sd_a), args.force_perm)
 

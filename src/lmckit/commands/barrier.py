@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         else None
     )
     if transformed:  # a transform file (lmckit match --symmetry): the path runs between the folded models
-        sd_fa, sd_ft, _head = load_transform_file(
+        sd_fa, _, sd_ft, _head = load_transform_file(
             args.perm, spec, model, ("model B", sd_b), ("model A", sd_a), args.force_perm
         )
     dataset = load_named_dataset(args.dataset, info_a, args.data_dir)

@@ -448,14 +448,6 @@ def is_transform_file(path: str | Path | None) -> bool:
     return path is not None and str(path).endswith(".safetensors")
 
 
-def folded_state(model, state: Mapping[str, Any]) -> dict[str, Any]:
-    """``state`` with its norms folded (:func:`lmckit.perm.symmetry.fold_norms` of ``model``'s architecture)."""
-    from ..checkpoint import build_model
-    from ..perm.symmetry import fold_norms
-
-    return fold_norms(build_model(model.lmckit_config, state))[0].state_dict()
-
-
 def load_transform_file(
     path: str | Path,
     spec,
@@ -464,16 +456,15 @@ def load_transform_file(
     reference: tuple[str, Mapping[str, Any]],
     force: bool = False,
 ):
-    """Read a transform file and apply it: ``(folded A state, aligned folded B state, header)``.
+    """Read a transform file and apply it: ``(folded A state, folded B state, aligned folded B state, header)``.
 
     Checked like a perm file (:func:`load_perm_file`): both models' content hashes must match (unless
     ``force``), every entry must be an element of its class (:func:`lmckit.perm.symmetry.load_transform`),
     and each group's class must be the one the model admits under the file's symmetry. The norms are folded
     in both models as when the file was computed (the interpolation path is between folded models).
     """
-    from ..checkpoint import build_model
     from ..errors import LmcError
-    from ..perm.symmetry import apply_transform, derive_symmetry, fold_norms, load_transform
+    from ..perm.symmetry import apply_transform, derive_symmetry, fold_states, load_transform
 
     transform, head = load_transform(path, spec)
     for (label, sd), rec, role in (
@@ -486,10 +477,8 @@ def load_transform_file(
                 print(f"warning: {msg}; applied anyway (--force-perm)", file=sys.stderr)
                 continue
             raise LmcError(msg, "pass the models the file was computed for (in the same order), or add --force-perm")
-    cfg = model.lmckit_config
-    fa, _, _ = fold_norms(build_model(cfg, reference[1]))
-    fb, _, _ = fold_norms(build_model(cfg, permuted[1]))
-    sym = derive_symmetry(spec, fa.state_dict(), head.get("symmetry", "permutation"), model=fa)
+    fa, (fsa, fsb), _ = fold_states(model, [reference[1], permuted[1]])
+    sym = derive_symmetry(spec, fsa, head.get("symmetry", "permutation"), model=fa)
     for g, s in sym.items():
         want = head["groups"][g]["class"]
         if s.cls != want:
@@ -506,7 +495,7 @@ def load_transform_file(
                 "use a transform computed for these models (lmckit match A B --symmetry ...); a file computed for "
                 "a model without LayerNorm does not apply to one with it",
             )
-    return fa.state_dict(), apply_transform(spec, sym, transform, fb.state_dict()), head
+    return fsa, fsb, apply_transform(spec, sym, transform, fsb), head
 
 
 # --------------------------------------------------------------------------- datasets named by a checkpoint

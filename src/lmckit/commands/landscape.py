@@ -234,8 +234,10 @@ def _folded_plane(args: argparse.Namespace, spec, model, states) -> dict | None:
                 "pass --perm PB --perm PC from `lmckit match` / `lmckit merge`, or --symmetry signed|orthogonal",
             )
         return _match_folded(args, spec, model, states)
-    fa, tb, head_b = load_transform_file(perms[0], spec, model, ("model B", sd_b), ("model A", sd_a), args.force_perm)
-    _, tc, head_c = load_transform_file(perms[1], spec, model, ("model C", sd_c), ("model A", sd_a), args.force_perm)
+    fa, _, tb, head_b = load_transform_file(
+        perms[0], spec, model, ("model B", sd_b), ("model A", sd_a), args.force_perm
+    )
+    _, _, tc, head_c = load_transform_file(perms[1], spec, model, ("model C", sd_c), ("model A", sd_a), args.force_perm)
     sym_b, sym_c = head_b.get("symmetry"), head_c.get("symmetry")
     if sym_b != sym_c:
         raise LmcError(
@@ -259,16 +261,12 @@ def _folded_plane(args: argparse.Namespace, spec, model, states) -> dict | None:
 
 def _match_folded(args: argparse.Namespace, spec, model, states) -> dict:
     """``--symmetry S`` without ``--perm``: weight matching of folded B and C to folded A under ``S``."""
-    from ..checkpoint import build_model
     from ..match.symmetric import relative_distance, weight_matching_sym
-    from ..perm.symmetry import apply_transform, fold_norms
+    from ..perm.symmetry import apply_transform, fold_states
 
-    cfg = model.lmckit_config
-    fa, folded, _ = fold_norms(build_model(cfg, states[0]))
-    fsa = fa.state_dict()
+    fa, (fsa, fsb, fsc), folded = fold_states(model, states)
     out, report = [fsa], {}
-    for label, sd in (("B", states[1]), ("C", states[2])):
-        fs = fold_norms(build_model(cfg, sd))[0].state_dict()
+    for label, fs in (("B", fsb), ("C", fsc)):
         res = weight_matching_sym(spec, fsa, fs, args.symmetry, model=fa, seed=args.seed, max_iter=1000)
         aligned = apply_transform(spec, res.sym, res.transform, fs)
         out.append(aligned)

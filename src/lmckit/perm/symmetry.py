@@ -48,7 +48,7 @@ importable from here.
 from __future__ import annotations
 
 from .symmetry_classes import CLASSES, GroupSymmetry, Transform, derive_symmetry, is_linear_label, refusal
-from .symmetry_fold import fold_norms
+from .symmetry_fold import fold_norms, fold_states
 from .symmetry_solve import head_step, procrustes, step
 from .symmetry_transforms import (
     TRANSFORM_FORMAT,
@@ -82,6 +82,7 @@ __all__ = [
     "step",
     "head_step",
     "fold_norms",
+    "fold_states",
     "is_permutation_transform",
     "is_linear_label",
     "refusal",

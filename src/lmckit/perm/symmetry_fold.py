@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["fold_norms"]
+__all__ = ["fold_norms", "fold_states"]
 
 
 def fold_norms(model: nn.Module, example_input: Any = None) -> tuple[nn.Module, list[str], list[str]]:
@@ -124,3 +124,22 @@ def _chain(arg: Any, node: Any) -> set:
     while x is not node and getattr(x, "op", None) == "call_function" and _keeps_last_axis(x, x.args[0]):
         x = x.args[0]
     return {arg} if x is node else set()
+
+
+def fold_states(model: nn.Module, states: Any) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[str]]:
+    """Each state dict of ``model``'s architecture with its norms folded (:func:`fold_norms`), on the CPU.
+
+    Returns ``(model 0 folded: a template for the spec and the symmetry derivation, the folded states, the names
+    of the folded norms)``. The function of every model is unchanged (up to rounding); neither ``model`` nor
+    the states are modified.
+    """
+    out: list[dict[str, torch.Tensor]] = []
+    first, names = None, []
+    for sd in states:
+        m = copy.deepcopy(model).cpu()
+        m.load_state_dict(dict(sd))
+        folded, folded_names, _ = fold_norms(m)
+        if first is None:
+            first, names = folded, folded_names
+        out.append({k: v.detach().clone() for k, v in folded.state_dict().items()})
+    return first, out, names
