@@ -39,6 +39,7 @@ from ..perm.symmetry import (
     perm_matrix,
     transform_matrix,
 )
+from .multi import _mean_state, merge_many, pairwise_inner_sum
 from .symmetric import _check_classes, _objective_keys, relative_distance, weight_matching_sym
 
 __all__ = ["SymMultiResult", "match_many_sym"]
@@ -79,14 +80,6 @@ class SymMultiResult:
             "seconds": float(self.seconds),
             "per_model": self.per_model,
         }
-
-
-def _pairwise_sum(aligned: Sequence[State], keys: list[str]) -> float:
-    total = 0.0
-    for i in range(len(aligned)):
-        for j in range(i + 1, len(aligned)):
-            total += sum(float((aligned[i][k].double() * aligned[j][k].double()).sum()) for k in keys)
-    return total
 
 
 def _max_change(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -176,26 +169,24 @@ def match_many_sym(
                 if progress:
                     bar.update(1, sweeps=r.sweeps)
         aligned = [apply_transform(spec, sym, t, s) for t, s in zip(transforms, sd)]
-        before = _pairwise_sum(sd, keys)
+        before = pairwise_inner_sum(sd, keys)
         return SymMultiResult(
             transforms,
             aligned,
             sym,
             symmetry,
             multi,
-            [before, _pairwise_sum(aligned, keys)],
+            [before, pairwise_inner_sum(aligned, keys)],
             1,
             all(p.get("converged", True) for p in per_model),
             time.perf_counter() - t0,
             per_model,
         )
 
-    from .multi import _mean_state, merge_many
-
     pm = merge_many(spec, sd, seed=seed, max_iter=passes, wm_max_iter=max_iter)
     transforms = [{g: (p[g] if sym[g].cls == "permutation" else perm_matrix(p[g])) for g in sym} for p in pm.perms]
     aligned = [apply_transform(spec, sym, t, s) for t, s in zip(transforms, sd)]
-    objective = [_pairwise_sum(sd, keys), _pairwise_sum(aligned, keys)]
+    objective = [pairwise_inner_sum(sd, keys), pairwise_inner_sum(aligned, keys)]
     gen = torch.Generator().manual_seed(int(seed))
     converged, done = False, 0
     with Progress(passes, f"{symmetry} MergeMany over {n} models", unit="pass") as bar:
@@ -219,7 +210,7 @@ def match_many_sym(
                 aligned[i] = apply_transform(spec, sym, transforms[i], sd[i])
                 per_model[i] = {"sweeps": r.sweeps, "converged": r.converged}
             done += 1
-            objective.append(_pairwise_sum(aligned, keys))
+            objective.append(pairwise_inner_sum(aligned, keys))
             if progress:
                 bar.update(1, moved=f"{moved:.2e}")
             if moved <= tol or objective[-1] - objective[-2] <= rtol * abs(objective[-1]):
