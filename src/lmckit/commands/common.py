@@ -443,6 +443,25 @@ def load_perm_file(
     return perms
 
 
+def check_symmetry_flags(args: Any) -> None:
+    """Flags that cannot go with ``--symmetry signed|orthogonal`` (``match``, ``merge``): ``--hf`` (the export-traced
+    specs of Hugging Face models are permutation-only) and ``--restarts`` (matching under a class starts once)."""
+    from ..errors import LmcError
+
+    if args.hf:
+        raise LmcError(
+            f"--symmetry {args.symmetry} is not available for Hugging Face models (their export-traced specs "
+            "are permutation-only)",
+            "drop --symmetry",
+        )
+    if (getattr(args, "restarts", None) or 1) > 1:
+        raise LmcError(
+            f"--restarts is not used under --symmetry {args.symmetry}: weight matching under a class starts "
+            "once, from permutation WM's optimum",
+            "drop --restarts (or vary --seed)",
+        )
+
+
 def is_transform_file(path: str | Path | None) -> bool:
     """A transform file (``lmckit match --symmetry``) rather than a perm JSON: named ``*.safetensors``."""
     return path is not None and str(path).endswith(".safetensors")

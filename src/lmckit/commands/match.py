@@ -17,6 +17,7 @@ from .common import (
     add_quiet,
     check_folder_outputs,
     check_output_path,
+    check_symmetry_flags,
     describe_model,
     draw_ste_drift,
     int_in,
@@ -102,18 +103,7 @@ def run(args: argparse.Namespace) -> int:
             "add --multi anchor (match all to the first) or --multi mergemany, with --out FOLDER",
         )
     if args.symmetry != "permutation":
-        if args.hf:
-            raise LmcError(
-                f"--symmetry {args.symmetry} is not available for Hugging Face models (their export-traced specs "
-                "are permutation-only)",
-                "drop --symmetry",
-            )
-        if (getattr(args, "restarts", None) or 1) > 1:
-            raise LmcError(
-                f"--restarts is not used under --symmetry {args.symmetry}: weight matching under a class starts "
-                "once, from permutation WM's optimum",
-                "drop --restarts (or vary --seed)",
-            )
+        check_symmetry_flags(args)
         if args.multi:
             raise LmcError(
                 f"--symmetry {args.symmetry} aligns two models; --multi supports permutations only",

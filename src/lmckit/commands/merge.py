@@ -20,6 +20,7 @@ from .common import (
     add_quiet,
     check_folder_outputs,
     check_output_path,
+    check_symmetry_flags,
     describe_model,
     draw_ste_drift,
     int_in,
@@ -141,22 +142,11 @@ def run(args: argparse.Namespace) -> int:
     opts = method_options(args, args.method)
     sym = args.symmetry != "permutation"
     if sym:
-        if args.hf:
-            raise LmcError(
-                f"--symmetry {args.symmetry} is not available for Hugging Face models (their specs are "
-                "permutation-only)",
-                "drop --symmetry",
-            )
+        check_symmetry_flags(args)
         if args.method != "weight":
             raise LmcError(
                 f"merge --symmetry {args.symmetry} aligns by weight matching, not {args.method}",
                 "use --method weight (anchor or --multi mergemany)",
-            )
-        if (getattr(args, "restarts", None) or 1) > 1:
-            raise LmcError(
-                f"--restarts is not used under --symmetry {args.symmetry}: weight matching under a class starts "
-                "once, from permutation WM's optimum",
-                "drop --restarts (or vary --seed)",
             )
         if args.max_iter is None:
             opts = dataclasses.replace(opts, max_iter=1000)
